@@ -1,0 +1,358 @@
+//! Control protocol: clients ↔ agentd over the control socket.
+//!
+//! Newline-delimited JSON. Each line from the client is one [`Request`]; each line
+//! from agentd is one [`Response`] carrying the request's `id`. Responses to different
+//! requests may come out of order (a `stop` answers when the task has ended, while a
+//! `status` sent after it answers at once). A line longer than
+//! [`MAX_REQUEST_BYTES`] is refused with `request_too_large` and the connection closes.
+//!
+//! A client may start with `hello` to check the protocol version; agentd answers
+//! `unsupported_protocol` and closes if it cannot speak the client's version.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol.
+pub const CONTROL_PROTOCOL_VERSION: u32 = 1;
+
+/// Largest request line accepted, in bytes (newline excluded).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// One request line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: RequestBody,
+}
+
+/// The command of a request, tagged by `"cmd"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum RequestBody {
+    /// Version handshake. Answer: [`HelloReply`].
+    Hello {
+        protocol: u32,
+        #[serde(default)]
+        client: Option<String>,
+    },
+    /// Liveness check. Answer: [`PingReply`].
+    Ping,
+    /// A chat message for a session: work, or a control command such as `/status`.
+    /// Answer: [`SendReply`].
+    Send {
+        session: String,
+        text: String,
+        /// A bridge's own id for the message, for de-duplication of re-deliveries.
+        #[serde(default)]
+        message_id: Option<String>,
+    },
+    /// Daemon status, or one task's status. Answer: [`StatusReply`] or [`TaskView`].
+    Status {
+        #[serde(default)]
+        task_id: Option<String>,
+    },
+    /// Running and queued tasks, optionally of one session, optionally with history.
+    /// Answer: `[TaskView]`.
+    Tasks {
+        #[serde(default)]
+        session: Option<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Stop one task, a session's tasks, or every task. Answers when the stopped
+    /// tasks have ended: [`StopReply`].
+    Stop {
+        #[serde(default)]
+        task_id: Option<String>,
+        #[serde(default)]
+        session: Option<String>,
+        #[serde(default)]
+        all: bool,
+    },
+}
+
+/// One response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's id; absent when the request line could not be parsed at all.
+    pub id: Option<u64>,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Response {
+    pub fn ok(id: u64, result: impl Serialize) -> Response {
+        let result = serde_json::to_value(result)
+            .unwrap_or_else(|e| serde_json::Value::String(format!("unserializable result: {e}")));
+        Response {
+            id: Some(id),
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn err(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Response {
+        Response {
+            id,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// A structured error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    /// One line, for humans.
+    pub message: String,
+}
+
+/// Machine-readable error kinds. Stable names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not valid JSON or not a known request.
+    BadRequest,
+    /// The line exceeds [`MAX_REQUEST_BYTES`]; the connection is closed.
+    RequestTooLarge,
+    /// The client's protocol version is not supported; the connection is closed.
+    UnsupportedProtocol,
+    /// No such task.
+    NotFound,
+    /// The sender may not act on that task (e.g. a chat stopping another chat's task).
+    Forbidden,
+    /// The daemon refuses new work (queue limit); nothing was accepted.
+    QueueFull,
+    /// The daemon is shutting down; nothing was accepted.
+    ShuttingDown,
+    /// An unexpected daemon-side failure.
+    Internal,
+}
+
+/// Answer to `hello`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub protocol: u32,
+    /// e.g. `agentd 0.1.0`.
+    pub server: String,
+}
+
+/// Answer to `ping`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingReply {
+    pub pong: bool,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+}
+
+/// Task states, as clients see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Starting,
+    Running,
+    Stopping,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+    Expired,
+    Dropped,
+    Merged,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Stopping => "stopping",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Interrupted => "interrupted",
+            TaskState::Expired => "expired",
+            TaskState::Dropped => "dropped",
+            TaskState::Merged => "merged",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(
+            self,
+            TaskState::Queued | TaskState::Starting | TaskState::Running | TaskState::Stopping
+        )
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which step of the stop sequence ended a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopStep {
+    CooperativeCancel,
+    Sigterm,
+    Sigkill,
+}
+
+impl StopStep {
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopStep::CooperativeCancel => "cooperative cancel",
+            StopStep::Sigterm => "SIGTERM",
+            StopStep::Sigkill => "SIGKILL",
+        }
+    }
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitView {
+    /// Exit code of the agent process, when it exited normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// Signal that ended the agent process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Exit status of the command the agent wrapped, as the agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_signal: Option<i32>,
+    /// For stopped tasks: the step of the stop sequence that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<StopStep>,
+    /// For stopped tasks: milliseconds from the stop request to the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_ms: Option<u64>,
+    /// Why the task failed, when agentd knows (spawn failure, protocol error…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A task as clients see it. Stable field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: String,
+    pub session: String,
+    pub state: TaskState,
+    /// Position in the admission order (1 = next), for queued tasks.
+    pub position: Option<u32>,
+    /// Pid of the agent process while it lives.
+    pub pid: Option<u32>,
+    /// RFC 3339 timestamps.
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub text: String,
+    /// The latest progress line.
+    pub progress: Option<String>,
+    pub result: Option<String>,
+    pub exit: Option<ExitView>,
+}
+
+/// Capacity in use: live agent processes against the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub busy: u32,
+    pub max: u32,
+}
+
+/// Answer to `send`: work accepted, or a control command answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendReply {
+    /// The text a bridge shows in the chat, one or more lines.
+    pub reply: String,
+    /// True when the text was work and became (or joined) a task.
+    pub accepted: bool,
+    /// For accepted work: the task and where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+    /// For control commands: the command's name (`status`, `stop`, `tasks`, `help`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// For control commands: the same structured answer the control request gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+/// Answer to `status` without a task id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub capacity: Capacity,
+    pub queued: u32,
+    pub sessions: u32,
+    /// Tasks in starting, running or stopping.
+    pub active: Vec<TaskView>,
+}
+
+/// Answer to `stop`: every task the stop acted on, in its final state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopReply {
+    pub stopped: Vec<TaskView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_the_documented_json() {
+        let r: Request =
+            serde_json::from_str(r#"{"id":7,"cmd":"send","session":"alice","text":"hi"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                id: 7,
+                body: RequestBody::Send {
+                    session: "alice".into(),
+                    text: "hi".into(),
+                    message_id: None
+                }
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"id":1,"cmd":"stop","all":true}"#).unwrap();
+        assert!(matches!(r.body, RequestBody::Stop { all: true, .. }));
+        let r: Request = serde_json::from_str(r#"{"id":2,"cmd":"status"}"#).unwrap();
+        assert_eq!(r.body, RequestBody::Status { task_id: None });
+    }
+
+    #[test]
+    fn unknown_commands_are_errors() {
+        assert!(serde_json::from_str::<Request>(r#"{"id":1,"cmd":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"ping"}"#).is_err());
+    }
+
+    #[test]
+    fn error_responses_have_stable_codes() {
+        let line =
+            serde_json::to_string(&Response::err(None, ErrorCode::RequestTooLarge, "x")).unwrap();
+        assert_eq!(
+            line,
+            r#"{"id":null,"ok":false,"error":{"code":"request_too_large","message":"x"}}"#
+        );
+    }
+}
