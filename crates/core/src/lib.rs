@@ -1,1 +1,25 @@
-//! placeholder
+//! The pure core of agentd: what happens to sessions and tasks, decided without IO.
+//!
+//! [`Dispatcher`] is a state machine. The daemon feeds it what happened (a message
+//! arrived, an agent was spawned, reported, was reaped, a timer fired) and executes the
+//! [`Action`]s it returns (spawn an agent, send a cancel, signal a process tree, arm a
+//! timer, record a finished task). The core never reads a clock, never touches a pid,
+//! never blocks: every event carries its own `now`, and every effect is an action.
+//!
+//! This is the only place that decides:
+//! - which task of which session runs next (per-session lane of 1, global cap counted
+//!   from live agent processes, round-robin across ready sessions);
+//! - what a stop does at each step (cooperative cancel → SIGTERM → SIGKILL);
+//! - how a task ended.
+
+mod command;
+mod dispatcher;
+mod task;
+
+pub use command::{parse_chat_command, ChatCommand, StopArg, HELP_TEXT};
+pub use dispatcher::{
+    Action, Actions, Capacity, Config, Dispatcher, Event, Scope, StopError, StopTarget, Submitted,
+};
+pub use task::{
+    AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopStep, Task, TaskId, TaskState,
+};

@@ -1,0 +1,160 @@
+//! Tasks and their lifecycle states. A state carries its own data, so an illegal
+//! combination (a queued task with a pid, a finished task without an ending) cannot be
+//! written down.
+
+use std::time::Duration;
+
+/// Task id: a UUID (the daemon makes time-ordered v7 ids; tests use small numbers).
+pub type TaskId = uuid::Uuid;
+
+/// Wall-clock milliseconds since the Unix epoch, as supplied by the daemon with each
+/// event. The core only subtracts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn since(self, earlier: Millis) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+/// The steps of the stop sequence, in escalation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StopStep {
+    CooperativeCancel,
+    Sigterm,
+    Sigkill,
+}
+
+/// How the agent process ended, as the reaper saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    pub fn code(code: i32) -> ExitStatus {
+        ExitStatus {
+            code: Some(code),
+            signal: None,
+        }
+    }
+    pub fn signal(signal: i32) -> ExitStatus {
+        ExitStatus {
+            code: None,
+            signal: Some(signal),
+        }
+    }
+    pub fn success(self) -> bool {
+        self.code == Some(0)
+    }
+    pub fn describe(self) -> String {
+        match (self.code, self.signal) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(signal)) => format!("signal {signal}"),
+            (None, None) => "unknown status".to_string(),
+        }
+    }
+}
+
+/// The outcome an agent reported for its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// What the agent said at the end of its work (before it exited).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentReport {
+    pub outcome: ReportOutcome,
+    pub text: String,
+    /// Exit status of the command the agent wrapped, if it wraps one.
+    pub command_exit: Option<ExitStatus>,
+}
+
+/// How a task ended. Every terminal task has exactly one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Succeeded,
+    /// The agent failed, crashed, broke the protocol, or could not be spawned.
+    Failed {
+        reason: String,
+    },
+    /// Stopped. `by` is the step that ended a started task; `None` for a queued task
+    /// that left the queue.
+    Cancelled {
+        by: Option<StopStep>,
+        after: Duration,
+    },
+    /// The daemon went away while the task ran (set on recovery).
+    Interrupted,
+    /// Waited in the queue past its deadline.
+    Expired,
+    /// Dropped on overflow.
+    Dropped,
+}
+
+/// Lifecycle of a task. Only `Queued`, `Starting`, `Running` and `Stopping` live in
+/// the dispatcher's hot maps; `Done` is handed out in [`crate::Action::Finished`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskState {
+    Queued,
+    /// The spawn was ordered; `pid` is known once the daemon reports it.
+    Starting {
+        pid: Option<u32>,
+    },
+    /// The agent completed its handshake.
+    Running {
+        pid: u32,
+        steer: bool,
+    },
+    /// A stop is in progress; `step` is the last step taken.
+    Stopping {
+        pid: Option<u32>,
+        step: StopStep,
+        requested_at: Millis,
+    },
+    Done {
+        ending: Ending,
+        exit: Option<ExitStatus>,
+    },
+}
+
+impl TaskState {
+    /// True while the task holds its session's lane (starting, running or stopping).
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Starting { .. } | TaskState::Running { .. } | TaskState::Stopping { .. }
+        )
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match *self {
+            TaskState::Starting { pid } | TaskState::Stopping { pid, .. } => pid,
+            TaskState::Running { pid, .. } => Some(pid),
+            TaskState::Queued | TaskState::Done { .. } => None,
+        }
+    }
+}
+
+/// One task: one agent run made from a work message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub id: TaskId,
+    pub session: String,
+    pub text: String,
+    pub state: TaskState,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// Latest progress line.
+    pub progress: Option<String>,
+    /// What the agent reported, once it has.
+    pub report: Option<AgentReport>,
+    /// Set when agentd had to end the agent for breaking the protocol.
+    pub protocol_error: Option<String>,
+}
