@@ -1,0 +1,45 @@
+//! Reaping. **Invariant:** [`reap_children`] is the only `wait` in agentd. Nothing else
+//! (no `std::process::Child::wait`, no `tokio::process`) waits for a child, so no exit
+//! is ever stolen. Because agentd is a subreaper, this also reaps orphaned
+//! descendants of agents, which come back to agentd when their parent dies.
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// A child that was reaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    pub pid: u32,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// Reaps every child that has exited, without blocking.
+pub fn reap_children() -> Vec<Reaped> {
+    let mut reaped = Vec::new();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => reaped.push(Reaped {
+                pid: pid.as_raw() as u32,
+                code: Some(code),
+                signal: None,
+            }),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => reaped.push(Reaped {
+                pid: pid.as_raw() as u32,
+                code: None,
+                signal: Some(sig as i32),
+            }),
+            Ok(WaitStatus::StillAlive) => break,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            // ECHILD: no children at all.
+            Err(_) => break,
+        }
+    }
+    reaped
+}
+
+/// Makes orphaned descendants of our children re-parent to us instead of init.
+pub fn become_subreaper() -> nix::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true)
+}
