@@ -1,1 +1,157 @@
-fn main() {}
+//! `agentd`: the supervisor daemon. Parses flags and the config file, binds the control
+//! socket, installs signal handling, and runs [`agentd_daemon::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentd_daemon::config::{self, DaemonConfig, FileConfig};
+use agentd_daemon::supervisor::DaemonSignal;
+use anyhow::{bail, Context};
+use clap::Parser;
+use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use tokio::sync::mpsc;
+
+/// Supervisor daemon for AI agents: per-session queues, a cap on live agent processes,
+/// control commands answered at once, and stops that end the whole process tree.
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version)]
+struct Args {
+    /// Control socket path [default: $AGENTD_SOCKET, else $XDG_RUNTIME_DIR/agentd/agentd.sock,
+    /// else /tmp/agentd-$UID/agentd.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Directory for agentd's state (agent logs) [default: $XDG_STATE_HOME/agentd]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Most agent processes alive at once [default: 2]
+    #[arg(long, value_name = "N")]
+    max_concurrent: Option<u32>,
+    /// Time from the cooperative cancel to SIGTERM, e.g. 500ms, 5s [default: 5s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    cancel_grace: Option<Duration>,
+    /// Time from SIGTERM to SIGKILL [default: 5s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    term_grace: Option<Duration>,
+    /// How long a new agent may take to complete its handshake [default: 10s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    handshake_timeout: Option<Duration>,
+    /// The agent command; `{text}` in an argument is replaced by the task text
+    /// [default: 'agent-exec -- sh -c {text}']
+    #[arg(long, value_name = "'CMD ARGS…'")]
+    agent: Option<String>,
+    /// TOML config file with the same keys as the flags (flags win)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let duration = |flag: Option<Duration>,
+                    key: &Option<String>,
+                    default: Duration|
+     -> anyhow::Result<Duration> {
+        match (flag, key) {
+            (Some(d), _) => Ok(d),
+            (None, Some(text)) => config::parse_duration(text),
+            (None, None) => Ok(default),
+        }
+    };
+    let agent = match args.agent.or(file.agent) {
+        Some(line) => config::parse_agent_command(&line).context("invalid --agent")?,
+        None => config::default_agent_command(),
+    };
+    let max_concurrent = args.max_concurrent.or(file.max_concurrent).unwrap_or(2);
+    if max_concurrent == 0 {
+        bail!("--max-concurrent must be at least 1");
+    }
+    Ok(DaemonConfig {
+        socket: args
+            .socket
+            .or(file.socket)
+            .unwrap_or_else(agentd_proto::paths::default_socket_path),
+        state_dir: args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(config::default_state_dir),
+        max_concurrent,
+        cancel_grace: duration(
+            args.cancel_grace,
+            &file.cancel_grace,
+            Duration::from_secs(5),
+        )?,
+        term_grace: duration(args.term_grace, &file.term_grace, Duration::from_secs(5))?,
+        handshake_timeout: duration(
+            args.handshake_timeout,
+            &file.handshake_timeout,
+            Duration::from_secs(10),
+        )?,
+        agent,
+        history: file.history.unwrap_or(1000),
+    })
+}
+
+/// Forwards SIGCHLD, SIGTERM and SIGINT to the supervisor from a dedicated thread.
+fn signal_thread() -> anyhow::Result<mpsc::UnboundedReceiver<DaemonSignal>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut signals = signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let event = if signal == SIGCHLD {
+                    DaemonSignal::Child
+                } else {
+                    DaemonSignal::Shutdown
+                };
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+fn main_inner() -> anyhow::Result<()> {
+    let config = resolve(Args::parse())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    agentd_proc_subreaper()?;
+    let signals = signal_thread()?;
+    // One thread: the supervisor loop never blocks, and agents are forked from the
+    // main thread, which lives as long as agentd (their parent-death signal is tied to it).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let socket = config.socket.clone();
+    let result = runtime.block_on(async {
+        let listener = agentd_daemon::socket::bind(&socket)?;
+        agentd_daemon::run(config, listener, signals, std::future::pending()).await
+    });
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+fn agentd_proc_subreaper() -> anyhow::Result<()> {
+    agentd_daemon::supervisor::become_subreaper().context("cannot become a child subreaper")
+}
+
+fn main() -> ExitCode {
+    match main_inner() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

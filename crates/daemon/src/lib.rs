@@ -1,1 +1,24 @@
-//! placeholder
+//! The agentd supervisor daemon: the IO shell around [`agentd_core::Dispatcher`].
+//!
+//! - [`socket`]: the control socket's directory and listener (0700 dir, 0600 socket,
+//!   peer uid checked per connection).
+//! - [`control`]: one task per client connection: bounded line reads, JSON parsing,
+//!   out-of-order responses.
+//! - [`supervisor`]: the single event loop that owns the dispatcher, the agents, the
+//!   timers and the reaper, and executes the dispatcher's actions.
+//! - [`agent_io`]: per-agent reader and writer tasks on the IPC socketpair.
+//! - [`views`]: conversion of core types to the wire views of `agentd-proto`, and the
+//!   text answers chats get.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so the binary only
+//! parses flags, binds and installs signal handlers.
+
+pub mod agent_io;
+pub mod config;
+pub mod control;
+pub mod socket;
+pub mod supervisor;
+pub mod views;
+
+pub use config::DaemonConfig;
+pub use supervisor::run;

@@ -1,0 +1,67 @@
+//! The IPC channel of one agent: a reader task that decodes frames into events for the
+//! supervisor, and a writer task that encodes the supervisor's messages.
+//!
+//! The reader sends into a bounded channel, so an agent that floods progress is slowed
+//! down at its own socket instead of growing agentd's memory. A frame that does not
+//! decode (or exceeds the size limit) ends the reader with [`AgentInput::Broken`].
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+
+use agentd_core::TaskId;
+use agentd_proto::codec::{read_frame_async, write_frame_async};
+use agentd_proto::ipc::{AgentMsg, SupervisorMsg};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// What the reader saw on an agent's channel.
+#[derive(Debug)]
+pub enum AgentInput {
+    Msg(AgentMsg),
+    /// Clean end of stream: the agent closed its end (usually because it is exiting).
+    Closed,
+    /// The channel broke: undecodable or oversized frame, truncated frame, i/o error.
+    Broken(String),
+}
+
+/// An [`AgentInput`] of one task.
+#[derive(Debug)]
+pub struct AgentEvent {
+    pub task_id: TaskId,
+    pub input: AgentInput,
+}
+
+/// Starts the reader and writer tasks for a freshly spawned agent's channel and
+/// returns the sender for messages to the agent. Dropping the sender closes agentd's
+/// side for writing, which the agent sees as EOF.
+pub fn start(
+    task_id: TaskId,
+    channel: StdUnixStream,
+    events: mpsc::Sender<AgentEvent>,
+) -> std::io::Result<mpsc::UnboundedSender<SupervisorMsg>> {
+    channel.set_nonblocking(true)?;
+    let stream = UnixStream::from_std(channel)?;
+    let (mut read_half, mut write_half) = stream.into_split();
+    let (to_agent, mut outbox) = mpsc::unbounded_channel::<SupervisorMsg>();
+
+    tokio::spawn(async move {
+        loop {
+            let input = match read_frame_async::<AgentMsg>(&mut read_half).await {
+                Ok(Some(msg)) => AgentInput::Msg(msg),
+                Ok(None) => AgentInput::Closed,
+                Err(e) => AgentInput::Broken(e.to_string()),
+            };
+            let last = !matches!(input, AgentInput::Msg(_));
+            if events.send(AgentEvent { task_id, input }).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(msg) = outbox.recv().await {
+            if write_frame_async(&mut write_half, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(to_agent)
+}

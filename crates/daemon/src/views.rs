@@ -1,0 +1,166 @@
+//! Conversion of core types into the wire views of `agentd-proto`, and the one-line
+//! texts a chat gets back. Core types stay free of serde; this is the boundary.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentd_core::{Ending, Millis, StopStep, Task, TaskState};
+use agentd_proto::control::{self, Capacity, ExitView, StopReply, TaskView};
+
+pub fn now_millis() -> Millis {
+    Millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
+}
+
+pub fn rfc3339(ms: Millis) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.0)).to_string()
+}
+
+pub fn stop_step(step: StopStep) -> control::StopStep {
+    match step {
+        StopStep::CooperativeCancel => control::StopStep::CooperativeCancel,
+        StopStep::Sigterm => control::StopStep::Sigterm,
+        StopStep::Sigkill => control::StopStep::Sigkill,
+    }
+}
+
+pub fn capacity(c: agentd_core::Capacity) -> Capacity {
+    Capacity {
+        busy: c.busy,
+        max: c.max,
+    }
+}
+
+/// The wire view of a task; `position` only matters for queued tasks.
+pub fn task_view(task: &Task, position: Option<u32>) -> TaskView {
+    let (state, exit) = match &task.state {
+        TaskState::Queued => (control::TaskState::Queued, None),
+        TaskState::Starting { .. } => (control::TaskState::Starting, None),
+        TaskState::Running { .. } => (control::TaskState::Running, None),
+        TaskState::Stopping { .. } => (control::TaskState::Stopping, None),
+        TaskState::Done { ending, exit } => {
+            let mut view = ExitView {
+                code: exit.and_then(|e| e.code),
+                signal: exit.and_then(|e| e.signal),
+                ..ExitView::default()
+            };
+            if let Some(cmd) = task.report.as_ref().and_then(|r| r.command_exit) {
+                view.command_code = cmd.code;
+                view.command_signal = cmd.signal;
+            }
+            let state = match ending {
+                Ending::Succeeded => control::TaskState::Succeeded,
+                Ending::Failed { reason } => {
+                    view.error = Some(reason.clone());
+                    control::TaskState::Failed
+                }
+                Ending::Cancelled { by, after } => {
+                    view.ended_by = by.map(stop_step);
+                    view.stop_ms = Some(after.as_millis() as u64);
+                    control::TaskState::Cancelled
+                }
+                Ending::Interrupted => control::TaskState::Interrupted,
+                Ending::Expired => control::TaskState::Expired,
+                Ending::Dropped => control::TaskState::Dropped,
+            };
+            (state, Some(view))
+        }
+    };
+    TaskView {
+        task_id: task.id.to_string(),
+        session: task.session.clone(),
+        state,
+        position: if state == control::TaskState::Queued {
+            position
+        } else {
+            None
+        },
+        pid: task.state.pid(),
+        created_at: rfc3339(task.created_at),
+        started_at: task.started_at.map(rfc3339),
+        finished_at: task.finished_at.map(rfc3339),
+        text: task.text.clone(),
+        progress: task.progress.clone(),
+        result: task.report.as_ref().map(|r| r.text.clone()),
+        exit,
+    }
+}
+
+/// Seconds with two decimals, e.g. `0.04 s`.
+pub fn seconds(ms: u64) -> String {
+    format!("{:.2} s", ms as f64 / 1000.0)
+}
+
+/// `started` or `queued: position 1 (1/1 agents busy)`.
+pub fn accepted_line(view: &TaskView, capacity: Capacity) -> String {
+    match (view.state, view.position) {
+        (control::TaskState::Queued, Some(position)) => format!(
+            "task {}  queued: position {position} ({}/{} agents busy)",
+            view.task_id, capacity.busy, capacity.max
+        ),
+        (control::TaskState::Starting | control::TaskState::Running, _) => {
+            format!("task {}  started", view.task_id)
+        }
+        _ => format!("task {}  {}", view.task_id, outcome_words(view)),
+    }
+}
+
+/// How a task stands or ended, in words: `running`, `cancelled (ended by SIGKILL after
+/// 2.01 s)`, `failed (command failed with exit code 2)`.
+pub fn outcome_words(view: &TaskView) -> String {
+    let Some(exit) = &view.exit else {
+        return view.state.to_string();
+    };
+    match view.state {
+        control::TaskState::Cancelled => match (exit.ended_by, exit.stop_ms) {
+            (Some(step), Some(ms)) => format!(
+                "cancelled (ended by {} after {})",
+                step.describe(),
+                seconds(ms)
+            ),
+            _ => "cancelled (removed from the queue)".to_string(),
+        },
+        control::TaskState::Failed => match &exit.error {
+            Some(error) => format!("failed ({error})"),
+            None => "failed".to_string(),
+        },
+        state => state.to_string(),
+    }
+}
+
+/// One line per stopped task, or `nothing to stop`.
+pub fn stop_lines(reply: &StopReply) -> String {
+    if reply.stopped.is_empty() {
+        return "nothing to stop".to_string();
+    }
+    reply
+        .stopped
+        .iter()
+        .map(|v| format!("task {}  {}", v.task_id, outcome_words(v)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One line per task for `/tasks` and `/status`.
+pub fn task_line(view: &TaskView) -> String {
+    let text: String = view.text.chars().take(50).collect();
+    let ellipsis = if view.text.chars().count() > 50 {
+        "…"
+    } else {
+        ""
+    };
+    match (view.state, view.position) {
+        (control::TaskState::Queued, Some(p)) => format!(
+            "task {}  queued (position {p})  {text}{ellipsis}",
+            view.task_id
+        ),
+        _ => format!(
+            "task {}  {}  {text}{ellipsis}",
+            view.task_id,
+            outcome_words(view)
+        ),
+    }
+}
