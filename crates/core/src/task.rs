@@ -83,8 +83,9 @@ pub enum Ending {
     Failed {
         reason: String,
     },
-    /// Stopped. `by` is the step that ended a started task; `None` for a queued task
-    /// that left the queue.
+    /// Stopped. `by` is the step of the stop sequence that ended a started task; `None`
+    /// when no step did: a queued task that left the queue, or an agent that reported
+    /// a cancel nobody asked for.
     Cancelled {
         by: Option<StopStep>,
         after: Duration,
