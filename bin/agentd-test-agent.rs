@@ -1,1 +1,501 @@
-fn main() {}
+//! `agentd-test-agent`: an agent that misbehaves on demand, for agentd's tests.
+//!
+//! Owns nothing but this test double. agentd starts it as e.g.
+//! `--agent 'agentd-test-agent {text}'`; every argv element is split on whitespace
+//! and every resulting word is a behaviour word. Words combine freely; all are
+//! optional. Without any word the agent says Hello, sends Result Succeeded "done"
+//! and exits 0.
+//!
+//! Work:
+//! - `sleep:MS`      work for MS milliseconds, sending Progress "tick N" every 100 ms
+//!   (default 0). With `no-hello` it bounds the silent sleep instead.
+//! - `progress:N`    first send N progress lines "line 1" … "line N".
+//! - `result:TEXT`   the result text (default "done"; one word, no spaces).
+//! - `fail`          outcome Failed and exit code 1.
+//! - `exit:CODE`     exit with CODE after the result (whatever the outcome).
+//! - `linger:MS`     after sending the result, stay alive MS milliseconds more
+//!   (an agent whose slot must not be freed before it is reaped).
+//!
+//! Cancel and signals:
+//! - default         on Cancel: stop working, send Result Cancelled
+//!   ("cancelled after N ticks"), exit 0.
+//! - `ignore-cancel` ignore Cancel (keep working).
+//! - `ignore-term`   ignore SIGTERM (default disposition otherwise: die).
+//! - `ignore-int`    ignore SIGINT.
+//!
+//! Endings:
+//! - `crash`         after the work, `abort()` (SIGABRT) without a result.
+//! - `exit-silently` after the work, exit 0 without a result.
+//! - `hang`          after the handshake send nothing, read nothing, never exit
+//!   (signals still act unless ignored).
+//!
+//! Descendants (spawned right after the handshake, before any other word acts):
+//! - `children:N`    N `sleep 1000` children in the agent's own process group.
+//! - `escapee`       a double fork: a child forks a grandchild that calls `setsid()`
+//!   and execs `sleep 1000`, and the child exits, so the grandchild has left the
+//!   agent's process group and session and is reparented (to agentd, the
+//!   subreaper).
+//! - `pidfile:PATH`  append one line per descendant pid (children and the escapee
+//!   grandchild) to PATH, fsynced and closed before any work.
+//!
+//! Descendants get /dev/null as stdin/stdout/stderr and default SIGTERM/SIGINT
+//! dispositions (`ignore-term`/`ignore-int` only concern the agent itself).
+//!
+//! Protocol abuse:
+//! - `garbage`       after the handshake write a huge length prefix (0xFEEDFACE)
+//!   and 64 pseudo-random bytes onto the IPC fd, then sleep forever.
+//! - `oversized`     after the handshake write a 1 GiB length prefix and 4 bytes,
+//!   then sleep forever.
+//! - `no-hello`      never send Hello; sleep `sleep:MS` (default forever), exit 0.
+//! - `bad-version`   send Hello with protocol 999 (expect Reject).
+//!
+//! Steering and environment:
+//! - `steer`         announce `capabilities.steer`; answer each Steer with SteerAck
+//!   accepted and Progress "steered: TEXT". Without it: SteerAck not accepted.
+//! - `env`           send Progress "AGENTD_TASK_ID=…", "AGENTD_SESSION=…" (`<unset>`
+//!   if missing) and "open-fds: 0,1,2" listing the fds among 0..=20 that were open
+//!   at startup, other than the IPC fd.
+//!
+//! EOF or garbage from agentd while working: exit 1 at once (a well-behaved agent).
+//!
+//! Exit codes: 0 done (or cancelled), 1 `fail` or agentd gone, 2 unknown or
+//! malformed behaviour word (after sending Result Failed "unknown behaviour word:
+//! X" / "bad behaviour word: X (…)"), 3 no channel or failed handshake (e.g. the
+//! Reject answering `bad-version`), `exit:CODE` as given, SIGABRT for `crash`.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use agentd_agent::{
+    hello, ipc_stream_from_env, spawn_heartbeat, AgentChannel, AgentMsg, AgentSender, Capabilities,
+    Outcome, SupervisorMsg, TaskResult, ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID, IPC_PROTOCOL_VERSION,
+};
+
+/// The behaviour words, parsed.
+#[derive(Debug, Default)]
+struct Behaviour {
+    sleep_ms: Option<u64>,
+    progress: u32,
+    result: Option<String>,
+    fail: bool,
+    exit: Option<i32>,
+    linger_ms: u64,
+    ignore_cancel: bool,
+    ignore_term: bool,
+    ignore_int: bool,
+    crash: bool,
+    exit_silently: bool,
+    hang: bool,
+    children: u32,
+    escapee: bool,
+    pidfile: Option<PathBuf>,
+    garbage: bool,
+    oversized: bool,
+    no_hello: bool,
+    bad_version: bool,
+    steer: bool,
+    env: bool,
+}
+
+/// Parses every word; returns what was understood and the first problem, if any.
+fn parse(words: &[String]) -> (Behaviour, Option<String>) {
+    fn num<T: std::str::FromStr>(word: &str, value: &str) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        value
+            .parse()
+            .map_err(|e| format!("bad behaviour word: {word} ({e})"))
+    }
+    let mut b = Behaviour::default();
+    let mut problem = None;
+    for word in words {
+        let outcome: Result<(), String> = match word.split_once(':') {
+            Some(("sleep", v)) => num(word, v).map(|ms| b.sleep_ms = Some(ms)),
+            Some(("progress", v)) => num(word, v).map(|n| b.progress = n),
+            Some(("result", v)) => {
+                b.result = Some(v.to_string());
+                Ok(())
+            }
+            Some(("exit", v)) => num(word, v).map(|c| b.exit = Some(c)),
+            Some(("linger", v)) => num(word, v).map(|ms| b.linger_ms = ms),
+            Some(("children", v)) => num(word, v).and_then(|n: u32| {
+                if n > 1000 {
+                    Err(format!("bad behaviour word: {word} (at most 1000)"))
+                } else {
+                    b.children = n;
+                    Ok(())
+                }
+            }),
+            Some(("pidfile", v)) if !v.is_empty() => {
+                b.pidfile = Some(PathBuf::from(v));
+                Ok(())
+            }
+            Some(_) => Err(format!("unknown behaviour word: {word}")),
+            None => {
+                let flag = match word.as_str() {
+                    "fail" => &mut b.fail,
+                    "ignore-cancel" => &mut b.ignore_cancel,
+                    "ignore-term" => &mut b.ignore_term,
+                    "ignore-int" => &mut b.ignore_int,
+                    "crash" => &mut b.crash,
+                    "exit-silently" => &mut b.exit_silently,
+                    "hang" => &mut b.hang,
+                    "escapee" => &mut b.escapee,
+                    "garbage" => &mut b.garbage,
+                    "oversized" => &mut b.oversized,
+                    "no-hello" => &mut b.no_hello,
+                    "bad-version" => &mut b.bad_version,
+                    "steer" => &mut b.steer,
+                    "env" => &mut b.env,
+                    _ => {
+                        problem.get_or_insert(format!("unknown behaviour word: {word}"));
+                        continue;
+                    }
+                };
+                *flag = true;
+                Ok(())
+            }
+        };
+        if let Err(e) = outcome {
+            problem.get_or_insert(e);
+        }
+    }
+    (b, problem)
+}
+
+fn die(code: i32, msg: impl std::fmt::Display) -> ! {
+    eprintln!("agentd-test-agent: {msg}");
+    std::process::exit(code)
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Which of fds 0..=20 are open, other than the IPC fd. Call before opening anything.
+fn open_fds_at_start() -> Vec<i32> {
+    let ipc_fd: Option<i32> = std::env::var(ENV_IPC_FD)
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    (0..=20)
+        // SAFETY: F_GETFD only inspects the descriptor table.
+        .filter(|fd| Some(*fd) != ipc_fd && unsafe { libc::fcntl(*fd, libc::F_GETFD) } != -1)
+        .collect()
+}
+
+/// Spawns the requested descendants and records their pids; returns the pids.
+fn spawn_descendants(b: &Behaviour) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for _ in 0..b.children {
+        let mut command = Command::new("sleep");
+        command
+            .arg("1000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe calls (signal) between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        match command.spawn() {
+            // The child is never waited for: agentd has to clean it up.
+            Ok(child) => pids.push(child.id() as i32),
+            Err(e) => die(1, format_args!("cannot spawn `sleep 1000`: {e}")),
+        }
+    }
+    if b.escapee {
+        match spawn_escapee() {
+            Ok(pid) => pids.push(pid),
+            Err(e) => die(1, format_args!("cannot spawn the escapee: {e}")),
+        }
+    }
+    if let Some(path) = &b.pidfile {
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            for pid in &pids {
+                writeln!(file, "{pid}")?;
+            }
+            file.sync_all()
+        };
+        if let Err(e) = write() {
+            die(
+                1,
+                format_args!("cannot write pidfile {}: {e}", path.display()),
+            );
+        }
+    }
+    pids
+}
+
+/// The full path of `sleep`, resolved before forking (no PATH search after fork).
+fn sleep_program() -> CString {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("sleep"))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .and_then(|p| CString::new(p.into_os_string().into_encoded_bytes()).ok())
+        .unwrap_or_else(|| c"/bin/sleep".to_owned())
+}
+
+/// Double fork: child → grandchild that `setsid()`s and execs `sleep 1000`; the
+/// child reports the grandchild's pid through a pipe and exits at once.
+fn spawn_escapee() -> Result<i32, String> {
+    let program = sleep_program();
+    let arg = c"1000";
+    let devnull = c"/dev/null";
+    let argv: [*const libc::c_char; 3] = [program.as_ptr(), arg.as_ptr(), std::ptr::null()];
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let write_fd = std::os::fd::AsRawFd::as_raw_fd(&write_end);
+    // SAFETY: this runs before the agent starts any thread; after the forks only
+    // async-signal-safe calls are made, on memory prepared above.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: see above (fork, setsid, open, dup2, signal, execv, write, _exit).
+        unsafe {
+            let grandchild = libc::fork();
+            if grandchild == 0 {
+                libc::setsid();
+                let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::dup2(null, 2);
+                }
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::execv(program.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+            let bytes = grandchild.to_ne_bytes();
+            libc::write(write_fd, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(if grandchild > 0 { 0 } else { 1 });
+        }
+    }
+    if child < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    drop(write_end);
+    let mut bytes = [0u8; 4];
+    let read = std::fs::File::from(read_end).read_exact(&mut bytes);
+    // Reap the intermediate child so that only the grandchild is left.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    read.map_err(|e| format!("no pid from the intermediate child: {e}"))?;
+    match i32::from_ne_bytes(bytes) {
+        pid if pid > 0 => Ok(pid),
+        _ => Err("the intermediate child could not fork".into()),
+    }
+}
+
+fn send_result(sender: &AgentSender, outcome: Outcome, text: String) {
+    let result = AgentMsg::Result(TaskResult {
+        outcome,
+        text,
+        command_exit: None,
+    });
+    if let Err(e) = sender.send(&result) {
+        die(1, format_args!("cannot send the result: {e}"));
+    }
+}
+
+/// Pseudo-random bytes (a fixed LCG seeded by the pid): enough to be garbage.
+fn garbage_bytes(n: usize) -> Vec<u8> {
+    let mut x = u64::from(std::process::id()) | 1;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+enum Event {
+    Cancel,
+}
+
+fn main() {
+    let open_fds = open_fds_at_start();
+    let words: Vec<String> = std::env::args_os()
+        .skip(1)
+        .flat_map(|arg| {
+            arg.to_string_lossy()
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let (b, problem) = parse(&words);
+
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for (wanted, sig) in [
+        (b.ignore_term, Signal::SIGTERM),
+        (b.ignore_int, Signal::SIGINT),
+    ] {
+        if wanted {
+            // SAFETY: installs SIG_IGN, no handler code runs.
+            if let Err(e) = unsafe { signal(sig, SigHandler::SigIgn) } {
+                die(1, format_args!("cannot ignore {sig}: {e}"));
+            }
+        }
+    }
+
+    let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
+    if b.no_hello && problem.is_none() {
+        spawn_descendants(&b);
+        match b.sleep_ms {
+            Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            None => sleep_forever(),
+        }
+        drop(stream);
+        std::process::exit(0);
+    }
+    let mut raw = stream.try_clone().unwrap_or_else(|e| die(3, e));
+    let protocol = if b.bad_version {
+        999
+    } else {
+        IPC_PROTOCOL_VERSION
+    };
+    let mut hello = hello(
+        format!("agentd-test-agent {}", env!("CARGO_PKG_VERSION")),
+        Capabilities { steer: b.steer },
+    );
+    hello.protocol = protocol;
+    let (channel, _task) =
+        AgentChannel::handshake(stream, hello).unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let (sender, mut receiver) = channel.into_parts();
+    if let Some(problem) = problem {
+        send_result(&sender, Outcome::Failed, problem.clone());
+        die(2, problem);
+    }
+
+    spawn_descendants(&b);
+    if b.hang {
+        sleep_forever();
+    }
+    if b.garbage || b.oversized {
+        let mut bytes = Vec::new();
+        if b.garbage {
+            bytes.extend_from_slice(&0xFEED_FACE_u32.to_be_bytes());
+            bytes.extend(garbage_bytes(64));
+        } else {
+            bytes.extend_from_slice(&(1u32 << 30).to_be_bytes());
+            bytes.extend_from_slice(b"oops");
+        }
+        if let Err(e) = raw.write_all(&bytes) {
+            eprintln!("agentd-test-agent: writing the bad frame failed: {e}");
+        }
+        sleep_forever();
+    }
+    drop(raw);
+
+    if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
+        die(1, format_args!("cannot start the heartbeat: {e}"));
+    }
+    let (events_tx, events) = mpsc::channel();
+    {
+        let sender = sender.clone();
+        let (ignore_cancel, steer) = (b.ignore_cancel, b.steer);
+        let reader = move || loop {
+            match receiver.recv() {
+                Ok(Some(SupervisorMsg::Cancel)) if !ignore_cancel => {
+                    let _ = events_tx.send(Event::Cancel);
+                }
+                Ok(Some(SupervisorMsg::Steer { text })) => {
+                    let _ = sender.send(&AgentMsg::SteerAck { accepted: steer });
+                    if steer {
+                        let _ = sender.progress(format!("steered: {text}"));
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) if sender.result_sent() => return,
+                Ok(None) => die(1, "agentd closed the channel: exiting"),
+                Err(e) => die(1, format_args!("bad data from agentd ({e}): exiting")),
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("ipc".into()).spawn(reader) {
+            die(1, format_args!("cannot start the IPC reader: {e}"));
+        }
+    }
+
+    let progress = |text: String| {
+        if let Err(e) = sender.progress(text) {
+            die(1, format_args!("cannot send progress: {e}"));
+        }
+    };
+    if b.env {
+        for var in [ENV_TASK_ID, ENV_SESSION] {
+            let value = std::env::var(var).unwrap_or_else(|_| "<unset>".into());
+            progress(format!("{var}={value}"));
+        }
+        let list: Vec<String> = open_fds.iter().map(i32::to_string).collect();
+        progress(format!("open-fds: {}", list.join(",")));
+    }
+    for n in 1..=b.progress {
+        progress(format!("line {n}"));
+    }
+
+    let work = Duration::from_millis(b.sleep_ms.unwrap_or(0));
+    let started = Instant::now();
+    let mut ticks = 0u64;
+    let mut cancelled = false;
+    while started.elapsed() < work {
+        let next_tick = Duration::from_millis(100 * (ticks + 1));
+        let wait = next_tick.min(work).saturating_sub(started.elapsed());
+        match events.recv_timeout(wait) {
+            Ok(Event::Cancel) => {
+                cancelled = true;
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+        }
+        if started.elapsed() >= next_tick {
+            ticks += 1;
+            progress(format!("tick {ticks}"));
+        }
+    }
+    cancelled |= matches!(events.try_recv(), Ok(Event::Cancel));
+    if cancelled {
+        send_result(
+            &sender,
+            Outcome::Cancelled,
+            format!("cancelled after {ticks} ticks"),
+        );
+        std::process::exit(0);
+    }
+    if b.crash {
+        std::process::abort();
+    }
+    if b.exit_silently {
+        std::process::exit(0);
+    }
+    let outcome = if b.fail {
+        Outcome::Failed
+    } else {
+        Outcome::Succeeded
+    };
+    let text = b.result.unwrap_or_else(|| "done".into());
+    send_result(&sender, outcome, text);
+    std::thread::sleep(Duration::from_millis(b.linger_ms));
+    std::process::exit(b.exit.unwrap_or(if b.fail { 1 } else { 0 }));
+}

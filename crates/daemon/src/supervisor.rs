@@ -114,9 +114,21 @@ async fn sleep_until(at: Option<Instant>) {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
-    Stop { task_id: TaskId, step: StopStep },
-    Handshake { task_id: TaskId },
+    Stop {
+        task_id: TaskId,
+        step: StopStep,
+    },
+    Handshake {
+        task_id: TaskId,
+    },
+    /// A reaped agent's channel did not reach EOF in time: finish the task anyway.
+    Drain {
+        task_id: TaskId,
+    },
 }
+
+/// How long a reaped agent's channel may take to deliver its last frames.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// agentd's side of one live agent.
 struct Agent {
@@ -129,6 +141,10 @@ struct Agent {
     ready: bool,
     /// Messages ordered before the handshake completed (a cancel), sent right after Start.
     held: Vec<SupervisorMsg>,
+    /// Set when the reaper collected the agent: its pid must never be signalled again.
+    exit: Option<ExitStatus>,
+    /// Set when the reader saw the end of the channel: every frame has been handled.
+    drained: bool,
 }
 
 /// A `stop` request waiting for its tasks to end.
@@ -296,6 +312,8 @@ impl Supervisor {
                 },
                 ready: false,
                 held: Vec::new(),
+                exit: None,
+                drained: false,
             },
         );
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
@@ -317,14 +335,17 @@ impl Supervisor {
             return;
         };
         let tree = TaskTree::new(agent.pid, task_id.to_string());
+        // Once reaped, the agent's pid (and so its group id) may be reused: from then on
+        // its processes are found by scanning only.
+        let unreaped = agent.exit.is_none();
         match step {
             StopStep::CooperativeCancel => {}
             StopStep::Sigterm => {
-                let n = tree.signal(Signal::SIGTERM, true);
+                let n = tree.signal(Signal::SIGTERM, unreaped);
                 tracing::info!(%task_id, processes = n, "SIGTERM sent to the task's processes");
             }
             StopStep::Sigkill => {
-                let left = tree.kill_all(true, 10);
+                let left = tree.kill_all(unreaped, 10);
                 tracing::info!(%task_id, "SIGKILL sent to the task's processes");
                 if !left.is_empty() {
                     tracing::warn!(%task_id, ?left, "processes survived SIGKILL rounds");
@@ -389,14 +410,27 @@ impl Supervisor {
             if !left.is_empty() {
                 tracing::warn!(%task_id, ?left, "leftover processes survived SIGKILL rounds");
             }
-            self.agents.remove(&task_id);
             let status = ExitStatus {
                 code: reaped.code,
                 signal: reaped.signal,
             };
             tracing::info!(%task_id, pid = reaped.pid, status = %status.describe(), "agent reaped");
-            self.handle(Event::Reaped { task_id, status });
+            // Frames the agent wrote before exiting (its result) may still be unread:
+            // the task ends once its channel is drained (EOF), or after DRAIN_TIMEOUT.
+            match self.agents.get_mut(&task_id) {
+                Some(agent) if !agent.drained => {
+                    agent.exit = Some(status);
+                    self.arm(DRAIN_TIMEOUT, Timer::Drain { task_id });
+                }
+                _ => self.finish_reaped(task_id, status),
+            }
         }
+    }
+
+    /// The agent is reaped and its channel drained: the dispatcher may end the task.
+    fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
+        self.agents.remove(&task_id);
+        self.handle(Event::Reaped { task_id, status });
     }
 
     fn fire_timers(&mut self) {
@@ -407,6 +441,12 @@ impl Supervisor {
             }
             match entry.remove() {
                 Timer::Stop { task_id, step } => self.handle(Event::StopTimer { task_id, step }),
+                Timer::Drain { task_id } => {
+                    if let Some(status) = self.agents.get(&task_id).and_then(|a| a.exit) {
+                        tracing::warn!(%task_id, "the agent's channel stayed open after it exited");
+                        self.finish_reaped(task_id, status);
+                    }
+                }
                 Timer::Handshake { task_id } => {
                     if self.agents.get(&task_id).is_some_and(|a| !a.ready) {
                         let error = format!(
@@ -508,9 +548,24 @@ impl Supervisor {
             AgentInput::Msg(AgentMsg::Heartbeat) | AgentInput::Msg(AgentMsg::SteerAck { .. }) => {
                 return
             }
-            // The agent closed its channel: it is exiting; the reaper will tell.
-            AgentInput::Closed => return,
-            AgentInput::Broken(error) => Event::ProtocolError { task_id, error },
+            // The agent closed its channel: it is exiting, or has exited and was reaped.
+            AgentInput::Closed => {
+                agent.drained = true;
+                if let Some(status) = agent.exit {
+                    self.finish_reaped(task_id, status);
+                }
+                return;
+            }
+            AgentInput::Broken(error) => {
+                agent.drained = true;
+                if let Some(status) = agent.exit {
+                    // It died in the middle of a frame: its exit says more than the frame.
+                    tracing::debug!(%task_id, "channel of an exited agent ended mid-frame: {error}");
+                    self.finish_reaped(task_id, status);
+                    return;
+                }
+                Event::ProtocolError { task_id, error }
+            }
         };
         if let Event::ProtocolError { error, .. } = &event {
             tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");

@@ -23,7 +23,7 @@ fn spawned_tree_is_found_signalled_and_reaped() {
     let log = dir.path().join("agent.log");
     let script = r#"
         ls /proc/self/fd | tr '\n' ' ' >&3
-        echo "pgid=$(ps -o pgid= $$ | tr -d ' ') ipc=$AGENTD_IPC_FD task=$AGENTD_TASK_ID" >&3
+        echo "pgid=$(cut -d" " -f5 /proc/$$/stat) ipc=$AGENTD_IPC_FD task=$AGENTD_TASK_ID" >&3
         exec 3>&-
         sleep 100 &
         setsid sh -c 'sleep 101' &

@@ -1,0 +1,708 @@
+//! agent-exec's logic: run one command line as an agentd task.
+//!
+//! The command runs in its own process group with a clean signal mask, without the
+//! IPC fd, and with `AGENTD_TASK_ID`/`AGENTD_SESSION` in its environment. Its
+//! stdout and stderr lines become progress and feed a bounded tail that becomes
+//! the result text. Cancel turns into SIGINT for the group, steer text is written
+//! to the command's stdin, and EOF (or garbage) on the channel means agentd is
+//! gone: the group gets SIGTERM + SIGCONT, then SIGKILL after a grace period.
+//!
+//! Threads: the caller's thread spawns the command and waits for it; one thread
+//! per output pipe; one IPC reader; one stdin writer (steering only); the
+//! heartbeat; and in [`run`] one thread that forwards agent-exec's own
+//! SIGTERM/SIGINT to the group.
+//!
+//! The command's group is never signalled after the command has been reaped: the
+//! command is first waited for with `WNOWAIT`, so its zombie keeps the pid (and
+//! the group id) reserved while the leftovers of the group are killed.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use agentd_proto::ipc::{
+    AgentMsg, Capabilities, CommandExit, Outcome, SupervisorMsg, TaskResult, TaskStart, ENV_IPC_FD,
+    ENV_SESSION, ENV_TASK_ID,
+};
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::{setpgid, Pid};
+
+use crate::channel::{
+    heartbeat_interval_from_env, hello, message_name, spawn_heartbeat, AgentChannel, AgentReceiver,
+    AgentSender,
+};
+
+/// Default size of the output tail sent as the result text, in bytes.
+pub const DEFAULT_RESULT_BYTES: usize = 16 * 1024;
+/// Longest output line relayed as one progress message, in bytes; longer lines are cut.
+pub const MAX_LINE_BYTES: usize = 4096;
+/// Marker appended to a progress line that was cut at [`MAX_LINE_BYTES`].
+pub const CUT_MARKER: &str = " […]";
+
+/// Exit code: the command exited 0 and no cancel was requested.
+pub const EXIT_SUCCEEDED: i32 = 0;
+/// Exit code: the command failed, or agentd went away while it ran.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: no channel to agentd (not started by agentd, handshake refused).
+pub const EXIT_NO_CHANNEL: i32 = 2;
+/// Exit code: the command could not be started.
+pub const EXIT_CANNOT_RUN: i32 = 127;
+/// Exit code: a cancel was requested and the command then ended.
+pub const EXIT_CANCELLED: i32 = 130;
+
+/// How agent-exec runs its command.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// Accept steering: announce it in the handshake, pipe steer text to stdin.
+    /// Without it the command's stdin is `/dev/null`.
+    pub steer: bool,
+    /// Size of the output tail sent as the result text.
+    pub result_bytes: usize,
+    /// The command line; empty means `sh -c <task text>`.
+    pub command: Vec<OsString>,
+    /// After the command exits, how long to wait for its output pipes to close
+    /// before the rest of its process group is killed.
+    pub drain_timeout: Duration,
+    /// When agentd is gone: time between SIGTERM and SIGKILL for the group.
+    pub kill_grace: Duration,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            steer: true,
+            result_bytes: DEFAULT_RESULT_BYTES,
+            command: Vec::new(),
+            drain_timeout: Duration::from_millis(300),
+            kill_grace: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The name agent-exec gives in its `Hello`.
+pub fn agent_name() -> String {
+    format!("agent-exec {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// agent-exec's whole life: forward SIGTERM/SIGINT to the command's group, take
+/// the channel from the environment, run the task. Returns the process exit code.
+///
+/// Installs process-wide signal handlers: call it from `main` only.
+pub fn run(config: &ExecConfig) -> i32 {
+    let group = Arc::new(Group::default());
+    match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+        Ok(mut signals) => {
+            let group = Arc::clone(&group);
+            spawn_thread("agent-exec-signals", move || {
+                for raw in signals.forever() {
+                    if let Ok(sig) = Signal::try_from(raw) {
+                        group.forward(sig);
+                    }
+                }
+            });
+        }
+        Err(e) => warn(format_args!(
+            "cannot handle SIGTERM/SIGINT ({e}): they will end agent-exec at once"
+        )),
+    }
+    let hello = hello(
+        agent_name(),
+        Capabilities {
+            steer: config.steer,
+        },
+    );
+    match AgentChannel::from_env(hello) {
+        Ok((channel, task)) => supervise(channel, task, config, group),
+        Err(e) => {
+            warn(format_args!("{e}"));
+            EXIT_NO_CHANNEL
+        }
+    }
+}
+
+/// Runs `task` on an established channel: spawns the command, relays its output,
+/// obeys cancel/steer/EOF, sends the result. Returns the exit code agent-exec
+/// uses. Does not touch process-wide signal handling (usable in tests).
+pub fn run_task(channel: AgentChannel, task: TaskStart, config: &ExecConfig) -> i32 {
+    supervise(channel, task, config, Arc::new(Group::default()))
+}
+
+fn warn(msg: std::fmt::Arguments<'_>) {
+    eprintln!("agent-exec: {msg}");
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> bool {
+    match std::thread::Builder::new().name(name.into()).spawn(f) {
+        Ok(_) => true,
+        Err(e) => {
+            warn(format_args!("cannot start thread {name}: {e}"));
+            false
+        }
+    }
+}
+
+/// The command's process group, and whether it may still be signalled.
+#[derive(Default)]
+struct Group {
+    state: Mutex<GroupState>,
+    cancel_requested: AtomicBool,
+    supervisor_gone: AtomicBool,
+    /// The command (group leader) has exited; it may not be reaped yet.
+    exited: AtomicBool,
+    /// The result is decided: EOF on the channel is no longer news.
+    finished: AtomicBool,
+}
+
+#[derive(Default)]
+struct GroupState {
+    pgid: Option<Pid>,
+    /// Set before the command is reaped; from then on the group is never signalled.
+    reaped: bool,
+    /// A SIGTERM/SIGINT agent-exec received before the command existed.
+    early_signal: Option<Signal>,
+}
+
+impl Group {
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn signal_locked(state: &GroupState, sig: Signal) {
+        if state.reaped {
+            return;
+        }
+        if let Some(pgid) = state.pgid {
+            match killpg(pgid, sig) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => warn(format_args!(
+                    "cannot send {sig} to process group {pgid}: {e}"
+                )),
+            }
+        }
+    }
+
+    /// Signals the command's group if it was spawned and is not reaped yet.
+    fn signal(&self, sig: Signal) {
+        Self::signal_locked(&self.lock(), sig);
+    }
+
+    /// Passes a signal agent-exec received on to the command (SIGCONT after SIGTERM
+    /// so that a stopped command can act on it), or remembers it if the command
+    /// has not been started.
+    fn forward(&self, sig: Signal) {
+        let mut state = self.lock();
+        if state.pgid.is_none() && !state.reaped {
+            state.early_signal.get_or_insert(sig);
+            return;
+        }
+        Self::signal_locked(&state, sig);
+        if sig == Signal::SIGTERM {
+            Self::signal_locked(&state, Signal::SIGCONT);
+        }
+    }
+
+    /// agentd is gone: SIGTERM + SIGCONT now, SIGKILL after `grace` if the command
+    /// has not exited by then.
+    fn stop_now(&self, grace: Duration) {
+        if self.finished.load(Ordering::SeqCst) {
+            return;
+        }
+        self.supervisor_gone.store(true, Ordering::SeqCst);
+        self.signal(Signal::SIGTERM);
+        self.signal(Signal::SIGCONT);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && !self.exited.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !self.exited.load(Ordering::SeqCst) {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+fn supervise(
+    channel: AgentChannel,
+    task: TaskStart,
+    config: &ExecConfig,
+    group: Arc<Group>,
+) -> i32 {
+    let (sender, receiver) = channel.into_parts();
+    if let Err(e) = spawn_heartbeat(sender.clone(), heartbeat_interval_from_env()) {
+        warn(format_args!("cannot start the heartbeat thread: {e}"));
+    }
+    let argv = command_line(config, &task);
+    let program = argv[0].to_string_lossy().into_owned();
+    let mut command = build_command(&argv, &task, config.steer);
+
+    let spawned = {
+        let mut state = group.lock();
+        if let Some(sig) = state.early_signal {
+            drop(state);
+            let text = format!("agent-exec received {sig} before `{program}` was started");
+            return finish(&sender, &group, Outcome::Failed, text, None, EXIT_FAILED);
+        }
+        command.spawn().inspect(|child| {
+            let pid = Pid::from_raw(child.id() as libc::pid_t);
+            // The child did setpgid(0, 0) itself; doing it here too closes the race
+            // with a signal arriving first. EACCES: it has exec'd already.
+            match setpgid(pid, pid) {
+                Ok(()) | Err(Errno::EACCES) | Err(Errno::ESRCH) => {}
+                Err(e) => warn(format_args!("setpgid({pid}) failed: {e}")),
+            }
+            state.pgid = Some(pid);
+        })
+    };
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let reason = match e.raw_os_error() {
+                Some(code) => Errno::from_raw(code).desc().to_string(),
+                None => e.to_string(),
+            };
+            let text = format!("cannot run `{program}`: {reason}");
+            warn(format_args!("{text}"));
+            return finish(
+                &sender,
+                &group,
+                Outcome::Failed,
+                text,
+                None,
+                EXIT_CANNOT_RUN,
+            );
+        }
+    };
+    let pid = Pid::from_raw(child.id() as libc::pid_t);
+
+    let tail = Arc::new(Mutex::new(Tail::new(config.result_bytes)));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut pumps = 0;
+    if let Some(out) = child.stdout.take() {
+        let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
+        pumps += usize::from(spawn_thread("agent-exec-stdout", move || {
+            pump(out, &sender, &tail);
+            let _ = done.send(());
+        }));
+    }
+    if let Some(err) = child.stderr.take() {
+        let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
+        pumps += usize::from(spawn_thread("agent-exec-stderr", move || {
+            pump(err, &sender, &tail);
+            let _ = done.send(());
+        }));
+    }
+    drop(done_tx);
+    let steer_tx = match child.stdin.take() {
+        Some(stdin) if config.steer => {
+            let (tx, rx) = mpsc::channel::<String>();
+            let sender = sender.clone();
+            spawn_thread("agent-exec-stdin", move || write_steers(stdin, rx, &sender)).then_some(tx)
+        }
+        _ => None,
+    };
+    {
+        let (sender, group, grace) = (sender.clone(), Arc::clone(&group), config.kill_grace);
+        spawn_thread("agent-exec-ipc", move || {
+            read_ipc(receiver, &sender, &group, steer_tx, grace)
+        });
+    }
+
+    wait_exited(pid);
+    group.exited.store(true, Ordering::SeqCst);
+
+    // Grandchildren may still hold the pipes: give them a moment, then kill what is
+    // left of the group (the zombie keeps the group id ours) so the pipes close.
+    let mut open = pumps;
+    let deadline = Instant::now() + config.drain_timeout;
+    open -= wait_done(&done_rx, open, deadline);
+    group.signal(Signal::SIGKILL);
+    if open > 0 {
+        // Whatever still holds a pipe left the group; do not wait for it long.
+        wait_done(&done_rx, open, Instant::now() + Duration::from_millis(200));
+    }
+
+    group.lock().reaped = true;
+    let status = match child.wait() {
+        Ok(status) => status,
+        Err(e) => {
+            warn(format_args!("cannot reap the command: {e}"));
+            let text = format!("lost track of `{program}`: {e}");
+            return finish(&sender, &group, Outcome::Failed, text, None, EXIT_FAILED);
+        }
+    };
+    let exit = CommandExit {
+        code: status.code(),
+        signal: status.signal(),
+    };
+    let text = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+    if group.supervisor_gone.load(Ordering::SeqCst) {
+        // No result: nobody is listening, or the channel is garbled.
+        group.finished.store(true, Ordering::SeqCst);
+        sender.shutdown();
+        return EXIT_FAILED;
+    }
+    let (outcome, code) = if group.cancel_requested.load(Ordering::SeqCst) {
+        (Outcome::Cancelled, EXIT_CANCELLED)
+    } else if status.success() {
+        (Outcome::Succeeded, EXIT_SUCCEEDED)
+    } else {
+        (Outcome::Failed, EXIT_FAILED)
+    };
+    finish(&sender, &group, outcome, text, Some(exit), code)
+}
+
+/// Sends the result and closes the channel; returns `code`.
+fn finish(
+    sender: &AgentSender,
+    group: &Group,
+    outcome: Outcome,
+    text: String,
+    command_exit: Option<CommandExit>,
+    code: i32,
+) -> i32 {
+    group.finished.store(true, Ordering::SeqCst);
+    let result = AgentMsg::Result(TaskResult {
+        outcome,
+        text,
+        command_exit,
+    });
+    if let Err(e) = sender.send(&result) {
+        warn(format_args!("cannot send the result to agentd: {e}"));
+    }
+    sender.shutdown();
+    code
+}
+
+/// Waits for up to `n` "pipe closed" notices until `deadline`; returns how many came.
+fn wait_done(done: &mpsc::Receiver<()>, n: usize, deadline: Instant) -> usize {
+    let mut got = 0;
+    while got < n {
+        match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(()) => got += 1,
+            Err(RecvTimeoutError::Timeout) => break,
+            // Every pump thread is gone (a panicked one never reports).
+            Err(RecvTimeoutError::Disconnected) => return n,
+        }
+    }
+    got
+}
+
+/// Blocks until `pid` has exited, leaving it a zombie (not reaped).
+fn wait_exited(pid: Pid) {
+    loop {
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) => return,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                warn(format_args!("waiting for the command failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+fn command_line(config: &ExecConfig, task: &TaskStart) -> Vec<OsString> {
+    if config.command.is_empty() {
+        vec!["sh".into(), "-c".into(), task.text.clone().into()]
+    } else {
+        config.command.clone()
+    }
+}
+
+fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
+    let mut command = Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    command.env_remove(ENV_IPC_FD);
+    // agentd sets these for us and the command inherits them; fill them in from
+    // the task only if they are missing (agentd attributes orphans by them).
+    if std::env::var_os(ENV_TASK_ID).is_none() {
+        command.env(ENV_TASK_ID, &task.task_id);
+    }
+    if std::env::var_os(ENV_SESSION).is_none() {
+        command.env(ENV_SESSION, &task.session);
+    }
+    command
+        .stdin(if steer { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let parent = nix::unistd::getpid().as_raw();
+    // SAFETY: the closure only makes async-signal-safe system calls (setpgid,
+    // prctl, getppid, sigemptyset, sigprocmask, signal) and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // A belt: agent-exec dies → the command gets SIGKILL. It fires when the
+            // forking thread exits, which is agent-exec's main thread.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGPIPE] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// The IPC reader: cancel, steer, and "agentd is gone".
+fn read_ipc(
+    mut receiver: AgentReceiver,
+    sender: &AgentSender,
+    group: &Group,
+    steer_tx: Option<mpsc::Sender<String>>,
+    grace: Duration,
+) {
+    loop {
+        let msg = match receiver.recv() {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                if !group.finished.load(Ordering::SeqCst) {
+                    warn(format_args!(
+                        "agentd closed the channel: stopping the command"
+                    ));
+                }
+                return group.stop_now(grace);
+            }
+            Err(e) => {
+                if !group.finished.load(Ordering::SeqCst) {
+                    warn(format_args!(
+                        "bad data from agentd ({e}): stopping the command"
+                    ));
+                }
+                return group.stop_now(grace);
+            }
+        };
+        match msg {
+            SupervisorMsg::Cancel => {
+                group.cancel_requested.store(true, Ordering::SeqCst);
+                group.signal(Signal::SIGINT);
+            }
+            SupervisorMsg::Steer { text } => {
+                let queued = steer_tx.as_ref().is_some_and(|tx| tx.send(text).is_ok());
+                if !queued {
+                    let _ = sender.send(&AgentMsg::SteerAck { accepted: false });
+                }
+            }
+            SupervisorMsg::Reject { reason } => {
+                warn(format_args!(
+                    "agentd rejected the task ({reason}): stopping the command"
+                ));
+                return group.stop_now(grace);
+            }
+            other @ (SupervisorMsg::Welcome { .. } | SupervisorMsg::Start(_)) => {
+                warn(format_args!(
+                    "ignoring an unexpected {} from agentd",
+                    message_name(&other)
+                ));
+            }
+        }
+    }
+}
+
+/// The stdin writer: one line per steer, acknowledged once written (or not).
+fn write_steers(stdin: ChildStdin, texts: mpsc::Receiver<String>, sender: &AgentSender) {
+    let mut stdin = Some(stdin);
+    for text in texts {
+        let accepted = match stdin.as_mut() {
+            Some(pipe) => {
+                let mut line = text.into_bytes();
+                line.push(b'\n');
+                pipe.write_all(&line).and_then(|()| pipe.flush()).is_ok()
+            }
+            None => false,
+        };
+        if !accepted {
+            stdin = None;
+        }
+        let _ = sender.send(&AgentMsg::SteerAck { accepted });
+    }
+}
+
+/// Relays one output pipe line by line until EOF.
+fn pump(mut src: impl Read, sender: &AgentSender, tail: &Mutex<Tail>) {
+    let mut lines = LineSplitter::new(MAX_LINE_BYTES);
+    let mut buf = [0u8; 8192];
+    let mut emit = |line: &[u8], cut: bool| {
+        tail.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_line(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut text = String::from_utf8_lossy(line).into_owned();
+        if cut {
+            text.push_str(CUT_MARKER);
+        }
+        if !text.trim().is_empty() {
+            // Errors mean agentd is gone; the IPC reader handles that. Keep
+            // draining so that the command never blocks on a full pipe.
+            let _ = sender.progress(text);
+        }
+    };
+    loop {
+        match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => lines.feed(&buf[..n], &mut emit),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    lines.finish(&mut emit);
+}
+
+/// Splits a byte stream into lines of at most `max` bytes; the rest of a longer
+/// line is dropped and the line is reported as cut.
+struct LineSplitter {
+    line: Vec<u8>,
+    max: usize,
+    cut: bool,
+}
+
+impl LineSplitter {
+    fn new(max: usize) -> Self {
+        LineSplitter {
+            line: Vec::new(),
+            max,
+            cut: false,
+        }
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        let room = self.max - self.line.len();
+        if bytes.len() > room {
+            self.cut = true;
+        }
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn feed(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
+        while let Some(i) = bytes.iter().position(|&b| b == b'\n') {
+            self.take(&bytes[..i]);
+            emit(&self.line, self.cut);
+            self.line.clear();
+            self.cut = false;
+            bytes = &bytes[i + 1..];
+        }
+        self.take(bytes);
+    }
+
+    fn finish(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
+        if !self.line.is_empty() || self.cut {
+            emit(&self.line, self.cut);
+        }
+    }
+}
+
+/// The last `cap` bytes of the command's output lines.
+struct Tail {
+    buf: VecDeque<u8>,
+    cap: usize,
+    dropped: bool,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Self {
+        Tail {
+            buf: VecDeque::new(),
+            cap,
+            dropped: false,
+        }
+    }
+
+    fn push_line(&mut self, line: &[u8]) {
+        self.buf.extend(line);
+        self.buf.push_back(b'\n');
+        if self.buf.len() > self.cap {
+            let excess = self.buf.len() - self.cap;
+            self.buf.drain(..excess);
+            self.dropped = true;
+        }
+    }
+
+    /// The tail as trimmed text, not starting in the middle of a UTF-8 character.
+    fn text(&self) -> String {
+        let bytes: Vec<u8> = self.buf.iter().copied().collect();
+        let start = if self.dropped {
+            bytes
+                .iter()
+                .take(3)
+                .take_while(|b| (**b & 0xC0) == 0x80)
+                .count()
+        } else {
+            0
+        };
+        String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]], max: usize) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        let mut s = LineSplitter::new(max);
+        let mut emit = |l: &[u8], cut: bool| out.push((String::from_utf8_lossy(l).into(), cut));
+        for c in chunks {
+            s.feed(c, &mut emit);
+        }
+        s.finish(&mut emit);
+        out
+    }
+
+    #[test]
+    fn lines_are_split_across_chunks_and_capped() {
+        assert_eq!(
+            split(&[b"ab", b"c\nde", b"\n\nf"], 10),
+            vec![
+                ("abc".into(), false),
+                ("de".into(), false),
+                ("".into(), false),
+                ("f".into(), false)
+            ]
+        );
+        assert_eq!(
+            split(&[b"0123", b"456789", b"\nxy\n"], 5),
+            vec![("01234".into(), true), ("xy".into(), false)]
+        );
+        assert_eq!(split(&[b"01234567"], 5), vec![("01234".into(), true)]);
+        assert!(split(&[b""], 5).is_empty());
+    }
+
+    #[test]
+    fn tail_keeps_the_last_bytes_on_a_char_boundary() {
+        let mut t = Tail::new(8);
+        t.push_line(b"first line");
+        t.push_line("é€x".as_bytes()); // 2 + 3 + 1 bytes + newline = 7
+        assert_eq!(t.text(), "é€x");
+        t.push_line(b"");
+        assert_eq!(t.text(), "é€x");
+        t.push_line(b"");
+        // Now the 8 bytes start inside 'é': its second byte is skipped, not garbled.
+        assert_eq!(t.text(), "€x");
+        let mut t = Tail::new(0);
+        t.push_line(b"abc");
+        assert_eq!(t.text(), "");
+    }
+}

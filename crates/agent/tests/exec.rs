@@ -1,0 +1,389 @@
+//! End-to-end tests of agent-exec's logic, in process: the test plays agentd on
+//! one end of a socketpair and `exec::run_task` runs real `sh -c` commands.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agentd_agent::exec::{self, ExecConfig, CUT_MARKER, MAX_LINE_BYTES};
+use agentd_agent::{
+    hello, AgentChannel, AgentMsg, Capabilities, Outcome, SupervisorMsg, TaskResult, TaskStart,
+    IPC_PROTOCOL_VERSION,
+};
+use agentd_proto::codec::{read_frame, write_frame};
+
+/// The agentd side of one running agent-exec task.
+struct Supervisor {
+    stream: UnixStream,
+    /// `socket:[inode]` of agent-exec's end, as /proc/PID/fd shows it.
+    agent_socket: String,
+    agent: Option<JoinHandle<i32>>,
+    progress: Vec<String>,
+}
+
+fn start_with(text: &str, config: ExecConfig) -> Supervisor {
+    let (agent, mut stream) = UnixStream::pair().unwrap();
+    let agent_socket = format!("socket:[{}]", nix::sys::stat::fstat(&agent).unwrap().st_ino);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write_frame(
+        &mut stream,
+        &SupervisorMsg::Welcome {
+            protocol: IPC_PROTOCOL_VERSION,
+        },
+    )
+    .unwrap();
+    write_frame(
+        &mut stream,
+        &SupervisorMsg::Start(TaskStart {
+            task_id: "task-1".into(),
+            session: "sess-1".into(),
+            text: text.into(),
+        }),
+    )
+    .unwrap();
+    let steer = config.steer;
+    let handle = std::thread::spawn(move || {
+        let (channel, task) =
+            AgentChannel::handshake(agent, hello(exec::agent_name(), Capabilities { steer }))
+                .expect("handshake");
+        exec::run_task(channel, task, &config)
+    });
+    let mut sup = Supervisor {
+        stream,
+        agent_socket,
+        agent: Some(handle),
+        progress: Vec::new(),
+    };
+    match sup.next() {
+        Some(AgentMsg::Hello(h)) => {
+            assert_eq!(h.protocol, IPC_PROTOCOL_VERSION);
+            assert!(h.agent.starts_with("agent-exec "), "{}", h.agent);
+            assert_eq!(h.capabilities.steer, steer);
+        }
+        other => panic!("expected Hello, got {other:?}"),
+    }
+    sup
+}
+
+fn start(script: &str) -> Supervisor {
+    start_with(script, ExecConfig::default())
+}
+
+impl Supervisor {
+    /// The next message that is not a heartbeat; `None` at EOF.
+    fn next(&mut self) -> Option<AgentMsg> {
+        loop {
+            match read_frame::<AgentMsg>(&mut self.stream).expect("read from agent") {
+                Some(AgentMsg::Heartbeat) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn send(&mut self, msg: &SupervisorMsg) {
+        write_frame(&mut self.stream, msg).unwrap();
+    }
+
+    /// Reads until a progress line equal to `line`.
+    fn wait_progress(&mut self, line: &str) {
+        loop {
+            match self.next() {
+                Some(AgentMsg::Progress { text }) => {
+                    self.progress.push(text.clone());
+                    if text == line {
+                        return;
+                    }
+                }
+                other => panic!("waiting for progress {line:?}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until a progress line starting with `prefix`, returns the rest.
+    fn wait_progress_prefix(&mut self, prefix: &str) -> String {
+        loop {
+            match self.next() {
+                Some(AgentMsg::Progress { text }) => {
+                    self.progress.push(text.clone());
+                    if let Some(rest) = text.strip_prefix(prefix) {
+                        return rest.to_string();
+                    }
+                }
+                other => panic!("waiting for progress {prefix:?}…, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads up to the result (collecting progress), checks that nothing follows,
+    /// and returns it with agent-exec's exit code.
+    fn finish(mut self) -> (TaskResult, i32, Vec<String>) {
+        let result = loop {
+            match self.next() {
+                Some(AgentMsg::Progress { text }) => self.progress.push(text),
+                Some(AgentMsg::Result(r)) => break r,
+                other => panic!("expected progress or result, got {other:?}"),
+            }
+        };
+        assert_eq!(self.next(), None, "nothing after the result");
+        let code = self.agent.take().unwrap().join().unwrap();
+        (result, code, self.progress)
+    }
+
+    /// Closes agentd's end and returns agent-exec's exit code (and how long it took).
+    fn hang_up(mut self) -> (i32, Duration) {
+        let t = Instant::now();
+        let agent = self.agent.take().unwrap();
+        drop(self);
+        let code = agent.join().unwrap();
+        (code, t.elapsed())
+    }
+}
+
+fn assert_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            && !is_zombie(pid);
+        if !alive {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} is still alive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn output_lines_become_progress_and_the_tail_the_result() {
+    let (result, code, progress) = start("echo one; echo two >&2; echo; echo three").finish();
+    assert_eq!(result.outcome, Outcome::Succeeded);
+    assert_eq!(code, exec::EXIT_SUCCEEDED);
+    let exit = result.command_exit.unwrap();
+    assert_eq!((exit.code, exit.signal), (Some(0), None));
+    // stdout and stderr are read by different threads: compare as sets.
+    let mut sorted = progress.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["one", "three", "two"],
+        "blank lines are not progress"
+    );
+    let mut lines: Vec<&str> = result.text.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["", "one", "three", "two"], "{:?}", result.text);
+}
+
+#[test]
+fn a_failing_command_fails_with_its_exit_code() {
+    let (result, code, _) = start("echo oops >&2; exit 3").finish();
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert_eq!(code, exec::EXIT_FAILED);
+    assert_eq!(result.command_exit.unwrap().code, Some(3));
+    assert_eq!(result.text, "oops");
+}
+
+#[test]
+fn cancel_sends_sigint_to_the_group_and_reports_cancelled() {
+    // `exec`: a SIGINT that hits dash while it forks a foreground command is
+    // lost (the child still has the shell's handler), which would make this flaky.
+    let mut sup = start("echo ready; exec sleep 30");
+    sup.wait_progress("ready");
+    let t = Instant::now();
+    sup.send(&SupervisorMsg::Cancel);
+    let (result, code, _) = sup.finish();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(result.outcome, Outcome::Cancelled);
+    assert_eq!(code, exec::EXIT_CANCELLED);
+    assert_eq!(result.command_exit.unwrap().signal, Some(libc::SIGINT));
+}
+
+#[test]
+fn cancel_lets_the_command_finish_its_step() {
+    let mut sup =
+        start("trap 'echo cleaning up; exit 0' INT; echo ready; while :; do sleep 0.05; done");
+    sup.wait_progress("ready");
+    sup.send(&SupervisorMsg::Cancel);
+    let (result, code, _) = sup.finish();
+    assert_eq!(result.outcome, Outcome::Cancelled);
+    assert_eq!(code, exec::EXIT_CANCELLED);
+    assert_eq!(result.command_exit.unwrap().code, Some(0));
+    assert!(result.text.ends_with("cleaning up"), "{:?}", result.text);
+}
+
+#[test]
+fn steer_text_is_written_to_stdin() {
+    let mut sup = start("echo ready; read line; echo got:$line");
+    sup.wait_progress("ready");
+    sup.send(&SupervisorMsg::Steer {
+        text: "use python 3.12".into(),
+    });
+    assert_eq!(sup.next(), Some(AgentMsg::SteerAck { accepted: true }));
+    let (result, code, _) = sup.finish();
+    assert_eq!(code, 0);
+    assert_eq!(result.text, "ready\ngot:use python 3.12");
+}
+
+#[test]
+fn steer_is_refused_without_steering_and_stdin_is_empty() {
+    let config = ExecConfig {
+        steer: false,
+        ..ExecConfig::default()
+    };
+    let mut sup = start_with("read line || echo no-input; echo ready; sleep 0.3", config);
+    sup.wait_progress("no-input");
+    sup.wait_progress("ready");
+    sup.send(&SupervisorMsg::Steer { text: "x".into() });
+    assert_eq!(sup.next(), Some(AgentMsg::SteerAck { accepted: false }));
+    let (result, _, _) = sup.finish();
+    assert_eq!(result.outcome, Outcome::Succeeded);
+}
+
+#[test]
+fn steer_after_stdin_is_closed_is_not_accepted() {
+    let mut sup = start("exec 0<&-; echo ready; sleep 0.5");
+    sup.wait_progress("ready");
+    sup.send(&SupervisorMsg::Steer { text: "x".into() });
+    assert_eq!(sup.next(), Some(AgentMsg::SteerAck { accepted: false }));
+    sup.finish();
+}
+
+#[test]
+fn eof_on_the_channel_kills_the_command_even_if_it_ignores_sigterm() {
+    let mut sup = start("trap '' TERM; echo pid:$$; while :; do sleep 0.05; done");
+    let pid: i32 = sup.wait_progress_prefix("pid:").parse().unwrap();
+    let (code, took) = sup.hang_up();
+    assert_eq!(code, exec::EXIT_FAILED);
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_gone(pid);
+}
+
+#[test]
+fn eof_on_the_channel_stops_a_cooperative_command_with_sigterm() {
+    let mut sup = start("echo pid:$$; exec sleep 30");
+    let pid: i32 = sup.wait_progress_prefix("pid:").parse().unwrap();
+    let (code, took) = sup.hang_up();
+    assert_eq!(code, exec::EXIT_FAILED);
+    assert!(
+        took < Duration::from_millis(450),
+        "SIGTERM was enough: {took:?}"
+    );
+    assert_gone(pid);
+}
+
+#[test]
+fn garbage_from_agentd_is_treated_like_eof() {
+    let mut sup = start("echo pid:$$; exec sleep 30");
+    let pid: i32 = sup.wait_progress_prefix("pid:").parse().unwrap();
+    sup.stream
+        .write_all(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3, 4])
+        .unwrap();
+    let agent = sup.agent.take().unwrap();
+    let code = agent.join().unwrap();
+    assert_eq!(code, exec::EXIT_FAILED);
+    assert_gone(pid);
+    // agent-exec closed its end without sending a result.
+    assert_eq!(sup.next(), None);
+}
+
+#[test]
+fn background_processes_holding_the_pipes_are_killed_after_the_command_exits() {
+    let t = Instant::now();
+    let mut sup = start("sleep 30 & echo bg:$!; echo hi");
+    let bg: i32 = sup.wait_progress_prefix("bg:").parse().unwrap();
+    let (result, code, _) = sup.finish();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(code, 0);
+    assert!(result.text.ends_with("hi"), "{:?}", result.text);
+    assert_gone(bg);
+}
+
+#[test]
+fn a_command_that_cannot_start_fails_with_127() {
+    let config = ExecConfig {
+        command: vec!["/nonexistent/agentd-no-such-program".into(), "arg".into()],
+        ..ExecConfig::default()
+    };
+    let (result, code, _) = start_with("ignored", config).finish();
+    assert_eq!(code, exec::EXIT_CANNOT_RUN);
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert_eq!(result.command_exit, None);
+    assert_eq!(
+        result.text,
+        "cannot run `/nonexistent/agentd-no-such-program`: No such file or directory"
+    );
+}
+
+#[test]
+fn an_explicit_command_line_is_run_as_given() {
+    let config = ExecConfig {
+        command: vec![
+            "printf".into(),
+            "%s|%s\\n".into(),
+            "a b".into(),
+            "{c}".into(),
+        ],
+        ..ExecConfig::default()
+    };
+    let (result, code, _) = start_with("task text", config).finish();
+    assert_eq!(code, 0);
+    assert_eq!(result.text, "a b|{c}");
+}
+
+#[test]
+fn the_command_gets_the_task_env_but_no_ipc_socket() {
+    let script = r#"echo "env:$AGENTD_TASK_ID/$AGENTD_SESSION/${AGENTD_IPC_FD:-unset}"
+        for f in /proc/$$/fd/*; do echo "fd:$(readlink "$f")"; done
+        echo "pgid:$(cut -d' ' -f5 /proc/$$/stat) pid:$$"
+        echo "sigmask:$(grep SigBlk /proc/$$/status | cut -f2)""#;
+    let sup = start(script);
+    let agent_socket = sup.agent_socket.clone();
+    let (result, code, progress) = sup.finish();
+    assert_eq!(code, 0, "{}", result.text);
+    assert!(
+        progress.contains(&"env:task-1/sess-1/unset".to_string()),
+        "{progress:?}"
+    );
+    let fds: Vec<_> = progress.iter().filter(|p| p.starts_with("fd:")).collect();
+    assert!(!fds.is_empty());
+    assert!(
+        fds.iter().all(|f| !f.contains(&agent_socket)),
+        "a socket leaked into the command: {fds:?}"
+    );
+    let ids = progress.iter().find(|p| p.starts_with("pgid:")).unwrap();
+    let (pgid, pid) = ids.split_once(' ').unwrap();
+    assert_eq!(
+        &pgid[5..],
+        &pid[4..],
+        "the command leads its own group: {ids}"
+    );
+    assert!(
+        progress.contains(&"sigmask:0000000000000000".to_string()),
+        "{progress:?}"
+    );
+}
+
+#[test]
+fn the_result_is_the_bounded_tail_and_long_lines_are_cut() {
+    let config = ExecConfig {
+        result_bytes: 10,
+        ..ExecConfig::default()
+    };
+    let script = "head -c 10000 /dev/zero | tr '\\0' a; echo; seq 1 1000";
+    let (result, code, progress) = start_with(script, config).finish();
+    assert_eq!(code, 0);
+    assert!(result.text.len() <= 10, "{:?}", result.text);
+    assert!(result.text.ends_with("999\n1000"), "{:?}", result.text);
+    let long = &progress[0];
+    assert_eq!(long.len(), MAX_LINE_BYTES + CUT_MARKER.len());
+    assert!(long.ends_with(CUT_MARKER));
+    assert_eq!(progress.len(), 1001);
+}

@@ -1,0 +1,140 @@
+//! Agents that crash, hang, break the protocol or leak: each ends in a recorded state
+//! and every other session carries on.
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[test]
+fn agent_exec_reports_output_progress_and_exit_status() {
+    let d = Daemon::with_agent_exec(&[]);
+    let ok = d.submit("alice", "echo one; echo two");
+    let view = d.wait_state(&ok, "succeeded");
+    assert_eq!(view["result"], json!("one\ntwo"));
+    assert_eq!(view["exit"]["code"], json!(0));
+
+    let failing = d.submit("bob", "echo oops >&2; exit 3");
+    let view = d.wait_state(&failing, "failed");
+    assert_eq!(view["exit"]["command_code"], json!(3), "{view}");
+    assert!(
+        view["exit"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 3"),
+        "{view}"
+    );
+    assert!(view["result"].as_str().unwrap().contains("oops"), "{view}");
+}
+
+#[test]
+fn a_crashing_agent_fails_its_task_and_the_next_one_runs() {
+    let d = Daemon::with_test_agent(&["--max-concurrent", "1"]);
+    let crash = d.submit("alice", "crash");
+    let next = d.submit("bob", "result:fine");
+    let view = d.wait_state(&crash, "failed");
+    assert!(
+        view["exit"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("without reporting a result"),
+        "{view}"
+    );
+    assert_eq!(view["exit"]["signal"], json!(libc::SIGABRT));
+    d.wait_state(&next, "succeeded");
+}
+
+#[test]
+fn garbage_and_oversized_frames_fail_the_task_not_the_daemon() {
+    let d = Daemon::with_test_agent(&["--max-concurrent", "2"]);
+    let garbage = d.submit("alice", "garbage");
+    let oversized = d.submit("bob", "oversized");
+    for id in [&garbage, &oversized] {
+        let view = d.wait_state(id, "failed");
+        assert!(
+            view["exit"]["error"].as_str().unwrap().contains("protocol"),
+            "{view}"
+        );
+    }
+    let after = d.submit("carol", "result:still-fine");
+    d.wait_state(&after, "succeeded");
+    assert!(
+        d.descendants().is_empty(),
+        "left behind: {:?}",
+        d.descendants()
+    );
+}
+
+#[test]
+fn handshake_failures_are_recorded() {
+    let d = Daemon::with_test_agent(&["--handshake-timeout", "500ms"]);
+    let silent = d.submit("alice", "no-hello");
+    let view = d.wait_state(&silent, "failed");
+    assert!(
+        view["exit"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no handshake"),
+        "{view}"
+    );
+
+    let wrong = d.submit("bob", "bad-version");
+    let view = d.wait_state(&wrong, "failed");
+    assert!(
+        view["exit"]["error"].as_str().unwrap().contains("protocol"),
+        "{view}"
+    );
+}
+
+#[test]
+fn an_agent_command_that_does_not_exist_fails_with_a_clear_reason() {
+    let d = Daemon::start(&["--agent", "/nonexistent/agent {text}"]);
+    let task = d.submit("alice", "anything");
+    let view = d.wait_state(&task, "failed");
+    assert!(
+        view["exit"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot start the agent"),
+        "{view}"
+    );
+    let task = d.submit("alice", "again");
+    d.wait_state(&task, "failed");
+}
+
+#[test]
+fn agents_inherit_only_their_channel() {
+    let d = Daemon::with_test_agent(&[]);
+    // `env` reports the descriptors open at the agent's start (besides its channel)
+    // as its last progress line.
+    let task = d.submit("alice", "env");
+    let view = d.wait_state(&task, "succeeded");
+    let fds = view["progress"].as_str().unwrap();
+    assert_eq!(
+        fds.trim(),
+        "open-fds: 0,1,2",
+        "the agent inherited more than its channel: {fds}"
+    );
+}
+
+#[test]
+fn agents_stop_when_agentd_dies() {
+    let mut d = Daemon::with_agent_exec(&[]);
+    let pidfile = d.dir.path().join("pids");
+    let task = d.submit(
+        "alice",
+        &format!("echo $$ > {}; echo up; sleep 300", pidfile.display()),
+    );
+    d.wait_progress(&task, "up");
+    let agents = d.live_children();
+    let command = read_pids(&pidfile);
+    assert_eq!(agents.len(), 1);
+    kill(d.pid(), libc::SIGKILL);
+    let _ = d.child.wait();
+    for pid in agents.iter().chain(&command) {
+        wait_for(
+            &format!("process {pid} ends after agentd died"),
+            DEADLINE,
+            || (!alive(*pid)).then_some(()),
+        );
+    }
+}

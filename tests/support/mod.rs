@@ -1,0 +1,342 @@
+//! Test harness: a real `agentd` per test, in its own temp dir with its own socket,
+//! driven through the real `agentctl` binary or raw control-socket requests.
+//!
+//! [`Daemon`]'s `Drop` kills, by pid, every descendant of its agentd (agents, their
+//! tools, and orphans that came back to agentd as its subreaper) and then agentd.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const AGENTD: &str = env!("CARGO_BIN_EXE_agentd");
+pub const AGENTCTL: &str = env!("CARGO_BIN_EXE_agentctl");
+pub const AGENT_EXEC: &str = env!("CARGO_BIN_EXE_agent-exec");
+pub const TEST_AGENT: &str = env!("CARGO_BIN_EXE_agentd-test-agent");
+
+/// Generous deadline for conditions that normally hold within milliseconds.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `cond` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = cond() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running agentd owned by one test.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub child: Child,
+}
+
+impl Daemon {
+    /// Starts agentd with `args` (plus `--socket` and `--state-dir` in a fresh temp dir)
+    /// and waits until it answers a ping.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("run").join("agentd.sock");
+        let log = std::fs::File::create(dir.path().join("agentd.log")).expect("log file");
+        let child = Command::new(AGENTD)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(args)
+            .env("AGENTD_LOG", "debug")
+            .env_remove("AGENTD_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agentd");
+        let mut daemon = Daemon { dir, socket, child };
+        wait_for("agentd answers a ping", DEADLINE, || {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("agentd exited early with {status}:\n{}", daemon.log());
+            }
+            daemon.try_request(json!({"cmd": "ping"})).ok()
+        });
+        daemon
+    }
+
+    /// agentd whose agent is the misbehaving test agent, given its words as the task text.
+    pub fn with_test_agent(extra: &[&str]) -> Daemon {
+        let agent = format!("{TEST_AGENT} {{text}}");
+        let mut args = vec!["--agent", agent.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start(&args)
+    }
+
+    /// agentd with agent-exec running `sh -c {text}`.
+    pub fn with_agent_exec(extra: &[&str]) -> Daemon {
+        let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+        let mut args = vec!["--agent", agent.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start(&args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agentd.log")).unwrap_or_default()
+    }
+
+    /// Runs agentctl against this daemon.
+    pub fn agentctl(&self, args: &[&str]) -> Output {
+        Command::new(AGENTCTL)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("AGENTD_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agentctl")
+    }
+
+    /// Runs `agentctl --json ARGS`, asserts success, parses stdout.
+    pub fn agentctl_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.agentctl(&all);
+        assert!(
+            out.status.success(),
+            "agentctl {args:?} failed: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "agentctl {args:?} printed invalid JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Sends one request (an `id` is added) on a fresh connection; returns the response.
+    pub fn try_request(&self, mut body: Value) -> std::io::Result<Value> {
+        body["id"] = json!(1);
+        let stream = UnixStream::connect(&self.socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut writer = stream.try_clone()?;
+        writeln!(writer, "{body}")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        serde_json::from_str(&line).map_err(std::io::Error::other)
+    }
+
+    /// Like [`Daemon::try_request`] but asserts `ok` and returns the result.
+    pub fn request(&self, body: Value) -> Value {
+        let response = self.try_request(body.clone()).expect("control request");
+        assert_eq!(
+            response["ok"],
+            json!(true),
+            "request {body} failed: {response}"
+        );
+        response["result"].clone()
+    }
+
+    /// Sends a chat message; returns the `SendReply`.
+    pub fn send(&self, session: &str, text: &str) -> Value {
+        self.request(json!({"cmd": "send", "session": session, "text": text}))
+    }
+
+    /// Sends work and returns its task id.
+    pub fn submit(&self, session: &str, text: &str) -> String {
+        let reply = self.send(session, text);
+        assert_eq!(reply["accepted"], json!(true), "not accepted: {reply}");
+        reply["task"]["task_id"]
+            .as_str()
+            .expect("task id")
+            .to_string()
+    }
+
+    pub fn task(&self, task_id: &str) -> Value {
+        self.request(json!({"cmd": "status", "task_id": task_id}))
+    }
+
+    /// Waits until the task is in `state`; returns its view.
+    pub fn wait_state(&self, task_id: &str, state: &str) -> Value {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let view = self.task(task_id);
+            if view["state"] == json!(state) {
+                return view;
+            }
+            let terminal = [
+                "succeeded",
+                "failed",
+                "cancelled",
+                "interrupted",
+                "expired",
+                "dropped",
+                "merged",
+            ];
+            if view["state"]
+                .as_str()
+                .is_some_and(|s| terminal.contains(&s))
+                && view["state"] != last["state"]
+            {
+                // A terminal state never changes: fail now with the details.
+                panic!(
+                    "task {task_id} ended {} while waiting for {state}: {view}\n{}",
+                    view["state"],
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {task_id} never reached {state}; last: {view}\n{}",
+                self.log()
+            );
+            last = view;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the task's agent reported progress containing `needle`.
+    pub fn wait_progress(&self, task_id: &str, needle: &str) -> Value {
+        wait_for(
+            &format!("task {task_id} reports progress {needle:?}"),
+            DEADLINE,
+            || {
+                let view = self.task(task_id);
+                view["progress"]
+                    .as_str()
+                    .is_some_and(|p| p.contains(needle))
+                    .then_some(view)
+            },
+        )
+    }
+
+    /// Every live descendant of agentd (agents, their tools, adopted orphans).
+    pub fn descendants(&self) -> Vec<u32> {
+        descendants_of(self.pid())
+    }
+
+    /// Live direct children of agentd that are agents (the live-agent count).
+    pub fn live_children(&self) -> Vec<u32> {
+        let table = process_table();
+        table
+            .iter()
+            .filter(|(_, p)| p.ppid == self.pid() && !p.zombie)
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for _ in 0..5 {
+            let pids = self.descendants();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                kill(pid, libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn kill(pid: u32, signal: i32) {
+    // SAFETY: plain kill(2) on a pid this test started (or found under its daemon).
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProcInfo {
+    pub ppid: u32,
+    pub zombie: bool,
+}
+
+pub fn process_table() -> HashMap<u32, ProcInfo> {
+    let mut table = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let mut fields = stat[close + 1..].split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        table.insert(
+            pid,
+            ProcInfo {
+                ppid,
+                zombie: state == "Z" || state == "X",
+            },
+        );
+    }
+    table
+}
+
+pub fn descendants_of(root: u32) -> Vec<u32> {
+    let table = process_table();
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for (child, info) in &table {
+            if info.ppid == pid && !info.zombie {
+                out.push(*child);
+                stack.push(*child);
+            }
+        }
+    }
+    out
+}
+
+/// True if the pid exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    process_table().get(&pid).is_some_and(|p| !p.zombie)
+}
+
+/// Pids written one per line by the test agent's `pidfile:PATH`.
+pub fn read_pids(path: &Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
