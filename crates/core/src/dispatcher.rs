@@ -618,7 +618,10 @@ impl Dispatcher {
             ));
         }
         if (self.live.len() as u32) < self.config.max_concurrent && !self.ready.is_empty() {
-            return Err(format!("a slot is free while {} sessions wait", self.ready.len()));
+            return Err(format!(
+                "a slot is free while {} sessions wait",
+                self.ready.len()
+            ));
         }
         let mut seen_ready = std::collections::HashSet::new();
         for key in &self.ready {

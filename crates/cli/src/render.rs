@@ -1,0 +1,734 @@
+//! Human-readable output of agentctl: pure functions from control-protocol answers to
+//! text (no trailing newline; the caller prints one).
+//!
+//! Functions that show ages take `now` so that their output is reproducible. Every
+//! string that comes from agentd (task text, progress, results, replies) is sanitized:
+//! control characters such as terminal escape sequences are replaced by `�`, and in
+//! one-line contexts (tables) line breaks become spaces.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use agentd_proto::control::{
+    ExitView, PingReply, SendReply, StatusReply, StopReply, TaskState, TaskView,
+};
+
+/// Width of the TEXT column of the tasks table, in characters.
+pub const TEXT_WIDTH: usize = 40;
+
+/// Width of the SESSION column of the tasks table, in characters.
+pub const SESSION_WIDTH: usize = 32;
+
+/// Answer to `send`: `task <id>  started`, `task <id>  queued: position 1 (1/1 agents
+/// busy)`, or, for control commands typed as chat text (`/status`…), the reply itself.
+pub fn render_send(reply: &SendReply) -> String {
+    let task = match &reply.task {
+        Some(task) if reply.accepted && reply.command.is_none() => task,
+        _ => return clean_block(&reply.reply),
+    };
+    let id = clean_line(&task.task_id);
+    match task.state {
+        TaskState::Queued => {
+            let mut line = format!("task {id}  queued");
+            if let Some(position) = task.position {
+                line.push_str(&format!(": position {position}"));
+            }
+            if let Some(c) = reply.capacity {
+                line.push_str(&format!(" ({}/{} agents busy)", c.busy, c.max));
+            }
+            line
+        }
+        TaskState::Starting | TaskState::Running => format!("task {id}  started"),
+        state => format!("task {id}  {state}"),
+    }
+}
+
+/// Answer to `ping`: `agentd 0.1.0 is running at <socket> (pid N, up 3s)`.
+pub fn render_ping(reply: &PingReply, socket: &Path) -> String {
+    format!(
+        "{} is running at {} (pid {}, up {})",
+        server_name(&reply.version),
+        socket.display(),
+        reply.pid,
+        format_duration(Duration::from_millis(reply.uptime_ms)),
+    )
+}
+
+/// Answer to `status`: one summary line, then the active tasks as a table.
+pub fn render_status(reply: &StatusReply, now: SystemTime) -> String {
+    let mut out = format!(
+        "{} (pid {}, up {}): {}/{} agents busy, {} queued, {} {}",
+        server_name(&reply.version),
+        reply.pid,
+        format_duration(Duration::from_millis(reply.uptime_ms)),
+        reply.capacity.busy,
+        reply.capacity.max,
+        reply.queued,
+        reply.sessions,
+        if reply.sessions == 1 {
+            "session"
+        } else {
+            "sessions"
+        },
+    );
+    if !reply.active.is_empty() {
+        out.push('\n');
+        out.push_str(&render_tasks(&reply.active, now));
+    }
+    out
+}
+
+/// Answer to `tasks`: a table (ID, SESSION, STATE, POS, AGE/DURATION, TEXT), or
+/// `no tasks`.
+///
+/// AGE/DURATION is how long a queued task has waited, how long an active task has
+/// run, and for an ended task how long it ran (or waited, if it never started).
+pub fn render_tasks(tasks: &[TaskView], now: SystemTime) -> String {
+    if tasks.is_empty() {
+        return "no tasks".to_string();
+    }
+    let header = ["ID", "SESSION", "STATE", "POS", "AGE/DURATION", "TEXT"].map(String::from);
+    let rows: Vec<[String; 6]> = tasks
+        .iter()
+        .map(|t| {
+            [
+                clean_line(&t.task_id),
+                truncate(&clean_line(&t.session), SESSION_WIDTH),
+                t.state.to_string(),
+                t.position
+                    .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                task_time(t, now).map_or_else(|| "-".to_string(), format_duration),
+                truncate(&clean_line(&t.text), TEXT_WIDTH),
+            ]
+        })
+        .collect();
+    let mut widths = [0usize; 6];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    std::iter::once(&header)
+        .chain(&rows)
+        .map(|row| {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 < row.len() {
+                    // `{:<w$}` pads by characters, as the widths are counted.
+                    line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+                } else {
+                    line.push_str(cell);
+                }
+            }
+            line.trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Answer to `status TASK_ID`: a short detail view of one task.
+pub fn render_task(task: &TaskView, now: SystemTime) -> String {
+    let created = parse_timestamp(&task.created_at);
+    let started = task.started_at.as_deref().and_then(parse_timestamp);
+    let finished = task.finished_at.as_deref().and_then(parse_timestamp);
+
+    let mut out = format!("task {}", clean_line(&task.task_id));
+    // `label     value`, continuation lines indented under the value.
+    let mut field = |label: &str, value: &str| {
+        let mut label = label;
+        for line in value.lines().chain(value.is_empty().then_some("")) {
+            out.push_str(format!("\n  {label:<9} {line}").trim_end());
+            label = "";
+        }
+    };
+
+    field("state", task.state.as_str());
+    field("session", &clean_line(&task.session));
+    if let Some(position) = task.position {
+        field("position", &position.to_string());
+    }
+    if let Some(pid) = task.pid {
+        field("pid", &pid.to_string());
+    }
+    let mut created_line = clean_line(&task.created_at);
+    if let Some(age) = created.and_then(|c| since(c, now)) {
+        created_line.push_str(&format!(" ({} ago)", format_duration(age)));
+    }
+    field("created", &created_line);
+    if let Some(at) = &task.started_at {
+        let mut line = clean_line(at);
+        if let Some(waited) = created.zip(started).and_then(|(c, s)| since(c, s)) {
+            line.push_str(&format!(" (waited {})", format_duration(waited)));
+        }
+        field("started", &line);
+    }
+    if let Some(at) = &task.finished_at {
+        let mut line = clean_line(at);
+        if let Some(ran) = started.zip(finished).and_then(|(s, f)| since(s, f)) {
+            line.push_str(&format!(" (ran {})", format_duration(ran)));
+        }
+        field("finished", &line);
+    }
+    field("text", &clean_block(&task.text));
+    if let Some(progress) = &task.progress {
+        field("progress", &clean_block(progress));
+    }
+    if let Some(result) = &task.result {
+        field("result", &clean_block(result));
+    }
+    if let Some(exit) = &task.exit {
+        let described = describe_exit(exit);
+        if !described.is_empty() {
+            field("exit", &described);
+        }
+    }
+    out
+}
+
+/// Answer to `stop`: one line per stopped task, or `nothing to stop`.
+///
+/// `task <id>  cancelled (ended by cooperative cancel after 0.04 s)`, or for a task
+/// that had not started, `task <id>  cancelled (removed from the queue)`.
+pub fn render_stop(reply: &StopReply) -> String {
+    if reply.stopped.is_empty() {
+        return "nothing to stop".to_string();
+    }
+    reply
+        .stopped
+        .iter()
+        .map(|t| {
+            let how = match &t.exit {
+                Some(exit) if exit.ended_by.is_some() => describe_stop(exit),
+                _ if t.state == TaskState::Cancelled && t.started_at.is_none() => {
+                    "removed from the queue".to_string()
+                }
+                Some(exit) => describe_exit(exit),
+                None => String::new(),
+            };
+            let mut line = format!("task {}  {}", clean_line(&t.task_id), t.state);
+            if !how.is_empty() {
+                line.push_str(&format!(" ({how})"));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// How a task ended, in one line: the stop step and its time, then the agent's and
+/// the wrapped command's exit, then agentd's error; parts separated by `; `. Empty
+/// when nothing is known.
+///
+/// e.g. `ended by SIGKILL after 2.01 s; agent killed by SIGKILL`.
+pub fn describe_exit(exit: &ExitView) -> String {
+    let mut parts = Vec::new();
+    if exit.ended_by.is_some() {
+        parts.push(describe_stop(exit));
+    }
+    if let Some(code) = exit.code {
+        parts.push(format!("agent exited with code {code}"));
+    }
+    if let Some(signal) = exit.signal {
+        parts.push(format!("agent killed by {}", signal_name(signal)));
+    }
+    if let Some(code) = exit.command_code {
+        parts.push(format!("command exited with code {code}"));
+    }
+    if let Some(signal) = exit.command_signal {
+        parts.push(format!("command killed by {}", signal_name(signal)));
+    }
+    if let Some(error) = &exit.error {
+        parts.push(format!("error: {}", clean_line(error)));
+    }
+    parts.join("; ")
+}
+
+/// `ended by <step> after <time>` (or without the time if agentd did not send it).
+fn describe_stop(exit: &ExitView) -> String {
+    let step = exit.ended_by.map_or("stop", |s| s.describe());
+    match exit.stop_ms {
+        Some(ms) => format!(
+            "ended by {step} after {}",
+            format_seconds(Duration::from_millis(ms))
+        ),
+        None => format!("ended by {step}"),
+    }
+}
+
+/// A coarse duration: the two largest non-zero units, e.g. `45s`, `2m 3s`, `1h 5m`,
+/// `3d 4h`; `0s` for less than a second.
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (days, hours, minutes, seconds) =
+        (secs / 86_400, secs / 3_600 % 24, secs / 60 % 60, secs % 60);
+    let two = |big: u64, big_unit: &str, small: u64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{big_unit}")
+        } else {
+            format!("{big}{big_unit} {small}{small_unit}")
+        }
+    };
+    if days > 0 {
+        two(days, "d", hours, "h")
+    } else if hours > 0 {
+        two(hours, "h", minutes, "m")
+    } else if minutes > 0 {
+        two(minutes, "m", seconds, "s")
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+/// A precise short duration in seconds with two decimals, e.g. `0.04 s`, `2.01 s`;
+/// from a minute on, as [`format_duration`].
+pub fn format_seconds(d: Duration) -> String {
+    if d < Duration::from_secs(60) {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format_duration(d)
+    }
+}
+
+/// Parses an RFC 3339 timestamp as agentd sends it (`2024-05-01T10:00:00.123Z`; a
+/// numeric offset such as `+02:00` is also accepted).
+pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Some(t);
+    }
+    // `…±HH:MM`: humantime only knows UTC, so shift by hand.
+    let split = s.len().checked_sub(6)?;
+    let (base, offset) = (s.get(..split)?, s.get(split..)?.as_bytes());
+    let sign = offset[0];
+    if !(sign == b'+' || sign == b'-') || offset[3] != b':' {
+        return None;
+    }
+    let digits = |b: &[u8]| -> Option<u64> {
+        std::str::from_utf8(b)
+            .ok()
+            .filter(|d| d.bytes().all(|c| c.is_ascii_digit()))?
+            .parse()
+            .ok()
+    };
+    let shift = Duration::from_secs(digits(&offset[1..3])? * 3_600 + digits(&offset[4..6])? * 60);
+    let local = humantime::parse_rfc3339_weak(base).ok()?;
+    if sign == b'+' {
+        local.checked_sub(shift)
+    } else {
+        local.checked_add(shift)
+    }
+}
+
+/// The AGE/DURATION column: see [`render_tasks`].
+fn task_time(task: &TaskView, now: SystemTime) -> Option<Duration> {
+    let created = parse_timestamp(&task.created_at);
+    let started = task.started_at.as_deref().and_then(parse_timestamp);
+    let finished = task.finished_at.as_deref().and_then(parse_timestamp);
+    let from = started.or(created)?;
+    let to = if task.state.is_terminal() {
+        finished?
+    } else {
+        now
+    };
+    since(from, to)
+}
+
+/// `to - from`, zero if the clocks disagree.
+fn since(from: SystemTime, to: SystemTime) -> Option<Duration> {
+    Some(to.duration_since(from).unwrap_or(Duration::ZERO))
+}
+
+/// `agentd <version>`, whether agentd sent `0.1.0` or `agentd 0.1.0`.
+fn server_name(version: &str) -> String {
+    let version = clean_line(version);
+    if version.starts_with("agentd") {
+        version
+    } else {
+        format!("agentd {version}")
+    }
+}
+
+/// `SIGKILL` for 9, etc. (Linux numbering); `signal N` for others.
+fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_string()
+}
+
+/// Multi-line text: control characters other than newline and tab become `�`,
+/// carriage returns and trailing line breaks go.
+fn clean_block(s: &str) -> String {
+    s.chars()
+        .filter(|&c| c != '\r')
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect::<String>()
+        .trim_end_matches('\n')
+        .to_string()
+}
+
+/// One-line text: runs of whitespace become one space, control characters `�`.
+fn clean_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for word in s.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(
+            word.chars()
+                .map(|c| if c.is_control() { '\u{FFFD}' } else { c }),
+        );
+    }
+    out
+}
+
+/// At most `max` characters, the last one `…` when something was cut.
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentd_proto::control::{Capacity, StopStep};
+
+    const ID1: &str = "01900000-0000-7000-8000-000000000001";
+    const ID2: &str = "01900000-0000-7000-8000-000000000002";
+    const ID3: &str = "01900000-0000-7000-8000-000000000003";
+
+    fn now() -> SystemTime {
+        parse_timestamp("2024-05-01T10:05:00Z").unwrap()
+    }
+
+    fn task(id: &str, session: &str, state: TaskState, text: &str) -> TaskView {
+        TaskView {
+            task_id: id.into(),
+            session: session.into(),
+            state,
+            position: None,
+            pid: None,
+            created_at: "2024-05-01T10:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            text: text.into(),
+            progress: None,
+            result: None,
+            exit: None,
+        }
+    }
+
+    fn running() -> TaskView {
+        TaskView {
+            pid: Some(4242),
+            started_at: Some("2024-05-01T10:00:01.500Z".into()),
+            progress: Some("compiling crate 3/7".into()),
+            ..task(ID1, "alice", TaskState::Running, "fix the build")
+        }
+    }
+
+    fn queued() -> TaskView {
+        TaskView {
+            position: Some(1),
+            created_at: "2024-05-01T10:04:30Z".into(),
+            ..task(
+                ID2,
+                "telegram:1234567",
+                TaskState::Queued,
+                "write a long report about\nthe state of the \x1b[31mproject",
+            )
+        }
+    }
+
+    fn killed() -> TaskView {
+        TaskView {
+            started_at: Some("2024-05-01T10:00:01Z".into()),
+            finished_at: Some("2024-05-01T10:02:04Z".into()),
+            result: Some("partial: 2 of 3 files\nupdated".into()),
+            exit: Some(ExitView {
+                signal: Some(9),
+                ended_by: Some(StopStep::Sigkill),
+                stop_ms: Some(2_010),
+                ..ExitView::default()
+            }),
+            ..task(ID3, "bob", TaskState::Cancelled, "refactor")
+        }
+    }
+
+    fn send_reply(task: Option<TaskView>) -> SendReply {
+        SendReply {
+            reply: "ignored".into(),
+            accepted: true,
+            task,
+            capacity: Some(Capacity { busy: 1, max: 1 }),
+            command: None,
+            data: None,
+        }
+    }
+
+    #[test]
+    fn send_started_and_queued() {
+        assert_eq!(
+            render_send(&send_reply(Some(running()))),
+            format!("task {ID1}  started")
+        );
+        assert_eq!(
+            render_send(&send_reply(Some(queued()))),
+            format!("task {ID2}  queued: position 1 (1/1 agents busy)")
+        );
+    }
+
+    #[test]
+    fn send_control_commands_print_the_reply() {
+        let reply = SendReply {
+            reply: "agentd 0.1.0: 1/1 agents busy\nyour task: running\n".into(),
+            accepted: false,
+            task: None,
+            capacity: None,
+            command: Some("status".into()),
+            data: Some(serde_json::json!({})),
+        };
+        assert_eq!(
+            render_send(&reply),
+            "agentd 0.1.0: 1/1 agents busy\nyour task: running"
+        );
+    }
+
+    #[test]
+    fn ping_line() {
+        let pong = PingReply {
+            pong: true,
+            version: "0.1.0".into(),
+            pid: 77,
+            uptime_ms: 3_400,
+        };
+        assert_eq!(
+            render_ping(&pong, Path::new("/run/user/1000/agentd/agentd.sock")),
+            "agentd 0.1.0 is running at /run/user/1000/agentd/agentd.sock (pid 77, up 3s)"
+        );
+    }
+
+    #[test]
+    fn status_summary_and_active_tasks() {
+        let mut reply = StatusReply {
+            version: "0.1.0".into(),
+            pid: 123,
+            uptime_ms: 123_000,
+            capacity: Capacity { busy: 1, max: 2 },
+            queued: 3,
+            sessions: 2,
+            active: vec![running()],
+        };
+        assert_eq!(
+            render_status(&reply, now()),
+            format!(
+                "agentd 0.1.0 (pid 123, up 2m 3s): 1/2 agents busy, 3 queued, 2 sessions\n\
+                 ID                                    SESSION  STATE    POS  AGE/DURATION  TEXT\n\
+                 {ID1}  alice    running  -    4m 58s        fix the build"
+            )
+        );
+        reply.active.clear();
+        reply.sessions = 1;
+        reply.capacity.busy = 0;
+        reply.queued = 0;
+        assert_eq!(
+            render_status(&reply, now()),
+            "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session"
+        );
+    }
+
+    #[test]
+    fn tasks_table() {
+        let table = render_tasks(&[running(), queued(), killed()], now());
+        let expected = format!(
+            "ID                                    SESSION           STATE      POS  AGE/DURATION  TEXT\n\
+             {ID1}  alice             running    -    4m 58s        fix the build\n\
+             {ID2}  telegram:1234567  queued     1    30s           write a long report about the state of …\n\
+             {ID3}  bob               cancelled  -    2m 3s         refactor"
+        );
+        assert_eq!(table, expected);
+        assert_eq!(render_tasks(&[], now()), "no tasks");
+    }
+
+    #[test]
+    fn task_detail_of_a_killed_task() {
+        assert_eq!(
+            render_task(&killed(), now()),
+            format!(
+                "task {ID3}\n  \
+                 state     cancelled\n  \
+                 session   bob\n  \
+                 created   2024-05-01T10:00:00Z (5m ago)\n  \
+                 started   2024-05-01T10:00:01Z (waited 1s)\n  \
+                 finished  2024-05-01T10:02:04Z (ran 2m 3s)\n  \
+                 text      refactor\n  \
+                 result    partial: 2 of 3 files\n            \
+                 updated\n  \
+                 exit      ended by SIGKILL after 2.01 s; agent killed by SIGKILL"
+            )
+        );
+    }
+
+    #[test]
+    fn task_detail_of_a_running_task() {
+        assert_eq!(
+            render_task(&running(), now()),
+            format!(
+                "task {ID1}\n  \
+                 state     running\n  \
+                 session   alice\n  \
+                 pid       4242\n  \
+                 created   2024-05-01T10:00:00Z (5m ago)\n  \
+                 started   2024-05-01T10:00:01.500Z (waited 1s)\n  \
+                 text      fix the build\n  \
+                 progress  compiling crate 3/7"
+            )
+        );
+    }
+
+    #[test]
+    fn task_detail_sanitizes_agent_output() {
+        let t = queued();
+        let out = render_task(&t, now());
+        assert!(!out.contains('\x1b'), "{out}");
+        assert!(out.contains(
+            "  text      write a long report about\n            the state of the \u{FFFD}[31mproject"
+        ));
+        assert!(out.contains("  position  1\n"));
+        let t = TaskView {
+            text: "trailing  \n\n".into(),
+            result: Some(String::new()),
+            ..task(ID1, "a", TaskState::Queued, "")
+        };
+        let out = render_task(&t, now());
+        assert!(out.ends_with("\n  text      trailing\n  result"), "{out:?}");
+    }
+
+    #[test]
+    fn stop_lines() {
+        let cooperative = TaskView {
+            exit: Some(ExitView {
+                code: Some(0),
+                ended_by: Some(StopStep::CooperativeCancel),
+                stop_ms: Some(40),
+                ..ExitView::default()
+            }),
+            started_at: Some("2024-05-01T10:00:01Z".into()),
+            ..task(ID1, "alice", TaskState::Cancelled, "x")
+        };
+        let removed = task(ID2, "alice", TaskState::Cancelled, "y");
+        let reply = StopReply {
+            stopped: vec![cooperative, removed],
+        };
+        assert_eq!(
+            render_stop(&reply),
+            format!(
+                "task {ID1}  cancelled (ended by cooperative cancel after 0.04 s)\n\
+                 task {ID2}  cancelled (removed from the queue)"
+            )
+        );
+        let finished_first = TaskView {
+            exit: Some(ExitView {
+                code: Some(0),
+                ..ExitView::default()
+            }),
+            started_at: Some("2024-05-01T10:00:01Z".into()),
+            ..task(ID3, "bob", TaskState::Succeeded, "z")
+        };
+        assert_eq!(
+            render_stop(&StopReply {
+                stopped: vec![finished_first]
+            }),
+            format!("task {ID3}  succeeded (agent exited with code 0)")
+        );
+        assert_eq!(
+            render_stop(&StopReply { stopped: vec![] }),
+            "nothing to stop"
+        );
+    }
+
+    #[test]
+    fn exit_descriptions() {
+        assert_eq!(describe_exit(&ExitView::default()), "");
+        let exit = ExitView {
+            code: Some(1),
+            command_signal: Some(15),
+            error: Some("agent spoke\ngarbage".into()),
+            ..ExitView::default()
+        };
+        assert_eq!(
+            describe_exit(&exit),
+            "agent exited with code 1; command killed by SIGTERM; error: agent spoke garbage"
+        );
+        let exit = ExitView {
+            ended_by: Some(StopStep::Sigterm),
+            command_code: Some(130),
+            signal: Some(64),
+            ..ExitView::default()
+        };
+        assert_eq!(
+            describe_exit(&exit),
+            "ended by SIGTERM; agent killed by signal 64; command exited with code 130"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        let ms = Duration::from_millis;
+        assert_eq!(format_seconds(ms(40)), "0.04 s");
+        assert_eq!(format_seconds(ms(2_010)), "2.01 s");
+        assert_eq!(format_seconds(ms(75_000)), "1m 15s");
+        assert_eq!(format_duration(ms(999)), "0s");
+        assert_eq!(format_duration(ms(3_000)), "3s");
+        assert_eq!(format_duration(ms(123_000)), "2m 3s");
+        assert_eq!(format_duration(ms(120_000)), "2m");
+        assert_eq!(format_duration(ms(3_900_000)), "1h 5m");
+        assert_eq!(format_duration(ms(273_600_000)), "3d 4h");
+    }
+
+    #[test]
+    fn timestamps() {
+        let utc = parse_timestamp("2024-05-01T10:00:00Z").unwrap();
+        assert_eq!(parse_timestamp("2024-05-01T12:00:00+02:00"), Some(utc));
+        assert_eq!(parse_timestamp("2024-05-01T09:30:00-00:30"), Some(utc));
+        assert_eq!(parse_timestamp("2024-05-01T10:00:00+00:00"), Some(utc));
+        assert!(parse_timestamp("2024-05-01T10:00:00.25Z").is_some());
+        assert_eq!(parse_timestamp("yesterday"), None);
+        assert_eq!(parse_timestamp("ééééééé"), None);
+        assert_eq!(parse_timestamp(""), None);
+    }
+
+    #[test]
+    fn unparseable_times_show_as_dashes() {
+        let t = TaskView {
+            created_at: "sometime".into(),
+            ..task(ID1, "a", TaskState::Queued, "x")
+        };
+        assert!(render_tasks(&[t], now())
+            .ends_with(&format!("{ID1}  a        queued  -    -             x")));
+    }
+}
