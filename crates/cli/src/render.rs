@@ -9,9 +9,8 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use agentd_proto::control::{
-    ExitView, PingReply, SendReply, StatusReply, StopReply, TaskState, TaskView,
-};
+use agentd_proto::control::{ExitView, PingReply, SendReply, StatusReply, StopReply, TaskView};
+use agentd_proto::text;
 
 /// Width of the TEXT column of the tasks table, in characters.
 pub const TEXT_WIDTH: usize = 40;
@@ -22,24 +21,11 @@ pub const SESSION_WIDTH: usize = 32;
 /// Answer to `send`: `task <id>  started`, `task <id>  queued: position 1 (1/1 agents
 /// busy)`, or, for control commands typed as chat text (`/status`…), the reply itself.
 pub fn render_send(reply: &SendReply) -> String {
-    let task = match &reply.task {
-        Some(task) if reply.accepted && reply.command.is_none() => task,
-        _ => return clean_block(&reply.reply),
-    };
-    let id = clean_line(&task.task_id);
-    match task.state {
-        TaskState::Queued => {
-            let mut line = format!("task {id}  queued");
-            if let Some(position) = task.position {
-                line.push_str(&format!(": position {position}"));
-            }
-            if let Some(c) = reply.capacity {
-                line.push_str(&format!(" ({}/{} agents busy)", c.busy, c.max));
-            }
-            line
+    match &reply.task {
+        Some(task) if reply.accepted && reply.command.is_none() => {
+            clean_block(&text::accepted_line(task, reply.capacity))
         }
-        TaskState::Starting | TaskState::Running => format!("task {id}  started"),
-        state => format!("task {id}  {state}"),
+        _ => clean_block(&reply.reply),
     }
 }
 
@@ -190,29 +176,7 @@ pub fn render_task(task: &TaskView, now: SystemTime) -> String {
 /// `task <id>  cancelled (ended by cooperative cancel after 0.04 s)`, or for a task
 /// that had not started, `task <id>  cancelled (removed from the queue)`.
 pub fn render_stop(reply: &StopReply) -> String {
-    if reply.stopped.is_empty() {
-        return "nothing to stop".to_string();
-    }
-    reply
-        .stopped
-        .iter()
-        .map(|t| {
-            let how = match &t.exit {
-                Some(exit) if exit.ended_by.is_some() => describe_stop(exit),
-                _ if t.state == TaskState::Cancelled && t.started_at.is_none() => {
-                    "removed from the queue".to_string()
-                }
-                Some(exit) => describe_exit(exit),
-                None => String::new(),
-            };
-            let mut line = format!("task {}  {}", clean_line(&t.task_id), t.state);
-            if !how.is_empty() {
-                line.push_str(&format!(" ({how})"));
-            }
-            line
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    clean_block(&text::stop_lines(reply))
 }
 
 /// How a task ended, in one line: the stop step and its time, then the agent's and
@@ -279,15 +243,7 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// A precise short duration in seconds with two decimals, e.g. `0.04 s`, `2.01 s`;
-/// from a minute on, as [`format_duration`].
-pub fn format_seconds(d: Duration) -> String {
-    if d < Duration::from_secs(60) {
-        format!("{:.2} s", d.as_secs_f64())
-    } else {
-        format_duration(d)
-    }
-}
+pub use agentd_proto::text::format_seconds;
 
 /// Parses an RFC 3339 timestamp as agentd sends it (`2024-05-01T10:00:00.123Z`; a
 /// numeric offset such as `+02:00` is also accepted).
@@ -415,7 +371,7 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentd_proto::control::{Capacity, StopStep};
+    use agentd_proto::control::{Capacity, StopStep, TaskState};
 
     const ID1: &str = "01900000-0000-7000-8000-000000000001";
     const ID2: &str = "01900000-0000-7000-8000-000000000002";
@@ -640,7 +596,10 @@ mod tests {
             started_at: Some("2024-05-01T10:00:01Z".into()),
             ..task(ID1, "alice", TaskState::Cancelled, "x")
         };
-        let removed = task(ID2, "alice", TaskState::Cancelled, "y");
+        let removed = TaskView {
+            started_at: None,
+            ..task(ID2, "alice", TaskState::Cancelled, "y")
+        };
         let reply = StopReply {
             stopped: vec![cooperative, removed],
         };
@@ -663,7 +622,7 @@ mod tests {
             render_stop(&StopReply {
                 stopped: vec![finished_first]
             }),
-            format!("task {ID3}  succeeded (agent exited with code 0)")
+            format!("task {ID3}  succeeded")
         );
         assert_eq!(
             render_stop(&StopReply { stopped: vec![] }),

@@ -381,7 +381,7 @@ impl Supervisor {
             let reply = StopReply { stopped };
             let answer = if waiter.chat {
                 json(SendReply {
-                    reply: views::stop_lines(&reply),
+                    reply: agentd_proto::text::stop_lines(&reply),
                     accepted: false,
                     task: None,
                     capacity: None,
@@ -696,7 +696,7 @@ impl Supervisor {
             Some(view) => {
                 let capacity = views::capacity(self.dispatcher.capacity());
                 json(SendReply {
-                    reply: views::accepted_line(&view, capacity),
+                    reply: agentd_proto::text::accepted_line(&view, Some(capacity)),
                     accepted: true,
                     task: Some(view),
                     capacity: Some(capacity),

@@ -4,7 +4,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentd_core::{Ending, Millis, StopStep, Task, TaskState};
-use agentd_proto::control::{self, Capacity, ExitView, StopReply, TaskView};
+use agentd_proto::control::{self, Capacity, ExitView, TaskView};
+use agentd_proto::text;
 
 pub fn now_millis() -> Millis {
     Millis(
@@ -89,64 +90,9 @@ pub fn task_view(task: &Task, position: Option<u32>) -> TaskView {
     }
 }
 
-/// Seconds with two decimals, e.g. `0.04 s`.
-pub fn seconds(ms: u64) -> String {
-    format!("{:.2} s", ms as f64 / 1000.0)
-}
-
-/// `started` or `queued: position 1 (1/1 agents busy)`.
-pub fn accepted_line(view: &TaskView, capacity: Capacity) -> String {
-    match (view.state, view.position) {
-        (control::TaskState::Queued, Some(position)) => format!(
-            "task {}  queued: position {position} ({}/{} agents busy)",
-            view.task_id, capacity.busy, capacity.max
-        ),
-        (control::TaskState::Starting | control::TaskState::Running, _) => {
-            format!("task {}  started", view.task_id)
-        }
-        _ => format!("task {}  {}", view.task_id, outcome_words(view)),
-    }
-}
-
-/// How a task stands or ended, in words: `running`, `cancelled (ended by SIGKILL after
-/// 2.01 s)`, `failed (command failed with exit code 2)`.
-pub fn outcome_words(view: &TaskView) -> String {
-    let Some(exit) = &view.exit else {
-        return view.state.to_string();
-    };
-    match view.state {
-        control::TaskState::Cancelled => match (exit.ended_by, exit.stop_ms) {
-            (Some(step), Some(ms)) => format!(
-                "cancelled (ended by {} after {})",
-                step.describe(),
-                seconds(ms)
-            ),
-            _ => "cancelled (removed from the queue)".to_string(),
-        },
-        control::TaskState::Failed => match &exit.error {
-            Some(error) => format!("failed ({error})"),
-            None => "failed".to_string(),
-        },
-        state => state.to_string(),
-    }
-}
-
-/// One line per stopped task, or `nothing to stop`.
-pub fn stop_lines(reply: &StopReply) -> String {
-    if reply.stopped.is_empty() {
-        return "nothing to stop".to_string();
-    }
-    reply
-        .stopped
-        .iter()
-        .map(|v| format!("task {}  {}", v.task_id, outcome_words(v)))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// One line per task for `/tasks` and `/status`.
 pub fn task_line(view: &TaskView) -> String {
-    let text: String = view.text.chars().take(50).collect();
+    let snippet: String = view.text.chars().take(50).collect();
     let ellipsis = if view.text.chars().count() > 50 {
         "…"
     } else {
@@ -154,13 +100,13 @@ pub fn task_line(view: &TaskView) -> String {
     };
     match (view.state, view.position) {
         (control::TaskState::Queued, Some(p)) => format!(
-            "task {}  queued (position {p})  {text}{ellipsis}",
+            "task {}  queued (position {p})  {snippet}{ellipsis}",
             view.task_id
         ),
         _ => format!(
-            "task {}  {}  {text}{ellipsis}",
+            "task {}  {}  {snippet}{ellipsis}",
             view.task_id,
-            outcome_words(view)
+            text::outcome(view)
         ),
     }
 }

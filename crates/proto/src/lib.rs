@@ -15,3 +15,4 @@ pub mod codec;
 pub mod control;
 pub mod ipc;
 pub mod paths;
+pub mod text;
