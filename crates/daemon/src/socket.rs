@@ -99,6 +99,7 @@ mod tests {
     #[test]
     fn non_sockets_are_not_replaced() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let path = dir.path().join("s.sock");
         std::fs::write(&path, "precious").unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
