@@ -40,6 +40,28 @@ struct Args {
     /// [default: 'agent-exec -- sh -c {text}']
     #[arg(long, value_name = "'CMD ARGS…'")]
     agent: Option<String>,
+    /// What a message does while its chat's task runs: collect, followup, steer,
+    /// steer-backlog or interrupt [default: collect]
+    #[arg(long, value_name = "MODE", value_parser = config::parse_mode)]
+    queue_mode: Option<agentd_core::Mode>,
+    /// Quiet time before a follow-up starts [default: 1s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    debounce: Option<Duration>,
+    /// Most held messages per chat [default: 20]
+    #[arg(long, value_name = "N")]
+    cap: Option<u32>,
+    /// Past the cap: old, new or summarize [default: summarize]
+    #[arg(long, value_name = "POLICY", value_parser = config::parse_drop)]
+    drop: Option<agentd_core::DropPolicy>,
+    /// Most queued tasks in all; past it new work is refused [default: 1000]
+    #[arg(long, value_name = "N")]
+    max_queued: Option<u32>,
+    /// Most background agents alive at once [default: no own cap]
+    #[arg(long, value_name = "N")]
+    max_background: Option<u32>,
+    /// Queued work expires after this long [default: never]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    queue_timeout: Option<Duration>,
     /// TOML config file with the same keys as the flags (flags win)
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -68,6 +90,43 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
     if max_concurrent == 0 {
         bail!("--max-concurrent must be at least 1");
     }
+    let defaults = agentd_core::QueueSettings::default();
+    let queue = agentd_core::QueueSettings {
+        mode: match (args.queue_mode, &file.queue_mode) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => config::parse_mode(text)?,
+            (None, None) => defaults.mode,
+        },
+        debounce: duration(args.debounce, &file.debounce, defaults.debounce)?,
+        cap: args.cap.or(file.cap).unwrap_or(defaults.cap),
+        drop: match (args.drop, &file.drop) {
+            (Some(drop), _) => drop,
+            (None, Some(text)) => config::parse_drop(text)?,
+            (None, None) => defaults.drop,
+        },
+    };
+    if queue.cap == 0 {
+        bail!("--cap must be at least 1");
+    }
+    let queue_timeout = match (args.queue_timeout, &file.queue_timeout) {
+        (Some(d), _) => Some(d),
+        (None, Some(text)) => Some(config::parse_duration(text)?),
+        (None, None) => None,
+    };
+    let dispatch = agentd_core::Config {
+        max_concurrent,
+        max_background: args.max_background.or(file.max_background),
+        cancel_grace: duration(
+            args.cancel_grace,
+            &file.cancel_grace,
+            Duration::from_secs(5),
+        )?,
+        term_grace: duration(args.term_grace, &file.term_grace, Duration::from_secs(5))?,
+        queue,
+        max_queued: args.max_queued.or(file.max_queued).unwrap_or(1000),
+        queue_timeout,
+        dedup_window: 10_000,
+    };
     Ok(DaemonConfig {
         socket: args
             .socket
@@ -77,13 +136,7 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
             .state_dir
             .or(file.state_dir)
             .unwrap_or_else(config::default_state_dir),
-        max_concurrent,
-        cancel_grace: duration(
-            args.cancel_grace,
-            &file.cancel_grace,
-            Duration::from_secs(5),
-        )?,
-        term_grace: duration(args.term_grace, &file.term_grace, Duration::from_secs(5))?,
+        dispatch,
         handshake_timeout: duration(
             args.handshake_timeout,
             &file.handshake_timeout,

@@ -12,5 +12,7 @@ mod capacity;
 mod cli;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
+/// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
+mod queue;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.
 mod stop;

@@ -91,6 +91,31 @@ impl Daemon {
         Daemon::start(&args)
     }
 
+    /// agentd whose agent answers every task with its own text (the result is the
+    /// text as the agent received it). A text starting with `hold PATH` waits until
+    /// PATH exists first; [`Daemon::release`] creates it.
+    pub fn with_echo_agent(extra: &[&str]) -> Daemon {
+        let script = r#"case "$1" in hold\ *) f=${1#hold }; f=${f%% *}; while [ ! -e "$f" ]; do sleep 0.02; done;; esac; printf %s "$1""#;
+        let agent = format!("{AGENT_EXEC} -- sh -c '{script}' echo-agent {{text}}");
+        let mut args = vec!["--agent", agent.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start(&args)
+    }
+
+    /// A path under this daemon's temp dir that a `hold PATH` task waits for.
+    pub fn gate(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(format!("gate-{name}"))
+            .display()
+            .to_string()
+    }
+
+    /// Opens the gate: tasks holding on it finish.
+    pub fn release(&self, gate: &str) {
+        std::fs::write(gate, "").expect("open the gate");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -2,15 +2,32 @@
 //!
 //! [`Cli`] holds the global flags (`--socket`, `--json`, accepted before or after the
 //! subcommand) and one [`Command`]. Each command that maps to exactly one control
-//! request says so through [`Command::request`]; commands that will stream or
-//! converse (`watch`, `chat`) return `None` there and are run by their own code.
+//! request says so through [`Command::request`]; commands that stream or converse
+//! (`watch`, `send --wait`) are run by their own code.
+//!
+//! Parse with [`Cli::try_parse_checked`]: on top of clap's own parsing it rejects
+//! what clap cannot see, such as the same queue setting given twice.
 
 use std::path::PathBuf;
 
-use agentd_proto::control::RequestBody;
+use agentd_proto::control::{DropPolicy, Priority, QueueMode, RequestBody};
 use agentd_proto::paths::{default_socket_path, ENV_SOCKET};
 use clap::builder::{OsStringValueParser, TypedValueParser};
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
+
+/// Every queue mode, in the order help texts list them.
+pub const QUEUE_MODES: [QueueMode; 5] = [
+    QueueMode::Collect,
+    QueueMode::Followup,
+    QueueMode::Steer,
+    QueueMode::SteerBacklog,
+    QueueMode::Interrupt,
+];
+
+/// Every drop policy, in the order help texts list them.
+pub const DROP_POLICIES: [DropPolicy; 3] =
+    [DropPolicy::Old, DropPolicy::New, DropPolicy::Summarize];
 
 /// `agentctl [--socket PATH] [--json] <command>`
 #[derive(Debug, Clone, Parser)]
@@ -20,7 +37,8 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
     about = "Control agentd, the supervisor daemon for AI agents",
     after_help = "Exit status: 0 success, 1 agentd answered with an error, 2 usage error, \
                   3 agentd is not running or cannot be reached, 4 other failure \
-                  (timeout, lost connection, unexpected answer)."
+                  (timeout, lost connection, unexpected answer), 5 `send --wait`: the \
+                  task did not succeed."
 )]
 pub struct Cli {
     /// The control socket [default: $XDG_RUNTIME_DIR/agentd/agentd.sock,
@@ -36,7 +54,7 @@ pub struct Cli {
     )]
     pub socket: Option<PathBuf>,
 
-    /// Print agentd's answer as one JSON value on stdout
+    /// Print agentd's answer as one JSON value on stdout (`watch`: one event per line)
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -53,12 +71,42 @@ impl Cli {
             _ => default_socket_path(),
         }
     }
+
+    /// Parses `args` (program name first) like clap's `try_parse_from`, then
+    /// [`check`](Cli::check)s the result. Errors are clap errors, exit code 2 (or 0
+    /// for `--help` and `--version`).
+    pub fn try_parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args)?;
+        cli.check()?;
+        Ok(cli)
+    }
+
+    /// What clap cannot check on its own: `queue` settings given twice (`collect
+    /// steer`, `cap:5 cap:6`).
+    pub fn check(&self) -> Result<(), clap::Error> {
+        if let Command::Queue(q) = &self.command {
+            if let Err(message) = q.change() {
+                let mut command = Cli::command();
+                command.build();
+                let error = match command.find_subcommand_mut("queue") {
+                    Some(queue) => queue.error(ErrorKind::ArgumentConflict, message),
+                    None => Cli::command().error(ErrorKind::ArgumentConflict, message),
+                };
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// agentctl's subcommands.
 ///
-/// `resume`, `queue`, `watch` and `chat` are not implemented yet; they will be added
-/// here as variants with their own argument structs.
+/// `resume` and `chat` are not implemented yet; they will be added here as variants
+/// with their own argument structs.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Send a chat message to a session: work, or a control command such as /status
@@ -69,20 +117,21 @@ pub enum Command {
     Tasks(TasksArgs),
     /// Stop a task, a session's tasks, or every task; waits until they have ended
     Stop(StopArgs),
+    /// Show or change how a session queues messages that arrive while it is busy
+    Queue(QueueArgs),
+    /// Follow a task, or every task of a session, as events happen
+    Watch(WatchArgs),
     /// Check that agentd is running
     Ping,
 }
 
 impl Command {
     /// The one control request this command makes, or `None` for commands that are
-    /// not a single request/answer (none yet; `watch` and `chat` will be).
+    /// not a single request/answer (`watch`). For `send --wait` this is the first
+    /// request, the `send`.
     pub fn request(&self) -> Option<RequestBody> {
         Some(match self {
-            Command::Send(a) => RequestBody::Send {
-                session: a.session.clone(),
-                text: a.text.join(" "),
-                message_id: a.message_id.clone(),
-            },
+            Command::Send(a) => a.request(),
             Command::Status(a) => RequestBody::Status {
                 task_id: a.task_id.clone(),
             },
@@ -95,12 +144,14 @@ impl Command {
                 session: a.session.clone(),
                 all: a.all,
             },
+            Command::Queue(a) => a.request(),
+            Command::Watch(_) => return None,
             Command::Ping => RequestBody::Ping,
         })
     }
 }
 
-/// `send --session S [--message-id ID] TEXT...`
+/// `send --session S [--message-id ID] [--background] [--mode MODE] [--wait] TEXT...`
 #[derive(Debug, Clone, Args)]
 pub struct SendArgs {
     /// The session (chat) the message belongs to
@@ -111,10 +162,37 @@ pub struct SendArgs {
     #[arg(long, value_name = "ID")]
     pub message_id: Option<String>,
 
+    /// Background priority: admitted after interactive work, within its own cap
+    #[arg(long)]
+    pub background: bool,
+
+    /// Queue mode for this message only, if the session is busy: collect, followup,
+    /// steer, steer-backlog or interrupt
+    #[arg(long, value_name = "MODE", value_parser = parse_queue_mode)]
+    pub mode: Option<QueueMode>,
+
+    /// Wait until the task has ended, printing its progress, then its outcome and
+    /// result; exit 5 if it did not succeed
+    #[arg(long)]
+    pub wait: bool,
+
     /// The message; words are joined by single spaces (use `--` before text that
     /// starts with `-`)
     #[arg(required = true, value_name = "TEXT")]
     pub text: Vec<String>,
+}
+
+impl SendArgs {
+    /// The `send` request.
+    pub fn request(&self) -> RequestBody {
+        RequestBody::Send {
+            session: self.session.clone(),
+            text: self.text.join(" "),
+            message_id: self.message_id.clone(),
+            priority: self.background.then_some(Priority::Background),
+            mode: self.mode,
+        }
+    }
 }
 
 /// `status [TASK_ID]`
@@ -158,13 +236,216 @@ pub struct StopArgs {
     pub all: bool,
 }
 
+/// `queue --session S [--reset] [MODE] [OPTS...]`
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Without MODE, OPTS or --reset the settings are only shown. \
+                        Examples: `queue --session S steer`, \
+                        `queue --session S collect debounce:2s cap:25 drop:summarize`, \
+                        `queue --session S --reset`."
+)]
+pub struct QueueArgs {
+    /// The session (chat) whose settings to show or change
+    #[arg(long, value_name = "S")]
+    pub session: String,
+
+    /// Back to agentd's defaults (applied before any MODE or OPTS given with it)
+    #[arg(long)]
+    pub reset: bool,
+
+    /// In any order: a mode (collect, followup, steer, steer-backlog, interrupt) and
+    /// options debounce:DURATION (e.g. 2s, 500ms), cap:N (held messages, at least
+    /// 1), drop:old|new|summarize (what happens past the cap)
+    #[arg(value_name = "MODE|OPTS", value_parser = parse_queue_setting)]
+    pub settings: Vec<QueueSetting>,
+}
+
+impl QueueArgs {
+    /// The settings folded into one change, or why they contradict each other (the
+    /// same setting given twice).
+    pub fn change(&self) -> Result<QueueChange, String> {
+        match self.fold() {
+            (change, None) => Ok(change),
+            (_, Some(name)) => Err(format!("the queue {name} is given more than once")),
+        }
+    }
+
+    /// The `queue` request. A setting given twice counts once, the last time (a
+    /// command line from [`Cli::try_parse_checked`] has none).
+    pub fn request(&self) -> RequestBody {
+        let (change, _) = self.fold();
+        RequestBody::Queue {
+            session: self.session.clone(),
+            mode: change.mode,
+            debounce_ms: change.debounce_ms,
+            cap: change.cap,
+            drop: change.drop,
+            reset: change.reset,
+        }
+    }
+
+    /// The change (last one wins) and the name of the first setting given twice.
+    fn fold(&self) -> (QueueChange, Option<&'static str>) {
+        let mut change = QueueChange {
+            reset: self.reset,
+            ..QueueChange::default()
+        };
+        let mut twice = None;
+        for setting in &self.settings {
+            let (name, taken) = match *setting {
+                QueueSetting::Mode(mode) => ("mode", change.mode.replace(mode).is_some()),
+                QueueSetting::Debounce(ms) => {
+                    ("debounce", change.debounce_ms.replace(ms).is_some())
+                }
+                QueueSetting::Cap(cap) => ("cap", change.cap.replace(cap).is_some()),
+                QueueSetting::Drop(drop) => ("drop", change.drop.replace(drop).is_some()),
+            };
+            if taken && twice.is_none() {
+                twice = Some(name);
+            }
+        }
+        (change, twice)
+    }
+}
+
+/// One word of `queue`'s MODE and OPTS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueSetting {
+    /// `collect`, `followup`, `steer`, `steer-backlog`, `interrupt`
+    Mode(QueueMode),
+    /// `debounce:2s`, in milliseconds
+    Debounce(u64),
+    /// `cap:25`
+    Cap(u32),
+    /// `drop:old`, `drop:new`, `drop:summarize`
+    Drop(DropPolicy),
+}
+
+/// What a `queue` command changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueChange {
+    pub reset: bool,
+    pub mode: Option<QueueMode>,
+    pub debounce_ms: Option<u64>,
+    pub cap: Option<u32>,
+    pub drop: Option<DropPolicy>,
+}
+
+/// `watch TASK_ID | --session S`
+#[derive(Debug, Clone, Args)]
+#[command(group(
+    ArgGroup::new("target")
+        .required(true)
+        .args(["task_id", "session"])
+))]
+pub struct WatchArgs {
+    /// Follow this task until it ends
+    #[arg(value_name = "TASK_ID")]
+    pub task_id: Option<String>,
+
+    /// Follow every task of this session until interrupted (Ctrl-C)
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+}
+
+impl WatchArgs {
+    /// The `watch` request.
+    pub fn request(&self) -> RequestBody {
+        RequestBody::Watch {
+            task_id: self.task_id.clone(),
+            session: self.session.clone(),
+        }
+    }
+}
+
+/// `collect`, `followup`, `steer`, `steer-backlog` or `interrupt`.
+pub fn parse_queue_mode(s: &str) -> Result<QueueMode, String> {
+    QUEUE_MODES
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown queue mode '{s}' (expected {})",
+                one_of(&QUEUE_MODES.map(QueueMode::as_str))
+            )
+        })
+}
+
+/// One word of `queue`'s MODE and OPTS: a mode, `debounce:DURATION`, `cap:N` or
+/// `drop:POLICY`.
+pub fn parse_queue_setting(s: &str) -> Result<QueueSetting, String> {
+    let Some((key, value)) = s.split_once(':') else {
+        if s == "reset" {
+            return Err("to reset the settings use --reset".into());
+        }
+        return parse_queue_mode(s).map(QueueSetting::Mode).map_err(|e| {
+            format!("{e}; options are debounce:DURATION, cap:N and drop:old|new|summarize")
+        });
+    };
+    match key {
+        "debounce" => parse_debounce(value).map(QueueSetting::Debounce),
+        "cap" => match value.parse::<u32>() {
+            Ok(0) => Err("cap must be at least 1".into()),
+            Ok(cap) => Ok(QueueSetting::Cap(cap)),
+            Err(_) => Err(format!(
+                "cap must be a whole number of messages, e.g. cap:25 (got '{value}')"
+            )),
+        },
+        "drop" => DROP_POLICIES
+            .into_iter()
+            .find(|d| d.as_str() == value)
+            .map(QueueSetting::Drop)
+            .ok_or_else(|| {
+                format!(
+                    "unknown drop policy '{value}' (expected {})",
+                    one_of(&DROP_POLICIES.map(DropPolicy::as_str))
+                )
+            }),
+        _ => Err(format!(
+            "unknown queue option '{key}' (expected debounce:DURATION, cap:N or \
+             drop:old|new|summarize)"
+        )),
+    }
+}
+
+/// `2s`, `500ms`, `1m 30s`, `0` → milliseconds; finer than a millisecond is refused
+/// rather than rounded.
+fn parse_debounce(value: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(value).map_err(|e| {
+        format!("debounce must be a duration such as 2s or 500ms (got '{value}': {e})")
+    })?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!(
+            "debounce must be a whole number of milliseconds (got '{value}')"
+        ));
+    }
+    u64::try_from(d.as_millis()).map_err(|_| format!("debounce '{value}' is too long"))
+}
+
+/// `a, b or c`.
+fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("agentctl").chain(args.iter().copied()))
+        Cli::try_parse_checked(std::iter::once("agentctl").chain(args.iter().copied()))
+    }
+
+    /// The usage error for `args`, as clap prints it.
+    fn usage_error(args: &[&str]) -> String {
+        let err = parse(args).unwrap_err();
+        assert!(err.use_stderr(), "{args:?}");
+        assert_eq!(err.exit_code(), 2, "{args:?}");
+        err.render().to_string()
     }
 
     #[test]
@@ -181,6 +462,8 @@ mod tests {
                 session: "alice".into(),
                 text: "fix the build".into(),
                 message_id: None,
+                priority: None,
+                mode: None,
             })
         );
         let cli = parse(&[
@@ -200,10 +483,197 @@ mod tests {
                 session: "a".into(),
                 text: "-v /status".into(),
                 message_id: Some("m1".into()),
+                priority: None,
+                mode: None,
             })
         );
         assert!(parse(&["send", "--session", "a"]).is_err());
         assert!(parse(&["send", "hello"]).is_err());
+    }
+
+    #[test]
+    fn send_priority_mode_and_wait() {
+        let cli = parse(&[
+            "send",
+            "--session",
+            "a",
+            "--background",
+            "--mode",
+            "steer-backlog",
+            "--wait",
+            "run",
+            "it",
+        ])
+        .unwrap();
+        let Command::Send(args) = &cli.command else {
+            panic!("not send: {cli:?}");
+        };
+        assert!(args.wait);
+        assert_eq!(
+            cli.command.request(),
+            Some(RequestBody::Send {
+                session: "a".into(),
+                text: "run it".into(),
+                message_id: None,
+                priority: Some(Priority::Background),
+                mode: Some(QueueMode::SteerBacklog),
+            })
+        );
+        for (word, mode) in QUEUE_MODES.map(|m| (m.as_str(), m)) {
+            let cli = parse(&["send", "--session", "a", "--mode", word, "x"]).unwrap();
+            assert!(
+                matches!(cli.command.request(), Some(RequestBody::Send { mode: Some(m), .. }) if m == mode)
+            );
+        }
+        let err = usage_error(&["send", "--session", "a", "--mode", "later", "x"]);
+        assert!(
+            err.contains(
+                "unknown queue mode 'later' (expected collect, followup, steer, \
+                 steer-backlog or interrupt)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn queue_settings_in_any_order() {
+        let cli = parse(&["queue", "--session", "s"]).unwrap();
+        assert_eq!(
+            cli.command.request(),
+            Some(RequestBody::Queue {
+                session: "s".into(),
+                mode: None,
+                debounce_ms: None,
+                cap: None,
+                drop: None,
+                reset: false,
+            })
+        );
+        let cli = parse(&[
+            "queue",
+            "cap:25",
+            "--session",
+            "s",
+            "drop:summarize",
+            "followup",
+            "debounce:2s",
+            "--reset",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.command.request(),
+            Some(RequestBody::Queue {
+                session: "s".into(),
+                mode: Some(QueueMode::Followup),
+                debounce_ms: Some(2_000),
+                cap: Some(25),
+                drop: Some(DropPolicy::Summarize),
+                reset: true,
+            })
+        );
+        for (word, ms) in [
+            ("debounce:500ms", 500),
+            ("debounce:0", 0),
+            ("debounce:1m 30s", 90_000),
+            ("debounce:1.5s", 1_500),
+        ] {
+            assert_eq!(parse_queue_setting(word), Ok(QueueSetting::Debounce(ms)));
+        }
+        assert_eq!(
+            parse_queue_setting("drop:old"),
+            Ok(QueueSetting::Drop(DropPolicy::Old))
+        );
+        assert_eq!(
+            parse_queue_setting("interrupt"),
+            Ok(QueueSetting::Mode(QueueMode::Interrupt))
+        );
+    }
+
+    #[test]
+    fn queue_setting_errors_are_usage_errors() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["bogus"],
+                "unknown queue mode 'bogus' (expected collect, followup, steer, steer-backlog \
+                 or interrupt); options are debounce:DURATION, cap:N and drop:old|new|summarize",
+            ),
+            (&["cap:0"], "cap must be at least 1"),
+            (
+                &["cap:many"],
+                "cap must be a whole number of messages, e.g. cap:25 (got 'many')",
+            ),
+            (&["cap:-1"], "cap must be a whole number of messages"),
+            (
+                &["debounce:soon"],
+                "debounce must be a duration such as 2s or 500ms (got 'soon': ",
+            ),
+            (
+                &["debounce:1500us"],
+                "debounce must be a whole number of milliseconds (got '1500us')",
+            ),
+            (
+                &["drop:newest"],
+                "unknown drop policy 'newest' (expected old, new or summarize)",
+            ),
+            (
+                &["speed:3"],
+                "unknown queue option 'speed' (expected debounce:DURATION, cap:N or \
+                 drop:old|new|summarize)",
+            ),
+            (&["reset"], "to reset the settings use --reset"),
+            (
+                &["collect", "steer"],
+                "the queue mode is given more than once",
+            ),
+            (
+                &["cap:1", "steer", "cap:2"],
+                "the queue cap is given more than once",
+            ),
+            (
+                &["debounce:1s", "debounce:1s"],
+                "the queue debounce is given more than once",
+            ),
+        ];
+        for (words, expected) in cases {
+            let mut args = vec!["queue", "--session", "s"];
+            args.extend_from_slice(words);
+            let err = usage_error(&args);
+            assert!(err.starts_with("error: "), "{err}");
+            assert!(err.contains(expected), "{words:?}: {err}");
+        }
+        let err = usage_error(&["queue", "collect"]);
+        assert!(err.contains("--session <S>"), "{err}");
+    }
+
+    #[test]
+    fn watch_takes_a_task_or_a_session() {
+        let cli = parse(&["watch", "t1"]).unwrap();
+        let Command::Watch(args) = &cli.command else {
+            panic!("not watch: {cli:?}");
+        };
+        assert_eq!(
+            args.request(),
+            RequestBody::Watch {
+                task_id: Some("t1".into()),
+                session: None,
+            }
+        );
+        assert_eq!(cli.command.request(), None);
+        let cli = parse(&["watch", "--session", "bob", "--json"]).unwrap();
+        let Command::Watch(args) = &cli.command else {
+            panic!("not watch: {cli:?}");
+        };
+        assert!(cli.json);
+        assert_eq!(
+            args.request(),
+            RequestBody::Watch {
+                task_id: None,
+                session: Some("bob".into()),
+            }
+        );
+        for bad in [&["watch"][..], &["watch", "t1", "--session", "bob"]] {
+            usage_error(bad);
+        }
     }
 
     #[test]

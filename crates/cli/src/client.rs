@@ -5,6 +5,10 @@
 //! by request id, so requests may be pipelined ([`Client::submit`] then
 //! [`Client::wait`]) and answered out of order.
 //!
+//! [`Client::watch`] subscribes to a task's or a session's events and returns a
+//! [`WatchStream`], an iterator over the events as they arrive (read without a
+//! timeout; a task watch ends after the task has ended).
+//!
 //! ```no_run
 //! use agentd_cli::client::Client;
 //! use agentd_proto::control::{PingReply, RequestBody};
@@ -14,14 +18,26 @@
 //! println!("agentd {} (pid {})", pong.version, pong.pid);
 //! # Ok::<(), agentd_cli::client::ClientError>(())
 //! ```
+//!
+//! ```no_run
+//! use agentd_cli::client::Client;
+//!
+//! let mut client = Client::connect(agentd_proto::paths::default_socket_path())?;
+//! for event in client.watch_task("01a1fb45")? {
+//!     let event = event?;
+//!     println!("{:?} {}", event.kind, event.text.unwrap_or_default());
+//! }
+//! # Ok::<(), agentd_cli::client::ClientError>(())
+//! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentd_proto::control::{
-    ErrorBody, ErrorCode, HelloReply, Request, RequestBody, Response, CONTROL_PROTOCOL_VERSION,
+    ErrorBody, ErrorCode, EventKind, EventView, HelloReply, Request, RequestBody, Response,
+    TaskView, WatchReply, CONTROL_PROTOCOL_VERSION,
 };
 use interprocess::local_socket::{prelude::*, GenericFilePath, Stream};
 use serde::de::DeserializeOwned;
@@ -84,6 +100,13 @@ pub enum ClientError {
     /// agentd closed the connection before answering.
     #[error("agentd closed the connection before answering")]
     Closed,
+    /// agentd closed the connection while a watch was still running.
+    #[error("agentd closed the connection")]
+    Disconnected,
+    /// The request cannot be used this way (e.g. [`Client::watch`] without a `watch`
+    /// request). Nothing was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
     /// The connection failed after it was established.
     #[error("connection to agentd failed: {0}")]
     Io(#[source] io::Error),
@@ -102,6 +125,8 @@ impl ClientError {
             ClientError::NotRunning { .. } | ClientError::Connect { .. } => EXIT_UNREACHABLE,
             ClientError::Timeout(_)
             | ClientError::Closed
+            | ClientError::Disconnected
+            | ClientError::InvalidRequest(_)
             | ClientError::Io(_)
             | ClientError::BadResponse(_) => EXIT_FAILURE,
         }
@@ -128,7 +153,9 @@ impl ClientError {
 /// One connection to agentd's control socket, after a successful `hello`.
 ///
 /// Blocking; one request at a time unless [`submit`](Client::submit) and
-/// [`wait`](Client::wait) are used to pipeline.
+/// [`wait`](Client::wait) are used to pipeline. At most one [`watch`](Client::watch)
+/// at a time: while its [`WatchStream`] lives it borrows the client, and further
+/// requests go through [`WatchStream::request`].
 #[derive(Debug)]
 pub struct Client {
     conn: BufReader<Stream>,
@@ -138,6 +165,11 @@ pub struct Client {
     line: Vec<u8>,
     /// Answers that arrived while another request's answer was awaited.
     early: HashMap<u64, Response>,
+    /// The request id of the open watch, whose event lines are kept in `events`
+    /// when they arrive while an answer is awaited. Event lines of any other id
+    /// (a watch that was dropped) are discarded.
+    watch_id: Option<u64>,
+    events: VecDeque<EventView>,
     server: HelloReply,
 }
 
@@ -158,6 +190,8 @@ impl Client {
             next_id: 1,
             line: Vec::new(),
             early: HashMap::new(),
+            watch_id: None,
+            events: VecDeque::new(),
             server: HelloReply {
                 protocol: CONTROL_PROTOCOL_VERSION,
                 server: String::new(),
@@ -235,7 +269,7 @@ impl Client {
     }
 
     /// Waits up to `timeout` for the answer to request `id`, keeping answers to other
-    /// requests for their own `wait`.
+    /// requests for their own `wait` (and events of the open watch for its stream).
     ///
     /// An error answer without an id (agentd could not parse a request line at all) is
     /// returned to whichever request is being waited for.
@@ -245,7 +279,13 @@ impl Client {
             if let Some(response) = self.early.remove(&id) {
                 return into_result(response);
             }
-            let response = self.read_response(deadline, timeout)?;
+            let mut response = self.read_response(Some(deadline), timeout)?;
+            if let Some(event) = response.event.take() {
+                if response.id.is_some() && response.id == self.watch_id {
+                    self.events.push_back(event);
+                }
+                continue;
+            }
             match response.id {
                 Some(got) if got == id => return into_result(response),
                 Some(got) => {
@@ -261,20 +301,77 @@ impl Client {
         }
     }
 
-    /// Reads the next non-empty answer line and parses it.
+    /// Subscribes to events with a `watch` request (see [`RequestBody::Watch`]) and
+    /// returns the stream of its events once agentd has accepted it.
+    ///
+    /// For a task watch the client also asks for the task's status right after
+    /// subscribing: if the task had already ended and agentd's first events do not
+    /// say so, the stream yields the `finished` event (or, for a merged message, the
+    /// `merged` event) itself, so a task watch always ends. A session watch runs
+    /// until the connection closes.
+    pub fn watch(&mut self, body: RequestBody) -> Result<WatchStream<'_>, ClientError> {
+        let RequestBody::Watch { task_id, .. } = &body else {
+            return Err(ClientError::InvalidRequest("watch needs a watch request"));
+        };
+        let requested_task = task_id.clone();
+        let id = self.submit(body)?;
+        self.watch_id = Some(id);
+        self.events.clear();
+        let mut stream = WatchStream {
+            client: self,
+            id,
+            reply: WatchReply {
+                task_id: None,
+                session: None,
+            },
+            task: None,
+            done: false,
+        };
+        let value = stream.client.wait(id, DEFAULT_TIMEOUT)?;
+        stream.reply =
+            serde_json::from_value(value).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+        stream.task = stream.reply.task_id.clone().or(requested_task);
+        stream.catch_up()?;
+        Ok(stream)
+    }
+
+    /// [`watch`](Client::watch) one task until it ends.
+    pub fn watch_task(&mut self, task_id: &str) -> Result<WatchStream<'_>, ClientError> {
+        self.watch(RequestBody::Watch {
+            task_id: Some(task_id.to_string()),
+            session: None,
+        })
+    }
+
+    /// [`watch`](Client::watch) every task of a session, until the connection closes.
+    pub fn watch_session(&mut self, session: &str) -> Result<WatchStream<'_>, ClientError> {
+        self.watch(RequestBody::Watch {
+            task_id: None,
+            session: Some(session.to_string()),
+        })
+    }
+
+    /// Reads the next non-empty answer line and parses it; without a deadline it
+    /// waits as long as it takes.
     fn read_response(
         &mut self,
-        deadline: Instant,
+        deadline: Option<Instant>,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(ClientError::Timeout(timeout));
-            }
+            let remaining = match deadline {
+                Some(deadline) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if remaining.is_zero() {
+                        return Err(ClientError::Timeout(timeout));
+                    }
+                    Some(remaining)
+                }
+                None => None,
+            };
             self.conn
                 .get_ref()
-                .set_recv_timeout(Some(remaining))
+                .set_recv_timeout(remaining)
                 .map_err(ClientError::Io)?;
             let room = (MAX_RESPONSE_BYTES + 1).saturating_sub(self.line.len()) as u64;
             let read = (&mut self.conn)
@@ -309,6 +406,219 @@ impl Client {
                 Err(e) => return Err(ClientError::from_io(e)),
             }
         }
+    }
+}
+
+/// The events of one `watch`, as they arrive: an iterator of
+/// `Result<`[`EventView`]`, `[`ClientError`]`>`, from [`Client::watch`].
+///
+/// Reads block without a timeout. A task watch follows its message: a `merged`
+/// event of the watched task moves the watch to the task it went into
+/// ([`task_id`](WatchStream::task_id) changes), and the stream ends (`None`) after
+/// the `finished` event of the task it follows. A session watch ends only when the
+/// connection does. An error (agentd closed the connection:
+/// [`ClientError::Disconnected`]; an error answer to the watch; an unreadable line)
+/// is yielded once, and then the stream ends.
+///
+/// Dropping the stream ends the subscription on the client's side: later event
+/// lines of this watch are discarded.
+#[derive(Debug)]
+pub struct WatchStream<'a> {
+    client: &'a mut Client,
+    id: u64,
+    reply: WatchReply,
+    /// For a task watch, the task followed now (the full id once agentd sent it).
+    task: Option<String>,
+    done: bool,
+}
+
+/// How many merges [`WatchStream`] follows while catching up with a task that had
+/// already ended.
+const MAX_CATCH_UP: usize = 16;
+
+impl WatchStream<'_> {
+    /// agentd's answer to the `watch` request.
+    pub fn reply(&self) -> &WatchReply {
+        &self.reply
+    }
+
+    /// The id of the `watch` request, which agentd's event lines carry.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// For a task watch, the task it follows now: the watched one, or the task its
+    /// message was merged into, as far as the events yielded so far tell.
+    pub fn task_id(&self) -> Option<&str> {
+        self.task.as_deref()
+    }
+
+    /// Sends another request on the same connection and waits for its answer (up to
+    /// [`timeout_for`]`(&body)`); events that arrive meanwhile are kept for the stream.
+    pub fn request(&mut self, body: RequestBody) -> Result<Value, ClientError> {
+        self.client.request(body)
+    }
+
+    /// Like [`request`](WatchStream::request), decoding the result into `T`.
+    pub fn call<T: DeserializeOwned>(&mut self, body: RequestBody) -> Result<T, ClientError> {
+        self.client.call(body)
+    }
+
+    /// For a task watch: if the task had already ended when the watch began, queues
+    /// the events agentd would have sent (`merged` into the next task, which is then
+    /// checked too; `finished`), unless events already received say so.
+    fn catch_up(&mut self) -> Result<(), ClientError> {
+        for _ in 0..MAX_CATCH_UP {
+            let Some(target) = self.pending_target() else {
+                return Ok(());
+            };
+            let view: TaskView = self.call(RequestBody::Status {
+                task_id: Some(target.clone()),
+            })?;
+            // Events that arrived meanwhile may already tell.
+            match self.pending_target() {
+                None => return Ok(()),
+                Some(now) if now != target => continue,
+                Some(_) => {}
+            }
+            if !view.state.is_terminal() {
+                return Ok(());
+            }
+            let kind = match view.merged_into {
+                Some(_) => EventKind::Merged,
+                None => EventKind::Finished,
+            };
+            self.client.events.push_back(EventView {
+                kind,
+                task_id: view.task_id.clone(),
+                session: view.session.clone(),
+                position: None,
+                text: None,
+                into: view.merged_into.clone(),
+                task: Some(view),
+                at: None,
+            });
+            if kind == EventKind::Finished {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// The task a task watch will follow once the events queued so far are yielded,
+    /// or `None` if they end it (or this is a session watch).
+    fn pending_target(&self) -> Option<String> {
+        let mut target = self.task.clone()?;
+        for event in &self.client.events {
+            match step(&target, event) {
+                Step::Follow(into) => target = into,
+                Step::End => return None,
+                Step::Stay => {}
+            }
+        }
+        Some(target)
+    }
+
+    /// Yields `event`, following the task it went into or ending the stream after it.
+    fn deliver(&mut self, event: EventView) -> Option<Result<EventView, ClientError>> {
+        if let Some(task) = &self.task {
+            match step(task, &event) {
+                Step::Follow(into) => self.task = Some(into),
+                Step::End => self.done = true,
+                Step::Stay => {}
+            }
+        }
+        Some(Ok(event))
+    }
+
+    /// Yields `error` and ends the stream.
+    fn fail(&mut self, error: ClientError) -> Option<Result<EventView, ClientError>> {
+        self.done = true;
+        Some(Err(match error {
+            ClientError::Closed => ClientError::Disconnected,
+            e => e,
+        }))
+    }
+}
+
+impl Iterator for WatchStream<'_> {
+    type Item = Result<EventView, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        if let Some(event) = self.client.events.pop_front() {
+            return self.deliver(event);
+        }
+        loop {
+            let mut response = match self.client.read_response(None, Duration::ZERO) {
+                Ok(response) => response,
+                Err(e) => return self.fail(e),
+            };
+            match (response.id, response.event.take()) {
+                (Some(id), Some(event)) if id == self.id => return self.deliver(event),
+                // A watch dropped earlier on this connection.
+                (_, Some(_)) => continue,
+                (Some(id), None) if id == self.id => {
+                    if let Err(e) = into_result(response) {
+                        return self.fail(e);
+                    }
+                    // A later success line for the watch carries nothing for the stream.
+                }
+                (Some(id), None) => {
+                    // The answer to a request pipelined before the watch.
+                    self.client.early.insert(id, response);
+                }
+                (None, None) => {
+                    let error = match into_result(response) {
+                        Err(e) => e,
+                        Ok(_) => ClientError::BadResponse(
+                            "a successful answer without a request id".into(),
+                        ),
+                    };
+                    return self.fail(error);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for WatchStream<'_> {
+    fn drop(&mut self) {
+        self.client.watch_id = None;
+        self.client.events.clear();
+    }
+}
+
+/// What an event does to a task watch that follows `task`.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Stay,
+    /// The message went into this task; follow it.
+    Follow(String),
+    /// The task ended: the stream ends after this event.
+    End,
+}
+
+/// See [`Step`]. `task` may be a prefix of the id (as the user typed it).
+fn step(task: &str, event: &EventView) -> Step {
+    if !event.task_id.starts_with(task) {
+        return Step::Stay;
+    }
+    match event.kind {
+        EventKind::Merged => {
+            let into = event
+                .into
+                .clone()
+                .or_else(|| event.task.as_ref().and_then(|t| t.merged_into.clone()));
+            match into {
+                Some(into) if into != event.task_id => Step::Follow(into),
+                _ => Step::End,
+            }
+        }
+        EventKind::Finished => Step::End,
+        _ => Step::Stay,
     }
 }
 
@@ -354,7 +664,7 @@ fn into_result(response: Response) -> Result<Value, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentd_proto::control::PingReply;
+    use agentd_proto::control::{PingReply, Priority, TaskState};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::thread;
 
@@ -580,6 +890,331 @@ mod tests {
         let mut client = Client::connect(&path).unwrap();
         let err = client.request(RequestBody::Ping).unwrap_err();
         assert!(matches!(err, ClientError::BadResponse(_)), "{err:?}");
+        server.join().unwrap();
+    }
+
+    fn event(kind: EventKind, task_id: &str, text: Option<&str>) -> EventView {
+        EventView {
+            kind,
+            task_id: task_id.into(),
+            session: "alice".into(),
+            position: None,
+            text: text.map(String::from),
+            into: None,
+            task: None,
+            at: None,
+        }
+    }
+
+    fn view(task_id: &str, state: TaskState) -> TaskView {
+        TaskView {
+            task_id: task_id.into(),
+            session: "alice".into(),
+            state,
+            position: None,
+            pid: None,
+            created_at: "2024-05-01T10:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            text: "x".into(),
+            progress: None,
+            result: None,
+            exit: None,
+            merged_into: None,
+            priority: Priority::Interactive,
+        }
+    }
+
+    /// Reads the watch request and answers it with `reply`; returns its id.
+    fn answer_watch(
+        reader: &mut BufReader<UnixStream>,
+        writer: &mut UnixStream,
+        expected: RequestBody,
+        reply: WatchReply,
+    ) -> u64 {
+        let watch = read_request(reader);
+        assert_eq!(watch.body, expected);
+        answer(writer, &Response::ok(watch.id, reply));
+        watch.id
+    }
+
+    #[test]
+    fn a_task_watch_streams_events_until_the_task_has_ended() {
+        const FULL: &str = "0190aaaa-0000-7000-8000-000000000001";
+        let (_dir, path, server) = fake_server(|mut reader, mut writer| {
+            answer_hello(&mut reader, &mut writer);
+            let ping = read_request(&mut reader);
+            let watch = answer_watch(
+                &mut reader,
+                &mut writer,
+                RequestBody::Watch {
+                    task_id: Some("0190aaaa".into()),
+                    session: None,
+                },
+                WatchReply {
+                    task_id: Some(FULL.into()),
+                    session: None,
+                },
+            );
+            // Kept for the stream while the client waits for the status answer.
+            answer(
+                &mut writer,
+                &Response::event(watch, event(EventKind::Started, FULL, None)),
+            );
+            let status = read_request(&mut reader);
+            assert_eq!(
+                status.body,
+                RequestBody::Status {
+                    task_id: Some(FULL.into())
+                }
+            );
+            answer(
+                &mut writer,
+                &Response::ok(status.id, view(FULL, TaskState::Running)),
+            );
+            // An event of another (earlier) watch is ignored; the pipelined ping's
+            // answer is kept for its `wait`.
+            answer(
+                &mut writer,
+                &Response::event(99, event(EventKind::Started, "other", None)),
+            );
+            answer(&mut writer, &Response::ok(ping.id, pong()));
+            let events = [
+                event(EventKind::Progress, FULL, Some("half")),
+                // The message is merged into another task: the watch follows it.
+                EventView {
+                    into: Some("t-2".into()),
+                    ..event(EventKind::Merged, FULL, None)
+                },
+                event(EventKind::Progress, "t-2", Some("more")),
+                EventView {
+                    task: Some(view("t-2", TaskState::Succeeded)),
+                    ..event(EventKind::Finished, "t-2", None)
+                },
+                event(EventKind::Progress, "t-2", Some("never read")),
+            ];
+            for e in events {
+                answer(&mut writer, &Response::event(watch, e));
+            }
+            // Keep the connection open until the client is done.
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let ping = client.submit(RequestBody::Ping).unwrap();
+        let mut stream = client.watch_task("0190aaaa").unwrap();
+        assert_eq!(stream.task_id(), Some(FULL));
+        assert_eq!(stream.reply().task_id.as_deref(), Some(FULL));
+        let kinds: Vec<(EventKind, Option<String>)> = stream
+            .by_ref()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.kind, e.text)
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (EventKind::Started, None),
+                (EventKind::Progress, Some("half".into())),
+                (EventKind::Merged, None),
+                (EventKind::Progress, Some("more".into())),
+                (EventKind::Finished, None),
+            ]
+        );
+        assert!(stream.next().is_none());
+        assert_eq!(stream.task_id(), Some("t-2"));
+        drop(stream);
+        let reply: PingReply =
+            serde_json::from_value(client.wait(ping, DEFAULT_TIMEOUT).unwrap()).unwrap();
+        assert_eq!(reply, pong());
+        drop(client);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_watch_of_an_ended_task_yields_its_end_events() {
+        let (_dir, path, server) = fake_server(|mut reader, mut writer| {
+            answer_hello(&mut reader, &mut writer);
+            answer_watch(
+                &mut reader,
+                &mut writer,
+                RequestBody::Watch {
+                    task_id: Some("t-1".into()),
+                    session: None,
+                },
+                WatchReply {
+                    task_id: Some("t-1".into()),
+                    session: None,
+                },
+            );
+            // t-1 went into t-0, which has ended too.
+            let status = read_request(&mut reader);
+            let merged = TaskView {
+                merged_into: Some("t-0".into()),
+                ..view("t-1", TaskState::Merged)
+            };
+            answer(&mut writer, &Response::ok(status.id, merged));
+            let status = read_request(&mut reader);
+            assert_eq!(
+                status.body,
+                RequestBody::Status {
+                    task_id: Some("t-0".into())
+                }
+            );
+            answer(
+                &mut writer,
+                &Response::ok(status.id, view("t-0", TaskState::Failed)),
+            );
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let mut stream = client.watch_task("t-1").unwrap();
+        let events: Vec<EventView> = stream.by_ref().map(Result::unwrap).collect();
+        assert_eq!(stream.task_id(), Some("t-0"));
+        drop(stream);
+        let seen: Vec<_> = events
+            .iter()
+            .map(|e| (e.kind, e.task_id.as_str(), e.into.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (EventKind::Merged, "t-1", Some("t-0")),
+                (EventKind::Finished, "t-0", None),
+            ]
+        );
+        assert_eq!(
+            events[1].task.as_ref().map(|t| t.state),
+            Some(TaskState::Failed)
+        );
+        drop(client);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_finished_event_from_agentd_is_not_doubled() {
+        let (_dir, path, server) = fake_server(|mut reader, mut writer| {
+            answer_hello(&mut reader, &mut writer);
+            let watch = answer_watch(
+                &mut reader,
+                &mut writer,
+                RequestBody::Watch {
+                    task_id: Some("t-1".into()),
+                    session: None,
+                },
+                WatchReply {
+                    task_id: Some("t-1".into()),
+                    session: None,
+                },
+            );
+            // As agentd does: the task's state right after the answer.
+            let done = EventView {
+                task: Some(view("t-1", TaskState::Succeeded)),
+                ..event(EventKind::Finished, "t-1", None)
+            };
+            answer(&mut writer, &Response::event(watch, done));
+            let status = read_request(&mut reader);
+            answer(
+                &mut writer,
+                &Response::ok(status.id, view("t-1", TaskState::Succeeded)),
+            );
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let events: Vec<EventView> = client
+            .watch_task("t-1")
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].kind, EventKind::Finished);
+        drop(client);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_session_watch_ends_when_the_connection_closes() {
+        let (_dir, path, server) = fake_server(|mut reader, mut writer| {
+            answer_hello(&mut reader, &mut writer);
+            let watch = answer_watch(
+                &mut reader,
+                &mut writer,
+                RequestBody::Watch {
+                    task_id: None,
+                    session: Some("alice".into()),
+                },
+                WatchReply {
+                    task_id: None,
+                    session: Some("alice".into()),
+                },
+            );
+            // A finished task does not end a session watch.
+            let done = EventView {
+                task: Some(view("t-1", TaskState::Succeeded)),
+                ..event(EventKind::Finished, "t-1", None)
+            };
+            answer(&mut writer, &Response::event(watch, done));
+            answer(
+                &mut writer,
+                &Response::event(watch, event(EventKind::Accepted, "t-2", None)),
+            );
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let err = client.watch(RequestBody::Ping).unwrap_err();
+        assert!(matches!(err, ClientError::InvalidRequest(_)), "{err:?}");
+        let mut stream = client.watch_session("alice").unwrap();
+        assert_eq!(stream.task_id(), None);
+        assert_eq!(stream.next().unwrap().unwrap().task_id, "t-1");
+        assert_eq!(stream.next().unwrap().unwrap().task_id, "t-2");
+        let err = stream.next().unwrap().unwrap_err();
+        assert!(matches!(err, ClientError::Disconnected), "{err:?}");
+        assert_eq!(err.to_string(), "agentd closed the connection");
+        assert_eq!(err.exit_code(), EXIT_FAILURE);
+        assert!(stream.next().is_none());
+        drop(stream);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_error_for_the_watch_ends_the_stream() {
+        let (_dir, path, server) = fake_server(|mut reader, mut writer| {
+            answer_hello(&mut reader, &mut writer);
+            let watch = answer_watch(
+                &mut reader,
+                &mut writer,
+                RequestBody::Watch {
+                    task_id: None,
+                    session: Some("alice".into()),
+                },
+                WatchReply {
+                    task_id: None,
+                    session: Some("alice".into()),
+                },
+            );
+            answer(
+                &mut writer,
+                &Response::err(
+                    Some(watch),
+                    ErrorCode::ShuttingDown,
+                    "agentd is shutting down",
+                ),
+            );
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let mut stream = client.watch_session("alice").unwrap();
+        let err = stream.next().unwrap().unwrap_err();
+        assert_eq!(
+            err.error_body().map(|e| e.code),
+            Some(ErrorCode::ShuttingDown)
+        );
+        assert!(stream.next().is_none());
+        drop(stream);
+        drop(client);
         server.join().unwrap();
     }
 

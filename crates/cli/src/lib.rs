@@ -1,7 +1,8 @@
 //! `agentctl`, the command-line client of agentd, and a reusable control-socket client.
 //!
 //! - [`client`]: [`Client`], a blocking client for the control socket (connect,
-//!   `hello`, requests matched by id). Integration tests and bridges can use it.
+//!   `hello`, requests matched by id, event streams of `watch`). Integration tests and
+//!   bridges can use it.
 //! - [`args`]: the command line as clap types.
 //! - [`render`]: pure functions that turn answers into the human-readable output.
 //! - [`main`] / [`run`] / [`execute`]: the program itself; `bin/agentctl.rs` only calls
@@ -13,6 +14,12 @@
 //! constants; with `--json`, an error answered by agentd is also printed on stdout as
 //! `{"code":…,"message":…}`. A closed stdout (broken pipe) ends agentctl quietly with
 //! [`EXIT_OK`].
+//!
+//! Streaming commands print as events arrive and flush after each line: `watch`
+//! (one line per event; with `--json` one event object per line) and `send --wait`
+//! (progress lines, then the outcome and the result; with `--json` only the final
+//! task). `send --wait` exits with [`EXIT_TASK_FAILED`] when the task did not
+//! succeed.
 
 pub mod args;
 pub mod client;
@@ -24,13 +31,18 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use agentd_proto::control::{PingReply, RequestBody, SendReply, StatusReply, StopReply, TaskView};
-use clap::Parser;
+use agentd_proto::control::{
+    EventKind, PingReply, QueueSettingsView, RequestBody, SendReply, StatusReply, StopReply,
+    TaskState, TaskView,
+};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 pub use args::{Cli, Command};
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, WatchStream};
+
+use args::{SendArgs, WatchArgs};
 
 /// Success (also when stdout was closed early).
 pub const EXIT_OK: u8 = 0;
@@ -43,20 +55,24 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 /// Anything else: no answer in time, connection lost, an answer that cannot be
 /// understood, output that cannot be written.
 pub const EXIT_FAILURE: u8 = 4;
+/// `send --wait`: the task ended in a state other than `succeeded` (failed,
+/// cancelled, interrupted, expired, dropped…).
+pub const EXIT_TASK_FAILED: u8 = 5;
 
 /// The entry point of the `agentctl` binary: [`run`] with the process arguments.
 pub fn main() -> ExitCode {
     run(std::env::args_os())
 }
 
-/// Parses `args` (program name first) and runs the command on the real stdout and
-/// stderr. Usage errors, `--help` and `--version` are printed by clap.
+/// Parses `args` (program name first) with [`Cli::try_parse_checked`] and runs the
+/// command on the real stdout and stderr. Usage errors, `--help` and `--version` are
+/// printed by clap.
 pub fn run<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match Cli::try_parse_checked(args) {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout; a closed stdout is not an error.
@@ -71,9 +87,12 @@ where
 /// Runs a parsed command line, writing output to `out` and the error line to `err`;
 /// returns the exit code.
 pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
-    let result = dispatch(cli, out).and_then(|()| out.flush().map_err(RunError::Output));
+    let result = dispatch(cli, out).and_then(|code| {
+        out.flush().map_err(RunError::Output)?;
+        Ok(code)
+    });
     match result {
-        Ok(()) => EXIT_OK,
+        Ok(code) => code,
         Err(RunError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => EXIT_OK,
         Err(RunError::Client(e)) => {
             if cli.json {
@@ -102,7 +121,8 @@ enum RunError {
     Output(#[source] io::Error),
 }
 
-fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<(), RunError> {
+/// Runs the command; the exit code on success.
+fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
     let socket = cli.socket_path();
     let ctx = Ctx {
         socket: &socket,
@@ -110,6 +130,7 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<(), RunError> {
     };
     let now = SystemTime::now;
     match &cli.command {
+        Command::Send(a) if a.wait => return ctx.send_wait(a, out),
         Command::Send(_) => ctx.one_shot(&cli.command, out, |r: SendReply| render::render_send(&r)),
         Command::Status(a) if a.task_id.is_some() => {
             ctx.one_shot(&cli.command, out, |t: TaskView| {
@@ -123,10 +144,15 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<(), RunError> {
             render::render_tasks(&t, now())
         }),
         Command::Stop(_) => ctx.one_shot(&cli.command, out, |s: StopReply| render::render_stop(&s)),
+        Command::Queue(_) => ctx.one_shot(&cli.command, out, |q: QueueSettingsView| {
+            render::render_queue(&q)
+        }),
+        Command::Watch(a) => ctx.watch(a, out),
         Command::Ping => ctx.one_shot(&cli.command, out, |p: PingReply| {
             render::render_ping(&p, &socket)
         }),
-    }
+    }?;
+    Ok(EXIT_OK)
 }
 
 /// What every command needs.
@@ -148,12 +174,20 @@ impl Ctx<'_> {
             ClientError::BadResponse("this command is not a single request".into())
         })?;
         let value = self.request(body)?;
+        self.print_result(value, out, render)
+    }
+
+    /// Prints an answer: as JSON, or decoded as `T` and rendered.
+    fn print_result<T: DeserializeOwned>(
+        &self,
+        value: Value,
+        out: &mut dyn Write,
+        render: impl FnOnce(T) -> String,
+    ) -> Result<(), RunError> {
         let text = if self.json {
-            serde_json::to_string(&value).map_err(|e| ClientError::BadResponse(e.to_string()))?
+            to_json(&value)?
         } else {
-            let typed: T = serde_json::from_value(value)
-                .map_err(|e| ClientError::BadResponse(e.to_string()))?;
-            render(typed)
+            render(decode(value)?)
         };
         writeln!(out, "{text}").map_err(RunError::Output)
     }
@@ -161,57 +195,191 @@ impl Ctx<'_> {
     fn request(&self, body: RequestBody) -> Result<Value, ClientError> {
         Client::connect(self.socket)?.request(body)
     }
+
+    /// `watch`: one line per event, flushed, until a task watch's task has ended or
+    /// the connection closes.
+    fn watch(&self, args: &WatchArgs, out: &mut dyn Write) -> Result<(), RunError> {
+        let mut client = Client::connect(self.socket)?;
+        for event in client.watch(args.request())? {
+            let event = event?;
+            let line = if self.json {
+                to_json(&event)?
+            } else {
+                render::render_event(&event, SystemTime::now())
+            };
+            print_flushed(out, &line)?;
+        }
+        Ok(())
+    }
+
+    /// `send --wait`: the send, then the task's progress until it ends (following the
+    /// message into the task it was merged into), then its outcome and result.
+    fn send_wait(&self, args: &SendArgs, out: &mut dyn Write) -> Result<u8, RunError> {
+        let mut client = Client::connect(self.socket)?;
+        let value = client.request(args.request())?;
+        let reply: SendReply = decode(value.clone())?;
+        let task = match &reply.task {
+            Some(task) if reply.accepted => task.clone(),
+            // A control command: answered, nothing to wait for.
+            _ => {
+                self.print_result(value, out, |r: SendReply| render::render_send(&r))?;
+                return Ok(EXIT_OK);
+            }
+        };
+        if !self.json {
+            print_flushed(out, &render::render_send(&reply))?;
+        }
+        let view = match (task.state, &task.merged_into) {
+            // The send's line already says where the message went.
+            (TaskState::Merged, Some(into)) => self.follow(&mut client, into, out)?,
+            (state, _) if state.is_terminal() => task,
+            _ => self.follow(&mut client, &task.task_id, out)?,
+        };
+        let text = if self.json {
+            to_json(&view)?
+        } else {
+            render::render_wait_end(&view)
+        };
+        writeln!(out, "{text}").map_err(RunError::Output)?;
+        Ok(if view.state == TaskState::Succeeded {
+            EXIT_OK
+        } else {
+            EXIT_TASK_FAILED
+        })
+    }
+
+    /// Watches task `target` (and the tasks it is merged into) until it ends, printing
+    /// progress lines and merges; returns the final view.
+    fn follow(
+        &self,
+        client: &mut Client,
+        target: &str,
+        out: &mut dyn Write,
+    ) -> Result<TaskView, RunError> {
+        let mut stream = client.watch_task(target)?;
+        let mut last = None;
+        for event in stream.by_ref() {
+            let event = event?;
+            let line = match (event.kind, &event.text, &event.into) {
+                _ if self.json => None,
+                (EventKind::Progress, Some(text), _) => Some(render::render_progress(text)),
+                (EventKind::Merged, _, Some(into)) => Some(render::render_merged_into(into)),
+                _ => None,
+            };
+            if let Some(line) = line {
+                print_flushed(out, &line)?;
+            }
+            last = Some(event);
+        }
+        // The stream ends only after the `finished` event (errors were returned above),
+        // or a `merged` one that leads nowhere.
+        let event = last.ok_or(ClientError::Disconnected)?;
+        Ok(match event.task {
+            Some(view) if view.state.is_terminal() => view,
+            _ => stream.call::<TaskView>(RequestBody::Status {
+                task_id: Some(event.task_id),
+            })?,
+        })
+    }
+}
+
+/// Writes one line and flushes, so that a reader sees it at once.
+fn print_flushed(out: &mut dyn Write, line: &str) -> Result<(), RunError> {
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(RunError::Output)
+}
+
+fn decode<T: DeserializeOwned>(value: Value) -> Result<T, ClientError> {
+    serde_json::from_value(value).map_err(|e| ClientError::BadResponse(e.to_string()))
+}
+
+fn to_json(value: &impl Serialize) -> Result<String, ClientError> {
+    serde_json::to_string(value).map_err(|e| ClientError::BadResponse(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use agentd_proto::control::{
-        Capacity, ErrorCode, HelloReply, Request, Response, TaskState, CONTROL_PROTOCOL_VERSION,
+        Capacity, DropPolicy, ErrorCode, EventView, ExitView, HelloReply, Priority, QueueMode,
+        Request, Response, WatchReply, CONTROL_PROTOCOL_VERSION,
     };
     use std::io::{BufRead, BufReader};
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::PathBuf;
     use std::thread;
 
-    /// A fake agentd that answers `hello` and then one request with `answer`.
-    fn fake_agentd(
-        answer: impl FnOnce(Request) -> Response + Send + 'static,
+    /// The server side of one connection of a fake agentd.
+    struct Conn {
+        reader: BufReader<UnixStream>,
+        writer: UnixStream,
+    }
+
+    impl Conn {
+        fn next(&mut self) -> Request {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap()
+        }
+
+        fn send(&mut self, response: &Response) {
+            writeln!(self.writer, "{}", serde_json::to_string(response).unwrap()).unwrap();
+        }
+
+        fn event(&mut self, id: u64, event: EventView) {
+            self.send(&Response::event(id, event));
+        }
+    }
+
+    /// A fake agentd that accepts one connection, answers `hello`, and hands the
+    /// connection to `script`.
+    fn fake_agentd_script(
+        script: impl FnOnce(&mut Conn) + Send + 'static,
     ) -> (tempfile::TempDir, PathBuf, thread::JoinHandle<()>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agentd.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let handle = thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut writer = stream;
-            let mut next = || -> Request {
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                serde_json::from_str(&line).unwrap()
+            let mut conn = Conn {
+                reader: BufReader::new(stream.try_clone().unwrap()),
+                writer: stream,
             };
-            let hello = next();
-            let reply = Response::ok(
+            let hello = conn.next();
+            conn.send(&Response::ok(
                 hello.id,
                 HelloReply {
                     protocol: CONTROL_PROTOCOL_VERSION,
                     server: "agentd 0.1.0".into(),
                 },
-            );
-            writeln!(writer, "{}", serde_json::to_string(&reply).unwrap()).unwrap();
-            let request = next();
-            let reply = answer(request);
-            writeln!(writer, "{}", serde_json::to_string(&reply).unwrap()).unwrap();
+            ));
+            script(&mut conn);
         });
         (dir, path, handle)
     }
 
-    /// Runs agentctl with `args` against `socket`; returns (exit code, stdout, stderr).
+    /// A fake agentd that answers `hello` and then one request with `answer`.
+    fn fake_agentd(
+        answer: impl FnOnce(Request) -> Response + Send + 'static,
+    ) -> (tempfile::TempDir, PathBuf, thread::JoinHandle<()>) {
+        fake_agentd_script(|conn| {
+            let request = conn.next();
+            let reply = answer(request);
+            conn.send(&reply);
+        })
+    }
+
+    /// Runs agentctl with `args` against `socket` as `run` would (usage errors
+    /// included, rendered without colour); returns (exit code, stdout, stderr).
     fn agentctl(socket: &Path, args: &[&str]) -> (u8, String, String) {
         let mut argv: Vec<OsString> = vec!["agentctl".into(), "--socket".into()];
         argv.push(socket.into());
         argv.extend(args.iter().map(OsString::from));
-        let cli = Cli::try_parse_from(argv).unwrap();
+        let cli = match Cli::try_parse_checked(argv) {
+            Ok(cli) => cli,
+            Err(e) => return (EXIT_USAGE, String::new(), e.render().to_string()),
+        };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let code = execute(&cli, &mut out, &mut err);
         (
@@ -219,6 +387,104 @@ mod tests {
             String::from_utf8(out).unwrap(),
             String::from_utf8(err).unwrap(),
         )
+    }
+
+    fn task(id: &str, state: TaskState) -> TaskView {
+        TaskView {
+            task_id: id.into(),
+            session: "alice".into(),
+            state,
+            position: None,
+            pid: None,
+            created_at: "2024-05-01T10:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            text: "fix the build".into(),
+            progress: None,
+            result: None,
+            exit: None,
+            merged_into: None,
+            priority: Priority::Interactive,
+        }
+    }
+
+    fn accepted(task: TaskView) -> SendReply {
+        SendReply {
+            reply: "ignored".into(),
+            accepted: true,
+            task: Some(task),
+            capacity: Some(Capacity { busy: 2, max: 2 }),
+            command: None,
+            data: None,
+            duplicate: false,
+            dropped: vec![],
+            notice: None,
+        }
+    }
+
+    fn event(kind: EventKind, task_id: &str) -> EventView {
+        EventView {
+            kind,
+            task_id: task_id.into(),
+            session: "alice".into(),
+            position: None,
+            text: None,
+            into: None,
+            task: None,
+            at: None,
+        }
+    }
+
+    fn progress(task_id: &str, text: &str) -> EventView {
+        EventView {
+            text: Some(text.into()),
+            ..event(EventKind::Progress, task_id)
+        }
+    }
+
+    fn finished(view: TaskView) -> EventView {
+        EventView {
+            task: Some(view.clone()),
+            ..event(EventKind::Finished, &view.task_id)
+        }
+    }
+
+    /// Answers a `watch` of task `id` and the status request that follows it with
+    /// `status`; returns the watch's request id. Events in `before_status` are sent
+    /// between the two answers.
+    fn answer_task_watch(
+        conn: &mut Conn,
+        id: &str,
+        status: TaskView,
+        before_status: Vec<EventView>,
+    ) -> u64 {
+        let watch = conn.next();
+        assert_eq!(
+            watch.body,
+            RequestBody::Watch {
+                task_id: Some(id.into()),
+                session: None
+            }
+        );
+        conn.send(&Response::ok(
+            watch.id,
+            WatchReply {
+                task_id: Some(id.into()),
+                session: None,
+            },
+        ));
+        for e in before_status {
+            conn.event(watch.id, e);
+        }
+        let status_request = conn.next();
+        assert_eq!(
+            status_request.body,
+            RequestBody::Status {
+                task_id: Some(id.into())
+            }
+        );
+        conn.send(&Response::ok(status_request.id, status));
+        watch.id
     }
 
     #[test]
@@ -261,38 +527,26 @@ mod tests {
     #[test]
     fn send_prints_the_task_line() {
         let (_dir, socket, server) = fake_agentd(|request| {
-            let RequestBody::Send { session, text, .. } = &request.body else {
+            let RequestBody::Send {
+                session,
+                text,
+                priority,
+                mode,
+                ..
+            } = &request.body
+            else {
                 panic!("not a send: {request:?}");
             };
             assert_eq!(
                 (session.as_str(), text.as_str()),
                 ("alice", "fix the build")
             );
+            assert_eq!((*priority, *mode), (None, None));
             let task = TaskView {
-                task_id: "t-1".into(),
-                session: session.clone(),
-                state: TaskState::Queued,
                 position: Some(2),
-                pid: None,
-                created_at: "2024-05-01T10:00:00Z".into(),
-                started_at: None,
-                finished_at: None,
-                text: text.clone(),
-                progress: None,
-                result: None,
-                exit: None,
+                ..task("t-1", TaskState::Queued)
             };
-            Response::ok(
-                request.id,
-                SendReply {
-                    reply: "queued".into(),
-                    accepted: true,
-                    task: Some(task),
-                    capacity: Some(Capacity { busy: 2, max: 2 }),
-                    command: None,
-                    data: None,
-                },
-            )
+            Response::ok(request.id, accepted(task))
         });
         let (code, out, _) = agentctl(
             &socket,
@@ -301,6 +555,505 @@ mod tests {
         server.join().unwrap();
         assert_eq!(code, EXIT_OK);
         assert_eq!(out, "task t-1  queued: position 2 (2/2 agents busy)\n");
+    }
+
+    #[test]
+    fn send_prints_duplicates_drops_and_notices() {
+        let (_dir, socket, server) = fake_agentd(|request| {
+            assert!(matches!(
+                request.body,
+                RequestBody::Send {
+                    priority: Some(Priority::Background),
+                    mode: Some(QueueMode::Followup),
+                    ..
+                }
+            ));
+            let reply = SendReply {
+                duplicate: true,
+                dropped: vec![TaskView {
+                    text: "an old message that nobody will miss, honestly".into(),
+                    ..task("t-0", TaskState::Dropped)
+                }],
+                notice: Some("the agent cannot be steered;\nqueued as a follow-up".into()),
+                ..accepted(TaskView {
+                    position: Some(1),
+                    ..task("t-1", TaskState::Queued)
+                })
+            };
+            Response::ok(request.id, reply)
+        });
+        let (code, out, err) = agentctl(
+            &socket,
+            &[
+                "send",
+                "--session",
+                "alice",
+                "--background",
+                "--mode",
+                "followup",
+                "x",
+            ],
+        );
+        server.join().unwrap();
+        assert_eq!(code, EXIT_OK, "{err}");
+        assert_eq!(
+            out,
+            "task t-1  queued: position 1 (2/2 agents busy)\n  \
+             duplicate: this message was already delivered as task t-1 (queued)\n  \
+             dropped to make room: task t-0 an old message that nobody will miss, h…\n  \
+             note: the agent cannot be steered; queued as a follow-up\n"
+        );
+    }
+
+    #[test]
+    fn send_wait_prints_progress_then_the_outcome_and_result() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let send = conn.next();
+            assert!(matches!(send.body, RequestBody::Send { .. }));
+            let queued = TaskView {
+                position: Some(2),
+                ..task("t-1", TaskState::Queued)
+            };
+            conn.send(&Response::ok(send.id, accepted(queued.clone())));
+            // A progress event between the watch's answer and the status answer is
+            // kept, not lost.
+            let watch = answer_task_watch(
+                conn,
+                "t-1",
+                queued,
+                vec![EventView {
+                    position: Some(1),
+                    ..event(EventKind::Position, "t-1")
+                }],
+            );
+            conn.event(watch, event(EventKind::Started, "t-1"));
+            conn.event(watch, progress("t-1", "compiling"));
+            conn.event(watch, progress("t-1", "testing \x1b[1m"));
+            let done = TaskView {
+                result: Some("all green\n2 files changed\n".into()),
+                exit: Some(ExitView {
+                    code: Some(0),
+                    ..ExitView::default()
+                }),
+                ..task("t-1", TaskState::Succeeded)
+            };
+            conn.event(watch, finished(done));
+        });
+        let (code, out, err) = agentctl(&socket, &["send", "--session", "alice", "--wait", "x"]);
+        server.join().unwrap();
+        assert_eq!((code, err.as_str()), (EXIT_OK, ""));
+        assert_eq!(
+            out,
+            "task t-1  queued: position 2 (2/2 agents busy)\n  \
+             compiling\n  \
+             testing \u{FFFD}[1m\n\
+             task t-1  succeeded\n\
+             all green\n\
+             2 files changed\n"
+        );
+    }
+
+    #[test]
+    fn send_wait_exits_5_when_the_task_fails_and_json_prints_only_the_task() {
+        for json in [false, true] {
+            let failed = TaskView {
+                exit: Some(ExitView {
+                    error: Some("agent exited with code 3".into()),
+                    code: Some(3),
+                    ..ExitView::default()
+                }),
+                ..task("t-1", TaskState::Failed)
+            };
+            let final_view = failed.clone();
+            let (_dir, socket, server) = fake_agentd_script(move |conn| {
+                let send = conn.next();
+                conn.send(&Response::ok(
+                    send.id,
+                    accepted(task("t-1", TaskState::Starting)),
+                ));
+                let running = task("t-1", TaskState::Running);
+                let watch = answer_task_watch(conn, "t-1", running, vec![]);
+                conn.event(watch, progress("t-1", "trying"));
+                conn.event(watch, finished(failed));
+            });
+            let mut args = vec!["send", "--session", "alice", "--wait", "x"];
+            if json {
+                args.push("--json");
+            }
+            let (code, out, err) = agentctl(&socket, &args);
+            server.join().unwrap();
+            assert_eq!((code, err.as_str()), (EXIT_TASK_FAILED, ""));
+            if json {
+                let printed: TaskView = serde_json::from_str(&out).unwrap();
+                assert_eq!(printed, final_view);
+                assert_eq!(out.lines().count(), 1, "{out}");
+            } else {
+                assert_eq!(
+                    out,
+                    "task t-1  started\n  \
+                     trying\n\
+                     task t-1  failed (agent exited with code 3)\n"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn send_wait_follows_a_merged_message_into_its_task() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let send = conn.next();
+            let merged = TaskView {
+                merged_into: Some("t-1".into()),
+                ..task("t-2", TaskState::Merged)
+            };
+            let reply = SendReply {
+                notice: Some("collected for the follow-up".into()),
+                ..accepted(merged)
+            };
+            conn.send(&Response::ok(send.id, reply));
+            let watch = answer_task_watch(conn, "t-1", task("t-1", TaskState::Queued), vec![]);
+            // t-1 is itself collected into t-3; the watch follows it there.
+            conn.event(
+                watch,
+                EventView {
+                    into: Some("t-3".into()),
+                    ..event(EventKind::Merged, "t-1")
+                },
+            );
+            conn.event(watch, progress("t-3", "working"));
+            conn.event(
+                watch,
+                finished(TaskView {
+                    result: Some("done".into()),
+                    ..task("t-3", TaskState::Succeeded)
+                }),
+            );
+        });
+        let (code, out, err) = agentctl(&socket, &["send", "--session", "alice", "--wait", "x"]);
+        server.join().unwrap();
+        assert_eq!((code, err.as_str()), (EXIT_OK, ""));
+        assert_eq!(
+            out,
+            "task t-2  merged into task t-1\n  \
+             note: collected for the follow-up\n  \
+             merged into task t-3\n  \
+             working\n\
+             task t-3  succeeded\n\
+             done\n"
+        );
+    }
+
+    #[test]
+    fn send_wait_on_a_control_command_prints_the_reply() {
+        let (_dir, socket, server) = fake_agentd(|request| {
+            Response::ok(
+                request.id,
+                SendReply {
+                    reply: "1/2 agents busy".into(),
+                    accepted: false,
+                    task: None,
+                    capacity: None,
+                    command: Some("status".into()),
+                    data: Some(serde_json::json!({})),
+                    duplicate: false,
+                    dropped: vec![],
+                    notice: None,
+                },
+            )
+        });
+        let (code, out, err) = agentctl(
+            &socket,
+            &["send", "--session", "alice", "--wait", "/status"],
+        );
+        server.join().unwrap();
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (EXIT_OK, "1/2 agents busy\n", "")
+        );
+    }
+
+    #[test]
+    fn send_wait_on_a_finished_duplicate_does_not_watch() {
+        let (_dir, socket, server) = fake_agentd(|request| {
+            let done = TaskView {
+                result: Some("42".into()),
+                ..task("t-1", TaskState::Succeeded)
+            };
+            Response::ok(
+                request.id,
+                SendReply {
+                    duplicate: true,
+                    ..accepted(done)
+                },
+            )
+        });
+        let (code, out, err) = agentctl(
+            &socket,
+            &[
+                "send",
+                "--session",
+                "alice",
+                "--message-id",
+                "m1",
+                "--wait",
+                "x",
+            ],
+        );
+        server.join().unwrap();
+        assert_eq!((code, err.as_str()), (EXIT_OK, ""));
+        assert_eq!(
+            out,
+            "task t-1  succeeded\n  \
+             duplicate: this message was already delivered as task t-1 (succeeded)\n\
+             task t-1  succeeded\n\
+             42\n"
+        );
+    }
+
+    #[test]
+    fn send_wait_reports_a_lost_connection_with_exit_4() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let send = conn.next();
+            conn.send(&Response::ok(
+                send.id,
+                accepted(task("t-1", TaskState::Running)),
+            ));
+            let watch = answer_task_watch(conn, "t-1", task("t-1", TaskState::Running), vec![]);
+            conn.event(watch, progress("t-1", "half way"));
+            // Then agentd goes away.
+        });
+        let (code, out, err) = agentctl(&socket, &["send", "--session", "alice", "--wait", "x"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_FAILURE);
+        assert_eq!(out, "task t-1  started\n  half way\n");
+        assert_eq!(err, "agentctl: agentd closed the connection\n");
+    }
+
+    #[test]
+    fn queue_shows_and_changes_settings() {
+        let (_dir, socket, server) = fake_agentd(|request| {
+            assert_eq!(
+                request.body,
+                RequestBody::Queue {
+                    session: "alice".into(),
+                    mode: Some(QueueMode::Steer),
+                    debounce_ms: Some(500),
+                    cap: Some(5),
+                    drop: Some(DropPolicy::Old),
+                    reset: false,
+                }
+            );
+            Response::ok(
+                request.id,
+                QueueSettingsView {
+                    session: "alice".into(),
+                    mode: QueueMode::Steer,
+                    debounce_ms: 500,
+                    cap: 5,
+                    drop: DropPolicy::Old,
+                    custom: true,
+                },
+            )
+        });
+        let (code, out, err) = agentctl(
+            &socket,
+            &[
+                "queue",
+                "--session",
+                "alice",
+                "drop:old",
+                "steer",
+                "cap:5",
+                "debounce:500ms",
+            ],
+        );
+        server.join().unwrap();
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (
+                EXIT_OK,
+                "session alice: mode steer, debounce 500ms, cap 5, drop old\n",
+                ""
+            )
+        );
+
+        let (_dir, socket, server) = fake_agentd(|request| {
+            assert!(matches!(
+                request.body,
+                RequestBody::Queue {
+                    reset: true,
+                    mode: None,
+                    ..
+                }
+            ));
+            Response::ok(
+                request.id,
+                QueueSettingsView {
+                    session: "alice".into(),
+                    mode: QueueMode::Collect,
+                    debounce_ms: 1_000,
+                    cap: 20,
+                    drop: DropPolicy::Summarize,
+                    custom: false,
+                },
+            )
+        });
+        let (code, out, _) = agentctl(&socket, &["queue", "--session", "alice", "--reset"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_OK);
+        assert_eq!(
+            out,
+            "session alice: mode collect, debounce 1s, cap 20, drop summarize (defaults)\n"
+        );
+    }
+
+    #[test]
+    fn queue_argument_errors_exit_2_without_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agentd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        for (words, expected) in [
+            (&["cap:0"][..], "cap must be at least 1"),
+            (
+                &["debounce:later"],
+                "debounce must be a duration such as 2s or 500ms",
+            ),
+            (
+                &["drop:all"],
+                "unknown drop policy 'all' (expected old, new or summarize)",
+            ),
+            (
+                &["steer", "interrupt"],
+                "the queue mode is given more than once",
+            ),
+            (&["size:3"], "unknown queue option 'size'"),
+        ] {
+            let mut args = vec!["queue", "--session", "alice"];
+            args.extend_from_slice(words);
+            let (code, out, err) = agentctl(&socket, &args);
+            assert_eq!(code, EXIT_USAGE, "{words:?}");
+            assert_eq!(out, "");
+            assert!(
+                err.starts_with("error: ") && err.contains(expected),
+                "{words:?}: {err}"
+            );
+        }
+        let nothing = listener.accept().unwrap_err();
+        assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn watch_a_task_prints_events_until_it_finishes() {
+        for json in [false, true] {
+            let events = vec![
+                EventView {
+                    position: Some(2),
+                    task: Some(task("t-1", TaskState::Queued)),
+                    ..event(EventKind::Accepted, "t-1")
+                },
+                event(EventKind::Started, "t-1"),
+                progress("t-1", "step 1"),
+                finished(TaskView {
+                    result: Some("ok\nbye".into()),
+                    ..task("t-1", TaskState::Succeeded)
+                }),
+            ];
+            let sent = events.clone();
+            let (_dir, socket, server) = fake_agentd_script(move |conn| {
+                let watch = answer_task_watch(conn, "t-1", task("t-1", TaskState::Queued), vec![]);
+                for e in sent {
+                    conn.event(watch, e);
+                }
+                // The connection stays open: agentctl must stop on its own.
+                let mut rest = String::new();
+                let _ = std::io::Read::read_to_string(&mut conn.reader, &mut rest);
+            });
+            let mut args = vec!["watch", "t-1"];
+            if json {
+                args.push("--json");
+            }
+            let (code, out, err) = agentctl(&socket, &args);
+            server.join().unwrap();
+            assert_eq!((code, err.as_str()), (EXIT_OK, ""));
+            if json {
+                let printed: Vec<EventView> = out
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+                assert_eq!(printed, events);
+            } else {
+                let lines: Vec<&str> = out.lines().collect();
+                assert_eq!(lines.len(), 6, "{out}");
+                for line in &lines[..4] {
+                    let clock = &line[..8];
+                    assert!(
+                        clock.bytes().enumerate().all(|(i, b)| if i % 3 == 2 {
+                            b == b':'
+                        } else {
+                            b.is_ascii_digit()
+                        }),
+                        "{line}"
+                    );
+                }
+                let without_clock: Vec<&str> = lines[..4].iter().map(|l| &l[8..]).collect();
+                assert_eq!(
+                    without_clock,
+                    [
+                        "  task t-1  accepted (queued, position 2)",
+                        "  task t-1  started",
+                        "  task t-1  progress: step 1",
+                        "  task t-1  finished: succeeded",
+                    ]
+                );
+                assert_eq!(lines[4..], ["          ok", "          bye"]);
+            }
+        }
+    }
+
+    #[test]
+    fn watch_a_session_runs_until_the_connection_closes() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let watch = conn.next();
+            assert_eq!(
+                watch.body,
+                RequestBody::Watch {
+                    task_id: None,
+                    session: Some("alice".into())
+                }
+            );
+            conn.send(&Response::ok(
+                watch.id,
+                WatchReply {
+                    task_id: None,
+                    session: Some("alice".into()),
+                },
+            ));
+            conn.event(watch.id, finished(task("t-1", TaskState::Succeeded)));
+            conn.event(watch.id, event(EventKind::Started, "t-2"));
+        });
+        let (code, out, err) = agentctl(&socket, &["watch", "--session", "alice"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_FAILURE);
+        let tails: Vec<&str> = out.lines().map(|l| &l[8..]).collect();
+        assert_eq!(
+            tails,
+            ["  task t-1  finished: succeeded", "  task t-2  started"]
+        );
+        assert_eq!(err, "agentctl: agentd closed the connection\n");
+    }
+
+    #[test]
+    fn watch_errors_are_daemon_errors() {
+        let (_dir, socket, server) = fake_agentd(|request| {
+            Response::err(Some(request.id), ErrorCode::NotFound, "no task t-9")
+        });
+        let (code, out, err) = agentctl(&socket, &["watch", "t-9"]);
+        server.join().unwrap();
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (EXIT_DAEMON_ERROR, "", "agentctl: no task t-9\n")
+        );
     }
 
     #[test]
@@ -377,7 +1130,7 @@ mod tests {
     fn a_closed_stdout_exits_0_quietly() {
         let (_dir, socket, server) =
             fake_agentd(|request| Response::ok(request.id, serde_json::json!([])));
-        let cli = Cli::try_parse_from(
+        let cli = Cli::try_parse_checked(
             ["agentctl", "tasks", "--socket"]
                 .into_iter()
                 .map(OsString::from)

@@ -9,7 +9,10 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use agentd_proto::control::{ExitView, PingReply, SendReply, StatusReply, StopReply, TaskView};
+use agentd_proto::control::{
+    EventKind, EventView, ExitView, PingReply, QueueSettingsView, SendReply, StatusReply,
+    StopReply, TaskView,
+};
 use agentd_proto::text;
 
 /// Width of the TEXT column of the tasks table, in characters.
@@ -18,15 +21,180 @@ pub const TEXT_WIDTH: usize = 40;
 /// Width of the SESSION column of the tasks table, in characters.
 pub const SESSION_WIDTH: usize = 32;
 
+/// Width of the excerpt of a dropped message's text, in characters.
+pub const EXCERPT_WIDTH: usize = 40;
+
+/// Indentation of the result lines under a `finished` event line: under `task`.
+const EVENT_INDENT: &str = "          ";
+
 /// Answer to `send`: `task <id>  started`, `task <id>  queued: position 1 (1/1 agents
 /// busy)`, or, for control commands typed as chat text (`/status`…), the reply itself.
+///
+/// Then, each on its own line, what else the answer says:
+///
+/// ```text
+///   merged into task <id>
+///   duplicate: this message was already delivered as task <id> (<state>)
+///   dropped to make room: task <id> <text excerpt>
+///   note: <notice>
+/// ```
 pub fn render_send(reply: &SendReply) -> String {
-    match &reply.task {
+    let mut out = match &reply.task {
         Some(task) if reply.accepted && reply.command.is_none() => {
             clean_block(&text::accepted_line(task, reply.capacity))
         }
         _ => clean_block(&reply.reply),
+    };
+    let mut line = |l: String| {
+        out.push('\n');
+        out.push_str(&l);
+    };
+    if reply.duplicate {
+        line(match &reply.task {
+            Some(task) => format!(
+                "  duplicate: this message was already delivered as task {} ({})",
+                clean_line(&task.task_id),
+                task.state
+            ),
+            None => "  duplicate: this message was already delivered".to_string(),
+        });
     }
+    for dropped in &reply.dropped {
+        line(format!(
+            "  dropped to make room: task {} {}",
+            clean_line(&dropped.task_id),
+            truncate(&clean_line(&dropped.text), EXCERPT_WIDTH)
+        ));
+    }
+    if let Some(notice) = &reply.notice {
+        line(format!("  note: {}", clean_line(notice)));
+    }
+    out
+}
+
+/// `  merged into task <id>`: a message went into another task (`send`, `send
+/// --wait`).
+pub fn render_merged_into(task_id: &str) -> String {
+    format!("  merged into task {}", clean_line(task_id))
+}
+
+/// A progress line of `send --wait`: `  <text>`.
+pub fn render_progress(progress: &str) -> String {
+    format!("  {}", clean_line(progress))
+}
+
+/// The end of `send --wait`: `task <id>  <outcome>` (see
+/// [`text::outcome`]), then the result, if any, on the following lines.
+pub fn render_wait_end(task: &TaskView) -> String {
+    let mut out = format!(
+        "task {}  {}",
+        clean_line(&task.task_id),
+        clean_line(&text::outcome(task))
+    );
+    let result = task.result.as_deref().map(clean_block).unwrap_or_default();
+    if !result.is_empty() {
+        out.push('\n');
+        out.push_str(&result);
+    }
+    out
+}
+
+/// Answer to `queue`: `session <S>: mode collect, debounce 1s, cap 20, drop
+/// summarize`, with ` (defaults)` when the session has no settings of its own.
+pub fn render_queue(settings: &QueueSettingsView) -> String {
+    format!(
+        "session {}: mode {}, debounce {}, cap {}, drop {}{}",
+        clean_line(&settings.session),
+        settings.mode.as_str(),
+        humantime::format_duration(Duration::from_millis(settings.debounce_ms)),
+        settings.cap,
+        settings.drop.as_str(),
+        if settings.custom { "" } else { " (defaults)" }
+    )
+}
+
+/// One event of `watch`, received at `at`: `HH:MM:SS  task <id>  <what>` (UTC, like
+/// the timestamps agentd sends), where `<what>` is one of
+///
+/// ```text
+/// accepted (queued, position 2)     accepted (starting)
+/// position 1
+/// started
+/// progress: <text>
+/// steered: <text>                   steered into <id>: <text>
+/// merged into <id>
+/// dropped                           dropped: <note>
+/// expired                           expired: <note>
+/// finished: <outcome>
+/// ```
+///
+/// and a `finished` event's result follows on the next lines, indented under `task`.
+pub fn render_event(event: &EventView, at: SystemTime) -> String {
+    let task = event.task.as_ref();
+    let text = event.text.as_deref().map(clean_line);
+    let with_text = |what: &str| match &text {
+        Some(t) => format!("{what}: {t}"),
+        None => what.to_string(),
+    };
+    let position = event.position.or(task.and_then(|t| t.position));
+    let what = match event.kind {
+        EventKind::Accepted => {
+            let mut details: Vec<String> = task.map(|t| t.state.to_string()).into_iter().collect();
+            details.extend(position.map(|p| format!("position {p}")));
+            if details.is_empty() {
+                "accepted".to_string()
+            } else {
+                format!("accepted ({})", details.join(", "))
+            }
+        }
+        EventKind::Position => match position {
+            Some(p) => format!("position {p}"),
+            None => "position changed".to_string(),
+        },
+        EventKind::Started => "started".to_string(),
+        EventKind::Progress => with_text("progress"),
+        EventKind::Steered => match &event.into {
+            Some(into) if *into != event.task_id => {
+                with_text(&format!("steered into {}", clean_line(into)))
+            }
+            _ => with_text("steered"),
+        },
+        EventKind::Merged => {
+            match event
+                .into
+                .as_ref()
+                .or(task.and_then(|t| t.merged_into.as_ref()))
+            {
+                Some(into) => format!("merged into {}", clean_line(into)),
+                None => "merged".to_string(),
+            }
+        }
+        EventKind::Dropped => with_text("dropped"),
+        EventKind::Expired => with_text("expired"),
+        EventKind::Finished => match task {
+            Some(t) => format!("finished: {}", clean_line(&text::outcome(t))),
+            None => "finished".to_string(),
+        },
+    };
+    let mut out = format!("{}  task {}  {what}", clock(at), clean_line(&event.task_id));
+    if event.kind == EventKind::Finished {
+        let result = task
+            .and_then(|t| t.result.as_deref())
+            .map(clean_block)
+            .unwrap_or_default();
+        for line in result.lines() {
+            out.push('\n');
+            out.push_str(format!("{EVENT_INDENT}{line}").trim_end());
+        }
+    }
+    out
+}
+
+/// `HH:MM:SS` of `at`, in UTC.
+pub fn clock(at: SystemTime) -> String {
+    let stamp = humantime::format_rfc3339_seconds(at).to_string();
+    // `YYYY-MM-DDTHH:MM:SSZ`
+    stamp.get(11..19).unwrap_or("--:--:--").to_string()
 }
 
 /// Answer to `ping`: `agentd 0.1.0 is running at <socket> (pid N, up 3s)`.
@@ -371,7 +539,9 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentd_proto::control::{Capacity, StopStep, TaskState};
+    use agentd_proto::control::{
+        Capacity, DropPolicy, EventKind, EventView, Priority, QueueMode, StopStep, TaskState,
+    };
 
     const ID1: &str = "01900000-0000-7000-8000-000000000001";
     const ID2: &str = "01900000-0000-7000-8000-000000000002";
@@ -395,6 +565,8 @@ mod tests {
             progress: None,
             result: None,
             exit: None,
+            merged_into: None,
+            priority: Priority::Interactive,
         }
     }
 
@@ -443,6 +615,9 @@ mod tests {
             capacity: Some(Capacity { busy: 1, max: 1 }),
             command: None,
             data: None,
+            duplicate: false,
+            dropped: vec![],
+            notice: None,
         }
     }
 
@@ -467,10 +642,235 @@ mod tests {
             capacity: None,
             command: Some("status".into()),
             data: Some(serde_json::json!({})),
+            duplicate: false,
+            dropped: vec![],
+            notice: None,
         };
         assert_eq!(
             render_send(&reply),
             "agentd 0.1.0: 1/1 agents busy\nyour task: running"
+        );
+    }
+
+    #[test]
+    fn send_extra_lines() {
+        let reply = SendReply {
+            duplicate: true,
+            dropped: vec![
+                TaskView {
+                    text: "first\nheld   message".into(),
+                    ..task(ID1, "alice", TaskState::Dropped, "")
+                },
+                task(
+                    ID3,
+                    "alice",
+                    TaskState::Dropped,
+                    "a message long enough to be cut short at forty characters",
+                ),
+            ],
+            notice: Some("agent cannot be steered: queued as a follow-up\n".into()),
+            ..send_reply(Some(queued()))
+        };
+        assert_eq!(
+            render_send(&reply),
+            format!(
+                "task {ID2}  queued: position 1 (1/1 agents busy)\n  \
+                 duplicate: this message was already delivered as task {ID2} (queued)\n  \
+                 dropped to make room: task {ID1} first held message\n  \
+                 dropped to make room: task {ID3} a message long enough to be cut short a…\n  \
+                 note: agent cannot be steered: queued as a follow-up"
+            )
+        );
+        let merged = TaskView {
+            merged_into: Some(ID1.into()),
+            ..task(ID2, "alice", TaskState::Merged, "and also this")
+        };
+        assert_eq!(
+            render_send(&send_reply(Some(merged))),
+            format!("task {ID2}  merged into task {ID1}")
+        );
+        // A control command with a notice.
+        let reply = SendReply {
+            reply: "nothing to stop".into(),
+            accepted: false,
+            command: Some("stop".into()),
+            notice: Some("try /tasks".into()),
+            ..send_reply(None)
+        };
+        assert_eq!(render_send(&reply), "nothing to stop\n  note: try /tasks");
+    }
+
+    #[test]
+    fn wait_lines() {
+        assert_eq!(render_progress("step 2/3\r\n"), "  step 2/3");
+        assert_eq!(render_merged_into(ID1), format!("  merged into task {ID1}"));
+        assert_eq!(
+            render_wait_end(&killed()),
+            format!(
+                "task {ID3}  cancelled (ended by SIGKILL after 2.01 s)\n\
+                 partial: 2 of 3 files\nupdated"
+            )
+        );
+        let done = TaskView {
+            result: Some("\n".into()),
+            ..task(ID1, "a", TaskState::Succeeded, "x")
+        };
+        assert_eq!(render_wait_end(&done), format!("task {ID1}  succeeded"));
+    }
+
+    #[test]
+    fn queue_settings_line() {
+        let mut settings = QueueSettingsView {
+            session: "telegram:42".into(),
+            mode: QueueMode::SteerBacklog,
+            debounce_ms: 2_500,
+            cap: 25,
+            drop: DropPolicy::New,
+            custom: true,
+        };
+        assert_eq!(
+            render_queue(&settings),
+            "session telegram:42: mode steer-backlog, debounce 2s 500ms, cap 25, drop new"
+        );
+        settings = QueueSettingsView {
+            mode: QueueMode::Collect,
+            debounce_ms: 1_000,
+            cap: 20,
+            drop: DropPolicy::Summarize,
+            custom: false,
+            ..settings
+        };
+        assert_eq!(
+            render_queue(&settings),
+            "session telegram:42: mode collect, debounce 1s, cap 20, drop summarize (defaults)"
+        );
+        settings.debounce_ms = 0;
+        assert!(render_queue(&settings).contains("debounce 0s,"));
+    }
+
+    #[test]
+    fn watch_event_lines() {
+        let at = parse_timestamp("2024-05-01T10:05:07.900Z").unwrap();
+        let event = |kind: EventKind| EventView {
+            kind,
+            task_id: ID1.into(),
+            session: "alice".into(),
+            position: None,
+            text: None,
+            into: None,
+            task: None,
+            at: None,
+        };
+        let cases = [
+            (
+                EventView {
+                    position: Some(2),
+                    task: Some(TaskView {
+                        position: Some(2),
+                        ..task(ID1, "alice", TaskState::Queued, "x")
+                    }),
+                    ..event(EventKind::Accepted)
+                },
+                "accepted (queued, position 2)",
+            ),
+            (
+                EventView {
+                    task: Some(task(ID1, "alice", TaskState::Starting, "x")),
+                    ..event(EventKind::Accepted)
+                },
+                "accepted (starting)",
+            ),
+            (event(EventKind::Accepted), "accepted"),
+            (
+                EventView {
+                    position: Some(1),
+                    ..event(EventKind::Position)
+                },
+                "position 1",
+            ),
+            (event(EventKind::Started), "started"),
+            (
+                EventView {
+                    text: Some("linking\x07".into()),
+                    ..event(EventKind::Progress)
+                },
+                "progress: linking\u{FFFD}",
+            ),
+            (
+                EventView {
+                    text: Some("use the other API".into()),
+                    ..event(EventKind::Steered)
+                },
+                "steered: use the other API",
+            ),
+            (
+                EventView {
+                    text: Some("use the other API".into()),
+                    into: Some(ID2.into()),
+                    ..event(EventKind::Steered)
+                },
+                &format!("steered into {ID2}: use the other API"),
+            ),
+            (
+                EventView {
+                    into: Some(ID2.into()),
+                    ..event(EventKind::Merged)
+                },
+                &format!("merged into {ID2}"),
+            ),
+            (
+                EventView {
+                    task: Some(TaskView {
+                        merged_into: Some(ID3.into()),
+                        ..task(ID1, "alice", TaskState::Merged, "x")
+                    }),
+                    ..event(EventKind::Merged)
+                },
+                &format!("merged into {ID3}"),
+            ),
+            (event(EventKind::Dropped), "dropped"),
+            (
+                EventView {
+                    text: Some("cap 20 reached".into()),
+                    ..event(EventKind::Dropped)
+                },
+                "dropped: cap 20 reached",
+            ),
+            (event(EventKind::Expired), "expired"),
+            (event(EventKind::Finished), "finished"),
+            (
+                EventView {
+                    task: Some(TaskView {
+                        started_at: None,
+                        ..task(ID1, "alice", TaskState::Cancelled, "x")
+                    }),
+                    ..event(EventKind::Finished)
+                },
+                "finished: cancelled (removed from the queue)",
+            ),
+        ];
+        for (event, what) in cases {
+            assert_eq!(
+                render_event(&event, at),
+                format!("10:05:07  task {ID1}  {what}"),
+                "{event:?}"
+            );
+        }
+        let done = EventView {
+            task: Some(killed()),
+            ..event(EventKind::Finished)
+        };
+        assert_eq!(
+            render_event(&done, at),
+            format!(
+                "10:05:07  task {ID1}  finished: cancelled (ended by SIGKILL after 2.01 s)\n          \
+                 partial: 2 of 3 files\n          \
+                 updated"
+            )
+        );
+        assert_eq!(
+            clock(parse_timestamp("2024-05-01T23:59:59Z").unwrap()),
+            "23:59:59"
         );
     }
 

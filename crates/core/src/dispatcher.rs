@@ -1,45 +1,67 @@
-//! [`Dispatcher`]: the per-session lanes, the global lane and the stop sequence.
+//! [`Dispatcher`]: the per-session lanes, queue modes, the global lane with its
+//! priority classes, and the stop sequence.
 //!
 //! **Invariants** (checked by [`Dispatcher::check_invariants`] in the tests):
 //! - at most one task per session is active (starting, running or stopping), and it is
 //!   the one recorded as the session's claim;
-//! - `live` (agents ordered spawned and not yet reaped) never exceeds `max_concurrent`;
-//! - a session is in the ready ring exactly when it has queued work and no active task,
-//!   and it appears there once: admission is round-robin across ready sessions;
+//! - `live` (agents ordered spawned and not yet reaped) never exceeds `max_concurrent`,
+//!   and live background tasks never exceed `max_background`;
+//! - a session is in a ready ring exactly when it has queued work, no active task and
+//!   no debounce pending, once, in the ring of its next task's priority: admission
+//!   is round-robin across ready sessions, interactive before background;
+//! - no slot is idle while an admissible session waits;
 //! - a claim is released only by the end of the task that holds it (compare, then
 //!   release);
 //! - a session with no queued work and no active task has no entry at all, and a
-//!   finished task leaves every map the moment [`Action::Finished`] is emitted.
+//!   task leaves every map the moment [`Action::Finished`] is emitted; the only
+//!   per-session state that outlives the work is a session's own queue settings
+//!   (set explicitly) and the bounded de-duplication window.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
+use crate::queue::{self, DropPolicy, Mode, Priority, QueueSettings};
 use crate::task::{
     AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopStep, Task, TaskId, TaskState,
 };
 
-/// Limits and graces the dispatcher decides with.
+/// Limits, graces and defaults the dispatcher decides with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Most agent processes alive at once.
     pub max_concurrent: u32,
+    /// Most background agent processes alive at once (`None`: only `max_concurrent`).
+    pub max_background: Option<u32>,
     /// Time between the cooperative cancel and SIGTERM.
     pub cancel_grace: Duration,
     /// Time between SIGTERM and SIGKILL.
     pub term_grace: Duration,
+    /// Queue settings of sessions that have none of their own.
+    pub queue: QueueSettings,
+    /// Most queued tasks across all sessions; past it new work is refused.
+    pub max_queued: u32,
+    /// Queued tasks older than this expire (`None`: never).
+    pub queue_timeout: Option<Duration>,
+    /// How many `(session, message_id)` pairs are remembered for de-duplication.
+    pub dedup_window: usize,
 }
 
 impl Default for Config {
     fn default() -> Config {
         Config {
             max_concurrent: 2,
+            max_background: None,
             cancel_grace: Duration::from_secs(5),
             term_grace: Duration::from_secs(5),
+            queue: QueueSettings::default(),
+            max_queued: 1000,
+            queue_timeout: None,
+            dedup_window: 10_000,
         }
     }
 }
 
-/// Something that happened to a task, reported by the daemon.
+/// Something that happened, reported by the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The agent process of a task exists (its pid is also its process group).
@@ -81,9 +103,19 @@ pub enum Event {
         task_id: TaskId,
         step: StopStep,
     },
+    /// A debounce timer armed by [`Action::SetDebounce`] elapsed.
+    Debounce {
+        session: String,
+        generation: u64,
+    },
+    /// Time passed (the daemon ticks regularly): queued work may expire.
+    Tick,
 }
 
 /// Something the daemon must do.
+// `Finished` carries the whole task. Actions live only for one decision's batch, so
+// the size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Start an agent process for the task. Answer with `Spawned` or `SpawnFailed`.
@@ -94,6 +126,8 @@ pub enum Action {
     },
     /// Send the cooperative cancel over the task's IPC channel.
     SendCancel { task_id: TaskId },
+    /// Deliver a message into the running task over its IPC channel.
+    Steer { task_id: TaskId, text: String },
     /// Signal the task's process tree (`Sigterm` or `Sigkill`).
     Signal { task_id: TaskId, step: StopStep },
     /// Feed back `Event::StopTimer { task_id, step }` after `after`.
@@ -101,6 +135,12 @@ pub enum Action {
         task_id: TaskId,
         after: Duration,
         step: StopStep,
+    },
+    /// Feed back `Event::Debounce { session, generation }` after `after`.
+    SetDebounce {
+        session: String,
+        after: Duration,
+        generation: u64,
     },
     /// The task reached a terminal state and left the dispatcher; keep it as history.
     Finished(Task),
@@ -119,6 +159,59 @@ impl Actions {
     pub fn into_vec(self) -> Vec<Action> {
         self.0
     }
+}
+
+/// A work message for a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The id the message's task gets (the daemon makes it).
+    pub task_id: TaskId,
+    pub session: String,
+    pub text: String,
+    /// The bridge's id for de-duplication of re-deliveries.
+    pub message_id: Option<String>,
+    pub priority: Priority,
+    /// This message's mode, overriding the session's (a `/queue <mode>` prefix).
+    pub mode: Option<Mode>,
+}
+
+impl Message {
+    /// An interactive message with the session's mode and no bridge id.
+    pub fn new(task_id: TaskId, session: impl Into<String>, text: impl Into<String>) -> Message {
+        Message {
+            task_id,
+            session: session.into(),
+            text: text.into(),
+            message_id: None,
+            priority: Priority::Interactive,
+            mode: None,
+        }
+    }
+}
+
+/// What became of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// The message is a task: started, queued, or (steered) merged into the running
+    /// task. `dropped` are held messages that overflow removed to make room;
+    /// `notice` tells the sender about a fallback or an interrupt.
+    Task {
+        task_id: TaskId,
+        steered_into: Option<TaskId>,
+        dropped: Vec<TaskId>,
+        notice: Option<String>,
+    },
+    /// A re-delivery of a message already accepted: nothing new happened.
+    Duplicate { task_id: TaskId },
+}
+
+/// Why a message was refused. Nothing was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The daemon-wide queue limit is reached.
+    QueueFull { limit: u32 },
+    /// The session's cap is reached and its drop policy is `new`.
+    SessionFull { cap: u32 },
 }
 
 /// What a new work message became.
@@ -173,10 +266,15 @@ pub struct Capacity {
 
 #[derive(Debug, Default)]
 struct Session {
-    /// Queued tasks in arrival order.
+    /// Queued tasks in the order they will run.
     queue: VecDeque<TaskId>,
     /// The task that holds this session's lane.
     active: Option<TaskId>,
+    /// Set while waiting for quiet before a follow-up; the generation of the timer
+    /// that may end the wait (a newer message arms a newer one).
+    debounce: Option<u64>,
+    /// Previews of messages dropped with `drop: summarize`, for the next follow-up.
+    dropped_previews: Vec<String>,
 }
 
 /// The dispatcher state machine. See the module docs for its invariants.
@@ -185,10 +283,18 @@ pub struct Dispatcher {
     config: Config,
     tasks: HashMap<TaskId, Task>,
     sessions: HashMap<String, Session>,
-    /// Sessions with queued work and no active task, in admission order.
+    /// Sessions whose next task is interactive, ready to run, in admission order.
     ready: VecDeque<String>,
+    /// The same for background work.
+    ready_background: VecDeque<String>,
     /// Tasks whose agent was ordered spawned and is not yet reaped.
     live: BTreeSet<TaskId>,
+    /// Sessions' own queue settings (only those set with `/queue`).
+    settings: HashMap<String, QueueSettings>,
+    /// Recently seen `(session, message_id)` pairs and their tasks, oldest first.
+    seen: HashMap<(String, String), TaskId>,
+    seen_order: VecDeque<(String, String)>,
+    debounce_generation: u64,
 }
 
 impl Dispatcher {
@@ -198,7 +304,12 @@ impl Dispatcher {
             tasks: HashMap::new(),
             sessions: HashMap::new(),
             ready: VecDeque::new(),
+            ready_background: VecDeque::new(),
             live: BTreeSet::new(),
+            settings: HashMap::new(),
+            seen: HashMap::new(),
+            seen_order: VecDeque::new(),
+            debounce_generation: 0,
         }
     }
 
@@ -238,25 +349,51 @@ impl Dispatcher {
         self.sessions.get(session).and_then(|s| s.active)
     }
 
+    /// The queue settings in force for a session.
+    pub fn settings(&self, session: &str) -> QueueSettings {
+        self.settings
+            .get(session)
+            .copied()
+            .unwrap_or(self.config.queue)
+    }
+
+    /// True when the session has settings of its own.
+    pub fn has_own_settings(&self, session: &str) -> bool {
+        self.settings.contains_key(session)
+    }
+
     /// Admission order of every queued task (1 = admitted next).
     ///
-    /// Sessions take turns: first the ready sessions in ring order, then the busy
-    /// sessions that have queued work (they rejoin the ring when their run ends), in
-    /// the order their runs started. Round `r` admits the `r`-th queued task of each.
+    /// Sessions take turns: first the ready sessions in ring order (interactive, then
+    /// background), then the sessions that are busy or waiting for quiet (they join
+    /// the ring later), in the order their runs started. Round `r` admits the `r`-th
+    /// queued task of each. It is an estimate: collected messages merge when they run.
     pub fn positions(&self) -> HashMap<TaskId, u32> {
         let mut order: Vec<&Session> = self
             .ready
             .iter()
+            .chain(self.ready_background.iter())
             .filter_map(|s| self.sessions.get(s))
             .collect();
-        let mut busy: Vec<(&Task, &Session)> = self
-            .sessions
-            .values()
-            .filter(|s| !s.queue.is_empty())
-            .filter_map(|s| s.active.and_then(|t| self.tasks.get(&t)).map(|t| (t, s)))
+        let in_ring: HashSet<&String> = self
+            .ready
+            .iter()
+            .chain(self.ready_background.iter())
             .collect();
-        busy.sort_by_key(|(t, _)| (t.started_at, t.id));
-        order.extend(busy.into_iter().map(|(_, s)| s));
+        // Busy or quiet-waiting sessions, in the order their runs started (then by name).
+        let mut waiting: Vec<(&String, &Session)> = self
+            .sessions
+            .iter()
+            .filter(|(key, s)| !s.queue.is_empty() && !in_ring.contains(key))
+            .collect();
+        waiting.sort_by_key(|(key, s)| {
+            let started = s
+                .active
+                .and_then(|t| self.tasks.get(&t))
+                .map(|t| (t.started_at, t.id));
+            (started, *key)
+        });
+        order.extend(waiting.into_iter().map(|(_, s)| s));
 
         let mut positions = HashMap::new();
         let rounds = order.iter().map(|s| s.queue.len()).max().unwrap_or(0);
@@ -279,10 +416,23 @@ impl Dispatcher {
         }
     }
 
+    // ----- settings -----
+
+    /// Gives a session its own queue settings.
+    pub fn set_settings(&mut self, session: &str, settings: QueueSettings) {
+        self.settings.insert(session.to_string(), settings);
+    }
+
+    /// Puts a session back on the daemon's default settings.
+    pub fn reset_settings(&mut self, session: &str) {
+        self.settings.remove(session);
+    }
+
     // ----- inputs -----
 
-    /// A work message for `session` becomes a queued task and is admitted if a slot and
-    /// the session's lane are free.
+    /// A plain interactive message with the session's mode (see [`Dispatcher::accept`]).
+    /// Refusals (queue limits) and duplicates cannot happen without limits and ids;
+    /// if they do, the returned actions are empty.
     pub fn submit(
         &mut self,
         task_id: TaskId,
@@ -290,10 +440,153 @@ impl Dispatcher {
         text: String,
         now: Millis,
     ) -> Submitted {
-        let task = Task {
-            id: task_id,
-            session: session.clone(),
-            text,
+        let (_, actions) = self.accept(Message::new(task_id, session, text), now);
+        Submitted { task_id, actions }
+    }
+
+    /// A work message arrives for a session: de-duplicated, then steered, queued (with
+    /// the session's cap and drop policy, and the global queue limit) or started.
+    pub fn accept(&mut self, msg: Message, now: Millis) -> (Result<Accepted, Refused>, Actions) {
+        let mut actions = Vec::new();
+        if let Some(message_id) = &msg.message_id {
+            if let Some(&task_id) = self.seen.get(&(msg.session.clone(), message_id.clone())) {
+                return (Ok(Accepted::Duplicate { task_id }), Actions(actions));
+            }
+        }
+        let settings = self.settings(&msg.session);
+        let mut mode = msg.mode.unwrap_or(settings.mode);
+        let mut notice = None;
+
+        // What the running task (if any) can take.
+        let active = self
+            .sessions
+            .get(&msg.session)
+            .and_then(|s| s.active)
+            .and_then(|t| self.tasks.get(&t));
+        let active_id = active.map(|t| t.id);
+        let steerable = matches!(
+            active.map(|t| &t.state),
+            Some(TaskState::Running { steer: true, .. })
+        );
+        let mut steer_into = None;
+        if matches!(mode, Mode::Steer | Mode::SteerBacklog) {
+            match (active, steerable) {
+                (None, _) => mode = Mode::Followup,
+                (Some(_), true) => steer_into = active_id,
+                (Some(t), false) => {
+                    notice = Some(match t.state {
+                        TaskState::Running { .. } => format!(
+                            "the agent of task {} does not accept steering: the message is queued as a follow-up",
+                            t.id
+                        ),
+                        _ => format!(
+                            "task {} is not running yet (or is stopping): the message is queued as a follow-up",
+                            t.id
+                        ),
+                    });
+                    mode = Mode::Followup;
+                }
+            }
+        }
+
+        // Steer only: the message goes into the running task and ends there.
+        if let (Mode::Steer, Some(into)) = (mode, steer_into) {
+            actions.push(Action::Steer {
+                task_id: into,
+                text: msg.text.clone(),
+            });
+            let task = self.new_task(&msg, mode, now);
+            self.remember(&msg, task.id);
+            actions.push(Action::Finished(Task {
+                state: TaskState::Done {
+                    ending: Ending::Merged { into },
+                    exit: None,
+                },
+                finished_at: Some(now),
+                ..task
+            }));
+            let accepted = Accepted::Task {
+                task_id: msg.task_id,
+                steered_into: Some(into),
+                dropped: vec![],
+                notice,
+            };
+            return (Ok(accepted), Actions(actions));
+        }
+
+        // Everything else is queued: check the limits first, so a refusal changes nothing.
+        if self.n_queued() as u32 >= self.config.max_queued {
+            return (
+                Err(Refused::QueueFull {
+                    limit: self.config.max_queued,
+                }),
+                Actions::none(),
+            );
+        }
+        let held = self.sessions.get(&msg.session).map_or(0, |s| s.queue.len());
+        let mut dropped = Vec::new();
+        if held as u32 >= settings.cap.max(1) {
+            if settings.drop == DropPolicy::New {
+                return (
+                    Err(Refused::SessionFull { cap: settings.cap }),
+                    Actions::none(),
+                );
+            }
+            let overflow = held + 1 - settings.cap.max(1) as usize;
+            for _ in 0..overflow {
+                if let Some(old) = self.drop_oldest(&msg.session, settings.drop, now, &mut actions)
+                {
+                    dropped.push(old);
+                }
+            }
+        }
+        if let Some(into) = steer_into {
+            // steer-backlog: deliver now, and keep the message as its own follow-up.
+            actions.push(Action::Steer {
+                task_id: into,
+                text: msg.text.clone(),
+            });
+            mode = Mode::Followup;
+        }
+        let task = self.new_task(&msg, mode, now);
+        self.remember(&msg, task.id);
+        self.tasks.insert(task.id, task);
+        let session = self.sessions.entry(msg.session.clone()).or_default();
+        if mode == Mode::Interrupt {
+            // Runs next: ahead of whatever else the session holds.
+            session.queue.push_front(msg.task_id);
+            session.debounce = None;
+            if let Some(active) = active_id {
+                if self.begin_stop(active, now, true, &mut actions) {
+                    notice = Some(format!(
+                        "interrupting task {active}: this message runs next"
+                    ));
+                }
+            }
+        } else {
+            session.queue.push_back(msg.task_id);
+            if let Some(generation) = session.debounce {
+                // A new message during the quiet window starts the window again.
+                let _ = generation;
+                self.arm_debounce(&msg.session, settings.debounce, &mut actions);
+            }
+        }
+        self.refresh_ready(&msg.session);
+        self.admit(now, &mut actions);
+        let accepted = Accepted::Task {
+            task_id: msg.task_id,
+            steered_into: steer_into,
+            dropped,
+            notice,
+        };
+        (Ok(accepted), Actions(actions))
+    }
+
+    fn new_task(&self, msg: &Message, mode: Mode, now: Millis) -> Task {
+        Task {
+            id: msg.task_id,
+            session: msg.session.clone(),
+            text: msg.text.clone(),
             state: TaskState::Queued,
             created_at: now,
             started_at: None,
@@ -301,18 +594,62 @@ impl Dispatcher {
             progress: None,
             report: None,
             protocol_error: None,
-        };
-        self.tasks.insert(task_id, task);
-        let entry = self.sessions.entry(session.clone()).or_default();
-        entry.queue.push_back(task_id);
-        if entry.active.is_none() && entry.queue.len() == 1 {
-            self.ready.push_back(session);
+            priority: msg.priority,
+            mode,
+            message_id: msg.message_id.clone(),
         }
-        let mut actions = Vec::new();
-        self.admit(now, &mut actions);
-        Submitted {
-            task_id,
-            actions: Actions(actions),
+    }
+
+    fn remember(&mut self, msg: &Message, task_id: TaskId) {
+        let Some(message_id) = &msg.message_id else {
+            return;
+        };
+        let key = (msg.session.clone(), message_id.clone());
+        if self.seen.insert(key.clone(), task_id).is_none() {
+            self.seen_order.push_back(key);
+        }
+        while self.seen_order.len() > self.config.dedup_window {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    /// Drops the session's oldest held message on overflow.
+    fn drop_oldest(
+        &mut self,
+        session: &str,
+        policy: DropPolicy,
+        now: Millis,
+        actions: &mut Vec<Action>,
+    ) -> Option<TaskId> {
+        let s = self.sessions.get_mut(session)?;
+        let task_id = s.queue.pop_front()?;
+        let task = self.tasks.remove(&task_id)?;
+        if policy == DropPolicy::Summarize {
+            s.dropped_previews.push(queue::preview(&task.text));
+        }
+        actions.push(Action::Finished(Task {
+            state: TaskState::Done {
+                ending: Ending::Dropped,
+                exit: None,
+            },
+            finished_at: Some(now),
+            ..task
+        }));
+        Some(task_id)
+    }
+
+    fn arm_debounce(&mut self, session: &str, after: Duration, actions: &mut Vec<Action>) {
+        self.debounce_generation += 1;
+        let generation = self.debounce_generation;
+        if let Some(s) = self.sessions.get_mut(session) {
+            s.debounce = Some(generation);
+            actions.push(Action::SetDebounce {
+                session: session.to_string(),
+                after,
+                generation,
+            });
         }
     }
 
@@ -369,15 +706,20 @@ impl Dispatcher {
                     if task.protocol_error.is_none() {
                         task.protocol_error = Some(error);
                     }
-                    let requested_at = match task.state {
-                        TaskState::Stopping { requested_at, .. } => requested_at,
-                        _ => now,
+                    let (requested_at, interrupt) = match task.state {
+                        TaskState::Stopping {
+                            requested_at,
+                            interrupt,
+                            ..
+                        } => (requested_at, interrupt),
+                        _ => (now, false),
                     };
                     let pid = task.state.pid();
                     task.state = TaskState::Stopping {
                         pid,
                         step: StopStep::Sigkill,
                         requested_at,
+                        interrupt,
                     };
                     actions.push(Action::Signal {
                         task_id,
@@ -406,6 +748,35 @@ impl Dispatcher {
                 if let Some(task) = self.tasks.get(&task_id).filter(|t| t.state.is_active()) {
                     let ending = ending_of(task, status, now);
                     self.finish_active(task_id, ending, Some(status), now, &mut actions);
+                }
+            }
+            Event::Debounce {
+                session,
+                generation,
+            } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    if s.debounce == Some(generation) {
+                        s.debounce = None;
+                        self.refresh_ready(&session);
+                        self.admit(now, &mut actions);
+                    }
+                }
+            }
+            Event::Tick => {
+                if let Some(timeout) = self.config.queue_timeout {
+                    let mut expired: Vec<&Task> = self
+                        .tasks
+                        .values()
+                        .filter(|t| {
+                            t.state == TaskState::Queued && now.since(t.created_at) >= timeout
+                        })
+                        .collect();
+                    expired.sort_by_key(|t| (t.created_at, t.id));
+                    let expired: Vec<TaskId> = expired.into_iter().map(|t| t.id).collect();
+                    for task_id in expired {
+                        self.remove_queued(task_id, Ending::Expired, now, &mut actions);
+                    }
+                    self.admit(now, &mut actions);
                 }
             }
         }
@@ -477,12 +848,17 @@ impl Dispatcher {
                 .get(&task_id)
                 .is_some_and(|t| t.state == TaskState::Queued)
             {
-                self.cancel_queued(task_id, now, &mut actions);
+                let ending = Ending::Cancelled {
+                    by: None,
+                    after: Duration::ZERO,
+                };
+                self.remove_queued(task_id, ending, now, &mut actions);
             }
         }
         for &task_id in &targets {
-            self.begin_stop(task_id, now, &mut actions);
+            self.begin_stop(task_id, now, false, &mut actions);
         }
+        self.admit(now, &mut actions);
         Ok((targets, Actions(actions)))
     }
 
@@ -497,20 +873,29 @@ impl Dispatcher {
 
     // ----- transitions -----
 
-    fn begin_stop(&mut self, task_id: TaskId, now: Millis, actions: &mut Vec<Action>) {
+    /// Begins the stop sequence of an active task. Returns false if it was not active
+    /// or is already stopping.
+    fn begin_stop(
+        &mut self,
+        task_id: TaskId,
+        now: Millis,
+        interrupt: bool,
+        actions: &mut Vec<Action>,
+    ) -> bool {
         let Some(task) = self.tasks.get_mut(&task_id) else {
-            return;
+            return false;
         };
         let pid = match task.state {
             TaskState::Starting { pid } => pid,
             TaskState::Running { pid, .. } => Some(pid),
             // Already stopping (answered when it ends), queued (handled), or done.
-            _ => return,
+            _ => return false,
         };
         task.state = TaskState::Stopping {
             pid,
             step: StopStep::CooperativeCancel,
             requested_at: now,
+            interrupt,
         };
         actions.push(Action::SendCancel { task_id });
         actions.push(Action::SetTimer {
@@ -518,36 +903,35 @@ impl Dispatcher {
             after: self.config.cancel_grace,
             step: StopStep::Sigterm,
         });
+        true
     }
 
-    fn cancel_queued(&mut self, task_id: TaskId, now: Millis, actions: &mut Vec<Action>) {
+    /// Takes a queued task out of its session's queue and ends it.
+    fn remove_queued(
+        &mut self,
+        task_id: TaskId,
+        ending: Ending,
+        now: Millis,
+        actions: &mut Vec<Action>,
+    ) {
         let Some(task) = self.tasks.remove(&task_id) else {
             return;
         };
         if let Some(session) = self.sessions.get_mut(&task.session) {
             session.queue.retain(|t| *t != task_id);
-            if session.queue.is_empty() {
-                self.ready.retain(|s| *s != task.session);
-                if session.active.is_none() {
-                    self.sessions.remove(&task.session);
-                }
-            }
         }
+        self.refresh_ready(&task.session);
+        self.prune(&task.session);
         actions.push(Action::Finished(Task {
-            state: TaskState::Done {
-                ending: Ending::Cancelled {
-                    by: None,
-                    after: Duration::ZERO,
-                },
-                exit: None,
-            },
+            state: TaskState::Done { ending, exit: None },
             finished_at: Some(now),
             ..task
         }));
     }
 
     /// Ends the active task: records its ending, releases its slot and its session's
-    /// claim (only if it holds it), and admits the next work.
+    /// claim (only if it holds it), and admits the next work, after the session's
+    /// quiet time when it holds follow-ups.
     fn finish_active(
         &mut self,
         task_id: TaskId,
@@ -560,13 +944,24 @@ impl Dispatcher {
             return;
         };
         self.live.remove(&task_id);
-        if let Some(session) = self.sessions.get_mut(&task.session) {
+        let session_key = task.session.clone();
+        let mut debounce = None;
+        if let Some(session) = self.sessions.get_mut(&session_key) {
             if session.active == Some(task_id) {
                 session.active = None;
-                if session.queue.is_empty() {
-                    self.sessions.remove(&task.session);
-                } else {
-                    self.ready.push_back(task.session.clone());
+                let next_interrupts = session
+                    .queue
+                    .front()
+                    .and_then(|t| self.tasks.get(t))
+                    .is_some_and(|t| t.mode == Mode::Interrupt);
+                let quiet = self
+                    .settings
+                    .get(&session_key)
+                    .copied()
+                    .unwrap_or(self.config.queue)
+                    .debounce;
+                if !session.queue.is_empty() && !next_interrupts && !quiet.is_zero() {
+                    debounce = Some(quiet);
                 }
             }
         }
@@ -575,37 +970,148 @@ impl Dispatcher {
             finished_at: Some(now),
             ..task
         }));
+        if let Some(after) = debounce {
+            self.arm_debounce(&session_key, after, actions);
+        }
+        self.refresh_ready(&session_key);
+        self.prune(&session_key);
         self.admit(now, actions);
     }
 
-    /// Admits ready sessions round-robin while live agents are below the cap.
+    /// Removes a session's entry once it holds nothing.
+    fn prune(&mut self, session: &str) {
+        if self
+            .sessions
+            .get(session)
+            .is_some_and(|s| s.active.is_none() && s.queue.is_empty())
+        {
+            self.sessions.remove(session);
+        }
+    }
+
+    /// Puts a session in the ready ring it belongs in (keeping its place if it is
+    /// already there) or takes it out of both.
+    fn refresh_ready(&mut self, session: &str) {
+        let wanted = self.sessions.get(session).and_then(|s| {
+            let ready = s.active.is_none() && s.debounce.is_none();
+            let next = s.queue.front().and_then(|t| self.tasks.get(t))?;
+            ready.then_some(next.priority)
+        });
+        let in_interactive = self.ready.iter().any(|s| s == session);
+        let in_background = self.ready_background.iter().any(|s| s == session);
+        match wanted {
+            Some(Priority::Interactive) if in_interactive => {}
+            Some(Priority::Background) if in_background => {}
+            _ => {
+                self.ready.retain(|s| s != session);
+                self.ready_background.retain(|s| s != session);
+                match wanted {
+                    Some(Priority::Interactive) => self.ready.push_back(session.to_string()),
+                    Some(Priority::Background) => {
+                        self.ready_background.push_back(session.to_string())
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn n_live_background(&self) -> u32 {
+        self.live
+            .iter()
+            .filter(|t| {
+                self.tasks
+                    .get(t)
+                    .is_some_and(|t| t.priority == Priority::Background)
+            })
+            .count() as u32
+    }
+
+    fn background_admissible(&self) -> bool {
+        self.config
+            .max_background
+            .is_none_or(|max| self.n_live_background() < max)
+    }
+
+    /// Admits ready sessions round-robin while live agents are below the cap:
+    /// interactive sessions first, then background ones within their own cap.
     fn admit(&mut self, now: Millis, actions: &mut Vec<Action>) {
         while (self.live.len() as u32) < self.config.max_concurrent {
-            let Some(session_key) = self.ready.pop_front() else {
-                break;
+            let session_key = match self.ready.pop_front() {
+                Some(key) => key,
+                None if self.background_admissible() => match self.ready_background.pop_front() {
+                    Some(key) => key,
+                    None => break,
+                },
+                None => break,
             };
-            let Some(session) = self.sessions.get_mut(&session_key) else {
-                continue;
-            };
-            if session.active.is_some() {
-                continue;
-            }
-            let Some(task_id) = session.queue.pop_front() else {
-                continue;
-            };
-            session.active = Some(task_id);
-            let Some(task) = self.tasks.get_mut(&task_id) else {
-                continue;
-            };
-            task.state = TaskState::Starting { pid: None };
-            task.started_at = Some(now);
-            self.live.insert(task_id);
-            actions.push(Action::Spawn {
-                task_id,
-                session: session_key,
-                text: task.text.clone(),
-            });
+            self.start_next(&session_key, now, actions);
         }
+    }
+
+    /// Starts the session's next task; collected messages right behind it join it.
+    fn start_next(&mut self, session_key: &str, now: Millis, actions: &mut Vec<Action>) {
+        let Some(session) = self.sessions.get_mut(session_key) else {
+            return;
+        };
+        if session.active.is_some() {
+            return;
+        }
+        let Some(task_id) = session.queue.pop_front() else {
+            return;
+        };
+        let collect = self
+            .tasks
+            .get(&task_id)
+            .is_some_and(|t| t.mode == Mode::Collect);
+        let mut merged = Vec::new();
+        if collect {
+            while session
+                .queue
+                .front()
+                .and_then(|t| self.tasks.get(t))
+                .is_some_and(|t| t.mode == Mode::Collect)
+            {
+                merged.extend(session.queue.pop_front());
+            }
+        }
+        let previews = std::mem::take(&mut session.dropped_previews);
+        session.active = Some(task_id);
+
+        let mut texts: Vec<String> = self
+            .tasks
+            .get(&task_id)
+            .map(|t| vec![t.text.clone()])
+            .unwrap_or_default();
+        for other in &merged {
+            if let Some(task) = self.tasks.remove(other) {
+                texts.push(task.text.clone());
+                actions.push(Action::Finished(Task {
+                    state: TaskState::Done {
+                        ending: Ending::Merged { into: task_id },
+                        exit: None,
+                    },
+                    finished_at: Some(now),
+                    ..task
+                }));
+            }
+        }
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        let mut text = queue::collected_text(&texts);
+        if !previews.is_empty() {
+            text = format!("{}\n\n{text}", queue::overflow_text(&previews));
+        }
+        task.text = text.clone();
+        task.state = TaskState::Starting { pid: None };
+        task.started_at = Some(now);
+        self.live.insert(task_id);
+        actions.push(Action::Spawn {
+            task_id,
+            session: session_key.to_string(),
+            text,
+        });
     }
 
     /// Checks the structural invariants listed in the module docs.
@@ -617,28 +1123,52 @@ impl Dispatcher {
                 self.config.max_concurrent
             ));
         }
-        if (self.live.len() as u32) < self.config.max_concurrent && !self.ready.is_empty() {
-            return Err(format!(
-                "a slot is free while {} sessions wait",
-                self.ready.len()
-            ));
+        if let Some(max) = self.config.max_background {
+            if self.n_live_background() > max {
+                return Err(format!(
+                    "{} live background agents exceed {max}",
+                    self.n_live_background()
+                ));
+            }
         }
-        let mut seen_ready = std::collections::HashSet::new();
-        for key in &self.ready {
+        let slot_free = (self.live.len() as u32) < self.config.max_concurrent;
+        if slot_free
+            && (!self.ready.is_empty()
+                || (!self.ready_background.is_empty() && self.background_admissible()))
+        {
+            return Err("a slot is free while an admissible session waits".to_string());
+        }
+        let mut seen_ready = HashSet::new();
+        for key in self.ready.iter().chain(self.ready_background.iter()) {
             if !seen_ready.insert(key) {
-                return Err(format!("session {key} is in the ready ring twice"));
+                return Err(format!("session {key} is in the ready rings twice"));
+            }
+            if !self.sessions.contains_key(key) {
+                return Err(format!("ready ring names unknown session {key}"));
             }
         }
         for (key, session) in &self.sessions {
             if session.active.is_none() && session.queue.is_empty() {
                 return Err(format!("idle empty session {key} kept"));
             }
-            let should_be_ready = session.active.is_none() && !session.queue.is_empty();
+            let next = session.queue.front().and_then(|t| self.tasks.get(t));
+            let should_be_ready =
+                session.active.is_none() && session.debounce.is_none() && next.is_some();
             if should_be_ready != seen_ready.contains(key) {
                 return Err(format!(
                     "session {key}: ready ring membership is {}",
                     !should_be_ready
                 ));
+            }
+            if let Some(next) = next.filter(|_| should_be_ready) {
+                let ring = if next.priority == Priority::Background {
+                    &self.ready_background
+                } else {
+                    &self.ready
+                };
+                if !ring.contains(key) {
+                    return Err(format!("session {key} is in the wrong ready ring"));
+                }
             }
             if let Some(active) = session.active {
                 let task = self
@@ -660,11 +1190,6 @@ impl Dispatcher {
                     Some(t) if t.state == TaskState::Queued && &t.session == key => {}
                     other => return Err(format!("queue of {key} holds {queued}: {other:?}")),
                 }
-            }
-        }
-        for key in &self.ready {
-            if !self.sessions.contains_key(key) {
-                return Err(format!("ready ring names unknown session {key}"));
             }
         }
         for task in self.tasks.values() {
@@ -693,6 +1218,12 @@ impl Dispatcher {
                 self.live.len()
             ));
         }
+        if self.seen.len() > self.config.dedup_window || self.seen.len() != self.seen_order.len() {
+            return Err(format!(
+                "de-duplication window holds {} entries",
+                self.seen.len()
+            ));
+        }
         Ok(())
     }
 }
@@ -705,12 +1236,31 @@ fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
         };
     }
     if let TaskState::Stopping {
-        step, requested_at, ..
+        step,
+        requested_at,
+        interrupt,
+        ..
     } = task.state
     {
-        return Ending::Cancelled {
-            by: Some(step),
-            after: now.since(requested_at),
+        let after = now.since(requested_at);
+        return if interrupt {
+            Ending::Interrupted {
+                by: Some(step),
+                after,
+            }
+        } else {
+            Ending::Cancelled {
+                by: Some(step),
+                after,
+            }
+        };
+    }
+    if let TaskState::Starting { .. } = task.state {
+        return Ending::Failed {
+            reason: format!(
+                "agent exited before its handshake ({}); is the agent command an agentd agent such as agent-exec?",
+                status.describe()
+            ),
         };
     }
     match &task.report {

@@ -14,11 +14,18 @@
 
 mod command;
 mod dispatcher;
+mod queue;
 mod task;
 
-pub use command::{parse_chat_command, ChatCommand, StopArg, HELP_TEXT};
+pub use command::{
+    parse_chat_command, parse_duration, ChatCommand, QueueChange, QueueCommand, StopArg, HELP_TEXT,
+};
 pub use dispatcher::{
-    Action, Actions, Capacity, Config, Dispatcher, Event, Scope, StopError, StopTarget, Submitted,
+    Accepted, Action, Actions, Capacity, Config, Dispatcher, Event, Message, Refused, Scope,
+    StopError, StopTarget, Submitted,
+};
+pub use queue::{
+    collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings,
 };
 pub use task::{
     AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopStep, Task, TaskId, TaskState,

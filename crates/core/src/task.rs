@@ -90,12 +90,21 @@ pub enum Ending {
         by: Option<StopStep>,
         after: Duration,
     },
-    /// The daemon went away while the task ran (set on recovery).
-    Interrupted,
+    /// Stopped to make way for a newer message of its session (interrupt mode); `by`
+    /// is the step that ended it.
+    Interrupted {
+        by: Option<StopStep>,
+        after: Duration,
+    },
     /// Waited in the queue past its deadline.
     Expired,
-    /// Dropped on overflow.
+    /// Dropped on overflow of its session's cap.
     Dropped,
+    /// The message went into another task: collected into a follow-up, or steered
+    /// into the running task.
+    Merged {
+        into: TaskId,
+    },
 }
 
 /// Lifecycle of a task. Only `Queued`, `Starting`, `Running` and `Stopping` live in
@@ -112,11 +121,13 @@ pub enum TaskState {
         pid: u32,
         steer: bool,
     },
-    /// A stop is in progress; `step` is the last step taken.
+    /// A stop is in progress; `step` is the last step taken. `interrupt` when a newer
+    /// message of the session asked for it (interrupt mode).
     Stopping {
         pid: Option<u32>,
         step: StopStep,
         requested_at: Millis,
+        interrupt: bool,
     },
     Done {
         ending: Ending,
@@ -158,4 +169,10 @@ pub struct Task {
     pub report: Option<AgentReport>,
     /// Set when agentd had to end the agent for breaking the protocol.
     pub protocol_error: Option<String>,
+    pub priority: crate::queue::Priority,
+    /// The queue mode the message arrived with (after fallbacks): decides how it is
+    /// drained.
+    pub mode: crate::queue::Mode,
+    /// The bridge's id of the message, if it gave one.
+    pub message_id: Option<String>,
 }

@@ -1,5 +1,10 @@
 //! Scenario tests for [`agentd_core::Dispatcher`]: one behaviour per test, driven
-//! through the public API the daemon uses (`submit`, `handle`, `stop`, queries).
+//! through the public API the daemon uses (`submit`/`accept`, `handle`, `stop`,
+//! settings, queries).
+//!
+//! The scenarios written before queue modes use [`config`]: followup mode without
+//! debounce and with a cap no scenario reaches, i.e. each held message runs as its
+//! own task, at once. The queue-mode scenarios set what they exercise.
 //!
 //! Every call goes through [`H`], which checks `check_invariants()` after it, so
 //! each scenario also checks the structural invariants at every step.
@@ -7,8 +12,10 @@
 use std::time::Duration;
 
 use agentd_core::{
-    Action, AgentReport, Capacity, Config, Dispatcher, Ending, Event, ExitStatus, Millis,
-    ReportOutcome, Scope, StopError, StopStep, StopTarget, Task, TaskId, TaskState,
+    collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
+    Capacity, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message,
+    Millis, Mode, Priority, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopError,
+    StopStep, StopTarget, Task, TaskId, TaskState,
 };
 
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -16,6 +23,23 @@ const TERM_GRACE: Duration = Duration::from_secs(7);
 
 fn id(n: u128) -> TaskId {
     TaskId::from_u128(n)
+}
+
+/// The old semantics: every held message runs as its own task, at once (followup
+/// mode, no debounce), with a cap and limits no scenario reaches.
+fn config(max_concurrent: u32) -> Config {
+    Config {
+        max_concurrent,
+        cancel_grace: CANCEL_GRACE,
+        term_grace: TERM_GRACE,
+        queue: QueueSettings {
+            mode: Mode::Followup,
+            debounce: Duration::ZERO,
+            cap: 1000,
+            drop: DropPolicy::Old,
+        },
+        ..Config::default()
+    }
 }
 
 /// Test harness: a dispatcher, a clock, and invariant checks after every call.
@@ -26,14 +50,34 @@ struct H {
 
 impl H {
     fn new(max_concurrent: u32) -> H {
+        H::with(config(max_concurrent))
+    }
+
+    fn with(config: Config) -> H {
         H {
-            d: Dispatcher::new(Config {
-                max_concurrent,
-                cancel_grace: CANCEL_GRACE,
-                term_grace: TERM_GRACE,
-            }),
+            d: Dispatcher::new(config),
             now: 1_000,
         }
+    }
+
+    fn accept(&mut self, msg: Message) -> (Result<Accepted, Refused>, Vec<Action>) {
+        let (r, a) = self.d.accept(msg, Millis(self.now));
+        self.check();
+        (r, a.into_vec())
+    }
+
+    /// Everything observable about the dispatcher, to show that a call changed nothing.
+    fn snapshot(&self) -> String {
+        let mut tasks: Vec<&Task> = self.d.tasks().collect();
+        tasks.sort_by_key(|t| t.id);
+        let mut positions: Vec<_> = self.d.positions().into_iter().collect();
+        positions.sort();
+        format!(
+            "{tasks:?} {positions:?} {:?} {} {}",
+            self.d.capacity(),
+            self.d.n_sessions(),
+            self.d.n_queued()
+        )
     }
 
     fn check(&self) {
@@ -142,6 +186,94 @@ impl H {
         assert_eq!(self.d.n_queued(), 0);
         assert_eq!(self.busy(), 0);
     }
+}
+
+/// A work message `text n` for a session, interactive, with the session's mode.
+fn msg(n: u128, session: &str) -> Message {
+    Message::new(id(n), session, format!("text {n}"))
+}
+
+fn with_mode(mode: Mode, m: Message) -> Message {
+    Message {
+        mode: Some(mode),
+        ..m
+    }
+}
+
+fn background(m: Message) -> Message {
+    Message {
+        priority: Priority::Background,
+        ..m
+    }
+}
+
+fn with_id(message_id: &str, m: Message) -> Message {
+    Message {
+        message_id: Some(message_id.into()),
+        ..m
+    }
+}
+
+fn settings(mode: Mode, debounce_ms: u64, cap: u32, drop: DropPolicy) -> QueueSettings {
+    QueueSettings {
+        mode,
+        debounce: Duration::from_millis(debounce_ms),
+        cap,
+        drop,
+    }
+}
+
+/// A configuration of one slot whose sessions use `queue`.
+fn config_with(max_concurrent: u32, queue: QueueSettings) -> Config {
+    Config {
+        queue,
+        ..config(max_concurrent)
+    }
+}
+
+/// The plain answer for a message that started or queued.
+fn plain(n: u128) -> Accepted {
+    Accepted::Task {
+        task_id: id(n),
+        steered_into: None,
+        dropped: vec![],
+        notice: None,
+    }
+}
+
+fn notice(r: &Result<Accepted, Refused>) -> Option<&str> {
+    match r {
+        Ok(Accepted::Task { notice, .. }) => notice.as_deref(),
+        other => panic!("not accepted as a task: {other:?}"),
+    }
+}
+
+fn texts(ns: &[u128]) -> Vec<String> {
+    ns.iter().map(|n| format!("text {n}")).collect()
+}
+
+fn spawn_text(actions: &[Action], n: u128) -> String {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Spawn { task_id, text, .. } if *task_id == id(n) => Some(text.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no spawn of {n} in {actions:#?}"))
+}
+
+fn debounces(actions: &[Action]) -> Vec<(String, Duration, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SetDebounce {
+                session,
+                after,
+                generation,
+            } => Some((session.clone(), *after, *generation)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn no_ids() -> Vec<TaskId> {
@@ -502,7 +634,9 @@ fn agent_dying_before_its_handshake_is_failed() {
     let _ = h.submit(1, "a");
     let _ = h.spawned(1);
     let t = only_finished(&h.reap(1, ExitStatus::code(127)), 1);
-    assert!(failed_reason(&t).contains("without reporting"));
+    let reason = failed_reason(&t);
+    assert!(reason.contains("before its handshake"), "{reason}");
+    assert!(reason.contains("exit code 127"), "{reason}");
     h.assert_empty();
 }
 
@@ -664,7 +798,8 @@ fn stop_of_a_running_task_sends_cancel_and_arms_the_sigterm_timer() {
         TaskState::Stopping {
             pid: Some(pid(1)),
             step: StopStep::CooperativeCancel,
-            requested_at: Millis(2_000)
+            requested_at: Millis(2_000),
+            interrupt: false
         }
     );
     assert_eq!(h.busy(), 1);
@@ -1133,4 +1268,921 @@ fn sessions_and_tasks_leave_the_maps_once_everything_ended() {
     let _ = h.reap(4, ExitStatus::signal(9));
     h.assert_empty();
     assert!(h.d.positions().is_empty());
+}
+
+// ----- queue modes -----
+
+#[test]
+fn collect_merges_held_messages_into_one_follow_up() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Collect, 0, 20, DropPolicy::Old),
+    ));
+    let (r, a) = h.accept(msg(1, "a"));
+    assert_eq!(r, Ok(plain(1)));
+    assert_eq!(spawns(&a), vec![id(1)]);
+    for n in 2..=4 {
+        let (r, a) = h.accept(msg(n, "a"));
+        assert_eq!(r, Ok(plain(n)));
+        assert_eq!(a, vec![]);
+        assert_eq!(h.d.task(&id(n)).unwrap().mode, Mode::Collect);
+    }
+    assert_eq!(h.d.n_queued(), 3);
+    h.run(1);
+    let _ = h.report(1, ReportOutcome::Succeeded);
+    let a = h.at(3_000).reap(1, ExitStatus::code(0));
+    // The run ends; the held messages after the first end merged into it, and it
+    // starts with all of them, in order.
+    let f = finished(&a);
+    assert_eq!(
+        f.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![id(1), id(3), id(4)]
+    );
+    for t in &f[1..] {
+        assert_eq!(
+            t.state,
+            TaskState::Done {
+                ending: Ending::Merged { into: id(2) },
+                exit: None
+            }
+        );
+        assert_eq!(t.finished_at, Some(Millis(3_000)));
+    }
+    let want = collected_text(&texts(&[2, 3, 4]));
+    assert!(want.starts_with("[Queued messages while agent was busy]"));
+    assert_eq!(
+        a.last(),
+        Some(&Action::Spawn {
+            task_id: id(2),
+            session: "a".into(),
+            text: want.clone()
+        })
+    );
+    assert_eq!(a.len(), 4, "{a:#?}");
+    assert_eq!(h.d.task(&id(2)).unwrap().text, want);
+    assert_eq!(h.d.n_queued(), 0);
+    assert!(h.d.task(&id(3)).is_none() && h.d.task(&id(4)).is_none());
+    // A single held message stays as it is.
+    let _ = h.accept(msg(5, "a"));
+    let a = h.reap(2, ExitStatus::code(0));
+    assert_eq!(spawn_text(&a, 5), "text 5");
+    assert_eq!(finished(&a).len(), 1);
+    let _ = h.reap(5, ExitStatus::code(0));
+    h.assert_empty();
+}
+
+#[test]
+fn followup_runs_each_held_message_as_its_own_task_in_order() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Followup, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    for n in 2..=4 {
+        let (r, a) = h.accept(msg(n, "a"));
+        assert_eq!(r, Ok(plain(n)));
+        assert_eq!(a, vec![]);
+    }
+    let mut running = 1;
+    for n in 2..=4 {
+        let a = h.reap(running, ExitStatus::code(0));
+        assert_eq!(finished(&a).len(), 1, "nothing merges: {a:#?}");
+        assert_eq!(spawns(&a), vec![id(n)]);
+        assert_eq!(spawn_text(&a, n), format!("text {n}"));
+        running = n;
+    }
+    let _ = h.reap(4, ExitStatus::code(0));
+    h.assert_empty();
+}
+
+#[test]
+fn collect_merges_only_consecutive_collected_messages() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Collect, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "a"));
+    // A `/queue followup` prefix: this message only.
+    let _ = h.accept(with_mode(Mode::Followup, msg(3, "a")));
+    let _ = h.accept(msg(4, "a"));
+    let _ = h.accept(msg(5, "a"));
+    assert_eq!(h.d.task(&id(3)).unwrap().mode, Mode::Followup);
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(spawn_text(&a, 2), "text 2", "a follow-up is not collected");
+    assert_eq!(finished(&a).len(), 1);
+    let a = h.reap(2, ExitStatus::code(0));
+    assert_eq!(spawn_text(&a, 3), "text 3", "nor does a follow-up collect");
+    assert_eq!(finished(&a).len(), 1);
+    let a = h.reap(3, ExitStatus::code(0));
+    assert_eq!(spawn_text(&a, 4), collected_text(&texts(&[4, 5])));
+    assert_eq!(
+        ending(finished(&a)[1]),
+        &Ending::Merged { into: id(4) },
+        "{a:#?}"
+    );
+    let _ = h.reap(4, ExitStatus::code(0));
+    h.assert_empty();
+}
+
+// ----- debounce -----
+
+#[test]
+fn debounce_holds_the_follow_up_until_quiet_and_a_new_message_rearms_it() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Collect, 1_000, 20, DropPolicy::Old),
+    ));
+    // The first message of an idle session starts at once; held messages arm nothing
+    // while the run is active.
+    assert_eq!(spawns(&h.accept(msg(1, "a")).1), vec![id(1)]);
+    assert_eq!(h.accept(msg(2, "a")).1, vec![]);
+    let a = h.at(2_000).reap(1, ExitStatus::code(0));
+    assert_eq!(spawns(&a), no_ids());
+    let d = debounces(&a);
+    assert_eq!(d.len(), 1, "{a:#?}");
+    let (session, after, g1) = d[0].clone();
+    assert_eq!((session.as_str(), after), ("a", Duration::from_secs(1)));
+    assert_eq!(h.busy(), 0, "the slot stays free during the quiet time");
+    assert_eq!(h.d.active_task("a"), None);
+    assert_eq!(h.state(2), TaskState::Queued);
+    assert_eq!(h.d.position(&id(2)), Some(1));
+    // Another session is not held up by a's quiet time.
+    assert_eq!(spawns(&h.accept(msg(3, "b")).1), vec![id(3)]);
+    // A new message in the window arms a newer timer; the first one is stale.
+    let (r, a) = h.at(2_500).accept(msg(4, "a"));
+    assert_eq!(r, Ok(plain(4)));
+    let d = debounces(&a);
+    assert_eq!(a.len(), 1, "{a:#?}");
+    let (session, after, g2) = d[0].clone();
+    assert_eq!((session.as_str(), after), ("a", Duration::from_secs(1)));
+    assert!(g2 > g1);
+    let before = h.snapshot();
+    assert_eq!(
+        h.at(3_000).ev(Event::Debounce {
+            session: "a".into(),
+            generation: g1
+        }),
+        vec![]
+    );
+    assert_eq!(h.snapshot(), before);
+    // The latest timer ends the wait: the held messages start, collected.
+    let a = h.at(3_500).ev(Event::Debounce {
+        session: "a".into(),
+        generation: g2,
+    });
+    assert_eq!(
+        ending(&only_finished(&a, 4)),
+        &Ending::Merged { into: id(2) }
+    );
+    assert_eq!(spawns(&a), vec![id(2)]);
+    assert_eq!(spawn_text(&a, 2), collected_text(&texts(&[2, 4])));
+    assert_eq!(h.d.task(&id(2)).unwrap().started_at, Some(Millis(3_500)));
+    // Replays, stale generations and unknown sessions change nothing.
+    let before = h.snapshot();
+    for (session, generation) in [("a", g2), ("a", g1), ("a", g2 + 100), ("zz", g2)] {
+        let ev = Event::Debounce {
+            session: session.into(),
+            generation,
+        };
+        assert_eq!(h.ev(ev.clone()), vec![], "{ev:?}");
+        assert_eq!(h.snapshot(), before, "{ev:?}");
+    }
+}
+
+#[test]
+fn debounce_applies_before_each_follow_up_not_to_a_session_that_emptied() {
+    let mut h = H::with(config_with(
+        1,
+        settings(Mode::Followup, 500, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "a"));
+    let _ = h.accept(msg(3, "a"));
+    let a = h.reap(1, ExitStatus::code(0));
+    let (_, _, g) = debounces(&a)[0].clone();
+    let a = h.ev(Event::Debounce {
+        session: "a".into(),
+        generation: g,
+    });
+    assert_eq!(spawns(&a), vec![id(2)]);
+    let a = h.reap(2, ExitStatus::code(0));
+    assert_eq!(spawns(&a), no_ids());
+    let (_, _, g) = debounces(&a)[0].clone();
+    // The held message is cancelled in the window: the session is forgotten, and
+    // its timer finds nothing.
+    let (_, a) = h.stop(StopTarget::Task(id(3)), Scope::Owner).unwrap();
+    assert_eq!(ending(&only_finished(&a, 3)), &cancelled_queued());
+    h.assert_empty();
+    assert_eq!(
+        h.ev(Event::Debounce {
+            session: "a".into(),
+            generation: g
+        }),
+        vec![]
+    );
+    // A new message of the session starts at once.
+    assert_eq!(spawns(&h.accept(msg(4, "a")).1), vec![id(4)]);
+}
+
+// ----- steer -----
+
+#[test]
+fn steer_goes_into_a_running_task_that_accepts_it() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Steer, 1_000, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.spawned(1);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(1),
+        steer: true,
+    });
+    let running = h.state(1);
+    let (r, a) = h.at(1_500).accept(msg(2, "a"));
+    assert_eq!(
+        r,
+        Ok(Accepted::Task {
+            task_id: id(2),
+            steered_into: Some(id(1)),
+            dropped: vec![],
+            notice: None
+        })
+    );
+    assert_eq!(a.len(), 2, "{a:#?}");
+    assert_eq!(
+        a[0],
+        Action::Steer {
+            task_id: id(1),
+            text: "text 2".into()
+        }
+    );
+    let t = only_finished(&a, 2);
+    assert_eq!(
+        t.state,
+        TaskState::Done {
+            ending: Ending::Merged { into: id(1) },
+            exit: None
+        }
+    );
+    assert_eq!(t.finished_at, Some(Millis(1_500)));
+    assert!(h.d.task(&id(2)).is_none());
+    assert_eq!(h.d.n_queued(), 0);
+    assert_eq!(h.state(1), running);
+    // Nothing follows the run.
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(spawns(&a), no_ids());
+    assert_eq!(debounces(&a), vec![]);
+    h.assert_empty();
+}
+
+#[test]
+fn steer_falls_back_to_a_followup_with_a_notice_when_the_task_cannot_take_it() {
+    // The agent said it does not steer; it has not done its handshake; it is stopping.
+    for case in 0..3 {
+        let mut h = H::with(config_with(
+            2,
+            settings(Mode::Steer, 0, 20, DropPolicy::Old),
+        ));
+        let _ = h.accept(msg(1, "a"));
+        match case {
+            0 => h.run(1),
+            1 => {
+                let _ = h.spawned(1);
+            }
+            _ => {
+                let _ = h.spawned(1);
+                let _ = h.ev(Event::AgentReady {
+                    task_id: id(1),
+                    steer: true,
+                });
+                let _ = h.stop(StopTarget::Task(id(1)), Scope::Owner).unwrap();
+            }
+        }
+        let before = h.state(1);
+        let (r, a) = h.accept(msg(2, "a"));
+        assert_eq!(a, vec![], "case {case}: no Steer");
+        let text = notice(&r).unwrap_or_else(|| panic!("case {case}: no notice"));
+        assert!(text.contains("follow-up"), "{text}");
+        assert!(matches!(
+            r,
+            Ok(Accepted::Task { task_id, steered_into: None, ref dropped, .. })
+                if task_id == id(2) && dropped.is_empty()
+        ));
+        assert_eq!(h.state(2), TaskState::Queued);
+        assert_eq!(h.d.task(&id(2)).unwrap().mode, Mode::Followup);
+        assert_eq!(h.state(1), before);
+        // It runs as its own task when the run ends.
+        let a = h.reap(1, ExitStatus::code(0));
+        assert_eq!(spawns(&a), vec![id(2)]);
+        assert_eq!(spawn_text(&a, 2), "text 2");
+    }
+}
+
+#[test]
+fn steer_to_an_idle_session_just_starts() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Steer, 0, 20, DropPolicy::Old),
+    ));
+    let (r, a) = h.accept(msg(1, "a"));
+    assert_eq!(r, Ok(plain(1)));
+    assert_eq!(spawns(&a), vec![id(1)]);
+    assert!(!a.iter().any(|a| matches!(a, Action::Steer { .. })));
+}
+
+#[test]
+fn steer_backlog_steers_now_and_keeps_a_follow_up() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Collect, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.spawned(1);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(1),
+        steer: true,
+    });
+    let (r, a) = h.accept(with_mode(Mode::SteerBacklog, msg(2, "a")));
+    assert_eq!(
+        r,
+        Ok(Accepted::Task {
+            task_id: id(2),
+            steered_into: Some(id(1)),
+            dropped: vec![],
+            notice: None
+        })
+    );
+    assert_eq!(
+        a,
+        vec![Action::Steer {
+            task_id: id(1),
+            text: "text 2".into()
+        }]
+    );
+    assert_eq!(h.state(2), TaskState::Queued);
+    assert_eq!(h.d.task(&id(2)).unwrap().mode, Mode::Followup);
+    // A collected message behind it runs after it, on its own.
+    let _ = h.accept(msg(3, "a"));
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(2)]);
+    assert_eq!(spawn_text(&a, 2), "text 2");
+    // Task 2 has not done its handshake: no steering now, a notice instead.
+    let (r, a) = h.accept(with_mode(Mode::SteerBacklog, msg(4, "a")));
+    assert_eq!(a, vec![]);
+    assert!(notice(&r).is_some());
+    assert_eq!(h.d.task(&id(4)).unwrap().mode, Mode::Followup);
+    let a = h.reap(2, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(3)]);
+    assert_eq!(spawn_text(&a, 3), "text 3", "a follow-up is not collected");
+    let a = h.reap(3, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(4)]);
+}
+
+// ----- interrupt -----
+
+#[test]
+fn interrupt_stops_the_active_task_and_runs_the_message_next() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Followup, 1_000, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let _ = h.accept(msg(2, "a"));
+    let _ = h.accept(msg(3, "a"));
+    let (r, a) = h.at(2_000).accept(with_mode(Mode::Interrupt, msg(4, "a")));
+    assert_eq!(
+        a,
+        vec![
+            Action::SendCancel { task_id: id(1) },
+            Action::SetTimer {
+                task_id: id(1),
+                after: CANCEL_GRACE,
+                step: StopStep::Sigterm
+            }
+        ]
+    );
+    let text = notice(&r).expect("the sender is told").to_string();
+    assert!(text.contains(&id(1).to_string()), "{text}");
+    assert_eq!(
+        h.state(1),
+        TaskState::Stopping {
+            pid: Some(pid(1)),
+            step: StopStep::CooperativeCancel,
+            requested_at: Millis(2_000),
+            interrupt: true
+        }
+    );
+    assert_eq!(h.busy(), 1, "the slot is held until the reap");
+    // It runs next, before the older held messages.
+    assert_eq!(h.d.position(&id(4)), Some(1));
+    assert_eq!(h.d.position(&id(2)), Some(2));
+    assert_eq!(h.d.position(&id(3)), Some(3));
+    let _ = h.report(1, ReportOutcome::Succeeded);
+    let a = h.at(2_300).reap(1, ExitStatus::code(0));
+    let f = finished(&a);
+    assert_eq!(f.len(), 1);
+    assert_eq!(
+        f[0].state,
+        TaskState::Done {
+            ending: Ending::Interrupted {
+                by: Some(StopStep::CooperativeCancel),
+                after: Duration::from_millis(300)
+            },
+            exit: Some(ExitStatus::code(0))
+        }
+    );
+    // No quiet time before an interrupting message.
+    assert_eq!(debounces(&a), vec![]);
+    assert_eq!(spawns(&a), vec![id(4)]);
+    assert_eq!(spawn_text(&a, 4), "text 4");
+    // The older held messages follow, after the quiet time.
+    let a = h.reap(4, ExitStatus::code(0));
+    assert_eq!(spawns(&a), no_ids());
+    let (_, _, g) = debounces(&a)[0].clone();
+    let a = h.ev(Event::Debounce {
+        session: "a".into(),
+        generation: g,
+    });
+    assert_eq!(spawns(&a), vec![id(2)]);
+}
+
+#[test]
+fn interrupt_escalates_like_a_stop_and_records_the_step() {
+    let mut h = H::with(config_with(
+        1,
+        settings(Mode::Interrupt, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let _ = h.at(2_000).accept(msg(2, "a"));
+    let a = h.at(7_000).timer(1, StopStep::Sigterm);
+    assert_eq!(
+        a[0],
+        Action::Signal {
+            task_id: id(1),
+            step: StopStep::Sigterm
+        }
+    );
+    // A second interrupt does not stop it again; it runs first.
+    let (r, a) = h.accept(msg(3, "a"));
+    assert_eq!(a, vec![]);
+    assert_eq!(notice(&r), None);
+    let a = h.at(7_500).reap(1, ExitStatus::signal(15));
+    assert_eq!(
+        ending(finished(&a)[0]),
+        &Ending::Interrupted {
+            by: Some(StopStep::Sigterm),
+            after: Duration::from_millis(5_500)
+        }
+    );
+    assert_eq!(spawns(&a), vec![id(3)]);
+    let a = h.reap(3, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(2)]);
+}
+
+#[test]
+fn interrupt_skips_the_quiet_time_and_an_idle_session_just_starts() {
+    let mut h = H::with(config_with(
+        1,
+        settings(Mode::Followup, 1_000, 20, DropPolicy::Old),
+    ));
+    let (r, a) = h.accept(with_mode(Mode::Interrupt, msg(1, "a")));
+    assert_eq!(r, Ok(plain(1)), "nothing to interrupt");
+    assert_eq!(spawns(&a), vec![id(1)]);
+    let _ = h.accept(msg(2, "a"));
+    let a = h.reap(1, ExitStatus::code(0));
+    let (_, _, g) = debounces(&a)[0].clone();
+    // In the quiet window: the interrupting message starts now.
+    let (r, a) = h.accept(with_mode(Mode::Interrupt, msg(3, "a")));
+    assert_eq!(r, Ok(plain(3)));
+    assert_eq!(spawns(&a), vec![id(3)]);
+    assert_eq!(debounces(&a), vec![]);
+    // The old timer is stale.
+    assert_eq!(
+        h.ev(Event::Debounce {
+            session: "a".into(),
+            generation: g
+        }),
+        vec![]
+    );
+    let a = h.reap(3, ExitStatus::code(0));
+    let (_, _, g) = debounces(&a)[0].clone();
+    let a = h.ev(Event::Debounce {
+        session: "a".into(),
+        generation: g,
+    });
+    assert_eq!(spawns(&a), vec![id(2)]);
+}
+
+// ----- cap and drop policies -----
+
+#[test]
+fn cap_with_drop_new_refuses_the_message_and_changes_nothing() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Followup, 0, 2, DropPolicy::New),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.spawned(1);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(1),
+        steer: true,
+    });
+    let _ = h.accept(msg(2, "a"));
+    let _ = h.accept(msg(3, "a"));
+    let before = h.snapshot();
+    for m in [
+        with_id("m4", msg(4, "a")),
+        with_mode(Mode::Interrupt, msg(4, "a")),
+        with_mode(Mode::SteerBacklog, msg(4, "a")),
+    ] {
+        let (r, a) = h.accept(m.clone());
+        assert_eq!(r, Err(Refused::SessionFull { cap: 2 }), "{m:?}");
+        assert_eq!(a, vec![], "{m:?}: no Steer, no stop");
+        assert_eq!(h.snapshot(), before);
+    }
+    // Steering queues nothing, so it is not limited.
+    let (r, _) = h.accept(with_mode(Mode::Steer, msg(5, "a")));
+    assert!(matches!(r, Ok(Accepted::Task { steered_into: Some(t), .. }) if t == id(1)));
+    // Other sessions have room.
+    assert_eq!(spawns(&h.accept(msg(6, "b")).1), vec![id(6)]);
+    // The refused message left no trace: its re-delivery, once there is room, is new.
+    let _ = h.stop(StopTarget::Task(id(2)), Scope::Owner).unwrap();
+    let (r, _) = h.accept(with_id("m4", msg(7, "a")));
+    assert_eq!(r, Ok(plain(7)));
+}
+
+#[test]
+fn cap_with_drop_old_drops_the_oldest_held_message() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Followup, 0, 2, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "a"));
+    let _ = h.accept(msg(3, "a"));
+    let (r, a) = h.at(1_500).accept(msg(4, "a"));
+    assert_eq!(
+        r,
+        Ok(Accepted::Task {
+            task_id: id(4),
+            steered_into: None,
+            dropped: vec![id(2)],
+            notice: None
+        })
+    );
+    assert_eq!(a.len(), 1, "{a:#?}");
+    let t = only_finished(&a, 2);
+    assert_eq!(
+        t.state,
+        TaskState::Done {
+            ending: Ending::Dropped,
+            exit: None
+        }
+    );
+    assert_eq!(t.finished_at, Some(Millis(1_500)));
+    assert_eq!(h.d.position(&id(3)), Some(1));
+    assert_eq!(h.d.position(&id(4)), Some(2));
+    assert_eq!(h.d.n_queued(), 2);
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(
+        spawn_text(&a, 3),
+        "text 3",
+        "no overflow note with drop:old"
+    );
+}
+
+#[test]
+fn cap_with_drop_summarize_tells_the_next_follow_up_what_was_dropped() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Collect, 0, 2, DropPolicy::Summarize),
+    ));
+    let long = format!("fix the\n   build {}", "x".repeat(100));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(Message::new(id(2), "a", long.clone()));
+    let _ = h.accept(msg(3, "a"));
+    let (r, a) = h.accept(msg(4, "a"));
+    assert!(matches!(r, Ok(Accepted::Task { ref dropped, .. }) if *dropped == vec![id(2)]));
+    assert_eq!(ending(&only_finished(&a, 2)), &Ending::Dropped);
+    let (r, a) = h.accept(msg(5, "a"));
+    assert!(matches!(r, Ok(Accepted::Task { ref dropped, .. }) if *dropped == vec![id(3)]));
+    assert_eq!(ending(&only_finished(&a, 3)), &Ending::Dropped);
+    let a = h.reap(1, ExitStatus::code(0));
+    let note = overflow_text(&[preview(&long), preview("text 3")]);
+    assert!(note.contains("Dropped 2 messages"));
+    let text = spawn_text(&a, 4);
+    assert!(text.starts_with(&note), "{text}");
+    assert_eq!(
+        text,
+        format!("{note}\n\n{}", collected_text(&texts(&[4, 5])))
+    );
+    // Only the next follow-up carries the note.
+    let _ = h.accept(msg(6, "a"));
+    let a = h.reap(4, ExitStatus::code(0));
+    assert_eq!(spawn_text(&a, 6), "text 6");
+}
+
+#[test]
+fn global_queue_limit_refuses_and_changes_nothing() {
+    let mut h = H::with(Config {
+        max_queued: 2,
+        ..config(1)
+    });
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let _ = h.accept(msg(2, "a"));
+    let _ = h.accept(msg(3, "b"));
+    let before = h.snapshot();
+    for m in [
+        with_id("x", msg(4, "c")),
+        msg(4, "a"),
+        with_mode(Mode::Interrupt, msg(4, "a")),
+    ] {
+        let (r, a) = h.accept(m.clone());
+        assert_eq!(r, Err(Refused::QueueFull { limit: 2 }), "{m:?}");
+        assert_eq!(a, vec![], "{m:?}");
+        assert_eq!(h.snapshot(), before, "{m:?}");
+    }
+    // Room again: accepted, and the refused message's id was not remembered.
+    let _ = h.stop(StopTarget::Task(id(3)), Scope::Owner).unwrap();
+    let (r, _) = h.accept(with_id("x", msg(5, "c")));
+    assert_eq!(r, Ok(plain(5)));
+}
+
+// ----- priorities -----
+
+#[test]
+fn background_work_waits_while_interactive_work_is_ready() {
+    let mut h = H::new(1);
+    let _ = h.accept(msg(1, "a"));
+    assert_eq!(h.accept(background(msg(2, "bg"))).1, vec![]);
+    assert_eq!(h.accept(msg(3, "c")).1, vec![]);
+    assert_eq!(h.d.position(&id(3)), Some(1));
+    assert_eq!(h.d.position(&id(2)), Some(2));
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(3)]);
+    let a = h.reap(3, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(2)]);
+    assert_eq!(h.d.task(&id(2)).unwrap().priority, Priority::Background);
+}
+
+#[test]
+fn max_background_caps_live_background_tasks_even_with_free_slots() {
+    let mut h = H::with(Config {
+        max_background: Some(1),
+        ..config(3)
+    });
+    assert_eq!(spawns(&h.accept(background(msg(1, "x"))).1), vec![id(1)]);
+    assert_eq!(h.accept(background(msg(2, "y"))).1, vec![]);
+    assert_eq!(h.busy(), 1);
+    assert_eq!(h.state(2), TaskState::Queued);
+    // Interactive work takes the free slots.
+    assert_eq!(spawns(&h.accept(msg(3, "z")).1), vec![id(3)]);
+    assert_eq!(h.busy(), 2);
+    assert_eq!(spawns(&h.reap(3, ExitStatus::code(0))), no_ids());
+    // A background slot frees: the waiting background task starts.
+    assert_eq!(spawns(&h.reap(1, ExitStatus::code(0))), vec![id(2)]);
+}
+
+// ----- expiry -----
+
+#[test]
+fn queued_tasks_expire_after_the_queue_timeout_active_ones_do_not() {
+    let mut h = H::with(Config {
+        queue_timeout: Some(Duration::from_secs(10)),
+        ..config(1)
+    });
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let _ = h.at(2_000).accept(msg(2, "a"));
+    let _ = h.at(5_000).accept(msg(3, "b"));
+    assert_eq!(h.at(11_999).ev(Event::Tick), vec![]);
+    let a = h.at(12_000).ev(Event::Tick);
+    let t = only_finished(&a, 2);
+    assert_eq!(a.len(), 1);
+    assert_eq!(
+        t.state,
+        TaskState::Done {
+            ending: Ending::Expired,
+            exit: None
+        }
+    );
+    assert_eq!(t.finished_at, Some(Millis(12_000)));
+    assert!(matches!(h.state(1), TaskState::Running { .. }));
+    let a = h.at(15_000).ev(Event::Tick);
+    assert_eq!(ending(&only_finished(&a, 3)), &Ending::Expired);
+    assert_eq!(h.d.n_sessions(), 1, "b is forgotten");
+    assert_eq!(h.at(60_000).ev(Event::Tick), vec![]);
+    assert!(matches!(h.state(1), TaskState::Running { .. }));
+    assert_eq!(spawns(&h.reap(1, ExitStatus::code(0))), no_ids());
+    h.assert_empty();
+}
+
+#[test]
+fn without_a_queue_timeout_ticks_change_nothing() {
+    let mut h = H::new(1);
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "a"));
+    let before = h.snapshot();
+    assert_eq!(h.at(1_000_000_000).ev(Event::Tick), vec![]);
+    assert_eq!(h.snapshot(), before);
+}
+
+// ----- de-duplication (invariant 11) -----
+
+#[test]
+fn a_redelivered_message_is_acknowledged_with_the_original_task() {
+    let mut h = H::new(1);
+    let (r, a) = h.accept(with_id("m1", msg(1, "a")));
+    assert_eq!(r, Ok(plain(1)));
+    assert_eq!(spawns(&a), vec![id(1)]);
+    let _ = h.accept(with_id("m2", msg(2, "a")));
+    for (n, original) in [(10, 1), (11, 2)] {
+        let before = h.snapshot();
+        let m = with_id(&format!("m{original}"), msg(n, "a"));
+        let (r, a) = h.accept(m);
+        assert_eq!(
+            r,
+            Ok(Accepted::Duplicate {
+                task_id: id(original)
+            })
+        );
+        assert_eq!(a, vec![]);
+        assert_eq!(h.snapshot(), before);
+        assert!(h.d.task(&id(n)).is_none());
+    }
+    // The same id in another session is another message.
+    let (r, _) = h.accept(with_id("m1", msg(3, "b")));
+    assert_eq!(r, Ok(plain(3)));
+    // Also once the original finished.
+    let _ = h.reap(1, ExitStatus::code(0));
+    assert!(h.d.task(&id(1)).is_none());
+    let (r, a) = h.accept(with_id("m1", msg(12, "a")));
+    assert_eq!(r, Ok(Accepted::Duplicate { task_id: id(1) }));
+    assert_eq!(a, vec![]);
+    // Messages without an id are never duplicates.
+    assert_eq!(h.accept(msg(13, "a")).0, Ok(plain(13)));
+    assert_eq!(h.accept(msg(14, "a")).0, Ok(plain(14)));
+}
+
+#[test]
+fn a_steered_message_is_remembered_too() {
+    let mut h = H::with(config_with(
+        1,
+        settings(Mode::Steer, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.spawned(1);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(1),
+        steer: true,
+    });
+    let (r, _) = h.accept(with_id("s", msg(2, "a")));
+    assert!(matches!(
+        r,
+        Ok(Accepted::Task {
+            steered_into: Some(_),
+            ..
+        })
+    ));
+    let (r, a) = h.accept(with_id("s", msg(3, "a")));
+    assert_eq!(r, Ok(Accepted::Duplicate { task_id: id(2) }));
+    assert_eq!(a, vec![], "not steered twice");
+}
+
+#[test]
+fn the_de_duplication_window_is_bounded() {
+    let mut h = H::with(Config {
+        dedup_window: 2,
+        ..config(1)
+    });
+    for n in 1..=3 {
+        let _ = h.accept(with_id(&format!("m{n}"), msg(n, "a")));
+    }
+    assert_eq!(
+        h.accept(with_id("m3", msg(10, "a"))).0,
+        Ok(Accepted::Duplicate { task_id: id(3) })
+    );
+    assert_eq!(
+        h.accept(with_id("m2", msg(11, "a"))).0,
+        Ok(Accepted::Duplicate { task_id: id(2) })
+    );
+    // m1 fell out of the window: it is new work now (and pushes m2 out).
+    assert_eq!(h.accept(with_id("m1", msg(4, "a"))).0, Ok(plain(4)));
+    assert_eq!(h.accept(with_id("m2", msg(5, "a"))).0, Ok(plain(5)));
+    assert_eq!(
+        h.accept(with_id("m1", msg(12, "a"))).0,
+        Ok(Accepted::Duplicate { task_id: id(4) })
+    );
+}
+
+// ----- /queue settings -----
+
+#[test]
+fn queue_settings_are_per_session_and_reset_to_the_defaults() {
+    let mut h = H::with(Config::default());
+    let defaults = QueueSettings::default();
+    assert_eq!(
+        defaults,
+        settings(Mode::Collect, 1_000, 20, DropPolicy::Summarize)
+    );
+    assert_eq!(h.d.settings("a"), defaults);
+    assert!(!h.d.has_own_settings("a"));
+    let Some(ChatCommand::Queue(QueueCommand::Set(change))) =
+        parse_chat_command("/queue followup debounce:0 cap:2 drop:new")
+    else {
+        panic!("not a /queue command")
+    };
+    let own = change.apply(h.d.settings("a"));
+    h.d.set_settings("a", own);
+    h.check();
+    assert_eq!(
+        h.d.settings("a"),
+        settings(Mode::Followup, 0, 2, DropPolicy::New)
+    );
+    assert!(h.d.has_own_settings("a"));
+    assert_eq!(h.d.settings("b"), defaults);
+    assert!(!h.d.has_own_settings("b"));
+    // In force: a's held messages are follow-ups, without quiet time, two at most.
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "a"));
+    let _ = h.accept(msg(3, "a"));
+    assert_eq!(
+        h.accept(msg(4, "a")).0,
+        Err(Refused::SessionFull { cap: 2 })
+    );
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(spawn_text(&a, 2), "text 2");
+    let a = h.reap(2, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(3)]);
+    let _ = h.reap(3, ExitStatus::code(0));
+    h.assert_empty();
+    // Settings are kept when the session's work is gone, until reset.
+    assert!(h.d.has_own_settings("a"));
+    h.d.reset_settings("a");
+    h.check();
+    assert_eq!(h.d.settings("a"), defaults);
+    assert!(!h.d.has_own_settings("a"));
+    // Back on the defaults: collected, after the quiet time.
+    let _ = h.accept(msg(5, "a"));
+    let _ = h.accept(msg(6, "a"));
+    let _ = h.accept(msg(7, "a"));
+    let a = h.reap(5, ExitStatus::code(0));
+    assert_eq!(spawns(&a), no_ids());
+    let (_, after, g) = debounces(&a)[0].clone();
+    assert_eq!(after, Duration::from_secs(1));
+    let a = h.ev(Event::Debounce {
+        session: "a".into(),
+        generation: g,
+    });
+    assert_eq!(spawn_text(&a, 6), collected_text(&texts(&[6, 7])));
+}
+
+// ----- fairness acceptance (invariant 4) -----
+
+#[test]
+fn a_quiet_chat_is_not_starved_by_a_busy_chat_with_thirty_held_follow_ups() {
+    for debounce in [0, 1_000] {
+        let mut h = H::with(config_with(
+            1,
+            settings(Mode::Followup, debounce, 50, DropPolicy::Old),
+        ));
+        let _ = h.accept(msg(1, "busy"));
+        h.run(1);
+        for n in 2..=31 {
+            assert_eq!(h.accept(msg(n, "busy")).0, Ok(plain(n)));
+        }
+        let (r, a) = h.accept(msg(100, "quiet"));
+        assert_eq!((r, a), (Ok(plain(100)), vec![]));
+        let p = h.d.position(&id(100)).unwrap();
+        assert!(p <= 2, "debounce {debounce}: position {p}");
+        assert_eq!(h.d.position(&id(2)), Some(p % 2 + 1));
+        // Admission order as the runs end (firing quiet-time timers as they come).
+        let mut order = Vec::new();
+        let mut running = id(1);
+        let mut timer = None;
+        while order.len() < 3 {
+            let mut a = h.ev(Event::Reaped {
+                task_id: running,
+                status: ExitStatus::code(0),
+            });
+            if let Some((session, _, generation)) = debounces(&a).pop() {
+                timer = Some((session, generation));
+            }
+            if spawns(&a).is_empty() {
+                let (session, generation) = timer.take().expect("a quiet-time timer");
+                a = h.ev(Event::Debounce {
+                    session,
+                    generation,
+                });
+            }
+            running = spawns(&a)[0];
+            order.push(running);
+        }
+        assert_eq!(order, vec![id(100), id(2), id(3)], "debounce {debounce}");
+    }
 }

@@ -1,32 +1,105 @@
-//! Property tests for [`agentd_core::Dispatcher`]: random sequences of messages,
-//! stops and world events (spawns completing or failing, handshakes, reports, protocol
-//! errors, reaps, timers, stale replays) are run against a small model of the daemon
-//! that executes the dispatcher's actions the way the daemon does.
+//! Property tests for [`agentd_core::Dispatcher`]: random sequences of messages (with
+//! random queue modes, priorities and bridge message ids), per-session `/queue`
+//! settings, stops, ticks, debounce timers (current and stale) and world events
+//! (spawns completing or failing, handshakes with or without steering, reports,
+//! protocol errors, reaps, stop timers, stale replays) are run against a model of the
+//! daemon that executes the dispatcher's actions the way the daemon does, and that
+//! predicts what the queue modes, caps, drop policies and limits decide.
 //!
 //! After every step the model checks the invariants of DESIGN.md that the core
-//! decides: one active task per session (2), live agents within the cap and the slot
-//! held until the reap (3), round-robin fairness (4), nothing lost (6), memory bounded
-//! by live work (8), compare-and-release of session claims (9) and chat scope (10),
-//! plus the stop sequence and how each task ends.
+//! decides: one active task per session (2), live agents within the cap (and live
+//! background agents within theirs) and the slot held until the reap (3), round-robin
+//! fairness among ready sessions of a priority class (4), every acknowledged message
+//! ends in exactly one place (6), memory bounded by live work (8), compare-and-release
+//! of session claims (9), chat scope (10) and de-duplication (11), plus the stop
+//! sequence and how each task ends.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use agentd_core::{
-    parse_chat_command, Action, AgentReport, ChatCommand, Config, Dispatcher, Ending, Event,
-    ExitStatus, Millis, ReportOutcome, Scope, StopArg, StopError, StopStep, StopTarget, Task,
-    TaskId, TaskState,
+    collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
+    ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message, Millis, Mode,
+    Priority, QueueChange, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopArg,
+    StopError, StopStep, StopTarget, Task, TaskId, TaskState,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
+use proptest::test_runner::TestRunner;
 
 const SESSIONS: [&str; 4] = ["s0", "s1", "s2", "s3"];
 const CANCEL_GRACE: Duration = Duration::from_millis(500);
 const TERM_GRACE: Duration = Duration::from_millis(700);
+const DROPS: [DropPolicy; 3] = [DropPolicy::Old, DropPolicy::New, DropPolicy::Summarize];
+
+/// The daemon's configuration for one run.
+#[derive(Debug, Clone)]
+struct Params {
+    max_concurrent: u32,
+    max_background: Option<u32>,
+    max_queued: u32,
+    queue_timeout: Option<Duration>,
+    dedup_window: usize,
+    defaults: QueueSettings,
+}
+
+impl Params {
+    fn config(&self) -> Config {
+        Config {
+            max_concurrent: self.max_concurrent,
+            max_background: self.max_background,
+            cancel_grace: CANCEL_GRACE,
+            term_grace: TERM_GRACE,
+            queue: self.defaults,
+            max_queued: self.max_queued,
+            queue_timeout: self.queue_timeout,
+            dedup_window: self.dedup_window,
+        }
+    }
+}
+
+fn queue_settings() -> impl Strategy<Value = QueueSettings> {
+    (
+        prop_oneof![1 => Just(Mode::Collect), 2 => prop::sample::select(Mode::ALL.to_vec())],
+        prop_oneof![1 => Just(0u64), 2 => 1..=3u64],
+        1..=4u32,
+        prop::sample::select(DROPS.to_vec()),
+    )
+        .prop_map(|(mode, debounce, cap, drop)| QueueSettings {
+            mode,
+            debounce: Duration::from_millis(100 * debounce),
+            cap,
+            drop,
+        })
+}
+
+fn params() -> impl Strategy<Value = Params> {
+    (
+        1..=3u32,
+        prop::option::weighted(0.4, 1..=2u32),
+        prop_oneof![1 => 1..=4u32, 2 => 5..=40u32],
+        prop::option::weighted(0.4, 100..=1_500u64),
+        1..=6usize,
+        queue_settings(),
+    )
+        .prop_map(
+            |(max_concurrent, max_background, max_queued, timeout, dedup_window, defaults)| {
+                Params {
+                    max_concurrent,
+                    max_background,
+                    max_queued,
+                    queue_timeout: timeout.map(Duration::from_millis),
+                    dedup_window,
+                    defaults,
+                }
+            },
+        )
+}
 
 #[derive(Debug, Clone)]
 enum Target {
-    /// Any task ever submitted (finished ones included), or an unknown id.
+    /// Any task ever accepted (finished ones included), or an unknown id.
     Task(Index),
     Current(usize),
     All(usize),
@@ -35,14 +108,31 @@ enum Target {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Submit(usize),
-    CompleteSpawn(Index, bool),
+    Submit {
+        session: usize,
+        /// Rather to a session that has a task active (picked with `session` as an
+        /// index), where the queue modes matter.
+        busy: bool,
+        mode: Option<Mode>,
+        background: bool,
+        message_id: Option<u8>,
+    },
+    /// `/queue …` (`Some`) or `/queue reset` (`None`) for a session.
+    Settings(usize, Option<QueueSettings>),
+    /// A pending spawn completes or fails; `Some(steer)`: the handshake follows at once.
+    CompleteSpawn(Index, bool, Option<bool>),
     Ready(Index, bool),
     Progress(Index),
     Report(Index, usize),
     ProtocolError(Index),
     Reap(Index, usize),
     FireTimer(Index),
+    /// One of the armed debounce timers fires (current or stale).
+    FireDebounce(Index),
+    /// A debounce timer that already fired fires again, or a made-up one.
+    ReplayDebounce(Index, usize),
+    /// Time passes by this many milliseconds, then the daemon ticks.
+    Tick(u64),
     /// `None` is the owner, `Some(s)` the chat of session `s`.
     Stop(Target, Option<usize>),
     /// An event about a task that has no agent (finished or still queued).
@@ -60,17 +150,74 @@ fn target() -> impl Strategy<Value = Target> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..SESSIONS.len()).prop_map(Op::Submit),
-        4 => (any::<Index>(), prop::bool::weighted(0.85)).prop_map(|(i, ok)| Op::CompleteSpawn(i, ok)),
-        3 => (any::<Index>(), any::<bool>()).prop_map(|(i, s)| Op::Ready(i, s)),
+        9 => (
+            0..SESSIONS.len(),
+            any::<bool>(),
+            prop::option::weighted(0.5, prop::sample::select(Mode::ALL.to_vec())),
+            prop::bool::weighted(0.3),
+            prop::option::weighted(0.4, 0..6u8),
+        )
+            .prop_map(|(session, busy, mode, background, message_id)| Op::Submit {
+                session,
+                busy,
+                mode,
+                background,
+                message_id,
+            }),
+        1 => (0..SESSIONS.len(), prop::option::weighted(0.7, queue_settings()))
+            .prop_map(|(s, q)| Op::Settings(s, q)),
+        4 => (
+            any::<Index>(),
+            prop::bool::weighted(0.85),
+            prop::option::weighted(0.7, prop::bool::weighted(0.7)),
+        )
+            .prop_map(|(i, ok, handshake)| Op::CompleteSpawn(i, ok, handshake)),
+        3 => (any::<Index>(), prop::bool::weighted(0.7)).prop_map(|(i, s)| Op::Ready(i, s)),
         1 => any::<Index>().prop_map(Op::Progress),
         2 => (any::<Index>(), 0..3usize).prop_map(|(i, k)| Op::Report(i, k)),
         1 => any::<Index>().prop_map(Op::ProtocolError),
         4 => (any::<Index>(), 0..4usize).prop_map(|(i, k)| Op::Reap(i, k)),
-        3 => any::<Index>().prop_map(Op::FireTimer),
-        3 => (target(), prop::option::weighted(0.6, 0..SESSIONS.len())).prop_map(|(t, s)| Op::Stop(t, s)),
+        2 => any::<Index>().prop_map(Op::FireTimer),
+        3 => any::<Index>().prop_map(Op::FireDebounce),
+        1 => (any::<Index>(), 0..3usize).prop_map(|(i, k)| Op::ReplayDebounce(i, k)),
+        2 => prop_oneof![0..200u64, 200..1_500u64].prop_map(Op::Tick),
+        2 => (target(), prop::option::weighted(0.6, 0..SESSIONS.len())).prop_map(|(t, s)| Op::Stop(t, s)),
         2 => (any::<Index>(), 0..9usize).prop_map(|(i, k)| Op::Stale(i, k)),
     ]
+}
+
+/// How often each behaviour happened across the cases of a run, so that the property
+/// test is known to exercise what it checks.
+static COVERAGE: Mutex<BTreeMap<&'static str, u32>> = Mutex::new(BTreeMap::new());
+
+/// Behaviours every run of the property test must have met at least this often: far
+/// below what a run meets (a few times less than the rarest seen in a run), so that
+/// this fails when the model stops exercising one of them, not by chance.
+const COVERED: [(&str, u32); 20] = [
+    ("accepted", 1_000),
+    ("duplicate", 20),
+    ("de-dup window evicted", 20),
+    ("refused: queue full", 20),
+    ("refused: session full", 20),
+    ("steered", 5),
+    ("steer-backlog steered", 5),
+    ("steer fell back", 20),
+    ("interrupt stopped a task", 20),
+    ("ended interrupted", 10),
+    ("collected", 10),
+    ("dropped", 20),
+    ("overflow note", 10),
+    ("expired", 20),
+    ("debounce armed", 50),
+    ("debounce re-armed", 5),
+    ("debounce ended", 20),
+    ("debounce stale", 10),
+    ("background admitted", 50),
+    ("background held by max_background", 5),
+];
+
+fn hit(what: &'static str) {
+    *COVERAGE.lock().unwrap().entry(what).or_default() += 1;
 }
 
 fn id(n: u128) -> TaskId {
@@ -81,67 +228,135 @@ fn id(n: u128) -> TaskId {
 #[derive(Debug)]
 struct Agent {
     task: TaskId,
+    /// Its handshake was delivered.
     ready: bool,
+    /// It said in its handshake that it accepts steering.
+    steer: bool,
+}
+
+/// An accepted message, as the model knows it.
+#[derive(Debug, Clone)]
+struct Msg {
+    session: String,
+    text: String,
+    priority: Priority,
+    /// The mode it was queued with, after fallbacks.
+    mode: Mode,
+    message_id: Option<String>,
+    created: u64,
 }
 
 /// The dispatcher plus a model of the daemon and of the world around it.
 struct World {
     d: Dispatcher,
-    cap: u32,
+    p: Params,
     now: u64,
     next_id: u128,
     next_pid: u32,
-    /// Every submitted task, in submission order, with its session.
-    submitted: Vec<(TaskId, String)>,
-    session_of: HashMap<TaskId, String>,
-    /// Per session: queued tasks in arrival order, and the admitted unfinished task.
+    /// Every accepted message (its task), in order.
+    submitted: Vec<TaskId>,
+    msgs: HashMap<TaskId, Msg>,
+    /// Sessions' own settings.
+    settings: HashMap<String, QueueSettings>,
+    /// Per session: held (queued) messages in the order they run, and the admitted
+    /// unfinished task.
     queues: HashMap<String, VecDeque<TaskId>>,
     active: HashMap<String, TaskId>,
+    /// Sessions waiting for quiet: `Some(generation)` of the timer that ends the wait;
+    /// `None` while an arm is expected later in the same batch of actions.
+    debounce: HashMap<String, Option<u64>>,
+    /// Previews of messages dropped with `drop: summarize`, for the next follow-up.
+    previews: HashMap<String, Vec<String>>,
     /// Spawns ordered and not yet answered.
     pending: Vec<TaskId>,
     agents: Vec<Agent>,
     timers: Vec<(TaskId, StopStep)>,
+    debounce_timers: Vec<(String, u64)>,
+    fired_debounces: Vec<(String, u64)>,
+    last_generation: u64,
     finished: HashMap<TaskId, Task>,
     admitted: HashSet<TaskId>,
+    /// What each spawned task was started with.
+    spawned_text: HashMap<TaskId, String>,
+    /// Messages steered into a running task (message → task).
+    steered: HashMap<TaskId, TaskId>,
     /// Last stop step taken on a task and when its stop began.
     stop_step: HashMap<TaskId, (StopStep, u64)>,
+    /// Tasks whose stop an interrupting message began.
+    interrupted: HashSet<TaskId>,
     protocol_error: HashMap<TaskId, String>,
     reports: HashMap<TaskId, AgentReport>,
     /// Sessions whose queued work was cancelled by a stop-all and that got no new
     /// message since: none of their tasks may be admitted.
     sealed: HashSet<String>,
-    /// Sessions waiting in the ready state, with the admissions of every other session
-    /// since they became ready.
-    waiting: HashMap<String, HashMap<String, u32>>,
+    /// Ready sessions (held work, no active task, no quiet time pending), with the
+    /// class of their next task and the admissions of every other session of that
+    /// class since they became ready.
+    waiting: HashMap<String, (Priority, HashMap<String, u32>)>,
+    /// The de-duplication window: `(session, message_id)` → task, oldest first.
+    dedup: HashMap<(String, String), TaskId>,
+    dedup_order: VecDeque<(String, String)>,
+    // Expectations within one batch of actions:
+    /// Queued tasks that must end in this batch, and how.
+    expect_end: HashMap<TaskId, Ending>,
+    /// Messages that ended merged into a follow-up whose Spawn is still to come.
+    merging: Vec<(TaskId, TaskId)>,
+    /// A `Steer` that must come.
+    expect_steer: Option<(TaskId, String)>,
 }
 
 impl World {
-    fn new(cap: u32) -> World {
+    fn new(p: Params) -> World {
         World {
-            d: Dispatcher::new(Config {
-                max_concurrent: cap,
-                cancel_grace: CANCEL_GRACE,
-                term_grace: TERM_GRACE,
-            }),
-            cap,
+            d: Dispatcher::new(p.config()),
+            p,
             now: 1_000,
             next_id: 1,
             next_pid: 100,
             submitted: Vec::new(),
-            session_of: HashMap::new(),
+            msgs: HashMap::new(),
+            settings: HashMap::new(),
             queues: HashMap::new(),
             active: HashMap::new(),
+            debounce: HashMap::new(),
+            previews: HashMap::new(),
             pending: Vec::new(),
             agents: Vec::new(),
             timers: Vec::new(),
+            debounce_timers: Vec::new(),
+            fired_debounces: Vec::new(),
+            last_generation: 0,
             finished: HashMap::new(),
             admitted: HashSet::new(),
+            spawned_text: HashMap::new(),
+            steered: HashMap::new(),
             stop_step: HashMap::new(),
+            interrupted: HashSet::new(),
             protocol_error: HashMap::new(),
             reports: HashMap::new(),
             sealed: HashSet::new(),
             waiting: HashMap::new(),
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            expect_end: HashMap::new(),
+            merging: Vec::new(),
+            expect_steer: None,
         }
+    }
+
+    fn settings(&self, session: &str) -> QueueSettings {
+        self.settings
+            .get(session)
+            .copied()
+            .unwrap_or(self.p.defaults)
+    }
+
+    fn session_of(&self, task: &TaskId) -> &str {
+        &self
+            .msgs
+            .get(task)
+            .unwrap_or_else(|| panic!("unknown task {task}"))
+            .session
     }
 
     fn alive(&self, task: TaskId) -> bool {
@@ -152,19 +367,87 @@ impl World {
         self.pending.len() + self.agents.len()
     }
 
+    fn n_live_background(&self) -> usize {
+        self.pending
+            .iter()
+            .chain(self.agents.iter().map(|a| &a.task))
+            .filter(|t| self.msgs[*t].priority == Priority::Background)
+            .count()
+    }
+
+    fn background_admissible(&self) -> bool {
+        self.p
+            .max_background
+            .is_none_or(|max| self.n_live_background() < max as usize)
+    }
+
+    fn n_queued(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// Running, not stopping, and its agent said it accepts steering.
+    fn steerable(&self, task: TaskId) -> bool {
+        !self.stop_step.contains_key(&task)
+            && self
+                .agents
+                .iter()
+                .any(|a| a.task == task && a.ready && a.steer)
+    }
+
+    /// The class of a ready session's next task; `None` if it is not ready.
+    fn ready_class(&self, session: &str) -> Option<Priority> {
+        if self.active.contains_key(session) || self.debounce.contains_key(session) {
+            return None;
+        }
+        let next = self.queues.get(session)?.front()?;
+        Some(self.msgs[next].priority)
+    }
+
+    /// Forgets a session that holds nothing (its quiet time and previews go with it).
+    fn prune(&mut self, session: &str) {
+        if !self.active.contains_key(session)
+            && self.queues.get(session).is_none_or(VecDeque::is_empty)
+        {
+            self.queues.remove(session);
+            self.debounce.remove(session);
+            self.previews.remove(session);
+        }
+    }
+
     fn refresh_waiting(&mut self) {
         for s in SESSIONS {
-            let ready =
-                !self.active.contains_key(s) && self.queues.get(s).is_some_and(|q| !q.is_empty());
-            if !ready {
-                self.waiting.remove(s);
-            } else {
-                self.waiting.entry(s.to_string()).or_default();
+            match self.ready_class(s) {
+                None => {
+                    self.waiting.remove(s);
+                }
+                Some(class) => {
+                    let entry = self
+                        .waiting
+                        .entry(s.to_string())
+                        .or_insert((class, HashMap::new()));
+                    if entry.0 != class {
+                        // Moved to the other class's ring: a new wait.
+                        *entry = (class, HashMap::new());
+                    }
+                }
             }
         }
     }
 
-    /// Executes the dispatcher's actions like the daemon does, checking each.
+    fn remember(&mut self, session: &str, message_id: &Option<String>, task: TaskId) {
+        let Some(message_id) = message_id else { return };
+        let key = (session.to_string(), message_id.clone());
+        assert!(self.dedup.insert(key.clone(), task).is_none());
+        self.dedup_order.push_back(key);
+        while self.dedup_order.len() > self.p.dedup_window {
+            hit("de-dup window evicted");
+            let old = self.dedup_order.pop_front().unwrap();
+            self.dedup.remove(&old);
+        }
+    }
+
+    /// Executes the dispatcher's actions like the daemon does, checking each, then
+    /// checks that every expectation of the batch was met.
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
@@ -172,49 +455,7 @@ impl World {
                     task_id,
                     session,
                     text,
-                } => {
-                    assert!(
-                        !self.finished.contains_key(&task_id),
-                        "Spawn of finished {task_id}"
-                    );
-                    assert!(self.admitted.insert(task_id), "{task_id} spawned twice");
-                    assert_eq!(self.session_of.get(&task_id), Some(&session));
-                    assert_eq!(text, format!("text {task_id}"));
-                    assert!(
-                        !self.sealed.contains(&session),
-                        "{task_id} of {session} promoted after a stop-all"
-                    );
-                    assert!(
-                        !self.active.contains_key(&session),
-                        "invariant 2: {session} already runs {:?}, now {task_id}",
-                        self.active.get(&session)
-                    );
-                    let queue = self.queues.get_mut(&session).expect("session has a queue");
-                    assert_eq!(
-                        queue.pop_front(),
-                        Some(task_id),
-                        "a session's tasks are admitted in arrival order"
-                    );
-                    // Invariant 4: nobody is admitted twice while another session waits.
-                    for (waiter, counts) in self.waiting.iter_mut() {
-                        if *waiter != session {
-                            let n = counts.entry(session.clone()).or_default();
-                            *n += 1;
-                            assert!(
-                                *n <= 1,
-                                "invariant 4: {session} admitted twice while {waiter} waits"
-                            );
-                        }
-                    }
-                    self.active.insert(session, task_id);
-                    self.pending.push(task_id);
-                    assert!(
-                        self.n_live() <= self.cap as usize,
-                        "invariant 3: {} live agents, cap {}",
-                        self.n_live(),
-                        self.cap
-                    );
-                }
+                } => self.spawn(task_id, session, text),
                 Action::SendCancel { task_id } => {
                     assert!(
                         !self.finished.contains_key(&task_id),
@@ -227,6 +468,16 @@ impl World {
                     );
                     self.stop_step
                         .insert(task_id, (StopStep::CooperativeCancel, self.now));
+                }
+                Action::Steer { task_id, text } => {
+                    assert_eq!(
+                        self.expect_steer.take(),
+                        Some((task_id, text.clone())),
+                        "unexpected steer"
+                    );
+                    // Steered messages go to a running, steer-capable task.
+                    assert!(self.steerable(task_id), "steer into {task_id}");
+                    assert!(self.active.values().any(|t| *t == task_id));
                 }
                 Action::Signal { task_id, step } => {
                     assert!(
@@ -261,42 +512,207 @@ impl World {
                     assert_eq!(after, want);
                     self.timers.push((task_id, step));
                 }
-                Action::Finished(task) => {
-                    let task_id = task.id;
-                    assert!(
-                        !self.finished.contains_key(&task_id),
-                        "{task_id} finished twice"
+                Action::SetDebounce {
+                    session,
+                    after,
+                    generation,
+                } => {
+                    assert_eq!(
+                        self.debounce.get(&session),
+                        Some(&None),
+                        "{session}: debounce not expected"
                     );
-                    let session = self.session_of.get(&task_id).expect("known task").clone();
-                    assert_eq!(task.session, session);
-                    assert_eq!(task.finished_at, Some(Millis(self.now)));
-                    let TaskState::Done { ending, .. } = &task.state else {
-                        panic!("finished in state {:?}", task.state);
-                    };
-                    if self.admitted.contains(&task_id) {
-                        // Invariants 3 and 9: finished only when its agent is gone, and
-                        // only its own end releases its session.
-                        assert!(!self.alive(task_id), "{task_id} finished with a live agent");
-                        assert_eq!(self.active.remove(&session), Some(task_id));
-                    } else {
-                        assert_eq!(
-                            ending,
-                            &Ending::Cancelled {
-                                by: None,
-                                after: Duration::ZERO
-                            },
-                            "a queued task can only be cancelled"
-                        );
-                        let queue = self.queues.get_mut(&session).expect("queue");
-                        let before = queue.len();
-                        queue.retain(|t| *t != task_id);
-                        assert_eq!(queue.len() + 1, before, "{task_id} was not queued");
-                    }
-                    self.finished.insert(task_id, task);
+                    // The session's quiet time now (a message that re-arms it after
+                    // `/queue debounce:0` arms a timer of zero).
+                    assert_eq!(after, self.settings(&session).debounce);
+                    assert!(generation > self.last_generation, "generations grow");
+                    hit("debounce armed");
+                    self.last_generation = generation;
+                    assert!(!self.active.contains_key(&session));
+                    assert!(self.queues.get(&session).is_some_and(|q| !q.is_empty()));
+                    self.debounce.insert(session.clone(), Some(generation));
+                    self.debounce_timers.push((session, generation));
                 }
+                Action::Finished(task) => self.finish(task),
             }
             self.refresh_waiting();
         }
+        assert!(
+            self.expect_end.is_empty(),
+            "did not end: {:?}",
+            self.expect_end
+        );
+        assert!(
+            self.merging.is_empty(),
+            "merged without a follow-up: {:?}",
+            self.merging
+        );
+        assert_eq!(self.expect_steer, None, "no steer");
+        assert!(
+            self.debounce.values().all(Option::is_some),
+            "debounce not armed: {:?}",
+            self.debounce
+        );
+    }
+
+    fn spawn(&mut self, task_id: TaskId, session: String, text: String) {
+        assert!(
+            !self.finished.contains_key(&task_id),
+            "Spawn of finished {task_id}"
+        );
+        assert!(self.admitted.insert(task_id), "{task_id} spawned twice");
+        assert_eq!(self.session_of(&task_id), session);
+        assert!(
+            !self.sealed.contains(&session),
+            "{task_id} of {session} promoted after a stop-all"
+        );
+        assert!(
+            !self.active.contains_key(&session),
+            "invariant 2: {session} already runs {:?}, now {task_id}",
+            self.active.get(&session)
+        );
+        assert!(
+            !self.debounce.contains_key(&session),
+            "{session} admitted during its quiet time"
+        );
+        let class = self.msgs[&task_id].priority;
+        let queue = self.queues.get_mut(&session).expect("session has a queue");
+        assert_eq!(
+            queue.front(),
+            Some(&task_id),
+            "a session's tasks are admitted in queue order"
+        );
+        // Collect: the collected messages right behind it join it.
+        let mut group = vec![queue.pop_front().unwrap()];
+        if self.msgs[&task_id].mode == Mode::Collect {
+            while let Some(next) = queue
+                .front()
+                .filter(|t| self.msgs[*t].mode == Mode::Collect)
+            {
+                group.push(*next);
+                queue.pop_front();
+            }
+        }
+        let merged: Vec<TaskId> = self
+            .merging
+            .iter()
+            .filter(|(_, into)| *into == task_id)
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(merged, group[1..], "merged into {task_id}");
+        if group.len() > 1 {
+            hit("collected");
+        }
+        self.merging.retain(|(_, into)| *into != task_id);
+        let texts: Vec<String> = group.iter().map(|t| self.msgs[t].text.clone()).collect();
+        let mut want = collected_text(&texts);
+        if let Some(previews) = self.previews.remove(&session) {
+            hit("overflow note");
+            want = format!("{}\n\n{want}", overflow_text(&previews));
+        }
+        assert_eq!(text, want, "text of {task_id}");
+        self.spawned_text.insert(task_id, text);
+
+        // Priority classes: background waits while interactive work is ready, and
+        // stays within its own cap.
+        if class == Priority::Background {
+            hit("background admitted");
+            assert!(
+                self.background_admissible(),
+                "a background task beyond max_background"
+            );
+            for s in SESSIONS.iter().filter(|s| **s != session) {
+                assert_ne!(
+                    self.ready_class(s),
+                    Some(Priority::Interactive),
+                    "background {task_id} admitted while {s} is ready with interactive work"
+                );
+            }
+        }
+        // Invariant 4: nobody is admitted twice while another ready session of the
+        // same class waits.
+        for (waiter, (waiter_class, counts)) in self.waiting.iter_mut() {
+            if *waiter != session && *waiter_class == class {
+                let n = counts.entry(session.clone()).or_default();
+                *n += 1;
+                assert!(
+                    *n <= 1,
+                    "invariant 4: {session} admitted twice while {waiter} waits"
+                );
+            }
+        }
+        self.active.insert(session, task_id);
+        self.pending.push(task_id);
+        assert!(
+            self.n_live() <= self.p.max_concurrent as usize,
+            "invariant 3: {} live agents, cap {}",
+            self.n_live(),
+            self.p.max_concurrent
+        );
+    }
+
+    fn finish(&mut self, task: Task) {
+        let task_id = task.id;
+        assert!(
+            !self.finished.contains_key(&task_id),
+            "{task_id} finished twice"
+        );
+        let session = self.session_of(&task_id).to_string();
+        assert_eq!(task.session, session);
+        assert_eq!(task.finished_at, Some(Millis(self.now)));
+        let TaskState::Done { ending, exit } = &task.state else {
+            panic!("finished in state {:?}", task.state);
+        };
+        if self.admitted.contains(&task_id) {
+            // Invariants 3 and 9: finished only when its agent is gone, and only its
+            // own end releases its session.
+            assert!(!self.alive(task_id), "{task_id} finished with a live agent");
+            assert_eq!(self.active.remove(&session), Some(task_id));
+            assert!(
+                !matches!(
+                    ending,
+                    Ending::Merged { .. } | Ending::Dropped | Ending::Expired
+                ),
+                "{task_id} ran and ended {ending:?}"
+            );
+            assert_eq!(Some(&task.text), self.spawned_text.get(&task_id));
+            // The follow-up waits for quiet, unless it interrupts.
+            let next = self.queues.get(&session).and_then(|q| q.front());
+            if next.is_some_and(|t| self.msgs[t].mode != Mode::Interrupt)
+                && !self.settings(&session).debounce.is_zero()
+            {
+                self.debounce.insert(session.clone(), None);
+            }
+            self.prune(&session);
+        } else if let Some(into) = self.steered.get(&task_id) {
+            assert_eq!(ending, &Ending::Merged { into: *into });
+            assert_eq!(*exit, None);
+        } else {
+            assert_eq!(*exit, None);
+            let queue = self.queues.get_mut(&session).expect("queue");
+            assert!(queue.contains(&task_id), "{task_id} was not queued");
+            match ending {
+                Ending::Merged { into } => {
+                    // Removed from the queue when `into` is spawned.
+                    assert_eq!(self.session_of(into), session);
+                    self.merging.push((task_id, *into));
+                }
+                _ => {
+                    assert_eq!(
+                        self.expect_end.remove(&task_id).as_ref(),
+                        Some(ending),
+                        "{task_id} ended unexpectedly"
+                    );
+                    queue.retain(|t| *t != task_id);
+                    // A message dropped on overflow makes room for a new one: the
+                    // session stays.
+                    if *ending != Ending::Dropped {
+                        self.prune(&session);
+                    }
+                }
+            }
+        }
+        self.finished.insert(task_id, task);
     }
 
     /// Invariants checked after every step.
@@ -311,15 +727,23 @@ impl World {
                 "finished {} still held",
                 task.id
             );
-            let session = &self.session_of[&task.id];
-            assert_eq!(&task.session, session);
+            let msg = &self.msgs[&task.id];
+            assert_eq!(task.session, msg.session);
+            assert_eq!(task.priority, msg.priority);
+            assert_eq!(task.mode, msg.mode);
+            assert_eq!(task.message_id, msg.message_id);
+            assert!(matches!(
+                task.mode,
+                Mode::Collect | Mode::Followup | Mode::Interrupt
+            ));
             if task.state.is_active() {
                 *active_per_session.entry(&task.session).or_default() += 1;
                 assert!(self.admitted.contains(&task.id));
-                assert_eq!(self.active.get(session), Some(&task.id));
-                assert_eq!(self.d.active_task(session), Some(task.id));
+                assert_eq!(self.active.get(&msg.session), Some(&task.id));
+                assert_eq!(self.d.active_task(&msg.session), Some(task.id));
             } else {
                 assert_eq!(task.state, TaskState::Queued);
+                assert_eq!(task.text, msg.text);
                 assert!(!self.admitted.contains(&task.id));
                 assert!(self.d.position(&task.id).is_some());
             }
@@ -328,13 +752,28 @@ impl World {
             active_per_session.values().all(|n| *n <= 1),
             "invariant 2: {active_per_session:?}"
         );
-        assert!(self.n_live() <= self.cap as usize, "invariant 3");
-        // Work-conserving: a free slot is never left idle while a session waits.
         assert!(
-            self.n_live() == self.cap as usize || self.waiting.is_empty(),
-            "a free slot while {:?} wait",
-            self.waiting.keys()
+            self.n_live() <= self.p.max_concurrent as usize,
+            "invariant 3"
         );
+        if let Some(max) = self.p.max_background {
+            assert!(self.n_live_background() <= max as usize);
+        }
+        // Work-conserving: a free slot is never left idle while an admissible session
+        // is ready.
+        if self.n_live() < self.p.max_concurrent as usize {
+            for s in SESSIONS {
+                let admissible = match self.ready_class(s) {
+                    None => false,
+                    Some(Priority::Interactive) => true,
+                    Some(Priority::Background) => self.background_admissible(),
+                };
+                assert!(!admissible, "a free slot while {s} is ready");
+                if self.ready_class(s) == Some(Priority::Background) {
+                    hit("background held by max_background");
+                }
+            }
+        }
         assert_eq!(
             self.d.capacity().busy as usize,
             self.n_live(),
@@ -345,7 +784,7 @@ impl World {
             self.submitted.len() - self.finished.len(),
             "every unfinished task is held, no finished one is"
         );
-        let n_queued: usize = self.queues.values().map(VecDeque::len).sum();
+        let n_queued = self.n_queued();
         assert_eq!(self.d.n_queued(), n_queued);
         let live_sessions = SESSIONS
             .iter()
@@ -354,6 +793,13 @@ impl World {
             })
             .count();
         assert_eq!(self.d.n_sessions(), live_sessions, "invariant 8");
+        assert!(self
+            .queues
+            .keys()
+            .chain(self.debounce.keys())
+            .chain(self.previews.keys())
+            .all(|s| self.active.contains_key(s)
+                || self.queues.get(s).is_some_and(|q| !q.is_empty())));
         let positions = self.d.positions();
         let mut all: Vec<u32> = positions.values().copied().collect();
         all.sort();
@@ -362,8 +808,12 @@ impl World {
             let mine: Vec<u32> = queue.iter().map(|t| positions[t]).collect();
             assert!(
                 mine.windows(2).all(|w| w[0] < w[1]),
-                "FIFO within a session: {mine:?}"
+                "a session's positions follow its queue: {mine:?}"
             );
+        }
+        for s in SESSIONS {
+            assert_eq!(self.d.settings(s), self.settings(s));
+            assert_eq!(self.d.has_own_settings(s), self.settings.contains_key(s));
         }
     }
 
@@ -377,21 +827,78 @@ impl World {
         let mut positions: Vec<_> = self.d.positions().into_iter().collect();
         positions.sort();
         format!(
-            "{tasks:?} {:?} {} {positions:?} {:?}",
+            "{tasks:?} {:?} {} {} {positions:?} {:?}",
             self.d.capacity(),
             self.d.n_sessions(),
+            self.d.n_queued(),
             SESSIONS.map(|s| self.d.active_task(s))
         )
+    }
+
+    /// An event that must change nothing.
+    fn no_op(&mut self, event: Event) {
+        let before = self.snapshot();
+        let a = self.handle(event.clone());
+        assert_eq!(a, vec![], "{event:?}");
+        assert_eq!(self.snapshot(), before, "{event:?} changed the state");
     }
 
     fn step(&mut self, op: &Op) {
         self.now += 10;
         match op {
-            Op::Submit(s) => self.submit(SESSIONS[*s]),
-            Op::CompleteSpawn(i, ok) => {
+            Op::Submit {
+                session,
+                busy,
+                mode,
+                background,
+                message_id,
+            } => {
+                // Sessions whose task runs (handshake done), else any with a task.
+                let running = |w: &World, s: &str| {
+                    w.active
+                        .get(s)
+                        .is_some_and(|t| w.agents.iter().any(|a| a.task == *t && a.ready))
+                };
+                let mut busy_sessions: Vec<&'static str> =
+                    SESSIONS.into_iter().filter(|s| running(self, s)).collect();
+                if busy_sessions.is_empty() {
+                    busy_sessions = SESSIONS
+                        .into_iter()
+                        .filter(|s| self.active.contains_key(*s))
+                        .collect();
+                }
+                let session = if *busy && !busy_sessions.is_empty() {
+                    busy_sessions.swap_remove(session % busy_sessions.len())
+                } else {
+                    SESSIONS[*session]
+                };
+                self.submit(
+                    session,
+                    *mode,
+                    *background,
+                    message_id.map(|m| format!("m{m}")),
+                )
+            }
+            Op::Settings(s, settings) => {
+                let session = SESSIONS[*s];
+                match settings {
+                    Some(q) => {
+                        self.d.set_settings(session, *q);
+                        self.settings.insert(session.to_string(), *q);
+                    }
+                    None => {
+                        self.d.reset_settings(session);
+                        self.settings.remove(session);
+                    }
+                }
+            }
+            Op::CompleteSpawn(i, ok, handshake) => {
                 if !self.pending.is_empty() {
                     let task = self.pending[i.index(self.pending.len())];
                     self.complete_spawn(task, *ok);
+                    if let (true, Some(steer)) = (*ok, handshake) {
+                        self.ready(task, *steer);
+                    }
                 }
             }
             Op::Ready(i, steer) => {
@@ -402,27 +909,7 @@ impl World {
                     .map(|a| a.task)
                     .collect();
                 if !idle.is_empty() {
-                    let task = idle[i.index(idle.len())];
-                    self.agents
-                        .iter_mut()
-                        .find(|a| a.task == task)
-                        .unwrap()
-                        .ready = true;
-                    let stopping = self.stop_step.contains_key(&task);
-                    let a = self.handle(Event::AgentReady {
-                        task_id: task,
-                        steer: *steer,
-                    });
-                    assert_eq!(a, vec![]);
-                    let state = &self.d.task(&task).unwrap().state;
-                    if stopping {
-                        assert!(matches!(state, TaskState::Stopping { .. }), "{state:?}");
-                    } else {
-                        assert!(
-                            matches!(state, TaskState::Running { steer: s, .. } if s == steer),
-                            "{state:?}"
-                        );
-                    }
+                    self.ready(idle[i.index(idle.len())], *steer);
                 }
             }
             Op::Progress(i) => {
@@ -491,6 +978,35 @@ impl World {
                     self.fire(task, step);
                 }
             }
+            Op::FireDebounce(i) => {
+                if !self.debounce_timers.is_empty() {
+                    let (session, generation) = self
+                        .debounce_timers
+                        .remove(i.index(self.debounce_timers.len()));
+                    self.fire_debounce(session, generation);
+                }
+            }
+            Op::ReplayDebounce(i, k) => {
+                // Timers that fired already, or that were never armed: stale.
+                let (session, generation) = match k {
+                    0 if !self.fired_debounces.is_empty() => {
+                        self.fired_debounces[i.index(self.fired_debounces.len())].clone()
+                    }
+                    1 => (
+                        SESSIONS[i.index(SESSIONS.len())].to_string(),
+                        self.last_generation + 1 + i.index(5) as u64,
+                    ),
+                    _ => ("nobody".to_string(), self.last_generation),
+                };
+                self.no_op(Event::Debounce {
+                    session,
+                    generation,
+                });
+            }
+            Op::Tick(advance) => {
+                self.now += advance;
+                self.tick();
+            }
             Op::Stop(target, scope) => self.stop(target, *scope),
             Op::Stale(i, k) => {
                 // Tasks without an agent: finished ones (late, duplicated events) and
@@ -498,7 +1014,7 @@ impl World {
                 let no_agent: Vec<TaskId> = self
                     .submitted
                     .iter()
-                    .map(|(t, _)| *t)
+                    .copied()
                     .filter(|t| self.finished.contains_key(t) || !self.admitted.contains(t))
                     .collect();
                 if !no_agent.is_empty() {
@@ -545,10 +1061,7 @@ impl World {
                             status: ExitStatus::code(0),
                         },
                     };
-                    let before = self.snapshot();
-                    let a = self.handle(event.clone());
-                    assert_eq!(a, vec![], "stale {event:?}");
-                    assert_eq!(self.snapshot(), before, "stale {event:?} changed the state");
+                    self.no_op(event);
                 }
             }
         }
@@ -559,30 +1072,222 @@ impl World {
         (!self.agents.is_empty()).then(|| self.agents[i.index(self.agents.len())].task)
     }
 
-    fn submit(&mut self, session: &str) {
+    /// A message arrives: the model predicts what becomes of it, then checks the
+    /// dispatcher's answer and actions against that.
+    fn submit(
+        &mut self,
+        session: &str,
+        mode: Option<Mode>,
+        background: bool,
+        message_id: Option<String>,
+    ) {
         let task_id = id(self.next_id);
         self.next_id += 1;
-        self.submitted.push((task_id, session.to_string()));
-        self.session_of.insert(task_id, session.to_string());
-        self.queues
-            .entry(session.to_string())
-            .or_default()
-            .push_back(task_id);
-        self.sealed.remove(session);
-        self.refresh_waiting();
-        let s = self.d.submit(
+        let text = format!("text {task_id}");
+        let priority = if background {
+            Priority::Background
+        } else {
+            Priority::Interactive
+        };
+        let message = Message {
             task_id,
-            session.to_string(),
-            format!("text {task_id}"),
-            Millis(self.now),
-        );
-        assert_eq!(s.task_id, task_id);
-        let a = s.actions.into_vec();
-        assert!(
-            a.iter().all(|a| matches!(a, Action::Spawn { .. })),
-            "a submit only admits: {a:?}"
-        );
+            session: session.to_string(),
+            text: text.clone(),
+            message_id: message_id.clone(),
+            priority,
+            mode,
+        };
+        let before = self.snapshot();
+
+        // Invariant 11: a re-delivery is acknowledged with the original task.
+        if let Some(mid) = &message_id {
+            if let Some(&original) = self.dedup.get(&(session.to_string(), mid.clone())) {
+                hit("duplicate");
+                let (r, a) = self.d.accept(message, Millis(self.now));
+                assert_eq!(r, Ok(Accepted::Duplicate { task_id: original }));
+                assert_eq!(a.into_vec(), vec![]);
+                assert_eq!(self.snapshot(), before);
+                return;
+            }
+        }
+
+        let settings = self.settings(session);
+        let mut mode = mode.unwrap_or(settings.mode);
+        let active = self.active.get(session).copied();
+        let mut want_notice = false;
+        let mut steer_into = None;
+        if matches!(mode, Mode::Steer | Mode::SteerBacklog) {
+            match active {
+                None => mode = Mode::Followup,
+                Some(t) if self.steerable(t) => steer_into = Some(t),
+                Some(_) => {
+                    hit("steer fell back");
+                    want_notice = true;
+                    mode = Mode::Followup;
+                }
+            }
+        }
+        let record = |w: &mut World, mode: Mode| {
+            w.msgs.insert(
+                task_id,
+                Msg {
+                    session: session.to_string(),
+                    text: text.clone(),
+                    priority,
+                    mode,
+                    message_id: message_id.clone(),
+                    created: w.now,
+                },
+            );
+            w.submitted.push(task_id);
+            w.remember(session, &message_id, task_id);
+        };
+
+        // Steer: into the running task, and it ends there.
+        if let (Mode::Steer, Some(into)) = (mode, steer_into) {
+            hit("steered");
+            hit("accepted");
+            record(self, mode);
+            self.steered.insert(task_id, into);
+            self.expect_steer = Some((into, text.clone()));
+            let (r, a) = self.d.accept(message, Millis(self.now));
+            assert_eq!(
+                r,
+                Ok(Accepted::Task {
+                    task_id,
+                    steered_into: Some(into),
+                    dropped: vec![],
+                    notice: None
+                })
+            );
+            let a = a.into_vec();
+            assert_eq!(a.len(), 2, "{a:?}");
+            self.apply(a);
+            assert!(self.finished.contains_key(&task_id));
+            return;
+        }
+
+        // Refusals change nothing and leave no trace.
+        let held = self.queues.get(session).map_or(0, VecDeque::len);
+        let cap = settings.cap.max(1) as usize;
+        let refusal = if self.n_queued() >= self.p.max_queued as usize {
+            Some(Refused::QueueFull {
+                limit: self.p.max_queued,
+            })
+        } else if held >= cap && settings.drop == DropPolicy::New {
+            Some(Refused::SessionFull { cap: settings.cap })
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            hit(match refusal {
+                Refused::QueueFull { .. } => "refused: queue full",
+                Refused::SessionFull { .. } => "refused: session full",
+            });
+            let (r, a) = self.d.accept(message, Millis(self.now));
+            assert_eq!(r, Err(refusal));
+            assert_eq!(a.into_vec(), vec![]);
+            assert_eq!(self.snapshot(), before);
+            return;
+        }
+
+        // Overflow: the oldest held messages make room.
+        let overflow = (held + 1).saturating_sub(cap);
+        let dropped: Vec<TaskId> = self
+            .queues
+            .get(session)
+            .map(|q| q.iter().take(overflow).copied().collect())
+            .unwrap_or_default();
+        for t in &dropped {
+            hit("dropped");
+            self.expect_end.insert(*t, Ending::Dropped);
+            if settings.drop == DropPolicy::Summarize {
+                let p = preview(&self.msgs[t].text);
+                self.previews
+                    .entry(session.to_string())
+                    .or_default()
+                    .push(p);
+            }
+        }
+        if let Some(into) = steer_into {
+            // steer-backlog: steered now, and kept as its own follow-up.
+            hit("steer-backlog steered");
+            self.expect_steer = Some((into, text.clone()));
+            mode = Mode::Followup;
+        }
+        let stops =
+            mode == Mode::Interrupt && active.is_some_and(|t| !self.stop_step.contains_key(&t));
+        hit("accepted");
+        record(self, mode);
+        self.sealed.remove(session);
+        let queue = self.queues.entry(session.to_string()).or_default();
+        if mode == Mode::Interrupt {
+            // Runs next, and no quiet time holds it.
+            queue.push_front(task_id);
+            self.debounce.remove(session);
+        } else {
+            queue.push_back(task_id);
+            if self.debounce.contains_key(session) {
+                hit("debounce re-armed");
+                // A new message in the quiet window starts it again.
+                self.debounce.insert(session.to_string(), None);
+            }
+        }
+        self.refresh_waiting();
+
+        let (r, a) = self.d.accept(message, Millis(self.now));
+        let a = a.into_vec();
+        match r {
+            Ok(Accepted::Task {
+                task_id: t,
+                steered_into,
+                dropped: d,
+                notice,
+            }) => {
+                assert_eq!(t, task_id);
+                assert_eq!(steered_into, steer_into);
+                assert_eq!(d, dropped);
+                assert_eq!(notice.is_some(), want_notice || stops, "{notice:?}");
+            }
+            other => panic!("{task_id}: {other:?}"),
+        }
+        if stops {
+            hit("interrupt stopped a task");
+            let stopped = active.unwrap();
+            assert!(
+                a.contains(&Action::SendCancel { task_id: stopped }),
+                "{a:?}"
+            );
+            self.interrupted.insert(stopped);
+        } else {
+            assert!(
+                !a.iter().any(|a| matches!(a, Action::SendCancel { .. })),
+                "{a:?}"
+            );
+        }
         self.apply(a);
+    }
+
+    /// The agent's handshake, saying whether it accepts steering.
+    fn ready(&mut self, task: TaskId, steer: bool) {
+        let agent = self.agents.iter_mut().find(|a| a.task == task).unwrap();
+        agent.ready = true;
+        agent.steer = steer;
+        let stopping = self.stop_step.contains_key(&task);
+        let a = self.handle(Event::AgentReady {
+            task_id: task,
+            steer,
+        });
+        assert_eq!(a, vec![]);
+        let state = &self.d.task(&task).unwrap().state;
+        if stopping {
+            assert!(matches!(state, TaskState::Stopping { .. }), "{state:?}");
+        } else {
+            assert!(
+                matches!(state, TaskState::Running { steer: s, .. } if *s == steer),
+                "{state:?}"
+            );
+        }
     }
 
     fn complete_spawn(&mut self, task: TaskId, ok: bool) {
@@ -590,7 +1295,11 @@ impl World {
         if ok {
             let pid = self.next_pid;
             self.next_pid += 1;
-            self.agents.push(Agent { task, ready: false });
+            self.agents.push(Agent {
+                task,
+                ready: false,
+                steer: false,
+            });
             let a = self.handle(Event::Spawned { task_id: task, pid });
             assert_eq!(a, vec![]);
             assert_eq!(self.d.task(&task).unwrap().state.pid(), Some(pid));
@@ -610,6 +1319,7 @@ impl World {
     }
 
     fn reap(&mut self, task: TaskId, status: ExitStatus) {
+        let handshake = self.agents.iter().any(|a| a.task == task && a.ready);
         self.agents.retain(|a| a.task != task);
         let a = self.handle(Event::Reaped {
             task_id: task,
@@ -627,12 +1337,18 @@ impl World {
                 "{ending:?}"
             );
         } else if let Some(&(step, requested)) = self.stop_step.get(&task) {
-            assert_eq!(
-                ending,
-                &Ending::Cancelled {
-                    by: Some(step),
-                    after: Duration::from_millis(self.now - requested)
-                }
+            let by = Some(step);
+            let after = Duration::from_millis(self.now - requested);
+            if self.interrupted.contains(&task) {
+                hit("ended interrupted");
+                assert_eq!(ending, &Ending::Interrupted { by, after });
+            } else {
+                assert_eq!(ending, &Ending::Cancelled { by, after });
+            }
+        } else if !handshake {
+            assert!(
+                matches!(ending, Ending::Failed { reason } if reason.contains("before its handshake")),
+                "{ending:?}"
             );
         } else {
             match self.reports.get(&task).map(|r| r.outcome) {
@@ -682,6 +1398,57 @@ impl World {
         self.apply(a);
     }
 
+    fn fire_debounce(&mut self, session: String, generation: u64) {
+        self.fired_debounces.push((session.clone(), generation));
+        let event = Event::Debounce {
+            session: session.clone(),
+            generation,
+        };
+        if self.debounce.get(&session) != Some(&Some(generation)) {
+            // Stale: a newer message re-armed it, an interrupt or the end of the
+            // session's work cleared it.
+            hit("debounce stale");
+            return self.no_op(event);
+        }
+        hit("debounce ended");
+        self.debounce.remove(&session);
+        self.refresh_waiting();
+        let a = self.handle(event);
+        assert!(
+            a.iter()
+                .all(|a| matches!(a, Action::Spawn { .. } | Action::Finished(_))),
+            "the end of a quiet time only admits: {a:?}"
+        );
+        self.apply(a);
+    }
+
+    fn tick(&mut self) {
+        let expired: Vec<TaskId> = match self.p.queue_timeout {
+            None => Vec::new(),
+            Some(timeout) => self
+                .queues
+                .values()
+                .flatten()
+                .copied()
+                .filter(|t| self.now - self.msgs[t].created >= timeout.as_millis() as u64)
+                .collect(),
+        };
+        if expired.is_empty() {
+            return self.no_op(Event::Tick);
+        }
+        for t in &expired {
+            hit("expired");
+            self.expect_end.insert(*t, Ending::Expired);
+        }
+        let a = self.handle(Event::Tick);
+        assert!(
+            a.iter()
+                .all(|a| matches!(a, Action::Spawn { .. } | Action::Finished(_))),
+            "{a:?}"
+        );
+        self.apply(a);
+    }
+
     fn stop(&mut self, target: &Target, scope: Option<usize>) {
         let scope = match scope {
             None => Scope::Owner,
@@ -696,9 +1463,9 @@ impl World {
                 let task_id = if self.submitted.is_empty() {
                     id(u128::MAX)
                 } else {
-                    self.submitted[i.index(self.submitted.len())].0
+                    self.submitted[i.index(self.submitted.len())]
                 };
-                let expected = match self.session_of.get(&task_id) {
+                let expected = match self.msgs.get(&task_id).map(|m| &m.session) {
                     _ if self.finished.contains_key(&task_id) => Err(StopError::NotFound(task_id)),
                     None => Err(StopError::NotFound(task_id)),
                     Some(session) if chat.as_ref().is_some_and(|c| c != session) => {
@@ -741,7 +1508,7 @@ impl World {
                     let mut all: Vec<TaskId> = self
                         .submitted
                         .iter()
-                        .map(|(t, _)| *t)
+                        .copied()
                         .filter(|t| !self.finished.contains_key(t))
                         .collect();
                     all.sort();
@@ -774,21 +1541,33 @@ impl World {
                     Action::SendCancel { task_id }
                     | Action::Signal { task_id, .. }
                     | Action::SetTimer { task_id, .. }
+                    | Action::Steer { task_id, .. }
                     | Action::Spawn { task_id, .. } => *task_id,
+                    Action::SetDebounce { .. } => panic!("a stop armed a debounce: {a:?}"),
                 };
-                assert_eq!(&self.session_of[&task_id], chat, "{a:?}");
+                assert_eq!(self.session_of(&task_id), chat, "{a:?}");
             }
         }
-        // Queued targets end at once, before any running one is asked to stop.
+        // Queued targets end at once, before any running one is asked to stop. Work
+        // may be admitted last: cancelling a session's next task, held back as
+        // background work, can leave interactive work next (`apply` checks each
+        // Spawn, and a stop-all's session is sealed).
         let first_cancel = actions
             .iter()
             .position(|a| matches!(a, Action::SendCancel { .. }))
             .unwrap_or(actions.len());
+        let first_spawn = actions
+            .iter()
+            .position(|a| matches!(a, Action::Spawn { .. }))
+            .unwrap_or(actions.len());
         for (n, a) in actions.iter().enumerate() {
             match a {
-                Action::Spawn { .. } => panic!("a stop admitted work: {actions:?}"),
-                Action::Finished(_) => assert!(n < first_cancel, "{actions:?}"),
-                _ => {}
+                Action::Spawn { .. } => {}
+                Action::Finished(_) => assert!(n < first_cancel.min(first_spawn), "{actions:?}"),
+                Action::SendCancel { .. } | Action::SetTimer { .. } => {
+                    assert!(n < first_spawn, "{actions:?}")
+                }
+                other => panic!("a stop did {other:?}"),
             }
         }
         for task_id in &ids {
@@ -800,7 +1579,15 @@ impl World {
                 queued, ended,
                 "{task_id}: queued targets end at once, others later"
             );
-            if !queued && !self.stop_step.contains_key(task_id) {
+            if queued {
+                self.expect_end.insert(
+                    *task_id,
+                    Ending::Cancelled {
+                        by: None,
+                        after: Duration::ZERO,
+                    },
+                );
+            } else if !self.stop_step.contains_key(task_id) {
                 assert!(actions.contains(&Action::SendCancel { task_id: *task_id }));
             }
         }
@@ -827,6 +1614,9 @@ impl World {
             } else if !self.timers.is_empty() {
                 let (task, step) = self.timers.remove(0);
                 self.fire(task, step);
+            } else if !self.debounce_timers.is_empty() {
+                let (session, generation) = self.debounce_timers.remove(0);
+                self.fire_debounce(session, generation);
             } else {
                 return;
             }
@@ -834,31 +1624,94 @@ impl World {
         }
         panic!("the world does not quiesce");
     }
+
+    /// Invariant 6: every accepted message ended in exactly one place.
+    fn check_every_message_ended(&self) {
+        assert_eq!(self.finished.len(), self.submitted.len());
+        for task_id in &self.submitted {
+            let task = self
+                .finished
+                .get(task_id)
+                .unwrap_or_else(|| panic!("{task_id} never finished"));
+            let TaskState::Done { ending, .. } = &task.state else {
+                unreachable!()
+            };
+            if self.admitted.contains(task_id) {
+                // It ran: its own task ended after running.
+                assert!(matches!(
+                    ending,
+                    Ending::Succeeded
+                        | Ending::Failed { .. }
+                        | Ending::Cancelled { .. }
+                        | Ending::Interrupted { .. }
+                ));
+            } else {
+                match ending {
+                    Ending::Merged { into } => {
+                        // Into a task of its session that ran (collected), or that was
+                        // running when it was steered.
+                        assert!(self.admitted.contains(into), "{task_id} merged into {into}");
+                        assert_eq!(self.session_of(into), self.session_of(task_id));
+                    }
+                    Ending::Dropped | Ending::Expired => {}
+                    Ending::Cancelled { by: None, after } => assert_eq!(*after, Duration::ZERO),
+                    other => panic!("{task_id} never ran but ended {other:?}"),
+                }
+            }
+        }
+    }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+/// One random run: the ops, then quiescence, then the end-of-run checks.
+fn run_case(p: Params, ops: &[Op]) {
+    let mut w = World::new(p);
+    w.check();
+    for op in ops {
+        w.step(op);
+    }
+    w.quiesce();
+    w.check_every_message_ended();
+    // Invariant 8: nothing left in the hot maps but settings and the window.
+    assert_eq!(w.d.n_sessions(), 0);
+    assert_eq!(w.d.tasks().count(), 0);
+    assert_eq!(w.d.n_queued(), 0);
+    assert_eq!(w.d.capacity().busy, 0);
+    assert!(w.d.positions().is_empty());
+    // The window still answers for what it holds.
+    let window: Vec<((String, String), TaskId)> =
+        w.dedup.iter().map(|(k, t)| (k.clone(), *t)).collect();
+    for ((session, message_id), original) in window {
+        let m = Message {
+            message_id: Some(message_id),
+            ..Message::new(id(u128::MAX), session, "again")
+        };
+        let (r, a) = w.d.accept(m, Millis(w.now));
+        assert_eq!(r, Ok(Accepted::Duplicate { task_id: original }));
+        assert_eq!(a.into_vec(), vec![]);
+    }
+}
 
-    #[test]
-    fn dispatcher_keeps_its_invariants(
-        cap in 1u32..=3,
-        ops in prop::collection::vec(op(), 0..60),
-    ) {
-        let mut w = World::new(cap);
-        w.check();
-        for op in &ops {
-            w.step(op);
-        }
-        w.quiesce();
-        // Invariant 6: every acknowledged message ended in a recorded state.
-        for (task_id, _) in &w.submitted {
-            prop_assert!(w.finished.contains_key(task_id), "{} never finished", task_id);
-        }
-        prop_assert_eq!(w.finished.len(), w.submitted.len());
-        // Invariant 8: nothing left in the hot maps.
-        prop_assert_eq!(w.d.n_sessions(), 0);
-        prop_assert_eq!(w.d.tasks().count(), 0);
-        prop_assert_eq!(w.d.capacity().busy, 0);
+/// The model-based test. Run by hand (not with `proptest!`) so that, once every case
+/// passed, it can check that the cases met every behaviour they are meant to check.
+#[test]
+fn dispatcher_keeps_its_invariants() {
+    // 256 cases unless PROPTEST_CASES says otherwise.
+    let mut runner = TestRunner::new(ProptestConfig {
+        source_file: Some(file!()),
+        ..ProptestConfig::default()
+    });
+    let strategy = (params(), prop::collection::vec(op(), 0..80));
+    if let Err(e) = runner.run(&strategy, |(p, ops)| {
+        run_case(p, &ops);
+        Ok(())
+    }) {
+        panic!("{e}");
+    }
+    let coverage = COVERAGE.lock().unwrap();
+    eprintln!("coverage: {coverage:#?}");
+    for (what, at_least) in COVERED {
+        let n = coverage.get(what).copied().unwrap_or(0);
+        assert!(n >= at_least, "only {n} × {what:?} (want {at_least})");
     }
 }
 
@@ -913,5 +1766,49 @@ proptest! {
         // A second argument makes it work text.
         let text = format!("/{word} the build");
         prop_assert_eq!(parse_chat_command(&text), None);
+    }
+
+    /// `/queue [mode] [debounce:…] [cap:…] [drop:…]` parses whatever options are given,
+    /// in any case and order, into the change they name.
+    #[test]
+    fn queue_settings_commands_parse(
+        word in command_word("queue"),
+        mode in prop::option::of(prop::sample::select(Mode::ALL.to_vec())),
+        debounce in prop::option::of(0..10_000u64),
+        cap in prop::option::of(1..100u32),
+        drop in prop::option::of(prop::sample::select(DROPS.to_vec())),
+        upper in any::<bool>(),
+        reverse in any::<bool>(),
+        gap in "[ \t]{1,3}",
+    ) {
+        let case = |s: &str| if upper { s.to_ascii_uppercase() } else { s.to_string() };
+        let mut options: Vec<String> = Vec::new();
+        if let Some(d) = debounce {
+            options.push(format!("{}:{d}ms", case("debounce")));
+        }
+        if let Some(c) = cap {
+            options.push(format!("{}:{c}", case("cap")));
+        }
+        if let Some(d) = drop {
+            options.push(format!("{}:{}", case("drop"), case(d.as_str())));
+        }
+        if reverse {
+            options.reverse();
+        }
+        let mut words: Vec<String> = vec![format!("/{word}")];
+        words.extend(mode.map(|m| case(m.as_str())));
+        words.extend(options);
+        let text = words.join(&gap);
+        let want = if mode.is_none() && debounce.is_none() && cap.is_none() && drop.is_none() {
+            QueueCommand::Show
+        } else {
+            QueueCommand::Set(QueueChange {
+                mode,
+                debounce: debounce.map(Duration::from_millis),
+                cap,
+                drop,
+            })
+        };
+        prop_assert_eq!(parse_chat_command(&text), Some(ChatCommand::Queue(want)), "{:?}", text);
     }
 }

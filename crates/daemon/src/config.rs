@@ -11,9 +11,8 @@ use serde::Deserialize;
 pub struct DaemonConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
-    pub max_concurrent: u32,
-    pub cancel_grace: Duration,
-    pub term_grace: Duration,
+    /// Limits, graces and queue defaults of the dispatcher.
+    pub dispatch: agentd_core::Config,
     /// How long an agent may take to send its Hello.
     pub handshake_timeout: Duration,
     /// The agent command line, split into words; `{text}` is replaced by the task text.
@@ -34,6 +33,13 @@ pub struct FileConfig {
     pub handshake_timeout: Option<String>,
     pub agent: Option<String>,
     pub history: Option<usize>,
+    pub queue_mode: Option<String>,
+    pub debounce: Option<String>,
+    pub cap: Option<u32>,
+    pub drop: Option<String>,
+    pub max_queued: Option<u32>,
+    pub max_background: Option<u32>,
+    pub queue_timeout: Option<String>,
 }
 
 impl FileConfig {
@@ -48,6 +54,19 @@ impl FileConfig {
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(text.trim())
         .with_context(|| format!("invalid duration {text:?} (examples: 500ms, 5s, 2m)"))
+}
+
+/// Parses a queue mode name for flags and the config file.
+pub fn parse_mode(text: &str) -> anyhow::Result<agentd_core::Mode> {
+    agentd_core::Mode::parse(text.trim()).with_context(|| {
+        format!("unknown queue mode {text:?} (collect, followup, steer, steer-backlog, interrupt)")
+    })
+}
+
+/// Parses a drop policy name for flags and the config file.
+pub fn parse_drop(text: &str) -> anyhow::Result<agentd_core::DropPolicy> {
+    agentd_core::DropPolicy::parse(text.trim())
+        .with_context(|| format!("unknown drop policy {text:?} (old, new, summarize)"))
 }
 
 /// Splits an agent command line into words, shell-style quoting allowed, and checks it.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentd_proto::control::{
-    ErrorCode, HelloReply, PingReply, Request, RequestBody, Response, CONTROL_PROTOCOL_VERSION,
-    MAX_REQUEST_BYTES,
+    ErrorCode, EventView, HelloReply, PingReply, Request, RequestBody, Response,
+    CONTROL_PROTOCOL_VERSION, MAX_REQUEST_BYTES,
 };
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::traits::StreamCommon;
@@ -31,6 +31,8 @@ pub struct ControlRequest {
     pub body: RequestBody,
     /// Where the supervisor sends the answer (possibly much later, for `stop`).
     pub reply: oneshot::Sender<Reply>,
+    /// For `watch`: where the supervisor sends the events, after the answer.
+    pub events: Option<mpsc::UnboundedSender<EventView>>,
 }
 
 /// Facts `hello` and `ping` answer without asking the supervisor.
@@ -199,7 +201,22 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
             }
             body => {
                 let (reply, answer) = oneshot::channel();
-                if requests.send(ControlRequest { body, reply }).await.is_err() {
+                let (events, mut event_rx) = match body {
+                    RequestBody::Watch { .. } => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        (Some(tx), Some(rx))
+                    }
+                    _ => (None, None),
+                };
+                if requests
+                    .send(ControlRequest {
+                        body,
+                        reply,
+                        events,
+                    })
+                    .await
+                    .is_err()
+                {
                     let _ = responses.send(Response::err(
                         Some(id),
                         ErrorCode::ShuttingDown,
@@ -218,7 +235,17 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                             "agentd is shutting down",
                         ),
                     };
+                    let watching = response.ok;
                     let _ = responses.send(response);
+                    // A watch streams its events after the answer, until the
+                    // supervisor drops the subscription or the client goes away.
+                    if let (Some(rx), true) = (event_rx.as_mut(), watching) {
+                        while let Some(event) = rx.recv().await {
+                            if responses.send(Response::event(id, event)).is_err() {
+                                break;
+                            }
+                        }
+                    }
                 });
             }
         }

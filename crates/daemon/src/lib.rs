@@ -16,6 +16,7 @@
 pub mod agent_io;
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod socket;
 pub mod supervisor;
 pub mod views;

@@ -25,11 +25,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentd_core::{
-    parse_chat_command, Action, AgentReport, ChatCommand, Config, Dispatcher, Event, ExitStatus,
-    ReportOutcome, Scope, StopArg, StopError, StopStep, StopTarget, Task, TaskId, HELP_TEXT,
+    parse_chat_command, Accepted, Action, AgentReport, ChatCommand, Dispatcher, Ending, Event,
+    ExitStatus, Message, Mode, Priority, QueueChange, QueueCommand, Refused, ReportOutcome, Scope,
+    StopArg, StopError, StopStep, StopTarget, Task, TaskId, TaskState, HELP_TEXT,
 };
 use agentd_proc::{reap_children, spawn_agent, AgentCommand, TaskTree};
-use agentd_proto::control::{ErrorCode, RequestBody, SendReply, StatusReply, StopReply, TaskView};
+use agentd_proto::control::{
+    ErrorCode, EventKind, EventView, RequestBody, SendReply, StatusReply, StopReply, TaskView,
+    WatchReply,
+};
 use agentd_proto::ipc::{AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION};
 use interprocess::local_socket::tokio::Listener;
 use nix::sys::signal::Signal;
@@ -38,6 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::agent_io::{self, AgentEvent, AgentInput};
 use crate::config::{agent_argv, DaemonConfig};
 use crate::control::{self, ControlRequest, Reply, ServerInfo};
+use crate::events::{Filter, Subscriptions};
 use crate::views::{self, now_millis};
 
 /// Signals the daemon acts on, delivered by the signal thread of the binary.
@@ -91,8 +96,12 @@ pub async fn run(
             }
             Some(event) = agent_events.recv() => sup.on_agent_event(event),
             () = sleep_until(next_timer) => sup.fire_timers(),
-            _ = tick.tick() => sup.reap(),
+            _ = tick.tick() => {
+                sup.reap();
+                sup.handle(Event::Tick);
+            }
         }
+        sup.publish_positions();
         if sup.shutting_down.is_some()
             && sup.agents.is_empty()
             && sup.dispatcher.tasks().next().is_none()
@@ -112,11 +121,15 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Timer {
     Stop {
         task_id: TaskId,
         step: StopStep,
+    },
+    Debounce {
+        session: String,
+        generation: u64,
     },
     Handshake {
         task_id: TaskId,
@@ -145,6 +158,8 @@ struct Agent {
     exit: Option<ExitStatus>,
     /// Set when the reader saw the end of the channel: every frame has been handled.
     drained: bool,
+    /// Steered texts awaiting the agent's SteerAck, oldest first.
+    steers: VecDeque<String>,
 }
 
 /// A `stop` request waiting for its tasks to end.
@@ -170,6 +185,8 @@ struct Supervisor {
     history: HashMap<TaskId, Task>,
     history_order: VecDeque<TaskId>,
     waiters: Vec<StopWaiter>,
+    /// Clients watching tasks or sessions.
+    subscriptions: Subscriptions,
     /// Set by the first shutdown signal.
     shutting_down: Option<Instant>,
 }
@@ -191,11 +208,7 @@ impl Supervisor {
         agent_events: mpsc::Sender<AgentEvent>,
         info: Arc<ServerInfo>,
     ) -> Supervisor {
-        let dispatcher = Dispatcher::new(Config {
-            max_concurrent: config.max_concurrent,
-            cancel_grace: config.cancel_grace,
-            term_grace: config.term_grace,
-        });
+        let dispatcher = Dispatcher::new(config.dispatch.clone());
         Supervisor {
             dispatcher,
             config,
@@ -209,6 +222,7 @@ impl Supervisor {
             history: HashMap::new(),
             history_order: VecDeque::new(),
             waiters: Vec::new(),
+            subscriptions: Subscriptions::default(),
             shutting_down: None,
         }
     }
@@ -242,7 +256,30 @@ impl Supervisor {
                     self.arm(after, Timer::Stop { task_id, step });
                     None
                 }
+                Action::Steer { task_id, text } => {
+                    if let Some(agent) = self.agents.get_mut(&task_id) {
+                        agent.steers.push_back(text.clone());
+                    }
+                    self.send_to_agent(task_id, SupervisorMsg::Steer { text: text.clone() });
+                    self.publish_task(EventKind::Steered, &task_id, Some(text), None);
+                    None
+                }
+                Action::SetDebounce {
+                    session,
+                    after,
+                    generation,
+                } => {
+                    self.arm(
+                        after,
+                        Timer::Debounce {
+                            session,
+                            generation,
+                        },
+                    );
+                    None
+                }
                 Action::Finished(task) => {
+                    self.publish_finished(&task);
                     self.record_finished(task);
                     None
                 }
@@ -314,9 +351,11 @@ impl Supervisor {
                 held: Vec::new(),
                 exit: None,
                 drained: false,
+                steers: VecDeque::new(),
             },
         );
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
+        self.publish_task(EventKind::Started, &task_id, None, None);
         Some(Event::Spawned { task_id, pid })
     }
 
@@ -387,6 +426,7 @@ impl Supervisor {
                     capacity: None,
                     command: Some("stop".into()),
                     data: serde_json::to_value(&reply).ok(),
+                    ..SendReply::default()
                 })
             } else {
                 json(reply)
@@ -441,6 +481,13 @@ impl Supervisor {
             }
             match entry.remove() {
                 Timer::Stop { task_id, step } => self.handle(Event::StopTimer { task_id, step }),
+                Timer::Debounce {
+                    session,
+                    generation,
+                } => self.handle(Event::Debounce {
+                    session,
+                    generation,
+                }),
                 Timer::Drain { task_id } => {
                     if let Some(status) = self.agents.get(&task_id).and_then(|a| a.exit) {
                         tracing::warn!(%task_id, "the agent's channel stayed open after it exited");
@@ -545,8 +592,13 @@ impl Supervisor {
                     }),
                 },
             },
-            AgentInput::Msg(AgentMsg::Heartbeat) | AgentInput::Msg(AgentMsg::SteerAck { .. }) => {
-                return
+            AgentInput::Msg(AgentMsg::Heartbeat) => return,
+            AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
+                let text = agent.steers.pop_front();
+                if let (false, Some(text)) = (accepted, text) {
+                    self.steer_refused(task_id, text);
+                }
+                return;
             }
             // The agent closed its channel: it is exiting, or has exited and was reaped.
             AgentInput::Closed => {
@@ -570,13 +622,21 @@ impl Supervisor {
         if let Event::ProtocolError { error, .. } = &event {
             tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");
         }
+        if let Event::Progress { text, .. } = &event {
+            let text = text.clone();
+            self.publish_task(EventKind::Progress, &task_id, Some(text), None);
+        }
         self.handle(event);
     }
 
     // ----- requests -----
 
     fn on_request(&mut self, request: ControlRequest) {
-        let ControlRequest { body, reply } = request;
+        let ControlRequest {
+            body,
+            reply,
+            events,
+        } = request;
         match body {
             RequestBody::Stop {
                 task_id,
@@ -602,12 +662,40 @@ impl Supervisor {
             RequestBody::Send {
                 session,
                 text,
-                message_id: _,
+                message_id,
+                priority,
+                mode,
             } => {
-                let answer = self.on_send(session, text, reply);
-                if let Some((reply, answer)) = answer {
+                let work = Work {
+                    session,
+                    text,
+                    message_id,
+                    priority: priority.map(views::priority).unwrap_or_default(),
+                    mode: mode.map(views::mode),
+                };
+                if let Some((reply, answer)) = self.on_send(work, reply) {
                     let _ = reply.send(answer);
                 }
+            }
+            RequestBody::Queue {
+                session,
+                mode,
+                debounce_ms,
+                cap,
+                drop,
+                reset,
+            } => {
+                let change = QueueChange {
+                    mode: mode.map(views::mode),
+                    debounce: debounce_ms.map(Duration::from_millis),
+                    cap,
+                    drop: drop.map(views::drop_policy),
+                };
+                let answer = self.queue_settings(&session, reset, change).and_then(json);
+                let _ = reply.send(answer);
+            }
+            RequestBody::Watch { task_id, session } => {
+                let _ = reply.send(self.watch(task_id, session, events));
             }
             RequestBody::Status { task_id } => {
                 let _ = reply.send(self.status(task_id.as_deref()));
@@ -625,55 +713,17 @@ impl Supervisor {
     /// `None` when the reply was handed to a stop waiter.
     fn on_send(
         &mut self,
-        session: String,
-        text: String,
+        work: Work,
         reply: oneshot::Sender<Reply>,
     ) -> Option<(oneshot::Sender<Reply>, Reply)> {
-        if session.trim().is_empty() || session.len() > 256 {
-            return Some((
-                reply,
-                err(ErrorCode::BadRequest, "session must be 1 to 256 bytes"),
-            ));
+        if let Err(e) = check_session(&work.session) {
+            return Some((reply, Err(e)));
         }
-        if let Some(command) = parse_chat_command(&text) {
-            let answer = match command {
-                ChatCommand::Help => {
-                    Ok(self.chat_reply("help", HELP_TEXT.to_string(), serde_json::Value::Null))
-                }
-                ChatCommand::Status { task } => self.chat_status(&session, task.as_deref()),
-                ChatCommand::Tasks => {
-                    let list = self.list(Some(&session), false);
-                    let text = if list.is_empty() {
-                        "no tasks in this chat".to_string()
-                    } else {
-                        list.iter()
-                            .map(views::task_line)
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    };
-                    Ok(self.chat_reply(
-                        "tasks",
-                        text,
-                        serde_json::to_value(&list).unwrap_or_default(),
-                    ))
-                }
-                ChatCommand::Stop(arg) => {
-                    let target = match arg {
-                        StopArg::Current => Ok(StopTarget::SessionCurrent(session.clone())),
-                        StopArg::All => Ok(StopTarget::SessionAll(session.clone())),
-                        StopArg::Task(id) => self.resolve(&id).map(StopTarget::Task),
-                    };
-                    match target {
-                        Ok(target) => {
-                            self.stop(target, Scope::Chat(session), true, reply);
-                            return None;
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-            };
-            return Some((reply, answer));
-        }
+        let (text, mode) = match parse_chat_command(&work.text) {
+            Some(ChatCommand::WorkWithMode { mode, text }) => (text, Some(mode)),
+            Some(command) => return self.chat_command(work.session, command, reply),
+            None => (work.text, work.mode),
+        };
         if text.trim().is_empty() {
             return Some((
                 reply,
@@ -681,32 +731,377 @@ impl Supervisor {
             ));
         }
         if self.shutting_down.is_some() {
-            return Some((
-                reply,
-                err(
-                    ErrorCode::ShuttingDown,
-                    "agentd is shutting down; the message was not accepted",
-                ),
-            ));
+            let message = "agentd is shutting down; the message was not accepted";
+            return Some((reply, err(ErrorCode::ShuttingDown, message)));
         }
-        let task_id = TaskId::now_v7();
-        let submitted = self.dispatcher.submit(task_id, session, text, now_millis());
-        self.execute(submitted.actions);
-        let answer = match self.view(&task_id) {
-            Some(view) => {
-                let capacity = views::capacity(self.dispatcher.capacity());
+        let message = Message {
+            task_id: TaskId::now_v7(),
+            session: work.session,
+            text,
+            message_id: work.message_id,
+            priority: work.priority,
+            mode,
+        };
+        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        if let Ok(Accepted::Task { task_id, .. }) = &outcome {
+            self.publish_task(EventKind::Accepted, task_id, None, None);
+        }
+        let dropped_views: Vec<TaskView> = actions
+            .0
+            .iter()
+            .filter_map(|a| match a {
+                Action::Finished(t)
+                    if matches!(
+                        t.state,
+                        TaskState::Done {
+                            ending: Ending::Dropped,
+                            ..
+                        }
+                    ) =>
+                {
+                    Some(views::task_view(t, None))
+                }
+                _ => None,
+            })
+            .collect();
+        self.execute(actions);
+        Some((reply, self.send_reply(outcome, dropped_views)))
+    }
+
+    /// The answer to accepted (or refused) work.
+    fn send_reply(&self, outcome: Result<Accepted, Refused>, dropped: Vec<TaskView>) -> Reply {
+        let capacity = views::capacity(self.dispatcher.capacity());
+        match outcome {
+            Err(Refused::QueueFull { limit }) => err(
+                ErrorCode::QueueFull,
+                format!("agentd's queue is full ({limit} messages wait): the message was not accepted"),
+            ),
+            Err(Refused::SessionFull { cap }) => err(
+                ErrorCode::QueueFull,
+                format!(
+                    "this chat already holds {cap} waiting messages (cap {cap}, drop: new): the message was not accepted"
+                ),
+            ),
+            Ok(Accepted::Duplicate { task_id }) => {
+                let view = self.view(&task_id).ok_or((ErrorCode::Internal, "the task vanished".into()))?;
                 json(SendReply {
-                    reply: agentd_proto::text::accepted_line(&view, Some(capacity)),
+                    reply: format!(
+                        "task {task_id}  already received ({}): not run again",
+                        agentd_proto::text::outcome(&view)
+                    ),
                     accepted: true,
                     task: Some(view),
                     capacity: Some(capacity),
                     command: None,
                     data: None,
+                    duplicate: true,
+                    dropped: Vec::new(),
+                    notice: None,
                 })
             }
-            None => err(ErrorCode::Internal, "the task vanished"),
+            Ok(Accepted::Task {
+                task_id,
+                steered_into,
+                dropped: _,
+                notice,
+            }) => {
+                let view = self.view(&task_id).ok_or((ErrorCode::Internal, "the task vanished".into()))?;
+                let mut reply = match steered_into {
+                    Some(into) if view.state == agentd_proto::control::TaskState::Merged => {
+                        format!("task {task_id}  steered into running task {into}")
+                    }
+                    Some(into) => format!(
+                        "{}
+(also steered into running task {into})",
+                        agentd_proto::text::accepted_line(&view, Some(capacity))
+                    ),
+                    None => agentd_proto::text::accepted_line(&view, Some(capacity)),
+                };
+                for d in &dropped {
+                    reply.push_str(&format!(
+                        "
+dropped to make room: task {}  {}",
+                        d.task_id,
+                        agentd_core::preview(&d.text)
+                    ));
+                }
+                if let Some(notice) = &notice {
+                    reply.push_str(&format!("
+note: {notice}"));
+                }
+                json(SendReply {
+                    reply,
+                    accepted: true,
+                    task: Some(view),
+                    capacity: Some(capacity),
+                    command: None,
+                    data: None,
+                    duplicate: false,
+                    dropped,
+                    notice,
+                })
+            }
+        }
+    }
+
+    /// A control command typed as chat text. Returns the reply to send now, or `None`
+    /// when the reply was handed to a stop waiter.
+    fn chat_command(
+        &mut self,
+        session: String,
+        command: ChatCommand,
+        reply: oneshot::Sender<Reply>,
+    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+        let answer = match command {
+            ChatCommand::Help => {
+                Ok(self.chat_reply("help", HELP_TEXT.to_string(), serde_json::Value::Null))
+            }
+            ChatCommand::Status { task } => self.chat_status(&session, task.as_deref()),
+            ChatCommand::Tasks => {
+                let list = self.list(Some(&session), false);
+                let text = if list.is_empty() {
+                    "no tasks in this chat".to_string()
+                } else {
+                    list.iter()
+                        .map(views::task_line)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                Ok(self.chat_reply(
+                    "tasks",
+                    text,
+                    serde_json::to_value(&list).unwrap_or_default(),
+                ))
+            }
+            ChatCommand::Queue(queue) => {
+                let result = match queue {
+                    QueueCommand::Show => {
+                        self.queue_settings(&session, false, QueueChange::default())
+                    }
+                    QueueCommand::Reset => {
+                        self.queue_settings(&session, true, QueueChange::default())
+                    }
+                    QueueCommand::Set(change) => self.queue_settings(&session, false, change),
+                };
+                result.map(|view| {
+                    let text = views::settings_line(&view);
+                    self.chat_reply(
+                        "queue",
+                        text,
+                        serde_json::to_value(&view).unwrap_or_default(),
+                    )
+                })
+            }
+            ChatCommand::Invalid { reply: text } => Err((ErrorCode::BadRequest, text)),
+            ChatCommand::WorkWithMode { .. } => err(ErrorCode::Internal, "work is not a command"),
+            ChatCommand::Stop(arg) => {
+                let target = match arg {
+                    StopArg::Current => Ok(StopTarget::SessionCurrent(session.clone())),
+                    StopArg::All => Ok(StopTarget::SessionAll(session.clone())),
+                    StopArg::Task(id) => self.resolve(&id).map(StopTarget::Task),
+                };
+                match target {
+                    Ok(target) => {
+                        self.stop(target, Scope::Chat(session), true, reply);
+                        return None;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
         };
         Some((reply, answer))
+    }
+
+    /// Shows, changes or resets a session's queue settings.
+    fn queue_settings(
+        &mut self,
+        session: &str,
+        reset: bool,
+        change: QueueChange,
+    ) -> Result<agentd_proto::control::QueueSettingsView, RequestError> {
+        check_session(session)?;
+        if change.cap == Some(0) {
+            return err(ErrorCode::BadRequest, "cap must be at least 1");
+        }
+        if reset {
+            self.dispatcher.reset_settings(session);
+        }
+        if change != QueueChange::default() {
+            let settings = change.apply(self.dispatcher.settings(session));
+            self.dispatcher.set_settings(session, settings);
+        }
+        Ok(views::settings_view(
+            session,
+            self.dispatcher.settings(session),
+            self.dispatcher.has_own_settings(session),
+        ))
+    }
+
+    /// The agent refused a steered message: it becomes a follow-up, and watchers are told.
+    fn steer_refused(&mut self, running: TaskId, text: String) {
+        let Some(session) = self.dispatcher.task(&running).map(|t| t.session.clone()) else {
+            tracing::warn!(%running, "a steered message was refused after its task ended: {text:?}");
+            return;
+        };
+        let message = Message {
+            task_id: TaskId::now_v7(),
+            session,
+            text,
+            message_id: None,
+            priority: Priority::Interactive,
+            mode: Some(Mode::Followup),
+        };
+        let task_id = message.task_id;
+        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        match outcome {
+            Ok(_) => {
+                let note = format!("the agent of task {running} refused the steered message: queued as a follow-up");
+                self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
+            }
+            Err(refused) => {
+                tracing::warn!(%running, ?refused, "a refused steered message could not be queued")
+            }
+        }
+        self.execute(actions);
+    }
+
+    // ----- live events -----
+
+    /// Subscribes `events` to a task or a session, after a snapshot of where it stands.
+    fn watch(
+        &mut self,
+        task_id: Option<String>,
+        session: Option<String>,
+        events: Option<mpsc::UnboundedSender<EventView>>,
+    ) -> Reply {
+        let Some(events) = events else {
+            return err(ErrorCode::Internal, "watch without an event channel");
+        };
+        match (task_id, session) {
+            (Some(id), None) => {
+                let mut task_id = self.resolve(&id)?;
+                // Follow the message into the task it went into, as a live watcher would.
+                for _ in 0..16 {
+                    let view = self
+                        .view(&task_id)
+                        .ok_or((ErrorCode::NotFound, format!("no task {id}")))?;
+                    match (&view.merged_into, view.state.is_terminal()) {
+                        (Some(into), _) => {
+                            let into_id = TaskId::parse_str(into)
+                                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                            let _ = events.send(event_of(
+                                EventKind::Merged,
+                                &view,
+                                None,
+                                Some(into.clone()),
+                            ));
+                            task_id = into_id;
+                        }
+                        (None, true) => {
+                            let _ = events.send(event_of(EventKind::Finished, &view, None, None));
+                            break;
+                        }
+                        (None, false) => {
+                            let kind = if view.position.is_some() {
+                                EventKind::Position
+                            } else {
+                                EventKind::Started
+                            };
+                            let _ = events.send(event_of(kind, &view, None, None));
+                            self.subscriptions
+                                .add(Filter::Task(view.task_id.clone()), events);
+                            break;
+                        }
+                    }
+                }
+                json(WatchReply {
+                    task_id: Some(task_id.to_string()),
+                    session: None,
+                })
+            }
+            (None, Some(session)) => {
+                check_session(&session)?;
+                for view in self.list(Some(&session), false) {
+                    let kind = if view.position.is_some() {
+                        EventKind::Position
+                    } else {
+                        EventKind::Started
+                    };
+                    let _ = events.send(event_of(kind, &view, None, None));
+                }
+                self.subscriptions
+                    .add(Filter::Session(session.clone()), events);
+                json(WatchReply {
+                    task_id: None,
+                    session: Some(session),
+                })
+            }
+            _ => err(
+                ErrorCode::BadRequest,
+                "watch takes exactly one of task_id, session",
+            ),
+        }
+    }
+
+    /// Publishes an event about a task that is queued or active.
+    fn publish_task(
+        &mut self,
+        kind: EventKind,
+        task_id: &TaskId,
+        text: Option<String>,
+        into: Option<String>,
+    ) {
+        if self.subscriptions.is_empty() {
+            return;
+        }
+        if let Some(view) = self.view(task_id) {
+            self.subscriptions
+                .publish(&event_of(kind, &view, text, into));
+        }
+    }
+
+    /// Publishes how a task ended (merged, dropped, expired, finished).
+    fn publish_finished(&mut self, task: &Task) {
+        if self.subscriptions.is_empty() {
+            return;
+        }
+        let view = views::task_view(task, None);
+        let kinds: &[EventKind] = match &task.state {
+            TaskState::Done {
+                ending: Ending::Merged { .. },
+                ..
+            } => &[EventKind::Merged],
+            TaskState::Done {
+                ending: Ending::Dropped,
+                ..
+            } => &[EventKind::Dropped, EventKind::Finished],
+            TaskState::Done {
+                ending: Ending::Expired,
+                ..
+            } => &[EventKind::Expired, EventKind::Finished],
+            _ => &[EventKind::Finished],
+        };
+        for kind in kinds {
+            self.subscriptions
+                .publish(&event_of(*kind, &view, None, view.merged_into.clone()));
+        }
+    }
+
+    /// Tells watchers about queued tasks whose position changed.
+    fn publish_positions(&mut self) {
+        if self.subscriptions.is_empty() {
+            return;
+        }
+        let positions = self.dispatcher.positions();
+        let current = positions
+            .iter()
+            .filter_map(|(id, p)| {
+                self.dispatcher
+                    .task(id)
+                    .map(|t| (id.to_string(), t.session.clone(), *p))
+            })
+            .collect();
+        self.subscriptions.publish_positions(current);
     }
 
     fn chat_reply(
@@ -722,6 +1117,7 @@ impl Supervisor {
             capacity: None,
             command: Some(command.to_string()),
             data: Some(data),
+            ..SendReply::default()
         })
         .unwrap_or_default()
     }
@@ -949,6 +1345,40 @@ impl Supervisor {
                 ),
             ),
         }
+    }
+}
+
+/// A work message as a client sent it.
+struct Work {
+    session: String,
+    text: String,
+    message_id: Option<String>,
+    priority: Priority,
+    mode: Option<Mode>,
+}
+
+fn check_session(session: &str) -> Result<(), RequestError> {
+    if session.trim().is_empty() || session.len() > 256 {
+        return err(ErrorCode::BadRequest, "session must be 1 to 256 bytes");
+    }
+    Ok(())
+}
+
+fn event_of(
+    kind: EventKind,
+    view: &TaskView,
+    text: Option<String>,
+    into: Option<String>,
+) -> EventView {
+    EventView {
+        kind,
+        task_id: view.task_id.clone(),
+        session: view.session.clone(),
+        position: view.position,
+        text,
+        into,
+        task: Some(view.clone()),
+        at: Some(views::rfc3339(now_millis())),
     }
 }
 

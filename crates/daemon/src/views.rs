@@ -3,7 +3,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentd_core::{Ending, Millis, StopStep, Task, TaskState};
+use agentd_core::{
+    DropPolicy, Ending, Millis, Mode, Priority, QueueSettings, StopStep, Task, TaskState,
+};
 use agentd_proto::control::{self, Capacity, ExitView, TaskView};
 use agentd_proto::text;
 
@@ -63,9 +65,14 @@ pub fn task_view(task: &Task, position: Option<u32>) -> TaskView {
                     view.stop_ms = Some(after.as_millis() as u64);
                     control::TaskState::Cancelled
                 }
-                Ending::Interrupted => control::TaskState::Interrupted,
+                Ending::Interrupted { by, after } => {
+                    view.ended_by = by.map(stop_step);
+                    view.stop_ms = Some(after.as_millis() as u64);
+                    control::TaskState::Interrupted
+                }
                 Ending::Expired => control::TaskState::Expired,
                 Ending::Dropped => control::TaskState::Dropped,
+                Ending::Merged { .. } => control::TaskState::Merged,
             };
             (state, Some(view))
         }
@@ -87,7 +94,89 @@ pub fn task_view(task: &Task, position: Option<u32>) -> TaskView {
         progress: task.progress.clone(),
         result: task.report.as_ref().map(|r| r.text.clone()),
         exit,
+        merged_into: match &task.state {
+            TaskState::Done {
+                ending: Ending::Merged { into },
+                ..
+            } => Some(into.to_string()),
+            _ => None,
+        },
+        priority: priority_view(task.priority),
     }
+}
+
+pub fn priority_view(p: Priority) -> control::Priority {
+    match p {
+        Priority::Interactive => control::Priority::Interactive,
+        Priority::Background => control::Priority::Background,
+    }
+}
+
+pub fn priority(p: control::Priority) -> Priority {
+    match p {
+        control::Priority::Interactive => Priority::Interactive,
+        control::Priority::Background => Priority::Background,
+    }
+}
+
+pub fn mode(m: control::QueueMode) -> Mode {
+    match m {
+        control::QueueMode::Collect => Mode::Collect,
+        control::QueueMode::Followup => Mode::Followup,
+        control::QueueMode::Steer => Mode::Steer,
+        control::QueueMode::SteerBacklog => Mode::SteerBacklog,
+        control::QueueMode::Interrupt => Mode::Interrupt,
+    }
+}
+
+pub fn mode_view(m: Mode) -> control::QueueMode {
+    match m {
+        Mode::Collect => control::QueueMode::Collect,
+        Mode::Followup => control::QueueMode::Followup,
+        Mode::Steer => control::QueueMode::Steer,
+        Mode::SteerBacklog => control::QueueMode::SteerBacklog,
+        Mode::Interrupt => control::QueueMode::Interrupt,
+    }
+}
+
+pub fn drop_policy(d: control::DropPolicy) -> DropPolicy {
+    match d {
+        control::DropPolicy::Old => DropPolicy::Old,
+        control::DropPolicy::New => DropPolicy::New,
+        control::DropPolicy::Summarize => DropPolicy::Summarize,
+    }
+}
+
+pub fn drop_view(d: DropPolicy) -> control::DropPolicy {
+    match d {
+        DropPolicy::Old => control::DropPolicy::Old,
+        DropPolicy::New => control::DropPolicy::New,
+        DropPolicy::Summarize => control::DropPolicy::Summarize,
+    }
+}
+
+pub fn settings_view(session: &str, s: QueueSettings, custom: bool) -> control::QueueSettingsView {
+    control::QueueSettingsView {
+        session: session.to_string(),
+        mode: mode_view(s.mode),
+        debounce_ms: s.debounce.as_millis() as u64,
+        cap: s.cap,
+        drop: drop_view(s.drop),
+        custom,
+    }
+}
+
+/// `session alice: mode collect, debounce 1s, cap 20, drop summarize (defaults)`.
+pub fn settings_line(v: &control::QueueSettingsView) -> String {
+    format!(
+        "session {}: mode {}, debounce {}, cap {}, drop {}{}",
+        v.session,
+        v.mode.as_str(),
+        humantime::format_duration(Duration::from_millis(v.debounce_ms)),
+        v.cap,
+        v.drop.as_str(),
+        if v.custom { "" } else { " (defaults)" }
+    )
 }
 
 /// One line per task for `/tasks` and `/status`.

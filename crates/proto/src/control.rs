@@ -43,9 +43,42 @@ pub enum RequestBody {
     Send {
         session: String,
         text: String,
-        /// A bridge's own id for the message, for de-duplication of re-deliveries.
+        /// A bridge's own id for the message, for de-duplication of re-deliveries:
+        /// the same id for the same session is answered with the original task.
         #[serde(default)]
         message_id: Option<String>,
+        /// `interactive` (default) or `background` (admitted after interactive work,
+        /// within its own cap).
+        #[serde(default)]
+        priority: Option<Priority>,
+        /// Queue mode for this message only (like a `/queue <mode>` prefix).
+        #[serde(default)]
+        mode: Option<QueueMode>,
+    },
+    /// Show, change or reset a session's queue settings. Without any field set it
+    /// only shows them. Answer: [`QueueSettingsView`].
+    Queue {
+        session: String,
+        #[serde(default)]
+        mode: Option<QueueMode>,
+        #[serde(default)]
+        debounce_ms: Option<u64>,
+        #[serde(default)]
+        cap: Option<u32>,
+        #[serde(default)]
+        drop: Option<DropPolicy>,
+        /// Back to the daemon's defaults (applied before the other fields).
+        #[serde(default)]
+        reset: bool,
+    },
+    /// Subscribe to the events of one task (ends after it finishes) or of a session
+    /// (until the client disconnects). Answer: [`WatchReply`], then event lines
+    /// `{"id": <this request's id>, "ok": true, "event": {…}}`.
+    Watch {
+        #[serde(default)]
+        task_id: Option<String>,
+        #[serde(default)]
+        session: Option<String>,
     },
     /// Daemon status, or one task's status. Answer: [`StatusReply`] or [`TaskView`].
     Status {
@@ -82,6 +115,9 @@ pub struct Response {
     pub result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+    /// Set on the event lines of a `watch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<EventView>,
 }
 
 impl Response {
@@ -93,6 +129,17 @@ impl Response {
             ok: true,
             result: Some(result),
             error: None,
+            event: None,
+        }
+    }
+
+    pub fn event(id: u64, event: EventView) -> Response {
+        Response {
+            id: Some(id),
+            ok: true,
+            result: None,
+            error: None,
+            event: Some(event),
         }
     }
 
@@ -105,6 +152,7 @@ impl Response {
                 code,
                 message: message.into(),
             }),
+            event: None,
         }
     }
 }
@@ -131,7 +179,8 @@ pub enum ErrorCode {
     NotFound,
     /// The sender may not act on that task (e.g. a chat stopping another chat's task).
     Forbidden,
-    /// The daemon refuses new work (queue limit); nothing was accepted.
+    /// The daemon's queue limit, or the chat's cap with `drop: new`, refuses the
+    /// message; nothing was accepted.
     QueueFull,
     /// The daemon is shutting down; nothing was accepted.
     ShuttingDown,
@@ -204,6 +253,129 @@ impl std::fmt::Display for TaskState {
     }
 }
 
+/// What a new message does while its session has a run active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueMode {
+    /// Hold; when the run ends, all held messages become one follow-up task.
+    Collect,
+    /// Hold; each held message becomes its own follow-up task, in order.
+    Followup,
+    /// Deliver into the running agent now (falls back to followup if it can't).
+    Steer,
+    /// Steer now and also keep the message for a follow-up task.
+    SteerBacklog,
+    /// Stop the running task and run this message next.
+    Interrupt,
+}
+
+impl QueueMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueMode::Collect => "collect",
+            QueueMode::Followup => "followup",
+            QueueMode::Steer => "steer",
+            QueueMode::SteerBacklog => "steer-backlog",
+            QueueMode::Interrupt => "interrupt",
+        }
+    }
+}
+
+/// What happens to a message past a session's cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// Drop the oldest held message.
+    Old,
+    /// Refuse the new message.
+    New,
+    /// Drop the oldest held message and pass a one-line summary of it to the follow-up.
+    Summarize,
+}
+
+impl DropPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropPolicy::Old => "old",
+            DropPolicy::New => "new",
+            DropPolicy::Summarize => "summarize",
+        }
+    }
+}
+
+/// Admission class of a task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Background,
+}
+
+/// A session's queue settings, as in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSettingsView {
+    pub session: String,
+    pub mode: QueueMode,
+    pub debounce_ms: u64,
+    pub cap: u32,
+    pub drop: DropPolicy,
+    /// True when the session has its own settings (not the daemon's defaults).
+    pub custom: bool,
+}
+
+/// Answer to `watch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchReply {
+    pub task_id: Option<String>,
+    pub session: Option<String>,
+}
+
+/// What happened, as a `watch` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The message became a task (state `queued` or `starting`).
+    Accepted,
+    /// A queued task's position changed.
+    Position,
+    /// The agent process was started.
+    Started,
+    Progress,
+    /// A message was delivered into the running task.
+    Steered,
+    /// A message was merged into another task (collect) or steered into it.
+    Merged,
+    /// A held message was dropped on overflow.
+    Dropped,
+    /// A queued task waited past the queue timeout.
+    Expired,
+    /// The task ended (any terminal state); `task` carries the final view.
+    Finished,
+}
+
+/// One event line of a `watch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventView {
+    pub kind: EventKind,
+    pub task_id: String,
+    pub session: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
+    /// Progress line, steered text, or a note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// For `merged`/`steered`: the task the message went into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub into: Option<String>,
+    /// The task as it stands after the event (always set for `finished`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
+    /// When agentd published the event (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
 /// Which step of the stop sequence ended a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -267,6 +439,11 @@ pub struct TaskView {
     pub progress: Option<String>,
     pub result: Option<String>,
     pub exit: Option<ExitView>,
+    /// For `merged` tasks: the task this message went into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 /// Capacity in use: live agent processes against the cap.
@@ -277,7 +454,7 @@ pub struct Capacity {
 }
 
 /// Answer to `send`: work accepted, or a control command answered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SendReply {
     /// The text a bridge shows in the chat, one or more lines.
     pub reply: String,
@@ -294,6 +471,18 @@ pub struct SendReply {
     /// For control commands: the same structured answer the control request gives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
+    /// True when this was a re-delivery of a `message_id` already seen: `task` is
+    /// the original task and nothing new was accepted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    /// Held messages dropped to make room for this one (cap with `drop: old` or
+    /// `drop: summarize`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<TaskView>,
+    /// Anything else the sender should know, e.g. that steering fell back to a
+    /// follow-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }
 
 /// Answer to `status` without a task id.
@@ -330,7 +519,9 @@ mod tests {
                 body: RequestBody::Send {
                     session: "alice".into(),
                     text: "hi".into(),
-                    message_id: None
+                    message_id: None,
+                    priority: None,
+                    mode: None,
                 }
             }
         );

@@ -39,6 +39,10 @@ pub fn outcome(view: &TaskView) -> String {
             Some(error) => format!("failed ({error})"),
             None => "failed".to_string(),
         },
+        TaskState::Merged => match &view.merged_into {
+            Some(into) => format!("merged into task {into}"),
+            None => "merged".to_string(),
+        },
         state => state.to_string(),
     }
 }
@@ -95,6 +99,8 @@ mod tests {
             progress: None,
             result: None,
             exit,
+            merged_into: None,
+            priority: Default::default(),
         }
     }
 

@@ -1,0 +1,164 @@
+//! Queue settings (mode, debounce, cap, drop policy), priorities, and the texts a
+//! follow-up task is made of.
+
+use std::time::Duration;
+
+/// What a new message does while its session has a run active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Hold; when the run ends, all held messages become one follow-up task.
+    Collect,
+    /// Hold; each held message becomes its own follow-up task, in order.
+    Followup,
+    /// Deliver into the running agent now; fall back to `Followup` if it can't take it.
+    Steer,
+    /// Steer now and also keep the message as its own follow-up task.
+    SteerBacklog,
+    /// Stop the running task and run this message next.
+    Interrupt,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 5] = [
+        Mode::Collect,
+        Mode::Followup,
+        Mode::Steer,
+        Mode::SteerBacklog,
+        Mode::Interrupt,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Collect => "collect",
+            Mode::Followup => "followup",
+            Mode::Steer => "steer",
+            Mode::SteerBacklog => "steer-backlog",
+            Mode::Interrupt => "interrupt",
+        }
+    }
+
+    /// Parses a mode name (case-insensitive).
+    pub fn parse(word: &str) -> Option<Mode> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(word))
+    }
+}
+
+/// What happens to a message past a session's cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropPolicy {
+    /// Drop the oldest held message.
+    Old,
+    /// Refuse the new message.
+    New,
+    /// Drop the oldest held message and pass a one-line summary of it to the follow-up.
+    Summarize,
+}
+
+impl DropPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropPolicy::Old => "old",
+            DropPolicy::New => "new",
+            DropPolicy::Summarize => "summarize",
+        }
+    }
+
+    /// Parses a policy name (case-insensitive).
+    pub fn parse(word: &str) -> Option<DropPolicy> {
+        [DropPolicy::Old, DropPolicy::New, DropPolicy::Summarize]
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(word))
+    }
+}
+
+/// Admission class: interactive work is admitted before background work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Background,
+}
+
+/// A session's queue settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    pub mode: Mode,
+    /// Quiet time after a run ends (and after each new held message) before the
+    /// follow-up starts.
+    pub debounce: Duration,
+    /// Most held (queued) messages per session.
+    pub cap: u32,
+    pub drop: DropPolicy,
+}
+
+impl Default for QueueSettings {
+    fn default() -> QueueSettings {
+        QueueSettings {
+            mode: Mode::Collect,
+            debounce: Duration::from_secs(1),
+            cap: 20,
+            drop: DropPolicy::Summarize,
+        }
+    }
+}
+
+/// Longest preview kept of a dropped message.
+pub const PREVIEW_CHARS: usize = 80;
+
+/// One line standing for a dropped message.
+pub fn preview(text: &str) -> String {
+    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > PREVIEW_CHARS {
+        let cut: String = line.chars().take(PREVIEW_CHARS).collect();
+        format!("{cut}…")
+    } else {
+        line
+    }
+}
+
+/// The prompt of a collected follow-up: every message, in order, marked as messages
+/// that arrived while the agent was busy. A single message stays as it is.
+pub fn collected_text(texts: &[String]) -> String {
+    if let [one] = texts {
+        return one.clone();
+    }
+    let mut out = String::from("[Queued messages while agent was busy]");
+    for (i, text) in texts.iter().enumerate() {
+        out.push_str(&format!("\n---\nQueued #{}\n{text}", i + 1));
+    }
+    out
+}
+
+/// The note a follow-up gets about messages dropped on overflow.
+pub fn overflow_text(previews: &[String]) -> String {
+    let mut out = format!(
+        "[Queue overflow] Dropped {} messages due to cap.",
+        previews.len()
+    );
+    for p in previews {
+        out.push_str(&format!("\n- {p}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts() {
+        assert_eq!(collected_text(&["a".into()]), "a");
+        assert_eq!(
+            collected_text(&["a".into(), "b\nc".into()]),
+            "[Queued messages while agent was busy]\n---\nQueued #1\na\n---\nQueued #2\nb\nc"
+        );
+        assert_eq!(
+            overflow_text(&["x".into(), "y".into()]),
+            "[Queue overflow] Dropped 2 messages due to cap.\n- x\n- y"
+        );
+        assert_eq!(preview("  a\n  b "), "a b");
+        assert_eq!(preview(&"z".repeat(100)).chars().count(), PREVIEW_CHARS + 1);
+    }
+}
