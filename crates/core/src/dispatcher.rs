@@ -515,7 +515,14 @@ impl Dispatcher {
         }
 
         // Everything else is queued: check the limits first, so a refusal changes nothing.
-        if self.n_queued() as u32 >= self.config.max_queued {
+        // The global limit counts what waits: not a message that starts at once, nor
+        // one that takes the place of a held message dropped for it.
+        let held = self.sessions.get(&msg.session).map_or(0, |s| s.queue.len());
+        let makes_room = held as u32 >= settings.cap.max(1) && settings.drop != DropPolicy::New;
+        if !makes_room
+            && !self.starts_at_once(&msg.session, msg.priority)
+            && self.n_queued() as u32 >= self.config.max_queued
+        {
             return (
                 Err(Refused::QueueFull {
                     limit: self.config.max_queued,
@@ -523,7 +530,6 @@ impl Dispatcher {
                 Actions::none(),
             );
         }
-        let held = self.sessions.get(&msg.session).map_or(0, |s| s.queue.len());
         let mut dropped = Vec::new();
         if held as u32 >= settings.cap.max(1) {
             if settings.drop == DropPolicy::New {
@@ -580,6 +586,21 @@ impl Dispatcher {
             notice,
         };
         (Ok(accepted), Actions(actions))
+    }
+
+    /// True if a message for `session` would be admitted right away: the session is
+    /// idle with nothing held, and a slot its priority class may use is free.
+    fn starts_at_once(&self, session: &str, priority: Priority) -> bool {
+        let idle = self
+            .sessions
+            .get(session)
+            .is_none_or(|s| s.active.is_none() && s.debounce.is_none() && s.queue.is_empty());
+        let slot_free = (self.live.len() as u32) < self.config.max_concurrent;
+        idle && slot_free
+            && match priority {
+                Priority::Interactive => true,
+                Priority::Background => self.ready.is_empty() && self.background_admissible(),
+            }
     }
 
     fn new_task(&self, msg: &Message, mode: Mode, now: Millis) -> Task {

@@ -1913,6 +1913,45 @@ fn global_queue_limit_refuses_and_changes_nothing() {
     assert_eq!(r, Ok(plain(5)));
 }
 
+#[test]
+fn the_global_queue_limit_does_not_refuse_work_that_starts_at_once() {
+    // Two slots, one busy; the queue is full with a's held message.
+    let mut h = H::with(Config {
+        max_queued: 1,
+        ..config(2)
+    });
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let _ = h.accept(msg(2, "a"));
+    // b's message does not wait: it takes the free slot.
+    let (r, a) = h.accept(msg(3, "b"));
+    assert_eq!(r, Ok(plain(3)));
+    assert_eq!(spawns(&a), vec![id(3)]);
+}
+
+#[test]
+fn the_global_queue_limit_does_not_refuse_what_drop_old_makes_room_for() {
+    let mut h = H::with(Config {
+        max_queued: 1,
+        queue: QueueSettings {
+            cap: 1,
+            drop: DropPolicy::Old,
+            ..config(1).queue
+        },
+        ..config(1)
+    });
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let _ = h.accept(msg(2, "a"));
+    // a is at its cap of 1 and the global queue is full, but dropping 2 makes room.
+    let (r, _) = h.accept(msg(3, "a"));
+    assert!(
+        matches!(r, Ok(Accepted::Task { ref dropped, .. }) if dropped == &vec![id(2)]),
+        "{r:?}"
+    );
+    assert_eq!(h.d.n_queued(), 1);
+}
+
 // ----- priorities -----
 
 #[test]

@@ -394,6 +394,25 @@ impl World {
                 .any(|a| a.task == task && a.ready && a.steer)
     }
 
+    /// A message for `session` would be admitted at once, so the global queue limit
+    /// does not apply to it.
+    fn starts_at_once(&self, session: &str, priority: Priority) -> bool {
+        let idle = !self.active.contains_key(session)
+            && !self.debounce.contains_key(session)
+            && self.queues.get(session).is_none_or(VecDeque::is_empty);
+        let slot_free = self.n_live() < self.p.max_concurrent as usize;
+        idle && slot_free
+            && match priority {
+                Priority::Interactive => true,
+                Priority::Background => {
+                    SESSIONS
+                        .iter()
+                        .all(|s| self.ready_class(s) != Some(Priority::Interactive))
+                        && self.background_admissible()
+                }
+            }
+    }
+
     /// The class of a ready session's next task; `None` if it is not ready.
     fn ready_class(&self, session: &str) -> Option<Priority> {
         if self.active.contains_key(session) || self.debounce.contains_key(session) {
@@ -1170,7 +1189,11 @@ impl World {
         // Refusals change nothing and leave no trace.
         let held = self.queues.get(session).map_or(0, VecDeque::len);
         let cap = settings.cap.max(1) as usize;
-        let refusal = if self.n_queued() >= self.p.max_queued as usize {
+        let makes_room = held >= cap && settings.drop != DropPolicy::New;
+        let refusal = if !makes_room
+            && !self.starts_at_once(session, priority)
+            && self.n_queued() >= self.p.max_queued as usize
+        {
             Some(Refused::QueueFull {
                 limit: self.p.max_queued,
             })
