@@ -1002,12 +1002,7 @@ note: {notice}"));
                             break;
                         }
                         (None, false) => {
-                            let kind = if view.position.is_some() {
-                                EventKind::Position
-                            } else {
-                                EventKind::Started
-                            };
-                            let _ = events.send(event_of(kind, &view, None, None));
+                            let _ = events.send(snapshot_event(&view));
                             self.subscriptions
                                 .add(Filter::Task(view.task_id.clone()), events);
                             break;
@@ -1022,12 +1017,7 @@ note: {notice}"));
             (None, Some(session)) => {
                 check_session(&session)?;
                 for view in self.list(Some(&session), false) {
-                    let kind = if view.position.is_some() {
-                        EventKind::Position
-                    } else {
-                        EventKind::Started
-                    };
-                    let _ = events.send(event_of(kind, &view, None, None));
+                    let _ = events.send(snapshot_event(&view));
                 }
                 self.subscriptions
                     .add(Filter::Session(session.clone()), events);
@@ -1380,6 +1370,17 @@ fn event_of(
         task: Some(view.clone()),
         at: Some(views::rfc3339(now_millis())),
     }
+}
+
+/// Where a live task stands, as the first event of a watch: its position if queued,
+/// else `started`.
+fn snapshot_event(view: &TaskView) -> EventView {
+    let kind = if view.position.is_some() {
+        EventKind::Position
+    } else {
+        EventKind::Started
+    };
+    event_of(kind, view, None, None)
 }
 
 fn msg_name(msg: &AgentMsg) -> &'static str {
