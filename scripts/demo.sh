@@ -5,7 +5,8 @@
 #   2. /status answered at once while it runs,
 #   3. a second chat that is not blocked by the first,
 #   4. backpressure: a queued message told its position,
-#   5. /stop ending the long task (and its processes), the queued work then running.
+#   5. /stop ending the long task (and its processes), the queued work then running,
+#   6. steering: a message delivered into a running task instead of queued.
 # Everything runs in a temporary directory and is cleaned up on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +73,22 @@ t0=$(ms_now); run agentctl send --session alice /stop; t1=$(ms_now)
 echo "(stopped in $((t1 - t0)) ms; no process of the task is left)"
 sleep 1
 run agentctl tasks --all
+
+bold "6. Steering: Erin's chat sends messages into the running task instead of queueing them"
+run agentctl send --session erin '/queue steer'
+out=$(agentctl send --session erin 'echo "waiting for a message"; read -r line; echo "got: $line"'); echo "$out"
+ERIN_TASK=$(echo "$out" | awk '{print $2}')
+for _ in $(seq 1 100); do
+    agentctl --json status "$ERIN_TASK" | grep -q '"state":"running"' && break
+    sleep 0.05
+done
+run agentctl send --session erin 'use Python 3.12'
+run agentctl send --session erin /status
+for _ in $(seq 1 100); do
+    agentctl --json status "$ERIN_TASK" | grep -q '"state":"succeeded"' && break
+    sleep 0.05
+done
+run agentctl status "$ERIN_TASK"
 
 bold "Stopping everything that is left"
 run agentctl stop --all

@@ -734,7 +734,7 @@ mod tests {
         assert_eq!((code, err.as_str()), (EXIT_OK, ""));
         assert_eq!(
             out,
-            "task t-2  merged into task t-1\n  \
+            "task t-2  steered into running task t-1\n  \
              note: collected for the follow-up\n  \
              merged into task t-3\n  \
              working\n\

@@ -28,12 +28,12 @@ pub const EXCERPT_WIDTH: usize = 40;
 const EVENT_INDENT: &str = "          ";
 
 /// Answer to `send`: `task <id>  started`, `task <id>  queued: position 1 (1/1 agents
-/// busy)`, or, for control commands typed as chat text (`/status`…), the reply itself.
+/// busy)`, `task <id>  steered into running task <id>`, or, for control commands typed
+/// as chat text (`/status`…), the reply itself.
 ///
 /// Then, each on its own line, what else the answer says:
 ///
 /// ```text
-///   merged into task <id>
 ///   duplicate: this message was already delivered as task <id> (<state>)
 ///   dropped to make room: task <id> <text excerpt>
 ///   note: <notice>
@@ -687,7 +687,7 @@ mod tests {
         };
         assert_eq!(
             render_send(&send_reply(Some(merged))),
-            format!("task {ID2}  merged into task {ID1}")
+            format!("task {ID2}  steered into running task {ID1}")
         );
         // A control command with a notice.
         let reply = SendReply {

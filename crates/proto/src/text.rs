@@ -63,6 +63,12 @@ pub fn accepted_line(view: &TaskView, capacity: Option<Capacity>) -> String {
             line
         }
         TaskState::Starting | TaskState::Running => format!("task {id}  started"),
+        // Collected messages merge only when their follow-up starts, so a message
+        // that is merged as it is accepted was steered into the running task.
+        TaskState::Merged => match &view.merged_into {
+            Some(into) => format!("task {id}  steered into running task {into}"),
+            None => format!("task {id}  steered into the running task"),
+        },
         _ => format!("task {id}  {}", outcome(view)),
     }
 }
