@@ -243,3 +243,22 @@ fn agentctl_stop_by_session_and_all() {
     let out = d.agentctl(&["stop", "--all"]);
     assert!(stdout(&out).contains("nothing to stop"), "{}", stdout(&out));
 }
+
+#[test]
+fn an_agent_that_reports_but_does_not_exit_is_ended_and_keeps_its_result() {
+    let d = Daemon::with_test_agent(&[
+        "--max-concurrent",
+        "1",
+        "--cancel-grace",
+        "300ms",
+        "--term-grace",
+        "5s",
+    ]);
+    let lingering = d.submit("alice", "linger:60000 result:early");
+    let next = d.submit("bob", "result:next");
+    let view = d.wait_state(&lingering, "succeeded");
+    assert_eq!(view["result"], json!("early"));
+    assert_eq!(view["exit"]["signal"], json!(libc::SIGTERM), "{view}");
+    // The slot it held went to the next task.
+    d.wait_state(&next, "succeeded");
+}

@@ -618,6 +618,7 @@ impl Dispatcher {
             priority: msg.priority,
             mode,
             message_id: msg.message_id.clone(),
+            lingered: false,
         }
     }
 
@@ -719,6 +720,15 @@ impl Dispatcher {
                 if let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.state.is_active()) {
                     if task.report.is_none() {
                         task.report = Some(report);
+                        // Done, so it should exit now: after `cancel_grace` it is
+                        // stopped from SIGTERM on, keeping the outcome it reported.
+                        if let TaskState::Running { .. } = task.state {
+                            actions.push(Action::SetTimer {
+                                task_id,
+                                after: self.config.cancel_grace,
+                                step: StopStep::Sigterm,
+                            });
+                        }
                     }
                 }
             }
@@ -750,6 +760,19 @@ impl Dispatcher {
             }
             Event::StopTimer { task_id, step } => {
                 if let Some(task) = self.tasks.get_mut(&task_id) {
+                    // A running agent that reported its result and did not exit in
+                    // time lingers: it is stopped, from SIGTERM on.
+                    if let (TaskState::Running { pid, .. }, Some(_), StopStep::Sigterm) =
+                        (&task.state, &task.report, step)
+                    {
+                        task.lingered = true;
+                        task.state = TaskState::Stopping {
+                            pid: Some(*pid),
+                            step: StopStep::CooperativeCancel,
+                            requested_at: now,
+                            interrupt: false,
+                        };
+                    }
                     if let TaskState::Stopping { step: current, .. } = &mut task.state {
                         if *current < step {
                             *current = step;
@@ -1254,6 +1277,19 @@ fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
     if let Some(error) = &task.protocol_error {
         return Ending::Failed {
             reason: format!("agent broke the protocol: {error}"),
+        };
+    }
+    // It reported, then had to be stopped for not exiting: what it reported stands.
+    if let (true, Some(report)) = (task.lingered, &task.report) {
+        return match report.outcome {
+            ReportOutcome::Succeeded => Ending::Succeeded,
+            ReportOutcome::Failed => Ending::Failed {
+                reason: "agent reported failure (and was stopped for not exiting)".to_string(),
+            },
+            ReportOutcome::Cancelled => Ending::Cancelled {
+                by: None,
+                after: Duration::ZERO,
+            },
         };
     }
     if let TaskState::Stopping {

@@ -175,4 +175,7 @@ pub struct Task {
     pub mode: crate::queue::Mode,
     /// The bridge's id of the message, if it gave one.
     pub message_id: Option<String>,
+    /// Set when the agent reported its result but did not exit within the grace, so
+    /// agentd stopped it (its reported outcome stands).
+    pub lingered: bool,
 }

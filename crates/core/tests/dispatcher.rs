@@ -456,7 +456,7 @@ fn slot_is_freed_on_reap_not_on_report() {
     let _ = h.submit(1, "a");
     let _ = h.submit(2, "b");
     h.run(1);
-    assert_eq!(h.report(1, ReportOutcome::Succeeded), vec![]);
+    assert_eq!(h.report(1, ReportOutcome::Succeeded), vec![exit_grace(1)]);
     assert_eq!(h.busy(), 1, "a report does not free the slot");
     assert_eq!(h.state(2), TaskState::Queued);
 
@@ -569,12 +569,74 @@ fn ending_after(report: Option<AgentReport>, status: ExitStatus) -> Task {
                 task_id: id(1),
                 report
             }),
-            vec![]
+            vec![exit_grace(1)]
         );
     }
     let a = h.reap(1, status);
     h.assert_empty();
     only_finished(&a, 1)
+}
+
+/// The timer a running agent gets when it reports: it should exit within the grace.
+fn exit_grace(n: u128) -> Action {
+    Action::SetTimer {
+        task_id: id(n),
+        after: CANCEL_GRACE,
+        step: StopStep::Sigterm,
+    }
+}
+
+#[test]
+fn an_agent_that_reports_but_does_not_exit_is_stopped_and_keeps_its_outcome() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    let _ = h.submit(2, "b");
+    h.run(1);
+    assert_eq!(h.report(1, ReportOutcome::Succeeded), vec![exit_grace(1)]);
+    // A second report arms nothing more.
+    assert_eq!(h.report(1, ReportOutcome::Failed), vec![]);
+    let a = h.at(6_000).timer(1, StopStep::Sigterm);
+    assert_eq!(
+        a,
+        vec![
+            Action::Signal {
+                task_id: id(1),
+                step: StopStep::Sigterm
+            },
+            Action::SetTimer {
+                task_id: id(1),
+                after: TERM_GRACE,
+                step: StopStep::Sigkill
+            },
+        ]
+    );
+    assert_eq!(
+        h.state(2),
+        TaskState::Queued,
+        "the slot stays taken until the reap"
+    );
+    let a = h.at(7_000).reap(1, ExitStatus::signal(15));
+    let done = only_finished(&a, 1);
+    assert_eq!(ending(&done), &Ending::Succeeded);
+    assert!(done.lingered);
+    assert_eq!(spawns(&a), vec![id(2)]);
+}
+
+#[test]
+fn a_task_that_reports_while_stopping_gets_no_exit_grace() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    h.run(1);
+    let _ = h.stop(StopTarget::Task(id(1)), Scope::Owner).unwrap();
+    assert_eq!(h.report(1, ReportOutcome::Cancelled), vec![]);
+    let done = only_finished(&h.reap(1, ExitStatus::code(0)), 1);
+    assert!(matches!(
+        ending(&done),
+        Ending::Cancelled {
+            by: Some(StopStep::CooperativeCancel),
+            ..
+        }
+    ));
 }
 
 fn report(outcome: ReportOutcome, command_exit: Option<ExitStatus>) -> Option<AgentReport> {
