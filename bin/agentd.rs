@@ -187,12 +187,14 @@ fn main_inner() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let socket = config.socket.clone();
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
         let listener = agentd_daemon::socket::bind(&socket)?;
-        agentd_daemon::run(config, listener, signals, std::future::pending()).await
-    });
-    let _ = std::fs::remove_file(&socket);
-    result
+        let result = agentd_daemon::run(config, listener, signals, std::future::pending()).await;
+        // Only the agentd that bound the socket removes it (never one that found
+        // another agentd already running there).
+        let _ = std::fs::remove_file(&socket);
+        result
+    })
 }
 
 fn agentd_proc_subreaper() -> anyhow::Result<()> {

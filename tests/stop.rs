@@ -262,3 +262,24 @@ fn an_agent_that_reports_but_does_not_exit_is_ended_and_keeps_its_result() {
     // The slot it held went to the next task.
     d.wait_state(&next, "succeeded");
 }
+
+#[test]
+fn a_hung_agent_that_ignores_sigterm_is_killed_and_its_slot_freed() {
+    let d = Daemon::with_test_agent(&[
+        "--max-concurrent",
+        "1",
+        "--cancel-grace",
+        "200ms",
+        "--term-grace",
+        "300ms",
+    ]);
+    let hung = d.submit("alice", "hang ignore-term");
+    let next = d.submit("bob", "result:next");
+    d.wait_state(&hung, "running");
+    let stopped = d.agentctl_json(&["stop", &hung]);
+    let view = &stopped["stopped"][0];
+    assert_eq!(view["state"], json!("cancelled"), "{stopped}");
+    assert_eq!(view["exit"]["ended_by"], json!("sigkill"));
+    assert_eq!(view["exit"]["signal"], json!(libc::SIGKILL));
+    d.wait_state(&next, "succeeded");
+}
