@@ -212,3 +212,38 @@ fn empty_work_and_bad_sessions_are_refused_without_creating_tasks() {
     assert_eq!(response["error"]["code"], json!("not_found"));
     assert_eq!(d.agentctl_json(&["tasks", "--all"]), json!([]));
 }
+
+#[test]
+fn absurd_durations_from_a_client_are_refused_or_survived() {
+    let d = Daemon::with_echo_agent(&[]);
+    // Refused outright where it can be.
+    let response = d
+        .try_request(json!({"cmd": "queue", "session": "alice", "debounce_ms": u64::MAX}))
+        .unwrap();
+    assert_eq!(
+        response["error"]["code"],
+        json!("bad_request"),
+        "{response}"
+    );
+    let response = d
+        .try_request(
+            json!({"cmd": "send", "session": "alice", "text": "/queue debounce:99999999999s"}),
+        )
+        .unwrap();
+    assert_eq!(
+        response["error"]["code"],
+        json!("bad_request"),
+        "{response}"
+    );
+
+    // The largest accepted debounce arms a timer far away without harm.
+    d.request(json!({"cmd": "queue", "session": "alice", "debounce_ms": 86_400_000}));
+    let gate = d.gate("g");
+    let first = d.submit("alice", &format!("hold {gate}"));
+    d.wait_state(&first, "running");
+    let held = d.submit("alice", "held");
+    d.release(&gate);
+    d.wait_state(&first, "succeeded");
+    assert_eq!(d.task(&held)["state"], json!("queued"));
+    assert_eq!(d.request(json!({"cmd": "ping"}))["pong"], json!(true));
+}

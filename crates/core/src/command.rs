@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::queue::{DropPolicy, Mode, QueueSettings};
+use crate::queue::{DropPolicy, Mode, QueueSettings, MAX_DEBOUNCE};
 
 /// A control command found in a chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,9 +93,9 @@ fn parse_option(word: &str, change: &mut QueueChange) -> Result<bool, String> {
     };
     match key.to_ascii_lowercase().as_str() {
         "debounce" => {
-            change.debounce = Some(parse_duration(value).ok_or(format!(
-                "invalid debounce {value:?} (examples: 500ms, 2s, 1m)"
-            ))?)
+            change.debounce = Some(parse_duration(value).filter(|d| *d <= MAX_DEBOUNCE).ok_or(
+                format!("invalid debounce {value:?} (examples: 500ms, 2s, 1m; at most 24h)"),
+            )?)
         }
         "cap" => match value.parse::<u32>() {
             Ok(cap) if cap >= 1 => change.cap = Some(cap),
@@ -295,6 +295,12 @@ mod tests {
                 "/queue cap:0",
                 Some(ChatCommand::Invalid {
                     reply: "invalid cap \"0\" (a number of messages, at least 1)".into(),
+                }),
+            ),
+            (
+                "/queue debounce:25h",
+                Some(ChatCommand::Invalid {
+                    reply: "invalid debounce \"25h\" (examples: 500ms, 2s, 1m; at most 24h)".into(),
                 }),
             ),
             // Work, not commands.

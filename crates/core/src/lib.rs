@@ -25,7 +25,7 @@ pub use dispatcher::{
     StopError, StopTarget, Submitted,
 };
 pub use queue::{
-    collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings,
+    collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings, MAX_DEBOUNCE,
 };
 pub use task::{
     AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopStep, Task, TaskId, TaskState,

@@ -104,6 +104,9 @@ impl Default for QueueSettings {
     }
 }
 
+/// The longest debounce a session may set.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Longest preview kept of a dropped message.
 pub const PREVIEW_CHARS: usize = 80;
 

@@ -298,8 +298,14 @@ impl Supervisor {
 
     fn arm(&mut self, after: Duration, timer: Timer) {
         self.timer_seq += 1;
-        self.timers
-            .insert((Instant::now() + after, self.timer_seq), timer);
+        // A duration too large for the clock (a flag of a thousand years) is a timer
+        // that never fires in practice, not a panic.
+        let now = Instant::now();
+        let at = now
+            .checked_add(after)
+            .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+            .unwrap_or(now);
+        self.timers.insert((at, self.timer_seq), timer);
     }
 
     fn spawn(&mut self, task_id: TaskId, session: String, text: String) -> Option<Event> {
@@ -922,6 +928,12 @@ note: {notice}"));
         check_session(session)?;
         if change.cap == Some(0) {
             return err(ErrorCode::BadRequest, "cap must be at least 1");
+        }
+        if change
+            .debounce
+            .is_some_and(|d| d > agentd_core::MAX_DEBOUNCE)
+        {
+            return err(ErrorCode::BadRequest, "debounce must be at most 24h");
         }
         if reset {
             self.dispatcher.reset_settings(session);
