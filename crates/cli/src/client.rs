@@ -664,7 +664,7 @@ fn into_result(response: Response) -> Result<Value, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentd_proto::control::{PingReply, Priority, TaskState};
+    use agentd_proto::control::{PingReply, TaskState};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::thread;
 
@@ -907,22 +907,7 @@ mod tests {
     }
 
     fn view(task_id: &str, state: TaskState) -> TaskView {
-        TaskView {
-            task_id: task_id.into(),
-            session: "alice".into(),
-            state,
-            position: None,
-            pid: None,
-            created_at: "2024-05-01T10:00:00Z".into(),
-            started_at: None,
-            finished_at: None,
-            text: "x".into(),
-            progress: None,
-            result: None,
-            exit: None,
-            merged_into: None,
-            priority: Priority::Interactive,
-        }
+        crate::fixtures::task(task_id, "alice", state, "x")
     }
 
     /// Reads the watch request and answers it with `reply`; returns its id.

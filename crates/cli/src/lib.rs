@@ -25,6 +25,9 @@ pub mod args;
 pub mod client;
 pub mod render;
 
+#[cfg(test)]
+mod fixtures;
+
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::Path;
@@ -390,22 +393,7 @@ mod tests {
     }
 
     fn task(id: &str, state: TaskState) -> TaskView {
-        TaskView {
-            task_id: id.into(),
-            session: "alice".into(),
-            state,
-            position: None,
-            pid: None,
-            created_at: "2024-05-01T10:00:00Z".into(),
-            started_at: None,
-            finished_at: None,
-            text: "fix the build".into(),
-            progress: None,
-            result: None,
-            exit: None,
-            merged_into: None,
-            priority: Priority::Interactive,
-        }
+        crate::fixtures::task(id, "alice", state, "fix the build")
     }
 
     fn accepted(task: TaskView) -> SendReply {

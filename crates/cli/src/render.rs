@@ -540,7 +540,7 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use agentd_proto::control::{
-        Capacity, DropPolicy, EventKind, EventView, Priority, QueueMode, StopStep, TaskState,
+        Capacity, DropPolicy, EventKind, EventView, QueueMode, StopStep, TaskState,
     };
 
     const ID1: &str = "01900000-0000-7000-8000-000000000001";
@@ -551,24 +551,7 @@ mod tests {
         parse_timestamp("2024-05-01T10:05:00Z").unwrap()
     }
 
-    fn task(id: &str, session: &str, state: TaskState, text: &str) -> TaskView {
-        TaskView {
-            task_id: id.into(),
-            session: session.into(),
-            state,
-            position: None,
-            pid: None,
-            created_at: "2024-05-01T10:00:00Z".into(),
-            started_at: None,
-            finished_at: None,
-            text: text.into(),
-            progress: None,
-            result: None,
-            exit: None,
-            merged_into: None,
-            priority: Priority::Interactive,
-        }
-    }
+    use crate::fixtures::task;
 
     fn running() -> TaskView {
         TaskView {
