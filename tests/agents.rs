@@ -138,3 +138,21 @@ fn agents_stop_when_agentd_dies() {
         );
     }
 }
+
+#[test]
+fn agent_logs_are_kept_only_when_the_agent_wrote_something() {
+    let d = Daemon::with_test_agent(&[]);
+    let quiet = d.submit("alice", "result:fine");
+    d.wait_state(&quiet, "succeeded");
+    // Unknown words make the test agent complain on its stderr.
+    let noisy = d.submit("bob", "no-such-word");
+    d.wait_state(&noisy, "failed");
+    let logs = d.dir.path().join("state").join("logs");
+    assert!(
+        !logs.join(format!("{quiet}.log")).exists(),
+        "an empty log was kept"
+    );
+    let text =
+        std::fs::read_to_string(logs.join(format!("{noisy}.log"))).expect("the noisy agent's log");
+    assert!(text.contains("unknown behaviour word"), "{text}");
+}

@@ -321,6 +321,7 @@ impl Supervisor {
             Ok(spawned) => spawned,
             Err(e) => {
                 tracing::warn!(%task_id, "cannot start agent {program}: {e}");
+                self.remove_empty_log(task_id);
                 return Some(Event::SpawnFailed {
                     task_id,
                     error: format!("{program}: {e}"),
@@ -473,9 +474,18 @@ impl Supervisor {
         }
     }
 
+    /// An agent that wrote nothing on its own stdout/stderr leaves no log file.
+    fn remove_empty_log(&self, task_id: TaskId) {
+        let log = self.logs.join(format!("{task_id}.log"));
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&log);
+        }
+    }
+
     /// The agent is reaped and its channel drained: the dispatcher may end the task.
     fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
         self.agents.remove(&task_id);
+        self.remove_empty_log(task_id);
         self.handle(Event::Reaped { task_id, status });
     }
 
