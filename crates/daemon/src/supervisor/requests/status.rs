@@ -118,14 +118,8 @@ impl Supervisor {
             .collect();
         if all {
             let mut done: Vec<TaskView> = Vec::new();
-            for id in &self.history_order {
-                if let Some(task) = self
-                    .history
-                    .get(id)
-                    .filter(|t| session.is_none_or(|s| t.session == s))
-                {
-                    done.push(views::task_view(task, None));
-                }
+            for task in self.history.iter(session) {
+                done.push(views::task_view(&task, None));
             }
             views.splice(0..0, done);
         }
@@ -136,6 +130,8 @@ impl Supervisor {
         if let Some(task) = self.dispatcher.task(task_id) {
             return Some(views::task_view(task, self.dispatcher.position(task_id)));
         }
-        self.history.get(task_id).map(|t| views::task_view(t, None))
+        self.history
+            .get(task_id)
+            .map(|t| views::task_view(&t, None))
     }
 }
