@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentd_core::{Dispatcher, Event, Scope, StopStep, StopTarget, TaskId};
-use agentd_proto::control::ErrorCode;
+use agentd_proto::control::{Answer, ErrorBody, ErrorCode};
 use interprocess::local_socket::tokio::Listener;
 use tokio::sync::mpsc;
 
@@ -147,14 +147,15 @@ struct Supervisor {
     shutting_down: Option<Instant>,
 }
 
-type RequestError = (ErrorCode, String);
+type RequestError = ErrorBody;
 
 fn err<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, RequestError> {
-    Err((code, message.into()))
+    Err(ErrorBody::new(code, message))
 }
 
-fn json(value: impl serde::Serialize) -> Reply {
-    serde_json::to_value(value).map_err(|e| (ErrorCode::Internal, e.to_string()))
+/// A successful typed answer.
+fn json(value: impl Into<Answer>) -> Reply {
+    Ok(value.into())
 }
 
 impl Supervisor {
