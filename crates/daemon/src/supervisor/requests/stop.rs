@@ -4,6 +4,7 @@ use std::collections::HashSet;
 
 use agentd_core::{Scope, StopError, StopTarget, TaskId};
 use agentd_proto::control::{ErrorCode, SendReply, StopReply, TaskView};
+use agentd_proto::text;
 use tokio::sync::oneshot;
 
 use crate::control::Reply;
@@ -34,7 +35,7 @@ impl Supervisor {
                     if &done.session != session {
                         let _ = reply.send(err(
                             ErrorCode::Forbidden,
-                            format!("task {task_id} is not in this chat"),
+                            text::task_not_in_this_chat(&task_id.to_string()),
                         ));
                         return;
                     }
@@ -62,18 +63,18 @@ impl Supervisor {
                 self.execute(actions);
             }
             Err(StopError::NotFound(id)) => {
-                let _ = reply.send(err(ErrorCode::NotFound, format!("no task {id}")));
+                let _ = reply.send(err(ErrorCode::NotFound, text::no_task(&id.to_string())));
             }
             Err(StopError::Forbidden { task_id, .. }) => {
                 let _ = reply.send(err(
                     ErrorCode::Forbidden,
-                    format!("task {task_id} is not in this chat"),
+                    text::task_not_in_this_chat(&task_id.to_string()),
                 ));
             }
             Err(StopError::OtherSession { session }) => {
                 let _ = reply.send(err(
                     ErrorCode::Forbidden,
-                    format!("session {session} is not this chat"),
+                    text::session_not_this_chat(&session),
                 ));
             }
         }
@@ -90,7 +91,7 @@ impl Supervisor {
             let reply = StopReply { stopped };
             let answer = if waiter.chat {
                 json(SendReply {
-                    reply: agentd_proto::text::stop_lines(&reply),
+                    reply: text::stop_lines(&reply),
                     accepted: false,
                     task: None,
                     capacity: None,
