@@ -56,8 +56,8 @@ pub fn render_send(reply: &SendReply) -> String {
         line(format!(
             "  {}",
             text::dropped_line(
-                &clean_line(&dropped.task_id),
-                &truncate(&clean_line(&dropped.text), EXCERPT_WIDTH)
+                clean_line(&dropped.task_id),
+                truncate(&clean_line(&dropped.text), EXCERPT_WIDTH)
             )
         ));
     }

@@ -4,6 +4,7 @@
 //! Sections: task lines (outcome, accepted, duplicate, stop); the extra lines of a
 //! send's answer; chat-command answers; error messages of requests.
 
+use std::fmt::Display;
 use std::time::Duration;
 
 use crate::control::{Capacity, QueueSettingsView, StopReply, TaskState, TaskView};
@@ -77,13 +78,13 @@ pub fn accepted_line(view: &TaskView, capacity: Option<Capacity>) -> String {
 }
 
 /// `task ID  steered into running task INTO`.
-pub fn steered_line(task_id: &str, into: &str) -> String {
+pub fn steered_line(task_id: impl Display, into: impl Display) -> String {
     format!("task {task_id}  steered into running task {into}")
 }
 
 /// The line after [`accepted_line`] when the message was also steered into the
 /// running task (steer-backlog).
-pub fn also_steered_line(into: &str) -> String {
+pub fn also_steered_line(into: impl Display) -> String {
     format!("(also steered into running task {into})")
 }
 
@@ -98,7 +99,7 @@ pub fn duplicate_line(view: &TaskView) -> String {
 }
 
 /// `dropped to make room: task ID EXCERPT`, one per message dropped for a new one.
-pub fn dropped_line(task_id: &str, excerpt: &str) -> String {
+pub fn dropped_line(task_id: impl Display, excerpt: impl Display) -> String {
     format!("dropped to make room: task {task_id}  {excerpt}")
 }
 
@@ -108,7 +109,7 @@ pub fn note_line(notice: &str) -> String {
 }
 
 /// Watchers' note on a steered message the agent refused.
-pub fn steer_refused_note(running: &str) -> String {
+pub fn steer_refused_note(running: impl Display) -> String {
     format!("the agent of task {running} refused the steered message: queued as a follow-up")
 }
 
@@ -188,24 +189,24 @@ pub fn chat_tasks(list: &[TaskView]) -> String {
 
 // ----- error messages -----
 
-pub fn no_task(id: &str) -> String {
+pub fn no_task(id: impl Display) -> String {
     format!("no task {id}")
 }
 
 /// A task id that is neither a full id nor a usable prefix.
-pub fn not_a_task_id(text: &str) -> String {
+pub fn not_a_task_id(text: impl Display) -> String {
     format!("no task {text} (task ids look like 0192f3c4-…)")
 }
 
-pub fn ambiguous_prefix(text: &str, matches: usize) -> String {
+pub fn ambiguous_prefix(text: impl Display, matches: usize) -> String {
     format!("task id prefix {text} is ambiguous ({matches} tasks)")
 }
 
-pub fn task_not_in_this_chat(id: &str) -> String {
+pub fn task_not_in_this_chat(id: impl Display) -> String {
     format!("task {id} is not in this chat")
 }
 
-pub fn session_not_this_chat(session: &str) -> String {
+pub fn session_not_this_chat(session: impl Display) -> String {
     format!("session {session} is not this chat")
 }
 

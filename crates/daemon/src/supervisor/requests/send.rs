@@ -90,12 +90,12 @@ impl Supervisor {
                     .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
                 let mut reply = match steered_into {
                     Some(into) if view.state == agentd_proto::control::TaskState::Merged => {
-                        text::steered_line(&task_id.to_string(), &into.to_string())
+                        text::steered_line(task_id, into)
                     }
                     Some(into) => format!(
                         "{}\n{}",
                         text::accepted_line(&view, Some(capacity)),
-                        text::also_steered_line(&into.to_string())
+                        text::also_steered_line(into)
                     ),
                     None => text::accepted_line(&view, Some(capacity)),
                 };
@@ -103,7 +103,7 @@ impl Supervisor {
                     reply.push('\n');
                     reply.push_str(&text::dropped_line(
                         &d.task_id,
-                        &agentd_core::preview(&d.text),
+                        agentd_core::preview(&d.text),
                     ));
                 }
                 if let Some(notice) = &notice {
@@ -204,7 +204,7 @@ impl Supervisor {
         let (outcome, actions) = self.dispatcher.accept(message, now_millis());
         match outcome {
             Ok(_) => {
-                let note = text::steer_refused_note(&running.to_string());
+                let note = text::steer_refused_note(running);
                 self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
             }
             Err(refused) => {

@@ -35,7 +35,7 @@ impl Supervisor {
                     if &done.session != session {
                         let _ = reply.send(err(
                             ErrorCode::Forbidden,
-                            text::task_not_in_this_chat(&task_id.to_string()),
+                            text::task_not_in_this_chat(task_id),
                         ));
                         return;
                     }
@@ -63,12 +63,12 @@ impl Supervisor {
                 self.execute(actions);
             }
             Err(StopError::NotFound(id)) => {
-                let _ = reply.send(err(ErrorCode::NotFound, text::no_task(&id.to_string())));
+                let _ = reply.send(err(ErrorCode::NotFound, text::no_task(id)));
             }
             Err(StopError::Forbidden { task_id, .. }) => {
                 let _ = reply.send(err(
                     ErrorCode::Forbidden,
-                    text::task_not_in_this_chat(&task_id.to_string()),
+                    text::task_not_in_this_chat(task_id),
                 ));
             }
             Err(StopError::OtherSession { session }) => {
