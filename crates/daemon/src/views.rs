@@ -165,3 +165,84 @@ pub fn settings_view(session: &str, s: QueueSettings, custom: bool) -> control::
         custom,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The spellings of queue modes and drop policies in every place users type or
+    //! read them stay in sync: the core's tables (chat parser, config file, flags of
+    //! agentd), the wire's (serde, agentctl; see `agentd_proto::control`), the help
+    //! and the error lists.
+    use super::*;
+    use agentd_core::{parse_chat_command, ChatCommand, QueueChange, QueueCommand, HELP_TEXT};
+
+    use crate::config;
+
+    fn chat_queue(text: &str) -> Option<QueueChange> {
+        match parse_chat_command(text) {
+            Some(ChatCommand::Queue(QueueCommand::Set(change))) => Some(change),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn queue_modes_are_spelled_alike_everywhere() {
+        assert_eq!(Mode::ALL.len(), control::QueueMode::ALL.len());
+        let unknown = config::parse_mode("bogus").unwrap_err().to_string();
+        let refused = match parse_chat_command("/queue bogus") {
+            Some(ChatCommand::Invalid { reply }) => reply,
+            other => panic!("{other:?}"),
+        };
+        for m in Mode::ALL {
+            let wire = mode_view(m);
+            assert_eq!(wire.as_str(), m.as_str());
+            assert_eq!(mode(wire), m);
+            let upper = m.as_str().to_ascii_uppercase();
+            assert_eq!(config::parse_mode(&upper).unwrap(), m);
+            let change =
+                chat_queue(&format!("/queue {upper}")).unwrap_or_else(|| panic!("/queue {upper}"));
+            assert_eq!(change.mode, Some(m));
+            assert!(HELP_TEXT.contains(m.as_str()), "/help lacks {m:?}");
+            assert!(unknown.contains(m.as_str()), "{unknown}");
+            assert!(refused.contains(m.as_str()), "{refused}");
+        }
+    }
+
+    #[test]
+    fn drop_policies_are_spelled_alike_everywhere() {
+        assert_eq!(DropPolicy::ALL.len(), control::DropPolicy::ALL.len());
+        let unknown = config::parse_drop("bogus").unwrap_err().to_string();
+        let refused = match parse_chat_command("/queue drop:bogus") {
+            Some(ChatCommand::Invalid { reply }) => reply,
+            other => panic!("{other:?}"),
+        };
+        for d in DropPolicy::ALL {
+            let wire = drop_view(d);
+            assert_eq!(wire.as_str(), d.as_str());
+            assert_eq!(drop_policy(wire), d);
+            let upper = d.as_str().to_ascii_uppercase();
+            assert_eq!(config::parse_drop(&upper).unwrap(), d);
+            let change = chat_queue(&format!("/queue DROP:{upper}"))
+                .unwrap_or_else(|| panic!("/queue DROP:{upper}"));
+            assert_eq!(change.drop, Some(d));
+            assert!(HELP_TEXT.contains(d.as_str()), "/help lacks {d:?}");
+            assert!(unknown.contains(d.as_str()), "{unknown}");
+            assert!(refused.contains(d.as_str()), "{refused}");
+        }
+    }
+
+    #[test]
+    fn priorities_and_stop_steps_map_one_to_one() {
+        for p in [Priority::Interactive, Priority::Background] {
+            assert_eq!(priority(priority_view(p)), p);
+        }
+        let steps: Vec<_> = [
+            StopStep::CooperativeCancel,
+            StopStep::Sigterm,
+            StopStep::Sigkill,
+        ]
+        .into_iter()
+        .map(stop_step)
+        .collect();
+        assert_eq!(steps, control::StopStep::ALL);
+    }
+}
