@@ -106,10 +106,10 @@ fn parse_option(word: &str, change: &mut QueueChange) -> Result<bool, String> {
             }
         },
         "drop" => {
-            change.drop =
-                Some(DropPolicy::parse(value).ok_or_else(|| {
-                    format!("invalid drop {value:?} ({})", DropPolicy::names(", "))
-                })?)
+            change.drop = Some(
+                DropPolicy::parse(value)
+                    .ok_or(format!("invalid drop {value:?} (old, new, summarize)"))?,
+            )
         }
         _ => return Ok(false),
     }
@@ -155,10 +155,8 @@ fn parse_queue(args: &[&str], rest_of_text: &str) -> ChatCommand {
         }
         None => ChatCommand::Invalid {
             reply: format!(
-                "unknown queue setting {:?}; use /queue [{}] [debounce:2s] [cap:25] [drop:{}] or /queue reset",
-                options.first().map(|w| **w).unwrap_or_default(),
-                Mode::names("|"),
-                DropPolicy::names("|"),
+                "unknown queue setting {:?}; use /queue [collect|followup|steer|steer-backlog|interrupt] [debounce:2s] [cap:25] [drop:old|new|summarize] or /queue reset",
+                options.first().map(|w| **w).unwrap_or_default()
             ),
         },
     }

@@ -43,11 +43,6 @@ impl Mode {
             .into_iter()
             .find(|m| m.as_str().eq_ignore_ascii_case(word))
     }
-
-    /// Every name, joined by `sep`: `collect, followup, …` for error lists.
-    pub fn names(sep: &str) -> String {
-        Mode::ALL.map(Mode::as_str).join(sep)
-    }
 }
 
 /// What happens to a message past a session's cap.
@@ -62,8 +57,6 @@ pub enum DropPolicy {
 }
 
 impl DropPolicy {
-    pub const ALL: [DropPolicy; 3] = [DropPolicy::Old, DropPolicy::New, DropPolicy::Summarize];
-
     pub fn as_str(self) -> &'static str {
         match self {
             DropPolicy::Old => "old",
@@ -74,14 +67,9 @@ impl DropPolicy {
 
     /// Parses a policy name (case-insensitive).
     pub fn parse(word: &str) -> Option<DropPolicy> {
-        DropPolicy::ALL
+        [DropPolicy::Old, DropPolicy::New, DropPolicy::Summarize]
             .into_iter()
             .find(|p| p.as_str().eq_ignore_ascii_case(word))
-    }
-
-    /// Every name, joined by `sep`: `old, new, summarize` for error lists.
-    pub fn names(sep: &str) -> String {
-        DropPolicy::ALL.map(DropPolicy::as_str).join(sep)
     }
 }
 

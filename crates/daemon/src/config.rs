@@ -59,21 +59,14 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 /// Parses a queue mode name for flags and the config file.
 pub fn parse_mode(text: &str) -> anyhow::Result<agentd_core::Mode> {
     agentd_core::Mode::parse(text.trim()).with_context(|| {
-        format!(
-            "unknown queue mode {text:?} ({})",
-            agentd_core::Mode::names(", ")
-        )
+        format!("unknown queue mode {text:?} (collect, followup, steer, steer-backlog, interrupt)")
     })
 }
 
 /// Parses a drop policy name for flags and the config file.
 pub fn parse_drop(text: &str) -> anyhow::Result<agentd_core::DropPolicy> {
-    agentd_core::DropPolicy::parse(text.trim()).with_context(|| {
-        format!(
-            "unknown drop policy {text:?} ({})",
-            agentd_core::DropPolicy::names(", ")
-        )
-    })
+    agentd_core::DropPolicy::parse(text.trim())
+        .with_context(|| format!("unknown drop policy {text:?} (old, new, summarize)"))
 }
 
 /// Splits an agent command line into words, shell-style quoting allowed, and checks it.

@@ -296,42 +296,6 @@ pub struct PingReply {
     pub uptime_ms: u64,
 }
 
-/// One name table per enum: `ALL` (in the order lists show them), `as_str` (the
-/// serde spelling, also what flags, chat commands and the config file accept),
-/// `parse` (ignoring ASCII case and surrounding blanks) and `names` (for error
-/// lists). `tests::name_tables_match_serde` keeps the table and serde in sync.
-macro_rules! name_table {
-    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
-        impl $ty {
-            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($ty::$variant => $name),+
-                }
-            }
-
-            /// Parses a name, ignoring ASCII case and surrounding blanks.
-            pub fn parse(name: &str) -> Option<$ty> {
-                let name = name.trim();
-                Self::ALL
-                    .iter()
-                    .copied()
-                    .find(|v| v.as_str().eq_ignore_ascii_case(name))
-            }
-
-            /// Every name, `a, b, c`, for error messages and help.
-            pub fn names() -> String {
-                Self::ALL
-                    .iter()
-                    .map(|v| v.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        }
-    };
-}
-
 /// Task states, as clients see them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -349,21 +313,23 @@ pub enum TaskState {
     Merged,
 }
 
-name_table!(TaskState {
-    Queued => "queued",
-    Starting => "starting",
-    Running => "running",
-    Stopping => "stopping",
-    Succeeded => "succeeded",
-    Failed => "failed",
-    Cancelled => "cancelled",
-    Interrupted => "interrupted",
-    Expired => "expired",
-    Dropped => "dropped",
-    Merged => "merged",
-});
-
 impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Stopping => "stopping",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Interrupted => "interrupted",
+            TaskState::Expired => "expired",
+            TaskState::Dropped => "dropped",
+            TaskState::Merged => "merged",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         !matches!(
             self,
@@ -394,13 +360,17 @@ pub enum QueueMode {
     Interrupt,
 }
 
-name_table!(QueueMode {
-    Collect => "collect",
-    Followup => "followup",
-    Steer => "steer",
-    SteerBacklog => "steer-backlog",
-    Interrupt => "interrupt",
-});
+impl QueueMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueMode::Collect => "collect",
+            QueueMode::Followup => "followup",
+            QueueMode::Steer => "steer",
+            QueueMode::SteerBacklog => "steer-backlog",
+            QueueMode::Interrupt => "interrupt",
+        }
+    }
+}
 
 /// What happens to a message past a session's cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -414,11 +384,15 @@ pub enum DropPolicy {
     Summarize,
 }
 
-name_table!(DropPolicy {
-    Old => "old",
-    New => "new",
-    Summarize => "summarize",
-});
+impl DropPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropPolicy::Old => "old",
+            DropPolicy::New => "new",
+            DropPolicy::Summarize => "summarize",
+        }
+    }
+}
 
 /// Admission class of a task.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -428,11 +402,6 @@ pub enum Priority {
     Interactive,
     Background,
 }
-
-name_table!(Priority {
-    Interactive => "interactive",
-    Background => "background",
-});
 
 /// A session's queue settings, as in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -513,12 +482,6 @@ pub enum StopStep {
     Sigterm,
     Sigkill,
 }
-
-name_table!(StopStep {
-    CooperativeCancel => "cooperative_cancel",
-    Sigterm => "sigterm",
-    Sigkill => "sigkill",
-});
 
 impl StopStep {
     pub fn describe(self) -> &'static str {
@@ -642,71 +605,6 @@ pub struct StopReply {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every value of a name table: serde writes and reads its name, and `parse`
-    /// takes it in any case; `names` lists every name.
-    fn check_names<T>(
-        all: &[T],
-        as_str: fn(T) -> &'static str,
-        parse: fn(&str) -> Option<T>,
-        names: String,
-    ) where
-        T: Copy + PartialEq + std::fmt::Debug + Serialize + serde::de::DeserializeOwned,
-    {
-        for &value in all {
-            let name = as_str(value);
-            assert_eq!(
-                serde_json::to_value(value).unwrap(),
-                serde_json::json!(name)
-            );
-            assert_eq!(
-                serde_json::from_value::<T>(serde_json::json!(name)).unwrap(),
-                value
-            );
-            assert_eq!(parse(name), Some(value));
-            assert_eq!(
-                parse(&format!(" {} ", name.to_ascii_uppercase())),
-                Some(value)
-            );
-            assert!(names.split(", ").any(|n| n == name), "{name} in {names}");
-        }
-        assert_eq!(names.split(", ").count(), all.len());
-        assert_eq!(parse("no-such-name"), None);
-    }
-
-    #[test]
-    fn name_tables_match_serde() {
-        check_names(
-            QueueMode::ALL,
-            QueueMode::as_str,
-            QueueMode::parse,
-            QueueMode::names(),
-        );
-        check_names(
-            DropPolicy::ALL,
-            DropPolicy::as_str,
-            DropPolicy::parse,
-            DropPolicy::names(),
-        );
-        check_names(
-            Priority::ALL,
-            Priority::as_str,
-            Priority::parse,
-            Priority::names(),
-        );
-        check_names(
-            StopStep::ALL,
-            StopStep::as_str,
-            StopStep::parse,
-            StopStep::names(),
-        );
-        check_names(
-            TaskState::ALL,
-            TaskState::as_str,
-            TaskState::parse,
-            TaskState::names(),
-        );
-    }
 
     #[test]
     fn requests_parse_from_the_documented_json() {
