@@ -60,6 +60,21 @@ impl CgroupOptions {
             memory_max: None,
         }
     }
+
+    /// Options whose instance name is derived from the control socket's path and the
+    /// user (`agentd-<uid>-<hash>`): stable across restarts on that socket, distinct
+    /// for agentds on different sockets.
+    pub fn for_socket(socket: &Path) -> CgroupOptions {
+        // FNV-1a: a hash that, unlike std's, stays the same across Rust versions.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in socket.as_os_str().as_encoded_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        CgroupOptions::new(format!("agentd-{uid}-{hash:016x}"))
+    }
 }
 
 /// The name of the leaf agentd moves itself into when its own cgroup is the
@@ -128,7 +143,14 @@ impl Cgroups {
             }
             own_dir
         };
-        Cgroups::create(&chain_top, &parent, opts).map_err(|e| {
+        let created = match Cgroups::create(&chain_top, &parent, opts) {
+            // `<mount>/agentd` is shared: another agentd may have removed it just now.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                mkdir_ok(&parent).and_then(|()| Cgroups::create(&chain_top, &parent, opts))
+            }
+            other => other,
+        };
+        created.map_err(|e| {
             format!(
                 "cannot create a cgroup under {}: {e}",
                 parent.join(&opts.instance).display()
@@ -530,6 +552,19 @@ mod tests {
         );
         assert_eq!(parse_own_cgroup("4:memory:/x\n"), None);
         assert_eq!(parse_own_cgroup("0::/gone (deleted)\n"), None);
+    }
+
+    #[test]
+    fn socket_instances_are_stable_valid_and_distinct() {
+        let a = CgroupOptions::for_socket(Path::new("/run/user/1000/agentd/agentd.sock"));
+        let b = CgroupOptions::for_socket(Path::new("/tmp/x/agentd.sock"));
+        assert_eq!(
+            a,
+            CgroupOptions::for_socket(Path::new("/run/user/1000/agentd/agentd.sock"))
+        );
+        assert_ne!(a.instance, b.instance);
+        assert!(valid_name(&a.instance), "{}", a.instance);
+        assert!(a.instance.starts_with("agentd-"));
     }
 
     #[test]

@@ -62,7 +62,7 @@ mod reap;
 mod spawn;
 mod tree;
 
-pub use cgroup::{CgroupOptions, Cgroups, Leftover, TaskCgroup};
+pub use cgroup::{CgroupOptions, Cgroups, Leftover, TaskCgroup, DAEMON_LEAF};
 pub use contain::{Containment, Procs, Spawned, TaskProcs};
 pub use killer::{Killer, KillerOptions, TreeReport};
 pub use pidfd::PidFd;

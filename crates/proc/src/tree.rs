@@ -262,6 +262,40 @@ mod tests {
     }
 
     #[test]
+    fn a_process_at_the_agents_pid_with_another_start_time_is_not_the_agent() {
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Kill(
+            std::process::Command::new("sleep")
+                .arg("300")
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id();
+        let start = read_stat(pid).unwrap().start;
+        let tree = TaskTree::new(pid, "t-reuse");
+        assert_eq!(
+            tree.clone().with_agent_start(Some(start)).members(),
+            vec![pid]
+        );
+        // As if the agent had been reaped and `sleep` had been given its pid later.
+        assert_eq!(
+            tree.clone().with_agent_start(Some(start - 1)).members(),
+            Vec::<u32>::new()
+        );
+        let none = tree
+            .with_agent_start(Some(start - 1))
+            .signal_verified(Signal::SIGTERM, None);
+        assert_eq!(none, 0);
+        assert!(process_exists(pid), "a stranger was signalled");
+    }
+
+    #[test]
     fn process_exists_for_self_and_not_for_a_free_pid() {
         assert!(process_exists(std::process::id()));
         assert!(!process_exists(u32::MAX / 2));
