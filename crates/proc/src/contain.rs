@@ -91,6 +91,16 @@ impl Procs {
         }
     }
 
+    /// At a clean exit, after every task ended: kills anything still in a task cgroup
+    /// and removes the instance directory (a crash leaves it to [`Procs::recover`]).
+    /// Blocking, like `recover`.
+    pub fn shutdown(&self) -> io::Result<()> {
+        match &self.cgroups {
+            Some(c) => c.remove_all(Duration::from_secs(5)),
+            None => Ok(()),
+        }
+    }
+
     /// Spawns the task's agent, inside a new task cgroup when cgroups are in use (a
     /// cgroup that cannot be created fails the spawn: the guarantee is not silently
     /// dropped). Hand [`Spawned::procs`] to [`crate::Killer::track`] at once.

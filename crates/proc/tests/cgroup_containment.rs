@@ -141,6 +141,23 @@ fn a_normal_exit_is_empty_at_once_and_leftovers_are_killed() {
         next_empty(&reports),
         TreeReport::Empty { task_id, .. } if task_id == "t-unknown"
     ));
+
+    // A spawn that fails leaves no cgroup behind; a name that cannot be a cgroup
+    // fails before anything runs.
+    let mut missing = command("t-missing", "");
+    missing.program = "/nonexistent/agent".into();
+    assert!(procs.spawn(&missing).is_err());
+    assert!(!procs
+        .cgroups()
+        .unwrap()
+        .root()
+        .join("task-t-missing")
+        .exists());
+    assert!(procs.spawn(&command("../escape", "exit 0")).is_err());
+
+    // A clean shutdown removes the instance directory.
+    procs.shutdown().unwrap();
+    assert!(!parent.path.join("inst").exists());
 }
 
 #[test]
