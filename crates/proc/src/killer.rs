@@ -123,13 +123,15 @@ impl Killer {
     }
 
     /// Sends `signal` to every process of the task (SIGTERM is followed by SIGCONT,
-    /// so a stopped process acts on it). Answered by [`TreeReport::Signalled`].
+    /// so a stopped process acts on it). Answered by [`TreeReport::Signalled`] (0
+    /// processes for an unknown task).
     pub fn signal(&self, task_id: &str, signal: Signal) {
         let _ = self.tx.send(Request::Signal(task_id.to_owned(), signal));
     }
 
     /// SIGKILLs the task's tree in rounds until it is empty (`cgroup.kill` with a
-    /// cgroup). Answered by one [`TreeReport::Signalled`] for the first round.
+    /// cgroup). Answered by one [`TreeReport::Signalled`] for the first round (0
+    /// processes for a task that is empty or unknown).
     pub fn kill(&self, task_id: &str) {
         let _ = self.tx.send(Request::Kill(task_id.to_owned()));
     }
@@ -205,13 +207,19 @@ impl Worker {
                     );
                 }
                 Ok(Request::Signal(task_id, signal)) => self.signal(&task_id, signal),
-                Ok(Request::Kill(task_id)) => {
-                    if let Some(entry) = self.tasks.get_mut(&task_id) {
-                        if entry.rounds.is_none() {
-                            entry.rounds = Some(new_rounds(&self.opts, true));
-                        }
-                    }
-                }
+                Ok(Request::Kill(task_id)) => match self.tasks.get_mut(&task_id) {
+                    Some(entry) => match &mut entry.rounds {
+                        // Rounds already run (the agent exited and left processes): the
+                        // next one answers.
+                        Some(rounds) => rounds.first = true,
+                        None => entry.rounds = Some(new_rounds(&self.opts, true)),
+                    },
+                    None => (self.sink)(TreeReport::Signalled {
+                        task_id,
+                        signal: Signal::SIGKILL,
+                        processes: 0,
+                    }),
+                },
                 Ok(Request::Exited(task_id)) => self.exited(task_id),
                 Ok(Request::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
@@ -252,10 +260,10 @@ impl Worker {
     }
 
     fn signal(&mut self, task_id: &str, signal: Signal) {
-        let Some(entry) = self.tasks.get(task_id) else {
-            return;
+        let processes = match self.tasks.get(task_id) {
+            Some(entry) => signal_tree(&entry.procs, signal),
+            None => 0,
         };
-        let processes = signal_tree(&entry.procs, signal);
         (self.sink)(TreeReport::Signalled {
             task_id: task_id.to_owned(),
             signal,
@@ -284,9 +292,16 @@ impl Worker {
         let Some(mut rounds) = entry.rounds else {
             return;
         };
-        let left = live_members(&entry.procs);
+        let (left, scanned) = live_members(&entry.procs);
         if left.is_empty() {
             entry.rounds = None;
+            if rounds.first {
+                (self.sink)(TreeReport::Signalled {
+                    task_id: task_id.to_owned(),
+                    signal: Signal::SIGKILL,
+                    processes: 0,
+                });
+            }
             if entry.exited {
                 let killed = entry.killed;
                 self.finish(task_id, killed, Vec::new());
@@ -302,7 +317,7 @@ impl Worker {
             }
             return;
         }
-        let n = kill_round(&entry.procs);
+        let n = kill_round(&entry.procs, &scanned);
         entry.killed = entry.killed.max(n);
         let report_first = rounds.first;
         rounds.first = false;
@@ -347,30 +362,35 @@ fn new_rounds(opts: &KillerOptions, first: bool) -> Rounds {
     }
 }
 
-/// The task's processes that still run (zombies excluded): with a cgroup, its
-/// `cgroup.procs` if `cgroup.events` says populated (an unreadable cgroup counts as
-/// populated, except one that is gone); else a tree search.
-fn live_members(procs: &TaskProcs) -> Vec<u32> {
+/// The task's processes that still run (zombies excluded), and for the tree search
+/// the scan they came from: with a cgroup, its `cgroup.procs` if `cgroup.events`
+/// says populated (an unreadable cgroup counts as populated, except one that is
+/// gone); else one tree search.
+fn live_members(procs: &TaskProcs) -> (Vec<u32>, Vec<(u32, u64)>) {
     match &procs.cgroup {
         Some(cgroup) => match cgroup.populated() {
-            Ok(false) => Vec::new(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Ok(false) => (Vec::new(), Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), Vec::new()),
             _ => {
                 let pids = cgroup.pids();
-                // Populated but listed empty: processes are being moved or dying.
+                // Populated yet listed empty: its processes are dying right now. Not
+                // empty until cgroup.events says so; the agent's pid stands for them.
                 if pids.is_empty() {
-                    vec![procs.pid]
+                    (vec![procs.pid], Vec::new())
                 } else {
-                    pids
+                    (pids, Vec::new())
                 }
             }
         },
-        None => procs.tree().members(),
+        None => {
+            let scanned = procs.tree().scan();
+            (scanned.iter().map(|(pid, _)| *pid).collect(), scanned)
+        }
     }
 }
 
 /// One SIGKILL round; returns how many processes it reached.
-fn kill_round(procs: &TaskProcs) -> usize {
+fn kill_round(procs: &TaskProcs, scanned: &[(u32, u64)]) -> usize {
     match &procs.cgroup {
         Some(cgroup) => {
             let n = cgroup.pids().len();
@@ -384,7 +404,7 @@ fn kill_round(procs: &TaskProcs) -> usize {
         }
         None => procs
             .tree()
-            .signal_verified(Signal::SIGKILL, procs.pidfd.as_ref()),
+            .signal_scanned(scanned, Signal::SIGKILL, procs.pidfd.as_ref()),
     }
 }
 
@@ -428,7 +448,7 @@ fn signal_tree(procs: &TaskProcs, signal: Signal) -> usize {
 /// nothing is left. Otherwise a tree search.
 fn is_empty_after_exit(entry: &Entry, agents: &[(u32, Option<u64>)]) -> bool {
     if entry.procs.cgroup.is_some() {
-        return live_members(&entry.procs).is_empty();
+        return live_members(&entry.procs).0.is_empty();
     }
     if let Some(only_agents) = only_agents_are_children(agents) {
         if only_agents {

@@ -115,7 +115,7 @@ impl TaskTree {
     }
 
     /// Like [`TaskTree::members`], with each member's start time.
-    fn scan(&self) -> Vec<(u32, u64)> {
+    pub(crate) fn scan(&self) -> Vec<(u32, u64)> {
         let procs = all_processes();
         let me = std::process::id();
         let marker = format!("{ENV_TASK_ID}={}", self.task_id).into_bytes();
@@ -176,7 +176,16 @@ impl TaskTree {
     /// unreaped (under the reap lock, so it cannot be reaped meanwhile). A SIGTERM is
     /// followed by SIGCONT. Returns the number of processes signalled.
     pub fn signal_verified(&self, signal: Signal, agent: Option<&PidFd>) -> usize {
-        let members = self.scan();
+        self.signal_scanned(&self.scan(), signal, agent)
+    }
+
+    /// The signalling half of [`TaskTree::signal_verified`], for members a scan found.
+    pub(crate) fn signal_scanned(
+        &self,
+        members: &[(u32, u64)],
+        signal: Signal,
+        agent: Option<&PidFd>,
+    ) -> usize {
         let pids: Vec<u32> = members.iter().map(|(pid, _)| *pid).collect();
         let fds = open_verified(&pids, |opened| {
             opened

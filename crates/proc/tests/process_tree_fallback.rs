@@ -96,6 +96,20 @@ fn a_signal_after_the_agent_was_reaped_reaches_nothing() {
             processes: 0
         }
     );
+    killer.kill("t-late");
+    assert_eq!(
+        next_report(&reports),
+        TreeReport::Signalled {
+            task_id: "t-late".into(),
+            signal: Signal::SIGKILL,
+            processes: 0
+        }
+    );
+    killer.kill("t-never-tracked");
+    assert!(matches!(
+        next_report(&reports),
+        TreeReport::Signalled { processes: 0, ref task_id, .. } if task_id == "t-never-tracked"
+    ));
     killer.agent_exited("t-late");
     assert!(matches!(
         next_empty(&reports),
