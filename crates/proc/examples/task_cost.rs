@@ -119,10 +119,12 @@ fn main() {
         Ok(cgroups) => {
             let procs = Procs::with_cgroups(cgroups);
             report("Killer, cgroup", through_killer(&procs, n));
-            let _ = procs
-                .cgroups()
-                .unwrap()
-                .remove_all(std::time::Duration::from_secs(5));
+            let root = procs.cgroups().unwrap().root().to_path_buf();
+            let _ = procs.shutdown();
+            // <mount>/agentd is shared by every agentd: remove it only if now empty.
+            if let Some(parent) = root.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
         Err(reason) => println!("  Killer, cgroup            unavailable: {reason}"),
     }

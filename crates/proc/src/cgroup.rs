@@ -30,6 +30,11 @@
 //!
 //! This is containment against agents that wander off, not a security boundary: an
 //! agent running as root can write itself into another cgroup.
+//!
+//! As root, agentd's own cgroup is writable even when nobody delegated it (a login
+//! session's scope, a service without `Delegate=yes`); agentd then uses it all the
+//! same, but systemd considers such a subtree its own and may rearrange it: run agentd
+//! as a service with `Delegate=yes` to make the arrangement official.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
