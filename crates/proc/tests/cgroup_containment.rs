@@ -243,3 +243,40 @@ fn a_later_instance_recovers_what_a_crashed_one_left() {
     wait_until("the old agent is reaped", || ProcGuard::try_reap(agent));
     assert!(Path::new(&parent.path).join("inst").exists());
 }
+
+#[test]
+fn a_fork_storm_is_killed_whole_while_it_forks() {
+    let Some(parent) = TestCgroupParent::new("storm") else {
+        return;
+    };
+    let procs = Procs::with_cgroups(parent.cgroups("inst"));
+    let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
+    let mut guard = ProcGuard::default();
+    // Double-forked, so nothing waits for them; bounded to a few hundred processes.
+    let script = r#"
+        echo "agent $$" >&3
+        i=0
+        while [ $i -lt 400 ]; do (sleep 300 &); i=$((i+1)); done
+        exec sleep 300
+    "#;
+    let spawned = procs.spawn(&command("t-storm", script)).unwrap();
+    guard.child(spawned.pid);
+    let cgroup = spawned.procs.cgroup().unwrap().path().to_path_buf();
+    killer.track(spawned.procs);
+    read_pids(spawned.channel, &["agent"]);
+    let count = || {
+        std::fs::read_to_string(cgroup.join("cgroup.procs"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    wait_until("the storm has begun", || count() >= 20);
+    killer.kill("t-storm");
+    let agent = spawned.pid;
+    wait_until("the agent is reaped", || ProcGuard::try_reap(agent));
+    killer.agent_exited("t-storm");
+    match next_empty(&reports) {
+        TreeReport::Empty { survivors, .. } => assert!(survivors.is_empty(), "{survivors:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!cgroup.exists(), "the storm's cgroup is still there");
+}
