@@ -156,3 +156,42 @@ fn the_killer_empties_a_300_process_tree_in_rounds() {
     let left: Vec<u32> = sleeps.into_iter().filter(|&p| alive(p)).collect();
     assert!(left.is_empty(), "survivors: {left:?}");
 }
+
+#[test]
+fn fallback_sigterm_is_followed_by_sigcont_for_stopped_members() {
+    let procs = fallback();
+    let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
+    let mut guard = ProcGuard::default();
+    // A double-forked member (found by its AGENTD_TASK_ID) that stops itself.
+    let script = r#"
+        echo "agent $$" >&3
+        (sh -c 'echo "stopped $$" >&3; kill -STOP $$; exec sleep 300' &)
+        exec sleep 300
+    "#;
+    let spawned = procs.spawn(&command("t-fb-term", script)).unwrap();
+    guard.child(spawned.pid);
+    killer.track(spawned.procs);
+    let pids = read_pids(spawned.channel, &["agent", "stopped"]);
+    let stopped = pid_of(&pids, "stopped");
+    guard.watch(stopped);
+    wait_until("the member is stopped", || {
+        std::fs::read_to_string(format!("/proc/{stopped}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        })
+    });
+    killer.signal("t-fb-term", Signal::SIGTERM);
+    match next_report(&reports) {
+        TreeReport::Signalled { processes, .. } => assert_eq!(processes, 2),
+        other => panic!("{other:?}"),
+    }
+    let agent = spawned.pid;
+    wait_until("the agent is reaped", || ProcGuard::try_reap(agent));
+    wait_until("the stopped member ended on SIGTERM", || !alive(stopped));
+    killer.agent_exited("t-fb-term");
+    assert!(matches!(
+        next_empty(&reports),
+        TreeReport::Empty { killed: 0, .. }
+    ));
+}
