@@ -117,7 +117,7 @@ fn main() {
     let instance = format!("task-cost-{}", std::process::id());
     match Cgroups::detect(&CgroupOptions::new(instance)) {
         Ok(cgroups) => {
-            let procs = Procs::with_cgroups(cgroups);
+            let mut procs = Procs::with_cgroups(cgroups);
             report("Killer, cgroup", through_killer(&procs, n));
             let root = procs.cgroups().unwrap().root().to_path_buf();
             let _ = procs.shutdown();

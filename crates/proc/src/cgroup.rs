@@ -263,11 +263,31 @@ impl Cgroups {
         Ok(cgroup)
     }
 
+    /// The cgroup of this instance's [`crate::Guardian`], beside the instance
+    /// directory (inside it, the guardian's own `cgroup.kill` would kill it).
+    pub fn guardian_dir(&self) -> PathBuf {
+        let name = self.root.file_name().unwrap_or_default().to_string_lossy();
+        self.root.with_file_name(format!("{name}.guardian"))
+    }
+
     /// Kills whatever is left in task cgroups of a previous agentd of this instance
     /// and removes them. Call it once at startup, after the daemon holds its socket
     /// (so the previous agentd is known to be dead) and before the first spawn.
-    /// Blocks for at most about `deadline` per cgroup that does not empty.
+    /// First waits (up to `deadline`) for the previous agentd's guardian to finish,
+    /// so that it cannot kill tasks of this agentd. Blocks for at most about
+    /// `deadline` per cgroup that does not empty.
     pub fn recover(&self, deadline: Duration) -> Vec<Leftover> {
+        if !wait_empty(&self.guardian_dir(), deadline) {
+            tracing::warn!(
+                "the previous guardian in {} is still running",
+                self.guardian_dir().display()
+            );
+        }
+        self.kill_tasks(deadline)
+    }
+
+    /// Kills and removes every task cgroup of this instance.
+    fn kill_tasks(&self, deadline: Duration) -> Vec<Leftover> {
         let mut found = Vec::new();
         let Ok(dir) = fs::read_dir(&self.root) else {
             return found;
@@ -290,9 +310,10 @@ impl Cgroups {
     }
 
     /// Kills every task cgroup of this instance and removes them and the instance
-    /// directory (shutdown, tests). Blocks like [`Cgroups::recover`].
+    /// directory (shutdown, tests). Blocks like [`Cgroups::recover`], but does not
+    /// wait for a guardian.
     pub fn remove_all(&self, deadline: Duration) -> io::Result<()> {
-        self.recover(deadline);
+        self.kill_tasks(deadline);
         fs::remove_dir(&self.root)
     }
 }
@@ -344,7 +365,7 @@ fn populated(path: &Path) -> io::Result<bool> {
         || !events.lines().any(|l| l.starts_with("populated ")))
 }
 
-fn wait_empty(path: &Path, deadline: Duration) -> bool {
+pub(crate) fn wait_empty(path: &Path, deadline: Duration) -> bool {
     let until = Instant::now() + deadline;
     let mut pause = Duration::from_millis(1);
     loop {
@@ -403,7 +424,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-fn mkdir_ok(path: &Path) -> io::Result<()> {
+pub(crate) fn mkdir_ok(path: &Path) -> io::Result<()> {
     match fs::create_dir(path) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         other => other,

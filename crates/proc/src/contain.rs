@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cgroup::{CgroupOptions, Cgroups, Leftover, TaskCgroup};
+use crate::guardian::Guardian;
 use crate::pidfd::PidFd;
 use crate::spawn::{spawn_agent_in, AgentCommand};
 use crate::tree::{read_stat, TaskTree};
@@ -37,6 +38,7 @@ impl Containment {
 pub struct Procs {
     cgroups: Option<Cgroups>,
     reason: String,
+    guardian: Option<Guardian>,
 }
 
 impl Procs {
@@ -54,6 +56,7 @@ impl Procs {
         Procs {
             cgroups: None,
             reason: reason.into(),
+            guardian: None,
         }
     }
 
@@ -61,6 +64,7 @@ impl Procs {
         Procs {
             cgroups: Some(cgroups),
             reason: String::new(),
+            guardian: None,
         }
     }
 
@@ -91,14 +95,35 @@ impl Procs {
         }
     }
 
-    /// At a clean exit, after every task ended: kills anything still in a task cgroup
-    /// and removes the instance directory (a crash leaves it to [`Procs::recover`]).
-    /// Blocking, like `recover`.
-    pub fn shutdown(&self) -> io::Result<()> {
-        match &self.cgroups {
-            Some(c) => c.remove_all(Duration::from_secs(5)),
-            None => Ok(()),
+    /// Starts the [`Guardian`] that kills this instance's task cgroups when agentd
+    /// dies, after [`Procs::recover`]; `Procs` keeps it. Returns its pid (the reaper
+    /// will see it exit only after [`Procs::shutdown`]), `None` for the process-tree
+    /// fallback, where nothing could find the leftovers.
+    pub fn start_guardian(&mut self) -> io::Result<Option<u32>> {
+        let Some(c) = &self.cgroups else {
+            return Ok(None);
+        };
+        if let Some(g) = &self.guardian {
+            return Ok(Some(g.pid()));
         }
+        let guardian = Guardian::start(c.root(), &c.guardian_dir())?;
+        let pid = guardian.pid();
+        self.guardian = Some(guardian);
+        Ok(Some(pid))
+    }
+
+    /// At a clean exit, after every task ended: kills anything still in a task cgroup,
+    /// removes the instance directory, and ends the guardian (a crash leaves this to
+    /// the guardian and to [`Procs::recover`]). Blocking, like `recover`.
+    pub fn shutdown(&mut self) -> io::Result<()> {
+        let Some(c) = &self.cgroups else {
+            return Ok(());
+        };
+        let removed = c.remove_all(Duration::from_secs(5));
+        if let Some(guardian) = self.guardian.take() {
+            crate::guardian::stop(guardian, &c.guardian_dir());
+        }
+        removed
     }
 
     /// Spawns the task's agent, inside a new task cgroup when cgroups are in use (a

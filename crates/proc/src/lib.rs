@@ -11,8 +11,9 @@
 //!   descendant, however it detached (`setsid`, double fork, `env -i`), is killed by
 //!   `cgroup.kill`; the tree is empty when `cgroup.events` says so, and the cgroup is
 //!   removed. With the `pids` controller delegated each task has a `pids.max`.
-//!   [`Procs::recover`] kills what a crashed agentd left in its task cgroups. See
-//!   [`cgroup`].
+//!   If agentd dies, however, its [`Guardian`] kills what is left in its task
+//!   cgroups within seconds, and [`Procs::recover`] at the next start kills what
+//!   even that missed. See [`cgroup`].
 //! - [`Containment::ProcessTree`]: the fallback. A task's processes are its agent's
 //!   process group, the agent's descendants, and processes carrying the task's
 //!   `AGENTD_TASK_ID`; one that double-forks *and* scrubs its environment escapes.
@@ -36,16 +37,26 @@
 //! # How the daemon uses it
 //!
 //! ```text
-//! startup:  procs = Procs::detect(&CgroupOptions::new(instance_of_socket));
-//!           procs.recover();                       // after the socket lock is held
-//!           become_subreaper();
-//!           killer = Killer::start(|r| loop_tx.send(r))
-//! spawn:    let s = procs.spawn(&cmd)?;            // on the loop: fork + mkdir, cheap
-//!           pids.insert(s.pid, task); killer.track(s.procs);
-//! SIGTERM:  killer.signal(task, SIGTERM)           // returns at once
-//! SIGKILL:  killer.kill(task)
-//! SIGCHLD:  for r in reap_children() { killer.agent_exited(task_of(r.pid)) }
-//! report:   TreeReport::Empty { task, .. }         // now free the slot
+//! startup (after the socket lock is held, before the loop runs):
+//!     let procs = Procs::detect(&CgroupOptions::for_socket(&socket_path));
+//!     for left in procs.recover() { log it }       // blocking, bounded
+//!     let guardian = procs.start_guardian()?;       // Some with cgroups; keep it
+//!     become_subreaper()?;
+//!     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<TreeReport>();
+//!     let killer = Killer::start(move |r| { let _ = tx.send(r); })?;
+//!     // the loop selects on `rx` beside its other channels
+//! spawn (on the loop thread, which lives as long as agentd: PR_SET_PDEATHSIG):
+//!     let s = procs.spawn(&cmd)?;                   // mkdir + fork, no scan
+//!     pids.insert(s.pid, task_id); killer.track(s.procs);   // same loop step
+//! stop steps:  Sigterm => killer.signal(&id, Signal::SIGTERM)
+//!              Sigkill => killer.kill(&id)          // both return at once
+//! SIGCHLD:     for r in reap_children() { if let Some(id) = pids.remove(&r.pid) {
+//!                  remember r as the exit; killer.agent_exited(&id) } }
+//! TreeReport::Empty { task_id, survivors, .. }: the tree is gone (log survivors):
+//!              now the task may end and its slot be freed (with the drained channel).
+//! TreeReport::Signalled { .. }: for the log only.
+//! status:      procs.containment()                  // Cgroup { root, .. } | ProcessTree { reason }
+//! clean exit:  drop(killer); procs.shutdown(); drop(guardian)
 //! ```
 //!
 //! The older [`spawn_agent`] and [`TaskTree::kill_all`] remain for the daemon of
@@ -56,6 +67,7 @@
 
 pub mod cgroup;
 mod contain;
+mod guardian;
 mod killer;
 mod pidfd;
 mod reap;
@@ -64,6 +76,7 @@ mod tree;
 
 pub use cgroup::{CgroupOptions, Cgroups, Leftover, TaskCgroup, DAEMON_LEAF};
 pub use contain::{Containment, Procs, Spawned, TaskProcs};
+pub use guardian::Guardian;
 pub use killer::{Killer, KillerOptions, TreeReport};
 pub use pidfd::PidFd;
 pub use reap::{become_subreaper, reap_children, Reaped};

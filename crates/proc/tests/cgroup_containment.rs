@@ -77,7 +77,7 @@ fn a_normal_exit_is_empty_at_once_and_leftovers_are_killed() {
     let Some(parent) = TestCgroupParent::new("exit") else {
         return;
     };
-    let procs = Procs::with_cgroups(parent.cgroups("inst"));
+    let mut procs = Procs::with_cgroups(parent.cgroups("inst"));
     let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
     let mut guard = ProcGuard::default();
 
