@@ -131,7 +131,15 @@ impl Procs {
     /// dropped). Hand [`Spawned::procs`] to [`crate::Killer::track`] at once.
     pub fn spawn(&self, cmd: &AgentCommand) -> io::Result<Spawned> {
         let cgroup = match &self.cgroups {
-            Some(c) => Some(c.create_task(&cmd.task_id)?),
+            Some(c) => Some(c.create_task(&cmd.task_id).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create the task's cgroup in {}: {e}",
+                        c.root().display()
+                    ),
+                )
+            })?),
             None => None,
         };
         let (agent, pidfd) = match spawn_agent_in(cmd, cgroup.as_ref()) {
