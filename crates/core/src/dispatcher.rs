@@ -109,6 +109,17 @@ pub enum Event {
         session: String,
         generation: u64,
     },
+    /// The agent sent nothing for longer than the silence limit (see
+    /// [`crate::Liveness`]): it is stopped with [`StopCause::Hung`] and fails as
+    /// `hung`. Ignored for an agent that already reported (it lingers instead).
+    Hung {
+        task_id: TaskId,
+    },
+    /// The task ran past its run-time limit: it is stopped with
+    /// [`StopCause::TimedOut`] and fails as `timed out`.
+    TimedOut {
+        task_id: TaskId,
+    },
     /// Time passed (the daemon ticks regularly): queued work may expire.
     Tick,
 }
@@ -787,6 +798,15 @@ impl Dispatcher {
                     }
                 }
             }
+            Event::Hung { task_id } => {
+                let reported = self.tasks.get(&task_id).is_some_and(|t| t.report.is_some());
+                if !reported {
+                    self.stop_for(task_id, now, StopCause::Hung, &mut actions);
+                }
+            }
+            Event::TimedOut { task_id } => {
+                self.stop_for(task_id, now, StopCause::TimedOut, &mut actions);
+            }
             Event::Reaped { task_id, status } => {
                 if let Some(task) = self.tasks.get(&task_id).filter(|t| t.state.is_active()) {
                     let ending = ending_of(task, status, now);
@@ -948,6 +968,26 @@ impl Dispatcher {
             step: StopStep::Sigterm,
         });
         true
+    }
+
+    /// Stops an active task for a watchdog's `cause`: a task not yet stopping begins
+    /// the stop sequence; one already stopping keeps its sequence and takes the cause
+    /// if it is stronger.
+    fn stop_for(
+        &mut self,
+        task_id: TaskId,
+        now: Millis,
+        cause: StopCause,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        if let TaskState::Stopping { cause: current, .. } = &mut task.state {
+            current.escalate(cause);
+            return;
+        }
+        self.begin_stop(task_id, now, cause, actions);
     }
 
     /// Takes a queued task out of its session's queue and ends it.
@@ -1272,6 +1312,11 @@ impl Dispatcher {
     }
 }
 
+/// The reason of a task stopped for being silent too long ([`Event::Hung`]).
+pub const HUNG: &str = "hung";
+/// The reason of a task stopped for running too long ([`Event::TimedOut`]).
+pub const TIMED_OUT: &str = "timed out";
+
 /// How an active task ended, given how its agent exited. A stop in progress owns
 /// the outcome, by its cause.
 fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
@@ -1306,14 +1351,19 @@ fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
                 }
             }
             (StopCause::Interrupt, _) => return Ending::Interrupted { by, after },
-            (
-                StopCause::User
-                | StopCause::Linger
-                | StopCause::Hung
-                | StopCause::TimedOut
-                | StopCause::Shutdown,
-                _,
-            ) => return Ending::Cancelled { by, after },
+            (StopCause::Hung, _) => {
+                return Ending::Failed {
+                    reason: HUNG.to_string(),
+                }
+            }
+            (StopCause::TimedOut, _) => {
+                return Ending::Failed {
+                    reason: TIMED_OUT.to_string(),
+                }
+            }
+            (StopCause::User | StopCause::Linger | StopCause::Shutdown, _) => {
+                return Ending::Cancelled { by, after }
+            }
         }
     }
     if let TaskState::Starting { .. } = task.state {

@@ -14,6 +14,7 @@
 
 mod command;
 mod dispatcher;
+mod liveness;
 mod queue;
 mod task;
 
@@ -22,8 +23,9 @@ pub use command::{
 };
 pub use dispatcher::{
     Accepted, Action, Actions, Capacity, Config, Dispatcher, Event, Message, Refused, Scope,
-    StopError, StopTarget, Submitted,
+    StopError, StopTarget, Submitted, HUNG, TIMED_OUT,
 };
+pub use liveness::{Liveness, Verdict, DEFAULT_HUNG_INTERVALS};
 pub use queue::{
     collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings, MAX_DEBOUNCE,
 };

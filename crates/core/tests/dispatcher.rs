@@ -15,7 +15,7 @@ use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
     Capacity, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message,
     Millis, Mode, Priority, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopCause,
-    StopError, StopStep, StopTarget, Task, TaskId, TaskState,
+    StopError, StopStep, StopTarget, Task, TaskId, TaskState, HUNG, TIMED_OUT,
 };
 
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -373,6 +373,8 @@ fn stale_events(n: u128) -> Vec<Event> {
             task_id,
             status: ExitStatus::code(0),
         },
+        Event::Hung { task_id },
+        Event::TimedOut { task_id },
     ]
 }
 
@@ -2343,4 +2345,105 @@ fn a_quiet_chat_is_not_starved_by_a_busy_chat_with_thirty_held_follow_ups() {
         }
         assert_eq!(order, vec![id(100), id(2), id(3)], "debounce {debounce}");
     }
+}
+
+// ----- liveness: hung and timed-out agents -----
+
+/// A hung agent goes through the whole stop sequence and fails as `hung`; its slot
+/// is held until the reap.
+#[test]
+fn a_hung_agent_is_stopped_through_the_sequence_and_fails_as_hung() {
+    let mut h = H::new(1);
+    h.submit(1, "a");
+    h.run(1);
+    let actions = h.ev(Event::Hung { task_id: id(1) });
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendCancel { task_id: id(1) },
+            Action::SetTimer {
+                task_id: id(1),
+                after: CANCEL_GRACE,
+                step: StopStep::Sigterm
+            }
+        ]
+    );
+    assert!(matches!(
+        h.state(1),
+        TaskState::Stopping {
+            cause: StopCause::Hung,
+            ..
+        }
+    ));
+    assert!(h.timer(1, StopStep::Sigterm).contains(&Action::Signal {
+        task_id: id(1),
+        step: StopStep::Sigterm
+    }));
+    assert_eq!(h.busy(), 1);
+    let done = h.reap(1, ExitStatus::signal(15));
+    assert_eq!(failed_reason(&only_finished(&done, 1)), HUNG);
+    h.assert_empty();
+}
+
+#[test]
+fn a_timed_out_task_fails_as_timed_out_even_while_starting() {
+    let mut h = H::new(1);
+    h.submit(1, "a");
+    h.spawned(1);
+    let actions = h.ev(Event::TimedOut { task_id: id(1) });
+    assert!(actions.contains(&Action::SendCancel { task_id: id(1) }));
+    let done = h.reap(1, ExitStatus::signal(9));
+    assert_eq!(failed_reason(&only_finished(&done, 1)), TIMED_OUT);
+}
+
+/// A user stop under way keeps its sequence (no second cancel, no new timer) but the
+/// stronger watchdog cause decides the ending; a weaker one never replaces it.
+#[test]
+fn a_watchdog_cause_escalates_a_stop_in_progress_without_restarting_it() {
+    let mut h = H::new(1);
+    h.submit(1, "a");
+    h.run(1);
+    h.stop(StopTarget::Task(id(1)), Scope::Owner).unwrap();
+    assert_eq!(h.ev(Event::Hung { task_id: id(1) }), vec![]);
+    assert_eq!(h.ev(Event::TimedOut { task_id: id(1) }), vec![]);
+    assert_eq!(h.ev(Event::Hung { task_id: id(1) }), vec![]);
+    assert!(matches!(
+        h.state(1),
+        TaskState::Stopping {
+            cause: StopCause::TimedOut,
+            step: StopStep::CooperativeCancel,
+            ..
+        }
+    ));
+    let done = h.reap(1, ExitStatus::code(0));
+    assert_eq!(failed_reason(&only_finished(&done, 1)), TIMED_OUT);
+}
+
+/// An agent that reported its result stops heartbeating by design: silence then is
+/// not a hang (the linger timer ends it, keeping what it reported).
+#[test]
+fn silence_after_the_report_is_not_a_hang() {
+    let mut h = H::new(1);
+    h.submit(1, "a");
+    h.run(1);
+    h.report(1, ReportOutcome::Succeeded);
+    assert_eq!(h.ev(Event::Hung { task_id: id(1) }), vec![]);
+    assert!(matches!(h.state(1), TaskState::Running { .. }));
+    let done = h.reap(1, ExitStatus::code(0));
+    assert_eq!(ending(&only_finished(&done, 1)), &Ending::Succeeded);
+}
+
+/// A protocol error outranks a hang: the ending names the protocol error.
+#[test]
+fn a_protocol_error_during_a_hung_stop_decides_the_ending() {
+    let mut h = H::new(1);
+    h.submit(1, "a");
+    h.run(1);
+    h.ev(Event::Hung { task_id: id(1) });
+    h.ev(Event::ProtocolError {
+        task_id: id(1),
+        error: "garbage".into(),
+    });
+    let done = h.reap(1, ExitStatus::signal(9));
+    assert!(failed_reason(&only_finished(&done, 1)).contains("garbage"));
 }
