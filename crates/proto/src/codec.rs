@@ -31,6 +31,12 @@ pub enum FrameError {
     Encode(String),
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    #[error("a frame begun was not complete within {}ms ({got} of {want} bytes arrived)", .deadline.as_millis())]
+    Stalled {
+        deadline: std::time::Duration,
+        got: usize,
+        want: usize,
+    },
     #[error("i/o error on the agent channel: {0}")]
     Io(#[from] io::Error),
 }
@@ -129,6 +135,54 @@ pub async fn read_frame_async<T: DeserializeOwned>(
     decode_payload(&payload).map(Some)
 }
 
+/// Like [`read_frame_async`], but once the first byte of a frame has arrived the
+/// whole frame must arrive within `deadline` ([`FrameError::Stalled`] otherwise): a
+/// peer that trickles a frame cannot hold its reader forever. Waiting for a frame to
+/// begin is not limited. The payload buffer grows with the bytes that arrive, so a
+/// frame that claims the maximum size but never sends it costs almost nothing.
+pub async fn read_frame_async_within<T: DeserializeOwned>(
+    reader: &mut (impl AsyncRead + Unpin),
+    deadline: std::time::Duration,
+) -> Result<Option<T>, FrameError> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    if reader.read(&mut prefix[..1]).await? == 0 {
+        return Ok(None);
+    }
+    let until = tokio::time::Instant::now() + deadline;
+    let mut filled = 1;
+    let mut payload = Vec::new();
+    let mut want = LEN_PREFIX;
+    let rest = async {
+        while filled < LEN_PREFIX {
+            match reader.read(&mut prefix[filled..]).await? {
+                0 => return Err(FrameError::Truncated),
+                n => filled += n,
+            }
+        }
+        let len = checked_len(prefix)?;
+        want = LEN_PREFIX + len;
+        payload.reserve(len.min(64 * 1024));
+        let mut chunk = [0u8; 16 * 1024];
+        while payload.len() < len {
+            let room = (len - payload.len()).min(chunk.len());
+            match reader.read(&mut chunk[..room]).await? {
+                0 => return Err(FrameError::Truncated),
+                n => payload.extend_from_slice(&chunk[..n]),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout_at(until, rest).await {
+        Ok(Ok(())) => decode_payload(&payload).map(Some),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(FrameError::Stalled {
+            deadline,
+            got: filled + payload.len(),
+            want,
+        }),
+    }
+}
+
 /// Async twin of [`write_frame`].
 pub async fn write_frame_async<T: Serialize>(
     writer: &mut (impl AsyncWrite + Unpin),
@@ -144,6 +198,7 @@ mod tests {
     use super::*;
     use crate::ipc::{AgentHello, AgentMsg, Capabilities, SupervisorMsg, TaskStart};
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
         let frame = encode_frame(&msg).unwrap();
@@ -230,5 +285,74 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_begun_must_complete_within_the_deadline() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let frame = encode_frame(&AgentMsg::Progress { text: "x".into() }).unwrap();
+        // Three bytes, then silence: the reader gives up at the deadline.
+        theirs.write_all(&frame[..3]).await.unwrap();
+        let err = read_frame_async_within::<AgentMsg>(&mut ours, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::Stalled {
+                    got: 3,
+                    want: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_frame_to_begin_is_not_limited_and_whole_frames_pass() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let frame = encode_frame(&AgentMsg::Heartbeat).unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            theirs.write_all(&frame).await.unwrap();
+            theirs
+        });
+        let msg = read_frame_async_within::<AgentMsg>(&mut ours, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(msg, Some(AgentMsg::Heartbeat));
+        drop(writer.await.unwrap());
+        assert!(
+            read_frame_async_within::<AgentMsg>(&mut ours, Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claimed_4_gib_frame_is_refused_at_its_prefix() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        theirs.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let err = read_frame_async_within::<AgentMsg>(&mut ours, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { len } if len == u32::MAX as usize),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn truncated_frames_within_the_deadline_say_so() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let frame = encode_frame(&AgentMsg::Progress { text: "abc".into() }).unwrap();
+        theirs.write_all(&frame[..frame.len() - 1]).await.unwrap();
+        drop(theirs);
+        let err = read_frame_async_within::<AgentMsg>(&mut ours, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
     }
 }
