@@ -27,6 +27,8 @@ fn cmd(i: usize) -> AgentCommand {
         task_id: format!("cost-{i}"),
         session: "s".into(),
         log_path: None,
+        capture_output: false,
+        env: Vec::new(),
     }
 }
 

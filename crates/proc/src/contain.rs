@@ -157,6 +157,7 @@ impl Procs {
         Ok(Spawned {
             pid: agent.pid,
             channel: agent.channel,
+            output: agent.output,
             procs: TaskProcs {
                 task_id: cmd.task_id.clone(),
                 pid: agent.pid,
@@ -176,6 +177,8 @@ pub struct Spawned {
     pub pid: u32,
     /// agentd's end of the IPC socketpair (blocking mode, close-on-exec).
     pub channel: UnixStream,
+    /// The agent's stdout and stderr, with [`AgentCommand::capture_output`].
+    pub output: Option<std::fs::File>,
     /// Everything needed to signal and empty the task's tree: give it to the Killer.
     pub procs: TaskProcs,
 }

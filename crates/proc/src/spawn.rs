@@ -44,8 +44,15 @@ pub struct AgentCommand {
     pub args: Vec<String>,
     pub task_id: String,
     pub session: String,
-    /// Where the agent's own stdout and stderr go (appended).
+    /// Where the agent's own stdout and stderr go (appended), unless
+    /// `capture_output` is set.
     pub log_path: Option<PathBuf>,
+    /// Give the agent one pipe as its stdout and stderr and return the read end
+    /// ([`SpawnedAgent::output`]), so that agentd can cap what it keeps. Wins over
+    /// `log_path`.
+    pub capture_output: bool,
+    /// Extra environment variables for the agent (e.g. `AGENTD_HEARTBEAT_MS`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A freshly spawned agent.
@@ -55,6 +62,9 @@ pub struct SpawnedAgent {
     pub pid: u32,
     /// agentd's end of the IPC socketpair (blocking mode, close-on-exec).
     pub channel: UnixStream,
+    /// The read end of the agent's stdout and stderr with `capture_output`
+    /// (blocking mode, close-on-exec).
+    pub output: Option<File>,
 }
 
 /// Spawns an agent in its own process group with its IPC channel on fd 3.
@@ -70,7 +80,14 @@ pub fn spawn_agent_in(
     cgroup: Option<&TaskCgroup>,
 ) -> io::Result<(SpawnedAgent, Option<PidFd>)> {
     let (ours, theirs) = UnixStream::pair()?;
+    let mut captured = None;
     let output = match &cmd.log_path {
+        _ if cmd.capture_output => {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            let copy = write.try_clone()?;
+            captured = Some(File::from(read));
+            (Stdio::from(write), Stdio::from(copy))
+        }
         Some(path) => {
             let file = File::options().create(true).append(true).open(path)?;
             let copy = file.try_clone()?;
@@ -88,6 +105,7 @@ pub fn spawn_agent_in(
         .env(ENV_IPC_FD, AGENT_IPC_FD.to_string())
         .env(ENV_TASK_ID, &cmd.task_id)
         .env(ENV_SESSION, &cmd.session)
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(output.0)
         .stderr(output.1);
@@ -146,6 +164,8 @@ pub fn spawn_agent_in(
     let guard = reap_lock();
     let child = command.spawn()?;
     drop(theirs);
+    // The parent's copies of the pipe's write end went with `command`'s Stdio.
+    drop(command);
     let pid = child.id();
     let pidfd = PidFd::open(pid).ok();
     drop(guard);
@@ -158,7 +178,14 @@ pub fn spawn_agent_in(
     }
     // Dropping `std::process::Child` neither kills nor waits: the reaper owns the pid.
     drop(child);
-    Ok((SpawnedAgent { pid, channel: ours }, pidfd))
+    Ok((
+        SpawnedAgent {
+            pid,
+            channel: ours,
+            output: captured,
+        },
+        pidfd,
+    ))
 }
 
 /// Marks every descriptor above the IPC channel close-on-exec, in the forked child.

@@ -35,6 +35,8 @@ fn spawned_tree_is_found_signalled_and_reaped() {
         task_id: "test-task-1".into(),
         session: "s".into(),
         log_path: Some(log.clone()),
+        capture_output: false,
+        env: Vec::new(),
     })
     .unwrap();
 

@@ -121,6 +121,8 @@ pub fn command(task_id: &str, script: &str) -> AgentCommand {
         task_id: task_id.into(),
         session: "s".into(),
         log_path: None,
+        capture_output: false,
+        env: Vec::new(),
     }
 }
 
