@@ -26,8 +26,11 @@
 //! Endings:
 //! - `crash`         after the work, `abort()` (SIGABRT) without a result.
 //! - `exit-silently` after the work, exit 0 without a result.
-//! - `hang`          after the handshake send nothing, read nothing, never exit
-//!   (signals still act unless ignored).
+//! - `hang`          after the handshake send nothing (no heartbeat either), read
+//!   nothing, never exit (signals still act unless ignored).
+//! - `quiet:MS`      work for MS milliseconds sending heartbeats only (no ticks): a
+//!   live agent with nothing to say.
+//! - `stdout:MB`     before the work, write MB mebibytes of `x` lines on stdout.
 //!
 //! Descendants (spawned right after the handshake, before any other word acts):
 //! - `children:N`    N `sleep 1000` children in the agent's own process group.
@@ -46,6 +49,13 @@
 //!   and 64 pseudo-random bytes onto the IPC fd, then sleep forever.
 //! - `oversized`     after the handshake write a 1 GiB length prefix and 4 bytes,
 //!   then sleep forever.
+//! - `huge-length`   after the handshake write a length prefix of 0xFFFFFFFF (a frame
+//!   that claims 4 GiB) and nothing else, then sleep forever.
+//! - `trickle`       after the handshake send a valid Progress frame one byte per
+//!   second (a frame begun and never completed in time), then sleep forever.
+//! - `truncated`     after the handshake write half a Progress frame, then shut the
+//!   channel down for writing, and sleep forever (still alive).
+//! - `early-progress` send a Progress frame before the Hello, then Hello, then work.
 //! - `no-hello`      never send Hello; sleep `sleep:MS` (default forever), exit 0.
 //! - `bad-version`   send Hello with protocol 999 (expect Reject).
 //!
@@ -97,6 +107,12 @@ struct Behaviour {
     pidfile: Option<PathBuf>,
     garbage: bool,
     oversized: bool,
+    huge_length: bool,
+    trickle: bool,
+    truncated: bool,
+    early_progress: bool,
+    quiet_ms: Option<u64>,
+    stdout_mb: u64,
     no_hello: bool,
     bad_version: bool,
     steer: bool,
@@ -125,6 +141,8 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
             }
             Some(("exit", v)) => num(word, v).map(|c| b.exit = Some(c)),
             Some(("linger", v)) => num(word, v).map(|ms| b.linger_ms = ms),
+            Some(("quiet", v)) => num(word, v).map(|ms| b.quiet_ms = Some(ms)),
+            Some(("stdout", v)) => num(word, v).map(|mb| b.stdout_mb = mb),
             Some(("children", v)) => num(word, v).and_then(|n: u32| {
                 if n > 1000 {
                     Err(format!("bad behaviour word: {word} (at most 1000)"))
@@ -150,6 +168,10 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "escapee" => &mut b.escapee,
                     "garbage" => &mut b.garbage,
                     "oversized" => &mut b.oversized,
+                    "huge-length" => &mut b.huge_length,
+                    "trickle" => &mut b.trickle,
+                    "truncated" => &mut b.truncated,
+                    "early-progress" => &mut b.early_progress,
                     "no-hello" => &mut b.no_hello,
                     "bad-version" => &mut b.bad_version,
                     "steer" => &mut b.steer,
@@ -370,6 +392,15 @@ fn main() {
         std::process::exit(0);
     }
     let mut raw = stream.try_clone().unwrap_or_else(|e| die(3, e));
+    if b.early_progress {
+        let frame = agentd_proto::codec::encode_frame(&AgentMsg::Progress {
+            text: "before hello".into(),
+        })
+        .unwrap_or_else(|e| die(1, e));
+        if let Err(e) = raw.write_all(&frame) {
+            die(1, format_args!("cannot write the early frame: {e}"));
+        }
+    }
     let protocol = if b.bad_version {
         999
     } else {
@@ -390,6 +421,26 @@ fn main() {
 
     spawn_descendants(&b);
     if b.hang {
+        sleep_forever();
+    }
+    if b.huge_length || b.trickle || b.truncated {
+        let frame = agentd_proto::codec::encode_frame(&AgentMsg::Progress {
+            text: "slow".into(),
+        })
+        .unwrap_or_else(|e| die(1, e));
+        if b.huge_length {
+            let _ = raw.write_all(&u32::MAX.to_be_bytes());
+        } else if b.truncated {
+            let _ = raw.write_all(&frame[..frame.len() / 2]);
+            let _ = raw.shutdown(std::net::Shutdown::Write);
+        } else {
+            for byte in frame {
+                if raw.write_all(&[byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
         sleep_forever();
     }
     if b.garbage || b.oversized {
@@ -452,6 +503,25 @@ fn main() {
     }
     for n in 1..=b.progress {
         progress(format!("line {n}"));
+    }
+    if b.stdout_mb > 0 {
+        let line = [b"x".repeat(1023), b"\n".to_vec()].concat();
+        let mut out = std::io::stdout().lock();
+        for _ in 0..b.stdout_mb * 1024 {
+            if out.write_all(&line).is_err() {
+                break;
+            }
+        }
+        let _ = out.flush();
+    }
+    if let Some(ms) = b.quiet_ms {
+        match events.recv_timeout(Duration::from_millis(ms)) {
+            Ok(Event::Cancel) => {
+                send_result(&sender, Outcome::Cancelled, "cancelled while quiet".into());
+                std::process::exit(0);
+            }
+            Err(_) => {}
+        }
     }
 
     let work = Duration::from_millis(b.sleep_ms.unwrap_or(0));

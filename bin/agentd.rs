@@ -62,6 +62,26 @@ struct Args {
     /// Queued work expires after this long [default: never]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     queue_timeout: Option<Duration>,
+    /// Never put tasks in cgroups: use the process-tree fallback even where a cgroup
+    /// v2 subtree is writable (see `agentctl status`)
+    #[arg(long)]
+    no_cgroup: bool,
+    /// How often agents heartbeat; told to them in AGENTD_HEARTBEAT_MS [default: 2s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    heartbeat: Option<Duration>,
+    /// An agent silent this long is hung: stopped, and failed as `hung`; `off` to
+    /// disable [default: 5 heartbeat intervals]
+    #[arg(long, value_name = "DUR|off", value_parser = config::parse_limit)]
+    hung_after: Option<config::Limit>,
+    /// A task running this long is stopped and failed as `timed out` [default: off]
+    #[arg(long, value_name = "DUR|off", value_parser = config::parse_limit)]
+    task_timeout: Option<config::Limit>,
+    /// A frame an agent has begun to send must complete within this [default: 10s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    frame_timeout: Option<Duration>,
+    /// Most bytes of an agent's stdout and stderr kept in its log [default: 16777216]
+    #[arg(long, value_name = "BYTES")]
+    log_cap: Option<u64>,
     /// TOML config file with the same keys as the flags (flags win)
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -127,7 +147,44 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         queue_timeout,
         dedup_window: 10_000,
     };
+    let limits = config::AgentLimits::default();
+    let heartbeat = duration(args.heartbeat, &file.heartbeat, limits.heartbeat)?;
+    if heartbeat.is_zero() {
+        bail!("--heartbeat must be more than 0");
+    }
+    let limit = |flag: Option<config::Limit>,
+                 key: &Option<String>,
+                 default: Option<Duration>|
+     -> anyhow::Result<Option<Duration>> {
+        match (flag, key) {
+            (Some(d), _) => Ok(d.0),
+            (None, Some(text)) => config::parse_limit(text).map(|l| l.0),
+            (None, None) => Ok(default),
+        }
+    };
+    let hung_after = limit(
+        args.hung_after,
+        &file.hung_after,
+        Some(agentd_core::Liveness::default_hung_after(heartbeat)),
+    )?;
+    if let Some(hung_after) = hung_after {
+        agentd_core::Liveness::check_hung_after(heartbeat, hung_after)
+            .map_err(|e| anyhow::anyhow!("--hung-after: {e}"))?;
+    }
+    let agents = config::AgentLimits {
+        no_cgroup: args.no_cgroup || file.no_cgroup.unwrap_or(false),
+        heartbeat,
+        hung_after,
+        task_timeout: limit(args.task_timeout, &file.task_timeout, None)?,
+        frame_timeout: duration(
+            args.frame_timeout,
+            &file.frame_timeout,
+            limits.frame_timeout,
+        )?,
+        log_cap: args.log_cap.or(file.log_cap).unwrap_or(limits.log_cap),
+    };
     Ok(DaemonConfig {
+        agents,
         socket: args
             .socket
             .or(file.socket)

@@ -253,24 +253,55 @@ impl Daemon {
         )
     }
 
-    /// Every live descendant of agentd (agents, their tools, adopted orphans).
+    /// Every live descendant of agentd (agents, their tools, adopted orphans), but
+    /// not its cgroup guardian.
     pub fn descendants(&self) -> Vec<u32> {
+        let guardian = self.guardian();
         descendants_of(self.pid())
+            .into_iter()
+            .filter(|pid| Some(*pid) != guardian)
+            .collect()
     }
 
-    /// Live direct children of agentd that are agents (the live-agent count).
+    /// Live direct children of agentd that are agents (the live-agent count): not its
+    /// cgroup guardian.
     pub fn live_children(&self) -> Vec<u32> {
         let table = process_table();
+        let guardian = self.guardian();
         table
             .iter()
-            .filter(|(_, p)| p.ppid == self.pid() && !p.zombie)
+            .filter(|(pid, p)| p.ppid == self.pid() && !p.zombie && Some(**pid) != guardian)
             .map(|(pid, _)| *pid)
             .collect()
     }
+
+    /// agentd's cgroup guardian (`sh -c … agentd-guardian DIR`), when cgroups are in
+    /// use: it outlives agentd on purpose.
+    pub fn guardian(&self) -> Option<u32> {
+        process_table()
+            .iter()
+            .filter(|(_, p)| p.ppid == self.pid() && !p.zombie)
+            .map(|(pid, _)| *pid)
+            .find(|pid| is_guardian(*pid))
+    }
+
+    /// Whether agentd put tasks in cgroups (from `status --json`).
+    pub fn uses_cgroups(&self) -> bool {
+        let status = self.request(json!({"cmd": "status"}));
+        status["containment"]["kind"] == "cgroup"
+    }
+}
+
+/// Whether `pid` is an agentd cgroup guardian.
+pub fn is_guardian(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"agentd-guardian"))
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // The guardian is left alone: when agentd dies it empties and removes the
+        // task cgroups, then exits.
         for _ in 0..5 {
             let pids = self.descendants();
             if pids.is_empty() {

@@ -215,6 +215,14 @@ pub fn render_status(reply: &StatusReply, now: SystemTime) -> String {
             "sessions"
         },
     );
+    if let Some(containment) = &reply.containment {
+        out.push('\n');
+        out.push_str(&text::containment_line(containment));
+    }
+    if let Some(liveness) = &reply.liveness {
+        out.push('\n');
+        out.push_str(&text::liveness_line(liveness));
+    }
     if !reply.active.is_empty() {
         out.push('\n');
         out.push_str(&render_tasks(&reply.active, now));
@@ -870,6 +878,8 @@ mod tests {
             queued: 3,
             sessions: 2,
             active: vec![running()],
+            containment: None,
+            liveness: None,
         };
         assert_eq!(
             render_status(&reply, now()),

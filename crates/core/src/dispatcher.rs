@@ -111,12 +111,14 @@ pub enum Event {
     },
     /// The agent sent nothing for longer than the silence limit (see
     /// [`crate::Liveness`]): it is stopped with [`StopCause::Hung`] and fails as
-    /// `hung`. Ignored for an agent that already reported (it lingers instead).
+    /// `hung`. Ignored for an agent that already reported (it lingers instead) and
+    /// for a task already stopping (that stop owns the outcome).
     Hung {
         task_id: TaskId,
     },
     /// The task ran past its run-time limit: it is stopped with
-    /// [`StopCause::TimedOut`] and fails as `timed out`.
+    /// [`StopCause::TimedOut`] and fails as `timed out` (ignored for a task already
+    /// stopping).
     TimedOut {
         task_id: TaskId,
     },
@@ -970,9 +972,9 @@ impl Dispatcher {
         true
     }
 
-    /// Stops an active task for a watchdog's `cause`: a task not yet stopping begins
-    /// the stop sequence; one already stopping keeps its sequence and takes the cause
-    /// if it is stronger.
+    /// Stops an active task for a watchdog's `cause`. A stop already in progress
+    /// owns the outcome: it is ending the task anyway, and a user who stopped a task
+    /// that then fell silent (SIGSTOPped, say) gets the `cancelled` they asked for.
     fn stop_for(
         &mut self,
         task_id: TaskId,
@@ -980,13 +982,6 @@ impl Dispatcher {
         cause: StopCause,
         actions: &mut Vec<Action>,
     ) {
-        let Some(task) = self.tasks.get_mut(&task_id) else {
-            return;
-        };
-        if let TaskState::Stopping { cause: current, .. } = &mut task.state {
-            current.escalate(cause);
-            return;
-        }
         self.begin_stop(task_id, now, cause, actions);
     }
 

@@ -3,12 +3,14 @@
 //!
 //! The reader sends into a bounded channel, so an agent that floods progress is slowed
 //! down at its own socket instead of growing agentd's memory. A frame that does not
-//! decode (or exceeds the size limit) ends the reader with [`AgentInput::Broken`].
+//! decode, exceeds the size limit (checked at its length prefix, before anything is
+//! allocated), or has begun but is not complete within the frame deadline ends the
+//! reader with [`AgentInput::Broken`].
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 
 use agentd_core::TaskId;
-use agentd_proto::codec::{read_frame_async, write_frame_async};
+use agentd_proto::codec::{read_frame_async_within, write_frame_async};
 use agentd_proto::ipc::{AgentMsg, SupervisorMsg};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -37,6 +39,7 @@ pub fn start(
     task_id: TaskId,
     channel: StdUnixStream,
     events: mpsc::Sender<AgentEvent>,
+    frame_timeout: std::time::Duration,
 ) -> std::io::Result<mpsc::UnboundedSender<SupervisorMsg>> {
     channel.set_nonblocking(true)?;
     let stream = UnixStream::from_std(channel)?;
@@ -45,11 +48,12 @@ pub fn start(
 
     tokio::spawn(async move {
         loop {
-            let input = match read_frame_async::<AgentMsg>(&mut read_half).await {
-                Ok(Some(msg)) => AgentInput::Msg(msg),
-                Ok(None) => AgentInput::Closed,
-                Err(e) => AgentInput::Broken(e.to_string()),
-            };
+            let input =
+                match read_frame_async_within::<AgentMsg>(&mut read_half, frame_timeout).await {
+                    Ok(Some(msg)) => AgentInput::Msg(msg),
+                    Ok(None) => AgentInput::Closed,
+                    Err(e) => AgentInput::Broken(e.to_string()),
+                };
             let last = !matches!(input, AgentInput::Msg(_));
             if events.send(AgentEvent { task_id, input }).await.is_err() || last {
                 break;

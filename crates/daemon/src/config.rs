@@ -19,6 +19,40 @@ pub struct DaemonConfig {
     pub agent: Vec<String>,
     /// How many finished tasks to keep for `tasks --all` and `status ID`.
     pub history: usize,
+    /// Containment, liveness and limits on what an agent may send.
+    pub agents: AgentLimits,
+}
+
+/// How agents are contained and watched (`agentd --no-cgroup`, `--heartbeat`,
+/// `--hung-after`, `--task-timeout`, `--frame-timeout`, `--log-cap`).
+#[derive(Debug, Clone)]
+pub struct AgentLimits {
+    /// Use the process-tree fallback even where a cgroup could be had.
+    pub no_cgroup: bool,
+    /// How often agents heartbeat (told to them in `AGENTD_HEARTBEAT_MS`).
+    pub heartbeat: Duration,
+    /// An agent silent this long is hung and stopped (`None`: never).
+    pub hung_after: Option<Duration>,
+    /// A task running this long is timed out and stopped (`None`: no limit).
+    pub task_timeout: Option<Duration>,
+    /// A frame from an agent that has begun must complete within this.
+    pub frame_timeout: Duration,
+    /// Most bytes of an agent's stdout and stderr kept in its log.
+    pub log_cap: u64,
+}
+
+impl Default for AgentLimits {
+    fn default() -> AgentLimits {
+        let heartbeat = Duration::from_secs(2);
+        AgentLimits {
+            no_cgroup: false,
+            heartbeat,
+            hung_after: Some(agentd_core::Liveness::default_hung_after(heartbeat)),
+            task_timeout: None,
+            frame_timeout: Duration::from_secs(10),
+            log_cap: 16 * 1024 * 1024,
+        }
+    }
 }
 
 /// The TOML file (`--config FILE`). Every key is optional; flags win over the file.
@@ -40,6 +74,12 @@ pub struct FileConfig {
     pub max_queued: Option<u32>,
     pub max_background: Option<u32>,
     pub queue_timeout: Option<String>,
+    pub no_cgroup: Option<bool>,
+    pub heartbeat: Option<String>,
+    pub hung_after: Option<String>,
+    pub task_timeout: Option<String>,
+    pub frame_timeout: Option<String>,
+    pub log_cap: Option<u64>,
 }
 
 impl FileConfig {
@@ -54,6 +94,20 @@ impl FileConfig {
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(text.trim())
         .with_context(|| format!("invalid duration {text:?} (examples: 500ms, 5s, 2m)"))
+}
+
+/// A time limit that may be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<Duration>);
+
+/// Parses a duration, or `off` for no limit.
+pub fn parse_limit(text: &str) -> anyhow::Result<Limit> {
+    match text.trim() {
+        "off" => Ok(Limit(None)),
+        other => parse_duration(other)
+            .map(|d| Limit(Some(d)))
+            .with_context(|| "or `off` for no limit".to_string()),
+    }
 }
 
 /// Parses a queue mode name for flags and the config file.

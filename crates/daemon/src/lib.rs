@@ -9,6 +9,7 @@
 //!   actions; split by concern (executor, agents, one module per request family,
 //!   history).
 //! - [`agent_io`]: per-agent reader and writer tasks on the IPC socketpair.
+//! - [`agent_log`]: an agent's stdout and stderr, kept in its log up to a cap.
 //! - [`views`]: conversion of core types to the wire views of `agentd-proto` (the
 //!   texts users read are in `agentd_proto::text`).
 //!
@@ -16,6 +17,7 @@
 //! parses flags, binds and installs signal handlers.
 
 pub mod agent_io;
+pub mod agent_log;
 pub mod config;
 pub mod control;
 pub mod events;

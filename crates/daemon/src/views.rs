@@ -165,3 +165,21 @@ pub fn settings_view(session: &str, s: QueueSettings, custom: bool) -> control::
         custom,
     }
 }
+
+/// The wire view of the containment in use.
+pub fn containment(c: &agentd_proc::Containment) -> control::ContainmentView {
+    match c {
+        agentd_proc::Containment::Cgroup { root, controllers } => control::ContainmentView {
+            kind: control::ContainmentKind::Cgroup,
+            cgroup: Some(root.display().to_string()),
+            controllers: controllers.clone(),
+            reason: None,
+        },
+        agentd_proc::Containment::ProcessTree { reason } => control::ContainmentView {
+            kind: control::ContainmentKind::ProcessTree,
+            cgroup: None,
+            controllers: Vec::new(),
+            reason: Some(reason.clone()),
+        },
+    }
+}

@@ -594,6 +594,52 @@ pub struct StatusReply {
     pub sessions: u32,
     /// Tasks in starting, running or stopping.
     pub active: Vec<TaskView>,
+    /// Which guarantee holds that a stopped or finished task leaves nothing running
+    /// (absent from agentds before 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<ContainmentView>,
+    /// The liveness limits agents are held to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<LivenessView>,
+}
+
+/// How a task's processes are found and killed on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainmentKind {
+    /// A cgroup v2 per task: every descendant is killed, however it detached.
+    Cgroup,
+    /// No writable cgroup: process group, parent links and `AGENTD_TASK_ID`. A
+    /// process that double-forks and scrubs its environment escapes.
+    ProcessTree,
+}
+
+/// `status.containment`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainmentView {
+    pub kind: ContainmentKind,
+    /// For `cgroup`: the directory under which task cgroups are made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// For `cgroup`: the controllers task cgroups get (`pids`: each has `pids.max`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
+    /// For `process-tree`: why no cgroup is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `status.liveness`: the limits of `agentd --heartbeat`, `--hung-after`,
+/// `--task-timeout` and `--frame-timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivenessView {
+    pub heartbeat_ms: u64,
+    /// An agent silent this long is stopped and fails as `hung` (`null`: never).
+    pub hung_after_ms: Option<u64>,
+    /// A task running this long is stopped and fails as `timed out` (`null`: never).
+    pub task_timeout_ms: Option<u64>,
+    /// A frame an agent began must be complete within this.
+    pub frame_timeout_ms: u64,
 }
 
 /// Answer to `stop`: every task the stop acted on, in its final state.

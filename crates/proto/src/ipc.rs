@@ -26,6 +26,9 @@ pub const ENV_IPC_FD: &str = "AGENTD_IPC_FD";
 pub const ENV_TASK_ID: &str = "AGENTD_TASK_ID";
 /// Environment variable that holds the session the task belongs to.
 pub const ENV_SESSION: &str = "AGENTD_SESSION";
+/// Environment variable with the heartbeat interval agentd expects, in milliseconds
+/// (v1 agents; v2 agents also get it in `Settings`).
+pub const ENV_HEARTBEAT_MS: &str = "AGENTD_HEARTBEAT_MS";
 
 /// What an agent can do beyond the required minimum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

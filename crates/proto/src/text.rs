@@ -236,6 +236,53 @@ pub fn no_handshake_within(timeout: Duration) -> String {
     )
 }
 
+/// The line written once into an agent's log when it reaches its cap.
+pub fn log_truncated(cap: u64) -> String {
+    format!("\n[agentd: output truncated: this log keeps the first {cap} bytes]\n")
+}
+
+/// The line closing a truncated agent log.
+pub fn log_dropped(dropped: u64) -> String {
+    format!("[agentd: {dropped} more bytes of output were not kept]\n")
+}
+
+/// The `containment:` line of `agentctl status`.
+pub fn containment_line(c: &crate::control::ContainmentView) -> String {
+    use crate::control::ContainmentKind;
+    match c.kind {
+        ContainmentKind::Cgroup => format!(
+            "containment: a cgroup per task under {} ({}): stops kill every descendant",
+            c.cgroup.as_deref().unwrap_or("?"),
+            if c.controllers.is_empty() {
+                "no controllers".to_string()
+            } else {
+                format!("controllers: {}", c.controllers.join(", "))
+            }
+        ),
+        ContainmentKind::ProcessTree => format!(
+            "containment: process tree only ({}): a descendant that double-forks and clears its environment can escape a stop",
+            c.reason.as_deref().unwrap_or("no cgroup")
+        ),
+    }
+}
+
+/// The `liveness:` line of `agentctl status`.
+pub fn liveness_line(l: &crate::control::LivenessView) -> String {
+    let limit = |ms: Option<u64>| match ms {
+        Some(ms) => humantime::format_duration(Duration::from_millis(ms)).to_string(),
+        None => "off".to_string(),
+    };
+    format!(
+        "liveness: heartbeat every {}, hung after {} of silence, task timeout {}",
+        limit(Some(l.heartbeat_ms)),
+        limit(l.hung_after_ms),
+        limit(l.task_timeout_ms)
+    )
+}
+
+/// Why the process-tree fallback is in use when `--no-cgroup` asked for it.
+pub const CGROUP_DISABLED: &str = "cgroups disabled by --no-cgroup";
+
 /// One line per stopped task (`task ID  cancelled (…)`), or `nothing to stop`.
 pub fn stop_lines(reply: &StopReply) -> String {
     if reply.stopped.is_empty() {

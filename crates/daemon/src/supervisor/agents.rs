@@ -1,9 +1,10 @@
 //! agentd's side of live agents: spawning, IPC, signals, reaping and agent events.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
-use agentd_core::{AgentReport, Event, ExitStatus, ReportOutcome, StopStep, TaskId};
-use agentd_proc::{reap_children, spawn_agent, AgentCommand, TaskTree};
+use agentd_core::{AgentReport, Event, ExitStatus, ReportOutcome, StopStep, TaskId, Verdict};
+use agentd_proc::{reap_children, AgentCommand, TreeReport};
 use agentd_proto::control::EventKind;
 use agentd_proto::ipc::{AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION};
 use nix::sys::signal::Signal;
@@ -17,10 +18,15 @@ use crate::supervisor::Supervisor;
 /// agentd's side of one live agent.
 ///
 /// An agent has two lives that end independently: its conversation on the channel
-/// ([`Talk`]) and its process with the channel's end ([`Life`]). It leaves the agent
-/// table once it is both reaped and drained (see [`Supervisor::finish_reaped`]).
+/// ([`Talk`]) and its process with the channel's end and its process tree
+/// ([`Life`]). It leaves the agent table once it is reaped, drained, and the Killer
+/// reported its tree empty (see [`Supervisor::try_finish`]).
 pub(crate) struct Agent {
     pub(crate) pid: u32,
+    /// When it was spawned (the run-time limit counts from here).
+    started: Instant,
+    /// When a frame last arrived from it; `None` while handshaking.
+    last_heard: Option<Instant>,
     /// Messages to the agent, written by its writer task.
     to_agent: mpsc::UnboundedSender<SupervisorMsg>,
     /// Steered texts awaiting the agent's SteerAck, oldest first.
@@ -41,7 +47,7 @@ enum Talk {
     Ready,
 }
 
-/// Where an agent's process and its channel stand.
+/// Where an agent's process, its channel and its process tree stand.
 #[derive(Clone, Copy)]
 enum Life {
     /// The process runs and the channel is open.
@@ -49,15 +55,23 @@ enum Life {
     /// The reader saw the end of the channel (every frame was handled); the process
     /// is not reaped yet.
     Drained,
-    /// The reaper collected the process; its last frames (a result) may still be
-    /// unread, until EOF or [`DRAIN_TIMEOUT`]. Its pid must never be signalled again.
-    Exited(ExitStatus),
+    /// The reaper collected the process (its pid is never signalled again: the Killer
+    /// holds its pidfd and its cgroup). Its last frames (a result) may still be unread
+    /// (`drained` false until EOF or [`DRAIN_TIMEOUT`]), and what it left behind may
+    /// still run (`tree_empty` false until the Killer's [`TreeReport::Empty`]).
+    Exited {
+        status: ExitStatus,
+        drained: bool,
+        tree_empty: bool,
+    },
 }
 
 impl Agent {
     fn new(pid: u32, to_agent: mpsc::UnboundedSender<SupervisorMsg>, start: TaskStart) -> Agent {
         Agent {
             pid,
+            started: Instant::now(),
+            last_heard: None,
             to_agent,
             steers: VecDeque::new(),
             talk: Talk::Handshaking {
@@ -80,6 +94,7 @@ impl Agent {
 
     /// Completes the handshake: Welcome, Start, then the messages held meanwhile.
     fn welcome(&mut self) {
+        self.last_heard = Some(Instant::now());
         if let Talk::Handshaking { start, held } = std::mem::replace(&mut self.talk, Talk::Ready) {
             let _ = self.to_agent.send(SupervisorMsg::Welcome {
                 protocol: IPC_PROTOCOL_VERSION,
@@ -99,8 +114,17 @@ impl Agent {
     /// The agent's exit, once it was reaped (and its channel is not yet drained).
     pub(crate) fn exit_status(&self) -> Option<ExitStatus> {
         match self.life {
-            Life::Exited(status) => Some(status),
+            Life::Exited { status, .. } => Some(status),
             Life::Running | Life::Drained => None,
+        }
+    }
+
+    /// The channel reached its end (or is given up on).
+    fn drained(&mut self) {
+        match &mut self.life {
+            Life::Running => self.life = Life::Drained,
+            Life::Exited { drained, .. } => *drained = true,
+            Life::Drained => {}
         }
     }
 }
@@ -118,13 +142,17 @@ impl Supervisor {
             args,
             task_id: task_id.to_string(),
             session: session.clone(),
-            log_path: Some(self.logs.join(format!("{task_id}.log"))),
+            log_path: None,
+            capture_output: true,
+            env: vec![(
+                agentd_proto::ipc::ENV_HEARTBEAT_MS.to_string(),
+                self.config.agents.heartbeat.as_millis().to_string(),
+            )],
         };
-        let spawned = match spawn_agent(&command) {
+        let spawned = match self.procs.spawn(&command) {
             Ok(spawned) => spawned,
             Err(e) => {
                 tracing::warn!(%task_id, "cannot start agent {program}: {e}");
-                self.remove_empty_log(task_id);
                 return Some(Event::SpawnFailed {
                     task_id,
                     error: format!("{program}: {e}"),
@@ -132,34 +160,48 @@ impl Supervisor {
             }
         };
         let pid = spawned.pid;
-        let to_agent = match agent_io::start(task_id, spawned.channel, self.agent_events.clone()) {
+        // In the same loop step as the spawn: the Killer knows the task before any
+        // stop or reap can ask about it.
+        self.pids.insert(pid, task_id);
+        self.killer.track(spawned.procs);
+        if let Some(output) = spawned.output {
+            crate::agent_log::start(
+                output,
+                self.logs.join(format!("{task_id}.log")),
+                self.config.agents.log_cap,
+            );
+        }
+        let start = TaskStart {
+            task_id: task_id.to_string(),
+            session,
+            text,
+        };
+        let to_agent = match agent_io::start(
+            task_id,
+            spawned.channel,
+            self.agent_events.clone(),
+            self.config.agents.frame_timeout,
+        ) {
             Ok(to_agent) => to_agent,
             Err(e) => {
-                // The process exists: kill it; the reaper will report it.
-                TaskTree::new(pid, task_id.to_string()).kill_all(true, 10);
+                // The process exists: kill it; the reaper and the Killer end the task.
                 tracing::warn!(%task_id, "cannot set up the IPC channel: {e}");
-                self.pids.insert(pid, task_id);
+                self.killer.kill(&task_id.to_string());
+                let (closed, _) = mpsc::unbounded_channel();
+                let mut agent = Agent::new(pid, closed, start);
+                agent.life = Life::Drained;
+                self.agents.insert(task_id, agent);
                 return Some(Event::ProtocolError {
                     task_id,
                     error: format!("cannot set up the IPC channel: {e}"),
                 });
             }
         };
-        tracing::info!(%task_id, pid, session = %session, "agent started");
-        self.pids.insert(pid, task_id);
-        self.agents.insert(
-            task_id,
-            Agent::new(
-                pid,
-                to_agent,
-                TaskStart {
-                    task_id: task_id.to_string(),
-                    session,
-                    text,
-                },
-            ),
-        );
+        tracing::info!(%task_id, pid, "agent started");
+        self.agents
+            .insert(task_id, Agent::new(pid, to_agent, start));
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
+        self.check_liveness(task_id);
         self.publish_task(EventKind::Started, &task_id, None, None);
         Some(Event::Spawned { task_id, pid })
     }
@@ -170,27 +212,18 @@ impl Supervisor {
         }
     }
 
+    /// Asks the Killer to signal the task's tree; returns at once (the Killer
+    /// reports what it reached).
     pub(crate) fn signal_tree(&mut self, task_id: TaskId, step: StopStep) {
-        let Some(agent) = self.agents.get(&task_id) else {
+        if !self.agents.contains_key(&task_id) {
             return;
-        };
-        let tree = TaskTree::new(agent.pid, task_id.to_string());
-        // Once reaped, the agent's pid (and so its group id) may be reused: from then on
-        // its processes are found by scanning only.
-        let unreaped = agent.exit_status().is_none();
+        }
+        let id = task_id.to_string();
         match step {
             StopStep::CooperativeCancel => {}
-            StopStep::Sigterm => {
-                let n = tree.signal(Signal::SIGTERM, unreaped);
-                tracing::info!(%task_id, processes = n, "SIGTERM sent to the task's processes");
-            }
-            StopStep::Sigkill => {
-                let left = tree.kill_all(unreaped, 10);
-                tracing::info!(%task_id, "SIGKILL sent to the task's processes");
-                if !left.is_empty() {
-                    tracing::warn!(%task_id, ?left, "processes survived SIGKILL rounds");
-                }
-            }
+            // Always followed by SIGCONT, so a SIGSTOPped agent acts on it.
+            StopStep::Sigterm => self.killer.signal(&id, Signal::SIGTERM),
+            StopStep::Sigkill => self.killer.kill(&id),
         }
     }
 
@@ -200,42 +233,128 @@ impl Supervisor {
                 tracing::debug!(pid = reaped.pid, "reaped an adopted orphan");
                 continue;
             };
-            // The agent is gone; whatever it left behind goes too, before the slot frees.
-            // Its pid was reaped, so the group is found by scanning, never by killpg.
-            let tree = TaskTree::new(reaped.pid, task_id.to_string());
-            let left = tree.kill_all(false, 10);
-            if !left.is_empty() {
-                tracing::warn!(%task_id, ?left, "leftover processes survived SIGKILL rounds");
-            }
             let status = ExitStatus {
                 code: reaped.code,
                 signal: reaped.signal,
             };
             tracing::info!(%task_id, pid = reaped.pid, status = %status.describe(), "agent reaped");
-            // Frames the agent wrote before exiting (its result) may still be unread:
-            // the task ends once its channel is drained (EOF), or after DRAIN_TIMEOUT.
-            match self.agents.get_mut(&task_id) {
-                Some(agent) if matches!(agent.life, Life::Running) => {
-                    agent.life = Life::Exited(status);
-                    self.arm(DRAIN_TIMEOUT, Timer::Drain { task_id });
-                }
-                _ => self.finish_reaped(task_id, status),
+            // Whatever it left behind goes too, off the loop; the Killer answers with
+            // TreeReport::Empty. Frames it wrote before exiting (its result) may still
+            // be unread: the channel must drain too (EOF, or DRAIN_TIMEOUT).
+            self.killer.agent_exited(&task_id.to_string());
+            let Some(agent) = self.agents.get_mut(&task_id) else {
+                continue;
+            };
+            let drained = match agent.life {
+                Life::Running => false,
+                Life::Drained => true,
+                Life::Exited { .. } => continue,
+            };
+            agent.life = Life::Exited {
+                status,
+                drained,
+                tree_empty: false,
+            };
+            if !drained {
+                self.arm(DRAIN_TIMEOUT, Timer::Drain { task_id });
             }
         }
     }
 
-    /// An agent that wrote nothing on its own stdout/stderr leaves no log file.
-    pub(crate) fn remove_empty_log(&self, task_id: TaskId) {
-        let log = self.logs.join(format!("{task_id}.log"));
-        if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
-            let _ = std::fs::remove_file(&log);
+    /// What the Killer reports: a tree signalled (logged), or a tree empty after its
+    /// agent exited (the task may end).
+    pub(crate) fn on_tree_report(&mut self, report: TreeReport) {
+        match report {
+            TreeReport::Signalled {
+                task_id,
+                signal,
+                processes,
+            } => {
+                tracing::info!(%task_id, processes, "{signal} sent to the task's processes");
+            }
+            TreeReport::Empty {
+                task_id,
+                killed,
+                survivors,
+            } => {
+                if !survivors.is_empty() {
+                    tracing::warn!(%task_id, ?survivors, "processes survived every SIGKILL round");
+                } else if killed > 0 {
+                    tracing::info!(%task_id, killed, "the task's leftover processes were killed");
+                }
+                let Ok(task_id) = task_id.parse::<TaskId>() else {
+                    return;
+                };
+                if let Some(Life::Exited { tree_empty, .. }) =
+                    self.agents.get_mut(&task_id).map(|a| &mut a.life)
+                {
+                    *tree_empty = true;
+                }
+                self.try_finish(task_id);
+            }
         }
     }
 
-    /// The agent is reaped and its channel drained: the dispatcher may end the task.
-    pub(crate) fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
+    /// The channel of `task_id` is at its end (or given up on).
+    pub(crate) fn channel_drained(&mut self, task_id: TaskId) {
+        if let Some(agent) = self.agents.get_mut(&task_id) {
+            agent.drained();
+        }
+        self.try_finish(task_id);
+    }
+
+    /// Ends the task once its agent is reaped, its channel drained and its tree empty:
+    /// only then is its slot freed.
+    pub(crate) fn try_finish(&mut self, task_id: TaskId) {
+        if let Some(Agent {
+            life:
+                Life::Exited {
+                    status,
+                    drained: true,
+                    tree_empty: true,
+                },
+            ..
+        }) = self.agents.get(&task_id)
+        {
+            let status = *status;
+            self.finish_reaped(task_id, status);
+        }
+    }
+
+    /// Looks at a live agent's silence and run time (see [`agentd_core::Liveness`])
+    /// and stops it if it is hung or timed out; else looks again when it may be.
+    pub(crate) fn check_liveness(&mut self, task_id: TaskId) {
+        let Some(agent) = self.agents.get(&task_id) else {
+            return;
+        };
+        if let Life::Exited { .. } = agent.life {
+            return;
+        }
+        let now = Instant::now();
+        let verdict = self.liveness.verdict(
+            agent.last_heard.map(|t| now.saturating_duration_since(t)),
+            now.saturating_duration_since(agent.started),
+        );
+        match verdict {
+            Verdict::Alive { recheck_in: None } => {}
+            Verdict::Alive {
+                recheck_in: Some(after),
+            } => self.arm(after, Timer::Liveness { task_id }),
+            Verdict::Hung => {
+                tracing::warn!(%task_id, pid = agent.pid, "agent hung: nothing from it for {:?}; stopping it", self.liveness.hung_after.unwrap_or_default());
+                self.handle(Event::Hung { task_id });
+            }
+            Verdict::TimedOut => {
+                tracing::warn!(%task_id, pid = agent.pid, "task ran past its time limit of {:?}; stopping it", self.liveness.task_timeout.unwrap_or_default());
+                self.handle(Event::TimedOut { task_id });
+            }
+        }
+    }
+
+    /// The agent is reaped, its channel drained and its tree empty: the dispatcher
+    /// may end the task.
+    fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
         self.agents.remove(&task_id);
-        self.remove_empty_log(task_id);
         self.handle(Event::Reaped { task_id, status });
     }
 
@@ -244,6 +363,9 @@ impl Supervisor {
         let Some(agent) = self.agents.get_mut(&task_id) else {
             return;
         };
+        if matches!(input, AgentInput::Msg(_)) && agent.last_heard.is_some() {
+            agent.last_heard = Some(Instant::now());
+        }
         let event = match input {
             AgentInput::Msg(AgentMsg::Hello(hello)) if agent.is_handshaking() => {
                 if hello.protocol != IPC_PROTOCOL_VERSION {
@@ -304,21 +426,17 @@ impl Supervisor {
             }
             // The agent closed its channel: it is exiting, or has exited and was reaped.
             AgentInput::Closed => {
-                if let Some(status) = agent.exit_status() {
-                    self.finish_reaped(task_id, status);
-                } else {
-                    agent.life = Life::Drained;
-                }
+                self.channel_drained(task_id);
                 return;
             }
             AgentInput::Broken(error) => {
-                if let Some(status) = agent.exit_status() {
+                if agent.exit_status().is_some() {
                     // It died in the middle of a frame: its exit says more than the frame.
                     tracing::debug!(%task_id, "channel of an exited agent ended mid-frame: {error}");
-                    self.finish_reaped(task_id, status);
+                    self.channel_drained(task_id);
                     return;
                 }
-                agent.life = Life::Drained;
+                agent.drained();
                 Event::ProtocolError { task_id, error }
             }
         };

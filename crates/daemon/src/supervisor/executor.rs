@@ -29,6 +29,10 @@ pub(crate) enum Timer {
     Drain {
         task_id: TaskId,
     },
+    /// Time to look at an agent's silence and run time again.
+    Liveness {
+        task_id: TaskId,
+    },
 }
 
 /// How long a reaped agent's channel may take to deliver its last frames.
@@ -130,11 +134,17 @@ impl Supervisor {
                     generation,
                 }),
                 Timer::Drain { task_id } => {
-                    if let Some(status) = self.agents.get(&task_id).and_then(Agent::exit_status) {
+                    if self
+                        .agents
+                        .get(&task_id)
+                        .and_then(Agent::exit_status)
+                        .is_some()
+                    {
                         tracing::warn!(%task_id, "the agent's channel stayed open after it exited");
-                        self.finish_reaped(task_id, status);
+                        self.channel_drained(task_id);
                     }
                 }
+                Timer::Liveness { task_id } => self.check_liveness(task_id),
                 Timer::Handshake { task_id } => {
                     if self.agents.get(&task_id).is_some_and(Agent::is_handshaking) {
                         let error =

@@ -37,7 +37,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentd_core::{Dispatcher, Event, Scope, StopStep, StopTarget, TaskId};
+use agentd_core::{Dispatcher, Event, Liveness, Scope, StopStep, StopTarget, TaskId};
+use agentd_proc::{CgroupOptions, Containment, Killer, Procs, TreeReport};
 use agentd_proto::control::{Answer, ErrorBody, ErrorCode};
 use interprocess::local_socket::tokio::Listener;
 use tokio::sync::mpsc;
@@ -78,7 +79,12 @@ pub async fn run(
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
     let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
 
-    let mut sup = Supervisor::new(config, logs, agent_tx, info);
+    let procs = containment(&config);
+    let (tree_tx, mut tree_reports) = mpsc::unbounded_channel::<TreeReport>();
+    let killer = Killer::start(move |report| {
+        let _ = tree_tx.send(report);
+    })?;
+    let mut sup = Supervisor::new(config, logs, agent_tx, info, procs, killer);
     tracing::info!(
         "agentd {} ready (pid {}, max {} concurrent agents)",
         env!("CARGO_PKG_VERSION"),
@@ -97,6 +103,7 @@ pub async fn run(
                 DaemonSignal::Child => sup.reap(),
                 DaemonSignal::Shutdown => sup.on_shutdown_signal(),
             },
+            Some(report) = tree_reports.recv() => sup.on_tree_report(report),
             () = &mut shutdown, if !shutdown_fired => {
                 shutdown_fired = true;
                 sup.on_shutdown_signal();
@@ -117,8 +124,54 @@ pub async fn run(
         }
     }
     acceptor.abort();
+    let Supervisor {
+        killer, mut procs, ..
+    } = sup;
+    drop(killer);
+    if let Err(e) = procs.shutdown() {
+        tracing::warn!("cannot remove agentd's cgroups: {e}");
+    }
     tracing::info!("agentd stopped");
     Ok(())
+}
+
+/// Decides the containment (see [`agentd_proc::Procs`]), kills what a previous agentd
+/// on this socket left in its task cgroups, and starts the guardian. Blocking and
+/// bounded; runs before the loop does.
+fn containment(config: &DaemonConfig) -> Procs {
+    let mut procs = if config.agents.no_cgroup {
+        Procs::process_tree(agentd_proto::text::CGROUP_DISABLED)
+    } else {
+        Procs::detect(&CgroupOptions::for_socket(&config.socket))
+    };
+    for left in procs.recover() {
+        tracing::warn!(
+            cgroup = %left.cgroup.display(),
+            pids = ?left.pids,
+            removed = left.removed,
+            "killed what a previous agentd left running"
+        );
+    }
+    match procs.start_guardian() {
+        Ok(Some(pid)) => tracing::debug!(pid, "cgroup guardian started"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
+    }
+    match procs.containment() {
+        Containment::Cgroup { root, controllers } => tracing::info!(
+            "containment: a cgroup per task under {} (controllers: {})",
+            root.display(),
+            if controllers.is_empty() {
+                "none".to_string()
+            } else {
+                controllers.join(",")
+            }
+        ),
+        Containment::ProcessTree { reason } => {
+            tracing::info!("containment: process tree search ({reason})")
+        }
+    }
+    procs
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -145,6 +198,12 @@ struct Supervisor {
     subscriptions: Subscriptions,
     /// Set by the first shutdown signal.
     shutting_down: Option<Instant>,
+    /// How agents are contained: spawns go through it.
+    procs: Procs,
+    /// Signals and empties task trees off the loop; reports arrive on the loop.
+    killer: Killer,
+    /// The silence and run-time limits.
+    liveness: Liveness,
 }
 
 type RequestError = ErrorBody;
@@ -164,11 +223,17 @@ impl Supervisor {
         logs: PathBuf,
         agent_events: mpsc::Sender<AgentEvent>,
         info: Arc<ServerInfo>,
+        procs: Procs,
+        killer: Killer,
     ) -> Supervisor {
         let dispatcher = Dispatcher::new(config.dispatch.clone());
         let history = Box::new(MemoryHistory::new(config.history));
         Supervisor {
             dispatcher,
+            liveness: Liveness {
+                hung_after: config.agents.hung_after,
+                task_timeout: config.agents.task_timeout,
+            },
             config,
             logs,
             agent_events,
@@ -181,6 +246,8 @@ impl Supervisor {
             waiters: Vec::new(),
             subscriptions: Subscriptions::default(),
             shutting_down: None,
+            procs,
+            killer,
         }
     }
 

@@ -1,7 +1,7 @@
 //! `status` and `tasks`: where tasks stand.
 
 use agentd_core::{Task, TaskId};
-use agentd_proto::control::{ErrorBody, ErrorCode, StatusReply, TaskView};
+use agentd_proto::control::{ErrorBody, ErrorCode, LivenessView, StatusReply, TaskView};
 use agentd_proto::text;
 
 use crate::control::Reply;
@@ -66,6 +66,13 @@ impl Supervisor {
             queued: self.dispatcher.n_queued() as u32,
             sessions: self.dispatcher.n_sessions() as u32,
             active,
+            containment: Some(views::containment(&self.procs.containment())),
+            liveness: Some(LivenessView {
+                heartbeat_ms: self.config.agents.heartbeat.as_millis() as u64,
+                hung_after_ms: self.liveness.hung_after.map(|d| d.as_millis() as u64),
+                task_timeout_ms: self.liveness.task_timeout.map(|d| d.as_millis() as u64),
+                frame_timeout_ms: self.config.agents.frame_timeout.as_millis() as u64,
+            }),
         }
     }
 
