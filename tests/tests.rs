@@ -14,5 +14,7 @@ mod cli;
 mod control;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
 mod queue;
+/// Timers, stops and events that cross each other.
+mod races;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.
 mod stop;
