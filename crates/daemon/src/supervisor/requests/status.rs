@@ -117,17 +117,13 @@ impl Supervisor {
             .map(|t| views::task_view(t, positions.get(&t.id).copied()))
             .collect();
         if all {
-            let mut done: Vec<TaskView> = Vec::new();
-            for id in &self.history_order {
-                if let Some(task) = self
-                    .history
-                    .get(id)
-                    .filter(|t| session.is_none_or(|s| t.session == s))
-                {
-                    done.push(views::task_view(task, None));
-                }
-            }
-            views.splice(0..0, done);
+            let done = self
+                .history_order
+                .iter()
+                .filter_map(|id| self.history.get(id))
+                .filter(|t| session.is_none_or(|s| t.session == s))
+                .map(|t| views::task_view(t, None));
+            views.extend(done);
         }
         views
     }
