@@ -22,4 +22,5 @@ pub mod supervisor;
 pub mod views;
 
 pub use config::DaemonConfig;
+pub use supervisor::history::{History, MemoryHistory};
 pub use supervisor::run;

@@ -15,22 +15,94 @@ use crate::supervisor::executor::{Timer, DRAIN_TIMEOUT};
 use crate::supervisor::Supervisor;
 
 /// agentd's side of one live agent.
+///
+/// An agent has two lives that end independently: its conversation on the channel
+/// ([`Talk`]) and its process with the channel's end ([`Life`]). It leaves the agent
+/// table once it is both reaped and drained (see [`Supervisor::finish_reaped`]).
 pub(crate) struct Agent {
     pub(crate) pid: u32,
     /// Messages to the agent, written by its writer task.
-    pub(crate) to_agent: mpsc::UnboundedSender<SupervisorMsg>,
-    /// The task, sent once the agent's Hello checks out.
-    pub(crate) start: TaskStart,
-    /// Whether the handshake completed.
-    pub(crate) ready: bool,
-    /// Messages ordered before the handshake completed (a cancel), sent right after Start.
-    pub(crate) held: Vec<SupervisorMsg>,
-    /// Set when the reaper collected the agent: its pid must never be signalled again.
-    pub(crate) exit: Option<ExitStatus>,
-    /// Set when the reader saw the end of the channel: every frame has been handled.
-    pub(crate) drained: bool,
+    to_agent: mpsc::UnboundedSender<SupervisorMsg>,
     /// Steered texts awaiting the agent's SteerAck, oldest first.
     pub(crate) steers: VecDeque<String>,
+    talk: Talk,
+    life: Life,
+}
+
+/// Where the conversation with an agent stands.
+enum Talk {
+    /// Spawned, no Hello yet. `start` is sent once the Hello checks out; messages
+    /// ordered meanwhile (a cancel) are held and sent right after it.
+    Handshaking {
+        start: TaskStart,
+        held: Vec<SupervisorMsg>,
+    },
+    /// The handshake completed: messages go straight to the agent.
+    Ready,
+}
+
+/// Where an agent's process and its channel stand.
+#[derive(Clone, Copy)]
+enum Life {
+    /// The process runs and the channel is open.
+    Running,
+    /// The reader saw the end of the channel (every frame was handled); the process
+    /// is not reaped yet.
+    Drained,
+    /// The reaper collected the process; its last frames (a result) may still be
+    /// unread, until EOF or [`DRAIN_TIMEOUT`]. Its pid must never be signalled again.
+    Exited(ExitStatus),
+}
+
+impl Agent {
+    fn new(pid: u32, to_agent: mpsc::UnboundedSender<SupervisorMsg>, start: TaskStart) -> Agent {
+        Agent {
+            pid,
+            to_agent,
+            steers: VecDeque::new(),
+            talk: Talk::Handshaking {
+                start,
+                held: Vec::new(),
+            },
+            life: Life::Running,
+        }
+    }
+
+    /// Sends `msg` now, or after Start when the handshake is still under way.
+    fn send(&mut self, msg: SupervisorMsg) {
+        match &mut self.talk {
+            Talk::Handshaking { held, .. } => held.push(msg),
+            Talk::Ready => {
+                let _ = self.to_agent.send(msg);
+            }
+        }
+    }
+
+    /// Completes the handshake: Welcome, Start, then the messages held meanwhile.
+    fn welcome(&mut self) {
+        if let Talk::Handshaking { start, held } = std::mem::replace(&mut self.talk, Talk::Ready) {
+            let _ = self.to_agent.send(SupervisorMsg::Welcome {
+                protocol: IPC_PROTOCOL_VERSION,
+            });
+            let _ = self.to_agent.send(SupervisorMsg::Start(start));
+            for msg in held {
+                let _ = self.to_agent.send(msg);
+            }
+        }
+    }
+
+    /// Whether the agent has not completed its handshake.
+    pub(crate) fn is_handshaking(&self) -> bool {
+        matches!(self.talk, Talk::Handshaking { .. })
+    }
+
+    /// The agent's exit, once it was reaped (and its channel is not yet drained).
+    pub(crate) fn exit_status(&self) -> Option<ExitStatus> {
+        match self.life {
+            Life::Exited(status) => Some(status),
+            Life::Running | Life::Drained => None,
+        }
+    }
 }
 
 impl Supervisor {
@@ -77,20 +149,15 @@ impl Supervisor {
         self.pids.insert(pid, task_id);
         self.agents.insert(
             task_id,
-            Agent {
+            Agent::new(
                 pid,
                 to_agent,
-                start: TaskStart {
+                TaskStart {
                     task_id: task_id.to_string(),
                     session,
                     text,
                 },
-                ready: false,
-                held: Vec::new(),
-                exit: None,
-                drained: false,
-                steers: VecDeque::new(),
-            },
+            ),
         );
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
         self.publish_task(EventKind::Started, &task_id, None, None);
@@ -99,11 +166,7 @@ impl Supervisor {
 
     pub(crate) fn send_to_agent(&mut self, task_id: TaskId, msg: SupervisorMsg) {
         if let Some(agent) = self.agents.get_mut(&task_id) {
-            if agent.ready {
-                let _ = agent.to_agent.send(msg);
-            } else {
-                agent.held.push(msg);
-            }
+            agent.send(msg);
         }
     }
 
@@ -114,7 +177,7 @@ impl Supervisor {
         let tree = TaskTree::new(agent.pid, task_id.to_string());
         // Once reaped, the agent's pid (and so its group id) may be reused: from then on
         // its processes are found by scanning only.
-        let unreaped = agent.exit.is_none();
+        let unreaped = agent.exit_status().is_none();
         match step {
             StopStep::CooperativeCancel => {}
             StopStep::Sigterm => {
@@ -152,8 +215,8 @@ impl Supervisor {
             // Frames the agent wrote before exiting (its result) may still be unread:
             // the task ends once its channel is drained (EOF), or after DRAIN_TIMEOUT.
             match self.agents.get_mut(&task_id) {
-                Some(agent) if !agent.drained => {
-                    agent.exit = Some(status);
+                Some(agent) if matches!(agent.life, Life::Running) => {
+                    agent.life = Life::Exited(status);
                     self.arm(DRAIN_TIMEOUT, Timer::Drain { task_id });
                 }
                 _ => self.finish_reaped(task_id, status),
@@ -182,7 +245,7 @@ impl Supervisor {
             return;
         };
         let event = match input {
-            AgentInput::Msg(AgentMsg::Hello(hello)) if !agent.ready => {
+            AgentInput::Msg(AgentMsg::Hello(hello)) if agent.is_handshaking() => {
                 if hello.protocol != IPC_PROTOCOL_VERSION {
                     let reason = format!(
                         "agentd speaks agent protocol {IPC_PROTOCOL_VERSION}, the agent {}",
@@ -196,16 +259,7 @@ impl Supervisor {
                         error: reason,
                     }
                 } else {
-                    agent.ready = true;
-                    let _ = agent.to_agent.send(SupervisorMsg::Welcome {
-                        protocol: IPC_PROTOCOL_VERSION,
-                    });
-                    let _ = agent
-                        .to_agent
-                        .send(SupervisorMsg::Start(agent.start.clone()));
-                    for held in agent.held.drain(..) {
-                        let _ = agent.to_agent.send(held);
-                    }
+                    agent.welcome();
                     tracing::info!(%task_id, agent = %hello.agent, steer = hello.capabilities.steer, "agent ready");
                     Event::AgentReady {
                         task_id,
@@ -213,7 +267,7 @@ impl Supervisor {
                     }
                 }
             }
-            AgentInput::Msg(msg) if !agent.ready => Event::ProtocolError {
+            AgentInput::Msg(msg) if agent.is_handshaking() => Event::ProtocolError {
                 task_id,
                 error: format!("expected Hello first, got {}", msg_name(&msg)),
             },
@@ -250,20 +304,21 @@ impl Supervisor {
             }
             // The agent closed its channel: it is exiting, or has exited and was reaped.
             AgentInput::Closed => {
-                agent.drained = true;
-                if let Some(status) = agent.exit {
+                if let Some(status) = agent.exit_status() {
                     self.finish_reaped(task_id, status);
+                } else {
+                    agent.life = Life::Drained;
                 }
                 return;
             }
             AgentInput::Broken(error) => {
-                agent.drained = true;
-                if let Some(status) = agent.exit {
+                if let Some(status) = agent.exit_status() {
                     // It died in the middle of a frame: its exit says more than the frame.
                     tracing::debug!(%task_id, "channel of an exited agent ended mid-frame: {error}");
                     self.finish_reaped(task_id, status);
                     return;
                 }
+                agent.life = Life::Drained;
                 Event::ProtocolError { task_id, error }
             }
         };

@@ -8,6 +8,7 @@ use agentd_core::{Action, Event, StopStep, TaskId};
 use agentd_proto::control::EventKind;
 use agentd_proto::ipc::SupervisorMsg;
 
+use crate::supervisor::agents::Agent;
 use crate::supervisor::Supervisor;
 use crate::views::now_millis;
 
@@ -129,13 +130,13 @@ impl Supervisor {
                     generation,
                 }),
                 Timer::Drain { task_id } => {
-                    if let Some(status) = self.agents.get(&task_id).and_then(|a| a.exit) {
+                    if let Some(status) = self.agents.get(&task_id).and_then(Agent::exit_status) {
                         tracing::warn!(%task_id, "the agent's channel stayed open after it exited");
                         self.finish_reaped(task_id, status);
                     }
                 }
                 Timer::Handshake { task_id } => {
-                    if self.agents.get(&task_id).is_some_and(|a| !a.ready) {
+                    if self.agents.get(&task_id).is_some_and(Agent::is_handshaking) {
                         let error = format!(
                             "no handshake within {}",
                             humantime::format_duration(self.config.handshake_timeout)

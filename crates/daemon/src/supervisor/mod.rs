@@ -28,17 +28,17 @@
 
 mod agents;
 mod executor;
-mod history;
+pub mod history;
 mod requests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentd_core::{Dispatcher, Event, Scope, StopStep, StopTarget, Task, TaskId};
-use agentd_proto::control::ErrorCode;
+use agentd_core::{Dispatcher, Event, Scope, StopStep, StopTarget, TaskId};
+use agentd_proto::control::{Answer, ErrorBody, ErrorCode};
 use interprocess::local_socket::tokio::Listener;
 use tokio::sync::mpsc;
 
@@ -48,6 +48,7 @@ use crate::control::{self, ControlRequest, Reply, ServerInfo};
 use crate::events::Subscriptions;
 use crate::supervisor::agents::Agent;
 use crate::supervisor::executor::Timer;
+use crate::supervisor::history::{History, MemoryHistory};
 use crate::supervisor::requests::stop::StopWaiter;
 use crate::views::now_millis;
 
@@ -137,9 +138,8 @@ struct Supervisor {
     pids: HashMap<u32, TaskId>,
     timers: BTreeMap<(Instant, u64), Timer>,
     timer_seq: u64,
-    /// Finished tasks, newest last, bounded by `config.history`.
-    history: HashMap<TaskId, Task>,
-    history_order: VecDeque<TaskId>,
+    /// Finished tasks.
+    history: Box<dyn History>,
     waiters: Vec<StopWaiter>,
     /// Clients watching tasks or sessions.
     subscriptions: Subscriptions,
@@ -147,14 +147,15 @@ struct Supervisor {
     shutting_down: Option<Instant>,
 }
 
-type RequestError = (ErrorCode, String);
+type RequestError = ErrorBody;
 
 fn err<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, RequestError> {
-    Err((code, message.into()))
+    Err(ErrorBody::new(code, message))
 }
 
-fn json(value: impl serde::Serialize) -> Reply {
-    serde_json::to_value(value).map_err(|e| (ErrorCode::Internal, e.to_string()))
+/// A successful typed answer.
+fn json(value: impl Into<Answer>) -> Reply {
+    Ok(value.into())
 }
 
 impl Supervisor {
@@ -165,6 +166,7 @@ impl Supervisor {
         info: Arc<ServerInfo>,
     ) -> Supervisor {
         let dispatcher = Dispatcher::new(config.dispatch.clone());
+        let history = Box::new(MemoryHistory::new(config.history));
         Supervisor {
             dispatcher,
             config,
@@ -175,8 +177,7 @@ impl Supervisor {
             pids: HashMap::new(),
             timers: BTreeMap::new(),
             timer_seq: 0,
-            history: HashMap::new(),
-            history_order: VecDeque::new(),
+            history,
             waiters: Vec::new(),
             subscriptions: Subscriptions::default(),
             shutting_down: None,

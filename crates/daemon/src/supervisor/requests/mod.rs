@@ -9,7 +9,7 @@ pub(crate) mod watch;
 use std::time::Duration;
 
 use agentd_core::{Mode, Priority, QueueChange, Scope, StopTarget};
-use agentd_proto::control::{ErrorCode, RequestBody, SendReply};
+use agentd_proto::control::{Answer, ErrorCode, RequestBody, SendReply};
 
 use crate::control::ControlRequest;
 use crate::supervisor::{err, json, RequestError, Supervisor};
@@ -99,8 +99,8 @@ impl Supervisor {
         command: &str,
         text: String,
         data: serde_json::Value,
-    ) -> serde_json::Value {
-        serde_json::to_value(SendReply {
+    ) -> Answer {
+        SendReply {
             reply: text,
             accepted: false,
             task: None,
@@ -108,8 +108,8 @@ impl Supervisor {
             command: Some(command.to_string()),
             data: Some(data),
             ..SendReply::default()
-        })
-        .unwrap_or_default()
+        }
+        .into()
     }
 }
 

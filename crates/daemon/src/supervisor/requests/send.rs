@@ -1,10 +1,10 @@
 //! `send`: work messages and the chat commands typed as text.
 
 use agentd_core::{
-    parse_chat_command, Accepted, Action, ChatCommand, Ending, Message, Mode, Priority,
-    QueueChange, QueueCommand, Refused, Scope, StopArg, StopTarget, TaskId, TaskState, HELP_TEXT,
+    parse_chat_command, Accepted, ChatCommand, Message, Mode, Priority, QueueChange, QueueCommand,
+    Refused, Scope, StopArg, StopTarget, TaskId, HELP_TEXT,
 };
-use agentd_proto::control::{ErrorCode, EventKind, SendReply, TaskView};
+use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
 use tokio::sync::oneshot;
 
 use crate::control::Reply;
@@ -50,34 +50,12 @@ impl Supervisor {
         if let Ok(Accepted::Task { task_id, .. }) = &outcome {
             self.publish_task(EventKind::Accepted, task_id, None, None);
         }
-        let dropped_views: Vec<TaskView> = actions
-            .0
-            .iter()
-            .filter_map(|a| match a {
-                Action::Finished(t)
-                    if matches!(
-                        t.state,
-                        TaskState::Done {
-                            ending: Ending::Dropped,
-                            ..
-                        }
-                    ) =>
-                {
-                    Some(views::task_view(t, None))
-                }
-                _ => None,
-            })
-            .collect();
         self.execute(actions);
-        Some((reply, self.send_reply(outcome, dropped_views)))
+        Some((reply, self.send_reply(outcome)))
     }
 
     /// The answer to accepted (or refused) work.
-    pub(crate) fn send_reply(
-        &self,
-        outcome: Result<Accepted, Refused>,
-        dropped: Vec<TaskView>,
-    ) -> Reply {
+    pub(crate) fn send_reply(&self, outcome: Result<Accepted, Refused>) -> Reply {
         let capacity = views::capacity(self.dispatcher.capacity());
         match outcome {
             Err(Refused::QueueFull { limit }) => err(
@@ -91,7 +69,7 @@ impl Supervisor {
                 ),
             ),
             Ok(Accepted::Duplicate { task_id }) => {
-                let view = self.view(&task_id).ok_or((ErrorCode::Internal, "the task vanished".into()))?;
+                let view = self.view(&task_id).ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
                 json(SendReply {
                     reply: format!(
                         "task {task_id}  already received ({}): not run again",
@@ -110,10 +88,12 @@ impl Supervisor {
             Ok(Accepted::Task {
                 task_id,
                 steered_into,
-                dropped: _,
+                dropped,
                 notice,
             }) => {
-                let view = self.view(&task_id).ok_or((ErrorCode::Internal, "the task vanished".into()))?;
+                // Dropped tasks have ended: their views come from the history.
+                let dropped: Vec<TaskView> = dropped.iter().filter_map(|id| self.view(id)).collect();
+                let view = self.view(&task_id).ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
                 let mut reply = match steered_into {
                     Some(into) if view.state == agentd_proto::control::TaskState::Merged => {
                         format!("task {task_id}  steered into running task {into}")
@@ -200,7 +180,7 @@ note: {notice}"));
                     )
                 })
             }
-            ChatCommand::Invalid { reply: text } => Err((ErrorCode::BadRequest, text)),
+            ChatCommand::Invalid { reply: text } => err(ErrorCode::BadRequest, text),
             ChatCommand::WorkWithMode { .. } => err(ErrorCode::Internal, "work is not a command"),
             ChatCommand::Stop(arg) => {
                 let target = match arg {

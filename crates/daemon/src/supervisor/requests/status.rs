@@ -1,7 +1,7 @@
 //! `status` and `tasks`: where tasks stand.
 
 use agentd_core::{Task, TaskId};
-use agentd_proto::control::{ErrorCode, StatusReply, TaskView};
+use agentd_proto::control::{ErrorBody, ErrorCode, StatusReply, TaskView};
 
 use crate::control::Reply;
 use crate::supervisor::{err, json, Supervisor};
@@ -14,7 +14,7 @@ impl Supervisor {
                 let task_id = self.resolve(id)?;
                 let view = self
                     .view(&task_id)
-                    .ok_or((ErrorCode::NotFound, format!("no task {id}")))?;
+                    .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no task {id}")))?;
                 if view.session != session {
                     return err(
                         ErrorCode::Forbidden,
@@ -65,8 +65,9 @@ impl Supervisor {
             Some(id) => {
                 let task_id = self.resolve(id)?;
                 json(
-                    self.view(&task_id)
-                        .ok_or((ErrorCode::NotFound, format!("no task {id}")))?,
+                    self.view(&task_id).ok_or_else(|| {
+                        ErrorBody::new(ErrorCode::NotFound, format!("no task {id}"))
+                    })?,
                 )
             }
             None => json(self.status_reply()),
@@ -118,11 +119,9 @@ impl Supervisor {
             .collect();
         if all {
             let done = self
-                .history_order
-                .iter()
-                .filter_map(|id| self.history.get(id))
-                .filter(|t| session.is_none_or(|s| t.session == s))
-                .map(|t| views::task_view(t, None));
+                .history
+                .iter(session)
+                .map(|task| views::task_view(&task, None));
             views.extend(done);
         }
         views
@@ -132,6 +131,8 @@ impl Supervisor {
         if let Some(task) = self.dispatcher.task(task_id) {
             return Some(views::task_view(task, self.dispatcher.position(task_id)));
         }
-        self.history.get(task_id).map(|t| views::task_view(t, None))
+        self.history
+            .get(task_id)
+            .map(|t| views::task_view(&t, None))
     }
 }

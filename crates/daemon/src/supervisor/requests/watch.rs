@@ -1,7 +1,7 @@
 //! `watch` and the live events published to subscribers.
 
 use agentd_core::{Ending, Task, TaskId, TaskState};
-use agentd_proto::control::{ErrorCode, EventKind, EventView, TaskView, WatchReply};
+use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, EventView, TaskView, WatchReply};
 use tokio::sync::mpsc;
 
 use crate::control::Reply;
@@ -26,13 +26,13 @@ impl Supervisor {
                 let mut task_id = self.resolve(&id)?;
                 // Follow the message into the task it went into, as a live watcher would.
                 for _ in 0..16 {
-                    let view = self
-                        .view(&task_id)
-                        .ok_or((ErrorCode::NotFound, format!("no task {id}")))?;
+                    let view = self.view(&task_id).ok_or_else(|| {
+                        ErrorBody::new(ErrorCode::NotFound, format!("no task {id}"))
+                    })?;
                     match (&view.merged_into, view.state.is_terminal()) {
                         (Some(into), _) => {
                             let into_id = TaskId::parse_str(into)
-                                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                                .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
                             let _ = events.send(event_of(
                                 EventKind::Merged,
                                 &view,
