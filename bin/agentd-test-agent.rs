@@ -15,6 +15,9 @@
 //! - `exit:CODE`     exit with CODE after the result (whatever the outcome).
 //! - `linger:MS`     after sending the result, stay alive MS milliseconds more
 //!   (an agent whose slot must not be freed before it is reaped).
+//! - `touch:MS:PATH` MS milliseconds after sending the result (while lingering),
+//!   create PATH: a mark a test can wait for that is known to come MS later than
+//!   the result.
 //!
 //! Cancel and signals:
 //! - default         on Cancel: stop working, send Result Cancelled
@@ -52,6 +55,9 @@
 //! Steering and environment:
 //! - `steer`         announce `capabilities.steer`; answer each Steer with SteerAck
 //!   accepted and Progress "steered: TEXT". Without it: SteerAck not accepted.
+//! - `refuse-steer`  announce `capabilities.steer` but answer each Steer with SteerAck
+//!   not accepted (an agent that offers steering and then cannot take a message).
+//! - `steer-gate:PATH` answer a Steer only once PATH exists.
 //! - `env`           send Progress "AGENTD_TASK_ID=…", "AGENTD_SESSION=…" (`<unset>`
 //!   if missing) and "open-fds: 0,1,2" listing the fds among 0..=20 that were open
 //!   at startup, other than the IPC fd.
@@ -100,6 +106,9 @@ struct Behaviour {
     no_hello: bool,
     bad_version: bool,
     steer: bool,
+    refuse_steer: bool,
+    steer_gate: Option<PathBuf>,
+    touch: Option<(u64, PathBuf)>,
     env: bool,
 }
 
@@ -137,6 +146,16 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                 b.pidfile = Some(PathBuf::from(v));
                 Ok(())
             }
+            Some(("steer-gate", v)) if !v.is_empty() => {
+                b.steer_gate = Some(PathBuf::from(v));
+                Ok(())
+            }
+            Some(("touch", v)) => match v.split_once(':') {
+                Some((ms, path)) if !path.is_empty() => {
+                    num(word, ms).map(|ms| b.touch = Some((ms, PathBuf::from(path))))
+                }
+                _ => Err(format!("bad behaviour word: {word} (touch:MS:PATH)")),
+            },
             Some(_) => Err(format!("unknown behaviour word: {word}")),
             None => {
                 let flag = match word.as_str() {
@@ -153,6 +172,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "no-hello" => &mut b.no_hello,
                     "bad-version" => &mut b.bad_version,
                     "steer" => &mut b.steer,
+                    "refuse-steer" => &mut b.refuse_steer,
                     "env" => &mut b.env,
                     _ => {
                         problem.get_or_insert(format!("unknown behaviour word: {word}"));
@@ -377,7 +397,9 @@ fn main() {
     };
     let mut hello = hello(
         format!("agentd-test-agent {}", env!("CARGO_PKG_VERSION")),
-        Capabilities { steer: b.steer },
+        Capabilities {
+            steer: b.steer || b.refuse_steer,
+        },
     );
     hello.protocol = protocol;
     let (channel, _task) =
@@ -414,13 +436,17 @@ fn main() {
     let (events_tx, events) = mpsc::channel();
     {
         let sender = sender.clone();
-        let (ignore_cancel, steer) = (b.ignore_cancel, b.steer);
+        let (ignore_cancel, steer) = (b.ignore_cancel, b.steer && !b.refuse_steer);
+        let steer_gate = b.steer_gate.clone();
         let reader = move || loop {
             match receiver.recv() {
                 Ok(Some(SupervisorMsg::Cancel)) if !ignore_cancel => {
                     let _ = events_tx.send(Event::Cancel);
                 }
                 Ok(Some(SupervisorMsg::Steer { text })) => {
+                    while steer_gate.as_ref().is_some_and(|gate| !gate.exists()) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     let _ = sender.send(&AgentMsg::SteerAck { accepted: steer });
                     if steer {
                         let _ = sender.progress(format!("steered: {text}"));
@@ -496,6 +522,14 @@ fn main() {
     };
     let text = b.result.unwrap_or_else(|| "done".into());
     send_result(&sender, outcome, text);
-    std::thread::sleep(Duration::from_millis(b.linger_ms));
+    let lingering = Instant::now();
+    if let Some((ms, path)) = &b.touch {
+        std::thread::sleep(Duration::from_millis(*ms));
+        if let Err(e) = std::fs::write(path, "") {
+            die(1, format_args!("cannot create {}: {e}", path.display()));
+        }
+    }
+    let linger = Duration::from_millis(b.linger_ms);
+    std::thread::sleep(linger.saturating_sub(lingering.elapsed()));
     std::process::exit(b.exit.unwrap_or(if b.fail { 1 } else { 0 }));
 }

@@ -16,5 +16,7 @@ mod control;
 mod queue;
 /// Timers, stops and events that cross each other.
 mod races;
+/// Steering fallbacks: refused steers, shutdown, steer-backlog answers.
+mod steer;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.
 mod stop;

@@ -588,6 +588,25 @@ impl Dispatcher {
         (Ok(accepted), Actions(actions))
     }
 
+    /// A message accepted earlier comes back: a steer its agent refused. It is queued
+    /// as a follow-up of its session, past the session's cap and the daemon-wide
+    /// limit: refusing it now would lose a message whose sender was told it was
+    /// taken. (Only a steer-capable running agent can send one back, once per
+    /// message steered into it.)
+    pub fn requeue(&mut self, msg: Message, now: Millis) -> Actions {
+        let mut actions = Vec::new();
+        let task = self.new_task(&msg, Mode::Followup, now);
+        self.tasks.insert(task.id, task);
+        self.sessions
+            .entry(msg.session.clone())
+            .or_default()
+            .queue
+            .push_back(msg.task_id);
+        self.refresh_ready(&msg.session);
+        self.admit(now, &mut actions);
+        Actions(actions)
+    }
+
     /// True if a message for `session` would be admitted right away: the session is
     /// idle with nothing held, and a slot its priority class may use is free.
     fn starts_at_once(&self, session: &str, priority: Priority) -> bool {

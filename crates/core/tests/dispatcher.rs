@@ -2287,3 +2287,34 @@ fn a_quiet_chat_is_not_starved_by_a_busy_chat_with_thirty_held_follow_ups() {
         assert_eq!(order, vec![id(100), id(2), id(3)], "debounce {debounce}");
     }
 }
+
+#[test]
+fn a_message_that_comes_back_is_queued_past_the_cap_and_the_global_limit() {
+    let base = config(1);
+    let mut h = H::with(Config {
+        max_queued: 1,
+        queue: QueueSettings {
+            cap: 1,
+            drop: DropPolicy::New,
+            ..base.queue
+        },
+        ..base
+    });
+    let _ = h.submit(1, "a");
+    h.run(1);
+    assert!(h.accept(msg(2, "a")).0.is_ok());
+    assert!(
+        h.accept(msg(3, "a")).0.is_err(),
+        "the session and the queue are full"
+    );
+    // A steer the agent refused was accepted already: it must not be lost.
+    let a = h.d.requeue(msg(4, "a"), Millis(h.now)).into_vec();
+    h.check();
+    assert_eq!(a, vec![]);
+    assert_eq!(h.state(4), TaskState::Queued);
+    assert_eq!(h.d.task(&id(4)).unwrap().mode, Mode::Followup);
+    assert_eq!(h.d.n_queued(), 2);
+    // It runs in its turn, after the message held before it.
+    let _ = h.report(1, ReportOutcome::Succeeded);
+    assert_eq!(spawns(&h.reap(1, ExitStatus::code(0))), vec![id(2)]);
+}

@@ -206,6 +206,11 @@ note: {notice}"));
             tracing::warn!(%running, "a steered message was refused after its task ended: {text:?}");
             return;
         };
+        if self.shutting_down.is_some() {
+            // Like every queued message, it would be cancelled: it must not start work.
+            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {text:?}");
+            return;
+        }
         let message = Message {
             task_id: TaskId::now_v7(),
             session,
@@ -215,16 +220,12 @@ note: {notice}"));
             mode: Some(Mode::Followup),
         };
         let task_id = message.task_id;
-        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
-        match outcome {
-            Ok(_) => {
-                let note = format!("the agent of task {running} refused the steered message: queued as a follow-up");
-                self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
-            }
-            Err(refused) => {
-                tracing::warn!(%running, ?refused, "a refused steered message could not be queued")
-            }
-        }
+        // It was accepted already: queued past any cap or limit, never lost.
+        let actions = self.dispatcher.requeue(message, now_millis());
+        let note = format!(
+            "the agent of task {running} refused the steered message: queued as a follow-up"
+        );
+        self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
         self.execute(actions);
     }
 }
