@@ -6,6 +6,34 @@ use serde_json::json;
 use crate::support::*;
 
 #[test]
+fn stopping_sigstopped_agents_records_cancelled_not_a_protocol_error() {
+    // The agent's death (SIGTERM after SIGCONT) leaves agentd's Cancel unread, so its
+    // channel ends with "connection reset" and races the reaper: six at once, so the
+    // race goes the wrong way for at least one of them.
+    let d = Daemon::with_agent_exec(&[
+        "--max-concurrent",
+        "6",
+        "--cancel-grace",
+        "300ms",
+        "--term-grace",
+        "10s",
+    ]);
+    let tasks: Vec<String> = (0..6)
+        .map(|i| d.submit(&format!("s{i}"), "sleep 60"))
+        .collect();
+    for task in &tasks {
+        let view = d.wait_state(task, "running");
+        kill(view["pid"].as_u64().unwrap() as u32, libc::SIGSTOP);
+    }
+    let stopped = d.agentctl_json(&["stop", "--all"]);
+    for view in stopped["stopped"].as_array().unwrap() {
+        assert_eq!(view["state"], json!("cancelled"), "{view}\n{}", d.log());
+        assert_eq!(view["exit"]["ended_by"], json!("sigterm"), "{view}");
+    }
+    assert_eq!(stopped["stopped"].as_array().unwrap().len(), 6);
+}
+
+#[test]
 fn a_progress_event_carries_the_task_as_it_is_after_that_progress() {
     let d = Daemon::with_test_agent(&[]);
     let mut watch = Watch::session(&d, "alice");

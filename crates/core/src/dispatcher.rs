@@ -753,6 +753,22 @@ impl Dispatcher {
             }
             Event::ProtocolError { task_id, error } => {
                 if let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.state.is_active()) {
+                    // A stop in progress owns the outcome: an agent killed with agentd's
+                    // Cancel unread breaks its channel ("connection reset") as it dies.
+                    // The stop goes on, straight to SIGKILL if it was still waiting for
+                    // a cooperative end that a broken channel cannot bring.
+                    if let TaskState::Stopping { step, .. } = &mut task.state {
+                        if task.protocol_error.is_none() {
+                            if *step < StopStep::Sigterm {
+                                *step = StopStep::Sigkill;
+                                actions.push(Action::Signal {
+                                    task_id,
+                                    step: StopStep::Sigkill,
+                                });
+                            }
+                            return Actions(actions);
+                        }
+                    }
                     if task.protocol_error.is_none() {
                         task.protocol_error = Some(error);
                     }

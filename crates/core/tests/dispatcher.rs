@@ -785,8 +785,19 @@ fn protocol_error_during_a_stop_does_not_escalate_backwards() {
     // The pending SIGTERM timer is now below the current step.
     assert_eq!(h.timer(1, StopStep::Sigterm), vec![]);
     assert_eq!(h.timer(1, StopStep::Sigkill), vec![]);
+    // The stop owns the outcome (see
+    // a_channel_that_breaks_while_the_task_is_stopped_leaves_the_outcome_to_the_stop).
     let t = only_finished(&h.reap(1, ExitStatus::signal(9)), 1);
-    assert!(failed_reason(&t).contains("bad"));
+    assert!(
+        matches!(
+            ending(&t),
+            Ending::Cancelled {
+                by: Some(StopStep::Sigkill),
+                ..
+            }
+        ),
+        "{t:?}"
+    );
 }
 
 // ----- stop -----
@@ -2317,4 +2328,53 @@ fn a_message_that_comes_back_is_queued_past_the_cap_and_the_global_limit() {
     // It runs in its turn, after the message held before it.
     let _ = h.report(1, ReportOutcome::Succeeded);
     assert_eq!(spawns(&h.reap(1, ExitStatus::code(0))), vec![id(2)]);
+}
+
+#[test]
+fn a_channel_that_breaks_while_the_task_is_stopped_leaves_the_outcome_to_the_stop() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    h.run(1);
+    let _ = h.stop(StopTarget::Task(id(1)), Scope::Owner).unwrap();
+    let _ = h.at(6_000).timer(1, StopStep::Sigterm);
+    // SIGTERM killed it with the Cancel unread: its channel reports a reset.
+    let reset = Event::ProtocolError {
+        task_id: id(1),
+        error: "Connection reset by peer (os error 104)".into(),
+    };
+    assert_eq!(h.ev(reset.clone()), vec![]);
+    let done = only_finished(&h.at(6_010).reap(1, ExitStatus::signal(15)), 1);
+    assert_eq!(
+        ending(&done),
+        &Ending::Cancelled {
+            by: Some(StopStep::Sigterm),
+            after: Duration::from_millis(5_010)
+        }
+    );
+
+    // Still in the cooperative step, a broken channel cannot bring a cooperative end.
+    let _ = h.submit(2, "a");
+    h.run(2);
+    let _ = h.stop(StopTarget::Task(id(2)), Scope::Owner).unwrap();
+    assert_eq!(
+        h.ev(Event::ProtocolError {
+            task_id: id(2),
+            error: "garbage".into()
+        }),
+        vec![Action::Signal {
+            task_id: id(2),
+            step: StopStep::Sigkill
+        }]
+    );
+    let done = only_finished(&h.reap(2, ExitStatus::signal(9)), 2);
+    assert!(
+        matches!(
+            ending(&done),
+            Ending::Cancelled {
+                by: Some(StopStep::Sigkill),
+                ..
+            }
+        ),
+        "{done:?}"
+    );
 }
