@@ -6,6 +6,30 @@ use serde_json::json;
 use crate::support::*;
 
 #[test]
+fn a_linger_timer_armed_by_the_result_does_not_cut_a_later_stops_grace_short() {
+    let d = Daemon::with_test_agent(&["--cancel-grace", "6s", "--term-grace", "10s"]);
+    let mark = d.dir.path().join("a-second-after-the-result");
+    // Reports, then lingers; a second after its result it creates `mark`.
+    let task = d.submit(
+        "alice",
+        &format!("linger:60000 touch:1000:{} ignore-cancel", mark.display()),
+    );
+    wait_for("the agent is a second past its result", DEADLINE, || {
+        mark.exists().then_some(())
+    });
+    // The result armed a linger timer for 6 s after it, which is 5 s from now. This
+    // stop gives the agent its own 6 s of cancel grace before SIGTERM.
+    let stopped = d.agentctl_json(&["stop", &task]);
+    let view = &stopped["stopped"][0];
+    assert_eq!(view["exit"]["ended_by"], json!("sigterm"), "{stopped}");
+    let stop_ms = view["exit"]["stop_ms"].as_u64().unwrap();
+    assert!(
+        stop_ms >= 6000,
+        "SIGTERM came {stop_ms} ms after the stop, before the 6 s cancel grace: {stopped}"
+    );
+}
+
+#[test]
 fn stopping_sigstopped_agents_records_cancelled_not_a_protocol_error() {
     // The agent's death (SIGTERM after SIGCONT) leaves agentd's Cancel unread, so its
     // channel ends with "connection reset" and races the reaper: six at once, so the

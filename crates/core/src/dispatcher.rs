@@ -103,6 +103,10 @@ pub enum Event {
         task_id: TaskId,
         step: StopStep,
     },
+    /// The exit grace armed by [`Action::SetExitGrace`] elapsed.
+    ExitGraceOver {
+        task_id: TaskId,
+    },
     /// A debounce timer armed by [`Action::SetDebounce`] elapsed.
     Debounce {
         session: String,
@@ -136,6 +140,10 @@ pub enum Action {
         after: Duration,
         step: StopStep,
     },
+    /// The agent reported its result and should exit: feed back
+    /// `Event::ExitGraceOver { task_id }` after `after`. A timer of its own, so that
+    /// it cannot be taken for a stop's timer when a stop comes in between.
+    SetExitGrace { task_id: TaskId, after: Duration },
     /// Feed back `Event::Debounce { session, generation }` after `after`.
     SetDebounce {
         session: String,
@@ -742,10 +750,9 @@ impl Dispatcher {
                         // Done, so it should exit now: after `cancel_grace` it is
                         // stopped from SIGTERM on, keeping the outcome it reported.
                         if let TaskState::Running { .. } = task.state {
-                            actions.push(Action::SetTimer {
+                            actions.push(Action::SetExitGrace {
                                 task_id,
                                 after: self.config.cancel_grace,
-                                step: StopStep::Sigterm,
                             });
                         }
                     }
@@ -793,21 +800,33 @@ impl Dispatcher {
                     });
                 }
             }
-            Event::StopTimer { task_id, step } => {
+            Event::ExitGraceOver { task_id } => {
                 if let Some(task) = self.tasks.get_mut(&task_id) {
                     // A running agent that reported its result and did not exit in
-                    // time lingers: it is stopped, from SIGTERM on.
-                    if let (TaskState::Running { pid, .. }, Some(_), StopStep::Sigterm) =
-                        (&task.state, &task.report, step)
-                    {
+                    // time lingers: it is stopped, from SIGTERM on. One stopped in the
+                    // meantime keeps the graces of that stop.
+                    if let (TaskState::Running { pid, .. }, Some(_)) = (&task.state, &task.report) {
                         task.lingered = true;
                         task.state = TaskState::Stopping {
                             pid: Some(*pid),
-                            step: StopStep::CooperativeCancel,
+                            step: StopStep::Sigterm,
                             requested_at: now,
                             interrupt: false,
                         };
+                        actions.push(Action::Signal {
+                            task_id,
+                            step: StopStep::Sigterm,
+                        });
+                        actions.push(Action::SetTimer {
+                            task_id,
+                            after: self.config.term_grace,
+                            step: StopStep::Sigkill,
+                        });
                     }
+                }
+            }
+            Event::StopTimer { task_id, step } => {
+                if let Some(task) = self.tasks.get_mut(&task_id) {
                     if let TaskState::Stopping { step: current, .. } = &mut task.state {
                         if *current < step {
                             *current = step;

@@ -579,10 +579,9 @@ fn ending_after(report: Option<AgentReport>, status: ExitStatus) -> Task {
 
 /// The timer a running agent gets when it reports: it should exit within the grace.
 fn exit_grace(n: u128) -> Action {
-    Action::SetTimer {
+    Action::SetExitGrace {
         task_id: id(n),
         after: CANCEL_GRACE,
-        step: StopStep::Sigterm,
     }
 }
 
@@ -595,7 +594,7 @@ fn an_agent_that_reports_but_does_not_exit_is_stopped_and_keeps_its_outcome() {
     assert_eq!(h.report(1, ReportOutcome::Succeeded), vec![exit_grace(1)]);
     // A second report arms nothing more.
     assert_eq!(h.report(1, ReportOutcome::Failed), vec![]);
-    let a = h.at(6_000).timer(1, StopStep::Sigterm);
+    let a = h.at(6_000).ev(Event::ExitGraceOver { task_id: id(1) });
     assert_eq!(
         a,
         vec![
@@ -620,6 +619,52 @@ fn an_agent_that_reports_but_does_not_exit_is_stopped_and_keeps_its_outcome() {
     assert_eq!(ending(&done), &Ending::Succeeded);
     assert!(done.lingered);
     assert_eq!(spawns(&a), vec![id(2)]);
+}
+
+#[test]
+fn an_exit_grace_that_ends_during_a_later_stop_leaves_that_stop_its_graces() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    h.run(1);
+    assert_eq!(h.report(1, ReportOutcome::Succeeded), vec![exit_grace(1)]);
+    // Stopped while it should be exiting: the stop's own cancel grace starts now.
+    let (_, a) = h
+        .at(2_000)
+        .stop(StopTarget::Task(id(1)), Scope::Owner)
+        .unwrap();
+    assert_eq!(
+        a,
+        vec![
+            Action::SendCancel { task_id: id(1) },
+            Action::SetTimer {
+                task_id: id(1),
+                after: CANCEL_GRACE,
+                step: StopStep::Sigterm
+            }
+        ]
+    );
+    // The exit grace armed by the report ends first: no SIGTERM before the stop's.
+    assert_eq!(
+        h.at(6_000).ev(Event::ExitGraceOver { task_id: id(1) }),
+        vec![]
+    );
+    let a = h.at(7_000).timer(1, StopStep::Sigterm);
+    assert_eq!(
+        a[0],
+        Action::Signal {
+            task_id: id(1),
+            step: StopStep::Sigterm
+        }
+    );
+    let done = only_finished(&h.at(7_010).reap(1, ExitStatus::signal(15)), 1);
+    assert_eq!(
+        ending(&done),
+        &Ending::Cancelled {
+            by: Some(StopStep::Sigterm),
+            after: Duration::from_millis(5_010)
+        }
+    );
+    assert!(!done.lingered);
 }
 
 #[test]
