@@ -196,7 +196,7 @@ static COVERAGE: Mutex<BTreeMap<&'static str, u32>> = Mutex::new(BTreeMap::new()
 const COVERED: [(&str, u32); 24] = [
     ("exit grace over during a stop", 3),
     ("accepted", 1_000),
-    ("protocol error during a stop", 3),
+    ("protocol error after a signal", 3),
     ("exit grace armed", 10),
     ("lingered", 3),
     ("duplicate", 20),
@@ -996,27 +996,21 @@ impl World {
             Op::ProtocolError(i) => {
                 if let Some(task) = self.pick_agent(i) {
                     let error = format!("garbage {}", self.now);
-                    // A stop in progress (not one a protocol error began) owns the
-                    // outcome; it goes to SIGKILL if it had not reached SIGTERM.
-                    let stopping = self
+                    // Once the agent was signalled (SIGTERM or SIGKILL), the stop in
+                    // progress owns the outcome: a broken channel changes nothing.
+                    let signalled = self
                         .stop_step
                         .get(&task)
-                        .filter(|_| !self.protocol_error.contains_key(&task))
-                        .map(|(step, _)| *step);
-                    let kill = vec![Action::Signal {
-                        task_id: task,
-                        step: StopStep::Sigkill,
-                    }];
-                    let want = match stopping {
-                        Some(step) if step >= StopStep::Sigterm => {
-                            hit("protocol error during a stop");
-                            vec![]
-                        }
-                        Some(_) => kill,
-                        None => {
-                            self.protocol_error.entry(task).or_insert(error.clone());
-                            kill
-                        }
+                        .is_some_and(|(step, _)| *step >= StopStep::Sigterm);
+                    let want = if signalled {
+                        hit("protocol error after a signal");
+                        vec![]
+                    } else {
+                        self.protocol_error.entry(task).or_insert(error.clone());
+                        vec![Action::Signal {
+                            task_id: task,
+                            step: StopStep::Sigkill,
+                        }]
                     };
                     let a = self.handle(Event::ProtocolError {
                         task_id: task,

@@ -415,11 +415,18 @@ pub struct QueueSettingsView {
     pub custom: bool,
 }
 
-/// Answer to `watch`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Answer to `watch`. agentd's events for the watch follow it, starting with a
+/// snapshot (the `merged` steps of a merged message, then the followed task's
+/// `position`, `started` or `finished`): the watch is authoritative, no catch-up
+/// `status` is needed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WatchReply {
+    /// For a task watch, the task followed (after any merges), as a full id.
     pub task_id: Option<String>,
     pub session: Option<String>,
+    /// For a task watch, the followed task as it stood when the watch began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
 }
 
 /// What happened, as a `watch` reports it.

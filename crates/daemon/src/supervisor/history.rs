@@ -148,11 +148,9 @@ mod tests {
             finished_at: Some(Millis(1)),
             progress: None,
             report: None,
-            protocol_error: None,
             priority: Priority::Interactive,
             mode: Mode::Followup,
             message_id: None,
-            lingered: false,
         }
     }
 

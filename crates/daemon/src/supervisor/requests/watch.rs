@@ -24,6 +24,7 @@ impl Supervisor {
         match (task_id, session) {
             (Some(id), None) => {
                 let mut task_id = self.resolve(&id)?;
+                let mut followed = None;
                 // Follow the message into the task it went into, as a live watcher would.
                 for _ in 0..16 {
                     let view = self.view(&task_id).ok_or_else(|| {
@@ -43,12 +44,14 @@ impl Supervisor {
                         }
                         (None, true) => {
                             let _ = events.send(event_of(EventKind::Finished, &view, None, None));
+                            followed = Some(view);
                             break;
                         }
                         (None, false) => {
                             let _ = events.send(snapshot_event(&view));
                             self.subscriptions
                                 .add(Filter::Task(view.task_id.clone()), events);
+                            followed = Some(view);
                             break;
                         }
                     }
@@ -56,6 +59,7 @@ impl Supervisor {
                 json(WatchReply {
                     task_id: Some(task_id.to_string()),
                     session: None,
+                    task: followed,
                 })
             }
             (None, Some(session)) => {
@@ -68,6 +72,7 @@ impl Supervisor {
                 json(WatchReply {
                     task_id: None,
                     session: Some(session),
+                    task: None,
                 })
             }
             _ => err(
