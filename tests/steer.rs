@@ -97,3 +97,41 @@ fn a_steer_refused_while_agentd_shuts_down_starts_no_new_work() {
         d.log()
     );
 }
+
+#[test]
+fn a_steer_backlog_message_is_answered_as_steered_and_kept() {
+    let d = Daemon::with_test_agent(&["--debounce", "0ms"]);
+    let running = d.submit("alice", "steer sleep:60000");
+    d.wait_state(&running, "running");
+    let reply = d.request(json!({
+        "cmd": "send", "session": "alice", "text": "result:kept", "mode": "steer-backlog"
+    }));
+    assert_eq!(reply["task"]["state"], json!("queued"), "{reply}");
+    let text = reply["reply"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("steered into running task {running}"))
+            && text.contains("kept as a follow-up"),
+        "{text}"
+    );
+    d.wait_progress(&running, "steered: result:kept");
+
+    // agentctl says the same.
+    let out = d.agentctl(&[
+        "send",
+        "--session",
+        "alice",
+        "--mode",
+        "steer-backlog",
+        "result:again",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    assert!(
+        line.contains(&format!("steered into running task {running}"))
+            && line.contains("kept as a follow-up"),
+        "{line}"
+    );
+    d.agentctl_json(&["stop", &running]);
+    let kept = reply["task"]["task_id"].as_str().unwrap();
+    assert_eq!(d.wait_state(kept, "succeeded")["result"], json!("kept"));
+}

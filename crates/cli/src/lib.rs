@@ -407,6 +407,7 @@ mod tests {
             duplicate: false,
             dropped: vec![],
             notice: None,
+            steered_into: None,
         }
     }
 
@@ -738,6 +739,7 @@ mod tests {
                     duplicate: false,
                     dropped: vec![],
                     notice: None,
+                    steered_into: None,
                 },
             )
         });

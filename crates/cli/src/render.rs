@@ -39,12 +39,13 @@ const EVENT_INDENT: &str = "          ";
 ///   note: <notice>
 /// ```
 pub fn render_send(reply: &SendReply) -> String {
-    let mut out = match &reply.task {
-        Some(task) if reply.accepted && reply.command.is_none() => {
-            clean_block(&text::accepted_line(task, reply.capacity))
-        }
-        _ => clean_block(&reply.reply),
-    };
+    let mut out =
+        match &reply.task {
+            Some(task) if reply.accepted && reply.command.is_none() => clean_block(
+                &text::send_line(task, reply.capacity, reply.steered_into.as_deref()),
+            ),
+            _ => clean_block(&reply.reply),
+        };
     let mut line = |l: String| {
         out.push('\n');
         out.push_str(&l);
@@ -601,6 +602,7 @@ mod tests {
             duplicate: false,
             dropped: vec![],
             notice: None,
+            steered_into: None,
         }
     }
 
@@ -613,6 +615,16 @@ mod tests {
         assert_eq!(
             render_send(&send_reply(Some(queued()))),
             format!("task {ID2}  queued: position 1 (1/1 agents busy)")
+        );
+        let kept = SendReply {
+            steered_into: Some(ID1.into()),
+            ..send_reply(Some(queued()))
+        };
+        assert_eq!(
+            render_send(&kept),
+            format!(
+                "task {ID2}  steered into running task {ID1} and kept as a follow-up: position 1 (1/1 agents busy)"
+            )
         );
     }
 
@@ -628,6 +640,7 @@ mod tests {
             duplicate: false,
             dropped: vec![],
             notice: None,
+            steered_into: None,
         };
         assert_eq!(
             render_send(&reply),

@@ -581,6 +581,11 @@ pub struct SendReply {
     /// follow-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// The running task the message was steered into: with `steer` the message's
+    /// task is `merged` into it; with `steer-backlog` it is also kept, queued as a
+    /// follow-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered_into: Option<String>,
 }
 
 /// Answer to `status` without a task id.

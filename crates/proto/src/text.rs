@@ -73,6 +73,32 @@ pub fn accepted_line(view: &TaskView, capacity: Option<Capacity>) -> String {
     }
 }
 
+/// The answer to accepted work that was also steered into the running task
+/// `steered_into` (`steer-backlog`): `task ID  steered into running task ID and kept
+/// as a follow-up: position 1 (1/1 agents busy)`; otherwise [`accepted_line`].
+pub fn send_line(
+    view: &TaskView,
+    capacity: Option<Capacity>,
+    steered_into: Option<&str>,
+) -> String {
+    match steered_into {
+        Some(into) if view.state == TaskState::Queued => {
+            let mut line = format!(
+                "task {}  steered into running task {into} and kept as a follow-up",
+                view.task_id
+            );
+            if let Some(position) = view.position {
+                line.push_str(&format!(": position {position}"));
+            }
+            if let Some(c) = capacity {
+                line.push_str(&format!(" ({}/{} agents busy)", c.busy, c.max));
+            }
+            line
+        }
+        _ => accepted_line(view, capacity),
+    }
+}
+
 /// One line per stopped task (`task ID  cancelled (…)`), or `nothing to stop`.
 pub fn stop_lines(reply: &StopReply) -> String {
     if reply.stopped.is_empty() {
@@ -129,6 +155,10 @@ mod tests {
         assert_eq!(
             accepted_line(&view(TaskState::Running, None, true), cap),
             "task T  started"
+        );
+        assert_eq!(
+            send_line(&view(TaskState::Queued, None, false), cap, Some("R")),
+            "task T  steered into running task R and kept as a follow-up: position 3 (1/1 agents busy)"
         );
         let stopped = ExitView {
             ended_by: Some(StopStep::Sigkill),

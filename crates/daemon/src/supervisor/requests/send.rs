@@ -83,6 +83,7 @@ impl Supervisor {
                     duplicate: true,
                     dropped: Vec::new(),
                     notice: None,
+                    steered_into: None,
                 })
             }
             Ok(Accepted::Task {
@@ -94,17 +95,9 @@ impl Supervisor {
                 // Dropped tasks have ended: their views come from the history.
                 let dropped: Vec<TaskView> = dropped.iter().filter_map(|id| self.view(id)).collect();
                 let view = self.view(&task_id).ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
-                let mut reply = match steered_into {
-                    Some(into) if view.state == agentd_proto::control::TaskState::Merged => {
-                        format!("task {task_id}  steered into running task {into}")
-                    }
-                    Some(into) => format!(
-                        "{}
-(also steered into running task {into})",
-                        agentd_proto::text::accepted_line(&view, Some(capacity))
-                    ),
-                    None => agentd_proto::text::accepted_line(&view, Some(capacity)),
-                };
+                let steered_into = steered_into.map(|into| into.to_string());
+                let mut reply =
+                    agentd_proto::text::send_line(&view, Some(capacity), steered_into.as_deref());
                 for d in &dropped {
                     reply.push_str(&format!(
                         "
@@ -127,6 +120,7 @@ note: {notice}"));
                     duplicate: false,
                     dropped,
                     notice,
+                    steered_into,
                 })
             }
         }
