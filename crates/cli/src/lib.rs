@@ -492,10 +492,11 @@ mod tests {
                 RequestBody::Stop {
                     task_id: None,
                     session: None,
-                    all: true
+                    all: true,
+                    wait: true,
                 }
             );
-            Response::ok(request.id, StopReply { stopped: vec![] })
+            Response::ok(request.id, StopReply::default())
         });
         let (code, out, err) = agentctl(&socket, &["stop", "--all"]);
         server.join().unwrap();

@@ -998,6 +998,7 @@ mod tests {
         };
         let reply = StopReply {
             stopped: vec![cooperative, removed],
+            ..StopReply::default()
         };
         assert_eq!(
             render_stop(&reply),
@@ -1016,14 +1017,12 @@ mod tests {
         };
         assert_eq!(
             render_stop(&StopReply {
-                stopped: vec![finished_first]
+                stopped: vec![finished_first],
+                ..StopReply::default()
             }),
             format!("task {ID3}  succeeded")
         );
-        assert_eq!(
-            render_stop(&StopReply { stopped: vec![] }),
-            "nothing to stop"
-        );
+        assert_eq!(render_stop(&StopReply::default()), "nothing to stop");
     }
 
     #[test]

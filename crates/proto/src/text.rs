@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::control::{Capacity, StopReply, TaskState, TaskView};
+use crate::control::{Capacity, StopReply, StopStep, StoppingView, TaskState, TaskView};
 
 /// `0.04 s`, `2.01 s`, `0.003 s` under 10 ms, `1m 15s` from a minute on.
 pub fn format_seconds(d: Duration) -> String {
@@ -99,7 +99,36 @@ pub fn send_line(
     }
 }
 
-/// One line per stopped task (`task ID  cancelled (…)`), or `nothing to stop`.
+/// `5 s` (whole seconds from half a second on), `0.3 s` below.
+fn format_in(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 60_000 {
+        format_seconds(d)
+    } else if ms >= 500 {
+        format!("{} s", (ms + 500) / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Where a stop stands: `stopping: cancel sent, SIGTERM in 5 s`.
+pub fn stopping(view: &StoppingView) -> String {
+    let taken = match view.step {
+        StopStep::CooperativeCancel => "cancel sent".to_string(),
+        step => format!("{} sent", step.describe()),
+    };
+    match (view.next, view.next_in_ms) {
+        (Some(next), Some(ms)) => format!(
+            "stopping: {taken}, {} in {}",
+            next.describe(),
+            format_in(Duration::from_millis(ms))
+        ),
+        _ => format!("stopping: {taken}"),
+    }
+}
+
+/// One line per stopped task (`task ID  cancelled (…)`, or `task ID  stopping: cancel
+/// sent, SIGTERM in 5 s` for one still stopping), or `nothing to stop`.
 pub fn stop_lines(reply: &StopReply) -> String {
     if reply.stopped.is_empty() {
         return "nothing to stop".to_string();
@@ -107,7 +136,13 @@ pub fn stop_lines(reply: &StopReply) -> String {
     let lines: Vec<String> = reply
         .stopped
         .iter()
-        .map(|v| format!("task {}  {}", v.task_id, outcome(v)))
+        .map(|v| {
+            let now = match reply.stopping.iter().find(|s| s.task_id == v.task_id) {
+                Some(s) if v.state == TaskState::Stopping => stopping(s),
+                _ => outcome(v),
+            };
+            format!("task {}  {now}", v.task_id)
+        })
         .collect();
     lines.join("\n")
 }
@@ -115,7 +150,7 @@ pub fn stop_lines(reply: &StopReply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{ExitView, StopStep};
+    use crate::control::ExitView;
 
     fn view(state: TaskState, exit: Option<ExitView>, started: bool) -> TaskView {
         TaskView {
@@ -176,14 +211,36 @@ mod tests {
                 view(TaskState::Cancelled, Some(removed), false),
                 view(TaskState::Failed, Some(failed), true),
             ],
+            stopping: vec![],
         };
         assert_eq!(
             stop_lines(&reply),
             "task T  cancelled (ended by SIGKILL after 2.01 s)\ntask T  cancelled (removed from the queue)\ntask T  failed (boom)"
         );
+        assert_eq!(stop_lines(&StopReply::default()), "nothing to stop");
+        let step = |step, next, ms| StoppingView {
+            task_id: "T".into(),
+            step,
+            next,
+            next_in_ms: ms,
+        };
+        let reply = StopReply {
+            stopped: vec![view(TaskState::Stopping, None, true)],
+            stopping: vec![step(
+                StopStep::CooperativeCancel,
+                Some(StopStep::Sigterm),
+                Some(4_996),
+            )],
+        };
         assert_eq!(
-            stop_lines(&StopReply { stopped: vec![] }),
-            "nothing to stop"
+            stop_lines(&reply),
+            "task T  stopping: cancel sent, SIGTERM in 5 s"
         );
+        let s = |st, next, ms| stopping(&step(st, next, ms));
+        assert_eq!(
+            s(StopStep::Sigterm, Some(StopStep::Sigkill), Some(300)),
+            "stopping: SIGTERM sent, SIGKILL in 0.3 s"
+        );
+        assert_eq!(s(StopStep::Sigkill, None, None), "stopping: SIGKILL sent");
     }
 }

@@ -27,6 +27,7 @@ impl Supervisor {
                 task_id,
                 session,
                 all,
+                wait,
             } => {
                 let target = match (task_id, session, all) {
                     (Some(id), None, false) => self.resolve(&id).map(StopTarget::Task),
@@ -38,7 +39,7 @@ impl Supervisor {
                     ),
                 };
                 match target {
-                    Ok(target) => self.stop(target, Scope::Owner, false, reply),
+                    Ok(target) => self.stop(target, Scope::Owner, false, wait, reply),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }

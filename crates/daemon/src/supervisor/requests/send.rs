@@ -184,7 +184,9 @@ note: {notice}"));
                 };
                 match target {
                     Ok(target) => {
-                        self.stop(target, Scope::Chat(session), true, reply);
+                        // A chat is answered at once; the end comes as the task's
+                        // `finished` event.
+                        self.stop(target, Scope::Chat(session), true, false, reply);
                         return None;
                     }
                     Err(e) => Err(e),
