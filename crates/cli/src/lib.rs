@@ -580,9 +580,8 @@ mod tests {
         assert_eq!(code, EXIT_OK, "{err}");
         assert_eq!(
             out,
-            "task t-1  queued: position 1 (2/2 agents busy)\n  \
-             duplicate: this message was already delivered as task t-1 (queued)\n  \
-             dropped to make room: task t-0 an old message that nobody will miss, h…\n  \
+            "task t-1  already received (queued): not run again\n  \
+             dropped to make room: task t-0  an old message that nobody will miss, h…\n  \
              note: the agent cannot be steered; queued as a follow-up\n"
         );
     }
@@ -786,8 +785,7 @@ mod tests {
         assert_eq!((code, err.as_str()), (EXIT_OK, ""));
         assert_eq!(
             out,
-            "task t-1  succeeded\n  \
-             duplicate: this message was already delivered as task t-1 (succeeded)\n\
+            "task t-1  already received (succeeded): not run again\n\
              task t-1  succeeded\n\
              42\n"
         );

@@ -146,10 +146,8 @@ impl Supervisor {
                 }
                 Timer::Handshake { task_id } => {
                     if self.agents.get(&task_id).is_some_and(Agent::is_handshaking) {
-                        let error = format!(
-                            "no handshake within {}",
-                            humantime::format_duration(self.config.handshake_timeout)
-                        );
+                        let error =
+                            agentd_proto::text::no_handshake_within(self.config.handshake_timeout);
                         self.handle(Event::ProtocolError { task_id, error });
                     }
                 }

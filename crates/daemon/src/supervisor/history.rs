@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 
 use agentd_core::{Task, TaskId};
 use agentd_proto::control::ErrorCode;
+use agentd_proto::text;
 
 use crate::supervisor::{err, RequestError, Supervisor};
 
@@ -100,10 +101,7 @@ impl Supervisor {
             return Ok(id);
         }
         if text.len() < 4 || !text.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            return err(
-                ErrorCode::NotFound,
-                format!("no task {text} (task ids look like 0192f3c4-…)"),
-            );
+            return err(ErrorCode::NotFound, text::not_a_task_id(text));
         }
         let prefix = text.to_ascii_lowercase();
         let mut matches: Vec<TaskId> = self
@@ -117,13 +115,10 @@ impl Supervisor {
         matches.dedup();
         match matches.as_slice() {
             [one] => Ok(*one),
-            [] => err(ErrorCode::NotFound, format!("no task {text}")),
+            [] => err(ErrorCode::NotFound, text::no_task(text)),
             _ => err(
                 ErrorCode::BadRequest,
-                format!(
-                    "task id prefix {text} is ambiguous ({} tasks)",
-                    matches.len()
-                ),
+                text::ambiguous_prefix(text, matches.len()),
             ),
         }
     }

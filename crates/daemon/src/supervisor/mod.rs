@@ -18,7 +18,7 @@
 //! - A task's slot is released when its agent is reaped and its leftover processes were
 //!   killed, never when it merely reports a result.
 //!
-//! **Layout:** this module holds the loop and the [`Supervisor`] state; the rest is
+//! **Layout:** this module holds the loop and the `Supervisor` state; the rest is
 //! split by concern, each an `impl Supervisor` block:
 //! - `executor`: executes the dispatcher's actions; timers (arm, fire);
 //! - `agents`: agentd's side of live agents (spawn, IPC, signals, reap, agent events);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use agentd_core::{Mode, Priority, QueueChange, Scope, StopTarget};
 use agentd_proto::control::{Answer, ErrorCode, RequestBody, SendReply};
+use agentd_proto::text;
 
 use crate::control::ControlRequest;
 use crate::supervisor::{err, json, RequestError, Supervisor};
@@ -33,10 +34,7 @@ impl Supervisor {
                     (Some(id), None, false) => self.resolve(&id).map(StopTarget::Task),
                     (None, Some(session), false) => Ok(StopTarget::SessionAll(session)),
                     (None, None, true) => Ok(StopTarget::Everything),
-                    _ => err(
-                        ErrorCode::BadRequest,
-                        "stop takes exactly one of task_id, session, all",
-                    ),
+                    _ => err(ErrorCode::BadRequest, text::STOP_TARGETS),
                 };
                 match target {
                     Ok(target) => self.stop(target, Scope::Owner, false, wait, reply),
@@ -125,7 +123,7 @@ pub(crate) struct Work {
 
 pub(crate) fn check_session(session: &str) -> Result<(), RequestError> {
     if session.trim().is_empty() || session.len() > 256 {
-        return err(ErrorCode::BadRequest, "session must be 1 to 256 bytes");
+        return err(ErrorCode::BadRequest, text::BAD_SESSION);
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use agentd_core::QueueChange;
 use agentd_proto::control::ErrorCode;
+use agentd_proto::text;
 
 use crate::supervisor::requests::check_session;
 use crate::supervisor::{err, RequestError, Supervisor};
@@ -17,13 +18,13 @@ impl Supervisor {
     ) -> Result<agentd_proto::control::QueueSettingsView, RequestError> {
         check_session(session)?;
         if change.cap == Some(0) {
-            return err(ErrorCode::BadRequest, "cap must be at least 1");
+            return err(ErrorCode::BadRequest, text::CAP_TOO_SMALL);
         }
         if change
             .debounce
             .is_some_and(|d| d > agentd_core::MAX_DEBOUNCE)
         {
-            return err(ErrorCode::BadRequest, "debounce must be at most 24h");
+            return err(ErrorCode::BadRequest, text::DEBOUNCE_TOO_LONG);
         }
         if reset {
             self.dispatcher.reset_settings(session);

@@ -5,6 +5,7 @@ use agentd_core::{
     Refused, Scope, StopArg, StopTarget, TaskId, HELP_TEXT,
 };
 use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
+use agentd_proto::text;
 use tokio::sync::oneshot;
 
 use crate::control::Reply;
@@ -29,14 +30,13 @@ impl Supervisor {
             None => (work.text, work.mode),
         };
         if text.trim().is_empty() {
-            return Some((
-                reply,
-                err(ErrorCode::BadRequest, "empty message: nothing to do"),
-            ));
+            return Some((reply, err(ErrorCode::BadRequest, text::EMPTY_MESSAGE)));
         }
         if self.shutting_down.is_some() {
-            let message = "agentd is shutting down; the message was not accepted";
-            return Some((reply, err(ErrorCode::ShuttingDown, message)));
+            return Some((
+                reply,
+                err(ErrorCode::ShuttingDown, text::SHUTTING_DOWN_REFUSED),
+            ));
         }
         let message = Message {
             task_id: TaskId::now_v7(),
@@ -58,23 +58,14 @@ impl Supervisor {
     pub(crate) fn send_reply(&self, outcome: Result<Accepted, Refused>) -> Reply {
         let capacity = views::capacity(self.dispatcher.capacity());
         match outcome {
-            Err(Refused::QueueFull { limit }) => err(
-                ErrorCode::QueueFull,
-                format!("agentd's queue is full ({limit} messages wait): the message was not accepted"),
-            ),
-            Err(Refused::SessionFull { cap }) => err(
-                ErrorCode::QueueFull,
-                format!(
-                    "this chat already holds {cap} waiting messages (cap {cap}, drop: new): the message was not accepted"
-                ),
-            ),
+            Err(Refused::QueueFull { limit }) => err(ErrorCode::QueueFull, text::queue_full(limit)),
+            Err(Refused::SessionFull { cap }) => err(ErrorCode::QueueFull, text::session_full(cap)),
             Ok(Accepted::Duplicate { task_id }) => {
-                let view = self.view(&task_id).ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
+                let view = self
+                    .view(&task_id)
+                    .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
                 json(SendReply {
-                    reply: format!(
-                        "task {task_id}  already received ({}): not run again",
-                        agentd_proto::text::outcome(&view)
-                    ),
+                    reply: text::duplicate_line(&view),
                     accepted: true,
                     task: Some(view),
                     capacity: Some(capacity),
@@ -93,22 +84,23 @@ impl Supervisor {
                 notice,
             }) => {
                 // Dropped tasks have ended: their views come from the history.
-                let dropped: Vec<TaskView> = dropped.iter().filter_map(|id| self.view(id)).collect();
-                let view = self.view(&task_id).ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
+                let dropped: Vec<TaskView> =
+                    dropped.iter().filter_map(|id| self.view(id)).collect();
+                let view = self
+                    .view(&task_id)
+                    .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
                 let steered_into = steered_into.map(|into| into.to_string());
-                let mut reply =
-                    agentd_proto::text::send_line(&view, Some(capacity), steered_into.as_deref());
+                let mut reply = text::send_line(&view, Some(capacity), steered_into.as_deref());
                 for d in &dropped {
-                    reply.push_str(&format!(
-                        "
-dropped to make room: task {}  {}",
-                        d.task_id,
-                        agentd_core::preview(&d.text)
+                    reply.push('\n');
+                    reply.push_str(&text::dropped_line(
+                        &d.task_id,
+                        agentd_core::preview(&d.text),
                     ));
                 }
                 if let Some(notice) = &notice {
-                    reply.push_str(&format!("
-note: {notice}"));
+                    reply.push('\n');
+                    reply.push_str(&text::note_line(notice));
                 }
                 json(SendReply {
                     reply,
@@ -141,14 +133,7 @@ note: {notice}"));
             ChatCommand::Status { task } => self.chat_status(&session, task.as_deref()),
             ChatCommand::Tasks => {
                 let list = self.list(Some(&session), false);
-                let text = if list.is_empty() {
-                    "no tasks in this chat".to_string()
-                } else {
-                    list.iter()
-                        .map(views::task_line)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                };
+                let text = text::chat_tasks(&list);
                 Ok(self.chat_reply(
                     "tasks",
                     text,
@@ -166,7 +151,7 @@ note: {notice}"));
                     QueueCommand::Set(change) => self.queue_settings(&session, false, change),
                 };
                 result.map(|view| {
-                    let text = views::settings_line(&view);
+                    let text = text::settings_line(&view);
                     self.chat_reply(
                         "queue",
                         text,
@@ -218,9 +203,7 @@ note: {notice}"));
         let task_id = message.task_id;
         // It was accepted already: queued past any cap or limit, never lost.
         let actions = self.dispatcher.requeue(message, now_millis());
-        let note = format!(
-            "the agent of task {running} refused the steered message: queued as a follow-up"
-        );
+        let note = text::steer_refused_note(running);
         self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
         self.execute(actions);
     }

@@ -2,6 +2,7 @@
 
 use agentd_core::{Task, TaskId};
 use agentd_proto::control::{ErrorBody, ErrorCode, StatusReply, TaskView};
+use agentd_proto::text;
 
 use crate::control::Reply;
 use crate::supervisor::{err, json, Supervisor};
@@ -14,46 +15,22 @@ impl Supervisor {
                 let task_id = self.resolve(id)?;
                 let view = self
                     .view(&task_id)
-                    .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no task {id}")))?;
+                    .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, text::no_task(id)))?;
                 if view.session != session {
-                    return err(
-                        ErrorCode::Forbidden,
-                        format!("task {id} is not in this chat"),
-                    );
-                }
-                let mut text = views::task_line(&view);
-                if let Some(progress) = &view.progress {
-                    text.push_str(&format!("\nlatest: {progress}"));
-                }
-                if let Some(result) = &view.result {
-                    text.push_str(&format!("\nresult: {result}"));
+                    return err(ErrorCode::Forbidden, text::task_not_in_this_chat(id));
                 }
                 Ok(self.chat_reply(
                     "status",
-                    text,
+                    text::chat_task_status(&view),
                     serde_json::to_value(&view).unwrap_or_default(),
                 ))
             }
             None => {
                 let status = self.status_reply();
                 let mine = self.list(Some(session), false);
-                let mut text = format!(
-                    "{}/{} agents busy, {} queued overall",
-                    status.capacity.busy, status.capacity.max, status.queued
-                );
-                if mine.is_empty() {
-                    text.push_str("\nnothing running or queued in this chat");
-                }
-                for view in &mine {
-                    text.push('\n');
-                    text.push_str(&views::task_line(view));
-                    if let Some(progress) = &view.progress {
-                        text.push_str(&format!("\n  latest: {progress}"));
-                    }
-                }
                 Ok(self.chat_reply(
                     "status",
-                    text,
+                    text::chat_status(status.capacity, status.queued, &mine),
                     serde_json::to_value(&status).unwrap_or_default(),
                 ))
             }
@@ -65,9 +42,8 @@ impl Supervisor {
             Some(id) => {
                 let task_id = self.resolve(id)?;
                 json(
-                    self.view(&task_id).ok_or_else(|| {
-                        ErrorBody::new(ErrorCode::NotFound, format!("no task {id}"))
-                    })?,
+                    self.view(&task_id)
+                        .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, text::no_task(id)))?,
                 )
             }
             None => json(self.status_reply()),

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use agentd_core::{Scope, StopError, StopTarget, TaskId, TaskState};
 use agentd_proto::control::{ErrorCode, SendReply, StopReply, StoppingView, TaskView};
+use agentd_proto::text;
 use tokio::sync::oneshot;
 
 use crate::control::Reply;
@@ -39,7 +40,7 @@ impl Supervisor {
                     if &done.session != session {
                         let _ = reply.send(err(
                             ErrorCode::Forbidden,
-                            format!("task {task_id} is not in this chat"),
+                            text::task_not_in_this_chat(task_id),
                         ));
                         return;
                     }
@@ -71,18 +72,18 @@ impl Supervisor {
                 self.execute(actions);
             }
             Err(StopError::NotFound(id)) => {
-                let _ = reply.send(err(ErrorCode::NotFound, format!("no task {id}")));
+                let _ = reply.send(err(ErrorCode::NotFound, text::no_task(id)));
             }
             Err(StopError::Forbidden { task_id, .. }) => {
                 let _ = reply.send(err(
                     ErrorCode::Forbidden,
-                    format!("task {task_id} is not in this chat"),
+                    text::task_not_in_this_chat(task_id),
                 ));
             }
             Err(StopError::OtherSession { session }) => {
                 let _ = reply.send(err(
                     ErrorCode::Forbidden,
-                    format!("session {session} is not this chat"),
+                    text::session_not_this_chat(&session),
                 ));
             }
         }
@@ -107,7 +108,7 @@ impl Supervisor {
         let reply = StopReply { stopped, stopping };
         if chat {
             json(SendReply {
-                reply: agentd_proto::text::stop_lines(&reply),
+                reply: text::stop_lines(&reply),
                 accepted: false,
                 task: None,
                 capacity: None,

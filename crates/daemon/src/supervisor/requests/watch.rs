@@ -2,6 +2,7 @@
 
 use agentd_core::{Ending, Task, TaskId, TaskState};
 use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, EventView, TaskView, WatchReply};
+use agentd_proto::text;
 use tokio::sync::mpsc;
 
 use crate::control::Reply;
@@ -27,9 +28,9 @@ impl Supervisor {
                 let mut followed = None;
                 // Follow the message into the task it went into, as a live watcher would.
                 for _ in 0..16 {
-                    let view = self.view(&task_id).ok_or_else(|| {
-                        ErrorBody::new(ErrorCode::NotFound, format!("no task {id}"))
-                    })?;
+                    let view = self
+                        .view(&task_id)
+                        .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, text::no_task(&id)))?;
                     match (&view.merged_into, view.state.is_terminal()) {
                         (Some(into), _) => {
                             let into_id = TaskId::parse_str(into)
@@ -75,10 +76,7 @@ impl Supervisor {
                     task: None,
                 })
             }
-            _ => err(
-                ErrorCode::BadRequest,
-                "watch takes exactly one of task_id, session",
-            ),
+            _ => err(ErrorCode::BadRequest, text::WATCH_TARGETS),
         }
     }
 
