@@ -64,6 +64,11 @@
 //!
 //! EOF or garbage from agentd while working: exit 1 at once (a well-behaved agent).
 //!
+//! `agentd-test-agent --echo` is another agent altogether: it answers every task
+//! with the task's text as it received it in Start (a stand-in for an LLM agent,
+//! which takes collected prompts). A text starting with `hold PATH` waits until PATH
+//! exists first.
+//!
 //! Exit codes: 0 done (or cancelled), 1 `fail` or agentd gone, 2 unknown or
 //! malformed behaviour word (after sending Result Failed "unknown behaviour word:
 //! X" / "bad behaviour word: X (…)"), 3 no channel or failed handshake (e.g. the
@@ -353,7 +358,33 @@ enum Event {
     Cancel,
 }
 
+/// `--echo`: see the module docs.
+fn echo() -> ! {
+    let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
+    let hello = hello(
+        format!("agentd-test-agent {} --echo", env!("CARGO_PKG_VERSION")),
+        Capabilities { steer: false },
+    );
+    let (channel, task) =
+        AgentChannel::handshake(stream, hello).unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let (sender, _receiver) = channel.into_parts();
+    if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
+        die(1, format_args!("cannot start the heartbeat: {e}"));
+    }
+    if let Some(rest) = task.text.strip_prefix("hold ") {
+        let gate = PathBuf::from(rest.split_whitespace().next().unwrap_or_default());
+        while !gate.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    send_result(&sender, Outcome::Succeeded, task.text);
+    std::process::exit(0)
+}
+
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--echo") {
+        echo();
+    }
     let open_fds = open_fds_at_start();
     let words: Vec<String> = std::env::args_os()
         .skip(1)

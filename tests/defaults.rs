@@ -70,3 +70,31 @@ fn agentctl_stop_waits_for_the_end_unless_told_not_to() {
         stdout(&out)
     );
 }
+
+#[test]
+fn collected_messages_with_the_default_agent_run_as_commands_without_shell_errors() {
+    // The default agent (agent-exec running `sh -c {text}`) and the default mode.
+    let d = Daemon::start(&["--debounce", "100ms"]);
+    let gate = d.gate("g");
+    let first = d.submit(
+        "alice",
+        &format!("while [ ! -e {gate} ]; do sleep 0.02; done; echo first"),
+    );
+    d.wait_state(&first, "running");
+    let two = d.submit("alice", "echo two");
+    let three = d.submit("alice", "echo three");
+    d.release(&gate);
+    for (task, result) in [(&first, "first"), (&two, "two"), (&three, "three")] {
+        let view = d.wait_state(task, "succeeded");
+        assert_eq!(view["result"], json!(result), "{view}");
+    }
+    let logs = d.dir.path().join("state").join("logs");
+    for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(
+            !text.contains("not found"),
+            "{}: {text}",
+            entry.path().display()
+        );
+    }
+}

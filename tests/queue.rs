@@ -12,7 +12,7 @@ fn wait_running(d: &Daemon, task: &str) {
 
 #[test]
 fn collect_turns_messages_held_during_a_run_into_one_follow_up() {
-    let d = Daemon::with_echo_agent(&["--debounce", "200ms"]);
+    let d = Daemon::with_collecting_echo_agent(&["--debounce", "200ms"]);
     let gate = d.gate("first");
     let first = d.submit("alice", &format!("hold {gate} first"));
     wait_running(&d, &first);
@@ -203,7 +203,7 @@ fn a_quiet_chat_is_not_starved_by_a_chat_with_thirty_held_follow_ups() {
 
 #[test]
 fn past_the_cap_drop_new_refuses_and_drop_summarize_passes_a_summary() {
-    let d = Daemon::with_echo_agent(&["--debounce", "0ms"]);
+    let d = Daemon::with_collecting_echo_agent(&["--debounce", "0ms"]);
     let gate = d.gate("g");
     let first = d.submit("alice", &format!("hold {gate}"));
     wait_running(&d, &first);

@@ -102,6 +102,16 @@ impl Daemon {
         Daemon::start(&args)
     }
 
+    /// agentd whose agent, like an LLM agent, takes collected prompts (a v1 agent:
+    /// `agentd-test-agent --echo`) and answers every task with its text as received.
+    /// A text starting with `hold PATH` waits until PATH exists first.
+    pub fn with_collecting_echo_agent(extra: &[&str]) -> Daemon {
+        let agent = format!("{TEST_AGENT} --echo");
+        let mut args = vec!["--agent", agent.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start(&args)
+    }
+
     /// A path under this daemon's temp dir that a `hold PATH` task waits for.
     pub fn gate(&self, name: &str) -> String {
         self.dir

@@ -45,6 +45,11 @@ pub struct Config {
     pub queue_timeout: Option<Duration>,
     /// How many `(session, message_id)` pairs are remembered for de-duplication.
     pub dedup_window: usize,
+    /// Whether the agent wants several held messages merged into one prompt (IPC
+    /// `AgentFeatures::collected_prompts`; LLM agents do, a shell command does not).
+    /// Without it a `collect` session is drained as `followup`: each held message
+    /// runs as its own task.
+    pub collected_prompts: bool,
 }
 
 impl Default for Config {
@@ -58,6 +63,7 @@ impl Default for Config {
             max_queued: 1000,
             queue_timeout: None,
             dedup_window: 10_000,
+            collected_prompts: true,
         }
     }
 }
@@ -324,6 +330,12 @@ impl Dispatcher {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What the daemon learned of its agent (see [`Config::collected_prompts`]): it
+    /// applies to runs that start from now on.
+    pub fn set_collected_prompts(&mut self, wanted: bool) {
+        self.config.collected_prompts = wanted;
     }
 
     // ----- queries -----
@@ -1150,10 +1162,11 @@ impl Dispatcher {
         let Some(task_id) = session.queue.pop_front() else {
             return;
         };
-        let collect = self
-            .tasks
-            .get(&task_id)
-            .is_some_and(|t| t.mode == Mode::Collect);
+        let collect = self.config.collected_prompts
+            && self
+                .tasks
+                .get(&task_id)
+                .is_some_and(|t| t.mode == Mode::Collect);
         let mut merged = Vec::new();
         if collect {
             while session

@@ -1519,6 +1519,45 @@ fn followup_runs_each_held_message_as_its_own_task_in_order() {
 }
 
 #[test]
+fn collect_for_an_agent_that_wants_no_collected_prompts_runs_each_message_alone() {
+    let mut h = H::with(Config {
+        collected_prompts: false,
+        ..config_with(2, settings(Mode::Collect, 0, 20, DropPolicy::Old))
+    });
+    let _ = h.accept(msg(1, "a"));
+    for n in 2..=3 {
+        let _ = h.accept(msg(n, "a"));
+    }
+    h.run(1);
+    let _ = h.report(1, ReportOutcome::Succeeded);
+    let a = h.reap(1, ExitStatus::code(0));
+    // Drained as followup: the first held message runs with its own text only.
+    assert_eq!(finished(&a).len(), 1);
+    assert_eq!(
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Spawn { task_id, text, .. } => Some((*task_id, text.clone())),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        vec![(id(2), "text 2".to_string())]
+    );
+    assert_eq!(h.state(3), TaskState::Queued);
+    // What the daemon learns later of its agent applies to the next runs.
+    h.d.set_collected_prompts(true);
+    let _ = h.accept(msg(4, "a"));
+    h.run(2);
+    let _ = h.report(2, ReportOutcome::Succeeded);
+    let a = h.reap(2, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(3)]);
+    assert_eq!(h.state(3), TaskState::Starting { pid: None });
+    assert_eq!(
+        h.d.task(&id(3)).unwrap().text,
+        collected_text(&texts(&[3, 4]))
+    );
+}
+
+#[test]
 fn collect_merges_only_consecutive_collected_messages() {
     let mut h = H::with(config_with(
         2,

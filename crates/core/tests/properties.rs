@@ -55,6 +55,9 @@ impl Params {
             max_queued: self.max_queued,
             queue_timeout: self.queue_timeout,
             dedup_window: self.dedup_window,
+            // The model merges collected messages; draining them as followup for
+            // an agent that wants no collected prompts has its own scenario test.
+            collected_prompts: true,
         }
     }
 }
