@@ -25,6 +25,9 @@
 //! - `ignore-cancel` ignore Cancel (keep working).
 //! - `ignore-term`   ignore SIGTERM (default disposition otherwise: die).
 //! - `ignore-int`    ignore SIGINT.
+//! - `close-on-term:MS` after the handshake read nothing (agentd's Cancel stays
+//!   unread) and send nothing; on SIGTERM close the channel, which agentd then sees
+//!   reset, and exit MS milliseconds later.
 //!
 //! Endings:
 //! - `crash`         after the work, `abort()` (SIGABRT) without a result.
@@ -114,6 +117,7 @@ struct Behaviour {
     refuse_steer: bool,
     steer_gate: Option<PathBuf>,
     touch: Option<(u64, PathBuf)>,
+    close_on_term: Option<u64>,
     env: bool,
 }
 
@@ -139,6 +143,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
             }
             Some(("exit", v)) => num(word, v).map(|c| b.exit = Some(c)),
             Some(("linger", v)) => num(word, v).map(|ms| b.linger_ms = ms),
+            Some(("close-on-term", v)) => num(word, v).map(|ms| b.close_on_term = Some(ms)),
             Some(("children", v)) => num(word, v).and_then(|n: u32| {
                 if n > 1000 {
                     Err(format!("bad behaviour word: {word} (at most 1000)"))
@@ -410,6 +415,12 @@ fn main() {
         }
     }
 
+    // Registered before the handshake, so that no SIGTERM can come before it.
+    let term = b.close_on_term.map(|_| {
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
+            .unwrap_or_else(|e| die(1, format_args!("cannot catch SIGTERM: {e}")))
+    });
+
     let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
     if b.no_hello && problem.is_none() {
         spawn_descendants(&b);
@@ -460,6 +471,14 @@ fn main() {
         sleep_forever();
     }
     drop(raw);
+    if let (Some(ms), Some(mut term)) = (b.close_on_term, term) {
+        let _ = term.forever().next();
+        // Every descriptor of the channel closes here, with agentd's Cancel unread.
+        drop(sender);
+        drop(receiver);
+        std::thread::sleep(Duration::from_millis(ms));
+        std::process::exit(0);
+    }
 
     if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
         die(1, format_args!("cannot start the heartbeat: {e}"));

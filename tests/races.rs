@@ -31,10 +31,11 @@ fn a_linger_timer_armed_by_the_result_does_not_cut_a_later_stops_grace_short() {
 
 #[test]
 fn stopping_sigstopped_agents_records_cancelled_not_a_protocol_error() {
-    // The agent's death (SIGTERM after SIGCONT) leaves agentd's Cancel unread, so its
-    // channel ends with "connection reset" and races the reaper: six at once, so the
-    // race goes the wrong way for at least one of them.
-    let d = Daemon::with_agent_exec(&[
+    // SIGTERM (then SIGCONT) kills the test agent with agentd's Cancel unread, so its
+    // channel ends with "connection reset by peer", racing the reaper. Which comes
+    // first depends on scheduling (the dispatcher's scenario test pins the rule
+    // down): six at once give the race six chances.
+    let d = Daemon::with_test_agent(&[
         "--max-concurrent",
         "6",
         "--cancel-grace",
@@ -43,7 +44,7 @@ fn stopping_sigstopped_agents_records_cancelled_not_a_protocol_error() {
         "10s",
     ]);
     let tasks: Vec<String> = (0..6)
-        .map(|i| d.submit(&format!("s{i}"), "sleep 60"))
+        .map(|i| d.submit(&format!("s{i}"), "sleep:60000"))
         .collect();
     for task in &tasks {
         let view = d.wait_state(task, "running");
@@ -55,6 +56,25 @@ fn stopping_sigstopped_agents_records_cancelled_not_a_protocol_error() {
         assert_eq!(view["exit"]["ended_by"], json!("sigterm"), "{view}");
     }
     assert_eq!(stopped["stopped"].as_array().unwrap().len(), 6);
+}
+
+#[test]
+fn a_channel_reset_after_sigterm_leaves_the_outcome_to_the_stop() {
+    // The agent reads nothing (agentd's Cancel stays unread); on SIGTERM it closes its
+    // channel, which agentd sees reset, and exits a second later: the reset comes
+    // before the reap, every time.
+    let d = Daemon::with_test_agent(&["--cancel-grace", "300ms", "--term-grace", "10s"]);
+    let task = d.submit("alice", "close-on-term:1000");
+    d.wait_state(&task, "running");
+    let stopped = d.agentctl_json(&["stop", &task]);
+    let view = &stopped["stopped"][0];
+    assert_eq!(view["state"], json!("cancelled"), "{view}\n{}", d.log());
+    assert_eq!(view["exit"]["ended_by"], json!("sigterm"), "{view}");
+    assert!(
+        d.log().contains("Connection reset by peer"),
+        "the channel was not reset before the reap:\n{}",
+        d.log()
+    );
 }
 
 #[test]
