@@ -15,6 +15,9 @@
 //! - `exit:CODE`     exit with CODE after the result (whatever the outcome).
 //! - `linger:MS`     after sending the result, stay alive MS milliseconds more
 //!   (an agent whose slot must not be freed before it is reaped).
+//! - `touch:MS:PATH` MS milliseconds after sending the result (while lingering),
+//!   create PATH: a mark a test can wait for that is known to come MS later than
+//!   the result.
 //!
 //! Cancel and signals:
 //! - default         on Cancel: stop working, send Result Cancelled
@@ -22,6 +25,9 @@
 //! - `ignore-cancel` ignore Cancel (keep working).
 //! - `ignore-term`   ignore SIGTERM (default disposition otherwise: die).
 //! - `ignore-int`    ignore SIGINT.
+//! - `close-on-term:MS` after the handshake read nothing (agentd's Cancel stays
+//!   unread) and send nothing; on SIGTERM close the channel, which agentd then sees
+//!   reset, and exit MS milliseconds later.
 //!
 //! Endings:
 //! - `crash`         after the work, `abort()` (SIGABRT) without a result.
@@ -52,11 +58,19 @@
 //! Steering and environment:
 //! - `steer`         announce `capabilities.steer`; answer each Steer with SteerAck
 //!   accepted and Progress "steered: TEXT". Without it: SteerAck not accepted.
+//! - `refuse-steer`  announce `capabilities.steer` but answer each Steer with SteerAck
+//!   not accepted (an agent that offers steering and then cannot take a message).
+//! - `steer-gate:PATH` answer a Steer only once PATH exists.
 //! - `env`           send Progress "AGENTD_TASK_ID=…", "AGENTD_SESSION=…" (`<unset>`
 //!   if missing) and "open-fds: 0,1,2" listing the fds among 0..=20 that were open
 //!   at startup, other than the IPC fd.
 //!
 //! EOF or garbage from agentd while working: exit 1 at once (a well-behaved agent).
+//!
+//! `agentd-test-agent --echo` is another agent altogether: it answers every task
+//! with the task's text as it received it in Start (a stand-in for an LLM agent,
+//! which takes collected prompts). A text starting with `hold PATH` waits until PATH
+//! exists first.
 //!
 //! Exit codes: 0 done (or cancelled), 1 `fail` or agentd gone, 2 unknown or
 //! malformed behaviour word (after sending Result Failed "unknown behaviour word:
@@ -100,6 +114,10 @@ struct Behaviour {
     no_hello: bool,
     bad_version: bool,
     steer: bool,
+    refuse_steer: bool,
+    steer_gate: Option<PathBuf>,
+    touch: Option<(u64, PathBuf)>,
+    close_on_term: Option<u64>,
     env: bool,
 }
 
@@ -125,6 +143,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
             }
             Some(("exit", v)) => num(word, v).map(|c| b.exit = Some(c)),
             Some(("linger", v)) => num(word, v).map(|ms| b.linger_ms = ms),
+            Some(("close-on-term", v)) => num(word, v).map(|ms| b.close_on_term = Some(ms)),
             Some(("children", v)) => num(word, v).and_then(|n: u32| {
                 if n > 1000 {
                     Err(format!("bad behaviour word: {word} (at most 1000)"))
@@ -137,6 +156,16 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                 b.pidfile = Some(PathBuf::from(v));
                 Ok(())
             }
+            Some(("steer-gate", v)) if !v.is_empty() => {
+                b.steer_gate = Some(PathBuf::from(v));
+                Ok(())
+            }
+            Some(("touch", v)) => match v.split_once(':') {
+                Some((ms, path)) if !path.is_empty() => {
+                    num(word, ms).map(|ms| b.touch = Some((ms, PathBuf::from(path))))
+                }
+                _ => Err(format!("bad behaviour word: {word} (touch:MS:PATH)")),
+            },
             Some(_) => Err(format!("unknown behaviour word: {word}")),
             None => {
                 let flag = match word.as_str() {
@@ -153,6 +182,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "no-hello" => &mut b.no_hello,
                     "bad-version" => &mut b.bad_version,
                     "steer" => &mut b.steer,
+                    "refuse-steer" => &mut b.refuse_steer,
                     "env" => &mut b.env,
                     _ => {
                         problem.get_or_insert(format!("unknown behaviour word: {word}"));
@@ -333,7 +363,33 @@ enum Event {
     Cancel,
 }
 
+/// `--echo`: see the module docs.
+fn echo() -> ! {
+    let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
+    let hello = hello(
+        format!("agentd-test-agent {} --echo", env!("CARGO_PKG_VERSION")),
+        Capabilities { steer: false },
+    );
+    let (channel, task) =
+        AgentChannel::handshake(stream, hello).unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let (sender, _receiver) = channel.into_parts();
+    if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
+        die(1, format_args!("cannot start the heartbeat: {e}"));
+    }
+    if let Some(rest) = task.text.strip_prefix("hold ") {
+        let gate = PathBuf::from(rest.split_whitespace().next().unwrap_or_default());
+        while !gate.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    send_result(&sender, Outcome::Succeeded, task.text);
+    std::process::exit(0)
+}
+
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--echo") {
+        echo();
+    }
     let open_fds = open_fds_at_start();
     let words: Vec<String> = std::env::args_os()
         .skip(1)
@@ -359,6 +415,12 @@ fn main() {
         }
     }
 
+    // Registered before the handshake, so that no SIGTERM can come before it.
+    let term = b.close_on_term.map(|_| {
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
+            .unwrap_or_else(|e| die(1, format_args!("cannot catch SIGTERM: {e}")))
+    });
+
     let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
     if b.no_hello && problem.is_none() {
         spawn_descendants(&b);
@@ -377,7 +439,9 @@ fn main() {
     };
     let mut hello = hello(
         format!("agentd-test-agent {}", env!("CARGO_PKG_VERSION")),
-        Capabilities { steer: b.steer },
+        Capabilities {
+            steer: b.steer || b.refuse_steer,
+        },
     );
     hello.protocol = protocol;
     let (channel, _task) =
@@ -407,6 +471,14 @@ fn main() {
         sleep_forever();
     }
     drop(raw);
+    if let (Some(ms), Some(mut term)) = (b.close_on_term, term) {
+        let _ = term.forever().next();
+        // Every descriptor of the channel closes here, with agentd's Cancel unread.
+        drop(sender);
+        drop(receiver);
+        std::thread::sleep(Duration::from_millis(ms));
+        std::process::exit(0);
+    }
 
     if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
         die(1, format_args!("cannot start the heartbeat: {e}"));
@@ -414,13 +486,17 @@ fn main() {
     let (events_tx, events) = mpsc::channel();
     {
         let sender = sender.clone();
-        let (ignore_cancel, steer) = (b.ignore_cancel, b.steer);
+        let (ignore_cancel, steer) = (b.ignore_cancel, b.steer && !b.refuse_steer);
+        let steer_gate = b.steer_gate.clone();
         let reader = move || loop {
             match receiver.recv() {
                 Ok(Some(SupervisorMsg::Cancel)) if !ignore_cancel => {
                     let _ = events_tx.send(Event::Cancel);
                 }
                 Ok(Some(SupervisorMsg::Steer { text })) => {
+                    while steer_gate.as_ref().is_some_and(|gate| !gate.exists()) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     let _ = sender.send(&AgentMsg::SteerAck { accepted: steer });
                     if steer {
                         let _ = sender.progress(format!("steered: {text}"));
@@ -496,6 +572,14 @@ fn main() {
     };
     let text = b.result.unwrap_or_else(|| "done".into());
     send_result(&sender, outcome, text);
-    std::thread::sleep(Duration::from_millis(b.linger_ms));
+    let lingering = Instant::now();
+    if let Some((ms, path)) = &b.touch {
+        std::thread::sleep(Duration::from_millis(*ms));
+        if let Err(e) = std::fs::write(path, "") {
+            die(1, format_args!("cannot create {}: {e}", path.display()));
+        }
+    }
+    let linger = Duration::from_millis(b.linger_ms);
+    std::thread::sleep(linger.saturating_sub(lingering.elapsed()));
     std::process::exit(b.exit.unwrap_or(if b.fail { 1 } else { 0 }));
 }

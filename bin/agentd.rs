@@ -126,6 +126,7 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         max_queued: args.max_queued.or(file.max_queued).unwrap_or(1000),
         queue_timeout,
         dedup_window: 10_000,
+        collected_prompts: config::agent_wants_collected_prompts(&agent),
     };
     Ok(DaemonConfig {
         socket: args

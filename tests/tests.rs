@@ -12,7 +12,13 @@ mod capacity;
 mod cli;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
+/// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
+mod defaults;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
 mod queue;
+/// Timers, stops and events that cross each other.
+mod races;
+/// Steering fallbacks: refused steers, shutdown, steer-backlog answers.
+mod steer;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.
 mod stop;

@@ -695,6 +695,7 @@ mod tests {
             task_id: None,
             session: None,
             all: true,
+            wait: true,
         };
         let first = client.submit(stop).unwrap();
         let second = client.submit(RequestBody::Ping).unwrap();
@@ -1092,6 +1093,7 @@ mod tests {
             task_id: Some("t".into()),
             session: None,
             all: false,
+            wait: true,
         };
         assert!(timeout_for(&stop) >= Duration::from_secs(120));
         assert_eq!(timeout_for(&RequestBody::Ping), DEFAULT_TIMEOUT);

@@ -407,6 +407,7 @@ mod tests {
             duplicate: false,
             dropped: vec![],
             notice: None,
+            steered_into: None,
         }
     }
 
@@ -491,10 +492,11 @@ mod tests {
                 RequestBody::Stop {
                     task_id: None,
                     session: None,
-                    all: true
+                    all: true,
+                    wait: true,
                 }
             );
-            Response::ok(request.id, StopReply { stopped: vec![] })
+            Response::ok(request.id, StopReply::default())
         });
         let (code, out, err) = agentctl(&socket, &["stop", "--all"]);
         server.join().unwrap();
@@ -737,6 +739,7 @@ mod tests {
                     duplicate: false,
                     dropped: vec![],
                     notice: None,
+                    steered_into: None,
                 },
             )
         });

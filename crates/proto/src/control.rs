@@ -94,7 +94,8 @@ pub enum RequestBody {
         all: bool,
     },
     /// Stop one task, a session's tasks, or every task. Answers when the stopped
-    /// tasks have ended: [`StopReply`].
+    /// tasks have ended, or with `wait: false` at once, with the tasks still stopping
+    /// in `stopping`: [`StopReply`].
     Stop {
         #[serde(default)]
         task_id: Option<String>,
@@ -102,6 +103,8 @@ pub enum RequestBody {
         session: Option<String>,
         #[serde(default)]
         all: bool,
+        #[serde(default = "yes")]
+        wait: bool,
     },
 }
 
@@ -581,6 +584,11 @@ pub struct SendReply {
     /// follow-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// The running task the message was steered into: with `steer` the message's
+    /// task is `merged` into it; with `steer-backlog` it is also kept, queued as a
+    /// follow-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered_into: Option<String>,
 }
 
 /// Answer to `status` without a task id.
@@ -596,10 +604,31 @@ pub struct StatusReply {
     pub active: Vec<TaskView>,
 }
 
-/// Answer to `stop`: every task the stop acted on, in its final state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+fn yes() -> bool {
+    true
+}
+
+/// Answer to `stop`: every task the stop acted on, in its final state (or, for a
+/// stop answered without waiting, as it stands).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StopReply {
     pub stopped: Vec<TaskView>,
+    /// For a stop answered without waiting: how far each task still `stopping` is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopping: Vec<StoppingView>,
+}
+
+/// A task still stopping when its `stop` was answered: the step taken and the next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppingView {
+    pub task_id: String,
+    /// The step of the stop sequence taken last.
+    pub step: StopStep,
+    /// The next step, unless the task ends first, and how long until it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<StopStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_in_ms: Option<u64>,
 }
 
 #[cfg(test)]

@@ -325,11 +325,15 @@ impl Supervisor {
         if let Event::ProtocolError { error, .. } = &event {
             tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");
         }
-        if let Event::Progress { text, .. } = &event {
-            let text = text.clone();
+        // A progress event carries the task as it is after that progress: handled first.
+        let progress = match &event {
+            Event::Progress { text, .. } => Some(text.clone()),
+            _ => None,
+        };
+        self.handle(event);
+        if let Some(text) = progress {
             self.publish_task(EventKind::Progress, &task_id, Some(text), None);
         }
-        self.handle(event);
     }
 }
 

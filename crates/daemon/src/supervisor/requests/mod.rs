@@ -28,6 +28,7 @@ impl Supervisor {
                 task_id,
                 session,
                 all,
+                wait,
             } => {
                 let target = match (task_id, session, all) {
                     (Some(id), None, false) => self.resolve(&id).map(StopTarget::Task),
@@ -36,7 +37,7 @@ impl Supervisor {
                     _ => err(ErrorCode::BadRequest, text::STOP_TARGETS),
                 };
                 match target {
-                    Ok(target) => self.stop(target, Scope::Owner, false, reply),
+                    Ok(target) => self.stop(target, Scope::Owner, false, wait, reply),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }

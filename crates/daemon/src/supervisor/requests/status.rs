@@ -94,11 +94,11 @@ impl Supervisor {
             .map(|t| views::task_view(t, positions.get(&t.id).copied()))
             .collect();
         if all {
-            let mut done: Vec<TaskView> = Vec::new();
-            for task in self.history.iter(session) {
-                done.push(views::task_view(&task, None));
-            }
-            views.splice(0..0, done);
+            let done = self
+                .history
+                .iter(session)
+                .map(|task| views::task_view(&task, None));
+            views.extend(done);
         }
         views
     }
