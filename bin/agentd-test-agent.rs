@@ -286,7 +286,8 @@ fn sleep_program() -> CString {
 }
 
 /// Double fork: child → grandchild that `setsid()`s and execs `sleep 1000`; the
-/// child reports the grandchild's pid through a pipe and exits at once.
+/// child reports the grandchild's pid through a pipe and exits at once, and the
+/// pipe reaches EOF once the grandchild has exec'd.
 fn spawn_escapee() -> Result<i32, String> {
     let program = sleep_program();
     let arg = c"1000";
@@ -325,7 +326,11 @@ fn spawn_escapee() -> Result<i32, String> {
     }
     drop(write_end);
     let mut bytes = [0u8; 4];
-    let read = std::fs::File::from(read_end).read_exact(&mut bytes);
+    let mut pipe = std::fs::File::from(read_end);
+    let read = pipe.read_exact(&mut bytes);
+    // The grandchild holds the close-on-exec write end until it execs: EOF means it
+    // has called setsid() and is `sleep 1000`, so the reported pid is what it claims.
+    let _ = pipe.read_to_end(&mut Vec::new());
     // Reap the intermediate child so that only the grandchild is left.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
     read.map_err(|e| format!("no pid from the intermediate child: {e}"))?;
