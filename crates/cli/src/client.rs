@@ -201,7 +201,21 @@ impl Client {
             protocol: CONTROL_PROTOCOL_VERSION,
             client: Some(client_name.to_string()),
         };
-        client.server = match client.call::<HelloReply>(hello) {
+        let answer = match client.call::<HelloReply>(hello) {
+            // agentd may have refused the connection (e.g. too many connections) and
+            // closed it before the hello arrived: its last line says why.
+            Err(ClientError::Closed) => match client.read_response(
+                Some(Instant::now() + Duration::from_secs(1)),
+                Duration::from_secs(1),
+            ) {
+                Ok(response) if !response.ok => {
+                    Err(into_result(response).err().unwrap_or(ClientError::Closed))
+                }
+                _ => Err(ClientError::Closed),
+            },
+            other => other,
+        };
+        client.server = match answer {
             Ok(reply) => reply,
             Err(ClientError::Daemon(error)) if error.code == ErrorCode::UnsupportedProtocol => {
                 return Err(ClientError::UnsupportedProtocol {

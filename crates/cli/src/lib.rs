@@ -36,7 +36,7 @@ use std::time::SystemTime;
 
 use agentd_proto::control::{
     EventKind, PingReply, QueueSettingsView, RequestBody, SendReply, StatusReply, StopReply,
-    TaskState, TaskView,
+    TaskState, TaskView, TasksPage,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -143,9 +143,7 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
         Command::Status(_) => ctx.one_shot(&cli.command, out, |s: StatusReply| {
             render::render_status(&s, now())
         }),
-        Command::Tasks(_) => ctx.one_shot(&cli.command, out, |t: Vec<TaskView>| {
-            render::render_tasks(&t, now())
-        }),
+        Command::Tasks(_) => ctx.tasks(&cli.command, out),
         Command::Stop(_) => ctx.one_shot(&cli.command, out, |s: StopReply| render::render_stop(&s)),
         Command::Queue(_) => ctx.one_shot(&cli.command, out, |q: QueueSettingsView| {
             render::render_queue(&q)
@@ -197,6 +195,43 @@ impl Ctx<'_> {
 
     fn request(&self, body: RequestBody) -> Result<Value, ClientError> {
         Client::connect(self.socket)?.request(body)
+    }
+
+    /// `tasks`: fetches every page on one connection and prints them as one list
+    /// (one JSON array with `--json`), in the order of [`listing_order`].
+    fn tasks(&self, command: &Command, out: &mut dyn Write) -> Result<(), RunError> {
+        let Some(RequestBody::Tasks {
+            session,
+            all,
+            limit,
+            ..
+        }) = command.request()
+        else {
+            return Err(ClientError::BadResponse("not a tasks command".into()).into());
+        };
+        let mut client = Client::connect(self.socket)?;
+        let mut tasks = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page: TasksPage = client.call(RequestBody::Tasks {
+                session: session.clone(),
+                all,
+                limit,
+                cursor: cursor.take(),
+            })?;
+            tasks.extend(page.tasks);
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        tasks.sort_by(listing_order);
+        let text = if self.json {
+            to_json(&tasks)?
+        } else {
+            render::render_tasks(&tasks, SystemTime::now())
+        };
+        writeln!(out, "{text}").map_err(RunError::Output)
     }
 
     /// `watch`: one line per event, flushed, until a task watch's task has ended or
@@ -284,6 +319,24 @@ impl Ctx<'_> {
             })?,
         })
     }
+}
+
+/// The order `agentctl tasks` lists tasks in: active ones by start, then queued ones
+/// by position, then finished ones, oldest first.
+fn listing_order(a: &TaskView, b: &TaskView) -> std::cmp::Ordering {
+    fn key(t: &TaskView) -> (u8, u32, Option<&str>) {
+        if t.state.is_terminal() {
+            (2, 0, t.finished_at.as_deref())
+        } else if t.state == TaskState::Queued {
+            (1, t.position.unwrap_or(u32::MAX), None)
+        } else {
+            (0, 0, t.started_at.as_deref())
+        }
+    }
+    key(a)
+        .cmp(&key(b))
+        .then_with(|| a.created_at.cmp(&b.created_at))
+        .then_with(|| a.task_id.cmp(&b.task_id))
 }
 
 /// Writes one line and flushes, so that a reader sees it at once.
@@ -1117,7 +1170,7 @@ mod tests {
     #[test]
     fn a_closed_stdout_exits_0_quietly() {
         let (_dir, socket, server) =
-            fake_agentd(|request| Response::ok(request.id, serde_json::json!([])));
+            fake_agentd(|request| Response::ok(request.id, serde_json::json!({"tasks": []})));
         let cli = Cli::try_parse_checked(
             ["agentctl", "tasks", "--socket"]
                 .into_iter()

@@ -35,7 +35,6 @@ use agentd_proto::control::{
     WatchReply,
 };
 use agentd_proto::ipc::{AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION};
-use interprocess::local_socket::tokio::Listener;
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 
@@ -43,6 +42,7 @@ use crate::agent_io::{self, AgentEvent, AgentInput};
 use crate::config::{agent_argv, DaemonConfig};
 use crate::control::{self, ControlRequest, Reply, ServerInfo};
 use crate::events::{Filter, Subscriptions};
+use crate::listing;
 use crate::views::{self, now_millis};
 
 /// Signals the daemon acts on, delivered by the signal thread of the binary.
@@ -58,7 +58,7 @@ pub enum DaemonSignal {
 /// so) and every agent is gone.
 pub async fn run(
     config: DaemonConfig,
-    listener: Listener,
+    listener: control::Endpoint,
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -716,8 +716,25 @@ impl Supervisor {
             RequestBody::Status { task_id } => {
                 let _ = reply.send(self.status(task_id.as_deref()));
             }
-            RequestBody::Tasks { session, all } => {
-                let _ = reply.send(json(self.list(session.as_deref(), all)));
+            RequestBody::Tasks {
+                session,
+                all,
+                limit,
+                cursor,
+            } => {
+                // Paging (crate::listing): no answer exceeds a fixed size.
+                let positions = self.dispatcher.positions();
+                let position = |id: &TaskId| positions.get(id).copied();
+                let history = self.history.values().filter(|_| all);
+                let tasks = self.dispatcher.tasks().chain(history);
+                let session = session.as_deref();
+                let answer = if limit.is_none() && cursor.is_none() {
+                    listing::check_fits(tasks, position, session)
+                        .and_then(|()| json(self.list(session, all)))
+                } else {
+                    listing::page(tasks, position, session, limit, cursor.as_deref()).and_then(json)
+                };
+                let _ = reply.send(answer);
             }
             RequestBody::Hello { .. } | RequestBody::Ping => {
                 let _ = reply.send(err(ErrorCode::Internal, "answered by the connection"));
@@ -994,7 +1011,7 @@ note: {notice}"));
         &mut self,
         task_id: Option<String>,
         session: Option<String>,
-        events: Option<mpsc::UnboundedSender<EventView>>,
+        events: Option<control::EventSink>,
     ) -> Reply {
         let Some(events) = events else {
             return err(ErrorCode::Internal, "watch without an event channel");
