@@ -340,6 +340,7 @@ impl Client {
             },
             task: None,
             done: false,
+            skipped: 0,
         };
         let value = stream.client.wait(id, DEFAULT_TIMEOUT)?;
         stream.reply =
@@ -444,6 +445,8 @@ pub struct WatchStream<'a> {
     /// For a task watch, the task followed now (the full id once agentd sent it).
     task: Option<String>,
     done: bool,
+    /// `skipped` of the last event yielded.
+    skipped: u64,
 }
 
 /// How many merges [`WatchStream`] follows while catching up with a task that had
@@ -454,6 +457,12 @@ impl WatchStream<'_> {
     /// agentd's answer to the `watch` request.
     pub fn reply(&self) -> &WatchReply {
         &self.reply
+    }
+
+    /// How many progress lines agentd left out right before the event yielded last
+    /// (it coalesces progress for a client that reads slower than it comes).
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     /// The id of the `watch` request, which agentd's event lines carry.
@@ -562,6 +571,7 @@ impl Iterator for WatchStream<'_> {
         if self.done {
             return None;
         }
+        self.skipped = 0;
         if let Some(event) = self.client.events.pop_front() {
             return self.deliver(event);
         }
@@ -571,7 +581,10 @@ impl Iterator for WatchStream<'_> {
                 Err(e) => return self.fail(e),
             };
             match (response.id, response.event.take()) {
-                (Some(id), Some(event)) if id == self.id => return self.deliver(event),
+                (Some(id), Some(event)) if id == self.id => {
+                    self.skipped = response.skipped.unwrap_or(0);
+                    return self.deliver(event);
+                }
                 // A watch dropped earlier on this connection.
                 (_, Some(_)) => continue,
                 (Some(id), None) if id == self.id => {

@@ -238,12 +238,24 @@ impl Ctx<'_> {
     /// the connection closes.
     fn watch(&self, args: &WatchArgs, out: &mut dyn Write) -> Result<(), RunError> {
         let mut client = Client::connect(self.socket)?;
-        for event in client.watch(args.request())? {
+        let mut stream = client.watch(args.request())?;
+        while let Some(event) = stream.next() {
             let event = event?;
+            let skipped = stream.skipped();
             let line = if self.json {
-                to_json(&event)?
+                // The event object, with agentd's count of progress lines left out.
+                let mut value = serde_json::to_value(&event)
+                    .map_err(|e| ClientError::BadResponse(e.to_string()))?;
+                if let (Some(object), true) = (value.as_object_mut(), skipped > 0) {
+                    object.insert("skipped".into(), skipped.into());
+                }
+                to_json(&value)?
             } else {
-                render::render_event(&event, SystemTime::now())
+                let line = render::render_event(&event, SystemTime::now());
+                if skipped > 0 {
+                    print_flushed(out, &agentd_proto::text::skipped_progress(skipped))?;
+                }
+                line
             };
             print_flushed(out, &line)?;
         }
@@ -1082,6 +1094,44 @@ mod tests {
             ["  task t-1  finished: succeeded", "  task t-2  started"]
         );
         assert_eq!(err, "agentctl: agentd closed the connection\n");
+    }
+
+    #[test]
+    fn watch_shows_skipped_progress_and_ends_on_a_lagged_notice() {
+        let script = |conn: &mut Conn| {
+            let watch = conn.next();
+            conn.send(&Response::ok(
+                watch.id,
+                WatchReply {
+                    task_id: None,
+                    session: Some("alice".into()),
+                },
+            ));
+            let mut line = Response::event(watch.id, progress("t-1", "step 9"));
+            line.skipped = Some(8);
+            conn.send(&line);
+            conn.send(&Response::err(
+                Some(watch.id),
+                ErrorCode::Lagged,
+                "fell behind",
+            ));
+        };
+        let (_dir, socket, server) = fake_agentd_script(script);
+        let (code, out, err) = agentctl(&socket, &["watch", "--session", "alice"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_DAEMON_ERROR);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[0], "(8 progress lines skipped)");
+        assert!(lines[1].ends_with("step 9"), "{out}");
+        assert_eq!(err, "agentctl: fell behind\n");
+
+        let (_dir, socket, server) = fake_agentd_script(script);
+        let (_, out, _) = agentctl(&socket, &["--json", "watch", "--session", "alice"]);
+        server.join().unwrap();
+        let printed: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(printed["skipped"], 8);
+        assert_eq!(printed["text"], "step 9");
     }
 
     #[test]

@@ -203,7 +203,7 @@ async fn refuse(stream: Stream, max: usize) {
     let line = encode_line(&Response::err(
         None,
         ErrorCode::TooManyConnections,
-        format!("agentd already serves its maximum of {max} connections; try again later"),
+        agentd_proto::text::too_many_connections(max),
     ));
     let mut send_half = &stream;
     let _ = tokio::time::timeout(LAST_WORDS, send_half.write_all(&line)).await;
@@ -383,10 +383,7 @@ async fn read_requests(
                 outbox.push(&Response::err(
                     None,
                     ErrorCode::RequestTimeout,
-                    format!(
-                        "the request line did not end within {} ms; closing the connection",
-                        timeout.as_millis()
-                    ),
+                    agentd_proto::text::request_timeout(timeout),
                 ));
                 return Ending::Abort;
             }

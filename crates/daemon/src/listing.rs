@@ -8,6 +8,7 @@
 
 use agentd_core::{Task, TaskId};
 use agentd_proto::control::{ErrorCode, TasksPage, MAX_PAGE_BYTES, MAX_TASKS_PAGE};
+use agentd_proto::text;
 
 use crate::views;
 
@@ -23,12 +24,10 @@ pub fn page<'a>(
     cursor: Option<&str>,
 ) -> Result<TasksPage, ListError> {
     let after = match cursor {
-        Some(text) => Some(TaskId::parse_str(text.trim()).map_err(|_| {
-            (
-                ErrorCode::BadRequest,
-                format!("invalid cursor {text:?}: pass the next_cursor of the previous page"),
-            )
-        })?),
+        Some(text) => Some(
+            TaskId::parse_str(text.trim())
+                .map_err(|_| (ErrorCode::BadRequest, text::invalid_cursor(text)))?,
+        ),
         None => None,
     };
     let limit = limit.unwrap_or(MAX_TASKS_PAGE).clamp(1, MAX_TASKS_PAGE) as usize;
@@ -77,10 +76,7 @@ pub fn check_fits<'a>(
         None => Ok(()),
         Some(_) => Err((
             ErrorCode::TooLarge,
-            format!(
-                "the listing is longer than one answer ({MAX_TASKS_PAGE} tasks or {} KiB): ask for pages with limit and cursor",
-                MAX_PAGE_BYTES / 1024
-            ),
+            text::listing_too_large(MAX_TASKS_PAGE, MAX_PAGE_BYTES),
         )),
     }
 }

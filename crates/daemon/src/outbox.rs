@@ -300,11 +300,7 @@ impl Outbox {
         let line = encode_line(&Response::err(
             Some(id),
             ErrorCode::Lagged,
-            format!(
-                "this watch fell behind (the client did not read its events for {} s, or over {} KiB of them waited) and was ended; watch again to resume",
-                self.stall.as_secs_f32(),
-                self.budget / 1024
-            ),
+            agentd_proto::text::watch_lagged(self.stall, self.budget),
         ));
         // Events held for an unanswered watch go; its answer and the notice follow.
         if let Some(held) = state.held.remove(&watch) {
