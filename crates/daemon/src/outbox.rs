@@ -61,33 +61,27 @@ pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
     line
 }
 
-enum Item {
-    Line {
-        line: Vec<u8>,
-        /// The (watch, task) whose event this is, if any.
-        key: Option<(u64, String)>,
-    },
-    /// A progress event that a newer one of the same task and watch may replace.
-    Progress {
-        key: (u64, String),
-        response: Box<Response>,
-        len: usize,
-    },
+/// One line waiting for the writer.
+struct Item {
+    line: Vec<u8>,
+    /// The (watch, task) whose event this is, if any.
+    key: Option<(u64, String)>,
+    /// For a progress line that a newer one of the same task and watch may replace:
+    /// how many it replaced already.
+    coalesced: Option<u64>,
 }
 
 impl Item {
-    fn len(&self) -> usize {
-        match self {
-            Item::Line { line, .. } => line.len(),
-            Item::Progress { len, .. } => *len,
+    fn answer(line: Vec<u8>) -> Item {
+        Item {
+            line,
+            key: None,
+            coalesced: None,
         }
     }
 
-    fn key(&self) -> Option<&(u64, String)> {
-        match self {
-            Item::Line { key, .. } => key.as_ref(),
-            Item::Progress { key, .. } => Some(key),
-        }
+    fn len(&self) -> usize {
+        self.line.len()
     }
 }
 
@@ -131,7 +125,7 @@ impl State {
             self.waiting_since = Instant::now();
         }
         let seq = self.front_seq + self.queue.len() as u64;
-        if let Some(key) = item.key() {
+        if let Some(key) = &item.key {
             self.last_of.insert(key.clone(), seq);
         }
         self.queue.push_back(item);
@@ -206,7 +200,7 @@ impl Outbox {
             return;
         }
         state.pending += line.len();
-        state.enqueue(Item::Line { line, key: None });
+        state.enqueue(Item::answer(line));
         drop(state);
         self.ready.notify_one();
     }
@@ -222,7 +216,7 @@ impl Outbox {
             return;
         }
         state.pending += line.len();
-        state.enqueue(Item::Line { line, key: None });
+        state.enqueue(Item::answer(line));
         if response.ok {
             for item in held {
                 state.enqueue(item);
@@ -253,19 +247,17 @@ impl Outbox {
         if progress && answered {
             if let Some(&seq) = state.last_of.get(&key) {
                 let index = (seq - state.front_seq) as usize;
-                if let Some(Item::Progress {
-                    response: queued,
-                    len: queued_len,
-                    ..
-                }) = state.queue.get_mut(index)
-                {
-                    response.skipped = Some(queued.skipped.unwrap_or(0) + 1);
-                    let old = *queued_len;
-                    let new = encode_line(&response).len();
-                    **queued = response;
-                    *queued_len = new;
-                    state.pending = state.pending - old + new;
-                    return Delivery::Queued;
+                if let Some(queued) = state.queue.get_mut(index) {
+                    if let Some(skipped) = queued.coalesced {
+                        response.skipped = Some(skipped + 1);
+                        let line = encode_line(&response);
+                        let old = queued.line.len();
+                        let new = line.len();
+                        queued.line = line;
+                        queued.coalesced = Some(skipped + 1);
+                        state.pending = state.pending - old + new;
+                        return Delivery::Queued;
+                    }
                 }
             }
         }
@@ -274,17 +266,10 @@ impl Outbox {
             return self.lag(state, watch, id);
         }
         state.pending += line.len();
-        let item = if progress {
-            Item::Progress {
-                key,
-                response: Box::new(response),
-                len: line.len(),
-            }
-        } else {
-            Item::Line {
-                line,
-                key: Some(key),
-            }
+        let item = Item {
+            line,
+            key: Some(key),
+            coalesced: progress.then_some(0),
         };
         if !answered {
             state.held.entry(watch).or_default().push(item);
@@ -307,7 +292,7 @@ impl Outbox {
             state.pending -= held.iter().map(Item::len).sum::<usize>();
         }
         state.pending += line.len();
-        state.enqueue(Item::Line { line, key: None });
+        state.enqueue(Item::answer(line));
         drop(state);
         self.ready.notify_one();
         Delivery::Lagged
@@ -325,16 +310,12 @@ impl Outbox {
                     state.front_seq += 1;
                     state.pending -= item.len();
                     state.writing = true;
-                    if let Some(key) = item.key() {
+                    if let Some(key) = &item.key {
                         if state.last_of.get(key) == Some(&seq) {
-                            let key = key.clone();
-                            state.last_of.remove(&key);
+                            state.last_of.remove(key);
                         }
                     }
-                    let line = match item {
-                        Item::Line { line, .. } => line,
-                        Item::Progress { response, .. } => encode_line(&response),
-                    };
+                    let line = item.line;
                     drop(state);
                     self.room.notify_one();
                     return Some(line);
