@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentd_proto::control::{
-    ErrorCode, HelloReply, PingReply, Request, RequestBody, Response, CONTROL_PROTOCOL_VERSION,
-    MAX_REQUEST_BYTES,
+    Answer, ErrorBody, ErrorCode, HelloReply, PingReply, Request, RequestBody, Response,
+    CONTROL_PROTOCOL_VERSION, MAX_REQUEST_BYTES,
 };
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::traits::StreamCommon;
@@ -32,8 +32,8 @@ pub use crate::outbox::EventSink;
 use crate::outbox::{encode_line, Outbox, MAX_IN_FLIGHT, OUTPUT_BUDGET};
 use crate::socket::SocketFile;
 
-/// What the supervisor answers: a JSON result or a structured error.
-pub type Reply = Result<serde_json::Value, (ErrorCode, String)>;
+/// What the supervisor answers: a typed result or a structured error.
+pub type Reply = Result<Answer, ErrorBody>;
 
 /// A request handed to the supervisor.
 #[derive(Debug)]
@@ -200,7 +200,7 @@ pub async fn accept_loop(
 
 /// Tells a connection past the cap why it is closed, then closes it.
 async fn refuse(stream: Stream, max: usize) {
-    let line = encode_line(&Response::err(
+    let line = encode_line(&Response::<Answer>::err(
         None,
         ErrorCode::TooManyConnections,
         agentd_proto::text::too_many_connections(max),
@@ -369,7 +369,7 @@ async fn read_requests(
             Ok(LineRead::Line) => {}
             Ok(LineRead::Eof) | Err(_) => return Ending::Eof,
             Ok(LineRead::TooLong) => {
-                outbox.push(&Response::err(
+                outbox.push(&Response::<Answer>::err(
                     None,
                     ErrorCode::RequestTooLarge,
                     format!(
@@ -380,7 +380,7 @@ async fn read_requests(
             }
             Ok(LineRead::TimedOut) => {
                 tracing::debug!("closing a control connection whose request line did not end within {timeout:?}");
-                outbox.push(&Response::err(
+                outbox.push(&Response::<Answer>::err(
                     None,
                     ErrorCode::RequestTimeout,
                     agentd_proto::text::request_timeout(timeout),
@@ -398,7 +398,7 @@ async fn read_requests(
                 let id = serde_json::from_slice::<serde_json::Value>(&buf)
                     .ok()
                     .and_then(|v| v.get("id")?.as_u64());
-                outbox.push(&Response::err(
+                outbox.push(&Response::<Answer>::err(
                     id,
                     ErrorCode::BadRequest,
                     format!("invalid request: {e}"),
@@ -410,30 +410,32 @@ async fn read_requests(
         match request.body {
             RequestBody::Hello { protocol, .. } => {
                 if protocol != CONTROL_PROTOCOL_VERSION {
-                    outbox.push(&Response::err(
+                    outbox.push(&Response::<Answer>::err(
                         Some(id),
                         ErrorCode::UnsupportedProtocol,
                         format!("agentd speaks control protocol {CONTROL_PROTOCOL_VERSION}, not {protocol}"),
                     ));
                     return Ending::Abort;
                 }
-                outbox.push(&Response::ok(
+                outbox.push(&Response::<Answer>::answer(
                     id,
                     HelloReply {
                         protocol: CONTROL_PROTOCOL_VERSION,
                         server: format!("agentd {}", env!("CARGO_PKG_VERSION")),
-                    },
+                    }
+                    .into(),
                 ));
             }
             RequestBody::Ping => {
-                outbox.push(&Response::ok(
+                outbox.push(&Response::<Answer>::answer(
                     id,
                     PingReply {
                         pong: true,
                         version: env!("CARGO_PKG_VERSION").to_string(),
                         pid: std::process::id(),
                         uptime_ms: info.started.elapsed().as_millis() as u64,
-                    },
+                    }
+                    .into(),
                 ));
             }
             body => {
@@ -456,7 +458,7 @@ async fn read_requests(
                     .await
                     .is_err()
                 {
-                    outbox.push(&Response::err(
+                    outbox.push(&Response::<Answer>::err(
                         Some(id),
                         ErrorCode::ShuttingDown,
                         "agentd is shutting down",
@@ -466,9 +468,9 @@ async fn read_requests(
                 let outbox = outbox.clone();
                 tokio::spawn(async move {
                     let response = match answer.await {
-                        Ok(Ok(result)) => Response::ok(id, result),
-                        Ok(Err((code, message))) => Response::err(Some(id), code, message),
-                        Err(_) => Response::err(
+                        Ok(Ok(result)) => Response::answer(id, result),
+                        Ok(Err(error)) => Response::failed(Some(id), error),
+                        Err(_) => Response::<Answer>::err(
                             Some(id),
                             ErrorCode::ShuttingDown,
                             "agentd is shutting down",

@@ -6,32 +6,31 @@
 //! the last task id of the page, so a task that changes state between two pages is
 //! listed exactly once, and no task that exists throughout is missed.
 
+use std::borrow::Cow;
+
 use agentd_core::{Task, TaskId};
-use agentd_proto::control::{ErrorCode, TasksPage, MAX_PAGE_BYTES, MAX_TASKS_PAGE};
+use agentd_proto::control::{ErrorBody, ErrorCode, TasksPage, MAX_PAGE_BYTES, MAX_TASKS_PAGE};
 use agentd_proto::text;
 
 use crate::views;
 
-/// A listing failure: the error code and the message.
-pub type ListError = (ErrorCode, String);
-
 /// One page of `tasks` (the ones in `session`, if given), after `cursor`.
 pub fn page<'a>(
-    tasks: impl Iterator<Item = &'a Task>,
+    tasks: impl Iterator<Item = Cow<'a, Task>>,
     position: impl Fn(&TaskId) -> Option<u32>,
     session: Option<&str>,
     limit: Option<u32>,
     cursor: Option<&str>,
-) -> Result<TasksPage, ListError> {
+) -> Result<TasksPage, ErrorBody> {
     let after = match cursor {
         Some(text) => Some(
             TaskId::parse_str(text.trim())
-                .map_err(|_| (ErrorCode::BadRequest, text::invalid_cursor(text)))?,
+                .map_err(|_| ErrorBody::new(ErrorCode::BadRequest, text::invalid_cursor(text)))?,
         ),
         None => None,
     };
     let limit = limit.unwrap_or(MAX_TASKS_PAGE).clamp(1, MAX_TASKS_PAGE) as usize;
-    let mut candidates: Vec<&Task> = tasks
+    let mut candidates: Vec<Cow<'a, Task>> = tasks
         .filter(|t| session.is_none_or(|s| t.session == s))
         .filter(|t| after.is_none_or(|after| t.id > after))
         .collect();
@@ -67,14 +66,14 @@ pub fn page<'a>(
 /// For a `tasks` request without `limit` and `cursor`: `Ok` when the whole listing
 /// fits in one page, else `too_large`.
 pub fn check_fits<'a>(
-    tasks: impl Iterator<Item = &'a Task>,
+    tasks: impl Iterator<Item = Cow<'a, Task>>,
     position: impl Fn(&TaskId) -> Option<u32>,
     session: Option<&str>,
-) -> Result<(), ListError> {
+) -> Result<(), ErrorBody> {
     let first = page(tasks, position, session, None, None)?;
     match first.next_cursor {
         None => Ok(()),
-        Some(_) => Err((
+        Some(_) => Err(ErrorBody::new(
             ErrorCode::TooLarge,
             text::listing_too_large(MAX_TASKS_PAGE, MAX_PAGE_BYTES),
         )),

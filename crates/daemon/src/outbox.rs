@@ -47,7 +47,7 @@ pub const MAX_IN_FLIGHT: usize = 64;
 pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
     let mut line = match serde_json::to_vec(value) {
         Ok(line) => line,
-        Err(e) => serde_json::to_vec(&Response::err(
+        Err(e) => serde_json::to_vec(&Response::<()>::err(
             None,
             ErrorCode::Internal,
             format!("cannot encode an answer: {e}"),
@@ -193,7 +193,7 @@ impl Outbox {
     }
 
     /// Queues an answer or a notice (never refused while the connection lives).
-    pub fn push(&self, response: &Response) {
+    pub fn push<R: Serialize>(&self, response: &Response<R>) {
         let line = encode_line(response);
         let mut state = self.lock();
         if state.refuses() {
@@ -206,7 +206,12 @@ impl Outbox {
     }
 
     /// Queues the answer to watch `watch`, then the events held for it.
-    fn push_watch_answer(&self, watch: u64, response: &Response, answered: &AtomicBool) {
+    fn push_watch_answer<R: Serialize>(
+        &self,
+        watch: u64,
+        response: &Response<R>,
+        answered: &AtomicBool,
+    ) {
         let line = encode_line(response);
         let mut state = self.lock();
         answered.store(true, Ordering::SeqCst);
@@ -241,7 +246,7 @@ impl Outbox {
         }
         let key = (watch, event.task_id.clone());
         let progress = event.kind == EventKind::Progress;
-        let mut response = Response::event(id, event);
+        let mut response = Response::<()>::event(id, event);
         // A newer progress line replaces the queued one of the same task, if nothing
         // of that task was queued after it.
         if progress && answered {
@@ -282,7 +287,7 @@ impl Outbox {
     }
 
     fn lag(&self, mut state: MutexGuard<'_, State>, watch: u64, id: u64) -> Delivery {
-        let line = encode_line(&Response::err(
+        let line = encode_line(&Response::<()>::err(
             Some(id),
             ErrorCode::Lagged,
             agentd_proto::text::watch_lagged(self.stall, self.budget),
@@ -442,7 +447,7 @@ pub struct WatchAnswer {
 
 impl WatchAnswer {
     /// Queues the watch's answer and, if it is a success, the events held for it.
-    pub fn answer(self, response: &Response) {
+    pub fn answer<R: Serialize>(self, response: &Response<R>) {
         // The flag is set under the outbox lock, so no event slips between the
         // answer and the held events.
         self.outbox
