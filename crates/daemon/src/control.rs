@@ -440,6 +440,9 @@ async fn read_requests(
             }
             body => {
                 let in_flight = outbox.begin();
+                // A page of `tasks` can be large: the next request is read only once
+                // it is queued, so at most one page waits beyond the output budget.
+                let large = matches!(body, RequestBody::Tasks { .. });
                 let (reply, answer) = oneshot::channel();
                 let (events, watch_answer) = match body {
                     RequestBody::Watch { .. } => {
@@ -466,7 +469,7 @@ async fn read_requests(
                     return Ending::Eof;
                 }
                 let outbox = outbox.clone();
-                tokio::spawn(async move {
+                let answered = tokio::spawn(async move {
                     let response = match answer.await {
                         Ok(Ok(result)) => Response::answer(id, result),
                         Ok(Err(error)) => Response::failed(Some(id), error),
@@ -484,6 +487,9 @@ async fn read_requests(
                     }
                     drop(in_flight);
                 });
+                if large {
+                    let _ = answered.await;
+                }
             }
         }
     }

@@ -7,7 +7,9 @@
 //! - **Answers** are always queued. The connection stops reading requests while the
 //!   queue holds more than the budget (and while [`MAX_IN_FLIGHT`] requests are
 //!   unanswered), so a client that sends without reading is throttled at its own
-//!   socket.
+//!   socket. What waits is thus the budget plus the answers in flight: small ones
+//!   (`send`, `status`, `stop`…) and at most one page of `tasks`, after which the
+//!   connection reads on only once that page is queued.
 //! - **Progress events** are coalesced: a progress line of a task that still waits
 //!   in the queue for the same watch (with nothing of that task after it) is replaced
 //!   by the newer one (the latest wins), and the line says how many it replaced
