@@ -213,12 +213,20 @@ impl Ctx<'_> {
         let mut tasks = Vec::new();
         let mut cursor = None;
         loop {
-            let page: TasksPage = client.call(RequestBody::Tasks {
+            let value = client.request(RequestBody::Tasks {
                 session: session.clone(),
                 all,
                 limit,
                 cursor: cursor.take(),
             })?;
+            // An agentd from before paging answers the whole listing as an array.
+            let page: TasksPage = match value {
+                Value::Array(_) => TasksPage {
+                    tasks: decode(value)?,
+                    next_cursor: None,
+                },
+                page => decode(page)?,
+            };
             tasks.extend(page.tasks);
             match page.next_cursor {
                 Some(next) => cursor = Some(next),
@@ -1124,6 +1132,49 @@ mod tests {
         let printed: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
         assert_eq!(printed["skipped"], 8);
         assert_eq!(printed["text"], "step 9");
+    }
+
+    #[test]
+    fn tasks_joins_pages_and_accepts_an_unpaged_answer() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let first = conn.next();
+            let RequestBody::Tasks { cursor: None, .. } = first.body else {
+                panic!("{first:?}");
+            };
+            conn.send(&Response::ok(
+                first.id,
+                serde_json::json!({"tasks": [task("t-2", TaskState::Queued)], "next_cursor": "t-2"}),
+            ));
+            let second = conn.next();
+            let RequestBody::Tasks { cursor, .. } = second.body else {
+                panic!("{second:?}");
+            };
+            assert_eq!(cursor.as_deref(), Some("t-2"));
+            conn.send(&Response::ok(
+                second.id,
+                serde_json::json!({"tasks": [task("t-1", TaskState::Running)]}),
+            ));
+        });
+        let (code, out, err) = agentctl(&socket, &["--json", "tasks"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_OK, "{err}");
+        let printed: Value = serde_json::from_str(&out).unwrap();
+        let ids: Vec<&str> = printed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap())
+            .collect();
+        // Running first, then queued.
+        assert_eq!(ids, ["t-1", "t-2"]);
+
+        // An agentd from before paging answers with the whole array.
+        let (_dir, socket, server) =
+            fake_agentd(|request| Response::ok(request.id, vec![task("t-9", TaskState::Queued)]));
+        let (code, out, _) = agentctl(&socket, &["--json", "tasks"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_OK);
+        assert!(out.contains("t-9"), "{out}");
     }
 
     #[test]
