@@ -665,6 +665,35 @@ mod tests {
     }
 
     #[test]
+    fn the_reader_waits_while_too_much_is_in_flight_or_queued() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ready = |outbox: &Outbox| {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::ZERO, outbox.wait_for_room(2))
+                    .await
+                    .is_ok()
+            })
+        };
+        let outbox = Outbox::new(1024);
+        assert!(ready(&outbox));
+        let first = outbox.begin();
+        let second = outbox.begin();
+        assert!(!ready(&outbox), "two requests in flight is the cap");
+        drop(first);
+        assert!(ready(&outbox));
+        // Answers past the budget stop the reader until the writer takes them.
+        outbox.push(&Response::ok(1, "x".repeat(2000)));
+        assert!(!ready(&outbox), "the queue is over its budget");
+        rt.block_on(outbox.next()).unwrap();
+        outbox.wrote();
+        assert!(ready(&outbox));
+        drop(second);
+    }
+
+    #[test]
     fn many_non_progress_events_stay_within_the_budget() {
         let outbox = Outbox::new(64 * 1024);
         let (sink, answer) = EventSink::new(&outbox, 1, 7);
