@@ -56,6 +56,9 @@ pub struct ServerInfo {
 /// its last lines.
 const LAST_WORDS: Duration = Duration::from_secs(1);
 
+/// The writer reports progress after each this many bytes of a line.
+const WRITE_CHUNK: usize = 64 * 1024;
+
 /// How long a refused connection's input is read (and discarded) before it closes.
 const REFUSAL_DRAIN: Duration = Duration::from_millis(200);
 
@@ -320,9 +323,14 @@ async fn serve(
     let write_outbox = outbox.clone();
     let mut writer = tokio::spawn(async move {
         let mut send_half = &*write_stream;
-        while let Some(line) = write_outbox.next().await {
-            if send_half.write_all(&line).await.is_err() {
-                break;
+        'lines: while let Some(line) = write_outbox.next().await {
+            // In chunks, so that a client reading a long answer slowly still counts
+            // as reading (see `Outbox::progressed`).
+            for chunk in line.chunks(WRITE_CHUNK) {
+                if send_half.write_all(chunk).await.is_err() {
+                    break 'lines;
+                }
+                write_outbox.progressed();
             }
             write_outbox.wrote();
         }

@@ -335,7 +335,12 @@ impl Outbox {
         }
     }
 
-    /// The writer completed a write: the client is reading.
+    /// The writer wrote part of a line: the client is reading.
+    pub fn progressed(&self) {
+        self.lock().waiting_since = Instant::now();
+    }
+
+    /// The writer completed a line: the client is reading.
     pub fn wrote(&self) {
         let mut state = self.lock();
         state.writing = false;
