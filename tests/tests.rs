@@ -6,6 +6,9 @@ mod support;
 
 /// Misbehaving agents: crashes, garbage frames, handshake failures, descriptor leaks.
 mod agents;
+/// Bounds: stopped and slow clients, connection floods, slowloris, paging, SIGHUP,
+/// a removed socket.
+mod bounds;
 /// Capacity: live agents never exceed the cap; sessions don't block each other.
 mod capacity;
 /// agentctl's user-facing behaviour: words, JSON, errors and exit codes.

@@ -407,14 +407,20 @@ impl Watch {
         Watch::open(d, json!({"cmd": "watch", "session": session}))
     }
 
-    /// The next event (waits up to 30 s).
+    /// The next event (waits up to 30 s). A coalesced progress event gets the line's
+    /// `skipped` count as its own `skipped` field.
     pub fn next(&mut self) -> Value {
         let mut line = String::new();
         self.reader.read_line(&mut line).expect("an event line");
         let response: Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad event line {line:?}: {e}"));
         assert_eq!(response["id"], json!(7));
-        response["event"].clone()
+        let mut event = response["event"].clone();
+        // Coalesced progress: the line carries how many earlier ones it replaced.
+        if let (Some(skipped), Some(event)) = (response.get("skipped"), event.as_object_mut()) {
+            event.insert("skipped".into(), skipped.clone());
+        }
+        event
     }
 
     /// Event kinds up to and including the first of `last`.

@@ -136,9 +136,12 @@ impl Command {
             Command::Status(a) => RequestBody::Status {
                 task_id: a.task_id.clone(),
             },
+            // The first page; agentctl fetches the others (see `Ctx::tasks`).
             Command::Tasks(a) => RequestBody::Tasks {
                 session: a.session.clone(),
                 all: a.all,
+                limit: Some(agentd_proto::control::MAX_TASKS_PAGE),
+                cursor: None,
             },
             Command::Stop(a) => RequestBody::Stop {
                 task_id: a.task_id.clone(),
@@ -756,6 +759,8 @@ mod tests {
             Some(RequestBody::Tasks {
                 session: Some("bob".into()),
                 all: true,
+                limit: Some(agentd_proto::control::MAX_TASKS_PAGE),
+                cursor: None,
             })
         );
     }

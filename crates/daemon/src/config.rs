@@ -19,6 +19,32 @@ pub struct DaemonConfig {
     pub agent: Vec<String>,
     /// How many finished tasks to keep for `tasks --all` and `status ID`.
     pub history: usize,
+    /// Limits of the control socket (SIGHUP reloads them).
+    pub control: ControlSettings,
+}
+
+/// Limits of the control socket's connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSettings {
+    /// Most client connections open at once (idle ones count); past it a new
+    /// connection gets `too_many_connections` and is closed.
+    pub max_connections: usize,
+    /// How long a request line may take from its first byte to its newline.
+    pub request_timeout: Duration,
+}
+
+/// Default of [`ControlSettings::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// Default of [`ControlSettings::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for ControlSettings {
+    fn default() -> ControlSettings {
+        ControlSettings {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
 }
 
 /// The TOML file (`--config FILE`). Every key is optional; flags win over the file.
@@ -40,6 +66,8 @@ pub struct FileConfig {
     pub max_queued: Option<u32>,
     pub max_background: Option<u32>,
     pub queue_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub request_timeout: Option<String>,
 }
 
 impl FileConfig {

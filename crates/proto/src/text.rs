@@ -306,6 +306,49 @@ pub fn stop_lines(reply: &StopReply) -> String {
     lines.join("\n")
 }
 
+/// Refusal of a connection past `max-connections`.
+pub fn too_many_connections(max: usize) -> String {
+    format!("agentd already serves its maximum of {max} connections; try again later")
+}
+
+/// A request line that began but did not end within the request timeout.
+pub fn request_timeout(timeout: Duration) -> String {
+    format!(
+        "the request line did not end within {}; closing the connection",
+        format_seconds(timeout)
+    )
+}
+
+/// The last line of a watch that fell behind its events.
+pub fn watch_lagged(stall: Duration, budget_bytes: usize) -> String {
+    format!(
+        "this watch fell behind (the client did not read its events for {}, or over {} KiB of them waited) and was ended; watch again to resume",
+        format_seconds(stall),
+        budget_bytes / 1024
+    )
+}
+
+/// `tasks` without paging on a listing longer than one answer.
+pub fn listing_too_large(max_tasks: u32, max_bytes: usize) -> String {
+    format!(
+        "the listing is longer than one answer ({max_tasks} tasks or {} KiB): ask for pages with limit and cursor",
+        max_bytes / 1024
+    )
+}
+
+/// A `tasks` cursor that is not a task id.
+pub fn invalid_cursor(cursor: &str) -> String {
+    format!("invalid cursor {cursor:?}: pass the next_cursor of the previous page")
+}
+
+/// What a watcher is told when progress lines were coalesced away before a line.
+pub fn skipped_progress(skipped: u64) -> String {
+    match skipped {
+        1 => "(1 progress line skipped)".to_string(),
+        n => format!("({n} progress lines skipped)"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

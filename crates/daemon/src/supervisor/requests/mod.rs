@@ -84,8 +84,14 @@ impl Supervisor {
             RequestBody::Status { task_id } => {
                 let _ = reply.send(self.status(task_id.as_deref()));
             }
-            RequestBody::Tasks { session, all } => {
-                let _ = reply.send(json(self.list(session.as_deref(), all)));
+            RequestBody::Tasks {
+                session,
+                all,
+                limit,
+                cursor,
+            } => {
+                let answer = self.tasks(session.as_deref(), all, limit, cursor.as_deref());
+                let _ = reply.send(answer);
             }
             RequestBody::Hello { .. } | RequestBody::Ping => {
                 let _ = reply.send(err(ErrorCode::Internal, "answered by the connection"));
