@@ -2,13 +2,14 @@
 //!
 //! The command runs in its own process group with a clean signal mask, without the
 //! IPC fd, and with `AGENTD_TASK_ID`/`AGENTD_SESSION` in its environment. Its
-//! stdout and stderr lines become progress and feed a bounded tail that becomes
-//! the result text. Cancel turns into SIGINT for the group, steer text is written
+//! stdout and stderr share one pipe, so their lines keep the order the command
+//! wrote them in; each line becomes progress and feeds a bounded tail that
+//! becomes the result text. Cancel turns into SIGINT for the group, steer text is written
 //! to the command's stdin, and EOF (or garbage) on the channel means agentd is
 //! gone: the group gets SIGTERM + SIGCONT, then SIGKILL after a grace period.
 //!
 //! Threads: the caller's thread spawns the command and waits for it; one thread
-//! per output pipe; one IPC reader; one stdin writer (steering only); the
+//! for the output pipe; one IPC reader; one stdin writer (steering only); the
 //! heartbeat; and in [`run`] one thread that forwards agent-exec's own
 //! SIGTERM/SIGINT to the group.
 //!
@@ -241,6 +242,23 @@ fn supervise(
     let argv = command_line(config, &task);
     let program = argv[0].to_string_lossy().into_owned();
     let mut command = build_command(&argv, &task, config.steer);
+    // One pipe for stdout and stderr: the kernel keeps the order of the writes, so
+    // progress and the result's tail show lines in the order the command wrote them.
+    let output = match merged_output(&mut command) {
+        Ok(output) => output,
+        Err(e) => {
+            let text = format!("cannot make a pipe for `{program}`: {e}");
+            warn(format_args!("{text}"));
+            return finish(
+                &sender,
+                &group,
+                Outcome::Failed,
+                text,
+                None,
+                EXIT_CANNOT_RUN,
+            );
+        }
+    };
 
     let spawned = {
         let mut state = group.lock();
@@ -260,6 +278,9 @@ fn supervise(
             state.pgid = Some(pid);
         })
     };
+    // The command holds agent-exec's copies of the output pipe's write end: close
+    // them, or the pipe never reports EOF.
+    drop(command);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -284,17 +305,10 @@ fn supervise(
     let tail = Arc::new(Mutex::new(Tail::new(config.result_bytes)));
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut pumps = 0;
-    if let Some(out) = child.stdout.take() {
+    {
         let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
-        pumps += usize::from(spawn_thread("agent-exec-stdout", move || {
-            pump(out, &sender, &tail);
-            let _ = done.send(());
-        }));
-    }
-    if let Some(err) = child.stderr.take() {
-        let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
-        pumps += usize::from(spawn_thread("agent-exec-stderr", move || {
-            pump(err, &sender, &tail);
+        pumps += usize::from(spawn_thread("agent-exec-output", move || {
+            pump(output, &sender, &tail);
             let _ = done.send(());
         }));
     }
@@ -428,10 +442,7 @@ fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
     if std::env::var_os(ENV_SESSION).is_none() {
         command.env(ENV_SESSION, &task.session);
     }
-    command
-        .stdin(if steer { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.stdin(if steer { Stdio::piped() } else { Stdio::null() });
     let parent = nix::unistd::getpid().as_raw();
     // SAFETY: the closure only makes async-signal-safe system calls (setpgid,
     // prctl, getppid, sigemptyset, sigprocmask, signal) and allocates nothing.
@@ -465,6 +476,19 @@ fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
         });
     }
     command
+}
+
+/// Points the command's stdout and stderr at the write end of one new pipe and
+/// returns its read end. Both ends are close-on-exec in agent-exec; the command
+/// gets its copies as fds 1 and 2. The `Command` holds the write ends, so they
+/// close in agent-exec when it is dropped after the spawn.
+fn merged_output(command: &mut Command) -> io::Result<std::fs::File> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let write_err = write.try_clone()?;
+    command
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::from(write_err));
+    Ok(std::fs::File::from(read))
 }
 
 /// The IPC reader: cancel, steer, and "agentd is gone".

@@ -169,17 +169,29 @@ fn output_lines_become_progress_and_the_tail_the_result() {
     assert_eq!(code, exec::EXIT_SUCCEEDED);
     let exit = result.command_exit.unwrap();
     assert_eq!((exit.code, exit.signal), (Some(0), None));
-    // stdout and stderr are read by different threads: compare as sets.
-    let mut sorted = progress.clone();
-    sorted.sort();
     assert_eq!(
-        sorted,
-        ["one", "three", "two"],
+        progress,
+        ["one", "two", "three"],
         "blank lines are not progress"
     );
-    let mut lines: Vec<&str> = result.text.lines().collect();
-    lines.sort();
-    assert_eq!(lines, ["", "one", "three", "two"], "{:?}", result.text);
+    assert_eq!(result.text, "one\ntwo\n\nthree");
+}
+
+#[test]
+fn stdout_and_stderr_keep_the_order_the_command_wrote_them_in() {
+    // Alternating streams, line by line: two pipes read by two threads reorder these.
+    let script = "for i in $(seq 1 200); do echo out$i; echo err$i >&2; done";
+    let (result, code, progress) = start(script).finish();
+    assert_eq!(code, 0);
+    let expected: Vec<String> = (1..=200)
+        .flat_map(|i| [format!("out{i}"), format!("err{i}")])
+        .collect();
+    assert_eq!(progress, expected, "progress lost the command's order");
+    assert_eq!(
+        result.text,
+        expected.join("\n"),
+        "the result lost the order"
+    );
 }
 
 #[test]
