@@ -34,7 +34,9 @@ use agentd_proto::control::{
     ErrorCode, EventKind, EventView, RequestBody, SendReply, StatusReply, StopReply, TaskView,
     WatchReply,
 };
-use agentd_proto::ipc::{AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION};
+use agentd_proto::ipc::{
+    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MIN_IPC_PROTOCOL_VERSION,
+};
 use interprocess::local_socket::tokio::Listener;
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
@@ -551,9 +553,9 @@ impl Supervisor {
         };
         let event = match input {
             AgentInput::Msg(AgentMsg::Hello(hello)) if !agent.ready => {
-                if hello.protocol != IPC_PROTOCOL_VERSION {
+                if !(MIN_IPC_PROTOCOL_VERSION..=IPC_PROTOCOL_VERSION).contains(&hello.protocol) {
                     let reason = format!(
-                        "agentd speaks agent protocol {IPC_PROTOCOL_VERSION}, the agent {}",
+                        "agentd speaks agent protocol {MIN_IPC_PROTOCOL_VERSION} to {IPC_PROTOCOL_VERSION}, the agent {}",
                         hello.protocol
                     );
                     let _ = agent.to_agent.send(SupervisorMsg::Reject {
@@ -566,7 +568,7 @@ impl Supervisor {
                 } else {
                     agent.ready = true;
                     let _ = agent.to_agent.send(SupervisorMsg::Welcome {
-                        protocol: IPC_PROTOCOL_VERSION,
+                        protocol: hello.protocol.min(IPC_PROTOCOL_VERSION),
                     });
                     let _ = agent
                         .to_agent
@@ -608,7 +610,9 @@ impl Supervisor {
                     }),
                 },
             },
-            AgentInput::Msg(AgentMsg::Heartbeat) => return,
+            // v2 messages not acted on yet (IPC v2 in RULES.md): accepted, not errors.
+            AgentInput::Msg(AgentMsg::Heartbeat | AgentMsg::Features(_))
+            | AgentInput::Msg(AgentMsg::Checkpoint { .. }) => return,
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
                 let text = agent.steers.pop_front();
                 if let (false, Some(text)) = (accepted, text) {
@@ -1412,6 +1416,8 @@ fn msg_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::Result(_) => "Result",
         AgentMsg::Heartbeat => "Heartbeat",
         AgentMsg::SteerAck { .. } => "SteerAck",
+        AgentMsg::Features(_) => "Features",
+        AgentMsg::Checkpoint { .. } => "Checkpoint",
     }
 }
 
