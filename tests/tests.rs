@@ -12,6 +12,8 @@ mod capacity;
 mod cli;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
+/// The stdlib-only Python example agent under a real agentd.
+mod python_agent;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
 mod queue;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.
