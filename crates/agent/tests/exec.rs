@@ -23,6 +23,11 @@ struct Supervisor {
 }
 
 fn start_with(text: &str, config: ExecConfig) -> Supervisor {
+    start_after(&[], text, config)
+}
+
+/// Like [`start_with`], with `before` (Settings, Resume) sent between Welcome and Start.
+fn start_after(before: &[SupervisorMsg], text: &str, config: ExecConfig) -> Supervisor {
     let (agent, mut stream) = UnixStream::pair().unwrap();
     let agent_socket = format!("socket:[{}]", nix::sys::stat::fstat(&agent).unwrap().st_ino);
     stream
@@ -35,6 +40,9 @@ fn start_with(text: &str, config: ExecConfig) -> Supervisor {
         },
     )
     .unwrap();
+    for msg in before {
+        write_frame(&mut stream, msg).unwrap();
+    }
     write_frame(
         &mut stream,
         &SupervisorMsg::Start(TaskStart {
@@ -529,4 +537,35 @@ fn the_result_is_the_bounded_tail_and_long_lines_are_cut() {
     assert_eq!(long.len(), MAX_LINE_BYTES + CUT_MARKER.len());
     assert!(long.ends_with(CUT_MARKER));
     assert_eq!(progress.len(), 1001);
+}
+
+#[test]
+fn a_resumed_command_finds_its_checkpoint_in_the_environment_and_a_file() {
+    let script = r#"echo "resuming:${AGENTD_RESUMING:-0} prev:${AGENTD_PREVIOUS_TASK_ID:-}"
+        echo "env-bytes:${#AGENTD_CHECKPOINT} file-bytes:$(wc -c < "$AGENTD_CHECKPOINT_FILE")"
+        echo "file:$AGENTD_CHECKPOINT_FILE""#;
+    let resume = |checkpoint: String| SupervisorMsg::Resume {
+        previous_task_id: "task-0".into(),
+        checkpoint: Some(checkpoint),
+    };
+    // Small: in the variable and the file. Large: only in the file.
+    for (size, env_bytes) in [(10, 10), (exec::MAX_CHECKPOINT_ENV_BYTES + 1, 0)] {
+        let sup = start_after(&[resume("c".repeat(size))], script, ExecConfig::default());
+        let (result, code, progress) = sup.finish();
+        assert_eq!(code, 0, "{result:?}");
+        assert_eq!(progress[0], "resuming:1 prev:task-0");
+        assert_eq!(
+            progress[1],
+            format!("env-bytes:{env_bytes} file-bytes:{size}")
+        );
+        let file = progress[2].strip_prefix("file:").unwrap();
+        assert!(
+            !std::path::Path::new(file).exists(),
+            "the checkpoint file outlived the command: {file}"
+        );
+    }
+    // Not resumed: none of it.
+    let (_, _, progress) =
+        start("echo \"resuming:${AGENTD_RESUMING:-0} ${AGENTD_CHECKPOINT_FILE:-nofile}\"").finish();
+    assert_eq!(progress, ["resuming:0 nofile"]);
 }
