@@ -54,6 +54,14 @@
 //!   then sleep forever.
 //! - `no-hello`      never send Hello; sleep `sleep:MS` (default forever), exit 0.
 //! - `bad-version`   send Hello with protocol 999 (expect Reject).
+//! - `v1`            speak IPC protocol 1: Hello says 1, no Features, no Checkpoint.
+//!
+//! Protocol 2 (the default): the Hello says 2 and, after a v2 Welcome, Features
+//! `collected_prompts: true, checkpoints: true` follows. When the handshake carried
+//! a Resume, the first progress line is "resumed: PREVIOUS_TASK_ID CHECKPOINT"
+//! (`<none>` without a checkpoint).
+//! - `checkpoint:DATA` right after the handshake send Checkpoint DATA and Progress
+//!   "checkpoint: DATA" (nothing is sent to a v1 agentd).
 //!
 //! Steering and environment:
 //! - `steer`         announce `capabilities.steer`; answer each Steer with SteerAck
@@ -87,8 +95,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use agentd_agent::{
-    hello, ipc_stream_from_env, spawn_heartbeat, AgentChannel, AgentMsg, AgentSender, Capabilities,
-    Outcome, SupervisorMsg, TaskResult, ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID, IPC_PROTOCOL_VERSION,
+    hello, ipc_stream_from_env, spawn_heartbeat, AgentChannel, AgentFeatures, AgentMsg,
+    AgentSender, Capabilities, Outcome, SupervisorMsg, TaskResult, ENV_IPC_FD, ENV_SESSION,
+    ENV_TASK_ID, IPC_PROTOCOL_VERSION,
 };
 
 /// The behaviour words, parsed.
@@ -113,6 +122,8 @@ struct Behaviour {
     oversized: bool,
     no_hello: bool,
     bad_version: bool,
+    v1: bool,
+    checkpoint: Option<String>,
     steer: bool,
     refuse_steer: bool,
     steer_gate: Option<PathBuf>,
@@ -152,6 +163,10 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     Ok(())
                 }
             }),
+            Some(("checkpoint", v)) => {
+                b.checkpoint = Some(v.to_string());
+                Ok(())
+            }
             Some(("pidfile", v)) if !v.is_empty() => {
                 b.pidfile = Some(PathBuf::from(v));
                 Ok(())
@@ -181,6 +196,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "oversized" => &mut b.oversized,
                     "no-hello" => &mut b.no_hello,
                     "bad-version" => &mut b.bad_version,
+                    "v1" => &mut b.v1,
                     "steer" => &mut b.steer,
                     "refuse-steer" => &mut b.refuse_steer,
                     "env" => &mut b.env,
@@ -439,6 +455,8 @@ fn main() {
     let mut raw = stream.try_clone().unwrap_or_else(|e| die(3, e));
     let protocol = if b.bad_version {
         999
+    } else if b.v1 {
+        1
     } else {
         IPC_PROTOCOL_VERSION
     };
@@ -449,8 +467,14 @@ fn main() {
         },
     );
     hello.protocol = protocol;
-    let (channel, _task) =
-        AgentChannel::handshake(stream, hello).unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let features = AgentFeatures {
+        collected_prompts: true,
+        checkpoints: true,
+    };
+    let (channel, _task) = AgentChannel::handshake_with(stream, hello, features)
+        .unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let interval = channel.heartbeat_interval();
+    let resume = channel.resume().cloned();
     let (sender, mut receiver) = channel.into_parts();
     if let Some(problem) = problem {
         send_result(&sender, Outcome::Failed, problem.clone());
@@ -485,8 +509,17 @@ fn main() {
         std::process::exit(0);
     }
 
-    if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
+    if let Err(e) = spawn_heartbeat(sender.clone(), interval) {
         die(1, format_args!("cannot start the heartbeat: {e}"));
+    }
+    if let Some(resume) = resume {
+        let checkpoint = resume.checkpoint.as_deref().unwrap_or("<none>");
+        let _ = sender.progress(format!("resumed: {} {checkpoint}", resume.previous_task_id));
+    }
+    if let Some(data) = &b.checkpoint {
+        if sender.checkpoint(data.clone()).unwrap_or(false) {
+            let _ = sender.progress(format!("checkpoint: {data}"));
+        }
     }
     let (events_tx, events) = mpsc::channel();
     {

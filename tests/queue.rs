@@ -59,7 +59,8 @@ fn followup_runs_each_held_message_as_its_own_task_in_order() {
 
 #[test]
 fn steer_delivers_the_message_into_the_running_command() {
-    let d = Daemon::with_agent_exec(&[]);
+    let agent = format!("{AGENT_EXEC} --steer -- sh -c {{text}}");
+    let d = Daemon::start(&["--agent", &agent]);
     let reply = d.send("alice", "/queue steer");
     assert!(
         reply["reply"].as_str().unwrap().contains("mode steer"),
@@ -92,7 +93,8 @@ fn steer_delivers_the_message_into_the_running_command() {
 
 #[test]
 fn steer_to_an_agent_that_cannot_take_it_falls_back_to_a_follow_up_and_says_so() {
-    let agent = format!("{AGENT_EXEC} --no-steer -- sh -c {{text}}");
+    // agent-exec steers only with --steer: by default the command's stdin is closed.
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
     let d = Daemon::start(&[
         "--agent",
         &agent,

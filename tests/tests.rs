@@ -17,6 +17,8 @@ mod cli;
 mod control;
 /// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
 mod defaults;
+/// The stdlib-only Python example agent under a real agentd.
+mod python_agent;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
 mod queue;
 /// Timers, stops and events that cross each other.
