@@ -4,12 +4,14 @@
 //! supervisor publishes them. A task subscriber follows its task when the message is
 //! merged into another task (collected or steered), and is dropped after that
 //! task's `finished` event, which ends the client's stream. A subscriber whose
-//! client went away is dropped at the next event.
+//! client went away, or that fell too far behind (it gets a `lagged` notice, see
+//! [`crate::outbox`]), is dropped at the next event.
 
 use std::collections::HashMap;
 
 use agentd_proto::control::{EventKind, EventView};
-use tokio::sync::mpsc;
+
+use crate::outbox::EventSink;
 
 /// What a subscriber watches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +22,7 @@ pub enum Filter {
 
 struct Subscriber {
     filter: Filter,
-    events: mpsc::UnboundedSender<EventView>,
+    events: EventSink,
 }
 
 /// Every live subscription, and the queue positions last reported.
@@ -32,7 +34,7 @@ pub struct Subscriptions {
 }
 
 impl Subscriptions {
-    pub fn add(&mut self, filter: Filter, events: mpsc::UnboundedSender<EventView>) {
+    pub fn add(&mut self, filter: Filter, events: EventSink) {
         self.subscribers.push(Subscriber { filter, events });
     }
 
@@ -95,6 +97,36 @@ impl Subscriptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::{Outbox, OUTPUT_BUDGET};
+    use agentd_proto::control::Response;
+    use std::sync::Arc;
+
+    /// A sink on a fresh connection, answered, and a way to read what it got.
+    fn sink() -> (EventSink, Arc<Outbox>) {
+        let outbox = Outbox::new(OUTPUT_BUDGET);
+        let (sink, answer) = EventSink::new(&outbox, 1, 1);
+        answer.answer(&Response::ok(1, "watching"));
+        (sink, outbox)
+    }
+
+    /// The events queued on `outbox` (after the watch's answer).
+    fn received(outbox: &Outbox) -> Vec<EventView> {
+        outbox.finish_reading();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut events = Vec::new();
+        rt.block_on(async {
+            while let Ok(Some(line)) =
+                tokio::time::timeout(std::time::Duration::from_millis(50), outbox.next()).await
+            {
+                let response: Response = serde_json::from_slice(&line).unwrap();
+                events.extend(response.event);
+            }
+        });
+        events
+    }
 
     fn event(kind: EventKind, task: &str, into: Option<&str>) -> EventView {
         EventView {
@@ -112,14 +144,15 @@ mod tests {
     #[test]
     fn task_subscribers_follow_merges_and_end_on_finish() {
         let mut subs = Subscriptions::default();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = sink();
         subs.add(Filter::Task("a".into()), tx);
         subs.publish(&event(EventKind::Progress, "b", None));
         subs.publish(&event(EventKind::Merged, "a", Some("b")));
         subs.publish(&event(EventKind::Progress, "b", None));
         subs.publish(&event(EventKind::Finished, "b", None));
         assert!(subs.is_empty());
-        let kinds: Vec<(EventKind, String)> = std::iter::from_fn(|| rx.try_recv().ok())
+        let kinds: Vec<(EventKind, String)> = received(&rx)
+            .into_iter()
             .map(|e| (e.kind, e.task_id))
             .collect();
         assert_eq!(
@@ -135,20 +168,19 @@ mod tests {
     #[test]
     fn gone_clients_are_dropped_and_positions_report_changes_only() {
         let mut subs = Subscriptions::default();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = sink();
         subs.add(Filter::Session("s".into()), tx);
-        drop(rx);
+        rx.close();
         subs.publish(&event(EventKind::Progress, "x", None));
         assert!(subs.is_empty());
 
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = sink();
         subs.add(Filter::Session("s".into()), tx);
         subs.publish_positions(vec![("t".into(), "s".into(), 2)]);
         subs.publish_positions(vec![("t".into(), "s".into(), 2)]);
         subs.publish_positions(vec![("t".into(), "s".into(), 1)]);
-        let positions: Vec<Option<u32>> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|e| e.position)
-            .collect();
+        drop(subs);
+        let positions: Vec<Option<u32>> = received(&rx).into_iter().map(|e| e.position).collect();
         assert_eq!(positions, [Some(2), Some(1)]);
     }
 }
