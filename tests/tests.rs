@@ -13,6 +13,9 @@ mod bounds;
 mod capacity;
 /// agentctl's user-facing behaviour: words, JSON, errors and exit codes.
 mod cli;
+/// Containment (cgroup and fallback), parent death, hung and timed-out agents,
+/// hostile frames and floods.
+mod contain;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
 /// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.

@@ -43,6 +43,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub child: Child,
+    /// The flags it was started with (for [`Daemon::restart`]).
+    pub args: Vec<String>,
 }
 
 impl Daemon {
@@ -51,28 +53,33 @@ impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run").join("agentd.sock");
-        let log = std::fs::File::create(dir.path().join("agentd.log")).expect("log file");
-        let child = Command::new(AGENTD)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(args)
-            .env("AGENTD_LOG", "debug")
-            .env_remove("AGENTD_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agentd");
-        let mut daemon = Daemon { dir, socket, child };
-        wait_for("agentd answers a ping", DEADLINE, || {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("agentd exited early with {status}:\n{}", daemon.log());
-            }
-            daemon.try_request(json!({"cmd": "ping"})).ok()
-        });
+        let child = spawn_agentd(dir.path(), &socket, args);
+        let mut daemon = Daemon {
+            dir,
+            socket,
+            child,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        daemon.wait_ready();
         daemon
+    }
+
+    /// Starts a new agentd on the same socket, state dir and flags, after the previous
+    /// one ended (however it ended); its log is appended to the same file.
+    pub fn restart(&mut self) {
+        let _ = self.child.wait();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = spawn_agentd(self.dir.path(), &self.socket, &args);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        wait_for("agentd answers a ping", DEADLINE, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agentd exited early with {status}:\n{}", self.log());
+            }
+            self.try_request(json!({"cmd": "ping"})).ok()
+        });
     }
 
     /// agentd whose agent is the misbehaving test agent, given its words as the task text.
@@ -325,6 +332,29 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns agentd with its socket and state dir under `dir`, logging to
+/// `dir/agentd.log` (appended).
+fn spawn_agentd(dir: &Path, socket: &Path, args: &[&str]) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("agentd.log"))
+        .expect("log file");
+    Command::new(AGENTD)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(args)
+        .env("AGENTD_LOG", "debug")
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn agentd")
 }
 
 pub fn kill(pid: u32, signal: i32) {
