@@ -10,6 +10,8 @@ mod agents;
 mod capacity;
 /// agentctl's user-facing behaviour: words, JSON, errors and exit codes.
 mod cli;
+/// docs/protocol.md replayed against the daemon; the wire guarantees it states.
+mod conformance;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.

@@ -6,13 +6,20 @@
 //! task as they come, so a `stop` that waits for its task to end does not hold up a
 //! `status` sent after it on the same connection.
 //!
+//! **Order on a connection:** the answer to a request that is answered at once (all
+//! but `stop` and a chat `/stop`) is written before any event published while the
+//! supervisor handled it, so a bridge that watches its chat learns a task's id from
+//! the `send` answer before it sees an event about that task. [`OrderGate`] does it.
+//!
 //! **Invariant:** nothing here waits on an agent. Bad input (invalid JSON, unknown
 //! commands, oversized lines, random bytes) gets a structured error; an oversized line
 //! also closes the connection, since the rest of it cannot be trusted to be a request.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use agentd_core::{parse_chat_command, ChatCommand};
 use agentd_proto::control::{
     ErrorCode, EventView, HelloReply, PingReply, Request, RequestBody, Response,
     CONTROL_PROTOCOL_VERSION, MAX_REQUEST_BYTES,
@@ -60,6 +67,71 @@ pub async fn accept_loop(
     }
 }
 
+/// A line for the connection's writer, in the order it was handed over.
+#[derive(Debug)]
+enum Out {
+    /// A request answered at once went to the supervisor: hold events until its answer.
+    Pending(u64),
+    /// The answer to a request (or an error line).
+    Answer(Response),
+    /// An event line of a watch.
+    Event(Response),
+}
+
+/// Puts each at-once answer before the events published while its request was being
+/// handled. The reader queues [`Out::Pending`] before it hands a request over, so every
+/// event the request causes reaches the writer after it; those events wait until the
+/// answer is written. Only at-once requests are held for: the wait is the time the
+/// supervisor takes to reach and handle them.
+#[derive(Debug, Default)]
+struct OrderGate {
+    /// Ids of at-once requests not answered yet (a client may reuse ids).
+    pending: Vec<u64>,
+    held: VecDeque<Response>,
+}
+
+impl OrderGate {
+    /// The lines to write now, in order.
+    fn admit(&mut self, out: Out) -> Vec<Response> {
+        match out {
+            Out::Pending(id) => {
+                self.pending.push(id);
+                Vec::new()
+            }
+            Out::Event(event) if !self.pending.is_empty() => {
+                self.held.push_back(event);
+                Vec::new()
+            }
+            Out::Event(event) => vec![event],
+            Out::Answer(answer) => {
+                if let Some(i) = answer
+                    .id
+                    .and_then(|id| self.pending.iter().position(|p| *p == id))
+                {
+                    self.pending.swap_remove(i);
+                }
+                let mut lines = vec![answer];
+                if self.pending.is_empty() {
+                    lines.extend(self.held.drain(..));
+                }
+                lines
+            }
+        }
+    }
+}
+
+/// True for requests the supervisor answers while handling them; a `stop` (also as a
+/// chat `/stop`) answers only when its tasks have ended.
+fn answered_at_once(body: &RequestBody) -> bool {
+    match body {
+        RequestBody::Stop { .. } => false,
+        RequestBody::Send { text, .. } => {
+            !matches!(parse_chat_command(text), Some(ChatCommand::Stop(_)))
+        }
+        _ => true,
+    }
+}
+
 enum LineRead {
     Line,
     Eof,
@@ -103,6 +175,24 @@ async fn read_line_limited(
     }
 }
 
+/// The connection's writer, as the reader and the answer relays see it.
+#[derive(Clone)]
+struct Answers(mpsc::UnboundedSender<Out>);
+
+impl Answers {
+    fn send(&self, answer: Response) -> Result<(), ()> {
+        self.0.send(Out::Answer(answer)).map_err(drop)
+    }
+
+    fn event(&self, event: Response) -> Result<(), ()> {
+        self.0.send(Out::Event(event)).map_err(drop)
+    }
+
+    fn pending(&self, id: u64) {
+        let _ = self.0.send(Out::Pending(id));
+    }
+}
+
 async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc<ServerInfo>) {
     let euid = nix::unistd::geteuid().as_raw();
     match stream.peer_creds() {
@@ -118,21 +208,27 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
     }
     // `&Stream` reads and writes: the reader and the writer task share it.
     let stream = Arc::new(stream);
-    let (responses, mut outgoing) = mpsc::unbounded_channel::<Response>();
+    let (out, mut outgoing) = mpsc::unbounded_channel::<Out>();
     let write_stream = stream.clone();
     let writer = tokio::spawn(async move {
         let mut send_half = &*write_stream;
-        while let Some(response) = outgoing.recv().await {
-            let mut line = serde_json::to_vec(&response).unwrap_or_else(|e| {
-                format!(r#"{{"id":null,"ok":false,"error":{{"code":"internal","message":"{e}"}}}}"#)
+        let mut gate = OrderGate::default();
+        while let Some(next) = outgoing.recv().await {
+            for response in gate.admit(next) {
+                let mut line = serde_json::to_vec(&response).unwrap_or_else(|e| {
+                    format!(
+                        r#"{{"id":null,"ok":false,"error":{{"code":"internal","message":"{e}"}}}}"#
+                    )
                     .into_bytes()
-            });
-            line.push(b'\n');
-            if send_half.write_all(&line).await.is_err() {
-                break;
+                });
+                line.push(b'\n');
+                if send_half.write_all(&line).await.is_err() {
+                    return;
+                }
             }
         }
     });
+    let responses = Answers(out);
 
     let mut reader = BufReader::new(&*stream);
     let mut buf = Vec::new();
@@ -200,6 +296,9 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                 ));
             }
             body => {
+                if answered_at_once(&body) {
+                    responses.pending(id);
+                }
                 let (reply, answer) = oneshot::channel();
                 let (events, mut event_rx) = match body {
                     RequestBody::Watch { .. } => {
@@ -241,7 +340,7 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                     // supervisor drops the subscription or the client goes away.
                     if let (Some(rx), true) = (event_rx.as_mut(), watching) {
                         while let Some(event) = rx.recv().await {
-                            if responses.send(Response::event(id, event)).is_err() {
+                            if responses.event(Response::event(id, event)).is_err() {
                                 break;
                             }
                         }
@@ -274,6 +373,45 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn at_once_answers_come_before_the_events_of_their_handling() {
+        let event = |n: u64| Out::Event(Response::ok(n, "event"));
+        let ids = |lines: Vec<Response>| lines.iter().map(|r| r.id).collect::<Vec<_>>();
+        let mut gate = OrderGate::default();
+        assert_eq!(ids(gate.admit(event(9))), [Some(9)]);
+        gate.admit(Out::Pending(1));
+        gate.admit(Out::Pending(2));
+        assert!(gate.admit(event(9)).is_empty());
+        // An answer to a request not held for (a stop) goes out at once.
+        assert_eq!(ids(gate.admit(Out::Answer(Response::ok(7, "")))), [Some(7)]);
+        assert_eq!(ids(gate.admit(Out::Answer(Response::ok(2, "")))), [Some(2)]);
+        assert!(gate.admit(event(8)).is_empty());
+        assert_eq!(
+            ids(gate.admit(Out::Answer(Response::ok(1, "")))),
+            [Some(1), Some(9), Some(8)]
+        );
+        assert_eq!(ids(gate.admit(event(9))), [Some(9)]);
+    }
+
+    #[test]
+    fn stops_are_not_waited_for() {
+        let send = |text: &str| RequestBody::Send {
+            session: "s".into(),
+            text: text.into(),
+            message_id: None,
+            priority: None,
+            mode: None,
+        };
+        assert!(answered_at_once(&send("build it")));
+        assert!(answered_at_once(&send("/status")));
+        assert!(!answered_at_once(&send("/stop all")));
+        assert!(!answered_at_once(&RequestBody::Stop {
+            task_id: None,
+            session: None,
+            all: true
+        }));
     }
 
     #[tokio::test]
