@@ -3,13 +3,16 @@
 //! A subscriber watches one task or one session. Events go out in the order the
 //! supervisor publishes them. A task subscriber follows its task when the message is
 //! merged into another task (collected or steered), and is dropped after that
-//! task's `finished` event, which ends the client's stream. A subscriber whose
-//! client went away is dropped at the next event.
+//! task's `finished` event, which ends the client's stream. A session subscriber
+//! sees a merged message's `merged` and then its `finished`, like any other ending.
+//! A subscriber whose client went away is dropped at the next event.
 
 use std::collections::HashMap;
 
-use agentd_proto::control::{EventKind, EventView};
+use agentd_proto::control::{EventKind, EventView, TaskState};
 use tokio::sync::mpsc;
+
+use crate::views::{now_millis, rfc3339};
 
 /// What a subscriber watches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,9 +49,30 @@ impl Subscriptions {
 
     /// Delivers `event` to every subscriber it concerns.
     pub fn publish(&mut self, event: &EventView) {
+        if let (EventKind::Accepted, Some(position)) = (event.kind, event.position) {
+            // The `accepted` event says where it stands: no `position` event to repeat it.
+            self.positions.insert(event.task_id.clone(), position);
+        }
+        self.deliver(event, false);
+        let merged_away = event
+            .task
+            .as_ref()
+            .is_some_and(|t| t.state == TaskState::Merged && t.task_id == event.task_id);
+        if event.kind == EventKind::Merged && merged_away {
+            // The message's own task ended: a session watch sees that as for any task
+            // (a task watch follows the message into `into` instead).
+            let finished = EventView {
+                kind: EventKind::Finished,
+                ..event.clone()
+            };
+            self.deliver(&finished, true);
+        }
+    }
+
+    fn deliver(&mut self, event: &EventView, sessions_only: bool) {
         self.subscribers.retain_mut(|sub| {
             let concerned = match &sub.filter {
-                Filter::Task(id) => *id == event.task_id,
+                Filter::Task(id) => !sessions_only && *id == event.task_id,
                 Filter::Session(session) => *session == event.session,
             };
             if !concerned {
@@ -83,7 +107,7 @@ impl Subscriptions {
                     text: None,
                     into: None,
                     task: None,
-                    at: None,
+                    at: Some(rfc3339(now_millis())),
                 });
             }
             next.insert(task_id, position);
@@ -130,6 +154,74 @@ mod tests {
                 (EventKind::Finished, "b".into())
             ]
         );
+    }
+
+    fn merged_view(task: &str, into: &str) -> agentd_proto::control::TaskView {
+        agentd_proto::control::TaskView {
+            task_id: task.into(),
+            session: "s".into(),
+            state: TaskState::Merged,
+            position: None,
+            pid: None,
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            started_at: None,
+            finished_at: Some("2026-01-01T00:00:01.000Z".into()),
+            text: "x".into(),
+            progress: None,
+            result: None,
+            exit: None,
+            merged_into: Some(into.into()),
+            priority: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_session_watch_sees_a_merged_message_finish_and_a_task_watch_follows_it() {
+        let mut subs = Subscriptions::default();
+        let (session_tx, mut session_rx) = mpsc::unbounded_channel();
+        let (task_tx, mut task_rx) = mpsc::unbounded_channel();
+        subs.add(Filter::Session("s".into()), session_tx);
+        subs.add(Filter::Task("a".into()), task_tx);
+        let mut merged = event(EventKind::Merged, "a", Some("b"));
+        merged.task = Some(merged_view("a", "b"));
+        subs.publish(&merged);
+        let kinds = |rx: &mut mpsc::UnboundedReceiver<EventView>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|e| (e.kind, e.task_id))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(&mut session_rx),
+            [
+                (EventKind::Merged, "a".into()),
+                (EventKind::Finished, "a".into())
+            ]
+        );
+        assert_eq!(kinds(&mut task_rx), [(EventKind::Merged, "a".into())]);
+        assert_eq!(subs.len(), 2, "the task watch now follows b");
+    }
+
+    #[test]
+    fn accepted_is_not_repeated_as_a_position_and_positions_carry_a_time() {
+        let mut subs = Subscriptions::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        subs.add(Filter::Session("s".into()), tx);
+        let mut accepted = event(EventKind::Accepted, "t", None);
+        accepted.position = Some(1);
+        subs.publish(&accepted);
+        subs.publish_positions(vec![("t".into(), "s".into(), 1)]);
+        subs.publish_positions(vec![("t".into(), "s".into(), 2)]);
+        let events: Vec<EventView> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let kinds: Vec<(EventKind, Option<u32>)> =
+            events.iter().map(|e| (e.kind, e.position)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (EventKind::Accepted, Some(1)),
+                (EventKind::Position, Some(2))
+            ]
+        );
+        assert!(events[1].at.is_some(), "{:?}", events[1]);
     }
 
     #[test]
