@@ -32,10 +32,17 @@ pub struct Subscriptions {
     subscribers: Vec<Subscriber>,
     /// Positions of queued tasks as last published, to report only changes.
     positions: HashMap<String, u32>,
+    /// Set when a first subscriber arrives: `positions` is stale (nobody was told
+    /// anything), and the subscriber's snapshot said where every task stands.
+    reseed: bool,
 }
 
 impl Subscriptions {
     pub fn add(&mut self, filter: Filter, events: mpsc::UnboundedSender<EventView>) {
+        self.subscribers.retain(|sub| !sub.events.is_closed());
+        if self.subscribers.is_empty() {
+            self.reseed = true;
+        }
         self.subscribers.push(Subscriber { filter, events });
     }
 
@@ -96,6 +103,11 @@ impl Subscriptions {
     /// Reports queued tasks whose position changed since the last call. `current`
     /// holds every queued task: `(task_id, session, position)`.
     pub fn publish_positions(&mut self, current: Vec<(String, String, u32)>) {
+        if std::mem::take(&mut self.reseed) {
+            // Called in the same loop turn as the snapshot: nothing moved since.
+            self.positions = current.into_iter().map(|(id, _, p)| (id, p)).collect();
+            return;
+        }
         let mut next = HashMap::with_capacity(current.len());
         for (task_id, session, position) in current {
             if self.positions.get(&task_id) != Some(&position) && !self.subscribers.is_empty() {
@@ -225,6 +237,28 @@ mod tests {
     }
 
     #[test]
+    fn a_first_watcher_is_not_told_again_the_positions_its_snapshot_gave() {
+        let mut subs = Subscriptions::default();
+        // Nobody watched: positions were never published.
+        subs.publish_positions(vec![("t".into(), "s".into(), 3)]);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        subs.add(Filter::Session("s".into()), tx);
+        subs.publish_positions(vec![
+            ("t".into(), "s".into(), 1),
+            ("u".into(), "s".into(), 2),
+        ]);
+        assert!(
+            rx.try_recv().is_err(),
+            "the snapshot already said where t and u stand"
+        );
+        subs.publish_positions(vec![("u".into(), "s".into(), 1)]);
+        assert_eq!(
+            rx.try_recv().map(|e| (e.task_id, e.position)),
+            Ok(("u".into(), Some(1)))
+        );
+    }
+
+    #[test]
     fn gone_clients_are_dropped_and_positions_report_changes_only() {
         let mut subs = Subscriptions::default();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -235,6 +269,8 @@ mod tests {
 
         let (tx, mut rx) = mpsc::unbounded_channel();
         subs.add(Filter::Session("s".into()), tx);
+        // (The first call only takes stock: the watch's snapshot said where t stands.)
+        subs.publish_positions(vec![("t".into(), "s".into(), 3)]);
         subs.publish_positions(vec![("t".into(), "s".into(), 2)]);
         subs.publish_positions(vec![("t".into(), "s".into(), 2)]);
         subs.publish_positions(vec![("t".into(), "s".into(), 1)]);
