@@ -6,6 +6,8 @@ mod support;
 
 /// Misbehaving agents: crashes, garbage frames, handshake failures, descriptor leaks.
 mod agents;
+/// examples/bridge.py (Python, from the doc alone) against a real agentd.
+mod bridge;
 /// Capacity: live agents never exceed the cap; sessions don't block each other.
 mod capacity;
 /// agentctl's user-facing behaviour: words, JSON, errors and exit codes.
