@@ -432,13 +432,45 @@ fn generalize_new(value: &Value, b: &mut Bindings) -> Value {
             b.0.push((format!("TASK{n}"), json!(id)));
         }
     }
-    if let Some(pid) = value.pointer("/result/task/pid").filter(|p| p.is_u64()) {
-        if !b.0.iter().any(|(_, v)| v == pid) {
-            let n = 1 + b.0.iter().filter(|(n, _)| n.starts_with("PID")).count();
-            b.0.push((format!("PID{n}"), pid.clone()));
+    /// Agents' pids get names; agentd's own pid (next to `uptime_ms`), uptimes and
+    /// stop durations vary from run to run.
+    fn vary(value: &mut Value, b: &mut Bindings) {
+        match value {
+            Value::Object(map) => {
+                let daemon = map.contains_key("uptime_ms");
+                for (key, v) in map.iter_mut() {
+                    match key.as_str() {
+                        "uptime_ms" | "stop_ms" => *v = json!("…"),
+                        "pid" if daemon => *v = json!("…"),
+                        "pid" if v.is_u64() => {
+                            if !b.0.iter().any(|(_, bound)| bound == v) {
+                                let n =
+                                    1 + b.0.iter().filter(|(n, _)| n.starts_with("PID")).count();
+                                b.0.push((format!("PID{n}"), v.clone()));
+                            }
+                        }
+                        _ => vary(v, b),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| vary(v, b)),
+            Value::String(text) => {
+                // `… after 0.02 s)` in a stop's reply.
+                while let Some(at) = text
+                    .find(" after ")
+                    .filter(|at| text[at + 7..].starts_with(|c: char| c.is_ascii_digit()))
+                {
+                    let rest = &text[at + 7..];
+                    let end = rest.find(" s)").map_or(rest.len(), |e| e + 2);
+                    *text = format!("{} after …{}", &text[..at], &rest[end..]);
+                }
+            }
+            _ => {}
         }
     }
-    generalize(value, b)
+    let mut value = value.clone();
+    vary(&mut value, b);
+    generalize(&value, b)
 }
 
 /// An actual line as the doc would write it: bound values by name, times as `…`.
@@ -620,7 +652,7 @@ fn start_daemon(args: &[String]) -> Daemon {
 }
 
 /// Replays a transcript; on a difference, panics with the lines agentd wrote as the
-/// doc would write them. With `AGENTD_TRANSCRIPT_RECORD=1` it prints the whole
+/// doc would write them. With `AGENTD_TRANSCRIPT_RECORD=all` (or `=N`) it prints the whole
 /// transcript as agentd answered it instead (to paste into the doc after a change).
 fn replay(t: &Transcript) {
     let record = std::env::var_os("AGENTD_TRANSCRIPT_RECORD").is_some();
@@ -750,11 +782,10 @@ fn the_transcripts_in_the_protocol_doc_are_what_agentd_says() {
         !transcripts.is_empty(),
         "docs/protocol.md has no transcript"
     );
-    // AGENTD_TRANSCRIPT_RECORD=N records only the N-th transcript.
+    // AGENTD_TRANSCRIPT_RECORD=N records only the N-th transcript (=all: every one).
     let only: Option<usize> = std::env::var("AGENTD_TRANSCRIPT_RECORD")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 1 || transcripts.len() == 1);
+        .and_then(|v| v.parse().ok());
     for (i, t) in transcripts.iter().enumerate() {
         if only.is_none_or(|n| n == i + 1) {
             replay(t);
