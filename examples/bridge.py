@@ -200,8 +200,8 @@ class Bridge:
             log("watch of", watch_chat, "refused:", line.get("error"))
 
     def on_event(self, chat, event):
-        kind = event["kind"]
-        task_id = event["task_id"]
+        kind = event.get("kind")
+        task_id = event.get("task_id")
         task = event.get("task") or {}
         if kind == "progress":
             self.post(chat, "progress", event.get("text", ""), task_id=task_id)
