@@ -72,8 +72,9 @@ pub async fn accept_loop(
 enum Out {
     /// A request answered at once went to the supervisor: hold events until its answer.
     Pending(u64),
-    /// The answer to a request (or an error line).
-    Answer(Response),
+    /// The answer to a request (or an error line); `true` when it is the answer a
+    /// [`Out::Pending`] announced.
+    Answer(Response, bool),
     /// An event line of a watch.
     Event(Response),
 }
@@ -103,9 +104,10 @@ impl OrderGate {
                 Vec::new()
             }
             Out::Event(event) => vec![event],
-            Out::Answer(answer) => {
+            Out::Answer(answer, announced) => {
                 if let Some(i) = answer
                     .id
+                    .filter(|_| announced)
                     .and_then(|id| self.pending.iter().position(|p| *p == id))
                 {
                     self.pending.swap_remove(i);
@@ -181,7 +183,12 @@ struct Answers(mpsc::UnboundedSender<Out>);
 
 impl Answers {
     fn send(&self, answer: Response) -> Result<(), ()> {
-        self.0.send(Out::Answer(answer)).map_err(drop)
+        self.0.send(Out::Answer(answer, false)).map_err(drop)
+    }
+
+    /// The answer to a request announced with [`Answers::pending`].
+    fn announced(&self, answer: Response) -> Result<(), ()> {
+        self.0.send(Out::Answer(answer, true)).map_err(drop)
     }
 
     fn event(&self, event: Response) -> Result<(), ()> {
@@ -296,7 +303,8 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                 ));
             }
             body => {
-                if answered_at_once(&body) {
+                let announced = answered_at_once(&body);
+                if announced {
                     responses.pending(id);
                 }
                 let (reply, answer) = oneshot::channel();
@@ -316,7 +324,7 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                     .await
                     .is_err()
                 {
-                    let _ = responses.send(Response::err(
+                    let _ = responses.announced(Response::err(
                         Some(id),
                         ErrorCode::ShuttingDown,
                         "agentd is shutting down",
@@ -335,7 +343,11 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                         ),
                     };
                     let watching = response.ok;
-                    let _ = responses.send(response);
+                    let _ = if announced {
+                        responses.announced(response)
+                    } else {
+                        responses.send(response)
+                    };
                     // A watch streams its events after the answer, until the
                     // supervisor drops the subscription or the client goes away.
                     if let (Some(rx), true) = (event_rx.as_mut(), watching) {
@@ -385,11 +397,22 @@ mod tests {
         gate.admit(Out::Pending(2));
         assert!(gate.admit(event(9)).is_empty());
         // An answer to a request not held for (a stop) goes out at once.
-        assert_eq!(ids(gate.admit(Out::Answer(Response::ok(7, "")))), [Some(7)]);
-        assert_eq!(ids(gate.admit(Out::Answer(Response::ok(2, "")))), [Some(2)]);
-        assert!(gate.admit(event(8)).is_empty());
         assert_eq!(
-            ids(gate.admit(Out::Answer(Response::ok(1, "")))),
+            ids(gate.admit(Out::Answer(Response::ok(7, ""), false))),
+            [Some(7)]
+        );
+        assert_eq!(
+            ids(gate.admit(Out::Answer(Response::ok(2, ""), true))),
+            [Some(2)]
+        );
+        assert!(gate.admit(event(8)).is_empty());
+        // A ping that reuses id 1 does not release what the pending request 1 holds.
+        assert_eq!(
+            ids(gate.admit(Out::Answer(Response::ok(1, ""), false))),
+            [Some(1)]
+        );
+        assert_eq!(
+            ids(gate.admit(Out::Answer(Response::ok(1, ""), true))),
             [Some(1), Some(9), Some(8)]
         );
         assert_eq!(ids(gate.admit(event(9))), [Some(9)]);
