@@ -108,7 +108,7 @@ pub enum RequestBody {
 /// One response line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
-    /// The request's id; absent when the request line could not be parsed at all.
+    /// The request's id; `null` when the request line had no valid id.
     pub id: Option<u64>,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -465,7 +465,8 @@ pub struct SendReply {
     pub task: Option<TaskView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
-    /// For control commands: the command's name (`status`, `stop`, `tasks`, `help`).
+    /// For control commands: the command's name (`status`, `stop`, `tasks`, `queue`,
+    /// `help`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// For control commands: the same structured answer the control request gives.
