@@ -1,27 +1,24 @@
-//! docs/protocol.md is the contract: its transcripts are replayed against a real
-//! agentd, its JSON examples must parse, and its tables must name what exists.
+//! The transcript machinery: finds fenced blocks in docs/protocol.md, parses
+//! `transcript` blocks, replays them against a real agentd, matches agentd's lines
+//! against the doc's (placeholders and wildcards), and prints transcripts as agentd
+//! answers them (`AGENTD_TRANSCRIPT_RECORD`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-
 use std::time::Duration;
 
-use agentd_proto::control::{
-    Capacity, ErrorCode, EventKind, EventView, ExitView, Priority, QueueMode, Request, Response,
-    SendReply, StatusReply, TaskState, TaskView,
-};
 use serde_json::{json, Value};
 
 use crate::support::*;
 
 /// One client connection speaking raw lines.
-struct Conn {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
+pub(super) struct Conn {
+    pub(super) writer: UnixStream,
+    pub(super) reader: BufReader<UnixStream>,
 }
 
 impl Conn {
-    fn open(d: &Daemon) -> Conn {
+    pub(super) fn open(d: &Daemon) -> Conn {
         let stream = UnixStream::connect(&d.socket).expect("connect");
         stream
             .set_read_timeout(Some(DEADLINE))
@@ -32,11 +29,11 @@ impl Conn {
         }
     }
 
-    fn send(&mut self, request: &Value) {
+    pub(super) fn send(&mut self, request: &Value) {
         writeln!(self.writer, "{request}").expect("write request");
     }
 
-    fn line(&mut self) -> Value {
+    pub(super) fn line(&mut self) -> Value {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).expect("read a line");
         assert!(n > 0, "agentd closed the connection");
@@ -44,57 +41,20 @@ impl Conn {
     }
 }
 
-/// A bridge watches its chat and sends on the same connection: it must learn the
-/// task id (the `send` answer) before any event about that task.
-#[test]
-fn a_send_is_answered_before_the_events_it_causes_on_the_same_connection() {
-    let d = Daemon::with_agent_exec(&["--max-concurrent", "4", "--debounce", "0ms"]);
-    let mut c = Conn::open(&d);
-    c.send(&json!({"id": 1, "cmd": "watch", "session": "chat"}));
-    assert_eq!(
-        c.line()["result"],
-        json!({"session": "chat", "task_id": null})
-    );
-    for round in 0..20u64 {
-        let id = 100 + round;
-        c.send(&json!({"id": id, "cmd": "send", "session": "chat", "text": "true", "mode": "followup"}));
-        // The previous task's events all came before its `finished`, so the next
-        // line must be this answer, not an event about the task it created.
-        let answer = c.line();
-        assert_eq!(
-            answer["id"],
-            json!(id),
-            "round {round}: an event came before the send's answer: {answer}"
-        );
-        let task = answer["result"]["task"]["task_id"].clone();
-        assert!(task.is_string(), "round {round}: no task in the answer");
-        // And its events follow, through its end.
-        loop {
-            let line = c.line();
-            let event = &line["event"];
-            if event["task_id"] == task && event["kind"] == json!("finished") {
-                break;
-            }
-        }
-    }
-}
-
-// ----- the doc's transcripts -----
-
 /// docs/protocol.md, as the test reads it.
-fn protocol_doc() -> String {
+pub(super) fn protocol_doc() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md");
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }
 
 /// A fenced block: its info string (`json`, `transcript`…), its text, its first line.
-struct Block {
-    info: String,
-    text: String,
-    line: usize,
+pub(super) struct Block {
+    pub(super) info: String,
+    pub(super) text: String,
+    pub(super) line: usize,
 }
 
-fn fenced_blocks(doc: &str) -> Vec<Block> {
+pub(super) fn fenced_blocks(doc: &str) -> Vec<Block> {
     let mut blocks = Vec::new();
     let mut open: Option<Block> = None;
     for (n, line) in doc.lines().enumerate() {
@@ -120,24 +80,24 @@ fn fenced_blocks(doc: &str) -> Vec<Block> {
 
 /// One `>` request and the `<` lines it is answered with.
 #[derive(Debug, Default)]
-struct Step {
-    request: Option<Value>,
-    expect: Vec<Value>,
+pub(super) struct Step {
+    pub(super) request: Option<Value>,
+    pub(super) expect: Vec<Value>,
     /// `< closed`: agentd closes the connection after these lines.
-    closes: bool,
-    line: usize,
+    pub(super) closes: bool,
+    pub(super) line: usize,
 }
 
 #[derive(Debug)]
-struct Transcript {
+pub(super) struct Transcript {
     /// The `$ agentd …` line's arguments.
-    args: Vec<String>,
-    steps: Vec<Step>,
-    line: usize,
+    pub(super) args: Vec<String>,
+    pub(super) steps: Vec<Step>,
+    pub(super) line: usize,
 }
 
 /// Splits a command line on blanks, with '…' and "…" quoting.
-fn shell_words(line: &str) -> Vec<String> {
+pub(super) fn shell_words(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word: Option<String> = None;
     let mut quote: Option<char> = None;
@@ -160,7 +120,7 @@ fn shell_words(line: &str) -> Vec<String> {
 
 /// Parses a `transcript` block: `$ agentd ARGS`, then `>` requests each followed by
 /// the `<` lines agentd writes; an entry continues on indented lines; `#` comments.
-fn parse_transcript(block: &Block) -> Transcript {
+pub(super) fn parse_transcript(block: &Block) -> Transcript {
     let mut args = None;
     let mut entries: Vec<(char, String, usize)> = Vec::new();
     for (i, line) in block.text.lines().enumerate() {
@@ -236,14 +196,14 @@ fn parse_transcript(block: &Block) -> Transcript {
 
 /// Values bound to `$NAME` placeholders, in the order they were bound.
 #[derive(Debug, Clone, Default)]
-struct Bindings(Vec<(String, Value)>);
+pub(super) struct Bindings(pub(super) Vec<(String, Value)>);
 
 impl Bindings {
-    fn get(&self, name: &str) -> Option<&Value> {
+    pub(super) fn get(&self, name: &str) -> Option<&Value> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
-    fn text(&self, name: &str) -> Option<String> {
+    pub(super) fn text(&self, name: &str) -> Option<String> {
         self.get(name).map(|v| match v {
             Value::String(s) => s.clone(),
             other => other.to_string(),
@@ -253,13 +213,13 @@ impl Bindings {
 
 /// A piece of an expected string: literal text, `…` (anything), or `$NAME`.
 #[derive(Debug)]
-enum Piece {
+pub(super) enum Piece {
     Lit(String),
     Any,
     Var(String),
 }
 
-fn placeholder_at(s: &str) -> Option<usize> {
+pub(super) fn placeholder_at(s: &str) -> Option<usize> {
     let mut chars = s.strip_prefix('$')?.chars();
     chars.next().filter(char::is_ascii_uppercase)?;
     let len = 2 + chars
@@ -268,7 +228,7 @@ fn placeholder_at(s: &str) -> Option<usize> {
     Some(len)
 }
 
-fn pieces(pattern: &str) -> Vec<Piece> {
+pub(super) fn pieces(pattern: &str) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut lit = String::new();
     let mut rest = pattern;
@@ -291,7 +251,7 @@ fn pieces(pattern: &str) -> Vec<Piece> {
 }
 
 /// Matches `text` against pattern pieces, binding new variables (shortest first).
-fn glob(pieces: &[Piece], text: &str, b: &mut Bindings) -> bool {
+pub(super) fn glob(pieces: &[Piece], text: &str, b: &mut Bindings) -> bool {
     let Some((first, rest)) = pieces.split_first() else {
         return text.is_empty();
     };
@@ -328,7 +288,12 @@ fn glob(pieces: &[Piece], text: &str, b: &mut Bindings) -> bool {
 /// Matches an actual line against the doc's: same fields, same values, except that
 /// `"…"` is any value, `"$NAME"` binds (or must equal) a value, and inside strings
 /// `…` and `$NAME` stand for text.
-fn matches(expected: &Value, actual: &Value, b: &mut Bindings, path: &str) -> Result<(), String> {
+pub(super) fn matches(
+    expected: &Value,
+    actual: &Value,
+    b: &mut Bindings,
+    path: &str,
+) -> Result<(), String> {
     match (expected, actual) {
         (Value::String(p), _) if p == "…" => Ok(()),
         (Value::String(p), _) if placeholder_at(p) == Some(p.len()) => match b.get(&p[1..]) {
@@ -370,7 +335,7 @@ fn matches(expected: &Value, actual: &Value, b: &mut Bindings, path: &str) -> Re
 }
 
 /// Fills `$NAME` (and `$NAME:N`, its first N characters) into a request.
-fn substitute(value: &Value, b: &Bindings) -> Value {
+pub(super) fn substitute(value: &Value, b: &Bindings) -> Value {
     match value {
         Value::String(s) if placeholder_at(s) == Some(s.len()) => b
             .get(&s[1..])
@@ -413,7 +378,7 @@ fn substitute(value: &Value, b: &Bindings) -> Value {
 }
 
 /// Like [`generalize`], naming task ids not seen before `$TASK1`, `$TASK2`… first.
-fn generalize_new(value: &Value, b: &mut Bindings) -> Value {
+pub(super) fn generalize_new(value: &Value, b: &mut Bindings) -> Value {
     fn ids(value: &Value, out: &mut Vec<String>) {
         match value {
             Value::String(s) if s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4 => {
@@ -474,7 +439,7 @@ fn generalize_new(value: &Value, b: &mut Bindings) -> Value {
 }
 
 /// An actual line as the doc would write it: bound values by name, times as `…`.
-fn generalize(value: &Value, b: &Bindings) -> Value {
+pub(super) fn generalize(value: &Value, b: &Bindings) -> Value {
     match value {
         Value::String(s) if is_timestamp(s) => json!("…"),
         Value::String(s) => {
@@ -509,13 +474,13 @@ fn generalize(value: &Value, b: &Bindings) -> Value {
     }
 }
 
-fn is_timestamp(s: &str) -> bool {
+pub(super) fn is_timestamp(s: &str) -> bool {
     let b = s.as_bytes();
     s.len() >= 20 && s.ends_with('Z') && b[4] == b'-' && b[10] == b'T' && b[13] == b':'
 }
 
 /// The order the doc writes fields in (agentd's own order; serde_json's `Value` sorts).
-const FIELD_ORDER: &[&str] = &[
+pub(super) const FIELD_ORDER: &[&str] = &[
     "id",
     "ok",
     "cmd",
@@ -563,7 +528,7 @@ const FIELD_ORDER: &[&str] = &[
     "stop_ms",
 ];
 
-fn ordered(map: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+pub(super) fn ordered(map: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
     let rank = |k: &str| {
         FIELD_ORDER
             .iter()
@@ -575,7 +540,7 @@ fn ordered(map: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
     fields
 }
 
-fn flat(value: &Value) -> String {
+pub(super) fn flat(value: &Value) -> String {
     match value {
         Value::Object(map) => {
             let fields: Vec<String> = ordered(map)
@@ -596,7 +561,7 @@ fn flat(value: &Value) -> String {
 
 /// An entry of a transcript as the doc writes it: one JSON line, filled to 96
 /// columns, breaking after commas outside strings (continuation lines indented).
-fn entry(mark: char, value: &Value) -> String {
+pub(super) fn entry(mark: char, value: &Value) -> String {
     const WIDTH: usize = 96;
     let text = flat(value);
     let mut pieces: Vec<String> = vec![String::new()];
@@ -635,7 +600,7 @@ fn entry(mark: char, value: &Value) -> String {
 }
 
 /// The daemon a transcript's `$ agentd …` line describes, with this build's agents.
-fn start_daemon(args: &[String]) -> Daemon {
+pub(super) fn start_daemon(args: &[String]) -> Daemon {
     let args: Vec<String> = args
         .iter()
         .map(|a| {
@@ -654,7 +619,7 @@ fn start_daemon(args: &[String]) -> Daemon {
 /// Replays a transcript; on a difference, panics with the lines agentd wrote as the
 /// doc would write them. With `AGENTD_TRANSCRIPT_RECORD=all` (or `=N`) it prints the whole
 /// transcript as agentd answered it instead (to paste into the doc after a change).
-fn replay(t: &Transcript) {
+pub(super) fn replay(t: &Transcript) {
     let record = std::env::var_os("AGENTD_TRANSCRIPT_RECORD").is_some();
     let d = start_daemon(&t.args);
     let mut conn: Option<Conn> = None;
@@ -753,7 +718,7 @@ fn replay(t: &Transcript) {
 }
 
 /// The next line, or `None` after the deadline (or in record mode, a quiet while).
-fn read_line(c: &mut Conn) -> Option<Value> {
+pub(super) fn read_line(c: &mut Conn) -> Option<Value> {
     if std::env::var_os("AGENTD_TRANSCRIPT_RECORD").is_some() {
         let _ = c
             .reader
@@ -767,279 +732,5 @@ fn read_line(c: &mut Conn) -> Option<Value> {
                 .unwrap_or_else(|e| panic!("agentd wrote invalid JSON ({e}): {line}")),
         ),
         _ => None,
-    }
-}
-
-#[test]
-fn the_transcripts_in_the_protocol_doc_are_what_agentd_says() {
-    let doc = protocol_doc();
-    let transcripts: Vec<Transcript> = fenced_blocks(&doc)
-        .iter()
-        .filter(|b| b.info == "transcript")
-        .map(parse_transcript)
-        .collect();
-    assert!(
-        !transcripts.is_empty(),
-        "docs/protocol.md has no transcript"
-    );
-    // AGENTD_TRANSCRIPT_RECORD=N records only the N-th transcript (=all: every one).
-    let only: Option<usize> = std::env::var("AGENTD_TRANSCRIPT_RECORD")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    for (i, t) in transcripts.iter().enumerate() {
-        if only.is_none_or(|n| n == i + 1) {
-            replay(t);
-        }
-    }
-}
-
-#[test]
-fn the_transcript_matcher_binds_placeholders_and_reports_differences() {
-    let mut b = Bindings::default();
-    let expected = json!({"id": 3, "result": {"reply": "task $T1  started", "task": {"task_id": "$T1", "pid": "$PID", "at": "…"}}});
-    let actual = json!({"id": 3, "result": {"reply": "task 01ab-cdef  started", "task": {"task_id": "01ab-cdef", "pid": 4242, "at": "2026-01-01T00:00:00.000Z"}}});
-    matches(&expected, &actual, &mut b, "line").unwrap();
-    assert_eq!(b.get("T1"), Some(&json!("01ab-cdef")));
-    assert_eq!(b.get("PID"), Some(&json!(4242)));
-    // Bound names must agree later; a field too many or too few is a difference.
-    assert!(matches(
-        &json!({"task_id": "$T1"}),
-        &json!({"task_id": "other"}),
-        &mut b,
-        "l"
-    )
-    .is_err());
-    assert!(matches(&json!({"a": 1}), &json!({"a": 1, "b": 2}), &mut b, "l").is_err());
-    assert!(matches(&json!({"a": 1, "b": 2}), &json!({"a": 1}), &mut b, "l").is_err());
-    assert!(matches(
-        &json!("stopped after …"),
-        &json!("stopped after 0.02 s"),
-        &mut b,
-        "l"
-    )
-    .is_ok());
-    assert!(matches(&json!("stopped after …"), &json!("cancelled"), &mut b, "l").is_err());
-    assert_eq!(
-        substitute(&json!({"task_id": "$T1:4", "text": "/stop $T1"}), &b),
-        json!({"task_id": "01ab", "text": "/stop 01ab-cdef"})
-    );
-    assert_eq!(
-        generalize(
-            &json!({"reply": "task 01ab-cdef started", "pid": 4242, "at": "2026-01-01T00:00:00.000Z"}),
-            &b
-        ),
-        json!({"reply": "task $T1 started", "pid": "$PID", "at": "…"})
-    );
-    assert_eq!(
-        shell_words("agentd --agent 'agent-exec -- sh -c {text}' -x"),
-        ["agentd", "--agent", "agent-exec -- sh -c {text}", "-x"]
-    );
-}
-
-// ----- the doc's examples and tables -----
-
-#[test]
-fn every_json_example_in_the_protocol_doc_parses_as_what_it_shows() {
-    let doc = protocol_doc();
-    let mut checked = 0;
-    for block in fenced_blocks(&doc).iter().filter(|b| b.info == "json") {
-        for (i, line) in block.text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let n = block.line + i;
-            let value: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("docs/protocol.md line {n}: not JSON ({e}): {line}"));
-            if value.get("cmd").is_some() {
-                serde_json::from_value::<Request>(value.clone()).unwrap_or_else(|e| {
-                    panic!("docs/protocol.md line {n}: not a valid request ({e}): {line}")
-                });
-            } else {
-                serde_json::from_value::<Response>(value.clone()).unwrap_or_else(|e| {
-                    panic!("docs/protocol.md line {n}: not a valid response line ({e}): {line}")
-                });
-            }
-            checked += 1;
-        }
-    }
-    assert!(checked >= 15, "only {checked} JSON examples found");
-}
-
-/// The names serde knows for an enum, from its error for an unknown one.
-macro_rules! variants {
-    ($t:ty, $unknown:expr) => {{
-        let error = serde_json::from_value::<$t>($unknown)
-            .unwrap_err()
-            .to_string();
-        let list = error
-            .split("expected one of ")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no variant list in {error:?}"))
-            .to_string();
-        list.split(", ")
-            .filter_map(|v| v.split('`').nth(1))
-            .map(String::from)
-            .collect::<Vec<String>>()
-    }};
-}
-
-/// Keys of a value's JSON object.
-macro_rules! keys {
-    ($value:expr) => {{
-        let mut keys: Vec<String> = serde_json::to_value($value)
-            .unwrap()
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
-        keys.sort();
-        keys
-    }};
-}
-
-/// The backticked names in the first column of the table under `heading` whose
-/// header's first cell is `column`.
-fn table_names(doc: &str, heading: &str, column: &str) -> Vec<String> {
-    let section = doc
-        .split("\n### ")
-        .find(|s| s.starts_with(heading))
-        .unwrap_or_else(|| panic!("docs/protocol.md has no section {heading:?}"));
-    let mut names = Vec::new();
-    let (mut in_table, mut previous_in_a_table) = (false, false);
-    for line in section.lines() {
-        let first = line.split('|').nth(1).unwrap_or("").trim();
-        let header = line.starts_with('|') && !previous_in_a_table;
-        previous_in_a_table = line.starts_with('|');
-        if !line.starts_with('|') {
-            in_table = false;
-        } else if header {
-            in_table = first.trim_matches('`') == column;
-        } else if in_table && !first.starts_with("---") {
-            names.extend(first.split('`').skip(1).step_by(2).map(String::from));
-        }
-    }
-    assert!(
-        !names.is_empty(),
-        "no `{column}` table under {heading:?} in docs/protocol.md"
-    );
-    names.sort();
-    names.dedup();
-    names
-}
-
-fn sorted(mut v: Vec<String>) -> Vec<String> {
-    v.sort();
-    v
-}
-
-fn sample_view() -> TaskView {
-    TaskView {
-        task_id: "t".into(),
-        session: "s".into(),
-        state: TaskState::Merged,
-        position: None,
-        pid: None,
-        created_at: "c".into(),
-        started_at: None,
-        finished_at: None,
-        text: "x".into(),
-        progress: None,
-        result: None,
-        exit: None,
-        merged_into: Some("u".into()),
-        priority: Priority::Interactive,
-    }
-}
-
-#[test]
-fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
-    let doc = protocol_doc();
-    let check = |heading: &str, column: &str, expected: Vec<String>| {
-        assert_eq!(
-            table_names(&doc, heading, column),
-            sorted(expected),
-            "docs/protocol.md: the `{column}` table under {heading:?} and the code disagree"
-        );
-    };
-    check(
-        "Requests",
-        "cmd",
-        variants!(Request, json!({"id": 1, "cmd": "?"})),
-    );
-    check("Responses", "code", variants!(ErrorCode, json!("?")));
-    check(
-        "Watches and events",
-        "kind",
-        variants!(EventKind, json!("?")),
-    );
-    check("TaskView", "state", variants!(TaskState, json!("?")));
-    check(
-        "send and SendReply",
-        "mode",
-        variants!(QueueMode, json!("?")),
-    );
-    check("TaskView", "field", keys!(sample_view()));
-    check(
-        "send and SendReply",
-        "field",
-        keys!(SendReply {
-            reply: String::new(),
-            accepted: true,
-            task: Some(sample_view()),
-            capacity: Some(Capacity { busy: 0, max: 1 }),
-            command: Some("status".into()),
-            data: Some(Value::Null),
-            duplicate: true,
-            dropped: vec![sample_view()],
-            notice: Some(String::new()),
-        }),
-    );
-    check(
-        "status",
-        "field",
-        keys!(StatusReply {
-            version: String::new(),
-            pid: 1,
-            uptime_ms: 0,
-            capacity: Capacity { busy: 0, max: 1 },
-            queued: 0,
-            sessions: 0,
-            active: vec![],
-        }),
-    );
-    check(
-        "Watches and events",
-        "event field",
-        keys!(EventView {
-            kind: EventKind::Merged,
-            task_id: "t".into(),
-            session: "s".into(),
-            position: Some(1),
-            text: Some(String::new()),
-            into: Some("u".into()),
-            task: Some(sample_view()),
-            at: Some(String::new()),
-        }),
-    );
-    // Every exit field is named in the TaskView table's `exit` row.
-    let exit_row = doc
-        .lines()
-        .find(|l| l.starts_with("| `exit` |"))
-        .expect("an `exit` row");
-    let exit = ExitView {
-        code: Some(0),
-        signal: Some(0),
-        command_code: Some(0),
-        command_signal: Some(0),
-        ended_by: Some(agentd_proto::control::StopStep::Sigkill),
-        stop_ms: Some(0),
-        error: Some(String::new()),
-    };
-    for key in keys!(exit) {
-        assert!(
-            exit_row.contains(&format!("`{key}`")),
-            "the `exit` row does not name {key}"
-        );
     }
 }
