@@ -41,7 +41,10 @@ fn the_python_example_agent_reports_takes_a_steer_checkpoints_and_stops_cancelle
 
     let reply = d.send("alice", "/stop");
     assert!(
-        reply["reply"].as_str().unwrap().contains("stopping: cancel sent"),
+        reply["reply"]
+            .as_str()
+            .unwrap()
+            .contains("stopping: cancel sent"),
         "{reply}"
     );
     let view = d.wait_state(&task, "cancelled");

@@ -9,10 +9,14 @@ mod agents;
 /// Bounds: stopped and slow clients, connection floods, slowloris, paging, SIGHUP,
 /// a removed socket.
 mod bounds;
+/// examples/bridge.py (Python, from the doc alone) against a real agentd.
+mod bridge;
 /// Capacity: live agents never exceed the cap; sessions don't block each other.
 mod capacity;
 /// agentctl's user-facing behaviour: words, JSON, errors and exit codes.
 mod cli;
+/// docs/protocol.md replayed against the daemon; the wire guarantees it states.
+mod conformance;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
 /// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
