@@ -9,10 +9,14 @@ mod agents;
 /// Bounds: stopped and slow clients, connection floods, slowloris, paging, SIGHUP,
 /// a removed socket.
 mod bounds;
+/// examples/bridge.py (Python, from the doc alone) against a real agentd.
+mod bridge;
 /// Capacity: live agents never exceed the cap; sessions don't block each other.
 mod capacity;
 /// agentctl's user-facing behaviour: words, JSON, errors and exit codes.
 mod cli;
+/// docs/protocol.md replayed against the daemon; the wire guarantees it states.
+mod conformance;
 /// Containment (cgroup and fallback), parent death, hung and timed-out agents,
 /// hostile frames and floods.
 mod contain;

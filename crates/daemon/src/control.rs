@@ -226,6 +226,12 @@ async fn refuse(stream: Stream, max: usize) {
     .await;
 }
 
+/// True for requests the supervisor answers while handling them: all but a `stop`
+/// that waits for its tasks to end (a chat `/stop` answers at once).
+fn answered_at_once(body: &RequestBody) -> bool {
+    !matches!(body, RequestBody::Stop { wait: true, .. })
+}
+
 enum LineRead {
     Line,
     Eof,
@@ -452,6 +458,8 @@ async fn read_requests(
                 // it is queued, so at most one page waits beyond the output budget.
                 let large = matches!(body, RequestBody::Tasks { .. });
                 let (reply, answer) = oneshot::channel();
+                // Events wait for the answer of a request answered at once.
+                let gate = answered_at_once(&body).then(|| outbox.gate());
                 let (events, watch_answer) = match body {
                     RequestBody::Watch { .. } => {
                         watches += 1;
@@ -493,6 +501,7 @@ async fn read_requests(
                         Some(watch) => watch.answer(&response),
                         None => outbox.push(&response),
                     }
+                    drop(gate);
                     drop(in_flight);
                 });
                 if large {

@@ -23,6 +23,11 @@
 //!
 //! Events offered before the watch's own answer is queued are held and released
 //! right after it, so a client always sees the answer first.
+//!
+//! **Answers before the events they cause.** While a request that is answered at
+//! once (everything but a waiting `stop`) is with the supervisor, the connection's
+//! events are held (a [`Gate`]) and released right after its answer, so a bridge
+//! learns a task's id from the `send` answer before any event about that task.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +102,10 @@ struct State {
     last_of: HashMap<(u64, String), u64>,
     /// Events of watches whose answer is not queued yet.
     held: HashMap<u64, Vec<Item>>,
+    /// Requests answered at once that are with the supervisor ([`Gate`]s open).
+    gates: usize,
+    /// Events of answered watches offered while a gate was open, oldest first.
+    gated: Vec<Item>,
     /// Since when output has waited for the writer: the last completed write, or
     /// the moment output arrived at an idle writer.
     waiting_since: Instant,
@@ -175,6 +184,8 @@ impl Outbox {
                 pending: 0,
                 last_of: HashMap::new(),
                 held: HashMap::new(),
+                gates: 0,
+                gated: Vec::new(),
                 waiting_since: Instant::now(),
                 writing: false,
                 in_flight: 0,
@@ -282,6 +293,10 @@ impl Outbox {
             state.held.entry(watch).or_default().push(item);
             return Delivery::Queued;
         }
+        if state.gates > 0 {
+            state.gated.push(item);
+            return Delivery::Queued;
+        }
         state.enqueue(item);
         drop(state);
         self.ready.notify_one();
@@ -298,6 +313,15 @@ impl Outbox {
         if let Some(held) = state.held.remove(&watch) {
             state.pending -= held.iter().map(Item::len).sum::<usize>();
         }
+        let mut dropped = 0;
+        state.gated.retain(|item| {
+            let keep = item.key.as_ref().is_none_or(|(w, _)| *w != watch);
+            if !keep {
+                dropped += item.len();
+            }
+            keep
+        });
+        state.pending -= dropped;
         state.pending += line.len();
         state.enqueue(Item::answer(line));
         drop(state);
@@ -354,6 +378,7 @@ impl Outbox {
         state.closed = true;
         state.queue.clear();
         state.held.clear();
+        state.gated.clear();
         state.last_of.clear();
         state.pending = 0;
         drop(state);
@@ -395,6 +420,16 @@ impl Outbox {
         }
     }
 
+    /// Holds the connection's events until the returned gate is dropped: taken before
+    /// a request answered at once goes to the supervisor, dropped right after its
+    /// answer is queued.
+    pub fn gate(self: &Arc<Self>) -> Gate {
+        self.lock().gates += 1;
+        Gate {
+            outbox: self.clone(),
+        }
+    }
+
     /// Marks one request in flight until the returned guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.lock().in_flight += 1;
@@ -406,6 +441,33 @@ impl Outbox {
     #[cfg(test)]
     fn pending(&self) -> usize {
         self.lock().pending
+    }
+}
+
+/// Events wait while a request answered at once is with the supervisor.
+pub struct Gate {
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let mut state = self.outbox.lock();
+        state.gates -= 1;
+        if state.gates == 0 {
+            for item in std::mem::take(&mut state.gated) {
+                if !state.refuses() {
+                    state.enqueue(item);
+                }
+            }
+        }
+        drop(state);
+        self.outbox.ready.notify_one();
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
     }
 }
 

@@ -130,7 +130,7 @@ pub enum RequestBody {
 /// clients read `Response` (`result` as JSON, decoded by the request they sent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response<R = serde_json::Value> {
-    /// The request's id; absent when the request line could not be parsed at all.
+    /// The request's id; `null` when the request line had no valid id.
     pub id: Option<u64>,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -611,7 +611,8 @@ pub struct SendReply {
     pub task: Option<TaskView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
-    /// For control commands: the command's name (`status`, `stop`, `tasks`, `help`).
+    /// For control commands: the command's name (`status`, `stop`, `tasks`, `queue`,
+    /// `help`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// For control commands: the same structured answer the control request gives.
