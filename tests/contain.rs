@@ -403,3 +403,44 @@ fn an_agent_printing_without_end_gets_a_capped_log() {
         &text[text.len() - 200..]
     );
 }
+
+/// Stopping a task of 300 processes happens off the event loop: `status` keeps
+/// answering at once while the tree is killed, and nothing of it is left.
+#[test]
+fn stopping_a_300_process_tree_does_not_delay_status() {
+    for no_cgroup in [false, true] {
+        let mut args = vec!["--cancel-grace", "100ms", "--term-grace", "200ms"];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let pids = d.dir.path().join("pids");
+        let task = d.submit(
+            "alice",
+            &format!(
+                "i=0; while [ $i -lt 300 ]; do sh -c 'trap \"\" TERM; echo $$ >> {}; exec sleep 300' & i=$((i+1)); done; echo up; wait",
+                pids.display()
+            ),
+        );
+        d.wait_progress(&task, "up");
+        let tree = wait_pids(&pids, 300);
+        d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
+        let mut worst = Duration::ZERO;
+        while d.task(&task)["state"] == "stopping" {
+            let t = Instant::now();
+            d.request(json!({"cmd": "status"}));
+            worst = worst.max(t.elapsed());
+        }
+        let view = d.wait_state(&task, "cancelled");
+        eprintln!(
+            "cgroup: {}: worst status {worst:?} during the stop",
+            !no_cgroup
+        );
+        assert!(
+            worst < Duration::from_secs(1),
+            "status took {worst:?}: {view}"
+        );
+        let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
+        assert!(left.is_empty(), "{} survivors", left.len());
+    }
+}
