@@ -22,7 +22,7 @@ use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
     ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message, Millis, Mode,
     Priority, QueueChange, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopArg,
-    StopCause, StopError, StopStep, StopTarget, Task, TaskId, TaskState,
+    StopCause, StopError, StopStep, StopTarget, Task, TaskId, TaskState, HUNG, TIMED_OUT,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -196,7 +196,10 @@ static COVERAGE: Mutex<BTreeMap<&'static str, u32>> = Mutex::new(BTreeMap::new()
 /// Behaviours every run of the property test must have met at least this often: far
 /// below what a run meets (a few times less than the rarest seen in a run), so that
 /// this fails when the model stops exercising one of them, not by chance.
-const COVERED: [(&str, u32); 24] = [
+const COVERED: [(&str, u32); 27] = [
+    ("watchdog stopped a task", 3),
+    ("watchdog during a stop", 1),
+    ("ended hung or timed out", 1),
     ("exit grace over during a stop", 3),
     ("accepted", 1_000),
     ("protocol error after a signal", 3),
@@ -294,6 +297,8 @@ struct World {
     interrupted: HashSet<TaskId>,
     /// Tasks stopped for not exiting after their report (their outcome stands).
     lingered: HashSet<TaskId>,
+    /// Tasks whose stop the liveness check began: hung (`true`) or timed out.
+    watchdog: HashMap<TaskId, bool>,
     protocol_error: HashMap<TaskId, String>,
     reports: HashMap<TaskId, AgentReport>,
     /// Sessions whose queued work was cancelled by a stop-all and that got no new
@@ -341,6 +346,7 @@ impl World {
             spawned_text: HashMap::new(),
             steered: HashMap::new(),
             stop_step: HashMap::new(),
+            watchdog: HashMap::new(),
             interrupted: HashSet::new(),
             lingered: HashSet::new(),
             protocol_error: HashMap::new(),
@@ -1068,6 +1074,31 @@ impl World {
             Op::Tick(advance) => {
                 self.now += advance;
                 self.tick();
+                // Time passing is when the daemon's liveness check may find an agent
+                // hung or timed out (the tick's own length picks which, so the other
+                // operations' random stream stays as it was).
+                if advance % 4 == 0 {
+                    let hung = advance % 8 == 0;
+                    let pick = (advance / 8) as usize;
+                    if !self.agents.is_empty() {
+                        let task = self.agents[pick % self.agents.len()].task;
+                        self.watchdog_fires(task, hung);
+                    } else if let Some(task) = self
+                        .submitted
+                        .iter()
+                        .copied()
+                        .filter(|t| self.finished.contains_key(t))
+                        .nth(pick % 7)
+                    {
+                        // A late verdict about a task that has ended changes nothing.
+                        let event = if hung {
+                            Event::Hung { task_id: task }
+                        } else {
+                            Event::TimedOut { task_id: task }
+                        };
+                        self.no_op(event);
+                    }
+                }
             }
             Op::Stop(target, scope) => self.stop(target, *scope),
             Op::Stale(i, k) => {
@@ -1384,6 +1415,41 @@ impl World {
         }
     }
 
+    /// The liveness check says `task`'s agent is hung (`true`) or timed out. A stop
+    /// under way owns the outcome; silence after a report is not a hang (the exit
+    /// grace governs); else the stop sequence begins.
+    fn watchdog_fires(&mut self, task: TaskId, hung: bool) {
+        let stopping = self.stop_step.contains_key(&task);
+        let reported = self.reports.contains_key(&task);
+        let silent_after_report = hung && reported;
+        let starts = !(stopping || silent_after_report);
+        let want = if starts {
+            hit("watchdog stopped a task");
+            self.watchdog.insert(task, hung);
+            vec![
+                Action::SendCancel { task_id: task },
+                Action::SetTimer {
+                    task_id: task,
+                    after: CANCEL_GRACE,
+                    step: StopStep::Sigterm,
+                },
+            ]
+        } else {
+            if self.stop_step.contains_key(&task) {
+                hit("watchdog during a stop");
+            }
+            vec![]
+        };
+        let event = if hung {
+            Event::Hung { task_id: task }
+        } else {
+            Event::TimedOut { task_id: task }
+        };
+        let a = self.handle(event);
+        assert_eq!(a, want, "watchdog (hung: {hung}) of {task}");
+        self.apply(a);
+    }
+
     fn reap(&mut self, task: TaskId, status: ExitStatus) {
         let handshake = self.agents.iter().any(|a| a.task == task && a.ready);
         self.agents.retain(|a| a.task != task);
@@ -1401,6 +1467,15 @@ impl World {
             assert!(
                 matches!(ending, Ending::Failed { reason } if reason.contains(error.as_str())),
                 "{ending:?}"
+            );
+        } else if let Some(&hung) = self.watchdog.get(&task) {
+            hit("ended hung or timed out");
+            let reason = if hung { HUNG } else { TIMED_OUT };
+            assert_eq!(
+                ending,
+                &Ending::Failed {
+                    reason: reason.into()
+                }
             );
         } else if self.lingered.contains(&task) {
             let want = match self.reports[&task].outcome {
@@ -1761,6 +1836,12 @@ impl World {
                 Some(StopCause::Linger)
             } else if self.interrupted.contains(&task.id) {
                 Some(StopCause::Interrupt)
+            } else if let Some(&hung) = self.watchdog.get(&task.id) {
+                Some(if hung {
+                    StopCause::Hung
+                } else {
+                    StopCause::TimedOut
+                })
             } else {
                 None
             };
