@@ -444,3 +444,22 @@ fn stopping_a_300_process_tree_does_not_delay_status() {
         assert!(left.is_empty(), "{} survivors", left.len());
     }
 }
+
+/// A task's command starts with nothing blocked and nothing ignored, whatever agentd
+/// itself does with signals (it handles SIGCHLD, SIGTERM, SIGINT and SIGHUP).
+#[test]
+fn agents_start_with_a_clean_signal_mask() {
+    let d = Daemon::with_agent_exec(&[]);
+    let task = d.submit("alice", "grep -E '^Sig(Blk|Ign)' /proc/self/status");
+    let view = d.wait_state(&task, "succeeded");
+    let result = view["result"].as_str().unwrap();
+    for line in result.lines() {
+        let (name, mask) = line.split_once(':').unwrap();
+        assert_eq!(
+            u64::from_str_radix(mask.trim(), 16).unwrap(),
+            0,
+            "{name} not empty: {result}"
+        );
+    }
+    assert_eq!(result.lines().count(), 2, "{result}");
+}

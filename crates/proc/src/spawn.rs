@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use agentd_proto::ipc::{ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID};
-use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, SigSet, SigmaskHow};
 use nix::unistd::{self, Pid};
 
 use crate::cgroup::TaskCgroup;
@@ -111,7 +111,7 @@ pub fn spawn_agent_in(
         .stderr(output.1);
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (write, dup2, fcntl, setpgid, sigprocmask,
-    // sigaction, prctl, getppid, _exit); it allocates nothing.
+    // rt_sigaction, prctl, getppid, _exit); it allocates nothing.
     unsafe {
         command.pre_exec(move || {
             // First, so that nothing this child ever starts is born outside the cgroup.
@@ -134,15 +134,7 @@ pub fn spawn_agent_in(
                 return Err(io::Error::last_os_error());
             }
             signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-            for sig in [
-                Signal::SIGINT,
-                Signal::SIGTERM,
-                Signal::SIGHUP,
-                Signal::SIGQUIT,
-                Signal::SIGPIPE,
-            ] {
-                signal::signal(sig, signal::SigHandler::SigDfl)?;
-            }
+            reset_signal_dispositions();
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGTERM as libc::c_ulong,
@@ -186,6 +178,35 @@ pub fn spawn_agent_in(
         },
         pidfd,
     ))
+}
+
+/// Sets every signal's disposition to the default, in the forked child.
+///
+/// Handlers are reset by exec anyway, but an *ignored* signal stays ignored across
+/// exec: whatever agentd inherited as ignored (SIGQUIT from a shell's background job,
+/// a realtime signal from a sandbox, SIGPIPE from the Rust runtime) would reach every
+/// agent. The raw `rt_sigaction` is used because libc's wrapper refuses the signals it
+/// reserves for itself (32 and 33 in glibc), which can be inherited ignored too.
+fn reset_signal_dispositions() {
+    // The kernel's `struct sigaction` with SIG_DFL, no flags, no restorer, an empty
+    // mask: all zeros, and no larger than this on any architecture.
+    let default = [0u64; 4];
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction with a valid (all-zero) action and no old action; a
+        // signal number the kernel does not know just fails with EINVAL.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
+        }
+    }
 }
 
 /// Marks every descriptor above the IPC channel close-on-exec, in the forked child.
