@@ -195,6 +195,12 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         )?,
         log_cap: args.log_cap.or(file.log_cap).unwrap_or(limits.log_cap),
     };
+    if agents.frame_timeout.is_zero() {
+        bail!("--frame-timeout must be more than 0");
+    }
+    if agents.task_timeout.is_some_and(|d| d.is_zero()) {
+        bail!("--task-timeout must be more than 0 (or off)");
+    }
     Ok(DaemonConfig {
         agents,
         socket: args

@@ -350,6 +350,19 @@ impl Supervisor {
             Verdict::Alive {
                 recheck_in: Some(after),
             } => self.arm(after, Timer::Liveness { task_id }),
+            Verdict::Hung
+                if self
+                    .dispatcher
+                    .task(&task_id)
+                    .is_some_and(|t| t.report.is_some()) =>
+            {
+                // It reported and stopped heartbeating, as agents do: its exit grace
+                // governs now. Only the run-time limit still applies.
+                if let Some(limit) = self.liveness.task_timeout {
+                    let left = limit.saturating_sub(now.saturating_duration_since(agent.started));
+                    self.arm(left, Timer::Liveness { task_id });
+                }
+            }
             Verdict::Hung => {
                 tracing::warn!(%task_id, pid = agent.pid, "agent hung: nothing from it for {:?}; stopping it", self.liveness.hung_after.unwrap_or_default());
                 self.handle(Event::Hung { task_id });
