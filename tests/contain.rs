@@ -463,3 +463,42 @@ fn agents_start_with_a_clean_signal_mask() {
     }
     assert_eq!(result.lines().count(), 2, "{result}");
 }
+
+/// `send.timeout_ms` (agentctl `send --timeout`) limits one task; other tasks keep
+/// agentd's limit (none here).
+#[test]
+fn a_message_can_carry_its_own_time_limit() {
+    let d = Daemon::with_test_agent(FAST);
+    let reply = d.request(json!({
+        "cmd": "send", "session": "alice", "text": "sleep:60000", "timeout_ms": 800
+    }));
+    let limited = reply["task"]["task_id"].as_str().unwrap().to_string();
+    let view = d.wait_state(&limited, "failed");
+    assert_eq!(error_of(&view), "timed out", "{view}");
+
+    let out = d.agentctl(&[
+        "send",
+        "--session",
+        "bob",
+        "--timeout",
+        "500ms",
+        "--",
+        "sleep:60000",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let free = d.submit("carol", "sleep:1500 result:unlimited");
+    let view = d.wait_state(&free, "succeeded");
+    assert_eq!(view["result"], "unlimited");
+
+    let zero = d
+        .try_request(json!({"cmd": "send", "session": "alice", "text": "x", "timeout_ms": 0}))
+        .unwrap();
+    assert_eq!(zero["error"]["code"], "bad_request", "{zero}");
+    let tasks = d.request(json!({"cmd": "tasks", "session": "bob", "all": true}));
+    let bob = tasks.as_array().unwrap()[0]["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let view = d.wait_state(&bob, "failed");
+    assert_eq!(error_of(&view), "timed out", "{view}");
+}

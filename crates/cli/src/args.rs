@@ -176,6 +176,11 @@ pub struct SendArgs {
     #[arg(long, value_name = "MODE", value_parser = parse_queue_mode)]
     pub mode: Option<QueueMode>,
 
+    /// Run-time limit of this task (e.g. 10m), instead of agentd's --task-timeout:
+    /// past it the task is stopped and fails as `timed out`
+    #[arg(long, value_name = "DUR", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
+
     /// Wait until the task has ended, printing its progress, then its outcome and
     /// result; exit 5 if it did not succeed
     #[arg(long)]
@@ -196,6 +201,7 @@ impl SendArgs {
             message_id: self.message_id.clone(),
             priority: self.background.then_some(Priority::Background),
             mode: self.mode,
+            timeout_ms: self.timeout.map(|d| d.as_millis() as u64),
         }
     }
 }
@@ -418,6 +424,17 @@ pub fn parse_queue_setting(s: &str) -> Result<QueueSetting, String> {
     }
 }
 
+/// A task's run-time limit: a duration of at least a millisecond.
+fn parse_timeout(value: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(value).map_err(|e| {
+        format!("timeout must be a duration such as 10m or 30s (got '{value}': {e})")
+    })?;
+    if d.as_millis() == 0 {
+        return Err(format!("timeout must be at least 1ms (got '{value}')"));
+    }
+    Ok(d)
+}
+
 /// `2s`, `500ms`, `1m 30s`, `0` → milliseconds; finer than a millisecond is refused
 /// rather than rounded.
 fn parse_debounce(value: &str) -> Result<u64, String> {
@@ -474,6 +491,7 @@ mod tests {
                 message_id: None,
                 priority: None,
                 mode: None,
+                timeout_ms: None,
             })
         );
         let cli = parse(&[
@@ -495,6 +513,7 @@ mod tests {
                 message_id: Some("m1".into()),
                 priority: None,
                 mode: None,
+                timeout_ms: None,
             })
         );
         assert!(parse(&["send", "--session", "a"]).is_err());
@@ -527,6 +546,7 @@ mod tests {
                 message_id: None,
                 priority: Some(Priority::Background),
                 mode: Some(QueueMode::SteerBacklog),
+                timeout_ms: None,
             })
         );
         for (word, mode) in QUEUE_MODES.map(|m| (m.as_str(), m)) {

@@ -61,6 +61,11 @@ pub enum RequestBody {
         /// Queue mode for this message only (like a `/queue <mode>` prefix).
         #[serde(default)]
         mode: Option<QueueMode>,
+        /// Run-time limit of this message's task, in milliseconds, instead of
+        /// `agentd --task-timeout`: past it the task is stopped and fails as
+        /// `timed out`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     /// Show, change or reset a session's queue settings. Without any field set it
     /// only shows them. Answer: [`QueueSettingsView`].
@@ -750,6 +755,7 @@ mod tests {
                     message_id: None,
                     priority: None,
                     mode: None,
+                    timeout_ms: None,
                 }
             }
         );

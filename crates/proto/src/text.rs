@@ -276,6 +276,10 @@ pub fn liveness_line(l: &crate::control::LivenessView) -> String {
     )
 }
 
+/// A `send` whose `timeout_ms` is 0.
+pub const ZERO_TIMEOUT: &str =
+    "timeout_ms must be more than 0 (leave it out for no limit of its own)";
+
 /// Why the process-tree fallback is in use when `--no-cgroup` asked for it.
 pub const CGROUP_DISABLED: &str = "cgroups disabled by --no-cgroup";
 

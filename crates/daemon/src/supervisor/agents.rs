@@ -29,6 +29,8 @@ pub(crate) struct Agent {
     started: Instant,
     /// When a frame last arrived from it; `None` while handshaking.
     last_heard: Option<Instant>,
+    /// Its task's own run-time limit, instead of `--task-timeout`.
+    task_timeout: Option<std::time::Duration>,
     /// Messages to the agent, written by its writer task.
     to_agent: mpsc::UnboundedSender<SupervisorMsg>,
     /// Steered texts awaiting the agent's SteerAck, oldest first.
@@ -74,6 +76,7 @@ impl Agent {
             pid,
             started: Instant::now(),
             last_heard: None,
+            task_timeout: None,
             to_agent,
             steers: VecDeque::new(),
             talk: Talk::Handshaking {
@@ -208,8 +211,9 @@ impl Supervisor {
             }
         };
         tracing::info!(%task_id, pid, "agent started");
-        self.agents
-            .insert(task_id, Agent::new(pid, to_agent, start));
+        let mut agent = Agent::new(pid, to_agent, start);
+        agent.task_timeout = self.task_timeouts.remove(&task_id);
+        self.agents.insert(task_id, agent);
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
         self.check_liveness(task_id);
         self.publish_task(EventKind::Started, &task_id, None, None);
@@ -341,7 +345,11 @@ impl Supervisor {
             return;
         }
         let now = Instant::now();
-        let verdict = self.liveness.verdict(
+        let liveness = agentd_core::Liveness {
+            task_timeout: agent.task_timeout.or(self.liveness.task_timeout),
+            ..self.liveness
+        };
+        let verdict = liveness.verdict(
             agent.last_heard.map(|t| now.saturating_duration_since(t)),
             now.saturating_duration_since(agent.started),
         );
@@ -358,7 +366,7 @@ impl Supervisor {
             {
                 // It reported and stopped heartbeating, as agents do: its exit grace
                 // governs now. Only the run-time limit still applies.
-                if let Some(limit) = self.liveness.task_timeout {
+                if let Some(limit) = liveness.task_timeout {
                     let left = limit.saturating_sub(now.saturating_duration_since(agent.started));
                     self.arm(left, Timer::Liveness { task_id });
                 }
@@ -368,7 +376,7 @@ impl Supervisor {
                 self.handle(Event::Hung { task_id });
             }
             Verdict::TimedOut => {
-                tracing::warn!(%task_id, pid = agent.pid, "task ran past its time limit of {:?}; stopping it", self.liveness.task_timeout.unwrap_or_default());
+                tracing::warn!(%task_id, pid = agent.pid, "task ran past its time limit of {:?}; stopping it", liveness.task_timeout.unwrap_or_default());
                 self.handle(Event::TimedOut { task_id });
             }
         }

@@ -88,6 +88,7 @@ impl Supervisor {
     pub(crate) fn record_finished(&mut self, task: Task) {
         tracing::info!(task_id = %task.id, session = %task.session, state = ?task.state, "task finished");
         let id = task.id;
+        self.task_timeouts.remove(&id);
         self.history.record(task);
         for waiter in &mut self.waiters {
             waiter.remaining.remove(&id);

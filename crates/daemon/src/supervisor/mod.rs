@@ -203,6 +203,8 @@ struct Supervisor {
     killer: Killer,
     /// The silence and run-time limits.
     liveness: Liveness,
+    /// Run-time limits of single tasks (`send.timeout_ms`), until they start or end.
+    task_timeouts: HashMap<TaskId, Duration>,
 }
 
 type RequestError = ErrorBody;
@@ -247,6 +249,7 @@ impl Supervisor {
             shutting_down: None,
             procs,
             killer,
+            task_timeouts: HashMap::new(),
         }
     }
 

@@ -49,8 +49,15 @@ impl Supervisor {
                 message_id,
                 priority,
                 mode,
+                timeout_ms,
             } => {
+                if timeout_ms == Some(0) {
+                    let message = agentd_proto::text::ZERO_TIMEOUT;
+                    let _ = reply.send(err(ErrorCode::BadRequest, message));
+                    return;
+                }
                 let work = Work {
+                    timeout: timeout_ms.map(Duration::from_millis),
                     session,
                     text,
                     message_id,
@@ -125,6 +132,8 @@ pub(crate) struct Work {
     pub(crate) message_id: Option<String>,
     pub(crate) priority: Priority,
     pub(crate) mode: Option<Mode>,
+    /// The task's own run-time limit (`send.timeout_ms`).
+    pub(crate) timeout: Option<Duration>,
 }
 
 pub(crate) fn check_session(session: &str) -> Result<(), RequestError> {

@@ -46,9 +46,22 @@ impl Supervisor {
             priority: work.priority,
             mode,
         };
+        let ours = message.task_id;
+        // Known before the actions run: the task may be spawned in this very step.
+        if let Some(timeout) = work.timeout {
+            self.task_timeouts.insert(ours, timeout);
+        }
         let (outcome, actions) = self.dispatcher.accept(message, now_millis());
-        if let Ok(Accepted::Task { task_id, .. }) = &outcome {
-            self.publish_task(EventKind::Accepted, task_id, None, None);
+        match &outcome {
+            Ok(Accepted::Task { task_id, .. }) => {
+                if *task_id != ours {
+                    self.task_timeouts.remove(&ours);
+                }
+                self.publish_task(EventKind::Accepted, task_id, None, None);
+            }
+            _ => {
+                self.task_timeouts.remove(&ours);
+            }
         }
         self.execute(actions);
         Some((reply, self.send_reply(outcome)))
