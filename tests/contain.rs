@@ -269,13 +269,23 @@ fn an_agent_that_stops_heartbeating_is_stopped_and_fails_as_hung() {
     }
 }
 
+/// The finished event (what a bridge sees) says so too.
 #[test]
 fn a_sigstopped_agent_is_stopped_and_fails_as_hung() {
     let d = Daemon::with_test_agent(FAST);
     let task = d.submit("alice", "sleep:60000");
+    let mut watch = Watch::task(&d, &task);
     let view = d.wait_progress(&task, "tick");
     let pid = view["pid"].as_u64().unwrap() as u32;
     kill(pid, libc::SIGSTOP);
+    let finished = loop {
+        let event = watch.next();
+        if event["kind"] == "finished" {
+            break event;
+        }
+    };
+    assert_eq!(finished["task"]["state"], "failed", "{finished}");
+    assert_eq!(finished["task"]["exit"]["error"], "hung", "{finished}");
     let view = d.wait_state(&task, "failed");
     assert_eq!(error_of(&view), "hung", "{view}");
     assert!(!alive(pid));
@@ -501,4 +511,50 @@ fn a_message_can_carry_its_own_time_limit() {
         .to_string();
     let view = d.wait_state(&bob, "failed");
     assert_eq!(error_of(&view), "timed out", "{view}");
+}
+
+/// A bounded fork storm (a few hundred processes, still forking when the stop
+/// comes): `status` keeps answering, and the stop leaves nothing.
+#[test]
+fn a_bounded_fork_storm_is_stopped_without_survivors() {
+    for no_cgroup in [false, true] {
+        let mut args = vec!["--cancel-grace", "100ms", "--term-grace", "200ms"];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let pids = d.dir.path().join("pids");
+        let task = d.submit(
+            "alice",
+            &format!(
+                "storm() {{ i=0; while [ $i -lt 100 ]; do (sh -c 'echo $$ >> {p}; exec sleep 300' &); i=$((i+1)); done; }}; \
+                 storm & storm & storm & storm & echo up; wait; sleep 300",
+                p = pids.display()
+            ),
+        );
+        d.wait_progress(&task, "up");
+        wait_pids(&pids, 50);
+        let t = Instant::now();
+        d.request(json!({"cmd": "status"}));
+        let during = t.elapsed();
+        d.request(json!({"cmd": "stop", "task_id": task}));
+        d.wait_state(&task, "cancelled");
+        assert!(during < Duration::from_secs(2), "status took {during:?}");
+        // Whatever was forked, none of it outlived the stop.
+        let forked = read_pids(&pids);
+        let left: Vec<u32> = forked.iter().copied().filter(|p| alive(*p)).collect();
+        eprintln!(
+            "cgroup: {}: {} forked before the stop, {} left",
+            !no_cgroup,
+            forked.len(),
+            left.len()
+        );
+        assert!(
+            left.is_empty(),
+            "{} of {} survived",
+            left.len(),
+            forked.len()
+        );
+        assert!(d.descendants().is_empty(), "{:?}", d.descendants());
+    }
 }
