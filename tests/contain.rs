@@ -558,3 +558,27 @@ fn a_bounded_fork_storm_is_stopped_without_survivors() {
         assert!(d.descendants().is_empty(), "{:?}", d.descendants());
     }
 }
+
+/// A user's stop owns the outcome: an agent SIGSTOPped and then stopped by the user
+/// ends `cancelled`, even though it falls silent past the limit during the stop.
+#[test]
+fn a_user_stop_of_a_sigstopped_agent_ends_cancelled_not_hung() {
+    let d = Daemon::with_test_agent(&[
+        "--heartbeat",
+        "100ms",
+        "--hung-after",
+        "500ms",
+        "--cancel-grace",
+        "1500ms",
+        "--term-grace",
+        "300ms",
+    ]);
+    let task = d.submit("alice", "sleep:60000");
+    let view = d.wait_progress(&task, "tick");
+    let pid = view["pid"].as_u64().unwrap() as u32;
+    kill(pid, libc::SIGSTOP);
+    d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
+    let view = d.wait_state(&task, "cancelled");
+    assert_eq!(view["exit"]["ended_by"], "sigterm", "{view}");
+    assert!(!alive(pid));
+}

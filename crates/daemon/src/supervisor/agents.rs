@@ -371,13 +371,28 @@ impl Supervisor {
                     self.arm(left, Timer::Liveness { task_id });
                 }
             }
-            Verdict::Hung => {
-                tracing::warn!(%task_id, pid = agent.pid, "agent hung: nothing from it for {:?}; stopping it", self.liveness.hung_after.unwrap_or_default());
-                self.handle(Event::Hung { task_id });
-            }
-            Verdict::TimedOut => {
-                tracing::warn!(%task_id, pid = agent.pid, "task ran past its time limit of {:?}; stopping it", liveness.task_timeout.unwrap_or_default());
-                self.handle(Event::TimedOut { task_id });
+            Verdict::Hung | Verdict::TimedOut => {
+                let pid = agent.pid;
+                let stopping = self
+                    .dispatcher
+                    .task(&task_id)
+                    .is_some_and(|t| matches!(t.state, agentd_core::TaskState::Stopping { .. }));
+                if stopping {
+                    // The stop under way owns the outcome (the dispatcher ignores it).
+                    tracing::debug!(%task_id, ?verdict, "liveness limit reached while stopping");
+                } else if verdict == Verdict::Hung {
+                    let limit = liveness.hung_after.unwrap_or_default();
+                    tracing::warn!(%task_id, pid, "agent hung: nothing from it for {limit:?}; stopping it");
+                } else {
+                    let limit = liveness.task_timeout.unwrap_or_default();
+                    tracing::warn!(%task_id, pid, "task ran past its time limit of {limit:?}; stopping it");
+                }
+                let event = if verdict == Verdict::Hung {
+                    Event::Hung { task_id }
+                } else {
+                    Event::TimedOut { task_id }
+                };
+                self.handle(event);
             }
         }
     }
