@@ -172,6 +172,13 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_with_cgroups() {
     d.wait_progress(&task, "up");
     let mut tree = wait_pids(&pids, 3);
     tree.extend(d.live_children());
+    let status = d.request(json!({"cmd": "status"}));
+    let root = std::path::PathBuf::from(status["containment"]["cgroup"].as_str().unwrap());
+    let guardian_dir = root.with_file_name(format!(
+        "{}.guardian",
+        root.file_name().unwrap().to_string_lossy()
+    ));
+    assert!(guardian_dir.is_dir(), "{}", guardian_dir.display());
     kill(d.pid(), libc::SIGKILL);
     let _ = d.child.wait();
     wait_gone(
@@ -179,6 +186,10 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_with_cgroups() {
         Duration::from_secs(5),
         "the task tree after agentd's SIGKILL",
     );
+    // And no empty cgroup is left behind.
+    wait_for("agentd's cgroups are removed", DEADLINE, || {
+        (!root.exists() && !guardian_dir.exists()).then_some(())
+    });
 }
 
 /// The same without cgroups: the agent's parent-death signal and its channel's EOF

@@ -8,7 +8,9 @@
 //! task cgroup below it dies at once), waits for `populated 0` (at most 5 s), and
 //! removes the empty task cgroups and the instance directory. The agents' own
 //! parent-death signal and the EOF on their channels are the first line; the
-//! guardian catches the descendants that detached. A next agentd's
+//! guardian catches the descendants that detached. At the end it moves itself out of
+//! its own cgroup (to agentd's leaf, else the delegation point) and removes it, so a
+//! crash leaves no empty cgroup behind. A next agentd's
 //! [`crate::Procs::recover`] first waits until the old guardian's cgroup is empty
 //! (so it cannot kill the new agentd's tasks), then is the last line (e.g. if the
 //! guardian was killed too).
@@ -36,6 +38,13 @@ while [ $i -lt 50 ] && grep -q '^populated 1' "$1/cgroup.events" 2>/dev/null; do
 done
 for d in "$1"/*/; do [ -d "$d" ] && rmdir "$d" 2>/dev/null; done
 rmdir "$1" 2>/dev/null
+# Leave no empty cgroup behind: move out of our own (to agentd's leaf under the
+# delegation point, else the delegation point itself), then remove it.
+p=${1%/*}
+for dst in "$p/agentd-daemon" "$p"; do
+    [ -d "$dst" ] && echo $$ > "$dst/cgroup.procs" 2>/dev/null && break
+done
+rmdir "$1.guardian" 2>/dev/null
 exit 0
 "#;
 

@@ -73,6 +73,10 @@ fn when_agentd_is_killed_its_guardian_kills_the_task_cgroups() {
         wait_until(&format!("{kind} {pid} is gone"), || !alive(*pid));
     }
     wait_until("the instance cgroup is removed", || !instance.exists());
+    let guardian_dir = parent.path.join("inst.guardian");
+    wait_until("the guardian removed its own cgroup", || {
+        !guardian_dir.exists()
+    });
 
     // The next agentd of this instance finds nothing left, and its own guardian
     // takes the old one's cgroup.
