@@ -61,6 +61,8 @@
 //!   second (a frame begun and never completed in time), then sleep forever.
 //! - `truncated`     after the handshake write half a Progress frame, then shut the
 //!   channel down for writing, and sleep forever (still alive).
+//! - `undecodable`   after the handshake send a frame of 8 bytes that is no message
+//!   (variant 200), then sleep forever.
 //! - `early-progress` send a Progress frame before the Hello, then Hello, then work.
 //! - `no-hello`      never send Hello; sleep `sleep:MS` (default forever), exit 0.
 //! - `bad-version`   send Hello with protocol 999 (expect Reject).
@@ -134,6 +136,7 @@ struct Behaviour {
     trickle: bool,
     truncated: bool,
     early_progress: bool,
+    undecodable: bool,
     quiet_ms: Option<u64>,
     stdout_mb: u64,
     no_hello: bool,
@@ -216,6 +219,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "trickle" => &mut b.trickle,
                     "truncated" => &mut b.truncated,
                     "early-progress" => &mut b.early_progress,
+                    "undecodable" => &mut b.undecodable,
                     "no-hello" => &mut b.no_hello,
                     "bad-version" => &mut b.bad_version,
                     "v1" => &mut b.v1,
@@ -514,6 +518,12 @@ fn main() {
 
     spawn_descendants(&b);
     if b.hang {
+        sleep_forever();
+    }
+    if b.undecodable {
+        let mut frame = 8u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(&[200, 1, 2, 3, 4, 5, 6, 7]);
+        let _ = raw.write_all(&frame);
         sleep_forever();
     }
     if b.huge_length || b.trickle || b.truncated {

@@ -344,12 +344,13 @@ fn a_frame_that_trickles_fails_its_task_after_the_frame_deadline() {
 
 #[test]
 fn bad_frames_fail_the_task_with_a_precise_reason_and_nothing_is_allocated() {
-    let d = Daemon::with_test_agent(&["--max-concurrent", "4"]);
+    let d = Daemon::with_test_agent(&["--max-concurrent", "5"]);
     let cases = [
         ("huge-length", "frame of 4294967295 bytes exceeds the limit"),
         ("truncated", "closed in the middle of a frame"),
         ("early-progress", "expected Hello first, got Progress"),
         ("garbage", "exceeds the limit"),
+        ("undecodable", "undecodable frame"),
     ];
     let tasks: Vec<(String, &str)> = cases
         .iter()
