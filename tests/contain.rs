@@ -594,3 +594,19 @@ fn a_user_stop_of_a_sigstopped_agent_ends_cancelled_not_hung() {
     assert_eq!(view["exit"]["ended_by"], "sigterm", "{view}");
     assert!(!alive(pid));
 }
+
+/// Another agent's heartbeats stay on time while one floods progress and another
+/// floods stdout: the quiet one is not taken for hung.
+#[test]
+fn floods_do_not_make_a_quiet_agent_look_hung() {
+    let mut args = FAST.to_vec();
+    args.extend(["--max-concurrent", "3", "--log-cap", "65536"]);
+    let d = Daemon::with_test_agent(&args);
+    let flood = d.submit("flood", "progress:300000");
+    let loud = d.submit("loud", "stdout:512");
+    let quiet = d.submit("quiet", "quiet:3000 result:patient");
+    let view = d.wait_state(&quiet, "succeeded");
+    assert_eq!(view["result"], "patient");
+    d.wait_state(&flood, "succeeded");
+    d.wait_state(&loud, "succeeded");
+}
