@@ -132,9 +132,11 @@ pub struct Limit(pub Option<Duration>);
 pub fn parse_limit(text: &str) -> anyhow::Result<Limit> {
     match text.trim() {
         "off" => Ok(Limit(None)),
-        other => parse_duration(other)
+        other => humantime::parse_duration(other)
             .map(|d| Limit(Some(d)))
-            .with_context(|| "or `off` for no limit".to_string()),
+            .with_context(|| {
+                format!("invalid duration {text:?} (examples: 500ms, 5s, 2m; or off for no limit)")
+            }),
     }
 }
 
@@ -288,6 +290,17 @@ pub fn agent_argv(template: &[String], text: &str) -> (String, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_are_durations_or_off() {
+        assert_eq!(
+            parse_limit("1500ms").unwrap(),
+            Limit(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(parse_limit(" off ").unwrap(), Limit(None));
+        let e = parse_limit("soon").unwrap_err().to_string();
+        assert!(e.contains("\"soon\"") && e.contains("off"), "{e}");
+    }
 
     #[test]
     fn words() {
