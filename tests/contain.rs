@@ -610,3 +610,23 @@ fn floods_do_not_make_a_quiet_agent_look_hung() {
     d.wait_state(&flood, "succeeded");
     d.wait_state(&loud, "succeeded");
 }
+
+/// The same settings from the config file (`--config`).
+#[test]
+fn containment_and_liveness_settings_come_from_the_config_file_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(
+        &config,
+        "no-cgroup = true\nheartbeat = \"500ms\"\nhung-after = \"4s\"\ntask-timeout = \"1h\"\nframe-timeout = \"3s\"\nlog-cap = 4096\n",
+    )
+    .unwrap();
+    let d = Daemon::with_test_agent(&["--config", config.to_str().unwrap()]);
+    let status = d.request(json!({"cmd": "status"}));
+    assert_eq!(status["containment"]["kind"], "process-tree", "{status}");
+    assert_eq!(
+        status["liveness"],
+        json!({"heartbeat_ms": 500, "hung_after_ms": 4000, "task_timeout_ms": 3_600_000, "frame_timeout_ms": 3000}),
+        "{status}"
+    );
+}
