@@ -14,6 +14,7 @@
 
 mod command;
 mod dispatcher;
+mod order;
 mod queue;
 mod task;
 

@@ -69,11 +69,33 @@ impl Subscriptions {
         });
     }
 
+    /// The task ids and the sessions that subscribers watch (each once), so that
+    /// only their positions are computed.
+    pub fn watched(&self) -> (Vec<String>, Vec<String>) {
+        let (mut tasks, mut sessions) = (Vec::new(), Vec::new());
+        for sub in &self.subscribers {
+            match &sub.filter {
+                Filter::Task(id) => tasks.push(id.clone()),
+                Filter::Session(s) => sessions.push(s.clone()),
+            }
+        }
+        tasks.sort();
+        tasks.dedup();
+        sessions.sort();
+        sessions.dedup();
+        (tasks, sessions)
+    }
+
     /// Reports queued tasks whose position changed since the last call. `current`
-    /// holds every queued task: `(task_id, session, position)`.
+    /// holds every watched queued task: `(task_id, session, position)`; a task left
+    /// out is forgotten.
     pub fn publish_positions(&mut self, current: Vec<(String, String, u32)>) {
         let mut next = HashMap::with_capacity(current.len());
         for (task_id, session, position) in current {
+            if next.contains_key(&task_id) {
+                // Watched twice (by id and by session): one event.
+                continue;
+            }
             if self.positions.get(&task_id) != Some(&position) && !self.subscribers.is_empty() {
                 self.publish(&EventView {
                     kind: EventKind::Position,

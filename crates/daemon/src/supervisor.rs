@@ -1104,15 +1104,23 @@ note: {notice}"));
         if self.subscriptions.is_empty() {
             return;
         }
-        let positions = self.dispatcher.positions();
-        let current = positions
+        // Only the watched tasks: O(watched · log² n), not the whole queue.
+        let (task_ids, sessions) = self.subscriptions.watched();
+        let task_ids: Vec<TaskId> = task_ids
             .iter()
-            .filter_map(|(id, p)| {
-                self.dispatcher
-                    .task(id)
-                    .map(|t| (id.to_string(), t.session.clone(), *p))
-            })
+            .filter_map(|t| TaskId::parse_str(t).ok())
             .collect();
+        let mut current: Vec<(String, String, u32)> = Vec::new();
+        for (id, p) in self.dispatcher.positions_of(&task_ids) {
+            if let Some(t) = self.dispatcher.task(&id) {
+                current.push((id.to_string(), t.session.clone(), p));
+            }
+        }
+        for session in sessions {
+            for (id, p) in self.dispatcher.session_positions(&session) {
+                current.push((id.to_string(), session.clone(), p));
+            }
+        }
         self.subscriptions.publish_positions(current);
     }
 
@@ -1261,8 +1269,7 @@ note: {notice}"));
     fn status_reply(&self) -> StatusReply {
         let mut active: Vec<TaskView> = self
             .dispatcher
-            .tasks()
-            .filter(|t| t.state.is_active())
+            .active_tasks()
             .map(|t| views::task_view(t, None))
             .collect();
         active.sort_by(|a, b| (&a.started_at, &a.task_id).cmp(&(&b.started_at, &b.task_id)));
