@@ -12,6 +12,8 @@ mod capacity;
 mod cli;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
+/// One spelling per variant on every surface, in any case.
+mod names;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
 mod queue;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.

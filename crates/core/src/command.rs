@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::names::Named;
 use crate::queue::{DropPolicy, Mode, QueueSettings, MAX_DEBOUNCE};
 
 /// A control command found in a chat message.
@@ -105,12 +106,7 @@ fn parse_option(word: &str, change: &mut QueueChange) -> Result<bool, String> {
                 ))
             }
         },
-        "drop" => {
-            change.drop = Some(
-                DropPolicy::parse(value)
-                    .ok_or(format!("invalid drop {value:?} (old, new, summarize)"))?,
-            )
-        }
+        "drop" => change.drop = Some(DropPolicy::parse_name(value)?),
         _ => return Ok(false),
     }
     Ok(true)
@@ -155,8 +151,10 @@ fn parse_queue(args: &[&str], rest_of_text: &str) -> ChatCommand {
         }
         None => ChatCommand::Invalid {
             reply: format!(
-                "unknown queue setting {:?}; use /queue [collect|followup|steer|steer-backlog|interrupt] [debounce:2s] [cap:25] [drop:old|new|summarize] or /queue reset",
-                options.first().map(|w| **w).unwrap_or_default()
+                "unknown queue setting {:?}; use /queue [{}] [debounce:2s] [cap:25] [drop:{}] or /queue reset",
+                options.first().map(|w| **w).unwrap_or_default(),
+                Mode::joined("|"),
+                DropPolicy::joined("|"),
             ),
         },
     }

@@ -14,6 +14,7 @@
 
 mod command;
 mod dispatcher;
+mod names;
 mod order;
 mod queue;
 mod task;
@@ -25,6 +26,7 @@ pub use dispatcher::{
     Accepted, Action, Actions, Capacity, Config, Dispatcher, Event, Message, Refused, Scope,
     StopError, StopTarget, Submitted,
 };
+pub use names::{check_table, Named};
 pub use queue::{
     collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings, MAX_DEBOUNCE,
 };

@@ -21,8 +21,8 @@ use std::time::Duration;
 use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, Actions,
     AgentReport, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message,
-    Millis, Mode, Priority, QueueChange, QueueCommand, QueueSettings, Refused, ReportOutcome,
-    Scope, StopArg, StopError, StopStep, StopTarget, Task, TaskId, TaskState,
+    Millis, Mode, Named, Priority, QueueChange, QueueCommand, QueueSettings, Refused,
+    ReportOutcome, Scope, StopArg, StopError, StopStep, StopTarget, Task, TaskId, TaskState,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -61,7 +61,7 @@ impl Params {
 
 fn queue_settings() -> impl Strategy<Value = QueueSettings> {
     (
-        prop_oneof![1 => Just(Mode::Collect), 2 => prop::sample::select(Mode::ALL.to_vec())],
+        prop_oneof![1 => Just(Mode::Collect), 2 => prop::sample::select(Mode::all().collect::<Vec<_>>())],
         prop_oneof![1 => Just(0u64), 2 => 1..=3u64],
         1..=4u32,
         prop::sample::select(DROPS.to_vec()),
@@ -153,7 +153,7 @@ fn op() -> impl Strategy<Value = Op> {
         9 => (
             0..SESSIONS.len(),
             any::<bool>(),
-            prop::option::weighted(0.5, prop::sample::select(Mode::ALL.to_vec())),
+            prop::option::weighted(0.5, prop::sample::select(Mode::all().collect::<Vec<_>>())),
             prop::bool::weighted(0.3),
             prop::option::weighted(0.4, 0..6u8),
         )
@@ -1846,7 +1846,7 @@ proptest! {
     #[test]
     fn queue_settings_commands_parse(
         word in command_word("queue"),
-        mode in prop::option::of(prop::sample::select(Mode::ALL.to_vec())),
+        mode in prop::option::of(prop::sample::select(Mode::all().collect::<Vec<_>>())),
         debounce in prop::option::of(0..10_000u64),
         cap in prop::option::of(1..100u32),
         drop in prop::option::of(prop::sample::select(DROPS.to_vec())),

@@ -3,7 +3,16 @@
 
 use std::time::Duration;
 
-use crate::control::{Capacity, StopReply, TaskState, TaskView};
+use crate::control::{Capacity, StopReply, StopStep, TaskState, TaskView};
+
+/// A stop step in words: `cooperative cancel`, `SIGTERM`, `SIGKILL`.
+pub fn stop_step(step: StopStep) -> &'static str {
+    match step {
+        StopStep::CooperativeCancel => "cooperative cancel",
+        StopStep::Sigterm => "SIGTERM",
+        StopStep::Sigkill => "SIGKILL",
+    }
+}
 
 /// `0.04 s`, `2.01 s`, `0.003 s` under 10 ms, `1m 15s` from a minute on.
 pub fn format_seconds(d: Duration) -> String {
@@ -26,10 +35,10 @@ pub fn outcome(view: &TaskView) -> String {
         TaskState::Cancelled => match (exit.ended_by, exit.stop_ms) {
             (Some(step), Some(ms)) => format!(
                 "cancelled (ended by {} after {})",
-                step.describe(),
+                stop_step(step),
                 format_seconds(Duration::from_millis(ms))
             ),
-            (Some(step), None) => format!("cancelled (ended by {})", step.describe()),
+            (Some(step), None) => format!("cancelled (ended by {})", stop_step(step)),
             (None, _) if view.started_at.is_none() => {
                 "cancelled (removed from the queue)".to_string()
             }
