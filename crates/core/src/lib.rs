@@ -20,7 +20,8 @@ mod queue;
 mod task;
 
 pub use command::{
-    parse_chat_command, parse_duration, ChatCommand, QueueChange, QueueCommand, StopArg, HELP_TEXT,
+    parse_chat_command, parse_duration, ChatCommand, QueueChange, QueueCommand, StopArg, COMMANDS,
+    HELP_TEXT,
 };
 pub use dispatcher::{
     Accepted, Action, Actions, Capacity, Config, Dispatcher, Event, Message, Refused, Scope,

@@ -737,6 +737,7 @@ impl Supervisor {
         }
         let (text, mode) = match parse_chat_command(&work.text) {
             Some(ChatCommand::WorkWithMode { mode, text }) => (text, Some(mode)),
+            Some(ChatCommand::Work { text }) => (text, work.mode),
             Some(command) => return self.chat_command(work.session, command, reply),
             None => (work.text, work.mode),
         };
@@ -909,7 +910,13 @@ note: {notice}"));
                 })
             }
             ChatCommand::Invalid { reply: text } => Err((ErrorCode::BadRequest, text)),
-            ChatCommand::WorkWithMode { .. } => err(ErrorCode::Internal, "work is not a command"),
+            ChatCommand::Unknown { command } => Err((
+                ErrorCode::BadRequest,
+                agentd_proto::text::unknown_command(&command),
+            )),
+            ChatCommand::WorkWithMode { .. } | ChatCommand::Work { .. } => {
+                err(ErrorCode::Internal, "work is not a command")
+            }
             ChatCommand::Stop(arg) => {
                 let target = match arg {
                     StopArg::Current => Ok(StopTarget::SessionCurrent(session.clone())),

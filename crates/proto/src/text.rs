@@ -5,6 +5,19 @@ use std::time::Duration;
 
 use crate::control::{Capacity, StopReply, StopStep, TaskState, TaskView};
 
+/// The refusal of an unknown chat command such as `/stauts`: nothing was run.
+pub fn unknown_command(command: &str) -> String {
+    let commands: Vec<String> = agentd_core::COMMANDS
+        .iter()
+        .map(|c| format!("/{c}"))
+        .collect();
+    format!(
+        "unknown command /{command}: nothing was run (commands: {}; /help explains them); \
+         to send work that starts with a slash, begin it with //",
+        commands.join(", ")
+    )
+}
+
 /// A stop step in words: `cooperative cancel`, `SIGTERM`, `SIGKILL`.
 pub fn stop_step(step: StopStep) -> &'static str {
     match step {
