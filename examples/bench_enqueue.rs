@@ -14,7 +14,7 @@
 //! and prints every figure with its ratio to the baselines. It asserts nothing.
 //!
 //! Usage: bench_enqueue --socket PATH [--clients 64] [--messages 100000]
-//!        [--sessions 10000] [--text 'sleep 600']
+//!        [--sessions 10000] [--text 'sleep 600'] [--in-process-only]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -160,8 +160,13 @@ fn rate(done: &[Instant], from: usize, to: usize) -> f64 {
 /// two slots held, then what `status` and a send's reply read from it.
 fn in_process(messages: usize, sessions: usize, text: &str) {
     use agentd_core::{Config, Dispatcher, Message, Millis, TaskId};
+    // As scripts/bench-enqueue.sh configures agentd.
     let mut d = Dispatcher::new(Config {
         max_queued: (messages * 2) as u32,
+        queue: agentd_core::QueueSettings {
+            cap: (messages * 2) as u32,
+            ..agentd_core::QueueSettings::default()
+        },
         ..Config::default()
     });
     let now = Millis(1);
@@ -212,6 +217,10 @@ fn main() {
             "--messages" => messages = value().parse().expect("a number"),
             "--sessions" => sessions = value().parse().expect("a number"),
             "--text" => text = value(),
+            "--in-process-only" => {
+                in_process(messages, sessions, &text);
+                return;
+            }
             other => panic!("unknown argument {other}"),
         }
     }

@@ -6,7 +6,8 @@
 # empty queue and at 90k–100k queued), and `status` p50 empty and full, each printed
 # as a ratio against baselines measured in the same run (the machine's Unix-socket
 # round trip and the same echo with 64 clients).
-# Not a test: it asserts nothing, it reports. Override with CLIENTS, MESSAGES, SESSIONS.
+# Not a test: it asserts nothing, it reports. Override with CLIENTS, MESSAGES, SESSIONS
+# (SESSIONS=1 puts every message in one session's queue; the cap is raised for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-64}
@@ -19,6 +20,7 @@ WORK="$(mktemp -d -t agentd-bench.XXXXXX)"; chmod 700 "$WORK"
 export AGENTD_SOCKET="$WORK/agentd.sock"
 cat >"$WORK/agentd.toml" <<TOML
 max-queued = $((MESSAGES * 2))
+cap = $((MESSAGES * 2))
 history = 1000
 TOML
 "$BIN/agentd" --config "$WORK/agentd.toml" --max-concurrent 2 --state-dir "$WORK/state" \

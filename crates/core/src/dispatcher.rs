@@ -1209,6 +1209,7 @@ impl Dispatcher {
                 self.index.add(key.clone(), len);
                 s.indexed = Some(key);
             }
+            self.index.shrink_if_empty();
         }
     }
 

@@ -82,7 +82,6 @@ impl<K: Ord, V> RankedMap<K, V> {
         self.size(self.root) as usize
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.root == NIL
     }
@@ -411,6 +410,15 @@ impl PositionIndex {
         if let Some(len) = self.sessions.remove(key) {
             self.fenwick_remove(key, len);
             self.n_queued -= len as usize;
+        }
+    }
+
+    /// Once nothing is queued, gives back what a long queue made the trees grow to.
+    /// (Not done in [`PositionIndex::remove`]: a session's move is a remove and an
+    /// add, and must not rebuild the trees each time.)
+    pub fn shrink_if_empty(&mut self) {
+        if self.sessions.is_empty() && self.max_len() > 16 {
+            *self = PositionIndex::default();
         }
     }
 
