@@ -155,6 +155,24 @@ mod tests {
     }
 
     #[test]
+    fn watched_lists_each_task_and_session_once_and_positions_go_out_once() {
+        let mut subs = Subscriptions::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        subs.add(Filter::Task("t".into()), tx.clone());
+        subs.add(Filter::Task("t".into()), tx.clone());
+        subs.add(Filter::Session("s".into()), tx.clone());
+        subs.add(Filter::Session("s".into()), tx);
+        assert_eq!(subs.watched(), (vec!["t".into()], vec!["s".into()]));
+        // `t` is watched by id and through its session: one report of its position,
+        // to each of the four subscribers.
+        subs.publish_positions(vec![
+            ("t".into(), "s".into(), 3),
+            ("t".into(), "s".into(), 3),
+        ]);
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 4);
+    }
+
+    #[test]
     fn gone_clients_are_dropped_and_positions_report_changes_only() {
         let mut subs = Subscriptions::default();
         let (tx, rx) = mpsc::unbounded_channel();
