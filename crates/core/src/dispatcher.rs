@@ -1370,12 +1370,14 @@ impl Dispatcher {
                 ));
             }
             if let Some(next) = next.filter(|_| should_be_ready) {
-                let ring = if next.priority == Priority::Background {
-                    &self.ready_background
-                } else {
-                    &self.ready
+                // The rings' entries were checked against `session.ring` above.
+                let ring = match session.ring {
+                    Some((Priority::Interactive, seq)) => self.ready.get(&seq),
+                    Some((_, seq)) => self.ready_background.get(&seq),
+                    None => None,
                 };
-                if !ring.values().any(|k| k == key) {
+                if session.ring.map(|(class, _)| class) != Some(next.priority) || ring != Some(key)
+                {
                     return Err(format!("session {key} is in the wrong ready ring"));
                 }
             }
