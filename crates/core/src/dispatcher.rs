@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use crate::order::{OrderKey, PositionIndex, RankedMap};
+use crate::order::{self, OrderKey, PositionIndex, RankedMap};
 use crate::queue::{self, DropPolicy, Mode, Priority, QueueSettings};
 use crate::task::{
     AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopStep, Task, TaskId, TaskState,
@@ -495,6 +495,47 @@ impl Dispatcher {
             }
         }
         positions
+    }
+
+    /// Every queued task with its position, in admission order, produced lazily:
+    /// O(sessions) to begin, then O(1) a task (the first page of a listing does not
+    /// cost the whole queue).
+    pub fn queued_in_order(&self) -> impl Iterator<Item = (&Task, u32)> + '_ {
+        let mut lanes: VecDeque<order::Iter<'_, i64, TaskId>> = self
+            .index
+            .keys_in_order()
+            .filter_map(|key| self.session_of_key(key))
+            .map(|s| s.queue.iter())
+            .collect();
+        let mut next_position = 0u32;
+        std::iter::from_fn(move || loop {
+            // One round takes the next task of every lane, in order; a lane that has
+            // run out leaves the rotation.
+            let mut lane = lanes.pop_front()?;
+            if let Some((_, task_id)) = lane.next() {
+                lanes.push_back(lane);
+                if let Some(task) = self.tasks.get(task_id) {
+                    next_position += 1;
+                    return Some((task, next_position));
+                }
+            }
+        })
+    }
+
+    fn session_of_key(&self, key: &OrderKey) -> Option<&Session> {
+        let name = match key {
+            OrderKey::Ready {
+                class: Priority::Interactive,
+                seq,
+            } => self.ready.get(seq)?,
+            OrderKey::Ready {
+                class: Priority::Background,
+                seq,
+            } => self.ready_background.get(seq)?,
+            OrderKey::Quiet(name) => name,
+            OrderKey::Busy { task, .. } => &self.tasks.get(task)?.session,
+        };
+        self.sessions.get(name)
     }
 
     /// The position of a queued task (1 = admitted next), O(log² n).
@@ -1482,6 +1523,20 @@ impl Dispatcher {
                     "task {task_id}: position {fast:?}, from scratch {want}"
                 ));
             }
+        }
+        let mut n_listed = 0;
+        for (task, position) in self.queued_in_order() {
+            n_listed += 1;
+            if positions.get(&task.id) != Some(&position) || position != n_listed {
+                return Err(format!(
+                    "task {} listed at {position} (#{n_listed}), from scratch {:?}",
+                    task.id,
+                    positions.get(&task.id)
+                ));
+            }
+        }
+        if n_listed as usize != positions.len() {
+            return Err(format!("{n_listed} tasks listed of {}", positions.len()));
         }
         Ok(())
     }

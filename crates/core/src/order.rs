@@ -355,6 +355,11 @@ impl PositionIndex {
         self.sessions.len()
     }
 
+    /// The keys of every session with queued work, in admission order.
+    pub fn keys_in_order(&self) -> impl Iterator<Item = &OrderKey> {
+        self.sessions.iter().map(|(k, _)| k)
+    }
+
     /// The queue length recorded for a session's key.
     pub fn len_of(&self, key: &OrderKey) -> Option<u32> {
         self.sessions.get(key).copied()

@@ -2061,6 +2061,10 @@ fn fast_positions_equal_the_table_computed_from_scratch() {
                     .collect();
                 prop_assert_eq!(d.session_positions(&session), want);
             }
+            let listed: Vec<(TaskId, u32)> = d.queued_in_order().map(|(t, p)| (t.id, p)).collect();
+            let mut by_position: Vec<(TaskId, u32)> = table.iter().map(|(t, p)| (*t, *p)).collect();
+            by_position.sort_by_key(|(_, p)| *p);
+            prop_assert_eq!(listed, by_position);
             let ids: Vec<TaskId> = (1..next_id).map(id).collect();
             let mut asked: Vec<(TaskId, u32)> = d.positions_of(&ids).collect();
             let mut want: Vec<(TaskId, u32)> = table.iter().map(|(t, p)| (*t, *p)).collect();
