@@ -354,7 +354,7 @@ pub fn parse_queue_mode(s: &str) -> Result<QueueMode, String> {
 /// `drop:POLICY`.
 pub fn parse_queue_setting(s: &str) -> Result<QueueSetting, String> {
     let Some((key, value)) = s.split_once(':') else {
-        if s == "reset" {
+        if s.eq_ignore_ascii_case("reset") {
             return Err("to reset the settings use --reset".into());
         }
         return parse_queue_mode(s).map(QueueSetting::Mode).map_err(|e| {
@@ -364,7 +364,8 @@ pub fn parse_queue_setting(s: &str) -> Result<QueueSetting, String> {
             )
         });
     };
-    match key {
+    // Keys in any case, as in the chat's `/queue`.
+    match key.to_ascii_lowercase().as_str() {
         "debounce" => parse_debounce(value).map(QueueSetting::Debounce),
         "cap" => match value.parse::<u32>() {
             Ok(0) => Err("cap must be at least 1".into()),
@@ -425,9 +426,14 @@ mod tests {
             }
         }
         for (drop, word) in DropPolicy::NAMES {
-            let spelled = format!("drop:{}", word.to_uppercase());
+            let spelled = format!("Drop:{}", word.to_uppercase());
             assert_eq!(parse_queue_setting(&spelled), Ok(QueueSetting::Drop(*drop)));
         }
+        assert_eq!(parse_queue_setting("CAP:3"), Ok(QueueSetting::Cap(3)));
+        assert_eq!(
+            parse_queue_setting("Debounce:2s"),
+            Ok(QueueSetting::Debounce(2000))
+        );
     }
     use clap::CommandFactory;
 
