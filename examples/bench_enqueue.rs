@@ -2,8 +2,9 @@
 //!
 //! Against a running agentd whose agents never finish, it measures, in one run:
 //! - baselines: this machine's Unix-socket round trip (a line echoed by a thread of
-//!   this process, p50) and the rate of the same echo with as many clients as the
-//!   bulk enqueue uses;
+//!   this process, p50, measured interleaved with each latency so that both see the
+//!   same load) and the rate of the same echo with as many clients as the bulk
+//!   enqueue uses;
 //! - `ping` and `status` p50 against the empty queue;
 //! - bulk enqueue: N clients, each on its own connection, sending `send` requests
 //!   back to back, messages spread round-robin over S sessions; the rate over the
@@ -58,22 +59,42 @@ fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Round trips of `request` on one connection: p50 of `n`.
-fn latency(path: &Path, request: &str, n: usize) -> Duration {
-    let mut conn = Conn::connect(path);
+/// `n` round trips of `request` to agentd and `n` of the same line to the echo
+/// server, in alternating blocks of 100 (back to back within a block, so each stays
+/// on its warm path, and both see the same load on a shared machine): the p50 of
+/// each.
+fn latency(socket: &Path, echo: &Path, request: &str, n: usize) -> (Duration, Duration) {
+    let mut conn = Conn::connect(socket);
+    let mut echo = Conn::connect(echo);
     for _ in 0..n / 10 {
         conn.round_trip(request);
+        echo.round_trip(request);
     }
-    let samples = (0..n)
-        .map(|_| {
+    let (mut ours, mut base) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n.div_ceil(100) {
+        for _ in 0..100 {
+            let t = Instant::now();
+            echo.round_trip(request);
+            base.push(t.elapsed());
+        }
+        for _ in 0..100 {
             let t = Instant::now();
             let reply = conn.round_trip(request);
-            let elapsed = t.elapsed();
+            ours.push(t.elapsed());
             assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
-            elapsed
-        })
-        .collect();
-    p50(samples)
+        }
+    }
+    (p50(ours), p50(base))
+}
+
+/// Prints one latency line with its ratio to the round trip measured beside it.
+fn report(what: &str, (ours, rtt): (Duration, Duration), note: &str) {
+    println!(
+        "{what:<44}{:8.1} µs  {:5.2}× the round trip ({:.1} µs){note}",
+        micros(ours),
+        micros(ours) / micros(rtt),
+        micros(rtt)
+    );
 }
 
 /// A thread that echoes lines on a Unix socket: the transport's own cost.
@@ -227,9 +248,8 @@ fn main() {
     let echo_path = socket.with_file_name("echo.sock");
     echo_server(&echo_path);
 
-    // Baselines.
+    // Baselines: the socket round trip is measured beside every latency below.
     let probe = "{\"id\":1,\"cmd\":\"status\"}\n";
-    let rtt = latency(&echo_path, probe, 5_000);
     let (done, _) = flood(&echo_path, clients, messages, |i| {
         format!(
             "{{\"id\":{i},\"cmd\":\"send\",\"session\":\"s{}\",\"text\":{text:?}}}\n",
@@ -237,24 +257,12 @@ fn main() {
         )
     });
     let echo_rate = rate(&done, 0, done.len());
-    println!(
-        "baseline: unix-socket round trip p50          {:8.1} µs",
-        micros(rtt)
-    );
     println!("baseline: {clients}-client echo over unix sockets    {echo_rate:10.0} lines/s");
-
-    let ping = latency(&socket, "{\"id\":1,\"cmd\":\"ping\"}\n", 2_000);
-    println!(
-        "agentd ping p50 (answered by the connection)  {:8.1} µs  {:5.2}× round trip",
-        micros(ping),
-        micros(ping) / micros(rtt)
-    );
-    let status_empty = latency(&socket, probe, 2_000);
-    println!(
-        "agentd status p50, empty queue                {:8.1} µs  {:5.2}× round trip",
-        micros(status_empty),
-        micros(status_empty) / micros(rtt)
-    );
+    println!("baseline: unix-socket round trip p50, measured beside each line below");
+    let ping = latency(&socket, &echo_path, "{\"id\":1,\"cmd\":\"ping\"}\n", 2_000);
+    report("agentd ping p50 (answered by the connection)", ping, "");
+    let status_empty = latency(&socket, &echo_path, probe, 2_000);
+    report("agentd status p50, empty queue", status_empty, "");
 
     // Bulk enqueue.
     let (done, errors) = flood(&socket, clients, messages, |i| {
@@ -283,16 +291,15 @@ fn main() {
         last / first
     );
 
-    let status_full = latency(&socket, probe, 2_000);
-    println!(
-        "agentd status p50, {n} queued             {:8.1} µs  {:5.2}× round trip (target ≤ 2)  {:5.2}× empty",
-        micros(status_full),
-        micros(status_full) / micros(rtt),
-        micros(status_full) / micros(status_empty)
-    );
-    println!(
-        "                                                          {:5.2}× agentd ping",
-        micros(status_full) / micros(ping)
+    let status_full = latency(&socket, &echo_path, probe, 2_000);
+    report(
+        &format!("agentd status p50, {n} queued"),
+        status_full,
+        &format!(
+            "  (target ≤ 2); {:.2}× empty, {:.2}× ping",
+            micros(status_full.0) / micros(status_empty.0),
+            micros(status_full.0) / micros(ping.0)
+        ),
     );
     let reply = Conn::connect(&socket).round_trip(probe).to_string();
     let queued = reply
