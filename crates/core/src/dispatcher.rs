@@ -290,6 +290,9 @@ struct Session {
 /// Where every queued task is: its place in its session's line and its age.
 #[derive(Debug, Default)]
 struct Queued {
+    /// Bumped by every change that can move a queued task's position (see
+    /// [`Dispatcher::order_version`]).
+    version: u64,
     place: HashMap<TaskId, (i64, Millis)>,
     /// Queued tasks, oldest first (for expiry and for stopping everything).
     by_age: BTreeSet<(Millis, TaskId)>,
@@ -321,6 +324,7 @@ impl Session {
     }
 
     fn enter(&mut self, queued: &mut Queued, task_id: TaskId, created_at: Millis, place: i64) {
+        queued.version += 1;
         self.queue.insert(place, task_id);
         queued.place.insert(task_id, (place, created_at));
         queued.by_age.insert((created_at, task_id));
@@ -336,6 +340,7 @@ impl Session {
         let Some((place, created_at)) = queued.place.remove(&task_id) else {
             return false;
         };
+        queued.version += 1;
         queued.by_age.remove(&(created_at, task_id));
         self.queue.remove(&place).is_some()
     }
@@ -536,6 +541,13 @@ impl Dispatcher {
             OrderKey::Busy { task, .. } => &self.tasks.get(task)?.session,
         };
         self.sessions.get(name)
+    }
+
+    /// A number that changes whenever a queued task's position may have changed (a
+    /// task queued or leaving the queue, a session moving in the admission order),
+    /// and only then: a watcher of positions need not ask again while it stands.
+    pub fn order_version(&self) -> u64 {
+        self.queued.version
     }
 
     /// The position of a queued task (1 = admitted next), O(log² n).
@@ -1243,6 +1255,7 @@ impl Dispatcher {
                 .as_ref()
                 .is_none_or(|k| self.index.len_of(k) == Some(len));
         if !unchanged {
+            self.queued.version += 1;
             if let Some(old) = s.indexed.take() {
                 self.index.remove(&old);
             }

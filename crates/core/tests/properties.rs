@@ -1917,8 +1917,9 @@ fn pos_op() -> impl Strategy<Value = PosOp> {
     ]
 }
 
-/// Every queued task's position, asked one at a time, for a session, or for a set of
-/// tasks, equals the table computed from scratch, over random sequences of messages
+/// Every queued task's position, asked one at a time, for a session, for a set of
+/// tasks, or listed in order, equals the table computed from scratch, and no position
+/// moves while `order_version` stays the same, over random sequences of messages
 /// (both classes, interrupts that jump the line), reaps, stops of queued work, quiet
 /// times ending and expiry.
 #[test]
@@ -1980,6 +1981,7 @@ fn fast_positions_equal_the_table_computed_from_scratch() {
                     }
                 }
             };
+        let mut before: Option<(u64, HashMap<TaskId, u32>)> = None;
         for op in &ops {
             now += 10;
             match op {
@@ -2050,6 +2052,13 @@ fn fast_positions_equal_the_table_computed_from_scratch() {
             }
             let table = d.positions();
             prop_assert_eq!(table.len(), d.n_queued());
+            // While the order version stands, no position moved.
+            if let Some((version, previous)) = &before {
+                if *version == d.order_version() {
+                    prop_assert_eq!(previous, &table);
+                }
+            }
+            before = Some((d.order_version(), table.clone()));
             for task in d.tasks() {
                 prop_assert_eq!(d.position(&task.id), table.get(&task.id).copied());
             }

@@ -29,11 +29,26 @@ pub struct Subscriptions {
     subscribers: Vec<Subscriber>,
     /// Positions of queued tasks as last published, to report only changes.
     positions: HashMap<String, u32>,
+    /// The dispatcher's order version those positions were computed at; `None` once
+    /// a subscriber came or follows another task, so they are computed again.
+    positions_version: Option<u64>,
 }
 
 impl Subscriptions {
     pub fn add(&mut self, filter: Filter, events: mpsc::UnboundedSender<EventView>) {
         self.subscribers.push(Subscriber { filter, events });
+        self.positions_version = None;
+    }
+
+    /// True when the positions published last are still current: the dispatcher's
+    /// order version is the same and nobody new watches.
+    pub fn positions_current(&self, order_version: u64) -> bool {
+        self.positions_version == Some(order_version)
+    }
+
+    /// Records the order version the positions just published were computed at.
+    pub fn set_positions_version(&mut self, order_version: u64) {
+        self.positions_version = Some(order_version);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -61,6 +76,7 @@ impl Subscriptions {
                 // The watched message went into another task: follow that one.
                 (Filter::Task(id), EventKind::Merged, Some(into)) => {
                     *id = into.clone();
+                    self.positions_version = None;
                     true
                 }
                 (Filter::Task(_), EventKind::Finished, _) => false,
@@ -170,6 +186,22 @@ mod tests {
             ("t".into(), "s".into(), 3),
         ]);
         assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 4);
+    }
+
+    #[test]
+    fn positions_are_computed_again_after_an_order_change_a_new_watch_or_a_merge() {
+        let mut subs = Subscriptions::default();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        subs.add(Filter::Task("a".into()), tx.clone());
+        assert!(!subs.positions_current(7));
+        subs.set_positions_version(7);
+        assert!(subs.positions_current(7));
+        assert!(!subs.positions_current(8), "the order changed");
+        subs.add(Filter::Session("s".into()), tx);
+        assert!(!subs.positions_current(7), "a new watcher");
+        subs.set_positions_version(7);
+        subs.publish(&event(EventKind::Merged, "a", Some("b")));
+        assert!(!subs.positions_current(7), "the watch follows another task");
     }
 
     #[test]

@@ -1111,7 +1111,12 @@ note: {notice}"));
         if self.subscriptions.is_empty() {
             return;
         }
-        // Only the watched tasks: O(watched · log² n), not the whole queue.
+        // Only when an order changed, and only the watched tasks: O(watched · log² n),
+        // not the whole queue.
+        let version = self.dispatcher.order_version();
+        if self.subscriptions.positions_current(version) {
+            return;
+        }
         let (task_ids, sessions) = self.subscriptions.watched();
         let task_ids: Vec<TaskId> = task_ids
             .iter()
@@ -1129,6 +1134,7 @@ note: {notice}"));
             }
         }
         self.subscriptions.publish_positions(current);
+        self.subscriptions.set_positions_version(version);
     }
 
     fn chat_reply(
