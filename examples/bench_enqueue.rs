@@ -60,10 +60,10 @@ fn micros(d: Duration) -> f64 {
 }
 
 /// `n` round trips of `request` to agentd and `n` of the same line to the echo
-/// server, in alternating blocks of 100 (back to back within a block, so each stays
+/// server, in alternating blocks of 10 (back to back within a block, so each stays
 /// on its warm path, and both see the same load on a shared machine): the p50 of
 /// each.
-fn latency(socket: &Path, echo: &Path, request: &str, n: usize) -> (Duration, Duration) {
+fn latency(socket: &Path, echo: &Path, request: &str, n: usize) -> Latency {
     let mut conn = Conn::connect(socket);
     let mut echo = Conn::connect(echo);
     for _ in 0..n / 10 {
@@ -71,24 +71,44 @@ fn latency(socket: &Path, echo: &Path, request: &str, n: usize) -> (Duration, Du
         echo.round_trip(request);
     }
     let (mut ours, mut base) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for _ in 0..n.div_ceil(100) {
-        for _ in 0..100 {
+    for _ in 0..n.div_ceil(10) {
+        for _ in 0..10 {
             let t = Instant::now();
             echo.round_trip(request);
             base.push(t.elapsed());
         }
-        for _ in 0..100 {
+        for _ in 0..10 {
             let t = Instant::now();
             let reply = conn.round_trip(request);
             ours.push(t.elapsed());
             assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
         }
     }
-    (p50(ours), p50(base))
+    Latency {
+        ours: p50(ours),
+        rtt: p50(base),
+    }
+}
+
+struct Latency {
+    ours: Duration,
+    rtt: Duration,
+}
+
+/// agentd's CPU time per request over `n` round trips of `request` (load-independent,
+/// unlike a latency on a shared machine).
+fn cpu_per_request(socket: &Path, pid: Option<u32>, request: &str, n: usize) -> Option<Duration> {
+    let mut conn = Conn::connect(socket);
+    let before = cpu_time(pid?)?;
+    for _ in 0..n {
+        conn.round_trip(request);
+    }
+    let after = cpu_time(pid?)?;
+    Some(after.saturating_sub(before) / n as u32)
 }
 
 /// Prints one latency line with its ratio to the round trip measured beside it.
-fn report(what: &str, (ours, rtt): (Duration, Duration), note: &str) {
+fn report(what: &str, &Latency { ours, rtt }: &Latency, note: &str) {
     println!(
         "{what:<44}{:8.1} µs  {:5.2}× the round trip ({:.1} µs){note}",
         micros(ours),
@@ -224,6 +244,17 @@ fn in_process(messages: usize, sessions: usize, text: &str) {
     );
 }
 
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
 fn main() {
     let mut socket = None;
     let (mut clients, mut messages, mut sessions) = (64usize, 100_000usize, 10_000usize);
@@ -259,12 +290,20 @@ fn main() {
     let echo_rate = rate(&done, 0, done.len());
     println!("baseline: {clients}-client echo over unix sockets    {echo_rate:10.0} lines/s");
     println!("baseline: unix-socket round trip p50, measured beside each line below");
-    let ping = latency(&socket, &echo_path, "{\"id\":1,\"cmd\":\"ping\"}\n", 2_000);
-    report("agentd ping p50 (answered by the connection)", ping, "");
-    let status_empty = latency(&socket, &echo_path, probe, 2_000);
-    report("agentd status p50, empty queue", status_empty, "");
+    let ping = latency(&socket, &echo_path, "{\"id\":1,\"cmd\":\"ping\"}\n", 5_000);
+    let agentd_pid = Conn::connect(&socket)
+        .round_trip("{\"id\":1,\"cmd\":\"ping\"}\n")
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse::<u32>().ok());
+    report("agentd ping p50 (answered by the connection)", &ping, "");
+    let status_empty = latency(&socket, &echo_path, probe, 5_000);
+    report("agentd status p50, empty queue", &status_empty, "");
+    let status_cpu_empty = cpu_per_request(&socket, agentd_pid, probe, 20_000);
 
     // Bulk enqueue.
+    let cpu_before = agentd_pid.and_then(cpu_time);
     let (done, errors) = flood(&socket, clients, messages, |i| {
         format!(
             "{{\"id\":{i},\"cmd\":\"send\",\"session\":\"s{}\",\"text\":{text:?}}}\n",
@@ -272,6 +311,10 @@ fn main() {
         )
     });
     let n = done.len();
+    let cpu = agentd_pid
+        .and_then(cpu_time)
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let tenth = n / 10;
     let overall = rate(&done, 0, n);
     let first = rate(&done, 0, tenth);
@@ -284,6 +327,12 @@ fn main() {
         overall / 20_000.0,
         overall / echo_rate
     );
+    if let Some(cpu) = cpu {
+        println!(
+            "  agentd CPU per message (load-independent)  {:8.1} µs",
+            micros(cpu) / n as f64
+        );
+    }
     println!("  first tenth (queue 0 → {tenth:>6})          {first:10.0} msgs/s");
     println!(
         "  last tenth  (queue {:>6} → {n:>6})     {last:10.0} msgs/s  {:5.2}× the first tenth (target ≥ 0.5)",
@@ -291,16 +340,25 @@ fn main() {
         last / first
     );
 
-    let status_full = latency(&socket, &echo_path, probe, 2_000);
+    let status_full = latency(&socket, &echo_path, probe, 5_000);
     report(
         &format!("agentd status p50, {n} queued"),
-        status_full,
+        &status_full,
         &format!(
             "  (target ≤ 2); {:.2}× empty, {:.2}× ping",
-            micros(status_full.0) / micros(status_empty.0),
-            micros(status_full.0) / micros(ping.0)
+            micros(status_full.ours) / micros(status_empty.ours),
+            micros(status_full.ours) / micros(ping.ours)
         ),
     );
+    let status_cpu_full = cpu_per_request(&socket, agentd_pid, probe, 20_000);
+    if let (Some(empty), Some(full)) = (status_cpu_empty, status_cpu_full) {
+        println!(
+            "agentd CPU per status: empty {:.1} µs, {n} queued {:.1} µs ({:.2}×; load-independent)",
+            micros(empty),
+            micros(full),
+            micros(full) / micros(empty).max(0.001)
+        );
+    }
     let reply = Conn::connect(&socket).round_trip(probe).to_string();
     let queued = reply
         .split("\"queued\":")
