@@ -23,7 +23,8 @@ use std::time::Duration;
 use crate::order::{self, OrderKey, PositionIndex, RankedMap};
 use crate::queue::{self, DropPolicy, Mode, Priority, QueueSettings};
 use crate::task::{
-    AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopStep, Task, TaskId, TaskState,
+    AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopCause, StopStep, Task, TaskId,
+    TaskState,
 };
 
 /// Limits, graces and defaults the dispatcher decides with.
@@ -45,6 +46,11 @@ pub struct Config {
     pub queue_timeout: Option<Duration>,
     /// How many `(session, message_id)` pairs are remembered for de-duplication.
     pub dedup_window: usize,
+    /// Whether the agent wants several held messages merged into one prompt (IPC
+    /// `AgentFeatures::collected_prompts`; LLM agents do, a shell command does not).
+    /// Without it a `collect` session is drained as `followup`: each held message
+    /// runs as its own task.
+    pub collected_prompts: bool,
 }
 
 impl Default for Config {
@@ -58,6 +64,7 @@ impl Default for Config {
             max_queued: 1000,
             queue_timeout: None,
             dedup_window: 10_000,
+            collected_prompts: true,
         }
     }
 }
@@ -104,6 +111,10 @@ pub enum Event {
         task_id: TaskId,
         step: StopStep,
     },
+    /// The exit grace armed by [`Action::SetExitGrace`] elapsed.
+    ExitGraceOver {
+        task_id: TaskId,
+    },
     /// A debounce timer armed by [`Action::SetDebounce`] elapsed.
     Debounce {
         session: String,
@@ -137,6 +148,10 @@ pub enum Action {
         after: Duration,
         step: StopStep,
     },
+    /// The agent reported its result and should exit: feed back
+    /// `Event::ExitGraceOver { task_id }` after `after`. A timer of its own, so that
+    /// it cannot be taken for a stop's timer when a stop comes in between.
+    SetExitGrace { task_id: TaskId, after: Duration },
     /// Feed back `Event::Debounce { session, generation }` after `after`.
     SetDebounce {
         session: String,
@@ -396,6 +411,12 @@ impl Dispatcher {
         &self.config
     }
 
+    /// What the daemon learned of its agent (see [`Config::collected_prompts`]): it
+    /// applies to runs that start from now on.
+    pub fn set_collected_prompts(&mut self, wanted: bool) {
+        self.config.collected_prompts = wanted;
+    }
+
     // ----- queries -----
 
     /// A task that is queued or active.
@@ -457,7 +478,8 @@ impl Dispatcher {
     }
 
     /// Admission order of every queued task (1 = admitted next), computed from scratch
-    /// in O(n log n): for listings of the whole queue. To learn the position of some
+    /// in O(n log n): the reference the fast queries are checked against. To list
+    /// the whole queue use [`Dispatcher::queued_in_order`]; to learn the position of some
     /// tasks, use [`Dispatcher::position`], [`Dispatcher::positions_of`] or
     /// [`Dispatcher::session_positions`], which cost O(log² n) a task.
     ///
@@ -735,7 +757,7 @@ impl Dispatcher {
             session.push_front(&mut self.queued, msg.task_id, now);
             session.debounce = None;
             if let Some(active) = active_id {
-                if self.begin_stop(active, now, true, &mut actions) {
+                if self.begin_stop(active, now, StopCause::Interrupt, &mut actions) {
                     notice = Some(format!(
                         "interrupting task {active}: this message runs next"
                     ));
@@ -758,6 +780,24 @@ impl Dispatcher {
             notice,
         };
         (Ok(accepted), Actions(actions))
+    }
+
+    /// A message accepted earlier comes back: a steer its agent refused. It is queued
+    /// as a follow-up of its session, past the session's cap and the daemon-wide
+    /// limit: refusing it now would lose a message whose sender was told it was
+    /// taken. (Only a steer-capable running agent can send one back, once per
+    /// message steered into it.)
+    pub fn requeue(&mut self, msg: Message, now: Millis) -> Actions {
+        let mut actions = Vec::new();
+        let task = self.new_task(&msg, Mode::Followup, now);
+        self.tasks.insert(task.id, task);
+        self.sessions
+            .entry(msg.session.clone())
+            .or_default()
+            .push_back(&mut self.queued, msg.task_id, now);
+        self.refresh_ready(&msg.session);
+        self.admit(now, &mut actions);
+        Actions(actions)
     }
 
     /// True if a message for `session` would be admitted right away: the session is
@@ -786,11 +826,9 @@ impl Dispatcher {
             finished_at: None,
             progress: None,
             report: None,
-            protocol_error: None,
             priority: msg.priority,
             mode,
             message_id: msg.message_id.clone(),
-            lingered: false,
         }
     }
 
@@ -895,10 +933,9 @@ impl Dispatcher {
                         // Done, so it should exit now: after `cancel_grace` it is
                         // stopped from SIGTERM on, keeping the outcome it reported.
                         if let TaskState::Running { .. } = task.state {
-                            actions.push(Action::SetTimer {
+                            actions.push(Action::SetExitGrace {
                                 task_id,
                                 after: self.config.cancel_grace,
-                                step: StopStep::Sigterm,
                             });
                         }
                     }
@@ -906,45 +943,65 @@ impl Dispatcher {
             }
             Event::ProtocolError { task_id, error } => {
                 if let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.state.is_active()) {
-                    if task.protocol_error.is_none() {
-                        task.protocol_error = Some(error);
+                    // Once agentd has signalled the agent, its channel breaking is the
+                    // end it was sent, not a protocol error: an agent killed with
+                    // agentd's Cancel unread (it was SIGSTOPped, say) resets its
+                    // channel as it dies. The stop in progress owns the outcome.
+                    if matches!(&task.state, TaskState::Stopping { step, .. } if *step >= StopStep::Sigterm)
+                    {
+                        return Actions(actions);
                     }
-                    let (requested_at, interrupt) = match task.state {
+                    let cause = StopCause::ProtocolError(error);
+                    match &mut task.state {
                         TaskState::Stopping {
-                            requested_at,
-                            interrupt,
+                            step,
+                            cause: current,
                             ..
-                        } => (requested_at, interrupt),
-                        _ => (now, false),
-                    };
-                    let pid = task.state.pid();
-                    task.state = TaskState::Stopping {
-                        pid,
-                        step: StopStep::Sigkill,
-                        requested_at,
-                        interrupt,
-                    };
+                        } => {
+                            current.escalate(cause);
+                            *step = StopStep::Sigkill;
+                        }
+                        state => {
+                            *state = TaskState::Stopping {
+                                pid: state.pid(),
+                                step: StopStep::Sigkill,
+                                requested_at: now,
+                                cause,
+                            };
+                        }
+                    }
                     actions.push(Action::Signal {
                         task_id,
                         step: StopStep::Sigkill,
                     });
                 }
             }
-            Event::StopTimer { task_id, step } => {
+            Event::ExitGraceOver { task_id } => {
                 if let Some(task) = self.tasks.get_mut(&task_id) {
                     // A running agent that reported its result and did not exit in
-                    // time lingers: it is stopped, from SIGTERM on.
-                    if let (TaskState::Running { pid, .. }, Some(_), StopStep::Sigterm) =
-                        (&task.state, &task.report, step)
-                    {
-                        task.lingered = true;
+                    // time lingers: it is stopped, from SIGTERM on. One stopped in the
+                    // meantime keeps the graces of that stop.
+                    if let (TaskState::Running { pid, .. }, Some(_)) = (&task.state, &task.report) {
                         task.state = TaskState::Stopping {
                             pid: Some(*pid),
-                            step: StopStep::CooperativeCancel,
+                            step: StopStep::Sigterm,
                             requested_at: now,
-                            interrupt: false,
+                            cause: StopCause::Linger,
                         };
+                        actions.push(Action::Signal {
+                            task_id,
+                            step: StopStep::Sigterm,
+                        });
+                        actions.push(Action::SetTimer {
+                            task_id,
+                            after: self.config.term_grace,
+                            step: StopStep::Sigkill,
+                        });
                     }
+                }
+            }
+            Event::StopTimer { task_id, step } => {
+                if let Some(task) = self.tasks.get_mut(&task_id) {
                     if let TaskState::Stopping { step: current, .. } = &mut task.state {
                         if *current < step {
                             *current = step;
@@ -1067,7 +1124,7 @@ impl Dispatcher {
             }
         }
         for &task_id in &targets {
-            self.begin_stop(task_id, now, false, &mut actions);
+            self.begin_stop(task_id, now, StopCause::User, &mut actions);
         }
         self.admit(now, &mut actions);
         Ok((targets, Actions(actions)))
@@ -1084,13 +1141,14 @@ impl Dispatcher {
 
     // ----- transitions -----
 
-    /// Begins the stop sequence of an active task. Returns false if it was not active
-    /// or is already stopping.
+    /// Begins the stop sequence of an active task for `cause`. Returns false if it was
+    /// not active or is already stopping (a stop in progress keeps its cause: user
+    /// stops and interrupts are the weakest).
     fn begin_stop(
         &mut self,
         task_id: TaskId,
         now: Millis,
-        interrupt: bool,
+        cause: StopCause,
         actions: &mut Vec<Action>,
     ) -> bool {
         let Some(task) = self.tasks.get_mut(&task_id) else {
@@ -1106,7 +1164,7 @@ impl Dispatcher {
             pid,
             step: StopStep::CooperativeCancel,
             requested_at: now,
-            interrupt,
+            cause,
         };
         actions.push(Action::SendCancel { task_id });
         actions.push(Action::SetTimer {
@@ -1315,10 +1373,11 @@ impl Dispatcher {
         let Some(task_id) = session.pop_front(&mut self.queued) else {
             return;
         };
-        let collect = self
-            .tasks
-            .get(&task_id)
-            .is_some_and(|t| t.mode == Mode::Collect);
+        let collect = self.config.collected_prompts
+            && self
+                .tasks
+                .get(&task_id)
+                .is_some_and(|t| t.mode == Mode::Collect);
         let mut merged = Vec::new();
         if collect {
             while session
@@ -1555,45 +1614,49 @@ impl Dispatcher {
     }
 }
 
-/// How an active task ended, given how its agent exited.
+/// How an active task ended, given how its agent exited. A stop in progress owns
+/// the outcome, by its cause.
 fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
-    if let Some(error) = &task.protocol_error {
-        return Ending::Failed {
-            reason: format!("agent broke the protocol: {error}"),
-        };
-    }
-    // It reported, then had to be stopped for not exiting: what it reported stands.
-    if let (true, Some(report)) = (task.lingered, &task.report) {
-        return match report.outcome {
-            ReportOutcome::Succeeded => Ending::Succeeded,
-            ReportOutcome::Failed => Ending::Failed {
-                reason: "agent reported failure (and was stopped for not exiting)".to_string(),
-            },
-            ReportOutcome::Cancelled => Ending::Cancelled {
-                by: None,
-                after: Duration::ZERO,
-            },
-        };
-    }
     if let TaskState::Stopping {
         step,
         requested_at,
-        interrupt,
+        cause,
         ..
-    } = task.state
+    } = &task.state
     {
-        let after = now.since(requested_at);
-        return if interrupt {
-            Ending::Interrupted {
-                by: Some(step),
-                after,
+        let by = Some(*step);
+        let after = now.since(*requested_at);
+        match (cause, &task.report) {
+            (StopCause::ProtocolError(error), _) => {
+                return Ending::Failed {
+                    reason: format!("agent broke the protocol: {error}"),
+                }
             }
-        } else {
-            Ending::Cancelled {
-                by: Some(step),
-                after,
+            // It reported, then had to be stopped for not exiting: what it reported
+            // stands.
+            (StopCause::Linger, Some(report)) => {
+                return match report.outcome {
+                    ReportOutcome::Succeeded => Ending::Succeeded,
+                    ReportOutcome::Failed => Ending::Failed {
+                        reason: "agent reported failure (and was stopped for not exiting)"
+                            .to_string(),
+                    },
+                    ReportOutcome::Cancelled => Ending::Cancelled {
+                        by: None,
+                        after: Duration::ZERO,
+                    },
+                }
             }
-        };
+            (StopCause::Interrupt, _) => return Ending::Interrupted { by, after },
+            (
+                StopCause::User
+                | StopCause::Linger
+                | StopCause::Hung
+                | StopCause::TimedOut
+                | StopCause::Shutdown,
+                _,
+            ) => return Ending::Cancelled { by, after },
+        }
     }
     if let TaskState::Starting { .. } = task.state {
         return Ending::Failed {

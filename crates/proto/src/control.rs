@@ -17,6 +17,13 @@ pub const CONTROL_PROTOCOL_VERSION: u32 = 1;
 /// Largest request line accepted, in bytes (newline excluded).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// Most tasks in one answer to `tasks`.
+pub const MAX_TASKS_PAGE: u32 = 500;
+
+/// A page of `tasks` stops growing once its views exceed this many bytes (it always
+/// holds at least one task).
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
 /// One request line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
@@ -86,15 +93,27 @@ pub enum RequestBody {
         task_id: Option<String>,
     },
     /// Running and queued tasks, optionally of one session, optionally with history.
-    /// Answer: `[TaskView]`.
+    ///
+    /// Without `limit` and `cursor` the answer is `[TaskView]`, or `too_large` when
+    /// the listing does not fit in one page ([`MAX_TASKS_PAGE`] tasks). With either
+    /// of them the answer is a [`TasksPage`]: at most `limit` tasks (at most
+    /// [`MAX_TASKS_PAGE`], and at most [`MAX_PAGE_BYTES`] of views) in task id
+    /// order (creation order) after `cursor`, and the cursor of the next page.
     Tasks {
         #[serde(default)]
         session: Option<String>,
         #[serde(default)]
         all: bool,
+        /// Most tasks in the answer (capped at [`MAX_TASKS_PAGE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        /// `next_cursor` of the previous page: this page starts after it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
     },
     /// Stop one task, a session's tasks, or every task. Answers when the stopped
-    /// tasks have ended: [`StopReply`].
+    /// tasks have ended, or with `wait: false` at once, with the tasks still stopping
+    /// in `stopping`: [`StopReply`].
     Stop {
         #[serde(default)]
         task_id: Option<String>,
@@ -102,58 +121,158 @@ pub enum RequestBody {
         session: Option<String>,
         #[serde(default)]
         all: bool,
+        #[serde(default = "yes")]
+        wait: bool,
     },
 }
 
-/// One response line.
+/// One response line. agentd writes `Response<Answer>` (typed, serialized once);
+/// clients read `Response` (`result` as JSON, decoded by the request they sent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    /// The request's id; absent when the request line could not be parsed at all.
+pub struct Response<R = serde_json::Value> {
+    /// The request's id; `null` when the request line had no valid id.
     pub id: Option<u64>,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<R>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
     /// Set on the event lines of a `watch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<EventView>,
+    /// On a `progress` event line: how many progress lines of that task agentd left
+    /// out before this one because the client read slower than they came (the
+    /// latest line wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<u64>,
 }
 
 impl Response {
+    /// A JSON result (for clients and tests; agentd answers with [`Response::answer`]).
     pub fn ok(id: u64, result: impl Serialize) -> Response {
         let result = serde_json::to_value(result)
             .unwrap_or_else(|e| serde_json::Value::String(format!("unserializable result: {e}")));
+        Response::answer(id, result)
+    }
+}
+
+impl<R> Response<R> {
+    /// A successful answer to request `id`.
+    pub fn answer(id: u64, result: R) -> Response<R> {
         Response {
             id: Some(id),
             ok: true,
             result: Some(result),
             error: None,
             event: None,
+            skipped: None,
         }
     }
 
-    pub fn event(id: u64, event: EventView) -> Response {
+    pub fn event(id: u64, event: EventView) -> Response<R> {
         Response {
             id: Some(id),
             ok: true,
             result: None,
             error: None,
             event: Some(event),
+            skipped: None,
         }
     }
 
-    pub fn err(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Response {
+    pub fn err(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Response<R> {
+        Response::failed(id, ErrorBody::new(code, message))
+    }
+
+    pub fn failed(id: Option<u64>, error: ErrorBody) -> Response<R> {
         Response {
             id,
             ok: false,
             result: None,
-            error: Some(ErrorBody {
-                code,
-                message: message.into(),
-            }),
+            error: Some(error),
             event: None,
+            skipped: None,
         }
+    }
+}
+
+/// What agentd answers a request with, typed. Serialized as the bare reply
+/// (untagged): which one a `result` holds follows from the request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Hello(HelloReply),
+    Ping(PingReply),
+    Send(Box<SendReply>),
+    Stop(StopReply),
+    Status(Box<StatusReply>),
+    /// `status` of one task.
+    Task(Box<TaskView>),
+    /// `tasks` without paging.
+    Tasks(Vec<TaskView>),
+    /// `tasks` with `limit` or `cursor`.
+    TasksPage(TasksPage),
+    Queue(QueueSettingsView),
+    Watch(Box<WatchReply>),
+}
+
+impl From<HelloReply> for Answer {
+    fn from(reply: HelloReply) -> Answer {
+        Answer::Hello(reply)
+    }
+}
+
+impl From<PingReply> for Answer {
+    fn from(reply: PingReply) -> Answer {
+        Answer::Ping(reply)
+    }
+}
+
+impl From<SendReply> for Answer {
+    fn from(reply: SendReply) -> Answer {
+        Answer::Send(Box::new(reply))
+    }
+}
+
+impl From<StopReply> for Answer {
+    fn from(reply: StopReply) -> Answer {
+        Answer::Stop(reply)
+    }
+}
+
+impl From<StatusReply> for Answer {
+    fn from(reply: StatusReply) -> Answer {
+        Answer::Status(Box::new(reply))
+    }
+}
+
+impl From<TaskView> for Answer {
+    fn from(reply: TaskView) -> Answer {
+        Answer::Task(Box::new(reply))
+    }
+}
+
+impl From<Vec<TaskView>> for Answer {
+    fn from(reply: Vec<TaskView>) -> Answer {
+        Answer::Tasks(reply)
+    }
+}
+
+impl From<TasksPage> for Answer {
+    fn from(reply: TasksPage) -> Answer {
+        Answer::TasksPage(reply)
+    }
+}
+
+impl From<QueueSettingsView> for Answer {
+    fn from(reply: QueueSettingsView) -> Answer {
+        Answer::Queue(reply)
+    }
+}
+
+impl From<WatchReply> for Answer {
+    fn from(reply: WatchReply) -> Answer {
+        Answer::Watch(Box::new(reply))
     }
 }
 
@@ -163,6 +282,15 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// One line, for humans.
     pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// Machine-readable error kinds. Stable names.
@@ -184,6 +312,17 @@ pub enum ErrorCode {
     QueueFull,
     /// The daemon is shutting down; nothing was accepted.
     ShuttingDown,
+    /// agentd already serves its maximum of connections; this one is closed.
+    TooManyConnections,
+    /// A request line was begun but not finished within the request timeout; the
+    /// connection is closed.
+    RequestTimeout,
+    /// On a `watch`: the client read its events too slowly and fell more than the
+    /// connection's output budget behind; the watch has ended (the connection stays).
+    Lagged,
+    /// The answer would exceed the largest answer agentd sends (e.g. `tasks` without
+    /// `limit` on a long listing); ask for pages.
+    TooLarge,
     /// An unexpected daemon-side failure.
     Internal,
 }
@@ -288,11 +427,18 @@ pub struct QueueSettingsView {
     pub custom: bool,
 }
 
-/// Answer to `watch`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Answer to `watch`. agentd's events for the watch follow it, starting with a
+/// snapshot (the `merged` steps of a merged message, then the followed task's
+/// `position`, `started` or `finished`): the watch is authoritative, no catch-up
+/// `status` is needed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WatchReply {
+    /// For a task watch, the task followed (after any merges), as a full id.
     pub task_id: Option<String>,
     pub session: Option<String>,
+    /// For a task watch, the followed task as it stood when the watch began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
 }
 
 /// What happened, as a `watch` reports it.
@@ -415,7 +561,8 @@ pub struct SendReply {
     pub task: Option<TaskView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
-    /// For control commands: the command's name (`status`, `stop`, `tasks`, `help`).
+    /// For control commands: the command's name (`status`, `stop`, `tasks`, `queue`,
+    /// `help`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// For control commands: the same structured answer the control request gives.
@@ -433,6 +580,11 @@ pub struct SendReply {
     /// follow-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// The running task the message was steered into: with `steer` the message's
+    /// task is `merged` into it; with `steer-backlog` it is also kept, queued as a
+    /// follow-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered_into: Option<String>,
 }
 
 /// Answer to `status` without a task id.
@@ -448,10 +600,45 @@ pub struct StatusReply {
     pub active: Vec<TaskView>,
 }
 
-/// Answer to `stop`: every task the stop acted on, in its final state.
+/// Answer to `tasks` with a `limit` or a `cursor`: one page, in task id order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TasksPage {
+    pub tasks: Vec<TaskView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Answer to `stop`: every task the stop acted on, in its final state (or, for a
+/// stop answered without waiting, as it stands).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StopReply {
     pub stopped: Vec<TaskView>,
+    /// For a stop answered without waiting: how far each task still `stopping` is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopping: Vec<StoppingView>,
+}
+
+/// A task still stopping when its `stop` was answered: the step taken and the next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppingView {
+    pub task_id: String,
+    /// The step of the stop sequence taken last.
+    #[serde(with = "crate::names")]
+    pub step: StopStep,
+    /// The next step, unless the task ends first, and how long until it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::names::option"
+    )]
+    pub next: Option<StopStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_in_ms: Option<u64>,
 }
 
 #[cfg(test)]
@@ -489,8 +676,12 @@ mod tests {
 
     #[test]
     fn error_responses_have_stable_codes() {
-        let line =
-            serde_json::to_string(&Response::err(None, ErrorCode::RequestTooLarge, "x")).unwrap();
+        let line = serde_json::to_string(&Response::<serde_json::Value>::err(
+            None,
+            ErrorCode::RequestTooLarge,
+            "x",
+        ))
+        .unwrap();
         assert_eq!(
             line,
             r#"{"id":null,"ok":false,"error":{"code":"request_too_large","message":"x"}}"#

@@ -1,9 +1,15 @@
-//! The one-line texts users read, shared by agentd's chat replies and agentctl, so a
-//! chat and a terminal say the same thing in the same words.
+//! The texts users read, shared by agentd's chat replies, its error messages and
+//! agentctl, so a chat and a terminal say the same thing in the same words.
+//!
+//! Sections: task lines (outcome, accepted, duplicate, stop); the extra lines of a
+//! send's answer; chat-command answers; error messages of requests.
 
+use std::fmt::Display;
 use std::time::Duration;
 
-use crate::control::{Capacity, StopReply, StopStep, TaskState, TaskView};
+use crate::control::{
+    Capacity, QueueSettingsView, StopReply, StopStep, StoppingView, TaskState, TaskView,
+};
 
 /// The refusal of an unknown chat command such as `/stauts`: nothing was run.
 pub fn unknown_command(command: &str) -> String {
@@ -88,14 +94,222 @@ pub fn accepted_line(view: &TaskView, capacity: Option<Capacity>) -> String {
         // Collected messages merge only when their follow-up starts, so a message
         // that is merged as it is accepted was steered into the running task.
         TaskState::Merged => match &view.merged_into {
-            Some(into) => format!("task {id}  steered into running task {into}"),
+            Some(into) => steered_line(id, into),
             None => format!("task {id}  steered into the running task"),
         },
         _ => format!("task {id}  {}", outcome(view)),
     }
 }
 
-/// One line per stopped task (`task ID  cancelled (…)`), or `nothing to stop`.
+/// `task ID  steered into running task INTO`.
+pub fn steered_line(task_id: impl Display, into: impl Display) -> String {
+    format!("task {task_id}  steered into running task {into}")
+}
+
+/// The answer to a message delivered again (same message id):
+/// `task ID  already received (OUTCOME): not run again`.
+pub fn duplicate_line(view: &TaskView) -> String {
+    format!(
+        "task {}  already received ({}): not run again",
+        view.task_id,
+        outcome(view)
+    )
+}
+
+/// `dropped to make room: task ID EXCERPT`, one per message dropped for a new one.
+pub fn dropped_line(task_id: impl Display, excerpt: impl Display) -> String {
+    format!("dropped to make room: task {task_id}  {excerpt}")
+}
+
+/// `note: NOTICE`: a fallback or an interrupt the sender should know of.
+pub fn note_line(notice: &str) -> String {
+    format!("note: {notice}")
+}
+
+/// Watchers' note on a steered message the agent refused.
+pub fn steer_refused_note(running: impl Display) -> String {
+    format!("the agent of task {running} refused the steered message: queued as a follow-up")
+}
+
+/// `session alice: mode collect, debounce 1s, cap 20, drop summarize (defaults)`.
+pub fn settings_line(v: &QueueSettingsView) -> String {
+    format!(
+        "session {}: mode {}, debounce {}, cap {}, drop {}{}",
+        v.session,
+        v.mode.as_str(),
+        humantime::format_duration(Duration::from_millis(v.debounce_ms)),
+        v.cap,
+        v.drop.as_str(),
+        if v.custom { "" } else { " (defaults)" }
+    )
+}
+
+/// One line per task for a chat's `/tasks` and `/status`.
+pub fn task_line(view: &TaskView) -> String {
+    let snippet: String = view.text.chars().take(50).collect();
+    let ellipsis = if view.text.chars().count() > 50 {
+        "…"
+    } else {
+        ""
+    };
+    match (view.state, view.position) {
+        (TaskState::Queued, Some(p)) => format!(
+            "task {}  queued (position {p})  {snippet}{ellipsis}",
+            view.task_id
+        ),
+        _ => format!(
+            "task {}  {}  {snippet}{ellipsis}",
+            view.task_id,
+            outcome(view)
+        ),
+    }
+}
+
+/// A chat's `/status TASK`: the task's line, then its latest progress and result.
+pub fn chat_task_status(view: &TaskView) -> String {
+    let mut text = task_line(view);
+    if let Some(progress) = &view.progress {
+        text.push_str(&format!("\nlatest: {progress}"));
+    }
+    if let Some(result) = &view.result {
+        text.push_str(&format!("\nresult: {result}"));
+    }
+    text
+}
+
+/// A chat's `/status`: agentd's load, then the chat's tasks with their latest
+/// progress.
+pub fn chat_status(capacity: Capacity, queued: u32, mine: &[TaskView]) -> String {
+    let mut text = format!(
+        "{}/{} agents busy, {} queued overall",
+        capacity.busy, capacity.max, queued
+    );
+    if mine.is_empty() {
+        text.push_str("\nnothing running or queued in this chat");
+    }
+    for view in mine {
+        text.push('\n');
+        text.push_str(&task_line(view));
+        if let Some(progress) = &view.progress {
+            text.push_str(&format!("\n  latest: {progress}"));
+        }
+    }
+    text
+}
+
+/// A chat's `/tasks`.
+pub fn chat_tasks(list: &[TaskView]) -> String {
+    if list.is_empty() {
+        return "no tasks in this chat".to_string();
+    }
+    list.iter().map(task_line).collect::<Vec<_>>().join("\n")
+}
+
+// ----- error messages -----
+
+pub fn no_task(id: impl Display) -> String {
+    format!("no task {id}")
+}
+
+/// A task id that is neither a full id nor a usable prefix.
+pub fn not_a_task_id(text: impl Display) -> String {
+    format!("no task {text} (task ids look like 0192f3c4-…)")
+}
+
+pub fn ambiguous_prefix(text: impl Display, matches: usize) -> String {
+    format!("task id prefix {text} is ambiguous ({matches} tasks)")
+}
+
+pub fn task_not_in_this_chat(id: impl Display) -> String {
+    format!("task {id} is not in this chat")
+}
+
+pub fn session_not_this_chat(session: impl Display) -> String {
+    format!("session {session} is not this chat")
+}
+
+pub const BAD_SESSION: &str = "session must be 1 to 256 bytes";
+pub const EMPTY_MESSAGE: &str = "empty message: nothing to do";
+pub const SHUTTING_DOWN_REFUSED: &str = "agentd is shutting down; the message was not accepted";
+pub const CAP_TOO_SMALL: &str = "cap must be at least 1";
+pub const DEBOUNCE_TOO_LONG: &str = "debounce must be at most 24h";
+pub const STOP_TARGETS: &str = "stop takes exactly one of task_id, session, all";
+pub const WATCH_TARGETS: &str = "watch takes exactly one of task_id, session";
+
+pub fn queue_full(limit: u32) -> String {
+    format!("agentd's queue is full ({limit} messages wait): the message was not accepted")
+}
+
+pub fn session_full(cap: u32) -> String {
+    format!(
+        "this chat already holds {cap} waiting messages (cap {cap}, drop: new): the message was not accepted"
+    )
+}
+
+/// The failure reason of an agent that sent no Hello in time.
+pub fn no_handshake_within(timeout: Duration) -> String {
+    format!(
+        "no handshake within {}",
+        humantime::format_duration(timeout)
+    )
+}
+
+/// The answer to accepted work that was also steered into the running task
+/// `steered_into` (`steer-backlog`): `task ID  steered into running task ID and kept
+/// as a follow-up: position 1 (1/1 agents busy)`; otherwise [`accepted_line`].
+pub fn send_line(
+    view: &TaskView,
+    capacity: Option<Capacity>,
+    steered_into: Option<&str>,
+) -> String {
+    match steered_into {
+        Some(into) if view.state == TaskState::Queued => {
+            let mut line = format!(
+                "task {}  steered into running task {into} and kept as a follow-up",
+                view.task_id
+            );
+            if let Some(position) = view.position {
+                line.push_str(&format!(": position {position}"));
+            }
+            if let Some(c) = capacity {
+                line.push_str(&format!(" ({}/{} agents busy)", c.busy, c.max));
+            }
+            line
+        }
+        _ => accepted_line(view, capacity),
+    }
+}
+
+/// `5 s` (whole seconds from half a second on), `0.3 s` below.
+fn format_in(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 60_000 {
+        format_seconds(d)
+    } else if ms >= 500 {
+        format!("{} s", (ms + 500) / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Where a stop stands: `stopping: cancel sent, SIGTERM in 5 s`.
+pub fn stopping(view: &StoppingView) -> String {
+    let taken = match view.step {
+        StopStep::CooperativeCancel => "cancel sent".to_string(),
+        step => format!("{} sent", stop_step(step)),
+    };
+    match (view.next, view.next_in_ms) {
+        (Some(next), Some(ms)) => format!(
+            "stopping: {taken}, {} in {}",
+            stop_step(next),
+            format_in(Duration::from_millis(ms))
+        ),
+        _ => format!("stopping: {taken}"),
+    }
+}
+
+/// One line per stopped task (`task ID  cancelled (…)`, or `task ID  stopping: cancel
+/// sent, SIGTERM in 5 s` for one still stopping), or `nothing to stop`.
 pub fn stop_lines(reply: &StopReply) -> String {
     if reply.stopped.is_empty() {
         return "nothing to stop".to_string();
@@ -103,15 +317,64 @@ pub fn stop_lines(reply: &StopReply) -> String {
     let lines: Vec<String> = reply
         .stopped
         .iter()
-        .map(|v| format!("task {}  {}", v.task_id, outcome(v)))
+        .map(|v| {
+            let now = match reply.stopping.iter().find(|s| s.task_id == v.task_id) {
+                Some(s) if v.state == TaskState::Stopping => stopping(s),
+                _ => outcome(v),
+            };
+            format!("task {}  {now}", v.task_id)
+        })
         .collect();
     lines.join("\n")
+}
+
+/// Refusal of a connection past `max-connections`.
+pub fn too_many_connections(max: usize) -> String {
+    format!("agentd already serves its maximum of {max} connections; try again later")
+}
+
+/// A request line that began but did not end within the request timeout.
+pub fn request_timeout(timeout: Duration) -> String {
+    format!(
+        "the request line did not end within {}; closing the connection",
+        format_seconds(timeout)
+    )
+}
+
+/// The last line of a watch that fell behind its events.
+pub fn watch_lagged(stall: Duration, budget_bytes: usize) -> String {
+    format!(
+        "this watch fell behind (the client did not read its events for {}, or over {} KiB of them waited) and was ended; watch again to resume",
+        format_seconds(stall),
+        budget_bytes / 1024
+    )
+}
+
+/// `tasks` without paging on a listing longer than one answer.
+pub fn listing_too_large(max_tasks: u32, max_bytes: usize) -> String {
+    format!(
+        "the listing is longer than one answer ({max_tasks} tasks or {} KiB): ask for pages with limit and cursor",
+        max_bytes / 1024
+    )
+}
+
+/// A `tasks` cursor that is not a task id.
+pub fn invalid_cursor(cursor: &str) -> String {
+    format!("invalid cursor {cursor:?}: pass the next_cursor of the previous page")
+}
+
+/// What a watcher is told when progress lines were coalesced away before a line.
+pub fn skipped_progress(skipped: u64) -> String {
+    match skipped {
+        1 => "(1 progress line skipped)".to_string(),
+        n => format!("({n} progress lines skipped)"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{ExitView, StopStep};
+    use crate::control::ExitView;
 
     fn view(state: TaskState, exit: Option<ExitView>, started: bool) -> TaskView {
         TaskView {
@@ -152,6 +415,10 @@ mod tests {
             accepted_line(&view(TaskState::Running, None, true), cap),
             "task T  started"
         );
+        assert_eq!(
+            send_line(&view(TaskState::Queued, None, false), cap, Some("R")),
+            "task T  steered into running task R and kept as a follow-up: position 3 (1/1 agents busy)"
+        );
         let stopped = ExitView {
             ended_by: Some(StopStep::Sigkill),
             stop_ms: Some(2010),
@@ -168,14 +435,40 @@ mod tests {
                 view(TaskState::Cancelled, Some(removed), false),
                 view(TaskState::Failed, Some(failed), true),
             ],
+            stopping: vec![],
         };
         assert_eq!(
             stop_lines(&reply),
             "task T  cancelled (ended by SIGKILL after 2.01 s)\ntask T  cancelled (removed from the queue)\ntask T  failed (boom)"
         );
+        assert_eq!(stop_lines(&StopReply::default()), "nothing to stop");
+        let step = |step, next, ms| StoppingView {
+            task_id: "T".into(),
+            step,
+            next,
+            next_in_ms: ms,
+        };
+        let reply = StopReply {
+            stopped: vec![view(TaskState::Stopping, None, true)],
+            stopping: vec![step(
+                StopStep::CooperativeCancel,
+                Some(StopStep::Sigterm),
+                Some(4_996),
+            )],
+        };
         assert_eq!(
-            stop_lines(&StopReply { stopped: vec![] }),
-            "nothing to stop"
+            stop_lines(&reply),
+            "task T  stopping: cancel sent, SIGTERM in 5 s"
+        );
+        let s = |st, next, ms| stopping(&step(st, next, ms));
+        assert_eq!(
+            s(StopStep::Sigterm, Some(StopStep::Sigkill), Some(300)),
+            "stopping: SIGTERM sent, SIGKILL in 0.3 s"
+        );
+        assert_eq!(s(StopStep::Sigkill, None, None), "stopping: SIGKILL sent");
+        assert_eq!(
+            duplicate_line(&view(TaskState::Queued, None, false)),
+            "task T  already received (queued): not run again"
         );
     }
 }
