@@ -59,8 +59,9 @@
 //! clean exit:  drop(killer); procs.shutdown(); drop(guardian)
 //! ```
 //!
-//! The older [`spawn_agent`] and [`TaskTree::kill_all`] remain for the daemon of
-//! today; `kill_all` sleeps and scans, so it must not run on the event loop.
+//! The daemon uses exactly this. The older [`spawn_agent`] and [`TaskTree::kill_all`]
+//! remain for tests and tools; `kill_all` sleeps and scans, so it must never run on
+//! the event loop.
 //!
 //! - [`reap_children`]: the one place that waits for children.
 //! - [`become_subreaper`]: orphaned descendants of agents come back to agentd.
