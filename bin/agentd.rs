@@ -102,6 +102,9 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+/// Default of `--log-cap`: 16 MiB per task.
+const DEFAULT_LOG_CAP: u64 = 16 * 1024 * 1024;
+
 fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
@@ -198,7 +201,6 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
             &file.frame_timeout,
             limits.frame_timeout,
         )?,
-        log_cap: args.log_cap.or(file.log_cap).unwrap_or(limits.log_cap),
     };
     if agents.frame_timeout.is_zero() {
         bail!("--frame-timeout must be more than 0");
@@ -224,6 +226,7 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         )?,
         agent,
         history: file.history.unwrap_or(1000),
+        log_cap: args.log_cap.or(file.log_cap).unwrap_or(DEFAULT_LOG_CAP),
         control,
     })
 }

@@ -19,6 +19,8 @@ pub struct DaemonConfig {
     pub agent: Vec<String>,
     /// How many finished tasks to keep for `tasks --all` and `status ID`.
     pub history: usize,
+    /// Most bytes kept of one task's output log (then a truncation marker).
+    pub log_cap: u64,
     /// Containment, liveness and limits on what an agent may send.
     pub agents: AgentLimits,
     /// Limits of the control socket (SIGHUP reloads them).
@@ -26,7 +28,7 @@ pub struct DaemonConfig {
 }
 
 /// How agents are contained and watched (`agentd --no-cgroup`, `--heartbeat`,
-/// `--hung-after`, `--task-timeout`, `--frame-timeout`, `--log-cap`).
+/// `--hung-after`, `--task-timeout`, `--frame-timeout`).
 #[derive(Debug, Clone)]
 pub struct AgentLimits {
     /// Use the process-tree fallback even where a cgroup could be had.
@@ -39,8 +41,6 @@ pub struct AgentLimits {
     pub task_timeout: Option<Duration>,
     /// A frame from an agent that has begun must complete within this.
     pub frame_timeout: Duration,
-    /// Most bytes of an agent's stdout and stderr kept in its log.
-    pub log_cap: u64,
 }
 
 impl Default for AgentLimits {
@@ -52,7 +52,6 @@ impl Default for AgentLimits {
             hung_after: Some(agentd_core::Liveness::default_hung_after(heartbeat)),
             task_timeout: None,
             frame_timeout: Duration::from_secs(10),
-            log_cap: 16 * 1024 * 1024,
         }
     }
 }

@@ -181,7 +181,7 @@ impl Supervisor {
             crate::agent_log::start(
                 output,
                 self.logs.join(format!("{task_id}.log")),
-                self.config.agents.log_cap,
+                self.config.log_cap,
             );
         }
         let start = TaskStart {
