@@ -3,20 +3,23 @@
 //! ```text
 //!  control connections ──requests──▶┐
 //!  agent reader tasks ──agent events─▶  Supervisor::run  ──▶ Dispatcher::handle ──▶ actions
-//!  signal thread ──SIGCHLD/TERM/INT─▶┘        │                                     │
-//!                                             ◀──────── spawn, IPC, signals, timers ◀┘
+//!  signal thread ──SIGCHLD/TERM/INT─▶┤        │                                     │
+//!  Killer thread ──TreeReport────────▶┘        ◀──────── spawn, IPC, signals, timers ◀┘
 //! ```
 //!
 //! **Invariants:**
 //! - Only this loop mutates the dispatcher, the agent table and the history; everything
 //!   else talks to it through channels. Requests are polled before agent events
 //!   (`biased`), so a flood of progress cannot delay `/status`.
-//! - The loop never blocks on an agent: spawning is a fork/exec, IPC writes go through
-//!   per-agent writer tasks, and stop escalation is driven by timers.
+//! - The loop never blocks on an agent, never sleeps and never scans the machine:
+//!   spawning is a fork/exec ([`agentd_proc::Procs::spawn`]), IPC writes go through
+//!   per-agent writer tasks, stop escalation and liveness checks are driven by timers,
+//!   and signals, kill rounds and emptiness checks run on the [`agentd_proc::Killer`]'s
+//!   thread.
 //! - [`agentd_proc::reap_children`] runs only here, and the dispatcher learns of an
 //!   exit in the same step, so a pid is never signalled after it was reaped.
-//! - A task's slot is released when its agent is reaped and its leftover processes were
-//!   killed, never when it merely reports a result.
+//! - A task's slot is released when its agent is reaped, its channel drained and the
+//!   Killer reported its tree empty, never when it merely reports a result.
 //!
 //! **Layout:** this module holds the loop and the `Supervisor` state; the rest is
 //! split by concern, each an `impl Supervisor` block:
