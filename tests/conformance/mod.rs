@@ -47,6 +47,28 @@ fn a_send_is_answered_before_the_events_it_causes_on_the_same_connection() {
     }
 }
 
+/// A `started` event says the agent process was started: its task view carries that
+/// process's pid, the one the `send` answer shows.
+#[test]
+fn a_started_event_carries_the_agent_pid() {
+    let d = Daemon::with_agent_exec(&["--max-concurrent", "1"]);
+    let mut c = Conn::open(&d);
+    c.send(&json!({"id": 1, "cmd": "watch", "session": "chat"}));
+    assert_eq!(c.line()["id"], json!(1));
+    c.send(&json!({"id": 2, "cmd": "send", "session": "chat", "text": "exec sleep 60"}));
+    let answer = c.line();
+    let pid = answer["result"]["task"]["pid"].clone();
+    assert!(pid.is_u64(), "no pid in the answer: {answer}");
+    loop {
+        let line = c.line();
+        if line["event"]["kind"] == json!("started") {
+            assert_eq!(line["event"]["task"]["pid"], pid, "{line}");
+            break;
+        }
+    }
+    c.send(&json!({"id": 3, "cmd": "stop", "all": true}));
+}
+
 #[test]
 fn the_transcripts_in_the_protocol_doc_are_what_agentd_says() {
     let doc = protocol_doc();

@@ -163,7 +163,7 @@ impl Supervisor {
             ),
         );
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
-        self.publish_task(EventKind::Started, &task_id, None, None);
+        // `started` is published once the dispatcher knows the pid (see `execute`).
         Some(Event::Spawned { task_id, pid })
     }
 

@@ -99,7 +99,16 @@ impl Supervisor {
                 }
             };
             if let Some(event) = follow_up {
+                let spawned = match &event {
+                    Event::Spawned { task_id, .. } => Some(*task_id),
+                    _ => None,
+                };
                 work.extend(self.dispatcher.handle(event, now_millis()).into_vec());
+                // Published after the dispatcher took the pid, so the event's view
+                // carries it, as the answers do.
+                if let Some(task_id) = spawned {
+                    self.publish_task(EventKind::Started, &task_id, None, None);
+                }
             }
         }
         self.answer_waiters();
