@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 
 echo "==> cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -24,4 +25,17 @@ else
     echo "==> kill tests (scripts/kill-tests/run.sh, against target/debug)"
     cargo build --workspace --bins --locked
     AGENTD_BIN_DIR="$PWD/target/debug" scripts/kill-tests/run.sh
+fi
+
+fuzz_seconds=${FUZZ_SECONDS:-10}
+if [ "$fuzz_seconds" = 0 ]; then
+    echo "==> fuzzing: SKIPPED (FUZZ_SECONDS=0)"
+elif ! cargo +nightly --version >/dev/null 2>&1; then
+    echo "==> fuzzing: SKIPPED !!! the nightly toolchain is not installed, so the fuzz targets"
+    echo "    in fuzz/ did not run (rustup toolchain install nightly; cargo install cargo-fuzz --locked)"
+else
+    echo "==> fuzzing (scripts/fuzz.sh ${fuzz_seconds}: each target from its corpus)"
+    fuzz_work=$(mktemp -d)
+    trap 'rm -rf "$fuzz_work"' EXIT
+    FUZZ_WORK="$fuzz_work" scripts/fuzz.sh "$fuzz_seconds"
 fi
