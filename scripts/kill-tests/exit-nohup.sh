@@ -28,6 +28,6 @@ kt_pidfiles_present nohup nohup-setsid || kt_fail "the task did not leave its no
 kt_record "$(kt_pid nohup)" "$(kt_pid nohup-setsid)"
 count=$(kt_survivor_count)
 [ "$count" -eq 0 ] || kt_fail "$count of 2 nohup children still run after the task finished: $(kt_survivors | tr '\n' ';')"
-left=$(kt_descendants "$KT_AGENTD" | wc -l)
+left=$(kt_task_procs | wc -l)
 [ "$left" -eq 0 ] || kt_fail "agentd still has $left descendants after the task finished"
 kt_pass "0 of 2 nohup children left when the task finished ($(kt_secs "$took") s after the send)"

@@ -38,7 +38,7 @@ for _ in $(seq 1 15); do
     timeout 10 "$KT_BIN/agentctl" --socket "$KT_SOCK" status >/dev/null || kt_fail "agentctl status failed during the fork storm"
     ms=$(($(kt_ms) - t))
     [ "$ms" -gt "$max_ms" ] && max_ms=$ms
-    desc=$(kt_descendants "$KT_AGENTD")
+    desc=$(kt_task_procs)
     n=$(echo "$desc" | wc -l)
     [ "$n" -gt "$peak" ] && peak=$n
     # shellcheck disable=SC2086
@@ -55,7 +55,7 @@ state=$(printf '%s' "$out" | kt_json state)
 count=$(kt_survivor_count)
 seen=$(kt_recorded_count)
 [ "$count" -eq 0 ] || kt_fail "$count survivors of $seen storm processes seen: $(kt_survivors | head -n 5 | tr '\n' ';')"
-left=$(kt_descendants "$KT_AGENTD" | wc -l)
+left=$(kt_task_procs | wc -l)
 [ "$left" -eq 0 ] || kt_fail "agentd still has $left descendants after the stop"
 marked=$(kt_marked | wc -l)
 [ "$marked" -eq 0 ] || kt_fail "$marked storm processes still run after the stop (found by their command line)"

@@ -9,12 +9,13 @@
 #
 # Binaries: $AGENTD_BIN_DIR (default: target/debug of this checkout).
 # KT_KEEP=1 keeps the temp dir (its path is printed) for a post-mortem.
+# KT_AGENTD_EXTRA: more agentd arguments (split on spaces), for variants of a test.
 
 set -uo pipefail
 
 KT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 KT_BIN="${AGENTD_BIN_DIR:-$KT_ROOT/target/debug}"
-KT_NAME="$(basename "$0" .sh)"
+KT_NAME="${KT_NAME:-$(basename "$0" .sh)}"
 KT_DIR=""
 KT_AGENTD=""
 KT_SOCK=""
@@ -148,10 +149,23 @@ kt_zombie_children() {
 kt_cleanup() {
     local rc=$? round pid start
     trap - EXIT
+    if [ -n "$KT_AGENTD" ]; then
+        # Remember the tasks' processes by identity before they lose agentd as their
+        # parent; then end agentd and give its helpers (the cgroup guardian, which
+        # kills and removes the task cgroups) a moment to finish on their own.
+        kt_record $(kt_task_procs)
+        # A clean shutdown first (it stops the tasks and removes agentd's cgroups),
+        # SIGKILL if that takes more than 15 s.
+        kill -TERM "$KT_AGENTD" 2>/dev/null
+        kt_until 15000 kt_gone "$KT_AGENTD"
+        kill -KILL "$KT_AGENTD" 2>/dev/null
+        wait "$KT_AGENTD" 2>/dev/null
+        while read -r pid; do
+            [ -n "$pid" ] && kt_until 5000 kt_gone "$pid"
+        done <"$KT_DIR/baseline"
+        KT_AGENTD=""
+    fi
     for round in 1 2 3; do
-        if [ -n "$KT_AGENTD" ]; then
-            for pid in $(kt_descendants "$KT_AGENTD"); do kill -KILL "$pid" 2>/dev/null; done
-        fi
         if [ -n "$KT_DIR" ] && [ -s "$KT_DIR/recorded" ]; then
             while read -r pid start; do
                 kt_ident_alive "$pid" "$start" && kill -KILL "$pid" 2>/dev/null
@@ -160,10 +174,6 @@ kt_cleanup() {
         for pid in $(kt_marked); do kill -KILL "$pid" 2>/dev/null; done
         [ "$round" = 1 ] || sleep 0.1
     done
-    if [ -n "$KT_AGENTD" ]; then
-        kill -KILL "$KT_AGENTD" 2>/dev/null
-        wait "$KT_AGENTD" 2>/dev/null
-    fi
     if [ -n "$KT_DIR" ]; then
         if [ "${KT_KEEP:-0}" = 1 ]; then
             echo "    $KT_NAME: kept $KT_DIR" >&2
@@ -172,6 +182,21 @@ kt_cleanup() {
         fi
     fi
     exit "$rc"
+}
+
+kt_baseline_gone() {
+    local pid
+    while read -r pid; do
+        [ -z "$pid" ] || kt_gone "$pid" || return 1
+    done <"$KT_DIR/baseline"
+}
+
+kt_gone() { ! kill -0 "$1" 2>/dev/null || [ "$(kt_state "$1")" = Z ]; }
+kt_state() {
+    local stat=""
+    read -r stat 2>/dev/null <"/proc/$1/stat" || [ -n "$stat" ] || return 1
+    stat=${stat##*) }
+    printf '%s\n' "${stat%% *}"
 }
 
 # Creates the temp dir and installs the cleanup. Call first.
@@ -188,6 +213,7 @@ kt_init() {
     KT_TASKDIR="$KT_DIR/task"
     mkdir -p "$KT_TASKDIR/pids"
     : >"$KT_DIR/recorded"
+    : >"$KT_DIR/baseline"
     trap kt_cleanup EXIT
     trap 'exit 130' INT TERM
 }
@@ -199,10 +225,19 @@ kt_ctl() { "$KT_BIN/agentctl" --socket "$KT_SOCK" "$@"; }
 kt_start_agentd() {
     KT_SOCK="$KT_DIR/run/agentd.sock"
     env -u AGENTD_SOCKET AGENTD_LOG="${AGENTD_LOG:-info}" "$KT_BIN/agentd" \
-        --socket "$KT_SOCK" --state-dir "$KT_DIR/state" "$@" \
+        --socket "$KT_SOCK" --state-dir "$KT_DIR/state" "$@" ${KT_AGENTD_EXTRA:-} \
         </dev/null >/dev/null 2>>"$KT_DIR/agentd.log" &
     KT_AGENTD=$!
     kt_until 20000 kt_agentd_answers || kt_fail "agentd did not answer a ping within 20 s"
+    # agentd's own helpers (the cgroup guardian), there before any task: not part of
+    # any task's tree.
+    kt_descendants "$KT_AGENTD" >"$KT_DIR/baseline"
+}
+
+# agentd's descendants that are not its own helpers: the processes of its tasks.
+kt_task_procs() {
+    [ -n "$KT_AGENTD" ] || return 0
+    kt_descendants "$KT_AGENTD" | grep -vxFf "$KT_DIR/baseline"
 }
 
 kt_agentd_answers() {
@@ -270,4 +305,21 @@ kt_host_has_cgroups() {
         [ -d "$dir" ] && [ -w "$dir/cgroup.procs" ] && [ -w "$dir" ] && return 0
     done
     return 1
+}
+
+# What agentd says about containment in `status` (`cgroup`, `process-tree`, or
+# empty for an agentd that does not say).
+kt_containment_kind() { kt_ctl --json status 2>/dev/null | grep -o '"containment":{[^}]*}' | kt_json kind; }
+
+# Sets KT_EXPECT to the containment the test holds agentd to: `cgroup` where this
+# host offers a writable cgroup v2 subtree, else `process-tree`; fails if agentd's
+# own claim in `status` (when it makes one) disagrees.
+kt_check_containment() {
+    local said
+    KT_EXPECT=process-tree
+    kt_host_has_cgroups && KT_EXPECT=cgroup
+    said=$(kt_containment_kind)
+    if [ -n "$said" ] && [ "$said" != "$KT_EXPECT" ]; then
+        kt_fail "agentctl status says containment is '$said', but this host calls for '$KT_EXPECT' ($(kt_ctl status | grep -i containment))"
+    fi
 }

@@ -59,6 +59,6 @@ count=$(kt_survivor_count)
 [ "$count" -eq 0 ] || kt_fail "$count of $N orphans still run after their tasks ended: $(kt_survivors | head -n 3 | tr '\n' ';')"
 zombies=$(kt_zombie_children | wc -l)
 [ "$zombies" -eq 0 ] || kt_fail "agentd has $zombies zombie children: $(kt_zombie_children | head -n 3 | tr '\n' ';')"
-left=$(kt_descendants "$KT_AGENTD" | wc -l)
+left=$(kt_task_procs | wc -l)
 [ "$left" -eq 0 ] || kt_fail "agentd still has $left descendants after all tasks ended"
 kt_pass "0 orphans and 0 zombies left of $N tasks (all succeeded) in $(kt_secs "$took") s, $(awk -v n="$N" -v ms="$took" 'BEGIN { printf "%.0f", n * 1000 / ms }') tasks/s"

@@ -11,13 +11,16 @@
 # still committed, so it can be run by name. Empty this list when the guarantee
 # lands.
 # - kill9-agentd, stop-detached: need task cgroups (the environment-scrubbed double
-#   fork) and agentd's guardian (SIGKILL to agentd), from branch `contain`.
-WAITING_FOR_CONTAIN="kill9-agentd stop-detached"
+#   fork) and agentd's guardian (SIGKILL to agentd);
+# - hung-sigstop: needs hung-agent detection (agentd --heartbeat, --hung-after);
+# - *-fallback: need agentd --no-cgroup;
+# all from branch `contain`.
+WAITING_FOR_CONTAIN="kill9-agentd kill9-agentd-fallback stop-detached stop-detached-fallback hung-sigstop"
 
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
-ALL="stop-detached kill9-agentd stop-sigstop stop-make stop-port exit-nohup fork-storm orphans"
+ALL="stop-detached stop-detached-fallback kill9-agentd kill9-agentd-fallback stop-sigstop hung-sigstop stop-make stop-port exit-nohup fork-storm orphans"
 
 if [ "$#" -gt 0 ]; then
     selected="$*"
@@ -43,7 +46,7 @@ for name in $selected; do
     fi
     case " $waiting " in
         *" $name "*)
-            echo "SKIP: needs contain (task cgroups and the guardian): $name is listed in WAITING_FOR_CONTAIN in scripts/kill-tests/run.sh"
+            echo "SKIP: needs contain (task cgroups, guardian, hung detection, --no-cgroup): $name is listed in WAITING_FOR_CONTAIN in scripts/kill-tests/run.sh"
             skipped=$((skipped + 1))
             continue
             ;;

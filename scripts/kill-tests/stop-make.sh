@@ -42,7 +42,7 @@ if [ -n "$CC_BIN" ]; then
     kt_until 20000 compiler_running || kt_fail "the compiler (cc1) did not start within 20 s"
     what="make, 2 recipe shells, $(basename "$CC_BIN") and cc1"
 fi
-kt_record $(kt_descendants "$KT_AGENTD")
+kt_record $(kt_task_procs)
 total=$(kt_recorded_count)
 
 t0=$(kt_ms)
@@ -52,6 +52,6 @@ state=$(printf '%s' "$out" | kt_json state)
 [ "$state" = cancelled ] || kt_fail "the stopped build ended $state, not cancelled: $out"
 count=$(kt_survivor_count)
 [ "$count" -eq 0 ] || kt_fail "$count survivors of $total processes ($what) after the stop: $(kt_survivors | tr '\n' ';')"
-left=$(kt_descendants "$KT_AGENTD" | wc -l)
+left=$(kt_task_procs | wc -l)
 [ "$left" -eq 0 ] || kt_fail "agentd still has $left descendants after the stop"
 kt_pass "0 survivors of $total processes ($what), stop took $(kt_secs "$took") s"

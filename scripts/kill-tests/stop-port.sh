@@ -45,7 +45,7 @@ kt_until 20000 kt_task_running "$task" || kt_fail "task $task did not start"
 kt_record "$(kt_task_field "$task" pid)"
 kt_wait_pidfiles 20000 shell listener port
 port=$(cat "$P/port")
-kt_record $(kt_descendants "$KT_AGENTD")
+kt_record $(kt_task_procs)
 total=$(kt_recorded_count)
 port_free "$port" && kt_fail "the listener's port $port looks free while it runs: the check is broken"
 

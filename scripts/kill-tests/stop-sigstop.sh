@@ -19,7 +19,7 @@ kt_until 20000 kt_task_running "$task" || kt_fail "task $task did not start"
 agent=$(kt_task_field "$task" pid)
 kt_record "$agent"
 kt_wait_pidfiles 20000 shell child
-kt_record $(kt_descendants "$KT_AGENTD")
+kt_record $(kt_task_procs)
 total=$(kt_recorded_count)
 
 kill -STOP "$agent"
