@@ -53,8 +53,11 @@ for name in $selected; do
     esac
     t0=$(date +%s%3N)
     log=$(mktemp)
-    "$script" >"$log" 2>&1
+    # Every test has its own deadlines; this only catches a hung test (its EXIT trap
+    # still cleans up on SIGTERM).
+    timeout -k 20 "${KT_TEST_TIMEOUT:-300}" "$script" >"$log" 2>&1
     rc=$?
+    [ "$rc" = 124 ] && echo "FAIL $name: did not finish within ${KT_TEST_TIMEOUT:-300} s" >>"$log"
     secs=$(awk -v ms="$(($(date +%s%3N) - t0))" 'BEGIN { printf "%.1f", ms / 1000 }')
     line=$(grep -E '^(PASS|FAIL|SKIP) ' "$log" | tail -n 1)
     case "$rc" in
