@@ -109,13 +109,32 @@ impl TaskTree {
         self
     }
 
-    /// Live (non-zombie) processes of the task, agent included, agentd excluded.
+    /// Live (non-zombie) processes of the task, agent included, agentd excluded, while
+    /// the agent is not yet reaped (see [`TaskTree::find`]).
     pub fn members(&self) -> Vec<u32> {
-        self.scan().into_iter().map(|(pid, _)| pid).collect()
+        self.find(true)
+    }
+
+    /// Live (non-zombie) processes of the task, agentd excluded. With `through_agent`
+    /// (the agent's pid is still ours: alive, or a zombie not yet reaped) they are the
+    /// agent's descendants, its process group and the processes carrying the task's
+    /// marker; without it, since a reaped pid may have been reused by a stranger (and
+    /// its group id with it), only the processes carrying the marker and their
+    /// descendants.
+    pub fn find(&self, through_agent: bool) -> Vec<u32> {
+        self.scan_with(through_agent)
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
     }
 
     /// Like [`TaskTree::members`], with each member's start time.
     pub(crate) fn scan(&self) -> Vec<(u32, u64)> {
+        self.scan_with(true)
+    }
+
+    /// Like [`TaskTree::find`], with each member's start time.
+    fn scan_with(&self, through_agent: bool) -> Vec<(u32, u64)> {
         let procs = all_processes();
         let me = std::process::id();
         let marker = format!("{ENV_TASK_ID}={}", self.task_id).into_bytes();
@@ -129,7 +148,7 @@ impl TaskTree {
             (Some(start), Some(stat)) => stat.start != start,
             _ => false,
         };
-        if !reused {
+        if through_agent && !reused {
             let mut stack = vec![self.agent_pid];
             while let Some(pid) = stack.pop() {
                 if procs.contains_key(&pid) && found.insert(pid) {
@@ -218,19 +237,25 @@ impl TaskTree {
 
     /// Sends `signal` to every process of the task. `agent_unreaped` says whether the
     /// agent's pid is still ours (alive or a zombie not yet reaped): only then is the
-    /// process group signalled as a whole, since a reaped pid may be reused. A SIGTERM
+    /// process group signalled as a whole and are the agent's descendants and group
+    /// members looked up, since a reaped pid may be reused. A SIGTERM
     /// is followed by SIGCONT, so a stopped process can act on it. Returns how many
     /// processes were signalled one by one.
     pub fn signal(&self, signal: Signal, agent_unreaped: bool) -> usize {
+        self.send(signal, agent_unreaped, agent_unreaped)
+    }
+
+    /// [`TaskTree::signal`], with the group signalled as a whole only if `killpg_too`.
+    fn send(&self, signal: Signal, killpg_too: bool, agent_unreaped: bool) -> usize {
         let send = |sig: Signal, members: &[u32]| {
-            if agent_unreaped {
+            if killpg_too {
                 let _ = killpg(Pid::from_raw(self.agent_pid as i32), sig);
             }
             for &pid in members {
                 let _ = kill(Pid::from_raw(pid as i32), sig);
             }
         };
-        let members = self.members();
+        let members = self.find(agent_unreaped);
         send(signal, &members);
         if signal == Signal::SIGTERM {
             send(Signal::SIGCONT, &members);
@@ -245,12 +270,17 @@ impl TaskTree {
     /// the first round's reach. Gives up after `max_rounds` and returns what is left.
     pub fn kill_all(&self, agent_unreaped: bool, max_rounds: u32) -> Vec<u32> {
         for round in 0..max_rounds {
-            if self.signal(Signal::SIGKILL, agent_unreaped && round == 0) == 0 {
+            if self.send(
+                Signal::SIGKILL,
+                agent_unreaped && round == 0,
+                agent_unreaped,
+            ) == 0
+            {
                 return Vec::new();
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        self.members()
+        self.find(agent_unreaped)
     }
 }
 

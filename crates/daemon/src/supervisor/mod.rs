@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 
 use agentd_core::{Dispatcher, Event, Scope, StopStep, StopTarget, TaskId};
 use agentd_proto::control::{Answer, ErrorBody, ErrorCode};
-use interprocess::local_socket::tokio::Listener;
 use tokio::sync::mpsc;
 
 use crate::agent_io::AgentEvent;
@@ -65,7 +64,7 @@ pub enum DaemonSignal {
 /// so) and every agent is gone.
 pub async fn run(
     config: DaemonConfig,
-    listener: Listener,
+    listener: control::Endpoint,
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
