@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A bounded fork storm inside one task: KT_STORM_WORKERS (default 200) shell loops
-# that each fork a new `sleep` every 0.2 s and ignore SIGINT, a few hundred processes
+# that each fork a new `sleep` every 0.5 s and ignore SIGINT, a few hundred processes
 # at any moment with constant churn. While it runs, `agentctl status` keeps
 # answering (each within 2 s, generous for debug builds on a loaded host); the stop
 # then leaves nothing behind.
@@ -11,7 +11,7 @@ WORKERS=${KT_STORM_WORKERS:-200}
 P="$KT_TASKDIR/pids"
 cat >"$KT_TASKDIR/worker.sh" <<'EOF'
 trap '' INT
-while :; do sleep 0.2; done
+while :; do sleep 0.5; done
 EOF
 cat >"$KT_TASKDIR/storm.sh" <<EOF
 echo \$\$ > $P/storm
