@@ -3,9 +3,10 @@
 # Each test starts its own agentd (socket and state in its own `mktemp -d`), records
 # every process it expects to die by pid *and* start time (field 22 of
 # /proc/PID/stat, so a reused pid is never mistaken for a survivor, nor killed by
-# the cleanup), and on exit kills by pid everything it started: agentd, agentd's
-# descendants, the recorded processes and any process whose command line names the
-# test's task directory.
+# the cleanup), and on exit ends by pid everything it started: agentd (SIGTERM, then
+# SIGKILL after 15 s), then with SIGKILL its tasks' processes, the recorded processes
+# and any process whose command line names the test's task directory. agentd's own
+# helpers (its cgroup guardian), there before any task, are not a task's processes.
 #
 # Binaries: $AGENTD_BIN_DIR (default: target/debug of this checkout).
 # KT_KEEP=1 keeps the temp dir (its path is printed) for a post-mortem.
