@@ -33,10 +33,18 @@ pub(crate) struct Agent {
     task_timeout: Option<std::time::Duration>,
     /// Messages to the agent, written by its writer task.
     to_agent: mpsc::UnboundedSender<SupervisorMsg>,
-    /// Steered texts awaiting the agent's SteerAck, oldest first.
-    pub(crate) steers: VecDeque<String>,
+    /// Steered messages awaiting the agent's SteerAck, oldest first.
+    pub(crate) steers: VecDeque<Steered>,
     talk: Talk,
     life: Life,
+}
+
+/// A message steered into an agent, until the agent acknowledges it.
+pub(crate) struct Steered {
+    pub(crate) text: String,
+    /// The message is also kept as a follow-up task (`steer-backlog`): if the agent
+    /// refuses it, that task already carries it.
+    pub(crate) kept: bool,
 }
 
 /// Where the conversation with an agent stands.
@@ -216,7 +224,7 @@ impl Supervisor {
         self.agents.insert(task_id, agent);
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
         self.check_liveness(task_id);
-        self.publish_task(EventKind::Started, &task_id, None, None);
+        // `started` is published once the dispatcher knows the pid (see `execute`).
         Some(Event::Spawned { task_id, pid })
     }
 
@@ -473,9 +481,15 @@ impl Supervisor {
             // Checkpoints are accepted; they are not kept yet.
             AgentInput::Msg(AgentMsg::Checkpoint { .. }) => return,
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
-                let text = agent.steers.pop_front();
-                if let (false, Some(text)) = (accepted, text) {
-                    self.steer_refused(task_id, text);
+                let steered = agent.steers.pop_front();
+                match steered {
+                    Some(Steered { text, kept: false }) if !accepted => {
+                        self.steer_refused(task_id, text);
+                    }
+                    Some(Steered { text, kept: true }) if !accepted => {
+                        tracing::debug!(%task_id, "the agent refused a steered message that is kept as a follow-up: {text:?}");
+                    }
+                    _ => {}
                 }
                 return;
             }

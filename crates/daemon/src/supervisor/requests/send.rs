@@ -65,7 +65,29 @@ impl Supervisor {
             }
         }
         self.execute(actions);
+        self.mark_kept_steer(&outcome);
         Some((reply, self.send_reply(outcome)))
+    }
+
+    /// A `steer-backlog` message was steered *and* kept as a follow-up task: its
+    /// steer (the one just sent to the agent) must not be queued again if refused.
+    fn mark_kept_steer(&mut self, outcome: &Result<Accepted, Refused>) {
+        let Ok(Accepted::Task {
+            task_id,
+            steered_into: Some(into),
+            ..
+        }) = outcome
+        else {
+            return;
+        };
+        let kept = self
+            .view(task_id)
+            .is_some_and(|v| v.state != agentd_proto::control::TaskState::Merged);
+        if let (true, Some(agent)) = (kept, self.agents.get_mut(into)) {
+            if let Some(steered) = agent.steers.back_mut() {
+                steered.kept = true;
+            }
+        }
     }
 
     /// The answer to accepted (or refused) work.
