@@ -9,13 +9,9 @@
 #
 # A test whose guarantee is not built yet is listed here and SKIPPED loudly; it is
 # still committed, so it can be run by name. Empty this list when the guarantee
-# lands.
-# - kill9-agentd, stop-detached: need task cgroups (the environment-scrubbed double
-#   fork) and agentd's guardian (SIGKILL to agentd);
-# - hung-sigstop: needs hung-agent detection (agentd --heartbeat, --hung-after);
-# - *-fallback: need agentd --no-cgroup;
-# all from branch `contain`.
-WAITING_FOR_CONTAIN="kill9-agentd kill9-agentd-fallback stop-detached stop-detached-fallback hung-sigstop"
+# lands. (Task cgroups, the guardian, hung-agent detection and --no-cgroup landed
+# from branch `contain`: nothing waits.)
+WAITING_FOR_CONTAIN=""
 
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
