@@ -30,12 +30,19 @@ pub fn start(output: File, path: PathBuf, cap: u64) {
 }
 
 /// Copies `input` to the file at `path` (created at the first byte), keeping at most
-/// `cap` bytes plus the truncation lines. Returns at the end of `input`.
+/// `cap` bytes plus the truncation lines. Returns at the end of `input`. A log that
+/// cannot be written (a full disk) does not stop the copy: the rest is read and
+/// discarded, so the agent never meets a closed pipe; the error is returned at the end.
 pub fn copy_capped(mut input: impl Read, path: &std::path::Path, cap: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut file: Option<File> = None;
-    let mut written: u64 = 0;
-    let mut dropped: u64 = 0;
+    let mut log = Log {
+        path,
+        cap,
+        file: None,
+        written: 0,
+        dropped: 0,
+        failed: None,
+    };
     loop {
         let n = match input.read(&mut buf) {
             Ok(0) => break,
@@ -43,35 +50,58 @@ pub fn copy_capped(mut input: impl Read, path: &std::path::Path, cap: u64) -> io
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        if dropped > 0 {
-            dropped += n as u64;
-            continue;
+        if log.failed.is_none() {
+            if let Err(e) = log.append(&buf[..n]) {
+                log.failed = Some(e);
+            }
         }
-        let f = match &mut file {
+    }
+    if log.failed.is_none() && log.dropped > 0 {
+        if let Some(f) = &mut log.file {
+            f.write_all(text::log_dropped(log.dropped).as_bytes())?;
+        }
+    }
+    match log.failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+struct Log<'a> {
+    path: &'a std::path::Path,
+    cap: u64,
+    file: Option<File>,
+    written: u64,
+    dropped: u64,
+    failed: Option<io::Error>,
+}
+
+impl Log<'_> {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.dropped > 0 {
+            self.dropped += bytes.len() as u64;
+            return Ok(());
+        }
+        let f = match &mut self.file {
             Some(f) => f,
-            None => file.insert(
+            None => self.file.insert(
                 OpenOptions::new()
                     .create(true)
                     .append(true)
                     .mode(0o600)
-                    .open(path)?,
+                    .open(self.path)?,
             ),
         };
-        let room = cap.saturating_sub(written);
-        let keep = (n as u64).min(room) as usize;
-        f.write_all(&buf[..keep])?;
-        written += keep as u64;
-        if keep < n {
-            dropped = (n - keep) as u64;
-            f.write_all(text::log_truncated(cap).as_bytes())?;
+        let room = self.cap.saturating_sub(self.written);
+        let keep = (bytes.len() as u64).min(room) as usize;
+        f.write_all(&bytes[..keep])?;
+        self.written += keep as u64;
+        if keep < bytes.len() {
+            self.dropped = (bytes.len() - keep) as u64;
+            f.write_all(text::log_truncated(self.cap).as_bytes())?;
         }
+        Ok(())
     }
-    if let Some(f) = &mut file {
-        if dropped > 0 {
-            f.write_all(text::log_dropped(dropped).as_bytes())?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -89,6 +119,17 @@ mod tests {
         assert!(!log.starts_with(&"x".repeat(1001)));
         assert!(log.contains(&text::log_truncated(1000)));
         assert!(log.ends_with(&text::log_dropped(99_000)));
+    }
+
+    /// A log that cannot be written does not close the pipe: everything is still read.
+    #[test]
+    fn an_unwritable_log_still_drains_its_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing-dir").join("t.log");
+        let input = vec![b'x'; 300_000];
+        let mut reader = &input[..];
+        assert!(copy_capped(&mut reader, &path, 1000).is_err());
+        assert!(reader.is_empty(), "{} bytes left unread", reader.len());
     }
 
     #[test]
