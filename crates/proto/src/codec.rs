@@ -266,6 +266,42 @@ mod tests {
             let _ = decode_payload::<AgentMsg>(&bytes);
         }
 
+        /// The reader with a deadline (the daemon's) reads the same messages from any
+        /// bytes as the plain reader, and fails where it fails.
+        #[test]
+        fn the_deadline_reader_agrees_with_the_plain_reader(
+            frames in proptest::collection::vec(".{0,40}", 0..4),
+            noise in proptest::collection::vec(any::<u8>(), 0..64),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut bytes = Vec::new();
+            for text in frames {
+                bytes.extend(encode_frame(&AgentMsg::Progress { text }).unwrap());
+            }
+            bytes.extend(noise);
+            let bytes = bytes[..cut.index(bytes.len() + 1)].to_vec();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let mut plain = &bytes[..];
+            let mut timed = &bytes[..];
+            loop {
+                let a = read_frame::<AgentMsg>(&mut plain);
+                let b = rt.block_on(read_frame_async_within::<AgentMsg>(
+                    &mut timed,
+                    Duration::from_secs(1),
+                ));
+                match (a, b) {
+                    (Ok(Some(x)), Ok(Some(y))) => prop_assert_eq!(x, y),
+                    (Ok(None), Ok(None)) => break,
+                    (Err(_), Err(_)) => break,
+                    (a, b) => prop_assert!(false, "plain {:?}, with deadline {:?}", a, b),
+                }
+            }
+        }
+
         #[test]
         fn progress_text_round_trips(text in ".{0,200}") {
             round_trip(AgentMsg::Progress { text });
