@@ -21,6 +21,8 @@ mod conformance;
 mod control;
 /// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
 mod defaults;
+/// One spelling per variant on every surface, in any case.
+mod names;
 /// The stdlib-only Python example agent under a real agentd.
 mod python_agent;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.

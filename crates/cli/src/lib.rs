@@ -1360,7 +1360,7 @@ mod tests {
             ),
             (
                 &["drop:all"],
-                "unknown drop policy 'all' (expected old, new or summarize)",
+                "unknown drop policy \"all\" (expected one of old, new, summarize)",
             ),
             (
                 &["steer", "interrupt"],
