@@ -122,8 +122,8 @@ pub enum Command {
     /// Chat with a session in the terminal: each line is a message, /commands are
     /// answered at once, events and results stream in between; /quit or Ctrl-D leaves
     Chat(ChatArgs),
-    /// Print a shell completion script (e.g. `agentctl completions bash > \
-    /// ~/.local/share/bash-completion/completions/agentctl`)
+    /// Print a shell completion script for bash, zsh or fish (see the README for
+    /// where to put it)
     Completions(CompletionsArgs),
     /// Print agentctl's man page, or write one page per command into DIR
     Man(ManArgs),
@@ -134,7 +134,9 @@ pub enum Command {
 pub enum ColorWhen {
     /// On a terminal, unless NO_COLOR is set (CLICOLOR_FORCE forces it)
     Auto,
+    /// Also when piped
     Always,
+    /// Plain text
     Never,
 }
 
