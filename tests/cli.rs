@@ -299,11 +299,11 @@ fn ctrl_c_on_send_wait_or_watch_says_the_task_goes_on() {
     let d = Daemon::with_agent_exec(&[]);
     for watch in [false, true] {
         let session = if watch { "w" } else { "s" };
-        let task = if watch {
-            Some(d.submit(session, "echo up; sleep 300"))
-        } else {
-            None
-        };
+        let task = watch.then(|| {
+            let id = d.submit(session, "echo up; sleep 300");
+            d.wait_progress(&id, "up");
+            id
+        });
         let mut cmd = Command::new(AGENTCTL);
         cmd.arg("--socket").arg(&d.socket);
         match &task {
