@@ -12,3 +12,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> cargo test (unit, property and integration tests)"
 cargo test --workspace --all-targets --locked
+
+echo "==> cargo install --path . (the installed set, and the README's usage from it)"
+scripts/install-check.sh

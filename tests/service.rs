@@ -333,12 +333,10 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn the_state_dir_is_private_and_agent_logs_are_owner_only() {
-    // An agent that writes to its stdout (its log) and never says Hello.
+    // An agent that writes to its stdout (its log) and exits without a Hello.
     let d = Daemon::start(&[
         "--agent",
-        "/bin/sh -c 'echo some output; exec sleep 30' agent {text}",
-        "--handshake-timeout",
-        "300ms",
+        "/bin/sh -c 'echo some output; exit 3' agent {text}",
     ]);
     let task = d.submit("s", "work");
     d.wait_state(&task, "failed");
@@ -360,4 +358,87 @@ fn a_state_dir_open_to_others_is_made_private() {
     let d = Daemon::start_in(dir, &[], &[]);
     assert_eq!(mode(&state), 0o700, "{}", d.log());
     assert_eq!(mode(&state.join("logs")), 0o700);
+}
+
+/// `systemd-analyze --user verify` on a unit, with a home whose ~/.cargo/bin/agentd is
+/// the agentd under test (the unit's ExecStart); returns its diagnostics.
+fn verify_unit(unit: &Path) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("home/.cargo/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(AGENTD, bin.join("agentd")).unwrap();
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["--user", "verify"])
+        .arg(unit)
+        .env("HOME", dir.path().join("home"))
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run systemd-analyze ({e}): install systemd (apt-get install systemd)")
+        });
+    let diagnostics = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), diagnostics)
+}
+
+const UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/contrib/systemd/agentd.service"
+);
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let (ok, diagnostics) = verify_unit(Path::new(UNIT));
+    assert!(
+        ok && diagnostics.trim().is_empty(),
+        "systemd-analyze verify:\n{diagnostics}"
+    );
+
+    // The check checks: a misspelt setting, which systemd only warns about, is caught.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("agentd.service");
+    let text = std::fs::read_to_string(UNIT).unwrap();
+    std::fs::write(&bad, text.replace("KillMode=mixed", "KillMode=mixd")).unwrap();
+    let (_, diagnostics) = verify_unit(&bad);
+    assert!(diagnostics.contains("mixd"), "{diagnostics}");
+}
+
+#[test]
+fn the_systemd_unit_waits_for_readiness_and_lets_agentd_stop_its_tasks() {
+    let text = std::fs::read_to_string(UNIT).unwrap();
+    let settings: Vec<(&str, &str)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let get = |key: &str| {
+        settings
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("the unit sets no {key}"))
+    };
+    assert_eq!(get("Type"), "notify");
+    assert_eq!(get("ExecReload"), "kill -HUP $MAINPID");
+    assert_eq!(get("KillMode"), "mixed");
+    assert_eq!(get("KillSignal"), "SIGTERM");
+    assert_eq!(get("Delegate"), "yes");
+    assert_eq!(get("ExecStart"), "%h/.cargo/bin/agentd");
+    let stop = seconds(get("TimeoutStopSec"));
+    // Longer than agentd's default stop sequence (cancel-grace 5 s + term-grace 5 s).
+    assert!(stop > 10, "TimeoutStopSec {stop}");
+}
+
+fn seconds(text: &str) -> u64 {
+    text.trim_end_matches('s')
+        .parse()
+        .expect("TimeoutStopSec in seconds")
 }
