@@ -330,7 +330,9 @@ fn log_filter() -> anyhow::Result<tracing_subscriber::EnvFilter> {
             Ok(value) if !value.trim().is_empty() => {
                 return tracing_subscriber::EnvFilter::builder()
                     .parse(&value)
-                    .with_context(|| format!("invalid ${var} {value:?}"));
+                    .with_context(|| {
+                        format!("invalid ${var} {}", agentd_daemon::logfmt::Quoted(&value))
+                    });
             }
             _ => {}
         }

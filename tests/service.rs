@@ -67,6 +67,20 @@ fn the_default_config_file_is_read_and_flags_win_over_it() {
 }
 
 #[test]
+fn sighup_re_reads_the_default_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_default_config(dir.path(), "max-connections = 100\n");
+    let d = Daemon::start_in(dir, &[], &[]);
+    std::fs::write(&path, "max-connections = 50\n").unwrap();
+    crate::support::kill(d.pid(), libc::SIGHUP);
+    let expected = format!("SIGHUP: reloaded {}: max-connections 50,", path.display());
+    wait_for("agentd reloads its default config file", DEADLINE, || {
+        d.log().contains(&expected).then_some(())
+    });
+    assert_eq!(d.request(json!({"cmd": "ping"}))["pong"], json!(true));
+}
+
+#[test]
 fn a_missing_default_config_file_means_defaults() {
     // The fixture points XDG_CONFIG_HOME at an empty directory.
     let d = Daemon::start(&[]);

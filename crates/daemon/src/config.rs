@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::logfmt::Quoted;
+
 /// Everything the daemon needs to run, resolved.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -220,31 +222,35 @@ impl LogFormat {
         match text.trim() {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => bail!(
-                "unknown log format \"{}\" (text, json)",
-                other.escape_debug()
-            ),
+            other => bail!("unknown log format {} (text, json)", Quoted(other)),
         }
     }
 }
 
 /// Parses `500ms`, `5s`, `2m`… (humantime syntax).
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(text.trim())
-        .with_context(|| format!("invalid duration {text:?} (examples: 500ms, 5s, 2m)"))
+    humantime::parse_duration(text.trim()).with_context(|| {
+        format!(
+            "invalid duration {} (examples: 500ms, 5s, 2m)",
+            Quoted(text)
+        )
+    })
 }
 
 /// Parses a queue mode name for flags and the config file.
 pub fn parse_mode(text: &str) -> anyhow::Result<agentd_core::Mode> {
     agentd_core::Mode::parse(text.trim()).with_context(|| {
-        format!("unknown queue mode {text:?} (collect, followup, steer, steer-backlog, interrupt)")
+        format!(
+            "unknown queue mode {} (collect, followup, steer, steer-backlog, interrupt)",
+            Quoted(text)
+        )
     })
 }
 
 /// Parses a drop policy name for flags and the config file.
 pub fn parse_drop(text: &str) -> anyhow::Result<agentd_core::DropPolicy> {
     agentd_core::DropPolicy::parse(text.trim())
-        .with_context(|| format!("unknown drop policy {text:?} (old, new, summarize)"))
+        .with_context(|| format!("unknown drop policy {} (old, new, summarize)", Quoted(text)))
 }
 
 /// Splits an agent command line into words, shell-style quoting allowed, and checks it.
