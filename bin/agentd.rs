@@ -290,6 +290,8 @@ fn signal_thread(
 }
 
 fn main_inner() -> anyhow::Result<()> {
+    // Still one thread: the environment may change safely.
+    agentd_daemon::notify::take_socket_from_env();
     let args = Args::parse();
     let Resolved {
         mut config,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{wait_for, Daemon, AGENTD, DEADLINE, TEST_AGENT};
+use crate::support::{wait_for, Daemon, AGENTD, AGENT_EXEC, DEADLINE, TEST_AGENT};
 
 fn write_default_config(dir: &Path, text: &str) -> std::path::PathBuf {
     let path = dir.join("config").join("agentd").join("config.toml");
@@ -124,11 +124,13 @@ fn readiness_is_sent_once_the_socket_answers_and_stopping_on_shutdown() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let socket = dir.path().join("run").join("agentd.sock");
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
     let mut child = Command::new(AGENTD)
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
+        .args(["--agent", &agent])
         .env("XDG_CONFIG_HOME", dir.path().join("config"))
         .env("NOTIFY_SOCKET", &notify_path)
         .stdin(Stdio::null())
@@ -172,6 +174,23 @@ fn readiness_is_sent_once_the_socket_answers_and_stopping_on_shutdown() {
         .unwrap();
     let answer: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(answer["result"]["pong"], json!(true), "{line}");
+
+    // Agents do not inherit agentd's channel to the service manager.
+    let out = Command::new(crate::support::AGENTCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "send",
+            "--wait",
+            "--session",
+            "s",
+            "echo notify=${NOTIFY_SOCKET:-unset}",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("notify=unset"), "{printed}");
 
     crate::support::kill(pid, libc::SIGTERM);
     let stopping = recv("STOPPING=1");

@@ -3,13 +3,38 @@
 //! `@name`), and waits for `READY=1` before it counts the service as started.
 //! agentd sends `READY=1` once its control socket accepts requests, and `STOPPING=1`
 //! when its stop sequence begins. Without `$NOTIFY_SOCKET` these do nothing.
+//!
+//! [`take_socket_from_env`] moves the variable out of the environment at start, so
+//! that agents (and their tools) do not inherit agentd's channel to systemd.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::OnceLock;
 
 /// The environment variable systemd sets for `Type=notify` services.
 pub const ENV_NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+
+static SOCKET: OnceLock<Option<OsString>> = OnceLock::new();
+
+/// Takes `$NOTIFY_SOCKET` out of the environment and keeps it for [`ready`] and
+/// [`stopping`]. Call it first thing in `main`, while agentd has a single thread
+/// (changing the environment is not thread-safe).
+pub fn take_socket_from_env() {
+    let socket = std::env::var_os(ENV_NOTIFY_SOCKET);
+    if socket.is_some() {
+        std::env::remove_var(ENV_NOTIFY_SOCKET);
+    }
+    let _ = SOCKET.set(socket);
+}
+
+/// The socket to notify: the one taken at start, else the environment's.
+fn socket() -> Option<OsString> {
+    match SOCKET.get() {
+        Some(socket) => socket.clone(),
+        None => std::env::var_os(ENV_NOTIFY_SOCKET),
+    }
+}
 
 /// Tells the service manager that agentd is ready (its control socket answers).
 pub fn ready() {
@@ -22,7 +47,7 @@ pub fn stopping() {
 }
 
 fn send_logged(state: &str) {
-    if let Err(e) = notify(std::env::var_os(ENV_NOTIFY_SOCKET), state) {
+    if let Err(e) = notify(socket(), state) {
         tracing::warn!("cannot notify the service manager through ${ENV_NOTIFY_SOCKET}: {e}");
     }
 }
