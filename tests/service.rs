@@ -125,7 +125,7 @@ fn readiness_is_sent_once_the_socket_answers_and_stopping_on_shutdown() {
         .unwrap();
     let socket = dir.path().join("run").join("agentd.sock");
     let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
-    let mut child = Command::new(AGENTD)
+    let child = Command::new(AGENTD)
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
@@ -138,7 +138,14 @@ fn readiness_is_sent_once_the_socket_answers_and_stopping_on_shutdown() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pid = child.id();
+    // The fixture's Drop kills agentd and its agents, should the test fail.
+    let mut d = Daemon {
+        dir,
+        socket: socket.clone(),
+        child,
+    };
+    let pid = d.pid();
+    let child = &mut d.child;
     let mut recv = |what: &str| -> String {
         let deadline = Instant::now() + DEADLINE;
         let mut buf = [0u8; 4096];
