@@ -156,7 +156,7 @@ impl Supervisor {
                 });
             }
         };
-        tracing::info!(%task_id, pid, session = %session, "agent started");
+        tracing::info!(%task_id, pid, session = %crate::logfmt::Word(&session), "agent started");
         self.pids.insert(pid, task_id);
         self.agents.insert(
             task_id,
@@ -199,7 +199,7 @@ impl Supervisor {
                 let left = tree.kill_all(unreaped, 10);
                 tracing::info!(%task_id, "SIGKILL sent to the task's processes");
                 if !left.is_empty() {
-                    tracing::warn!(%task_id, ?left, "processes survived SIGKILL rounds");
+                    tracing::warn!(%task_id, left = %crate::logfmt::Pids(&left), "processes survived SIGKILL rounds");
                 }
             }
         }
@@ -216,13 +216,13 @@ impl Supervisor {
             let tree = TaskTree::new(reaped.pid, task_id.to_string());
             let left = tree.kill_all(false, 10);
             if !left.is_empty() {
-                tracing::warn!(%task_id, ?left, "leftover processes survived SIGKILL rounds");
+                tracing::warn!(%task_id, left = %crate::logfmt::Pids(&left), "leftover processes survived SIGKILL rounds");
             }
             let status = ExitStatus {
                 code: reaped.code,
                 signal: reaped.signal,
             };
-            tracing::info!(%task_id, pid = reaped.pid, status = %status.describe(), "agent reaped");
+            tracing::info!(%task_id, pid = reaped.pid, exit_code = status.code, signal = status.signal, "agent reaped");
             // Frames the agent wrote before exiting (its result) may still be unread:
             // the task ends once its channel is drained (EOF), or after DRAIN_TIMEOUT.
             match self.agents.get_mut(&task_id) {
@@ -271,7 +271,7 @@ impl Supervisor {
                     }
                 } else {
                     agent.welcome(hello.protocol);
-                    tracing::info!(%task_id, agent = %hello.agent, steer = hello.capabilities.steer, "agent ready");
+                    tracing::info!(%task_id, agent = %crate::logfmt::Word(&hello.agent), steer = hello.capabilities.steer, "agent ready");
                     Event::AgentReady {
                         task_id,
                         steer: hello.capabilities.steer,

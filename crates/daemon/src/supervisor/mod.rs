@@ -68,8 +68,7 @@ pub async fn run(
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let logs = config.state_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let logs = crate::config::create_state_dir(&config.state_dir)?;
     let info = Arc::new(ServerInfo {
         started: Instant::now(),
     });
@@ -84,6 +83,7 @@ pub async fn run(
         std::process::id(),
         sup.dispatcher.config().max_concurrent
     );
+    crate::notify::ready();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let mut shutdown_fired = false;
@@ -186,6 +186,7 @@ impl Supervisor {
     fn on_shutdown_signal(&mut self) {
         if self.shutting_down.is_none() {
             tracing::info!("shutting down: stopping every task");
+            crate::notify::stopping();
             self.shutting_down = Some(Instant::now());
             if let Ok((_, actions)) =
                 self.dispatcher

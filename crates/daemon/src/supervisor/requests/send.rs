@@ -212,12 +212,12 @@ impl Supervisor {
     /// The agent refused a steered message: it becomes a follow-up, and watchers are told.
     pub(crate) fn steer_refused(&mut self, running: TaskId, text: String) {
         let Some(session) = self.dispatcher.task(&running).map(|t| t.session.clone()) else {
-            tracing::warn!(%running, "a steered message was refused after its task ended: {text:?}");
+            tracing::warn!(%running, "a steered message was refused after its task ended: {}", crate::logfmt::Quoted(&text));
             return;
         };
         if self.shutting_down.is_some() {
             // Like every queued message, it would be cancelled: it must not start work.
-            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {text:?}");
+            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {}", crate::logfmt::Quoted(&text));
             return;
         }
         let message = Message {
