@@ -331,6 +331,19 @@ fn a_redelivered_message_is_answered_with_the_original_task_and_not_run_twice() 
             .contains("already received"),
         "{again}"
     );
+    // A chat and agentctl word the duplicate the same way.
+    let out = d.agentctl(&[
+        "send",
+        "--session",
+        "alice",
+        "--message-id",
+        "bridge-42",
+        "only once",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        again["reply"].as_str().unwrap()
+    );
     let all = d.agentctl_json(&["tasks", "--all"]);
     assert_eq!(all.as_array().unwrap().len(), 1, "ran twice: {all}");
     // The same bridge id in another chat is another message.

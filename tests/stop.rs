@@ -234,6 +234,8 @@ fn agentctl_stop_by_session_and_all() {
     let d = Daemon::with_agent_exec(&["--max-concurrent", "1"]);
     let a = d.submit("alice", "sleep 30");
     let b = d.submit("bob", "sleep 30");
+    // Until its agent's handshake, alice's task is `starting`.
+    d.wait_state(&a, "running");
     let stopped = d.agentctl_json(&["stop", "--session", "bob"]);
     assert_eq!(stopped["stopped"][0]["task_id"], json!(b));
     assert_eq!(d.task(&a)["state"], json!("running"));

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use agentd_proto::control::{
     ErrorBody, ErrorCode, EventKind, EventView, HelloReply, Request, RequestBody, Response,
-    TaskView, WatchReply, CONTROL_PROTOCOL_VERSION,
+    WatchReply, CONTROL_PROTOCOL_VERSION,
 };
 use interprocess::local_socket::{prelude::*, GenericFilePath, Stream};
 use serde::de::DeserializeOwned;
@@ -304,11 +304,10 @@ impl Client {
     /// Subscribes to events with a `watch` request (see [`RequestBody::Watch`]) and
     /// returns the stream of its events once agentd has accepted it.
     ///
-    /// For a task watch the client also asks for the task's status right after
-    /// subscribing: if the task had already ended and agentd's first events do not
-    /// say so, the stream yields the `finished` event (or, for a merged message, the
-    /// `merged` event) itself, so a task watch always ends. A session watch runs
-    /// until the connection closes.
+    /// agentd's watch is authoritative: its first events are a snapshot (a merged
+    /// message's `merged` steps, then the followed task's `position`, `started` or
+    /// `finished`), so a task watch of an ended task ends at once. A session watch
+    /// runs until the connection closes.
     pub fn watch(&mut self, body: RequestBody) -> Result<WatchStream<'_>, ClientError> {
         let RequestBody::Watch { task_id, .. } = &body else {
             return Err(ClientError::InvalidRequest("watch needs a watch request"));
@@ -320,10 +319,7 @@ impl Client {
         let mut stream = WatchStream {
             client: self,
             id,
-            reply: WatchReply {
-                task_id: None,
-                session: None,
-            },
+            reply: WatchReply::default(),
             task: None,
             done: false,
         };
@@ -331,7 +327,6 @@ impl Client {
         stream.reply =
             serde_json::from_value(value).map_err(|e| ClientError::BadResponse(e.to_string()))?;
         stream.task = stream.reply.task_id.clone().or(requested_task);
-        stream.catch_up()?;
         Ok(stream)
     }
 
@@ -432,10 +427,6 @@ pub struct WatchStream<'a> {
     done: bool,
 }
 
-/// How many merges [`WatchStream`] follows while catching up with a task that had
-/// already ended.
-const MAX_CATCH_UP: usize = 16;
-
 impl WatchStream<'_> {
     /// agentd's answer to the `watch` request.
     pub fn reply(&self) -> &WatchReply {
@@ -462,61 +453,6 @@ impl WatchStream<'_> {
     /// Like [`request`](WatchStream::request), decoding the result into `T`.
     pub fn call<T: DeserializeOwned>(&mut self, body: RequestBody) -> Result<T, ClientError> {
         self.client.call(body)
-    }
-
-    /// For a task watch: if the task had already ended when the watch began, queues
-    /// the events agentd would have sent (`merged` into the next task, which is then
-    /// checked too; `finished`), unless events already received say so.
-    fn catch_up(&mut self) -> Result<(), ClientError> {
-        for _ in 0..MAX_CATCH_UP {
-            let Some(target) = self.pending_target() else {
-                return Ok(());
-            };
-            let view: TaskView = self.call(RequestBody::Status {
-                task_id: Some(target.clone()),
-            })?;
-            // Events that arrived meanwhile may already tell.
-            match self.pending_target() {
-                None => return Ok(()),
-                Some(now) if now != target => continue,
-                Some(_) => {}
-            }
-            if !view.state.is_terminal() {
-                return Ok(());
-            }
-            let kind = match view.merged_into {
-                Some(_) => EventKind::Merged,
-                None => EventKind::Finished,
-            };
-            self.client.events.push_back(EventView {
-                kind,
-                task_id: view.task_id.clone(),
-                session: view.session.clone(),
-                position: None,
-                text: None,
-                into: view.merged_into.clone(),
-                task: Some(view),
-                at: None,
-            });
-            if kind == EventKind::Finished {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-
-    /// The task a task watch will follow once the events queued so far are yielded,
-    /// or `None` if they end it (or this is a session watch).
-    fn pending_target(&self) -> Option<String> {
-        let mut target = self.task.clone()?;
-        for event in &self.client.events {
-            match step(&target, event) {
-                Step::Follow(into) => target = into,
-                Step::End => return None,
-                Step::Stay => {}
-            }
-        }
-        Some(target)
     }
 
     /// Yields `event`, following the task it went into or ending the stream after it.
@@ -906,7 +842,7 @@ mod tests {
         }
     }
 
-    fn view(task_id: &str, state: TaskState) -> TaskView {
+    fn view(task_id: &str, state: TaskState) -> agentd_proto::control::TaskView {
         crate::fixtures::task(task_id, "alice", state, "x")
     }
 
@@ -939,23 +875,13 @@ mod tests {
                 WatchReply {
                     task_id: Some(FULL.into()),
                     session: None,
+                    task: None,
                 },
             );
-            // Kept for the stream while the client waits for the status answer.
+            // Kept for the stream while the client waits for the ping's answer.
             answer(
                 &mut writer,
                 &Response::event(watch, event(EventKind::Started, FULL, None)),
-            );
-            let status = read_request(&mut reader);
-            assert_eq!(
-                status.body,
-                RequestBody::Status {
-                    task_id: Some(FULL.into())
-                }
-            );
-            answer(
-                &mut writer,
-                &Response::ok(status.id, view(FULL, TaskState::Running)),
             );
             // An event of another (earlier) watch is ignored; the pipelined ping's
             // answer is kept for its `wait`.
@@ -1018,10 +944,12 @@ mod tests {
     }
 
     #[test]
-    fn a_watch_of_an_ended_task_yields_its_end_events() {
+    fn a_watch_of_an_ended_task_ends_with_agentds_snapshot_and_asks_nothing_more() {
         let (_dir, path, server) = fake_server(|mut reader, mut writer| {
             answer_hello(&mut reader, &mut writer);
-            answer_watch(
+            // As agentd does: t-1 went into t-0, which has ended too; the answer names
+            // the followed task and the snapshot events follow it.
+            let watch = answer_watch(
                 &mut reader,
                 &mut writer,
                 RequestBody::Watch {
@@ -1029,33 +957,32 @@ mod tests {
                     session: None,
                 },
                 WatchReply {
-                    task_id: Some("t-1".into()),
+                    task_id: Some("t-0".into()),
                     session: None,
+                    task: Some(view("t-0", TaskState::Failed)),
                 },
             );
-            // t-1 went into t-0, which has ended too.
-            let status = read_request(&mut reader);
-            let merged = TaskView {
-                merged_into: Some("t-0".into()),
-                ..view("t-1", TaskState::Merged)
+            let merged = EventView {
+                into: Some("t-0".into()),
+                ..event(EventKind::Merged, "t-1", None)
             };
-            answer(&mut writer, &Response::ok(status.id, merged));
-            let status = read_request(&mut reader);
-            assert_eq!(
-                status.body,
-                RequestBody::Status {
-                    task_id: Some("t-0".into())
-                }
-            );
-            answer(
-                &mut writer,
-                &Response::ok(status.id, view("t-0", TaskState::Failed)),
-            );
+            let done = EventView {
+                task: Some(view("t-0", TaskState::Failed)),
+                ..event(EventKind::Finished, "t-0", None)
+            };
+            answer(&mut writer, &Response::event(watch, merged));
+            answer(&mut writer, &Response::event(watch, done));
+            // The client sends nothing more (no catch-up status).
             let mut rest = Vec::new();
             let _ = reader.read_to_end(&mut rest);
+            assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
         });
         let mut client = Client::connect(&path).unwrap();
         let mut stream = client.watch_task("t-1").unwrap();
+        assert_eq!(
+            stream.reply().task.as_ref().map(|t| t.state),
+            Some(TaskState::Failed)
+        );
         let events: Vec<EventView> = stream.by_ref().map(Result::unwrap).collect();
         assert_eq!(stream.task_id(), Some("t-0"));
         drop(stream);
@@ -1070,52 +997,6 @@ mod tests {
                 (EventKind::Finished, "t-0", None),
             ]
         );
-        assert_eq!(
-            events[1].task.as_ref().map(|t| t.state),
-            Some(TaskState::Failed)
-        );
-        drop(client);
-        server.join().unwrap();
-    }
-
-    #[test]
-    fn a_finished_event_from_agentd_is_not_doubled() {
-        let (_dir, path, server) = fake_server(|mut reader, mut writer| {
-            answer_hello(&mut reader, &mut writer);
-            let watch = answer_watch(
-                &mut reader,
-                &mut writer,
-                RequestBody::Watch {
-                    task_id: Some("t-1".into()),
-                    session: None,
-                },
-                WatchReply {
-                    task_id: Some("t-1".into()),
-                    session: None,
-                },
-            );
-            // As agentd does: the task's state right after the answer.
-            let done = EventView {
-                task: Some(view("t-1", TaskState::Succeeded)),
-                ..event(EventKind::Finished, "t-1", None)
-            };
-            answer(&mut writer, &Response::event(watch, done));
-            let status = read_request(&mut reader);
-            answer(
-                &mut writer,
-                &Response::ok(status.id, view("t-1", TaskState::Succeeded)),
-            );
-            let mut rest = Vec::new();
-            let _ = reader.read_to_end(&mut rest);
-        });
-        let mut client = Client::connect(&path).unwrap();
-        let events: Vec<EventView> = client
-            .watch_task("t-1")
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(events.len(), 1, "{events:?}");
-        assert_eq!(events[0].kind, EventKind::Finished);
         drop(client);
         server.join().unwrap();
     }
@@ -1134,6 +1015,7 @@ mod tests {
                 WatchReply {
                     task_id: None,
                     session: Some("alice".into()),
+                    task: None,
                 },
             );
             // A finished task does not end a session watch.
@@ -1177,6 +1059,7 @@ mod tests {
                 WatchReply {
                     task_id: None,
                     session: Some("alice".into()),
+                    task: None,
                 },
             );
             answer(

@@ -437,14 +437,13 @@ mod tests {
         }
     }
 
-    /// Answers a `watch` of task `id` and the status request that follows it with
-    /// `status`; returns the watch's request id. Events in `before_status` are sent
-    /// between the two answers.
+    /// Answers a `watch` of task `id` as agentd does, with `status` as the task's
+    /// view in the answer, then sends `events`; returns the watch's request id.
     fn answer_task_watch(
         conn: &mut Conn,
         id: &str,
         status: TaskView,
-        before_status: Vec<EventView>,
+        events: Vec<EventView>,
     ) -> u64 {
         let watch = conn.next();
         assert_eq!(
@@ -459,19 +458,12 @@ mod tests {
             WatchReply {
                 task_id: Some(id.into()),
                 session: None,
+                task: Some(status),
             },
         ));
-        for e in before_status {
+        for e in events {
             conn.event(watch.id, e);
         }
-        let status_request = conn.next();
-        assert_eq!(
-            status_request.body,
-            RequestBody::Status {
-                task_id: Some(id.into())
-            }
-        );
-        conn.send(&Response::ok(status_request.id, status));
         watch.id
     }
 
@@ -586,9 +578,8 @@ mod tests {
         assert_eq!(code, EXIT_OK, "{err}");
         assert_eq!(
             out,
-            "task t-1  queued: position 1 (2/2 agents busy)\n  \
-             duplicate: this message was already delivered as task t-1 (queued)\n  \
-             dropped to make room: task t-0 an old message that nobody will miss, h…\n  \
+            "task t-1  already received (queued): not run again\n  \
+             dropped to make room: task t-0  an old message that nobody will miss, h…\n  \
              note: the agent cannot be steered; queued as a follow-up\n"
         );
     }
@@ -791,8 +782,7 @@ mod tests {
         assert_eq!((code, err.as_str()), (EXIT_OK, ""));
         assert_eq!(
             out,
-            "task t-1  succeeded\n  \
-             duplicate: this message was already delivered as task t-1 (succeeded)\n\
+            "task t-1  already received (succeeded): not run again\n\
              task t-1  succeeded\n\
              42\n"
         );
@@ -1015,6 +1005,7 @@ mod tests {
                 WatchReply {
                     task_id: None,
                     session: Some("alice".into()),
+                    task: None,
                 },
             ));
             conn.event(watch.id, finished(task("t-1", TaskState::Succeeded)));

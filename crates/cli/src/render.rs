@@ -31,15 +31,18 @@ const EVENT_INDENT: &str = "          ";
 /// busy)`, `task <id>  steered into running task <id>`, or, for control commands typed
 /// as chat text (`/status`…), the reply itself.
 ///
+/// A message delivered again: `task <id>  already received (<outcome>): not run
+/// again`.
+///
 /// Then, each on its own line, what else the answer says:
 ///
 /// ```text
-///   duplicate: this message was already delivered as task <id> (<state>)
-///   dropped to make room: task <id> <text excerpt>
+///   dropped to make room: task <id>  <text excerpt>
 ///   note: <notice>
 /// ```
 pub fn render_send(reply: &SendReply) -> String {
     let mut out = match &reply.task {
+        Some(task) if reply.duplicate => clean_block(&text::duplicate_line(task)),
         Some(task) if reply.accepted && reply.command.is_none() => {
             clean_block(&text::accepted_line(task, reply.capacity))
         }
@@ -49,25 +52,17 @@ pub fn render_send(reply: &SendReply) -> String {
         out.push('\n');
         out.push_str(&l);
     };
-    if reply.duplicate {
-        line(match &reply.task {
-            Some(task) => format!(
-                "  duplicate: this message was already delivered as task {} ({})",
-                clean_line(&task.task_id),
-                task.state
-            ),
-            None => "  duplicate: this message was already delivered".to_string(),
-        });
-    }
     for dropped in &reply.dropped {
         line(format!(
-            "  dropped to make room: task {} {}",
-            clean_line(&dropped.task_id),
-            truncate(&clean_line(&dropped.text), EXCERPT_WIDTH)
+            "  {}",
+            text::dropped_line(
+                clean_line(&dropped.task_id),
+                truncate(&clean_line(&dropped.text), EXCERPT_WIDTH)
+            )
         ));
     }
     if let Some(notice) = &reply.notice {
-        line(format!("  note: {}", clean_line(notice)));
+        line(format!("  {}", text::note_line(&clean_line(notice))));
     }
     out
 }
@@ -102,15 +97,10 @@ pub fn render_wait_end(task: &TaskView) -> String {
 /// Answer to `queue`: `session <S>: mode collect, debounce 1s, cap 20, drop
 /// summarize`, with ` (defaults)` when the session has no settings of its own.
 pub fn render_queue(settings: &QueueSettingsView) -> String {
-    format!(
-        "session {}: mode {}, debounce {}, cap {}, drop {}{}",
-        clean_line(&settings.session),
-        settings.mode.as_str(),
-        humantime::format_duration(Duration::from_millis(settings.debounce_ms)),
-        settings.cap,
-        settings.drop.as_str(),
-        if settings.custom { "" } else { " (defaults)" }
-    )
+    text::settings_line(&QueueSettingsView {
+        session: clean_line(&settings.session),
+        ..settings.clone()
+    })
 }
 
 /// One event of `watch`, received at `at`: `HH:MM:SS  task <id>  <what>` (UTC, like
@@ -657,10 +647,9 @@ mod tests {
         assert_eq!(
             render_send(&reply),
             format!(
-                "task {ID2}  queued: position 1 (1/1 agents busy)\n  \
-                 duplicate: this message was already delivered as task {ID2} (queued)\n  \
-                 dropped to make room: task {ID1} first held message\n  \
-                 dropped to make room: task {ID3} a message long enough to be cut short a…\n  \
+                "task {ID2}  already received (queued): not run again\n  \
+                 dropped to make room: task {ID1}  first held message\n  \
+                 dropped to make room: task {ID3}  a message long enough to be cut short a…\n  \
                  note: agent cannot be steered: queued as a follow-up"
             )
         );

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use crate::queue::{self, DropPolicy, Mode, Priority, QueueSettings};
 use crate::task::{
-    AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopStep, Task, TaskId, TaskState,
+    AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopCause, StopStep, Task, TaskId,
+    TaskState,
 };
 
 /// Limits, graces and defaults the dispatcher decides with.
@@ -563,7 +564,7 @@ impl Dispatcher {
             session.queue.push_front(msg.task_id);
             session.debounce = None;
             if let Some(active) = active_id {
-                if self.begin_stop(active, now, true, &mut actions) {
+                if self.begin_stop(active, now, StopCause::Interrupt, &mut actions) {
                     notice = Some(format!(
                         "interrupting task {active}: this message runs next"
                     ));
@@ -614,11 +615,9 @@ impl Dispatcher {
             finished_at: None,
             progress: None,
             report: None,
-            protocol_error: None,
             priority: msg.priority,
             mode,
             message_id: msg.message_id.clone(),
-            lingered: false,
         }
     }
 
@@ -734,24 +733,25 @@ impl Dispatcher {
             }
             Event::ProtocolError { task_id, error } => {
                 if let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.state.is_active()) {
-                    if task.protocol_error.is_none() {
-                        task.protocol_error = Some(error);
-                    }
-                    let (requested_at, interrupt) = match task.state {
+                    let cause = StopCause::ProtocolError(error);
+                    match &mut task.state {
                         TaskState::Stopping {
-                            requested_at,
-                            interrupt,
+                            step,
+                            cause: current,
                             ..
-                        } => (requested_at, interrupt),
-                        _ => (now, false),
-                    };
-                    let pid = task.state.pid();
-                    task.state = TaskState::Stopping {
-                        pid,
-                        step: StopStep::Sigkill,
-                        requested_at,
-                        interrupt,
-                    };
+                        } => {
+                            current.escalate(cause);
+                            *step = StopStep::Sigkill;
+                        }
+                        state => {
+                            *state = TaskState::Stopping {
+                                pid: state.pid(),
+                                step: StopStep::Sigkill,
+                                requested_at: now,
+                                cause,
+                            };
+                        }
+                    }
                     actions.push(Action::Signal {
                         task_id,
                         step: StopStep::Sigkill,
@@ -765,12 +765,11 @@ impl Dispatcher {
                     if let (TaskState::Running { pid, .. }, Some(_), StopStep::Sigterm) =
                         (&task.state, &task.report, step)
                     {
-                        task.lingered = true;
                         task.state = TaskState::Stopping {
                             pid: Some(*pid),
                             step: StopStep::CooperativeCancel,
                             requested_at: now,
-                            interrupt: false,
+                            cause: StopCause::Linger,
                         };
                     }
                     if let TaskState::Stopping { step: current, .. } = &mut task.state {
@@ -900,7 +899,7 @@ impl Dispatcher {
             }
         }
         for &task_id in &targets {
-            self.begin_stop(task_id, now, false, &mut actions);
+            self.begin_stop(task_id, now, StopCause::User, &mut actions);
         }
         self.admit(now, &mut actions);
         Ok((targets, Actions(actions)))
@@ -917,13 +916,14 @@ impl Dispatcher {
 
     // ----- transitions -----
 
-    /// Begins the stop sequence of an active task. Returns false if it was not active
-    /// or is already stopping.
+    /// Begins the stop sequence of an active task for `cause`. Returns false if it was
+    /// not active or is already stopping (a stop in progress keeps its cause: user
+    /// stops and interrupts are the weakest).
     fn begin_stop(
         &mut self,
         task_id: TaskId,
         now: Millis,
-        interrupt: bool,
+        cause: StopCause,
         actions: &mut Vec<Action>,
     ) -> bool {
         let Some(task) = self.tasks.get_mut(&task_id) else {
@@ -939,7 +939,7 @@ impl Dispatcher {
             pid,
             step: StopStep::CooperativeCancel,
             requested_at: now,
-            interrupt,
+            cause,
         };
         actions.push(Action::SendCancel { task_id });
         actions.push(Action::SetTimer {
@@ -1272,45 +1272,49 @@ impl Dispatcher {
     }
 }
 
-/// How an active task ended, given how its agent exited.
+/// How an active task ended, given how its agent exited. A stop in progress owns
+/// the outcome, by its cause.
 fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
-    if let Some(error) = &task.protocol_error {
-        return Ending::Failed {
-            reason: format!("agent broke the protocol: {error}"),
-        };
-    }
-    // It reported, then had to be stopped for not exiting: what it reported stands.
-    if let (true, Some(report)) = (task.lingered, &task.report) {
-        return match report.outcome {
-            ReportOutcome::Succeeded => Ending::Succeeded,
-            ReportOutcome::Failed => Ending::Failed {
-                reason: "agent reported failure (and was stopped for not exiting)".to_string(),
-            },
-            ReportOutcome::Cancelled => Ending::Cancelled {
-                by: None,
-                after: Duration::ZERO,
-            },
-        };
-    }
     if let TaskState::Stopping {
         step,
         requested_at,
-        interrupt,
+        cause,
         ..
-    } = task.state
+    } = &task.state
     {
-        let after = now.since(requested_at);
-        return if interrupt {
-            Ending::Interrupted {
-                by: Some(step),
-                after,
+        let by = Some(*step);
+        let after = now.since(*requested_at);
+        match (cause, &task.report) {
+            (StopCause::ProtocolError(error), _) => {
+                return Ending::Failed {
+                    reason: format!("agent broke the protocol: {error}"),
+                }
             }
-        } else {
-            Ending::Cancelled {
-                by: Some(step),
-                after,
+            // It reported, then had to be stopped for not exiting: what it reported
+            // stands.
+            (StopCause::Linger, Some(report)) => {
+                return match report.outcome {
+                    ReportOutcome::Succeeded => Ending::Succeeded,
+                    ReportOutcome::Failed => Ending::Failed {
+                        reason: "agent reported failure (and was stopped for not exiting)"
+                            .to_string(),
+                    },
+                    ReportOutcome::Cancelled => Ending::Cancelled {
+                        by: None,
+                        after: Duration::ZERO,
+                    },
+                }
             }
-        };
+            (StopCause::Interrupt, _) => return Ending::Interrupted { by, after },
+            (
+                StopCause::User
+                | StopCause::Linger
+                | StopCause::Hung
+                | StopCause::TimedOut
+                | StopCause::Shutdown,
+                _,
+            ) => return Ending::Cancelled { by, after },
+        }
     }
     if let TaskState::Starting { .. } = task.state {
         return Ending::Failed {

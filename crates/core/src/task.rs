@@ -26,6 +26,54 @@ pub enum StopStep {
     Sigkill,
 }
 
+/// Why a task is being stopped. Causes are ordered by strength, weakest first: a
+/// stronger cause replaces a weaker one, never the reverse, and an equal one does
+/// not replace either (the first protocol error stands). The cause decides the
+/// ending (see [`StopCause::rank`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCause {
+    /// A `stop` request: agentctl, or a chat's `/stop`.
+    User,
+    /// A newer message of the session asked for it (interrupt mode).
+    Interrupt,
+    /// The agent reported its result but did not exit within `cancel_grace`; what it
+    /// reported stands.
+    Linger,
+    /// The agent stopped answering (the watchdog's cause).
+    Hung,
+    /// The task ran past its time limit.
+    TimedOut,
+    /// The agent broke the IPC protocol.
+    ProtocolError(String),
+    /// agentd is shutting down.
+    Shutdown,
+}
+
+impl StopCause {
+    /// The cause's strength: higher replaces lower.
+    pub fn rank(&self) -> u8 {
+        match self {
+            StopCause::User => 0,
+            StopCause::Interrupt => 1,
+            StopCause::Linger => 2,
+            StopCause::Hung => 3,
+            StopCause::TimedOut => 4,
+            StopCause::ProtocolError(_) => 5,
+            StopCause::Shutdown => 6,
+        }
+    }
+
+    /// Replaces this cause with `other` if `other` is stronger. Returns whether it did.
+    pub fn escalate(&mut self, other: StopCause) -> bool {
+        if other.rank() > self.rank() {
+            *self = other;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// How the agent process ended, as the reaper saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ExitStatus {
@@ -121,13 +169,13 @@ pub enum TaskState {
         pid: u32,
         steer: bool,
     },
-    /// A stop is in progress; `step` is the last step taken. `interrupt` when a newer
-    /// message of the session asked for it (interrupt mode).
+    /// A stop is in progress; `step` is the last step taken, `cause` the strongest
+    /// reason given so far.
     Stopping {
         pid: Option<u32>,
         step: StopStep,
         requested_at: Millis,
-        interrupt: bool,
+        cause: StopCause,
     },
     Done {
         ending: Ending,
@@ -167,15 +215,55 @@ pub struct Task {
     pub progress: Option<String>,
     /// What the agent reported, once it has.
     pub report: Option<AgentReport>,
-    /// Set when agentd had to end the agent for breaking the protocol.
-    pub protocol_error: Option<String>,
     pub priority: crate::queue::Priority,
     /// The queue mode the message arrived with (after fallbacks): decides how it is
     /// drained.
     pub mode: crate::queue::Mode,
     /// The bridge's id of the message, if it gave one.
     pub message_id: Option<String>,
-    /// Set when the agent reported its result but did not exit within the grace, so
-    /// agentd stopped it (its reported outcome stands).
-    pub lingered: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<StopCause> {
+        vec![
+            StopCause::User,
+            StopCause::Interrupt,
+            StopCause::Linger,
+            StopCause::Hung,
+            StopCause::TimedOut,
+            StopCause::ProtocolError("bad frame".into()),
+            StopCause::Shutdown,
+        ]
+    }
+
+    #[test]
+    fn stop_causes_are_ordered_weakest_first() {
+        let ranks: Vec<u8> = all().iter().map(StopCause::rank).collect();
+        let mut sorted = ranks.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(ranks, sorted, "strictly increasing in declaration order");
+    }
+
+    #[test]
+    fn a_stronger_cause_replaces_a_weaker_one_never_the_reverse() {
+        for (i, weaker) in all().into_iter().enumerate() {
+            for (j, other) in all().into_iter().enumerate() {
+                let mut cause = weaker.clone();
+                let replaced = cause.escalate(other.clone());
+                assert_eq!(replaced, j > i, "{weaker:?} then {other:?}");
+                assert_eq!(cause, if j > i { other } else { weaker.clone() });
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_protocol_error_stands() {
+        let mut cause = StopCause::ProtocolError("first".into());
+        assert!(!cause.escalate(StopCause::ProtocolError("second".into())));
+        assert_eq!(cause, StopCause::ProtocolError("first".into()));
+    }
 }

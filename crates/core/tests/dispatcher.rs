@@ -14,8 +14,8 @@ use std::time::Duration;
 use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
     Capacity, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message,
-    Millis, Mode, Priority, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopError,
-    StopStep, StopTarget, Task, TaskId, TaskState,
+    Millis, Mode, Priority, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopCause,
+    StopError, StopStep, StopTarget, Task, TaskId, TaskState,
 };
 
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -615,11 +615,68 @@ fn an_agent_that_reports_but_does_not_exit_is_stopped_and_keeps_its_outcome() {
         TaskState::Queued,
         "the slot stays taken until the reap"
     );
+    assert!(matches!(
+        h.state(1),
+        TaskState::Stopping {
+            cause: StopCause::Linger,
+            ..
+        }
+    ));
     let a = h.at(7_000).reap(1, ExitStatus::signal(15));
     let done = only_finished(&a, 1);
     assert_eq!(ending(&done), &Ending::Succeeded);
-    assert!(done.lingered);
     assert_eq!(spawns(&a), vec![id(2)]);
+}
+
+#[test]
+fn a_user_stop_of_a_lingering_agent_does_not_replace_the_linger() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    h.run(1);
+    let _ = h.report(1, ReportOutcome::Succeeded);
+    let _ = h.at(6_000).timer(1, StopStep::Sigterm);
+    // A user stop is weaker than a linger: the task keeps its cause and its outcome.
+    let _ = h.stop(StopTarget::Task(id(1)), Scope::Owner).unwrap();
+    assert!(matches!(
+        h.state(1),
+        TaskState::Stopping {
+            cause: StopCause::Linger,
+            ..
+        }
+    ));
+    let done = only_finished(&h.at(7_000).reap(1, ExitStatus::signal(15)), 1);
+    assert_eq!(ending(&done), &Ending::Succeeded);
+}
+
+#[test]
+fn a_protocol_error_during_an_interrupt_replaces_it() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    h.run(1);
+    let _ = h.at(2_000).accept(with_mode(Mode::Interrupt, msg(2, "a")));
+    assert!(matches!(
+        h.state(1),
+        TaskState::Stopping {
+            cause: StopCause::Interrupt,
+            ..
+        }
+    ));
+    let _ = h.ev(Event::ProtocolError {
+        task_id: id(1),
+        error: "torn frame".into(),
+    });
+    assert_eq!(
+        h.state(1),
+        TaskState::Stopping {
+            pid: Some(pid(1)),
+            step: StopStep::Sigkill,
+            requested_at: Millis(2_000),
+            cause: StopCause::ProtocolError("torn frame".into()),
+        },
+        "the stronger cause replaces the interrupt; the stop keeps its start"
+    );
+    let done = only_finished(&h.reap(1, ExitStatus::signal(9)), 1);
+    assert!(failed_reason(&done).contains("torn frame"));
 }
 
 #[test]
@@ -760,15 +817,15 @@ fn protocol_error_kills_and_ends_failed_with_the_error() {
         h.state(1),
         TaskState::Stopping {
             step: StopStep::Sigkill,
+            cause: StopCause::ProtocolError(ref e),
             ..
-        }
+        } if e == "garbage frame"
     ));
     assert_eq!(h.busy(), 1, "the slot is held until the reap");
     let a = h.reap(1, ExitStatus::signal(9));
     let t = only_finished(&a, 1);
     let reason = failed_reason(&t);
     assert!(reason.contains("garbage frame"), "{reason}");
-    assert_eq!(t.protocol_error.as_deref(), Some("garbage frame"));
     assert_eq!(spawns(&a), vec![id(2)]);
 }
 
@@ -861,7 +918,7 @@ fn stop_of_a_running_task_sends_cancel_and_arms_the_sigterm_timer() {
             pid: Some(pid(1)),
             step: StopStep::CooperativeCancel,
             requested_at: Millis(2_000),
-            interrupt: false
+            cause: StopCause::User
         }
     );
     assert_eq!(h.busy(), 1);
@@ -1734,7 +1791,7 @@ fn interrupt_stops_the_active_task_and_runs_the_message_next() {
             pid: Some(pid(1)),
             step: StopStep::CooperativeCancel,
             requested_at: Millis(2_000),
-            interrupt: true
+            cause: StopCause::Interrupt
         }
     );
     assert_eq!(h.busy(), 1, "the slot is held until the reap");

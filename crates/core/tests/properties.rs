@@ -22,7 +22,7 @@ use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
     ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message, Millis, Mode,
     Priority, QueueChange, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopArg,
-    StopError, StopStep, StopTarget, Task, TaskId, TaskState,
+    StopCause, StopError, StopStep, StopTarget, Task, TaskId, TaskState,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -1695,6 +1695,32 @@ impl World {
     }
 
     /// Invariant 6: every accepted message ended in exactly one place.
+    /// A stop's cause only ever gets stronger, and it is the strongest the model
+    /// knows of: the first protocol error, else a linger, else an interrupt.
+    fn check_stop_causes(&self, seen: &mut HashMap<TaskId, u8>) {
+        for task in self.d.tasks() {
+            let TaskState::Stopping { cause, .. } = &task.state else {
+                continue;
+            };
+            let rank = cause.rank();
+            if let Some(before) = seen.insert(task.id, rank) {
+                assert!(before <= rank, "{}: cause weakened to {cause:?}", task.id);
+            }
+            let expected = if let Some(error) = self.protocol_error.get(&task.id) {
+                Some(StopCause::ProtocolError(error.clone()))
+            } else if self.lingered.contains(&task.id) {
+                Some(StopCause::Linger)
+            } else if self.interrupted.contains(&task.id) {
+                Some(StopCause::Interrupt)
+            } else {
+                None
+            };
+            if let Some(expected) = expected {
+                assert_eq!(cause, &expected, "{}", task.id);
+            }
+        }
+    }
+
     fn check_every_message_ended(&self) {
         assert_eq!(self.finished.len(), self.submitted.len());
         for task_id in &self.submitted {
@@ -1735,8 +1761,11 @@ impl World {
 fn run_case(p: Params, ops: &[Op]) {
     let mut w = World::new(p);
     w.check();
+    // The strength of each stopping task's cause, as last seen.
+    let mut causes: HashMap<TaskId, u8> = HashMap::new();
     for op in ops {
         w.step(op);
+        w.check_stop_causes(&mut causes);
     }
     w.quiesce();
     w.check_every_message_ended();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentd_proto::control::{
-    ErrorCode, EventView, HelloReply, PingReply, Request, RequestBody, Response,
+    Answer, ErrorBody, ErrorCode, EventView, HelloReply, PingReply, Request, RequestBody, Response,
     CONTROL_PROTOCOL_VERSION, MAX_REQUEST_BYTES,
 };
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
@@ -22,8 +22,8 @@ use interprocess::local_socket::traits::StreamCommon;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-/// What the supervisor answers: a JSON result or a structured error.
-pub type Reply = Result<serde_json::Value, (ErrorCode, String)>;
+/// What the supervisor answers: a typed result or a structured error.
+pub type Reply = Result<Answer, ErrorBody>;
 
 /// A request handed to the supervisor.
 #[derive(Debug)]
@@ -118,7 +118,7 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
     }
     // `&Stream` reads and writes: the reader and the writer task share it.
     let stream = Arc::new(stream);
-    let (responses, mut outgoing) = mpsc::unbounded_channel::<Response>();
+    let (responses, mut outgoing) = mpsc::unbounded_channel::<Response<Answer>>();
     let write_stream = stream.clone();
     let writer = tokio::spawn(async move {
         let mut send_half = &*write_stream;
@@ -180,23 +180,25 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                     ));
                     break;
                 }
-                let _ = responses.send(Response::ok(
+                let _ = responses.send(Response::answer(
                     id,
                     HelloReply {
                         protocol: CONTROL_PROTOCOL_VERSION,
                         server: format!("agentd {}", env!("CARGO_PKG_VERSION")),
-                    },
+                    }
+                    .into(),
                 ));
             }
             RequestBody::Ping => {
-                let _ = responses.send(Response::ok(
+                let _ = responses.send(Response::answer(
                     id,
                     PingReply {
                         pong: true,
                         version: env!("CARGO_PKG_VERSION").to_string(),
                         pid: std::process::id(),
                         uptime_ms: info.started.elapsed().as_millis() as u64,
-                    },
+                    }
+                    .into(),
                 ));
             }
             body => {
@@ -227,8 +229,8 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                 let responses = responses.clone();
                 tokio::spawn(async move {
                     let response = match answer.await {
-                        Ok(Ok(result)) => Response::ok(id, result),
-                        Ok(Err((code, message))) => Response::err(Some(id), code, message),
+                        Ok(Ok(result)) => Response::answer(id, result),
+                        Ok(Err(error)) => Response::failed(Some(id), error),
                         Err(_) => Response::err(
                             Some(id),
                             ErrorCode::ShuttingDown,

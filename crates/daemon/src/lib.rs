@@ -5,10 +5,12 @@
 //! - [`control`]: one task per client connection: bounded line reads, JSON parsing,
 //!   out-of-order responses.
 //! - [`supervisor`]: the single event loop that owns the dispatcher, the agents, the
-//!   timers and the reaper, and executes the dispatcher's actions.
+//!   timers, the reaper and the history ([`History`]), and executes the dispatcher's
+//!   actions; split by concern (executor, agents, one module per request family,
+//!   history).
 //! - [`agent_io`]: per-agent reader and writer tasks on the IPC socketpair.
-//! - [`views`]: conversion of core types to the wire views of `agentd-proto`, and the
-//!   text answers chats get.
+//! - [`views`]: conversion of core types to the wire views of `agentd-proto` (the
+//!   texts users read are in `agentd_proto::text`).
 //!
 //! [`run`] takes an already-bound listener and a shutdown future, so the binary only
 //! parses flags, binds and installs signal handlers.
@@ -22,4 +24,5 @@ pub mod supervisor;
 pub mod views;
 
 pub use config::DaemonConfig;
+pub use supervisor::history::{History, MemoryHistory};
 pub use supervisor::run;

@@ -1,5 +1,6 @@
-//! Conversion of core types into the wire views of `agentd-proto`, and the one-line
-//! texts a chat gets back. Core types stay free of serde; this is the boundary.
+//! Conversion of core types into the wire views of `agentd-proto`. Core types stay
+//! free of serde; this is the boundary. (The texts users read are in
+//! `agentd_proto::text`.)
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -7,7 +8,6 @@ use agentd_core::{
     DropPolicy, Ending, Millis, Mode, Priority, QueueSettings, StopStep, Task, TaskState,
 };
 use agentd_proto::control::{self, Capacity, ExitView, TaskView};
-use agentd_proto::text;
 
 pub fn now_millis() -> Millis {
     Millis(
@@ -163,39 +163,5 @@ pub fn settings_view(session: &str, s: QueueSettings, custom: bool) -> control::
         cap: s.cap,
         drop: drop_view(s.drop),
         custom,
-    }
-}
-
-/// `session alice: mode collect, debounce 1s, cap 20, drop summarize (defaults)`.
-pub fn settings_line(v: &control::QueueSettingsView) -> String {
-    format!(
-        "session {}: mode {}, debounce {}, cap {}, drop {}{}",
-        v.session,
-        v.mode.as_str(),
-        humantime::format_duration(Duration::from_millis(v.debounce_ms)),
-        v.cap,
-        v.drop.as_str(),
-        if v.custom { "" } else { " (defaults)" }
-    )
-}
-
-/// One line per task for `/tasks` and `/status`.
-pub fn task_line(view: &TaskView) -> String {
-    let snippet: String = view.text.chars().take(50).collect();
-    let ellipsis = if view.text.chars().count() > 50 {
-        "…"
-    } else {
-        ""
-    };
-    match (view.state, view.position) {
-        (control::TaskState::Queued, Some(p)) => format!(
-            "task {}  queued (position {p})  {snippet}{ellipsis}",
-            view.task_id
-        ),
-        _ => format!(
-            "task {}  {}  {snippet}{ellipsis}",
-            view.task_id,
-            text::outcome(view)
-        ),
     }
 }

@@ -105,14 +105,15 @@ pub enum RequestBody {
     },
 }
 
-/// One response line.
+/// One response line. agentd writes `Response<Answer>` (typed, serialized once);
+/// clients read `Response` (`result` as JSON, decoded by the request they sent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Response {
+pub struct Response<R = serde_json::Value> {
     /// The request's id; absent when the request line could not be parsed at all.
     pub id: Option<u64>,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<R>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
     /// Set on the event lines of a `watch`.
@@ -121,9 +122,17 @@ pub struct Response {
 }
 
 impl Response {
+    /// A JSON result (for clients and tests; agentd answers with [`Response::answer`]).
     pub fn ok(id: u64, result: impl Serialize) -> Response {
         let result = serde_json::to_value(result)
             .unwrap_or_else(|e| serde_json::Value::String(format!("unserializable result: {e}")));
+        Response::answer(id, result)
+    }
+}
+
+impl<R> Response<R> {
+    /// A successful answer to request `id`.
+    pub fn answer(id: u64, result: R) -> Response<R> {
         Response {
             id: Some(id),
             ok: true,
@@ -133,7 +142,7 @@ impl Response {
         }
     }
 
-    pub fn event(id: u64, event: EventView) -> Response {
+    pub fn event(id: u64, event: EventView) -> Response<R> {
         Response {
             id: Some(id),
             ok: true,
@@ -143,17 +152,90 @@ impl Response {
         }
     }
 
-    pub fn err(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Response {
+    pub fn err(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Response<R> {
+        Response::failed(id, ErrorBody::new(code, message))
+    }
+
+    pub fn failed(id: Option<u64>, error: ErrorBody) -> Response<R> {
         Response {
             id,
             ok: false,
             result: None,
-            error: Some(ErrorBody {
-                code,
-                message: message.into(),
-            }),
+            error: Some(error),
             event: None,
         }
+    }
+}
+
+/// What agentd answers a request with, typed. Serialized as the bare reply
+/// (untagged): which one a `result` holds follows from the request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Hello(HelloReply),
+    Ping(PingReply),
+    Send(Box<SendReply>),
+    Stop(StopReply),
+    Status(Box<StatusReply>),
+    /// `status` of one task.
+    Task(Box<TaskView>),
+    /// `tasks`.
+    Tasks(Vec<TaskView>),
+    Queue(QueueSettingsView),
+    Watch(Box<WatchReply>),
+}
+
+impl From<HelloReply> for Answer {
+    fn from(reply: HelloReply) -> Answer {
+        Answer::Hello(reply)
+    }
+}
+
+impl From<PingReply> for Answer {
+    fn from(reply: PingReply) -> Answer {
+        Answer::Ping(reply)
+    }
+}
+
+impl From<SendReply> for Answer {
+    fn from(reply: SendReply) -> Answer {
+        Answer::Send(Box::new(reply))
+    }
+}
+
+impl From<StopReply> for Answer {
+    fn from(reply: StopReply) -> Answer {
+        Answer::Stop(reply)
+    }
+}
+
+impl From<StatusReply> for Answer {
+    fn from(reply: StatusReply) -> Answer {
+        Answer::Status(Box::new(reply))
+    }
+}
+
+impl From<TaskView> for Answer {
+    fn from(reply: TaskView) -> Answer {
+        Answer::Task(Box::new(reply))
+    }
+}
+
+impl From<Vec<TaskView>> for Answer {
+    fn from(reply: Vec<TaskView>) -> Answer {
+        Answer::Tasks(reply)
+    }
+}
+
+impl From<QueueSettingsView> for Answer {
+    fn from(reply: QueueSettingsView) -> Answer {
+        Answer::Queue(reply)
+    }
+}
+
+impl From<WatchReply> for Answer {
+    fn from(reply: WatchReply) -> Answer {
+        Answer::Watch(Box::new(reply))
     }
 }
 
@@ -163,6 +245,15 @@ pub struct ErrorBody {
     pub code: ErrorCode,
     /// One line, for humans.
     pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// Machine-readable error kinds. Stable names.
@@ -324,11 +415,18 @@ pub struct QueueSettingsView {
     pub custom: bool,
 }
 
-/// Answer to `watch`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Answer to `watch`. agentd's events for the watch follow it, starting with a
+/// snapshot (the `merged` steps of a merged message, then the followed task's
+/// `position`, `started` or `finished`): the watch is authoritative, no catch-up
+/// `status` is needed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WatchReply {
+    /// For a task watch, the task followed (after any merges), as a full id.
     pub task_id: Option<String>,
     pub session: Option<String>,
+    /// For a task watch, the followed task as it stood when the watch began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
 }
 
 /// What happened, as a `watch` reports it.
@@ -539,8 +637,12 @@ mod tests {
 
     #[test]
     fn error_responses_have_stable_codes() {
-        let line =
-            serde_json::to_string(&Response::err(None, ErrorCode::RequestTooLarge, "x")).unwrap();
+        let line = serde_json::to_string(&Response::<serde_json::Value>::err(
+            None,
+            ErrorCode::RequestTooLarge,
+            "x",
+        ))
+        .unwrap();
         assert_eq!(
             line,
             r#"{"id":null,"ok":false,"error":{"code":"request_too_large","message":"x"}}"#

@@ -1,9 +1,13 @@
-//! The one-line texts users read, shared by agentd's chat replies and agentctl, so a
-//! chat and a terminal say the same thing in the same words.
+//! The texts users read, shared by agentd's chat replies, its error messages and
+//! agentctl, so a chat and a terminal say the same thing in the same words.
+//!
+//! Sections: task lines (outcome, accepted, duplicate, stop); the extra lines of a
+//! send's answer; chat-command answers; error messages of requests.
 
+use std::fmt::Display;
 use std::time::Duration;
 
-use crate::control::{Capacity, StopReply, TaskState, TaskView};
+use crate::control::{Capacity, QueueSettingsView, StopReply, TaskState, TaskView};
 
 /// `0.04 s`, `2.01 s`, `0.003 s` under 10 ms, `1m 15s` from a minute on.
 pub fn format_seconds(d: Duration) -> String {
@@ -66,11 +70,170 @@ pub fn accepted_line(view: &TaskView, capacity: Option<Capacity>) -> String {
         // Collected messages merge only when their follow-up starts, so a message
         // that is merged as it is accepted was steered into the running task.
         TaskState::Merged => match &view.merged_into {
-            Some(into) => format!("task {id}  steered into running task {into}"),
+            Some(into) => steered_line(id, into),
             None => format!("task {id}  steered into the running task"),
         },
         _ => format!("task {id}  {}", outcome(view)),
     }
+}
+
+/// `task ID  steered into running task INTO`.
+pub fn steered_line(task_id: impl Display, into: impl Display) -> String {
+    format!("task {task_id}  steered into running task {into}")
+}
+
+/// The line after [`accepted_line`] when the message was also steered into the
+/// running task (steer-backlog).
+pub fn also_steered_line(into: impl Display) -> String {
+    format!("(also steered into running task {into})")
+}
+
+/// The answer to a message delivered again (same message id):
+/// `task ID  already received (OUTCOME): not run again`.
+pub fn duplicate_line(view: &TaskView) -> String {
+    format!(
+        "task {}  already received ({}): not run again",
+        view.task_id,
+        outcome(view)
+    )
+}
+
+/// `dropped to make room: task ID EXCERPT`, one per message dropped for a new one.
+pub fn dropped_line(task_id: impl Display, excerpt: impl Display) -> String {
+    format!("dropped to make room: task {task_id}  {excerpt}")
+}
+
+/// `note: NOTICE`: a fallback or an interrupt the sender should know of.
+pub fn note_line(notice: &str) -> String {
+    format!("note: {notice}")
+}
+
+/// Watchers' note on a steered message the agent refused.
+pub fn steer_refused_note(running: impl Display) -> String {
+    format!("the agent of task {running} refused the steered message: queued as a follow-up")
+}
+
+/// `session alice: mode collect, debounce 1s, cap 20, drop summarize (defaults)`.
+pub fn settings_line(v: &QueueSettingsView) -> String {
+    format!(
+        "session {}: mode {}, debounce {}, cap {}, drop {}{}",
+        v.session,
+        v.mode.as_str(),
+        humantime::format_duration(Duration::from_millis(v.debounce_ms)),
+        v.cap,
+        v.drop.as_str(),
+        if v.custom { "" } else { " (defaults)" }
+    )
+}
+
+/// One line per task for a chat's `/tasks` and `/status`.
+pub fn task_line(view: &TaskView) -> String {
+    let snippet: String = view.text.chars().take(50).collect();
+    let ellipsis = if view.text.chars().count() > 50 {
+        "…"
+    } else {
+        ""
+    };
+    match (view.state, view.position) {
+        (TaskState::Queued, Some(p)) => format!(
+            "task {}  queued (position {p})  {snippet}{ellipsis}",
+            view.task_id
+        ),
+        _ => format!(
+            "task {}  {}  {snippet}{ellipsis}",
+            view.task_id,
+            outcome(view)
+        ),
+    }
+}
+
+/// A chat's `/status TASK`: the task's line, then its latest progress and result.
+pub fn chat_task_status(view: &TaskView) -> String {
+    let mut text = task_line(view);
+    if let Some(progress) = &view.progress {
+        text.push_str(&format!("\nlatest: {progress}"));
+    }
+    if let Some(result) = &view.result {
+        text.push_str(&format!("\nresult: {result}"));
+    }
+    text
+}
+
+/// A chat's `/status`: agentd's load, then the chat's tasks with their latest
+/// progress.
+pub fn chat_status(capacity: Capacity, queued: u32, mine: &[TaskView]) -> String {
+    let mut text = format!(
+        "{}/{} agents busy, {} queued overall",
+        capacity.busy, capacity.max, queued
+    );
+    if mine.is_empty() {
+        text.push_str("\nnothing running or queued in this chat");
+    }
+    for view in mine {
+        text.push('\n');
+        text.push_str(&task_line(view));
+        if let Some(progress) = &view.progress {
+            text.push_str(&format!("\n  latest: {progress}"));
+        }
+    }
+    text
+}
+
+/// A chat's `/tasks`.
+pub fn chat_tasks(list: &[TaskView]) -> String {
+    if list.is_empty() {
+        return "no tasks in this chat".to_string();
+    }
+    list.iter().map(task_line).collect::<Vec<_>>().join("\n")
+}
+
+// ----- error messages -----
+
+pub fn no_task(id: impl Display) -> String {
+    format!("no task {id}")
+}
+
+/// A task id that is neither a full id nor a usable prefix.
+pub fn not_a_task_id(text: impl Display) -> String {
+    format!("no task {text} (task ids look like 0192f3c4-…)")
+}
+
+pub fn ambiguous_prefix(text: impl Display, matches: usize) -> String {
+    format!("task id prefix {text} is ambiguous ({matches} tasks)")
+}
+
+pub fn task_not_in_this_chat(id: impl Display) -> String {
+    format!("task {id} is not in this chat")
+}
+
+pub fn session_not_this_chat(session: impl Display) -> String {
+    format!("session {session} is not this chat")
+}
+
+pub const BAD_SESSION: &str = "session must be 1 to 256 bytes";
+pub const EMPTY_MESSAGE: &str = "empty message: nothing to do";
+pub const SHUTTING_DOWN_REFUSED: &str = "agentd is shutting down; the message was not accepted";
+pub const CAP_TOO_SMALL: &str = "cap must be at least 1";
+pub const DEBOUNCE_TOO_LONG: &str = "debounce must be at most 24h";
+pub const STOP_TARGETS: &str = "stop takes exactly one of task_id, session, all";
+pub const WATCH_TARGETS: &str = "watch takes exactly one of task_id, session";
+
+pub fn queue_full(limit: u32) -> String {
+    format!("agentd's queue is full ({limit} messages wait): the message was not accepted")
+}
+
+pub fn session_full(cap: u32) -> String {
+    format!(
+        "this chat already holds {cap} waiting messages (cap {cap}, drop: new): the message was not accepted"
+    )
+}
+
+/// The failure reason of an agent that sent no Hello in time.
+pub fn no_handshake_within(timeout: Duration) -> String {
+    format!(
+        "no handshake within {}",
+        humantime::format_duration(timeout)
+    )
 }
 
 /// One line per stopped task (`task ID  cancelled (…)`), or `nothing to stop`.
@@ -154,6 +317,10 @@ mod tests {
         assert_eq!(
             stop_lines(&StopReply { stopped: vec![] }),
             "nothing to stop"
+        );
+        assert_eq!(
+            duplicate_line(&view(TaskState::Queued, None, false)),
+            "task T  already received (queued): not run again"
         );
     }
 }

@@ -1,0 +1,357 @@
+//! agentd's side of live agents: spawning, IPC, signals, reaping and agent events.
+
+use std::collections::VecDeque;
+
+use agentd_core::{AgentReport, Event, ExitStatus, ReportOutcome, StopStep, TaskId};
+use agentd_proc::{reap_children, spawn_agent, AgentCommand, TaskTree};
+use agentd_proto::control::EventKind;
+use agentd_proto::ipc::{AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION};
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+
+use crate::agent_io::{self, AgentEvent, AgentInput};
+use crate::config::agent_argv;
+use crate::supervisor::executor::{Timer, DRAIN_TIMEOUT};
+use crate::supervisor::Supervisor;
+
+/// agentd's side of one live agent.
+///
+/// An agent has two lives that end independently: its conversation on the channel
+/// ([`Talk`]) and its process with the channel's end ([`Life`]). It leaves the agent
+/// table once it is both reaped and drained (see [`Supervisor::finish_reaped`]).
+pub(crate) struct Agent {
+    pub(crate) pid: u32,
+    /// Messages to the agent, written by its writer task.
+    to_agent: mpsc::UnboundedSender<SupervisorMsg>,
+    /// Steered texts awaiting the agent's SteerAck, oldest first.
+    pub(crate) steers: VecDeque<String>,
+    talk: Talk,
+    life: Life,
+}
+
+/// Where the conversation with an agent stands.
+enum Talk {
+    /// Spawned, no Hello yet. `start` is sent once the Hello checks out; messages
+    /// ordered meanwhile (a cancel) are held and sent right after it.
+    Handshaking {
+        start: TaskStart,
+        held: Vec<SupervisorMsg>,
+    },
+    /// The handshake completed: messages go straight to the agent.
+    Ready,
+}
+
+/// Where an agent's process and its channel stand.
+#[derive(Clone, Copy)]
+enum Life {
+    /// The process runs and the channel is open.
+    Running,
+    /// The reader saw the end of the channel (every frame was handled); the process
+    /// is not reaped yet.
+    Drained,
+    /// The reaper collected the process; its last frames (a result) may still be
+    /// unread, until EOF or [`DRAIN_TIMEOUT`]. Its pid must never be signalled again.
+    Exited(ExitStatus),
+}
+
+impl Agent {
+    fn new(pid: u32, to_agent: mpsc::UnboundedSender<SupervisorMsg>, start: TaskStart) -> Agent {
+        Agent {
+            pid,
+            to_agent,
+            steers: VecDeque::new(),
+            talk: Talk::Handshaking {
+                start,
+                held: Vec::new(),
+            },
+            life: Life::Running,
+        }
+    }
+
+    /// Sends `msg` now, or after Start when the handshake is still under way.
+    fn send(&mut self, msg: SupervisorMsg) {
+        match &mut self.talk {
+            Talk::Handshaking { held, .. } => held.push(msg),
+            Talk::Ready => {
+                let _ = self.to_agent.send(msg);
+            }
+        }
+    }
+
+    /// Completes the handshake: Welcome, Start, then the messages held meanwhile.
+    fn welcome(&mut self) {
+        if let Talk::Handshaking { start, held } = std::mem::replace(&mut self.talk, Talk::Ready) {
+            let _ = self.to_agent.send(SupervisorMsg::Welcome {
+                protocol: IPC_PROTOCOL_VERSION,
+            });
+            let _ = self.to_agent.send(SupervisorMsg::Start(start));
+            for msg in held {
+                let _ = self.to_agent.send(msg);
+            }
+        }
+    }
+
+    /// Whether the agent has not completed its handshake.
+    pub(crate) fn is_handshaking(&self) -> bool {
+        matches!(self.talk, Talk::Handshaking { .. })
+    }
+
+    /// The agent's exit, once it was reaped (and its channel is not yet drained).
+    pub(crate) fn exit_status(&self) -> Option<ExitStatus> {
+        match self.life {
+            Life::Exited(status) => Some(status),
+            Life::Running | Life::Drained => None,
+        }
+    }
+}
+
+impl Supervisor {
+    pub(crate) fn spawn(
+        &mut self,
+        task_id: TaskId,
+        session: String,
+        text: String,
+    ) -> Option<Event> {
+        let (program, args) = agent_argv(&self.config.agent, &text);
+        let command = AgentCommand {
+            program: program.clone(),
+            args,
+            task_id: task_id.to_string(),
+            session: session.clone(),
+            log_path: Some(self.logs.join(format!("{task_id}.log"))),
+        };
+        let spawned = match spawn_agent(&command) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                tracing::warn!(%task_id, "cannot start agent {program}: {e}");
+                self.remove_empty_log(task_id);
+                return Some(Event::SpawnFailed {
+                    task_id,
+                    error: format!("{program}: {e}"),
+                });
+            }
+        };
+        let pid = spawned.pid;
+        let to_agent = match agent_io::start(task_id, spawned.channel, self.agent_events.clone()) {
+            Ok(to_agent) => to_agent,
+            Err(e) => {
+                // The process exists: kill it; the reaper will report it.
+                TaskTree::new(pid, task_id.to_string()).kill_all(true, 10);
+                tracing::warn!(%task_id, "cannot set up the IPC channel: {e}");
+                self.pids.insert(pid, task_id);
+                return Some(Event::ProtocolError {
+                    task_id,
+                    error: format!("cannot set up the IPC channel: {e}"),
+                });
+            }
+        };
+        tracing::info!(%task_id, pid, session = %session, "agent started");
+        self.pids.insert(pid, task_id);
+        self.agents.insert(
+            task_id,
+            Agent::new(
+                pid,
+                to_agent,
+                TaskStart {
+                    task_id: task_id.to_string(),
+                    session,
+                    text,
+                },
+            ),
+        );
+        self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
+        self.publish_task(EventKind::Started, &task_id, None, None);
+        Some(Event::Spawned { task_id, pid })
+    }
+
+    pub(crate) fn send_to_agent(&mut self, task_id: TaskId, msg: SupervisorMsg) {
+        if let Some(agent) = self.agents.get_mut(&task_id) {
+            agent.send(msg);
+        }
+    }
+
+    pub(crate) fn signal_tree(&mut self, task_id: TaskId, step: StopStep) {
+        let Some(agent) = self.agents.get(&task_id) else {
+            return;
+        };
+        let tree = TaskTree::new(agent.pid, task_id.to_string());
+        // Once reaped, the agent's pid (and so its group id) may be reused: from then on
+        // its processes are found by scanning only.
+        let unreaped = agent.exit_status().is_none();
+        match step {
+            StopStep::CooperativeCancel => {}
+            StopStep::Sigterm => {
+                let n = tree.signal(Signal::SIGTERM, unreaped);
+                tracing::info!(%task_id, processes = n, "SIGTERM sent to the task's processes");
+            }
+            StopStep::Sigkill => {
+                let left = tree.kill_all(unreaped, 10);
+                tracing::info!(%task_id, "SIGKILL sent to the task's processes");
+                if !left.is_empty() {
+                    tracing::warn!(%task_id, ?left, "processes survived SIGKILL rounds");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn reap(&mut self) {
+        for reaped in reap_children() {
+            let Some(task_id) = self.pids.remove(&reaped.pid) else {
+                tracing::debug!(pid = reaped.pid, "reaped an adopted orphan");
+                continue;
+            };
+            // The agent is gone; whatever it left behind goes too, before the slot frees.
+            // Its pid was reaped, so the group is found by scanning, never by killpg.
+            let tree = TaskTree::new(reaped.pid, task_id.to_string());
+            let left = tree.kill_all(false, 10);
+            if !left.is_empty() {
+                tracing::warn!(%task_id, ?left, "leftover processes survived SIGKILL rounds");
+            }
+            let status = ExitStatus {
+                code: reaped.code,
+                signal: reaped.signal,
+            };
+            tracing::info!(%task_id, pid = reaped.pid, status = %status.describe(), "agent reaped");
+            // Frames the agent wrote before exiting (its result) may still be unread:
+            // the task ends once its channel is drained (EOF), or after DRAIN_TIMEOUT.
+            match self.agents.get_mut(&task_id) {
+                Some(agent) if matches!(agent.life, Life::Running) => {
+                    agent.life = Life::Exited(status);
+                    self.arm(DRAIN_TIMEOUT, Timer::Drain { task_id });
+                }
+                _ => self.finish_reaped(task_id, status),
+            }
+        }
+    }
+
+    /// An agent that wrote nothing on its own stdout/stderr leaves no log file.
+    pub(crate) fn remove_empty_log(&self, task_id: TaskId) {
+        let log = self.logs.join(format!("{task_id}.log"));
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&log);
+        }
+    }
+
+    /// The agent is reaped and its channel drained: the dispatcher may end the task.
+    pub(crate) fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
+        self.agents.remove(&task_id);
+        self.remove_empty_log(task_id);
+        self.handle(Event::Reaped { task_id, status });
+    }
+
+    pub(crate) fn on_agent_event(&mut self, event: AgentEvent) {
+        let AgentEvent { task_id, input } = event;
+        let Some(agent) = self.agents.get_mut(&task_id) else {
+            return;
+        };
+        let event = match input {
+            AgentInput::Msg(AgentMsg::Hello(hello)) if agent.is_handshaking() => {
+                if hello.protocol != IPC_PROTOCOL_VERSION {
+                    let reason = format!(
+                        "agentd speaks agent protocol {IPC_PROTOCOL_VERSION}, the agent {}",
+                        hello.protocol
+                    );
+                    let _ = agent.to_agent.send(SupervisorMsg::Reject {
+                        reason: reason.clone(),
+                    });
+                    Event::ProtocolError {
+                        task_id,
+                        error: reason,
+                    }
+                } else {
+                    agent.welcome();
+                    tracing::info!(%task_id, agent = %hello.agent, steer = hello.capabilities.steer, "agent ready");
+                    Event::AgentReady {
+                        task_id,
+                        steer: hello.capabilities.steer,
+                    }
+                }
+            }
+            AgentInput::Msg(msg) if agent.is_handshaking() => Event::ProtocolError {
+                task_id,
+                error: format!("expected Hello first, got {}", msg_name(&msg)),
+            },
+            AgentInput::Msg(AgentMsg::Hello(_)) => Event::ProtocolError {
+                task_id,
+                error: "a second Hello".into(),
+            },
+            AgentInput::Msg(AgentMsg::Progress { text }) => Event::Progress {
+                task_id,
+                text: clip(text, 4096),
+            },
+            AgentInput::Msg(AgentMsg::Result(result)) => Event::Report {
+                task_id,
+                report: AgentReport {
+                    outcome: match result.outcome {
+                        Outcome::Succeeded => ReportOutcome::Succeeded,
+                        Outcome::Failed => ReportOutcome::Failed,
+                        Outcome::Cancelled => ReportOutcome::Cancelled,
+                    },
+                    text: clip(result.text, 64 * 1024),
+                    command_exit: result.command_exit.map(|e| ExitStatus {
+                        code: e.code,
+                        signal: e.signal,
+                    }),
+                },
+            },
+            AgentInput::Msg(AgentMsg::Heartbeat) => return,
+            AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
+                let text = agent.steers.pop_front();
+                if let (false, Some(text)) = (accepted, text) {
+                    self.steer_refused(task_id, text);
+                }
+                return;
+            }
+            // The agent closed its channel: it is exiting, or has exited and was reaped.
+            AgentInput::Closed => {
+                if let Some(status) = agent.exit_status() {
+                    self.finish_reaped(task_id, status);
+                } else {
+                    agent.life = Life::Drained;
+                }
+                return;
+            }
+            AgentInput::Broken(error) => {
+                if let Some(status) = agent.exit_status() {
+                    // It died in the middle of a frame: its exit says more than the frame.
+                    tracing::debug!(%task_id, "channel of an exited agent ended mid-frame: {error}");
+                    self.finish_reaped(task_id, status);
+                    return;
+                }
+                agent.life = Life::Drained;
+                Event::ProtocolError { task_id, error }
+            }
+        };
+        if let Event::ProtocolError { error, .. } = &event {
+            tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");
+        }
+        if let Event::Progress { text, .. } = &event {
+            let text = text.clone();
+            self.publish_task(EventKind::Progress, &task_id, Some(text), None);
+        }
+        self.handle(event);
+    }
+}
+
+pub(crate) fn msg_name(msg: &AgentMsg) -> &'static str {
+    match msg {
+        AgentMsg::Hello(_) => "Hello",
+        AgentMsg::Progress { .. } => "Progress",
+        AgentMsg::Result(_) => "Result",
+        AgentMsg::Heartbeat => "Heartbeat",
+        AgentMsg::SteerAck { .. } => "SteerAck",
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+pub(crate) fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}

@@ -1,0 +1,170 @@
+//! Finished tasks ([`History`]) and task id resolution.
+//!
+//! A finished task leaves the dispatcher in the step it ends and lives on only here.
+//! [`MemoryHistory`] keeps the newest `--history` tasks in memory; a durable store
+//! implements the same trait.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+
+use agentd_core::{Task, TaskId};
+use agentd_proto::control::ErrorCode;
+use agentd_proto::text;
+
+use crate::supervisor::{err, RequestError, Supervisor};
+
+/// Where finished tasks are kept. Object-safe: the supervisor holds a
+/// `Box<dyn History>`.
+pub trait History {
+    /// Records a finished task; a task recorded again replaces its earlier entry.
+    fn record(&mut self, task: Task);
+    /// A finished task by id.
+    fn get(&self, id: &TaskId) -> Option<Cow<'_, Task>>;
+    /// Finished tasks (only `session`'s, if given), oldest first.
+    fn iter<'a>(&'a self, session: Option<&'a str>)
+        -> Box<dyn Iterator<Item = Cow<'a, Task>> + 'a>;
+    /// Ids of finished tasks whose hyphenated lowercase form starts with `prefix`.
+    fn ids_with_prefix(&self, prefix: &str) -> Vec<TaskId>;
+}
+
+/// The newest `capacity` finished tasks, in memory.
+#[derive(Debug, Default)]
+pub struct MemoryHistory {
+    capacity: usize,
+    tasks: HashMap<TaskId, Task>,
+    /// Oldest first.
+    order: VecDeque<TaskId>,
+}
+
+impl MemoryHistory {
+    pub fn new(capacity: usize) -> MemoryHistory {
+        MemoryHistory {
+            capacity,
+            ..MemoryHistory::default()
+        }
+    }
+}
+
+impl History for MemoryHistory {
+    fn record(&mut self, task: Task) {
+        let id = task.id;
+        if self.tasks.insert(id, task).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.tasks.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, id: &TaskId) -> Option<Cow<'_, Task>> {
+        self.tasks.get(id).map(Cow::Borrowed)
+    }
+
+    fn iter<'a>(
+        &'a self,
+        session: Option<&'a str>,
+    ) -> Box<dyn Iterator<Item = Cow<'a, Task>> + 'a> {
+        Box::new(
+            self.order
+                .iter()
+                .filter_map(|id| self.tasks.get(id))
+                .filter(move |t| session.is_none_or(|s| t.session == s))
+                .map(Cow::Borrowed),
+        )
+    }
+
+    fn ids_with_prefix(&self, prefix: &str) -> Vec<TaskId> {
+        self.order
+            .iter()
+            .filter(|id| id.to_string().starts_with(prefix))
+            .copied()
+            .collect()
+    }
+}
+
+impl Supervisor {
+    pub(crate) fn record_finished(&mut self, task: Task) {
+        tracing::info!(task_id = %task.id, session = %task.session, state = ?task.state, "task finished");
+        let id = task.id;
+        self.history.record(task);
+        for waiter in &mut self.waiters {
+            waiter.remaining.remove(&id);
+        }
+    }
+
+    /// A full task id, or a unique prefix (at least 4 characters) of a known one.
+    pub(crate) fn resolve(&self, text: &str) -> Result<TaskId, RequestError> {
+        let text = text.trim().trim_end_matches('…');
+        if let Ok(id) = TaskId::parse_str(text) {
+            return Ok(id);
+        }
+        if text.len() < 4 || !text.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return err(ErrorCode::NotFound, text::not_a_task_id(text));
+        }
+        let prefix = text.to_ascii_lowercase();
+        let mut matches: Vec<TaskId> = self
+            .dispatcher
+            .tasks()
+            .map(|t| t.id)
+            .filter(|id| id.to_string().starts_with(&prefix))
+            .chain(self.history.ids_with_prefix(&prefix))
+            .collect();
+        matches.sort();
+        matches.dedup();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => err(ErrorCode::NotFound, text::no_task(text)),
+            _ => err(
+                ErrorCode::BadRequest,
+                text::ambiguous_prefix(text, matches.len()),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentd_core::{Ending, Millis, Mode, Priority, TaskState};
+
+    fn task(session: &str) -> Task {
+        Task {
+            id: TaskId::now_v7(),
+            session: session.into(),
+            text: "x".into(),
+            state: TaskState::Done {
+                ending: Ending::Dropped,
+                exit: None,
+            },
+            created_at: Millis(0),
+            started_at: None,
+            finished_at: Some(Millis(1)),
+            progress: None,
+            report: None,
+            priority: Priority::Interactive,
+            mode: Mode::Followup,
+            message_id: None,
+        }
+    }
+
+    #[test]
+    fn memory_history_keeps_the_newest_in_order() {
+        let mut history = MemoryHistory::new(2);
+        let tasks: Vec<Task> = ["a", "b", "a"].into_iter().map(task).collect();
+        for t in &tasks {
+            history.record(t.clone());
+        }
+        assert!(history.get(&tasks[0].id).is_none(), "the oldest is evicted");
+        let ids: Vec<TaskId> = history.iter(None).map(|t| t.id).collect();
+        assert_eq!(ids, vec![tasks[1].id, tasks[2].id]);
+        let in_a: Vec<TaskId> = history.iter(Some("a")).map(|t| t.id).collect();
+        assert_eq!(in_a, vec![tasks[2].id]);
+        let prefix = &tasks[2].id.to_string()[..36];
+        assert_eq!(history.ids_with_prefix(prefix), vec![tasks[2].id]);
+        // Recording again replaces, and does not count twice.
+        history.record(tasks[2].clone());
+        assert_eq!(history.iter(None).count(), 2);
+    }
+}

@@ -1,0 +1,210 @@
+//! The supervisor: one event loop that owns all mutable state of agentd.
+//!
+//! ```text
+//!  control connections ──requests──▶┐
+//!  agent reader tasks ──agent events─▶  Supervisor::run  ──▶ Dispatcher::handle ──▶ actions
+//!  signal thread ──SIGCHLD/TERM/INT─▶┘        │                                     │
+//!                                             ◀──────── spawn, IPC, signals, timers ◀┘
+//! ```
+//!
+//! **Invariants:**
+//! - Only this loop mutates the dispatcher, the agent table and the history; everything
+//!   else talks to it through channels. Requests are polled before agent events
+//!   (`biased`), so a flood of progress cannot delay `/status`.
+//! - The loop never blocks on an agent: spawning is a fork/exec, IPC writes go through
+//!   per-agent writer tasks, and stop escalation is driven by timers.
+//! - [`agentd_proc::reap_children`] runs only here, and the dispatcher learns of an
+//!   exit in the same step, so a pid is never signalled after it was reaped.
+//! - A task's slot is released when its agent is reaped and its leftover processes were
+//!   killed, never when it merely reports a result.
+//!
+//! **Layout:** this module holds the loop and the `Supervisor` state; the rest is
+//! split by concern, each an `impl Supervisor` block:
+//! - `executor`: executes the dispatcher's actions; timers (arm, fire);
+//! - `agents`: agentd's side of live agents (spawn, IPC, signals, reap, agent events);
+//! - `requests`: one module per request family (`send` with the chat commands, `stop`
+//!   with its waiters, `queue`, `watch` with event publishing, `status` and `tasks`);
+//! - `history`: finished tasks and task id resolution.
+
+mod agents;
+mod executor;
+pub mod history;
+mod requests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentd_core::{Dispatcher, Event, Scope, StopStep, StopTarget, TaskId};
+use agentd_proto::control::{Answer, ErrorBody, ErrorCode};
+use interprocess::local_socket::tokio::Listener;
+use tokio::sync::mpsc;
+
+use crate::agent_io::AgentEvent;
+use crate::config::DaemonConfig;
+use crate::control::{self, ControlRequest, Reply, ServerInfo};
+use crate::events::Subscriptions;
+use crate::supervisor::agents::Agent;
+use crate::supervisor::executor::Timer;
+use crate::supervisor::history::{History, MemoryHistory};
+use crate::supervisor::requests::stop::StopWaiter;
+use crate::views::now_millis;
+
+/// Signals the daemon acts on, delivered by the signal thread of the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonSignal {
+    /// A child changed state: run the reaper.
+    Child,
+    /// SIGTERM or SIGINT: the first drains (stops every task), the second kills.
+    Shutdown,
+}
+
+/// Runs agentd on an already-bound listener until `shutdown` resolves (or signals say
+/// so) and every agent is gone.
+pub async fn run(
+    config: DaemonConfig,
+    listener: Listener,
+    mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let logs = config.state_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let info = Arc::new(ServerInfo {
+        started: Instant::now(),
+    });
+    let (request_tx, mut requests) = mpsc::channel::<ControlRequest>(1024);
+    let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
+    let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
+
+    let mut sup = Supervisor::new(config, logs, agent_tx, info);
+    tracing::info!(
+        "agentd {} ready (pid {}, max {} concurrent agents)",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        sup.dispatcher.config().max_concurrent
+    );
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tokio::pin!(shutdown);
+    let mut shutdown_fired = false;
+    loop {
+        let next_timer = sup.timers.keys().next().map(|(at, _)| *at);
+        tokio::select! {
+            biased;
+            Some(request) = requests.recv() => sup.on_request(request),
+            Some(signal) = signals.recv() => match signal {
+                DaemonSignal::Child => sup.reap(),
+                DaemonSignal::Shutdown => sup.on_shutdown_signal(),
+            },
+            () = &mut shutdown, if !shutdown_fired => {
+                shutdown_fired = true;
+                sup.on_shutdown_signal();
+            }
+            Some(event) = agent_events.recv() => sup.on_agent_event(event),
+            () = sleep_until(next_timer) => sup.fire_timers(),
+            _ = tick.tick() => {
+                sup.reap();
+                sup.handle(Event::Tick);
+            }
+        }
+        sup.publish_positions();
+        if sup.shutting_down.is_some()
+            && sup.agents.is_empty()
+            && sup.dispatcher.tasks().next().is_none()
+        {
+            break;
+        }
+    }
+    acceptor.abort();
+    tracing::info!("agentd stopped");
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Supervisor {
+    dispatcher: Dispatcher,
+    config: DaemonConfig,
+    logs: PathBuf,
+    agent_events: mpsc::Sender<AgentEvent>,
+    info: Arc<ServerInfo>,
+    agents: HashMap<TaskId, Agent>,
+    pids: HashMap<u32, TaskId>,
+    timers: BTreeMap<(Instant, u64), Timer>,
+    timer_seq: u64,
+    /// Finished tasks.
+    history: Box<dyn History>,
+    waiters: Vec<StopWaiter>,
+    /// Clients watching tasks or sessions.
+    subscriptions: Subscriptions,
+    /// Set by the first shutdown signal.
+    shutting_down: Option<Instant>,
+}
+
+type RequestError = ErrorBody;
+
+fn err<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, RequestError> {
+    Err(ErrorBody::new(code, message))
+}
+
+/// A successful typed answer.
+fn json(value: impl Into<Answer>) -> Reply {
+    Ok(value.into())
+}
+
+impl Supervisor {
+    fn new(
+        config: DaemonConfig,
+        logs: PathBuf,
+        agent_events: mpsc::Sender<AgentEvent>,
+        info: Arc<ServerInfo>,
+    ) -> Supervisor {
+        let dispatcher = Dispatcher::new(config.dispatch.clone());
+        let history = Box::new(MemoryHistory::new(config.history));
+        Supervisor {
+            dispatcher,
+            config,
+            logs,
+            agent_events,
+            info,
+            agents: HashMap::new(),
+            pids: HashMap::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            history,
+            waiters: Vec::new(),
+            subscriptions: Subscriptions::default(),
+            shutting_down: None,
+        }
+    }
+
+    fn on_shutdown_signal(&mut self) {
+        if self.shutting_down.is_none() {
+            tracing::info!("shutting down: stopping every task");
+            self.shutting_down = Some(Instant::now());
+            if let Ok((_, actions)) =
+                self.dispatcher
+                    .stop(StopTarget::Everything, &Scope::Owner, now_millis())
+            {
+                self.execute(actions);
+            }
+        } else {
+            tracing::warn!("second shutdown signal: killing every agent now");
+            let ids: Vec<TaskId> = self.agents.keys().copied().collect();
+            for task_id in ids {
+                self.signal_tree(task_id, StopStep::Sigkill);
+            }
+        }
+    }
+}
+
+/// Makes orphaned descendants of agents come back to agentd (see [`agentd_proc`]).
+pub fn become_subreaper() -> nix::Result<()> {
+    agentd_proc::become_subreaper()
+}

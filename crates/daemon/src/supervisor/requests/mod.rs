@@ -1,0 +1,128 @@
+//! Control requests, one module per request family.
+
+pub(crate) mod queue;
+pub(crate) mod send;
+pub(crate) mod status;
+pub(crate) mod stop;
+pub(crate) mod watch;
+
+use std::time::Duration;
+
+use agentd_core::{Mode, Priority, QueueChange, Scope, StopTarget};
+use agentd_proto::control::{Answer, ErrorCode, RequestBody, SendReply};
+use agentd_proto::text;
+
+use crate::control::ControlRequest;
+use crate::supervisor::{err, json, RequestError, Supervisor};
+use crate::views;
+
+impl Supervisor {
+    pub(crate) fn on_request(&mut self, request: ControlRequest) {
+        let ControlRequest {
+            body,
+            reply,
+            events,
+        } = request;
+        match body {
+            RequestBody::Stop {
+                task_id,
+                session,
+                all,
+            } => {
+                let target = match (task_id, session, all) {
+                    (Some(id), None, false) => self.resolve(&id).map(StopTarget::Task),
+                    (None, Some(session), false) => Ok(StopTarget::SessionAll(session)),
+                    (None, None, true) => Ok(StopTarget::Everything),
+                    _ => err(ErrorCode::BadRequest, text::STOP_TARGETS),
+                };
+                match target {
+                    Ok(target) => self.stop(target, Scope::Owner, false, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            RequestBody::Send {
+                session,
+                text,
+                message_id,
+                priority,
+                mode,
+            } => {
+                let work = Work {
+                    session,
+                    text,
+                    message_id,
+                    priority: priority.map(views::priority).unwrap_or_default(),
+                    mode: mode.map(views::mode),
+                };
+                if let Some((reply, answer)) = self.on_send(work, reply) {
+                    let _ = reply.send(answer);
+                }
+            }
+            RequestBody::Queue {
+                session,
+                mode,
+                debounce_ms,
+                cap,
+                drop,
+                reset,
+            } => {
+                let change = QueueChange {
+                    mode: mode.map(views::mode),
+                    debounce: debounce_ms.map(Duration::from_millis),
+                    cap,
+                    drop: drop.map(views::drop_policy),
+                };
+                let answer = self.queue_settings(&session, reset, change).and_then(json);
+                let _ = reply.send(answer);
+            }
+            RequestBody::Watch { task_id, session } => {
+                let _ = reply.send(self.watch(task_id, session, events));
+            }
+            RequestBody::Status { task_id } => {
+                let _ = reply.send(self.status(task_id.as_deref()));
+            }
+            RequestBody::Tasks { session, all } => {
+                let _ = reply.send(json(self.list(session.as_deref(), all)));
+            }
+            RequestBody::Hello { .. } | RequestBody::Ping => {
+                let _ = reply.send(err(ErrorCode::Internal, "answered by the connection"));
+            }
+        }
+    }
+
+    pub(crate) fn chat_reply(
+        &self,
+        command: &str,
+        text: String,
+        data: serde_json::Value,
+    ) -> Answer {
+        SendReply {
+            reply: text,
+            accepted: false,
+            task: None,
+            capacity: None,
+            command: Some(command.to_string()),
+            data: Some(data),
+            ..SendReply::default()
+        }
+        .into()
+    }
+}
+
+/// A work message as a client sent it.
+pub(crate) struct Work {
+    pub(crate) session: String,
+    pub(crate) text: String,
+    pub(crate) message_id: Option<String>,
+    pub(crate) priority: Priority,
+    pub(crate) mode: Option<Mode>,
+}
+
+pub(crate) fn check_session(session: &str) -> Result<(), RequestError> {
+    if session.trim().is_empty() || session.len() > 256 {
+        return err(ErrorCode::BadRequest, text::BAD_SESSION);
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! `send`: work messages and the chat commands typed as text.
+
+use agentd_core::{
+    parse_chat_command, Accepted, ChatCommand, Message, Mode, Priority, QueueChange, QueueCommand,
+    Refused, Scope, StopArg, StopTarget, TaskId, HELP_TEXT,
+};
+use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
+use agentd_proto::text;
+use tokio::sync::oneshot;
+
+use crate::control::Reply;
+use crate::supervisor::requests::{check_session, Work};
+use crate::supervisor::{err, json, Supervisor};
+use crate::views::{self, now_millis};
+
+impl Supervisor {
+    /// A chat message: a control command or work. Returns the reply to send now, or
+    /// `None` when the reply was handed to a stop waiter.
+    pub(crate) fn on_send(
+        &mut self,
+        work: Work,
+        reply: oneshot::Sender<Reply>,
+    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+        if let Err(e) = check_session(&work.session) {
+            return Some((reply, Err(e)));
+        }
+        let (text, mode) = match parse_chat_command(&work.text) {
+            Some(ChatCommand::WorkWithMode { mode, text }) => (text, Some(mode)),
+            Some(command) => return self.chat_command(work.session, command, reply),
+            None => (work.text, work.mode),
+        };
+        if text.trim().is_empty() {
+            return Some((reply, err(ErrorCode::BadRequest, text::EMPTY_MESSAGE)));
+        }
+        if self.shutting_down.is_some() {
+            return Some((
+                reply,
+                err(ErrorCode::ShuttingDown, text::SHUTTING_DOWN_REFUSED),
+            ));
+        }
+        let message = Message {
+            task_id: TaskId::now_v7(),
+            session: work.session,
+            text,
+            message_id: work.message_id,
+            priority: work.priority,
+            mode,
+        };
+        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        if let Ok(Accepted::Task { task_id, .. }) = &outcome {
+            self.publish_task(EventKind::Accepted, task_id, None, None);
+        }
+        self.execute(actions);
+        Some((reply, self.send_reply(outcome)))
+    }
+
+    /// The answer to accepted (or refused) work.
+    pub(crate) fn send_reply(&self, outcome: Result<Accepted, Refused>) -> Reply {
+        let capacity = views::capacity(self.dispatcher.capacity());
+        match outcome {
+            Err(Refused::QueueFull { limit }) => err(ErrorCode::QueueFull, text::queue_full(limit)),
+            Err(Refused::SessionFull { cap }) => err(ErrorCode::QueueFull, text::session_full(cap)),
+            Ok(Accepted::Duplicate { task_id }) => {
+                let view = self
+                    .view(&task_id)
+                    .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
+                json(SendReply {
+                    reply: text::duplicate_line(&view),
+                    accepted: true,
+                    task: Some(view),
+                    capacity: Some(capacity),
+                    command: None,
+                    data: None,
+                    duplicate: true,
+                    dropped: Vec::new(),
+                    notice: None,
+                })
+            }
+            Ok(Accepted::Task {
+                task_id,
+                steered_into,
+                dropped,
+                notice,
+            }) => {
+                // Dropped tasks have ended: their views come from the history.
+                let dropped: Vec<TaskView> =
+                    dropped.iter().filter_map(|id| self.view(id)).collect();
+                let view = self
+                    .view(&task_id)
+                    .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
+                let mut reply = match steered_into {
+                    Some(into) if view.state == agentd_proto::control::TaskState::Merged => {
+                        text::steered_line(task_id, into)
+                    }
+                    Some(into) => format!(
+                        "{}\n{}",
+                        text::accepted_line(&view, Some(capacity)),
+                        text::also_steered_line(into)
+                    ),
+                    None => text::accepted_line(&view, Some(capacity)),
+                };
+                for d in &dropped {
+                    reply.push('\n');
+                    reply.push_str(&text::dropped_line(
+                        &d.task_id,
+                        agentd_core::preview(&d.text),
+                    ));
+                }
+                if let Some(notice) = &notice {
+                    reply.push('\n');
+                    reply.push_str(&text::note_line(notice));
+                }
+                json(SendReply {
+                    reply,
+                    accepted: true,
+                    task: Some(view),
+                    capacity: Some(capacity),
+                    command: None,
+                    data: None,
+                    duplicate: false,
+                    dropped,
+                    notice,
+                })
+            }
+        }
+    }
+
+    /// A control command typed as chat text. Returns the reply to send now, or `None`
+    /// when the reply was handed to a stop waiter.
+    pub(crate) fn chat_command(
+        &mut self,
+        session: String,
+        command: ChatCommand,
+        reply: oneshot::Sender<Reply>,
+    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+        let answer = match command {
+            ChatCommand::Help => {
+                Ok(self.chat_reply("help", HELP_TEXT.to_string(), serde_json::Value::Null))
+            }
+            ChatCommand::Status { task } => self.chat_status(&session, task.as_deref()),
+            ChatCommand::Tasks => {
+                let list = self.list(Some(&session), false);
+                let text = text::chat_tasks(&list);
+                Ok(self.chat_reply(
+                    "tasks",
+                    text,
+                    serde_json::to_value(&list).unwrap_or_default(),
+                ))
+            }
+            ChatCommand::Queue(queue) => {
+                let result = match queue {
+                    QueueCommand::Show => {
+                        self.queue_settings(&session, false, QueueChange::default())
+                    }
+                    QueueCommand::Reset => {
+                        self.queue_settings(&session, true, QueueChange::default())
+                    }
+                    QueueCommand::Set(change) => self.queue_settings(&session, false, change),
+                };
+                result.map(|view| {
+                    let text = text::settings_line(&view);
+                    self.chat_reply(
+                        "queue",
+                        text,
+                        serde_json::to_value(&view).unwrap_or_default(),
+                    )
+                })
+            }
+            ChatCommand::Invalid { reply: text } => err(ErrorCode::BadRequest, text),
+            ChatCommand::WorkWithMode { .. } => err(ErrorCode::Internal, "work is not a command"),
+            ChatCommand::Stop(arg) => {
+                let target = match arg {
+                    StopArg::Current => Ok(StopTarget::SessionCurrent(session.clone())),
+                    StopArg::All => Ok(StopTarget::SessionAll(session.clone())),
+                    StopArg::Task(id) => self.resolve(&id).map(StopTarget::Task),
+                };
+                match target {
+                    Ok(target) => {
+                        self.stop(target, Scope::Chat(session), true, reply);
+                        return None;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        Some((reply, answer))
+    }
+
+    /// The agent refused a steered message: it becomes a follow-up, and watchers are told.
+    pub(crate) fn steer_refused(&mut self, running: TaskId, text: String) {
+        let Some(session) = self.dispatcher.task(&running).map(|t| t.session.clone()) else {
+            tracing::warn!(%running, "a steered message was refused after its task ended: {text:?}");
+            return;
+        };
+        let message = Message {
+            task_id: TaskId::now_v7(),
+            session,
+            text,
+            message_id: None,
+            priority: Priority::Interactive,
+            mode: Some(Mode::Followup),
+        };
+        let task_id = message.task_id;
+        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        match outcome {
+            Ok(_) => {
+                let note = text::steer_refused_note(running);
+                self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
+            }
+            Err(refused) => {
+                tracing::warn!(%running, ?refused, "a refused steered message could not be queued")
+            }
+        }
+        self.execute(actions);
+    }
+}

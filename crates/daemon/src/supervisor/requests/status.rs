@@ -1,0 +1,114 @@
+//! `status` and `tasks`: where tasks stand.
+
+use agentd_core::{Task, TaskId};
+use agentd_proto::control::{ErrorBody, ErrorCode, StatusReply, TaskView};
+use agentd_proto::text;
+
+use crate::control::Reply;
+use crate::supervisor::{err, json, Supervisor};
+use crate::views;
+
+impl Supervisor {
+    pub(crate) fn chat_status(&self, session: &str, task: Option<&str>) -> Reply {
+        match task {
+            Some(id) => {
+                let task_id = self.resolve(id)?;
+                let view = self
+                    .view(&task_id)
+                    .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, text::no_task(id)))?;
+                if view.session != session {
+                    return err(ErrorCode::Forbidden, text::task_not_in_this_chat(id));
+                }
+                Ok(self.chat_reply(
+                    "status",
+                    text::chat_task_status(&view),
+                    serde_json::to_value(&view).unwrap_or_default(),
+                ))
+            }
+            None => {
+                let status = self.status_reply();
+                let mine = self.list(Some(session), false);
+                Ok(self.chat_reply(
+                    "status",
+                    text::chat_status(status.capacity, status.queued, &mine),
+                    serde_json::to_value(&status).unwrap_or_default(),
+                ))
+            }
+        }
+    }
+
+    pub(crate) fn status(&self, task_id: Option<&str>) -> Reply {
+        match task_id {
+            Some(id) => {
+                let task_id = self.resolve(id)?;
+                json(
+                    self.view(&task_id)
+                        .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, text::no_task(id)))?,
+                )
+            }
+            None => json(self.status_reply()),
+        }
+    }
+
+    pub(crate) fn status_reply(&self) -> StatusReply {
+        let mut active: Vec<TaskView> = self
+            .dispatcher
+            .tasks()
+            .filter(|t| t.state.is_active())
+            .map(|t| views::task_view(t, None))
+            .collect();
+        active.sort_by(|a, b| (&a.started_at, &a.task_id).cmp(&(&b.started_at, &b.task_id)));
+        StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_ms: self.info.started.elapsed().as_millis() as u64,
+            capacity: views::capacity(self.dispatcher.capacity()),
+            queued: self.dispatcher.n_queued() as u32,
+            sessions: self.dispatcher.n_sessions() as u32,
+            active,
+        }
+    }
+
+    /// Active tasks first (by start), then queued ones by position, then (with `all`)
+    /// finished ones, oldest first.
+    pub(crate) fn list(&self, session: Option<&str>, all: bool) -> Vec<TaskView> {
+        let positions = self.dispatcher.positions();
+        let in_session = |t: &&Task| session.is_none_or(|s| t.session == s);
+        let mut active: Vec<&Task> = self
+            .dispatcher
+            .tasks()
+            .filter(in_session)
+            .filter(|t| t.state.is_active())
+            .collect();
+        active.sort_by_key(|t| (t.started_at, t.id));
+        let mut queued: Vec<&Task> = self
+            .dispatcher
+            .tasks()
+            .filter(in_session)
+            .filter(|t| !t.state.is_active())
+            .collect();
+        queued.sort_by_key(|t| (positions.get(&t.id).copied().unwrap_or(u32::MAX), t.id));
+        let mut views: Vec<TaskView> = active
+            .into_iter()
+            .chain(queued)
+            .map(|t| views::task_view(t, positions.get(&t.id).copied()))
+            .collect();
+        if all {
+            let mut done: Vec<TaskView> = Vec::new();
+            for task in self.history.iter(session) {
+                done.push(views::task_view(&task, None));
+            }
+            views.splice(0..0, done);
+        }
+        views
+    }
+
+    pub(crate) fn view(&self, task_id: &TaskId) -> Option<TaskView> {
+        if let Some(task) = self.dispatcher.task(task_id) {
+            return Some(views::task_view(task, self.dispatcher.position(task_id)));
+        }
+        self.history
+            .get(task_id)
+            .map(|t| views::task_view(&t, None))
+    }
+}
