@@ -215,6 +215,15 @@ pub fn render_status(reply: &StatusReply, now: SystemTime) -> String {
             "sessions"
         },
     );
+    if let Some(r) = &reply.recovery {
+        out.push('\n');
+        out.push_str(&agentd_proto::text::recovery_line(
+            r.queued,
+            r.interrupted,
+            r.killed,
+            r.crashed,
+        ));
+    }
     if !reply.active.is_empty() {
         out.push('\n');
         out.push_str(&render_tasks(&reply.active, now));
@@ -870,6 +879,7 @@ mod tests {
             queued: 3,
             sessions: 2,
             active: vec![running()],
+            recovery: None,
         };
         assert_eq!(
             render_status(&reply, now()),
@@ -886,6 +896,17 @@ mod tests {
         assert_eq!(
             render_status(&reply, now()),
             "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session"
+        );
+        reply.recovery = Some(agentd_proto::control::RecoveryView {
+            queued: 30,
+            interrupted: 1,
+            killed: 0,
+            crashed: true,
+        });
+        assert_eq!(
+            render_status(&reply, now()),
+            "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session\n\
+             recovered 30 queued, 1 interrupted (the previous agentd crashed)"
         );
     }
 

@@ -275,6 +275,9 @@ pub enum ErrorCode {
     QueueFull,
     /// The daemon is shutting down; nothing was accepted.
     ShuttingDown,
+    /// The message could not be written to agentd's store (disk full, I/O error);
+    /// nothing was accepted. Try again later.
+    StoreFailed,
     /// An unexpected daemon-side failure.
     Internal,
 }
@@ -594,6 +597,22 @@ pub struct StatusReply {
     pub sessions: u32,
     /// Tasks in starting, running or stopping.
     pub active: Vec<TaskView>,
+    /// What recovery did when this agentd started on an existing store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryView>,
+}
+
+/// What agentd found in its store when it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryView {
+    /// Queued tasks put back in their queues, with their ids.
+    pub queued: u32,
+    /// Tasks that were running when the previous agentd ended: now `interrupted`.
+    pub interrupted: u32,
+    /// Leftover agent processes of the previous agentd that were ended.
+    pub killed: u32,
+    /// Whether the previous agentd ended without closing the store (crash, kill -9).
+    pub crashed: bool,
 }
 
 /// Answer to `stop`: every task the stop acted on, in its final state.

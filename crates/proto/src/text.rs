@@ -213,6 +213,29 @@ pub fn session_not_this_chat(session: impl Display) -> String {
 pub const BAD_SESSION: &str = "session must be 1 to 256 bytes";
 pub const EMPTY_MESSAGE: &str = "empty message: nothing to do";
 pub const SHUTTING_DOWN_REFUSED: &str = "agentd is shutting down; the message was not accepted";
+
+/// A work message whose record could not be committed.
+pub fn store_failed(error: impl std::fmt::Display) -> String {
+    format!("agentd could not record the message, so it was not accepted: {error}")
+}
+
+/// Reason recorded on tasks that were running when agentd died.
+pub const INTERRUPTED_BY_CRASH: &str = "daemon crashed";
+
+/// Reason recorded on tasks that agentd interrupted for a shutdown.
+pub const INTERRUPTED_BY_SHUTDOWN: &str = "shutdown";
+
+/// `agentctl status`: what recovery did at start.
+pub fn recovery_line(queued: u32, interrupted: u32, killed: u32, crashed: bool) -> String {
+    let mut line = format!("recovered {queued} queued, {interrupted} interrupted");
+    if killed > 0 {
+        line.push_str(&format!(", ended {killed} leftover agents"));
+    }
+    if crashed {
+        line.push_str(" (the previous agentd crashed)");
+    }
+    line
+}
 pub const CAP_TOO_SMALL: &str = "cap must be at least 1";
 pub const DEBOUNCE_TOO_LONG: &str = "debounce must be at most 24h";
 pub const STOP_TARGETS: &str = "stop takes exactly one of task_id, session, all";
