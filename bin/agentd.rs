@@ -179,6 +179,18 @@ fn main_inner() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The state dir, then the single-instance lock, before the socket or the store
+    // is touched: a second agentd on the same state dir stops here.
+    agentd_store::prepare_state_dir(&config.state_dir)
+        .with_context(|| format!("cannot use the state dir {}", config.state_dir.display()))?;
+    let _lock = match agentd_store::InstanceLock::acquire(&config.state_dir) {
+        Ok(lock) => lock,
+        Err(e @ agentd_store::LockError::Held { .. }) => {
+            return Err(AlreadyRunning(e.to_string()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = agentd_daemon::durable::open(&config)?;
     agentd_proc_subreaper()?;
     let signals = signal_thread()?;
     // One thread: the supervisor loop never blocks, and agents are forked from the
@@ -189,7 +201,8 @@ fn main_inner() -> anyhow::Result<()> {
     let socket = config.socket.clone();
     runtime.block_on(async {
         let listener = agentd_daemon::socket::bind(&socket)?;
-        let result = agentd_daemon::run(config, listener, signals, std::future::pending()).await;
+        let result =
+            agentd_daemon::run(config, store, listener, signals, std::future::pending()).await;
         // Only the agentd that bound the socket removes it (never one that found
         // another agentd already running there).
         let _ = std::fs::remove_file(&socket);
@@ -201,9 +214,25 @@ fn agentd_proc_subreaper() -> anyhow::Result<()> {
     agentd_daemon::supervisor::become_subreaper().context("cannot become a child subreaper")
 }
 
+/// Another agentd holds the state dir: exit with [`agentd_store::EXIT_ALREADY_RUNNING`].
+#[derive(Debug)]
+struct AlreadyRunning(String);
+
+impl std::fmt::Display for AlreadyRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AlreadyRunning {}
+
 fn main() -> ExitCode {
     match main_inner() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<AlreadyRunning>() => {
+            eprintln!("agentd: {e}");
+            ExitCode::from(agentd_store::EXIT_ALREADY_RUNNING)
+        }
         Err(e) => {
             eprintln!("agentd: {e:#}");
             ExitCode::FAILURE

@@ -12,6 +12,9 @@ mod capacity;
 mod cli;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
+/// Durability: restarts after kill -9, acknowledged means stored, one agentd per
+/// state dir, corrupt stores.
+mod durability;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
 mod queue;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.

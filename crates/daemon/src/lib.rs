@@ -18,6 +18,7 @@
 pub mod agent_io;
 pub mod config;
 pub mod control;
+pub mod durable;
 pub mod events;
 pub mod socket;
 pub mod supervisor;

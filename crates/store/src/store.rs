@@ -86,10 +86,13 @@ pub enum Op {
     /// trouble, so the message can be refused.
     Insert { task: Box<TaskRecord>, front: bool },
     /// The task was admitted: `starting`, with its start time (and agent, if known).
+    /// `text`: the prompt the agent got, when it differs from the message (a
+    /// collected follow-up).
     Start {
         id: Uuid,
         at: i64,
         process: Option<ProcessIdentity>,
+        text: Option<String>,
     },
     /// The agent process is known.
     SetProcess { id: Uuid, process: ProcessIdentity },
@@ -814,11 +817,16 @@ impl Writer {
                 self.next_seq += 1;
                 Ok(Outcome::Inserted)
             }
-            Op::Start { id, at, process } => {
+            Op::Start {
+                id,
+                at,
+                process,
+                text,
+            } => {
                 let n = conn
                     .prepare_cached(
                         "UPDATE tasks SET state = 'starting', started_at = ?2, pid = ?3, \
-                         pid_start = ?4, boot_id = ?5 WHERE id = ?1",
+                         pid_start = ?4, boot_id = ?5, text = coalesce(?6, text) WHERE id = ?1",
                     )?
                     .execute(params![
                         id.to_string(),
@@ -826,6 +834,7 @@ impl Writer {
                         process.as_ref().map(|p| p.pid),
                         process.as_ref().map(|p| p.start_time as i64),
                         process.as_ref().map(|p| p.boot_id.clone()),
+                        text,
                     ])?;
                 Ok(Outcome::Updated(n))
             }

@@ -68,6 +68,7 @@ fn recovery_brings_back_queue_order_ids_and_settings_and_interrupts_active_tasks
             id: running.id,
             at: 5,
             process: None,
+            text: Some("long job, collected".into()),
         })
         .wait()
         .unwrap();
@@ -145,6 +146,7 @@ fn recovery_brings_back_queue_order_ids_and_settings_and_interrupts_active_tasks
     assert_eq!(int.reason.as_deref(), Some("daemon crashed"));
     assert_eq!(int.process.as_ref(), Some(&me));
     assert_eq!(int.started_at, Some(5));
+    assert_eq!(int.text, "long job, collected");
     assert_eq!(
         recovery.settings,
         vec![SessionSettings {
@@ -640,6 +642,7 @@ fn finished_tasks_stay_queryable_with_everything_they_recorded() {
             id: t.id,
             at: now - 2,
             process: Some(me),
+            text: None,
         })
         .wait()
         .unwrap();

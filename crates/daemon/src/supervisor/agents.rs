@@ -146,6 +146,14 @@ impl Supervisor {
             }
         };
         tracing::info!(%task_id, pid, session = %session, "agent started");
+        // Recorded with its start time and boot id, so that after a crash the pid is
+        // trusted only while it is still this process.
+        self.store.submit_detached(agentd_store::Op::Start {
+            id: task_id,
+            at: crate::views::now_millis().0 as i64,
+            process: agentd_store::ProcessIdentity::capture(pid).ok(),
+            text: Some(text.clone()),
+        });
         self.pids.insert(pid, task_id);
         self.agents.insert(
             task_id,

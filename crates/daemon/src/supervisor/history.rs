@@ -88,6 +88,10 @@ impl Supervisor {
     pub(crate) fn record_finished(&mut self, task: Task) {
         tracing::info!(task_id = %task.id, session = %task.session, state = ?task.state, "task finished");
         let id = task.id;
+        if let Some(op) = crate::durable::finish_op(&task) {
+            // Retried by the store until it is written.
+            self.store.submit_detached(op);
+        }
         self.history.record(task);
         for waiter in &mut self.waiters {
             waiter.remaining.remove(&id);

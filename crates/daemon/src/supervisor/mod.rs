@@ -24,11 +24,13 @@
 //! - `agents`: agentd's side of live agents (spawn, IPC, signals, reap, agent events);
 //! - `requests`: one module per request family (`send` with the chat commands, `stop`
 //!   with its waiters, `queue`, `watch` with event publishing, `status` and `tasks`);
-//! - `history`: finished tasks and task id resolution.
+//! - `history`: finished tasks and task id resolution;
+//! - `recovery`: putting the store's work back at start, and write failures.
 
 mod agents;
 mod executor;
 pub mod history;
+mod recovery;
 mod requests;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,12 +47,16 @@ use tokio::sync::mpsc;
 use crate::agent_io::AgentEvent;
 use crate::config::DaemonConfig;
 use crate::control::{self, ControlRequest, Reply, ServerInfo};
+use crate::durable::Durable;
 use crate::events::Subscriptions;
 use crate::supervisor::agents::Agent;
 use crate::supervisor::executor::Timer;
 use crate::supervisor::history::{History, MemoryHistory};
 use crate::supervisor::requests::stop::StopWaiter;
 use crate::views::now_millis;
+use agentd_proto::control::RecoveryView;
+use agentd_store::StoreWriter;
+pub(crate) use recovery::StoreEvent;
 
 /// Signals the daemon acts on, delivered by the signal thread of the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +71,7 @@ pub enum DaemonSignal {
 /// so) and every agent is gone.
 pub async fn run(
     config: DaemonConfig,
+    durable: Durable,
     listener: Listener,
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
@@ -78,7 +85,15 @@ pub async fn run(
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
     let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
 
-    let mut sup = Supervisor::new(config, logs, agent_tx, info);
+    let (store_tx, mut store_events) = mpsc::unbounded_channel::<StoreEvent>();
+    let Durable { store, recovery } = durable;
+    let history_size = config.history;
+    let mut sup = Supervisor::new(config, logs, agent_tx, info, store.writer(), store_tx);
+    match store.reader().and_then(|r| r.finished(None, history_size)) {
+        Ok(finished) => sup.load_history(finished),
+        Err(e) => tracing::warn!("cannot read finished tasks from the store: {e}"),
+    }
+    sup.recover(recovery);
     tracing::info!(
         "agentd {} ready (pid {}, max {} concurrent agents)",
         env!("CARGO_PKG_VERSION"),
@@ -101,6 +116,7 @@ pub async fn run(
                 shutdown_fired = true;
                 sup.on_shutdown_signal();
             }
+            Some(event) = store_events.recv() => sup.on_store_event(event),
             Some(event) = agent_events.recv() => sup.on_agent_event(event),
             () = sleep_until(next_timer) => sup.fire_timers(),
             _ = tick.tick() => {
@@ -117,6 +133,9 @@ pub async fn run(
         }
     }
     acceptor.abort();
+    drop(sup);
+    // Every state change submitted so far is written before agentd exits.
+    store.close();
     tracing::info!("agentd stopped");
     Ok(())
 }
@@ -145,6 +164,12 @@ struct Supervisor {
     subscriptions: Subscriptions,
     /// Set by the first shutdown signal.
     shutting_down: Option<Instant>,
+    /// Writes to the store (see `durable`).
+    store: StoreWriter,
+    /// Where write completions that need the loop report back.
+    store_events: mpsc::UnboundedSender<StoreEvent>,
+    /// What recovery did at start, for `status`.
+    recovery: Option<RecoveryView>,
 }
 
 type RequestError = ErrorBody;
@@ -164,6 +189,8 @@ impl Supervisor {
         logs: PathBuf,
         agent_events: mpsc::Sender<AgentEvent>,
         info: Arc<ServerInfo>,
+        store: StoreWriter,
+        store_events: mpsc::UnboundedSender<StoreEvent>,
     ) -> Supervisor {
         let dispatcher = Dispatcher::new(config.dispatch.clone());
         let history = Box::new(MemoryHistory::new(config.history));
@@ -181,6 +208,9 @@ impl Supervisor {
             waiters: Vec::new(),
             subscriptions: Subscriptions::default(),
             shutting_down: None,
+            store,
+            store_events,
+            recovery: None,
         }
     }
 

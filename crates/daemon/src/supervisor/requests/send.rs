@@ -8,8 +8,12 @@ use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, SendReply, TaskView
 use agentd_proto::text;
 use tokio::sync::oneshot;
 
+use agentd_store::{Op, Outcome, StoreError};
+
 use crate::control::Reply;
+use crate::durable;
 use crate::supervisor::requests::{check_session, Work};
+use crate::supervisor::StoreEvent;
 use crate::supervisor::{err, json, Supervisor};
 use crate::views::{self, now_millis};
 
@@ -46,12 +50,60 @@ impl Supervisor {
             priority: work.priority,
             mode,
         };
-        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        let now = now_millis();
+        let task_id = message.task_id;
+        let mut record = durable::queued_record(&message, message.mode, now.0);
+        let (outcome, actions) = self.dispatcher.accept(message, now);
+        // A new task's record is submitted before its actions run, so every later
+        // write about it (started, finished, merged) follows it into the store.
+        let commit = if let Ok(Accepted::Task { .. }) = &outcome {
+            let front = match self.dispatcher.task(&task_id) {
+                Some(task) => {
+                    record.mode = task.mode.as_str().to_string();
+                    task.mode == Mode::Interrupt && task.state == agentd_core::TaskState::Queued
+                }
+                None => false,
+            };
+            let (tx, rx) = oneshot::channel();
+            self.store.submit_with(
+                Op::Insert {
+                    task: Box::new(record),
+                    front,
+                },
+                move |result| {
+                    let _ = tx.send(result);
+                },
+            );
+            Some(rx)
+        } else {
+            None
+        };
         if let Ok(Accepted::Task { task_id, .. }) = &outcome {
             self.publish_task(EventKind::Accepted, task_id, None, None);
         }
         self.execute(actions);
-        Some((reply, self.send_reply(outcome)))
+        let answer = self.send_reply(outcome);
+        let Some(commit) = commit else {
+            return Some((reply, answer));
+        };
+        // Acknowledged only once committed; the loop does not wait for it.
+        let events = self.store_events.clone();
+        tokio::spawn(async move {
+            let result = commit.await.unwrap_or(Err(StoreError::Closed));
+            let answer = match result {
+                Ok(Outcome::Duplicate(original)) => {
+                    let _ = events.send(StoreEvent::InsertFailed { task_id });
+                    duplicate_of_stored(answer, original)
+                }
+                Ok(_) => answer,
+                Err(e) => {
+                    let _ = events.send(StoreEvent::InsertFailed { task_id });
+                    err(ErrorCode::StoreFailed, text::store_failed(e))
+                }
+            };
+            let _ = reply.send(answer);
+        });
+        None
     }
 
     /// The answer to accepted (or refused) work.
@@ -213,4 +265,20 @@ impl Supervisor {
         }
         self.execute(actions);
     }
+}
+
+/// The answer to a message that the dispatcher took for new but the store already
+/// held (its original finished before a restart): the original task id, not run again.
+fn duplicate_of_stored(answer: Reply, original: TaskId) -> Reply {
+    let Ok(agentd_proto::control::Answer::Send(mut send)) = answer else {
+        return answer;
+    };
+    if let Some(view) = send.task.as_mut() {
+        view.task_id = original.to_string();
+        send.reply = text::duplicate_line(view);
+    }
+    send.duplicate = true;
+    send.dropped.clear();
+    send.notice = None;
+    Ok(agentd_proto::control::Answer::Send(send))
 }

@@ -1,0 +1,313 @@
+//! Durability: the store survives kill -9 (queued work back with its ids and order,
+//! running work interrupted, no old agent left), acknowledged messages are never lost
+//! and never run twice, one agentd per state dir, a corrupt store refuses to start.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// Starts another agentd on `daemon`'s socket and state dir (after the first died).
+fn respawn(daemon: &mut Daemon, args: &[&str], log_name: &str) {
+    let log = std::fs::File::create(daemon.dir.path().join(log_name)).expect("log file");
+    daemon.child = Command::new(AGENTD)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("--state-dir")
+        .arg(daemon.dir.path().join("state"))
+        .args(args)
+        .env("AGENTD_LOG", "debug")
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn agentd");
+    wait_for("the new agentd answers a ping", DEADLINE, || {
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            panic!(
+                "agentd exited early with {status}:\n{}",
+                std::fs::read_to_string(daemon.dir.path().join(log_name)).unwrap_or_default()
+            );
+        }
+        daemon.try_request(json!({"cmd": "ping"})).ok()
+    });
+}
+
+/// SIGKILLs agentd by pid; returns the pids of its descendants at that moment (its
+/// agents, which are nobody's children once it is gone).
+fn kill9(daemon: &mut Daemon) -> Vec<u32> {
+    let orphans = daemon.descendants();
+    kill(daemon.pid(), libc::SIGKILL);
+    daemon.child.wait().expect("reap agentd");
+    orphans
+}
+
+/// Ends (by pid) whatever is left of `pids`, so a failing test leaves nothing behind.
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if alive(*pid) {
+                kill(*pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn echo_agent_args() -> Vec<String> {
+    let script = r#"case "$1" in hold\ *) f=${1#hold }; f=${f%% *}; while [ ! -e "$f" ]; do sleep 0.02; done;; esac; printf %s "$1""#;
+    vec![
+        "--agent".into(),
+        format!("{AGENT_EXEC} -- sh -c '{script}' echo-agent {{text}}"),
+        "--max-concurrent".into(),
+        "1".into(),
+        "--queue-mode".into(),
+        "followup".into(),
+        "--debounce".into(),
+        "0s".into(),
+    ]
+}
+
+fn ids_of(list: &Value) -> Vec<(String, String, String)> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|t| {
+            (
+                t["session"].as_str().unwrap().to_string(),
+                t["task_id"].as_str().unwrap().to_string(),
+                t["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn kill9_with_one_running_and_30_queued_restarts_with_the_queue_and_an_interrupted_task() {
+    let args = echo_agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start(&args);
+    let gate = daemon.gate("never");
+    let running = daemon.submit("chat-0", &format!("hold {gate} first"));
+    daemon.wait_state(&running, "running");
+    let mut queued: Vec<(String, String)> = Vec::new();
+    for i in 0..30 {
+        let session = format!("chat-{}", i % 6);
+        let id = daemon.submit(&session, &format!("hold {gate} message {i}"));
+        queued.push((session, id));
+    }
+    let orphans = kill9(&mut daemon);
+    let _reaper = Reaper(orphans.clone());
+    assert!(!orphans.is_empty(), "the running task had an agent");
+
+    respawn(&mut daemon, &args, "agentd2.log");
+    let old = daemon.task(&running);
+    assert_eq!(old["state"], json!("interrupted"), "{old}");
+    // Every queued task is back with its id, each chat's in the order sent. One of
+    // them may have started already (the queue runs on after a restart).
+    let list = daemon.request(json!({"cmd": "tasks"}));
+    let now: Vec<(String, String, String)> = ids_of(&list);
+    assert_eq!(now.len(), 30, "{list}");
+    for session in (0..6).map(|i| format!("chat-{i}")) {
+        let sent: Vec<&String> = queued
+            .iter()
+            .filter(|(s, _)| *s == session)
+            .map(|(_, id)| id)
+            .collect();
+        let back: Vec<&String> = now
+            .iter()
+            .filter(|(s, _, _)| *s == session)
+            .map(|(_, id, _)| id)
+            .collect();
+        assert_eq!(back, sent, "chat {session}");
+    }
+    let status = daemon.request(json!({"cmd": "status"}));
+    assert_eq!(
+        status["recovery"],
+        json!({"queued": 30, "interrupted": 1, "killed": status["recovery"]["killed"], "crashed": true}),
+        "{status}"
+    );
+    let out = daemon.agentctl(&["status"]);
+    assert!(
+        stdout(&out).contains("recovered 30 queued, 1 interrupted"),
+        "{}",
+        stdout(&out)
+    );
+    // No process of the old agentd's agents is left.
+    wait_for("the old agents are gone", DEADLINE, || {
+        orphans.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+}
+
+#[test]
+fn acknowledged_messages_survive_kill9_exactly_once_and_dedup_after_restart() {
+    let args = echo_agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start(&args);
+    let gate = daemon.gate("never");
+    // A client sends as fast as it can from another thread; agentd is killed while
+    // it does.
+    let socket = daemon.socket.clone();
+    let sender = std::thread::spawn(move || {
+        let mut acked: Vec<(String, String, String)> = Vec::new();
+        for i in 0..5000 {
+            let session = format!("chat-{}", i % 7);
+            let message_id = format!("evt-{i}");
+            let body = json!({"id": 1, "cmd": "send", "session": session,
+                "text": format!("hold {gate} {i}"), "message_id": message_id});
+            match request_on(&socket, &body) {
+                Some(r) if r["ok"] == json!(true) => acked.push((
+                    session,
+                    message_id,
+                    r["result"]["task"]["task_id"].as_str().unwrap().to_string(),
+                )),
+                _ => break,
+            }
+        }
+        acked
+    });
+    wait_for("some messages are acknowledged", DEADLINE, || {
+        let status = daemon.try_request(json!({"cmd": "status"})).ok()?;
+        (status["result"]["queued"].as_u64()? >= 50).then_some(())
+    });
+    let orphans = kill9(&mut daemon);
+    let _reaper = Reaper(orphans);
+    let acked = sender.join().unwrap();
+    assert!(acked.len() >= 50);
+    respawn(&mut daemon, &args, "agentd2.log");
+    // Queued ones are back; the one that was running is interrupted (in the history).
+    let list = daemon.request(json!({"cmd": "tasks", "all": true}));
+    let now = ids_of(&list);
+    assert_eq!(
+        now.iter()
+            .filter(|(_, _, state)| state == "interrupted")
+            .count(),
+        1,
+        "{list}"
+    );
+    for (_, _, id) in &acked {
+        assert_eq!(
+            now.iter().filter(|(_, t, _)| t == id).count(),
+            1,
+            "acknowledged task {id} is present exactly once"
+        );
+    }
+    assert!(
+        now.len() <= acked.len() + 1,
+        "at most the one unacknowledged in flight"
+    );
+    // Re-delivered messages get their original task ids and do not run again.
+    for (session, message_id, id) in acked.iter().step_by(17) {
+        let reply = daemon.request(json!({"cmd": "send", "session": session,
+            "text": "again", "message_id": message_id}));
+        assert_eq!(reply["duplicate"], json!(true), "{reply}");
+        assert_eq!(reply["task"]["task_id"], json!(id), "{reply}");
+    }
+}
+
+fn request_on(socket: &std::path::Path, body: &Value) -> Option<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    let mut writer = stream.try_clone().ok()?;
+    writeln!(writer, "{body}").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+#[test]
+fn finished_tasks_are_queryable_after_a_restart() {
+    let args = echo_agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start(&args);
+    let id = daemon.submit("chat", "hello from before");
+    let done = daemon.wait_state(&id, "succeeded");
+    assert_eq!(done["result"], json!("hello from before"));
+    // A clean stop this time.
+    kill(daemon.pid(), libc::SIGTERM);
+    daemon.child.wait().unwrap();
+    respawn(&mut daemon, &args, "agentd2.log");
+    let view = daemon.task(&id);
+    assert_eq!(view["state"], json!("succeeded"), "{view}");
+    assert_eq!(view["result"], json!("hello from before"), "{view}");
+    let status = daemon.request(json!({"cmd": "status"}));
+    assert_eq!(status["recovery"]["crashed"], json!(false), "{status}");
+}
+
+#[test]
+fn a_second_agentd_on_the_same_state_dir_exits_at_once() {
+    let daemon = Daemon::start(&[]);
+    let other_socket = daemon.dir.path().join("other.sock");
+    let mut second: Child = Command::new(AGENTD)
+        .arg("--socket")
+        .arg(&other_socket)
+        .arg("--state-dir")
+        .arg(daemon.dir.path().join("state"))
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for("the second agentd exits", DEADLINE, || {
+        second.try_wait().unwrap()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("another agentd") && err.contains(&format!("pid {}", daemon.pid())),
+        "{err}"
+    );
+    assert!(
+        !other_socket.exists(),
+        "the second agentd touched no socket"
+    );
+    // The first one is unharmed.
+    daemon.request(json!({"cmd": "ping"}));
+}
+
+#[test]
+fn a_corrupt_store_refuses_to_start_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let db = state.join("agentd.db");
+    std::fs::write(&db, vec![0x42u8; 16384]).unwrap();
+    let out = Command::new(AGENTD)
+        .arg("--socket")
+        .arg(dir.path().join("run/agentd.sock"))
+        .arg("--state-dir")
+        .arg(&state)
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains(&db.display().to_string()), "{err}");
+    assert!(err.contains("Move it aside"), "{err}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        vec![0x42u8; 16384],
+        "left as it was"
+    );
+}
+
+#[test]
+fn the_state_dir_is_created_private() {
+    let daemon = Daemon::start(&[]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(daemon.dir.path().join("state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
