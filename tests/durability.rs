@@ -311,3 +311,149 @@ fn the_state_dir_is_created_private() {
         .mode();
     assert_eq!(mode & 0o777, 0o700);
 }
+
+#[test]
+fn sigterm_interrupts_running_tasks_keeps_the_queue_and_it_runs_after_a_restart() {
+    let mut args = echo_agent_args();
+    args[3] = "2".into(); // --max-concurrent 2
+    args.extend([
+        "--cancel-grace".into(),
+        "300ms".into(),
+        "--term-grace".into(),
+        "300ms".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start(&args);
+    let gate = daemon.gate("never");
+    let running: Vec<String> = (0..2)
+        .map(|i| daemon.submit(&format!("busy-{i}"), &format!("hold {gate} {i}")))
+        .collect();
+    for id in &running {
+        daemon.wait_state(id, "running");
+    }
+    let queued: Vec<String> = (0..10)
+        .map(|i| daemon.submit(&format!("chat-{}", i % 3), &format!("queued {i}")))
+        .collect();
+    kill(daemon.pid(), libc::SIGTERM);
+    let status = wait_for("agentd exits after SIGTERM", DEADLINE, || {
+        daemon.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "agentd exited with {status}");
+    respawn(&mut daemon, &args, "agentd2.log");
+    for id in &running {
+        let view = daemon.task(id);
+        assert_eq!(view["state"], json!("interrupted"), "{view}");
+    }
+    for id in &queued {
+        daemon.wait_state(id, "succeeded");
+    }
+    let status = daemon.request(json!({"cmd": "status"}));
+    assert_eq!(status["recovery"]["queued"], json!(10), "{status}");
+    assert_eq!(status["recovery"]["crashed"], json!(false), "{status}");
+}
+
+/// Runs `cmd` in agentd's mount namespace (as root).
+fn in_namespace(pid: u32, cmd: &str) {
+    let ok = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "sh", "-c", cmd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("nsenter")
+        .success();
+    assert!(ok, "{cmd} failed in agentd's namespace");
+}
+
+#[test]
+fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_when_space_returns() {
+    // The state dir is a 2 MiB tmpfs in agentd's own mount namespace.
+    let can = nix::unistd::geteuid().is_root()
+        && Command::new("unshare")
+            .args(["--mount", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !can {
+        eprintln!("skipped: needs root and unshare(1) for a private tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let socket = dir.path().join("run").join("agentd.sock");
+    let args = echo_agent_args();
+    let log = std::fs::File::create(dir.path().join("agentd.log")).unwrap();
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=2m,mode=0700 tmpfs "$0" && exec "$@""#)
+        .arg(&state)
+        .arg(AGENTD)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(&args)
+        .args(["--max-queued", "100000"])
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { dir, socket, child };
+    wait_for("agentd answers a ping", DEADLINE, || {
+        daemon.try_request(json!({"cmd": "ping"})).ok()
+    });
+    let gate = daemon.gate("never");
+    let mut acked = vec![daemon.submit("chat", &format!("hold {gate} before"))];
+    let fill = format!(
+        "dd if=/dev/zero of={}/filler bs=4k 2>/dev/null; true",
+        state.display()
+    );
+    in_namespace(daemon.pid(), &fill);
+    let mut refused = 0;
+    let mut n = 0;
+    while refused == 0 {
+        n += 1;
+        assert!(n < 5000, "the full disk never refused a message");
+        let text = format!("hold {gate} {n} {}", "x".repeat(500));
+        let r = daemon
+            .try_request(json!({"cmd": "send", "session": format!("chat-{}", n % 5), "text": text}))
+            .unwrap();
+        if r["ok"] == json!(true) {
+            acked.push(r["result"]["task"]["task_id"].as_str().unwrap().to_string());
+        } else {
+            assert_eq!(r["error"]["code"], json!("store_failed"), "{r}");
+            assert!(
+                r["error"]["message"].as_str().unwrap().contains("full"),
+                "{r}"
+            );
+            refused += 1;
+        }
+    }
+    // Still refusing, still alive and answering.
+    let r = daemon
+        .try_request(
+            json!({"cmd": "send", "session": "chat", "text": format!("hold {gate} again")}),
+        )
+        .unwrap();
+    assert_eq!(r["error"]["code"], json!("store_failed"), "{r}");
+    daemon.request(json!({"cmd": "status"}));
+    // Space returns: work is accepted again, without a restart.
+    in_namespace(daemon.pid(), &format!("rm {}/filler", state.display()));
+    let after = wait_for("work is accepted again", DEADLINE, || {
+        let r = daemon
+            .try_request(
+                json!({"cmd": "send", "session": "chat", "text": format!("hold {gate} after")}),
+            )
+            .ok()?;
+        (r["ok"] == json!(true))
+            .then(|| r["result"]["task"]["task_id"].as_str().unwrap().to_string())
+    });
+    acked.push(after);
+    // Everything acknowledged is there; nothing refused is.
+    let list = daemon.request(json!({"cmd": "tasks"}));
+    let mut now: Vec<String> = ids_of(&list).into_iter().map(|(_, id, _)| id).collect();
+    now.sort();
+    acked.sort();
+    assert_eq!(now, acked);
+}

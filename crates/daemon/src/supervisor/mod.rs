@@ -125,10 +125,8 @@ pub async fn run(
             }
         }
         sup.publish_positions();
-        if sup.shutting_down.is_some()
-            && sup.agents.is_empty()
-            && sup.dispatcher.tasks().next().is_none()
-        {
+        // Queued work stays queued (in the store) for the next start.
+        if sup.shutting_down.is_some() && sup.agents.is_empty() {
             break;
         }
     }
@@ -216,13 +214,21 @@ impl Supervisor {
 
     fn on_shutdown_signal(&mut self) {
         if self.shutting_down.is_none() {
-            tracing::info!("shutting down: stopping every task");
+            tracing::info!("shutting down: stopping running tasks, keeping the queue");
             self.shutting_down = Some(Instant::now());
-            if let Ok((_, actions)) =
-                self.dispatcher
-                    .stop(StopTarget::Everything, &Scope::Owner, now_millis())
-            {
-                self.execute(actions);
+            let active: Vec<TaskId> = self
+                .dispatcher
+                .tasks()
+                .filter(|t| t.state.is_active())
+                .map(|t| t.id)
+                .collect();
+            for task_id in active {
+                if let Ok((_, actions)) =
+                    self.dispatcher
+                        .stop(StopTarget::Task(task_id), &Scope::Owner, now_millis())
+                {
+                    self.execute(actions);
+                }
             }
         } else {
             tracing::warn!("second shutdown signal: killing every agent now");
