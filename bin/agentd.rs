@@ -62,6 +62,10 @@ struct Args {
     /// Queued work expires after this long [default: never]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     queue_timeout: Option<Duration>,
+    /// Most bytes kept of one task's output log; past it a truncation marker
+    /// [default: 16777216]
+    #[arg(long, value_name = "BYTES")]
+    log_cap: Option<u64>,
     /// TOML config file with the same keys as the flags (flags win)
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -144,6 +148,10 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         )?,
         agent,
         history: file.history.unwrap_or(1000),
+        log_cap: args
+            .log_cap
+            .or(file.log_cap)
+            .unwrap_or(agentd_store::output::DEFAULT_LOG_CAP),
     })
 }
 

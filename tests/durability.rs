@@ -457,3 +457,89 @@ fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_when_space_returns() 
     acked.sort();
     assert_eq!(now, acked);
 }
+
+#[test]
+fn agentctl_log_prints_a_tasks_whole_output_also_after_a_restart() {
+    let args = ["--agent", &format!("{AGENT_EXEC} -- sh -c {{text}}")].map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start(&args);
+    let id = daemon.submit(
+        "chat",
+        "for i in 1 2 3; do echo line $i; done; echo oops >&2",
+    );
+    daemon.wait_state(&id, "succeeded");
+    let expected_lines = ["line 1", "line 2", "line 3", "oops"];
+    let printed = wait_for("the log has every line", DEADLINE, || {
+        let out = daemon.agentctl(&["log", &id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        expected_lines
+            .iter()
+            .all(|l| text.lines().any(|x| x == *l))
+            .then_some(text)
+    });
+    kill(daemon.pid(), libc::SIGTERM);
+    daemon.child.wait().unwrap();
+    respawn(&mut daemon, &args, "agentd2.log");
+    let out = daemon.agentctl(&["log", &id[..8]]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), printed, "the same log after a restart");
+    let out = daemon.agentctl(&["log", "0000aaaa-0000-0000-0000-000000000000"]);
+    assert!(
+        !out.status.success(),
+        "a task that never existed has no log"
+    );
+}
+
+#[test]
+fn a_tasks_log_is_capped_with_a_truncation_marker() {
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let daemon = Daemon::start(&["--agent", &agent, "--log-cap", "200"]);
+    let id = daemon.submit(
+        "chat",
+        "i=0; while [ $i -lt 100 ]; do echo line-$i; i=$((i+1)); done",
+    );
+    daemon.wait_state(&id, "succeeded");
+    let text = wait_for("the log is complete", DEADLINE, || {
+        let out = daemon.agentctl(&["log", &id]);
+        let text = stdout(&out);
+        text.contains("more bytes of output were not kept")
+            .then_some(text)
+    });
+    let (kept, rest) = text
+        .split_once("\n[agentd: output truncated: this log keeps the first 200 bytes]\n")
+        .expect("one truncation marker");
+    assert_eq!(kept.len(), 200, "{text}");
+    assert!(kept.starts_with("line-0\nline-1\n"), "{text}");
+    assert!(!rest.contains("line-99"), "{text}");
+}
+
+#[test]
+fn agentctl_log_follow_prints_a_running_task_from_its_first_line_until_it_ends() {
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let daemon = Daemon::start(&["--agent", &agent]);
+    let gate = daemon.gate("go");
+    let id = daemon.submit(
+        "chat",
+        &format!("echo first; while [ ! -e {gate} ]; do sleep 0.02; done; echo second"),
+    );
+    daemon.wait_progress(&id, "first");
+    let mut follow = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["log", "-f", &id])
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(follow.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "first");
+    daemon.release(&gate);
+    assert_eq!(lines.next().unwrap().unwrap(), "second");
+    assert!(lines.next().is_none(), "ends with the task");
+    let status = wait_for("agentctl log -f exits", DEADLINE, || {
+        follow.try_wait().unwrap()
+    });
+    assert!(status.success());
+}

@@ -121,6 +121,8 @@ pub enum Command {
     Queue(QueueArgs),
     /// Follow a task, or every task of a session, as events happen
     Watch(WatchArgs),
+    /// Print a task's whole output (its log), also after it ended or agentd restarted
+    Log(LogArgs),
     /// Check that agentd is running
     Ping,
 }
@@ -146,6 +148,10 @@ impl Command {
             },
             Command::Queue(a) => a.request(),
             Command::Watch(_) => return None,
+            Command::Log(a) => RequestBody::Log {
+                task_id: a.task_id.clone(),
+                offset: 0,
+            },
             Command::Ping => RequestBody::Ping,
         })
     }
@@ -193,6 +199,17 @@ impl SendArgs {
             mode: self.mode,
         }
     }
+}
+
+/// `log [-f] TASK_ID`
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// The task (an id, or a unique prefix of one)
+    #[arg(value_name = "TASK_ID")]
+    pub task_id: String,
+    /// Keep printing the output of a running task as it comes, until it ends
+    #[arg(short, long)]
+    pub follow: bool,
 }
 
 /// `status [TASK_ID]`

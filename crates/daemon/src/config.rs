@@ -19,6 +19,8 @@ pub struct DaemonConfig {
     pub agent: Vec<String>,
     /// How many finished tasks to keep for `tasks --all` and `status ID`.
     pub history: usize,
+    /// Most bytes kept of one task's output log (then a truncation marker).
+    pub log_cap: u64,
 }
 
 /// The TOML file (`--config FILE`). Every key is optional; flags win over the file.
@@ -33,6 +35,7 @@ pub struct FileConfig {
     pub handshake_timeout: Option<String>,
     pub agent: Option<String>,
     pub history: Option<usize>,
+    pub log_cap: Option<u64>,
     pub queue_mode: Option<String>,
     pub debounce: Option<String>,
     pub cap: Option<u32>,

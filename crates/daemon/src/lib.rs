@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod durable;
 pub mod events;
+mod output;
 pub mod socket;
 pub mod supervisor;
 pub mod views;

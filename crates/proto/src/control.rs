@@ -103,6 +103,30 @@ pub enum RequestBody {
         #[serde(default)]
         all: bool,
     },
+    /// A piece of a task's output log, from byte `offset`. Answer: [`LogChunk`]. Ask
+    /// again from `next_offset` until `data` is empty (the end for now) or, to follow
+    /// a running task, until `done`.
+    Log {
+        task_id: String,
+        #[serde(default)]
+        offset: u64,
+    },
+}
+
+/// Most bytes of a log in one [`LogChunk`].
+pub const MAX_LOG_CHUNK: usize = 256 * 1024;
+
+/// Answer to `log`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub task_id: String,
+    pub offset: u64,
+    /// Where the next chunk starts.
+    pub next_offset: u64,
+    /// The output (invalid UTF-8 replaced; a chunk never splits a character).
+    pub data: String,
+    /// The task has ended and all of its output has been read.
+    pub done: bool,
 }
 
 /// One response line. agentd writes `Response<Answer>` (typed, serialized once);
@@ -183,6 +207,13 @@ pub enum Answer {
     Tasks(Vec<TaskView>),
     Queue(QueueSettingsView),
     Watch(Box<WatchReply>),
+    Log(Box<LogChunk>),
+}
+
+impl From<LogChunk> for Answer {
+    fn from(reply: LogChunk) -> Answer {
+        Answer::Log(Box::new(reply))
+    }
 }
 
 impl From<HelloReply> for Answer {

@@ -132,6 +132,14 @@ impl LogReader {
         }
     }
 
+    /// A reader of task `id`'s log that starts at byte `offset`.
+    pub fn from_offset(state_dir: &Path, id: Uuid, offset: u64) -> LogReader {
+        LogReader {
+            offset,
+            ..LogReader::new(state_dir, id)
+        }
+    }
+
     /// Bytes read so far.
     pub fn offset(&self) -> u64 {
         self.offset

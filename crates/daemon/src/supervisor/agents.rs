@@ -113,14 +113,39 @@ impl Supervisor {
         text: String,
     ) -> Option<Event> {
         let (program, args) = agent_argv(&self.config.agent, &text);
+        // Output goes through a pipe into the capped log; without one, straight
+        // into the log file (uncapped).
+        let pipe = crate::output::LogPipe::create(&self.logs, task_id)
+            .map_err(|e| tracing::warn!(%task_id, "no capped log for this task: {e}"))
+            .ok();
         let command = AgentCommand {
             program: program.clone(),
             args,
             task_id: task_id.to_string(),
             session: session.clone(),
-            log_path: Some(self.logs.join(format!("{task_id}.log"))),
+            log_path: Some(match &pipe {
+                Some(pipe) => pipe.path().to_path_buf(),
+                None => self.logs.join(format!("{task_id}.log")),
+            }),
         };
-        let spawned = match spawn_agent(&command) {
+        let spawned = spawn_agent(&command);
+        if let Some(pipe) = pipe {
+            match &spawned {
+                Ok(_) => {
+                    let writer = pipe.start(
+                        self.config.state_dir.clone(),
+                        task_id,
+                        self.config.log_cap,
+                        self.pumps.clone(),
+                    );
+                    self.log_writers.insert(task_id, writer);
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_file(pipe.path());
+                }
+            }
+        }
+        let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
                 tracing::warn!(%task_id, "cannot start agent {program}: {e}");
@@ -243,6 +268,8 @@ impl Supervisor {
     /// The agent is reaped and its channel drained: the dispatcher may end the task.
     pub(crate) fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
         self.agents.remove(&task_id);
+        // agentd's write end closes: the log ends once the agent's tools close theirs.
+        self.log_writers.remove(&task_id);
         self.remove_empty_log(task_id);
         self.handle(Event::Reaped { task_id, status });
     }
@@ -334,6 +361,9 @@ impl Supervisor {
             tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");
         }
         if let Event::Progress { text, .. } = &event {
+            if let Some(writer) = self.log_writers.get_mut(&task_id) {
+                crate::output::write_line(writer, text);
+            }
             let text = text.clone();
             self.publish_task(EventKind::Progress, &task_id, Some(text), None);
         }

@@ -168,6 +168,10 @@ struct Supervisor {
     store_events: mpsc::UnboundedSender<StoreEvent>,
     /// What recovery did at start, for `status`.
     recovery: Option<RecoveryView>,
+    /// Tasks whose output is still being copied into their logs.
+    pumps: crate::output::Pumps,
+    /// agentd's write end of each live agent's log pipe (progress lines).
+    log_writers: HashMap<TaskId, std::fs::File>,
 }
 
 type RequestError = ErrorBody;
@@ -209,6 +213,8 @@ impl Supervisor {
             store,
             store_events,
             recovery: None,
+            pumps: Default::default(),
+            log_writers: HashMap::new(),
         }
     }
 

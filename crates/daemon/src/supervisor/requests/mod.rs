@@ -1,5 +1,6 @@
 //! Control requests, one module per request family.
 
+pub(crate) mod log;
 pub(crate) mod queue;
 pub(crate) mod send;
 pub(crate) mod status;
@@ -85,6 +86,9 @@ impl Supervisor {
             }
             RequestBody::Tasks { session, all } => {
                 let _ = reply.send(json(self.list(session.as_deref(), all)));
+            }
+            RequestBody::Log { task_id, offset } => {
+                let _ = reply.send(self.log(&task_id, offset));
             }
             RequestBody::Hello { .. } | RequestBody::Ping => {
                 let _ = reply.send(err(ErrorCode::Internal, "answered by the connection"));
