@@ -543,3 +543,35 @@ fn agentctl_log_follow_prints_a_running_task_from_its_first_line_until_it_ends()
     });
     assert!(status.success());
 }
+
+#[test]
+fn a_leftover_agent_that_outlived_a_killed_agentd_is_ended_at_restart() {
+    let agent = format!("{TEST_AGENT} {{text}}");
+    let args = ["--agent", agent.as_str()];
+    let mut daemon = Daemon::start(&args);
+    let pidfile = daemon.dir.path().join("pids");
+    // Ignores SIGTERM (so its parent-death signal too) and never reads its channel.
+    let id = daemon.submit(
+        "chat",
+        &format!("hang ignore-term children:2 pidfile:{}", pidfile.display()),
+    );
+    let view = daemon.wait_state(&id, "running");
+    let agent_pid = view["pid"].as_u64().unwrap() as u32;
+    let children = wait_for("the children are written", DEADLINE, || {
+        let pids = read_pids(&pidfile);
+        (pids.len() == 2).then_some(pids)
+    });
+    let orphans = kill9(&mut daemon);
+    let _reaper = Reaper(orphans);
+    assert!(
+        alive(agent_pid),
+        "the agent outlives agentd (that is the point)"
+    );
+    respawn(&mut daemon, &args, "agentd2.log");
+    let status = daemon.request(json!({"cmd": "status"}));
+    assert_eq!(status["recovery"]["killed"], json!(1), "{status}");
+    assert_eq!(daemon.task(&id)["state"], json!("interrupted"));
+    wait_for("the old agent and its children are gone", DEADLINE, || {
+        (!alive(agent_pid) && children.iter().all(|p| !alive(*p))).then_some(())
+    });
+}
