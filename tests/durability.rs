@@ -575,3 +575,29 @@ fn a_leftover_agent_that_outlived_a_killed_agentd_is_ended_at_restart() {
         (!alive(agent_pid) && children.iter().all(|p| !alive(*p))).then_some(())
     });
 }
+
+#[test]
+fn a_finished_task_older_than_the_in_memory_history_is_read_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(&config, "history = 1\n").unwrap();
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let daemon = Daemon::start(&["--agent", &agent, "--config", config.to_str().unwrap()]);
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let id = daemon.submit("chat", &format!("echo result-{i}"));
+            daemon.wait_state(&id, "succeeded");
+            id
+        })
+        .collect();
+    let listed = daemon.request(json!({"cmd": "tasks", "all": true}));
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "memory holds one: {listed}"
+    );
+    let oldest = daemon.task(&ids[0][..13]);
+    assert_eq!(oldest["task_id"], json!(ids[0]), "{oldest}");
+    assert_eq!(oldest["state"], json!("succeeded"), "{oldest}");
+    assert_eq!(oldest["result"], json!("result-0"), "{oldest}");
+}

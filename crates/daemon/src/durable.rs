@@ -2,6 +2,7 @@
 //! between core tasks and stored records, and putting recovered work back into the
 //! dispatcher. The SQL itself lives in `agentd-store`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use agentd_core::{Ending, Message, Mode, Priority, QueueSettings, Task, TaskState};
@@ -9,6 +10,7 @@ use agentd_proto::text;
 use agentd_store::{Exit, Op, Recovery, State, Store, StoreOptions, TaskRecord};
 
 use crate::config::DaemonConfig;
+use crate::supervisor::history::{History, MemoryHistory};
 use crate::views;
 
 /// The open store and what it held at start.
@@ -194,4 +196,52 @@ pub(crate) fn settings_op(session: &str, s: QueueSettings) -> Op {
         cap: s.cap,
         drop_policy: s.drop.as_str().to_string(),
     })
+}
+
+/// History backed by the store: the newest tasks in memory (reloaded at start), and
+/// any older finished task read from the store by id (one indexed lookup).
+/// Listings (`tasks --all`) show the in-memory part.
+pub struct StoreHistory {
+    memory: MemoryHistory,
+    reader: Option<agentd_store::Reader>,
+}
+
+impl StoreHistory {
+    pub fn new(capacity: usize, reader: Option<agentd_store::Reader>) -> StoreHistory {
+        StoreHistory {
+            memory: MemoryHistory::new(capacity),
+            reader,
+        }
+    }
+}
+
+impl History for StoreHistory {
+    fn record(&mut self, task: Task) {
+        self.memory.record(task);
+    }
+
+    fn get(&self, id: &agentd_core::TaskId) -> Option<Cow<'_, Task>> {
+        if let Some(task) = self.memory.get(id) {
+            return Some(task);
+        }
+        let record = self.reader.as_ref()?.task(*id).ok()??;
+        finished_task(&record).map(Cow::Owned)
+    }
+
+    fn iter<'a>(
+        &'a self,
+        session: Option<&'a str>,
+    ) -> Box<dyn Iterator<Item = Cow<'a, Task>> + 'a> {
+        self.memory.iter(session)
+    }
+
+    fn ids_with_prefix(&self, prefix: &str) -> Vec<agentd_core::TaskId> {
+        let mut ids = self.memory.ids_with_prefix(prefix);
+        if let Some(reader) = &self.reader {
+            ids.extend(reader.ids_with_prefix(prefix, 16).unwrap_or_default());
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
 }

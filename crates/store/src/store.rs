@@ -1038,6 +1038,22 @@ impl Reader {
         })
     }
 
+    /// Ids of finished tasks whose hyphenated lowercase form starts with `prefix`
+    /// (at most `limit`; an index range scan).
+    pub fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Uuid>, StoreError> {
+        let prefix = prefix.to_ascii_lowercase();
+        // Every id character sorts below '~', so [prefix, prefix~) is the prefix range.
+        let end = format!("{prefix}~");
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT id FROM tasks WHERE id >= ?1 AND id < ?2 AND finished_at IS NOT NULL \
+                 LIMIT ?3",
+            )?
+            .query_map(params![prefix, end, limit as i64], |r| uuid_col(r, 0))?
+            .collect()
+        })
+    }
+
     /// Finished tasks, newest first, optionally of one session; at most `limit`.
     pub fn finished(
         &self,

@@ -697,6 +697,12 @@ fn finished_tasks_stay_queryable_with_everything_they_recorded() {
         (Some(now - 2), Some(now - 1))
     );
     assert_eq!(back.reason.as_deref(), Some("agent failed"));
+    let reader = store.reader().unwrap();
+    assert_eq!(
+        reader.ids_with_prefix(&t.id.to_string()[..8], 10).unwrap(),
+        vec![t.id]
+    );
+    assert!(reader.ids_with_prefix("ffffffff-f", 10).unwrap().is_empty());
     let counts = store.reader().unwrap().counts().unwrap();
     assert!(counts.contains(&(State::Failed, 1)) && counts.contains(&(State::Queued, 1)));
 }

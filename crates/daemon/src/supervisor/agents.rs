@@ -269,8 +269,11 @@ impl Supervisor {
     pub(crate) fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
         self.agents.remove(&task_id);
         // agentd's write end closes: the log ends once the agent's tools close theirs.
-        self.log_writers.remove(&task_id);
-        self.remove_empty_log(task_id);
+        // A piped log is made only once there is output (by its pump, which may be
+        // writing right now), so only an unpiped one can be empty.
+        if self.log_writers.remove(&task_id).is_none() {
+            self.remove_empty_log(task_id);
+        }
         self.handle(Event::Reaped { task_id, status });
     }
 

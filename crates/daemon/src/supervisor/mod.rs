@@ -89,6 +89,13 @@ pub async fn run(
     let Durable { store, recovery } = durable;
     let history_size = config.history;
     let mut sup = Supervisor::new(config, logs, agent_tx, info, store.writer(), store_tx);
+    sup.history = Box::new(crate::durable::StoreHistory::new(
+        history_size,
+        store
+            .reader()
+            .map_err(|e| tracing::warn!("history beyond memory is unavailable: {e}"))
+            .ok(),
+    ));
     match store.reader().and_then(|r| r.finished(None, history_size)) {
         Ok(finished) => sup.load_history(finished),
         Err(e) => tracing::warn!("cannot read finished tasks from the store: {e}"),
