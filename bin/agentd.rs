@@ -66,6 +66,12 @@ struct Args {
     /// [default: 16777216]
     #[arg(long, value_name = "BYTES")]
     log_cap: Option<u64>,
+    /// Finished tasks (and their logs) older than this are pruned [default: 30d]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    retention_age: Option<Duration>,
+    /// At most this many finished tasks are kept [default: 10000]
+    #[arg(long, value_name = "N")]
+    retention_count: Option<u64>,
     /// TOML config file with the same keys as the flags (flags win)
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -152,6 +158,18 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
             .log_cap
             .or(file.log_cap)
             .unwrap_or(agentd_store::output::DEFAULT_LOG_CAP),
+        retention: agentd_store::Retention {
+            max_age: Some(duration(
+                args.retention_age,
+                &file.retention_age,
+                Duration::from_secs(30 * 24 * 3600),
+            )?),
+            max_finished: Some(
+                args.retention_count
+                    .or(file.retention_count)
+                    .unwrap_or(10_000),
+            ),
+        },
     })
 }
 

@@ -601,3 +601,67 @@ fn a_finished_task_older_than_the_in_memory_history_is_read_from_the_store() {
     assert_eq!(oldest["state"], json!("succeeded"), "{oldest}");
     assert_eq!(oldest["result"], json!("result-0"), "{oldest}");
 }
+
+#[test]
+fn a_redelivered_message_of_a_task_that_finished_before_a_restart_is_not_run_again() {
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let args = ["--agent", agent.as_str()];
+    let mut daemon = Daemon::start(&args);
+    let marks = daemon.dir.path().join("runs");
+    let text = format!("echo ran >> {}", marks.display());
+    let first = daemon
+        .request(json!({"cmd": "send", "session": "chat", "text": text, "message_id": "evt-1"}));
+    let id = first["task"]["task_id"].as_str().unwrap().to_string();
+    daemon.wait_state(&id, "succeeded");
+    kill(daemon.pid(), libc::SIGTERM);
+    daemon.child.wait().unwrap();
+    respawn(&mut daemon, &args, "agentd2.log");
+    let again = daemon
+        .request(json!({"cmd": "send", "session": "chat", "text": text, "message_id": "evt-1"}));
+    assert_eq!(again["duplicate"], json!(true), "{again}");
+    assert_eq!(again["task"]["task_id"], json!(id), "{again}");
+    assert_eq!(again["task"]["state"], json!("succeeded"), "{again}");
+    // Give a wrongly started run every chance to show up before looking.
+    daemon.request(json!({"cmd": "stop", "all": true}));
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "ran\n",
+        "it ran once"
+    );
+    let all = daemon.request(json!({"cmd": "tasks", "all": true}));
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+}
+
+#[test]
+fn retention_prunes_old_finished_tasks_and_their_logs() {
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let args = ["--agent", agent.as_str(), "--retention-count", "2"];
+    let mut daemon = Daemon::start(&args);
+    let ids: Vec<String> = (0..4)
+        .map(|i| {
+            let id = daemon.submit("chat", &format!("echo output-{i}"));
+            daemon.wait_state(&id, "succeeded");
+            id
+        })
+        .collect();
+    let log = daemon
+        .dir
+        .path()
+        .join("state/logs")
+        .join(format!("{}.log", ids[0]));
+    wait_for("the first task's log is written", DEADLINE, || {
+        log.exists().then_some(())
+    });
+    kill(daemon.pid(), libc::SIGTERM);
+    daemon.child.wait().unwrap();
+    // The store prunes when it opens.
+    respawn(&mut daemon, &args, "agentd2.log");
+    let gone = daemon
+        .try_request(json!({"cmd": "status", "task_id": ids[0]}))
+        .unwrap();
+    assert_eq!(gone["error"]["code"], json!("not_found"), "{gone}");
+    assert!(!log.exists(), "its log went with it");
+    for id in &ids[2..] {
+        assert_eq!(daemon.task(id)["state"], json!("succeeded"));
+    }
+}

@@ -21,6 +21,8 @@ pub struct DaemonConfig {
     pub history: usize,
     /// Most bytes kept of one task's output log (then a truncation marker).
     pub log_cap: u64,
+    /// How long, and how many, finished tasks (and their logs) the store keeps.
+    pub retention: agentd_store::Retention,
 }
 
 /// The TOML file (`--config FILE`). Every key is optional; flags win over the file.
@@ -36,6 +38,8 @@ pub struct FileConfig {
     pub agent: Option<String>,
     pub history: Option<usize>,
     pub log_cap: Option<u64>,
+    pub retention_age: Option<String>,
+    pub retention_count: Option<u64>,
     pub queue_mode: Option<String>,
     pub debounce: Option<String>,
     pub cap: Option<u32>,

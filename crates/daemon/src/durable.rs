@@ -24,6 +24,7 @@ pub struct Durable {
 pub fn open(config: &DaemonConfig) -> anyhow::Result<Durable> {
     let options = StoreOptions {
         interrupted_reason: text::INTERRUPTED_BY_CRASH.to_string(),
+        retention: config.retention,
         ..StoreOptions::default()
     };
     let (store, recovery) = Store::open(&config.state_dir, options)?;

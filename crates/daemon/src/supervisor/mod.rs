@@ -89,6 +89,7 @@ pub async fn run(
     let Durable { store, recovery } = durable;
     let history_size = config.history;
     let mut sup = Supervisor::new(config, logs, agent_tx, info, store.writer(), store_tx);
+    sup.store_reader = store.reader().ok();
     sup.history = Box::new(crate::durable::StoreHistory::new(
         history_size,
         store
@@ -179,6 +180,8 @@ struct Supervisor {
     pumps: crate::output::Pumps,
     /// agentd's write end of each live agent's log pipe (progress lines).
     log_writers: HashMap<TaskId, std::fs::File>,
+    /// Reads of the store for re-deliveries the dispatcher has forgotten.
+    store_reader: Option<agentd_store::Reader>,
 }
 
 type RequestError = ErrorBody;
@@ -222,6 +225,7 @@ impl Supervisor {
             recovery: None,
             pumps: Default::default(),
             log_writers: HashMap::new(),
+            store_reader: None,
         }
     }
 

@@ -50,6 +50,12 @@ impl Supervisor {
             priority: work.priority,
             mode,
         };
+        // A re-delivery of a message whose task finished before a restart: the
+        // dispatcher's window no longer knows it, the store does.
+        if let Some(original) = self.stored_message(&message) {
+            let answer = self.send_reply(Ok(Accepted::Duplicate { task_id: original }));
+            return Some((reply, answer));
+        }
         let now = now_millis();
         let task_id = message.task_id;
         let mut record = durable::queued_record(&message, message.mode, now.0);
@@ -104,6 +110,20 @@ impl Supervisor {
             let _ = reply.send(answer);
         });
         None
+    }
+
+    /// The finished task the store holds for this message's (session, message_id),
+    /// when the dispatcher does not know the message (one indexed lookup).
+    fn stored_message(&self, message: &Message) -> Option<TaskId> {
+        let message_id = message.message_id.as_deref()?;
+        let original = self
+            .store_reader
+            .as_ref()?
+            .find_message(&message.session, message_id)
+            .ok()??;
+        // Live tasks are the dispatcher's to answer.
+        (self.dispatcher.task(&original).is_none() && self.history.get(&original).is_some())
+            .then_some(original)
     }
 
     /// The answer to accepted (or refused) work.
