@@ -29,7 +29,7 @@ E2E="$WORK/e2e"; mkdir -p "$E2E/run"; chmod 700 "$E2E" "$E2E/run"
     --max-concurrent 1 --max-queued 1000000 --cap 1000000 --queue-mode followup \
     --agent "$RBIN/agent-exec -- sh -c {text}" 2>"$E2E/agentd.log" &
 APID=$!
-trap 'kill -KILL $APID 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'kill -KILL $APID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 python3 - "$E2E/run/agentd.sock" <<'PY'
 import json, socket, sys, threading, time
 path = sys.argv[1]
