@@ -665,3 +665,44 @@ fn retention_prunes_old_finished_tasks_and_their_logs() {
         assert_eq!(daemon.task(id)["state"], json!("succeeded"));
     }
 }
+
+#[test]
+fn a_refused_steer_becomes_a_durable_follow_up() {
+    let args = echo_agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let mut args: Vec<&str> = args.into_iter().skip(2).collect();
+    args.splice(0..0, ["--agent", agent.as_str()]);
+    let mut daemon = Daemon::start(&args);
+    let gate = daemon.gate("never");
+    // The command closes its stdin, so the agent cannot take a steered message.
+    let id = daemon.submit(
+        "chat",
+        &format!("exec 0<&-; echo up; while [ ! -e {gate} ]; do sleep 0.02; done"),
+    );
+    daemon.wait_progress(&id, "up");
+    daemon.request(json!({"cmd": "send", "session": "chat", "text": "also this", "mode": "steer"}));
+    wait_for(
+        "the refused steer is queued as a follow-up",
+        DEADLINE,
+        || {
+            let list = daemon.request(json!({"cmd": "tasks"}));
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["text"] == json!("also this") && t["state"] == json!("queued"))
+                .then_some(())
+        },
+    );
+    let orphans = kill9(&mut daemon);
+    let _reaper = Reaper(orphans);
+    respawn(&mut daemon, &args, "agentd2.log");
+    let list = daemon.request(json!({"cmd": "tasks"}));
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["text"] == json!("also this")),
+        "the follow-up survived: {list}"
+    );
+}

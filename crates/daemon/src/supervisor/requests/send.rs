@@ -273,9 +273,17 @@ impl Supervisor {
             mode: Some(Mode::Followup),
         };
         let task_id = message.task_id;
-        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        let now = now_millis();
+        let record = durable::queued_record(&message, message.mode, now.0);
+        let (outcome, actions) = self.dispatcher.accept(message, now);
         match outcome {
             Ok(_) => {
+                // The message was acknowledged as steered; as a follow-up it must be
+                // durable too (submitted before its actions, like any new task).
+                self.store.submit_detached(Op::Insert {
+                    task: Box::new(record),
+                    front: false,
+                });
                 let note = text::steer_refused_note(running);
                 self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
             }
