@@ -2,8 +2,10 @@
 //!
 //! Owns only the command-line interface; the behaviour lives in
 //! `agentd_agent::exec` (see its docs): the command runs in its own process group,
-//! its output lines become progress and its output tail the result, steer text goes
-//! to its stdin, a cancel becomes SIGINT, and EOF from agentd stops it.
+//! its output lines (stdout and stderr, in order) become progress and its output
+//! tail the result, a cancel becomes SIGINT, and EOF from agentd stops it. With
+//! `--steer`, steer text goes to its stdin; with `--checkpoints`, it saves
+//! checkpoints on fd 3; a resumed task finds its checkpoint in the environment.
 //!
 //! Exit codes: 0 succeeded, 1 failed (or agentd went away), 2 no channel to agentd
 //! or bad usage, 127 the command could not be started, 130 cancelled.
@@ -18,11 +20,55 @@ use clap::Parser;
 /// Without a command after `--`, runs `sh -c <task text>`. agentd substitutes
 /// `{text}` in its `--agent` command line, e.g. `agent-exec -- sh -c {text}`.
 #[derive(Debug, Parser)]
-#[command(name = "agent-exec", version)]
+#[command(
+    name = "agent-exec",
+    version,
+    after_long_help = "\
+OUTPUT
+  The command's stdout and stderr share one pipe, so its lines keep their order.
+  Each non-blank line is a progress line; the last --result-bytes of the output
+  are the result text; exit 0 is `succeeded`, anything else `failed`, and a
+  command that ends after a cancel (SIGINT) is `cancelled`.
+
+STEERING (--steer)
+  Only for a command that reads its stdin. Each steered message is written to
+  the command's stdin as ONE line: a backslash is written as \\\\, a line feed as
+  \\n and a carriage return as \\r; nothing else changes (so `read -r line` in sh
+  gets a one-line message verbatim). A steer counts as delivered once the command
+  has read the whole line; a steer it has not read when it ends is handed back to
+  agentd, which runs it as a follow-up task. Without --steer stdin is /dev/null
+  and agentd queues steered messages as follow-ups (and says so).
+
+CHECKPOINTS (--checkpoints)
+  The command gets fd 3 ($AGENTD_CHECKPOINT_FD) to save its resumable state: each
+  line written there, in the same framing as steers, replaces the last checkpoint
+  (UTF-8 text, at most 1 MiB), e.g. `echo \"step 3\" >&3`. agentd keeps the latest
+  one for a later `/resume`.
+
+RESUMING
+  When agentd resumes an earlier task, the command's environment has
+  AGENTD_RESUMING=1 and AGENTD_PREVIOUS_TASK_ID=<id>; if that task saved a
+  checkpoint, AGENTD_CHECKPOINT_FILE names a private file holding it exactly as
+  saved (removed after the command ends) and, when it is at most 64 KiB,
+  AGENTD_CHECKPOINT holds it too. AGENTD_TASK_ID and AGENTD_SESSION are always set.
+
+EXIT CODES
+  0 succeeded, 1 failed (or agentd went away), 2 no channel to agentd or bad
+  usage, 127 the command could not be started, 130 cancelled."
+)]
 struct Args {
-    /// Refuse steering: the command's stdin is /dev/null and steer messages are declined.
+    /// The command reads steered messages from its stdin (see STEERING below).
     #[arg(long)]
-    no_steer: bool,
+    steer: bool,
+
+    /// Take several messages held while a task ran as one collected prompt (for an
+    /// LLM command); by default each becomes its own task.
+    #[arg(long)]
+    collect: bool,
+
+    /// Give the command fd 3 to save checkpoints on (see CHECKPOINTS below).
+    #[arg(long)]
+    checkpoints: bool,
 
     /// Send at most the last N bytes of the command's output as the result text.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RESULT_BYTES)]
@@ -36,7 +82,9 @@ struct Args {
 fn main() {
     let args = Args::parse();
     let config = ExecConfig {
-        steer: !args.no_steer,
+        steer: args.steer,
+        collect: args.collect,
+        checkpoints: args.checkpoints,
         result_bytes: args.result_bytes,
         command: args.command,
         ..ExecConfig::default()

@@ -15,6 +15,9 @@
 //! - `exit:CODE`     exit with CODE after the result (whatever the outcome).
 //! - `linger:MS`     after sending the result, stay alive MS milliseconds more
 //!   (an agent whose slot must not be freed before it is reaped).
+//! - `touch:MS:PATH` MS milliseconds after sending the result (while lingering),
+//!   create PATH: a mark a test can wait for that is known to come MS later than
+//!   the result.
 //!
 //! Cancel and signals:
 //! - default         on Cancel: stop working, send Result Cancelled
@@ -22,6 +25,9 @@
 //! - `ignore-cancel` ignore Cancel (keep working).
 //! - `ignore-term`   ignore SIGTERM (default disposition otherwise: die).
 //! - `ignore-int`    ignore SIGINT.
+//! - `close-on-term:MS` after the handshake read nothing (agentd's Cancel stays
+//!   unread) and send nothing; on SIGTERM close the channel, which agentd then sees
+//!   reset, and exit MS milliseconds later.
 //!
 //! Endings:
 //! - `crash`         after the work, `abort()` (SIGABRT) without a result.
@@ -48,15 +54,31 @@
 //!   then sleep forever.
 //! - `no-hello`      never send Hello; sleep `sleep:MS` (default forever), exit 0.
 //! - `bad-version`   send Hello with protocol 999 (expect Reject).
+//! - `v1`            speak IPC protocol 1: Hello says 1, no Features, no Checkpoint.
+//!
+//! Protocol 2 (the default): the Hello says 2 and, after a v2 Welcome, Features
+//! `collected_prompts: true, checkpoints: true` follows. When the handshake carried
+//! a Resume, the first progress line is "resumed: PREVIOUS_TASK_ID CHECKPOINT"
+//! (`<none>` without a checkpoint).
+//! - `checkpoint:DATA` right after the handshake send Checkpoint DATA and Progress
+//!   "checkpoint: DATA" (nothing is sent to a v1 agentd).
 //!
 //! Steering and environment:
 //! - `steer`         announce `capabilities.steer`; answer each Steer with SteerAck
 //!   accepted and Progress "steered: TEXT". Without it: SteerAck not accepted.
+//! - `refuse-steer`  announce `capabilities.steer` but answer each Steer with SteerAck
+//!   not accepted (an agent that offers steering and then cannot take a message).
+//! - `steer-gate:PATH` answer a Steer only once PATH exists.
 //! - `env`           send Progress "AGENTD_TASK_ID=…", "AGENTD_SESSION=…" (`<unset>`
 //!   if missing) and "open-fds: 0,1,2" listing the fds among 0..=20 that were open
 //!   at startup, other than the IPC fd.
 //!
 //! EOF or garbage from agentd while working: exit 1 at once (a well-behaved agent).
+//!
+//! `agentd-test-agent --echo` is another agent altogether: it answers every task
+//! with the task's text as it received it in Start (a stand-in for an LLM agent,
+//! which takes collected prompts). A text starting with `hold PATH` waits until PATH
+//! exists first.
 //!
 //! Exit codes: 0 done (or cancelled), 1 `fail` or agentd gone, 2 unknown or
 //! malformed behaviour word (after sending Result Failed "unknown behaviour word:
@@ -73,8 +95,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use agentd_agent::{
-    hello, ipc_stream_from_env, spawn_heartbeat, AgentChannel, AgentMsg, AgentSender, Capabilities,
-    Outcome, SupervisorMsg, TaskResult, ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID, IPC_PROTOCOL_VERSION,
+    hello, ipc_stream_from_env, spawn_heartbeat, AgentChannel, AgentFeatures, AgentMsg,
+    AgentSender, Capabilities, Outcome, SupervisorMsg, TaskResult, ENV_IPC_FD, ENV_SESSION,
+    ENV_TASK_ID, IPC_PROTOCOL_VERSION,
 };
 
 /// The behaviour words, parsed.
@@ -99,7 +122,13 @@ struct Behaviour {
     oversized: bool,
     no_hello: bool,
     bad_version: bool,
+    v1: bool,
+    checkpoint: Option<String>,
     steer: bool,
+    refuse_steer: bool,
+    steer_gate: Option<PathBuf>,
+    touch: Option<(u64, PathBuf)>,
+    close_on_term: Option<u64>,
     env: bool,
 }
 
@@ -125,6 +154,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
             }
             Some(("exit", v)) => num(word, v).map(|c| b.exit = Some(c)),
             Some(("linger", v)) => num(word, v).map(|ms| b.linger_ms = ms),
+            Some(("close-on-term", v)) => num(word, v).map(|ms| b.close_on_term = Some(ms)),
             Some(("children", v)) => num(word, v).and_then(|n: u32| {
                 if n > 1000 {
                     Err(format!("bad behaviour word: {word} (at most 1000)"))
@@ -133,10 +163,24 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     Ok(())
                 }
             }),
+            Some(("checkpoint", v)) => {
+                b.checkpoint = Some(v.to_string());
+                Ok(())
+            }
             Some(("pidfile", v)) if !v.is_empty() => {
                 b.pidfile = Some(PathBuf::from(v));
                 Ok(())
             }
+            Some(("steer-gate", v)) if !v.is_empty() => {
+                b.steer_gate = Some(PathBuf::from(v));
+                Ok(())
+            }
+            Some(("touch", v)) => match v.split_once(':') {
+                Some((ms, path)) if !path.is_empty() => {
+                    num(word, ms).map(|ms| b.touch = Some((ms, PathBuf::from(path))))
+                }
+                _ => Err(format!("bad behaviour word: {word} (touch:MS:PATH)")),
+            },
             Some(_) => Err(format!("unknown behaviour word: {word}")),
             None => {
                 let flag = match word.as_str() {
@@ -152,7 +196,9 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "oversized" => &mut b.oversized,
                     "no-hello" => &mut b.no_hello,
                     "bad-version" => &mut b.bad_version,
+                    "v1" => &mut b.v1,
                     "steer" => &mut b.steer,
+                    "refuse-steer" => &mut b.refuse_steer,
                     "env" => &mut b.env,
                     _ => {
                         problem.get_or_insert(format!("unknown behaviour word: {word}"));
@@ -256,7 +302,8 @@ fn sleep_program() -> CString {
 }
 
 /// Double fork: child → grandchild that `setsid()`s and execs `sleep 1000`; the
-/// child reports the grandchild's pid through a pipe and exits at once.
+/// child reports the grandchild's pid through a pipe and exits at once, and the
+/// pipe reaches EOF once the grandchild has exec'd.
 fn spawn_escapee() -> Result<i32, String> {
     let program = sleep_program();
     let arg = c"1000";
@@ -295,7 +342,11 @@ fn spawn_escapee() -> Result<i32, String> {
     }
     drop(write_end);
     let mut bytes = [0u8; 4];
-    let read = std::fs::File::from(read_end).read_exact(&mut bytes);
+    let mut pipe = std::fs::File::from(read_end);
+    let read = pipe.read_exact(&mut bytes);
+    // The grandchild holds the close-on-exec write end until it execs: EOF means it
+    // has called setsid() and is `sleep 1000`, so the reported pid is what it claims.
+    let _ = pipe.read_to_end(&mut Vec::new());
     // Reap the intermediate child so that only the grandchild is left.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
     read.map_err(|e| format!("no pid from the intermediate child: {e}"))?;
@@ -333,7 +384,33 @@ enum Event {
     Cancel,
 }
 
+/// `--echo`: see the module docs.
+fn echo() -> ! {
+    let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
+    let hello = hello(
+        format!("agentd-test-agent {} --echo", env!("CARGO_PKG_VERSION")),
+        Capabilities { steer: false },
+    );
+    let (channel, task) =
+        AgentChannel::handshake(stream, hello).unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let (sender, _receiver) = channel.into_parts();
+    if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
+        die(1, format_args!("cannot start the heartbeat: {e}"));
+    }
+    if let Some(rest) = task.text.strip_prefix("hold ") {
+        let gate = PathBuf::from(rest.split_whitespace().next().unwrap_or_default());
+        while !gate.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    send_result(&sender, Outcome::Succeeded, task.text);
+    std::process::exit(0)
+}
+
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--echo") {
+        echo();
+    }
     let open_fds = open_fds_at_start();
     let words: Vec<String> = std::env::args_os()
         .skip(1)
@@ -359,6 +436,12 @@ fn main() {
         }
     }
 
+    // Registered before the handshake, so that no SIGTERM can come before it.
+    let term = b.close_on_term.map(|_| {
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
+            .unwrap_or_else(|e| die(1, format_args!("cannot catch SIGTERM: {e}")))
+    });
+
     let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
     if b.no_hello && problem.is_none() {
         spawn_descendants(&b);
@@ -372,16 +455,26 @@ fn main() {
     let mut raw = stream.try_clone().unwrap_or_else(|e| die(3, e));
     let protocol = if b.bad_version {
         999
+    } else if b.v1 {
+        1
     } else {
         IPC_PROTOCOL_VERSION
     };
     let mut hello = hello(
         format!("agentd-test-agent {}", env!("CARGO_PKG_VERSION")),
-        Capabilities { steer: b.steer },
+        Capabilities {
+            steer: b.steer || b.refuse_steer,
+        },
     );
     hello.protocol = protocol;
-    let (channel, _task) =
-        AgentChannel::handshake(stream, hello).unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let features = AgentFeatures {
+        collected_prompts: true,
+        checkpoints: true,
+    };
+    let (channel, _task) = AgentChannel::handshake_with(stream, hello, features)
+        .unwrap_or_else(|e| die(3, format_args!("{e}")));
+    let interval = channel.heartbeat_interval();
+    let resume = channel.resume().cloned();
     let (sender, mut receiver) = channel.into_parts();
     if let Some(problem) = problem {
         send_result(&sender, Outcome::Failed, problem.clone());
@@ -407,20 +500,41 @@ fn main() {
         sleep_forever();
     }
     drop(raw);
+    if let (Some(ms), Some(mut term)) = (b.close_on_term, term) {
+        let _ = term.forever().next();
+        // Every descriptor of the channel closes here, with agentd's Cancel unread.
+        drop(sender);
+        drop(receiver);
+        std::thread::sleep(Duration::from_millis(ms));
+        std::process::exit(0);
+    }
 
-    if let Err(e) = spawn_heartbeat(sender.clone(), agentd_agent::heartbeat_interval_from_env()) {
+    if let Err(e) = spawn_heartbeat(sender.clone(), interval) {
         die(1, format_args!("cannot start the heartbeat: {e}"));
+    }
+    if let Some(resume) = resume {
+        let checkpoint = resume.checkpoint.as_deref().unwrap_or("<none>");
+        let _ = sender.progress(format!("resumed: {} {checkpoint}", resume.previous_task_id));
+    }
+    if let Some(data) = &b.checkpoint {
+        if sender.checkpoint(data.clone()).unwrap_or(false) {
+            let _ = sender.progress(format!("checkpoint: {data}"));
+        }
     }
     let (events_tx, events) = mpsc::channel();
     {
         let sender = sender.clone();
-        let (ignore_cancel, steer) = (b.ignore_cancel, b.steer);
+        let (ignore_cancel, steer) = (b.ignore_cancel, b.steer && !b.refuse_steer);
+        let steer_gate = b.steer_gate.clone();
         let reader = move || loop {
             match receiver.recv() {
                 Ok(Some(SupervisorMsg::Cancel)) if !ignore_cancel => {
                     let _ = events_tx.send(Event::Cancel);
                 }
                 Ok(Some(SupervisorMsg::Steer { text })) => {
+                    while steer_gate.as_ref().is_some_and(|gate| !gate.exists()) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     let _ = sender.send(&AgentMsg::SteerAck { accepted: steer });
                     if steer {
                         let _ = sender.progress(format!("steered: {text}"));
@@ -496,6 +610,14 @@ fn main() {
     };
     let text = b.result.unwrap_or_else(|| "done".into());
     send_result(&sender, outcome, text);
-    std::thread::sleep(Duration::from_millis(b.linger_ms));
+    let lingering = Instant::now();
+    if let Some((ms, path)) = &b.touch {
+        std::thread::sleep(Duration::from_millis(*ms));
+        if let Err(e) = std::fs::write(path, "") {
+            die(1, format_args!("cannot create {}: {e}", path.display()));
+        }
+    }
+    let linger = Duration::from_millis(b.linger_ms);
+    std::thread::sleep(linger.saturating_sub(lingering.elapsed()));
     std::process::exit(b.exit.unwrap_or(if b.fail { 1 } else { 0 }));
 }

@@ -5,16 +5,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentd_daemon::config::{self, DaemonConfig, FileConfig};
+use agentd_daemon::config::{self, ControlSettings, DaemonConfig, FileConfig};
+use agentd_daemon::control::{Endpoint, Limits};
 use agentd_daemon::supervisor::DaemonSignal;
 use anyhow::{bail, Context};
 use clap::Parser;
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::mpsc;
 
 /// Supervisor daemon for AI agents: per-session queues, a cap on live agent processes,
 /// control commands answered at once, and stops that end the whole process tree.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "agentd", version)]
 struct Args {
     /// Control socket path [default: $AGENTD_SOCKET, else $XDG_RUNTIME_DIR/agentd/agentd.sock,
@@ -72,7 +73,16 @@ struct Args {
     /// At most this many finished tasks are kept [default: 10000]
     #[arg(long, value_name = "N")]
     retention_count: Option<u64>,
-    /// TOML config file with the same keys as the flags (flags win)
+    /// Most client connections open at once, idle ones included; past it a new
+    /// connection is refused with `too_many_connections` [default: 2048]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// How long a request line may take from its first byte to its end; a slower one
+    /// is answered `request_timeout` and its connection closed [default: 10s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    request_timeout: Option<Duration>,
+    /// TOML config file with the same keys as the flags (flags win). SIGHUP re-reads
+    /// it: max-connections and request-timeout take effect at once, the rest at restart
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -92,6 +102,7 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
             (None, None) => Ok(default),
         }
     };
+    let control = control_settings(&args.max_connections, &args.request_timeout, &file)?;
     let agent = match args.agent.or(file.agent) {
         Some(line) => config::parse_agent_command(&line).context("invalid --agent")?,
         None => config::default_agent_command(),
@@ -136,6 +147,7 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         max_queued: args.max_queued.or(file.max_queued).unwrap_or(1000),
         queue_timeout,
         dedup_window: 10_000,
+        collected_prompts: config::agent_wants_collected_prompts(&agent),
     };
     Ok(DaemonConfig {
         socket: args
@@ -170,22 +182,112 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
                     .unwrap_or(10_000),
             ),
         },
+        control,
     })
 }
 
-/// Forwards SIGCHLD, SIGTERM and SIGINT to the supervisor from a dedicated thread.
-fn signal_thread() -> anyhow::Result<mpsc::UnboundedReceiver<DaemonSignal>> {
+fn control_settings(
+    max_connections: &Option<usize>,
+    request_timeout: &Option<Duration>,
+    file: &FileConfig,
+) -> anyhow::Result<ControlSettings> {
+    let defaults = ControlSettings::default();
+    let max_connections = max_connections
+        .or(file.max_connections)
+        .unwrap_or(defaults.max_connections);
+    if max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let request_timeout = match (request_timeout, &file.request_timeout) {
+        (Some(d), _) => *d,
+        (None, Some(text)) => config::parse_duration(text)?,
+        (None, None) => defaults.request_timeout,
+    };
+    if request_timeout.is_zero() {
+        bail!("--request-timeout must be more than 0");
+    }
+    Ok(ControlSettings {
+        max_connections,
+        request_timeout,
+    })
+}
+
+/// Every connection is a descriptor: raises the soft RLIMIT_NOFILE to the hard limit,
+/// and lowers `max_connections` if the limit still cannot hold them (with room for
+/// agents' channels and logs).
+fn fit_descriptors(settings: &mut ControlSettings) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    const RESERVED: u64 = 256;
+    let room = usize::try_from(limit.saturating_sub(RESERVED).max(16)).unwrap_or(usize::MAX);
+    if settings.max_connections > room {
+        tracing::warn!(
+            "max-connections {} exceeds what the descriptor limit {limit} allows; using {room}",
+            settings.max_connections
+        );
+        settings.max_connections = room;
+    }
+}
+
+/// SIGHUP: re-reads the config file and applies the settings that can change while
+/// agentd runs (max-connections, request-timeout); flags still win over the file.
+fn reload(args: &Args, limits: &Limits) {
+    let Some(path) = &args.config else {
+        tracing::info!(
+            "SIGHUP: no config file to reload (agentd was started without --config); carrying on"
+        );
+        return;
+    };
+    let settings = FileConfig::load(path).and_then(|file| {
+        // The whole file must still be valid, though only part of it applies now.
+        resolve(Args {
+            config: Some(path.clone()),
+            ..args.clone()
+        })?;
+        control_settings(&args.max_connections, &args.request_timeout, &file)
+    });
+    match settings {
+        Ok(mut settings) => {
+            fit_descriptors(&mut settings);
+            limits.update(&settings);
+            tracing::info!(
+                "SIGHUP: reloaded {}: max-connections {}, request-timeout {:?} apply now; other settings take effect at restart",
+                path.display(),
+                settings.max_connections,
+                settings.request_timeout
+            );
+        }
+        Err(e) => tracing::warn!("SIGHUP: kept the settings in force: {e:#}"),
+    }
+}
+
+/// Forwards SIGCHLD, SIGTERM and SIGINT to the supervisor from a dedicated thread,
+/// and handles SIGHUP there (a closed terminal must not take agentd down).
+fn signal_thread(
+    args: Args,
+    limits: std::sync::Arc<Limits>,
+) -> anyhow::Result<mpsc::UnboundedReceiver<DaemonSignal>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut signals = signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT])
+    let mut signals = signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                let event = if signal == SIGCHLD {
-                    DaemonSignal::Child
-                } else {
-                    DaemonSignal::Shutdown
+                let event = match signal {
+                    SIGCHLD => DaemonSignal::Child,
+                    SIGHUP => {
+                        reload(&args, &limits);
+                        continue;
+                    }
+                    _ => DaemonSignal::Shutdown,
                 };
                 if tx.send(event).is_err() {
                     break;
@@ -196,7 +298,8 @@ fn signal_thread() -> anyhow::Result<mpsc::UnboundedReceiver<DaemonSignal>> {
 }
 
 fn main_inner() -> anyhow::Result<()> {
-    let config = resolve(Args::parse())?;
+    let args = Args::parse();
+    let mut config = resolve(args.clone())?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
@@ -218,7 +321,9 @@ fn main_inner() -> anyhow::Result<()> {
     };
     let store = agentd_daemon::durable::open(&config)?;
     agentd_proc_subreaper()?;
-    let signals = signal_thread()?;
+    fit_descriptors(&mut config.control);
+    let limits = Limits::new(&config.control);
+    let signals = signal_thread(args, limits.clone())?;
     // One thread: the supervisor loop never blocks, and agents are forked from the
     // main thread, which lives as long as agentd (their parent-death signal is tied to it).
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -226,12 +331,18 @@ fn main_inner() -> anyhow::Result<()> {
         .build()?;
     let socket = config.socket.clone();
     runtime.block_on(async {
-        let listener = agentd_daemon::socket::bind(&socket)?;
+        let bound = agentd_daemon::socket::bind(&socket)?;
+        let file = bound.file;
+        let endpoint = Endpoint {
+            listener: bound.listener,
+            socket: Some(file.clone()),
+            limits,
+        };
         let result =
-            agentd_daemon::run(config, store, listener, signals, std::future::pending()).await;
+            agentd_daemon::run(config, store, endpoint, signals, std::future::pending()).await;
         // Only the agentd that bound the socket removes it (never one that found
-        // another agentd already running there).
-        let _ = std::fs::remove_file(&socket);
+        // another agentd already running there, nor one whose file was replaced).
+        file.remove_if_ours();
         result
     })
 }

@@ -35,8 +35,10 @@ cleanup() {
 trap cleanup EXIT
 
 bold "Starting agentd: 2 agent slots, stop graces of 2 s (log: $WORK/agentd.log)"
-printf '$ agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s --state-dir %s &\n' "$WORK/state"
-agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s --state-dir "$WORK/state" 2>"$WORK/agentd.log" &
+# --steer: these commands may read steered messages from their stdin (step 6).
+AGENT='agent-exec --steer -- sh -c {text}'
+printf '$ agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s --agent %q --state-dir %s &\n' "$AGENT" "$WORK/state"
+agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s --agent "$AGENT" --state-dir "$WORK/state" 2>"$WORK/agentd.log" &
 AGENTD_PID=$!
 for _ in $(seq 1 100); do agentctl ping >/dev/null 2>&1 && break; sleep 0.05; done
 run agentctl ping

@@ -156,3 +156,34 @@ fn agent_logs_are_kept_only_when_the_agent_wrote_something() {
         std::fs::read_to_string(logs.join(format!("{noisy}.log"))).expect("the noisy agent's log");
     assert!(text.contains("unknown behaviour word"), "{text}");
 }
+
+#[test]
+fn agents_of_ipc_protocol_1_and_2_both_run() {
+    let d = Daemon::with_test_agent(&[]);
+    let v1 = d.submit("alice", "v1 result:one");
+    // A v2 agent's Features and Checkpoint are not protocol errors.
+    let v2 = d.submit("bob", "checkpoint:state-1 result:two");
+    assert_eq!(d.wait_state(&v1, "succeeded")["result"], json!("one"));
+    assert_eq!(d.wait_state(&v2, "succeeded")["result"], json!("two"));
+}
+
+#[test]
+fn a_steer_into_a_command_that_does_not_read_stdin_is_not_reported_as_delivered() {
+    // The default agent-exec (no --steer) says it cannot take steering.
+    let d = Daemon::with_agent_exec(&["--queue-mode", "steer", "--debounce", "0ms"]);
+    let running = d.submit("alice", "sleep 2; echo A");
+    d.wait_state(&running, "running");
+    let reply = d.send("alice", "echo B");
+    let text = reply["reply"].as_str().unwrap();
+    assert!(!text.contains("steered into"), "{reply}");
+    assert_eq!(reply["task"]["state"], json!("queued"), "{reply}");
+    assert!(
+        reply["notice"]
+            .as_str()
+            .is_some_and(|n| n.contains("does not accept steering")),
+        "{reply}"
+    );
+    assert_eq!(d.wait_state(&running, "succeeded")["result"], json!("A"));
+    let follow_up = reply["task"]["task_id"].as_str().unwrap();
+    assert_eq!(d.wait_state(follow_up, "succeeded")["result"], json!("B"));
+}

@@ -247,3 +247,24 @@ fn absurd_durations_from_a_client_are_refused_or_survived() {
     assert_eq!(d.task(&held)["state"], json!("queued"));
     assert_eq!(d.request(json!({"cmd": "ping"}))["pong"], json!(true));
 }
+
+#[test]
+fn tasks_all_lists_active_then_queued_then_finished_tasks() {
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "1"]);
+    let done = d.submit("alice", "first");
+    d.wait_state(&done, "succeeded");
+    let gate = d.gate("g");
+    let running = d.submit("bob", &format!("hold {gate}"));
+    d.wait_state(&running, "running");
+    let queued = d.submit("carol", "third");
+
+    let list = d.agentctl_json(&["tasks", "--all"]);
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [&running, &queued, &done], "{list}");
+    d.release(&gate);
+}

@@ -668,20 +668,15 @@ fn retention_prunes_old_finished_tasks_and_their_logs() {
 
 #[test]
 fn a_refused_steer_becomes_a_durable_follow_up() {
-    let args = echo_agent_args();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
-    let mut args: Vec<&str> = args.into_iter().skip(2).collect();
-    args.splice(0..0, ["--agent", agent.as_str()]);
+    let agent = format!("{TEST_AGENT} {{text}}");
+    let args = ["--agent", agent.as_str(), "--debounce", "0ms"];
     let mut daemon = Daemon::start(&args);
-    let gate = daemon.gate("never");
-    // The command closes its stdin, so the agent cannot take a steered message.
-    let id = daemon.submit(
-        "chat",
-        &format!("exec 0<&-; echo up; while [ ! -e {gate} ]; do sleep 0.02; done"),
-    );
-    daemon.wait_progress(&id, "up");
-    daemon.request(json!({"cmd": "send", "session": "chat", "text": "also this", "mode": "steer"}));
+    daemon.send("chat", "/queue steer");
+    // The agent offers steering but refuses every steer: the message comes back.
+    let id = daemon.submit("chat", "refuse-steer sleep:60000");
+    daemon.wait_state(&id, "running");
+    let steered = daemon.send("chat", "result:also-this");
+    assert_eq!(steered["task"]["state"], json!("merged"), "{steered}");
     wait_for(
         "the refused steer is queued as a follow-up",
         DEADLINE,
@@ -690,19 +685,22 @@ fn a_refused_steer_becomes_a_durable_follow_up() {
             list.as_array()
                 .unwrap()
                 .iter()
-                .any(|t| t["text"] == json!("also this") && t["state"] == json!("queued"))
+                .any(|t| t["text"] == json!("result:also-this") && t["state"] == json!("queued"))
                 .then_some(())
         },
     );
     let orphans = kill9(&mut daemon);
     let _reaper = Reaper(orphans);
     respawn(&mut daemon, &args, "agentd2.log");
-    let list = daemon.request(json!({"cmd": "tasks"}));
-    assert!(
-        list.as_array()
-            .unwrap()
-            .iter()
-            .any(|t| t["text"] == json!("also this")),
-        "the follow-up survived: {list}"
-    );
+    // Back in the queue, it runs (no task is running now) and succeeds.
+    let list = daemon.request(json!({"cmd": "tasks", "all": true}));
+    let follow_up = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["text"] == json!("result:also-this") && t["state"] != json!("merged"))
+        .unwrap_or_else(|| panic!("the follow-up survived: {list}"))
+        .clone();
+    let view = daemon.wait_state(follow_up["task_id"].as_str().unwrap(), "succeeded");
+    assert_eq!(view["result"], json!("also-this"), "{view}");
 }

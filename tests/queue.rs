@@ -1,10 +1,6 @@
 //! Dispatcher semantics end to end: queue modes, caps and drop policies, fairness,
 //! priorities, expiry, de-duplication and live events.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -16,7 +12,7 @@ fn wait_running(d: &Daemon, task: &str) {
 
 #[test]
 fn collect_turns_messages_held_during_a_run_into_one_follow_up() {
-    let d = Daemon::with_echo_agent(&["--debounce", "200ms"]);
+    let d = Daemon::with_collecting_echo_agent(&["--debounce", "200ms"]);
     let gate = d.gate("first");
     let first = d.submit("alice", &format!("hold {gate} first"));
     wait_running(&d, &first);
@@ -63,7 +59,8 @@ fn followup_runs_each_held_message_as_its_own_task_in_order() {
 
 #[test]
 fn steer_delivers_the_message_into_the_running_command() {
-    let d = Daemon::with_agent_exec(&[]);
+    let agent = format!("{AGENT_EXEC} --steer -- sh -c {{text}}");
+    let d = Daemon::start(&["--agent", &agent]);
     let reply = d.send("alice", "/queue steer");
     assert!(
         reply["reply"].as_str().unwrap().contains("mode steer"),
@@ -96,7 +93,8 @@ fn steer_delivers_the_message_into_the_running_command() {
 
 #[test]
 fn steer_to_an_agent_that_cannot_take_it_falls_back_to_a_follow_up_and_says_so() {
-    let agent = format!("{AGENT_EXEC} --no-steer -- sh -c {{text}}");
+    // agent-exec steers only with --steer: by default the command's stdin is closed.
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
     let d = Daemon::start(&[
         "--agent",
         &agent,
@@ -207,7 +205,7 @@ fn a_quiet_chat_is_not_starved_by_a_chat_with_thirty_held_follow_ups() {
 
 #[test]
 fn past_the_cap_drop_new_refuses_and_drop_summarize_passes_a_summary() {
-    let d = Daemon::with_echo_agent(&["--debounce", "0ms"]);
+    let d = Daemon::with_collecting_echo_agent(&["--debounce", "0ms"]);
     let gate = d.gate("g");
     let first = d.submit("alice", &format!("hold {gate}"));
     wait_running(&d, &first);
@@ -415,55 +413,6 @@ fn queue_settings_are_shown_changed_and_reset_from_chat_and_agentctl() {
         "{}",
         stdout(&out)
     );
-}
-
-/// A raw `watch` subscription on its own connection.
-struct Watch {
-    reader: BufReader<UnixStream>,
-}
-
-impl Watch {
-    fn open(d: &Daemon, body: Value) -> Watch {
-        let mut stream = UnixStream::connect(&d.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut body = body;
-        body["id"] = json!(7);
-        writeln!(stream, "{body}").unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let answer: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(answer["ok"], json!(true), "{answer}");
-        Watch { reader }
-    }
-
-    fn task(d: &Daemon, task_id: &str) -> Watch {
-        Watch::open(d, json!({"cmd": "watch", "task_id": task_id}))
-    }
-
-    fn next(&mut self) -> Value {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("an event line");
-        let response: Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad event line {line:?}: {e}"));
-        assert_eq!(response["id"], json!(7));
-        response["event"].clone()
-    }
-
-    /// Event kinds up to and including the first of `last`.
-    fn kinds_until(&mut self, last: &str) -> Vec<String> {
-        let mut kinds = Vec::new();
-        loop {
-            let event = self.next();
-            let kind = event["kind"].as_str().unwrap().to_string();
-            kinds.push(kind.clone());
-            if kind == last {
-                return kinds;
-            }
-        }
-    }
 }
 
 #[test]

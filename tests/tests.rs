@@ -6,16 +6,31 @@ mod support;
 
 /// Misbehaving agents: crashes, garbage frames, handshake failures, descriptor leaks.
 mod agents;
+/// Bounds: stopped and slow clients, connection floods, slowloris, paging, SIGHUP,
+/// a removed socket.
+mod bounds;
+/// examples/bridge.py (Python, from the doc alone) against a real agentd.
+mod bridge;
 /// Capacity: live agents never exceed the cap; sessions don't block each other.
 mod capacity;
 /// agentctl's user-facing behaviour: words, JSON, errors and exit codes.
 mod cli;
+/// docs/protocol.md replayed against the daemon; the wire guarantees it states.
+mod conformance;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
+/// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
+mod defaults;
 /// Durability: restarts after kill -9, acknowledged means stored, one agentd per
 /// state dir, corrupt stores.
 mod durability;
+/// The stdlib-only Python example agent under a real agentd.
+mod python_agent;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
 mod queue;
+/// Timers, stops and events that cross each other.
+mod races;
+/// Steering fallbacks: refused steers, shutdown, steer-backlog answers.
+mod steer;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.
 mod stop;

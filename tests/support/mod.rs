@@ -102,6 +102,16 @@ impl Daemon {
         Daemon::start(&args)
     }
 
+    /// agentd whose agent, like an LLM agent, takes collected prompts (a v1 agent:
+    /// `agentd-test-agent --echo`) and answers every task with its text as received.
+    /// A text starting with `hold PATH` waits until PATH exists first.
+    pub fn with_collecting_echo_agent(extra: &[&str]) -> Daemon {
+        let agent = format!("{TEST_AGENT} --echo");
+        let mut args = vec!["--agent", agent.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start(&args)
+    }
+
     /// A path under this daemon's temp dir that a `hold PATH` task waits for.
     pub fn gate(&self, name: &str) -> String {
         self.dir
@@ -364,4 +374,78 @@ pub fn stdout(out: &Output) -> String {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A raw `watch` subscription on its own connection.
+pub struct Watch {
+    reader: BufReader<UnixStream>,
+}
+
+impl Watch {
+    /// Sends the `watch` request `body` and checks that it was accepted.
+    pub fn open(d: &Daemon, body: Value) -> Watch {
+        let mut stream = UnixStream::connect(&d.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut body = body;
+        body["id"] = json!(7);
+        writeln!(stream, "{body}").unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(answer["ok"], json!(true), "{answer}");
+        Watch { reader }
+    }
+
+    pub fn task(d: &Daemon, task_id: &str) -> Watch {
+        Watch::open(d, json!({"cmd": "watch", "task_id": task_id}))
+    }
+
+    pub fn session(d: &Daemon, session: &str) -> Watch {
+        Watch::open(d, json!({"cmd": "watch", "session": session}))
+    }
+
+    /// The next event (waits up to 30 s). A coalesced progress event gets the line's
+    /// `skipped` count as its own `skipped` field.
+    pub fn next(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("an event line");
+        let response: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad event line {line:?}: {e}"));
+        assert_eq!(response["id"], json!(7));
+        let mut event = response["event"].clone();
+        // Coalesced progress: the line carries how many earlier ones it replaced.
+        if let (Some(skipped), Some(event)) = (response.get("skipped"), event.as_object_mut()) {
+            event.insert("skipped".into(), skipped.clone());
+        }
+        event
+    }
+
+    /// Event kinds up to and including the first of `last`.
+    pub fn kinds_until(&mut self, last: &str) -> Vec<String> {
+        let mut kinds = Vec::new();
+        loop {
+            let event = self.next();
+            let kind = event["kind"].as_str().unwrap().to_string();
+            kinds.push(kind.clone());
+            if kind == last {
+                return kinds;
+            }
+        }
+    }
+
+    /// Events up to and including the first that `last` matches.
+    pub fn until(&mut self, mut last: impl FnMut(&Value) -> bool) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let event = self.next();
+            let done = last(&event);
+            events.push(event);
+            if done {
+                return events;
+            }
+        }
+    }
 }

@@ -2,15 +2,34 @@
 //!
 //! The command runs in its own process group with a clean signal mask, without the
 //! IPC fd, and with `AGENTD_TASK_ID`/`AGENTD_SESSION` in its environment. Its
-//! stdout and stderr lines become progress and feed a bounded tail that becomes
-//! the result text. Cancel turns into SIGINT for the group, steer text is written
-//! to the command's stdin, and EOF (or garbage) on the channel means agentd is
-//! gone: the group gets SIGTERM + SIGCONT, then SIGKILL after a grace period.
+//! stdout and stderr share one pipe, so their lines keep the order the command
+//! wrote them in; each line becomes progress and feeds a bounded tail that
+//! becomes the result text. Cancel turns into SIGINT for the group, and EOF (or
+//! garbage) on the channel means agentd is gone: the group gets SIGTERM + SIGCONT,
+//! then SIGKILL after a grace period.
+//!
+//! **Steering** ([`ExecConfig::steer`], `--steer`) is off unless asked for, since
+//! only a command that reads its stdin can take it: without it the command's
+//! stdin is `/dev/null`, the Hello says `steer: false`, and agentd queues steered
+//! messages as follow-ups. With it, each steer is written to the command's stdin
+//! as one line in the [line framing](escape_line) and acknowledged `accepted` once
+//! the command has read the whole line from the pipe; a steer still unread when
+//! the command ends (or written into a closed stdin) is acknowledged `false`, and
+//! agentd queues it as a follow-up.
+//!
+//! **Checkpoints** ([`ExecConfig::checkpoints`], `--checkpoints`): the command
+//! gets fd 3 ([`ENV_CHECKPOINT_FD`]), a pipe on which each line, in the line
+//! framing, is one checkpoint, relayed to agentd as `Checkpoint`.
+//!
+//! **Resuming**: when agentd resumes a task, the command finds
+//! [`ENV_RESUMING`]`=1`, [`ENV_PREVIOUS_TASK_ID`], and the last checkpoint in the
+//! file named by [`ENV_CHECKPOINT_FILE`] (and in [`ENV_CHECKPOINT`] itself when it
+//! is small).
 //!
 //! Threads: the caller's thread spawns the command and waits for it; one thread
-//! per output pipe; one IPC reader; one stdin writer (steering only); the
-//! heartbeat; and in [`run`] one thread that forwards agent-exec's own
-//! SIGTERM/SIGINT to the group.
+//! for the output pipe; one for the checkpoint pipe; one IPC reader; one stdin
+//! writer (steering only); the heartbeat; and in [`run`] one thread that forwards
+//! agent-exec's own SIGTERM/SIGINT to the group.
 //!
 //! The command's group is never signalled after the command has been reaped: the
 //! command is first waited for with `WNOWAIT`, so its zombie keeps the pid (and
@@ -18,17 +37,19 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agentd_proto::ipc::{
-    AgentMsg, Capabilities, CommandExit, Outcome, SupervisorMsg, TaskResult, TaskStart, ENV_IPC_FD,
-    ENV_SESSION, ENV_TASK_ID,
+    AgentFeatures, AgentHello, AgentMsg, Capabilities, CommandExit, Outcome, SupervisorMsg,
+    TaskResult, TaskStart, ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID, MAX_CHECKPOINT_BYTES,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
@@ -36,8 +57,8 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::{setpgid, Pid};
 
 use crate::channel::{
-    heartbeat_interval_from_env, hello, message_name, spawn_heartbeat, AgentChannel, AgentReceiver,
-    AgentSender,
+    hello as hello_for, message_name, spawn_heartbeat, AgentChannel, AgentReceiver, AgentSender,
+    Resume,
 };
 
 /// Default size of the output tail sent as the result text, in bytes.
@@ -58,12 +79,38 @@ pub const EXIT_CANNOT_RUN: i32 = 127;
 /// Exit code: a cancel was requested and the command then ended.
 pub const EXIT_CANCELLED: i32 = 130;
 
+/// Set to `1` in the command's environment when the task resumes an earlier one.
+pub const ENV_RESUMING: &str = "AGENTD_RESUMING";
+/// The id of the task a resumed task resumes.
+pub const ENV_PREVIOUS_TASK_ID: &str = "AGENTD_PREVIOUS_TASK_ID";
+/// A file holding the last checkpoint of the resumed task, exactly as saved (set
+/// only when there is one). The file is removed when the command has ended.
+pub const ENV_CHECKPOINT_FILE: &str = "AGENTD_CHECKPOINT_FILE";
+/// The last checkpoint itself, when it is at most [`MAX_CHECKPOINT_ENV_BYTES`]
+/// and holds no NUL character; larger ones are only in [`ENV_CHECKPOINT_FILE`].
+pub const ENV_CHECKPOINT: &str = "AGENTD_CHECKPOINT";
+/// Largest checkpoint also passed in [`ENV_CHECKPOINT`], in bytes.
+pub const MAX_CHECKPOINT_ENV_BYTES: usize = 64 * 1024;
+/// With checkpoints on: the fd number (always 3) on which the command writes
+/// checkpoints, one per line in the [line framing](escape_line).
+pub const ENV_CHECKPOINT_FD: &str = "AGENTD_CHECKPOINT_FD";
+/// The fd number the command writes checkpoints to.
+pub const CHECKPOINT_FD: RawFd = 3;
+
 /// How agent-exec runs its command.
 #[derive(Debug, Clone)]
 pub struct ExecConfig {
-    /// Accept steering: announce it in the handshake, pipe steer text to stdin.
-    /// Without it the command's stdin is `/dev/null`.
+    /// Accept steering (`--steer`): the command reads its stdin, so announce
+    /// steering in the handshake and write steer text to the command's stdin.
+    /// Off by default: the command's stdin is `/dev/null` and steers are refused.
     pub steer: bool,
+    /// Ask for collected prompts (`--collect`): messages held while a task ran may
+    /// come as one merged prompt. Off by default, since a command line wants one
+    /// task per message.
+    pub collect: bool,
+    /// Offer the command the checkpoint fd (`--checkpoints`, see
+    /// [`ENV_CHECKPOINT_FD`]) and announce checkpoints in the handshake.
+    pub checkpoints: bool,
     /// Size of the output tail sent as the result text.
     pub result_bytes: usize,
     /// The command line; empty means `sh -c <task text>`.
@@ -78,7 +125,9 @@ pub struct ExecConfig {
 impl Default for ExecConfig {
     fn default() -> Self {
         ExecConfig {
-            steer: true,
+            steer: false,
+            collect: false,
+            checkpoints: false,
             result_bytes: DEFAULT_RESULT_BYTES,
             command: Vec::new(),
             drain_timeout: Duration::from_millis(300),
@@ -90,6 +139,24 @@ impl Default for ExecConfig {
 /// The name agent-exec gives in its `Hello`.
 pub fn agent_name() -> String {
     format!("agent-exec {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The `Hello` agent-exec sends with `config`: steering only with [`ExecConfig::steer`].
+pub fn hello(config: &ExecConfig) -> AgentHello {
+    hello_for(
+        agent_name(),
+        Capabilities {
+            steer: config.steer,
+        },
+    )
+}
+
+/// The `Features` agent-exec sends with `config`.
+pub fn features(config: &ExecConfig) -> AgentFeatures {
+    AgentFeatures {
+        collected_prompts: config.collect,
+        checkpoints: config.checkpoints,
+    }
 }
 
 /// agent-exec's whole life: forward SIGTERM/SIGINT to the command's group, take
@@ -113,13 +180,7 @@ pub fn run(config: &ExecConfig) -> i32 {
             "cannot handle SIGTERM/SIGINT ({e}): they will end agent-exec at once"
         )),
     }
-    let hello = hello(
-        agent_name(),
-        Capabilities {
-            steer: config.steer,
-        },
-    );
-    match AgentChannel::from_env(hello) {
+    match AgentChannel::from_env_with(hello(config), features(config)) {
         Ok((channel, task)) => supervise(channel, task, config, group),
         Err(e) => {
             warn(format_args!("{e}"));
@@ -140,11 +201,15 @@ fn warn(msg: std::fmt::Arguments<'_>) {
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> bool {
+    spawn_joinable(name, f).is_some()
+}
+
+fn spawn_joinable(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
     match std::thread::Builder::new().name(name.into()).spawn(f) {
-        Ok(_) => true,
+        Ok(handle) => Some(handle),
         Err(e) => {
             warn(format_args!("cannot start thread {name}: {e}"));
-            false
+            None
         }
     }
 }
@@ -234,13 +299,46 @@ fn supervise(
     config: &ExecConfig,
     group: Arc<Group>,
 ) -> i32 {
+    let interval = channel.heartbeat_interval();
+    let resume = channel.resume().cloned();
     let (sender, receiver) = channel.into_parts();
-    if let Err(e) = spawn_heartbeat(sender.clone(), heartbeat_interval_from_env()) {
+    if let Err(e) = spawn_heartbeat(sender.clone(), interval) {
         warn(format_args!("cannot start the heartbeat thread: {e}"));
     }
     let argv = command_line(config, &task);
     let program = argv[0].to_string_lossy().into_owned();
+    let fail_early = |what: &str, e: io::Error| {
+        let text = format!("cannot {what} for `{program}`: {e}");
+        warn(format_args!("{text}"));
+        finish(
+            &sender,
+            &group,
+            Outcome::Failed,
+            text,
+            None,
+            EXIT_CANNOT_RUN,
+        )
+    };
     let mut command = build_command(&argv, &task, config.steer);
+    // One pipe for stdout and stderr: the kernel keeps the order of the writes, so
+    // progress and the result's tail show lines in the order the command wrote them.
+    let output = match merged_output(&mut command) {
+        Ok(output) => output,
+        Err(e) => return fail_early("make a pipe", e),
+    };
+    let checkpoints = if config.checkpoints {
+        match checkpoint_pipe(&mut command) {
+            Ok(read) => Some(read),
+            Err(e) => return fail_early("make the checkpoint pipe", e),
+        }
+    } else {
+        None
+    };
+    // Removed (with the checkpoint file) when this function returns.
+    let _resume_dir = match resume_env(&mut command, resume.as_ref()) {
+        Ok(dir) => dir,
+        Err(e) => return fail_early("write the checkpoint file", e),
+    };
 
     let spawned = {
         let mut state = group.lock();
@@ -260,6 +358,9 @@ fn supervise(
             state.pgid = Some(pid);
         })
     };
+    // The command holds agent-exec's copies of the pipes' write ends: close them,
+    // or the pipes never report EOF.
+    drop(command);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -284,33 +385,36 @@ fn supervise(
     let tail = Arc::new(Mutex::new(Tail::new(config.result_bytes)));
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut pumps = 0;
-    if let Some(out) = child.stdout.take() {
+    {
         let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
-        pumps += usize::from(spawn_thread("agent-exec-stdout", move || {
-            pump(out, &sender, &tail);
+        pumps += usize::from(spawn_thread("agent-exec-output", move || {
+            pump(output, &sender, &tail);
             let _ = done.send(());
         }));
     }
-    if let Some(err) = child.stderr.take() {
-        let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
-        pumps += usize::from(spawn_thread("agent-exec-stderr", move || {
-            pump(err, &sender, &tail);
+    if let Some(read) = checkpoints {
+        let (sender, done) = (sender.clone(), done_tx.clone());
+        pumps += usize::from(spawn_thread("agent-exec-checkpoints", move || {
+            relay_checkpoints(read, &sender);
             let _ = done.send(());
         }));
     }
     drop(done_tx);
-    let steer_tx = match child.stdin.take() {
-        Some(stdin) if config.steer => {
-            let (tx, rx) = mpsc::channel::<String>();
-            let sender = sender.clone();
-            spawn_thread("agent-exec-stdin", move || write_steers(stdin, rx, &sender)).then_some(tx)
+    let steering = Arc::new(Mutex::new(None::<mpsc::Sender<StdinInput>>));
+    let mut stdin_writer = None;
+    if let Some(stdin) = child.stdin.take().filter(|_| config.steer) {
+        let (tx, rx) = mpsc::channel::<StdinInput>();
+        let sender = sender.clone();
+        stdin_writer = spawn_joinable("agent-exec-stdin", move || write_steers(stdin, rx, &sender));
+        if stdin_writer.is_some() {
+            *lock(&steering) = Some(tx);
         }
-        _ => None,
-    };
+    }
     {
         let (sender, group, grace) = (sender.clone(), Arc::clone(&group), config.kill_grace);
+        let steering = Arc::clone(&steering);
         spawn_thread("agent-exec-ipc", move || {
-            read_ipc(receiver, &sender, &group, steer_tx, grace)
+            read_ipc(receiver, &sender, &group, &steering, grace)
         });
     }
 
@@ -327,6 +431,14 @@ fn supervise(
         // Whatever still holds a pipe left the group; do not wait for it long.
         wait_done(&done_rx, open, Instant::now() + Duration::from_millis(200));
     }
+    // Nothing of the group reads stdin any more: steers not read by now never will
+    // be. Their acks go out before the result; later steers are refused at once.
+    if let Some(tx) = lock(&steering).take() {
+        let _ = tx.send(StdinInput::CommandEnded);
+    }
+    if let Some(writer) = stdin_writer {
+        let _ = writer.join();
+    }
 
     group.lock().reaped = true;
     let status = match child.wait() {
@@ -341,7 +453,7 @@ fn supervise(
         code: status.code(),
         signal: status.signal(),
     };
-    let text = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
+    let text = lock(&tail).text();
     if group.supervisor_gone.load(Ordering::SeqCst) {
         // No result: nobody is listening, or the channel is garbled.
         group.finished.store(true, Ordering::SeqCst);
@@ -356,6 +468,10 @@ fn supervise(
         (Outcome::Failed, EXIT_FAILED)
     };
     finish(&sender, &group, outcome, text, Some(exit), code)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Sends the result and closes the channel; returns `code`.
@@ -420,6 +536,15 @@ fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);
     command.env_remove(ENV_IPC_FD);
+    for var in [
+        ENV_RESUMING,
+        ENV_PREVIOUS_TASK_ID,
+        ENV_CHECKPOINT_FILE,
+        ENV_CHECKPOINT,
+        ENV_CHECKPOINT_FD,
+    ] {
+        command.env_remove(var);
+    }
     // agentd sets these for us and the command inherits them; fill them in from
     // the task only if they are missing (agentd attributes orphans by them).
     if std::env::var_os(ENV_TASK_ID).is_none() {
@@ -428,10 +553,7 @@ fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
     if std::env::var_os(ENV_SESSION).is_none() {
         command.env(ENV_SESSION, &task.session);
     }
-    command
-        .stdin(if steer { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.stdin(if steer { Stdio::piped() } else { Stdio::null() });
     let parent = nix::unistd::getpid().as_raw();
     // SAFETY: the closure only makes async-signal-safe system calls (setpgid,
     // prctl, getppid, sigemptyset, sigprocmask, signal) and allocates nothing.
@@ -467,12 +589,80 @@ fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
     command
 }
 
+/// Points the command's stdout and stderr at the write end of one new pipe and
+/// returns its read end. Both ends are close-on-exec in agent-exec; the command
+/// gets its copies as fds 1 and 2. The `Command` holds the write ends, so they
+/// close in agent-exec when it is dropped after the spawn.
+fn merged_output(command: &mut Command) -> io::Result<std::fs::File> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let write_err = write.try_clone()?;
+    command
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::from(write_err));
+    Ok(std::fs::File::from(read))
+}
+
+/// Gives the command the write end of a new pipe as fd [`CHECKPOINT_FD`] (named in
+/// [`ENV_CHECKPOINT_FD`]) and returns the read end. The write end is closed in
+/// agent-exec when the `Command` is dropped.
+fn checkpoint_pipe(command: &mut Command) -> io::Result<std::fs::File> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    command.env(ENV_CHECKPOINT_FD, CHECKPOINT_FD.to_string());
+    let write: OwnedFd = write;
+    let raw = write.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe; `raw` stays open until the
+    // Command (which owns `write` through the closure) is dropped after the spawn.
+    unsafe {
+        command.pre_exec(move || {
+            let _keep = &write;
+            let ok = if raw == CHECKPOINT_FD {
+                libc::fcntl(raw, libc::F_SETFD, 0) != -1
+            } else {
+                // dup2 leaves the new descriptor without close-on-exec.
+                libc::dup2(raw, CHECKPOINT_FD) != -1
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(std::fs::File::from(read))
+}
+
+/// Sets the resume variables for the command; with a checkpoint, writes it into
+/// a private temporary directory, returned so that it lives as long as the command.
+fn resume_env(
+    command: &mut Command,
+    resume: Option<&Resume>,
+) -> io::Result<Option<tempfile::TempDir>> {
+    let Some(resume) = resume else {
+        return Ok(None);
+    };
+    command
+        .env(ENV_RESUMING, "1")
+        .env(ENV_PREVIOUS_TASK_ID, &resume.previous_task_id);
+    let Some(checkpoint) = &resume.checkpoint else {
+        return Ok(None);
+    };
+    // tempfile creates the directory 0700.
+    let dir = tempfile::Builder::new().prefix("agent-exec-").tempdir()?;
+    let file = dir.path().join("checkpoint");
+    std::fs::write(&file, checkpoint)?;
+    command.env(ENV_CHECKPOINT_FILE, &file);
+    if checkpoint.len() <= MAX_CHECKPOINT_ENV_BYTES && !checkpoint.contains('\0') {
+        command.env(ENV_CHECKPOINT, checkpoint);
+    }
+    Ok(Some(dir))
+}
+
 /// The IPC reader: cancel, steer, and "agentd is gone".
 fn read_ipc(
     mut receiver: AgentReceiver,
     sender: &AgentSender,
     group: &Group,
-    steer_tx: Option<mpsc::Sender<String>>,
+    steering: &Mutex<Option<mpsc::Sender<StdinInput>>>,
     grace: Duration,
 ) {
     loop {
@@ -501,9 +691,13 @@ fn read_ipc(
                 group.signal(Signal::SIGINT);
             }
             SupervisorMsg::Steer { text } => {
-                let queued = steer_tx.as_ref().is_some_and(|tx| tx.send(text).is_ok());
+                // Under the lock, so that no steer slips in after the writer was
+                // told that the command has ended.
+                let queued = lock(steering)
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(StdinInput::Steer(text)).is_ok());
                 if !queued {
-                    let _ = sender.send(&AgentMsg::SteerAck { accepted: false });
+                    let _ = sender.steer_ack(false);
                 }
             }
             SupervisorMsg::Reject { reason } => {
@@ -512,7 +706,10 @@ fn read_ipc(
                 ));
                 return group.stop_now(grace);
             }
-            other @ (SupervisorMsg::Welcome { .. } | SupervisorMsg::Start(_)) => {
+            other @ (SupervisorMsg::Welcome { .. }
+            | SupervisorMsg::Start(_)
+            | SupervisorMsg::Settings(_)
+            | SupervisorMsg::Resume { .. }) => {
                 warn(format_args!(
                     "ignoring an unexpected {} from agentd",
                     message_name(&other)
@@ -522,23 +719,174 @@ fn read_ipc(
     }
 }
 
-/// The stdin writer: one line per steer, acknowledged once written (or not).
-fn write_steers(stdin: ChildStdin, texts: mpsc::Receiver<String>, sender: &AgentSender) {
-    let mut stdin = Some(stdin);
-    for text in texts {
-        let accepted = match stdin.as_mut() {
-            Some(pipe) => {
-                let mut line = text.into_bytes();
-                line.push(b'\n');
-                pipe.write_all(&line).and_then(|()| pipe.flush()).is_ok()
-            }
-            None => false,
+/// What the stdin writer is told.
+enum StdinInput {
+    /// A steer to write.
+    Steer(String),
+    /// The command and its group are gone: refuse what is still unread, and stop.
+    CommandEnded,
+}
+
+/// The stdin writer. Each steer is written as one line in the line framing; it is
+/// acknowledged `accepted` once the command has read all of it from the pipe
+/// (the pipe's unread byte count, `FIONREAD`, has dropped past its end), and
+/// `false` if the pipe breaks or the command ends first. Acks keep the steers'
+/// order. Writes never block, so a command that does not read cannot stall this
+/// thread, however much is steered.
+fn write_steers(stdin: ChildStdin, inputs: mpsc::Receiver<StdinInput>, sender: &AgentSender) {
+    let fd = stdin.as_raw_fd();
+    let nonblocking = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_GETFL)
+        .map(nix::fcntl::OFlag::from_bits_retain)
+        .and_then(|flags| {
+            nix::fcntl::fcntl(
+                &stdin,
+                nix::fcntl::FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
+            )
+        });
+    let mut broken = nonblocking.is_err();
+    let mut outbox: VecDeque<u8> = VecDeque::new();
+    // Stream offsets: bytes written into the pipe, and the end of each unacked steer.
+    let mut written: u64 = 0;
+    let mut queued: u64 = 0;
+    let mut pending: VecDeque<u64> = VecDeque::new();
+    let mut ended = false;
+    let mut poll = Duration::from_millis(5);
+    while !ended {
+        let input = if pending.is_empty() {
+            inputs.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            inputs.recv_timeout(poll)
         };
-        if !accepted {
-            stdin = None;
+        match input {
+            Ok(StdinInput::Steer(text)) => {
+                if broken {
+                    let _ = sender.steer_ack(false);
+                } else {
+                    let line = escape_line(&text);
+                    outbox.extend(line.as_bytes());
+                    outbox.push_back(b'\n');
+                    queued += line.len() as u64 + 1;
+                    pending.push_back(queued);
+                    poll = Duration::from_millis(5);
+                }
+            }
+            Ok(StdinInput::CommandEnded) | Err(RecvTimeoutError::Disconnected) => ended = true,
+            Err(RecvTimeoutError::Timeout) => poll = (poll * 2).min(Duration::from_millis(100)),
         }
-        let _ = sender.send(&AgentMsg::SteerAck { accepted });
+        while !broken && !outbox.is_empty() {
+            let (front, _) = outbox.as_slices();
+            // SAFETY: write(2) from a live slice into a descriptor this thread owns.
+            let n = unsafe { libc::write(fd, front.as_ptr().cast(), front.len()) };
+            if n >= 0 {
+                outbox.drain(..n as usize);
+                written += n as u64;
+                continue;
+            }
+            match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::EAGAIN => break,
+                _ => broken = true, // EPIPE: nobody reads stdin any more
+            }
+        }
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int; it reports a pipe's unread bytes from
+        // either end.
+        let counted = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) } == 0;
+        if counted {
+            let read = written.saturating_sub(unread.max(0) as u64);
+            while pending.front().is_some_and(|end| *end <= read) {
+                pending.pop_front();
+                let _ = sender.steer_ack(true);
+            }
+        }
+        if broken || ended || !counted {
+            broken = true;
+            outbox.clear();
+            for _ in pending.drain(..) {
+                let _ = sender.steer_ack(false);
+            }
+        }
     }
+    // Steers that raced with the end (none can come after CommandEnded).
+    while let Ok(StdinInput::Steer(_)) = inputs.try_recv() {
+        let _ = sender.steer_ack(false);
+    }
+}
+
+/// Escapes `text` into one line of agent-exec's line framing, used for steers on
+/// the command's stdin and checkpoints on its checkpoint fd: a backslash becomes
+/// `\\`, a line feed `\n` and a carriage return `\r`; nothing else changes. The
+/// line ends with the line feed that the caller writes after it.
+///
+/// A message without backslashes or line breaks (the usual chat message) is
+/// written as it is, so `read -r line` in a shell gets it verbatim.
+pub fn escape_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Reverses [`escape_line`] on one line (without its line feed): `\\`, `\n` and
+/// `\r` become a backslash, a line feed and a carriage return; any other
+/// backslash is kept as it is, so a hand-written `C:\temp` survives.
+pub fn unescape_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek() {
+            Some('\\') => out.push('\\'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            _ => {
+                out.push('\\');
+                continue;
+            }
+        }
+        chars.next();
+    }
+    out
+}
+
+/// Relays the checkpoint pipe until EOF: each line (in the line framing) is one
+/// checkpoint. A line whose checkpoint would exceed [`MAX_CHECKPOINT_BYTES`] is
+/// dropped with a warning on agent-exec's stderr.
+fn relay_checkpoints(mut src: impl Read, sender: &AgentSender) {
+    // Escaping at most doubles the size.
+    let mut lines = LineSplitter::new(2 * MAX_CHECKPOINT_BYTES);
+    let mut buf = [0u8; 8192];
+    let mut emit = |line: &[u8], cut: bool| {
+        let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line));
+        let data = unescape_line(&text);
+        if cut || data.len() > MAX_CHECKPOINT_BYTES {
+            warn(format_args!(
+                "dropped a checkpoint over {MAX_CHECKPOINT_BYTES} bytes"
+            ));
+            return;
+        }
+        if let Err(e) = sender.checkpoint(data) {
+            warn(format_args!("cannot send a checkpoint to agentd: {e}"));
+        }
+    };
+    loop {
+        match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => lines.feed(&buf[..n], &mut emit),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    lines.finish(&mut emit);
 }
 
 /// Relays one output pipe line by line until EOF.

@@ -13,7 +13,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use agentd_agent::{AgentMsg, Outcome, SupervisorMsg, TaskResult, TaskStart, IPC_PROTOCOL_VERSION};
+use agentd_agent::{
+    AgentFeatures, AgentMsg, AgentSettings, Outcome, SupervisorMsg, TaskResult, TaskStart,
+    IPC_PROTOCOL_VERSION,
+};
 use agentd_proto::codec::{read_frame, write_frame, FrameError};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -39,6 +42,8 @@ struct Agent {
     stream: UnixStream,
     /// `socket:[inode]` of the agent's end, as /proc/PID/fd shows it.
     agent_socket: String,
+    /// The Features a v2 agent sent.
+    features: Option<AgentFeatures>,
 }
 
 impl Agent {
@@ -84,6 +89,7 @@ impl Agent {
             child,
             stream: ours,
             agent_socket,
+            features: None,
         }
     }
 
@@ -108,15 +114,30 @@ impl Agent {
         write_frame(&mut self.stream, msg).unwrap();
     }
 
-    /// Reads the Hello and answers Welcome + Start; returns the Hello.
+    /// Reads the Hello and answers Welcome (for the lower protocol) + Start;
+    /// returns the Hello. A v2 agent's Features are checked to follow the Welcome
+    /// and kept in `self.features`.
     fn handshake(&mut self, text: &str) -> agentd_agent::AgentHello {
+        self.handshake_with(text, &[])
+    }
+
+    /// [`Agent::handshake`] that sends `extra` (Settings, Resume) before Start.
+    fn handshake_with(&mut self, text: &str, extra: &[SupervisorMsg]) -> agentd_agent::AgentHello {
         let hello = match self.next() {
             Some(AgentMsg::Hello(h)) => h,
             other => panic!("expected Hello, got {other:?}"),
         };
-        self.send(&SupervisorMsg::Welcome {
-            protocol: IPC_PROTOCOL_VERSION,
-        });
+        let protocol = hello.protocol.min(IPC_PROTOCOL_VERSION);
+        self.send(&SupervisorMsg::Welcome { protocol });
+        if protocol >= 2 {
+            match self.next() {
+                Some(AgentMsg::Features(f)) => self.features = Some(f),
+                other => panic!("expected Features, got {other:?}"),
+            }
+        }
+        for msg in extra {
+            self.send(msg);
+        }
         self.send(&SupervisorMsg::Start(TaskStart {
             task_id: "task-9".into(),
             session: "sess-9".into(),
@@ -219,7 +240,17 @@ fn agent_exec_runs_the_command_after_the_double_dash() {
         hello.agent,
         format!("agent-exec {}", env!("CARGO_PKG_VERSION"))
     );
-    assert!(hello.capabilities.steer);
+    assert!(
+        !hello.capabilities.steer,
+        "steering is off unless asked for"
+    );
+    assert_eq!(
+        agent.features,
+        Some(AgentFeatures {
+            collected_prompts: false,
+            checkpoints: false
+        })
+    );
     let (progress, result, status) = agent.finish();
     assert_eq!(status.code(), Some(0), "{result:?}");
     assert_eq!(result.outcome, Outcome::Succeeded);
@@ -235,16 +266,23 @@ fn agent_exec_runs_the_command_after_the_double_dash() {
 }
 
 #[test]
-fn agent_exec_runs_the_task_text_with_sh_and_honours_no_steer() {
+fn agent_exec_runs_the_task_text_with_sh_and_announces_its_flags() {
     let Some(bin) = binary("agent-exec") else {
         return;
     };
-    let mut agent = Agent::spawn(&bin, &["--no-steer"]);
+    let mut agent = Agent::spawn(&bin, &["--steer", "--collect", "--checkpoints"]);
     assert!(
-        !agent
+        agent
             .handshake("echo from-the-task; exit 4")
             .capabilities
             .steer
+    );
+    assert_eq!(
+        agent.features,
+        Some(AgentFeatures {
+            collected_prompts: true,
+            checkpoints: true
+        })
     );
     let (_, result, status) = agent.finish();
     assert_eq!(status.code(), Some(1));
@@ -304,16 +342,61 @@ fn agent_exec_stops_when_agentd_goes_away() {
     let mut agent = Agent::spawn(&bin, &["--", "sh", "-c", "echo pid:$$; exec sleep 30"]);
     agent.handshake("");
     let pid: i32 = loop {
-        if let Some(AgentMsg::Progress { text }) = agent.next() {
-            if let Some(pid) = text.strip_prefix("pid:") {
-                break pid.parse().unwrap();
+        match agent.next() {
+            Some(AgentMsg::Progress { text }) => {
+                if let Some(pid) = text.strip_prefix("pid:") {
+                    break pid.parse().unwrap();
+                }
             }
+            None => panic!("the agent closed its channel before reporting its pid"),
+            Some(_) => {}
         }
     };
     let _ = agent.stream.shutdown(std::net::Shutdown::Both);
     let status = agent.wait();
     assert_eq!(status.code(), Some(1));
     wait_gone(pid);
+}
+
+#[test]
+fn agent_exec_resumes_with_the_checkpoint_and_relays_new_ones() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let script = r#"echo "resuming:${AGENTD_RESUMING:-0} prev:$AGENTD_PREVIOUS_TASK_ID"
+        echo "env:$AGENTD_CHECKPOINT"
+        echo "file:$(cat "$AGENTD_CHECKPOINT_FILE")"
+        printf '%s\n' 'step 2\nof 3' >&$AGENTD_CHECKPOINT_FD"#;
+    let mut agent = Agent::spawn(&bin, &["--checkpoints", "--", "sh", "-c", script]);
+    agent.handshake_with(
+        "",
+        &[
+            SupervisorMsg::Settings(AgentSettings {
+                heartbeat_interval_ms: 50,
+            }),
+            SupervisorMsg::Resume {
+                previous_task_id: "task-8".into(),
+                checkpoint: Some("step 1".into()),
+            },
+        ],
+    );
+    let mut progress = Vec::new();
+    let mut checkpoints = Vec::new();
+    let result = loop {
+        match agent.next() {
+            Some(AgentMsg::Progress { text }) => progress.push(text),
+            Some(AgentMsg::Checkpoint { data }) => checkpoints.push(data),
+            Some(AgentMsg::Result(r)) => break r,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
+    assert_eq!(
+        progress,
+        ["resuming:1 prev:task-8", "env:step 1", "file:step 1"]
+    );
+    assert_eq!(checkpoints, ["step 2\nof 3"]);
+    assert_eq!(agent.wait().code(), Some(0));
 }
 
 // ------------------------------------------------------- agentd-test-agent
@@ -409,6 +492,37 @@ fn test_agent_endings() {
     let mut agent = Agent::spawn(&bin, &["no-hello sleep:200"]);
     assert_eq!(agent.next(), None);
     assert_eq!(agent.wait().code(), Some(0));
+
+    let mut agent = Agent::spawn(&bin, &["v1 checkpoint:c1"]);
+    assert_eq!(agent.handshake("").protocol, 1);
+    assert_eq!(agent.features, None, "a v1 agent sends no Features");
+    let (progress, result, _) = agent.finish();
+    assert!(
+        progress.is_empty(),
+        "no checkpoint to a v1 agentd: {progress:?}"
+    );
+    assert_eq!(result.text, "done");
+
+    let mut agent = Agent::spawn(&bin, &["checkpoint:c1"]);
+    agent.handshake_with(
+        "",
+        &[SupervisorMsg::Resume {
+            previous_task_id: "t0".into(),
+            checkpoint: None,
+        }],
+    );
+    assert_eq!(
+        agent.next(),
+        Some(AgentMsg::Progress {
+            text: "resumed: t0 <none>".into()
+        })
+    );
+    assert_eq!(
+        agent.next(),
+        Some(AgentMsg::Checkpoint { data: "c1".into() })
+    );
+    let (progress, _, _) = agent.finish();
+    assert_eq!(progress, ["checkpoint: c1"]);
 
     let mut agent = Agent::spawn(&bin, &["bad-version"]);
     match agent.next() {

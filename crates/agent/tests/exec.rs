@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentd_agent::exec::{self, ExecConfig, CUT_MARKER, MAX_LINE_BYTES};
 use agentd_agent::{
-    hello, AgentChannel, AgentMsg, Capabilities, Outcome, SupervisorMsg, TaskResult, TaskStart,
+    AgentChannel, AgentFeatures, AgentMsg, Outcome, SupervisorMsg, TaskResult, TaskStart,
     IPC_PROTOCOL_VERSION,
 };
 use agentd_proto::codec::{read_frame, write_frame};
@@ -23,6 +23,11 @@ struct Supervisor {
 }
 
 fn start_with(text: &str, config: ExecConfig) -> Supervisor {
+    start_after(&[], text, config)
+}
+
+/// Like [`start_with`], with `before` (Settings, Resume) sent between Welcome and Start.
+fn start_after(before: &[SupervisorMsg], text: &str, config: ExecConfig) -> Supervisor {
     let (agent, mut stream) = UnixStream::pair().unwrap();
     let agent_socket = format!("socket:[{}]", nix::sys::stat::fstat(&agent).unwrap().st_ino);
     stream
@@ -35,6 +40,9 @@ fn start_with(text: &str, config: ExecConfig) -> Supervisor {
         },
     )
     .unwrap();
+    for msg in before {
+        write_frame(&mut stream, msg).unwrap();
+    }
     write_frame(
         &mut stream,
         &SupervisorMsg::Start(TaskStart {
@@ -44,10 +52,10 @@ fn start_with(text: &str, config: ExecConfig) -> Supervisor {
         }),
     )
     .unwrap();
-    let steer = config.steer;
+    let (steer, features) = (config.steer, exec::features(&config));
     let handle = std::thread::spawn(move || {
         let (channel, task) =
-            AgentChannel::handshake(agent, hello(exec::agent_name(), Capabilities { steer }))
+            AgentChannel::handshake_with(agent, exec::hello(&config), exec::features(&config))
                 .expect("handshake");
         exec::run_task(channel, task, &config)
     });
@@ -65,11 +73,19 @@ fn start_with(text: &str, config: ExecConfig) -> Supervisor {
         }
         other => panic!("expected Hello, got {other:?}"),
     }
+    assert_eq!(sup.next(), Some(AgentMsg::Features(features)));
     sup
 }
 
 fn start(script: &str) -> Supervisor {
     start_with(script, ExecConfig::default())
+}
+
+fn steering() -> ExecConfig {
+    ExecConfig {
+        steer: true,
+        ..ExecConfig::default()
+    }
 }
 
 impl Supervisor {
@@ -98,6 +114,17 @@ impl Supervisor {
                     }
                 }
                 other => panic!("waiting for progress {line:?}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads up to the next steer ack (collecting progress) and returns it.
+    fn wait_ack(&mut self) -> bool {
+        loop {
+            match self.next() {
+                Some(AgentMsg::Progress { text }) => self.progress.push(text),
+                Some(AgentMsg::SteerAck { accepted }) => return accepted,
+                other => panic!("waiting for a steer ack, got {other:?}"),
             }
         }
     }
@@ -169,17 +196,29 @@ fn output_lines_become_progress_and_the_tail_the_result() {
     assert_eq!(code, exec::EXIT_SUCCEEDED);
     let exit = result.command_exit.unwrap();
     assert_eq!((exit.code, exit.signal), (Some(0), None));
-    // stdout and stderr are read by different threads: compare as sets.
-    let mut sorted = progress.clone();
-    sorted.sort();
     assert_eq!(
-        sorted,
-        ["one", "three", "two"],
+        progress,
+        ["one", "two", "three"],
         "blank lines are not progress"
     );
-    let mut lines: Vec<&str> = result.text.lines().collect();
-    lines.sort();
-    assert_eq!(lines, ["", "one", "three", "two"], "{:?}", result.text);
+    assert_eq!(result.text, "one\ntwo\n\nthree");
+}
+
+#[test]
+fn stdout_and_stderr_keep_the_order_the_command_wrote_them_in() {
+    // Alternating streams, line by line: two pipes read by two threads reorder these.
+    let script = "for i in $(seq 1 200); do echo out$i; echo err$i >&2; done";
+    let (result, code, progress) = start(script).finish();
+    assert_eq!(code, 0);
+    let expected: Vec<String> = (1..=200)
+        .flat_map(|i| [format!("out{i}"), format!("err{i}")])
+        .collect();
+    assert_eq!(progress, expected, "progress lost the command's order");
+    assert_eq!(
+        result.text,
+        expected.join("\n"),
+        "the result lost the order"
+    );
 }
 
 #[test]
@@ -221,24 +260,44 @@ fn cancel_lets_the_command_finish_its_step() {
 
 #[test]
 fn steer_text_is_written_to_stdin() {
-    let mut sup = start("echo ready; read line; echo got:$line");
+    let mut sup = start_with("echo ready; read line; echo got:$line", steering());
     sup.wait_progress("ready");
     sup.send(&SupervisorMsg::Steer {
         text: "use python 3.12".into(),
     });
-    assert_eq!(sup.next(), Some(AgentMsg::SteerAck { accepted: true }));
+    assert!(sup.wait_ack());
     let (result, code, _) = sup.finish();
     assert_eq!(code, 0);
     assert_eq!(result.text, "ready\ngot:use python 3.12");
 }
 
 #[test]
-fn steer_is_refused_without_steering_and_stdin_is_empty() {
-    let config = ExecConfig {
-        steer: false,
-        ..ExecConfig::default()
-    };
-    let mut sup = start_with("read line || echo no-input; echo ready; sleep 0.3", config);
+fn a_steer_with_line_breaks_is_one_escaped_line() {
+    let script = r#"echo ready; read -r one; read -r two; printf '%s|%s\n' "$one" "$two""#;
+    let mut sup = start_with(script, steering());
+    sup.wait_progress("ready");
+    for text in ["line 1\nline 2\\n", "second"] {
+        sup.send(&SupervisorMsg::Steer { text: text.into() });
+    }
+    for _ in 0..2 {
+        assert!(sup.wait_ack());
+    }
+    let (result, _, _) = sup.finish();
+    assert_eq!(
+        result.text,
+        r"ready
+line 1\nline 2\\n|second"
+    );
+    assert_eq!(
+        exec::unescape_line(r"line 1\nline 2\\n"),
+        "line 1\nline 2\\n"
+    );
+    assert_eq!(exec::escape_line("line 1\nline 2\\n"), r"line 1\nline 2\\n");
+}
+
+#[test]
+fn steering_is_off_by_default_and_stdin_is_empty() {
+    let mut sup = start("read line || echo no-input; echo ready; sleep 0.3");
     sup.wait_progress("no-input");
     sup.wait_progress("ready");
     sup.send(&SupervisorMsg::Steer { text: "x".into() });
@@ -248,12 +307,104 @@ fn steer_is_refused_without_steering_and_stdin_is_empty() {
 }
 
 #[test]
+fn a_steer_the_command_never_reads_is_not_accepted() {
+    // With steering on, a steer counts as delivered only once the command has read
+    // it; this one is still in the pipe when the command ends.
+    let mut sup = start_with("echo ready; sleep 0.3; echo A", steering());
+    sup.wait_progress("ready");
+    sup.send(&SupervisorMsg::Steer {
+        text: "never read".into(),
+    });
+    let mut progress = Vec::new();
+    loop {
+        match sup.next() {
+            Some(AgentMsg::Progress { text }) => progress.push(text),
+            Some(AgentMsg::SteerAck { accepted }) => {
+                assert!(!accepted, "an unread steer was reported as delivered");
+                break;
+            }
+            other => panic!("expected the steer's ack before anything else, got {other:?}"),
+        }
+    }
+    let (result, code, _) = sup.finish();
+    assert_eq!((code, result.text.as_str()), (0, "ready\nA"));
+}
+
+#[test]
 fn steer_after_stdin_is_closed_is_not_accepted() {
-    let mut sup = start("exec 0<&-; echo ready; sleep 0.5");
+    let mut sup = start_with("exec 0<&-; echo ready; sleep 0.5", steering());
     sup.wait_progress("ready");
     sup.send(&SupervisorMsg::Steer { text: "x".into() });
     assert_eq!(sup.next(), Some(AgentMsg::SteerAck { accepted: false }));
     sup.finish();
+}
+
+#[test]
+fn a_big_steer_into_a_command_that_does_not_read_does_not_block_agent_exec() {
+    // More than a pipe holds: the writer must not block, and cancel still works.
+    let mut sup = start_with("echo ready; exec sleep 30", steering());
+    sup.wait_progress("ready");
+    sup.send(&SupervisorMsg::Steer {
+        text: "x".repeat(1 << 20),
+    });
+    sup.send(&SupervisorMsg::Steer {
+        text: "second".into(),
+    });
+    sup.send(&SupervisorMsg::Cancel);
+    for _ in 0..2 {
+        assert_eq!(sup.next(), Some(AgentMsg::SteerAck { accepted: false }));
+    }
+    let (result, code, _) = sup.finish();
+    assert_eq!(result.outcome, Outcome::Cancelled);
+    assert_eq!(code, exec::EXIT_CANCELLED);
+}
+
+#[test]
+fn checkpoints_written_on_fd_3_are_relayed_in_order() {
+    let config = ExecConfig {
+        checkpoints: true,
+        ..ExecConfig::default()
+    };
+    let script =
+        r#"echo "fd:$AGENTD_CHECKPOINT_FD"; echo one >&3; printf 'two\\nlines\n' >&3; echo done"#;
+    let mut sup = start_with(script, config);
+    let mut got = Vec::new();
+    let result = loop {
+        match sup.next() {
+            Some(AgentMsg::Progress { text }) => got.push(format!("progress {text}")),
+            Some(AgentMsg::Checkpoint { data }) => got.push(format!("checkpoint {data}")),
+            Some(AgentMsg::Result(r)) => break r,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(result.outcome, Outcome::Succeeded);
+    got.sort(); // two pipes: the checkpoints keep their order among themselves
+    assert_eq!(
+        got,
+        [
+            "checkpoint one",
+            "checkpoint two\nlines",
+            "progress done",
+            "progress fd:3"
+        ]
+    );
+}
+
+#[test]
+fn collect_is_announced_only_when_asked_for() {
+    let config = ExecConfig {
+        collect: true,
+        ..ExecConfig::default()
+    };
+    assert_eq!(
+        exec::features(&config),
+        AgentFeatures {
+            collected_prompts: true,
+            checkpoints: false
+        }
+    );
+    let (result, _, _) = start_with("echo hi", config).finish();
+    assert_eq!(result.text, "hi");
 }
 
 #[test]
@@ -386,4 +537,35 @@ fn the_result_is_the_bounded_tail_and_long_lines_are_cut() {
     assert_eq!(long.len(), MAX_LINE_BYTES + CUT_MARKER.len());
     assert!(long.ends_with(CUT_MARKER));
     assert_eq!(progress.len(), 1001);
+}
+
+#[test]
+fn a_resumed_command_finds_its_checkpoint_in_the_environment_and_a_file() {
+    let script = r#"echo "resuming:${AGENTD_RESUMING:-0} prev:${AGENTD_PREVIOUS_TASK_ID:-}"
+        echo "env-bytes:${#AGENTD_CHECKPOINT} file-bytes:$(wc -c < "$AGENTD_CHECKPOINT_FILE")"
+        echo "file:$AGENTD_CHECKPOINT_FILE""#;
+    let resume = |checkpoint: String| SupervisorMsg::Resume {
+        previous_task_id: "task-0".into(),
+        checkpoint: Some(checkpoint),
+    };
+    // Small: in the variable and the file. Large: only in the file.
+    for (size, env_bytes) in [(10, 10), (exec::MAX_CHECKPOINT_ENV_BYTES + 1, 0)] {
+        let sup = start_after(&[resume("c".repeat(size))], script, ExecConfig::default());
+        let (result, code, progress) = sup.finish();
+        assert_eq!(code, 0, "{result:?}");
+        assert_eq!(progress[0], "resuming:1 prev:task-0");
+        assert_eq!(
+            progress[1],
+            format!("env-bytes:{env_bytes} file-bytes:{size}")
+        );
+        let file = progress[2].strip_prefix("file:").unwrap();
+        assert!(
+            !std::path::Path::new(file).exists(),
+            "the checkpoint file outlived the command: {file}"
+        );
+    }
+    // Not resumed: none of it.
+    let (_, _, progress) =
+        start("echo \"resuming:${AGENTD_RESUMING:-0} ${AGENTD_CHECKPOINT_FILE:-nofile}\"").finish();
+    assert_eq!(progress, ["resuming:0 nofile"]);
 }

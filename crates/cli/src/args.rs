@@ -116,6 +116,7 @@ pub enum Command {
     /// List running and queued tasks
     Tasks(TasksArgs),
     /// Stop a task, a session's tasks, or every task; waits until they have ended
+    /// (unless --no-wait)
     Stop(StopArgs),
     /// Show or change how a session queues messages that arrive while it is busy
     Queue(QueueArgs),
@@ -137,14 +138,18 @@ impl Command {
             Command::Status(a) => RequestBody::Status {
                 task_id: a.task_id.clone(),
             },
+            // The first page; agentctl fetches the others (see `Ctx::tasks`).
             Command::Tasks(a) => RequestBody::Tasks {
                 session: a.session.clone(),
                 all: a.all,
+                limit: Some(agentd_proto::control::MAX_TASKS_PAGE),
+                cursor: None,
             },
             Command::Stop(a) => RequestBody::Stop {
                 task_id: a.task_id.clone(),
                 session: a.session.clone(),
                 all: a.all,
+                wait: !a.no_wait,
             },
             Command::Queue(a) => a.request(),
             Command::Watch(_) => return None,
@@ -251,6 +256,11 @@ pub struct StopArgs {
     /// Stop every task
     #[arg(long)]
     pub all: bool,
+
+    /// Answer as soon as the stop has begun, saying where it stands, instead of
+    /// waiting until the tasks have ended
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 /// `queue --session S [--reset] [MODE] [OPTS...]`
@@ -731,6 +741,17 @@ mod tests {
                 task_id: None,
                 session: Some("a".into()),
                 all: false,
+                wait: true,
+            })
+        );
+        let cli = parse(&["stop", "--no-wait", "0190"]).unwrap();
+        assert_eq!(
+            cli.command.request(),
+            Some(RequestBody::Stop {
+                task_id: Some("0190".into()),
+                session: None,
+                all: false,
+                wait: false,
             })
         );
     }
@@ -755,6 +776,8 @@ mod tests {
             Some(RequestBody::Tasks {
                 session: Some("bob".into()),
                 all: true,
+                limit: Some(agentd_proto::control::MAX_TASKS_PAGE),
+                cursor: None,
             })
         );
     }

@@ -201,7 +201,21 @@ impl Client {
             protocol: CONTROL_PROTOCOL_VERSION,
             client: Some(client_name.to_string()),
         };
-        client.server = match client.call::<HelloReply>(hello) {
+        let answer = match client.call::<HelloReply>(hello) {
+            // agentd may have refused the connection (e.g. too many connections) and
+            // closed it before the hello arrived: its last line says why.
+            Err(ClientError::Closed) => match client.read_response(
+                Some(Instant::now() + Duration::from_secs(1)),
+                Duration::from_secs(1),
+            ) {
+                Ok(response) if !response.ok => {
+                    Err(into_result(response).err().unwrap_or(ClientError::Closed))
+                }
+                _ => Err(ClientError::Closed),
+            },
+            other => other,
+        };
+        client.server = match answer {
             Ok(reply) => reply,
             Err(ClientError::Daemon(error)) if error.code == ErrorCode::UnsupportedProtocol => {
                 return Err(ClientError::UnsupportedProtocol {
@@ -322,6 +336,7 @@ impl Client {
             reply: WatchReply::default(),
             task: None,
             done: false,
+            skipped: 0,
         };
         let value = stream.client.wait(id, DEFAULT_TIMEOUT)?;
         stream.reply =
@@ -425,12 +440,20 @@ pub struct WatchStream<'a> {
     /// For a task watch, the task followed now (the full id once agentd sent it).
     task: Option<String>,
     done: bool,
+    /// `skipped` of the last event yielded.
+    skipped: u64,
 }
 
 impl WatchStream<'_> {
     /// agentd's answer to the `watch` request.
     pub fn reply(&self) -> &WatchReply {
         &self.reply
+    }
+
+    /// How many progress lines agentd left out right before the event yielded last
+    /// (it coalesces progress for a client that reads slower than it comes).
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     /// The id of the `watch` request, which agentd's event lines carry.
@@ -484,6 +507,7 @@ impl Iterator for WatchStream<'_> {
         if self.done {
             return None;
         }
+        self.skipped = 0;
         if let Some(event) = self.client.events.pop_front() {
             return self.deliver(event);
         }
@@ -493,7 +517,10 @@ impl Iterator for WatchStream<'_> {
                 Err(e) => return self.fail(e),
             };
             match (response.id, response.event.take()) {
-                (Some(id), Some(event)) if id == self.id => return self.deliver(event),
+                (Some(id), Some(event)) if id == self.id => {
+                    self.skipped = response.skipped.unwrap_or(0);
+                    return self.deliver(event);
+                }
                 // A watch dropped earlier on this connection.
                 (_, Some(_)) => continue,
                 (Some(id), None) if id == self.id => {
@@ -695,6 +722,7 @@ mod tests {
             task_id: None,
             session: None,
             all: true,
+            wait: true,
         };
         let first = client.submit(stop).unwrap();
         let second = client.submit(RequestBody::Ping).unwrap();
@@ -1092,6 +1120,7 @@ mod tests {
             task_id: Some("t".into()),
             session: None,
             all: false,
+            wait: true,
         };
         assert!(timeout_for(&stop) >= Duration::from_secs(120));
         assert_eq!(timeout_for(&RequestBody::Ping), DEFAULT_TIMEOUT);

@@ -36,7 +36,7 @@ use std::time::SystemTime;
 
 use agentd_proto::control::{
     EventKind, PingReply, QueueSettingsView, RequestBody, SendReply, StatusReply, StopReply,
-    TaskState, TaskView,
+    TaskState, TaskView, TasksPage,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -143,9 +143,7 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
         Command::Status(_) => ctx.one_shot(&cli.command, out, |s: StatusReply| {
             render::render_status(&s, now())
         }),
-        Command::Tasks(_) => ctx.one_shot(&cli.command, out, |t: Vec<TaskView>| {
-            render::render_tasks(&t, now())
-        }),
+        Command::Tasks(_) => ctx.tasks(&cli.command, out),
         Command::Stop(_) => ctx.one_shot(&cli.command, out, |s: StopReply| render::render_stop(&s)),
         Command::Queue(_) => ctx.one_shot(&cli.command, out, |q: QueueSettingsView| {
             render::render_queue(&q)
@@ -200,16 +198,73 @@ impl Ctx<'_> {
         Client::connect(self.socket)?.request(body)
     }
 
+    /// `tasks`: fetches every page on one connection and prints them as one list
+    /// (one JSON array with `--json`), in the order of [`listing_order`].
+    fn tasks(&self, command: &Command, out: &mut dyn Write) -> Result<(), RunError> {
+        let Some(RequestBody::Tasks {
+            session,
+            all,
+            limit,
+            ..
+        }) = command.request()
+        else {
+            return Err(ClientError::BadResponse("not a tasks command".into()).into());
+        };
+        let mut client = Client::connect(self.socket)?;
+        let mut tasks = Vec::new();
+        let mut cursor = None;
+        loop {
+            let value = client.request(RequestBody::Tasks {
+                session: session.clone(),
+                all,
+                limit,
+                cursor: cursor.take(),
+            })?;
+            // An agentd from before paging answers the whole listing as an array.
+            let page: TasksPage = match value {
+                Value::Array(_) => TasksPage {
+                    tasks: decode(value)?,
+                    next_cursor: None,
+                },
+                page => decode(page)?,
+            };
+            tasks.extend(page.tasks);
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        tasks.sort_by(listing_order);
+        let text = if self.json {
+            to_json(&tasks)?
+        } else {
+            render::render_tasks(&tasks, SystemTime::now())
+        };
+        writeln!(out, "{text}").map_err(RunError::Output)
+    }
+
     /// `watch`: one line per event, flushed, until a task watch's task has ended or
     /// the connection closes.
     fn watch(&self, args: &WatchArgs, out: &mut dyn Write) -> Result<(), RunError> {
         let mut client = Client::connect(self.socket)?;
-        for event in client.watch(args.request())? {
+        let mut stream = client.watch(args.request())?;
+        while let Some(event) = stream.next() {
             let event = event?;
+            let skipped = stream.skipped();
             let line = if self.json {
-                to_json(&event)?
+                // The event object, with agentd's count of progress lines left out.
+                let mut value = serde_json::to_value(&event)
+                    .map_err(|e| ClientError::BadResponse(e.to_string()))?;
+                if let (Some(object), true) = (value.as_object_mut(), skipped > 0) {
+                    object.insert("skipped".into(), skipped.into());
+                }
+                to_json(&value)?
             } else {
-                render::render_event(&event, SystemTime::now())
+                let line = render::render_event(&event, SystemTime::now());
+                if skipped > 0 {
+                    print_flushed(out, &agentd_proto::text::skipped_progress(skipped))?;
+                }
+                line
             };
             print_flushed(out, &line)?;
         }
@@ -314,6 +369,24 @@ impl Ctx<'_> {
             })?,
         })
     }
+}
+
+/// The order `agentctl tasks` lists tasks in: active ones by start, then queued ones
+/// by position, then finished ones, oldest first.
+fn listing_order(a: &TaskView, b: &TaskView) -> std::cmp::Ordering {
+    fn key(t: &TaskView) -> (u8, u32, Option<&str>) {
+        if t.state.is_terminal() {
+            (2, 0, t.finished_at.as_deref())
+        } else if t.state == TaskState::Queued {
+            (1, t.position.unwrap_or(u32::MAX), None)
+        } else {
+            (0, 0, t.started_at.as_deref())
+        }
+    }
+    key(a)
+        .cmp(&key(b))
+        .then_with(|| a.created_at.cmp(&b.created_at))
+        .then_with(|| a.task_id.cmp(&b.task_id))
 }
 
 /// Writes one line and flushes, so that a reader sees it at once.
@@ -437,6 +510,7 @@ mod tests {
             duplicate: false,
             dropped: vec![],
             notice: None,
+            steered_into: None,
         }
     }
 
@@ -521,10 +595,11 @@ mod tests {
                 RequestBody::Stop {
                     task_id: None,
                     session: None,
-                    all: true
+                    all: true,
+                    wait: true,
                 }
             );
-            Response::ok(request.id, StopReply { stopped: vec![] })
+            Response::ok(request.id, StopReply::default())
         });
         let (code, out, err) = agentctl(&socket, &["stop", "--all"]);
         server.join().unwrap();
@@ -767,6 +842,7 @@ mod tests {
                     duplicate: false,
                     dropped: vec![],
                     notice: None,
+                    steered_into: None,
                 },
             )
         });
@@ -1053,6 +1129,88 @@ mod tests {
     }
 
     #[test]
+    fn watch_shows_skipped_progress_and_ends_on_a_lagged_notice() {
+        let script = |conn: &mut Conn| {
+            let watch = conn.next();
+            conn.send(&Response::ok(
+                watch.id,
+                WatchReply {
+                    task_id: None,
+                    session: Some("alice".into()),
+                    task: None,
+                },
+            ));
+            let mut line = Response::event(watch.id, progress("t-1", "step 9"));
+            line.skipped = Some(8);
+            conn.send(&line);
+            conn.send(&Response::err(
+                Some(watch.id),
+                ErrorCode::Lagged,
+                "fell behind",
+            ));
+        };
+        let (_dir, socket, server) = fake_agentd_script(script);
+        let (code, out, err) = agentctl(&socket, &["watch", "--session", "alice"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_DAEMON_ERROR);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[0], "(8 progress lines skipped)");
+        assert!(lines[1].ends_with("step 9"), "{out}");
+        assert_eq!(err, "agentctl: fell behind\n");
+
+        let (_dir, socket, server) = fake_agentd_script(script);
+        let (_, out, _) = agentctl(&socket, &["--json", "watch", "--session", "alice"]);
+        server.join().unwrap();
+        let printed: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(printed["skipped"], 8);
+        assert_eq!(printed["text"], "step 9");
+    }
+
+    #[test]
+    fn tasks_joins_pages_and_accepts_an_unpaged_answer() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let first = conn.next();
+            let RequestBody::Tasks { cursor: None, .. } = first.body else {
+                panic!("{first:?}");
+            };
+            conn.send(&Response::ok(
+                first.id,
+                serde_json::json!({"tasks": [task("t-2", TaskState::Queued)], "next_cursor": "t-2"}),
+            ));
+            let second = conn.next();
+            let RequestBody::Tasks { cursor, .. } = second.body else {
+                panic!("{second:?}");
+            };
+            assert_eq!(cursor.as_deref(), Some("t-2"));
+            conn.send(&Response::ok(
+                second.id,
+                serde_json::json!({"tasks": [task("t-1", TaskState::Running)]}),
+            ));
+        });
+        let (code, out, err) = agentctl(&socket, &["--json", "tasks"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_OK, "{err}");
+        let printed: Value = serde_json::from_str(&out).unwrap();
+        let ids: Vec<&str> = printed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap())
+            .collect();
+        // Running first, then queued.
+        assert_eq!(ids, ["t-1", "t-2"]);
+
+        // An agentd from before paging answers with the whole array.
+        let (_dir, socket, server) =
+            fake_agentd(|request| Response::ok(request.id, vec![task("t-9", TaskState::Queued)]));
+        let (code, out, _) = agentctl(&socket, &["--json", "tasks"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_OK);
+        assert!(out.contains("t-9"), "{out}");
+    }
+
+    #[test]
     fn watch_errors_are_daemon_errors() {
         let (_dir, socket, server) = fake_agentd(|request| {
             Response::err(Some(request.id), ErrorCode::NotFound, "no task t-9")
@@ -1138,7 +1296,7 @@ mod tests {
     #[test]
     fn a_closed_stdout_exits_0_quietly() {
         let (_dir, socket, server) =
-            fake_agentd(|request| Response::ok(request.id, serde_json::json!([])));
+            fake_agentd(|request| Response::ok(request.id, serde_json::json!({"tasks": []})));
         let cli = Cli::try_parse_checked(
             ["agentctl", "tasks", "--socket"]
                 .into_iter()

@@ -41,13 +41,14 @@ const EVENT_INDENT: &str = "          ";
 ///   note: <notice>
 /// ```
 pub fn render_send(reply: &SendReply) -> String {
-    let mut out = match &reply.task {
-        Some(task) if reply.duplicate => clean_block(&text::duplicate_line(task)),
-        Some(task) if reply.accepted && reply.command.is_none() => {
-            clean_block(&text::accepted_line(task, reply.capacity))
-        }
-        _ => clean_block(&reply.reply),
-    };
+    let mut out =
+        match &reply.task {
+            Some(task) if reply.duplicate => clean_block(&text::duplicate_line(task)),
+            Some(task) if reply.accepted && reply.command.is_none() => clean_block(
+                &text::send_line(task, reply.capacity, reply.steered_into.as_deref()),
+            ),
+            _ => clean_block(&reply.reply),
+        };
     let mut line = |l: String| {
         out.push('\n');
         out.push_str(&l);
@@ -600,6 +601,7 @@ mod tests {
             duplicate: false,
             dropped: vec![],
             notice: None,
+            steered_into: None,
         }
     }
 
@@ -612,6 +614,16 @@ mod tests {
         assert_eq!(
             render_send(&send_reply(Some(queued()))),
             format!("task {ID2}  queued: position 1 (1/1 agents busy)")
+        );
+        let kept = SendReply {
+            steered_into: Some(ID1.into()),
+            ..send_reply(Some(queued()))
+        };
+        assert_eq!(
+            render_send(&kept),
+            format!(
+                "task {ID2}  steered into running task {ID1} and kept as a follow-up: position 1 (1/1 agents busy)"
+            )
         );
     }
 
@@ -627,6 +639,7 @@ mod tests {
             duplicate: false,
             dropped: vec![],
             notice: None,
+            steered_into: None,
         };
         assert_eq!(
             render_send(&reply),
@@ -995,6 +1008,7 @@ mod tests {
         };
         let reply = StopReply {
             stopped: vec![cooperative, removed],
+            ..StopReply::default()
         };
         assert_eq!(
             render_stop(&reply),
@@ -1013,14 +1027,12 @@ mod tests {
         };
         assert_eq!(
             render_stop(&StopReply {
-                stopped: vec![finished_first]
+                stopped: vec![finished_first],
+                ..StopReply::default()
             }),
             format!("task {ID3}  succeeded")
         );
-        assert_eq!(
-            render_stop(&StopReply { stopped: vec![] }),
-            "nothing to stop"
-        );
+        assert_eq!(render_stop(&StopReply::default()), "nothing to stop");
     }
 
     #[test]

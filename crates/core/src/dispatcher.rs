@@ -45,6 +45,11 @@ pub struct Config {
     pub queue_timeout: Option<Duration>,
     /// How many `(session, message_id)` pairs are remembered for de-duplication.
     pub dedup_window: usize,
+    /// Whether the agent wants several held messages merged into one prompt (IPC
+    /// `AgentFeatures::collected_prompts`; LLM agents do, a shell command does not).
+    /// Without it a `collect` session is drained as `followup`: each held message
+    /// runs as its own task.
+    pub collected_prompts: bool,
 }
 
 impl Default for Config {
@@ -58,6 +63,7 @@ impl Default for Config {
             max_queued: 1000,
             queue_timeout: None,
             dedup_window: 10_000,
+            collected_prompts: true,
         }
     }
 }
@@ -104,6 +110,10 @@ pub enum Event {
         task_id: TaskId,
         step: StopStep,
     },
+    /// The exit grace armed by [`Action::SetExitGrace`] elapsed.
+    ExitGraceOver {
+        task_id: TaskId,
+    },
     /// A debounce timer armed by [`Action::SetDebounce`] elapsed.
     Debounce {
         session: String,
@@ -137,6 +147,10 @@ pub enum Action {
         after: Duration,
         step: StopStep,
     },
+    /// The agent reported its result and should exit: feed back
+    /// `Event::ExitGraceOver { task_id }` after `after`. A timer of its own, so that
+    /// it cannot be taken for a stop's timer when a stop comes in between.
+    SetExitGrace { task_id: TaskId, after: Duration },
     /// Feed back `Event::Debounce { session, generation }` after `after`.
     SetDebounce {
         session: String,
@@ -316,6 +330,12 @@ impl Dispatcher {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What the daemon learned of its agent (see [`Config::collected_prompts`]): it
+    /// applies to runs that start from now on.
+    pub fn set_collected_prompts(&mut self, wanted: bool) {
+        self.config.collected_prompts = wanted;
     }
 
     // ----- queries -----
@@ -589,6 +609,25 @@ impl Dispatcher {
         (Ok(accepted), Actions(actions))
     }
 
+    /// A message accepted earlier comes back: a steer its agent refused. It is queued
+    /// as a follow-up of its session, past the session's cap and the daemon-wide
+    /// limit: refusing it now would lose a message whose sender was told it was
+    /// taken. (Only a steer-capable running agent can send one back, once per
+    /// message steered into it.)
+    pub fn requeue(&mut self, msg: Message, now: Millis) -> Actions {
+        let mut actions = Vec::new();
+        let task = self.new_task(&msg, Mode::Followup, now);
+        self.tasks.insert(task.id, task);
+        self.sessions
+            .entry(msg.session.clone())
+            .or_default()
+            .queue
+            .push_back(msg.task_id);
+        self.refresh_ready(&msg.session);
+        self.admit(now, &mut actions);
+        Actions(actions)
+    }
+
     /// True if a message for `session` would be admitted right away: the session is
     /// idle with nothing held, and a slot its priority class may use is free.
     fn starts_at_once(&self, session: &str, priority: Priority) -> bool {
@@ -722,10 +761,9 @@ impl Dispatcher {
                         // Done, so it should exit now: after `cancel_grace` it is
                         // stopped from SIGTERM on, keeping the outcome it reported.
                         if let TaskState::Running { .. } = task.state {
-                            actions.push(Action::SetTimer {
+                            actions.push(Action::SetExitGrace {
                                 task_id,
                                 after: self.config.cancel_grace,
-                                step: StopStep::Sigterm,
                             });
                         }
                     }
@@ -733,6 +771,14 @@ impl Dispatcher {
             }
             Event::ProtocolError { task_id, error } => {
                 if let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.state.is_active()) {
+                    // Once agentd has signalled the agent, its channel breaking is the
+                    // end it was sent, not a protocol error: an agent killed with
+                    // agentd's Cancel unread (it was SIGSTOPped, say) resets its
+                    // channel as it dies. The stop in progress owns the outcome.
+                    if matches!(&task.state, TaskState::Stopping { step, .. } if *step >= StopStep::Sigterm)
+                    {
+                        return Actions(actions);
+                    }
                     let cause = StopCause::ProtocolError(error);
                     match &mut task.state {
                         TaskState::Stopping {
@@ -758,20 +804,32 @@ impl Dispatcher {
                     });
                 }
             }
-            Event::StopTimer { task_id, step } => {
+            Event::ExitGraceOver { task_id } => {
                 if let Some(task) = self.tasks.get_mut(&task_id) {
                     // A running agent that reported its result and did not exit in
-                    // time lingers: it is stopped, from SIGTERM on.
-                    if let (TaskState::Running { pid, .. }, Some(_), StopStep::Sigterm) =
-                        (&task.state, &task.report, step)
-                    {
+                    // time lingers: it is stopped, from SIGTERM on. One stopped in the
+                    // meantime keeps the graces of that stop.
+                    if let (TaskState::Running { pid, .. }, Some(_)) = (&task.state, &task.report) {
                         task.state = TaskState::Stopping {
                             pid: Some(*pid),
-                            step: StopStep::CooperativeCancel,
+                            step: StopStep::Sigterm,
                             requested_at: now,
                             cause: StopCause::Linger,
                         };
+                        actions.push(Action::Signal {
+                            task_id,
+                            step: StopStep::Sigterm,
+                        });
+                        actions.push(Action::SetTimer {
+                            task_id,
+                            after: self.config.term_grace,
+                            step: StopStep::Sigkill,
+                        });
                     }
+                }
+            }
+            Event::StopTimer { task_id, step } => {
+                if let Some(task) = self.tasks.get_mut(&task_id) {
                     if let TaskState::Stopping { step: current, .. } = &mut task.state {
                         if *current < step {
                             *current = step;
@@ -1104,10 +1162,11 @@ impl Dispatcher {
         let Some(task_id) = session.queue.pop_front() else {
             return;
         };
-        let collect = self
-            .tasks
-            .get(&task_id)
-            .is_some_and(|t| t.mode == Mode::Collect);
+        let collect = self.config.collected_prompts
+            && self
+                .tasks
+                .get(&task_id)
+                .is_some_and(|t| t.mode == Mode::Collect);
         let mut merged = Vec::new();
         if collect {
             while session

@@ -579,10 +579,9 @@ fn ending_after(report: Option<AgentReport>, status: ExitStatus) -> Task {
 
 /// The timer a running agent gets when it reports: it should exit within the grace.
 fn exit_grace(n: u128) -> Action {
-    Action::SetTimer {
+    Action::SetExitGrace {
         task_id: id(n),
         after: CANCEL_GRACE,
-        step: StopStep::Sigterm,
     }
 }
 
@@ -595,7 +594,7 @@ fn an_agent_that_reports_but_does_not_exit_is_stopped_and_keeps_its_outcome() {
     assert_eq!(h.report(1, ReportOutcome::Succeeded), vec![exit_grace(1)]);
     // A second report arms nothing more.
     assert_eq!(h.report(1, ReportOutcome::Failed), vec![]);
-    let a = h.at(6_000).timer(1, StopStep::Sigterm);
+    let a = h.at(6_000).ev(Event::ExitGraceOver { task_id: id(1) });
     assert_eq!(
         a,
         vec![
@@ -629,12 +628,57 @@ fn an_agent_that_reports_but_does_not_exit_is_stopped_and_keeps_its_outcome() {
 }
 
 #[test]
+fn an_exit_grace_that_ends_during_a_later_stop_leaves_that_stop_its_graces() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    h.run(1);
+    assert_eq!(h.report(1, ReportOutcome::Succeeded), vec![exit_grace(1)]);
+    // Stopped while it should be exiting: the stop's own cancel grace starts now.
+    let (_, a) = h
+        .at(2_000)
+        .stop(StopTarget::Task(id(1)), Scope::Owner)
+        .unwrap();
+    assert_eq!(
+        a,
+        vec![
+            Action::SendCancel { task_id: id(1) },
+            Action::SetTimer {
+                task_id: id(1),
+                after: CANCEL_GRACE,
+                step: StopStep::Sigterm
+            }
+        ]
+    );
+    // The exit grace armed by the report ends first: no SIGTERM before the stop's.
+    assert_eq!(
+        h.at(6_000).ev(Event::ExitGraceOver { task_id: id(1) }),
+        vec![]
+    );
+    let a = h.at(7_000).timer(1, StopStep::Sigterm);
+    assert_eq!(
+        a[0],
+        Action::Signal {
+            task_id: id(1),
+            step: StopStep::Sigterm
+        }
+    );
+    let done = only_finished(&h.at(7_010).reap(1, ExitStatus::signal(15)), 1);
+    assert_eq!(
+        ending(&done),
+        &Ending::Cancelled {
+            by: Some(StopStep::Sigterm),
+            after: Duration::from_millis(5_010)
+        }
+    );
+}
+
+#[test]
 fn a_user_stop_of_a_lingering_agent_does_not_replace_the_linger() {
     let mut h = H::new(1);
     let _ = h.submit(1, "a");
     h.run(1);
     let _ = h.report(1, ReportOutcome::Succeeded);
-    let _ = h.at(6_000).timer(1, StopStep::Sigterm);
+    let _ = h.at(6_000).ev(Event::ExitGraceOver { task_id: id(1) });
     // A user stop is weaker than a linger: the task keeps its cause and its outcome.
     let _ = h.stop(StopTarget::Task(id(1)), Scope::Owner).unwrap();
     assert!(matches!(
@@ -1472,6 +1516,45 @@ fn followup_runs_each_held_message_as_its_own_task_in_order() {
     }
     let _ = h.reap(4, ExitStatus::code(0));
     h.assert_empty();
+}
+
+#[test]
+fn collect_for_an_agent_that_wants_no_collected_prompts_runs_each_message_alone() {
+    let mut h = H::with(Config {
+        collected_prompts: false,
+        ..config_with(2, settings(Mode::Collect, 0, 20, DropPolicy::Old))
+    });
+    let _ = h.accept(msg(1, "a"));
+    for n in 2..=3 {
+        let _ = h.accept(msg(n, "a"));
+    }
+    h.run(1);
+    let _ = h.report(1, ReportOutcome::Succeeded);
+    let a = h.reap(1, ExitStatus::code(0));
+    // Drained as followup: the first held message runs with its own text only.
+    assert_eq!(finished(&a).len(), 1);
+    assert_eq!(
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Spawn { task_id, text, .. } => Some((*task_id, text.clone())),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        vec![(id(2), "text 2".to_string())]
+    );
+    assert_eq!(h.state(3), TaskState::Queued);
+    // What the daemon learns later of its agent applies to the next runs.
+    h.d.set_collected_prompts(true);
+    let _ = h.accept(msg(4, "a"));
+    h.run(2);
+    let _ = h.report(2, ReportOutcome::Succeeded);
+    let a = h.reap(2, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(3)]);
+    assert_eq!(h.state(3), TaskState::Starting { pid: None });
+    assert_eq!(
+        h.d.task(&id(3)).unwrap().text,
+        collected_text(&texts(&[3, 4]))
+    );
 }
 
 #[test]
@@ -2343,4 +2426,76 @@ fn a_quiet_chat_is_not_starved_by_a_busy_chat_with_thirty_held_follow_ups() {
         }
         assert_eq!(order, vec![id(100), id(2), id(3)], "debounce {debounce}");
     }
+}
+
+#[test]
+fn a_message_that_comes_back_is_queued_past_the_cap_and_the_global_limit() {
+    let base = config(1);
+    let mut h = H::with(Config {
+        max_queued: 1,
+        queue: QueueSettings {
+            cap: 1,
+            drop: DropPolicy::New,
+            ..base.queue
+        },
+        ..base
+    });
+    let _ = h.submit(1, "a");
+    h.run(1);
+    assert!(h.accept(msg(2, "a")).0.is_ok());
+    assert!(
+        h.accept(msg(3, "a")).0.is_err(),
+        "the session and the queue are full"
+    );
+    // A steer the agent refused was accepted already: it must not be lost.
+    let a = h.d.requeue(msg(4, "a"), Millis(h.now)).into_vec();
+    h.check();
+    assert_eq!(a, vec![]);
+    assert_eq!(h.state(4), TaskState::Queued);
+    assert_eq!(h.d.task(&id(4)).unwrap().mode, Mode::Followup);
+    assert_eq!(h.d.n_queued(), 2);
+    // It runs in its turn, after the message held before it.
+    let _ = h.report(1, ReportOutcome::Succeeded);
+    assert_eq!(spawns(&h.reap(1, ExitStatus::code(0))), vec![id(2)]);
+}
+
+#[test]
+fn a_channel_that_breaks_while_the_task_is_stopped_leaves_the_outcome_to_the_stop() {
+    let mut h = H::new(1);
+    let _ = h.submit(1, "a");
+    h.run(1);
+    let _ = h.stop(StopTarget::Task(id(1)), Scope::Owner).unwrap();
+    let _ = h.at(6_000).timer(1, StopStep::Sigterm);
+    // SIGTERM killed it with the Cancel unread: its channel reports a reset.
+    let reset = Event::ProtocolError {
+        task_id: id(1),
+        error: "Connection reset by peer (os error 104)".into(),
+    };
+    assert_eq!(h.ev(reset.clone()), vec![]);
+    let done = only_finished(&h.at(6_010).reap(1, ExitStatus::signal(15)), 1);
+    assert_eq!(
+        ending(&done),
+        &Ending::Cancelled {
+            by: Some(StopStep::Sigterm),
+            after: Duration::from_millis(5_010)
+        }
+    );
+
+    // Before any signal, garbage on the channel is the agent's own doing: a protocol
+    // error, stronger than the user's stop (protocol_error_during_a_stop_…).
+    let _ = h.submit(2, "a");
+    h.run(2);
+    let _ = h.stop(StopTarget::Task(id(2)), Scope::Owner).unwrap();
+    assert_eq!(
+        h.ev(Event::ProtocolError {
+            task_id: id(2),
+            error: "garbage".into()
+        }),
+        vec![Action::Signal {
+            task_id: id(2),
+            step: StopStep::Sigkill
+        }]
+    );
+    let done = only_finished(&h.reap(2, ExitStatus::signal(9)), 2);
+    assert!(failed_reason(&done).contains("garbage"));
 }

@@ -55,6 +55,9 @@ impl Params {
             max_queued: self.max_queued,
             queue_timeout: self.queue_timeout,
             dedup_window: self.dedup_window,
+            // The model merges collected messages; draining them as followup for
+            // an agent that wants no collected prompts has its own scenario test.
+            collected_prompts: true,
         }
     }
 }
@@ -193,8 +196,10 @@ static COVERAGE: Mutex<BTreeMap<&'static str, u32>> = Mutex::new(BTreeMap::new()
 /// Behaviours every run of the property test must have met at least this often: far
 /// below what a run meets (a few times less than the rarest seen in a run), so that
 /// this fails when the model stops exercising one of them, not by chance.
-const COVERED: [(&str, u32); 22] = [
+const COVERED: [(&str, u32); 24] = [
+    ("exit grace over during a stop", 3),
     ("accepted", 1_000),
+    ("protocol error after a signal", 3),
     ("exit grace armed", 10),
     ("lingered", 3),
     ("duplicate", 20),
@@ -272,7 +277,8 @@ struct World {
     /// Spawns ordered and not yet answered.
     pending: Vec<TaskId>,
     agents: Vec<Agent>,
-    timers: Vec<(TaskId, StopStep)>,
+    /// Armed stop timers (`Some(step)`) and exit graces (`None`).
+    timers: Vec<(TaskId, Option<StopStep>)>,
     debounce_timers: Vec<(String, u64)>,
     fired_debounces: Vec<(String, u64)>,
     last_generation: u64,
@@ -534,7 +540,15 @@ impl World {
                         StopStep::CooperativeCancel => panic!("timer for the cooperative step"),
                     };
                     assert_eq!(after, want);
-                    self.timers.push((task_id, step));
+                    self.timers.push((task_id, Some(step)));
+                }
+                Action::SetExitGrace { task_id, after } => {
+                    assert!(
+                        !self.finished.contains_key(&task_id),
+                        "exit grace for finished {task_id}"
+                    );
+                    assert_eq!(after, CANCEL_GRACE);
+                    self.timers.push((task_id, None));
                 }
                 Action::SetDebounce {
                     session,
@@ -971,10 +985,9 @@ impl World {
                     // first report gives it the exit grace.
                     let want = if first && running {
                         hit("exit grace armed");
-                        vec![Action::SetTimer {
+                        vec![Action::SetExitGrace {
                             task_id: task,
                             after: CANCEL_GRACE,
-                            step: StopStep::Sigterm,
                         }]
                     } else {
                         vec![]
@@ -986,18 +999,27 @@ impl World {
             Op::ProtocolError(i) => {
                 if let Some(task) = self.pick_agent(i) {
                     let error = format!("garbage {}", self.now);
-                    self.protocol_error.entry(task).or_insert(error.clone());
+                    // Once the agent was signalled (SIGTERM or SIGKILL), the stop in
+                    // progress owns the outcome: a broken channel changes nothing.
+                    let signalled = self
+                        .stop_step
+                        .get(&task)
+                        .is_some_and(|(step, _)| *step >= StopStep::Sigterm);
+                    let want = if signalled {
+                        hit("protocol error after a signal");
+                        vec![]
+                    } else {
+                        self.protocol_error.entry(task).or_insert(error.clone());
+                        vec![Action::Signal {
+                            task_id: task,
+                            step: StopStep::Sigkill,
+                        }]
+                    };
                     let a = self.handle(Event::ProtocolError {
                         task_id: task,
                         error,
                     });
-                    assert_eq!(
-                        a,
-                        vec![Action::Signal {
-                            task_id: task,
-                            step: StopStep::Sigkill
-                        }]
-                    );
+                    assert_eq!(a, want);
                     self.apply(a);
                 }
             }
@@ -1424,20 +1446,11 @@ impl World {
         }
     }
 
-    fn fire(&mut self, task: TaskId, step: StopStep) {
-        // A running agent that reported and is still alive when a SIGTERM timer fires
-        // lingers: it is stopped from SIGTERM on.
-        let lingers = step == StopStep::Sigterm
-            && !self.finished.contains_key(&task)
-            && !self.stop_step.contains_key(&task)
-            && self.reports.contains_key(&task)
-            && self.agents.iter().any(|a| a.task == task && a.ready);
-        if lingers {
-            hit("lingered");
-            self.lingered.insert(task);
-            self.stop_step
-                .insert(task, (StopStep::CooperativeCancel, self.now));
-        }
+    /// A stop timer (`Some(step)`) or an exit grace (`None`) fires.
+    fn fire(&mut self, task: TaskId, step: Option<StopStep>) {
+        let Some(step) = step else {
+            return self.fire_exit_grace(task);
+        };
         let current = self.stop_step.get(&task).map(|(s, _)| *s);
         let a = self.handle(Event::StopTimer {
             task_id: task,
@@ -1464,6 +1477,41 @@ impl World {
             }]
         };
         assert_eq!(a, want, "timer {step:?} of {task}, last step {current:?}");
+        self.apply(a);
+    }
+
+    /// A running agent that reported and is still alive when its exit grace ends
+    /// lingers: it is stopped from SIGTERM on. One stopped since keeps that stop's
+    /// graces: the exit grace does nothing.
+    fn fire_exit_grace(&mut self, task: TaskId) {
+        let lingers = !self.finished.contains_key(&task)
+            && !self.stop_step.contains_key(&task)
+            && self.reports.contains_key(&task)
+            && self.agents.iter().any(|a| a.task == task && a.ready);
+        let a = self.handle(Event::ExitGraceOver { task_id: task });
+        let want = if lingers {
+            hit("lingered");
+            self.lingered.insert(task);
+            self.stop_step
+                .insert(task, (StopStep::CooperativeCancel, self.now));
+            vec![
+                Action::Signal {
+                    task_id: task,
+                    step: StopStep::Sigterm,
+                },
+                Action::SetTimer {
+                    task_id: task,
+                    after: TERM_GRACE,
+                    step: StopStep::Sigkill,
+                },
+            ]
+        } else {
+            if self.stop_step.contains_key(&task) && !self.finished.contains_key(&task) {
+                hit("exit grace over during a stop");
+            }
+            vec![]
+        };
+        assert_eq!(a, want, "exit grace of {task}");
         self.apply(a);
     }
 
@@ -1610,6 +1658,7 @@ impl World {
                     Action::SendCancel { task_id }
                     | Action::Signal { task_id, .. }
                     | Action::SetTimer { task_id, .. }
+                    | Action::SetExitGrace { task_id, .. }
                     | Action::Steer { task_id, .. }
                     | Action::Spawn { task_id, .. } => *task_id,
                     Action::SetDebounce { .. } => panic!("a stop armed a debounce: {a:?}"),

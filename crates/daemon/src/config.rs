@@ -23,6 +23,32 @@ pub struct DaemonConfig {
     pub log_cap: u64,
     /// How long, and how many, finished tasks (and their logs) the store keeps.
     pub retention: agentd_store::Retention,
+    /// Limits of the control socket (SIGHUP reloads them).
+    pub control: ControlSettings,
+}
+
+/// Limits of the control socket's connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSettings {
+    /// Most client connections open at once (idle ones count); past it a new
+    /// connection gets `too_many_connections` and is closed.
+    pub max_connections: usize,
+    /// How long a request line may take from its first byte to its newline.
+    pub request_timeout: Duration,
+}
+
+/// Default of [`ControlSettings::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// Default of [`ControlSettings::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for ControlSettings {
+    fn default() -> ControlSettings {
+        ControlSettings {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
 }
 
 /// The TOML file (`--config FILE`). Every key is optional; flags win over the file.
@@ -47,6 +73,8 @@ pub struct FileConfig {
     pub max_queued: Option<u32>,
     pub max_background: Option<u32>,
     pub queue_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub request_timeout: Option<String>,
 }
 
 impl FileConfig {
@@ -173,6 +201,24 @@ pub fn default_state_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/agentd-{}/state", nix::unistd::geteuid()))
 }
 
+/// Whether the configured agent wants several held messages merged into one prompt,
+/// as far as agentd can tell before any handshake: agent-exec runs a command, which
+/// wants one message per task, unless its own options (before `--`) hold
+/// `--collect`; any other agent (an LLM agent, a v1 agent) counts as wanting them.
+/// An agent that says otherwise in its handshake (IPC v2 `Features`) overrides this.
+pub fn agent_wants_collected_prompts(agent: &[String]) -> bool {
+    let Some((program, args)) = agent.split_first() else {
+        return true;
+    };
+    let name = std::path::Path::new(program).file_name();
+    if name != Some(std::ffi::OsStr::new("agent-exec")) {
+        return true;
+    }
+    args.iter()
+        .take_while(|w| w.as_str() != "--")
+        .any(|w| w == "--collect")
+}
+
 /// Builds the argv for one task: `{text}` in any word is replaced by the task text.
 /// A program name without a slash is looked up next to the agentd executable first
 /// (so a freshly built `target/debug/agent-exec` is found), then on `$PATH`.
@@ -211,6 +257,17 @@ mod tests {
         assert_eq!(w("''"), [""]);
         assert!(split_words("'open").is_err());
         assert!(split_words("\"open").is_err());
+    }
+
+    #[test]
+    fn agent_exec_running_a_command_wants_no_collected_prompts() {
+        let wants = |line: &str| agent_wants_collected_prompts(&split_words(line).unwrap());
+        assert!(!wants("agent-exec -- sh -c {text}"));
+        assert!(!wants("/opt/bin/agent-exec --no-steer -- sh -c {text}"));
+        assert!(wants("agent-exec --collect -- my-llm-cli {text}"));
+        assert!(!wants("agent-exec -- my-tool --collect {text}"));
+        assert!(wants("my-llm-agent --model x {text}"));
+        assert!(wants("agentd-test-agent {text}"));
     }
 
     #[test]

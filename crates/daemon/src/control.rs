@@ -6,21 +6,31 @@
 //! task as they come, so a `stop` that waits for its task to end does not hold up a
 //! `status` sent after it on the same connection.
 //!
-//! **Invariant:** nothing here waits on an agent. Bad input (invalid JSON, unknown
+//! **Invariants:** nothing here waits on an agent. Bad input (invalid JSON, unknown
 //! commands, oversized lines, random bytes) gets a structured error; an oversized line
 //! also closes the connection, since the rest of it cannot be trusted to be a request.
-
+//! Every connection is bounded: at most [`Limits::max_connections`] connections (one
+//! past it gets `too_many_connections` and is closed; idle connections count), at
+//! most [`MAX_IN_FLIGHT`] requests in flight each, a begun request line must end
+//! within the request timeout (else `request_timeout` and the connection closes),
+//! and its output is bounded by [`OUTPUT_BUDGET`] (see [`crate::outbox`]).
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use agentd_proto::control::{
-    Answer, ErrorBody, ErrorCode, EventView, HelloReply, PingReply, Request, RequestBody, Response,
+    Answer, ErrorBody, ErrorCode, HelloReply, PingReply, Request, RequestBody, Response,
     CONTROL_PROTOCOL_VERSION, MAX_REQUEST_BYTES,
 };
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::traits::StreamCommon;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::config::ControlSettings;
+pub use crate::outbox::EventSink;
+use crate::outbox::{encode_line, Outbox, MAX_IN_FLIGHT, OUTPUT_BUDGET};
+use crate::socket::SocketFile;
 
 /// What the supervisor answers: a typed result or a structured error.
 pub type Reply = Result<Answer, ErrorBody>;
@@ -31,8 +41,9 @@ pub struct ControlRequest {
     pub body: RequestBody,
     /// Where the supervisor sends the answer (possibly much later, for `stop`).
     pub reply: oneshot::Sender<Reply>,
-    /// For `watch`: where the supervisor sends the events, after the answer.
-    pub events: Option<mpsc::UnboundedSender<EventView>>,
+    /// For `watch`: where the supervisor sends the events (delivered after the
+    /// answer). Dropping it ends the watch.
+    pub events: Option<EventSink>,
 }
 
 /// Facts `hello` and `ping` answer without asking the supervisor.
@@ -41,38 +52,218 @@ pub struct ServerInfo {
     pub started: Instant,
 }
 
-/// Accepts connections until the listener fails or the task is dropped.
+/// How long a refused connection may take to receive its refusal, and a closing one
+/// its last lines.
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// The writer reports progress after each this many bytes of a line.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// How long a refused connection's input is read (and discarded) before it closes.
+const REFUSAL_DRAIN: Duration = Duration::from_millis(200);
+
+/// How often the accept loop checks that its socket file is still there.
+pub const SOCKET_CHECK: Duration = Duration::from_secs(1);
+
+/// The connection limits in force; SIGHUP may change them while agentd runs.
+#[derive(Debug)]
+pub struct Limits {
+    max_connections: AtomicUsize,
+    request_timeout_ms: AtomicU64,
+    /// Connections being served now.
+    live: AtomicUsize,
+    /// Whether the last connection was refused (to log refusals once per burst).
+    refusing: AtomicBool,
+}
+
+impl Limits {
+    pub fn new(settings: &ControlSettings) -> Arc<Limits> {
+        let limits = Arc::new(Limits {
+            max_connections: AtomicUsize::new(0),
+            request_timeout_ms: AtomicU64::new(0),
+            live: AtomicUsize::new(0),
+            refusing: AtomicBool::new(false),
+        });
+        limits.update(settings);
+        limits
+    }
+
+    /// Applies new settings to new connections and new request lines.
+    pub fn update(&self, settings: &ControlSettings) {
+        self.max_connections
+            .store(settings.max_connections.max(1), Ordering::SeqCst);
+        let ms = u64::try_from(settings.request_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.request_timeout_ms.store(ms.max(1), Ordering::SeqCst);
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.load(Ordering::SeqCst)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.load(Ordering::SeqCst))
+    }
+
+    /// Counts a new connection in, unless the cap is reached.
+    fn admit(self: &Arc<Self>) -> Option<Admitted> {
+        let max = self.max_connections();
+        self.live
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |live| {
+                (live < max).then_some(live + 1)
+            })
+            .ok()?;
+        self.refusing.store(false, Ordering::SeqCst);
+        Some(Admitted {
+            limits: self.clone(),
+        })
+    }
+}
+
+/// One admitted connection, counted against the cap until dropped.
+struct Admitted {
+    limits: Arc<Limits>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.limits.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The control socket as the accept loop serves it: the listener, the socket file it
+/// re-creates if it is removed, and the limits.
+pub struct Endpoint {
+    pub listener: Listener,
+    /// `None`: the listener's file is not watched (e.g. a test's own listener).
+    pub socket: Option<SocketFile>,
+    pub limits: Arc<Limits>,
+}
+
+impl From<Listener> for Endpoint {
+    fn from(listener: Listener) -> Endpoint {
+        Endpoint {
+            listener,
+            socket: None,
+            limits: Limits::new(&ControlSettings::default()),
+        }
+    }
+}
+
+/// Accepts connections until the task is dropped. Checks every [`SOCKET_CHECK`] that
+/// the socket file is still there, and re-creates it if it was removed.
 pub async fn accept_loop(
-    listener: Listener,
+    endpoint: Endpoint,
     requests: mpsc::Sender<ControlRequest>,
     info: Arc<ServerInfo>,
 ) {
+    let Endpoint {
+        mut listener,
+        mut socket,
+        limits,
+    } = endpoint;
+    let mut check = tokio::time::interval(SOCKET_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                tokio::spawn(serve(stream, requests.clone(), info.clone()));
-            }
-            Err(e) => {
-                tracing::warn!("accept on the control socket failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => match limits.admit() {
+                    Some(admitted) => {
+                        tokio::spawn(serve(
+                            stream,
+                            requests.clone(),
+                            info.clone(),
+                            limits.clone(),
+                            admitted,
+                        ));
+                    }
+                    None => {
+                        if !limits.refusing.swap(true, Ordering::SeqCst) {
+                            tracing::warn!(
+                                "refusing control connections: {} connections already open (max-connections)",
+                                limits.max_connections()
+                            );
+                        }
+                        tokio::spawn(refuse(stream, limits.max_connections()));
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("accept on the control socket failed: {e}");
+                    // e.g. EMFILE: let connections end before trying again.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = check.tick(), if socket.is_some() => {
+                if let Some(new) = socket.as_mut().and_then(SocketFile::ensure) {
+                    listener = new;
+                }
             }
         }
     }
+}
+
+/// Tells a connection past the cap why it is closed, then closes it.
+async fn refuse(stream: Stream, max: usize) {
+    let line = encode_line(&Response::<Answer>::err(
+        None,
+        ErrorCode::TooManyConnections,
+        agentd_proto::text::too_many_connections(max),
+    ));
+    let mut send_half = &stream;
+    let _ = tokio::time::timeout(LAST_WORDS, send_half.write_all(&line)).await;
+    // Take in what the client sent meanwhile (usually its hello): closing with
+    // unread input would reset the connection before the client reads the refusal.
+    let mut sink = [0u8; 4096];
+    let mut recv_half = &stream;
+    let _ = tokio::time::timeout(REFUSAL_DRAIN, async {
+        let mut taken = 0;
+        while taken < 64 * 1024 {
+            match tokio::io::AsyncReadExt::read(&mut recv_half, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => taken += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// True for requests the supervisor answers while handling them: all but a `stop`
+/// that waits for its tasks to end (a chat `/stop` answers at once).
+fn answered_at_once(body: &RequestBody) -> bool {
+    !matches!(body, RequestBody::Stop { wait: true, .. })
 }
 
 enum LineRead {
     Line,
     Eof,
     TooLong,
+    /// The line began but did not end within the request timeout.
+    TimedOut,
 }
 
 /// Reads one line (without its newline) into `buf`, refusing more than `max` bytes.
+/// Waiting for a line to begin has no deadline (idle connections are fine); once it
+/// has begun it must end within `timeout`.
 async fn read_line_limited(
     reader: &mut (impl AsyncBufRead + Unpin),
     buf: &mut Vec<u8>,
     max: usize,
+    timeout: Duration,
 ) -> std::io::Result<LineRead> {
     buf.clear();
+    if reader.fill_buf().await?.is_empty() {
+        return Ok(LineRead::Eof);
+    }
+    match tokio::time::timeout(timeout, read_rest(reader, buf, max)).await {
+        Ok(read) => read,
+        Err(_) => Ok(LineRead::TimedOut),
+    }
+}
+
+async fn read_rest(
+    reader: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
@@ -103,7 +294,22 @@ async fn read_line_limited(
     }
 }
 
-async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc<ServerInfo>) {
+/// How a connection's reader ended.
+enum Ending {
+    /// The client closed its side: answers in flight still reach it.
+    Eof,
+    /// agentd gave up on the client: its last lines are flushed (briefly), then the
+    /// connection closes.
+    Abort,
+}
+
+async fn serve(
+    stream: Stream,
+    requests: mpsc::Sender<ControlRequest>,
+    info: Arc<ServerInfo>,
+    limits: Arc<Limits>,
+    _admitted: Admitted,
+) {
     let euid = nix::unistd::geteuid().as_raw();
     match stream.peer_creds() {
         Ok(creds) if creds.euid() == Some(euid) => {}
@@ -118,37 +324,82 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
     }
     // `&Stream` reads and writes: the reader and the writer task share it.
     let stream = Arc::new(stream);
-    let (responses, mut outgoing) = mpsc::unbounded_channel::<Response<Answer>>();
+    let outbox = Outbox::new(OUTPUT_BUDGET);
     let write_stream = stream.clone();
-    let writer = tokio::spawn(async move {
+    let write_outbox = outbox.clone();
+    let mut writer = tokio::spawn(async move {
         let mut send_half = &*write_stream;
-        while let Some(response) = outgoing.recv().await {
-            let mut line = serde_json::to_vec(&response).unwrap_or_else(|e| {
-                format!(r#"{{"id":null,"ok":false,"error":{{"code":"internal","message":"{e}"}}}}"#)
-                    .into_bytes()
-            });
-            line.push(b'\n');
-            if send_half.write_all(&line).await.is_err() {
-                break;
+        'lines: while let Some(line) = write_outbox.next().await {
+            // In chunks, so that a client reading a long answer slowly still counts
+            // as reading (see `Outbox::progressed`).
+            for chunk in line.chunks(WRITE_CHUNK) {
+                if send_half.write_all(chunk).await.is_err() {
+                    break 'lines;
+                }
+                write_outbox.progressed();
             }
+            write_outbox.wrote();
         }
+        // The client is gone (or everything was said): watches on it end.
+        write_outbox.close();
     });
 
-    let mut reader = BufReader::new(&*stream);
+    let ending = read_requests(&stream, &outbox, &requests, &info, &limits).await;
+    outbox.finish_reading();
+    match ending {
+        // Let pending answers (e.g. a stop in progress) still reach a half-closed client.
+        Ending::Eof => {
+            let _ = (&mut writer).await;
+        }
+        Ending::Abort => {
+            outbox.close_after_flush();
+            if tokio::time::timeout(LAST_WORDS, &mut writer).await.is_err() {
+                writer.abort();
+            }
+            outbox.close();
+        }
+    }
+}
+
+/// Reads and dispatches requests until the client closes or agentd gives up on it.
+async fn read_requests(
+    stream: &Stream,
+    outbox: &Arc<Outbox>,
+    requests: &mpsc::Sender<ControlRequest>,
+    info: &ServerInfo,
+    limits: &Limits,
+) -> Ending {
+    let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
+    let mut watches = 0u64;
     loop {
-        match read_line_limited(&mut reader, &mut buf, MAX_REQUEST_BYTES).await {
+        // A client that sends without reading its answers is not read further.
+        outbox.wait_for_room(MAX_IN_FLIGHT).await;
+        if outbox.is_closed() {
+            return Ending::Abort;
+        }
+        let timeout = limits.request_timeout();
+        match read_line_limited(&mut reader, &mut buf, MAX_REQUEST_BYTES, timeout).await {
             Ok(LineRead::Line) => {}
-            Ok(LineRead::Eof) | Err(_) => break,
+            Ok(LineRead::Eof) | Err(_) => return Ending::Eof,
             Ok(LineRead::TooLong) => {
-                let _ = responses.send(Response::err(
+                outbox.push(&Response::<Answer>::err(
                     None,
                     ErrorCode::RequestTooLarge,
                     format!(
                         "request line exceeds {MAX_REQUEST_BYTES} bytes; closing the connection"
                     ),
                 ));
-                break;
+                return Ending::Abort;
+            }
+            Ok(LineRead::TimedOut) => {
+                tracing::debug!("closing a control connection whose request line did not end within {timeout:?}");
+                outbox.push(&Response::<Answer>::err(
+                    None,
+                    ErrorCode::RequestTimeout,
+                    agentd_proto::text::request_timeout(timeout),
+                ));
+                return Ending::Abort;
             }
         }
         if buf.iter().all(u8::is_ascii_whitespace) {
@@ -161,7 +412,7 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                 let id = serde_json::from_slice::<serde_json::Value>(&buf)
                     .ok()
                     .and_then(|v| v.get("id")?.as_u64());
-                let _ = responses.send(Response::err(
+                outbox.push(&Response::<Answer>::err(
                     id,
                     ErrorCode::BadRequest,
                     format!("invalid request: {e}"),
@@ -173,14 +424,14 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
         match request.body {
             RequestBody::Hello { protocol, .. } => {
                 if protocol != CONTROL_PROTOCOL_VERSION {
-                    let _ = responses.send(Response::err(
+                    outbox.push(&Response::<Answer>::err(
                         Some(id),
                         ErrorCode::UnsupportedProtocol,
                         format!("agentd speaks control protocol {CONTROL_PROTOCOL_VERSION}, not {protocol}"),
                     ));
-                    break;
+                    return Ending::Abort;
                 }
-                let _ = responses.send(Response::answer(
+                outbox.push(&Response::<Answer>::answer(
                     id,
                     HelloReply {
                         protocol: CONTROL_PROTOCOL_VERSION,
@@ -190,7 +441,7 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                 ));
             }
             RequestBody::Ping => {
-                let _ = responses.send(Response::answer(
+                outbox.push(&Response::<Answer>::answer(
                     id,
                     PingReply {
                         pong: true,
@@ -202,11 +453,18 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                 ));
             }
             body => {
+                let in_flight = outbox.begin();
+                // A page of `tasks` can be large: the next request is read only once
+                // it is queued, so at most one page waits beyond the output budget.
+                let large = matches!(body, RequestBody::Tasks { .. });
                 let (reply, answer) = oneshot::channel();
-                let (events, mut event_rx) = match body {
+                // Events wait for the answer of a request answered at once.
+                let gate = answered_at_once(&body).then(|| outbox.gate());
+                let (events, watch_answer) = match body {
                     RequestBody::Watch { .. } => {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        (Some(tx), Some(rx))
+                        watches += 1;
+                        let (sink, answer) = EventSink::new(outbox, watches, id);
+                        (Some(sink), Some(answer))
                     }
                     _ => (None, None),
                 };
@@ -219,42 +477,39 @@ async fn serve(stream: Stream, requests: mpsc::Sender<ControlRequest>, info: Arc
                     .await
                     .is_err()
                 {
-                    let _ = responses.send(Response::err(
+                    outbox.push(&Response::<Answer>::err(
                         Some(id),
                         ErrorCode::ShuttingDown,
                         "agentd is shutting down",
                     ));
-                    break;
+                    return Ending::Eof;
                 }
-                let responses = responses.clone();
-                tokio::spawn(async move {
+                let outbox = outbox.clone();
+                let answered = tokio::spawn(async move {
                     let response = match answer.await {
                         Ok(Ok(result)) => Response::answer(id, result),
                         Ok(Err(error)) => Response::failed(Some(id), error),
-                        Err(_) => Response::err(
+                        Err(_) => Response::<Answer>::err(
                             Some(id),
                             ErrorCode::ShuttingDown,
                             "agentd is shutting down",
                         ),
                     };
-                    let watching = response.ok;
-                    let _ = responses.send(response);
-                    // A watch streams its events after the answer, until the
-                    // supervisor drops the subscription or the client goes away.
-                    if let (Some(rx), true) = (event_rx.as_mut(), watching) {
-                        while let Some(event) = rx.recv().await {
-                            if responses.send(Response::event(id, event)).is_err() {
-                                break;
-                            }
-                        }
+                    // A watch's events follow its answer, until the supervisor drops
+                    // the subscription (which ends it in flight).
+                    match watch_answer {
+                        Some(watch) => watch.answer(&response),
+                        None => outbox.push(&response),
                     }
+                    drop(gate);
+                    drop(in_flight);
                 });
+                if large {
+                    let _ = answered.await;
+                }
             }
         }
     }
-    drop(responses);
-    // Let pending answers (e.g. a stop in progress) still reach a half-closed client.
-    let _ = writer.await;
 }
 
 #[cfg(test)]
@@ -266,13 +521,20 @@ mod tests {
         let mut buf = Vec::new();
         let mut out = Vec::new();
         loop {
-            match read_line_limited(&mut reader, &mut buf, max).await.unwrap() {
+            match read_line_limited(&mut reader, &mut buf, max, Duration::from_secs(5))
+                .await
+                .unwrap()
+            {
                 LineRead::Line => out.push(Ok(String::from_utf8_lossy(&buf).into_owned())),
                 LineRead::TooLong => {
                     out.push(Err("too long"));
                     break;
                 }
                 LineRead::Eof => break,
+                LineRead::TimedOut => {
+                    out.push(Err("timed out"));
+                    break;
+                }
             }
         }
         out

@@ -2,8 +2,11 @@
 //!
 //! - [`socket`]: the control socket's directory and listener (0700 dir, 0600 socket,
 //!   peer uid checked per connection).
-//! - [`control`]: one task per client connection: bounded line reads, JSON parsing,
-//!   out-of-order responses.
+//! - [`control`]: one task per client connection: bounded line reads with a deadline,
+//!   JSON parsing, out-of-order responses, the connection cap.
+//! - [`outbox`]: each connection's bounded output: coalesced progress, `lagged`
+//!   watches.
+//! - [`listing`]: pages of the `tasks` listing.
 //! - [`supervisor`]: the single event loop that owns the dispatcher, the agents, the
 //!   timers, the reaper and the history ([`History`]), and executes the dispatcher's
 //!   actions; split by concern (executor, agents, one module per request family,
@@ -20,6 +23,8 @@ pub mod config;
 pub mod control;
 pub mod durable;
 pub mod events;
+pub mod listing;
+pub mod outbox;
 mod output;
 pub mod socket;
 pub mod supervisor;

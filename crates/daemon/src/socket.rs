@@ -1,7 +1,14 @@
-//! The control socket: a private directory, a stale-socket check, the listener.
+//! The control socket: a private directory, a stale-socket check, the listener, and
+//! its re-creation when the file is removed while agentd runs.
+//!
+//! **Invariant:** only the agentd that bound a socket file re-creates or removes it.
+//! [`SocketFile`] remembers the file's device and inode; a path that now holds a
+//! different file (another agentd took over after a tmp cleaner removed ours) is left
+//! alone.
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use interprocess::local_socket::{tokio::Listener, GenericFilePath, ListenerOptions, ToFsName};
@@ -44,9 +51,98 @@ pub fn prepare_socket_dir(socket: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A bound control socket: its listener and its file.
+pub struct Bound {
+    pub listener: Listener,
+    pub file: SocketFile,
+}
+
+/// The socket file this agentd bound, by path and identity. Clones share the
+/// identity, so the one that removes the file at exit knows a re-created one.
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    path: PathBuf,
+    /// (device, inode) of the file we bound last.
+    ident: Arc<Mutex<(u64, u64)>>,
+    /// Whether we already said that someone else's file is at our path.
+    foreign_logged: bool,
+}
+
+fn ident(path: &Path) -> std::io::Result<(u64, u64)> {
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn ours(&self) -> (u64, u64) {
+        *self.ident.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the file at the path is still the one we bound.
+    pub fn is_ours(&self) -> bool {
+        ident(&self.path).is_ok_and(|id| id == self.ours())
+    }
+
+    /// Checks the socket file; if it is gone (with or without its directory), creates
+    /// the directory (0700) and binds a new listener, which the caller serves from
+    /// now on. A different file at the path is left alone.
+    pub fn ensure(&mut self) -> Option<Listener> {
+        match ident(&self.path) {
+            Ok(id) if id == self.ours() => None,
+            Ok(_) => {
+                if !self.foreign_logged {
+                    self.foreign_logged = true;
+                    tracing::warn!(
+                        "the control socket {} was replaced by another file (another agentd?); leaving it alone. This agentd is reachable only through connections already open",
+                        self.path.display()
+                    );
+                }
+                None
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match bind(&self.path) {
+                Ok(bound) => {
+                    tracing::warn!(
+                        "the control socket {} was removed; re-created it",
+                        self.path.display()
+                    );
+                    *self.ident.lock().unwrap_or_else(|e| e.into_inner()) = bound.file.ours();
+                    self.foreign_logged = false;
+                    Some(bound.listener)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "the control socket {} was removed and cannot be re-created yet: {e:#}",
+                        self.path.display()
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::debug!(
+                    "cannot check the control socket {}: {e}",
+                    self.path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Removes the socket file if it is still ours (at exit).
+    pub fn remove_if_ours(&self) {
+        if self.is_ours() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Binds the control socket (mode 0600). A socket file left by a dead agentd is
-/// replaced; a live agentd at the same path is an error.
-pub fn bind(socket: &Path) -> anyhow::Result<Listener> {
+/// replaced; a live agentd at the same path is an error. Dropping the listener does
+/// not remove the file (see [`SocketFile::remove_if_ours`]).
+pub fn bind(socket: &Path) -> anyhow::Result<Bound> {
     prepare_socket_dir(socket)?;
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
         if !meta.file_type().is_socket() {
@@ -67,9 +163,19 @@ pub fn bind(socket: &Path) -> anyhow::Result<Listener> {
     let listener = ListenerOptions::new()
         .name(name)
         .mode(0o600)
+        // A replaced listener must not unlink the file that replaced it.
+        .reclaim_name(false)
         .create_tokio()
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    Ok(listener)
+    let ident = ident(socket).with_context(|| format!("cannot inspect {}", socket.display()))?;
+    Ok(Bound {
+        listener,
+        file: SocketFile {
+            path: socket.to_path_buf(),
+            ident: Arc::new(Mutex::new(ident)),
+            foreign_logged: false,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -2,9 +2,26 @@
 //! (no `std::process::Child::wait`, no `tokio::process`) waits for a child, so no exit
 //! is ever stolen. Because agentd is a subreaper, this also reaps orphaned
 //! descendants of agents, which come back to agentd when their parent dies.
+//!
+//! **PID safety:** [`reap_children`] holds [`REAP_LOCK`] while it waits. The spawn
+//! holds it from the fork until the child's pidfd is open, and a process-group signal
+//! holds it while it checks that the group leader is still unreaped, so no pid is
+//! reaped (and freed for reuse) between "it is ours" and "signal it", whatever thread
+//! each of these runs on.
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::sync::{Mutex, MutexGuard};
+
+/// Held by whoever must know that no child is reaped meanwhile (see the module doc).
+pub(crate) static REAP_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes [`REAP_LOCK`]; a panic elsewhere while holding it does not poison reaping.
+pub(crate) fn reap_lock() -> MutexGuard<'static, ()> {
+    REAP_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// A child that was reaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +34,7 @@ pub struct Reaped {
 /// Reaps every child that has exited, without blocking.
 pub fn reap_children() -> Vec<Reaped> {
     let mut reaped = Vec::new();
+    let _guard = reap_lock();
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => reaped.push(Reaped {

@@ -7,6 +7,14 @@
 //! its channel as "stop now"), stdin from /dev/null, stdout and stderr to a log file.
 //! Every other descriptor of agentd is close-on-exec, so nothing else leaks.
 //!
+//! With a [`TaskCgroup`] ([`spawn_agent_in`]), the child's first act after the fork is
+//! to write itself into the task cgroup's `cgroup.procs` (through a descriptor the
+//! parent opened), before it changes anything else and long before exec: every
+//! descendant is born inside the cgroup. If that write fails the spawn fails.
+//!
+//! The agent's pidfd is opened right after the fork, while [`crate::reap`]'s lock keeps
+//! any thread from reaping it, so it names the agent and nothing else.
+//!
 //! Spawn from a thread that lives as long as agentd: the parent-death signal fires
 //! when the *thread* that forked exits.
 
@@ -21,6 +29,10 @@ use std::process::{Command, Stdio};
 use agentd_proto::ipc::{ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID};
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::unistd::{self, Pid};
+
+use crate::cgroup::TaskCgroup;
+use crate::pidfd::PidFd;
+use crate::reap::reap_lock;
 
 /// The descriptor number the agent finds its IPC channel at.
 pub const AGENT_IPC_FD: i32 = 3;
@@ -47,6 +59,16 @@ pub struct SpawnedAgent {
 
 /// Spawns an agent in its own process group with its IPC channel on fd 3.
 pub fn spawn_agent(cmd: &AgentCommand) -> io::Result<SpawnedAgent> {
+    let (agent, _pidfd) = spawn_agent_in(cmd, None)?;
+    Ok(agent)
+}
+
+/// Spawns an agent like [`spawn_agent`], inside `cgroup` when one is given, and
+/// returns its pidfd too (`None` only on kernels before 5.3).
+pub fn spawn_agent_in(
+    cmd: &AgentCommand,
+    cgroup: Option<&TaskCgroup>,
+) -> io::Result<(SpawnedAgent, Option<PidFd>)> {
     let (ours, theirs) = UnixStream::pair()?;
     let output = match &cmd.log_path {
         Some(path) => {
@@ -58,6 +80,7 @@ pub fn spawn_agent(cmd: &AgentCommand) -> io::Result<SpawnedAgent> {
     };
     let parent = unistd::getpid();
     let child_fd = theirs.as_raw_fd();
+    let cgroup_procs = cgroup.map(TaskCgroup::procs_fd);
 
     let mut command = Command::new(&cmd.program);
     command
@@ -69,10 +92,16 @@ pub fn spawn_agent(cmd: &AgentCommand) -> io::Result<SpawnedAgent> {
         .stdout(output.0)
         .stderr(output.1);
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (dup2, fcntl, setpgid, sigprocmask, sigaction,
-    // prctl, getppid, _exit); it allocates nothing.
+    // async-signal-safe system calls (write, dup2, fcntl, setpgid, sigprocmask,
+    // sigaction, prctl, getppid, _exit); it allocates nothing.
     unsafe {
         command.pre_exec(move || {
+            // First, so that nothing this child ever starts is born outside the cgroup.
+            if let Some(fd) = cgroup_procs {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if child_fd == AGENT_IPC_FD {
                 let flags = libc::fcntl(child_fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
@@ -113,9 +142,13 @@ pub fn spawn_agent(cmd: &AgentCommand) -> io::Result<SpawnedAgent> {
             Ok(())
         });
     }
+    // No thread may reap between the fork and pidfd_open (see crate::reap).
+    let guard = reap_lock();
     let child = command.spawn()?;
     drop(theirs);
     let pid = child.id();
+    let pidfd = PidFd::open(pid).ok();
+    drop(guard);
     // The other half of the process-group race: if the stop comes before the child
     // ran setpgid, the group must exist already. EACCES means the child has exec'd
     // (and so has set its group); ESRCH that it is gone (the reaper will see it).
@@ -125,7 +158,7 @@ pub fn spawn_agent(cmd: &AgentCommand) -> io::Result<SpawnedAgent> {
     }
     // Dropping `std::process::Child` neither kills nor waits: the reaper owns the pid.
     drop(child);
-    Ok(SpawnedAgent { pid, channel: ours })
+    Ok((SpawnedAgent { pid, channel: ours }, pidfd))
 }
 
 /// Marks every descriptor above the IPC channel close-on-exec, in the forked child.

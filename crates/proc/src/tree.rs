@@ -5,7 +5,13 @@
 //! found while its ancestors live); and every process whose environment carries the
 //! task's `AGENTD_TASK_ID` (orphans that double-forked away and were re-parented to
 //! agentd, the subreaper). A process that both left the tree and scrubbed its
-//! environment is out of reach; a cgroup per task would close that gap.
+//! environment is out of reach: that is the limit of this fallback, which only holds
+//! where agentd cannot have a cgroup per task (see [`crate::cgroup`]).
+//!
+//! A scan costs a read of `/proc/*/stat` and `/proc/*/environ` of every process on the
+//! machine: run it off the event loop ([`crate::Killer`] does). Members found by a
+//! scan are signalled through pidfds whose identity was checked after they were
+//! opened ([`TaskTree::signal_verified`]), never by a pid that may have been reused.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -14,22 +20,31 @@ use agentd_proto::ipc::ENV_TASK_ID;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+use crate::pidfd::{open_verified, PidFd};
+use crate::reap::reap_lock;
+
 /// The processes of one task, identified by its agent and its task id.
 #[derive(Debug, Clone)]
 pub struct TaskTree {
     /// The agent's pid, which is also its process group id.
     pub agent_pid: u32,
     pub task_id: String,
+    /// The agent's start time, when known: a process found at `agent_pid` with another
+    /// start time is a stranger that reused the pid, and neither it, its descendants
+    /// nor its group are taken for the task's.
+    agent_start: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Stat {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stat {
     ppid: u32,
     pgid: u32,
     zombie: bool,
+    /// Clock ticks after boot: with the pid, names one process for good.
+    pub(crate) start: u64,
 }
 
-fn read_stat(pid: u32) -> Option<Stat> {
+pub(crate) fn read_stat(pid: u32) -> Option<Stat> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
@@ -37,10 +52,13 @@ fn read_stat(pid: u32) -> Option<Stat> {
     let state = fields.next()?;
     let ppid = fields.next()?.parse().ok()?;
     let pgid = fields.next()?.parse().ok()?;
+    // Field 22 of stat, the 20th after the command name.
+    let start = fields.nth(16)?.parse().ok()?;
     Some(Stat {
         ppid,
         pgid,
         zombie: state == "Z" || state == "X",
+        start,
     })
 }
 
@@ -80,11 +98,43 @@ impl TaskTree {
         TaskTree {
             agent_pid,
             task_id: task_id.into(),
+            agent_start: None,
         }
     }
 
-    /// Live (non-zombie) processes of the task, agent included, agentd excluded.
+    /// A tree whose agent is known by pid *and* start time (read while it was an
+    /// unreaped child), so that a later reuse of its pid is recognised.
+    pub(crate) fn with_agent_start(mut self, start: Option<u64>) -> TaskTree {
+        self.agent_start = start;
+        self
+    }
+
+    /// Live (non-zombie) processes of the task, agent included, agentd excluded, while
+    /// the agent is not yet reaped (see [`TaskTree::find`]).
     pub fn members(&self) -> Vec<u32> {
+        self.find(true)
+    }
+
+    /// Live (non-zombie) processes of the task, agentd excluded. With `through_agent`
+    /// (the agent's pid is still ours: alive, or a zombie not yet reaped) they are the
+    /// agent's descendants, its process group and the processes carrying the task's
+    /// marker; without it, since a reaped pid may have been reused by a stranger (and
+    /// its group id with it), only the processes carrying the marker and their
+    /// descendants.
+    pub fn find(&self, through_agent: bool) -> Vec<u32> {
+        self.scan_with(through_agent)
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Like [`TaskTree::members`], with each member's start time.
+    pub(crate) fn scan(&self) -> Vec<(u32, u64)> {
+        self.scan_with(true)
+    }
+
+    /// Like [`TaskTree::find`], with each member's start time.
+    fn scan_with(&self, through_agent: bool) -> Vec<(u32, u64)> {
         let procs = all_processes();
         let me = std::process::id();
         let marker = format!("{ENV_TASK_ID}={}", self.task_id).into_bytes();
@@ -94,15 +144,21 @@ impl TaskTree {
             children.entry(stat.ppid).or_default().push(pid);
         }
         let mut found: HashSet<u32> = HashSet::new();
-        let mut stack = vec![self.agent_pid];
-        while let Some(pid) = stack.pop() {
-            if procs.contains_key(&pid) && found.insert(pid) {
-                stack.extend(children.get(&pid).into_iter().flatten().copied());
+        let reused = match (self.agent_start, procs.get(&self.agent_pid)) {
+            (Some(start), Some(stat)) => stat.start != start,
+            _ => false,
+        };
+        if through_agent && !reused {
+            let mut stack = vec![self.agent_pid];
+            while let Some(pid) = stack.pop() {
+                if procs.contains_key(&pid) && found.insert(pid) {
+                    stack.extend(children.get(&pid).into_iter().flatten().copied());
+                }
             }
-        }
-        for (&pid, stat) in &procs {
-            if stat.pgid == self.agent_pid {
-                found.insert(pid);
+            for (&pid, stat) in &procs {
+                if stat.pgid == self.agent_pid {
+                    found.insert(pid);
+                }
             }
         }
         for &pid in procs.keys() {
@@ -118,29 +174,88 @@ impl TaskTree {
             }
         }
         found.remove(&me);
-        let mut members: Vec<u32> = found
+        let mut members: Vec<(u32, u64)> = found
             .into_iter()
-            .filter(|pid| procs.get(pid).is_some_and(|s| !s.zombie))
+            .filter_map(|pid| {
+                procs
+                    .get(&pid)
+                    // Nothing older than the agent can be one of its task's processes.
+                    .filter(|s| !s.zombie && self.agent_start.map_or(true, |a| s.start >= a))
+                    .map(|s| (pid, s.start))
+            })
             .collect();
         members.sort_unstable();
         members
     }
 
+    /// Sends `signal` to every member a scan finds, each through a pidfd checked to
+    /// name the scanned process (same start time) after it was opened. The agent
+    /// itself is signalled through `agent` (its pidfd from the spawn) when given,
+    /// and its process group as a whole only while `agent` proves the group leader
+    /// unreaped (under the reap lock, so it cannot be reaped meanwhile). A SIGTERM is
+    /// followed by SIGCONT. Returns the number of processes signalled.
+    pub fn signal_verified(&self, signal: Signal, agent: Option<&PidFd>) -> usize {
+        self.signal_scanned(&self.scan(), signal, agent)
+    }
+
+    /// The signalling half of [`TaskTree::signal_verified`], for members a scan found.
+    pub(crate) fn signal_scanned(
+        &self,
+        members: &[(u32, u64)],
+        signal: Signal,
+        agent: Option<&PidFd>,
+    ) -> usize {
+        let pids: Vec<u32> = members.iter().map(|(pid, _)| *pid).collect();
+        let fds = open_verified(&pids, |opened| {
+            opened
+                .iter()
+                .copied()
+                .filter(|pid| {
+                    let start = members.iter().find(|(p, _)| p == pid).map(|(_, s)| *s);
+                    read_stat(*pid).is_some_and(|s| Some(s.start) == start)
+                })
+                .collect()
+        });
+        let mut sigs = vec![signal];
+        if signal == Signal::SIGTERM {
+            sigs.push(Signal::SIGCONT);
+        }
+        for sig in sigs {
+            if let Some(agent) = agent {
+                let _guard = reap_lock();
+                if agent.signal(sig).is_ok() {
+                    // The leader is unreaped, so its pid is its group's and nobody else's.
+                    let _ = killpg(Pid::from_raw(agent.pid() as i32), sig);
+                }
+            }
+            for fd in &fds {
+                let _ = fd.signal(sig);
+            }
+        }
+        fds.len()
+    }
+
     /// Sends `signal` to every process of the task. `agent_unreaped` says whether the
     /// agent's pid is still ours (alive or a zombie not yet reaped): only then is the
-    /// process group signalled as a whole, since a reaped pid may be reused. A SIGTERM
+    /// process group signalled as a whole and are the agent's descendants and group
+    /// members looked up, since a reaped pid may be reused. A SIGTERM
     /// is followed by SIGCONT, so a stopped process can act on it. Returns how many
     /// processes were signalled one by one.
     pub fn signal(&self, signal: Signal, agent_unreaped: bool) -> usize {
+        self.send(signal, agent_unreaped, agent_unreaped)
+    }
+
+    /// [`TaskTree::signal`], with the group signalled as a whole only if `killpg_too`.
+    fn send(&self, signal: Signal, killpg_too: bool, agent_unreaped: bool) -> usize {
         let send = |sig: Signal, members: &[u32]| {
-            if agent_unreaped {
+            if killpg_too {
                 let _ = killpg(Pid::from_raw(self.agent_pid as i32), sig);
             }
             for &pid in members {
                 let _ = kill(Pid::from_raw(pid as i32), sig);
             }
         };
-        let members = self.members();
+        let members = self.find(agent_unreaped);
         send(signal, &members);
         if signal == Signal::SIGTERM {
             send(Signal::SIGCONT, &members);
@@ -155,12 +270,17 @@ impl TaskTree {
     /// the first round's reach. Gives up after `max_rounds` and returns what is left.
     pub fn kill_all(&self, agent_unreaped: bool, max_rounds: u32) -> Vec<u32> {
         for round in 0..max_rounds {
-            if self.signal(Signal::SIGKILL, agent_unreaped && round == 0) == 0 {
+            if self.send(
+                Signal::SIGKILL,
+                agent_unreaped && round == 0,
+                agent_unreaped,
+            ) == 0
+            {
                 return Vec::new();
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        self.members()
+        self.find(agent_unreaped)
     }
 }
 
@@ -173,6 +293,45 @@ mod tests {
         let stat = read_stat(std::process::id()).unwrap();
         assert!(!stat.zombie);
         assert_eq!(stat.ppid, std::os::unix::process::parent_id());
+        let parent = read_stat(stat.ppid).unwrap();
+        assert!(
+            stat.start >= parent.start && stat.start > 0,
+            "{stat:?} {parent:?}"
+        );
+    }
+
+    #[test]
+    fn a_process_at_the_agents_pid_with_another_start_time_is_not_the_agent() {
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Kill(
+            std::process::Command::new("sleep")
+                .arg("300")
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id();
+        let start = read_stat(pid).unwrap().start;
+        let tree = TaskTree::new(pid, "t-reuse");
+        assert_eq!(
+            tree.clone().with_agent_start(Some(start)).members(),
+            vec![pid]
+        );
+        // As if the agent had been reaped and `sleep` had been given its pid later.
+        assert_eq!(
+            tree.clone().with_agent_start(Some(start - 1)).members(),
+            Vec::<u32>::new()
+        );
+        let none = tree
+            .with_agent_start(Some(start - 1))
+            .signal_verified(Signal::SIGTERM, None);
+        assert_eq!(none, 0);
+        assert!(process_exists(pid), "a stranger was signalled");
     }
 
     #[test]

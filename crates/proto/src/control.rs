@@ -17,6 +17,13 @@ pub const CONTROL_PROTOCOL_VERSION: u32 = 1;
 /// Largest request line accepted, in bytes (newline excluded).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// Most tasks in one answer to `tasks`.
+pub const MAX_TASKS_PAGE: u32 = 500;
+
+/// A page of `tasks` stops growing once its views exceed this many bytes (it always
+/// holds at least one task).
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
 /// One request line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
@@ -86,15 +93,27 @@ pub enum RequestBody {
         task_id: Option<String>,
     },
     /// Running and queued tasks, optionally of one session, optionally with history.
-    /// Answer: `[TaskView]`.
+    ///
+    /// Without `limit` and `cursor` the answer is `[TaskView]`, or `too_large` when
+    /// the listing does not fit in one page ([`MAX_TASKS_PAGE`] tasks). With either
+    /// of them the answer is a [`TasksPage`]: at most `limit` tasks (at most
+    /// [`MAX_TASKS_PAGE`], and at most [`MAX_PAGE_BYTES`] of views) in task id
+    /// order (creation order) after `cursor`, and the cursor of the next page.
     Tasks {
         #[serde(default)]
         session: Option<String>,
         #[serde(default)]
         all: bool,
+        /// Most tasks in the answer (capped at [`MAX_TASKS_PAGE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        /// `next_cursor` of the previous page: this page starts after it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
     },
     /// Stop one task, a session's tasks, or every task. Answers when the stopped
-    /// tasks have ended: [`StopReply`].
+    /// tasks have ended, or with `wait: false` at once, with the tasks still stopping
+    /// in `stopping`: [`StopReply`].
     Stop {
         #[serde(default)]
         task_id: Option<String>,
@@ -102,6 +121,8 @@ pub enum RequestBody {
         session: Option<String>,
         #[serde(default)]
         all: bool,
+        #[serde(default = "yes")]
+        wait: bool,
     },
     /// A piece of a task's output log, from byte `offset`. Answer: [`LogChunk`]. Ask
     /// again from `next_offset` until `data` is empty (the end for now) or, to follow
@@ -133,7 +154,7 @@ pub struct LogChunk {
 /// clients read `Response` (`result` as JSON, decoded by the request they sent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response<R = serde_json::Value> {
-    /// The request's id; absent when the request line could not be parsed at all.
+    /// The request's id; `null` when the request line had no valid id.
     pub id: Option<u64>,
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,6 +164,11 @@ pub struct Response<R = serde_json::Value> {
     /// Set on the event lines of a `watch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<EventView>,
+    /// On a `progress` event line: how many progress lines of that task agentd left
+    /// out before this one because the client read slower than they came (the
+    /// latest line wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<u64>,
 }
 
 impl Response {
@@ -163,6 +189,7 @@ impl<R> Response<R> {
             result: Some(result),
             error: None,
             event: None,
+            skipped: None,
         }
     }
 
@@ -173,6 +200,7 @@ impl<R> Response<R> {
             result: None,
             error: None,
             event: Some(event),
+            skipped: None,
         }
     }
 
@@ -187,6 +215,7 @@ impl<R> Response<R> {
             result: None,
             error: Some(error),
             event: None,
+            skipped: None,
         }
     }
 }
@@ -203,8 +232,10 @@ pub enum Answer {
     Status(Box<StatusReply>),
     /// `status` of one task.
     Task(Box<TaskView>),
-    /// `tasks`.
+    /// `tasks` without paging.
     Tasks(Vec<TaskView>),
+    /// `tasks` with `limit` or `cursor`.
+    TasksPage(TasksPage),
     Queue(QueueSettingsView),
     Watch(Box<WatchReply>),
     Log(Box<LogChunk>),
@@ -255,6 +286,12 @@ impl From<TaskView> for Answer {
 impl From<Vec<TaskView>> for Answer {
     fn from(reply: Vec<TaskView>) -> Answer {
         Answer::Tasks(reply)
+    }
+}
+
+impl From<TasksPage> for Answer {
+    fn from(reply: TasksPage) -> Answer {
+        Answer::TasksPage(reply)
     }
 }
 
@@ -309,6 +346,17 @@ pub enum ErrorCode {
     /// The message could not be written to agentd's store (disk full, I/O error);
     /// nothing was accepted. Try again later.
     StoreFailed,
+    /// agentd already serves its maximum of connections; this one is closed.
+    TooManyConnections,
+    /// A request line was begun but not finished within the request timeout; the
+    /// connection is closed.
+    RequestTimeout,
+    /// On a `watch`: the client read its events too slowly and fell more than the
+    /// connection's output budget behind; the watch has ended (the connection stays).
+    Lagged,
+    /// The answer would exceed the largest answer agentd sends (e.g. `tasks` without
+    /// `limit` on a long listing); ask for pages.
+    TooLarge,
     /// An unexpected daemon-side failure.
     Internal,
 }
@@ -597,7 +645,8 @@ pub struct SendReply {
     pub task: Option<TaskView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
-    /// For control commands: the command's name (`status`, `stop`, `tasks`, `help`).
+    /// For control commands: the command's name (`status`, `stop`, `tasks`, `queue`,
+    /// `help`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// For control commands: the same structured answer the control request gives.
@@ -615,6 +664,11 @@ pub struct SendReply {
     /// follow-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// The running task the message was steered into: with `steer` the message's
+    /// task is `merged` into it; with `steer-backlog` it is also kept, queued as a
+    /// follow-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered_into: Option<String>,
 }
 
 /// Answer to `status` without a task id.
@@ -646,10 +700,40 @@ pub struct RecoveryView {
     pub crashed: bool,
 }
 
-/// Answer to `stop`: every task the stop acted on, in its final state.
+/// Answer to `tasks` with a `limit` or a `cursor`: one page, in task id order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TasksPage {
+    pub tasks: Vec<TaskView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Answer to `stop`: every task the stop acted on, in its final state (or, for a
+/// stop answered without waiting, as it stands).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StopReply {
     pub stopped: Vec<TaskView>,
+    /// For a stop answered without waiting: how far each task still `stopping` is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopping: Vec<StoppingView>,
+}
+
+/// A task still stopping when its `stop` was answered: the step taken and the next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppingView {
+    pub task_id: String,
+    /// The step of the stop sequence taken last.
+    pub step: StopStep,
+    /// The next step, unless the task ends first, and how long until it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<StopStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_in_ms: Option<u64>,
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 use std::fmt::Display;
 use std::time::Duration;
 
-use crate::control::{Capacity, QueueSettingsView, StopReply, TaskState, TaskView};
+use crate::control::{
+    Capacity, QueueSettingsView, StopReply, StopStep, StoppingView, TaskState, TaskView,
+};
 
 /// `0.04 s`, `2.01 s`, `0.003 s` under 10 ms, `1m 15s` from a minute on.
 pub fn format_seconds(d: Duration) -> String {
@@ -80,12 +82,6 @@ pub fn accepted_line(view: &TaskView, capacity: Option<Capacity>) -> String {
 /// `task ID  steered into running task INTO`.
 pub fn steered_line(task_id: impl Display, into: impl Display) -> String {
     format!("task {task_id}  steered into running task {into}")
-}
-
-/// The line after [`accepted_line`] when the message was also steered into the
-/// running task (steer-backlog).
-pub fn also_steered_line(into: impl Display) -> String {
-    format!("(also steered into running task {into})")
 }
 
 /// The answer to a message delivered again (same message id):
@@ -259,7 +255,62 @@ pub fn no_handshake_within(timeout: Duration) -> String {
     )
 }
 
-/// One line per stopped task (`task ID  cancelled (…)`), or `nothing to stop`.
+/// The answer to accepted work that was also steered into the running task
+/// `steered_into` (`steer-backlog`): `task ID  steered into running task ID and kept
+/// as a follow-up: position 1 (1/1 agents busy)`; otherwise [`accepted_line`].
+pub fn send_line(
+    view: &TaskView,
+    capacity: Option<Capacity>,
+    steered_into: Option<&str>,
+) -> String {
+    match steered_into {
+        Some(into) if view.state == TaskState::Queued => {
+            let mut line = format!(
+                "task {}  steered into running task {into} and kept as a follow-up",
+                view.task_id
+            );
+            if let Some(position) = view.position {
+                line.push_str(&format!(": position {position}"));
+            }
+            if let Some(c) = capacity {
+                line.push_str(&format!(" ({}/{} agents busy)", c.busy, c.max));
+            }
+            line
+        }
+        _ => accepted_line(view, capacity),
+    }
+}
+
+/// `5 s` (whole seconds from half a second on), `0.3 s` below.
+fn format_in(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 60_000 {
+        format_seconds(d)
+    } else if ms >= 500 {
+        format!("{} s", (ms + 500) / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Where a stop stands: `stopping: cancel sent, SIGTERM in 5 s`.
+pub fn stopping(view: &StoppingView) -> String {
+    let taken = match view.step {
+        StopStep::CooperativeCancel => "cancel sent".to_string(),
+        step => format!("{} sent", step.describe()),
+    };
+    match (view.next, view.next_in_ms) {
+        (Some(next), Some(ms)) => format!(
+            "stopping: {taken}, {} in {}",
+            next.describe(),
+            format_in(Duration::from_millis(ms))
+        ),
+        _ => format!("stopping: {taken}"),
+    }
+}
+
+/// One line per stopped task (`task ID  cancelled (…)`, or `task ID  stopping: cancel
+/// sent, SIGTERM in 5 s` for one still stopping), or `nothing to stop`.
 pub fn stop_lines(reply: &StopReply) -> String {
     if reply.stopped.is_empty() {
         return "nothing to stop".to_string();
@@ -267,15 +318,64 @@ pub fn stop_lines(reply: &StopReply) -> String {
     let lines: Vec<String> = reply
         .stopped
         .iter()
-        .map(|v| format!("task {}  {}", v.task_id, outcome(v)))
+        .map(|v| {
+            let now = match reply.stopping.iter().find(|s| s.task_id == v.task_id) {
+                Some(s) if v.state == TaskState::Stopping => stopping(s),
+                _ => outcome(v),
+            };
+            format!("task {}  {now}", v.task_id)
+        })
         .collect();
     lines.join("\n")
+}
+
+/// Refusal of a connection past `max-connections`.
+pub fn too_many_connections(max: usize) -> String {
+    format!("agentd already serves its maximum of {max} connections; try again later")
+}
+
+/// A request line that began but did not end within the request timeout.
+pub fn request_timeout(timeout: Duration) -> String {
+    format!(
+        "the request line did not end within {}; closing the connection",
+        format_seconds(timeout)
+    )
+}
+
+/// The last line of a watch that fell behind its events.
+pub fn watch_lagged(stall: Duration, budget_bytes: usize) -> String {
+    format!(
+        "this watch fell behind (the client did not read its events for {}, or over {} KiB of them waited) and was ended; watch again to resume",
+        format_seconds(stall),
+        budget_bytes / 1024
+    )
+}
+
+/// `tasks` without paging on a listing longer than one answer.
+pub fn listing_too_large(max_tasks: u32, max_bytes: usize) -> String {
+    format!(
+        "the listing is longer than one answer ({max_tasks} tasks or {} KiB): ask for pages with limit and cursor",
+        max_bytes / 1024
+    )
+}
+
+/// A `tasks` cursor that is not a task id.
+pub fn invalid_cursor(cursor: &str) -> String {
+    format!("invalid cursor {cursor:?}: pass the next_cursor of the previous page")
+}
+
+/// What a watcher is told when progress lines were coalesced away before a line.
+pub fn skipped_progress(skipped: u64) -> String {
+    match skipped {
+        1 => "(1 progress line skipped)".to_string(),
+        n => format!("({n} progress lines skipped)"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{ExitView, StopStep};
+    use crate::control::ExitView;
 
     fn view(state: TaskState, exit: Option<ExitView>, started: bool) -> TaskView {
         TaskView {
@@ -316,6 +416,10 @@ mod tests {
             accepted_line(&view(TaskState::Running, None, true), cap),
             "task T  started"
         );
+        assert_eq!(
+            send_line(&view(TaskState::Queued, None, false), cap, Some("R")),
+            "task T  steered into running task R and kept as a follow-up: position 3 (1/1 agents busy)"
+        );
         let stopped = ExitView {
             ended_by: Some(StopStep::Sigkill),
             stop_ms: Some(2010),
@@ -332,15 +436,37 @@ mod tests {
                 view(TaskState::Cancelled, Some(removed), false),
                 view(TaskState::Failed, Some(failed), true),
             ],
+            stopping: vec![],
         };
         assert_eq!(
             stop_lines(&reply),
             "task T  cancelled (ended by SIGKILL after 2.01 s)\ntask T  cancelled (removed from the queue)\ntask T  failed (boom)"
         );
+        assert_eq!(stop_lines(&StopReply::default()), "nothing to stop");
+        let step = |step, next, ms| StoppingView {
+            task_id: "T".into(),
+            step,
+            next,
+            next_in_ms: ms,
+        };
+        let reply = StopReply {
+            stopped: vec![view(TaskState::Stopping, None, true)],
+            stopping: vec![step(
+                StopStep::CooperativeCancel,
+                Some(StopStep::Sigterm),
+                Some(4_996),
+            )],
+        };
         assert_eq!(
-            stop_lines(&StopReply { stopped: vec![] }),
-            "nothing to stop"
+            stop_lines(&reply),
+            "task T  stopping: cancel sent, SIGTERM in 5 s"
         );
+        let s = |st, next, ms| stopping(&step(st, next, ms));
+        assert_eq!(
+            s(StopStep::Sigterm, Some(StopStep::Sigkill), Some(300)),
+            "stopping: SIGTERM sent, SIGKILL in 0.3 s"
+        );
+        assert_eq!(s(StopStep::Sigkill, None, None), "stopping: SIGKILL sent");
         assert_eq!(
             duplicate_line(&view(TaskState::Queued, None, false)),
             "task T  already received (queued): not run again"

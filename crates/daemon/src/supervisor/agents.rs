@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use agentd_core::{AgentReport, Event, ExitStatus, ReportOutcome, StopStep, TaskId};
 use agentd_proc::{reap_children, spawn_agent, AgentCommand, TaskTree};
 use agentd_proto::control::EventKind;
-use agentd_proto::ipc::{AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION};
+use agentd_proto::ipc::{
+    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MIN_IPC_PROTOCOL_VERSION,
+};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
@@ -78,11 +80,12 @@ impl Agent {
         }
     }
 
-    /// Completes the handshake: Welcome, Start, then the messages held meanwhile.
-    fn welcome(&mut self) {
+    /// Completes the handshake: Welcome (in the agent's protocol version, which it
+    /// said in its Hello), Start, then the messages held meanwhile.
+    fn welcome(&mut self, protocol: u32) {
         if let Talk::Handshaking { start, held } = std::mem::replace(&mut self.talk, Talk::Ready) {
             let _ = self.to_agent.send(SupervisorMsg::Welcome {
-                protocol: IPC_PROTOCOL_VERSION,
+                protocol: protocol.min(IPC_PROTOCOL_VERSION),
             });
             let _ = self.to_agent.send(SupervisorMsg::Start(start));
             for msg in held {
@@ -284,9 +287,9 @@ impl Supervisor {
         };
         let event = match input {
             AgentInput::Msg(AgentMsg::Hello(hello)) if agent.is_handshaking() => {
-                if hello.protocol != IPC_PROTOCOL_VERSION {
+                if !(MIN_IPC_PROTOCOL_VERSION..=IPC_PROTOCOL_VERSION).contains(&hello.protocol) {
                     let reason = format!(
-                        "agentd speaks agent protocol {IPC_PROTOCOL_VERSION}, the agent {}",
+                        "agentd speaks agent protocol {MIN_IPC_PROTOCOL_VERSION} to {IPC_PROTOCOL_VERSION}, the agent {}",
                         hello.protocol
                     );
                     let _ = agent.to_agent.send(SupervisorMsg::Reject {
@@ -297,7 +300,7 @@ impl Supervisor {
                         error: reason,
                     }
                 } else {
-                    agent.welcome();
+                    agent.welcome(hello.protocol);
                     tracing::info!(%task_id, agent = %hello.agent, steer = hello.capabilities.steer, "agent ready");
                     Event::AgentReady {
                         task_id,
@@ -333,6 +336,14 @@ impl Supervisor {
                 },
             },
             AgentInput::Msg(AgentMsg::Heartbeat) => return,
+            // What a v2 agent wants; it decides how later held messages are drained.
+            AgentInput::Msg(AgentMsg::Features(features)) => {
+                self.dispatcher
+                    .set_collected_prompts(features.collected_prompts);
+                return;
+            }
+            // Checkpoints are accepted; they are not kept yet.
+            AgentInput::Msg(AgentMsg::Checkpoint { .. }) => return,
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
                 let text = agent.steers.pop_front();
                 if let (false, Some(text)) = (accepted, text) {
@@ -363,14 +374,21 @@ impl Supervisor {
         if let Event::ProtocolError { error, .. } = &event {
             tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");
         }
-        if let Event::Progress { text, .. } = &event {
-            if let Some(writer) = self.log_writers.get_mut(&task_id) {
-                crate::output::write_line(writer, text);
+        // The line goes to the task's log first; then a progress event carries the
+        // task as it is after that progress: handled first, then published.
+        let progress = match &event {
+            Event::Progress { text, .. } => {
+                if let Some(writer) = self.log_writers.get_mut(&task_id) {
+                    crate::output::write_line(writer, text);
+                }
+                Some(text.clone())
             }
-            let text = text.clone();
+            _ => None,
+        };
+        self.handle(event);
+        if let Some(text) = progress {
             self.publish_task(EventKind::Progress, &task_id, Some(text), None);
         }
-        self.handle(event);
     }
 }
 
@@ -380,6 +398,8 @@ pub(crate) fn msg_name(msg: &AgentMsg) -> &'static str {
         AgentMsg::Progress { .. } => "Progress",
         AgentMsg::Result(_) => "Result",
         AgentMsg::Heartbeat => "Heartbeat",
+        AgentMsg::Features(_) => "Features",
+        AgentMsg::Checkpoint { .. } => "Checkpoint",
         AgentMsg::SteerAck { .. } => "SteerAck",
     }
 }

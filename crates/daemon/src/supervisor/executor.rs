@@ -18,6 +18,10 @@ pub(crate) enum Timer {
         task_id: TaskId,
         step: StopStep,
     },
+    /// The exit grace of an agent that reported its result.
+    ExitGrace {
+        task_id: TaskId,
+    },
     Debounce {
         session: String,
         generation: u64,
@@ -66,6 +70,10 @@ impl Supervisor {
                     step,
                 } => {
                     self.arm(after, Timer::Stop { task_id, step });
+                    None
+                }
+                Action::SetExitGrace { task_id, after } => {
+                    self.arm(after, Timer::ExitGrace { task_id });
                     None
                 }
                 Action::Steer { task_id, text } => {
@@ -128,6 +136,7 @@ impl Supervisor {
             }
             match entry.remove() {
                 Timer::Stop { task_id, step } => self.handle(Event::StopTimer { task_id, step }),
+                Timer::ExitGrace { task_id } => self.handle(Event::ExitGraceOver { task_id }),
                 Timer::Debounce {
                     session,
                     generation,

@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 
 use agentd_core::{Dispatcher, Event, Scope, StopStep, StopTarget, TaskId};
 use agentd_proto::control::{Answer, ErrorBody, ErrorCode};
-use interprocess::local_socket::tokio::Listener;
 use tokio::sync::mpsc;
 
 use crate::agent_io::AgentEvent;
@@ -72,7 +71,7 @@ pub enum DaemonSignal {
 pub async fn run(
     config: DaemonConfig,
     durable: Durable,
-    listener: Listener,
+    listener: control::Endpoint,
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {

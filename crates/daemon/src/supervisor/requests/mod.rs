@@ -29,6 +29,7 @@ impl Supervisor {
                 task_id,
                 session,
                 all,
+                wait,
             } => {
                 let target = match (task_id, session, all) {
                     (Some(id), None, false) => self.resolve(&id).map(StopTarget::Task),
@@ -37,7 +38,7 @@ impl Supervisor {
                     _ => err(ErrorCode::BadRequest, text::STOP_TARGETS),
                 };
                 match target {
-                    Ok(target) => self.stop(target, Scope::Owner, false, reply),
+                    Ok(target) => self.stop(target, Scope::Owner, false, wait, reply),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -84,8 +85,14 @@ impl Supervisor {
             RequestBody::Status { task_id } => {
                 let _ = reply.send(self.status(task_id.as_deref()));
             }
-            RequestBody::Tasks { session, all } => {
-                let _ = reply.send(json(self.list(session.as_deref(), all)));
+            RequestBody::Tasks {
+                session,
+                all,
+                limit,
+                cursor,
+            } => {
+                let answer = self.tasks(session.as_deref(), all, limit, cursor.as_deref());
+                let _ = reply.send(answer);
             }
             RequestBody::Log { task_id, offset } => {
                 let _ = reply.send(self.log(&task_id, offset));

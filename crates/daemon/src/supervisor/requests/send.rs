@@ -146,6 +146,7 @@ impl Supervisor {
                     duplicate: true,
                     dropped: Vec::new(),
                     notice: None,
+                    steered_into: None,
                 })
             }
             Ok(Accepted::Task {
@@ -160,17 +161,8 @@ impl Supervisor {
                 let view = self
                     .view(&task_id)
                     .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
-                let mut reply = match steered_into {
-                    Some(into) if view.state == agentd_proto::control::TaskState::Merged => {
-                        text::steered_line(task_id, into)
-                    }
-                    Some(into) => format!(
-                        "{}\n{}",
-                        text::accepted_line(&view, Some(capacity)),
-                        text::also_steered_line(into)
-                    ),
-                    None => text::accepted_line(&view, Some(capacity)),
-                };
+                let steered_into = steered_into.map(|into| into.to_string());
+                let mut reply = text::send_line(&view, Some(capacity), steered_into.as_deref());
                 for d in &dropped {
                     reply.push('\n');
                     reply.push_str(&text::dropped_line(
@@ -192,6 +184,7 @@ impl Supervisor {
                     duplicate: false,
                     dropped,
                     notice,
+                    steered_into,
                 })
             }
         }
@@ -248,7 +241,9 @@ impl Supervisor {
                 };
                 match target {
                     Ok(target) => {
-                        self.stop(target, Scope::Chat(session), true, reply);
+                        // A chat is answered at once; the end comes as the task's
+                        // `finished` event.
+                        self.stop(target, Scope::Chat(session), true, false, reply);
                         return None;
                     }
                     Err(e) => Err(e),
@@ -264,6 +259,11 @@ impl Supervisor {
             tracing::warn!(%running, "a steered message was refused after its task ended: {text:?}");
             return;
         };
+        if self.shutting_down.is_some() {
+            // Like every queued message, it would be cancelled: it must not start work.
+            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {text:?}");
+            return;
+        }
         let message = Message {
             task_id: TaskId::now_v7(),
             session,
@@ -274,23 +274,17 @@ impl Supervisor {
         };
         let task_id = message.task_id;
         let now = now_millis();
-        let record = durable::queued_record(&message, message.mode, now.0);
-        let (outcome, actions) = self.dispatcher.accept(message, now);
-        match outcome {
-            Ok(_) => {
-                // The message was acknowledged as steered; as a follow-up it must be
-                // durable too (submitted before its actions, like any new task).
-                self.store.submit_detached(Op::Insert {
-                    task: Box::new(record),
-                    front: false,
-                });
-                let note = text::steer_refused_note(running);
-                self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
-            }
-            Err(refused) => {
-                tracing::warn!(%running, ?refused, "a refused steered message could not be queued")
-            }
-        }
+        // It was acknowledged as steered already: as a follow-up it must be durable
+        // too, so its record is submitted before the dispatcher's actions (like any
+        // new task), then it is queued past any cap or limit, never lost.
+        let record = durable::queued_record(&message, Some(Mode::Followup), now.0);
+        self.store.submit_detached(Op::Insert {
+            task: Box::new(record),
+            front: false,
+        });
+        let actions = self.dispatcher.requeue(message, now);
+        let note = text::steer_refused_note(running);
+        self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
         self.execute(actions);
     }
 }

@@ -4,7 +4,10 @@ use agentd_core::{Task, TaskId};
 use agentd_proto::control::{ErrorBody, ErrorCode, StatusReply, TaskView};
 use agentd_proto::text;
 
+use std::borrow::Cow;
+
 use crate::control::Reply;
+use crate::listing;
 use crate::supervisor::{err, json, Supervisor};
 use crate::views;
 
@@ -95,13 +98,38 @@ impl Supervisor {
             .map(|t| views::task_view(t, positions.get(&t.id).copied()))
             .collect();
         if all {
-            let mut done: Vec<TaskView> = Vec::new();
-            for task in self.history.iter(session) {
-                done.push(views::task_view(&task, None));
-            }
-            views.splice(0..0, done);
+            let done = self
+                .history
+                .iter(session)
+                .map(|task| views::task_view(&task, None));
+            views.extend(done);
         }
         views
+    }
+
+    /// `tasks`: one page with `limit` or `cursor` (see [`crate::listing`]), else
+    /// the whole listing in display order if it fits in one page.
+    pub(crate) fn tasks(
+        &self,
+        session: Option<&str>,
+        all: bool,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Reply {
+        let positions = self.dispatcher.positions();
+        let position = |id: &TaskId| positions.get(id).copied();
+        let live = self.dispatcher.tasks().map(Cow::Borrowed);
+        let history = all
+            .then(|| self.history.iter(session))
+            .into_iter()
+            .flatten();
+        let tasks = live.chain(history);
+        if limit.is_none() && cursor.is_none() {
+            listing::check_fits(tasks, position, session)?;
+            json(self.list(session, all))
+        } else {
+            json(listing::page(tasks, position, session, limit, cursor)?)
+        }
     }
 
     pub(crate) fn view(&self, task_id: &TaskId) -> Option<TaskView> {

@@ -1,15 +1,17 @@
 //! `stop` and the waiters that answer it once the tasks ended.
 
 use std::collections::HashSet;
+use std::time::Instant;
 
-use agentd_core::{Scope, StopError, StopTarget, TaskId};
-use agentd_proto::control::{ErrorCode, SendReply, StopReply, TaskView};
+use agentd_core::{Scope, StopError, StopTarget, TaskId, TaskState};
+use agentd_proto::control::{ErrorCode, SendReply, StopReply, StoppingView, TaskView};
 use agentd_proto::text;
 use tokio::sync::oneshot;
 
 use crate::control::Reply;
+use crate::supervisor::executor::Timer;
 use crate::supervisor::{err, json, Supervisor};
-use crate::views::now_millis;
+use crate::views::{self, now_millis};
 
 /// A `stop` request waiting for its tasks to end.
 pub(crate) struct StopWaiter {
@@ -21,11 +23,14 @@ pub(crate) struct StopWaiter {
 }
 
 impl Supervisor {
+    /// Starts a stop. With `wait` it is answered once its tasks have ended (a
+    /// waiter), else at once, with the tasks as they stand.
     pub(crate) fn stop(
         &mut self,
         target: StopTarget,
         scope: Scope,
         chat: bool,
+        wait: bool,
         reply: oneshot::Sender<Reply>,
     ) {
         // A task that already ended is reported as it ended.
@@ -52,6 +57,10 @@ impl Supervisor {
             }
         }
         match self.dispatcher.stop(target, &scope, now_millis()) {
+            Ok((tasks, actions)) if !wait => {
+                self.execute(actions);
+                let _ = reply.send(self.stop_answer(&tasks, chat));
+            }
             Ok((tasks, actions)) => {
                 let remaining = tasks.iter().copied().collect();
                 self.waiters.push(StopWaiter {
@@ -86,23 +95,54 @@ impl Supervisor {
             .partition(|w| w.remaining.is_empty());
         self.waiters = waiting;
         for waiter in done {
-            let stopped: Vec<TaskView> =
-                waiter.tasks.iter().filter_map(|id| self.view(id)).collect();
-            let reply = StopReply { stopped };
-            let answer = if waiter.chat {
-                json(SendReply {
-                    reply: text::stop_lines(&reply),
-                    accepted: false,
-                    task: None,
-                    capacity: None,
-                    command: Some("stop".into()),
-                    data: serde_json::to_value(&reply).ok(),
-                    ..SendReply::default()
-                })
-            } else {
-                json(reply)
-            };
+            let answer = self.stop_answer(&waiter.tasks, waiter.chat);
             let _ = waiter.reply.send(answer);
         }
+    }
+
+    /// The answer to a stop: its tasks as they stand (ended, or still stopping and
+    /// how far), as a chat reply for a chat's `/stop`.
+    fn stop_answer(&self, tasks: &[TaskId], chat: bool) -> Reply {
+        let stopped: Vec<TaskView> = tasks.iter().filter_map(|id| self.view(id)).collect();
+        let stopping = tasks.iter().filter_map(|id| self.stopping(id)).collect();
+        let reply = StopReply { stopped, stopping };
+        if chat {
+            json(SendReply {
+                reply: text::stop_lines(&reply),
+                accepted: false,
+                task: None,
+                capacity: None,
+                command: Some("stop".into()),
+                data: serde_json::to_value(&reply).ok(),
+                ..SendReply::default()
+            })
+        } else {
+            json(reply)
+        }
+    }
+
+    /// How far a stopping task is: its step, and the next one by its armed timer.
+    fn stopping(&self, task_id: &TaskId) -> Option<StoppingView> {
+        let TaskState::Stopping { step, .. } = &self.dispatcher.task(task_id)?.state else {
+            return None;
+        };
+        let next = self
+            .timers
+            .iter()
+            .filter_map(|((at, _), timer)| match timer {
+                Timer::Stop {
+                    task_id: t,
+                    step: s,
+                } if t == task_id && s > step => Some((*at, *s)),
+                _ => None,
+            })
+            .min();
+        let now = Instant::now();
+        Some(StoppingView {
+            task_id: task_id.to_string(),
+            step: views::stop_step(*step),
+            next: next.map(|(_, s)| views::stop_step(s)),
+            next_in_ms: next.map(|(at, _)| at.saturating_duration_since(now).as_millis() as u64),
+        })
     }
 }

@@ -3,9 +3,8 @@
 use agentd_core::{Ending, Task, TaskId, TaskState};
 use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, EventView, TaskView, WatchReply};
 use agentd_proto::text;
-use tokio::sync::mpsc;
 
-use crate::control::Reply;
+use crate::control::{self, Reply};
 use crate::events::Filter;
 use crate::supervisor::requests::check_session;
 use crate::supervisor::{err, json, Supervisor};
@@ -17,7 +16,7 @@ impl Supervisor {
         &mut self,
         task_id: Option<String>,
         session: Option<String>,
-        events: Option<mpsc::UnboundedSender<EventView>>,
+        events: Option<control::EventSink>,
     ) -> Reply {
         let Some(events) = events else {
             return err(ErrorCode::Internal, "watch without an event channel");

@@ -1,0 +1,780 @@
+//! The output of one control connection: a bounded queue of lines for its writer.
+//!
+//! Answers, event lines and notices go through an [`Outbox`]; one writer task takes
+//! them out and writes them to the socket. A client that stops reading must not grow
+//! agentd, so the queue is bounded by [`OUTPUT_BUDGET`] bytes:
+//!
+//! - **Answers** are always queued. The connection stops reading requests while the
+//!   queue holds more than the budget (and while [`MAX_IN_FLIGHT`] requests are
+//!   unanswered), so a client that sends without reading is throttled at its own
+//!   socket. What waits is thus the budget plus the answers in flight: small ones
+//!   (`send`, `status`, `stop`…) and at most one page of `tasks`, after which the
+//!   connection reads on only once that page is queued.
+//! - **Progress events** are coalesced: a progress line of a task that still waits
+//!   in the queue for the same watch (with nothing of that task after it) is replaced
+//!   by the newer one (the latest wins), and the line says how many it replaced
+//!   (`skipped`). A slow reader thus sees every task's latest progress, late.
+//! - **A watch falls behind** when an event would take its connection's queue over
+//!   the budget, or when output has waited for more than [`STALL_LIMIT`] without the
+//!   writer completing a write (the client stopped reading; coalescing alone would
+//!   hide that). The watch then ends: its last line is a `lagged` error for the
+//!   watch's id, queued behind what the client has not read yet, and the supervisor
+//!   drops the subscription at its next event.
+//!
+//! Events offered before the watch's own answer is queued are held and released
+//! right after it, so a client always sees the answer first.
+//!
+//! **Answers before the events they cause.** While a request that is answered at
+//! once (everything but a waiting `stop`) is with the supervisor, the connection's
+//! events are held (a [`Gate`]) and released right after its answer, so a bridge
+//! learns a task's id from the `send` answer before any event about that task.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use agentd_proto::control::{ErrorCode, EventKind, EventView, Response};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// Most bytes of output queued for one connection (answers can exceed it briefly).
+pub const OUTPUT_BUDGET: usize = 1024 * 1024;
+
+/// How long output may wait without the client reading any of it before the
+/// connection's watches are ended as lagged.
+pub const STALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// Most requests of one connection that agentd works on at once (a `watch` counts
+/// until it ends). Past it the connection reads no further request until one ends.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// One JSON line (with its newline) for `value`. A serialization failure becomes a
+/// well-formed `internal` error line instead (its message escaped like any other).
+pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut line = match serde_json::to_vec(value) {
+        Ok(line) => line,
+        Err(e) => serde_json::to_vec(&Response::<()>::err(
+            None,
+            ErrorCode::Internal,
+            format!("cannot encode an answer: {e}"),
+        ))
+        .unwrap_or_else(|_| {
+            br#"{"id":null,"ok":false,"error":{"code":"internal","message":"cannot encode an answer"}}"#
+                .to_vec()
+        }),
+    };
+    line.push(b'\n');
+    line
+}
+
+/// One line waiting for the writer.
+struct Item {
+    line: Vec<u8>,
+    /// The (watch, task) whose event this is, if any.
+    key: Option<(u64, String)>,
+    /// For a progress line that a newer one of the same task and watch may replace:
+    /// how many it replaced already.
+    coalesced: Option<u64>,
+}
+
+impl Item {
+    fn answer(line: Vec<u8>) -> Item {
+        Item {
+            line,
+            key: None,
+            coalesced: None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.line.len()
+    }
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    /// Sequence number of `queue[0]`.
+    front_seq: u64,
+    /// Bytes in `queue` and `held`.
+    pending: usize,
+    /// Per (watch, task): the sequence number of its last queued item.
+    last_of: HashMap<(u64, String), u64>,
+    /// Events of watches whose answer is not queued yet.
+    held: HashMap<u64, Vec<Item>>,
+    /// Requests answered at once that are with the supervisor ([`Gate`]s open).
+    gates: usize,
+    /// Events of answered watches offered while a gate was open, oldest first.
+    gated: Vec<Item>,
+    /// Since when output has waited for the writer: the last completed write, or
+    /// the moment output arrived at an idle writer.
+    waiting_since: Instant,
+    /// The writer is writing a line it took from the queue.
+    writing: bool,
+    /// Requests unanswered and watches not ended.
+    in_flight: usize,
+    /// The writer is gone (client gone or connection closed): nothing more is queued.
+    closed: bool,
+    /// The reader is done: the writer ends once nothing is in flight or queued.
+    reading_done: bool,
+    /// The connection closes once the queue is written: nothing more is queued.
+    closing: bool,
+}
+
+impl State {
+    fn refuses(&self) -> bool {
+        self.closed || self.closing
+    }
+
+    fn idle(&self) -> bool {
+        !self.writing && self.queue.is_empty()
+    }
+
+    /// Appends `item` to the queue (its bytes already counted in `pending`).
+    fn enqueue(&mut self, item: Item) {
+        if self.idle() {
+            self.waiting_since = Instant::now();
+        }
+        let seq = self.front_seq + self.queue.len() as u64;
+        if let Some(key) = &item.key {
+            self.last_of.insert(key.clone(), seq);
+        }
+        self.queue.push_back(item);
+    }
+}
+
+/// The output queue of one connection, shared by its reader, its writer, the tasks
+/// that wait for answers, and the supervisor's event sinks.
+pub struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer.
+    ready: Notify,
+    /// Wakes the reader (room in the queue, or a request ended).
+    room: Notify,
+    budget: usize,
+    stall: Duration,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Outbox")
+    }
+}
+
+/// What happened to an event offered to a sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The watch fell behind; it received its `lagged` notice and has ended.
+    Lagged,
+    /// The connection is gone.
+    Closed,
+}
+
+impl Outbox {
+    pub fn new(budget: usize) -> Arc<Outbox> {
+        Outbox::with_stall_limit(budget, STALL_LIMIT)
+    }
+
+    pub fn with_stall_limit(budget: usize, stall: Duration) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                front_seq: 0,
+                pending: 0,
+                last_of: HashMap::new(),
+                held: HashMap::new(),
+                gates: 0,
+                gated: Vec::new(),
+                waiting_since: Instant::now(),
+                writing: false,
+                in_flight: 0,
+                closed: false,
+                reading_done: false,
+                closing: false,
+            }),
+            ready: Notify::new(),
+            room: Notify::new(),
+            budget,
+            stall,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent before it can panic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an answer or a notice (never refused while the connection lives).
+    pub fn push<R: Serialize>(&self, response: &Response<R>) {
+        let line = encode_line(response);
+        let mut state = self.lock();
+        if state.refuses() {
+            return;
+        }
+        state.pending += line.len();
+        state.enqueue(Item::answer(line));
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Queues the answer to watch `watch`, then the events held for it.
+    fn push_watch_answer<R: Serialize>(
+        &self,
+        watch: u64,
+        response: &Response<R>,
+        answered: &AtomicBool,
+    ) {
+        let line = encode_line(response);
+        let mut state = self.lock();
+        answered.store(true, Ordering::SeqCst);
+        let held = state.held.remove(&watch).unwrap_or_default();
+        let held_len: usize = held.iter().map(Item::len).sum();
+        if state.refuses() {
+            return;
+        }
+        state.pending += line.len();
+        state.enqueue(Item::answer(line));
+        if response.ok {
+            for item in held {
+                state.enqueue(item);
+            }
+        } else {
+            state.pending -= held_len;
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Offers event `event` of watch `watch` (request id `id`).
+    fn push_event(&self, watch: u64, id: u64, answered: &AtomicBool, event: EventView) -> Delivery {
+        let mut state = self.lock();
+        // Read under the lock: the answer sets it under the lock too.
+        let answered = answered.load(Ordering::SeqCst);
+        if state.refuses() {
+            return Delivery::Closed;
+        }
+        if !state.idle() && state.waiting_since.elapsed() > self.stall {
+            return self.lag(state, watch, id);
+        }
+        let key = (watch, event.task_id.clone());
+        let progress = event.kind == EventKind::Progress;
+        let mut response = Response::<()>::event(id, event);
+        // A newer progress line replaces the queued one of the same task, if nothing
+        // of that task was queued after it.
+        if progress && answered {
+            if let Some(&seq) = state.last_of.get(&key) {
+                let index = (seq - state.front_seq) as usize;
+                if let Some(queued) = state.queue.get_mut(index) {
+                    if let Some(skipped) = queued.coalesced {
+                        response.skipped = Some(skipped + 1);
+                        let line = encode_line(&response);
+                        let old = queued.line.len();
+                        let new = line.len();
+                        queued.line = line;
+                        queued.coalesced = Some(skipped + 1);
+                        state.pending = state.pending - old + new;
+                        return Delivery::Queued;
+                    }
+                }
+            }
+        }
+        let line = encode_line(&response);
+        if state.pending + line.len() > self.budget {
+            return self.lag(state, watch, id);
+        }
+        state.pending += line.len();
+        let item = Item {
+            line,
+            key: Some(key),
+            coalesced: progress.then_some(0),
+        };
+        if !answered {
+            state.held.entry(watch).or_default().push(item);
+            return Delivery::Queued;
+        }
+        if state.gates > 0 {
+            state.gated.push(item);
+            return Delivery::Queued;
+        }
+        state.enqueue(item);
+        drop(state);
+        self.ready.notify_one();
+        Delivery::Queued
+    }
+
+    fn lag(&self, mut state: MutexGuard<'_, State>, watch: u64, id: u64) -> Delivery {
+        let line = encode_line(&Response::<()>::err(
+            Some(id),
+            ErrorCode::Lagged,
+            agentd_proto::text::watch_lagged(self.stall, self.budget),
+        ));
+        // Events held for an unanswered watch go; its answer and the notice follow.
+        if let Some(held) = state.held.remove(&watch) {
+            state.pending -= held.iter().map(Item::len).sum::<usize>();
+        }
+        let mut dropped = 0;
+        state.gated.retain(|item| {
+            let keep = item.key.as_ref().is_none_or(|(w, _)| *w != watch);
+            if !keep {
+                dropped += item.len();
+            }
+            keep
+        });
+        state.pending -= dropped;
+        state.pending += line.len();
+        state.enqueue(Item::answer(line));
+        drop(state);
+        self.ready.notify_one();
+        Delivery::Lagged
+    }
+
+    /// The next line for the writer; `None` when the writer should end. The writer
+    /// calls [`wrote`](Outbox::wrote) once the line is written.
+    pub async fn next(&self) -> Option<Vec<u8>> {
+        loop {
+            let notified = self.ready.notified();
+            {
+                let mut state = self.lock();
+                if let Some(item) = state.queue.pop_front() {
+                    let seq = state.front_seq;
+                    state.front_seq += 1;
+                    state.pending -= item.len();
+                    state.writing = true;
+                    if let Some(key) = &item.key {
+                        if state.last_of.get(key) == Some(&seq) {
+                            state.last_of.remove(key);
+                        }
+                    }
+                    let line = item.line;
+                    drop(state);
+                    self.room.notify_one();
+                    return Some(line);
+                }
+                if state.refuses() || (state.reading_done && state.in_flight == 0) {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The writer wrote part of a line: the client is reading.
+    pub fn progressed(&self) {
+        self.lock().waiting_since = Instant::now();
+    }
+
+    /// The writer completed a line: the client is reading.
+    pub fn wrote(&self) {
+        let mut state = self.lock();
+        state.writing = false;
+        state.waiting_since = Instant::now();
+    }
+
+    /// The connection is closed (the writer failed, or agentd gave up on the client):
+    /// nothing more is queued, and sinks report the connection gone.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.queue.clear();
+        state.held.clear();
+        state.gated.clear();
+        state.last_of.clear();
+        state.pending = 0;
+        drop(state);
+        self.ready.notify_one();
+        self.room.notify_one();
+    }
+
+    /// The connection closes once what is queued is written (or the writer gives up).
+    pub fn close_after_flush(&self) {
+        self.lock().closing = true;
+        self.ready.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().refuses()
+    }
+
+    /// The reader reads no more requests; the writer ends once everything in flight
+    /// has been answered and written.
+    pub fn finish_reading(&self) {
+        self.lock().reading_done = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits until the reader may read another request: the queue is within the
+    /// budget and fewer than `max_in_flight` requests are in flight.
+    pub async fn wait_for_room(&self, max_in_flight: usize) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let state = self.lock();
+                if state.refuses()
+                    || (state.pending <= self.budget && state.in_flight < max_in_flight)
+                {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Holds the connection's events until the returned gate is dropped: taken before
+    /// a request answered at once goes to the supervisor, dropped right after its
+    /// answer is queued.
+    pub fn gate(self: &Arc<Self>) -> Gate {
+        self.lock().gates += 1;
+        Gate {
+            outbox: self.clone(),
+        }
+    }
+
+    /// Marks one request in flight until the returned guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.lock().in_flight += 1;
+        InFlight {
+            outbox: self.clone(),
+        }
+    }
+
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.lock().pending
+    }
+}
+
+/// Events wait while a request answered at once is with the supervisor.
+pub struct Gate {
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let mut state = self.outbox.lock();
+        state.gates -= 1;
+        if state.gates == 0 {
+            for item in std::mem::take(&mut state.gated) {
+                if !state.refuses() {
+                    state.enqueue(item);
+                }
+            }
+        }
+        drop(state);
+        self.outbox.ready.notify_one();
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
+}
+
+/// One request in flight on a connection.
+pub struct InFlight {
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.outbox.lock().in_flight -= 1;
+        self.outbox.room.notify_one();
+        self.outbox.ready.notify_one();
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
+/// Where the supervisor sends one watch's events: the watch's connection.
+///
+/// `send` never blocks and never grows the connection past its budget; a watch that
+/// falls behind gets its `lagged` notice and every later `send` fails.
+#[derive(Debug)]
+pub struct EventSink {
+    outbox: Arc<Outbox>,
+    /// This watch, unique on its connection.
+    watch: u64,
+    /// The request id the event lines carry.
+    id: u64,
+    ended: AtomicBool,
+    answered: Arc<AtomicBool>,
+    /// Keeps the watch counted in flight until the supervisor drops the sink.
+    _in_flight: InFlight,
+}
+
+/// The connection's side of an [`EventSink`]: queues the watch's answer.
+pub struct WatchAnswer {
+    outbox: Arc<Outbox>,
+    watch: u64,
+    answered: Arc<AtomicBool>,
+}
+
+impl WatchAnswer {
+    /// Queues the watch's answer and, if it is a success, the events held for it.
+    pub fn answer<R: Serialize>(self, response: &Response<R>) {
+        // The flag is set under the outbox lock, so no event slips between the
+        // answer and the held events.
+        self.outbox
+            .push_watch_answer(self.watch, response, &self.answered);
+    }
+}
+
+impl EventSink {
+    /// A sink for watch request `id` and the handle that queues its answer.
+    pub fn new(outbox: &Arc<Outbox>, watch: u64, id: u64) -> (EventSink, WatchAnswer) {
+        let answered = Arc::new(AtomicBool::new(false));
+        (
+            EventSink {
+                outbox: outbox.clone(),
+                watch,
+                id,
+                ended: AtomicBool::new(false),
+                answered: answered.clone(),
+                _in_flight: outbox.begin(),
+            },
+            WatchAnswer {
+                outbox: outbox.clone(),
+                watch,
+                answered,
+            },
+        )
+    }
+
+    /// Offers one event. `Err` when the watch has ended (lagged or client gone): the
+    /// subscription should be dropped.
+    pub fn send(&self, event: EventView) -> Result<(), Delivery> {
+        if self.ended.load(Ordering::SeqCst) {
+            return Err(Delivery::Lagged);
+        }
+        match self
+            .outbox
+            .push_event(self.watch, self.id, &self.answered, event)
+        {
+            Delivery::Queued => Ok(()),
+            other => {
+                self.ended.store(true, Ordering::SeqCst);
+                Err(other)
+            }
+        }
+    }
+
+    /// Whether the watch has ended (lagged, or its client went away).
+    pub fn is_closed(&self) -> bool {
+        self.ended.load(Ordering::SeqCst) || self.outbox.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(task: &str, text: &str) -> EventView {
+        EventView {
+            kind: EventKind::Progress,
+            task_id: task.into(),
+            session: "s".into(),
+            position: None,
+            text: Some(text.into()),
+            into: None,
+            task: None,
+            at: None,
+        }
+    }
+
+    fn drain(outbox: &Outbox) -> Vec<serde_json::Value> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        outbox.finish_reading();
+        let mut lines = Vec::new();
+        rt.block_on(async {
+            while let Ok(Some(line)) =
+                tokio::time::timeout(std::time::Duration::from_millis(50), outbox.next()).await
+            {
+                lines.push(serde_json::from_slice(&line).expect("valid JSON line"));
+            }
+        });
+        lines
+    }
+
+    #[test]
+    fn encode_failures_still_give_valid_json() {
+        struct Bad;
+        impl Serialize for Bad {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("a \"quoted\"\nmessage \\ here"))
+            }
+        }
+        let line = encode_line(&Bad);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let value: serde_json::Value = serde_json::from_slice(&line).expect("valid JSON");
+        assert_eq!(value["error"]["code"], "internal");
+        assert!(value["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"quoted\"\nmessage"));
+    }
+
+    #[test]
+    fn progress_is_coalesced_latest_wins_with_a_count() {
+        let outbox = Outbox::new(OUTPUT_BUDGET);
+        let (sink, answer) = EventSink::new(&outbox, 1, 7);
+        answer.answer(&Response::ok(7, "watching"));
+        for i in 0..1000 {
+            sink.send(progress("a", &format!("line {i}"))).unwrap();
+        }
+        sink.send(progress("b", "other")).unwrap();
+        assert!(outbox.pending() < 4096, "{}", outbox.pending());
+        drop(sink);
+        let lines = drain(&outbox);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[0]["result"], "watching");
+        assert_eq!(lines[1]["event"]["text"], "line 999");
+        assert_eq!(lines[1]["skipped"], 999);
+        assert_eq!(lines[2]["event"]["text"], "other");
+        assert!(lines[2].get("skipped").is_none());
+    }
+
+    #[test]
+    fn a_watch_whose_client_stops_reading_ends_with_a_lagged_notice() {
+        let outbox = Outbox::with_stall_limit(OUTPUT_BUDGET, Duration::from_millis(50));
+        let (sink, answer) = EventSink::new(&outbox, 1, 7);
+        answer.answer(&Response::ok(7, "watching"));
+        // Nobody writes: coalescing bounds the queue meanwhile.
+        for i in 0..100 {
+            sink.send(progress("a", &format!("{i}"))).unwrap();
+        }
+        assert!(outbox.pending() < 4096);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(sink.send(progress("a", "late")), Err(Delivery::Lagged));
+        assert!(sink.is_closed());
+        assert_eq!(sink.send(progress("a", "later")), Err(Delivery::Lagged));
+        drop(sink);
+        let lines = drain(&outbox);
+        assert_eq!(lines[1]["event"]["text"], "99");
+        let last = lines.last().unwrap();
+        assert_eq!(last["id"], 7);
+        assert_eq!(last["error"]["code"], "lagged");
+    }
+
+    #[test]
+    fn a_reading_client_is_not_stalled() {
+        let outbox = Outbox::with_stall_limit(OUTPUT_BUDGET, Duration::from_millis(50));
+        let (sink, answer) = EventSink::new(&outbox, 1, 7);
+        answer.answer(&Response::ok(7, "watching"));
+        // Idle for longer than the limit, then output: not a stall.
+        std::thread::sleep(Duration::from_millis(60));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(outbox.next()).unwrap();
+        outbox.wrote();
+        std::thread::sleep(Duration::from_millis(60));
+        sink.send(progress("a", "after a pause")).unwrap();
+        // Writes keep completing, slower than the limit in all but never stalled.
+        for i in 0..3 {
+            std::thread::sleep(Duration::from_millis(30));
+            sink.send(progress("a", &format!("{i}"))).unwrap();
+            rt.block_on(outbox.next()).unwrap();
+            outbox.wrote();
+        }
+    }
+
+    #[test]
+    fn progress_is_not_coalesced_across_other_events_of_its_task() {
+        let outbox = Outbox::new(OUTPUT_BUDGET);
+        let (sink, answer) = EventSink::new(&outbox, 1, 7);
+        answer.answer(&Response::ok(7, "watching"));
+        sink.send(progress("a", "1")).unwrap();
+        let mut steered = progress("a", "steer");
+        steered.kind = EventKind::Steered;
+        sink.send(steered).unwrap();
+        sink.send(progress("a", "2")).unwrap();
+        sink.send(progress("a", "3")).unwrap();
+        drop(sink);
+        let texts: Vec<_> = drain(&outbox)[1..]
+            .iter()
+            .map(|l| (l["event"]["text"].clone(), l["skipped"].clone()))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                ("1".into(), serde_json::Value::Null),
+                ("steer".into(), serde_json::Value::Null),
+                ("3".into(), 1.into())
+            ]
+        );
+    }
+
+    #[test]
+    fn events_before_the_answer_are_held_until_it() {
+        let outbox = Outbox::new(OUTPUT_BUDGET);
+        let (sink, answer) = EventSink::new(&outbox, 1, 7);
+        sink.send(progress("a", "snapshot")).unwrap();
+        outbox.push(&Response::ok(3, "other answer"));
+        answer.answer(&Response::ok(7, "watching"));
+        drop(sink);
+        let ids: Vec<_> = drain(&outbox)
+            .iter()
+            .map(|l| (l["id"].clone(), l.get("event").is_some()))
+            .collect();
+        assert_eq!(
+            ids,
+            [(3.into(), false), (7.into(), false), (7.into(), true)]
+        );
+    }
+
+    #[test]
+    fn the_reader_waits_while_too_much_is_in_flight_or_queued() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ready = |outbox: &Outbox| {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::ZERO, outbox.wait_for_room(2))
+                    .await
+                    .is_ok()
+            })
+        };
+        let outbox = Outbox::new(1024);
+        assert!(ready(&outbox));
+        let first = outbox.begin();
+        let second = outbox.begin();
+        assert!(!ready(&outbox), "two requests in flight is the cap");
+        drop(first);
+        assert!(ready(&outbox));
+        // Answers past the budget stop the reader until the writer takes them.
+        outbox.push(&Response::ok(1, "x".repeat(2000)));
+        assert!(!ready(&outbox), "the queue is over its budget");
+        rt.block_on(outbox.next()).unwrap();
+        outbox.wrote();
+        assert!(ready(&outbox));
+        drop(second);
+    }
+
+    #[test]
+    fn many_non_progress_events_stay_within_the_budget() {
+        let outbox = Outbox::new(64 * 1024);
+        let (sink, answer) = EventSink::new(&outbox, 1, 7);
+        answer.answer(&Response::ok(7, "watching"));
+        let mut event = progress("a", &"y".repeat(300));
+        event.kind = EventKind::Started;
+        let mut n = 0;
+        while sink.send(event.clone()).is_ok() {
+            n += 1;
+            assert!(n < 10_000);
+        }
+        assert!(n > 100);
+        assert!(outbox.pending() <= 64 * 1024 + 1024);
+        drop(sink);
+        assert_eq!(drain(&outbox).last().unwrap()["error"]["code"], "lagged");
+    }
+}

@@ -1,0 +1,210 @@
+//! Which containment holds on this host, and spawning a task under it.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cgroup::{CgroupOptions, Cgroups, Leftover, TaskCgroup};
+use crate::guardian::Guardian;
+use crate::pidfd::PidFd;
+use crate::spawn::{spawn_agent_in, AgentCommand};
+use crate::tree::{read_stat, TaskTree};
+
+/// The guarantee agentd can give that a finished task leaves nothing running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Containment {
+    /// Each task runs in its own cgroup v2 under `root`: every descendant is found and
+    /// killed, however it detached. `controllers` are the ones task cgroups get
+    /// (`pids` means each task has `pids.max`).
+    Cgroup {
+        root: PathBuf,
+        controllers: Vec<String>,
+    },
+    /// No writable cgroup (`reason` says why): a task's processes are found by process
+    /// group, parent links and the `AGENTD_TASK_ID` variable. A process that both
+    /// left the tree (double fork) and scrubbed its environment escapes.
+    ProcessTree { reason: String },
+}
+
+impl Containment {
+    pub fn is_cgroup(&self) -> bool {
+        matches!(self, Containment::Cgroup { .. })
+    }
+}
+
+/// agentd's process containment: detected once at startup, used for every spawn.
+#[derive(Debug)]
+pub struct Procs {
+    cgroups: Option<Cgroups>,
+    reason: String,
+    guardian: Option<Guardian>,
+}
+
+impl Procs {
+    /// Uses a cgroup per task where [`Cgroups::detect`] finds one, else the process
+    /// tree search.
+    pub fn detect(opts: &CgroupOptions) -> Procs {
+        match Cgroups::detect(opts) {
+            Ok(cgroups) => Procs::with_cgroups(cgroups),
+            Err(reason) => Procs::process_tree(reason),
+        }
+    }
+
+    /// Forces the process-tree fallback (configuration, tests).
+    pub fn process_tree(reason: impl Into<String>) -> Procs {
+        Procs {
+            cgroups: None,
+            reason: reason.into(),
+            guardian: None,
+        }
+    }
+
+    pub fn with_cgroups(cgroups: Cgroups) -> Procs {
+        Procs {
+            cgroups: Some(cgroups),
+            reason: String::new(),
+            guardian: None,
+        }
+    }
+
+    pub fn containment(&self) -> Containment {
+        match &self.cgroups {
+            Some(c) => Containment::Cgroup {
+                root: c.root().to_path_buf(),
+                controllers: c.controllers().to_vec(),
+            },
+            None => Containment::ProcessTree {
+                reason: self.reason.clone(),
+            },
+        }
+    }
+
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_ref()
+    }
+
+    /// Kills and removes what a previous agentd left in this instance's task cgroups
+    /// (see [`Cgroups::recover`]); nothing to do for the process-tree fallback, whose
+    /// orphans the parent-death signal and the channel's EOF end. Blocking: call it at
+    /// startup, before the event loop runs.
+    pub fn recover(&self) -> Vec<Leftover> {
+        match &self.cgroups {
+            Some(c) => c.recover(Duration::from_secs(5)),
+            None => Vec::new(),
+        }
+    }
+
+    /// Starts the [`Guardian`] that kills this instance's task cgroups when agentd
+    /// dies, after [`Procs::recover`]; `Procs` keeps it. Returns its pid (the reaper
+    /// will see it exit only after [`Procs::shutdown`]), `None` for the process-tree
+    /// fallback, where nothing could find the leftovers.
+    pub fn start_guardian(&mut self) -> io::Result<Option<u32>> {
+        let Some(c) = &self.cgroups else {
+            return Ok(None);
+        };
+        if let Some(g) = &self.guardian {
+            return Ok(Some(g.pid()));
+        }
+        let guardian = Guardian::start(c.root(), &c.guardian_dir())?;
+        let pid = guardian.pid();
+        self.guardian = Some(guardian);
+        Ok(Some(pid))
+    }
+
+    /// At a clean exit, after every task ended: kills anything still in a task cgroup,
+    /// removes the instance directory, and ends the guardian (a crash leaves this to
+    /// the guardian and to [`Procs::recover`]). Blocking, like `recover`.
+    pub fn shutdown(&mut self) -> io::Result<()> {
+        let Some(c) = &self.cgroups else {
+            return Ok(());
+        };
+        let removed = c.remove_all(Duration::from_secs(5));
+        if let Some(guardian) = self.guardian.take() {
+            crate::guardian::stop(guardian, &c.guardian_dir());
+        }
+        removed
+    }
+
+    /// Spawns the task's agent, inside a new task cgroup when cgroups are in use (a
+    /// cgroup that cannot be created fails the spawn: the guarantee is not silently
+    /// dropped). Hand [`Spawned::procs`] to [`crate::Killer::track`] at once.
+    pub fn spawn(&self, cmd: &AgentCommand) -> io::Result<Spawned> {
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(c.create_task(&cmd.task_id).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create the task's cgroup in {}: {e}",
+                        c.root().display()
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let (agent, pidfd) = match spawn_agent_in(cmd, cgroup.as_ref()) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cg.remove();
+                }
+                return Err(e);
+            }
+        };
+        // The agent is an unreaped child (only the daemon's reaper waits, and it has
+        // not seen this pid yet), so its stat is its own.
+        let start = read_stat(agent.pid).map(|s| s.start);
+        Ok(Spawned {
+            pid: agent.pid,
+            channel: agent.channel,
+            procs: TaskProcs {
+                task_id: cmd.task_id.clone(),
+                pid: agent.pid,
+                start,
+                pidfd,
+                cgroup,
+            },
+        })
+    }
+}
+
+/// A freshly spawned agent under [`Procs`].
+#[derive(Debug)]
+pub struct Spawned {
+    /// The agent's pid (also its process group id), for the reaper's bookkeeping.
+    /// Never signal it directly.
+    pub pid: u32,
+    /// agentd's end of the IPC socketpair (blocking mode, close-on-exec).
+    pub channel: UnixStream,
+    /// Everything needed to signal and empty the task's tree: give it to the Killer.
+    pub procs: TaskProcs,
+}
+
+/// A task's processes as the Killer knows them: the agent's pidfd and the task's
+/// cgroup, or what the tree search needs.
+#[derive(Debug)]
+pub struct TaskProcs {
+    pub(crate) task_id: String,
+    pub(crate) pid: u32,
+    pub(crate) start: Option<u64>,
+    pub(crate) pidfd: Option<PidFd>,
+    pub(crate) cgroup: Option<TaskCgroup>,
+}
+
+impl TaskProcs {
+    pub fn task_id(&self) -> &str {
+        &self.task_id
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn cgroup(&self) -> Option<&TaskCgroup> {
+        self.cgroup.as_ref()
+    }
+
+    pub(crate) fn tree(&self) -> TaskTree {
+        TaskTree::new(self.pid, self.task_id.clone()).with_agent_start(self.start)
+    }
+}

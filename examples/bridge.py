@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""A chat bridge for agentd, written from docs/protocol.md alone (standard library only).
+
+It stands between a chat app and agentd. The "chat app" here is this process's stdin
+and stdout, one JSON object per line, so the bridge can be tried by hand and driven by
+tests; a real bridge replaces `read_chat` and `post` with the chat app's API.
+
+    in  (stdin):  {"chat": "tg:42", "message_id": "1001", "text": "build the docs"}
+    out (stdout): {"chat": "tg:42", "kind": "reply", "text": "task 01a1…  started", "task_id": "01a1…"}
+                  {"chat": "tg:42", "kind": "progress", "text": "building", "task_id": "01a1…"}
+                  {"chat": "tg:42", "kind": "finished", "text": "task 01a1…  succeeded: done",
+                   "task_id": "01a1…", "state": "succeeded"}
+
+What it does (docs/protocol.md, "Writing a bridge"):
+- connects to agentd's control socket and says `hello` (protocol 1);
+- watches every chat it has seen (`watch` with `session`), so it can relay progress and
+  the end of every task of the chat, including queued ones that start later;
+- sends every chat message with `send`, with the chat as `session` and the chat app's
+  message id as `message_id`; control commands (`/status`, `/stop`, `/tasks`, `/queue`,
+  `/help`) are sent the same way, and agentd answers them at once (a `/stop` when the
+  task has ended);
+- shows each answer's `reply` (or an error's `message`) in the chat;
+- when the connection is lost (agentd restarted), reconnects with a growing delay,
+  says hello again, watches its chats again and re-sends every message whose answer
+  never came, with the same `message_id`, so agentd does not run one twice.
+
+Usage: bridge.py [--socket PATH] [--client NAME] [--max-delay SECONDS]
+"""
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+PROTOCOL = 1
+
+
+def default_socket():
+    """Where agentd listens by default (docs/protocol.md, "Transport")."""
+    if os.environ.get("AGENTD_SOCKET"):
+        return os.environ["AGENTD_SOCKET"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "agentd", "agentd.sock")
+    return "/tmp/agentd-%d/agentd.sock" % os.getuid()
+
+
+def log(*words):
+    print("bridge:", *words, file=sys.stderr, flush=True)
+
+
+class Bridge:
+    def __init__(self, path, client, max_delay):
+        self.path = path
+        self.client = client
+        self.max_delay = max_delay
+        self.lock = threading.Lock()
+        self.out_lock = threading.Lock()
+        self.ids = itertools.count(1)
+        self.sock = None
+        # Chats we watch, and which request id is each chat's watch on this connection.
+        self.chats = []
+        self.watch_ids = {}
+        # Messages sent but not answered: request id -> (chat, message_id, text).
+        # Kept across reconnects and sent again (same message_id) until answered.
+        self.unanswered = {}
+        self.connected = threading.Event()
+
+    # ----- the chat side -----
+
+    def post(self, chat, kind, text, **extra):
+        line = {"chat": chat, "kind": kind, "text": text}
+        line.update(extra)
+        with self.out_lock:
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+
+    def on_chat_message(self, chat, message_id, text):
+        with self.lock:
+            if chat not in self.chats:
+                self.chats.append(chat)
+                if self.sock is not None:
+                    self._watch(chat)
+            request_id = next(self.ids)
+            self.unanswered[request_id] = (chat, message_id, text)
+            if self.sock is not None:
+                self._send_message(request_id)
+            # Otherwise it goes out when the connection is back.
+
+    # ----- the agentd side -----
+
+    def _write(self, request):
+        """Writes one request line; a broken connection is noticed by the reader."""
+        try:
+            self.sock.sendall((json.dumps(request) + "\n").encode())
+        except OSError as e:
+            log("write failed:", e)
+
+    def _watch(self, chat):
+        request_id = next(self.ids)
+        self.watch_ids[request_id] = chat
+        self._write({"id": request_id, "cmd": "watch", "session": chat})
+
+    def _send_message(self, request_id):
+        chat, message_id, text = self.unanswered[request_id]
+        request = {"id": request_id, "cmd": "send", "session": chat, "text": text}
+        if message_id is not None:
+            request["message_id"] = str(message_id)
+        self._write(request)
+
+    def connect(self):
+        """Connects and says hello; retries with a growing delay until it works."""
+        delay = 0.1
+        while True:
+            sock = None
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(self.path)
+                reader = sock.makefile("rb")
+                hello = {"id": 0, "cmd": "hello", "protocol": PROTOCOL, "client": self.client}
+                sock.sendall((json.dumps(hello) + "\n").encode())
+                answer = json.loads(reader.readline() or b"null")
+                if not answer or not answer.get("ok"):
+                    error = (answer or {}).get("error", {})
+                    raise OSError("hello refused: %s" % error.get("message", answer))
+                log("connected to agentd:", answer["result"]["server"], "at", self.path)
+                return sock, reader
+            except (OSError, ValueError) as e:
+                log("cannot reach agentd (%s); retrying in %.1f s" % (e, delay))
+                if sock is not None:
+                    sock.close()
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_delay)
+
+    def run_connection(self):
+        """Keeps a connection to agentd and dispatches what it writes, forever."""
+        while True:
+            sock, reader = self.connect()
+            with self.lock:
+                self.sock = sock
+                self.watch_ids = {}
+                for chat in self.chats:
+                    self._watch(chat)
+                # Unanswered messages get new request ids on the new connection.
+                pending = list(self.unanswered.values())
+                self.unanswered = {}
+                for entry in pending:
+                    request_id = next(self.ids)
+                    self.unanswered[request_id] = entry
+                    self._send_message(request_id)
+            self.connected.set()
+            try:
+                for raw in reader:
+                    self.on_line(raw)
+            except OSError as e:
+                log("read failed:", e)
+            log("connection to agentd lost; reconnecting")
+            self.connected.clear()
+            with self.lock:
+                self.sock = None
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def on_line(self, raw):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            log("agentd wrote a line that is not JSON:", raw[:200])
+            return
+        request_id = line.get("id")
+        with self.lock:
+            watch_chat = self.watch_ids.get(request_id)
+            message = self.unanswered.pop(request_id, None)
+        if "event" in line:
+            if watch_chat is not None:
+                self.on_event(watch_chat, line["event"])
+            return
+        if message is not None:
+            chat = message[0]
+            if line.get("ok"):
+                result = line["result"]
+                extra = {}
+                task = result.get("task")
+                if task:
+                    extra["task_id"] = task["task_id"]
+                if result.get("command"):
+                    extra["command"] = result["command"]
+                self.post(chat, "reply", result["reply"], **extra)
+            else:
+                error = line.get("error", {})
+                self.post(chat, "error", error.get("message", "agentd refused the message"),
+                          code=error.get("code"))
+            return
+        if watch_chat is not None and not line.get("ok"):
+            log("watch of", watch_chat, "refused:", line.get("error"))
+
+    def on_event(self, chat, event):
+        kind = event.get("kind")
+        task_id = event.get("task_id")
+        task = event.get("task") or {}
+        if kind == "progress":
+            self.post(chat, "progress", event.get("text", ""), task_id=task_id)
+        elif kind == "started":
+            self.post(chat, "started", "task %s  started" % task_id, task_id=task_id)
+        elif kind == "accepted" and event.get("text"):
+            # A steered message the agent refused, queued as a follow-up.
+            self.post(chat, "notice", event["text"], task_id=task_id)
+        elif kind == "finished":
+            state = task.get("state", "finished")
+            if state == "merged":
+                return  # the message went into another task; that one's end is reported
+            text = "task %s  %s" % (task_id, state)
+            if task.get("result"):
+                text += ": " + task["result"]
+            self.post(chat, "finished", text, task_id=task_id, state=state)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", default=default_socket(), help="agentd's control socket")
+    parser.add_argument("--client", default="bridge.py", help="name sent in hello")
+    parser.add_argument("--max-delay", type=float, default=2.0,
+                        help="longest wait between reconnection attempts, in seconds")
+    args = parser.parse_args()
+
+    bridge = Bridge(args.socket, args.client, args.max_delay)
+    threading.Thread(target=bridge.run_connection, daemon=True).start()
+    for raw in sys.stdin:
+        if not raw.strip():
+            continue
+        try:
+            message = json.loads(raw)
+            bridge.on_chat_message(str(message["chat"]), message.get("message_id"),
+                                   message["text"])
+        except (ValueError, KeyError, TypeError) as e:
+            log("ignoring a chat line (%s): %s" % (e, raw.strip()[:200]))
+    # The chat side closed: give the answers still due a moment, then leave.
+    deadline = time.monotonic() + 5
+    while bridge.unanswered and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+//! examples/bridge.py, the Python bridge written from docs/protocol.md, against a real
+//! agentd: a long task, `/status`, `/stop`, and a restart of agentd under it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// A child process killed (by pid) when dropped.
+struct Owned(Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        for pid in descendants_of(self.0.id()) {
+            kill(pid, libc::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The bridge, its chat side on stdin/stdout.
+struct Bridge {
+    _process: Owned,
+    stdin: ChildStdin,
+    lines: Receiver<Value>,
+    /// Everything posted, for failure messages.
+    seen: Vec<Value>,
+    /// Posts no `expect` has matched yet.
+    unclaimed: Vec<Value>,
+}
+
+impl Bridge {
+    fn start(socket: &Path, stderr: &Path) -> Bridge {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bridge.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--socket")
+            .arg(socket)
+            .args(["--max-delay", "0.2"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(stderr).expect("stderr file"))
+            .spawn()
+            .expect("run python3 examples/bridge.py");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| json!({"unparsable": line, "error": e.to_string()}));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Bridge {
+            _process: Owned(child),
+            stdin,
+            lines,
+            seen: Vec::new(),
+            unclaimed: Vec::new(),
+        }
+    }
+
+    /// A message typed in the chat.
+    fn say(&mut self, chat: &str, message_id: &str, text: &str) {
+        let line = json!({"chat": chat, "message_id": message_id, "text": text});
+        writeln!(self.stdin, "{line}").expect("write to the bridge");
+    }
+
+    /// The first post `want` matches (posts of different tasks or requests may come
+    /// in any order), waiting for more posts as needed.
+    fn expect(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.unclaimed.iter().position(&want) {
+            return self.unclaimed.remove(i);
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if want(&line) {
+                        return line;
+                    }
+                    self.unclaimed.push(line);
+                }
+                Err(_) => panic!(
+                    "the bridge never posted {what}; it posted:\n{}",
+                    self.seen
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }
+        }
+    }
+}
+
+fn text(line: &Value) -> &str {
+    line["text"].as_str().unwrap_or("")
+}
+
+#[test]
+fn the_python_bridge_runs_a_long_task_answers_status_stops_it_and_survives_a_restart() {
+    let mut d = Daemon::with_agent_exec(&["--max-concurrent", "1"]);
+    let mut bridge = Bridge::start(&d.socket, &d.dir.path().join("bridge.log"));
+    let chat = "tg:1001";
+
+    bridge.say(chat, "m-1", "echo working; exec sleep 60");
+    let reply = bridge.expect("the task's start", |l| l["kind"] == "reply");
+    assert!(text(&reply).ends_with("started"), "{reply}");
+    let task = reply["task_id"].as_str().expect("a task id").to_string();
+    assert_eq!(reply["chat"], json!(chat));
+    bridge.expect("the task's progress", |l| {
+        l["kind"] == "progress" && text(l) == "working" && l["task_id"] == json!(task)
+    });
+
+    bridge.say(chat, "m-2", "/status");
+    let status = bridge.expect("the /status answer", |l| l["command"] == "status");
+    assert!(
+        text(&status).contains(&format!("task {task}  running")),
+        "{status}"
+    );
+    assert!(text(&status).contains("latest: working"), "{status}");
+    assert_eq!(d.task(&task)["state"], json!("running"));
+
+    bridge.say(chat, "m-3", "/stop");
+    let stopped = bridge.expect("the /stop answer", |l| l["command"] == "stop");
+    assert!(
+        text(&stopped).starts_with(&format!("task {task}  cancelled")),
+        "{stopped}"
+    );
+    bridge.expect("the task's end", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(task) && l["state"] == "cancelled"
+    });
+    assert_eq!(d.task(&task)["state"], json!("cancelled"));
+
+    // agentd goes away; a message arrives meanwhile; a new agentd comes up on the
+    // same socket. The bridge reconnects, watches the chat again and delivers it.
+    kill(d.pid(), libc::SIGTERM);
+    let status = d.child.wait().expect("agentd exits");
+    assert!(status.success(), "agentd exited with {status}");
+    bridge.say(chat, "m-4", "echo back again");
+    let log = std::fs::File::create(d.dir.path().join("agentd2.log")).unwrap();
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let second = Owned(
+        Command::new(AGENTD)
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("--state-dir")
+            .arg(d.dir.path().join("state2"))
+            .args(["--agent", &agent])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start a second agentd"),
+    );
+    let reply = bridge.expect("the answer after the restart", |l| {
+        l["kind"] == "reply" && text(l).ends_with("started")
+    });
+    let again = reply["task_id"].as_str().unwrap().to_string();
+    assert_ne!(again, task);
+    let end = bridge.expect("the new task's end", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(again)
+    });
+    assert_eq!(end["state"], json!("succeeded"), "{end}");
+    assert_eq!(text(&end), format!("task {again}  succeeded: back again"));
+    let log = std::fs::read_to_string(d.dir.path().join("bridge.log")).unwrap_or_default();
+    assert_eq!(
+        log.matches("connected to agentd").count(),
+        2,
+        "the bridge should have connected twice:\n{log}"
+    );
+    drop(second);
+}
