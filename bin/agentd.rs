@@ -13,6 +13,11 @@ use clap::Parser;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::mpsc;
 
+// mimalloc rather than glibc malloc: after a large queue came and went, glibc's free
+// lists made every small reply pay for consolidating them (scripts/bench-enqueue.sh).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Supervisor daemon for AI agents: per-session queues, a cap on live agent processes,
 /// control commands answered at once, and stops that end the whole process tree.
 #[derive(Debug, Clone, Parser)]

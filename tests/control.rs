@@ -248,6 +248,48 @@ fn absurd_durations_from_a_client_are_refused_or_survived() {
     assert_eq!(d.request(json!({"cmd": "ping"}))["pong"], json!(true));
 }
 
+/// A typo such as `/stauts` is refused with the list of commands, and nothing runs;
+/// `//` sends text that starts with a slash as work (one slash removed).
+#[test]
+fn unknown_chat_commands_are_refused_and_double_slash_is_work() {
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "1"]);
+    let response = d
+        .try_request(json!({"cmd": "send", "session": "a", "text": "/stauts"}))
+        .unwrap();
+    assert_eq!(response["ok"], json!(false), "{response}");
+    assert_eq!(
+        response["error"]["code"],
+        json!("bad_request"),
+        "{response}"
+    );
+    let message = response["error"]["message"].as_str().unwrap();
+    assert!(message.contains("/stauts"), "{message}");
+    for command in ["/status", "/stop", "/tasks", "/queue", "/help"] {
+        assert!(message.contains(command), "{message}");
+    }
+    assert!(message.contains("//"), "{message}");
+    let status = d.request(json!({"cmd": "status"}));
+    assert_eq!(status["queued"], json!(0), "{status}");
+    assert_eq!(status["active"], json!([]), "{status}");
+    let listed = d.request(json!({"cmd": "tasks", "all": true}));
+    assert_eq!(listed, json!([]), "nothing was accepted: {listed}");
+
+    // agentctl says the same, on one line, and exits 1.
+    let out = d.agentctl(&["send", "--session", "a", "/Stauts"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("/status"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+
+    let task = d.submit("a", "//stauts is not a command");
+    let view = d.wait_state(&task, "succeeded");
+    assert_eq!(view["text"], json!("/stauts is not a command"), "{view}");
+    assert_eq!(view["result"], json!("/stauts is not a command"), "{view}");
+    // Paths stay work as they are.
+    let task = d.submit("a", "/usr/bin/env is broken");
+    let view = d.wait_state(&task, "succeeded");
+    assert_eq!(view["result"], json!("/usr/bin/env is broken"), "{view}");
+}
+
 #[test]
 fn tasks_all_lists_active_then_queued_then_finished_tasks() {
     let d = Daemon::with_echo_agent(&["--max-concurrent", "1"]);

@@ -454,6 +454,37 @@ fn watching_a_task_reports_its_life_and_ends_when_it_ends() {
     );
 }
 
+/// A watch's snapshot says where its task stands; the position events after it are
+/// moves only, for a later watcher too (not only for the first one).
+#[test]
+fn a_later_watcher_is_not_told_again_the_position_its_snapshot_gave() {
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "1", "--debounce", "0ms"]);
+    let gate = d.gate("g");
+    let first = d.submit("alice", &format!("hold {gate}"));
+    wait_running(&d, &first);
+    let second = d.submit("bob", "second");
+    let third = d.submit("carol", "third");
+    let mut early = Watch::task(&d, &second);
+    let snapshot = early.next();
+    assert_eq!(
+        (&snapshot["kind"], &snapshot["position"]),
+        (&json!("position"), &json!(1)),
+        "{snapshot}"
+    );
+    let mut later = Watch::task(&d, &third);
+    d.release(&gate);
+    let events = later.kinds_and_positions_until_finished();
+    assert_eq!(
+        events.iter().take(3).cloned().collect::<Vec<_>>(),
+        [
+            ("position".to_string(), Some(2)),
+            ("position".to_string(), Some(1)),
+            ("started".to_string(), None)
+        ],
+        "{events:?}"
+    );
+}
+
 #[test]
 fn agentctl_send_wait_prints_the_result_and_exits_by_the_outcome() {
     let d = Daemon::with_agent_exec(&[]);

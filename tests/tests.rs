@@ -24,6 +24,8 @@ mod defaults;
 /// Durability: restarts after kill -9, acknowledged means stored, one agentd per
 /// state dir, corrupt stores.
 mod durability;
+/// One spelling per variant on every surface, in any case.
+mod names;
 /// The stdlib-only Python example agent under a real agentd.
 mod python_agent;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.

@@ -436,6 +436,19 @@ impl Watch {
         }
     }
 
+    /// `(kind, position)` of each event up to and including `finished`.
+    pub fn kinds_and_positions_until_finished(&mut self) -> Vec<(String, Option<u64>)> {
+        self.until(|e| e["kind"] == json!("finished"))
+            .into_iter()
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_string(),
+                    e["position"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
     /// Events up to and including the first that `last` matches.
     pub fn until(&mut self, mut last: impl FnMut(&Value) -> bool) -> Vec<Value> {
         let mut events = Vec::new();

@@ -10,24 +10,11 @@
 
 use std::path::PathBuf;
 
-use agentd_proto::control::{DropPolicy, Priority, QueueMode, RequestBody};
+use agentd_proto::control::{DropPolicy, Named, Priority, QueueMode, RequestBody};
 use agentd_proto::paths::{default_socket_path, ENV_SOCKET};
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
-
-/// Every queue mode, in the order help texts list them.
-pub const QUEUE_MODES: [QueueMode; 5] = [
-    QueueMode::Collect,
-    QueueMode::Followup,
-    QueueMode::Steer,
-    QueueMode::SteerBacklog,
-    QueueMode::Interrupt,
-];
-
-/// Every drop policy, in the order help texts list them.
-pub const DROP_POLICIES: [DropPolicy; 3] =
-    [DropPolicy::Old, DropPolicy::New, DropPolicy::Summarize];
 
 /// `agentctl [--socket PATH] [--json] <command>`
 #[derive(Debug, Clone, Parser)]
@@ -178,7 +165,7 @@ pub struct SendArgs {
     pub background: bool,
 
     /// Queue mode for this message only, if the session is busy: collect, followup,
-    /// steer, steer-backlog or interrupt
+    /// steer, steer-backlog, interrupt
     #[arg(long, value_name = "MODE", value_parser = parse_queue_mode)]
     pub mode: Option<QueueMode>,
 
@@ -385,31 +372,27 @@ impl WatchArgs {
     }
 }
 
-/// `collect`, `followup`, `steer`, `steer-backlog` or `interrupt`.
+/// A queue mode, in any case (the spellings of [`Named`]).
 pub fn parse_queue_mode(s: &str) -> Result<QueueMode, String> {
-    QUEUE_MODES
-        .into_iter()
-        .find(|m| m.as_str() == s)
-        .ok_or_else(|| {
-            format!(
-                "unknown queue mode '{s}' (expected {})",
-                one_of(&QUEUE_MODES.map(QueueMode::as_str))
-            )
-        })
+    QueueMode::parse_name(s)
 }
 
 /// One word of `queue`'s MODE and OPTS: a mode, `debounce:DURATION`, `cap:N` or
 /// `drop:POLICY`.
 pub fn parse_queue_setting(s: &str) -> Result<QueueSetting, String> {
     let Some((key, value)) = s.split_once(':') else {
-        if s == "reset" {
+        if s.eq_ignore_ascii_case("reset") {
             return Err("to reset the settings use --reset".into());
         }
         return parse_queue_mode(s).map(QueueSetting::Mode).map_err(|e| {
-            format!("{e}; options are debounce:DURATION, cap:N and drop:old|new|summarize")
+            format!(
+                "{e}; options are debounce:DURATION, cap:N and drop:{}",
+                DropPolicy::joined("|")
+            )
         });
     };
-    match key {
+    // Keys in any case, as in the chat's `/queue`.
+    match key.to_ascii_lowercase().as_str() {
         "debounce" => parse_debounce(value).map(QueueSetting::Debounce),
         "cap" => match value.parse::<u32>() {
             Ok(0) => Err("cap must be at least 1".into()),
@@ -418,19 +401,10 @@ pub fn parse_queue_setting(s: &str) -> Result<QueueSetting, String> {
                 "cap must be a whole number of messages, e.g. cap:25 (got '{value}')"
             )),
         },
-        "drop" => DROP_POLICIES
-            .into_iter()
-            .find(|d| d.as_str() == value)
-            .map(QueueSetting::Drop)
-            .ok_or_else(|| {
-                format!(
-                    "unknown drop policy '{value}' (expected {})",
-                    one_of(&DROP_POLICIES.map(DropPolicy::as_str))
-                )
-            }),
+        "drop" => DropPolicy::parse_name(value).map(QueueSetting::Drop),
         _ => Err(format!(
-            "unknown queue option '{key}' (expected debounce:DURATION, cap:N or \
-             drop:old|new|summarize)"
+            "unknown queue option '{key}' (expected debounce:DURATION, cap:N or drop:{})",
+            DropPolicy::joined("|")
         )),
     }
 }
@@ -449,18 +423,45 @@ fn parse_debounce(value: &str) -> Result<u64, String> {
     u64::try_from(d.as_millis()).map_err(|_| format!("debounce '{value}' is too long"))
 }
 
-/// `a, b or c`.
-fn one_of(names: &[&str]) -> String {
-    match names {
-        [] => String::new(),
-        [one] => (*one).to_string(),
-        [init @ .., last] => format!("{} or {last}", init.join(", ")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The help of `--mode` and of `queue`'s MODE|OPTS lists every spelling of the
+    /// name tables, and every spelling parses in any case.
+    #[test]
+    fn help_and_parsers_follow_the_name_tables() {
+        let cli = Cli::command();
+        let help = |sub: &str, arg: &str| -> String {
+            cli.find_subcommand(sub)
+                .and_then(|c| c.get_arguments().find(|a| a.get_id() == arg))
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string().replace('\n', " "))
+                .unwrap_or_default()
+        };
+        assert!(help("send", "mode").contains(&QueueMode::one_of()));
+        let queue = help("queue", "settings");
+        assert!(queue.contains(&QueueMode::one_of()), "{queue}");
+        assert!(
+            queue.contains(&format!("drop:{}", DropPolicy::joined("|"))),
+            "{queue}"
+        );
+        for (mode, word) in QueueMode::NAMES {
+            for spelled in [word.to_string(), word.to_uppercase()] {
+                assert_eq!(parse_queue_mode(&spelled), Ok(*mode));
+                assert_eq!(parse_queue_setting(&spelled), Ok(QueueSetting::Mode(*mode)));
+            }
+        }
+        for (drop, word) in DropPolicy::NAMES {
+            let spelled = format!("Drop:{}", word.to_uppercase());
+            assert_eq!(parse_queue_setting(&spelled), Ok(QueueSetting::Drop(*drop)));
+        }
+        assert_eq!(parse_queue_setting("CAP:3"), Ok(QueueSetting::Cap(3)));
+        assert_eq!(
+            parse_queue_setting("Debounce:2s"),
+            Ok(QueueSetting::Debounce(2000))
+        );
+    }
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -546,7 +547,7 @@ mod tests {
                 mode: Some(QueueMode::SteerBacklog),
             })
         );
-        for (word, mode) in QUEUE_MODES.map(|m| (m.as_str(), m)) {
+        for (word, mode) in QueueMode::all().map(|m| (m.as_str(), m)) {
             let cli = parse(&["send", "--session", "a", "--mode", word, "x"]).unwrap();
             assert!(
                 matches!(cli.command.request(), Some(RequestBody::Send { mode: Some(m), .. }) if m == mode)
@@ -555,8 +556,8 @@ mod tests {
         let err = usage_error(&["send", "--session", "a", "--mode", "later", "x"]);
         assert!(
             err.contains(
-                "unknown queue mode 'later' (expected collect, followup, steer, \
-                 steer-backlog or interrupt)"
+                "unknown queue mode \"later\" (expected one of collect, followup, steer, \
+                 steer-backlog, interrupt)"
             ),
             "{err}"
         );
@@ -621,8 +622,9 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (
                 &["bogus"],
-                "unknown queue mode 'bogus' (expected collect, followup, steer, steer-backlog \
-                 or interrupt); options are debounce:DURATION, cap:N and drop:old|new|summarize",
+                "unknown queue mode \"bogus\" (expected one of collect, followup, steer, \
+                 steer-backlog, interrupt); options are debounce:DURATION, cap:N and \
+                 drop:old|new|summarize",
             ),
             (&["cap:0"], "cap must be at least 1"),
             (
@@ -640,7 +642,7 @@ mod tests {
             ),
             (
                 &["drop:newest"],
-                "unknown drop policy 'newest' (expected old, new or summarize)",
+                "unknown drop policy \"newest\" (expected one of old, new, summarize)",
             ),
             (
                 &["speed:3"],

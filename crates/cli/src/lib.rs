@@ -1005,7 +1005,7 @@ mod tests {
             ),
             (
                 &["drop:all"],
-                "unknown drop policy 'all' (expected old, new or summarize)",
+                "unknown drop policy \"all\" (expected one of old, new, summarize)",
             ),
             (
                 &["steer", "interrupt"],

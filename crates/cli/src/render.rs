@@ -377,7 +377,7 @@ pub fn describe_exit(exit: &ExitView) -> String {
 
 /// `ended by <step> after <time>` (or without the time if agentd did not send it).
 fn describe_stop(exit: &ExitView) -> String {
-    let step = exit.ended_by.map_or("stop", |s| s.describe());
+    let step = exit.ended_by.map_or("stop", agentd_proto::text::stop_step);
     match exit.stop_ms {
         Some(ms) => format!(
             "ended by {step} after {}",

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::names::Named;
 use crate::queue::{DropPolicy, Mode, QueueSettings, MAX_DEBOUNCE};
 
 /// A control command found in a chat message.
@@ -24,7 +25,15 @@ pub enum ChatCommand {
     WorkWithMode { mode: Mode, text: String },
     /// A command with a mistake in it; `reply` says what.
     Invalid { reply: String },
+    /// `/<word>` where the word names no command (a typo such as `/stauts`): refused,
+    /// never run as work. `command` is the word, in lower case, without `@botname`.
+    Unknown { command: String },
+    /// `//text…`: work whose text starts with a slash (one slash is removed).
+    Work { text: String },
 }
+
+/// The commands a chat can give, in the order `/help` and refusals list them.
+pub const COMMANDS: &[&str] = &["status", "stop", "tasks", "queue", "help"];
 
 /// What a `/queue` command asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,12 +114,7 @@ fn parse_option(word: &str, change: &mut QueueChange) -> Result<bool, String> {
                 ))
             }
         },
-        "drop" => {
-            change.drop = Some(
-                DropPolicy::parse(value)
-                    .ok_or(format!("invalid drop {value:?} (old, new, summarize)"))?,
-            )
-        }
+        "drop" => change.drop = Some(DropPolicy::parse_name(value)?),
         _ => return Ok(false),
     }
     Ok(true)
@@ -155,8 +159,10 @@ fn parse_queue(args: &[&str], rest_of_text: &str) -> ChatCommand {
         }
         None => ChatCommand::Invalid {
             reply: format!(
-                "unknown queue setting {:?}; use /queue [collect|followup|steer|steer-backlog|interrupt] [debounce:2s] [cap:25] [drop:old|new|summarize] or /queue reset",
-                options.first().map(|w| **w).unwrap_or_default()
+                "unknown queue setting {:?}; use /queue [{}] [debounce:2s] [cap:25] [drop:{}] or /queue reset",
+                options.first().map(|w| **w).unwrap_or_default(),
+                Mode::joined("|"),
+                DropPolicy::joined("|"),
             ),
         },
     }
@@ -185,18 +191,32 @@ Commands (answered at once, never queued):
   /queue <mode> <message>
                     send one message with that mode
   /help             this text
-Anything else is work for the agent.";
+Anything else is work for the agent; to send work that starts with a slash,
+begin it with // (//tmp is full).";
 
-/// Recognises a control command. Returns `None` for work text, including text that
-/// merely starts with a slash (`/usr/bin/env is broken`).
+/// Recognises a control command. Returns `None` for work text, including text whose
+/// first word is a path rather than a command word (`/usr/bin/env is broken`,
+/// `/123`). A command word that names no command (`/stauts`) is
+/// [`ChatCommand::Unknown`]; `//…` is [`ChatCommand::Work`] with one slash removed.
 ///
 /// The command word is case-insensitive and may carry a Telegram-style `@botname`.
 pub fn parse_chat_command(text: &str) -> Option<ChatCommand> {
     let text = text.trim();
     let rest = text.strip_prefix('/')?;
+    if rest.starts_with('/') {
+        return Some(ChatCommand::Work {
+            text: rest.to_string(),
+        });
+    }
     let mut words = rest.split_whitespace();
     let word = words.next()?;
     let word = word.split('@').next().unwrap_or(word).to_ascii_lowercase();
+    // Only a word such as `status` or `steer-now` can be a command: a path or a
+    // number is work.
+    let command_shaped = word.starts_with(|c: char| c.is_ascii_alphabetic())
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     let args: Vec<&str> = words.collect();
     let single_arg = || match args.as_slice() {
         [] => Some(None),
@@ -221,6 +241,8 @@ pub fn parse_chat_command(text: &str) -> Option<ChatCommand> {
                 Some(a) => StopArg::Task(a),
             })
         }),
+        known if COMMANDS.contains(&known) => None,
+        _ if command_shaped => Some(ChatCommand::Unknown { command: word }),
         _ => None,
     }
 }
@@ -303,8 +325,35 @@ mod tests {
                     reply: "invalid debounce \"25h\" (examples: 500ms, 2s, 1m; at most 24h)".into(),
                 }),
             ),
+            // A command word that names no command is refused, not run as work.
+            (
+                "/stauts",
+                Some(ChatCommand::Unknown {
+                    command: "stauts".into(),
+                }),
+            ),
+            (
+                " /Deploy@agent_bot now ",
+                Some(ChatCommand::Unknown {
+                    command: "deploy".into(),
+                }),
+            ),
+            // `//` sends text that starts with a slash as work, one slash removed.
+            (
+                "//stauts is a typo",
+                Some(ChatCommand::Work {
+                    text: "/stauts is a typo".into(),
+                }),
+            ),
+            (
+                "  //usr/bin/env  ",
+                Some(ChatCommand::Work {
+                    text: "/usr/bin/env".into(),
+                }),
+            ),
             // Work, not commands.
             ("/usr/bin/env is broken", None),
+            ("/123 is a number", None),
             ("/stop the build and then rebuild", None),
             ("/tasks please", None),
             ("status", None),
@@ -314,6 +363,20 @@ mod tests {
         ];
         for (text, want) in cases {
             assert_eq!(&parse_chat_command(text), want, "{text:?}");
+        }
+    }
+
+    /// Every command in the list that refusals and `/help` show is one the parser
+    /// knows.
+    #[test]
+    fn the_command_list_names_known_commands() {
+        for command in COMMANDS {
+            let parsed = parse_chat_command(&format!("/{command}"));
+            assert!(
+                !matches!(parsed, None | Some(ChatCommand::Unknown { .. })),
+                "/{command}: {parsed:?}"
+            );
+            assert!(HELP_TEXT.contains(&format!("/{command}")), "/{command}");
         }
     }
 }

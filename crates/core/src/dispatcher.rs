@@ -17,9 +17,10 @@
 //!   per-session state that outlives the work is a session's own queue settings
 //!   (set explicitly) and the bounded de-duplication window.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
+use crate::order::{self, OrderKey, PositionIndex, RankedMap};
 use crate::queue::{self, DropPolicy, Mode, Priority, QueueSettings};
 use crate::task::{
     AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopCause, StopStep, Task, TaskId,
@@ -281,8 +282,17 @@ pub struct Capacity {
 
 #[derive(Debug, Default)]
 struct Session {
-    /// Queued tasks in the order they will run.
-    queue: VecDeque<TaskId>,
+    /// Queued tasks in the order they will run, by their place in line (see
+    /// [`Queued`]): ranked, so a task's index in its session costs O(log n).
+    queue: RankedMap<i64, TaskId>,
+    /// The next place in line behind the last task (and the one ahead of the first).
+    next_back: i64,
+    next_front: i64,
+    /// The ready ring this session is in, and its place there.
+    ring: Option<(Priority, u64)>,
+    /// The key under which the session is in the position index (with its queue's
+    /// length), if it has queued work.
+    indexed: Option<OrderKey>,
     /// The task that holds this session's lane.
     active: Option<TaskId>,
     /// Set while waiting for quiet before a follow-up; the generation of the timer
@@ -292,16 +302,82 @@ struct Session {
     dropped_previews: Vec<String>,
 }
 
+/// Where every queued task is: its place in its session's line and its age.
+#[derive(Debug, Default)]
+struct Queued {
+    /// Bumped by every change that can move a queued task's position (see
+    /// [`Dispatcher::order_version`]).
+    version: u64,
+    place: HashMap<TaskId, (i64, Millis)>,
+    /// Queued tasks, oldest first (for expiry and for stopping everything).
+    by_age: BTreeSet<(Millis, TaskId)>,
+}
+
+impl Session {
+    fn front(&self) -> Option<TaskId> {
+        self.queue.first().map(|(_, t)| *t)
+    }
+
+    fn n_queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn queued(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.queue.iter().map(|(_, t)| *t)
+    }
+
+    fn push_back(&mut self, queued: &mut Queued, task_id: TaskId, created_at: Millis) {
+        let place = self.next_back;
+        self.next_back += 1;
+        self.enter(queued, task_id, created_at, place);
+    }
+
+    fn push_front(&mut self, queued: &mut Queued, task_id: TaskId, created_at: Millis) {
+        self.next_front -= 1;
+        let place = self.next_front;
+        self.enter(queued, task_id, created_at, place);
+    }
+
+    fn enter(&mut self, queued: &mut Queued, task_id: TaskId, created_at: Millis, place: i64) {
+        queued.version += 1;
+        self.queue.insert(place, task_id);
+        queued.place.insert(task_id, (place, created_at));
+        queued.by_age.insert((created_at, task_id));
+    }
+
+    fn pop_front(&mut self, queued: &mut Queued) -> Option<TaskId> {
+        let task_id = self.front()?;
+        self.remove(queued, task_id);
+        Some(task_id)
+    }
+
+    fn remove(&mut self, queued: &mut Queued, task_id: TaskId) -> bool {
+        let Some((place, created_at)) = queued.place.remove(&task_id) else {
+            return false;
+        };
+        queued.version += 1;
+        queued.by_age.remove(&(created_at, task_id));
+        self.queue.remove(&place).is_some()
+    }
+}
+
 /// The dispatcher state machine. See the module docs for its invariants.
 #[derive(Debug)]
 pub struct Dispatcher {
     config: Config,
     tasks: HashMap<TaskId, Task>,
     sessions: HashMap<String, Session>,
-    /// Sessions whose next task is interactive, ready to run, in admission order.
-    ready: VecDeque<String>,
+    /// Sessions whose next task is interactive, ready to run, in admission order (by
+    /// when they joined the ring).
+    ready: BTreeMap<u64, String>,
     /// The same for background work.
-    ready_background: VecDeque<String>,
+    ready_background: BTreeMap<u64, String>,
+    /// Counter of places in the ready rings.
+    ring_seq: u64,
+    /// Every queued task's place and age.
+    queued: Queued,
+    /// The admission order of every queued task, kept as sessions change.
+    index: PositionIndex,
     /// Tasks whose agent was ordered spawned and is not yet reaped.
     live: BTreeSet<TaskId>,
     /// Sessions' own queue settings (only those set with `/queue`).
@@ -318,8 +394,11 @@ impl Dispatcher {
             config,
             tasks: HashMap::new(),
             sessions: HashMap::new(),
-            ready: VecDeque::new(),
-            ready_background: VecDeque::new(),
+            ready: BTreeMap::new(),
+            ready_background: BTreeMap::new(),
+            ring_seq: 0,
+            queued: Queued::default(),
+            index: PositionIndex::default(),
             live: BTreeSet::new(),
             settings: HashMap::new(),
             seen: HashMap::new(),
@@ -357,12 +436,27 @@ impl Dispatcher {
         }
     }
 
+    /// Number of queued tasks, O(1).
     pub fn n_queued(&self) -> usize {
-        self.sessions.values().map(|s| s.queue.len()).sum()
+        self.index.n_queued()
     }
 
     pub fn n_sessions(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The active tasks (starting, running or stopping), by id: O(active).
+    pub fn active_tasks(&self) -> impl Iterator<Item = &Task> {
+        self.live.iter().filter_map(|t| self.tasks.get(t))
+    }
+
+    /// A session's queued tasks in the order they will run.
+    pub fn queued_tasks_of<'a>(&'a self, session: &str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.sessions
+            .get(session)
+            .into_iter()
+            .flat_map(|s| s.queued())
+            .filter_map(|t| self.tasks.get(&t))
     }
 
     /// The task holding the session's lane.
@@ -383,7 +477,11 @@ impl Dispatcher {
         self.settings.contains_key(session)
     }
 
-    /// Admission order of every queued task (1 = admitted next).
+    /// Admission order of every queued task (1 = admitted next), computed from scratch
+    /// in O(n log n): the reference the fast queries are checked against. To list
+    /// the whole queue use [`Dispatcher::queued_in_order`]; to learn the position of some
+    /// tasks, use [`Dispatcher::position`], [`Dispatcher::positions_of`] or
+    /// [`Dispatcher::session_positions`], which cost O(log² n) a task.
     ///
     /// Sessions take turns: first the ready sessions in ring order (interactive, then
     /// background), then the sessions that are busy or waiting for quiet (they join
@@ -392,20 +490,15 @@ impl Dispatcher {
     pub fn positions(&self) -> HashMap<TaskId, u32> {
         let mut order: Vec<&Session> = self
             .ready
-            .iter()
-            .chain(self.ready_background.iter())
+            .values()
+            .chain(self.ready_background.values())
             .filter_map(|s| self.sessions.get(s))
-            .collect();
-        let in_ring: HashSet<&String> = self
-            .ready
-            .iter()
-            .chain(self.ready_background.iter())
             .collect();
         // Busy or quiet-waiting sessions, in the order their runs started (then by name).
         let mut waiting: Vec<(&String, &Session)> = self
             .sessions
             .iter()
-            .filter(|(key, s)| !s.queue.is_empty() && !in_ring.contains(key))
+            .filter(|(_, s)| s.n_queued() > 0 && s.ring.is_none())
             .collect();
         waiting.sort_by_key(|(key, s)| {
             let started = s
@@ -416,12 +509,13 @@ impl Dispatcher {
         });
         order.extend(waiting.into_iter().map(|(_, s)| s));
 
+        let queues: Vec<Vec<TaskId>> = order.iter().map(|s| s.queued().collect()).collect();
         let mut positions = HashMap::new();
-        let rounds = order.iter().map(|s| s.queue.len()).max().unwrap_or(0);
+        let rounds = queues.iter().map(Vec::len).max().unwrap_or(0);
         let mut next = 1u32;
         for round in 0..rounds {
-            for session in &order {
-                if let Some(task_id) = session.queue.get(round) {
+            for queue in &queues {
+                if let Some(task_id) = queue.get(round) {
                     positions.insert(*task_id, next);
                     next += 1;
                 }
@@ -430,11 +524,90 @@ impl Dispatcher {
         positions
     }
 
+    /// Every queued task with its position, in admission order, produced lazily:
+    /// O(sessions) to begin, then O(1) a task (the first page of a listing does not
+    /// cost the whole queue).
+    pub fn queued_in_order(&self) -> impl Iterator<Item = (&Task, u32)> + '_ {
+        let mut lanes: VecDeque<order::Iter<'_, i64, TaskId>> = self
+            .index
+            .keys_in_order()
+            .filter_map(|key| self.session_of_key(key))
+            .map(|s| s.queue.iter())
+            .collect();
+        let mut next_position = 0u32;
+        std::iter::from_fn(move || loop {
+            // One round takes the next task of every lane, in order; a lane that has
+            // run out leaves the rotation.
+            let mut lane = lanes.pop_front()?;
+            if let Some((_, task_id)) = lane.next() {
+                lanes.push_back(lane);
+                if let Some(task) = self.tasks.get(task_id) {
+                    next_position += 1;
+                    return Some((task, next_position));
+                }
+            }
+        })
+    }
+
+    fn session_of_key(&self, key: &OrderKey) -> Option<&Session> {
+        let name = match key {
+            OrderKey::Ready {
+                class: Priority::Interactive,
+                seq,
+            } => self.ready.get(seq)?,
+            OrderKey::Ready {
+                class: Priority::Background,
+                seq,
+            } => self.ready_background.get(seq)?,
+            OrderKey::Quiet(name) => name,
+            OrderKey::Busy { task, .. } => &self.tasks.get(task)?.session,
+        };
+        self.sessions.get(name)
+    }
+
+    /// A number that changes whenever a queued task's position may have changed (a
+    /// task queued or leaving the queue, a session moving in the admission order),
+    /// and only then: a watcher of positions need not ask again while it stands.
+    pub fn order_version(&self) -> u64 {
+        self.queued.version
+    }
+
+    /// The position of a queued task (1 = admitted next), O(log² n).
     pub fn position(&self, task_id: &TaskId) -> Option<u32> {
-        match self.tasks.get(task_id)?.state {
-            TaskState::Queued => self.positions().get(task_id).copied(),
-            _ => None,
+        let task = self.tasks.get(task_id)?;
+        if task.state != TaskState::Queued {
+            return None;
         }
+        let session = self.sessions.get(&task.session)?;
+        let key = session.indexed.as_ref()?;
+        let (place, _) = self.queued.place.get(task_id)?;
+        let idx = session.queue.rank(place);
+        Some(self.index.position(key, idx) as u32)
+    }
+
+    /// The positions of those of `task_ids` that are queued (for watchers).
+    pub fn positions_of<'a>(
+        &'a self,
+        task_ids: impl IntoIterator<Item = &'a TaskId> + 'a,
+    ) -> impl Iterator<Item = (TaskId, u32)> + 'a {
+        task_ids
+            .into_iter()
+            .filter_map(|t| Some((*t, self.position(t)?)))
+    }
+
+    /// The positions of a session's queued tasks, in queue order (for watchers):
+    /// O(k log² n) for k queued tasks.
+    pub fn session_positions(&self, session: &str) -> Vec<(TaskId, u32)> {
+        let Some(s) = self.sessions.get(session) else {
+            return Vec::new();
+        };
+        let Some(key) = s.indexed.as_ref() else {
+            return Vec::new();
+        };
+        s.queued()
+            .enumerate()
+            .map(|(idx, t)| (t, self.index.position(key, idx) as u32))
+            .collect()
     }
 
     // ----- settings -----
@@ -538,7 +711,7 @@ impl Dispatcher {
         // Everything else is queued: check the limits first, so a refusal changes nothing.
         // The global limit counts what waits: not a message that starts at once, nor
         // one that takes the place of a held message dropped for it.
-        let held = self.sessions.get(&msg.session).map_or(0, |s| s.queue.len());
+        let held = self.sessions.get(&msg.session).map_or(0, |s| s.n_queued());
         let makes_room = held as u32 >= settings.cap.max(1) && settings.drop != DropPolicy::New;
         if !makes_room
             && !self.starts_at_once(&msg.session, msg.priority)
@@ -581,7 +754,7 @@ impl Dispatcher {
         let session = self.sessions.entry(msg.session.clone()).or_default();
         if mode == Mode::Interrupt {
             // Runs next: ahead of whatever else the session holds.
-            session.queue.push_front(msg.task_id);
+            session.push_front(&mut self.queued, msg.task_id, now);
             session.debounce = None;
             if let Some(active) = active_id {
                 if self.begin_stop(active, now, StopCause::Interrupt, &mut actions) {
@@ -591,7 +764,7 @@ impl Dispatcher {
                 }
             }
         } else {
-            session.queue.push_back(msg.task_id);
+            session.push_back(&mut self.queued, msg.task_id, now);
             if let Some(generation) = session.debounce {
                 // A new message during the quiet window starts the window again.
                 let _ = generation;
@@ -621,8 +794,7 @@ impl Dispatcher {
         self.sessions
             .entry(msg.session.clone())
             .or_default()
-            .queue
-            .push_back(msg.task_id);
+            .push_back(&mut self.queued, msg.task_id, now);
         self.refresh_ready(&msg.session);
         self.admit(now, &mut actions);
         Actions(actions)
@@ -634,7 +806,7 @@ impl Dispatcher {
         let idle = self
             .sessions
             .get(session)
-            .is_none_or(|s| s.active.is_none() && s.debounce.is_none() && s.queue.is_empty());
+            .is_none_or(|s| s.active.is_none() && s.debounce.is_none() && s.n_queued() == 0);
         let slot_free = (self.live.len() as u32) < self.config.max_concurrent;
         idle && slot_free
             && match priority {
@@ -684,7 +856,7 @@ impl Dispatcher {
         actions: &mut Vec<Action>,
     ) -> Option<TaskId> {
         let s = self.sessions.get_mut(session)?;
-        let task_id = s.queue.pop_front()?;
+        let task_id = s.pop_front(&mut self.queued)?;
         let task = self.tasks.remove(&task_id)?;
         if policy == DropPolicy::Summarize {
             s.dropped_previews.push(queue::preview(&task.text));
@@ -865,15 +1037,14 @@ impl Dispatcher {
             }
             Event::Tick => {
                 if let Some(timeout) = self.config.queue_timeout {
-                    let mut expired: Vec<&Task> = self
-                        .tasks
-                        .values()
-                        .filter(|t| {
-                            t.state == TaskState::Queued && now.since(t.created_at) >= timeout
-                        })
+                    // Oldest first, and only those past their deadline: O(expired).
+                    let expired: Vec<TaskId> = self
+                        .queued
+                        .by_age
+                        .iter()
+                        .take_while(|(created_at, _)| now.since(*created_at) >= timeout)
+                        .map(|(_, t)| *t)
                         .collect();
-                    expired.sort_by_key(|t| (t.created_at, t.id));
-                    let expired: Vec<TaskId> = expired.into_iter().map(|t| t.id).collect();
                     for task_id in expired {
                         self.remove_queued(task_id, Ending::Expired, now, &mut actions);
                     }
@@ -911,14 +1082,14 @@ impl Dispatcher {
             StopTarget::SessionCurrent(session) => {
                 self.check_scope(scope, &session)?;
                 let s = self.sessions.get(&session);
-                s.and_then(|s| s.active.or_else(|| s.queue.front().copied()))
+                s.and_then(|s| s.active.or_else(|| s.front()))
                     .into_iter()
                     .collect()
             }
             StopTarget::SessionAll(session) => {
                 self.check_scope(scope, &session)?;
                 match self.sessions.get(&session) {
-                    Some(s) => s.queue.iter().copied().chain(s.active).collect(),
+                    Some(s) => s.queued().chain(s.active).collect(),
                     None => Vec::new(),
                 }
             }
@@ -926,19 +1097,15 @@ impl Dispatcher {
                 let Scope::Owner = scope else {
                     return Ok((Vec::new(), Actions::none()));
                 };
-                let mut queued: Vec<&Task> = self
-                    .tasks
-                    .values()
-                    .filter(|t| t.state == TaskState::Queued)
-                    .collect();
-                queued.sort_by_key(|t| (t.created_at, t.id));
+                // Queued tasks oldest first, then active ones.
+                let queued = self.queued.by_age.iter().map(|(_, t)| *t);
                 let mut active: Vec<&Task> = self
                     .tasks
                     .values()
                     .filter(|t| t.state.is_active())
                     .collect();
                 active.sort_by_key(|t| (t.created_at, t.id));
-                queued.iter().chain(active.iter()).map(|t| t.id).collect()
+                queued.chain(active.iter().map(|t| t.id)).collect()
             }
         };
         let mut actions = Vec::new();
@@ -1020,7 +1187,7 @@ impl Dispatcher {
             return;
         };
         if let Some(session) = self.sessions.get_mut(&task.session) {
-            session.queue.retain(|t| *t != task_id);
+            session.remove(&mut self.queued, task_id);
         }
         self.refresh_ready(&task.session);
         self.prune(&task.session);
@@ -1052,9 +1219,8 @@ impl Dispatcher {
             if session.active == Some(task_id) {
                 session.active = None;
                 let next_interrupts = session
-                    .queue
                     .front()
-                    .and_then(|t| self.tasks.get(t))
+                    .and_then(|t| self.tasks.get(&t))
                     .is_some_and(|t| t.mode == Mode::Interrupt);
                 let quiet = self
                     .settings
@@ -1062,7 +1228,7 @@ impl Dispatcher {
                     .copied()
                     .unwrap_or(self.config.queue)
                     .debounce;
-                if !session.queue.is_empty() && !next_interrupts && !quiet.is_zero() {
+                if session.n_queued() > 0 && !next_interrupts && !quiet.is_zero() {
                     debounce = Some(quiet);
                 }
             }
@@ -1085,36 +1251,77 @@ impl Dispatcher {
         if self
             .sessions
             .get(session)
-            .is_some_and(|s| s.active.is_none() && s.queue.is_empty())
+            .is_some_and(|s| s.active.is_none() && s.n_queued() == 0)
         {
-            self.sessions.remove(session);
+            if let Some(s) = self.sessions.remove(session) {
+                if let Some(key) = &s.indexed {
+                    self.index.remove(key);
+                }
+                match s.ring {
+                    Some((Priority::Interactive, seq)) => drop(self.ready.remove(&seq)),
+                    Some((Priority::Background, seq)) => drop(self.ready_background.remove(&seq)),
+                    None => {}
+                }
+            }
         }
     }
 
     /// Puts a session in the ready ring it belongs in (keeping its place if it is
-    /// already there) or takes it out of both.
+    /// already there) or takes it out of both, then brings its entry in the position
+    /// index up to date. Every change of a session's queue, claim or quiet time ends
+    /// with this call.
     fn refresh_ready(&mut self, session: &str) {
-        let wanted = self.sessions.get(session).and_then(|s| {
-            let ready = s.active.is_none() && s.debounce.is_none();
-            let next = s.queue.front().and_then(|t| self.tasks.get(t))?;
-            ready.then_some(next.priority)
-        });
-        let in_interactive = self.ready.iter().any(|s| s == session);
-        let in_background = self.ready_background.iter().any(|s| s == session);
-        match wanted {
-            Some(Priority::Interactive) if in_interactive => {}
-            Some(Priority::Background) if in_background => {}
-            _ => {
-                self.ready.retain(|s| s != session);
-                self.ready_background.retain(|s| s != session);
-                match wanted {
-                    Some(Priority::Interactive) => self.ready.push_back(session.to_string()),
-                    Some(Priority::Background) => {
-                        self.ready_background.push_back(session.to_string())
-                    }
-                    None => {}
-                }
+        let Some(s) = self.sessions.get_mut(session) else {
+            return;
+        };
+        let wanted = match (s.active, s.debounce, s.front()) {
+            (None, None, Some(next)) => self.tasks.get(&next).map(|t| t.priority),
+            _ => None,
+        };
+        if s.ring.map(|(class, _)| class) != wanted {
+            match s.ring.take() {
+                Some((Priority::Interactive, seq)) => drop(self.ready.remove(&seq)),
+                Some((Priority::Background, seq)) => drop(self.ready_background.remove(&seq)),
+                None => {}
             }
+            if let Some(class) = wanted {
+                self.ring_seq += 1;
+                let ring = match class {
+                    Priority::Interactive => &mut self.ready,
+                    Priority::Background => &mut self.ready_background,
+                };
+                ring.insert(self.ring_seq, session.to_string());
+                s.ring = Some((class, self.ring_seq));
+            }
+        }
+        // Its place in the admission order.
+        let key = if s.n_queued() == 0 {
+            None
+        } else if let Some((class, seq)) = s.ring {
+            Some(OrderKey::Ready { class, seq })
+        } else if let Some(active) = s.active {
+            Some(OrderKey::Busy {
+                started_at: self.tasks.get(&active).and_then(|t| t.started_at),
+                task: active,
+            })
+        } else {
+            Some(OrderKey::Quiet(session.to_string()))
+        };
+        let len = s.n_queued() as u32;
+        let unchanged = s.indexed == key
+            && key
+                .as_ref()
+                .is_none_or(|k| self.index.len_of(k) == Some(len));
+        if !unchanged {
+            self.queued.version += 1;
+            if let Some(old) = s.indexed.take() {
+                self.index.remove(&old);
+            }
+            if let Some(key) = key {
+                self.index.add(key.clone(), len);
+                s.indexed = Some(key);
+            }
+            self.index.shrink_if_empty();
         }
     }
 
@@ -1139,15 +1346,19 @@ impl Dispatcher {
     /// interactive sessions first, then background ones within their own cap.
     fn admit(&mut self, now: Millis, actions: &mut Vec<Action>) {
         while (self.live.len() as u32) < self.config.max_concurrent {
-            let session_key = match self.ready.pop_front() {
-                Some(key) => key,
-                None if self.background_admissible() => match self.ready_background.pop_front() {
-                    Some(key) => key,
+            let session_key = match self.ready.pop_first() {
+                Some((_, key)) => key,
+                None if self.background_admissible() => match self.ready_background.pop_first() {
+                    Some((_, key)) => key,
                     None => break,
                 },
                 None => break,
             };
+            if let Some(s) = self.sessions.get_mut(&session_key) {
+                s.ring = None;
+            }
             self.start_next(&session_key, now, actions);
+            self.refresh_ready(&session_key);
         }
     }
 
@@ -1159,7 +1370,7 @@ impl Dispatcher {
         if session.active.is_some() {
             return;
         }
-        let Some(task_id) = session.queue.pop_front() else {
+        let Some(task_id) = session.pop_front(&mut self.queued) else {
             return;
         };
         let collect = self.config.collected_prompts
@@ -1170,12 +1381,11 @@ impl Dispatcher {
         let mut merged = Vec::new();
         if collect {
             while session
-                .queue
                 .front()
-                .and_then(|t| self.tasks.get(t))
+                .and_then(|t| self.tasks.get(&t))
                 .is_some_and(|t| t.mode == Mode::Collect)
             {
-                merged.extend(session.queue.pop_front());
+                merged.extend(session.pop_front(&mut self.queued));
             }
         }
         let previews = std::mem::take(&mut session.dropped_previews);
@@ -1242,19 +1452,28 @@ impl Dispatcher {
             return Err("a slot is free while an admissible session waits".to_string());
         }
         let mut seen_ready = HashSet::new();
-        for key in self.ready.iter().chain(self.ready_background.iter()) {
-            if !seen_ready.insert(key) {
-                return Err(format!("session {key} is in the ready rings twice"));
-            }
-            if !self.sessions.contains_key(key) {
-                return Err(format!("ready ring names unknown session {key}"));
+        let rings = [
+            (Priority::Interactive, &self.ready),
+            (Priority::Background, &self.ready_background),
+        ];
+        for (class, ring) in rings {
+            for (seq, key) in ring {
+                if !seen_ready.insert(key) {
+                    return Err(format!("session {key} is in the ready rings twice"));
+                }
+                let Some(session) = self.sessions.get(key) else {
+                    return Err(format!("ready ring names unknown session {key}"));
+                };
+                if session.ring != Some((class, *seq)) {
+                    return Err(format!("session {key} does not know its ring place"));
+                }
             }
         }
         for (key, session) in &self.sessions {
-            if session.active.is_none() && session.queue.is_empty() {
+            if session.active.is_none() && session.n_queued() == 0 {
                 return Err(format!("idle empty session {key} kept"));
             }
-            let next = session.queue.front().and_then(|t| self.tasks.get(t));
+            let next = session.front().and_then(|t| self.tasks.get(&t));
             let should_be_ready =
                 session.active.is_none() && session.debounce.is_none() && next.is_some();
             if should_be_ready != seen_ready.contains(key) {
@@ -1264,12 +1483,14 @@ impl Dispatcher {
                 ));
             }
             if let Some(next) = next.filter(|_| should_be_ready) {
-                let ring = if next.priority == Priority::Background {
-                    &self.ready_background
-                } else {
-                    &self.ready
+                // The rings' entries were checked against `session.ring` above.
+                let ring = match session.ring {
+                    Some((Priority::Interactive, seq)) => self.ready.get(&seq),
+                    Some((_, seq)) => self.ready_background.get(&seq),
+                    None => None,
                 };
-                if !ring.contains(key) {
+                if session.ring.map(|(class, _)| class) != Some(next.priority) || ring != Some(key)
+                {
                     return Err(format!("session {key} is in the wrong ready ring"));
                 }
             }
@@ -1288,8 +1509,8 @@ impl Dispatcher {
                     return Err(format!("active task {active} holds no slot"));
                 }
             }
-            for queued in &session.queue {
-                match self.tasks.get(queued) {
+            for queued in session.queued() {
+                match self.tasks.get(&queued) {
                     Some(t) if t.state == TaskState::Queued && &t.session == key => {}
                     other => return Err(format!("queue of {key} holds {queued}: {other:?}")),
                 }
@@ -1301,7 +1522,7 @@ impl Dispatcher {
                 .get(&task.session)
                 .ok_or(format!("task {} has no session", task.id))?;
             let listed = match task.state {
-                TaskState::Queued => session.queue.contains(&task.id),
+                TaskState::Queued => session.queued().any(|t| t == task.id),
                 TaskState::Done { .. } => {
                     return Err(format!("finished task {} still in the hot map", task.id))
                 }
@@ -1321,11 +1542,73 @@ impl Dispatcher {
                 self.live.len()
             ));
         }
+        self.check_positions()?;
         if self.seen.len() > self.config.dedup_window || self.seen.len() != self.seen_order.len() {
             return Err(format!(
                 "de-duplication window holds {} entries",
                 self.seen.len()
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Dispatcher {
+    /// The position index against the sessions, and every fast position against the
+    /// table computed from scratch.
+    fn check_positions(&self) -> Result<(), String> {
+        let n_queued: usize = self.sessions.values().map(Session::n_queued).sum();
+        if self.index.n_queued() != n_queued {
+            return Err(format!(
+                "position index counts {} queued tasks, the sessions {n_queued}",
+                self.index.n_queued()
+            ));
+        }
+        let n_indexed = self.sessions.values().filter(|s| s.n_queued() > 0).count();
+        if self.index.n_sessions() != n_indexed {
+            return Err(format!(
+                "position index holds {} sessions, {n_indexed} have queued work",
+                self.index.n_sessions()
+            ));
+        }
+        if self.queued.place.len() != n_queued || self.queued.by_age.len() != n_queued {
+            return Err(format!(
+                "{} places and {} ages for {n_queued} queued tasks",
+                self.queued.place.len(),
+                self.queued.by_age.len()
+            ));
+        }
+        for (key, session) in &self.sessions {
+            let indexed = session.indexed.as_ref().and_then(|k| self.index.len_of(k));
+            let want = (session.n_queued() > 0).then_some(session.n_queued() as u32);
+            if indexed != want {
+                return Err(format!(
+                    "session {key} is indexed with {indexed:?} queued tasks, holds {want:?}"
+                ));
+            }
+        }
+        let positions = self.positions();
+        for (task_id, want) in &positions {
+            let fast = self.position(task_id);
+            if fast != Some(*want) {
+                return Err(format!(
+                    "task {task_id}: position {fast:?}, from scratch {want}"
+                ));
+            }
+        }
+        let mut n_listed = 0;
+        for (task, position) in self.queued_in_order() {
+            n_listed += 1;
+            if positions.get(&task.id) != Some(&position) || position != n_listed {
+                return Err(format!(
+                    "task {} listed at {position} (#{n_listed}), from scratch {:?}",
+                    task.id,
+                    positions.get(&task.id)
+                ));
+            }
+        }
+        if n_listed as usize != positions.len() {
+            return Err(format!("{n_listed} tasks listed of {}", positions.len()));
         }
         Ok(())
     }

@@ -14,16 +14,20 @@
 
 mod command;
 mod dispatcher;
+mod names;
+mod order;
 mod queue;
 mod task;
 
 pub use command::{
-    parse_chat_command, parse_duration, ChatCommand, QueueChange, QueueCommand, StopArg, HELP_TEXT,
+    parse_chat_command, parse_duration, ChatCommand, QueueChange, QueueCommand, StopArg, COMMANDS,
+    HELP_TEXT,
 };
 pub use dispatcher::{
     Accepted, Action, Actions, Capacity, Config, Dispatcher, Event, Message, Refused, Scope,
     StopError, StopTarget, Submitted,
 };
+pub use names::{check_table, Named};
 pub use queue::{
     collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings, MAX_DEBOUNCE,
 };

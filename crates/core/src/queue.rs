@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::names::Named;
+
 /// What a new message does while its session has a run active.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
@@ -19,29 +21,14 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
-        Mode::Collect,
-        Mode::Followup,
-        Mode::Steer,
-        Mode::SteerBacklog,
-        Mode::Interrupt,
-    ];
-
+    /// Its spelling (from the [`Named`] table).
     pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Collect => "collect",
-            Mode::Followup => "followup",
-            Mode::Steer => "steer",
-            Mode::SteerBacklog => "steer-backlog",
-            Mode::Interrupt => "interrupt",
-        }
+        self.name()
     }
 
-    /// Parses a mode name (case-insensitive).
+    /// Parses a mode name (case-insensitive; the [`Named`] table).
     pub fn parse(word: &str) -> Option<Mode> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.as_str().eq_ignore_ascii_case(word))
+        Mode::from_name(word)
     }
 }
 
@@ -57,19 +44,21 @@ pub enum DropPolicy {
 }
 
 impl DropPolicy {
+    /// Its spelling (from the [`Named`] table).
     pub fn as_str(self) -> &'static str {
-        match self {
-            DropPolicy::Old => "old",
-            DropPolicy::New => "new",
-            DropPolicy::Summarize => "summarize",
-        }
+        self.name()
     }
 
-    /// Parses a policy name (case-insensitive).
+    /// Parses a policy name (case-insensitive; the [`Named`] table).
     pub fn parse(word: &str) -> Option<DropPolicy> {
-        [DropPolicy::Old, DropPolicy::New, DropPolicy::Summarize]
-            .into_iter()
-            .find(|p| p.as_str().eq_ignore_ascii_case(word))
+        DropPolicy::from_name(word)
+    }
+}
+
+impl Priority {
+    /// Its spelling (from the [`Named`] table).
+    pub fn as_str(self) -> &'static str {
+        self.name()
     }
 }
 

@@ -19,14 +19,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use agentd_core::{
-    collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
-    ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message, Millis, Mode,
-    Priority, QueueChange, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopArg,
-    StopCause, StopError, StopStep, StopTarget, Task, TaskId, TaskState,
+    collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, Actions,
+    AgentReport, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message,
+    Millis, Mode, Named, Priority, QueueChange, QueueCommand, QueueSettings, Refused,
+    ReportOutcome, Scope, StopArg, StopCause, StopError, StopStep, StopTarget, Task, TaskId,
+    TaskState,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 const SESSIONS: [&str; 4] = ["s0", "s1", "s2", "s3"];
 const CANCEL_GRACE: Duration = Duration::from_millis(500);
@@ -64,7 +65,7 @@ impl Params {
 
 fn queue_settings() -> impl Strategy<Value = QueueSettings> {
     (
-        prop_oneof![1 => Just(Mode::Collect), 2 => prop::sample::select(Mode::ALL.to_vec())],
+        prop_oneof![1 => Just(Mode::Collect), 2 => prop::sample::select(Mode::all().collect::<Vec<_>>())],
         prop_oneof![1 => Just(0u64), 2 => 1..=3u64],
         1..=4u32,
         prop::sample::select(DROPS.to_vec()),
@@ -156,7 +157,7 @@ fn op() -> impl Strategy<Value = Op> {
         9 => (
             0..SESSIONS.len(),
             any::<bool>(),
-            prop::option::weighted(0.5, prop::sample::select(Mode::ALL.to_vec())),
+            prop::option::weighted(0.5, prop::sample::select(Mode::all().collect::<Vec<_>>())),
             prop::bool::weighted(0.3),
             prop::option::weighted(0.4, 0..6u8),
         )
@@ -1924,7 +1925,7 @@ proptest! {
     #[test]
     fn queue_settings_commands_parse(
         word in command_word("queue"),
-        mode in prop::option::of(prop::sample::select(Mode::ALL.to_vec())),
+        mode in prop::option::of(prop::sample::select(Mode::all().collect::<Vec<_>>())),
         debounce in prop::option::of(0..10_000u64),
         cap in prop::option::of(1..100u32),
         drop in prop::option::of(prop::sample::select(DROPS.to_vec())),
@@ -1961,5 +1962,210 @@ proptest! {
             })
         };
         prop_assert_eq!(parse_chat_command(&text), Some(ChatCommand::Queue(want)), "{:?}", text);
+    }
+}
+
+/// One step of the position test: long queues over many sessions.
+#[derive(Debug, Clone)]
+enum PosOp {
+    Send {
+        session: usize,
+        background: bool,
+        mode: Option<Mode>,
+    },
+    /// The agent of the `n`-th active task exits.
+    Reap(Index),
+    /// A stop of the `n`-th queued task.
+    StopQueued(Index),
+    /// Every pending debounce timer fires.
+    Quiet,
+    /// Time passes (ticks expire old work).
+    Wait(u64),
+}
+
+fn pos_op() -> impl Strategy<Value = PosOp> {
+    prop_oneof![
+        8 => (0..12usize, any::<bool>(), prop::option::of(prop::sample::select(vec![
+            Mode::Collect, Mode::Followup, Mode::Interrupt
+        ])))
+            .prop_map(|(session, background, mode)| PosOp::Send { session, background, mode }),
+        3 => any::<Index>().prop_map(PosOp::Reap),
+        1 => any::<Index>().prop_map(PosOp::StopQueued),
+        1 => Just(PosOp::Quiet),
+        1 => (1..3_000u64).prop_map(PosOp::Wait),
+    ]
+}
+
+/// Every queued task's position, asked one at a time, for a session, for a set of
+/// tasks, or listed in order, equals the table computed from scratch, and no position
+/// moves while `order_version` stays the same, over random sequences of messages
+/// (both classes, interrupts that jump the line), reaps, stops of queued work, quiet
+/// times ending and expiry.
+#[test]
+fn fast_positions_equal_the_table_computed_from_scratch() {
+    let config = ProptestConfig {
+        cases: 64,
+        source_file: Some(file!()),
+        ..ProptestConfig::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let strategy = (
+        1..4u32,
+        prop::option::of(0..2u32),
+        prop::bool::ANY,
+        prop::collection::vec(pos_op(), 0..300),
+    );
+    let result = runner.run(&strategy, |(max_concurrent, max_background, quiet, ops)| {
+        let mut d = Dispatcher::new(Config {
+            max_concurrent,
+            max_background,
+            max_queued: 10_000,
+            queue_timeout: Some(Duration::from_secs(20)),
+            queue: QueueSettings {
+                cap: 200,
+                debounce: if quiet {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::ZERO
+                },
+                ..QueueSettings::default()
+            },
+            ..Config::default()
+        });
+        let mut now = 1_000u64;
+        let mut next_id = 1u128;
+        let mut debounces: Vec<(String, u64)> = Vec::new();
+        let mut pids: HashMap<TaskId, u32> = HashMap::new();
+        let mut run =
+            |d: &mut Dispatcher, actions: Actions, now: u64, debounces: &mut Vec<(String, u64)>| {
+                // Spawns succeed at once; debounce timers are kept until `Quiet`.
+                let mut pending = actions.into_vec();
+                while let Some(action) = pending.pop() {
+                    match action {
+                        Action::Spawn { task_id, .. } => {
+                            let pid = 100 + pids.len() as u32;
+                            pids.insert(task_id, pid);
+                            pending.extend(
+                                d.handle(Event::Spawned { task_id, pid }, Millis(now))
+                                    .into_vec(),
+                            );
+                        }
+                        Action::SetDebounce {
+                            session,
+                            generation,
+                            ..
+                        } => debounces.push((session, generation)),
+                        _ => {}
+                    }
+                }
+            };
+        let mut before: Option<(u64, HashMap<TaskId, u32>)> = None;
+        for op in &ops {
+            now += 10;
+            match op {
+                PosOp::Send {
+                    session,
+                    background,
+                    mode,
+                } => {
+                    let msg = Message {
+                        priority: if *background {
+                            Priority::Background
+                        } else {
+                            Priority::Interactive
+                        },
+                        mode: *mode,
+                        ..Message::new(id(next_id), format!("s{session}"), format!("m{next_id}"))
+                    };
+                    next_id += 1;
+                    let (_, actions) = d.accept(msg, Millis(now));
+                    run(&mut d, actions, now, &mut debounces);
+                }
+                PosOp::Reap(i) => {
+                    let active: Vec<TaskId> = d.active_tasks().map(|t| t.id).collect();
+                    if !active.is_empty() {
+                        let task_id = active[i.index(active.len())];
+                        let actions = d.handle(
+                            Event::Reaped {
+                                task_id,
+                                status: ExitStatus::code(0),
+                            },
+                            Millis(now),
+                        );
+                        run(&mut d, actions, now, &mut debounces);
+                    }
+                }
+                PosOp::StopQueued(i) => {
+                    let mut queued: Vec<TaskId> = d
+                        .tasks()
+                        .filter(|t| t.state == TaskState::Queued)
+                        .map(|t| t.id)
+                        .collect();
+                    queued.sort();
+                    if !queued.is_empty() {
+                        let task_id = queued[i.index(queued.len())];
+                        let (_, actions) = d
+                            .stop(StopTarget::Task(task_id), &Scope::Owner, Millis(now))
+                            .unwrap();
+                        run(&mut d, actions, now, &mut debounces);
+                    }
+                }
+                PosOp::Quiet => {
+                    for (session, generation) in std::mem::take(&mut debounces) {
+                        let actions = d.handle(
+                            Event::Debounce {
+                                session,
+                                generation,
+                            },
+                            Millis(now),
+                        );
+                        run(&mut d, actions, now, &mut debounces);
+                    }
+                }
+                PosOp::Wait(ms) => {
+                    now += ms;
+                    let actions = d.handle(Event::Tick, Millis(now));
+                    run(&mut d, actions, now, &mut debounces);
+                }
+            }
+            let table = d.positions();
+            prop_assert_eq!(table.len(), d.n_queued());
+            // While the order version stands, no position moved.
+            if let Some((version, previous)) = &before {
+                if *version == d.order_version() {
+                    prop_assert_eq!(previous, &table);
+                }
+            }
+            before = Some((d.order_version(), table.clone()));
+            for task in d.tasks() {
+                prop_assert_eq!(d.position(&task.id), table.get(&task.id).copied());
+            }
+            for s in 0..12 {
+                let session = format!("s{s}");
+                let want: Vec<(TaskId, u32)> = d
+                    .queued_tasks_of(&session)
+                    .map(|t| (t.id, table[&t.id]))
+                    .collect();
+                prop_assert_eq!(d.session_positions(&session), want);
+            }
+            let listed: Vec<(TaskId, u32)> = d.queued_in_order().map(|(t, p)| (t.id, p)).collect();
+            let mut by_position: Vec<(TaskId, u32)> = table.iter().map(|(t, p)| (*t, *p)).collect();
+            by_position.sort_by_key(|(_, p)| *p);
+            prop_assert_eq!(listed, by_position);
+            let ids: Vec<TaskId> = (1..next_id).map(id).collect();
+            let mut asked: Vec<(TaskId, u32)> = d.positions_of(&ids).collect();
+            let mut want: Vec<(TaskId, u32)> = table.iter().map(|(t, p)| (*t, *p)).collect();
+            asked.sort();
+            want.sort();
+            prop_assert_eq!(asked, want);
+            if let Err(e) = d.check_invariants() {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }

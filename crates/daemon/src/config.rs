@@ -91,17 +91,16 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("invalid duration {text:?} (examples: 500ms, 5s, 2m)"))
 }
 
-/// Parses a queue mode name for flags and the config file.
+/// Parses a queue mode name (any case) for flags and the config file.
 pub fn parse_mode(text: &str) -> anyhow::Result<agentd_core::Mode> {
-    agentd_core::Mode::parse(text.trim()).with_context(|| {
-        format!("unknown queue mode {text:?} (collect, followup, steer, steer-backlog, interrupt)")
-    })
+    use agentd_core::Named;
+    agentd_core::Mode::parse_name(text).map_err(anyhow::Error::msg)
 }
 
-/// Parses a drop policy name for flags and the config file.
+/// Parses a drop policy name (any case) for flags and the config file.
 pub fn parse_drop(text: &str) -> anyhow::Result<agentd_core::DropPolicy> {
-    agentd_core::DropPolicy::parse(text.trim())
-        .with_context(|| format!("unknown drop policy {text:?} (old, new, summarize)"))
+    use agentd_core::Named;
+    agentd_core::DropPolicy::parse_name(text).map_err(anyhow::Error::msg)
 }
 
 /// Splits an agent command line into words, shell-style quoting allowed, and checks it.

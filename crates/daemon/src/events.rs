@@ -34,6 +34,9 @@ pub struct Subscriptions {
     subscribers: Vec<Subscriber>,
     /// Positions of queued tasks as last published, to report only changes.
     positions: HashMap<String, u32>,
+    /// The dispatcher's order version those positions were computed at; `None` once
+    /// a subscriber came or follows another task, so they are computed again.
+    positions_version: Option<u64>,
     /// Set when a first subscriber arrives: `positions` is stale (nobody was told
     /// anything), and the subscriber's snapshot said where every task stands.
     reseed: bool,
@@ -46,6 +49,24 @@ impl Subscriptions {
             self.reseed = true;
         }
         self.subscribers.push(Subscriber { filter, events });
+        self.positions_version = None;
+    }
+
+    /// True when the positions published last are still current: the dispatcher's
+    /// order version is the same and nobody new watches.
+    pub fn positions_current(&self, order_version: u64) -> bool {
+        self.positions_version == Some(order_version)
+    }
+
+    /// Records the order version the positions just published were computed at.
+    pub fn set_positions_version(&mut self, order_version: u64) {
+        self.positions_version = Some(order_version);
+    }
+
+    /// Records positions a new subscriber's snapshot just gave (same loop turn), so
+    /// that they are not reported to it again as news.
+    pub fn seed_positions(&mut self, seen: impl IntoIterator<Item = (String, u32)>) {
+        self.positions.extend(seen);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -94,6 +115,7 @@ impl Subscriptions {
                 // The watched message went into another task: follow that one.
                 (Filter::Task(id), EventKind::Merged, Some(into)) => {
                     *id = into.clone();
+                    self.positions_version = None;
                     true
                 }
                 (Filter::Task(_), EventKind::Finished, _) => false,
@@ -102,8 +124,26 @@ impl Subscriptions {
         });
     }
 
+    /// The task ids and the sessions that subscribers watch (each once), so that
+    /// only their positions are computed.
+    pub fn watched(&self) -> (Vec<String>, Vec<String>) {
+        let (mut tasks, mut sessions) = (Vec::new(), Vec::new());
+        for sub in &self.subscribers {
+            match &sub.filter {
+                Filter::Task(id) => tasks.push(id.clone()),
+                Filter::Session(s) => sessions.push(s.clone()),
+            }
+        }
+        tasks.sort();
+        tasks.dedup();
+        sessions.sort();
+        sessions.dedup();
+        (tasks, sessions)
+    }
+
     /// Reports queued tasks whose position changed since the last call. `current`
-    /// holds every queued task: `(task_id, session, position)`.
+    /// holds every watched queued task: `(task_id, session, position)`; a task left
+    /// out is forgotten.
     pub fn publish_positions(&mut self, current: Vec<(String, String, u32)>) {
         if std::mem::take(&mut self.reseed) {
             // Called in the same loop turn as the snapshot: nothing moved since.
@@ -112,6 +152,10 @@ impl Subscriptions {
         }
         let mut next = HashMap::with_capacity(current.len());
         for (task_id, session, position) in current {
+            if next.contains_key(&task_id) {
+                // Watched twice (by id and by session): one event.
+                continue;
+            }
             if self.positions.get(&task_id) != Some(&position) && !self.subscribers.is_empty() {
                 self.publish(&EventView {
                     kind: EventKind::Position,
@@ -291,6 +335,83 @@ mod tests {
             [("u".into(), Some(1))],
             "the snapshot already said where t and u stood; only u's move is news"
         );
+    }
+
+    #[test]
+    fn watched_lists_each_task_and_session_once_and_positions_go_out_once() {
+        let mut subs = Subscriptions::default();
+        let mut outboxes = Vec::new();
+        for filter in [
+            Filter::Task("t".into()),
+            Filter::Task("t".into()),
+            Filter::Session("s".into()),
+            Filter::Session("s".into()),
+        ] {
+            let (tx, rx) = sink();
+            subs.add(filter, tx);
+            outboxes.push(rx);
+        }
+        assert_eq!(subs.watched(), (vec!["t".into()], vec!["s".into()]));
+        // The first call after the first watch only records (the snapshot said it).
+        subs.publish_positions(vec![("t".into(), "s".into(), 4)]);
+        // `t` is watched by id and through its session: one report of its position,
+        // to each of the four subscribers.
+        subs.publish_positions(vec![
+            ("t".into(), "s".into(), 3),
+            ("t".into(), "s".into(), 3),
+        ]);
+        for rx in &outboxes {
+            let positions: Vec<(String, Option<u32>)> = received(rx)
+                .into_iter()
+                .map(|e| (e.task_id, e.position))
+                .collect();
+            assert_eq!(positions, [("t".to_string(), Some(3))]);
+        }
+    }
+
+    #[test]
+    fn positions_are_computed_again_after_an_order_change_a_new_watch_or_a_merge() {
+        let mut subs = Subscriptions::default();
+        let (tx, _rx) = sink();
+        subs.add(Filter::Task("a".into()), tx);
+        assert!(!subs.positions_current(7));
+        subs.set_positions_version(7);
+        assert!(subs.positions_current(7));
+        assert!(!subs.positions_current(8), "the order changed");
+        let (tx, _rx2) = sink();
+        subs.add(Filter::Session("s".into()), tx);
+        assert!(!subs.positions_current(7), "a new watcher");
+        subs.set_positions_version(7);
+        subs.publish(&event(EventKind::Merged, "a", Some("b")));
+        assert!(!subs.positions_current(7), "the watch follows another task");
+    }
+
+    #[test]
+    fn a_later_watcher_is_not_told_again_the_positions_its_snapshot_gave() {
+        let mut subs = Subscriptions::default();
+        let (first, first_rx) = sink();
+        subs.add(Filter::Task("t".into()), first);
+        subs.publish_positions(vec![("t".into(), "s".into(), 2)]);
+        // A second watcher of another task, whose snapshot said "u is 3rd".
+        let (second, second_rx) = sink();
+        subs.add(Filter::Task("u".into()), second);
+        subs.seed_positions([("u".to_string(), 3)]);
+        subs.publish_positions(vec![
+            ("t".into(), "s".into(), 2),
+            ("u".into(), "s".into(), 3),
+        ]);
+        subs.publish_positions(vec![
+            ("t".into(), "s".into(), 1),
+            ("u".into(), "s".into(), 2),
+        ]);
+        let moves = |rx: &Outbox| {
+            received(rx)
+                .into_iter()
+                .map(|e| (e.task_id, e.position))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(moves(&first_rx), [("t".into(), Some(1))]);
+        assert_eq!(moves(&second_rx), [("u".into(), Some(2))]);
     }
 
     #[test]

@@ -56,23 +56,23 @@ pub enum RequestBody {
         message_id: Option<String>,
         /// `interactive` (default) or `background` (admitted after interactive work,
         /// within its own cap).
-        #[serde(default)]
+        #[serde(default, with = "crate::names::option")]
         priority: Option<Priority>,
         /// Queue mode for this message only (like a `/queue <mode>` prefix).
-        #[serde(default)]
+        #[serde(default, with = "crate::names::option")]
         mode: Option<QueueMode>,
     },
     /// Show, change or reset a session's queue settings. Without any field set it
     /// only shows them. Answer: [`QueueSettingsView`].
     Queue {
         session: String,
-        #[serde(default)]
+        #[serde(default, with = "crate::names::option")]
         mode: Option<QueueMode>,
         #[serde(default)]
         debounce_ms: Option<u64>,
         #[serde(default)]
         cap: Option<u32>,
-        #[serde(default)]
+        #[serde(default, with = "crate::names::option")]
         drop: Option<DropPolicy>,
         /// Back to the daemon's defaults (applied before the other fields).
         #[serde(default)]
@@ -378,9 +378,8 @@ pub struct PingReply {
     pub uptime_ms: u64,
 }
 
-/// Task states, as clients see them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Task states, as clients see them (spelled by [`Named`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TaskState {
     Queued,
     Starting,
@@ -395,21 +394,39 @@ pub enum TaskState {
     Merged,
 }
 
+impl Named for TaskState {
+    const WHAT: &'static str = "task state";
+    const NAMES: &'static [(TaskState, &'static str)] = &[
+        (TaskState::Queued, "queued"),
+        (TaskState::Starting, "starting"),
+        (TaskState::Running, "running"),
+        (TaskState::Stopping, "stopping"),
+        (TaskState::Succeeded, "succeeded"),
+        (TaskState::Failed, "failed"),
+        (TaskState::Cancelled, "cancelled"),
+        (TaskState::Interrupted, "interrupted"),
+        (TaskState::Expired, "expired"),
+        (TaskState::Dropped, "dropped"),
+        (TaskState::Merged, "merged"),
+    ];
+}
+
+impl Serialize for TaskState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        crate::names::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskState {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<TaskState, D::Error> {
+        crate::names::deserialize(deserializer)
+    }
+}
+
 impl TaskState {
+    /// Its spelling (from the [`Named`] table).
     pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Queued => "queued",
-            TaskState::Starting => "starting",
-            TaskState::Running => "running",
-            TaskState::Stopping => "stopping",
-            TaskState::Succeeded => "succeeded",
-            TaskState::Failed => "failed",
-            TaskState::Cancelled => "cancelled",
-            TaskState::Interrupted => "interrupted",
-            TaskState::Expired => "expired",
-            TaskState::Dropped => "dropped",
-            TaskState::Merged => "merged",
-        }
+        self.name()
     }
 
     pub fn is_terminal(self) -> bool {
@@ -426,72 +443,19 @@ impl std::fmt::Display for TaskState {
     }
 }
 
-/// What a new message does while its session has a run active.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum QueueMode {
-    /// Hold; when the run ends, all held messages become one follow-up task.
-    Collect,
-    /// Hold; each held message becomes its own follow-up task, in order.
-    Followup,
-    /// Deliver into the running agent now (falls back to followup if it can't).
-    Steer,
-    /// Steer now and also keep the message for a follow-up task.
-    SteerBacklog,
-    /// Stop the running task and run this message next.
-    Interrupt,
-}
-
-impl QueueMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueMode::Collect => "collect",
-            QueueMode::Followup => "followup",
-            QueueMode::Steer => "steer",
-            QueueMode::SteerBacklog => "steer-backlog",
-            QueueMode::Interrupt => "interrupt",
-        }
-    }
-}
-
-/// What happens to a message past a session's cap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropPolicy {
-    /// Drop the oldest held message.
-    Old,
-    /// Refuse the new message.
-    New,
-    /// Drop the oldest held message and pass a one-line summary of it to the follow-up.
-    Summarize,
-}
-
-impl DropPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropPolicy::Old => "old",
-            DropPolicy::New => "new",
-            DropPolicy::Summarize => "summarize",
-        }
-    }
-}
-
-/// Admission class of a task.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Priority {
-    #[default]
-    Interactive,
-    Background,
-}
+// The queue vocabulary is core's: one name table per enum (agentd_core::Named),
+// serialized through crate::names.
+pub use agentd_core::{DropPolicy, Mode as QueueMode, Named, Priority, StopStep};
 
 /// A session's queue settings, as in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSettingsView {
     pub session: String,
+    #[serde(with = "crate::names")]
     pub mode: QueueMode,
     pub debounce_ms: u64,
     pub cap: u32,
+    #[serde(with = "crate::names")]
     pub drop: DropPolicy,
     /// True when the session has its own settings (not the daemon's defaults).
     pub custom: bool,
@@ -557,24 +521,6 @@ pub struct EventView {
 }
 
 /// Which step of the stop sequence ended a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopStep {
-    CooperativeCancel,
-    Sigterm,
-    Sigkill,
-}
-
-impl StopStep {
-    pub fn describe(self) -> &'static str {
-        match self {
-            StopStep::CooperativeCancel => "cooperative cancel",
-            StopStep::Sigterm => "SIGTERM",
-            StopStep::Sigkill => "SIGKILL",
-        }
-    }
-}
-
 /// How a task ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitView {
@@ -590,7 +536,11 @@ pub struct ExitView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_signal: Option<i32>,
     /// For stopped tasks: the step of the stop sequence that ended it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::names::option"
+    )]
     pub ended_by: Option<StopStep>,
     /// For stopped tasks: milliseconds from the stop request to the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -622,7 +572,7 @@ pub struct TaskView {
     /// For `merged` tasks: the task this message went into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,
-    #[serde(default)]
+    #[serde(default, with = "crate::names")]
     pub priority: Priority,
 }
 
@@ -728,9 +678,14 @@ pub struct StopReply {
 pub struct StoppingView {
     pub task_id: String,
     /// The step of the stop sequence taken last.
+    #[serde(with = "crate::names")]
     pub step: StopStep,
     /// The next step, unless the task ends first, and how long until it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::names::option"
+    )]
     pub next: Option<StopStep>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_in_ms: Option<u64>,

@@ -9,10 +9,14 @@
 //!   with a size limit.
 //!
 //! These are the only serializable types of the project: the core state machine keeps
-//! its own types and the daemon converts at the edge. See `docs/protocol.md`.
+//! its own types and the daemon converts at the edge. The exceptions are the small
+//! vocabulary enums (queue modes, drop policies, priorities, stop steps): they are
+//! core's own, spelled on the wire by their one name table ([`names`],
+//! [`agentd_core::Named`]). See `docs/protocol.md`.
 
 pub mod codec;
 pub mod control;
 pub mod ipc;
+pub mod names;
 pub mod paths;
 pub mod text;

@@ -11,6 +11,28 @@ use crate::control::{
     Capacity, QueueSettingsView, StopReply, StopStep, StoppingView, TaskState, TaskView,
 };
 
+/// The refusal of an unknown chat command such as `/stauts`: nothing was run.
+pub fn unknown_command(command: &str) -> String {
+    let commands: Vec<String> = agentd_core::COMMANDS
+        .iter()
+        .map(|c| format!("/{c}"))
+        .collect();
+    format!(
+        "unknown command /{command}: nothing was run (commands: {}; /help explains them); \
+         to send work that starts with a slash, begin it with //",
+        commands.join(", ")
+    )
+}
+
+/// A stop step in words: `cooperative cancel`, `SIGTERM`, `SIGKILL`.
+pub fn stop_step(step: StopStep) -> &'static str {
+    match step {
+        StopStep::CooperativeCancel => "cooperative cancel",
+        StopStep::Sigterm => "SIGTERM",
+        StopStep::Sigkill => "SIGKILL",
+    }
+}
+
 /// `0.04 s`, `2.01 s`, `0.003 s` under 10 ms, `1m 15s` from a minute on.
 pub fn format_seconds(d: Duration) -> String {
     if d >= Duration::from_secs(60) {
@@ -32,10 +54,10 @@ pub fn outcome(view: &TaskView) -> String {
         TaskState::Cancelled => match (exit.ended_by, exit.stop_ms) {
             (Some(step), Some(ms)) => format!(
                 "cancelled (ended by {} after {})",
-                step.describe(),
+                stop_step(step),
                 format_seconds(Duration::from_millis(ms))
             ),
-            (Some(step), None) => format!("cancelled (ended by {})", step.describe()),
+            (Some(step), None) => format!("cancelled (ended by {})", stop_step(step)),
             (None, _) if view.started_at.is_none() => {
                 "cancelled (removed from the queue)".to_string()
             }
@@ -297,12 +319,12 @@ fn format_in(d: Duration) -> String {
 pub fn stopping(view: &StoppingView) -> String {
     let taken = match view.step {
         StopStep::CooperativeCancel => "cancel sent".to_string(),
-        step => format!("{} sent", step.describe()),
+        step => format!("{} sent", stop_step(step)),
     };
     match (view.next, view.next_in_ms) {
         (Some(next), Some(ms)) => format!(
             "stopping: {taken}, {} in {}",
-            next.describe(),
+            stop_step(next),
             format_in(Duration::from_millis(ms))
         ),
         _ => format!("stopping: {taken}"),

@@ -30,6 +30,7 @@ impl Supervisor {
         }
         let (text, mode) = match parse_chat_command(&work.text) {
             Some(ChatCommand::WorkWithMode { mode, text }) => (text, Some(mode)),
+            Some(ChatCommand::Work { text }) => (text, work.mode),
             Some(command) => return self.chat_command(work.session, command, reply),
             None => (work.text, work.mode),
         };
@@ -232,7 +233,12 @@ impl Supervisor {
                 })
             }
             ChatCommand::Invalid { reply: text } => err(ErrorCode::BadRequest, text),
-            ChatCommand::WorkWithMode { .. } => err(ErrorCode::Internal, "work is not a command"),
+            ChatCommand::Unknown { command } => {
+                err(ErrorCode::BadRequest, text::unknown_command(&command))
+            }
+            ChatCommand::WorkWithMode { .. } | ChatCommand::Work { .. } => {
+                err(ErrorCode::Internal, "work is not a command")
+            }
             ChatCommand::Stop(arg) => {
                 let target = match arg {
                     StopArg::Current => Ok(StopTarget::SessionCurrent(session.clone())),

@@ -56,8 +56,7 @@ impl Supervisor {
     pub(crate) fn status_reply(&self) -> StatusReply {
         let mut active: Vec<TaskView> = self
             .dispatcher
-            .tasks()
-            .filter(|t| t.state.is_active())
+            .active_tasks()
             .map(|t| views::task_view(t, None))
             .collect();
         active.sort_by(|a, b| (&a.started_at, &a.task_id).cmp(&(&b.started_at, &b.task_id)));
@@ -76,26 +75,27 @@ impl Supervisor {
     /// Active tasks first (by start), then queued ones by position, then (with `all`)
     /// finished ones, oldest first.
     pub(crate) fn list(&self, session: Option<&str>, all: bool) -> Vec<TaskView> {
-        let positions = self.dispatcher.positions();
         let in_session = |t: &&Task| session.is_none_or(|s| t.session == s);
-        let mut active: Vec<&Task> = self
-            .dispatcher
-            .tasks()
-            .filter(in_session)
-            .filter(|t| t.state.is_active())
-            .collect();
+        let mut active: Vec<&Task> = self.dispatcher.active_tasks().filter(in_session).collect();
         active.sort_by_key(|t| (t.started_at, t.id));
-        let mut queued: Vec<&Task> = self
-            .dispatcher
-            .tasks()
-            .filter(in_session)
-            .filter(|t| !t.state.is_active())
-            .collect();
-        queued.sort_by_key(|t| (positions.get(&t.id).copied().unwrap_or(u32::MAX), t.id));
+        // Queued tasks in admission order, without sorting the whole queue.
+        let queued: Vec<(&Task, u32)> = match session {
+            Some(s) => self
+                .dispatcher
+                .session_positions(s)
+                .into_iter()
+                .filter_map(|(id, p)| Some((self.dispatcher.task(&id)?, p)))
+                .collect(),
+            None => self.dispatcher.queued_in_order().collect(),
+        };
         let mut views: Vec<TaskView> = active
             .into_iter()
-            .chain(queued)
-            .map(|t| views::task_view(t, positions.get(&t.id).copied()))
+            .map(|t| views::task_view(t, None))
+            .chain(
+                queued
+                    .into_iter()
+                    .map(|(t, p)| views::task_view(t, Some(p))),
+            )
             .collect();
         if all {
             let done = self
@@ -116,8 +116,9 @@ impl Supervisor {
         limit: Option<u32>,
         cursor: Option<&str>,
     ) -> Reply {
-        let positions = self.dispatcher.positions();
-        let position = |id: &TaskId| positions.get(id).copied();
+        // Only the tasks a page shows need a position: O(log² n) each, not a table
+        // of the whole queue.
+        let position = |id: &TaskId| self.dispatcher.position(id);
         let live = self.dispatcher.tasks().map(Cow::Borrowed);
         let history = all
             .then(|| self.history.iter(session))

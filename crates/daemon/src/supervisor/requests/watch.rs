@@ -51,6 +51,8 @@ impl Supervisor {
                             let _ = events.send(snapshot_event(&view));
                             self.subscriptions
                                 .add(Filter::Task(view.task_id.clone()), events);
+                            self.subscriptions
+                                .seed_positions(view.position.map(|p| (view.task_id.clone(), p)));
                             followed = Some(view);
                             break;
                         }
@@ -64,11 +66,18 @@ impl Supervisor {
             }
             (None, Some(session)) => {
                 check_session(&session)?;
-                for view in self.list(Some(&session), false) {
-                    let _ = events.send(snapshot_event(&view));
+                let snapshot = self.list(Some(&session), false);
+                for view in &snapshot {
+                    let _ = events.send(snapshot_event(view));
                 }
                 self.subscriptions
                     .add(Filter::Session(session.clone()), events);
+                // The snapshot said where its queued tasks stand: not news to repeat.
+                self.subscriptions.seed_positions(
+                    snapshot
+                        .into_iter()
+                        .filter_map(|v| Some((v.task_id, v.position?))),
+                );
                 json(WatchReply {
                     task_id: None,
                     session: Some(session),
@@ -128,16 +137,30 @@ impl Supervisor {
         if self.subscriptions.is_empty() {
             return;
         }
-        let positions = self.dispatcher.positions();
-        let current = positions
+        // Only when an order changed, and only the watched tasks: O(watched · log² n),
+        // not the whole queue.
+        let version = self.dispatcher.order_version();
+        if self.subscriptions.positions_current(version) {
+            return;
+        }
+        let (task_ids, sessions) = self.subscriptions.watched();
+        let task_ids: Vec<TaskId> = task_ids
             .iter()
-            .filter_map(|(id, p)| {
-                self.dispatcher
-                    .task(id)
-                    .map(|t| (id.to_string(), t.session.clone(), *p))
-            })
+            .filter_map(|t| TaskId::parse_str(t).ok())
             .collect();
+        let mut current: Vec<(String, String, u32)> = Vec::new();
+        for (id, p) in self.dispatcher.positions_of(&task_ids) {
+            if let Some(t) = self.dispatcher.task(&id) {
+                current.push((id.to_string(), t.session.clone(), p));
+            }
+        }
+        for session in sessions {
+            for (id, p) in self.dispatcher.session_positions(&session) {
+                current.push((id.to_string(), session.clone(), p));
+            }
+        }
         self.subscriptions.publish_positions(current);
+        self.subscriptions.set_positions_version(version);
     }
 }
 

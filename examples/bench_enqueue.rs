@@ -1,0 +1,372 @@
+//! Enqueue benchmark driver (run by `scripts/bench-enqueue.sh`, not by the tests).
+//!
+//! Against a running agentd whose agents never finish, it measures, in one run:
+//! - baselines: this machine's Unix-socket round trip (a line echoed by a thread of
+//!   this process, p50, measured interleaved with each latency so that both see the
+//!   same load) and the rate of the same echo with as many clients as the bulk
+//!   enqueue uses;
+//! - `ping` and `status` p50 against the empty queue;
+//! - bulk enqueue: N clients, each on its own connection, sending `send` requests
+//!   back to back, messages spread round-robin over S sessions; the rate over the
+//!   whole run, over the first tenth (queue nearly empty) and over the last tenth
+//!   (queue nearly full);
+//! - `status` p50 with every message queued;
+//!
+//! and prints every figure with its ratio to the baselines. It asserts nothing.
+//!
+//! Usage: bench_enqueue --socket PATH [--clients 64] [--messages 100000]
+//!        [--sessions 10000] [--text 'sleep 600'] [--in-process-only]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    line: String,
+}
+
+impl Conn {
+    fn connect(path: &Path) -> Conn {
+        let stream = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
+        Conn {
+            reader: BufReader::new(stream.try_clone().expect("clone the stream")),
+            writer: stream,
+            line: String::new(),
+        }
+    }
+
+    /// Sends one line and reads one line back.
+    fn round_trip(&mut self, request: &str) -> &str {
+        self.writer
+            .write_all(request.as_bytes())
+            .expect("write a request");
+        self.line.clear();
+        self.reader.read_line(&mut self.line).expect("read a reply");
+        &self.line
+    }
+}
+
+fn p50(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// `n` round trips of `request` to agentd and `n` of the same line to the echo
+/// server, in alternating blocks of 10 (back to back within a block, so each stays
+/// on its warm path, and both see the same load on a shared machine): the p50 of
+/// each.
+fn latency(socket: &Path, echo: &Path, request: &str, n: usize) -> Latency {
+    let mut conn = Conn::connect(socket);
+    let mut echo = Conn::connect(echo);
+    for _ in 0..n / 10 {
+        conn.round_trip(request);
+        echo.round_trip(request);
+    }
+    let (mut ours, mut base) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n.div_ceil(10) {
+        for _ in 0..10 {
+            let t = Instant::now();
+            echo.round_trip(request);
+            base.push(t.elapsed());
+        }
+        for _ in 0..10 {
+            let t = Instant::now();
+            let reply = conn.round_trip(request);
+            ours.push(t.elapsed());
+            assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
+        }
+    }
+    Latency {
+        ours: p50(ours),
+        rtt: p50(base),
+    }
+}
+
+struct Latency {
+    ours: Duration,
+    rtt: Duration,
+}
+
+/// agentd's CPU time per request over `n` round trips of `request` (load-independent,
+/// unlike a latency on a shared machine).
+fn cpu_per_request(socket: &Path, pid: Option<u32>, request: &str, n: usize) -> Option<Duration> {
+    let mut conn = Conn::connect(socket);
+    let before = cpu_time(pid?)?;
+    for _ in 0..n {
+        conn.round_trip(request);
+    }
+    let after = cpu_time(pid?)?;
+    Some(after.saturating_sub(before) / n as u32)
+}
+
+/// Prints one latency line with its ratio to the round trip measured beside it.
+fn report(what: &str, &Latency { ours, rtt }: &Latency, note: &str) {
+    println!(
+        "{what:<44}{:8.1} µs  {:5.2}× the round trip ({:.1} µs){note}",
+        micros(ours),
+        micros(ours) / micros(rtt),
+        micros(rtt)
+    );
+}
+
+/// A thread that echoes lines on a Unix socket: the transport's own cost.
+fn echo_server(path: &Path) {
+    let listener = UnixListener::bind(path).expect("bind the echo socket");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut writer = stream;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            if writer.write_all(line.as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// `clients` connections sharing `n` round trips of `request(i)`; returns the
+/// completion instant of every request, sorted, and the number of error replies.
+fn flood(
+    path: &Path,
+    clients: usize,
+    n: usize,
+    request: impl Fn(usize) -> String + Sync,
+) -> (Vec<Instant>, usize) {
+    let request = &request;
+    let results: Vec<(Vec<Instant>, usize, Option<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                scope.spawn(move || {
+                    let mut conn = Conn::connect(path);
+                    let mut done = Vec::with_capacity(n / clients + 1);
+                    let (mut errors, mut first_error) = (0, None);
+                    for i in (c..n).step_by(clients) {
+                        let reply = conn.round_trip(&request(i));
+                        if reply.contains("\"ok\":false") || reply.is_empty() {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| reply.trim().to_string());
+                        }
+                        done.push(Instant::now());
+                    }
+                    (done, errors, first_error)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    let mut all = Vec::with_capacity(n);
+    let mut errors = 0;
+    for (done, e, first) in results {
+        all.extend(done);
+        errors += e;
+        if let Some(first) = first {
+            eprintln!("first error reply: {first}");
+        }
+    }
+    all.sort();
+    (all, errors)
+}
+
+/// Requests per second between the `from`-th and the `to`-th completion (from the
+/// first completion on, so connecting the clients does not count).
+fn rate(done: &[Instant], from: usize, to: usize) -> f64 {
+    let from = from.max(1);
+    (to - from) as f64 / (done[to - 1] - done[from - 1]).as_secs_f64()
+}
+
+/// The dispatcher alone, in this process: `messages` accepted over `sessions` with
+/// two slots held, then what `status` and a send's reply read from it.
+fn in_process(messages: usize, sessions: usize, text: &str) {
+    use agentd_core::{Config, Dispatcher, Message, Millis, TaskId};
+    // As scripts/bench-enqueue.sh configures agentd.
+    let mut d = Dispatcher::new(Config {
+        max_queued: (messages * 2) as u32,
+        queue: agentd_core::QueueSettings {
+            cap: (messages * 2) as u32,
+            ..agentd_core::QueueSettings::default()
+        },
+        ..Config::default()
+    });
+    let now = Millis(1);
+    let mut ids = Vec::with_capacity(messages);
+    let mut done = Vec::with_capacity(messages);
+    for i in 0..messages {
+        let task_id = TaskId::from_u128(i as u128 + 1);
+        let msg = Message::new(task_id, format!("s{}", i % sessions), text);
+        let (outcome, _actions) = d.accept(msg, now);
+        assert!(outcome.is_ok());
+        std::hint::black_box(d.position(&task_id));
+        ids.push(task_id);
+        done.push(Instant::now());
+    }
+    let tenth = messages / 10;
+    println!(
+        "in-process accept + position: first tenth {:10.0} msgs/s, last tenth {:10.0} msgs/s  {:5.2}× the first",
+        rate(&done, 0, tenth),
+        rate(&done, messages - tenth, messages),
+        rate(&done, messages - tenth, messages) / rate(&done, 0, tenth)
+    );
+    let samples = (0..20_000)
+        .map(|i| {
+            let t = Instant::now();
+            let active: Vec<_> = d.active_tasks().map(|t| t.id).collect();
+            std::hint::black_box((d.capacity(), d.n_queued(), d.n_sessions(), active));
+            std::hint::black_box(d.position(&ids[(i * 7919) % ids.len()]));
+            t.elapsed()
+        })
+        .collect();
+    println!(
+        "in-process status + one position, {} queued:  {:8.3} µs p50",
+        d.n_queued(),
+        micros(p50(samples))
+    );
+}
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+fn main() {
+    let mut socket = None;
+    let (mut clients, mut messages, mut sessions) = (64usize, 100_000usize, 10_000usize);
+    let mut text = "sleep 600".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().expect("a value after the flag");
+        match arg.as_str() {
+            "--socket" => socket = Some(PathBuf::from(value())),
+            "--clients" => clients = value().parse().expect("a number"),
+            "--messages" => messages = value().parse().expect("a number"),
+            "--sessions" => sessions = value().parse().expect("a number"),
+            "--text" => text = value(),
+            "--in-process-only" => {
+                in_process(messages, sessions, &text);
+                return;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let socket = socket.expect("--socket PATH");
+    let echo_path = socket.with_file_name("echo.sock");
+    echo_server(&echo_path);
+
+    // Baselines: the socket round trip is measured beside every latency below.
+    let probe = "{\"id\":1,\"cmd\":\"status\"}\n";
+    let (done, _) = flood(&echo_path, clients, messages, |i| {
+        format!(
+            "{{\"id\":{i},\"cmd\":\"send\",\"session\":\"s{}\",\"text\":{text:?}}}\n",
+            i % sessions
+        )
+    });
+    let echo_rate = rate(&done, 0, done.len());
+    println!("baseline: {clients}-client echo over unix sockets    {echo_rate:10.0} lines/s");
+    println!("baseline: unix-socket round trip p50, measured beside each line below");
+    let ping = latency(&socket, &echo_path, "{\"id\":1,\"cmd\":\"ping\"}\n", 5_000);
+    let agentd_pid = Conn::connect(&socket)
+        .round_trip("{\"id\":1,\"cmd\":\"ping\"}\n")
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse::<u32>().ok());
+    report("agentd ping p50 (answered by the connection)", &ping, "");
+    let status_empty = latency(&socket, &echo_path, probe, 5_000);
+    report("agentd status p50, empty queue", &status_empty, "");
+    let status_cpu_empty = cpu_per_request(&socket, agentd_pid, probe, 20_000);
+
+    // Bulk enqueue.
+    let cpu_before = agentd_pid.and_then(cpu_time);
+    let (done, errors) = flood(&socket, clients, messages, |i| {
+        format!(
+            "{{\"id\":{i},\"cmd\":\"send\",\"session\":\"s{}\",\"text\":{text:?}}}\n",
+            i % sessions
+        )
+    });
+    let n = done.len();
+    let cpu = agentd_pid
+        .and_then(cpu_time)
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let tenth = n / 10;
+    let overall = rate(&done, 0, n);
+    let first = rate(&done, 0, tenth);
+    let last = rate(&done, n - tenth, n);
+    println!(
+        "bulk enqueue: {clients} clients, {messages} messages over {sessions} sessions, {errors} refused"
+    );
+    println!(
+        "  overall                                   {overall:10.0} msgs/s  {:5.2}× target 20,000  {:5.3}× the echo",
+        overall / 20_000.0,
+        overall / echo_rate
+    );
+    if let Some(cpu) = cpu {
+        println!(
+            "  agentd CPU per message (load-independent)  {:8.1} µs",
+            micros(cpu) / n as f64
+        );
+    }
+    println!("  first tenth (queue 0 → {tenth:>6})          {first:10.0} msgs/s");
+    println!(
+        "  last tenth  (queue {:>6} → {n:>6})     {last:10.0} msgs/s  {:5.2}× the first tenth (target ≥ 0.5)",
+        n - tenth,
+        last / first
+    );
+
+    let status_full = latency(&socket, &echo_path, probe, 5_000);
+    report(
+        &format!("agentd status p50, {n} queued"),
+        &status_full,
+        &format!(
+            "  (target ≤ 2); {:.2}× empty, {:.2}× ping",
+            micros(status_full.ours) / micros(status_empty.ours),
+            micros(status_full.ours) / micros(ping.ours)
+        ),
+    );
+    let status_cpu_full = cpu_per_request(&socket, agentd_pid, probe, 20_000);
+    if let (Some(empty), Some(full)) = (status_cpu_empty, status_cpu_full) {
+        println!(
+            "agentd CPU per status: empty {:.1} µs, {n} queued {:.1} µs ({:.2}×; load-independent)",
+            micros(empty),
+            micros(full),
+            micros(full) / micros(empty).max(0.001)
+        );
+    }
+    let reply = Conn::connect(&socket).round_trip(probe).to_string();
+    let queued = reply
+        .split("\"queued\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .unwrap_or("?")
+        .to_string();
+    println!("agentd says {queued} tasks are queued");
+    in_process(messages, sessions, &text);
+    let _ = std::fs::remove_file(&echo_path);
+}

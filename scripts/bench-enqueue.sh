@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Enqueue benchmark (issue 6, section 2b). Starts a release agentd whose two agent
+# slots hold tasks that never end, so every message waits, and runs
+# examples/bench_enqueue.rs against it: bulk enqueue over the socket with 64
+# clients, 100k messages over 10k sessions (the rate over the whole run, with an
+# empty queue and at 90k–100k queued), and `status` p50 empty and full, each printed
+# as a ratio against baselines measured in the same run (the machine's Unix-socket
+# round trip and the same echo with 64 clients).
+# Not a test: it asserts nothing, it reports. Override with CLIENTS, MESSAGES, SESSIONS
+# (SESSIONS=1 puts every message in one session's queue; the cap is raised for it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CLIENTS=${CLIENTS:-64}
+MESSAGES=${MESSAGES:-100000}
+SESSIONS=${SESSIONS:-10000}
+
+cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec --example bench_enqueue
+BIN="$PWD/target/release"
+WORK="$(mktemp -d -t agentd-bench.XXXXXX)"; chmod 700 "$WORK"
+export AGENTD_SOCKET="$WORK/agentd.sock"
+cat >"$WORK/agentd.toml" <<TOML
+max-queued = $((MESSAGES * 2))
+cap = $((MESSAGES * 2))
+history = 1000
+TOML
+"$BIN/agentd" --config "$WORK/agentd.toml" --max-concurrent 2 --state-dir "$WORK/state" \
+    2>"$WORK/agentd.log" &
+PID=$!
+cleanup() {
+    kill -KILL "$PID" 2>/dev/null || true
+    wait "$PID" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+for _ in $(seq 1 100); do "$BIN/agentctl" ping >/dev/null 2>&1 && break; sleep 0.05; done
+
+"$BIN/examples/bench_enqueue" --socket "$AGENTD_SOCKET" --clients "$CLIENTS" \
+    --messages "$MESSAGES" --sessions "$SESSIONS" --text 'sleep 600'
+ps -o rss=,cputime= -p "$PID" | awk '{printf "agentd RSS %.1f MB, CPU time %s\n", $1/1024, $2}'
