@@ -704,3 +704,118 @@ fn a_refused_steer_becomes_a_durable_follow_up() {
     let view = daemon.wait_state(follow_up["task_id"].as_str().unwrap(), "succeeded");
     assert_eq!(view["result"], json!("also-this"), "{view}");
 }
+
+/// Waits until the task's output log holds `needle` (progress lines go to the log,
+/// so a line that was replaced by a later one is still found).
+fn wait_log(daemon: &Daemon, task_id: &str, needle: &str) -> String {
+    wait_for(
+        &format!("task {task_id}'s log holds {needle:?}"),
+        DEADLINE,
+        || {
+            let chunk = daemon.request(json!({"cmd": "log", "task_id": task_id}));
+            let data = chunk["data"].as_str().unwrap_or_default().to_string();
+            data.contains(needle).then_some(data)
+        },
+    )
+}
+
+#[test]
+fn agentctl_resume_runs_an_interrupted_task_again_with_its_last_checkpoint() {
+    let agent = format!("{TEST_AGENT} {{text}}");
+    let args = ["--agent", agent.as_str()];
+    let mut daemon = Daemon::start(&args);
+    let old = daemon.submit("chat", "checkpoint:step-2 sleep:60000");
+    daemon.wait_progress(&old, "checkpoint: step-2");
+    let orphans = kill9(&mut daemon);
+    let _reaper = Reaper(orphans);
+    respawn(&mut daemon, &args, "agentd2.log");
+    daemon.wait_state(&old, "interrupted");
+
+    let reply = daemon.agentctl_json(&["resume", &old[..13]]);
+    let attempt = reply["task"]["task_id"].as_str().unwrap().to_string();
+    assert_ne!(attempt, old, "{reply}");
+    assert_eq!(reply["accepted"], json!(true), "{reply}");
+    assert!(
+        reply["reply"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("resuming task {old} from its last checkpoint")),
+        "{reply}"
+    );
+    // Its agent was told, before its Start, which task it resumes and from where.
+    wait_log(&daemon, &attempt, &format!("resumed: {old} step-2"));
+    let view = daemon.task(&attempt);
+    assert_eq!(view["session"], json!("chat"));
+    assert_eq!(view["text"], json!("checkpoint:step-2 sleep:60000"));
+
+    // One attempt at a time; a running task is not resumable.
+    let again = daemon
+        .try_request(json!({"cmd": "resume", "task_id": old}))
+        .unwrap();
+    assert_eq!(again["error"]["code"], json!("bad_request"), "{again}");
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&attempt),
+        "{again}"
+    );
+    let live = daemon
+        .try_request(json!({"cmd": "resume", "task_id": attempt}))
+        .unwrap();
+    assert_eq!(live["error"]["code"], json!("bad_request"), "{live}");
+    daemon.agentctl_json(&["stop", &attempt]);
+}
+
+#[test]
+fn a_chats_resume_reruns_its_latest_stopped_task_from_its_checkpoint() {
+    let daemon = Daemon::with_test_agent(&[]);
+    let done = daemon.submit("alice", "result:fine");
+    daemon.wait_state(&done, "succeeded");
+    let refused = daemon
+        .try_request(json!({"cmd": "send", "session": "alice", "text": "/resume"}))
+        .unwrap();
+    assert_eq!(refused["error"]["code"], json!("not_found"), "{refused}");
+    let not_resumable = daemon
+        .try_request(json!({"cmd": "resume", "task_id": done}))
+        .unwrap();
+    assert_eq!(
+        not_resumable["error"]["code"],
+        json!("bad_request"),
+        "{not_resumable}"
+    );
+
+    let old = daemon.submit("alice", "checkpoint:half-way sleep:60000");
+    daemon.wait_progress(&old, "checkpoint: half-way");
+    daemon.agentctl_json(&["stop", &old]);
+    daemon.wait_state(&old, "cancelled");
+    // Another chat may not resume alice's task.
+    let other = daemon
+        .try_request(json!({"cmd": "send", "session": "bob", "text": format!("/resume {old}")}))
+        .unwrap();
+    assert_eq!(other["error"]["code"], json!("forbidden"), "{other}");
+
+    let reply = daemon.send("alice", "/resume");
+    let attempt = reply["task"]["task_id"].as_str().unwrap().to_string();
+    wait_log(&daemon, &attempt, &format!("resumed: {old} half-way"));
+    daemon.agentctl_json(&["stop", &attempt]);
+    daemon.wait_state(&attempt, "cancelled");
+    // The attempt saved its own checkpoint (the same text does it again); resumed
+    // in turn, it is linked to the attempt.
+    let reply = daemon.send("alice", &format!("/resume {attempt}"));
+    let third = reply["task"]["task_id"].as_str().unwrap().to_string();
+    wait_log(&daemon, &third, &format!("resumed: {attempt} half-way"));
+    daemon.agentctl_json(&["stop", &third]);
+}
+
+#[test]
+fn a_checkpoint_over_1_mib_is_a_protocol_error_and_the_task_fails_saying_so() {
+    let daemon = Daemon::with_test_agent(&[]);
+    let id = daemon.submit("chat", "huge-checkpoint");
+    let view = daemon.wait_state(&id, "failed");
+    let error = view["exit"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("checkpoint of 1048577 bytes"), "{view}");
+    // agentd goes on.
+    let next = daemon.submit("chat", "result:fine");
+    daemon.wait_state(&next, "succeeded");
+}

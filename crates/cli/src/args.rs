@@ -92,8 +92,8 @@ impl Cli {
 
 /// agentctl's subcommands.
 ///
-/// `resume` and `chat` are not implemented yet; they will be added here as variants
-/// with their own argument structs.
+/// `chat` is not implemented yet; it will be added here as a variant with its own
+/// argument struct.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Send a chat message to a session: work, or a control command such as /status
@@ -111,6 +111,9 @@ pub enum Command {
     Watch(WatchArgs),
     /// Print a task's whole output (its log), also after it ended or agentd restarted
     Log(LogArgs),
+    /// Run an interrupted, cancelled or failed task again in its session, as a new
+    /// attempt; its agent gets the last checkpoint the task saved
+    Resume(ResumeArgs),
     /// Check that agentd is running
     Ping,
 }
@@ -143,6 +146,9 @@ impl Command {
             Command::Log(a) => RequestBody::Log {
                 task_id: a.task_id.clone(),
                 offset: 0,
+            },
+            Command::Resume(a) => RequestBody::Resume {
+                task_id: a.task_id.clone(),
             },
             Command::Ping => RequestBody::Ping,
         })
@@ -202,6 +208,14 @@ pub struct LogArgs {
     /// Keep printing the output of a running task as it comes, until it ends
     #[arg(short, long)]
     pub follow: bool,
+}
+
+/// `resume TASK_ID`
+#[derive(Debug, Clone, Args)]
+pub struct ResumeArgs {
+    /// The task to run again (an id, or a unique prefix of one)
+    #[arg(value_name = "TASK_ID")]
+    pub task_id: String,
 }
 
 /// `status [TASK_ID]`

@@ -150,6 +150,9 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
         }),
         Command::Watch(a) => ctx.watch(a, out),
         Command::Log(a) => ctx.log(a, out),
+        Command::Resume(_) => {
+            ctx.one_shot(&cli.command, out, |r: SendReply| render::render_send(&r))
+        }
         Command::Ping => ctx.one_shot(&cli.command, out, |p: PingReply| {
             render::render_ping(&p, &socket)
         }),

@@ -132,6 +132,10 @@ pub enum RequestBody {
         #[serde(default)]
         offset: u64,
     },
+    /// Runs an interrupted, cancelled or failed task again in its session, as a new
+    /// attempt linked to it (its agent is told, with the last checkpoint). Answer:
+    /// [`SendReply`], like new work.
+    Resume { task_id: String },
 }
 
 /// Most bytes of a log in one [`LogChunk`].

@@ -394,6 +394,44 @@ pub fn skipped_progress(skipped: u64) -> String {
     }
 }
 
+/// `resume` of a task that is still queued or running.
+pub fn resume_live(task_id: impl std::fmt::Display, state: &str) -> String {
+    format!(
+        "task {task_id} is {state}: only an interrupted, cancelled or failed task can be resumed"
+    )
+}
+
+/// `resume` of a task that ended in a state that cannot be resumed.
+pub fn resume_not_resumable(task_id: impl std::fmt::Display, state: &str) -> String {
+    format!("task {task_id} {state}: only an interrupted, cancelled or failed task can be resumed")
+}
+
+/// `resume` of a task that already has an attempt queued or running.
+pub fn resume_in_progress(
+    task_id: impl std::fmt::Display,
+    attempt: impl std::fmt::Display,
+) -> String {
+    format!("task {task_id} is being resumed already, as task {attempt}")
+}
+
+/// A chat's `/resume` without a task when the chat has nothing to resume.
+pub const NOTHING_TO_RESUME: &str =
+    "nothing to resume in this chat: no interrupted, cancelled or failed task";
+
+/// The first line of the answer to `resume`, before the new attempt's send line.
+pub fn resumed_line(previous: impl std::fmt::Display, has_checkpoint: bool) -> String {
+    if has_checkpoint {
+        format!("resuming task {previous} from its last checkpoint, as a new attempt:")
+    } else {
+        format!("resuming task {previous} (no checkpoint saved), as a new attempt:")
+    }
+}
+
+/// An agent's checkpoint over the size agentd keeps (a protocol error).
+pub fn checkpoint_too_large(len: usize, max: usize) -> String {
+    format!("a checkpoint of {len} bytes is over the limit of {max} bytes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,8 @@ use agentd_core::{AgentReport, Event, ExitStatus, ReportOutcome, StopStep, TaskI
 use agentd_proc::{reap_children, spawn_agent, AgentCommand, TaskTree};
 use agentd_proto::control::EventKind;
 use agentd_proto::ipc::{
-    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MIN_IPC_PROTOCOL_VERSION,
+    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MAX_CHECKPOINT_BYTES,
+    MIN_IPC_PROTOCOL_VERSION,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
@@ -14,7 +15,8 @@ use tokio::sync::mpsc;
 use crate::agent_io::{self, AgentEvent, AgentInput};
 use crate::config::agent_argv;
 use crate::supervisor::executor::{Timer, DRAIN_TIMEOUT};
-use crate::supervisor::Supervisor;
+use crate::supervisor::requests::resume::Resumed;
+use crate::supervisor::{StoreEvent, Supervisor};
 
 /// agentd's side of one live agent.
 ///
@@ -27,6 +29,8 @@ pub(crate) struct Agent {
     to_agent: mpsc::UnboundedSender<SupervisorMsg>,
     /// Steered texts awaiting the agent's SteerAck, oldest first.
     pub(crate) steers: VecDeque<String>,
+    /// For a resumed attempt: the task it resumes.
+    pub(crate) resumed_from: Option<TaskId>,
     talk: Talk,
     life: Life,
 }
@@ -37,6 +41,8 @@ enum Talk {
     /// ordered meanwhile (a cancel) are held and sent right after it.
     Handshaking {
         start: TaskStart,
+        /// For a resumed attempt, told (to a v2 agent) right before Start.
+        resume: Option<Resumed>,
         held: Vec<SupervisorMsg>,
     },
     /// The handshake completed: messages go straight to the agent.
@@ -57,13 +63,20 @@ enum Life {
 }
 
 impl Agent {
-    fn new(pid: u32, to_agent: mpsc::UnboundedSender<SupervisorMsg>, start: TaskStart) -> Agent {
+    fn new(
+        pid: u32,
+        to_agent: mpsc::UnboundedSender<SupervisorMsg>,
+        start: TaskStart,
+        resume: Option<Resumed>,
+    ) -> Agent {
         Agent {
             pid,
             to_agent,
             steers: VecDeque::new(),
+            resumed_from: resume.as_ref().map(|r| r.previous),
             talk: Talk::Handshaking {
                 start,
+                resume,
                 held: Vec::new(),
             },
             life: Life::Running,
@@ -81,12 +94,23 @@ impl Agent {
     }
 
     /// Completes the handshake: Welcome (in the agent's protocol version, which it
-    /// said in its Hello), Start, then the messages held meanwhile.
+    /// said in its Hello), for a resumed attempt Resume (v2 agents only), Start, then
+    /// the messages held meanwhile.
     fn welcome(&mut self, protocol: u32) {
-        if let Talk::Handshaking { start, held } = std::mem::replace(&mut self.talk, Talk::Ready) {
-            let _ = self.to_agent.send(SupervisorMsg::Welcome {
-                protocol: protocol.min(IPC_PROTOCOL_VERSION),
-            });
+        if let Talk::Handshaking {
+            start,
+            resume,
+            held,
+        } = std::mem::replace(&mut self.talk, Talk::Ready)
+        {
+            let protocol = protocol.min(IPC_PROTOCOL_VERSION);
+            let _ = self.to_agent.send(SupervisorMsg::Welcome { protocol });
+            if let (Some(resume), true) = (resume, protocol >= 2) {
+                let _ = self.to_agent.send(SupervisorMsg::Resume {
+                    previous_task_id: resume.previous.to_string(),
+                    checkpoint: resume.checkpoint,
+                });
+            }
             let _ = self.to_agent.send(SupervisorMsg::Start(start));
             for msg in held {
                 let _ = self.to_agent.send(msg);
@@ -183,6 +207,7 @@ impl Supervisor {
             text: Some(text.clone()),
         });
         self.pids.insert(pid, task_id);
+        let resume = self.resumes.remove(&task_id);
         self.agents.insert(
             task_id,
             Agent::new(
@@ -193,6 +218,7 @@ impl Supervisor {
                     session,
                     text,
                 },
+                resume,
             ),
         );
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
@@ -342,8 +368,20 @@ impl Supervisor {
                     .set_collected_prompts(features.collected_prompts);
                 return;
             }
-            // Checkpoints are accepted; they are not kept yet.
-            AgentInput::Msg(AgentMsg::Checkpoint { .. }) => return,
+            AgentInput::Msg(AgentMsg::Checkpoint { data }) if data.len() > MAX_CHECKPOINT_BYTES => {
+                Event::ProtocolError {
+                    task_id,
+                    error: agentd_proto::text::checkpoint_too_large(
+                        data.len(),
+                        MAX_CHECKPOINT_BYTES,
+                    ),
+                }
+            }
+            // The latest replaces the one before, in the store, through the writer.
+            AgentInput::Msg(AgentMsg::Checkpoint { data }) => {
+                self.save_checkpoint(task_id, data);
+                return;
+            }
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
                 let text = agent.steers.pop_front();
                 if let (false, Some(text)) = (accepted, text) {
@@ -389,6 +427,27 @@ impl Supervisor {
         if let Some(text) = progress {
             self.publish_task(EventKind::Progress, &task_id, Some(text), None);
         }
+    }
+}
+
+impl Supervisor {
+    /// Keeps `data` as the task's latest checkpoint: in memory until its write is
+    /// committed, then in the store only.
+    fn save_checkpoint(&mut self, task_id: TaskId, data: String) {
+        self.checkpoint_seq += 1;
+        let seq = self.checkpoint_seq;
+        self.checkpoints_in_flight
+            .insert(task_id, (seq, data.clone()));
+        let events = self.store_events.clone();
+        self.store.submit_with(
+            agentd_store::Op::Checkpoint { id: task_id, data },
+            move |result| {
+                if let Err(e) = result {
+                    tracing::warn!(%task_id, "the task's checkpoint was not written: {e}");
+                }
+                let _ = events.send(StoreEvent::CheckpointWritten { task_id, seq });
+            },
+        );
     }
 }
 

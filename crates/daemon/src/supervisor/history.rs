@@ -103,6 +103,8 @@ impl Supervisor {
             // Retried by the store until it is written.
             self.store.submit_detached(op);
         }
+        // A resumed attempt that ended before its agent started.
+        self.resumes.remove(&id);
         self.history.record(task);
         for waiter in &mut self.waiters {
             waiter.remaining.remove(&id);

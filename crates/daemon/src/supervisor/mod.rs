@@ -181,6 +181,12 @@ struct Supervisor {
     log_writers: HashMap<TaskId, std::fs::File>,
     /// Reads of the store for re-deliveries the dispatcher has forgotten.
     store_reader: Option<agentd_store::Reader>,
+    /// Resumed attempts not yet handed to an agent: what the agent is told.
+    resumes: HashMap<TaskId, requests::resume::Resumed>,
+    /// Each task's latest checkpoint while its write is in flight (then the store
+    /// has it), with the number of that write.
+    checkpoints_in_flight: HashMap<TaskId, (u64, String)>,
+    checkpoint_seq: u64,
 }
 
 type RequestError = ErrorBody;
@@ -225,6 +231,9 @@ impl Supervisor {
             pumps: Default::default(),
             log_writers: HashMap::new(),
             store_reader: None,
+            resumes: HashMap::new(),
+            checkpoints_in_flight: HashMap::new(),
+            checkpoint_seq: 0,
         }
     }
 

@@ -18,6 +18,8 @@ pub(crate) enum StoreEvent {
     /// A new task's record was not committed (disk trouble, or the store already
     /// held its message): the message was refused, so the task must not run.
     InsertFailed { task_id: TaskId },
+    /// A task's checkpoint (write number `seq`) is committed.
+    CheckpointWritten { task_id: TaskId, seq: u64 },
 }
 
 impl Supervisor {
@@ -30,6 +32,15 @@ impl Supervisor {
                         .stop(StopTarget::Task(task_id), &Scope::Owner, now_millis())
                 {
                     self.execute(actions);
+                }
+            }
+            StoreEvent::CheckpointWritten { task_id, seq } => {
+                if self
+                    .checkpoints_in_flight
+                    .get(&task_id)
+                    .is_some_and(|(latest, _)| *latest == seq)
+                {
+                    self.checkpoints_in_flight.remove(&task_id);
                 }
             }
         }
@@ -83,7 +94,20 @@ impl Supervisor {
             let message = durable::recovered_message(record);
             let (outcome, actions) = self.dispatcher.accept(message, now_millis());
             match outcome {
-                Ok(Accepted::Task { .. }) => restored += 1,
+                Ok(Accepted::Task { .. }) => {
+                    restored += 1;
+                    if let Some(previous) = record.attempt_of {
+                        // A resumed attempt that had not started: its agent is
+                        // still told, with the checkpoint it inherited.
+                        self.resumes.insert(
+                            record.id,
+                            crate::supervisor::requests::resume::Resumed {
+                                previous,
+                                checkpoint: record.checkpoint.clone(),
+                            },
+                        );
+                    }
+                }
                 Ok(Accepted::Duplicate { task_id }) => {
                     tracing::warn!(%task_id, "a recovered task was a duplicate")
                 }

@@ -2,6 +2,7 @@
 
 pub(crate) mod log;
 pub(crate) mod queue;
+pub(crate) mod resume;
 pub(crate) mod send;
 pub(crate) mod status;
 pub(crate) mod stop;
@@ -96,6 +97,11 @@ impl Supervisor {
             }
             RequestBody::Log { task_id, offset } => {
                 let _ = reply.send(self.log(&task_id, offset));
+            }
+            RequestBody::Resume { task_id } => {
+                if let Some((reply, answer)) = self.resume(Some(&task_id), None, reply) {
+                    let _ = reply.send(answer);
+                }
             }
             RequestBody::Hello { .. } | RequestBody::Ping => {
                 let _ = reply.send(err(ErrorCode::Internal, "answered by the connection"));

@@ -4,7 +4,7 @@ use agentd_core::{
     parse_chat_command, Accepted, ChatCommand, Message, Mode, Priority, QueueChange, QueueCommand,
     Refused, Scope, StopArg, StopTarget, TaskId, HELP_TEXT,
 };
-use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
+use agentd_proto::control::{Answer, ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
 use agentd_proto::text;
 use tokio::sync::oneshot;
 
@@ -12,6 +12,7 @@ use agentd_store::{Op, Outcome, StoreError};
 
 use crate::control::Reply;
 use crate::durable;
+use crate::supervisor::requests::resume::Resumed;
 use crate::supervisor::requests::{check_session, Work};
 use crate::supervisor::StoreEvent;
 use crate::supervisor::{err, json, Supervisor};
@@ -57,9 +58,27 @@ impl Supervisor {
             let answer = self.send_reply(Ok(Accepted::Duplicate { task_id: original }));
             return Some((reply, answer));
         }
+        self.accept_work(message, None, reply)
+    }
+
+    /// New work (a message, or a resumed attempt of an earlier task) into the
+    /// dispatcher; answered once its record is committed. Returns the reply to send
+    /// now, or `None` when it is sent after the commit.
+    pub(crate) fn accept_work(
+        &mut self,
+        message: Message,
+        attempt: Option<Resumed>,
+        reply: oneshot::Sender<Reply>,
+    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
         let now = now_millis();
         let task_id = message.task_id;
         let mut record = durable::queued_record(&message, message.mode, now.0);
+        if let Some(attempt) = &attempt {
+            record.attempt_of = Some(attempt.previous);
+            // The attempt starts from the checkpoint it inherits: resumed again
+            // before it saves one of its own, it hands the same one on.
+            record.checkpoint = attempt.checkpoint.clone();
+        }
         let (outcome, actions) = self.dispatcher.accept(message, now);
         // A new task's record is submitted before its actions run, so every later
         // write about it (started, finished, merged) follows it into the store.
@@ -85,11 +104,21 @@ impl Supervisor {
         } else {
             None
         };
+        let resumed_line = attempt
+            .as_ref()
+            .map(|a| text::resumed_line(a.previous, a.checkpoint.is_some()));
         if let Ok(Accepted::Task { task_id, .. }) = &outcome {
+            if let Some(attempt) = attempt {
+                // Handed to its agent (v2) right before Start.
+                self.resumes.insert(*task_id, attempt);
+            }
             self.publish_task(EventKind::Accepted, task_id, None, None);
         }
         self.execute(actions);
-        let answer = self.send_reply(outcome);
+        let mut answer = self.send_reply(outcome);
+        if let (Some(line), Ok(Answer::Send(send))) = (resumed_line, &mut answer) {
+            send.reply = format!("{line}\n{}", send.reply);
+        }
         let Some(commit) = commit else {
             return Some((reply, answer));
         };
@@ -204,6 +233,9 @@ impl Supervisor {
                 Ok(self.chat_reply("help", HELP_TEXT.to_string(), serde_json::Value::Null))
             }
             ChatCommand::Status { task } => self.chat_status(&session, task.as_deref()),
+            ChatCommand::Resume { task } => {
+                return self.resume(task.as_deref(), Some(&session), reply);
+            }
             ChatCommand::Tasks => {
                 let list = self.list(Some(&session), false);
                 let text = text::chat_tasks(&list);
