@@ -726,6 +726,10 @@ fn agentctl_resume_runs_an_interrupted_task_again_with_its_last_checkpoint() {
     let mut daemon = Daemon::start(&args);
     let old = daemon.submit("chat", "checkpoint:step-2 sleep:60000");
     daemon.wait_progress(&old, "checkpoint: step-2");
+    // The checkpoint came before that progress line and went to the writer then; a
+    // send is answered only once its record is committed, by the same writer after
+    // it: once this answer is in, the checkpoint is on disk too.
+    daemon.submit("fence", "result:fenced");
     let orphans = kill9(&mut daemon);
     let _reaper = Reaper(orphans);
     respawn(&mut daemon, &args, "agentd2.log");
@@ -818,4 +822,23 @@ fn a_checkpoint_over_1_mib_is_a_protocol_error_and_the_task_fails_saying_so() {
     // agentd goes on.
     let next = daemon.submit("chat", "result:fine");
     daemon.wait_state(&next, "succeeded");
+}
+
+#[test]
+fn agent_exec_hands_a_resumed_command_the_checkpoint_its_first_attempt_saved() {
+    let agent = format!("{AGENT_EXEC} --checkpoints -- sh -c {{text}}");
+    let daemon = Daemon::start(&["--agent", agent.as_str()]);
+    // The first attempt saves a checkpoint on fd 3 and fails; a resumed one prints
+    // what agent-exec handed it.
+    let script = r#"if [ -n "$AGENTD_RESUMING" ]; then echo "resumed from $AGENTD_PREVIOUS_TASK_ID: $AGENTD_CHECKPOINT / $(cat "$AGENTD_CHECKPOINT_FILE")"; else echo step-7 >&3; exit 1; fi"#;
+    let old = daemon.submit("chat", script);
+    daemon.wait_state(&old, "failed");
+    let reply = daemon.agentctl_json(&["resume", &old]);
+    let attempt = reply["task"]["task_id"].as_str().unwrap().to_string();
+    let view = daemon.wait_state(&attempt, "succeeded");
+    assert_eq!(
+        view["result"].as_str().map(str::trim),
+        Some(format!("resumed from {old}: step-7 / step-7").as_str()),
+        "{view}"
+    );
 }
