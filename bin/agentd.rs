@@ -68,6 +68,16 @@ struct Args {
     /// Queued work expires after this long [default: never]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     queue_timeout: Option<Duration>,
+    /// Most bytes kept of one task's output log; past it a truncation marker
+    /// [default: 16777216]
+    #[arg(long, value_name = "BYTES")]
+    log_cap: Option<u64>,
+    /// Finished tasks (and their logs) older than this are pruned [default: 30d]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    retention_age: Option<Duration>,
+    /// At most this many finished tasks are kept [default: 10000]
+    #[arg(long, value_name = "N")]
+    retention_count: Option<u64>,
     /// Most client connections open at once, idle ones included; past it a new
     /// connection is refused with `too_many_connections` [default: 2048]
     #[arg(long, value_name = "N")]
@@ -178,6 +188,22 @@ fn resolve(args: Args) -> anyhow::Result<Resolved> {
         )?,
         agent,
         history: file.history.unwrap_or(1000),
+        log_cap: args
+            .log_cap
+            .or(file.log_cap)
+            .unwrap_or(agentd_store::output::DEFAULT_LOG_CAP),
+        retention: agentd_store::Retention {
+            max_age: Some(duration(
+                args.retention_age,
+                &file.retention_age,
+                Duration::from_secs(30 * 24 * 3600),
+            )?),
+            max_finished: Some(
+                args.retention_count
+                    .or(file.retention_count)
+                    .unwrap_or(10_000),
+            ),
+        },
         control,
     };
     Ok(Resolved { config, log_format })
@@ -303,6 +329,18 @@ fn main_inner() -> anyhow::Result<()> {
         log_format,
     } = resolve(args.clone())?;
     init_logging(log_format)?;
+    // The state dir, then the single-instance lock, before the socket or the store
+    // is touched: a second agentd on the same state dir stops here.
+    agentd_store::prepare_state_dir(&config.state_dir)
+        .with_context(|| format!("cannot use the state dir {}", config.state_dir.display()))?;
+    let _lock = match agentd_store::InstanceLock::acquire(&config.state_dir) {
+        Ok(lock) => lock,
+        Err(e @ agentd_store::LockError::Held { .. }) => {
+            return Err(AlreadyRunning(e.to_string()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = agentd_daemon::durable::open(&config)?;
     agentd_proc_subreaper()?;
     fit_descriptors(&mut config.control);
     let limits = Limits::new(&config.control);
@@ -321,7 +359,8 @@ fn main_inner() -> anyhow::Result<()> {
             socket: Some(file.clone()),
             limits,
         };
-        let result = agentd_daemon::run(config, endpoint, signals, std::future::pending()).await;
+        let result =
+            agentd_daemon::run(config, store, endpoint, signals, std::future::pending()).await;
         // Only the agentd that bound the socket removes it (never one that found
         // another agentd already running there, nor one whose file was replaced).
         file.remove_if_ours();
@@ -372,9 +411,25 @@ fn agentd_proc_subreaper() -> anyhow::Result<()> {
     agentd_daemon::supervisor::become_subreaper().context("cannot become a child subreaper")
 }
 
+/// Another agentd holds the state dir: exit with [`agentd_store::EXIT_ALREADY_RUNNING`].
+#[derive(Debug)]
+struct AlreadyRunning(String);
+
+impl std::fmt::Display for AlreadyRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AlreadyRunning {}
+
 fn main() -> ExitCode {
     match main_inner() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<AlreadyRunning>() => {
+            eprintln!("agentd: {e}");
+            ExitCode::from(agentd_store::EXIT_ALREADY_RUNNING)
+        }
         Err(e) => {
             eprintln!("agentd: {e:#}");
             ExitCode::FAILURE

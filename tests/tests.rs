@@ -21,6 +21,9 @@ mod conformance;
 mod control;
 /// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
 mod defaults;
+/// Durability: restarts after kill -9, acknowledged means stored, one agentd per
+/// state dir, corrupt stores.
+mod durability;
 /// One spelling per variant on every surface, in any case.
 mod names;
 /// The stdlib-only Python example agent under a real agentd.

@@ -313,6 +313,7 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
             queued: 0,
             sessions: 0,
             active: vec![],
+            recovery: Some(Default::default()),
         }),
     );
     check(
@@ -432,6 +433,13 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
             session: some(),
             all: true,
             wait: false,
+        },
+        RequestBody::Log {
+            task_id: "t".into(),
+            offset: 1,
+        },
+        RequestBody::Resume {
+            task_id: "t".into(),
         },
     ];
     assert_eq!(

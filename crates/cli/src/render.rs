@@ -346,6 +346,15 @@ pub fn render_status(reply: &StatusReply, now: SystemTime, full_ids: bool) -> St
             "sessions"
         },
     );
+    if let Some(r) = &reply.recovery {
+        out.push('\n');
+        out.push_str(&agentd_proto::text::recovery_line(
+            r.queued,
+            r.interrupted,
+            r.killed,
+            r.crashed,
+        ));
+    }
     if !reply.active.is_empty() {
         out.push('\n');
         out.push_str(&render_tasks(&reply.active, now, full_ids));
@@ -1038,6 +1047,7 @@ mod tests {
             queued: 3,
             sessions: 2,
             active: vec![running()],
+            recovery: None,
         };
         assert_eq!(
             plain(&render_status(&reply, now(), true)),
@@ -1054,6 +1064,17 @@ mod tests {
         assert_eq!(
             plain(&render_status(&reply, now(), true)),
             "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session"
+        );
+        reply.recovery = Some(agentd_proto::control::RecoveryView {
+            queued: 30,
+            interrupted: 1,
+            killed: 0,
+            crashed: true,
+        });
+        assert_eq!(
+            plain(&render_status(&reply, now(), true)),
+            "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session\n\
+             recovered 30 queued, 1 interrupted (the previous agentd crashed)"
         );
     }
 

@@ -21,6 +21,10 @@ pub struct DaemonConfig {
     pub agent: Vec<String>,
     /// How many finished tasks to keep for `tasks --all` and `status ID`.
     pub history: usize,
+    /// Most bytes kept of one task's output log (then a truncation marker).
+    pub log_cap: u64,
+    /// How long, and how many, finished tasks (and their logs) the store keeps.
+    pub retention: agentd_store::Retention,
     /// Limits of the control socket (SIGHUP reloads them).
     pub control: ControlSettings,
 }
@@ -63,6 +67,9 @@ pub struct FileConfig {
     pub handshake_timeout: Option<String>,
     pub agent: Option<String>,
     pub history: Option<usize>,
+    pub log_cap: Option<u64>,
+    pub retention_age: Option<String>,
+    pub retention_count: Option<u64>,
     pub queue_mode: Option<String>,
     pub debounce: Option<String>,
     pub cap: Option<u32>,

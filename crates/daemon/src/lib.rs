@@ -23,11 +23,13 @@
 pub mod agent_io;
 pub mod config;
 pub mod control;
+pub mod durable;
 pub mod events;
 pub mod listing;
 pub mod logfmt;
 pub mod notify;
 pub mod outbox;
+mod output;
 pub mod socket;
 pub mod supervisor;
 pub mod views;

@@ -6,7 +6,8 @@ use agentd_core::{AgentReport, Event, ExitStatus, ReportOutcome, StopStep, TaskI
 use agentd_proc::{reap_children, spawn_agent, AgentCommand, TaskTree};
 use agentd_proto::control::EventKind;
 use agentd_proto::ipc::{
-    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MIN_IPC_PROTOCOL_VERSION,
+    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MAX_CHECKPOINT_BYTES,
+    MIN_IPC_PROTOCOL_VERSION,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
@@ -14,7 +15,8 @@ use tokio::sync::mpsc;
 use crate::agent_io::{self, AgentEvent, AgentInput};
 use crate::config::agent_argv;
 use crate::supervisor::executor::{Timer, DRAIN_TIMEOUT};
-use crate::supervisor::Supervisor;
+use crate::supervisor::requests::resume::Resumed;
+use crate::supervisor::{StoreEvent, Supervisor};
 
 /// agentd's side of one live agent.
 ///
@@ -27,6 +29,8 @@ pub(crate) struct Agent {
     to_agent: mpsc::UnboundedSender<SupervisorMsg>,
     /// Steered messages awaiting the agent's SteerAck, oldest first.
     pub(crate) steers: VecDeque<Steered>,
+    /// For a resumed attempt: the task it resumes.
+    pub(crate) resumed_from: Option<TaskId>,
     talk: Talk,
     life: Life,
 }
@@ -45,6 +49,8 @@ enum Talk {
     /// ordered meanwhile (a cancel) are held and sent right after it.
     Handshaking {
         start: TaskStart,
+        /// For a resumed attempt, told (to a v2 agent) right before Start.
+        resume: Option<Resumed>,
         held: Vec<SupervisorMsg>,
     },
     /// The handshake completed: messages go straight to the agent.
@@ -65,13 +71,20 @@ enum Life {
 }
 
 impl Agent {
-    fn new(pid: u32, to_agent: mpsc::UnboundedSender<SupervisorMsg>, start: TaskStart) -> Agent {
+    fn new(
+        pid: u32,
+        to_agent: mpsc::UnboundedSender<SupervisorMsg>,
+        start: TaskStart,
+        resume: Option<Resumed>,
+    ) -> Agent {
         Agent {
             pid,
             to_agent,
             steers: VecDeque::new(),
+            resumed_from: resume.as_ref().map(|r| r.previous),
             talk: Talk::Handshaking {
                 start,
+                resume,
                 held: Vec::new(),
             },
             life: Life::Running,
@@ -89,12 +102,23 @@ impl Agent {
     }
 
     /// Completes the handshake: Welcome (in the agent's protocol version, which it
-    /// said in its Hello), Start, then the messages held meanwhile.
+    /// said in its Hello), for a resumed attempt Resume (v2 agents only), Start, then
+    /// the messages held meanwhile.
     fn welcome(&mut self, protocol: u32) {
-        if let Talk::Handshaking { start, held } = std::mem::replace(&mut self.talk, Talk::Ready) {
-            let _ = self.to_agent.send(SupervisorMsg::Welcome {
-                protocol: protocol.min(IPC_PROTOCOL_VERSION),
-            });
+        if let Talk::Handshaking {
+            start,
+            resume,
+            held,
+        } = std::mem::replace(&mut self.talk, Talk::Ready)
+        {
+            let protocol = protocol.min(IPC_PROTOCOL_VERSION);
+            let _ = self.to_agent.send(SupervisorMsg::Welcome { protocol });
+            if let (Some(resume), true) = (resume, protocol >= 2) {
+                let _ = self.to_agent.send(SupervisorMsg::Resume {
+                    previous_task_id: resume.previous.to_string(),
+                    checkpoint: resume.checkpoint,
+                });
+            }
             let _ = self.to_agent.send(SupervisorMsg::Start(start));
             for msg in held {
                 let _ = self.to_agent.send(msg);
@@ -124,14 +148,39 @@ impl Supervisor {
         text: String,
     ) -> Option<Event> {
         let (program, args) = agent_argv(&self.config.agent, &text);
+        // Output goes through a pipe into the capped log; without one, straight
+        // into the log file (uncapped).
+        let pipe = crate::output::LogPipe::create(&self.logs, task_id)
+            .map_err(|e| tracing::warn!(%task_id, "no capped log for this task: {e}"))
+            .ok();
         let command = AgentCommand {
             program: program.clone(),
             args,
             task_id: task_id.to_string(),
             session: session.clone(),
-            log_path: Some(self.logs.join(format!("{task_id}.log"))),
+            log_path: Some(match &pipe {
+                Some(pipe) => pipe.path().to_path_buf(),
+                None => self.logs.join(format!("{task_id}.log")),
+            }),
         };
-        let spawned = match spawn_agent(&command) {
+        let spawned = spawn_agent(&command);
+        if let Some(pipe) = pipe {
+            match &spawned {
+                Ok(_) => {
+                    let writer = pipe.start(
+                        self.config.state_dir.clone(),
+                        task_id,
+                        self.config.log_cap,
+                        self.pumps.clone(),
+                    );
+                    self.log_writers.insert(task_id, writer);
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_file(pipe.path());
+                }
+            }
+        }
+        let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
                 tracing::warn!(%task_id, "cannot start agent {program}: {e}");
@@ -157,7 +206,16 @@ impl Supervisor {
             }
         };
         tracing::info!(%task_id, pid, session = %crate::logfmt::Word(&session), "agent started");
+        // Recorded with its start time and boot id, so that after a crash the pid is
+        // trusted only while it is still this process.
+        self.store.submit_detached(agentd_store::Op::Start {
+            id: task_id,
+            at: crate::views::now_millis().0 as i64,
+            process: agentd_store::ProcessIdentity::capture(pid).ok(),
+            text: Some(text.clone()),
+        });
         self.pids.insert(pid, task_id);
+        let resume = self.resumes.remove(&task_id);
         self.agents.insert(
             task_id,
             Agent::new(
@@ -168,6 +226,7 @@ impl Supervisor {
                     session,
                     text,
                 },
+                resume,
             ),
         );
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
@@ -246,7 +305,12 @@ impl Supervisor {
     /// The agent is reaped and its channel drained: the dispatcher may end the task.
     pub(crate) fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
         self.agents.remove(&task_id);
-        self.remove_empty_log(task_id);
+        // agentd's write end closes: the log ends once the agent's tools close theirs.
+        // A piped log is made only once there is output (by its pump, which may be
+        // writing right now), so only an unpiped one can be empty.
+        if self.log_writers.remove(&task_id).is_none() {
+            self.remove_empty_log(task_id);
+        }
         self.handle(Event::Reaped { task_id, status });
     }
 
@@ -312,8 +376,20 @@ impl Supervisor {
                     .set_collected_prompts(features.collected_prompts);
                 return;
             }
-            // Checkpoints are accepted; they are not kept yet.
-            AgentInput::Msg(AgentMsg::Checkpoint { .. }) => return,
+            AgentInput::Msg(AgentMsg::Checkpoint { data }) if data.len() > MAX_CHECKPOINT_BYTES => {
+                Event::ProtocolError {
+                    task_id,
+                    error: agentd_proto::text::checkpoint_too_large(
+                        data.len(),
+                        MAX_CHECKPOINT_BYTES,
+                    ),
+                }
+            }
+            // The latest replaces the one before, in the store, through the writer.
+            AgentInput::Msg(AgentMsg::Checkpoint { data }) => {
+                self.save_checkpoint(task_id, data);
+                return;
+            }
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
                 let steered = agent.steers.pop_front();
                 match steered {
@@ -350,15 +426,42 @@ impl Supervisor {
         if let Event::ProtocolError { error, .. } = &event {
             tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");
         }
-        // A progress event carries the task as it is after that progress: handled first.
+        // The line goes to the task's log first; then a progress event carries the
+        // task as it is after that progress: handled first, then published.
         let progress = match &event {
-            Event::Progress { text, .. } => Some(text.clone()),
+            Event::Progress { text, .. } => {
+                if let Some(writer) = self.log_writers.get_mut(&task_id) {
+                    crate::output::write_line(writer, text);
+                }
+                Some(text.clone())
+            }
             _ => None,
         };
         self.handle(event);
         if let Some(text) = progress {
             self.publish_task(EventKind::Progress, &task_id, Some(text), None);
         }
+    }
+}
+
+impl Supervisor {
+    /// Keeps `data` as the task's latest checkpoint: in memory until its write is
+    /// committed, then in the store only.
+    fn save_checkpoint(&mut self, task_id: TaskId, data: String) {
+        self.checkpoint_seq += 1;
+        let seq = self.checkpoint_seq;
+        self.checkpoints_in_flight
+            .insert(task_id, (seq, data.clone()));
+        let events = self.store_events.clone();
+        self.store.submit_with(
+            agentd_store::Op::Checkpoint { id: task_id, data },
+            move |result| {
+                if let Err(e) = result {
+                    tracing::warn!(%task_id, "the task's checkpoint was not written: {e}");
+                }
+                let _ = events.send(StoreEvent::CheckpointWritten { task_id, seq });
+            },
+        );
     }
 }
 

@@ -24,11 +24,13 @@
 //! - `agents`: agentd's side of live agents (spawn, IPC, signals, reap, agent events);
 //! - `requests`: one module per request family (`send` with the chat commands, `stop`
 //!   with its waiters, `queue`, `watch` with event publishing, `status` and `tasks`);
-//! - `history`: finished tasks and task id resolution.
+//! - `history`: finished tasks and task id resolution;
+//! - `recovery`: putting the store's work back at start, and write failures.
 
 mod agents;
 mod executor;
 pub mod history;
+mod recovery;
 mod requests;
 
 use std::collections::{BTreeMap, HashMap};
@@ -44,12 +46,16 @@ use tokio::sync::mpsc;
 use crate::agent_io::AgentEvent;
 use crate::config::DaemonConfig;
 use crate::control::{self, ControlRequest, Reply, ServerInfo};
+use crate::durable::Durable;
 use crate::events::Subscriptions;
 use crate::supervisor::agents::Agent;
 use crate::supervisor::executor::Timer;
 use crate::supervisor::history::{History, MemoryHistory};
 use crate::supervisor::requests::stop::StopWaiter;
 use crate::views::now_millis;
+use agentd_proto::control::RecoveryView;
+use agentd_store::StoreWriter;
+pub(crate) use recovery::StoreEvent;
 
 /// Signals the daemon acts on, delivered by the signal thread of the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +70,7 @@ pub enum DaemonSignal {
 /// so) and every agent is gone.
 pub async fn run(
     config: DaemonConfig,
+    durable: Durable,
     listener: control::Endpoint,
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
@@ -76,7 +83,23 @@ pub async fn run(
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
     let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
 
-    let mut sup = Supervisor::new(config, logs, agent_tx, info);
+    let (store_tx, mut store_events) = mpsc::unbounded_channel::<StoreEvent>();
+    let Durable { store, recovery } = durable;
+    let history_size = config.history;
+    let mut sup = Supervisor::new(config, logs, agent_tx, info, store.writer(), store_tx);
+    sup.store_reader = store.reader().ok();
+    sup.history = Box::new(crate::durable::StoreHistory::new(
+        history_size,
+        store
+            .reader()
+            .map_err(|e| tracing::warn!("history beyond memory is unavailable: {e}"))
+            .ok(),
+    ));
+    match store.reader().and_then(|r| r.finished(None, history_size)) {
+        Ok(finished) => sup.load_history(finished),
+        Err(e) => tracing::warn!("cannot read finished tasks from the store: {e}"),
+    }
+    sup.recover(recovery);
     tracing::info!(
         "agentd {} ready (pid {}, max {} concurrent agents)",
         env!("CARGO_PKG_VERSION"),
@@ -100,6 +123,7 @@ pub async fn run(
                 shutdown_fired = true;
                 sup.on_shutdown_signal();
             }
+            Some(event) = store_events.recv() => sup.on_store_event(event),
             Some(event) = agent_events.recv() => sup.on_agent_event(event),
             () = sleep_until(next_timer) => sup.fire_timers(),
             _ = tick.tick() => {
@@ -108,14 +132,15 @@ pub async fn run(
             }
         }
         sup.publish_positions();
-        if sup.shutting_down.is_some()
-            && sup.agents.is_empty()
-            && sup.dispatcher.tasks().next().is_none()
-        {
+        // Queued work stays queued (in the store) for the next start.
+        if sup.shutting_down.is_some() && sup.agents.is_empty() {
             break;
         }
     }
     acceptor.abort();
+    drop(sup);
+    // Every state change submitted so far is written before agentd exits.
+    store.close();
     tracing::info!("agentd stopped");
     Ok(())
 }
@@ -144,6 +169,24 @@ struct Supervisor {
     subscriptions: Subscriptions,
     /// Set by the first shutdown signal.
     shutting_down: Option<Instant>,
+    /// Writes to the store (see `durable`).
+    store: StoreWriter,
+    /// Where write completions that need the loop report back.
+    store_events: mpsc::UnboundedSender<StoreEvent>,
+    /// What recovery did at start, for `status`.
+    recovery: Option<RecoveryView>,
+    /// Tasks whose output is still being copied into their logs.
+    pumps: crate::output::Pumps,
+    /// agentd's write end of each live agent's log pipe (progress lines).
+    log_writers: HashMap<TaskId, std::fs::File>,
+    /// Reads of the store for re-deliveries the dispatcher has forgotten.
+    store_reader: Option<agentd_store::Reader>,
+    /// Resumed attempts not yet handed to an agent: what the agent is told.
+    resumes: HashMap<TaskId, requests::resume::Resumed>,
+    /// Each task's latest checkpoint while its write is in flight (then the store
+    /// has it), with the number of that write.
+    checkpoints_in_flight: HashMap<TaskId, (u64, String)>,
+    checkpoint_seq: u64,
 }
 
 type RequestError = ErrorBody;
@@ -163,6 +206,8 @@ impl Supervisor {
         logs: PathBuf,
         agent_events: mpsc::Sender<AgentEvent>,
         info: Arc<ServerInfo>,
+        store: StoreWriter,
+        store_events: mpsc::UnboundedSender<StoreEvent>,
     ) -> Supervisor {
         let dispatcher = Dispatcher::new(config.dispatch.clone());
         let history = Box::new(MemoryHistory::new(config.history));
@@ -180,19 +225,36 @@ impl Supervisor {
             waiters: Vec::new(),
             subscriptions: Subscriptions::default(),
             shutting_down: None,
+            store,
+            store_events,
+            recovery: None,
+            pumps: Default::default(),
+            log_writers: HashMap::new(),
+            store_reader: None,
+            resumes: HashMap::new(),
+            checkpoints_in_flight: HashMap::new(),
+            checkpoint_seq: 0,
         }
     }
 
     fn on_shutdown_signal(&mut self) {
         if self.shutting_down.is_none() {
-            tracing::info!("shutting down: stopping every task");
+            tracing::info!("shutting down: stopping running tasks, keeping the queue");
             crate::notify::stopping();
             self.shutting_down = Some(Instant::now());
-            if let Ok((_, actions)) =
-                self.dispatcher
-                    .stop(StopTarget::Everything, &Scope::Owner, now_millis())
-            {
-                self.execute(actions);
+            let active: Vec<TaskId> = self
+                .dispatcher
+                .tasks()
+                .filter(|t| t.state.is_active())
+                .map(|t| t.id)
+                .collect();
+            for task_id in active {
+                if let Ok((_, actions)) =
+                    self.dispatcher
+                        .stop(StopTarget::Task(task_id), &Scope::Owner, now_millis())
+                {
+                    self.execute(actions);
+                }
             }
         } else {
             tracing::warn!("second shutdown signal: killing every agent now");

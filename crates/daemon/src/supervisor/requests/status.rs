@@ -68,6 +68,7 @@ impl Supervisor {
             queued: self.dispatcher.n_queued() as u32,
             sessions: self.dispatcher.n_sessions() as u32,
             active,
+            recovery: self.recovery.clone(),
         }
     }
 
