@@ -66,6 +66,8 @@
 //! - `early-progress` send a Progress frame before the Hello, then Hello, then work.
 //! - `no-hello`      never send Hello; sleep `sleep:MS` (default forever), exit 0.
 //! - `bad-version`   send Hello with protocol 999 (expect Reject).
+//! - `huge-checkpoint` after the handshake write a well-formed Checkpoint frame
+//!   whose data is one byte over agentd's 1 MiB limit, then sleep forever.
 //! - `v1`            speak IPC protocol 1: Hello says 1, no Features, no Checkpoint.
 //!
 //! Protocol 2 (the default): the Hello says 2 and, after a v2 Welcome, Features
@@ -139,6 +141,7 @@ struct Behaviour {
     undecodable: bool,
     quiet_ms: Option<u64>,
     stdout_mb: u64,
+    huge_checkpoint: bool,
     no_hello: bool,
     bad_version: bool,
     v1: bool,
@@ -220,6 +223,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "truncated" => &mut b.truncated,
                     "early-progress" => &mut b.early_progress,
                     "undecodable" => &mut b.undecodable,
+                    "huge-checkpoint" => &mut b.huge_checkpoint,
                     "no-hello" => &mut b.no_hello,
                     "bad-version" => &mut b.bad_version,
                     "v1" => &mut b.v1,
@@ -546,9 +550,15 @@ fn main() {
         }
         sleep_forever();
     }
-    if b.garbage || b.oversized {
+    if b.garbage || b.oversized || b.huge_checkpoint {
         let mut bytes = Vec::new();
-        if b.garbage {
+        if b.huge_checkpoint {
+            let data = "x".repeat(agentd_proto::ipc::MAX_CHECKPOINT_BYTES + 1);
+            match agentd_proto::codec::encode_frame(&AgentMsg::Checkpoint { data }) {
+                Ok(frame) => bytes = frame,
+                Err(e) => die(1, format_args!("cannot encode the checkpoint: {e}")),
+            }
+        } else if b.garbage {
             bytes.extend_from_slice(&0xFEED_FACE_u32.to_be_bytes());
             bytes.extend(garbage_bytes(64));
         } else {

@@ -85,9 +85,17 @@ struct Args {
     /// A frame an agent has begun to send must complete within this [default: 10s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     frame_timeout: Option<Duration>,
-    /// Most bytes of an agent's stdout and stderr kept in its log [default: 16777216]
+    /// Most bytes kept of one task's output log (its agent's stdout and stderr,
+    /// and its progress lines); past it a truncation marker
+    /// [default: 16777216]
     #[arg(long, value_name = "BYTES")]
     log_cap: Option<u64>,
+    /// Finished tasks (and their logs) older than this are pruned [default: 30d]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    retention_age: Option<Duration>,
+    /// At most this many finished tasks are kept [default: 10000]
+    #[arg(long, value_name = "N")]
+    retention_count: Option<u64>,
     /// Most client connections open at once, idle ones included; past it a new
     /// connection is refused with `too_many_connections` [default: 2048]
     #[arg(long, value_name = "N")]
@@ -96,19 +104,33 @@ struct Args {
     /// is answered `request_timeout` and its connection closed [default: 10s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     request_timeout: Option<Duration>,
-    /// TOML config file with the same keys as the flags (flags win). SIGHUP re-reads
-    /// it: max-connections and request-timeout take effect at once, the rest at restart
+    /// Log lines on stderr: text (plain key=value fields) or json (one object a
+    /// line). The level comes from $AGENTD_LOG, else $RUST_LOG, else info [default: text]
+    #[arg(long, value_name = "FORMAT", value_parser = config::LogFormat::parse)]
+    log_format: Option<config::LogFormat>,
+    /// TOML config file with the same keys as the flags (flags win); see
+    /// examples/config.toml. SIGHUP re-reads it: max-connections and request-timeout
+    /// take effect at once, the rest at restart
+    /// [default: $XDG_CONFIG_HOME/agentd/config.toml if it exists]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
-/// Default of `--log-cap`: 16 MiB per task.
-const DEFAULT_LOG_CAP: u64 = 16 * 1024 * 1024;
+/// The resolved config, and how to log.
+struct Resolved {
+    config: DaemonConfig,
+    log_format: config::LogFormat,
+}
 
-fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
+fn resolve(args: Args) -> anyhow::Result<Resolved> {
+    let file = match config::config_file(args.config.as_deref()) {
+        Some(path) => FileConfig::load(&path)?,
         None => FileConfig::default(),
+    };
+    let log_format = match (args.log_format, &file.log_format) {
+        (Some(format), _) => format,
+        (None, Some(text)) => config::LogFormat::parse(text)?,
+        (None, None) => config::LogFormat::default(),
     };
     let duration = |flag: Option<Duration>,
                     key: &Option<String>,
@@ -208,7 +230,7 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
     if agents.task_timeout.is_some_and(|d| d.is_zero()) {
         bail!("--task-timeout must be more than 0 (or off)");
     }
-    Ok(DaemonConfig {
+    let config = DaemonConfig {
         agents,
         socket: args
             .socket
@@ -226,9 +248,25 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         )?,
         agent,
         history: file.history.unwrap_or(1000),
-        log_cap: args.log_cap.or(file.log_cap).unwrap_or(DEFAULT_LOG_CAP),
+        log_cap: args
+            .log_cap
+            .or(file.log_cap)
+            .unwrap_or(agentd_store::output::DEFAULT_LOG_CAP),
+        retention: agentd_store::Retention {
+            max_age: Some(duration(
+                args.retention_age,
+                &file.retention_age,
+                Duration::from_secs(30 * 24 * 3600),
+            )?),
+            max_finished: Some(
+                args.retention_count
+                    .or(file.retention_count)
+                    .unwrap_or(10_000),
+            ),
+        },
         control,
-    })
+    };
+    Ok(Resolved { config, log_format })
 }
 
 fn control_settings(
@@ -284,13 +322,13 @@ fn fit_descriptors(settings: &mut ControlSettings) {
 /// SIGHUP: re-reads the config file and applies the settings that can change while
 /// agentd runs (max-connections, request-timeout); flags still win over the file.
 fn reload(args: &Args, limits: &Limits) {
-    let Some(path) = &args.config else {
+    let Some(path) = config::config_file(args.config.as_deref()) else {
         tracing::info!(
-            "SIGHUP: no config file to reload (agentd was started without --config); carrying on"
+            "SIGHUP: no config file to reload (no --config, and no default config file); carrying on"
         );
         return;
     };
-    let settings = FileConfig::load(path).and_then(|file| {
+    let settings = FileConfig::load(&path).and_then(|file| {
         // The whole file must still be valid, though only part of it applies now.
         resolve(Args {
             config: Some(path.clone()),
@@ -303,10 +341,10 @@ fn reload(args: &Args, limits: &Limits) {
             fit_descriptors(&mut settings);
             limits.update(&settings);
             tracing::info!(
-                "SIGHUP: reloaded {}: max-connections {}, request-timeout {:?} apply now; other settings take effect at restart",
+                "SIGHUP: reloaded {}: max-connections {}, request-timeout {} apply now; other settings take effect at restart",
                 path.display(),
                 settings.max_connections,
-                settings.request_timeout
+                humantime::format_duration(settings.request_timeout)
             );
         }
         Err(e) => tracing::warn!("SIGHUP: kept the settings in force: {e:#}"),
@@ -343,16 +381,26 @@ fn signal_thread(
 }
 
 fn main_inner() -> anyhow::Result<()> {
+    // Still one thread: the environment may change safely.
+    agentd_daemon::notify::take_socket_from_env();
     let args = Args::parse();
-    let mut config = resolve(args.clone())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let Resolved {
+        mut config,
+        log_format,
+    } = resolve(args.clone())?;
+    init_logging(log_format)?;
+    // The state dir, then the single-instance lock, before the socket or the store
+    // is touched: a second agentd on the same state dir stops here.
+    agentd_store::prepare_state_dir(&config.state_dir)
+        .with_context(|| format!("cannot use the state dir {}", config.state_dir.display()))?;
+    let _lock = match agentd_store::InstanceLock::acquire(&config.state_dir) {
+        Ok(lock) => lock,
+        Err(e @ agentd_store::LockError::Held { .. }) => {
+            return Err(AlreadyRunning(e.to_string()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = agentd_daemon::durable::open(&config)?;
     agentd_proc_subreaper()?;
     fit_descriptors(&mut config.control);
     let limits = Limits::new(&config.control);
@@ -371,7 +419,8 @@ fn main_inner() -> anyhow::Result<()> {
             socket: Some(file.clone()),
             limits,
         };
-        let result = agentd_daemon::run(config, endpoint, signals, std::future::pending()).await;
+        let result =
+            agentd_daemon::run(config, store, endpoint, signals, std::future::pending()).await;
         // Only the agentd that bound the socket removes it (never one that found
         // another agentd already running there, nor one whose file was replaced).
         file.remove_if_ours();
@@ -379,13 +428,68 @@ fn main_inner() -> anyhow::Result<()> {
     })
 }
 
+/// The log filter: `$AGENTD_LOG`, else `$RUST_LOG`, else `info` (both take
+/// `tracing-subscriber` directives: `debug`, `agentd_daemon=trace,info`…).
+fn log_filter() -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    for var in ["AGENTD_LOG", "RUST_LOG"] {
+        match std::env::var(var) {
+            Ok(value) if !value.trim().is_empty() => {
+                return tracing_subscriber::EnvFilter::builder()
+                    .parse(&value)
+                    .with_context(|| {
+                        format!("invalid ${var} {}", agentd_daemon::logfmt::Quoted(&value))
+                    });
+            }
+            _ => {}
+        }
+    }
+    Ok(tracing_subscriber::EnvFilter::new("info"))
+}
+
+/// Logs to stderr (the journal under systemd), one event per line: plain
+/// `key=value` fields, or one JSON object.
+fn init_logging(format: config::LogFormat) -> anyhow::Result<()> {
+    let filter = log_filter()?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+    Ok(())
+}
+
 fn agentd_proc_subreaper() -> anyhow::Result<()> {
     agentd_daemon::supervisor::become_subreaper().context("cannot become a child subreaper")
 }
 
+/// Another agentd holds the state dir: exit with [`agentd_store::EXIT_ALREADY_RUNNING`].
+#[derive(Debug)]
+struct AlreadyRunning(String);
+
+impl std::fmt::Display for AlreadyRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AlreadyRunning {}
+
 fn main() -> ExitCode {
     match main_inner() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<AlreadyRunning>() => {
+            eprintln!("agentd: {e}");
+            ExitCode::from(agentd_store::EXIT_ALREADY_RUNNING)
+        }
         Err(e) => {
             eprintln!("agentd: {e:#}");
             ExitCode::FAILURE

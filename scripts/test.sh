@@ -19,6 +19,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test (unit, property and integration tests)"
 cargo test --workspace --all-targets --locked
 
+echo "==> cargo install --path . (the installed set, and the README's usage from it)"
+scripts/install-check.sh
+
 if [ "${KT_SKIP:-0}" = 1 ]; then
     echo "==> kill tests: SKIPPED (KT_SKIP=1)"
 else

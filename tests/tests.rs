@@ -24,6 +24,9 @@ mod contain;
 mod control;
 /// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
 mod defaults;
+/// Durability: restarts after kill -9, acknowledged means stored, one agentd per
+/// state dir, corrupt stores.
+mod durability;
 /// One spelling per variant on every surface, in any case.
 mod names;
 /// The stdlib-only Python example agent under a real agentd.
@@ -32,6 +35,8 @@ mod python_agent;
 mod queue;
 /// Timers, stops and events that cross each other.
 mod races;
+/// agentd as a service: default config file, systemd readiness, logs, private state.
+mod service;
 /// Steering fallbacks: refused steers, shutdown, steer-backlog answers.
 mod steer;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.

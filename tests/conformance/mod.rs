@@ -325,6 +325,7 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
                 task_timeout_ms: None,
                 frame_timeout_ms: 0,
             }),
+            recovery: Some(Default::default()),
         }),
     );
     check(
@@ -445,6 +446,13 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
             session: some(),
             all: true,
             wait: false,
+        },
+        RequestBody::Log {
+            task_id: "t".into(),
+            offset: 1,
+        },
+        RequestBody::Resume {
+            task_id: "t".into(),
         },
     ];
     assert_eq!(

@@ -45,20 +45,33 @@ pub struct Daemon {
     pub child: Child,
     /// The flags it was started with (for [`Daemon::restart`]).
     pub args: Vec<String>,
+    /// The environment changes it was started with (kept for a restart).
+    pub env: Vec<(String, Option<String>)>,
 }
 
 impl Daemon {
     /// Starts agentd with `args` (plus `--socket` and `--state-dir` in a fresh temp dir)
     /// and waits until it answers a ping.
     pub fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Daemon::start_in(tempfile::tempdir().expect("temp dir"), args, &[])
+    }
+
+    /// Like [`Daemon::start`], in `dir` (which may hold files the test put there),
+    /// with `env` set (`None` removes a variable). By default `AGENTD_LOG=debug`, and
+    /// `XDG_CONFIG_HOME` is `dir/config`, so a user's own config file never applies.
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str], env: &[(&str, Option<&str>)]) -> Daemon {
         let socket = dir.path().join("run").join("agentd.sock");
-        let child = spawn_agentd(dir.path(), &socket, args);
+        let env: Vec<(String, Option<String>)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect();
+        let child = spawn_agentd(dir.path(), &socket, args, &env);
         let mut daemon = Daemon {
             dir,
             socket,
             child,
             args: args.iter().map(|a| a.to_string()).collect(),
+            env,
         };
         daemon.wait_ready();
         daemon
@@ -69,7 +82,7 @@ impl Daemon {
     pub fn restart(&mut self) {
         let _ = self.child.wait();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.child = spawn_agentd(self.dir.path(), &self.socket, &args);
+        self.child = spawn_agentd(self.dir.path(), &self.socket, &args, &self.env);
         self.wait_ready();
     }
 
@@ -336,25 +349,38 @@ impl Drop for Daemon {
 
 /// Spawns agentd with its socket and state dir under `dir`, logging to
 /// `dir/agentd.log` (appended).
-fn spawn_agentd(dir: &Path, socket: &Path, args: &[&str]) -> Child {
+fn spawn_agentd(
+    dir: &Path,
+    socket: &Path,
+    args: &[&str],
+    env: &[(String, Option<String>)],
+) -> Child {
     let log = std::fs::File::options()
         .create(true)
         .append(true)
         .open(dir.join("agentd.log"))
         .expect("log file");
-    Command::new(AGENTD)
+    let mut command = Command::new(AGENTD);
+    command
         .arg("--socket")
         .arg(socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(args)
         .env("AGENTD_LOG", "debug")
+        .env("XDG_CONFIG_HOME", dir.join("config"))
         .env_remove("AGENTD_SOCKET")
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn agentd")
+        .stderr(log);
+    for (key, value) in env {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    command.spawn().expect("spawn agentd")
 }
 
 pub fn kill(pid: u32, signal: i32) {

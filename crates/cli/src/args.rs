@@ -101,7 +101,6 @@ impl Cli {
 
 /// agentctl's subcommands.
 ///
-/// `resume` is not implemented yet.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Send a chat message to a session: work, or a control command such as /status
@@ -117,6 +116,11 @@ pub enum Command {
     Queue(QueueArgs),
     /// Follow a task, or every task of a session, as events happen
     Watch(WatchArgs),
+    /// Print a task's whole output (its log), also after it ended or agentd restarted
+    Log(LogArgs),
+    /// Run an interrupted, cancelled or failed task again in its session, as a new
+    /// attempt; its agent gets the last checkpoint the task saved
+    Resume(ResumeArgs),
     /// Check that agentd is running
     Ping,
     /// Chat with a session in the terminal: each line is a message, /commands are
@@ -211,6 +215,13 @@ impl Command {
                 wait: !a.no_wait,
             },
             Command::Queue(a) => a.request(),
+            Command::Log(a) => RequestBody::Log {
+                task_id: a.task_id.clone(),
+                offset: 0,
+            },
+            Command::Resume(a) => RequestBody::Resume {
+                task_id: a.task_id.clone(),
+            },
             Command::Ping => RequestBody::Ping,
             Command::Watch(_) | Command::Chat(_) | Command::Completions(_) | Command::Man(_) => {
                 return None
@@ -267,6 +278,25 @@ impl SendArgs {
             timeout_ms: self.timeout.map(|d| d.as_millis() as u64),
         }
     }
+}
+
+/// `log [-f] TASK_ID`
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// The task (an id, or a unique prefix of one)
+    #[arg(value_name = "TASK_ID")]
+    pub task_id: String,
+    /// Keep printing the output of a running task as it comes, until it ends
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+/// `resume TASK_ID`
+#[derive(Debug, Clone, Args)]
+pub struct ResumeArgs {
+    /// The task to run again (an id, or a unique prefix of one)
+    #[arg(value_name = "TASK_ID")]
+    pub task_id: String,
 }
 
 /// `status [TASK_ID]`

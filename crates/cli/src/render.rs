@@ -354,6 +354,15 @@ pub fn render_status(reply: &StatusReply, now: SystemTime, full_ids: bool) -> St
         out.push('\n');
         out.push_str(&text::liveness_line(liveness));
     }
+    if let Some(r) = &reply.recovery {
+        out.push('\n');
+        out.push_str(&agentd_proto::text::recovery_line(
+            r.queued,
+            r.interrupted,
+            r.killed,
+            r.crashed,
+        ));
+    }
     if !reply.active.is_empty() {
         out.push('\n');
         out.push_str(&render_tasks(&reply.active, now, full_ids));
@@ -1048,6 +1057,7 @@ mod tests {
             active: vec![running()],
             containment: None,
             liveness: None,
+            recovery: None,
         };
         assert_eq!(
             plain(&render_status(&reply, now(), true)),
@@ -1064,6 +1074,17 @@ mod tests {
         assert_eq!(
             plain(&render_status(&reply, now(), true)),
             "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session"
+        );
+        reply.recovery = Some(agentd_proto::control::RecoveryView {
+            queued: 30,
+            interrupted: 1,
+            killed: 0,
+            crashed: true,
+        });
+        assert_eq!(
+            plain(&render_status(&reply, now(), true)),
+            "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session\n\
+             recovered 30 queued, 1 interrupted (the previous agentd crashed)"
         );
     }
 

@@ -17,6 +17,9 @@ pub enum ChatCommand {
     Stop(StopArg),
     /// `/tasks`.
     Tasks,
+    /// `/resume` or `/resume <task id>`: run an interrupted, cancelled or failed task
+    /// of this chat again (without an id: the chat's latest such task).
+    Resume { task: Option<String> },
     /// `/help`.
     Help,
     /// `/queue …` that changes or shows settings.
@@ -33,7 +36,7 @@ pub enum ChatCommand {
 }
 
 /// The commands a chat can give, in the order `/help` and refusals list them.
-pub const COMMANDS: &[&str] = &["status", "stop", "tasks", "queue", "help"];
+pub const COMMANDS: &[&str] = &["status", "stop", "tasks", "resume", "queue", "help"];
 
 /// What a `/queue` command asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +187,8 @@ Commands (answered at once, never queued):
   /status [task]    what is running and queued; one task's details
   /stop [task|all]  stop this chat's running task (or one task, or everything queued too)
   /tasks            this chat's running and queued tasks
+  /resume [task]    run an interrupted, cancelled or failed task again, from its
+                    last checkpoint (without a task: this chat's latest one)
   /queue [mode] [debounce:2s] [cap:25] [drop:old|new|summarize]
                     show or change what messages do while a task runs
                     (modes: collect, followup, steer, steer-backlog, interrupt)
@@ -226,6 +231,7 @@ pub fn parse_chat_command(text: &str) -> Option<ChatCommand> {
     match word.as_str() {
         "status" => single_arg().map(|task| ChatCommand::Status { task }),
         "tasks" if args.is_empty() => Some(ChatCommand::Tasks),
+        "resume" => single_arg().map(|task| ChatCommand::Resume { task }),
         "queue" => {
             let after_word = rest
                 .trim_start()
@@ -283,6 +289,14 @@ mod tests {
                 Some(ChatCommand::Stop(StopArg::Task("0192abcd".into()))),
             ),
             ("/tasks", Some(ChatCommand::Tasks)),
+            ("/resume", Some(ChatCommand::Resume { task: None })),
+            (
+                "/Resume 0192abcd",
+                Some(ChatCommand::Resume {
+                    task: Some("0192abcd".into()),
+                }),
+            ),
+            ("/resume it from where it was", None),
             ("/help", Some(ChatCommand::Help)),
             ("/queue", Some(ChatCommand::Queue(QueueCommand::Show))),
             (

@@ -12,7 +12,8 @@
 //!   actions; split by concern (executor, agents, one module per request family,
 //!   history).
 //! - [`agent_io`]: per-agent reader and writer tasks on the IPC socketpair.
-//! - [`agent_log`]: an agent's stdout and stderr, kept in its log up to a cap.
+//! - [`logfmt`]: plain Display forms for log fields (no Debug dumps in logs).
+//! - [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` to `$NOTIFY_SOCKET`).
 //! - [`views`]: conversion of core types to the wire views of `agentd-proto` (the
 //!   texts users read are in `agentd_proto::text`).
 //!
@@ -20,12 +21,15 @@
 //! parses flags, binds and installs signal handlers.
 
 pub mod agent_io;
-pub mod agent_log;
 pub mod config;
 pub mod control;
+pub mod durable;
 pub mod events;
 pub mod listing;
+pub mod logfmt;
+pub mod notify;
 pub mod outbox;
+mod output;
 pub mod socket;
 pub mod supervisor;
 pub mod views;

@@ -129,6 +129,34 @@ pub enum RequestBody {
         #[serde(default = "yes")]
         wait: bool,
     },
+    /// A piece of a task's output log, from byte `offset`. Answer: [`LogChunk`]. Ask
+    /// again from `next_offset` until `data` is empty (the end for now) or, to follow
+    /// a running task, until `done`.
+    Log {
+        task_id: String,
+        #[serde(default)]
+        offset: u64,
+    },
+    /// Runs an interrupted, cancelled or failed task again in its session, as a new
+    /// attempt linked to it (its agent is told, with the last checkpoint). Answer:
+    /// [`SendReply`], like new work.
+    Resume { task_id: String },
+}
+
+/// Most bytes of a log in one [`LogChunk`].
+pub const MAX_LOG_CHUNK: usize = 256 * 1024;
+
+/// Answer to `log`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub task_id: String,
+    pub offset: u64,
+    /// Where the next chunk starts.
+    pub next_offset: u64,
+    /// The output (invalid UTF-8 replaced; a chunk never splits a character).
+    pub data: String,
+    /// The task has ended and all of its output has been read.
+    pub done: bool,
 }
 
 /// One response line. agentd writes `Response<Answer>` (typed, serialized once);
@@ -219,6 +247,13 @@ pub enum Answer {
     TasksPage(TasksPage),
     Queue(QueueSettingsView),
     Watch(Box<WatchReply>),
+    Log(Box<LogChunk>),
+}
+
+impl From<LogChunk> for Answer {
+    fn from(reply: LogChunk) -> Answer {
+        Answer::Log(Box::new(reply))
+    }
 }
 
 impl From<HelloReply> for Answer {
@@ -317,6 +352,9 @@ pub enum ErrorCode {
     QueueFull,
     /// The daemon is shutting down; nothing was accepted.
     ShuttingDown,
+    /// The message could not be written to agentd's store (disk full, I/O error);
+    /// nothing was accepted. Try again later.
+    StoreFailed,
     /// agentd already serves its maximum of connections; this one is closed.
     TooManyConnections,
     /// A request line was begun but not finished within the request timeout; the
@@ -610,6 +648,9 @@ pub struct StatusReply {
     /// The liveness limits agents are held to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub liveness: Option<LivenessView>,
+    /// What recovery did when this agentd started on an existing store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryView>,
 }
 
 /// How a task's processes are found and killed on this host.
@@ -649,6 +690,19 @@ pub struct LivenessView {
     pub task_timeout_ms: Option<u64>,
     /// A frame an agent began must be complete within this.
     pub frame_timeout_ms: u64,
+}
+
+/// What agentd found in its store when it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryView {
+    /// Queued tasks put back in their queues, with their ids.
+    pub queued: u32,
+    /// Tasks that were running when the previous agentd ended: now `interrupted`.
+    pub interrupted: u32,
+    /// Leftover agent processes of the previous agentd that were ended.
+    pub killed: u32,
+    /// Whether the previous agentd ended without closing the store (crash, kill -9).
+    pub crashed: bool,
 }
 
 /// Answer to `tasks` with a `limit` or a `cursor`: one page, in task id order.

@@ -231,6 +231,29 @@ pub fn session_not_this_chat(session: impl Display) -> String {
 pub const BAD_SESSION: &str = "session must be 1 to 256 bytes";
 pub const EMPTY_MESSAGE: &str = "empty message: nothing to do";
 pub const SHUTTING_DOWN_REFUSED: &str = "agentd is shutting down; the message was not accepted";
+
+/// A work message whose record could not be committed.
+pub fn store_failed(error: impl std::fmt::Display) -> String {
+    format!("agentd could not record the message, so it was not accepted: {error}")
+}
+
+/// Reason recorded on tasks that were running when agentd died.
+pub const INTERRUPTED_BY_CRASH: &str = "daemon crashed";
+
+/// Reason recorded on tasks that agentd interrupted for a shutdown.
+pub const INTERRUPTED_BY_SHUTDOWN: &str = "shutdown";
+
+/// `agentctl status`: what recovery did at start.
+pub fn recovery_line(queued: u32, interrupted: u32, killed: u32, crashed: bool) -> String {
+    let mut line = format!("recovered {queued} queued, {interrupted} interrupted");
+    if killed > 0 {
+        line.push_str(&format!(", ended {killed} leftover agents"));
+    }
+    if crashed {
+        line.push_str(" (the previous agentd crashed)");
+    }
+    line
+}
 pub const CAP_TOO_SMALL: &str = "cap must be at least 1";
 pub const DEBOUNCE_TOO_LONG: &str = "debounce must be at most 24h";
 pub const STOP_TARGETS: &str = "stop takes exactly one of task_id, session, all";
@@ -252,16 +275,6 @@ pub fn no_handshake_within(timeout: Duration) -> String {
         "no handshake within {}",
         humantime::format_duration(timeout)
     )
-}
-
-/// The line written once into an agent's log when it reaches its cap.
-pub fn log_truncated(cap: u64) -> String {
-    format!("\n[agentd: output truncated: this log keeps the first {cap} bytes]\n")
-}
-
-/// The line closing a truncated agent log.
-pub fn log_dropped(dropped: u64) -> String {
-    format!("[agentd: {dropped} more bytes of output were not kept]\n")
 }
 
 /// The `containment:` line of `agentctl status`.
@@ -442,6 +455,44 @@ pub fn chat_banner(session: impl Display) -> String {
         "chatting with session {session}: one line is one message; /help lists the \
          commands; /quit or Ctrl-D leaves (tasks go on)"
     )
+}
+
+/// `resume` of a task that is still queued or running.
+pub fn resume_live(task_id: impl std::fmt::Display, state: &str) -> String {
+    format!(
+        "task {task_id} is {state}: only an interrupted, cancelled or failed task can be resumed"
+    )
+}
+
+/// `resume` of a task that ended in a state that cannot be resumed.
+pub fn resume_not_resumable(task_id: impl std::fmt::Display, state: &str) -> String {
+    format!("task {task_id} {state}: only an interrupted, cancelled or failed task can be resumed")
+}
+
+/// `resume` of a task that already has an attempt queued or running.
+pub fn resume_in_progress(
+    task_id: impl std::fmt::Display,
+    attempt: impl std::fmt::Display,
+) -> String {
+    format!("task {task_id} is being resumed already, as task {attempt}")
+}
+
+/// A chat's `/resume` without a task when the chat has nothing to resume.
+pub const NOTHING_TO_RESUME: &str =
+    "nothing to resume in this chat: no interrupted, cancelled or failed task";
+
+/// The first line of the answer to `resume`, before the new attempt's send line.
+pub fn resumed_line(previous: impl std::fmt::Display, has_checkpoint: bool) -> String {
+    if has_checkpoint {
+        format!("resuming task {previous} from its last checkpoint, as a new attempt:")
+    } else {
+        format!("resuming task {previous} (no checkpoint saved), as a new attempt:")
+    }
+}
+
+/// An agent's checkpoint over the size agentd keeps (a protocol error).
+pub fn checkpoint_too_large(len: usize, max: usize) -> String {
+    format!("a checkpoint of {len} bytes is over the limit of {max} bytes")
 }
 
 #[cfg(test)]

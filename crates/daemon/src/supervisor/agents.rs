@@ -7,7 +7,8 @@ use agentd_core::{AgentReport, Event, ExitStatus, ReportOutcome, StopStep, TaskI
 use agentd_proc::{reap_children, AgentCommand, TreeReport};
 use agentd_proto::control::EventKind;
 use agentd_proto::ipc::{
-    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MIN_IPC_PROTOCOL_VERSION,
+    AgentMsg, Outcome, SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION, MAX_CHECKPOINT_BYTES,
+    MIN_IPC_PROTOCOL_VERSION,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
@@ -15,7 +16,8 @@ use tokio::sync::mpsc;
 use crate::agent_io::{self, AgentEvent, AgentInput};
 use crate::config::agent_argv;
 use crate::supervisor::executor::{Timer, DRAIN_TIMEOUT};
-use crate::supervisor::Supervisor;
+use crate::supervisor::requests::resume::Resumed;
+use crate::supervisor::{StoreEvent, Supervisor};
 
 /// agentd's side of one live agent.
 ///
@@ -35,6 +37,8 @@ pub(crate) struct Agent {
     to_agent: mpsc::UnboundedSender<SupervisorMsg>,
     /// Steered messages awaiting the agent's SteerAck, oldest first.
     pub(crate) steers: VecDeque<Steered>,
+    /// For a resumed attempt: the task it resumes.
+    pub(crate) resumed_from: Option<TaskId>,
     talk: Talk,
     life: Life,
 }
@@ -53,6 +57,8 @@ enum Talk {
     /// ordered meanwhile (a cancel) are held and sent right after it.
     Handshaking {
         start: TaskStart,
+        /// For a resumed attempt, told (to a v2 agent) right before Start.
+        resume: Option<Resumed>,
         held: Vec<SupervisorMsg>,
     },
     /// The handshake completed: messages go straight to the agent.
@@ -79,7 +85,12 @@ enum Life {
 }
 
 impl Agent {
-    fn new(pid: u32, to_agent: mpsc::UnboundedSender<SupervisorMsg>, start: TaskStart) -> Agent {
+    fn new(
+        pid: u32,
+        to_agent: mpsc::UnboundedSender<SupervisorMsg>,
+        start: TaskStart,
+        resume: Option<Resumed>,
+    ) -> Agent {
         Agent {
             pid,
             started: Instant::now(),
@@ -87,8 +98,10 @@ impl Agent {
             task_timeout: None,
             to_agent,
             steers: VecDeque::new(),
+            resumed_from: resume.as_ref().map(|r| r.previous),
             talk: Talk::Handshaking {
                 start,
+                resume,
                 held: Vec::new(),
             },
             life: Life::Running,
@@ -107,10 +120,16 @@ impl Agent {
 
     /// Completes the handshake: Welcome (in the agent's protocol version, which it
     /// said in its Hello), Settings (protocol 2: the heartbeat interval; a v1 agent
-    /// has it in `AGENTD_HEARTBEAT_MS`), Start, then the messages held meanwhile.
+    /// has it in `AGENTD_HEARTBEAT_MS`), for a resumed attempt Resume (v2 agents
+    /// only), Start, then the messages held meanwhile.
     fn welcome(&mut self, protocol: u32, heartbeat: std::time::Duration) {
         self.last_heard = Some(Instant::now());
-        if let Talk::Handshaking { start, held } = std::mem::replace(&mut self.talk, Talk::Ready) {
+        if let Talk::Handshaking {
+            start,
+            resume,
+            held,
+        } = std::mem::replace(&mut self.talk, Talk::Ready)
+        {
             let protocol = protocol.min(IPC_PROTOCOL_VERSION);
             let _ = self.to_agent.send(SupervisorMsg::Welcome { protocol });
             if protocol >= 2 {
@@ -119,6 +138,12 @@ impl Agent {
                         .send(SupervisorMsg::Settings(agentd_proto::ipc::AgentSettings {
                             heartbeat_interval_ms: heartbeat.as_millis() as u64,
                         }));
+            }
+            if let (Some(resume), true) = (resume, protocol >= 2) {
+                let _ = self.to_agent.send(SupervisorMsg::Resume {
+                    previous_task_id: resume.previous.to_string(),
+                    checkpoint: resume.checkpoint,
+                });
             }
             let _ = self.to_agent.send(SupervisorMsg::Start(start));
             for msg in held {
@@ -163,6 +188,7 @@ impl Supervisor {
             args,
             task_id: task_id.to_string(),
             session: session.clone(),
+            // stdout and stderr on a pipe, copied into the capped task log.
             log_path: None,
             capture_output: true,
             env: vec![(
@@ -185,16 +211,26 @@ impl Supervisor {
         // stop or reap can ask about it.
         self.pids.insert(pid, task_id);
         self.killer.track(spawned.procs);
-        if let Some(output) = spawned.output {
-            crate::agent_log::start(
-                output,
-                self.logs.join(format!("{task_id}.log")),
-                self.config.log_cap,
-            );
-        }
+        let output = crate::output::start(
+            spawned.output,
+            self.config.state_dir.clone(),
+            task_id,
+            self.config.log_cap,
+            self.pumps.clone(),
+        );
+        self.log_writers.insert(task_id, output);
+        // Recorded with its start time and boot id, so that after a crash the pid is
+        // trusted only while it is still this process.
+        self.store.submit_detached(agentd_store::Op::Start {
+            id: task_id,
+            at: crate::views::now_millis().0 as i64,
+            process: agentd_store::ProcessIdentity::capture(pid).ok(),
+            text: Some(text.clone()),
+        });
+        let resume = self.resumes.remove(&task_id);
         let start = TaskStart {
             task_id: task_id.to_string(),
-            session,
+            session: session.clone(),
             text,
         };
         let to_agent = match agent_io::start(
@@ -209,7 +245,7 @@ impl Supervisor {
                 tracing::warn!(%task_id, "cannot set up the IPC channel: {e}");
                 self.killer.kill(&task_id.to_string());
                 let (closed, _) = mpsc::unbounded_channel();
-                let mut agent = Agent::new(pid, closed, start);
+                let mut agent = Agent::new(pid, closed, start, resume);
                 agent.life = Life::Drained;
                 self.agents.insert(task_id, agent);
                 return Some(Event::ProtocolError {
@@ -218,8 +254,8 @@ impl Supervisor {
                 });
             }
         };
-        tracing::info!(%task_id, pid, "agent started");
-        let mut agent = Agent::new(pid, to_agent, start);
+        tracing::info!(%task_id, pid, session = %crate::logfmt::Word(&session), "agent started");
+        let mut agent = Agent::new(pid, to_agent, start, resume);
         agent.task_timeout = self.task_timeouts.remove(&task_id);
         self.agents.insert(task_id, agent);
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
@@ -259,7 +295,7 @@ impl Supervisor {
                 code: reaped.code,
                 signal: reaped.signal,
             };
-            tracing::info!(%task_id, pid = reaped.pid, status = %status.describe(), "agent reaped");
+            tracing::info!(%task_id, pid = reaped.pid, exit_code = status.code, signal = status.signal, "agent reaped");
             // Whatever it left behind goes too, off the loop; the Killer answers with
             // TreeReport::Empty. Frames it wrote before exiting (its result) may still
             // be unread: the channel must drain too (EOF, or DRAIN_TIMEOUT).
@@ -409,6 +445,9 @@ impl Supervisor {
     /// may end the task.
     fn finish_reaped(&mut self, task_id: TaskId, status: ExitStatus) {
         self.agents.remove(&task_id);
+        // The loop lets go of the log: it is finished once the pipe is at its end too
+        // (the agent's leftovers were killed, so that is soon).
+        self.log_writers.remove(&task_id);
         self.handle(Event::Reaped { task_id, status });
     }
 
@@ -437,7 +476,7 @@ impl Supervisor {
                     }
                 } else {
                     agent.welcome(hello.protocol, heartbeat);
-                    tracing::info!(%task_id, agent = %hello.agent, steer = hello.capabilities.steer, "agent ready");
+                    tracing::info!(%task_id, agent = %crate::logfmt::Word(&hello.agent), steer = hello.capabilities.steer, "agent ready");
                     Event::AgentReady {
                         task_id,
                         steer: hello.capabilities.steer,
@@ -478,8 +517,20 @@ impl Supervisor {
                     .set_collected_prompts(features.collected_prompts);
                 return;
             }
-            // Checkpoints are accepted; they are not kept yet.
-            AgentInput::Msg(AgentMsg::Checkpoint { .. }) => return,
+            AgentInput::Msg(AgentMsg::Checkpoint { data }) if data.len() > MAX_CHECKPOINT_BYTES => {
+                Event::ProtocolError {
+                    task_id,
+                    error: agentd_proto::text::checkpoint_too_large(
+                        data.len(),
+                        MAX_CHECKPOINT_BYTES,
+                    ),
+                }
+            }
+            // The latest replaces the one before, in the store, through the writer.
+            AgentInput::Msg(AgentMsg::Checkpoint { data }) => {
+                self.save_checkpoint(task_id, data);
+                return;
+            }
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
                 let steered = agent.steers.pop_front();
                 match steered {
@@ -512,15 +563,42 @@ impl Supervisor {
         if let Event::ProtocolError { error, .. } = &event {
             tracing::warn!(%task_id, pid = agent.pid, "agent broke the protocol: {error}; killing it");
         }
-        // A progress event carries the task as it is after that progress: handled first.
+        // The line goes to the task's log first; then a progress event carries the
+        // task as it is after that progress: handled first, then published.
         let progress = match &event {
-            Event::Progress { text, .. } => Some(text.clone()),
+            Event::Progress { text, .. } => {
+                if let Some(output) = self.log_writers.get(&task_id) {
+                    output.write_line(text);
+                }
+                Some(text.clone())
+            }
             _ => None,
         };
         self.handle(event);
         if let Some(text) = progress {
             self.publish_task(EventKind::Progress, &task_id, Some(text), None);
         }
+    }
+}
+
+impl Supervisor {
+    /// Keeps `data` as the task's latest checkpoint: in memory until its write is
+    /// committed, then in the store only.
+    fn save_checkpoint(&mut self, task_id: TaskId, data: String) {
+        self.checkpoint_seq += 1;
+        let seq = self.checkpoint_seq;
+        self.checkpoints_in_flight
+            .insert(task_id, (seq, data.clone()));
+        let events = self.store_events.clone();
+        self.store.submit_with(
+            agentd_store::Op::Checkpoint { id: task_id, data },
+            move |result| {
+                if let Err(e) = result {
+                    tracing::warn!(%task_id, "the task's checkpoint was not written: {e}");
+                }
+                let _ = events.send(StoreEvent::CheckpointWritten { task_id, seq });
+            },
+        );
     }
 }
 

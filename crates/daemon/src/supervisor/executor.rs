@@ -49,6 +49,12 @@ impl Supervisor {
         let mut work: VecDeque<Action> = actions.into_vec().into();
         while let Some(action) = work.pop_front() {
             let follow_up = match action {
+                Action::Spawn { task_id, .. } if self.shutting_down.is_some() => {
+                    // Shutting down: nothing new starts. The store still holds the
+                    // task as queued, so it runs after the next start.
+                    tracing::debug!(%task_id, "not started: shutting down");
+                    None
+                }
                 Action::Spawn {
                     task_id,
                     session,

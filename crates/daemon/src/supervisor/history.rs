@@ -86,9 +86,26 @@ impl History for MemoryHistory {
 
 impl Supervisor {
     pub(crate) fn record_finished(&mut self, task: Task) {
-        tracing::info!(task_id = %task.id, session = %task.session, state = ?task.state, "task finished");
+        crate::logfmt::task_finished(&task);
         let id = task.id;
         self.task_timeouts.remove(&id);
+        if let Some(mut op) = crate::durable::finish_op(&task) {
+            // A running task stopped for a shutdown is interrupted, not cancelled: it
+            // may be resumed after the next start.
+            if let agentd_store::Op::Finish { state, reason, .. } = &mut op {
+                if self.shutting_down.is_some()
+                    && task.started_at.is_some()
+                    && *state == agentd_store::State::Cancelled
+                {
+                    *state = agentd_store::State::Interrupted;
+                    *reason = Some(agentd_proto::text::INTERRUPTED_BY_SHUTDOWN.to_string());
+                }
+            }
+            // Retried by the store until it is written.
+            self.store.submit_detached(op);
+        }
+        // A resumed attempt that ended before its agent started.
+        self.resumes.remove(&id);
         self.history.record(task);
         for waiter in &mut self.waiters {
             waiter.remaining.remove(&id);

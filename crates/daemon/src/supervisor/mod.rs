@@ -27,16 +27,17 @@
 //! - `agents`: agentd's side of live agents (spawn, IPC, signals, reap, agent events);
 //! - `requests`: one module per request family (`send` with the chat commands, `stop`
 //!   with its waiters, `queue`, `watch` with event publishing, `status` and `tasks`);
-//! - `history`: finished tasks and task id resolution.
+//! - `history`: finished tasks and task id resolution;
+//! - `recovery`: putting the store's work back at start, and write failures.
 
 mod agents;
 mod executor;
 pub mod history;
+mod recovery;
 mod requests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,12 +49,16 @@ use tokio::sync::mpsc;
 use crate::agent_io::AgentEvent;
 use crate::config::DaemonConfig;
 use crate::control::{self, ControlRequest, Reply, ServerInfo};
+use crate::durable::Durable;
 use crate::events::Subscriptions;
 use crate::supervisor::agents::Agent;
 use crate::supervisor::executor::Timer;
 use crate::supervisor::history::{History, MemoryHistory};
 use crate::supervisor::requests::stop::StopWaiter;
 use crate::views::now_millis;
+use agentd_proto::control::RecoveryView;
+use agentd_store::StoreWriter;
+pub(crate) use recovery::StoreEvent;
 
 /// Signals the daemon acts on, delivered by the signal thread of the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,12 +73,12 @@ pub enum DaemonSignal {
 /// so) and every agent is gone.
 pub async fn run(
     config: DaemonConfig,
+    durable: Durable,
     listener: control::Endpoint,
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let logs = config.state_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    crate::config::create_state_dir(&config.state_dir)?;
     let info = Arc::new(ServerInfo {
         started: Instant::now(),
     });
@@ -86,13 +91,40 @@ pub async fn run(
     let killer = Killer::start(move |report| {
         let _ = tree_tx.send(report);
     })?;
-    let mut sup = Supervisor::new(config, logs, agent_tx, info, procs, killer);
+    let (store_tx, mut store_events) = mpsc::unbounded_channel::<StoreEvent>();
+    let Durable { store, recovery } = durable;
+    let history_size = config.history;
+    let mut sup = Supervisor::new(
+        config,
+        agent_tx,
+        info,
+        procs,
+        killer,
+        store.writer(),
+        store_tx,
+    );
+    sup.store_reader = store.reader().ok();
+    sup.history = Box::new(crate::durable::StoreHistory::new(
+        history_size,
+        store
+            .reader()
+            .map_err(|e| tracing::warn!("history beyond memory is unavailable: {e}"))
+            .ok(),
+    ));
+    match store.reader().and_then(|r| r.finished(None, history_size)) {
+        Ok(finished) => sup.load_history(finished),
+        Err(e) => tracing::warn!("cannot read finished tasks from the store: {e}"),
+    }
+    // Ends the interrupted tasks' agents (by their recorded identity), then what a
+    // previous agentd left in its task cgroups, before any recovered work starts.
+    sup.recover(recovery);
     tracing::info!(
         "agentd {} ready (pid {}, max {} concurrent agents)",
         env!("CARGO_PKG_VERSION"),
         std::process::id(),
         sup.dispatcher.config().max_concurrent
     );
+    crate::notify::ready();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let mut shutdown_fired = false;
@@ -110,6 +142,7 @@ pub async fn run(
                 shutdown_fired = true;
                 sup.on_shutdown_signal();
             }
+            Some(event) = store_events.recv() => sup.on_store_event(event),
             Some(event) = agent_events.recv() => sup.on_agent_event(event),
             () = sleep_until(next_timer) => sup.fire_timers(),
             _ = tick.tick() => {
@@ -118,47 +151,36 @@ pub async fn run(
             }
         }
         sup.publish_positions();
-        if sup.shutting_down.is_some()
-            && sup.agents.is_empty()
-            && sup.dispatcher.tasks().next().is_none()
-        {
+        // Queued work stays queued (in the store) for the next start.
+        if sup.shutting_down.is_some() && sup.agents.is_empty() {
             break;
         }
     }
     acceptor.abort();
+    // `{ sup }` moves it: everything but these two (the agents' logs among them)
+    // is dropped here, before the store closes.
     let Supervisor {
         killer, mut procs, ..
-    } = sup;
+    } = { sup };
     drop(killer);
     if let Err(e) = procs.shutdown() {
         tracing::warn!("cannot remove agentd's cgroups: {e}");
     }
+    // Every state change submitted so far is written before agentd exits.
+    store.close();
     tracing::info!("agentd stopped");
     Ok(())
 }
 
-/// Decides the containment (see [`agentd_proc::Procs`]), kills what a previous agentd
-/// on this socket left in its task cgroups, and starts the guardian. Blocking and
-/// bounded; runs before the loop does.
+/// Decides the containment (see [`agentd_proc::Procs`]); recovery (see
+/// `Supervisor::recover_cgroups`) then kills what a previous agentd on this socket
+/// left in its task cgroups and starts the guardian.
 fn containment(config: &DaemonConfig) -> Procs {
-    let mut procs = if config.agents.no_cgroup {
+    let procs = if config.agents.no_cgroup {
         Procs::process_tree(agentd_proto::text::CGROUP_DISABLED)
     } else {
         Procs::detect(&CgroupOptions::for_socket(&config.socket))
     };
-    for left in procs.recover() {
-        tracing::warn!(
-            cgroup = %left.cgroup.display(),
-            pids = ?left.pids,
-            removed = left.removed,
-            "killed what a previous agentd left running"
-        );
-    }
-    match procs.start_guardian() {
-        Ok(Some(pid)) => tracing::debug!(pid, "cgroup guardian started"),
-        Ok(None) => {}
-        Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
-    }
     match procs.containment() {
         Containment::Cgroup { root, controllers } => tracing::info!(
             "containment: a cgroup per task under {} (controllers: {})",
@@ -186,7 +208,6 @@ async fn sleep_until(at: Option<Instant>) {
 struct Supervisor {
     dispatcher: Dispatcher,
     config: DaemonConfig,
-    logs: PathBuf,
     agent_events: mpsc::Sender<AgentEvent>,
     info: Arc<ServerInfo>,
     agents: HashMap<TaskId, Agent>,
@@ -208,6 +229,24 @@ struct Supervisor {
     liveness: Liveness,
     /// Run-time limits of single tasks (`send.timeout_ms`), until they start or end.
     task_timeouts: HashMap<TaskId, Duration>,
+    /// Writes to the store (see `durable`).
+    store: StoreWriter,
+    /// Where write completions that need the loop report back.
+    store_events: mpsc::UnboundedSender<StoreEvent>,
+    /// What recovery did at start, for `status`.
+    recovery: Option<RecoveryView>,
+    /// Tasks whose output log may still grow.
+    pumps: crate::output::Pumps,
+    /// Each live agent's log (progress lines go in through it).
+    log_writers: HashMap<TaskId, crate::output::TaskOutput>,
+    /// Reads of the store for re-deliveries the dispatcher has forgotten.
+    store_reader: Option<agentd_store::Reader>,
+    /// Resumed attempts not yet handed to an agent: what the agent is told.
+    resumes: HashMap<TaskId, requests::resume::Resumed>,
+    /// Each task's latest checkpoint while its write is in flight (then the store
+    /// has it), with the number of that write.
+    checkpoints_in_flight: HashMap<TaskId, (u64, String)>,
+    checkpoint_seq: u64,
 }
 
 type RequestError = ErrorBody;
@@ -224,11 +263,12 @@ fn json(value: impl Into<Answer>) -> Reply {
 impl Supervisor {
     fn new(
         config: DaemonConfig,
-        logs: PathBuf,
         agent_events: mpsc::Sender<AgentEvent>,
         info: Arc<ServerInfo>,
         procs: Procs,
         killer: Killer,
+        store: StoreWriter,
+        store_events: mpsc::UnboundedSender<StoreEvent>,
     ) -> Supervisor {
         let dispatcher = Dispatcher::new(config.dispatch.clone());
         let history = Box::new(MemoryHistory::new(config.history));
@@ -239,7 +279,6 @@ impl Supervisor {
                 task_timeout: config.agents.task_timeout,
             },
             config,
-            logs,
             agent_events,
             info,
             agents: HashMap::new(),
@@ -253,18 +292,36 @@ impl Supervisor {
             procs,
             killer,
             task_timeouts: HashMap::new(),
+            store,
+            store_events,
+            recovery: None,
+            pumps: Default::default(),
+            log_writers: HashMap::new(),
+            store_reader: None,
+            resumes: HashMap::new(),
+            checkpoints_in_flight: HashMap::new(),
+            checkpoint_seq: 0,
         }
     }
 
     fn on_shutdown_signal(&mut self) {
         if self.shutting_down.is_none() {
-            tracing::info!("shutting down: stopping every task");
+            tracing::info!("shutting down: stopping running tasks, keeping the queue");
+            crate::notify::stopping();
             self.shutting_down = Some(Instant::now());
-            if let Ok((_, actions)) =
-                self.dispatcher
-                    .stop(StopTarget::Everything, &Scope::Owner, now_millis())
-            {
-                self.execute(actions);
+            let active: Vec<TaskId> = self
+                .dispatcher
+                .tasks()
+                .filter(|t| t.state.is_active())
+                .map(|t| t.id)
+                .collect();
+            for task_id in active {
+                if let Ok((_, actions)) =
+                    self.dispatcher
+                        .stop(StopTarget::Task(task_id), &Scope::Owner, now_millis())
+                {
+                    self.execute(actions);
+                }
             }
         } else {
             tracing::warn!("second shutdown signal: killing every agent now");

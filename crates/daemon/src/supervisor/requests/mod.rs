@@ -1,6 +1,8 @@
 //! Control requests, one module per request family.
 
+pub(crate) mod log;
 pub(crate) mod queue;
+pub(crate) mod resume;
 pub(crate) mod send;
 pub(crate) mod status;
 pub(crate) mod stop;
@@ -99,6 +101,14 @@ impl Supervisor {
             } => {
                 let answer = self.tasks(session.as_deref(), all, limit, cursor.as_deref());
                 let _ = reply.send(answer);
+            }
+            RequestBody::Log { task_id, offset } => {
+                let _ = reply.send(self.log(&task_id, offset));
+            }
+            RequestBody::Resume { task_id } => {
+                if let Some((reply, answer)) = self.resume(Some(&task_id), None, reply) {
+                    let _ = reply.send(answer);
+                }
             }
             RequestBody::Hello { .. } | RequestBody::Ping => {
                 let _ = reply.send(err(ErrorCode::Internal, "answered by the connection"));

@@ -28,10 +28,15 @@ impl Supervisor {
         }
         if reset {
             self.dispatcher.reset_settings(session);
+            self.store.submit_detached(agentd_store::Op::ResetSettings {
+                session: session.to_string(),
+            });
         }
         if change != QueueChange::default() {
             let settings = change.apply(self.dispatcher.settings(session));
             self.dispatcher.set_settings(session, settings);
+            self.store
+                .submit_detached(crate::durable::settings_op(session, settings));
         }
         Ok(views::settings_view(
             session,

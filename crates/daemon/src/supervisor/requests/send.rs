@@ -4,12 +4,17 @@ use agentd_core::{
     parse_chat_command, Accepted, ChatCommand, Message, Mode, Priority, QueueChange, QueueCommand,
     Refused, Scope, StopArg, StopTarget, TaskId, HELP_TEXT,
 };
-use agentd_proto::control::{ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
+use agentd_proto::control::{Answer, ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
 use agentd_proto::text;
 use tokio::sync::oneshot;
 
+use agentd_store::{Op, Outcome, StoreError};
+
 use crate::control::Reply;
+use crate::durable;
+use crate::supervisor::requests::resume::Resumed;
 use crate::supervisor::requests::{check_session, Work};
+use crate::supervisor::StoreEvent;
 use crate::supervisor::{err, json, Supervisor};
 use crate::views::{self, now_millis};
 
@@ -47,26 +52,122 @@ impl Supervisor {
             priority: work.priority,
             mode,
         };
-        let ours = message.task_id;
-        // Known before the actions run: the task may be spawned in this very step.
-        if let Some(timeout) = work.timeout {
-            self.task_timeouts.insert(ours, timeout);
+        // A re-delivery of a message whose task finished before a restart: the
+        // dispatcher's window no longer knows it, the store does.
+        if let Some(original) = self.stored_message(&message) {
+            let answer = self.send_reply(Ok(Accepted::Duplicate { task_id: original }));
+            return Some((reply, answer));
         }
-        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
-        match &outcome {
-            Ok(Accepted::Task { task_id, .. }) => {
-                if *task_id != ours {
-                    self.task_timeouts.remove(&ours);
+        self.accept_work(message, None, work.timeout, reply)
+    }
+
+    /// New work (a message, or a resumed attempt of an earlier task) into the
+    /// dispatcher; answered once its record is committed. Returns the reply to send
+    /// now, or `None` when it is sent after the commit. `timeout` is the task's own
+    /// run-time limit (`send.timeout_ms`), instead of `--task-timeout`.
+    pub(crate) fn accept_work(
+        &mut self,
+        message: Message,
+        attempt: Option<Resumed>,
+        timeout: Option<std::time::Duration>,
+        reply: oneshot::Sender<Reply>,
+    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+        let now = now_millis();
+        let task_id = message.task_id;
+        let message_task = task_id;
+        // Known before the actions run: the task may be spawned in this very step.
+        if let Some(timeout) = timeout {
+            self.task_timeouts.insert(task_id, timeout);
+        }
+        let mut record = durable::queued_record(&message, message.mode, now.0);
+        if let Some(attempt) = &attempt {
+            record.attempt_of = Some(attempt.previous);
+            // The attempt starts from the checkpoint it inherits: resumed again
+            // before it saves one of its own, it hands the same one on.
+            record.checkpoint = attempt.checkpoint.clone();
+        }
+        let (outcome, actions) = self.dispatcher.accept(message, now);
+        // A new task's record is submitted before its actions run, so every later
+        // write about it (started, finished, merged) follows it into the store.
+        let commit = if let Ok(Accepted::Task { .. }) = &outcome {
+            let front = match self.dispatcher.task(&task_id) {
+                Some(task) => {
+                    record.mode = task.mode.as_str().to_string();
+                    task.mode == Mode::Interrupt && task.state == agentd_core::TaskState::Queued
                 }
-                self.publish_task(EventKind::Accepted, task_id, None, None);
+                None => false,
+            };
+            let (tx, rx) = oneshot::channel();
+            self.store.submit_with(
+                Op::Insert {
+                    task: Box::new(record),
+                    front,
+                },
+                move |result| {
+                    let _ = tx.send(result);
+                },
+            );
+            Some(rx)
+        } else {
+            None
+        };
+        let resumed_line = attempt
+            .as_ref()
+            .map(|a| text::resumed_line(a.previous, a.checkpoint.is_some()));
+        if let Ok(Accepted::Task { task_id, .. }) = &outcome {
+            if let Some(attempt) = attempt {
+                // Handed to its agent (v2) right before Start.
+                self.resumes.insert(*task_id, attempt);
             }
-            _ => {
-                self.task_timeouts.remove(&ours);
+            if *task_id != message_task {
+                // Merged into another task (or a duplicate): not a task of its own.
+                self.task_timeouts.remove(&message_task);
             }
+            self.publish_task(EventKind::Accepted, task_id, None, None);
+        } else {
+            self.task_timeouts.remove(&message_task);
         }
         self.execute(actions);
         self.mark_kept_steer(&outcome);
-        Some((reply, self.send_reply(outcome)))
+        let mut answer = self.send_reply(outcome);
+        if let (Some(line), Ok(Answer::Send(send))) = (resumed_line, &mut answer) {
+            send.reply = format!("{line}\n{}", send.reply);
+        }
+        let Some(commit) = commit else {
+            return Some((reply, answer));
+        };
+        // Acknowledged only once committed; the loop does not wait for it.
+        let events = self.store_events.clone();
+        tokio::spawn(async move {
+            let result = commit.await.unwrap_or(Err(StoreError::Closed));
+            let answer = match result {
+                Ok(Outcome::Duplicate(original)) => {
+                    let _ = events.send(StoreEvent::InsertFailed { task_id });
+                    duplicate_of_stored(answer, original)
+                }
+                Ok(_) => answer,
+                Err(e) => {
+                    let _ = events.send(StoreEvent::InsertFailed { task_id });
+                    err(ErrorCode::StoreFailed, text::store_failed(e))
+                }
+            };
+            let _ = reply.send(answer);
+        });
+        None
+    }
+
+    /// The finished task the store holds for this message's (session, message_id),
+    /// when the dispatcher does not know the message (one indexed lookup).
+    fn stored_message(&self, message: &Message) -> Option<TaskId> {
+        let message_id = message.message_id.as_deref()?;
+        let original = self
+            .store_reader
+            .as_ref()?
+            .find_message(&message.session, message_id)
+            .ok()??;
+        // Live tasks are the dispatcher's to answer.
+        (self.dispatcher.task(&original).is_none() && self.history.get(&original).is_some())
+            .then_some(original)
     }
 
     /// A `steer-backlog` message was steered *and* kept as a follow-up task: its
@@ -167,6 +268,9 @@ impl Supervisor {
                 Ok(self.chat_reply("help", HELP_TEXT.to_string(), serde_json::Value::Null))
             }
             ChatCommand::Status { task } => self.chat_status(&session, task.as_deref()),
+            ChatCommand::Resume { task } => {
+                return self.resume(task.as_deref(), Some(&session), reply);
+            }
             ChatCommand::Tasks => {
                 let list = self.list(Some(&session), false);
                 let text = text::chat_tasks(&list);
@@ -225,12 +329,12 @@ impl Supervisor {
     /// The agent refused a steered message: it becomes a follow-up, and watchers are told.
     pub(crate) fn steer_refused(&mut self, running: TaskId, text: String) {
         let Some(session) = self.dispatcher.task(&running).map(|t| t.session.clone()) else {
-            tracing::warn!(%running, "a steered message was refused after its task ended: {text:?}");
+            tracing::warn!(%running, "a steered message was refused after its task ended: {}", crate::logfmt::Quoted(&text));
             return;
         };
         if self.shutting_down.is_some() {
             // Like every queued message, it would be cancelled: it must not start work.
-            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {text:?}");
+            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {}", crate::logfmt::Quoted(&text));
             return;
         }
         let message = Message {
@@ -242,10 +346,34 @@ impl Supervisor {
             mode: Some(Mode::Followup),
         };
         let task_id = message.task_id;
-        // It was accepted already: queued past any cap or limit, never lost.
-        let actions = self.dispatcher.requeue(message, now_millis());
+        let now = now_millis();
+        // It was acknowledged as steered already: as a follow-up it must be durable
+        // too, so its record is submitted before the dispatcher's actions (like any
+        // new task), then it is queued past any cap or limit, never lost.
+        let record = durable::queued_record(&message, Some(Mode::Followup), now.0);
+        self.store.submit_detached(Op::Insert {
+            task: Box::new(record),
+            front: false,
+        });
+        let actions = self.dispatcher.requeue(message, now);
         let note = text::steer_refused_note(running);
         self.publish_task(EventKind::Accepted, &task_id, Some(note), None);
         self.execute(actions);
     }
+}
+
+/// The answer to a message that the dispatcher took for new but the store already
+/// held (its original finished before a restart): the original task id, not run again.
+fn duplicate_of_stored(answer: Reply, original: TaskId) -> Reply {
+    let Ok(agentd_proto::control::Answer::Send(mut send)) = answer else {
+        return answer;
+    };
+    if let Some(view) = send.task.as_mut() {
+        view.task_id = original.to_string();
+        send.reply = text::duplicate_line(view);
+    }
+    send.duplicate = true;
+    send.dropped.clear();
+    send.notice = None;
+    Ok(agentd_proto::control::Answer::Send(send))
 }

@@ -75,6 +75,7 @@ impl Supervisor {
                 task_timeout_ms: self.liveness.task_timeout.map(|d| d.as_millis() as u64),
                 frame_timeout_ms: self.config.agents.frame_timeout.as_millis() as u64,
             }),
+            recovery: self.recovery.clone(),
         }
     }
 

@@ -1,0 +1,248 @@
+//! agentd's side of the store (`agentd-store`): opening it at start, the mapping
+//! between core tasks and stored records, and putting recovered work back into the
+//! dispatcher. The SQL itself lives in `agentd-store`.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use agentd_core::{Ending, Message, Mode, Priority, QueueSettings, Task, TaskState};
+use agentd_proto::text;
+use agentd_store::{Exit, Op, Recovery, State, Store, StoreOptions, TaskRecord};
+
+use crate::config::DaemonConfig;
+use crate::supervisor::history::{History, MemoryHistory};
+use crate::views;
+
+/// The open store and what it held at start.
+pub struct Durable {
+    pub store: Store,
+    pub recovery: Recovery,
+}
+
+/// Opens (creating, migrating, recovering) the store in the state dir. A corrupt,
+/// foreign or unreadable file is an error naming the file and what to do.
+pub fn open(config: &DaemonConfig) -> anyhow::Result<Durable> {
+    let options = StoreOptions {
+        interrupted_reason: text::INTERRUPTED_BY_CRASH.to_string(),
+        retention: config.retention,
+        ..StoreOptions::default()
+    };
+    let (store, recovery) = Store::open(&config.state_dir, options)?;
+    Ok(Durable { store, recovery })
+}
+
+pub(crate) fn priority_name(p: Priority) -> &'static str {
+    match p {
+        Priority::Interactive => "interactive",
+        Priority::Background => "background",
+    }
+}
+
+fn parse_priority(name: &str) -> Priority {
+    match name {
+        "background" => Priority::Background,
+        _ => Priority::Interactive,
+    }
+}
+
+/// The record of a message the dispatcher accepted as a new queued task.
+pub(crate) fn queued_record(message: &Message, mode: Option<Mode>, created_at: u64) -> TaskRecord {
+    let mut record = TaskRecord::queued(
+        message.task_id,
+        &message.session,
+        &message.text,
+        created_at as i64,
+    );
+    record.mode = mode.unwrap_or(Mode::Collect).as_str().to_string();
+    record.priority = priority_name(message.priority).to_string();
+    record.message_id = message.message_id.clone();
+    record
+}
+
+/// The stored state of a finished task.
+fn terminal_state(ending: &Ending) -> State {
+    match ending {
+        Ending::Succeeded => State::Succeeded,
+        Ending::Failed { .. } => State::Failed,
+        Ending::Cancelled { .. } => State::Cancelled,
+        Ending::Interrupted { .. } => State::Interrupted,
+        Ending::Expired => State::Expired,
+        Ending::Dropped => State::Dropped,
+        Ending::Merged { .. } => State::Merged,
+    }
+}
+
+/// The write that records a finished task: its state, result, exit, and its whole
+/// wire view (JSON) as the ending, so history can be shown after a restart.
+pub(crate) fn finish_op(task: &Task) -> Option<Op> {
+    let TaskState::Done { ending, exit } = &task.state else {
+        return None;
+    };
+    let view = views::task_view(task, None);
+    Some(Op::Finish {
+        id: task.id,
+        state: terminal_state(ending),
+        at: task.finished_at.map(|m| m.0 as i64).unwrap_or(0),
+        progress: task.progress.clone(),
+        result: task.report.as_ref().map(|r| r.text.clone()),
+        ending: serde_json::to_string(&view).ok(),
+        reason: match ending {
+            Ending::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        },
+        exit: exit.map(|e| Exit {
+            code: e.code,
+            signal: e.signal,
+        }),
+    })
+}
+
+/// A finished record as a core task for the in-memory history (the view's details
+/// that have no core field, such as a recovery reason, are kept in the view JSON).
+pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
+    let ending = match record.state {
+        State::Succeeded => Ending::Succeeded,
+        State::Failed => Ending::Failed {
+            reason: record.reason.clone().unwrap_or_default(),
+        },
+        State::Cancelled => Ending::Cancelled {
+            by: None,
+            after: Duration::ZERO,
+        },
+        State::Interrupted => Ending::Interrupted {
+            by: None,
+            after: Duration::ZERO,
+        },
+        State::Expired => Ending::Expired,
+        State::Dropped => Ending::Dropped,
+        State::Merged => Ending::Merged {
+            into: merged_into(record).unwrap_or(record.id),
+        },
+        State::Queued | State::Starting | State::Running | State::Stopping => return None,
+    };
+    Some(Task {
+        id: record.id,
+        session: record.session.clone(),
+        text: record.text.clone(),
+        state: TaskState::Done {
+            ending,
+            exit: record.exit.map(|e| agentd_core::ExitStatus {
+                code: e.code,
+                signal: e.signal,
+            }),
+        },
+        created_at: agentd_core::Millis(record.created_at.max(0) as u64),
+        started_at: record
+            .started_at
+            .map(|m| agentd_core::Millis(m.max(0) as u64)),
+        finished_at: record
+            .finished_at
+            .map(|m| agentd_core::Millis(m.max(0) as u64)),
+        progress: record.progress.clone(),
+        report: record.result.as_ref().map(|text| agentd_core::AgentReport {
+            outcome: match record.state {
+                State::Succeeded => agentd_core::ReportOutcome::Succeeded,
+                State::Cancelled => agentd_core::ReportOutcome::Cancelled,
+                _ => agentd_core::ReportOutcome::Failed,
+            },
+            text: text.clone(),
+            command_exit: None,
+        }),
+        priority: parse_priority(&record.priority),
+        mode: Mode::parse(&record.mode).unwrap_or(Mode::Collect),
+        message_id: record.message_id.clone(),
+    })
+}
+
+/// The task a merged record went into, from its stored view.
+fn merged_into(record: &TaskRecord) -> Option<agentd_core::TaskId> {
+    let view: agentd_proto::control::TaskView =
+        serde_json::from_str(record.ending.as_deref()?).ok()?;
+    agentd_core::TaskId::parse_str(view.merged_into.as_deref()?).ok()
+}
+
+/// A recovered queued record as the message that puts it back in its queue, with
+/// the same id. Modes that act on the running task (steer, interrupt) come back as
+/// follow-ups: the run they were meant for is gone.
+pub(crate) fn recovered_message(record: &TaskRecord) -> Message {
+    let mode = match Mode::parse(&record.mode) {
+        Some(Mode::Collect) => Mode::Collect,
+        _ => Mode::Followup,
+    };
+    Message {
+        task_id: record.id,
+        session: record.session.clone(),
+        text: record.text.clone(),
+        message_id: record.message_id.clone(),
+        priority: parse_priority(&record.priority),
+        mode: Some(mode),
+    }
+}
+
+/// Stored settings as the dispatcher's, if every name is known.
+pub(crate) fn settings(s: &agentd_store::SessionSettings) -> Option<QueueSettings> {
+    Some(QueueSettings {
+        mode: Mode::parse(&s.mode)?,
+        debounce: Duration::from_millis(s.debounce_ms),
+        cap: s.cap.max(1),
+        drop: agentd_core::DropPolicy::parse(&s.drop_policy)?,
+    })
+}
+
+pub(crate) fn settings_op(session: &str, s: QueueSettings) -> Op {
+    Op::Settings(agentd_store::SessionSettings {
+        session: session.to_string(),
+        mode: s.mode.as_str().to_string(),
+        debounce_ms: s.debounce.as_millis() as u64,
+        cap: s.cap,
+        drop_policy: s.drop.as_str().to_string(),
+    })
+}
+
+/// History backed by the store: the newest tasks in memory (reloaded at start), and
+/// any older finished task read from the store by id (one indexed lookup).
+/// Listings (`tasks --all`) show the in-memory part.
+pub struct StoreHistory {
+    memory: MemoryHistory,
+    reader: Option<agentd_store::Reader>,
+}
+
+impl StoreHistory {
+    pub fn new(capacity: usize, reader: Option<agentd_store::Reader>) -> StoreHistory {
+        StoreHistory {
+            memory: MemoryHistory::new(capacity),
+            reader,
+        }
+    }
+}
+
+impl History for StoreHistory {
+    fn record(&mut self, task: Task) {
+        self.memory.record(task);
+    }
+
+    fn get(&self, id: &agentd_core::TaskId) -> Option<Cow<'_, Task>> {
+        if let Some(task) = self.memory.get(id) {
+            return Some(task);
+        }
+        let record = self.reader.as_ref()?.task(*id).ok()??;
+        finished_task(&record).map(Cow::Owned)
+    }
+
+    fn iter<'a>(
+        &'a self,
+        session: Option<&'a str>,
+    ) -> Box<dyn Iterator<Item = Cow<'a, Task>> + 'a> {
+        self.memory.iter(session)
+    }
+
+    fn ids_with_prefix(&self, prefix: &str) -> Vec<agentd_core::TaskId> {
+        let mut ids = self.memory.ids_with_prefix(prefix);
+        if let Some(reader) = &self.reader {
+            ids.extend(reader.ids_with_prefix(prefix, 16).unwrap_or_default());
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}

@@ -1,0 +1,228 @@
+//! Agents' output (their stdout and stderr, and their tools') into the per-task log,
+//! capped (see [`agentd_store::TaskLog`]). [`agentd_proc::Procs::spawn`] with
+//! `capture_output` hands agentd the read end of the agent's output pipe; a pump
+//! thread per agent (off the event loop) copies what arrives into the capped log
+//! until every writer has closed the pipe. The progress lines the agent reports over
+//! IPC are appended to the same log by the loop, through the [`TaskOutput`] it keeps.
+//!
+//! The log file is made only once there is something to keep, so an agent that says
+//! nothing leaves no log. It is finished (the closing "not kept" line of a truncated
+//! log) once both the pipe is at its end and the loop has let go of its
+//! [`TaskOutput`]; until then the task is in [`Pumps`] (its log may still grow).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use agentd_core::TaskId;
+use agentd_store::TaskLog;
+
+/// Tasks whose log may still grow.
+pub(crate) type Pumps = Arc<Mutex<HashSet<TaskId>>>;
+
+/// One task's log, shared by its pump thread and the loop.
+struct Shared {
+    state_dir: PathBuf,
+    task_id: TaskId,
+    cap: u64,
+    /// Opened at the first byte kept.
+    log: Option<TaskLog>,
+    /// A write failed (a full disk): the rest is read and discarded, so the agent
+    /// never meets a closed pipe.
+    failed: bool,
+    /// Sides still open: the pipe's pump and the loop's [`TaskOutput`].
+    open: u8,
+    pumps: Pumps,
+}
+
+impl Shared {
+    fn append(&mut self, bytes: &[u8]) {
+        if self.failed || bytes.is_empty() {
+            return;
+        }
+        let result = match &mut self.log {
+            Some(log) => log.append(bytes),
+            None => TaskLog::open(&self.state_dir, self.task_id, self.cap).and_then(|log| {
+                let log = self.log.insert(log);
+                log.append(bytes)
+            }),
+        };
+        if let Err(e) = result {
+            tracing::warn!(task_id = %self.task_id, "task log: {e}; the rest of its output is not kept");
+            self.failed = true;
+        }
+    }
+
+    /// One side is done; the last one finishes the log.
+    fn close_one(&mut self) {
+        self.open = self.open.saturating_sub(1);
+        if self.open > 0 {
+            return;
+        }
+        if let Some(log) = self.log.take() {
+            if let Err(e) = log.finish() {
+                tracing::warn!(task_id = %self.task_id, "task log: {e}");
+            }
+        }
+        lock(&self.pumps).remove(&self.task_id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The loop's hold on a live agent's log: progress lines go in through it; dropping
+/// it (once the agent is reaped) lets the log finish.
+pub(crate) struct TaskOutput {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl TaskOutput {
+    /// Appends a progress line. The lock is held by the pump only while it appends
+    /// one read (at most 64 KiB to a local file).
+    pub(crate) fn write_line(&self, line: &str) {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        lock(&self.shared).append(&bytes);
+    }
+}
+
+impl Drop for TaskOutput {
+    fn drop(&mut self) {
+        lock(&self.shared).close_one();
+    }
+}
+
+/// Starts keeping task `task_id`'s log: a pump thread for `output` (the read end of
+/// the agent's stdout and stderr, if it has one), and the loop's [`TaskOutput`].
+pub(crate) fn start(
+    output: Option<File>,
+    state_dir: PathBuf,
+    task_id: TaskId,
+    cap: u64,
+    pumps: Pumps,
+) -> TaskOutput {
+    lock(&pumps).insert(task_id);
+    let shared = Arc::new(Mutex::new(Shared {
+        state_dir,
+        task_id,
+        cap,
+        log: None,
+        failed: false,
+        open: 1,
+        pumps,
+    }));
+    if let Some(mut output) = output {
+        lock(&shared).open += 1;
+        let theirs = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("agentd-log".into())
+            .spawn(move || {
+                if let Err(e) = pump(&mut output, &theirs) {
+                    tracing::warn!(%task_id, "task log: cannot read the agent's output: {e}");
+                }
+                lock(&theirs).close_one();
+            });
+        if let Err(e) = spawned {
+            // The pipe's read end is gone with the closure: the agent's writes fail
+            // (EPIPE); its output is lost, nothing else.
+            tracing::warn!(%task_id, "cannot start the log thread: {e}");
+            lock(&shared).close_one();
+        }
+    }
+    TaskOutput { shared }
+}
+
+/// Copies until EOF (every writer of the pipe closed).
+fn pump(reader: &mut File, shared: &Mutex<Shared>) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        lock(shared).append(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn wait_done(pumps: &Pumps, id: TaskId) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while lock(pumps).contains(&id) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log never finished"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn pipe() -> (File, File) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        (File::from(r), File::from(w))
+    }
+
+    #[test]
+    fn output_and_progress_lines_share_one_capped_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = TaskId::now_v7();
+        let pumps = Pumps::default();
+        let (r, mut w) = pipe();
+        let out = start(Some(r), dir.path().to_path_buf(), id, 1000, pumps.clone());
+        out.write_line("progress one");
+        w.write_all(&vec![b'x'; 5000]).unwrap();
+        drop(w);
+        // The pipe ended, but the loop still holds the log: it may still grow.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(lock(&pumps).contains(&id));
+        drop(out);
+        wait_done(&pumps, id);
+        let log = std::fs::read_to_string(agentd_store::output::log_path(dir.path(), id)).unwrap();
+        assert!(log.starts_with("progress one\nxxx"), "{log}");
+        assert!(log.contains(&agentd_store::output::truncation_marker(1000)));
+        assert!(
+            log.ends_with(&agentd_store::output::dropped_line(5013 - 1000)),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_says_nothing_leaves_no_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = TaskId::now_v7();
+        let pumps = Pumps::default();
+        let (r, w) = pipe();
+        let out = start(Some(r), dir.path().to_path_buf(), id, 1000, pumps.clone());
+        drop(w);
+        drop(out);
+        wait_done(&pumps, id);
+        assert!(!agentd_store::output::log_path(dir.path(), id).exists());
+    }
+
+    /// A log that cannot be written does not close the pipe: everything is still read.
+    #[test]
+    fn an_unwritable_log_still_drains_the_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("state");
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let id = TaskId::now_v7();
+        let pumps = Pumps::default();
+        let (r, mut w) = pipe();
+        let out = start(Some(r), blocker, id, 1000, pumps.clone());
+        // Far more than a pipe buffer: blocks forever unless the pump keeps reading.
+        w.write_all(&vec![b'x'; 1 << 20]).unwrap();
+        drop(w);
+        drop(out);
+        wait_done(&pumps, id);
+    }
+}

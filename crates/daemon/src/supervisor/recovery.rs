@@ -1,0 +1,162 @@
+//! The store at start (recovered work back into the dispatcher, leftover agents of
+//! the previous agentd ended, history reloaded) and write failures that the loop must
+//! act on.
+
+use agentd_core::{Accepted, Scope, StopTarget, TaskId};
+use agentd_proto::control::RecoveryView;
+use agentd_store::{Liveness, PreviousRun, Recovery, TaskRecord};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::durable;
+use crate::supervisor::Supervisor;
+use crate::views::now_millis;
+
+/// A write completion that needs the loop.
+#[derive(Debug)]
+pub(crate) enum StoreEvent {
+    /// A new task's record was not committed (disk trouble, or the store already
+    /// held its message): the message was refused, so the task must not run.
+    InsertFailed { task_id: TaskId },
+    /// A task's checkpoint (write number `seq`) is committed.
+    CheckpointWritten { task_id: TaskId, seq: u64 },
+}
+
+impl Supervisor {
+    pub(crate) fn on_store_event(&mut self, event: StoreEvent) {
+        match event {
+            StoreEvent::InsertFailed { task_id } => {
+                tracing::warn!(%task_id, "the task's record was not written: stopping it");
+                if let Ok((_, actions)) =
+                    self.dispatcher
+                        .stop(StopTarget::Task(task_id), &Scope::Owner, now_millis())
+                {
+                    self.execute(actions);
+                }
+            }
+            StoreEvent::CheckpointWritten { task_id, seq } => {
+                if self
+                    .checkpoints_in_flight
+                    .get(&task_id)
+                    .is_some_and(|(latest, _)| *latest == seq)
+                {
+                    self.checkpoints_in_flight.remove(&task_id);
+                }
+            }
+        }
+    }
+
+    /// Finished tasks read from the store (newest first) into the in-memory history.
+    pub(crate) fn load_history(&mut self, finished: Vec<TaskRecord>) {
+        for record in finished.iter().rev() {
+            if let Some(task) = durable::finished_task(record) {
+                self.history.record(task);
+            }
+        }
+    }
+
+    /// Kills what a previous agentd on this socket left in its task cgroups (what
+    /// escaped its guardian, or descendants of the agents ended by identity above),
+    /// and starts the guardian for ours. Blocking and bounded; runs before any
+    /// recovered work starts.
+    fn recover_cgroups(&mut self) {
+        for left in self.procs.recover() {
+            tracing::warn!(
+                cgroup = %left.cgroup.display(),
+                pids = ?left.pids,
+                removed = left.removed,
+                "killed what a previous agentd left running"
+            );
+        }
+        match self.procs.start_guardian() {
+            Ok(Some(pid)) => tracing::debug!(pid, "cgroup guardian started"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
+        }
+    }
+
+    /// Puts recovered work back: settings, then queued tasks with their ids in their
+    /// per-session order. Tasks that were running are interrupted (the store marked
+    /// them) and are not run again; an agent of theirs still alive is ended, but only
+    /// if its pid still names the same process (start time and boot id); then
+    /// leftover task cgroups are emptied.
+    pub(crate) fn recover(&mut self, recovery: Recovery) {
+        for s in &recovery.settings {
+            match durable::settings(s) {
+                Some(settings) => self.dispatcher.set_settings(&s.session, settings),
+                None => {
+                    tracing::warn!(session = %s.session, "ignoring unknown stored queue settings")
+                }
+            }
+        }
+        let mut killed = 0;
+        for record in &recovery.interrupted {
+            if let Some(process) = &record.process {
+                if process.check() == Liveness::Same {
+                    // The agent leads its own process group.
+                    match killpg(Pid::from_raw(process.pid as i32), Signal::SIGKILL) {
+                        Ok(()) => {
+                            killed += 1;
+                            tracing::warn!(task_id = %record.id, pid = process.pid, "ended a leftover agent of the previous agentd");
+                        }
+                        Err(e) => {
+                            tracing::warn!(task_id = %record.id, pid = process.pid, "cannot end a leftover agent: {e}")
+                        }
+                    }
+                }
+            }
+            // The store recorded it interrupted (with the reason) already.
+            if let Some(task) = durable::finished_task(record) {
+                self.history.record(task);
+            }
+        }
+        self.recover_cgroups();
+        let mut restored = 0u32;
+        for record in &recovery.queued {
+            let message = durable::recovered_message(record);
+            let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+            match outcome {
+                Ok(Accepted::Task { .. }) => {
+                    restored += 1;
+                    if let Some(previous) = record.attempt_of {
+                        // A resumed attempt that had not started: its agent is
+                        // still told, with the checkpoint it inherited.
+                        self.resumes.insert(
+                            record.id,
+                            crate::supervisor::requests::resume::Resumed {
+                                previous,
+                                checkpoint: record.checkpoint.clone(),
+                            },
+                        );
+                    }
+                }
+                Ok(Accepted::Duplicate { task_id }) => {
+                    tracing::warn!(%task_id, "a recovered task was a duplicate")
+                }
+                Err(refused) => tracing::warn!(
+                    task_id = %record.id,
+                    ?refused,
+                    "a recovered task does not fit the current limits; it stays queued in the store"
+                ),
+            }
+            self.execute(actions);
+        }
+        if recovery.previous_run != PreviousRun::None {
+            tracing::info!(
+                "recovered {restored} queued and {} interrupted tasks (previous agentd {})",
+                recovery.interrupted.len(),
+                if recovery.previous_run == PreviousRun::Crashed {
+                    "crashed"
+                } else {
+                    "shut down"
+                }
+            );
+            self.recovery = Some(RecoveryView {
+                queued: restored,
+                interrupted: recovery.interrupted.len() as u32,
+                killed,
+                crashed: recovery.previous_run == PreviousRun::Crashed,
+            });
+        }
+    }
+}

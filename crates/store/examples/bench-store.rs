@@ -1,0 +1,175 @@
+//! Store benchmark, run by `scripts/bench-store.sh`. Not a test: it reports.
+//!
+//! `bench-store enqueue DIR`: durable enqueue rates on DIR's disk, each against the
+//! same baseline measured in the same run: one fsync'd commit per message (a plain
+//! SQLite connection, WAL + synchronous=FULL, one INSERT per transaction).
+//! `bench-store reopen DIR`: fills a store with 100,000 queued tasks over 10,000
+//! sessions, closes it, and times a fresh process opening and recovering it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agentd_store::{Op, Outcome, Store, StoreOptions, TaskRecord};
+use uuid::Uuid;
+
+fn task(session: usize, n: usize) -> TaskRecord {
+    let mut t = TaskRecord::queued(
+        Uuid::now_v7(),
+        &format!("chat-{session}"),
+        &format!("message {n} of chat {session}: please look at the build"),
+        1_700_000_000_000,
+    );
+    t.message_id = Some(format!("evt-{session}-{n}"));
+    t
+}
+
+/// One INSERT per transaction on a plain connection: one fsync'd commit per message.
+fn baseline(dir: &Path, n: usize) -> f64 {
+    let conn = rusqlite::Connection::open(dir.join("baseline.db")).unwrap();
+    conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
+        .unwrap();
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL;
+         CREATE TABLE t (id TEXT PRIMARY KEY, session TEXT, text TEXT, message_id TEXT);
+         CREATE UNIQUE INDEX t_m ON t(session, message_id);",
+    )
+    .unwrap();
+    let start = Instant::now();
+    for i in 0..n {
+        let t = task(i % 100, i);
+        conn.execute(
+            "INSERT INTO t VALUES (?1, ?2, ?3, ?4)",
+            (t.id.to_string(), &t.session, &t.text, &t.message_id),
+        )
+        .unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `clients` threads, each submitting and waiting for `per_client` durable inserts.
+fn store_rate(dir: &Path, clients: usize, per_client: usize) -> (f64, u64, u64) {
+    let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
+    let before = store.stats();
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for c in 0..clients {
+            let w = store.writer();
+            scope.spawn(move || {
+                for i in 0..per_client {
+                    let op = Op::Insert {
+                        task: Box::new(task(c, i)),
+                        front: false,
+                    };
+                    assert_eq!(w.submit(op).wait().unwrap(), Outcome::Inserted);
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    let after = store.stats();
+    let total = (clients * per_client) as f64;
+    (
+        total / elapsed.as_secs_f64(),
+        after.commits - before.commits,
+        after.ops - before.ops,
+    )
+}
+
+fn enqueue(dir: &Path) {
+    let n_base = 2000;
+    let base = baseline(dir, n_base);
+    println!(
+        "baseline: one fsync'd commit per message (plain SQLite, WAL+FULL): {base:8.0} msgs/s"
+    );
+    let d1 = dir.join("one");
+    std::fs::create_dir_all(&d1).unwrap();
+    let (one, commits, ops) = store_rate(&d1, 1, n_base);
+    println!(
+        "store, 1 client:                 {one:8.0} msgs/s  {:5.1}x baseline  ({ops} ops in {commits} commits)",
+        one / base
+    );
+    let d64 = dir.join("many");
+    std::fs::create_dir_all(&d64).unwrap();
+    let (many, commits, ops) = store_rate(&d64, 64, 1000);
+    println!(
+        "store, 64 concurrent clients:    {many:8.0} msgs/s  {:5.1}x baseline  ({ops} ops in {commits} commits, {:.0} per commit)   target >= 10x",
+        many / base,
+        ops as f64 / commits.max(1) as f64
+    );
+}
+
+fn vm_hwm_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn reopen(dir: &Path) {
+    let (sessions, per_session) = (10_000, 10);
+    {
+        let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
+        let w = store.writer();
+        let start = Instant::now();
+        let mut tickets = Vec::new();
+        for i in 0..per_session {
+            for s in 0..sessions {
+                tickets.push(w.submit(Op::Insert {
+                    task: Box::new(task(s, i)),
+                    front: false,
+                }));
+            }
+            for t in tickets.drain(..) {
+                t.wait().unwrap();
+            }
+        }
+        println!(
+            "filled {} queued over {sessions} sessions in {:.2} s",
+            sessions * per_session,
+            start.elapsed().as_secs_f64()
+        );
+        // A fresh process opens it, as agentd does after a restart.
+        let exe = std::env::current_exe().unwrap();
+        drop(w);
+        store.close();
+        let out = std::process::Command::new(exe)
+            .arg("reopen-child")
+            .arg(dir)
+            .output()
+            .unwrap();
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+fn reopen_child(dir: &Path) {
+    let start = Instant::now();
+    let (store, recovery) = Store::open(dir, StoreOptions::default()).unwrap();
+    let elapsed = start.elapsed();
+    let sessions: std::collections::HashSet<&str> =
+        recovery.queued.iter().map(|t| t.session.as_str()).collect();
+    println!(
+        "reopen: {} queued over {} sessions recovered in {:.3} s (target < 2 s; {:.2}x of the target), peak RSS {} MB (target < 100 MB)",
+        recovery.queued.len(),
+        sessions.len(),
+        elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() / Duration::from_secs(2).as_secs_f64(),
+        vm_hwm_kb() / 1024
+    );
+    drop(recovery);
+    drop(store);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match (args.get(1).map(String::as_str), args.get(2)) {
+        (Some("enqueue"), Some(dir)) => enqueue(Path::new(dir)),
+        (Some("reopen"), Some(dir)) => reopen(Path::new(dir)),
+        (Some("reopen-child"), Some(dir)) => reopen_child(Path::new(dir)),
+        _ => {
+            eprintln!("usage: bench-store enqueue|reopen DIR");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,1092 @@
+//! The store: one SQLite file (`agentd.db`, WAL, `synchronous=FULL`) in the state dir,
+//! written by one writer thread with group commit, read back at start for recovery.
+//!
+//! Writes are [`Op`]s. A caller submits an op and is told its outcome once the
+//! transaction holding it has committed (or failed). The writer takes every op that
+//! is waiting, runs them all in one transaction and commits once, so while one commit
+//! is being synced to disk the next batch gathers: 64 clients share fsyncs instead of
+//! queueing for them.
+//!
+//! Disk trouble (full, I/O errors) rolls the transaction back. New work
+//! ([`Op::Insert`]) then fails at once with [`StoreError::Storage`], so nothing is
+//! acknowledged that is not on disk; state changes of existing tasks are kept and
+//! retried (first in every later transaction, and on a timer) and complete when they
+//! finally commit. The writer never stops over it.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use uuid::Uuid;
+
+use crate::error::{classify, storage, StorageKind, StoreError};
+use crate::output;
+use crate::pid::ProcessIdentity;
+use crate::record::{Exit, PreviousRun, Recovery, SessionSettings, State, TaskRecord};
+use crate::schema;
+
+/// Name of the store file in the state dir.
+pub const DB_FILE: &str = "agentd.db";
+
+/// Most ops in one transaction.
+const MAX_BATCH: usize = 8192;
+
+/// How finished tasks are pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Finished tasks older than this are deleted (with their logs).
+    pub max_age: Option<Duration>,
+    /// At most this many finished tasks are kept (the newest).
+    pub max_finished: Option<u64>,
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub retention: Retention,
+    /// The reason recorded on tasks that were active when the previous agentd died.
+    pub interrupted_reason: String,
+    /// How many recent message ids [`Recovery::recent_messages`] holds.
+    pub recent_messages: usize,
+    /// How often the writer prunes on its own.
+    pub prune_interval: Duration,
+    /// How soon writes that failed on the disk are tried again.
+    pub retry_interval: Duration,
+    /// Caps the file at this many pages (`PRAGMA max_page_count`): a full disk for tests.
+    pub max_page_count: Option<u64>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            retention: Retention {
+                max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+                max_finished: Some(10_000),
+            },
+            interrupted_reason: "daemon crashed".to_string(),
+            recent_messages: 10_000,
+            prune_interval: Duration::from_secs(3600),
+            retry_interval: Duration::from_secs(1),
+            max_page_count: None,
+        }
+    }
+}
+
+/// One write.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A new task (new work, or a follow-up or resumed attempt). `front`: it goes to
+    /// the front of its session's queue (interrupt mode). A task whose
+    /// (session, message_id) is already stored is not inserted: the outcome is
+    /// [`Outcome::Duplicate`] with the stored task's id. Fails at once on disk
+    /// trouble, so the message can be refused.
+    Insert { task: Box<TaskRecord>, front: bool },
+    /// The task was admitted: `starting`, with its start time (and agent, if known).
+    /// `text`: the prompt the agent got, when it differs from the message (a
+    /// collected follow-up).
+    Start {
+        id: Uuid,
+        at: i64,
+        process: Option<ProcessIdentity>,
+        text: Option<String>,
+    },
+    /// The agent process is known.
+    SetProcess { id: Uuid, process: ProcessIdentity },
+    /// A non-terminal state change (`running`, `stopping`; `queued` again).
+    SetState { id: Uuid, state: State },
+    /// The latest progress line.
+    Progress { id: Uuid, text: String },
+    /// The task ended. `progress` (if given) is its last progress line.
+    Finish {
+        id: Uuid,
+        state: State,
+        at: i64,
+        progress: Option<String>,
+        result: Option<String>,
+        ending: Option<String>,
+        reason: Option<String>,
+        exit: Option<Exit>,
+    },
+    /// The agent's latest checkpoint (replaces the previous one).
+    Checkpoint { id: Uuid, data: String },
+    /// A session's queue settings (`/queue`).
+    Settings(SessionSettings),
+    /// A session's queue settings back to the defaults (`/queue reset`).
+    ResetSettings { session: String },
+    /// Prunes finished tasks by the retention now.
+    Prune,
+    /// Writes nothing; completes once every op submitted before it has committed.
+    Flush,
+    /// Caps the file size in pages (`None`: SQLite's default): a full disk for tests.
+    #[doc(hidden)]
+    LimitPages(Option<u64>),
+}
+
+impl Op {
+    /// New work fails at once on disk trouble; everything else is retried.
+    fn fail_fast(&self) -> bool {
+        matches!(self, Op::Insert { .. })
+    }
+}
+
+/// What an op did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Inserted,
+    /// The message was stored before, as this task.
+    Duplicate(Uuid),
+    /// Rows changed (0 when the task is not stored).
+    Updated(usize),
+    /// Ids of the tasks pruned.
+    Pruned(Vec<Uuid>),
+    Done,
+}
+
+/// Called with an op's outcome once its transaction committed or failed.
+pub type Completion = Box<dyn FnOnce(Result<Outcome, StoreError>) + Send>;
+
+struct Request {
+    op: Op,
+    done: Option<Completion>,
+}
+
+enum Msg {
+    Op(Request),
+    /// Sent by [`Store::close`]: everything before it is written, then the writer ends.
+    Close,
+    #[cfg(test)]
+    Hold(mpsc::Receiver<()>),
+}
+
+/// Counters of the writer.
+#[derive(Debug, Default)]
+struct Shared {
+    commits: AtomicU64,
+    ops: AtomicU64,
+    failed_commits: AtomicU64,
+    pending_retries: AtomicU64,
+    healthy: AtomicBool,
+}
+
+/// What the writer has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Ops committed.
+    pub ops: u64,
+    /// Transactions that failed on the disk.
+    pub failed_commits: u64,
+    /// State changes waiting to be retried.
+    pub pending_retries: u64,
+    /// The last transaction committed.
+    pub healthy: bool,
+}
+
+/// A cheap, cloneable handle to submit writes from any thread.
+#[derive(Clone)]
+pub struct StoreWriter {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+/// Waits for one op's outcome.
+pub struct Ticket(mpsc::Receiver<Result<Outcome, StoreError>>);
+
+impl Ticket {
+    /// Blocks until the op's transaction committed or failed.
+    pub fn wait(self) -> Result<Outcome, StoreError> {
+        self.0.recv().unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+impl StoreWriter {
+    /// Submits `op`; `done` is called on the writer thread with its outcome after the
+    /// transaction holding it committed (keep it short: e.g. send to a channel).
+    pub fn submit_with(
+        &self,
+        op: Op,
+        done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
+    ) {
+        let request = Request {
+            op,
+            done: Some(Box::new(done)),
+        };
+        if let Err(mpsc::SendError(Msg::Op(request))) = self.tx.send(Msg::Op(request)) {
+            if let Some(done) = request.done {
+                done(Err(StoreError::Closed));
+            }
+        }
+    }
+
+    /// Submits `op` and returns a ticket to wait for its outcome.
+    pub fn submit(&self, op: Op) -> Ticket {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit_with(op, move |result| {
+            let _ = tx.send(result);
+        });
+        Ticket(rx)
+    }
+
+    /// Submits `op` without waiting for it (its failure is only logged).
+    pub fn submit_detached(&self, op: Op) {
+        let request = Request { op, done: None };
+        let _ = self.tx.send(Msg::Op(request));
+    }
+
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        Stats {
+            commits: s.commits.load(Ordering::Relaxed),
+            ops: s.ops.load(Ordering::Relaxed),
+            failed_commits: s.failed_commits.load(Ordering::Relaxed),
+            pending_retries: s.pending_retries.load(Ordering::Relaxed),
+            healthy: s.healthy.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the writer until the returned sender is dropped (tests only).
+    #[cfg(test)]
+    pub(crate) fn hold(&self) -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(Msg::Hold(rx)).unwrap();
+        tx
+    }
+}
+
+/// The open store: the writer thread and the file's path. Dropping it closes the
+/// store cleanly (every op submitted before is tried, then the file is marked
+/// closed); ops submitted through a [`StoreWriter`] after that fail with
+/// [`StoreError::Closed`].
+pub struct Store {
+    writer: Option<StoreWriter>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating or migrating) `state_dir/agentd.db`, recovers it, and starts
+    /// the writer. Tasks that were active become `interrupted` with
+    /// `options.interrupted_reason`. Refuses a corrupt or unreadable file, or one
+    /// from a newer agentd, with an error naming it.
+    pub fn open(state_dir: &Path, options: StoreOptions) -> Result<(Store, Recovery), StoreError> {
+        let path = state_dir.join(DB_FILE);
+        let mut conn = open_checked(&path, &options)?;
+        let now = now_ms();
+        let corrupt = |e: rusqlite::Error| corrupt_or_open(&path, e);
+        let recovery = recover(&mut conn, &options, now).map_err(corrupt)?;
+        let next_seq: i64 = conn
+            .query_row("SELECT coalesce(max(seq), 0) + 1 FROM tasks", [], |r| {
+                r.get(0)
+            })
+            .map_err(corrupt)?;
+        let shared = Arc::new(Shared {
+            healthy: AtomicBool::new(true),
+            ..Shared::default()
+        });
+        let (tx, rx) = mpsc::channel();
+        let mut writer = Writer {
+            conn,
+            shared: Arc::clone(&shared),
+            next_seq,
+            state_dir: state_dir.to_path_buf(),
+            options,
+        };
+        // Prune once at start (failures are retried by the loop's own schedule).
+        if let Ok(ids) = writer.prune_now() {
+            writer.remove_logs(&ids);
+        }
+        let thread = std::thread::Builder::new()
+            .name("agentd-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                detail: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok((
+            Store {
+                writer: Some(StoreWriter { tx, shared }),
+                thread: Some(thread),
+                path,
+            },
+            recovery,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A handle to submit writes.
+    pub fn writer(&self) -> StoreWriter {
+        self.writer.clone().expect("open until dropped")
+    }
+
+    /// Opens a read-only connection for history queries.
+    pub fn reader(&self) -> Result<Reader, StoreError> {
+        Reader::open(&self.path)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.writer.as_ref().expect("open until dropped").stats()
+    }
+
+    /// Closes the store: waits for the writer to finish every submitted op and mark
+    /// the file closed (the next open reports [`PreviousRun::Clean`]).
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // Other handles may live on: the writer ends at this message, not when the
+        // last handle is dropped. Their later ops fail with `Closed`.
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.tx.send(Msg::Close);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn corrupt_or_open(path: &Path, e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::NotADatabase | C::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        _ => StoreError::Open {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Opens the file, checks it is a sound store of a version we know, and migrates it.
+fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, StoreError> {
+    let open_err = |e: rusqlite::Error| corrupt_or_open(path, e);
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    // The first read of the header finds a file that is not a database at all.
+    let version = schema::user_version(&conn).map_err(open_err)?;
+    if version > schema::SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: schema::SCHEMA_VERSION,
+        });
+    }
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot use write-ahead logging (journal mode is {mode})"),
+        });
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA journal_size_limit=67108864;",
+    )
+    .map_err(open_err)?;
+    if version > 0 {
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if check != "ok" {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("integrity check: {check}"),
+            });
+        }
+    }
+    schema::migrate(&mut conn, version).map_err(open_err)?;
+    if let Some(pages) = options.max_page_count {
+        set_max_pages(&conn, Some(pages)).map_err(open_err)?;
+    }
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+fn set_max_pages(conn: &Connection, pages: Option<u64>) -> rusqlite::Result<()> {
+    let pages = pages.unwrap_or(4_294_967_294) as i64;
+    let _: i64 = conn.query_row(&format!("PRAGMA max_page_count={pages}"), [], |r| r.get(0))?;
+    Ok(())
+}
+
+const COLUMNS: &str = "id, session, text, state, mode, priority, options, message_id, \
+    created_at, started_at, finished_at, progress, result, ending, reason, exit_code, \
+    exit_signal, pid, pid_start, boot_id, attempt_of, checkpoint";
+
+fn uuid_col(row: &Row, i: usize) -> rusqlite::Result<Uuid> {
+    let text: String = row.get(i)?;
+    Uuid::parse_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn record(row: &Row) -> rusqlite::Result<TaskRecord> {
+    let state: String = row.get(3)?;
+    let state = State::parse(&state).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            3,
+            rusqlite::types::Type::Text,
+            format!("unknown task state {state:?}").into(),
+        )
+    })?;
+    let exit_code: Option<i32> = row.get(15)?;
+    let exit_signal: Option<i32> = row.get(16)?;
+    let pid: Option<u32> = row.get(17)?;
+    let pid_start: Option<i64> = row.get(18)?;
+    let boot_id: Option<String> = row.get(19)?;
+    let attempt_of: Option<String> = row.get(20)?;
+    Ok(TaskRecord {
+        id: uuid_col(row, 0)?,
+        session: row.get(1)?,
+        text: row.get(2)?,
+        state,
+        mode: row.get(4)?,
+        priority: row.get(5)?,
+        options: row.get(6)?,
+        message_id: row.get(7)?,
+        created_at: row.get(8)?,
+        started_at: row.get(9)?,
+        finished_at: row.get(10)?,
+        progress: row.get(11)?,
+        result: row.get(12)?,
+        ending: row.get(13)?,
+        reason: row.get(14)?,
+        exit: (exit_code.is_some() || exit_signal.is_some()).then_some(Exit {
+            code: exit_code,
+            signal: exit_signal,
+        }),
+        process: match (pid, pid_start, boot_id) {
+            (Some(pid), Some(start), Some(boot_id)) => Some(ProcessIdentity {
+                pid,
+                start_time: start as u64,
+                boot_id,
+            }),
+            _ => None,
+        },
+        attempt_of: attempt_of.and_then(|t| Uuid::parse_str(&t).ok()),
+        checkpoint: row.get(21)?,
+    })
+}
+
+/// Reads what recovery needs and marks tasks that were active as interrupted, in one
+/// transaction.
+fn recover(conn: &mut Connection, options: &StoreOptions, now: i64) -> rusqlite::Result<Recovery> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let previous: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'run'", [], |r| r.get(0))
+        .optional()?;
+    let previous_run = match previous.as_deref() {
+        None => PreviousRun::None,
+        Some("closed") => PreviousRun::Clean,
+        Some(_) => PreviousRun::Crashed,
+    };
+    let active_sql = format!(
+        "SELECT {COLUMNS} FROM tasks WHERE state IN ('starting', 'running', 'stopping') \
+         ORDER BY queue_order"
+    );
+    let mut interrupted: Vec<TaskRecord> = tx
+        .prepare(&active_sql)?
+        .query_map([], record)?
+        .collect::<rusqlite::Result<_>>()?;
+    tx.execute(
+        "UPDATE tasks SET state = 'interrupted', finished_at = ?1, reason = ?2 \
+         WHERE state IN ('starting', 'running', 'stopping')",
+        params![now, options.interrupted_reason],
+    )?;
+    for task in &mut interrupted {
+        task.state = State::Interrupted;
+        task.finished_at = Some(now);
+        task.reason = Some(options.interrupted_reason.clone());
+    }
+    let queued_sql =
+        format!("SELECT {COLUMNS} FROM tasks WHERE state = 'queued' ORDER BY queue_order");
+    let queued = tx
+        .prepare(&queued_sql)?
+        .query_map([], record)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let settings = tx
+        .prepare("SELECT session, mode, debounce_ms, cap, drop_policy FROM session_settings")?
+        .query_map([], |r| {
+            Ok(SessionSettings {
+                session: r.get(0)?,
+                mode: r.get(1)?,
+                debounce_ms: r.get::<_, i64>(2)? as u64,
+                cap: r.get(3)?,
+                drop_policy: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut recent_messages = tx
+        .prepare(
+            "SELECT session, message_id, id FROM tasks WHERE message_id IS NOT NULL \
+             ORDER BY seq DESC LIMIT ?1",
+        )?
+        .query_map([options.recent_messages as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, uuid_col(r, 2)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    recent_messages.reverse();
+    let finished: i64 = tx.query_row(
+        "SELECT count(*) FROM tasks WHERE finished_at IS NOT NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('run', 'open') \
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [],
+    )?;
+    tx.commit()?;
+    Ok(Recovery {
+        queued,
+        interrupted,
+        settings,
+        recent_messages,
+        previous_run,
+        finished: finished as u64,
+    })
+}
+
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    next_seq: i64,
+    state_dir: PathBuf,
+    options: StoreOptions,
+}
+
+/// A failed attempt at a transaction.
+struct Failed(StoreError);
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut pending: VecDeque<Request> = VecDeque::new();
+        let mut next_prune = Instant::now() + self.options.prune_interval;
+        let mut closing = false;
+        while !closing {
+            let now = Instant::now();
+            let wait = if pending.is_empty() {
+                next_prune.saturating_duration_since(now)
+            } else {
+                self.options.retry_interval
+            };
+            let mut batch: Vec<Request> = Vec::new();
+            let take = |msg: Msg, batch: &mut Vec<Request>, closing: &mut bool| match msg {
+                Msg::Op(request) => batch.push(request),
+                Msg::Close => *closing = true,
+                #[cfg(test)]
+                Msg::Hold(release) => {
+                    let _ = release.recv();
+                }
+            };
+            match rx.recv_timeout(wait) {
+                Ok(msg) => take(msg, &mut batch, &mut closing),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,
+            }
+            while batch.len() < MAX_BATCH && !closing {
+                match rx.try_recv() {
+                    Ok(msg) => take(msg, &mut batch, &mut closing),
+                    Err(_) => break,
+                }
+            }
+            if Instant::now() >= next_prune {
+                batch.push(Request {
+                    op: Op::Prune,
+                    done: None,
+                });
+                next_prune = Instant::now() + self.options.prune_interval;
+            }
+            // Size limits act at once, ahead of writes waiting on them.
+            let (limits, batch): (Vec<Request>, Vec<Request>) = batch
+                .into_iter()
+                .partition(|r| matches!(r.op, Op::LimitPages(_)));
+            for request in limits {
+                let Op::LimitPages(pages) = request.op else {
+                    unreachable!()
+                };
+                let result = set_max_pages(&self.conn, pages)
+                    .map(|()| Outcome::Done)
+                    .map_err(|e| storage(classify(&e).unwrap_or(StorageKind::Io), &e));
+                complete(request, result);
+            }
+            let mut all: Vec<Request> = pending.drain(..).collect();
+            all.extend(batch);
+            if !all.is_empty() {
+                self.commit_batch(all, &mut pending);
+            }
+            self.shared
+                .pending_retries
+                .store(pending.len() as u64, Ordering::Relaxed);
+        }
+        // Closing: what could not be written is reported, then the file is marked closed.
+        for request in pending {
+            complete(
+                request,
+                Err(StoreError::Storage {
+                    kind: StorageKind::Io,
+                    detail: "the store was closed before the write succeeded".into(),
+                }),
+            );
+        }
+        let _ = self
+            .conn
+            .execute("UPDATE meta SET value = 'closed' WHERE key = 'run'", []);
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+
+    /// Commits `batch` in one transaction. On disk trouble: new work fails, state
+    /// changes get one more transaction of their own and, failing that, wait in
+    /// `pending` (in order) for the next try.
+    fn commit_batch(&mut self, batch: Vec<Request>, pending: &mut VecDeque<Request>) {
+        match self.attempt(&batch) {
+            Ok(results) => self.finish_ok(batch, results),
+            Err(Failed(e)) => {
+                self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.healthy.store(false, Ordering::Relaxed);
+                let mut retry = Vec::new();
+                for request in batch {
+                    if request.op.fail_fast() {
+                        complete(request, Err(e.clone()));
+                    } else {
+                        retry.push(request);
+                    }
+                }
+                if retry.is_empty() {
+                    return;
+                }
+                match self.attempt(&retry) {
+                    Ok(results) => self.finish_ok(retry, results),
+                    Err(Failed(e)) => {
+                        self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("store: {e}; {} state changes will be retried", retry.len());
+                        pending.extend(retry);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_ok(&mut self, batch: Vec<Request>, results: Vec<Result<Outcome, StoreError>>) {
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .ops
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.shared.healthy.store(true, Ordering::Relaxed);
+        for (request, result) in batch.into_iter().zip(results) {
+            if let Ok(Outcome::Pruned(ids)) = &result {
+                self.remove_logs(ids);
+            }
+            complete(request, result);
+        }
+    }
+
+    fn remove_logs(&self, ids: &[Uuid]) {
+        for id in ids {
+            if let Err(e) = output::remove_log(&self.state_dir, *id) {
+                tracing::warn!(%id, "cannot remove the log of a pruned task: {e}");
+            }
+        }
+    }
+
+    /// One transaction over `batch`. A write the store refuses fails alone; disk
+    /// trouble anywhere rolls the whole transaction back.
+    fn attempt(&mut self, batch: &[Request]) -> Result<Vec<Result<Outcome, StoreError>>, Failed> {
+        let fail = |e: &rusqlite::Error| match classify(e) {
+            Some(kind) => Failed(storage(kind, e)),
+            None => Failed(StoreError::Storage {
+                kind: StorageKind::Io,
+                detail: e.to_string(),
+            }),
+        };
+        let seq_before = self.next_seq;
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| fail(&e))?;
+        let mut results = Vec::with_capacity(batch.len());
+        for request in batch {
+            match self.apply(&request.op) {
+                Ok(outcome) => results.push(Ok(outcome)),
+                Err(e) => {
+                    // Disk trouble, or any error after which SQLite rolled the
+                    // transaction back itself, fails the whole batch.
+                    if classify(&e).is_some() || self.conn.is_autocommit() {
+                        self.rollback();
+                        self.next_seq = seq_before;
+                        return Err(fail(&e));
+                    }
+                    results.push(Err(StoreError::Rejected(e.to_string())));
+                }
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            self.rollback();
+            self.next_seq = seq_before;
+            return Err(fail(&e));
+        }
+        Ok(results)
+    }
+
+    fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn apply(&mut self, op: &Op) -> rusqlite::Result<Outcome> {
+        let conn = &self.conn;
+        match op {
+            Op::Insert { task, front } => {
+                if let Some(message_id) = &task.message_id {
+                    let existing: Option<String> = conn
+                        .prepare_cached(
+                            "SELECT id FROM tasks WHERE session = ?1 AND message_id = ?2",
+                        )?
+                        .query_row(params![task.session, message_id], |r| r.get(0))
+                        .optional()?;
+                    if let Some(existing) = existing {
+                        let id = Uuid::parse_str(&existing).unwrap_or_default();
+                        return Ok(Outcome::Duplicate(id));
+                    }
+                }
+                let seq = self.next_seq;
+                let order = if *front { -seq } else { seq };
+                let process = task.process.as_ref();
+                conn.prepare_cached(
+                    "INSERT INTO tasks (seq, id, session, text, state, queue_order, mode, \
+                     priority, options, message_id, created_at, started_at, finished_at, \
+                     progress, result, ending, reason, exit_code, exit_signal, pid, \
+                     pid_start, boot_id, attempt_of, checkpoint) VALUES (?1, ?2, ?3, ?4, \
+                     ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+                     ?20, ?21, ?22, ?23, ?24)",
+                )?
+                .execute(params![
+                    seq,
+                    task.id.to_string(),
+                    task.session,
+                    task.text,
+                    task.state.as_str(),
+                    order,
+                    task.mode,
+                    task.priority,
+                    task.options,
+                    task.message_id,
+                    task.created_at,
+                    task.started_at,
+                    task.finished_at,
+                    task.progress,
+                    task.result,
+                    task.ending,
+                    task.reason,
+                    task.exit.and_then(|e| e.code),
+                    task.exit.and_then(|e| e.signal),
+                    process.map(|p| p.pid),
+                    process.map(|p| p.start_time as i64),
+                    process.map(|p| p.boot_id.clone()),
+                    task.attempt_of.map(|id| id.to_string()),
+                    task.checkpoint,
+                ])?;
+                self.next_seq += 1;
+                Ok(Outcome::Inserted)
+            }
+            Op::Start {
+                id,
+                at,
+                process,
+                text,
+            } => {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE tasks SET state = 'starting', started_at = ?2, pid = ?3, \
+                         pid_start = ?4, boot_id = ?5, text = coalesce(?6, text) WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        id.to_string(),
+                        at,
+                        process.as_ref().map(|p| p.pid),
+                        process.as_ref().map(|p| p.start_time as i64),
+                        process.as_ref().map(|p| p.boot_id.clone()),
+                        text,
+                    ])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::SetProcess { id, process } => {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE tasks SET pid = ?2, pid_start = ?3, boot_id = ?4 WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        id.to_string(),
+                        process.pid,
+                        process.start_time as i64,
+                        process.boot_id,
+                    ])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::SetState { id, state } => {
+                let n = conn
+                    .prepare_cached("UPDATE tasks SET state = ?2 WHERE id = ?1")?
+                    .execute(params![id.to_string(), state.as_str()])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::Progress { id, text } => {
+                let n = conn
+                    .prepare_cached("UPDATE tasks SET progress = ?2 WHERE id = ?1")?
+                    .execute(params![id.to_string(), text])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::Finish {
+                id,
+                state,
+                at,
+                progress,
+                result,
+                ending,
+                reason,
+                exit,
+            } => {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE tasks SET state = ?2, finished_at = ?3, \
+                         progress = coalesce(?4, progress), result = ?5, ending = ?6, \
+                         reason = ?7, exit_code = ?8, exit_signal = ?9 WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        id.to_string(),
+                        state.as_str(),
+                        at,
+                        progress,
+                        result,
+                        ending,
+                        reason,
+                        exit.and_then(|e| e.code),
+                        exit.and_then(|e| e.signal),
+                    ])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::Checkpoint { id, data } => {
+                let n = conn
+                    .prepare_cached("UPDATE tasks SET checkpoint = ?2 WHERE id = ?1")?
+                    .execute(params![id.to_string(), data])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::Settings(s) => {
+                let n = conn
+                    .prepare_cached(
+                        "INSERT INTO session_settings (session, mode, debounce_ms, cap, \
+                         drop_policy) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(session) DO \
+                         UPDATE SET mode = excluded.mode, debounce_ms = excluded.debounce_ms, \
+                         cap = excluded.cap, drop_policy = excluded.drop_policy",
+                    )?
+                    .execute(params![
+                        s.session,
+                        s.mode,
+                        s.debounce_ms as i64,
+                        s.cap,
+                        s.drop_policy
+                    ])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::ResetSettings { session } => {
+                let n = conn
+                    .prepare_cached("DELETE FROM session_settings WHERE session = ?1")?
+                    .execute([session])?;
+                Ok(Outcome::Updated(n))
+            }
+            Op::Prune => Ok(Outcome::Pruned(self.prune_in_tx()?)),
+            Op::Flush => Ok(Outcome::Done),
+            Op::LimitPages(pages) => {
+                // Normally applied before the batch (see `run`).
+                set_max_pages(conn, *pages)?;
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// Deletes finished tasks past the retention; returns their ids.
+    fn prune_in_tx(&self) -> rusqlite::Result<Vec<Uuid>> {
+        let mut ids = Vec::new();
+        let collect = |ids: &mut Vec<Uuid>, stmt: &mut rusqlite::CachedStatement, p: i64| {
+            let rows = stmt.query_map([p], |r| uuid_col(r, 0))?;
+            for id in rows {
+                ids.push(id?);
+            }
+            Ok::<_, rusqlite::Error>(())
+        };
+        if let Some(age) = self.options.retention.max_age {
+            let cutoff = now_ms().saturating_sub(age.as_millis() as i64);
+            let mut stmt = self.conn.prepare_cached(
+                "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1 \
+                 RETURNING id",
+            )?;
+            collect(&mut ids, &mut stmt, cutoff)?;
+        }
+        if let Some(keep) = self.options.retention.max_finished {
+            let mut stmt = self.conn.prepare_cached(
+                "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks \
+                 WHERE finished_at IS NOT NULL ORDER BY finished_at DESC, seq DESC \
+                 LIMIT -1 OFFSET ?1) RETURNING id",
+            )?;
+            collect(&mut ids, &mut stmt, keep.min(i64::MAX as u64) as i64)?;
+        }
+        Ok(ids)
+    }
+
+    /// Prunes in a transaction of its own (at open).
+    fn prune_now(&mut self) -> rusqlite::Result<Vec<Uuid>> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match self.prune_in_tx() {
+            Ok(ids) => {
+                if let Err(e) = self.conn.execute_batch("COMMIT") {
+                    self.rollback();
+                    return Err(e);
+                }
+                Ok(ids)
+            }
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+}
+
+fn complete(request: Request, result: Result<Outcome, StoreError>) {
+    match request.done {
+        Some(done) => done(result),
+        None => {
+            if let Err(e) = result {
+                tracing::warn!("store: a write failed: {e}");
+            }
+        }
+    }
+}
+
+/// A read-only connection for history queries (`status ID`, `tasks --all`, `log`).
+/// It reads committed data only and never blocks the writer (WAL).
+pub struct Reader {
+    conn: Mutex<Connection>,
+}
+
+impl Reader {
+    fn open(path: &Path) -> Result<Reader, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| corrupt_or_open(path, e))?;
+        Ok(Reader {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| StoreError::Storage {
+            kind: classify(&e).unwrap_or(StorageKind::Io),
+            detail: e.to_string(),
+        })
+    }
+
+    /// One task by id.
+    pub fn task(&self, id: Uuid) -> Result<Option<TaskRecord>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"))?
+                .query_row([id.to_string()], record)
+                .optional()
+        })
+    }
+
+    /// The task stored for a bridge's message id in `session`.
+    pub fn find_message(
+        &self,
+        session: &str,
+        message_id: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT id FROM tasks WHERE session = ?1 AND message_id = ?2")?
+                .query_row([session, message_id], |r| uuid_col(r, 0))
+                .optional()
+        })
+    }
+
+    /// Ids of finished tasks whose hyphenated lowercase form starts with `prefix`
+    /// (at most `limit`; an index range scan).
+    pub fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<Uuid>, StoreError> {
+        let prefix = prefix.to_ascii_lowercase();
+        // Every id character sorts below '~', so [prefix, prefix~) is the prefix range.
+        let end = format!("{prefix}~");
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT id FROM tasks WHERE id >= ?1 AND id < ?2 AND finished_at IS NOT NULL \
+                 LIMIT ?3",
+            )?
+            .query_map(params![prefix, end, limit as i64], |r| uuid_col(r, 0))?
+            .collect()
+        })
+    }
+
+    /// Finished tasks, newest first, optionally of one session; at most `limit`.
+    pub fn finished(
+        &self,
+        session: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        self.with(|conn| {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM tasks WHERE finished_at IS NOT NULL \
+                 AND (?1 IS NULL OR session = ?1) ORDER BY finished_at DESC, seq DESC LIMIT ?2"
+            );
+            let rows = conn
+                .prepare_cached(&sql)?
+                .query_map(params![session, limit as i64], record)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// How many tasks are stored in each state.
+    pub fn counts(&self) -> Result<Vec<(State, u64)>, StoreError> {
+        self.with(|conn| {
+            let mut out = Vec::new();
+            let mut stmt =
+                conn.prepare_cached("SELECT state, count(*) FROM tasks GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (state, n) = row?;
+                if let Some(state) = State::parse(&state) {
+                    out.push((state, n as u64));
+                }
+            }
+            Ok(out)
+        })
+    }
+}

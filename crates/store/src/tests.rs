@@ -1,0 +1,737 @@
+//! Tests of the store against real files: recovery, de-duplication across reopen,
+//! group commit, a writer killed with SIGKILL, corrupt files, a full disk, retention.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::*;
+
+fn open(dir: &Path) -> (Store, Recovery) {
+    Store::open(dir, StoreOptions::default()).expect("open store")
+}
+
+fn task(session: &str, text: &str) -> TaskRecord {
+    TaskRecord::queued(Uuid::now_v7(), session, text, 1_700_000_000_000)
+}
+
+fn insert(w: &StoreWriter, t: &TaskRecord, front: bool) -> Outcome {
+    w.submit(Op::Insert {
+        task: Box::new(t.clone()),
+        front,
+    })
+    .wait()
+    .expect("insert")
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn finish(id: Uuid, state: State, at: i64) -> Op {
+    Op::Finish {
+        id,
+        state,
+        at,
+        progress: None,
+        result: Some("done".into()),
+        ending: None,
+        reason: None,
+        exit: Some(Exit {
+            code: Some(0),
+            signal: None,
+        }),
+    }
+}
+
+#[test]
+fn recovery_brings_back_queue_order_ids_and_settings_and_interrupts_active_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = ProcessIdentity::capture(std::process::id()).unwrap();
+    let (running, a1, a2, a3, b1, b2);
+    {
+        let (store, recovery) = open(dir.path());
+        assert_eq!(recovery.previous_run, PreviousRun::None);
+        assert!(recovery.queued.is_empty());
+        let w = store.writer();
+        running = task("a", "long job");
+        insert(&w, &running, false);
+        w.submit(Op::Start {
+            id: running.id,
+            at: 5,
+            process: None,
+            text: Some("long job, collected".into()),
+        })
+        .wait()
+        .unwrap();
+        w.submit(Op::SetProcess {
+            id: running.id,
+            process: me.clone(),
+        })
+        .wait()
+        .unwrap();
+        w.submit(Op::SetState {
+            id: running.id,
+            state: State::Running,
+        })
+        .wait()
+        .unwrap();
+        a1 = task("a", "a1");
+        b1 = task("b", "b1");
+        a2 = task("a", "a2");
+        b2 = task("b", "b2");
+        a3 = task("a", "a3 (interrupt)");
+        let mut b1_opts = b1.clone();
+        b1_opts.mode = "followup".into();
+        b1_opts.priority = "background".into();
+        b1_opts.options = Some("{\"debounce_ms\":0}".into());
+        for (t, front) in [(&a1, false), (&b1_opts, false), (&a2, false), (&b2, false)] {
+            assert_eq!(insert(&w, t, front), Outcome::Inserted);
+        }
+        assert_eq!(insert(&w, &a3, true), Outcome::Inserted);
+        w.submit(Op::Settings(SessionSettings {
+            session: "b".into(),
+            mode: "steer".into(),
+            debounce_ms: 2000,
+            cap: 25,
+            drop_policy: "old".into(),
+        }))
+        .wait()
+        .unwrap();
+        w.submit(Op::Settings(SessionSettings {
+            session: "c".into(),
+            mode: "steer".into(),
+            debounce_ms: 0,
+            cap: 1,
+            drop_policy: "new".into(),
+        }))
+        .wait()
+        .unwrap();
+        w.submit(Op::ResetSettings {
+            session: "c".into(),
+        })
+        .wait()
+        .unwrap();
+        store.close();
+    }
+    let (store, recovery) = open(dir.path());
+    assert_eq!(recovery.previous_run, PreviousRun::Clean);
+    let order = |session: &str| -> Vec<Uuid> {
+        recovery
+            .queued
+            .iter()
+            .filter(|t| t.session == session)
+            .map(|t| t.id)
+            .collect()
+    };
+    assert_eq!(order("a"), vec![a3.id, a1.id, a2.id]);
+    assert_eq!(order("b"), vec![b1.id, b2.id]);
+    let b1_back = recovery.queued.iter().find(|t| t.id == b1.id).unwrap();
+    assert_eq!(b1_back.mode, "followup");
+    assert_eq!(b1_back.priority, "background");
+    assert_eq!(b1_back.options.as_deref(), Some("{\"debounce_ms\":0}"));
+    assert_eq!(b1_back.text, "b1");
+    assert_eq!(recovery.interrupted.len(), 1);
+    let int = &recovery.interrupted[0];
+    assert_eq!(int.id, running.id);
+    assert_eq!(int.state, State::Interrupted);
+    assert_eq!(int.reason.as_deref(), Some("daemon crashed"));
+    assert_eq!(int.process.as_ref(), Some(&me));
+    assert_eq!(int.started_at, Some(5));
+    assert_eq!(int.text, "long job, collected");
+    assert_eq!(
+        recovery.settings,
+        vec![SessionSettings {
+            session: "b".into(),
+            mode: "steer".into(),
+            debounce_ms: 2000,
+            cap: 25,
+            drop_policy: "old".into(),
+        }]
+    );
+    // The interruption itself is durable: a third open finds nothing active.
+    let stored = store.reader().unwrap().task(running.id).unwrap().unwrap();
+    assert_eq!(stored.state, State::Interrupted);
+    drop(store);
+    let (_store, again) = open(dir.path());
+    assert!(again.interrupted.is_empty());
+    assert_eq!(again.queued.len(), 5);
+}
+
+#[test]
+fn message_id_dedup_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut original = task("chat", "hello");
+    original.message_id = Some("evt-1".into());
+    {
+        let (store, _) = open(dir.path());
+        assert_eq!(insert(&store.writer(), &original, false), Outcome::Inserted);
+    }
+    let (store, recovery) = open(dir.path());
+    assert_eq!(
+        recovery.recent_messages,
+        vec![("chat".to_string(), "evt-1".to_string(), original.id)]
+    );
+    let w = store.writer();
+    let mut again = task("chat", "hello again");
+    again.message_id = Some("evt-1".into());
+    assert_eq!(insert(&w, &again, false), Outcome::Duplicate(original.id));
+    // The same message id in another session is another message.
+    let mut other = task("other-chat", "hello");
+    other.message_id = Some("evt-1".into());
+    assert_eq!(insert(&w, &other, false), Outcome::Inserted);
+    let reader = store.reader().unwrap();
+    assert_eq!(reader.task(again.id).unwrap(), None);
+    assert_eq!(
+        reader.find_message("chat", "evt-1").unwrap(),
+        Some(original.id)
+    );
+    // Still a duplicate once the original finished.
+    w.submit(finish(original.id, State::Succeeded, 10))
+        .wait()
+        .unwrap();
+    assert_eq!(insert(&w, &again, false), Outcome::Duplicate(original.id));
+}
+
+#[test]
+fn group_commit_puts_everything_that_waited_into_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    insert(&w, &task("s", "warm up"), false);
+    let before = store.stats();
+    let release = w.hold();
+    let tickets: Vec<Ticket> = (0..1000)
+        .map(|i| {
+            w.submit(Op::Insert {
+                task: Box::new(task(&format!("s{}", i % 10), "m")),
+                front: false,
+            })
+        })
+        .collect();
+    drop(release);
+    for t in tickets {
+        assert_eq!(t.wait().unwrap(), Outcome::Inserted);
+    }
+    let after = store.stats();
+    assert_eq!(after.ops - before.ops, 1000);
+    assert_eq!(
+        after.commits - before.commits,
+        1,
+        "1000 waiting ops, one commit"
+    );
+}
+
+#[test]
+fn concurrent_submitters_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let before = store.stats();
+    std::thread::scope(|scope| {
+        for c in 0..64 {
+            let w = store.writer();
+            scope.spawn(move || {
+                for i in 0..20 {
+                    let t = task(&format!("client-{c}"), &format!("message {i}"));
+                    assert_eq!(insert(&w, &t, false), Outcome::Inserted);
+                }
+            });
+        }
+    });
+    let after = store.stats();
+    assert_eq!(after.ops - before.ops, 64 * 20);
+    assert!(
+        after.commits - before.commits < 64 * 20,
+        "64 submitters never shared a commit ({} commits)",
+        after.commits - before.commits
+    );
+}
+
+#[test]
+fn a_refused_write_fails_alone_and_its_batch_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let t = task("s", "first");
+    let release = w.hold();
+    let first = w.submit(Op::Insert {
+        task: Box::new(t.clone()),
+        front: false,
+    });
+    let same_id = w.submit(Op::Insert {
+        task: Box::new(t.clone()),
+        front: false,
+    });
+    let other = task("s", "second");
+    let second = w.submit(Op::Insert {
+        task: Box::new(other.clone()),
+        front: false,
+    });
+    drop(release);
+    assert_eq!(first.wait().unwrap(), Outcome::Inserted);
+    assert!(matches!(same_id.wait(), Err(StoreError::Rejected(_))));
+    assert_eq!(second.wait().unwrap(), Outcome::Inserted);
+    let reader = store.reader().unwrap();
+    assert!(reader.task(other.id).unwrap().is_some());
+}
+
+/// The child half of `acknowledged_writes_survive_sigkill`: writes until killed,
+/// printing each task id once its insert is acknowledged.
+#[test]
+fn crash_child() {
+    let Ok(dir) = std::env::var("AGENTD_STORE_CRASH_CHILD") else {
+        return;
+    };
+    let (store, _) = open(Path::new(&dir));
+    std::thread::scope(|scope| {
+        for c in 0..8 {
+            let w = store.writer();
+            scope.spawn(move || loop {
+                let mut t = task(&format!("chat-{c}"), "work");
+                t.message_id = Some(t.id.to_string());
+                if insert(&w, &t, false) == Outcome::Inserted {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "ACK {}", t.id).unwrap();
+                    out.flush().unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    for round in 0..3 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "tests::crash_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("AGENTD_STORE_CRASH_CHILD", dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut acked = Vec::new();
+        let target = 200 + round * 150;
+        while acked.len() < target {
+            let line = lines.next().expect("child ended early").unwrap();
+            if let Some(id) = line.strip_prefix("ACK ") {
+                acked.push(Uuid::parse_str(id).unwrap());
+            }
+        }
+        // SIGKILL mid-stream, by pid.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        // Acknowledgements still in the pipe count too.
+        for line in lines.map_while(Result::ok) {
+            if let Some(id) = line.strip_prefix("ACK ") {
+                acked.push(Uuid::parse_str(id).unwrap());
+            }
+        }
+        let (store, recovery) = open(dir.path());
+        assert_eq!(recovery.previous_run, PreviousRun::Crashed);
+        let queued: HashSet<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+        assert_eq!(queued.len(), recovery.queued.len(), "no task twice");
+        let missing: Vec<_> = acked.iter().filter(|id| !queued.contains(id)).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: {} of {} acknowledged writes lost",
+            missing.len(),
+            acked.len()
+        );
+        // Re-sending any acknowledged message finds the original.
+        let w = store.writer();
+        for id in acked.iter().take(20) {
+            let original = recovery.queued.iter().find(|t| t.id == *id).unwrap();
+            let mut again = task(&original.session, "again");
+            again.message_id = original.message_id.clone();
+            assert_eq!(insert(&w, &again, false), Outcome::Duplicate(*id));
+        }
+    }
+}
+
+#[test]
+fn a_file_that_is_not_a_store_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = Store::open(dir.path(), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("Move it aside"), "{text}");
+    // Nothing was written over it.
+    assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
+}
+
+#[test]
+fn a_damaged_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path());
+        let w = store.writer();
+        let tickets: Vec<_> = (0..2000)
+            .map(|i| {
+                w.submit(Op::Insert {
+                    task: Box::new(task(&format!("s{i}"), &"x".repeat(200))),
+                    front: false,
+                })
+            })
+            .collect();
+        for t in tickets {
+            t.wait().unwrap();
+        }
+    }
+    let path = dir.path().join(DB_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 40 * 4096);
+    // Overwrite pages 3..10 (b-tree pages of the tasks table and its indexes).
+    for b in &mut bytes[3 * 4096..10 * 4096] {
+        *b = 0xa5;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Store::open(dir.path(), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains(&path.display().to_string()));
+}
+
+#[test]
+fn a_store_from_a_newer_agentd_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(conn);
+    let err = Store::open(dir.path(), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");
+}
+
+#[test]
+fn an_unopenable_store_path_is_an_open_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join(DB_FILE)).unwrap();
+    let err = Store::open(dir.path(), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+    assert!(err.to_string().contains("agentd.db"));
+}
+
+#[test]
+fn a_full_disk_fails_new_work_keeps_the_writer_and_recovers_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let first = task("s", "first");
+    insert(&w, &first, false);
+    // Cap the file near its current size: the disk is now "full".
+    let pages: u64 = {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap()
+    };
+    w.submit(Op::LimitPages(Some(pages + 2))).wait().unwrap();
+    let mut acked = vec![first.id];
+    let full_error = loop {
+        let t = task("s", &"y".repeat(3000));
+        match w
+            .submit(Op::Insert {
+                task: Box::new(t.clone()),
+                front: false,
+            })
+            .wait()
+        {
+            Ok(Outcome::Inserted) => acked.push(t.id),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => break e,
+        }
+        assert!(acked.len() < 1000, "the page cap never filled");
+    };
+    assert!(
+        matches!(
+            full_error,
+            StoreError::Storage {
+                kind: StorageKind::Full,
+                ..
+            }
+        ),
+        "{full_error:?}"
+    );
+    assert!(full_error.to_string().contains("full"), "{full_error}");
+    assert!(!store.stats().healthy);
+    // A state change that needs room is kept and retried, not dropped.
+    let (done_tx, done_rx) = mpsc::channel();
+    w.submit_with(
+        Op::Checkpoint {
+            id: first.id,
+            data: "z".repeat(50_000),
+        },
+        move |r| done_tx.send(r).unwrap(),
+    );
+    wait_until("the checkpoint to wait for a retry", || {
+        store.stats().pending_retries == 1
+    });
+    assert!(
+        done_rx.try_recv().is_err(),
+        "completed before it was written"
+    );
+    // New work is still refused while full.
+    assert!(w
+        .submit(Op::Insert {
+            task: Box::new(task("s", &"y".repeat(3000))),
+            front: false,
+        })
+        .wait()
+        .unwrap_err()
+        .is_storage());
+    // Space returns: the retried change commits, new work is accepted again.
+    w.submit(Op::LimitPages(None)).wait().unwrap();
+    assert_eq!(
+        done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap(),
+        Outcome::Updated(1)
+    );
+    let later = task("s", "after");
+    assert_eq!(insert(&w, &later, false), Outcome::Inserted);
+    acked.push(later.id);
+    assert!(store.stats().healthy);
+    drop(store);
+    let (store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    assert_eq!(
+        queued, acked,
+        "every acknowledged task, nothing else, in order"
+    );
+    let reader = store.reader().unwrap();
+    assert_eq!(
+        reader
+            .task(first.id)
+            .unwrap()
+            .unwrap()
+            .checkpoint
+            .map(|c| c.len()),
+        Some(50_000)
+    );
+}
+
+#[test]
+fn retention_prunes_by_count_and_age_and_removes_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = 24 * 3600 * 1000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let options = StoreOptions {
+        retention: Retention {
+            max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            max_finished: Some(3),
+        },
+        ..StoreOptions::default()
+    };
+    let mut ids = Vec::new();
+    {
+        let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+        let w = store.writer();
+        // Finished 10 days ago (past the age), then five recent ones, then one queued.
+        for (i, at) in [now - 10 * day, now - 5, now - 4, now - 3, now - 2, now - 1]
+            .into_iter()
+            .enumerate()
+        {
+            let t = task("s", &format!("t{i}"));
+            insert(&w, &t, false);
+            w.submit(finish(t.id, State::Succeeded, at)).wait().unwrap();
+            let mut log = TaskLog::open(dir.path(), t.id, 100).unwrap();
+            log.append(b"output").unwrap();
+            log.finish().unwrap();
+            ids.push(t.id);
+        }
+        let queued = task("s", "still queued");
+        insert(&w, &queued, false);
+        let Outcome::Pruned(mut pruned) = w.submit(Op::Prune).wait().unwrap() else {
+            panic!()
+        };
+        pruned.sort();
+        let mut expected = ids[..3].to_vec();
+        expected.sort();
+        assert_eq!(pruned, expected, "the old one, then all but the newest 3");
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                output::log_path(dir.path(), *id).exists(),
+                i >= 3,
+                "log of task {i}"
+            );
+        }
+        let reader = store.reader().unwrap();
+        let kept: Vec<Uuid> = reader
+            .finished(None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(kept, vec![ids[5], ids[4], ids[3]]);
+        assert!(
+            reader.task(queued.id).unwrap().is_some(),
+            "queued work is never pruned"
+        );
+    }
+    // Pruning at open: a tighter retention applies on the next start.
+    let tighter = StoreOptions {
+        retention: Retention {
+            max_age: None,
+            max_finished: Some(1),
+        },
+        ..StoreOptions::default()
+    };
+    let (store, recovery) = Store::open(dir.path(), tighter).unwrap();
+    assert_eq!(recovery.queued.len(), 1);
+    let kept: Vec<Uuid> = store
+        .reader()
+        .unwrap()
+        .finished(None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(kept, vec![ids[5]]);
+}
+
+#[test]
+fn finished_tasks_stay_queryable_with_everything_they_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut t = task("s", "build it");
+    t.message_id = Some("m".into());
+    {
+        let (store, _) = open(dir.path());
+        let w = store.writer();
+        insert(&w, &t, false);
+        let me = ProcessIdentity::capture(std::process::id()).unwrap();
+        w.submit(Op::Start {
+            id: t.id,
+            at: now - 2,
+            process: Some(me),
+            text: None,
+        })
+        .wait()
+        .unwrap();
+        w.submit(Op::Progress {
+            id: t.id,
+            text: "50%".into(),
+        })
+        .wait()
+        .unwrap();
+        w.submit(Op::Checkpoint {
+            id: t.id,
+            data: "step 2".into(),
+        })
+        .wait()
+        .unwrap();
+        w.submit(Op::Finish {
+            id: t.id,
+            state: State::Failed,
+            at: now - 1,
+            progress: None,
+            result: Some("it broke".into()),
+            ending: Some("{\"failed\":\"exit 2\"}".into()),
+            reason: Some("agent failed".into()),
+            exit: Some(Exit {
+                code: Some(2),
+                signal: None,
+            }),
+        })
+        .wait()
+        .unwrap();
+        let mut retry = task("s", "build it");
+        retry.attempt_of = Some(t.id);
+        insert(&w, &retry, false);
+    }
+    let (store, recovery) = open(dir.path());
+    assert_eq!(recovery.finished, 1);
+    assert_eq!(recovery.queued[0].attempt_of, Some(t.id));
+    let back = store.reader().unwrap().task(t.id).unwrap().unwrap();
+    assert_eq!(back.state, State::Failed);
+    assert_eq!(back.progress.as_deref(), Some("50%"));
+    assert_eq!(back.result.as_deref(), Some("it broke"));
+    assert_eq!(back.checkpoint.as_deref(), Some("step 2"));
+    assert_eq!(
+        back.exit,
+        Some(Exit {
+            code: Some(2),
+            signal: None
+        })
+    );
+    assert_eq!(
+        (back.started_at, back.finished_at),
+        (Some(now - 2), Some(now - 1))
+    );
+    assert_eq!(back.reason.as_deref(), Some("agent failed"));
+    let reader = store.reader().unwrap();
+    assert_eq!(
+        reader.ids_with_prefix(&t.id.to_string()[..8], 10).unwrap(),
+        vec![t.id]
+    );
+    assert!(reader.ids_with_prefix("ffffffff-f", 10).unwrap().is_empty());
+    let counts = store.reader().unwrap().counts().unwrap();
+    assert!(counts.contains(&(State::Failed, 1)) && counts.contains(&(State::Queued, 1)));
+}
+
+#[test]
+fn the_state_dir_is_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("a/b/agentd");
+    prepare_state_dir(&state).unwrap();
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    prepare_state_dir(&state).unwrap();
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+#[test]
+fn schema_is_at_the_current_version_after_open() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
