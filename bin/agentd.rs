@@ -86,16 +86,33 @@ struct Args {
     /// is answered `request_timeout` and its connection closed [default: 10s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     request_timeout: Option<Duration>,
-    /// TOML config file with the same keys as the flags (flags win). SIGHUP re-reads
-    /// it: max-connections and request-timeout take effect at once, the rest at restart
+    /// Log lines on stderr: text (plain key=value fields) or json (one object a
+    /// line). The level comes from $AGENTD_LOG, else $RUST_LOG, else info [default: text]
+    #[arg(long, value_name = "FORMAT", value_parser = config::LogFormat::parse)]
+    log_format: Option<config::LogFormat>,
+    /// TOML config file with the same keys as the flags (flags win); see
+    /// examples/config.toml. SIGHUP re-reads it: max-connections and request-timeout
+    /// take effect at once, the rest at restart
+    /// [default: $XDG_CONFIG_HOME/agentd/config.toml if it exists]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
-fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
+/// The resolved config, and how to log.
+struct Resolved {
+    config: DaemonConfig,
+    log_format: config::LogFormat,
+}
+
+fn resolve(args: Args) -> anyhow::Result<Resolved> {
+    let file = match config::config_file(args.config.as_deref()) {
+        Some(path) => FileConfig::load(&path)?,
         None => FileConfig::default(),
+    };
+    let log_format = match (args.log_format, &file.log_format) {
+        (Some(format), _) => format,
+        (None, Some(text)) => config::LogFormat::parse(text)?,
+        (None, None) => config::LogFormat::default(),
     };
     let duration = |flag: Option<Duration>,
                     key: &Option<String>,
@@ -154,7 +171,7 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
         dedup_window: 10_000,
         collected_prompts: config::agent_wants_collected_prompts(&agent),
     };
-    Ok(DaemonConfig {
+    let config = DaemonConfig {
         socket: args
             .socket
             .or(file.socket)
@@ -188,7 +205,8 @@ fn resolve(args: Args) -> anyhow::Result<DaemonConfig> {
             ),
         },
         control,
-    })
+    };
+    Ok(Resolved { config, log_format })
 }
 
 fn control_settings(
@@ -244,13 +262,13 @@ fn fit_descriptors(settings: &mut ControlSettings) {
 /// SIGHUP: re-reads the config file and applies the settings that can change while
 /// agentd runs (max-connections, request-timeout); flags still win over the file.
 fn reload(args: &Args, limits: &Limits) {
-    let Some(path) = &args.config else {
+    let Some(path) = config::config_file(args.config.as_deref()) else {
         tracing::info!(
-            "SIGHUP: no config file to reload (agentd was started without --config); carrying on"
+            "SIGHUP: no config file to reload (no --config, and no default config file); carrying on"
         );
         return;
     };
-    let settings = FileConfig::load(path).and_then(|file| {
+    let settings = FileConfig::load(&path).and_then(|file| {
         // The whole file must still be valid, though only part of it applies now.
         resolve(Args {
             config: Some(path.clone()),
@@ -263,10 +281,10 @@ fn reload(args: &Args, limits: &Limits) {
             fit_descriptors(&mut settings);
             limits.update(&settings);
             tracing::info!(
-                "SIGHUP: reloaded {}: max-connections {}, request-timeout {:?} apply now; other settings take effect at restart",
+                "SIGHUP: reloaded {}: max-connections {}, request-timeout {} apply now; other settings take effect at restart",
                 path.display(),
                 settings.max_connections,
-                settings.request_timeout
+                humantime::format_duration(settings.request_timeout)
             );
         }
         Err(e) => tracing::warn!("SIGHUP: kept the settings in force: {e:#}"),
@@ -303,16 +321,14 @@ fn signal_thread(
 }
 
 fn main_inner() -> anyhow::Result<()> {
+    // Still one thread: the environment may change safely.
+    agentd_daemon::notify::take_socket_from_env();
     let args = Args::parse();
-    let mut config = resolve(args.clone())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let Resolved {
+        mut config,
+        log_format,
+    } = resolve(args.clone())?;
+    init_logging(log_format)?;
     // The state dir, then the single-instance lock, before the socket or the store
     // is touched: a second agentd on the same state dir stops here.
     agentd_store::prepare_state_dir(&config.state_dir)
@@ -350,6 +366,45 @@ fn main_inner() -> anyhow::Result<()> {
         file.remove_if_ours();
         result
     })
+}
+
+/// The log filter: `$AGENTD_LOG`, else `$RUST_LOG`, else `info` (both take
+/// `tracing-subscriber` directives: `debug`, `agentd_daemon=trace,info`…).
+fn log_filter() -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    for var in ["AGENTD_LOG", "RUST_LOG"] {
+        match std::env::var(var) {
+            Ok(value) if !value.trim().is_empty() => {
+                return tracing_subscriber::EnvFilter::builder()
+                    .parse(&value)
+                    .with_context(|| {
+                        format!("invalid ${var} {}", agentd_daemon::logfmt::Quoted(&value))
+                    });
+            }
+            _ => {}
+        }
+    }
+    Ok(tracing_subscriber::EnvFilter::new("info"))
+}
+
+/// Logs to stderr (the journal under systemd), one event per line: plain
+/// `key=value` fields, or one JSON object.
+fn init_logging(format: config::LogFormat) -> anyhow::Result<()> {
+    let filter = log_filter()?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+    Ok(())
 }
 
 fn agentd_proc_subreaper() -> anyhow::Result<()> {

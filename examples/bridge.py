@@ -17,9 +17,13 @@ What it does (docs/protocol.md, "Writing a bridge"):
   the end of every task of the chat, including queued ones that start later;
 - sends every chat message with `send`, with the chat as `session` and the chat app's
   message id as `message_id`; control commands (`/status`, `/stop`, `/tasks`, `/queue`,
-  `/help`) are sent the same way, and agentd answers them at once (a `/stop` when the
-  task has ended);
-- shows each answer's `reply` (or an error's `message`) in the chat;
+  `/help`) are sent the same way, and agentd answers them at once;
+- shows each answer's `reply` (or an error's `message`) in the chat; a `/stop` answers
+  where the stop stands ("stopping: cancel sent, SIGTERM in 5 s"), and the task's final
+  state follows from its `finished` event;
+- when a watch ends with `lagged` (the bridge read too slowly), watches the chat again
+  and asks `status` for the tasks it knew were live, so a task that ended meanwhile is
+  still reported, once;
 - when the connection is lost (agentd restarted), reconnects with a growing delay,
   says hello again, watches its chats again and re-sends every message whose answer
   never came, with the same `message_id`, so agentd does not run one twice.
@@ -28,6 +32,7 @@ Usage: bridge.py [--socket PATH] [--client NAME] [--max-delay SECONDS]
 """
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -67,6 +72,15 @@ class Bridge:
         # Messages sent but not answered: request id -> (chat, message_id, text).
         # Kept across reconnects and sent again (same message_id) until answered.
         self.unanswered = {}
+        # Live tasks the chat was told about: task id -> chat. After a lagged watch
+        # these are asked for with `status`, since their end may have been missed.
+        self.live = {}
+        # `status` requests of that catch-up: request id -> chat.
+        self.catch_up = {}
+        # Tasks whose start and end were posted, so a re-watch's snapshot (or a
+        # catch-up `status`) does not post them twice. Bounded: oldest forgotten.
+        self.posted_started = collections.OrderedDict()
+        self.posted_finished = collections.OrderedDict()
         self.connected = threading.Event()
 
     # ----- the chat side -----
@@ -103,6 +117,15 @@ class Bridge:
         request_id = next(self.ids)
         self.watch_ids[request_id] = chat
         self._write({"id": request_id, "cmd": "watch", "session": chat})
+
+    def _rewatch(self, chat):
+        """A watch of `chat` lagged: watch again, and ask how the live tasks stand."""
+        self._watch(chat)
+        for task_id, task_chat in list(self.live.items()):
+            if task_chat == chat:
+                request_id = next(self.ids)
+                self.catch_up[request_id] = chat
+                self._write({"id": request_id, "cmd": "status", "task_id": task_id})
 
     def _send_message(self, request_id):
         chat, message_id, text = self.unanswered[request_id]
@@ -142,6 +165,8 @@ class Bridge:
             with self.lock:
                 self.sock = sock
                 self.watch_ids = {}
+                self.catch_up = {}
+                self.live = {}  # a new agentd does not know the old one's tasks
                 for chat in self.chats:
                     self._watch(chat)
                 # Unanswered messages get new request ids on the new connection.
@@ -176,9 +201,16 @@ class Bridge:
         with self.lock:
             watch_chat = self.watch_ids.get(request_id)
             message = self.unanswered.pop(request_id, None)
+            catch_up_chat = self.catch_up.pop(request_id, None)
         if "event" in line:
             if watch_chat is not None:
                 self.on_event(watch_chat, line["event"])
+            return
+        if catch_up_chat is not None:
+            if line.get("ok"):
+                task = line["result"]
+                if task.get("state") in TERMINAL:
+                    self.on_finished(catch_up_chat, task)
             return
         if message is not None:
             chat = message[0]
@@ -188,6 +220,9 @@ class Bridge:
                 task = result.get("task")
                 if task:
                     extra["task_id"] = task["task_id"]
+                    if task.get("state") not in TERMINAL:
+                        with self.lock:
+                            self.live[task["task_id"]] = chat
                 if result.get("command"):
                     extra["command"] = result["command"]
                 self.post(chat, "reply", result["reply"], **extra)
@@ -197,27 +232,62 @@ class Bridge:
                           code=error.get("code"))
             return
         if watch_chat is not None and not line.get("ok"):
-            log("watch of", watch_chat, "refused:", line.get("error"))
+            error = line.get("error") or {}
+            with self.lock:
+                self.watch_ids.pop(request_id, None)
+                if error.get("code") == "lagged":
+                    log("the watch of", watch_chat, "fell behind; watching again")
+                    self._rewatch(watch_chat)
+                    return
+            log("watch of", watch_chat, "refused:", error)
 
     def on_event(self, chat, event):
         kind = event.get("kind")
         task_id = event.get("task_id")
         task = event.get("task") or {}
+        if kind in ("accepted", "started", "progress") and task.get("state") not in TERMINAL:
+            with self.lock:
+                self.live[task_id] = chat
         if kind == "progress":
             self.post(chat, "progress", event.get("text", ""), task_id=task_id)
         elif kind == "started":
-            self.post(chat, "started", "task %s  started" % task_id, task_id=task_id)
+            if remember(self.posted_started, task_id, self.lock):
+                self.post(chat, "started", "task %s  started" % task_id, task_id=task_id)
         elif kind == "accepted" and event.get("text"):
             # A steered message the agent refused, queued as a follow-up.
             self.post(chat, "notice", event["text"], task_id=task_id)
         elif kind == "finished":
-            state = task.get("state", "finished")
-            if state == "merged":
-                return  # the message went into another task; that one's end is reported
-            text = "task %s  %s" % (task_id, state)
-            if task.get("result"):
-                text += ": " + task["result"]
-            self.post(chat, "finished", text, task_id=task_id, state=state)
+            self.on_finished(chat, task)
+
+    def on_finished(self, chat, task):
+        """Posts a task's end, once (a watch's `finished`, or a catch-up `status`)."""
+        task_id = task.get("task_id")
+        with self.lock:
+            self.live.pop(task_id, None)
+        if not remember(self.posted_finished, task_id, self.lock):
+            return
+        state = task.get("state", "finished")
+        if state == "merged":
+            return  # the message went into another task; that one's end is reported
+        text = "task %s  %s" % (task_id, state)
+        if task.get("result"):
+            text += ": " + task["result"]
+        self.post(chat, "finished", text, task_id=task_id, state=state)
+
+
+# Task states that never change again (docs/protocol.md, "TaskView").
+TERMINAL = {"succeeded", "failed", "cancelled", "interrupted", "expired", "dropped", "merged"}
+
+
+def remember(seen, key, lock, keep=10000):
+    """Adds `key` to the bounded set `seen`; False if it was already there."""
+    with lock:
+        if key in seen:
+            return False
+        seen[key] = True
+        while len(seen) > keep:
+            seen.popitem(last=False)
+        return True
 
 
 def main():

@@ -1,11 +1,12 @@
 //! examples/bridge.py, the Python bridge written from docs/protocol.md, against a real
-//! agentd: a long task, `/status`, `/stop`, and a restart of agentd under it.
+//! agentd: a long task, `/status`, `/stop`, a restart of agentd under it, and a watch
+//! that lags while the bridge is stopped.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -26,7 +27,7 @@ impl Drop for Owned {
 
 /// The bridge, its chat side on stdin/stdout.
 struct Bridge {
-    _process: Owned,
+    process: Owned,
     stdin: ChildStdin,
     lines: Receiver<Value>,
     /// Everything posted, for failure messages.
@@ -62,7 +63,7 @@ impl Bridge {
             }
         });
         Bridge {
-            _process: Owned(child),
+            process: Owned(child),
             stdin,
             lines,
             seen: Vec::new(),
@@ -134,15 +135,25 @@ fn the_python_bridge_runs_a_long_task_answers_status_stops_it_and_survives_a_res
     assert!(text(&status).contains("latest: working"), "{status}");
     assert_eq!(d.task(&task)["state"], json!("running"));
 
+    // /stop is answered at once with where the stop stands; the chat then sees the
+    // task's end, from its `finished` event.
     bridge.say(chat, "m-3", "/stop");
     let stopped = bridge.expect("the /stop answer", |l| l["command"] == "stop");
-    assert!(
-        text(&stopped).starts_with(&format!("task {task}  cancelled")),
+    assert_eq!(
+        text(&stopped),
+        format!("task {task}  stopping: cancel sent, SIGTERM in 5 s"),
         "{stopped}"
     );
-    bridge.expect("the task's end", |l| {
-        l["kind"] == "finished" && l["task_id"] == json!(task) && l["state"] == "cancelled"
+    assert!(
+        !bridge.unclaimed.iter().any(|l| l["kind"] == "finished"),
+        "the end was posted before the /stop answer: {:?}",
+        bridge.unclaimed
+    );
+    let end = bridge.expect("the task's end", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(task)
     });
+    assert_eq!(end["state"], json!("cancelled"), "{end}");
+    assert_eq!(text(&end), format!("task {task}  cancelled: working"));
     assert_eq!(d.task(&task)["state"], json!("cancelled"));
 
     // agentd goes away; a message arrives meanwhile; a new agentd comes up on the
@@ -183,4 +194,76 @@ fn the_python_bridge_runs_a_long_task_answers_status_stops_it_and_survives_a_res
         "the bridge should have connected twice:\n{log}"
     );
     drop(second);
+}
+
+fn posts_of<'a>(
+    bridge: &'a Bridge,
+    kind: &'a str,
+    task: &'a str,
+) -> impl Iterator<Item = &'a Value> {
+    bridge
+        .seen
+        .iter()
+        .filter(move |l| l["kind"] == kind && l["task_id"] == json!(task))
+}
+
+/// A bridge that stops reading (here: SIGSTOP) falls behind a flood of progress; its
+/// watch ends `lagged`. It watches the chat again, and a task that ended meanwhile is
+/// still reported to the chat, once.
+#[test]
+fn the_python_bridge_watches_again_after_a_lagged_watch_and_misses_no_end() {
+    let d = Daemon::with_agent_exec(&["--max-concurrent", "1"]);
+    let log = d.dir.path().join("bridge.log");
+    let mut bridge = Bridge::start(&d.socket, &log);
+    let chat = "tg:2002";
+    bridge.say(chat, "m-1", "seq 1 1000000000");
+    let reply = bridge.expect("the flood's start", |l| l["kind"] == "reply");
+    let flood = reply["task_id"].as_str().expect("a task id").to_string();
+    bridge.expect("the flood's progress", |l| {
+        l["kind"] == "progress" && l["task_id"] == json!(flood)
+    });
+
+    // The bridge stops reading; agentd ends its watch once 5 s pass with events
+    // waiting (the flood keeps them coming).
+    let bridge_pid = bridge.process.0.id();
+    kill(bridge_pid, libc::SIGSTOP);
+    wait_for(
+        "agentd ends the lagging watch",
+        Duration::from_secs(60),
+        || d.log().contains("was ended (lagged)").then_some(()),
+    );
+    // The flood is stopped while the bridge cannot see it.
+    let stop = d.request(json!({"cmd": "stop", "task_id": flood}));
+    assert_eq!(stop["stopped"][0]["state"], json!("cancelled"));
+    kill(bridge_pid, libc::SIGCONT);
+
+    let end = bridge.expect("the flood's end, after the lag", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(flood)
+    });
+    assert_eq!(end["state"], json!("cancelled"));
+    // The chat works as before: a new task is reported from start to end.
+    bridge.say(chat, "m-2", "echo after the lag");
+    let reply = bridge.expect("the next task's start", |l| {
+        l["kind"] == "reply" && l["task_id"] != json!(flood)
+    });
+    let next = reply["task_id"].as_str().unwrap().to_string();
+    let done = bridge.expect("the next task's end", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(next)
+    });
+    assert_eq!(
+        text(&done),
+        format!("task {next}  succeeded: after the lag")
+    );
+    assert_eq!(
+        posts_of(&bridge, "finished", &flood).count(),
+        1,
+        "the end twice"
+    );
+    assert_eq!(
+        posts_of(&bridge, "started", &flood).count(),
+        1,
+        "the start twice"
+    );
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log.contains("fell behind; watching again"), "{log}");
 }

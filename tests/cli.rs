@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::*;
 
@@ -155,4 +155,415 @@ fn sigterm_stops_every_task_removes_the_socket_and_exits_cleanly() {
         assert!(!alive(*pid), "process {pid} outlived agentd");
     }
     assert!(d.log().contains("shutting down"), "{}", d.log());
+}
+
+/// Runs `tests/support/pty_session.py` (python3's `pty`): `cmd` on a pseudo-terminal,
+/// driven by `steps`; returns (transcript, exit status), panicking on a step that
+/// timed out.
+fn on_a_pty(cmd: &[&str], env: &[(&str, &str)], steps: Value) -> (String, Option<i32>) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/pty_session.py");
+    let env: serde_json::Map<String, Value> =
+        env.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let spec = json!({"cmd": cmd, "env": env, "timeout": DEADLINE.as_secs(), "steps": steps});
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(spec.to_string())
+        .env_remove("NO_COLOR")
+        .env_remove("CLICOLOR_FORCE")
+        .env_remove("AGENTD_SOCKET")
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "pty driver: {}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("pty driver report");
+    let transcript = report["transcript"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        report["ok"] == json!(true),
+        "{}\n--- transcript ---\n{transcript}",
+        report["error"]
+    );
+    (transcript, report["status"].as_i64().map(|s| s as i32))
+}
+
+/// `text` as a regular expression matching itself.
+fn literal(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\.^$|?*+()[]{}".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
+}
+
+#[test]
+fn chat_on_a_terminal_sends_lines_answers_commands_and_shows_results() {
+    let d = Daemon::with_collecting_echo_agent(&["--max-concurrent", "2"]);
+    let gate = d.gate("report");
+    let socket = d.socket.to_str().unwrap();
+    let (transcript, status) = on_a_pty(
+        &[AGENTCTL, "--socket", socket, "chat", "--session", "alice"],
+        &[("NO_COLOR", "1"), ("TZ", "UTC0")],
+        json!([
+            ["expect", "chatting with session alice"],
+            ["type", format!("hold {gate} write the report")],
+            ["expect", r"\d\d:\d\d:\d\d  task \S+  started"],
+            // A chat command is answered at once, while the task runs.
+            ["type", "/status"],
+            ["expect", r"1/2 agents busy, 0 queued overall"],
+            ["touch", gate],
+            ["expect", r"task \S+  finished: succeeded \(ran [0-9.]+ s\)"],
+            // The result, indented under the event.
+            [
+                "expect",
+                format!(
+                    r"\n {{10}}{}",
+                    literal(&format!("hold {gate} write the report"))
+                )
+            ],
+            ["type", "/quit"],
+            ["wait"],
+        ]),
+    );
+    assert_eq!(status, Some(0), "{transcript}");
+    assert!(!transcript.contains('\x1b'), "NO_COLOR: {transcript:?}");
+    // One task ran, and /status and /quit were not work.
+    let tasks = d.agentctl_json(&["tasks", "--all", "--session", "alice"]);
+    let tasks = tasks.as_array().unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0]["state"], json!("succeeded"));
+
+    // Ctrl-D leaves too; on a terminal without NO_COLOR the clock is styled.
+    let (transcript, status) = on_a_pty(
+        &[AGENTCTL, "--socket", socket, "chat", "--session", "bob"],
+        &[],
+        json!([
+            ["expect", "chatting with session bob"],
+            ["type", "hello"],
+            ["expect", r"finished: \S*succeeded"],
+            ["eof"],
+            ["wait"],
+        ]),
+    );
+    assert_eq!(status, Some(0), "{transcript}");
+    assert!(transcript.contains("\x1b[2m"), "{transcript:?}");
+}
+
+#[test]
+fn chat_says_so_when_agentd_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing.sock");
+    let out = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["chat", "--session", "a"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("agentd is not running at"));
+}
+
+#[test]
+fn send_wait_prints_the_output_once_and_how_long_the_task_ran() {
+    let d = Daemon::with_agent_exec(&[]);
+    let out = d.agentctl(&[
+        "send",
+        "--session",
+        "alice",
+        "--wait",
+        "echo alpha; sleep 0.2; echo beta",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[0].starts_with("task ") && lines[0].ends_with("  started"),
+        "{text}"
+    );
+    assert_eq!(lines[1..3], ["  alpha", "  beta"], "{text}");
+    let id = lines[0].split_whitespace().nth(1).unwrap();
+    assert!(
+        lines[3].starts_with(&format!("task {id}  succeeded (ran 0.")) && lines[3].ends_with(" s)"),
+        "{text}"
+    );
+    assert_eq!(text.matches("alpha").count(), 1, "{text}");
+}
+
+#[test]
+fn ctrl_c_on_send_wait_or_watch_says_the_task_goes_on() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    for watch in [false, true] {
+        let session = if watch { "w" } else { "s" };
+        let task = watch.then(|| {
+            let id = d.submit(session, "echo up; sleep 300");
+            d.wait_progress(&id, "up");
+            id
+        });
+        let mut cmd = Command::new(AGENTCTL);
+        cmd.arg("--socket").arg(&d.socket);
+        match &task {
+            Some(id) => cmd.args(["watch", id]),
+            None => cmd.args(["send", "--session", session, "--wait", "echo up; sleep 300"]),
+        };
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let id = task.unwrap_or_else(|| first.split_whitespace().nth(1).unwrap().to_string());
+        // Once the task is under way (watch: its `started` event, or the output).
+        if !watch {
+            assert_eq!(lines.next().unwrap().unwrap(), "  up");
+        }
+        kill(child.id(), libc::SIGINT);
+        let status = wait_for("agentctl exits on SIGINT", DEADLINE, || {
+            child.try_wait().unwrap()
+        });
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(130), "{err}");
+        assert_eq!(
+            err.trim(),
+            format!(
+                "agentctl: stopped waiting; task {id} goes on (stop it with `agentctl stop {id}`)"
+            )
+        );
+        assert_eq!(d.task(&id)["state"], json!("running"));
+    }
+    // A session watch says how to stop the session's tasks.
+    let mut child = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["watch", "--session", "w"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its snapshot shows the running task: the watch is set up.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _ = lines.next();
+    kill(child.id(), libc::SIGINT);
+    let status = wait_for("agentctl exits on SIGINT", DEADLINE, || {
+        child.try_wait().unwrap()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("the tasks of session w go on (stop them with `agentctl stop --session w`)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tables_show_short_unique_ids_and_times_are_local() {
+    let d = Daemon::with_agent_exec(&[]);
+    let first = d.submit("alice", "sleep 30");
+    let second = d.submit("bob", "sleep 30");
+    let out = d.agentctl(&["tasks"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let shown: Vec<String> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(shown.len(), 2, "{table}");
+    for (short, full) in shown.iter().zip([&first, &second]) {
+        assert!(
+            short.len() < full.len() && full.starts_with(short.as_str()),
+            "{table}"
+        );
+        // agentd takes the short id wherever an id goes.
+        assert_eq!(d.agentctl_json(&["status", short])["task_id"], json!(full));
+    }
+    assert!(
+        !table.contains('\x1b'),
+        "piped output has no colour: {table:?}"
+    );
+    let full = stdout(&d.agentctl(&["tasks", "--full"]));
+    assert!(full.contains(&first) && full.contains(&second), "{full}");
+    let json = d.agentctl_json(&["tasks"]);
+    assert!(json.to_string().contains(&first));
+    let coloured = stdout(&d.agentctl(&["tasks", "--color", "always"]));
+    assert!(coloured.contains("\x1b[36mrunning\x1b[0m"), "{coloured:?}");
+
+    // Times in the local zone, as TZ says.
+    let created = d.task(&first)["created_at"].as_str().unwrap().to_string();
+    let (hour, minute): (u32, u32) = (
+        created[11..13].parse().unwrap(),
+        created[14..16].parse().unwrap(),
+    );
+    let status_in = |tz: &str| {
+        let out = Command::new(AGENTCTL)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["status", &first])
+            .env("TZ", tz)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let utc = status_in("UTC0");
+    assert!(
+        utc.contains(&format!(
+            "  created   {} {} UTC (",
+            &created[..10],
+            &created[11..19]
+        )),
+        "{utc}"
+    );
+    let shifted = (hour * 60 + minute + 5 * 60 + 45) % (24 * 60);
+    let far = status_in("NPT-05:45");
+    assert!(
+        far.contains(&format!(
+            "{:02}:{:02}:{} NPT (",
+            shifted / 60,
+            shifted % 60,
+            &created[17..19]
+        )),
+        "{far}"
+    );
+}
+
+#[test]
+fn bash_loads_the_completions_and_they_complete_commands() {
+    let out = Command::new(AGENTCTL)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("agentctl.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let check = format!(
+        "source {} && complete -p agentctl && COMP_WORDS=(agentctl ch) COMP_CWORD=1 && \
+         _agentctl agentctl ch agentctl && echo \"words: ${{COMPREPLY[*]}}\"",
+        script.display()
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "--noprofile", "-c", &check])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(said.contains("-F _agentctl agentctl"), "{said}");
+    assert!(said.contains("words: chat"), "{said}");
+
+    for (shell, marker) in [
+        ("zsh", "#compdef agentctl"),
+        ("fish", "complete -c agentctl"),
+    ] {
+        let out = Command::new(AGENTCTL)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let script = stdout(&out);
+        assert!(
+            script.contains(marker) && script.contains("chat"),
+            "{shell}: {script}"
+        );
+    }
+    let out = Command::new(AGENTCTL)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Renders a man page file to text: `man -l` (man-db), else `groff -man`.
+fn render_man(page: &std::path::Path) -> String {
+    let man = Command::new("man")
+        .args(["-P", "cat", "-l"])
+        .arg(page)
+        .env("MANWIDTH", "100")
+        .output();
+    let out = match man {
+        Ok(out) if out.status.success() => out,
+        _ => Command::new("groff")
+            .args(["-man", "-Tutf8"])
+            .arg(page)
+            .output()
+            .expect("neither `man` nor `groff` is installed (.ci/run installs groff-base)"),
+    };
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Bold and underline are overstrikes: `c\x08c`, `_\x08c`.
+    let text = stdout(&out);
+    let mut plain = String::new();
+    for c in text.chars() {
+        if c == '\x08' {
+            plain.pop();
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+#[test]
+fn man_pages_are_generated_and_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(AGENTCTL).arg("man").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = dir.path().join("printed.1");
+    std::fs::write(&page, &out.stdout).unwrap();
+    let text = render_man(&page);
+    for needle in [
+        "NAME",
+        "agentctl - Control agentd",
+        "SYNOPSIS",
+        "completions",
+        "chat",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).unwrap();
+    let out = Command::new(AGENTCTL)
+        .arg("man")
+        .arg(&pages)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(pages.join("agentctl.1").exists());
+    let chat = render_man(&pages.join("agentctl-chat.1"));
+    assert!(chat.contains("--session"), "{chat}");
+    for command in [
+        "send",
+        "status",
+        "tasks",
+        "stop",
+        "queue",
+        "watch",
+        "ping",
+        "completions",
+        "man",
+    ] {
+        assert!(
+            pages.join(format!("agentctl-{command}.1")).exists(),
+            "{command}"
+        );
+    }
+    let out = Command::new(AGENTCTL)
+        .arg("man")
+        .arg(dir.path().join("missing/dir"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        stderr(&out).starts_with("agentctl: cannot write into "),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -135,3 +135,38 @@ fn a_steer_backlog_message_is_answered_as_steered_and_kept() {
     let kept = reply["task"]["task_id"].as_str().unwrap();
     assert_eq!(d.wait_state(kept, "succeeded")["result"], json!("kept"));
 }
+
+/// A `steer-backlog` message is kept as a follow-up already: when the agent refuses
+/// the steered copy, it must not be queued a second time (it would run twice).
+#[test]
+fn a_refused_steer_backlog_message_runs_once() {
+    let d = Daemon::with_test_agent(&["--debounce", "0ms"]);
+    let running = d.submit("alice", "refuse-steer sleep:60000");
+    d.wait_state(&running, "running");
+    let reply = d.request(json!({
+        "cmd": "send", "session": "alice", "text": "result:kept", "mode": "steer-backlog"
+    }));
+    assert_eq!(reply["steered_into"], json!(running), "{reply}");
+    let kept = reply["task"]["task_id"].as_str().unwrap().to_string();
+    // The agent refuses the steer at once, before it reads the cancel: once the
+    // running task has ended, agentd has handled the refusal.
+    d.agentctl_json(&["stop", &running]);
+    assert_eq!(d.wait_state(&kept, "succeeded")["result"], json!("kept"));
+    // A follow-up sent after all that: once it has run, so has anything queued before.
+    let last = d.request(json!({
+        "cmd": "send", "session": "alice", "text": "result:last", "mode": "followup"
+    }));
+    d.wait_state(last["task"]["task_id"].as_str().unwrap(), "succeeded");
+    let all = d.request(json!({"cmd": "tasks", "session": "alice", "all": true}));
+    let ran: Vec<&Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["text"] == json!("result:kept"))
+        .collect();
+    assert_eq!(
+        ran.len(),
+        1,
+        "the message became more than one task: {ran:?}"
+    );
+}

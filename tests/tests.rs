@@ -32,6 +32,8 @@ mod python_agent;
 mod queue;
 /// Timers, stops and events that cross each other.
 mod races;
+/// agentd as a service: default config file, systemd readiness, logs, private state.
+mod service;
 /// Steering fallbacks: refused steers, shutdown, steer-backlog answers.
 mod steer;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.

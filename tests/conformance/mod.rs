@@ -4,8 +4,9 @@
 mod transcript;
 
 use agentd_proto::control::{
-    Capacity, ErrorCode, EventKind, EventView, ExitView, Named, Priority, QueueMode, Request,
-    Response, SendReply, StatusReply, TaskState, TaskView,
+    Capacity, DropPolicy, ErrorBody, ErrorCode, EventKind, EventView, ExitView, Named, Priority,
+    QueueMode, Request, RequestBody, Response, SendReply, StatusReply, StopReply, StopStep,
+    StoppingView, TaskState, TaskView, TasksPage, WatchReply,
 };
 use serde_json::{json, Value};
 
@@ -47,6 +48,28 @@ fn a_send_is_answered_before_the_events_it_causes_on_the_same_connection() {
     }
 }
 
+/// A `started` event says the agent process was started: its task view carries that
+/// process's pid, the one the `send` answer shows.
+#[test]
+fn a_started_event_carries_the_agent_pid() {
+    let d = Daemon::with_agent_exec(&["--max-concurrent", "1"]);
+    let mut c = Conn::open(&d);
+    c.send(&json!({"id": 1, "cmd": "watch", "session": "chat"}));
+    assert_eq!(c.line()["id"], json!(1));
+    c.send(&json!({"id": 2, "cmd": "send", "session": "chat", "text": "exec sleep 60"}));
+    let answer = c.line();
+    let pid = answer["result"]["task"]["pid"].clone();
+    assert!(pid.is_u64(), "no pid in the answer: {answer}");
+    loop {
+        let line = c.line();
+        if line["event"]["kind"] == json!("started") {
+            assert_eq!(line["event"]["task"]["pid"], pid, "{line}");
+            break;
+        }
+    }
+    c.send(&json!({"id": 3, "cmd": "stop", "all": true}));
+}
+
 #[test]
 fn the_transcripts_in_the_protocol_doc_are_what_agentd_says() {
     let doc = protocol_doc();
@@ -63,10 +86,15 @@ fn the_transcripts_in_the_protocol_doc_are_what_agentd_says() {
     let only: Option<usize> = std::env::var("AGENTD_TRANSCRIPT_RECORD")
         .ok()
         .and_then(|v| v.parse().ok());
+    let mut recorded = Vec::new();
     for (i, t) in transcripts.iter().enumerate() {
         if only.is_none_or(|n| n == i + 1) {
-            replay(t);
+            recorded.extend(replay(t).map(|text| (t, text)));
         }
+    }
+    // AGENTD_TRANSCRIPT_WRITE=1 (with RECORD) puts what agentd answered into the doc.
+    if std::env::var_os("AGENTD_TRANSCRIPT_WRITE").is_some() && !recorded.is_empty() {
+        write_transcripts(&recorded);
     }
 }
 
@@ -302,6 +330,138 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
             at: Some(String::new()),
         }),
     );
+    check(
+        "Responses",
+        "line field",
+        keys!(Response {
+            id: Some(1),
+            ok: true,
+            result: Some(Value::Null),
+            error: Some(ErrorBody::new(ErrorCode::Lagged, "")),
+            event: Some(EventView {
+                kind: EventKind::Progress,
+                task_id: "t".into(),
+                session: "s".into(),
+                position: None,
+                text: None,
+                into: None,
+                task: None,
+                at: None,
+            }),
+            skipped: Some(1),
+        }),
+    );
+    check(
+        "tasks and TasksPage",
+        "page field",
+        keys!(TasksPage {
+            tasks: vec![sample_view()],
+            next_cursor: Some("t".into()),
+        }),
+    );
+    let stopping = StoppingView {
+        task_id: "t".into(),
+        step: StopStep::CooperativeCancel,
+        next: Some(StopStep::Sigterm),
+        next_in_ms: Some(5000),
+    };
+    check(
+        "stop and StopReply",
+        "stop field",
+        keys!(StopReply {
+            stopped: vec![sample_view()],
+            stopping: vec![stopping.clone()],
+        }),
+    );
+    check("stop and StopReply", "stopping field", keys!(stopping));
+    check(
+        "Watches and events",
+        "answer field",
+        keys!(WatchReply {
+            task_id: Some("t".into()),
+            session: Some("s".into()),
+            task: Some(sample_view()),
+        }),
+    );
+    // The `step` row names every step of the stop sequence.
+    let step_row = doc
+        .lines()
+        .find(|l| l.starts_with("| `step` |"))
+        .expect("a `step` row");
+    for step in names::<StopStep>() {
+        assert!(
+            step_row.contains(&format!("`{step}`")),
+            "the `step` row does not name {step}"
+        );
+    }
+    // Every field of every request is named in its command's row.
+    let some = || Some("x".to_string());
+    let requests = [
+        RequestBody::Hello {
+            protocol: 1,
+            client: some(),
+        },
+        RequestBody::Ping,
+        RequestBody::Send {
+            session: "s".into(),
+            text: "t".into(),
+            message_id: some(),
+            priority: Some(Priority::Background),
+            mode: Some(QueueMode::Steer),
+        },
+        RequestBody::Queue {
+            session: "s".into(),
+            mode: Some(QueueMode::Steer),
+            debounce_ms: Some(0),
+            cap: Some(1),
+            drop: Some(DropPolicy::Old),
+            reset: true,
+        },
+        RequestBody::Watch {
+            task_id: some(),
+            session: some(),
+        },
+        RequestBody::Status { task_id: some() },
+        RequestBody::Tasks {
+            session: some(),
+            all: true,
+            limit: Some(1),
+            cursor: some(),
+        },
+        RequestBody::Stop {
+            task_id: some(),
+            session: some(),
+            all: true,
+            wait: false,
+        },
+        RequestBody::Log {
+            task_id: "x".into(),
+            offset: 1,
+        },
+        RequestBody::Resume {
+            task_id: "x".into(),
+        },
+    ];
+    assert_eq!(
+        requests.len(),
+        variants!(Request, json!({"id": 1, "cmd": "?"})).len(),
+        "a command is missing from this list"
+    );
+    for body in requests {
+        let value = serde_json::to_value(&body).unwrap();
+        let cmd = value["cmd"].as_str().unwrap().to_string();
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{cmd}` |")))
+            .unwrap_or_else(|| panic!("no row for {cmd}"));
+        let fields = row.split('|').nth(2).unwrap_or("");
+        for key in keys!(&value).into_iter().filter(|k| k != "cmd") {
+            assert!(
+                fields.contains(&format!("`{key}`")),
+                "the `{cmd}` row does not name its field {key}"
+            );
+        }
+    }
     // Every exit field is named in the TaskView table's `exit` row.
     let exit_row = doc
         .lines()

@@ -86,6 +86,8 @@ pub(super) struct Step {
     /// `< closed`: agentd closes the connection after these lines.
     pub(super) closes: bool,
     pub(super) line: usize,
+    /// The `#` comment lines written before the request, kept when re-recording.
+    pub(super) comments: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,10 @@ pub(super) struct Transcript {
     pub(super) args: Vec<String>,
     pub(super) steps: Vec<Step>,
     pub(super) line: usize,
+    /// How many lines the block has (to replace it when re-recording).
+    pub(super) lines: usize,
+    /// `#` comment lines after the last step.
+    pub(super) trailing: Vec<String>,
 }
 
 /// Splits a command line on blanks, with '…' and "…" quoting.
@@ -122,10 +128,16 @@ pub(super) fn shell_words(line: &str) -> Vec<String> {
 /// the `<` lines agentd writes; an entry continues on indented lines; `#` comments.
 pub(super) fn parse_transcript(block: &Block) -> Transcript {
     let mut args = None;
-    let mut entries: Vec<(char, String, usize)> = Vec::new();
+    // (mark, text, line number, the comments before it)
+    let mut entries: Vec<(char, String, usize, Vec<String>)> = Vec::new();
+    let mut comments: Vec<String> = Vec::new();
     for (i, line) in block.text.lines().enumerate() {
         let n = block.line + i;
-        if line.trim().is_empty() || line.starts_with('#') {
+        if line.starts_with('#') {
+            comments.push(line.to_string());
+            continue;
+        }
+        if line.trim().is_empty() {
             continue;
         }
         if let Some(rest) = line.strip_prefix("$ ") {
@@ -143,13 +155,18 @@ pub(super) fn parse_transcript(block: &Block) -> Transcript {
             last.1.push(' ');
             last.1.push_str(line.trim());
         } else if let Some(kind @ ('>' | '<')) = line.chars().next() {
-            entries.push((kind, line[1..].trim().to_string(), n));
+            entries.push((
+                kind,
+                line[1..].trim().to_string(),
+                n,
+                std::mem::take(&mut comments),
+            ));
         } else {
             panic!("docs/protocol.md line {n}: a transcript line starts with `>`, `<`, `$`, `#` or blanks: {line}");
         }
     }
     let mut steps: Vec<Step> = Vec::new();
-    for (kind, text, n) in entries {
+    for (kind, text, n, comments) in entries {
         let parse = |text: &str| -> Value {
             serde_json::from_str(text)
                 .unwrap_or_else(|e| panic!("docs/protocol.md line {n}: not JSON ({e}): {text}"))
@@ -163,6 +180,7 @@ pub(super) fn parse_transcript(block: &Block) -> Transcript {
                     Value::String(text.clone())
                 }),
                 line: n,
+                comments,
                 ..Step::default()
             }),
             _ => {
@@ -173,6 +191,8 @@ pub(super) fn parse_transcript(block: &Block) -> Transcript {
                     });
                 }
                 let step = steps.last_mut().unwrap();
+                // A comment among a step's `<` lines moves before the step's request.
+                step.comments.extend(comments);
                 if text == "closed" {
                     step.closes = true;
                 } else {
@@ -191,6 +211,8 @@ pub(super) fn parse_transcript(block: &Block) -> Transcript {
         }),
         steps,
         line: block.line,
+        lines: block.text.lines().count(),
+        trailing: comments,
     }
 }
 
@@ -405,7 +427,7 @@ pub(super) fn generalize_new(value: &Value, b: &mut Bindings) -> Value {
                 let daemon = map.contains_key("uptime_ms");
                 for (key, v) in map.iter_mut() {
                     match key.as_str() {
-                        "uptime_ms" | "stop_ms" => *v = json!("…"),
+                        "uptime_ms" | "stop_ms" | "next_in_ms" => *v = json!("…"),
                         "pid" if daemon => *v = json!("…"),
                         "pid" if v.is_u64() => {
                             if !b.0.iter().any(|(_, bound)| bound == v) {
@@ -484,6 +506,9 @@ pub(super) const FIELD_ORDER: &[&str] = &[
     "id",
     "ok",
     "cmd",
+    "protocol",
+    "server",
+    "pong",
     "reply",
     "accepted",
     "kind",
@@ -503,6 +528,7 @@ pub(super) const FIELD_ORDER: &[&str] = &[
     "result",
     "error",
     "event",
+    "skipped",
     "exit",
     "merged_into",
     "priority",
@@ -515,6 +541,14 @@ pub(super) const FIELD_ORDER: &[&str] = &[
     "duplicate",
     "dropped",
     "notice",
+    "steered_into",
+    "stopped",
+    "stopping",
+    "step",
+    "next",
+    "next_in_ms",
+    "tasks",
+    "next_cursor",
     "at",
     "version",
     "uptime_ms",
@@ -618,8 +652,9 @@ pub(super) fn start_daemon(args: &[String]) -> Daemon {
 
 /// Replays a transcript; on a difference, panics with the lines agentd wrote as the
 /// doc would write them. With `AGENTD_TRANSCRIPT_RECORD=all` (or `=N`) it prints the whole
-/// transcript as agentd answered it instead (to paste into the doc after a change).
-pub(super) fn replay(t: &Transcript) {
+/// transcript as agentd answered it instead, comments kept, and returns it (the
+/// block's new text, which `AGENTD_TRANSCRIPT_WRITE=1` puts into the doc).
+pub(super) fn replay(t: &Transcript) -> Option<String> {
     let record = std::env::var_os("AGENTD_TRANSCRIPT_RECORD").is_some();
     let d = start_daemon(&t.args);
     let mut conn: Option<Conn> = None;
@@ -628,6 +663,10 @@ pub(super) fn replay(t: &Transcript) {
     let mut recorded = String::new();
     for step in &t.steps {
         let c = conn.get_or_insert_with(|| Conn::open(&d));
+        for comment in &step.comments {
+            recorded.push_str(comment);
+            recorded.push('\n');
+        }
         if let Some(request) = &step.request {
             match substitute(request, &b) {
                 Value::String(raw) => writeln!(c.writer, "{raw}").expect("write"),
@@ -640,9 +679,22 @@ pub(super) fn replay(t: &Transcript) {
             recorded.push('\n');
         }
         if record {
-            // Everything agentd writes until it is quiet for a while.
+            // Everything agentd writes until it is quiet for a while. A line the doc
+            // already shows (it matches) is kept as the doc writes it, with its
+            // wildcards; any other is written out with new placeholders.
+            let mut pending: Vec<&Value> = step.expect.iter().collect();
             while let Some(line) = read_line(c) {
-                let shown = entry('<', &generalize_new(&line, &mut b));
+                let known = pending.iter().position(|e| {
+                    e["id"] == line["id"] && matches(e, &line, &mut b.clone(), "line").is_ok()
+                });
+                let shown = match known {
+                    Some(i) => {
+                        let expected = pending.remove(i);
+                        matches(expected, &line, &mut b, "line").expect("matched before");
+                        entry('<', expected)
+                    }
+                    None => entry('<', &generalize_new(&line, &mut b)),
+                };
                 recorded.push_str(&shown);
                 recorded.push('\n');
             }
@@ -708,13 +760,47 @@ pub(super) fn replay(t: &Transcript) {
             conn = None;
         }
     }
-    if record {
-        eprintln!(
-            "---- transcript at docs/protocol.md line {} as agentd answered it ----\n$ agentd {}\n{recorded}",
-            t.line,
-            t.args.iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" ")
-        );
+    if !record {
+        return None;
     }
+    for comment in &t.trailing {
+        recorded.push_str(comment);
+        recorded.push('\n');
+    }
+    let block = format!(
+        "$ agentd{}\n{recorded}",
+        t.args
+            .iter()
+            .map(|a| if a.contains(' ') {
+                format!(" '{a}'")
+            } else {
+                format!(" {a}")
+            })
+            .collect::<String>()
+    );
+    eprintln!(
+        "---- transcript at docs/protocol.md line {} as agentd answered it ----\n{block}",
+        t.line
+    );
+    Some(block)
+}
+
+/// Puts re-recorded transcripts into docs/protocol.md in place of the old ones.
+pub(super) fn write_transcripts(recorded: &[(&Transcript, String)]) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md");
+    let doc = protocol_doc();
+    let mut lines: Vec<String> = doc.lines().map(String::from).collect();
+    let mut blocks: Vec<&(&Transcript, String)> = recorded.iter().collect();
+    // From the end, so earlier line numbers stay right.
+    blocks.sort_by_key(|(t, _)| std::cmp::Reverse(t.line));
+    for (t, text) in blocks {
+        let first = t.line - 1;
+        lines.splice(first..first + t.lines, text.lines().map(String::from));
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("write {path}: {e}"));
+    eprintln!("wrote {} transcript(s) into {path}", recorded.len());
 }
 
 /// The next line, or `None` after the deadline (or in record mode, a quiet while).

@@ -49,22 +49,36 @@ impl Daemon {
     /// Starts agentd with `args` (plus `--socket` and `--state-dir` in a fresh temp dir)
     /// and waits until it answers a ping.
     pub fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Daemon::start_in(tempfile::tempdir().expect("temp dir"), args, &[])
+    }
+
+    /// Like [`Daemon::start`], in `dir` (which may hold files the test put there),
+    /// with `env` set (`None` removes a variable). By default `AGENTD_LOG=debug`, and
+    /// `XDG_CONFIG_HOME` is `dir/config`, so a user's own config file never applies.
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str], env: &[(&str, Option<&str>)]) -> Daemon {
         let socket = dir.path().join("run").join("agentd.sock");
         let log = std::fs::File::create(dir.path().join("agentd.log")).expect("log file");
-        let child = Command::new(AGENTD)
+        let mut command = Command::new(AGENTD);
+        command
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(args)
             .env("AGENTD_LOG", "debug")
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
             .env_remove("AGENTD_SOCKET")
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agentd");
+            .stderr(log);
+        for (key, value) in env {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        let child = command.spawn().expect("spawn agentd");
         let mut daemon = Daemon { dir, socket, child };
         wait_for("agentd answers a ping", DEADLINE, || {
             if let Ok(Some(status)) = daemon.child.try_wait() {

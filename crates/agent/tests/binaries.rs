@@ -4,7 +4,8 @@
 //! The binaries belong to another package, so cargo does not build them for this
 //! test: each test looks for them next to its own executable's profile directory
 //! and is skipped, with a message, when they are missing. Build them first:
-//! `cargo build --bin agent-exec --bin agentd-test-agent`.
+//! `cargo build --features test-agent --bin agent-exec --bin agentd-test-agent` (the
+//! root package's own tests build both).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -29,7 +30,7 @@ fn binary(name: &str) -> Option<PathBuf> {
         Some(path)
     } else {
         eprintln!(
-            "SKIPPED: {} not found; run `cargo build --bin {name}` first",
+            "SKIPPED: {} not found; run `cargo build --features test-agent --bin {name}` first",
             path.display()
         );
         None

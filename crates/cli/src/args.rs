@@ -25,7 +25,8 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
     after_help = "Exit status: 0 success, 1 agentd answered with an error, 2 usage error, \
                   3 agentd is not running or cannot be reached, 4 other failure \
                   (timeout, lost connection, unexpected answer), 5 `send --wait`: the \
-                  task did not succeed."
+                  task did not succeed, 130 `send --wait` or `watch` interrupted by \
+                  Ctrl-C (the task goes on; `agentctl stop ID` stops it)."
 )]
 pub struct Cli {
     /// The control socket [default: $XDG_RUNTIME_DIR/agentd/agentd.sock,
@@ -44,6 +45,14 @@ pub struct Cli {
     /// Print agentd's answer as one JSON value on stdout (`watch`: one event per line)
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Show full task ids in tables instead of short unique prefixes
+    #[arg(long, global = true)]
+    pub full: bool,
+
+    /// Colour the output: auto (on a terminal, unless NO_COLOR is set), always or never
+    #[arg(long, global = true, value_name = "WHEN", default_value = "auto")]
+    pub color: ColorWhen,
 
     #[command(subcommand)]
     pub command: Command,
@@ -92,8 +101,6 @@ impl Cli {
 
 /// agentctl's subcommands.
 ///
-/// `chat` is not implemented yet; it will be added here as a variant with its own
-/// argument struct.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Send a chat message to a session: work, or a control command such as /status
@@ -116,6 +123,71 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Check that agentd is running
     Ping,
+    /// Chat with a session in the terminal: each line is a message, /commands are
+    /// answered at once, events and results stream in between; /quit or Ctrl-D leaves
+    Chat(ChatArgs),
+    /// Print a shell completion script for bash, zsh or fish (see the README for
+    /// where to put it)
+    Completions(CompletionsArgs),
+    /// Print agentctl's man page, or write one page per command into DIR
+    Man(ManArgs),
+}
+
+/// When to colour the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorWhen {
+    /// On a terminal, unless NO_COLOR is set (CLICOLOR_FORCE forces it)
+    Auto,
+    /// Also when piped
+    Always,
+    /// Plain text
+    Never,
+}
+
+/// `chat --session S [--background] [--mode MODE]`
+#[derive(Debug, Clone, Args)]
+pub struct ChatArgs {
+    /// The session (chat) to talk to
+    #[arg(long, value_name = "S")]
+    pub session: String,
+
+    /// Send every message with background priority
+    #[arg(long)]
+    pub background: bool,
+
+    /// Queue mode for every message, if the session is busy
+    #[arg(long, value_name = "MODE", value_parser = parse_queue_mode)]
+    pub mode: Option<QueueMode>,
+}
+
+impl ChatArgs {
+    /// The `send` request for one typed line.
+    pub fn request(&self, line: &str) -> RequestBody {
+        RequestBody::Send {
+            session: self.session.clone(),
+            text: line.to_string(),
+            message_id: None,
+            priority: self.background.then_some(Priority::Background),
+            mode: self.mode,
+        }
+    }
+}
+
+/// `completions SHELL`
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// `man [DIR]`
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write agentctl.1 and agentctl-COMMAND.1 into this directory instead of
+    /// printing agentctl.1
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 impl Command {
@@ -142,7 +214,6 @@ impl Command {
                 wait: !a.no_wait,
             },
             Command::Queue(a) => a.request(),
-            Command::Watch(_) => return None,
             Command::Log(a) => RequestBody::Log {
                 task_id: a.task_id.clone(),
                 offset: 0,
@@ -151,6 +222,9 @@ impl Command {
                 task_id: a.task_id.clone(),
             },
             Command::Ping => RequestBody::Ping,
+            Command::Watch(_) | Command::Chat(_) | Command::Completions(_) | Command::Man(_) => {
+                return None
+            }
         })
     }
 }
@@ -802,5 +876,39 @@ mod tests {
     fn an_empty_socket_means_the_default() {
         let cli = parse(&["--socket", "", "ping"]).unwrap();
         assert_eq!(cli.socket_path(), default_socket_path());
+    }
+    #[test]
+    fn chat_completions_man_and_the_output_flags() {
+        let cli = parse(&["chat", "--session", "alice", "--mode", "steer"]).unwrap();
+        let Command::Chat(args) = &cli.command else {
+            panic!("not chat: {cli:?}");
+        };
+        assert_eq!(cli.command.request(), None);
+        assert_eq!(
+            args.request("/status"),
+            RequestBody::Send {
+                session: "alice".into(),
+                text: "/status".into(),
+                message_id: None,
+                priority: None,
+                mode: Some(QueueMode::Steer),
+            }
+        );
+        usage_error(&["chat"]);
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = parse(&["completions", shell]).unwrap();
+            assert!(matches!(cli.command, Command::Completions(_)), "{shell}");
+        }
+        let err = usage_error(&["completions", "cmd.exe"]);
+        assert!(err.contains("bash") && err.contains("zsh"), "{err}");
+        let cli = parse(&["man", "/tmp/pages"]).unwrap();
+        assert!(
+            matches!(&cli.command, Command::Man(m) if m.dir.as_deref() == Some(std::path::Path::new("/tmp/pages")))
+        );
+        let cli = parse(&["tasks", "--full", "--color", "never"]).unwrap();
+        assert!(cli.full);
+        assert_eq!(cli.color, ColorWhen::Never);
+        assert_eq!(parse(&["ping"]).unwrap().color, ColorWhen::Auto);
+        usage_error(&["ping", "--color", "sometimes"]);
     }
 }

@@ -19,7 +19,18 @@
 //! (one line per event; with `--json` one event object per line) and `send --wait`
 //! (progress lines, then the outcome and the result; with `--json` only the final
 //! task). `send --wait` exits with [`EXIT_TASK_FAILED`] when the task did not
-//! succeed.
+//! succeed. Output already printed as progress is not printed again as the result.
+//! Ctrl-C on `send --wait` or `watch` ends agentctl with [`EXIT_INTERRUPTED`] and a
+//! line on stderr saying that the task goes on and how to stop it.
+//!
+//! `chat` is a terminal chat with one session: each line read from stdin is sent as
+//! a message (chat commands such as `/status` are answered at once), while the
+//! session's events and results, read on a second connection, are printed in between.
+//!
+//! Colour: styles are printed only when [`run`] finds stdout a terminal and
+//! `NO_COLOR` unset (or `--color always`); [`execute`] never prints them. Times are
+//! local (the `TZ` environment variable, else the system's zone). Tables show short
+//! unique prefixes of task ids (`--full` for full ones; `--json` always has them).
 
 pub mod args;
 pub mod client;
@@ -28,10 +39,12 @@ pub mod render;
 #[cfg(test)]
 mod fixtures;
 
+use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{self, Write};
+use std::io::{self, BufRead, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::{mpsc, Mutex};
 use std::time::SystemTime;
 
 use agentd_proto::control::{
@@ -42,10 +55,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use agentd_proto::control::EventView;
+use clap::CommandFactory;
+use jiff::tz::TimeZone;
+
 pub use args::{Cli, Command};
 pub use client::{Client, ClientError, WatchStream};
 
-use args::{SendArgs, WatchArgs};
+use args::{ChatArgs, ColorWhen, ManArgs, SendArgs, WatchArgs};
 
 /// Success (also when stdout was closed early).
 pub const EXIT_OK: u8 = 0;
@@ -61,6 +78,8 @@ pub const EXIT_FAILURE: u8 = 4;
 /// `send --wait`: the task ended in a state other than `succeeded` (failed,
 /// cancelled, interrupted, expired, dropped…).
 pub const EXIT_TASK_FAILED: u8 = 5;
+/// `send --wait` or `watch` ended by Ctrl-C (SIGINT); the task goes on.
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// The entry point of the `agentctl` binary: [`run`] with the process arguments.
 pub fn main() -> ExitCode {
@@ -83,13 +102,99 @@ where
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
         }
     };
-    let code = execute(&cli, &mut io::stdout().lock(), &mut io::stderr().lock());
+    let colour = match cli.color {
+        ColorWhen::Always => true,
+        ColorWhen::Never => false,
+        ColorWhen::Auto => {
+            anstream::AutoStream::choice(&io::stdout()) != anstream::ColorChoice::Never
+        }
+    };
+    if matches!(cli.command, Command::Watch(_) | Command::Send(_)) {
+        catch_interrupt();
+    }
+    // stderr stays unlocked: the Ctrl-C thread writes to it while a command runs.
+    let code = execute_styled(&cli, colour, &mut io::stdout().lock(), &mut io::stderr());
     ExitCode::from(code)
 }
 
-/// Runs a parsed command line, writing output to `out` and the error line to `err`;
-/// returns the exit code.
+/// Runs a parsed command line, writing output without colour to `out` and the error
+/// line to `err`; returns the exit code.
 pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    execute_styled(cli, false, out, err)
+}
+
+/// [`execute`], with ANSI styles in the output if `colour`.
+pub fn execute_styled(cli: &Cli, colour: bool, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    if colour {
+        execute_on(cli, out, err)
+    } else {
+        execute_on(cli, &mut Plain::new(out), err)
+    }
+}
+
+/// A writer that drops ANSI escape sequences on the way to `inner` (stateful, so a
+/// sequence split across writes is dropped too).
+struct Plain<'a> {
+    inner: &'a mut dyn Write,
+    state: anstream::adapter::StripBytes,
+}
+
+impl<'a> Plain<'a> {
+    fn new(inner: &'a mut dyn Write) -> Plain<'a> {
+        Plain {
+            inner,
+            state: anstream::adapter::StripBytes::new(),
+        }
+    }
+}
+
+impl Write for Plain<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for printable in self.state.strip_next(buf) {
+            self.inner.write_all(printable)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// What Ctrl-C prints before agentctl exits, if anything (see [`catch_interrupt`]).
+static INTERRUPT_NOTICE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Says what Ctrl-C would leave running from now on (`None`: nothing to say).
+fn on_interrupt(notice: Option<String>) {
+    if let Ok(mut slot) = INTERRUPT_NOTICE.lock() {
+        *slot = notice;
+    }
+}
+
+/// Turns SIGINT into: the notice set by [`on_interrupt`] on stderr, then exit
+/// [`EXIT_INTERRUPTED`]. Only the binary does this (not [`execute`], which tests call).
+fn catch_interrupt() {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let notice = INTERRUPT_NOTICE.lock().ok().and_then(|n| n.clone());
+            let mut err = io::stderr().lock();
+            // After the ^C the terminal echoed, on a line of its own.
+            if io::IsTerminal::is_terminal(&err) {
+                let _ = writeln!(err);
+            }
+            if let Some(notice) = notice {
+                let _ = writeln!(err, "{notice}");
+            }
+            let _ = err.flush();
+            std::process::exit(EXIT_INTERRUPTED.into());
+        }
+    });
+}
+
+fn execute_on(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let result = dispatch(cli, out).and_then(|code| {
         out.flush().map_err(RunError::Output)?;
         Ok(code)
@@ -108,7 +213,7 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             let _ = writeln!(err, "agentctl: {e}");
             e.exit_code()
         }
-        Err(e @ RunError::Output(_)) => {
+        Err(e @ (RunError::Output(_) | RunError::Write { .. })) => {
             let _ = writeln!(err, "agentctl: {e}");
             EXIT_FAILURE
         }
@@ -122,6 +227,11 @@ enum RunError {
     Client(#[from] ClientError),
     #[error("cannot write output: {0}")]
     Output(#[source] io::Error),
+    #[error("cannot write into {}: {source}", dir.display())]
+    Write {
+        dir: std::path::PathBuf,
+        source: io::Error,
+    },
 }
 
 /// Runs the command; the exit code on success.
@@ -130,18 +240,28 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
     let ctx = Ctx {
         socket: &socket,
         json: cli.json,
+        full: cli.full,
+        tz: TimeZone::system(),
     };
     let now = SystemTime::now;
     match &cli.command {
         Command::Send(a) if a.wait => return ctx.send_wait(a, out),
+        Command::Chat(a) => return ctx.chat(a, out),
+        Command::Completions(a) => {
+            // Into memory first: clap_complete panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(a.shell, &mut Cli::command(), "agentctl", &mut script);
+            out.write_all(&script).map_err(RunError::Output)
+        }
+        Command::Man(a) => man(a, out),
         Command::Send(_) => ctx.one_shot(&cli.command, out, |r: SendReply| render::render_send(&r)),
         Command::Status(a) if a.task_id.is_some() => {
             ctx.one_shot(&cli.command, out, |t: TaskView| {
-                render::render_task(&t, now())
+                render::render_task(&t, now(), &ctx.tz)
             })
         }
         Command::Status(_) => ctx.one_shot(&cli.command, out, |s: StatusReply| {
-            render::render_status(&s, now())
+            render::render_status(&s, now(), ctx.full)
         }),
         Command::Tasks(_) => ctx.tasks(&cli.command, out),
         Command::Stop(_) => ctx.one_shot(&cli.command, out, |s: StopReply| render::render_stop(&s)),
@@ -160,10 +280,88 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
     Ok(EXIT_OK)
 }
 
+/// `man [DIR]`: agentctl.1 on `out`, or every page written into DIR.
+fn man(args: &ManArgs, out: &mut dyn Write) -> Result<(), RunError> {
+    let command = Cli::command();
+    match &args.dir {
+        None => clap_mangen::Man::new(command)
+            .render(out)
+            .map_err(RunError::Output),
+        Some(dir) => clap_mangen::generate_to(command, dir).map_err(|source| RunError::Write {
+            dir: dir.clone(),
+            source,
+        }),
+    }
+}
+
 /// What every command needs.
 struct Ctx<'a> {
     socket: &'a Path,
     json: bool,
+    /// Full task ids in tables.
+    full: bool,
+    /// The zone times are shown in.
+    tz: TimeZone,
+}
+
+/// Turns a stream of events into printed lines, remembering each task's progress
+/// lines so that a result is not printed again where progress already showed it.
+struct EventPrinter {
+    json: bool,
+    tz: TimeZone,
+    progress: HashMap<String, Vec<String>>,
+}
+
+impl EventPrinter {
+    fn new(json: bool, tz: TimeZone) -> EventPrinter {
+        EventPrinter {
+            json,
+            tz,
+            progress: HashMap::new(),
+        }
+    }
+
+    /// The lines for one event; `skipped` progress lines were coalesced before it.
+    fn lines(&mut self, event: &EventView, skipped: u64) -> Result<Vec<String>, ClientError> {
+        if self.json {
+            // The event object, with agentd's count of progress lines left out.
+            let mut value =
+                serde_json::to_value(event).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+            if let (Some(object), true) = (value.as_object_mut(), skipped > 0) {
+                object.insert("skipped".into(), skipped.into());
+            }
+            return Ok(vec![to_json(&value)?]);
+        }
+        let mut lines = Vec::new();
+        if skipped > 0 {
+            lines.push(agentd_proto::text::skipped_progress(skipped));
+        }
+        let shown = match (event.kind, &event.text) {
+            (EventKind::Progress, Some(text)) => {
+                let seen = self.progress.entry(event.task_id.clone()).or_default();
+                // A gap: the result can no longer be matched line for line.
+                if skipped == 0 {
+                    seen.push(text.clone());
+                } else {
+                    seen.push(String::from("\0"));
+                }
+                0
+            }
+            (EventKind::Finished, _) => {
+                let seen = self.progress.remove(&event.task_id).unwrap_or_default();
+                let result = event.task.as_ref().and_then(|t| t.result.as_deref());
+                result.map_or(0, |r| render::shown_prefix(&seen, r))
+            }
+            _ => 0,
+        };
+        lines.push(render::render_event(
+            event,
+            SystemTime::now(),
+            &self.tz,
+            shown,
+        ));
+        Ok(lines)
+    }
 }
 
 impl Ctx<'_> {
@@ -241,7 +439,7 @@ impl Ctx<'_> {
         let text = if self.json {
             to_json(&tasks)?
         } else {
-            render::render_tasks(&tasks, SystemTime::now())
+            render::render_tasks(&tasks, SystemTime::now(), self.full)
         };
         writeln!(out, "{text}").map_err(RunError::Output)
     }
@@ -251,25 +449,19 @@ impl Ctx<'_> {
     fn watch(&self, args: &WatchArgs, out: &mut dyn Write) -> Result<(), RunError> {
         let mut client = Client::connect(self.socket)?;
         let mut stream = client.watch(args.request())?;
+        on_interrupt(Some(match (&args.session, stream.task_id()) {
+            (Some(session), _) => agentd_proto::text::interrupted_session(session),
+            (None, Some(task)) => agentd_proto::text::interrupted_task(task),
+            (None, None) => {
+                agentd_proto::text::interrupted_task(args.task_id.as_deref().unwrap_or_default())
+            }
+        }));
+        let mut printer = EventPrinter::new(self.json, self.tz.clone());
         while let Some(event) = stream.next() {
             let event = event?;
-            let skipped = stream.skipped();
-            let line = if self.json {
-                // The event object, with agentd's count of progress lines left out.
-                let mut value = serde_json::to_value(&event)
-                    .map_err(|e| ClientError::BadResponse(e.to_string()))?;
-                if let (Some(object), true) = (value.as_object_mut(), skipped > 0) {
-                    object.insert("skipped".into(), skipped.into());
-                }
-                to_json(&value)?
-            } else {
-                let line = render::render_event(&event, SystemTime::now());
-                if skipped > 0 {
-                    print_flushed(out, &agentd_proto::text::skipped_progress(skipped))?;
-                }
-                line
-            };
-            print_flushed(out, &line)?;
+            for line in printer.lines(&event, stream.skipped())? {
+                print_flushed(out, &line)?;
+            }
         }
         Ok(())
     }
@@ -303,6 +495,103 @@ impl Ctx<'_> {
         }
     }
 
+    /// `chat`: stdin lines are sent as messages on one connection while a session
+    /// watch on another streams the session's events; ends on EOF or `/quit`.
+    fn chat(&self, args: &ChatArgs, out: &mut dyn Write) -> Result<u8, RunError> {
+        enum Input {
+            Watching,
+            Lines(Vec<String>),
+            WatchEnded(ClientError),
+            Typed(String),
+            Eof,
+        }
+        let (tx, rx) = mpsc::channel();
+        let mut watcher = Client::connect(self.socket)?;
+        let mut sender = Client::connect(self.socket)?;
+        let (session, json, tz) = (args.session.clone(), self.json, self.tz.clone());
+        let events = tx.clone();
+        std::thread::spawn(move || {
+            let ended = match watcher.watch_session(&session) {
+                Err(e) => e,
+                Ok(mut stream) => {
+                    let _ = events.send(Input::Watching);
+                    let mut printer = EventPrinter::new(json, tz);
+                    loop {
+                        let lines = match stream.next() {
+                            Some(Ok(event)) => printer.lines(&event, stream.skipped()),
+                            Some(Err(e)) => Err(e),
+                            None => Err(ClientError::Disconnected),
+                        };
+                        match lines {
+                            Ok(lines) => {
+                                if events.send(Input::Lines(lines)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => break e,
+                        }
+                    }
+                }
+            };
+            let _ = events.send(Input::WatchEnded(ended));
+        });
+        // The watch first, so that nothing typed runs unseen.
+        match rx.recv() {
+            Ok(Input::Watching) => {}
+            Ok(Input::WatchEnded(e)) => return Err(e.into()),
+            _ => return Err(ClientError::Disconnected.into()),
+        }
+        std::thread::spawn(move || {
+            for line in io::stdin().lock().lines() {
+                match line {
+                    Ok(line) => {
+                        if tx.send(Input::Typed(line)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.send(Input::Eof);
+        });
+        if !self.json {
+            print_flushed(out, &agentd_proto::text::chat_banner(&args.session))?;
+        }
+        for input in rx {
+            match input {
+                Input::Lines(lines) => {
+                    for line in lines {
+                        print_flushed(out, &line)?;
+                    }
+                }
+                Input::Typed(line) => {
+                    let line = line.trim();
+                    match line {
+                        "" => continue,
+                        "/quit" | "/exit" => break,
+                        _ => {}
+                    }
+                    let value = sender.request(args.request(line))?;
+                    if self.json {
+                        print_flushed(out, &to_json(&value)?)?;
+                        continue;
+                    }
+                    let reply: SendReply = decode(value)?;
+                    let text = render::render_send(&reply);
+                    // Accepted work shows up as events; only what else the answer
+                    // says (drops, notes) is printed here.
+                    let work = reply.accepted && reply.command.is_none() && !reply.duplicate;
+                    for line in text.lines().skip(usize::from(work)) {
+                        print_flushed(out, line)?;
+                    }
+                }
+                Input::WatchEnded(e) => return Err(e.into()),
+                Input::Eof | Input::Watching => break,
+            }
+        }
+        Ok(EXIT_OK)
+    }
+
     /// `send --wait`: the send, then the task's progress until it ends (following the
     /// message into the task it was merged into), then its outcome and result.
     fn send_wait(&self, args: &SendArgs, out: &mut dyn Write) -> Result<u8, RunError> {
@@ -320,16 +609,24 @@ impl Ctx<'_> {
         if !self.json {
             print_flushed(out, &render::render_send(&reply))?;
         }
+        let mut progress = Vec::new();
         let view = match (task.state, &task.merged_into) {
             // The send's line already says where the message went.
-            (TaskState::Merged, Some(into)) => self.follow(&mut client, into, out)?,
+            (TaskState::Merged, Some(into)) => {
+                self.follow(&mut client, into, &mut progress, out)?
+            }
             (state, _) if state.is_terminal() => task,
-            _ => self.follow(&mut client, &task.task_id, out)?,
+            _ => self.follow(&mut client, &task.task_id, &mut progress, out)?,
         };
+        on_interrupt(None);
         let text = if self.json {
             to_json(&view)?
         } else {
-            render::render_wait_end(&view)
+            let shown = view
+                .result
+                .as_deref()
+                .map_or(0, |r| render::shown_prefix(&progress, r));
+            render::render_wait_end(&view, shown)
         };
         writeln!(out, "{text}").map_err(RunError::Output)?;
         Ok(if view.state == TaskState::Succeeded {
@@ -340,21 +637,34 @@ impl Ctx<'_> {
     }
 
     /// Watches task `target` (and the tasks it is merged into) until it ends, printing
-    /// progress lines and merges; returns the final view.
+    /// progress lines (kept in `progress`) and merges; returns the final view.
     fn follow(
         &self,
         client: &mut Client,
         target: &str,
+        progress: &mut Vec<String>,
         out: &mut dyn Write,
     ) -> Result<TaskView, RunError> {
+        on_interrupt(Some(agentd_proto::text::interrupted_task(target)));
         let mut stream = client.watch_task(target)?;
         let mut last = None;
-        for event in stream.by_ref() {
+        while let Some(event) = stream.next() {
             let event = event?;
+            if stream.skipped() > 0 {
+                // A gap: the result can no longer be matched line for line.
+                progress.push(String::from("\0"));
+            }
             let line = match (event.kind, &event.text, &event.into) {
                 _ if self.json => None,
-                (EventKind::Progress, Some(text), _) => Some(render::render_progress(text)),
-                (EventKind::Merged, _, Some(into)) => Some(render::render_merged_into(into)),
+                (EventKind::Progress, Some(text), _) => {
+                    progress.push(text.clone());
+                    Some(render::render_progress(text))
+                }
+                (EventKind::Merged, _, Some(into)) => {
+                    on_interrupt(Some(agentd_proto::text::interrupted_task(into)));
+                    progress.clear();
+                    Some(render::render_merged_into(into))
+                }
                 _ => None,
             };
             if let Some(line) = line {
@@ -737,6 +1047,81 @@ mod tests {
              task t-1  succeeded\n\
              all green\n\
              2 files changed\n"
+        );
+    }
+
+    #[test]
+    fn send_wait_prints_output_once_when_progress_already_showed_it() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let send = conn.next();
+            let running = task("t-1", TaskState::Running);
+            conn.send(&Response::ok(send.id, accepted(running.clone())));
+            let watch = answer_task_watch(conn, "t-1", running, vec![]);
+            conn.event(watch, progress("t-1", "one"));
+            conn.event(watch, progress("t-1", "two"));
+            let done = TaskView {
+                started_at: Some("2024-05-01T10:00:00Z".into()),
+                finished_at: Some("2024-05-01T10:00:01.250Z".into()),
+                result: Some("one\ntwo\nthree\n".into()),
+                ..task("t-1", TaskState::Succeeded)
+            };
+            conn.event(watch, finished(done));
+        });
+        let (code, out, err) = agentctl(&socket, &["send", "--session", "alice", "--wait", "x"]);
+        server.join().unwrap();
+        assert_eq!((code, err.as_str()), (EXIT_OK, ""));
+        assert_eq!(
+            out,
+            "task t-1  started\n  one\n  two\ntask t-1  succeeded (ran 1.25 s)\nthree\n"
+        );
+    }
+
+    #[test]
+    fn watch_prints_each_task_output_once() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let watch = conn.next();
+            conn.send(&Response::ok(
+                watch.id,
+                WatchReply {
+                    task_id: None,
+                    session: Some("alice".into()),
+                    task: None,
+                },
+            ));
+            conn.event(watch.id, progress("t-1", "one"));
+            conn.event(watch.id, progress("t-2", "other"));
+            conn.event(
+                watch.id,
+                finished(TaskView {
+                    result: Some("one\ntwo".into()),
+                    ..task("t-1", TaskState::Succeeded)
+                }),
+            );
+            conn.event(
+                watch.id,
+                finished(TaskView {
+                    result: Some("a different answer".into()),
+                    ..task("t-2", TaskState::Succeeded)
+                }),
+            );
+        });
+        let (code, out, _) = agentctl(&socket, &["watch", "--session", "alice"]);
+        server.join().unwrap();
+        assert_eq!(code, EXIT_FAILURE);
+        let lines: Vec<&str> = out
+            .lines()
+            .map(|l| if l.starts_with(' ') { l } else { &l[8..] })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "  task t-1  progress: one",
+                "  task t-2  progress: other",
+                "  task t-1  finished: succeeded",
+                "          two",
+                "  task t-2  finished: succeeded",
+                "          a different answer",
+            ]
         );
     }
 

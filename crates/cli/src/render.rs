@@ -5,15 +5,23 @@
 //! string that comes from agentd (task text, progress, results, replies) is sanitized:
 //! control characters such as terminal escape sequences are replaced by `�`, and in
 //! one-line contexts (tables) line breaks become spaces.
+//!
+//! Colour: task states, table headers and clocks carry ANSI styles (`anstyle`); the
+//! caller strips them when stdout is not a terminal or `NO_COLOR` is set (see
+//! [`plain`]). Times are shown in a given time zone (the local one in agentctl), and
+//! tables show short unique prefixes of task ids unless asked for full ones.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use agentd_proto::control::TaskState;
 use agentd_proto::control::{
     EventKind, EventView, ExitView, PingReply, QueueSettingsView, SendReply, StatusReply,
     StopReply, TaskView,
 };
 use agentd_proto::text;
+use anstyle::{AnsiColor, Style};
+use jiff::tz::TimeZone;
 
 /// Width of the TEXT column of the tasks table, in characters.
 pub const TEXT_WIDTH: usize = 40;
@@ -23,6 +31,9 @@ pub const SESSION_WIDTH: usize = 32;
 
 /// Width of the excerpt of a dropped message's text, in characters.
 pub const EXCERPT_WIDTH: usize = 40;
+
+/// The shortest id prefix a table shows (agentd accepts prefixes of at least 4).
+pub const MIN_ID_PREFIX: usize = 8;
 
 /// Indentation of the result lines under a `finished` event line: under `task`.
 const EVENT_INDENT: &str = "          ";
@@ -79,20 +90,35 @@ pub fn render_progress(progress: &str) -> String {
     format!("  {}", clean_line(progress))
 }
 
-/// The end of `send --wait`: `task <id>  <outcome>` (see
-/// [`text::outcome`]), then the result, if any, on the following lines.
-pub fn render_wait_end(task: &TaskView) -> String {
+/// The end of `send --wait`: `task <id>  <outcome>` (see [`text::outcome`]) and how
+/// long it took (`(waited 2s, ran 1.20 s)`, from agentd's timestamps), then the
+/// result, if any, on the following lines, less its first `shown` lines (already
+/// printed as progress, see [`shown_prefix`]).
+pub fn render_wait_end(task: &TaskView, shown: usize) -> String {
     let mut out = format!(
         "task {}  {}",
         clean_line(&task.task_id),
-        clean_line(&text::outcome(task))
+        paint(state_style(task.state), &clean_line(&text::outcome(task)))
     );
+    if let Some(took) = took(task) {
+        out.push_str(&format!(" ({took})"));
+    }
     let result = task.result.as_deref().map(clean_block).unwrap_or_default();
-    if !result.is_empty() {
+    for line in result.lines().skip(shown) {
         out.push('\n');
-        out.push_str(&result);
+        out.push_str(line);
     }
     out
+}
+
+/// How many leading lines of `result` are exactly the progress lines already shown
+/// (`shown`, in order), so that output printed as progress is not printed again.
+pub fn shown_prefix(shown: &[String], result: &str) -> usize {
+    clean_block(result)
+        .lines()
+        .zip(shown)
+        .take_while(|(line, progress)| clean_line(line) == clean_line(progress))
+        .count()
 }
 
 /// Answer to `queue`: `session <S>: mode collect, debounce 1s, cap 20, drop
@@ -104,8 +130,8 @@ pub fn render_queue(settings: &QueueSettingsView) -> String {
     })
 }
 
-/// One event of `watch`, received at `at`: `HH:MM:SS  task <id>  <what>` (UTC, like
-/// the timestamps agentd sends), where `<what>` is one of
+/// One event of `watch`, received at `at`: `HH:MM:SS  task <id>  <what>` (the time
+/// of day in `tz`), where `<what>` is one of
 ///
 /// ```text
 /// accepted (queued, position 2)     accepted (starting)
@@ -116,11 +142,12 @@ pub fn render_queue(settings: &QueueSettingsView) -> String {
 /// merged into <id>
 /// dropped                           dropped: <note>
 /// expired                           expired: <note>
-/// finished: <outcome>
+/// finished: <outcome> (ran 1.20 s)
 /// ```
 ///
-/// and a `finished` event's result follows on the next lines, indented under `task`.
-pub fn render_event(event: &EventView, at: SystemTime) -> String {
+/// and a `finished` event's result follows on the next lines, indented under `task`,
+/// less its first `shown` lines (already printed as progress, see [`shown_prefix`]).
+pub fn render_event(event: &EventView, at: SystemTime, tz: &TimeZone, shown: usize) -> String {
     let task = event.task.as_ref();
     let text = event.text.as_deref().map(clean_line);
     let with_text = |what: &str| match &text {
@@ -163,17 +190,30 @@ pub fn render_event(event: &EventView, at: SystemTime) -> String {
         EventKind::Dropped => with_text("dropped"),
         EventKind::Expired => with_text("expired"),
         EventKind::Finished => match task {
-            Some(t) => format!("finished: {}", clean_line(&text::outcome(t))),
+            Some(t) => {
+                let mut what = format!(
+                    "finished: {}",
+                    paint(state_style(t.state), &clean_line(&text::outcome(t)))
+                );
+                if let Some(ran) = ran(t) {
+                    what.push_str(&format!(" (ran {})", format_seconds(ran)));
+                }
+                what
+            }
             None => "finished".to_string(),
         },
     };
-    let mut out = format!("{}  task {}  {what}", clock(at), clean_line(&event.task_id));
+    let mut out = format!(
+        "{}  task {}  {what}",
+        paint(Style::new().dimmed(), &clock(at, tz)),
+        clean_line(&event.task_id)
+    );
     if event.kind == EventKind::Finished {
         let result = task
             .and_then(|t| t.result.as_deref())
             .map(clean_block)
             .unwrap_or_default();
-        for line in result.lines() {
+        for line in result.lines().skip(shown) {
             out.push('\n');
             out.push_str(format!("{EVENT_INDENT}{line}").trim_end());
         }
@@ -181,11 +221,100 @@ pub fn render_event(event: &EventView, at: SystemTime) -> String {
     out
 }
 
-/// `HH:MM:SS` of `at`, in UTC.
-pub fn clock(at: SystemTime) -> String {
-    let stamp = humantime::format_rfc3339_seconds(at).to_string();
-    // `YYYY-MM-DDTHH:MM:SSZ`
-    stamp.get(11..19).unwrap_or("--:--:--").to_string()
+/// `HH:MM:SS` of `at`, in `tz`.
+pub fn clock(at: SystemTime, tz: &TimeZone) -> String {
+    match jiff::Timestamp::try_from(at) {
+        Ok(t) => t.to_zoned(tz.clone()).strftime("%H:%M:%S").to_string(),
+        Err(_) => "--:--:--".to_string(),
+    }
+}
+
+/// An agentd timestamp in `tz`: `2024-05-01 12:00:00 CEST` (as sent if it cannot be
+/// parsed).
+pub fn local_time(stamp: &str, tz: &TimeZone) -> String {
+    parse_timestamp(stamp)
+        .and_then(|at| jiff::Timestamp::try_from(at).ok())
+        .map(|t| {
+            t.to_zoned(tz.clone())
+                .strftime("%Y-%m-%d %H:%M:%S %Z")
+                .to_string()
+        })
+        .unwrap_or_else(|| clean_line(stamp))
+}
+
+/// `waited 2s, ran 1.20 s` (the wait only if it was a second or more), from an
+/// ended task's timestamps.
+fn took(task: &TaskView) -> Option<String> {
+    let ran = ran(task)?;
+    let created = parse_timestamp(&task.created_at);
+    let started = task.started_at.as_deref().and_then(parse_timestamp);
+    let waited = created.zip(started).and_then(|(c, s)| since(c, s));
+    Some(match waited {
+        Some(w) if w >= Duration::from_secs(1) => {
+            format!("waited {}, ran {}", format_duration(w), format_seconds(ran))
+        }
+        _ => format!("ran {}", format_seconds(ran)),
+    })
+}
+
+/// How long an ended task ran, from its timestamps.
+fn ran(task: &TaskView) -> Option<Duration> {
+    let started = task.started_at.as_deref().and_then(parse_timestamp)?;
+    let finished = task.finished_at.as_deref().and_then(parse_timestamp)?;
+    since(started, finished)
+}
+
+/// The style of a task state: green for success, red for failure, yellow for
+/// stopped or dropped work, cyan for work under way.
+pub fn state_style(state: TaskState) -> Style {
+    let colour = match state {
+        TaskState::Succeeded => AnsiColor::Green,
+        TaskState::Failed | TaskState::Interrupted | TaskState::Expired => AnsiColor::Red,
+        TaskState::Cancelled | TaskState::Dropped | TaskState::Stopping => AnsiColor::Yellow,
+        TaskState::Starting | TaskState::Running => AnsiColor::Cyan,
+        TaskState::Queued | TaskState::Merged => return Style::new(),
+    };
+    Style::new().fg_color(Some(colour.into()))
+}
+
+/// `text` in `style` (ANSI escapes around it).
+pub fn paint(style: Style, text: &str) -> String {
+    if text.is_empty() || style == Style::new() {
+        text.to_string()
+    } else {
+        format!("{style}{text}{style:#}")
+    }
+}
+
+/// `s` without ANSI styles: what is printed when colour is off.
+pub fn plain(s: &str) -> String {
+    anstream::adapter::strip_str(s).to_string()
+}
+
+/// The shortest prefix of each id, at least [`MIN_ID_PREFIX`] characters, that no
+/// other id of `ids` shares (not ending on a `-`); ids shorter than that are kept.
+pub fn short_ids(ids: &[&str]) -> Vec<String> {
+    ids.iter()
+        .map(|id| {
+            let common = ids
+                .iter()
+                .filter(|other| *other != id)
+                .map(|other| {
+                    id.chars()
+                        .zip(other.chars())
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .max()
+                .unwrap_or(0);
+            let chars: Vec<char> = id.chars().collect();
+            let mut len = (common + 1).max(MIN_ID_PREFIX).min(chars.len());
+            while len < chars.len() && chars[len - 1] == '-' {
+                len += 1;
+            }
+            chars[..len].iter().collect()
+        })
+        .collect()
 }
 
 /// Answer to `ping`: `agentd 0.1.0 is running at <socket> (pid N, up 3s)`.
@@ -199,8 +328,9 @@ pub fn render_ping(reply: &PingReply, socket: &Path) -> String {
     )
 }
 
-/// Answer to `status`: one summary line, then the active tasks as a table.
-pub fn render_status(reply: &StatusReply, now: SystemTime) -> String {
+/// Answer to `status`: one summary line, then the active tasks as a table (see
+/// [`render_tasks`]).
+pub fn render_status(reply: &StatusReply, now: SystemTime, full_ids: bool) -> String {
     let mut out = format!(
         "{} (pid {}, up {}): {}/{} agents busy, {} queued, {} {}",
         server_name(&reply.version),
@@ -227,7 +357,7 @@ pub fn render_status(reply: &StatusReply, now: SystemTime) -> String {
     }
     if !reply.active.is_empty() {
         out.push('\n');
-        out.push_str(&render_tasks(&reply.active, now));
+        out.push_str(&render_tasks(&reply.active, now, full_ids));
     }
     out
 }
@@ -237,16 +367,26 @@ pub fn render_status(reply: &StatusReply, now: SystemTime) -> String {
 ///
 /// AGE/DURATION is how long a queued task has waited, how long an active task has
 /// run, and for an ended task how long it ran (or waited, if it never started).
-pub fn render_tasks(tasks: &[TaskView], now: SystemTime) -> String {
+///
+/// IDs are the shortest unique prefixes among the listed tasks (see [`short_ids`]),
+/// which agentd accepts wherever a task id is expected; full ones with `full_ids`.
+pub fn render_tasks(tasks: &[TaskView], now: SystemTime, full_ids: bool) -> String {
     if tasks.is_empty() {
         return "no tasks".to_string();
     }
     let header = ["ID", "SESSION", "STATE", "POS", "AGE/DURATION", "TEXT"].map(String::from);
+    let ids: Vec<String> = tasks.iter().map(|t| clean_line(&t.task_id)).collect();
+    let ids = if full_ids {
+        ids
+    } else {
+        short_ids(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+    };
     let rows: Vec<[String; 6]> = tasks
         .iter()
-        .map(|t| {
+        .zip(ids)
+        .map(|(t, id)| {
             [
-                clean_line(&t.task_id),
+                id,
                 truncate(&clean_line(&t.session), SESSION_WIDTH),
                 t.state.to_string(),
                 t.position
@@ -262,16 +402,22 @@ pub fn render_tasks(tasks: &[TaskView], now: SystemTime) -> String {
             *width = (*width).max(cell.chars().count());
         }
     }
+    let states = std::iter::once(None).chain(tasks.iter().map(|t| Some(t.state)));
     std::iter::once(&header)
         .chain(&rows)
-        .map(|row| {
+        .zip(states)
+        .map(|(row, state)| {
             let mut line = String::new();
             for (i, cell) in row.iter().enumerate() {
+                let style = match state {
+                    None => Style::new().bold(),
+                    Some(state) if i == 2 => state_style(state),
+                    Some(_) => Style::new(),
+                };
+                line.push_str(&paint(style, cell));
                 if i + 1 < row.len() {
-                    // `{:<w$}` pads by characters, as the widths are counted.
-                    line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
-                } else {
-                    line.push_str(cell);
+                    // Padded by characters, as the widths are counted, outside the style.
+                    line.push_str(&" ".repeat(widths[i] - cell.chars().count() + 2));
                 }
             }
             line.trim_end().to_string()
@@ -280,8 +426,8 @@ pub fn render_tasks(tasks: &[TaskView], now: SystemTime) -> String {
         .join("\n")
 }
 
-/// Answer to `status TASK_ID`: a short detail view of one task.
-pub fn render_task(task: &TaskView, now: SystemTime) -> String {
+/// Answer to `status TASK_ID`: a short detail view of one task, times in `tz`.
+pub fn render_task(task: &TaskView, now: SystemTime, tz: &TimeZone) -> String {
     let created = parse_timestamp(&task.created_at);
     let started = task.started_at.as_deref().and_then(parse_timestamp);
     let finished = task.finished_at.as_deref().and_then(parse_timestamp);
@@ -296,7 +442,10 @@ pub fn render_task(task: &TaskView, now: SystemTime) -> String {
         }
     };
 
-    field("state", task.state.as_str());
+    field(
+        "state",
+        &paint(state_style(task.state), task.state.as_str()),
+    );
     field("session", &clean_line(&task.session));
     if let Some(position) = task.position {
         field("position", &position.to_string());
@@ -304,20 +453,20 @@ pub fn render_task(task: &TaskView, now: SystemTime) -> String {
     if let Some(pid) = task.pid {
         field("pid", &pid.to_string());
     }
-    let mut created_line = clean_line(&task.created_at);
+    let mut created_line = local_time(&task.created_at, tz);
     if let Some(age) = created.and_then(|c| since(c, now)) {
         created_line.push_str(&format!(" ({} ago)", format_duration(age)));
     }
     field("created", &created_line);
     if let Some(at) = &task.started_at {
-        let mut line = clean_line(at);
+        let mut line = local_time(at, tz);
         if let Some(waited) = created.zip(started).and_then(|(c, s)| since(c, s)) {
             line.push_str(&format!(" (waited {})", format_duration(waited)));
         }
         field("started", &line);
     }
     if let Some(at) = &task.finished_at {
-        let mut line = clean_line(at);
+        let mut line = local_time(at, tz);
         if let Some(ran) = started.zip(finished).and_then(|(s, f)| since(s, f)) {
             line.push_str(&format!(" (ran {})", format_duration(ran)));
         }
@@ -699,9 +848,9 @@ mod tests {
         assert_eq!(render_progress("step 2/3\r\n"), "  step 2/3");
         assert_eq!(render_merged_into(ID1), format!("  merged into task {ID1}"));
         assert_eq!(
-            render_wait_end(&killed()),
+            plain(&render_wait_end(&killed(), 0)),
             format!(
-                "task {ID3}  cancelled (ended by SIGKILL after 2.01 s)\n\
+                "task {ID3}  cancelled (ended by SIGKILL after 2.01 s) (waited 1s, ran 2m 3s)\n\
                  partial: 2 of 3 files\nupdated"
             )
         );
@@ -709,7 +858,10 @@ mod tests {
             result: Some("\n".into()),
             ..task(ID1, "a", TaskState::Succeeded, "x")
         };
-        assert_eq!(render_wait_end(&done), format!("task {ID1}  succeeded"));
+        assert_eq!(
+            plain(&render_wait_end(&done, 0)),
+            format!("task {ID1}  succeeded")
+        );
     }
 
     #[test]
@@ -845,7 +997,7 @@ mod tests {
         ];
         for (event, what) in cases {
             assert_eq!(
-                render_event(&event, at),
+                plain(&render_event(&event, at, &TimeZone::UTC, 0)),
                 format!("10:05:07  task {ID1}  {what}"),
                 "{event:?}"
             );
@@ -855,15 +1007,18 @@ mod tests {
             ..event(EventKind::Finished)
         };
         assert_eq!(
-            render_event(&done, at),
+            plain(&render_event(&done, at, &TimeZone::UTC, 0)),
             format!(
-                "10:05:07  task {ID1}  finished: cancelled (ended by SIGKILL after 2.01 s)\n          \
+                "10:05:07  task {ID1}  finished: cancelled (ended by SIGKILL after 2.01 s) (ran 2m 3s)\n          \
                  partial: 2 of 3 files\n          \
                  updated"
             )
         );
         assert_eq!(
-            clock(parse_timestamp("2024-05-01T23:59:59Z").unwrap()),
+            clock(
+                parse_timestamp("2024-05-01T23:59:59Z").unwrap(),
+                &TimeZone::UTC
+            ),
             "23:59:59"
         );
     }
@@ -895,7 +1050,7 @@ mod tests {
             recovery: None,
         };
         assert_eq!(
-            render_status(&reply, now()),
+            plain(&render_status(&reply, now(), true)),
             format!(
                 "agentd 0.1.0 (pid 123, up 2m 3s): 1/2 agents busy, 3 queued, 2 sessions\n\
                  ID                                    SESSION  STATE    POS  AGE/DURATION  TEXT\n\
@@ -907,7 +1062,7 @@ mod tests {
         reply.capacity.busy = 0;
         reply.queued = 0;
         assert_eq!(
-            render_status(&reply, now()),
+            plain(&render_status(&reply, now(), true)),
             "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session"
         );
         reply.recovery = Some(agentd_proto::control::RecoveryView {
@@ -917,7 +1072,7 @@ mod tests {
             crashed: true,
         });
         assert_eq!(
-            render_status(&reply, now()),
+            plain(&render_status(&reply, now(), true)),
             "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session\n\
              recovered 30 queued, 1 interrupted (the previous agentd crashed)"
         );
@@ -925,7 +1080,7 @@ mod tests {
 
     #[test]
     fn tasks_table() {
-        let table = render_tasks(&[running(), queued(), killed()], now());
+        let table = plain(&render_tasks(&[running(), queued(), killed()], now(), true));
         let expected = format!(
             "ID                                    SESSION           STATE      POS  AGE/DURATION  TEXT\n\
              {ID1}  alice             running    -    4m 58s        fix the build\n\
@@ -933,20 +1088,20 @@ mod tests {
              {ID3}  bob               cancelled  -    2m 3s         refactor"
         );
         assert_eq!(table, expected);
-        assert_eq!(render_tasks(&[], now()), "no tasks");
+        assert_eq!(render_tasks(&[], now(), false), "no tasks");
     }
 
     #[test]
     fn task_detail_of_a_killed_task() {
         assert_eq!(
-            render_task(&killed(), now()),
+            plain(&render_task(&killed(), now(), &TimeZone::UTC)),
             format!(
                 "task {ID3}\n  \
                  state     cancelled\n  \
                  session   bob\n  \
-                 created   2024-05-01T10:00:00Z (5m ago)\n  \
-                 started   2024-05-01T10:00:01Z (waited 1s)\n  \
-                 finished  2024-05-01T10:02:04Z (ran 2m 3s)\n  \
+                 created   2024-05-01 10:00:00 UTC (5m ago)\n  \
+                 started   2024-05-01 10:00:01 UTC (waited 1s)\n  \
+                 finished  2024-05-01 10:02:04 UTC (ran 2m 3s)\n  \
                  text      refactor\n  \
                  result    partial: 2 of 3 files\n            \
                  updated\n  \
@@ -958,14 +1113,14 @@ mod tests {
     #[test]
     fn task_detail_of_a_running_task() {
         assert_eq!(
-            render_task(&running(), now()),
+            plain(&render_task(&running(), now(), &TimeZone::UTC)),
             format!(
                 "task {ID1}\n  \
                  state     running\n  \
                  session   alice\n  \
                  pid       4242\n  \
-                 created   2024-05-01T10:00:00Z (5m ago)\n  \
-                 started   2024-05-01T10:00:01.500Z (waited 1s)\n  \
+                 created   2024-05-01 10:00:00 UTC (5m ago)\n  \
+                 started   2024-05-01 10:00:01 UTC (waited 1s)\n  \
                  text      fix the build\n  \
                  progress  compiling crate 3/7"
             )
@@ -975,7 +1130,7 @@ mod tests {
     #[test]
     fn task_detail_sanitizes_agent_output() {
         let t = queued();
-        let out = render_task(&t, now());
+        let out = plain(&render_task(&t, now(), &TimeZone::UTC));
         assert!(!out.contains('\x1b'), "{out}");
         assert!(out.contains(
             "  text      write a long report about\n            the state of the \u{FFFD}[31mproject"
@@ -986,7 +1141,7 @@ mod tests {
             result: Some(String::new()),
             ..task(ID1, "a", TaskState::Queued, "")
         };
-        let out = render_task(&t, now());
+        let out = plain(&render_task(&t, now(), &TimeZone::UTC));
         assert!(out.ends_with("\n  text      trailing\n  result"), "{out:?}");
     }
 
@@ -1092,7 +1247,160 @@ mod tests {
             created_at: "sometime".into(),
             ..task(ID1, "a", TaskState::Queued, "x")
         };
-        assert!(render_tasks(&[t], now())
+        assert!(plain(&render_tasks(&[t], now(), true))
             .ends_with(&format!("{ID1}  a        queued  -    -             x")));
+    }
+    #[test]
+    fn tables_show_short_unique_id_prefixes() {
+        let a = "01a230f8-4e0f-7631-818f-51393a280628";
+        let b = "01a230f8-50b0-768a-8337-21619a863337";
+        let c = "01a230f8-50b1-7000-8000-000000000000";
+        assert_eq!(
+            short_ids(&[a, b, c]),
+            ["01a230f8-4", "01a230f8-50b0", "01a230f8-50b1"]
+        );
+        // Never shorter than MIN_ID_PREFIX, never ending on a dash.
+        assert_eq!(short_ids(&[a]), ["01a230f8"]);
+        assert_eq!(
+            short_ids(&["01a230f-x", "01a230f-y"]),
+            ["01a230f-x", "01a230f-y"]
+        );
+        assert_eq!(short_ids(&["t-1", "t-2"]), ["t-1", "t-2"]);
+        let tasks = [
+            task(a, "alice", TaskState::Running, "x"),
+            task(b, "alice", TaskState::Queued, "y"),
+        ];
+        let table = plain(&render_tasks(&tasks, now(), false));
+        let ids: Vec<&str> = table
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(ids, ["ID", "01a230f8-4", "01a230f8-5"]);
+        let table = plain(&render_tasks(&tasks, now(), true));
+        assert!(table.contains(a) && table.contains(b), "{table}");
+    }
+
+    #[test]
+    fn states_and_headers_are_coloured_and_plain_strips_them() {
+        let table = render_tasks(&[running(), killed()], now(), true);
+        let bold = Style::new().bold();
+        let cyan = Style::new().fg_color(Some(AnsiColor::Cyan.into()));
+        let yellow = Style::new().fg_color(Some(AnsiColor::Yellow.into()));
+        assert!(
+            table.starts_with(&format!("{bold}ID{bold:#}  ")),
+            "{table:?}"
+        );
+        assert!(
+            table.contains(&format!("{cyan}running{cyan:#}  ")),
+            "{table:?}"
+        );
+        assert!(
+            table.contains(&format!("{yellow}cancelled{yellow:#}  ")),
+            "{table:?}"
+        );
+        // Padding is outside the styles, so columns line up as without colour.
+        let stripped = plain(&table);
+        assert!(!stripped.contains('\x1b'));
+        assert_eq!(
+            stripped,
+            plain(&render_tasks(&[running(), killed()], now(), true))
+        );
+        let widths: Vec<usize> = stripped
+            .lines()
+            .map(|l| {
+                l.find("AGE")
+                    .or_else(|| l.find("4m").or(l.find("2m")))
+                    .unwrap()
+            })
+            .collect();
+        assert!(widths.iter().all(|w| *w == widths[0]), "{stripped}");
+        let green = Style::new().fg_color(Some(AnsiColor::Green.into()));
+        let done = TaskView {
+            result: Some("ok".into()),
+            ..task(ID1, "a", TaskState::Succeeded, "x")
+        };
+        assert_eq!(
+            render_wait_end(&done, 0),
+            format!("task {ID1}  {green}succeeded{green:#}\nok")
+        );
+        // Agent output cannot smuggle its own escapes in: they are replaced first.
+        let evil = TaskView {
+            result: Some("\x1b[2J".into()),
+            ..done
+        };
+        assert!(plain(&render_wait_end(&evil, 0)).ends_with("\n\u{FFFD}[2J"));
+    }
+
+    #[test]
+    fn times_are_shown_in_the_given_zone() {
+        let kathmandu =
+            TimeZone::fixed(jiff::tz::Offset::from_seconds(5 * 3600 + 45 * 60).unwrap());
+        let at = parse_timestamp("2024-05-01T23:59:59Z").unwrap();
+        assert_eq!(clock(at, &kathmandu), "05:44:59");
+        assert_eq!(
+            local_time("2024-05-01T10:00:00Z", &kathmandu),
+            "2024-05-01 15:45:00 +05:45"
+        );
+        assert_eq!(local_time("sometime", &kathmandu), "sometime");
+        let detail = plain(&render_task(&killed(), now(), &kathmandu));
+        assert!(
+            detail.contains("  created   2024-05-01 15:45:00 +05:45 (5m ago)\n"),
+            "{detail}"
+        );
+        let event = EventView {
+            kind: EventKind::Started,
+            task_id: ID1.into(),
+            session: "a".into(),
+            position: None,
+            text: None,
+            into: None,
+            task: None,
+            at: None,
+        };
+        assert!(plain(&render_event(&event, at, &kathmandu, 0)).starts_with("05:44:59  task"));
+    }
+
+    #[test]
+    fn output_shown_as_progress_is_not_printed_again() {
+        let shown = |lines: &[&str]| lines.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        assert_eq!(shown_prefix(&shown(&["one", "two"]), "one\ntwo\n"), 2);
+        assert_eq!(shown_prefix(&shown(&["one"]), "one\ntwo"), 1);
+        assert_eq!(shown_prefix(&shown(&["thinking…"]), "the answer"), 0);
+        assert_eq!(
+            shown_prefix(&shown(&["one", "\0", "nine"]), "one\ntwo\nnine"),
+            1
+        );
+        assert_eq!(
+            shown_prefix(&shown(&["one", "two", "three"]), "one\ntwo"),
+            2
+        );
+        assert_eq!(shown_prefix(&[], "one"), 0);
+        let done = TaskView {
+            result: Some("one\ntwo\nthree".into()),
+            ..task(ID1, "a", TaskState::Succeeded, "x")
+        };
+        assert_eq!(
+            plain(&render_wait_end(&done, 2)),
+            format!("task {ID1}  succeeded\nthree")
+        );
+        assert_eq!(
+            plain(&render_wait_end(&done, 3)),
+            format!("task {ID1}  succeeded")
+        );
+        let event = EventView {
+            kind: EventKind::Finished,
+            task_id: ID1.into(),
+            session: "a".into(),
+            position: None,
+            text: None,
+            into: None,
+            task: Some(done),
+            at: None,
+        };
+        let at = now();
+        assert_eq!(
+            plain(&render_event(&event, at, &TimeZone::UTC, 2)),
+            format!("10:05:00  task {ID1}  finished: succeeded\n          three")
+        );
     }
 }

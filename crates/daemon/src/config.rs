@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::logfmt::Quoted;
 
 /// Everything the daemon needs to run, resolved.
 #[derive(Debug, Clone)]
@@ -51,8 +53,10 @@ impl Default for ControlSettings {
     }
 }
 
-/// The TOML file (`--config FILE`). Every key is optional; flags win over the file.
-#[derive(Debug, Default, Deserialize)]
+/// The TOML file (`--config FILE`, else [`default_config_path`] if it exists). Every
+/// key is optional; flags win over the file. `examples/config.toml` lists every key
+/// with its default (a test checks it against this struct).
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub socket: Option<PathBuf>,
@@ -75,20 +79,169 @@ pub struct FileConfig {
     pub queue_timeout: Option<String>,
     pub max_connections: Option<usize>,
     pub request_timeout: Option<String>,
+    /// `text` (one line of plain fields per event) or `json` (one JSON object a line).
+    pub log_format: Option<String>,
 }
 
 impl FileConfig {
+    /// Reads and checks a config file. Errors name the file, and the line of the
+    /// offending key (TOML syntax, an unknown key, a wrong type, or a value such as a
+    /// duration or a mode that does not parse).
     pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+        FileConfig::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Parses and checks the text of a config file (see [`FileConfig::load`]).
+    pub fn parse(text: &str) -> anyhow::Result<FileConfig> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            // toml's own message spans several lines (it quotes the source); a log
+            // line and an error line want one.
+            let line = e
+                .span()
+                .map(|span| format!("line {}: ", line_of(text, span.start)))
+                .unwrap_or_default();
+            anyhow::anyhow!("{line}{}", e.message().trim_end())
+        })?;
+        file.check().map_err(|(key, e)| match key_line(text, key) {
+            Some(n) => anyhow::anyhow!("line {n}: {key}: {e:#}"),
+            None => anyhow::anyhow!("{key}: {e:#}"),
+        })?;
+        Ok(file)
+    }
+
+    /// Every key the file may hold, as written in it.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(FileConfig::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks the values whose type TOML cannot check: durations, names, numbers
+    /// that must not be 0, the agent command. Returns the offending key.
+    fn check(&self) -> Result<(), (&'static str, anyhow::Error)> {
+        let durations = [
+            ("cancel-grace", &self.cancel_grace),
+            ("term-grace", &self.term_grace),
+            ("handshake-timeout", &self.handshake_timeout),
+            ("debounce", &self.debounce),
+            ("queue-timeout", &self.queue_timeout),
+            ("request-timeout", &self.request_timeout),
+        ];
+        for (key, value) in durations {
+            if let Some(text) = value {
+                parse_duration(text).map_err(|e| (key, e))?;
+            }
+        }
+        if let Some(text) = &self.queue_mode {
+            parse_mode(text).map_err(|e| ("queue-mode", e))?;
+        }
+        if let Some(text) = &self.drop {
+            parse_drop(text).map_err(|e| ("drop", e))?;
+        }
+        if let Some(line) = &self.agent {
+            parse_agent_command(line).map_err(|e| ("agent", e))?;
+        }
+        if let Some(text) = &self.log_format {
+            LogFormat::parse(text).map_err(|e| ("log-format", e))?;
+        }
+        let at_least_one = [
+            ("max-concurrent", self.max_concurrent.map(u64::from)),
+            ("cap", self.cap.map(u64::from)),
+            ("max-connections", self.max_connections.map(|n| n as u64)),
+        ];
+        for (key, value) in at_least_one {
+            if value == Some(0) {
+                return Err((key, anyhow::anyhow!("must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The 1-based line where top-level `key` is set, if it can be found.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            let line = line
+                .strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")));
+            line.is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+/// The default config file: `$XDG_CONFIG_HOME/agentd/config.toml`, else
+/// `~/.config/agentd/config.toml`. `None` when neither variable names an absolute path.
+pub fn default_config_path() -> Option<PathBuf> {
+    config_path_from(
+        std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+/// Pure form of [`default_config_path`].
+pub fn config_path_from(
+    xdg_config_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Option<PathBuf> {
+    if let Some(dir) = xdg_config_home.filter(|p| p.is_absolute()) {
+        return Some(dir.join("agentd").join("config.toml"));
+    }
+    home.filter(|p| p.is_absolute())
+        .map(|home| home.join(".config").join("agentd").join("config.toml"))
+}
+
+/// The config file agentd reads: `--config FILE` if given (it must exist), else the
+/// default file if it exists (a missing default file means defaults).
+pub fn config_file(flag: Option<&Path>) -> Option<PathBuf> {
+    match flag {
+        Some(path) => Some(path.to_path_buf()),
+        None => default_config_path().filter(|p| p.exists()),
+    }
+}
+
+/// How agentd writes its log lines (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One line per event: time, level, message, then `key=value` fields.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(text: &str) -> anyhow::Result<LogFormat> {
+        match text.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => bail!("unknown log format {} (text, json)", Quoted(other)),
+        }
     }
 }
 
 /// Parses `500ms`, `5s`, `2m`… (humantime syntax).
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(text.trim())
-        .with_context(|| format!("invalid duration {text:?} (examples: 500ms, 5s, 2m)"))
+    humantime::parse_duration(text.trim()).with_context(|| {
+        format!(
+            "invalid duration {} (examples: 500ms, 5s, 2m)",
+            Quoted(text)
+        )
+    })
 }
 
 /// Parses a queue mode name (any case) for flags and the config file.
@@ -200,6 +353,29 @@ pub fn default_state_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/agentd-{}/state", nix::unistd::geteuid()))
 }
 
+/// Creates the state directory (0700: agent logs hold task texts and outputs) and its
+/// `logs` directory, and returns the latter. A state directory agentd finds open to
+/// others is closed to them.
+pub fn create_state_dir(state_dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let logs = state_dir.join("logs");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&logs)
+        .with_context(|| format!("cannot create the state directory {}", logs.display()))?;
+    for dir in [state_dir, logs.as_path()] {
+        let meta =
+            std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        if meta.mode() & 0o077 != 0 && meta.uid() == nix::unistd::geteuid().as_raw() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot make {} private (0700)", dir.display()))?;
+            tracing::info!("made the state directory {} private (0700)", dir.display());
+        }
+    }
+    Ok(logs)
+}
+
 /// Whether the configured agent wants several held messages merged into one prompt,
 /// as far as agentd can tell before any handshake: agent-exec runs a command, which
 /// wants one message per task, unless its own options (before `--`) hold
@@ -286,6 +462,125 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("soon").is_err());
+    }
+
+    const EXAMPLE: &str = include_str!("../../../examples/config.toml");
+
+    /// The example with every `# key = value` line uncommented.
+    fn example_uncommented() -> String {
+        EXAMPLE
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(key, _)| {
+                        key.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                    }) =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn example_config_loads_as_is_and_changes_nothing() {
+        let file = FileConfig::parse(EXAMPLE).unwrap();
+        let json = serde_json::to_value(&file).unwrap();
+        let set: Vec<_> = json
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .collect();
+        assert!(set.is_empty(), "the example must set nothing: {set:?}");
+    }
+
+    #[test]
+    fn example_config_lists_every_key_with_its_default() {
+        let text = example_uncommented();
+        let file = FileConfig::parse(&text).unwrap();
+        let json = serde_json::to_value(&file).unwrap();
+        let missing: Vec<_> = json
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_null())
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert!(missing.is_empty(), "examples/config.toml lacks {missing:?}");
+        assert!(FileConfig::keys().len() >= 17, "{:?}", FileConfig::keys());
+
+        // The values shown are the defaults agentd uses.
+        let queue = agentd_core::QueueSettings::default();
+        let d = |v: &Option<String>| parse_duration(v.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            parse_mode(file.queue_mode.as_deref().unwrap()).unwrap(),
+            queue.mode
+        );
+        assert_eq!(d(&file.debounce), queue.debounce);
+        assert_eq!(file.cap, Some(queue.cap));
+        assert_eq!(
+            parse_drop(file.drop.as_deref().unwrap()).unwrap(),
+            queue.drop
+        );
+        assert_eq!(file.max_connections, Some(DEFAULT_MAX_CONNECTIONS));
+        assert_eq!(d(&file.request_timeout), DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(
+            parse_agent_command(file.agent.as_deref().unwrap()).unwrap(),
+            default_agent_command()
+        );
+        assert_eq!(
+            LogFormat::parse(file.log_format.as_deref().unwrap()).unwrap(),
+            LogFormat::default()
+        );
+    }
+
+    #[test]
+    fn config_errors_name_the_line() {
+        let err = |text: &str| format!("{:#}", FileConfig::parse(text).unwrap_err());
+        let e = err("cap = 3\nmax-concurent = 3\n");
+        assert!(e.starts_with("line 2: "), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = err("cap = 3\n\ncancel-grace = \"soon\"\n");
+        assert!(
+            e.starts_with("line 3: cancel-grace: invalid duration"),
+            "{e}"
+        );
+        let e = err("cap = 3\nqueue-mode = 'sometimes'\n");
+        assert!(
+            e.starts_with("line 2: queue-mode: unknown queue mode"),
+            "{e}"
+        );
+        let e = err("cap = [\n");
+        assert!(e.starts_with("line "), "{e}");
+        let e = err("max-concurrent = 0");
+        assert!(
+            e.starts_with("line 1: max-concurrent: must be at least 1"),
+            "{e}"
+        );
+        let e = err("log-format = 'xml'");
+        assert!(
+            e.starts_with("line 1: log-format: unknown log format"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn default_config_path_follows_xdg() {
+        let p = |x: Option<&str>, h: Option<&str>| {
+            config_path_from(x.map(PathBuf::from), h.map(PathBuf::from))
+        };
+        assert_eq!(
+            p(Some("/x"), Some("/home/me")),
+            Some(PathBuf::from("/x/agentd/config.toml"))
+        );
+        assert_eq!(
+            p(Some("relative"), Some("/home/me")),
+            Some(PathBuf::from("/home/me/.config/agentd/config.toml"))
+        );
+        assert_eq!(p(None, None), None);
     }
 
     #[test]

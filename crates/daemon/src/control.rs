@@ -314,7 +314,10 @@ async fn serve(
     match stream.peer_creds() {
         Ok(creds) if creds.euid() == Some(euid) => {}
         Ok(creds) => {
-            tracing::warn!("refused a control connection from uid {:?}", creds.euid());
+            match creds.euid() {
+                Some(uid) => tracing::warn!("refused a control connection from uid {uid}"),
+                None => tracing::warn!("refused a control connection from an unknown uid"),
+            }
             return;
         }
         Err(e) => {
@@ -322,6 +325,10 @@ async fn serve(
             return;
         }
     }
+    tracing::debug!(
+        connections = limits.live.load(Ordering::Relaxed),
+        "control connection accepted"
+    );
     // `&Stream` reads and writes: the reader and the writer task share it.
     let stream = Arc::new(stream);
     let outbox = Outbox::new(OUTPUT_BUDGET);
@@ -393,7 +400,10 @@ async fn read_requests(
                 return Ending::Abort;
             }
             Ok(LineRead::TimedOut) => {
-                tracing::debug!("closing a control connection whose request line did not end within {timeout:?}");
+                tracing::debug!(
+                    "closing a control connection whose request line did not end within {}",
+                    crate::logfmt::Secs(timeout)
+                );
                 outbox.push(&Response::<Answer>::err(
                     None,
                     ErrorCode::RequestTimeout,

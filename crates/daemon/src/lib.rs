@@ -12,6 +12,8 @@
 //!   actions; split by concern (executor, agents, one module per request family,
 //!   history).
 //! - [`agent_io`]: per-agent reader and writer tasks on the IPC socketpair.
+//! - [`logfmt`]: plain Display forms for log fields (no Debug dumps in logs).
+//! - [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` to `$NOTIFY_SOCKET`).
 //! - [`views`]: conversion of core types to the wire views of `agentd-proto` (the
 //!   texts users read are in `agentd_proto::text`).
 //!
@@ -24,6 +26,8 @@ pub mod control;
 pub mod durable;
 pub mod events;
 pub mod listing;
+pub mod logfmt;
+pub mod notify;
 pub mod outbox;
 mod output;
 pub mod socket;

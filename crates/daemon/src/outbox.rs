@@ -557,6 +557,12 @@ impl EventSink {
         {
             Delivery::Queued => Ok(()),
             other => {
+                if other == Delivery::Lagged {
+                    tracing::info!(
+                        watch = self.id,
+                        "a watch fell behind its client and was ended (lagged)"
+                    );
+                }
                 self.ended.store(true, Ordering::SeqCst);
                 Err(other)
             }

@@ -21,6 +21,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -72,7 +73,12 @@ pub fn spawn_agent_in(
     let (ours, theirs) = UnixStream::pair()?;
     let output = match &cmd.log_path {
         Some(path) => {
-            let file = File::options().create(true).append(true).open(path)?;
+            // 0600: the log holds the task's output, for its owner only.
+            let file = File::options()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)?;
             let copy = file.try_clone()?;
             (Stdio::from(file), Stdio::from(copy))
         }

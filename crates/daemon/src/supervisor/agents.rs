@@ -27,12 +27,20 @@ pub(crate) struct Agent {
     pub(crate) pid: u32,
     /// Messages to the agent, written by its writer task.
     to_agent: mpsc::UnboundedSender<SupervisorMsg>,
-    /// Steered texts awaiting the agent's SteerAck, oldest first.
-    pub(crate) steers: VecDeque<String>,
+    /// Steered messages awaiting the agent's SteerAck, oldest first.
+    pub(crate) steers: VecDeque<Steered>,
     /// For a resumed attempt: the task it resumes.
     pub(crate) resumed_from: Option<TaskId>,
     talk: Talk,
     life: Life,
+}
+
+/// A message steered into an agent, until the agent acknowledges it.
+pub(crate) struct Steered {
+    pub(crate) text: String,
+    /// The message is also kept as a follow-up task (`steer-backlog`): if the agent
+    /// refuses it, that task already carries it.
+    pub(crate) kept: bool,
 }
 
 /// Where the conversation with an agent stands.
@@ -197,7 +205,7 @@ impl Supervisor {
                 });
             }
         };
-        tracing::info!(%task_id, pid, session = %session, "agent started");
+        tracing::info!(%task_id, pid, session = %crate::logfmt::Word(&session), "agent started");
         // Recorded with its start time and boot id, so that after a crash the pid is
         // trusted only while it is still this process.
         self.store.submit_detached(agentd_store::Op::Start {
@@ -222,7 +230,7 @@ impl Supervisor {
             ),
         );
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
-        self.publish_task(EventKind::Started, &task_id, None, None);
+        // `started` is published once the dispatcher knows the pid (see `execute`).
         Some(Event::Spawned { task_id, pid })
     }
 
@@ -250,7 +258,7 @@ impl Supervisor {
                 let left = tree.kill_all(unreaped, 10);
                 tracing::info!(%task_id, "SIGKILL sent to the task's processes");
                 if !left.is_empty() {
-                    tracing::warn!(%task_id, ?left, "processes survived SIGKILL rounds");
+                    tracing::warn!(%task_id, left = %crate::logfmt::Pids(&left), "processes survived SIGKILL rounds");
                 }
             }
         }
@@ -267,13 +275,13 @@ impl Supervisor {
             let tree = TaskTree::new(reaped.pid, task_id.to_string());
             let left = tree.kill_all(false, 10);
             if !left.is_empty() {
-                tracing::warn!(%task_id, ?left, "leftover processes survived SIGKILL rounds");
+                tracing::warn!(%task_id, left = %crate::logfmt::Pids(&left), "leftover processes survived SIGKILL rounds");
             }
             let status = ExitStatus {
                 code: reaped.code,
                 signal: reaped.signal,
             };
-            tracing::info!(%task_id, pid = reaped.pid, status = %status.describe(), "agent reaped");
+            tracing::info!(%task_id, pid = reaped.pid, exit_code = status.code, signal = status.signal, "agent reaped");
             // Frames the agent wrote before exiting (its result) may still be unread:
             // the task ends once its channel is drained (EOF), or after DRAIN_TIMEOUT.
             match self.agents.get_mut(&task_id) {
@@ -327,7 +335,7 @@ impl Supervisor {
                     }
                 } else {
                     agent.welcome(hello.protocol);
-                    tracing::info!(%task_id, agent = %hello.agent, steer = hello.capabilities.steer, "agent ready");
+                    tracing::info!(%task_id, agent = %crate::logfmt::Word(&hello.agent), steer = hello.capabilities.steer, "agent ready");
                     Event::AgentReady {
                         task_id,
                         steer: hello.capabilities.steer,
@@ -383,9 +391,15 @@ impl Supervisor {
                 return;
             }
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
-                let text = agent.steers.pop_front();
-                if let (false, Some(text)) = (accepted, text) {
-                    self.steer_refused(task_id, text);
+                let steered = agent.steers.pop_front();
+                match steered {
+                    Some(Steered { text, kept: false }) if !accepted => {
+                        self.steer_refused(task_id, text);
+                    }
+                    Some(Steered { text, kept: true }) if !accepted => {
+                        tracing::debug!(%task_id, "the agent refused a steered message that is kept as a follow-up: {text:?}");
+                    }
+                    _ => {}
                 }
                 return;
             }

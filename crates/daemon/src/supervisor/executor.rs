@@ -8,7 +8,7 @@ use agentd_core::{Action, Event, StopStep, TaskId};
 use agentd_proto::control::EventKind;
 use agentd_proto::ipc::SupervisorMsg;
 
-use crate::supervisor::agents::Agent;
+use crate::supervisor::agents::{Agent, Steered};
 use crate::supervisor::Supervisor;
 use crate::views::now_millis;
 
@@ -78,7 +78,10 @@ impl Supervisor {
                 }
                 Action::Steer { task_id, text } => {
                     if let Some(agent) = self.agents.get_mut(&task_id) {
-                        agent.steers.push_back(text.clone());
+                        agent.steers.push_back(Steered {
+                            text: text.clone(),
+                            kept: false,
+                        });
                     }
                     self.send_to_agent(task_id, SupervisorMsg::Steer { text: text.clone() });
                     self.publish_task(EventKind::Steered, &task_id, Some(text), None);
@@ -105,7 +108,16 @@ impl Supervisor {
                 }
             };
             if let Some(event) = follow_up {
+                let spawned = match &event {
+                    Event::Spawned { task_id, .. } => Some(*task_id),
+                    _ => None,
+                };
                 work.extend(self.dispatcher.handle(event, now_millis()).into_vec());
+                // Published after the dispatcher took the pid, so the event's view
+                // carries it, as the answers do.
+                if let Some(task_id) = spawned {
+                    self.publish_task(EventKind::Started, &task_id, None, None);
+                }
             }
         }
         self.answer_waiters();

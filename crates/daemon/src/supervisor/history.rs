@@ -86,7 +86,7 @@ impl History for MemoryHistory {
 
 impl Supervisor {
     pub(crate) fn record_finished(&mut self, task: Task) {
-        tracing::info!(task_id = %task.id, session = %task.session, state = ?task.state, "task finished");
+        crate::logfmt::task_finished(&task);
         let id = task.id;
         if let Some(mut op) = crate::durable::finish_op(&task) {
             // A running task stopped for a shutdown is interrupted, not cancelled: it

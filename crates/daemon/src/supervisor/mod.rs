@@ -75,8 +75,7 @@ pub async fn run(
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let logs = config.state_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let logs = crate::config::create_state_dir(&config.state_dir)?;
     let info = Arc::new(ServerInfo {
         started: Instant::now(),
     });
@@ -107,6 +106,7 @@ pub async fn run(
         std::process::id(),
         sup.dispatcher.config().max_concurrent
     );
+    crate::notify::ready();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let mut shutdown_fired = false;
@@ -240,6 +240,7 @@ impl Supervisor {
     fn on_shutdown_signal(&mut self) {
         if self.shutting_down.is_none() {
             tracing::info!("shutting down: stopping running tasks, keeping the queue");
+            crate::notify::stopping();
             self.shutting_down = Some(Instant::now());
             let active: Vec<TaskId> = self
                 .dispatcher

@@ -115,6 +115,7 @@ impl Supervisor {
             self.publish_task(EventKind::Accepted, task_id, None, None);
         }
         self.execute(actions);
+        self.mark_kept_steer(&outcome);
         let mut answer = self.send_reply(outcome);
         if let (Some(line), Ok(Answer::Send(send))) = (resumed_line, &mut answer) {
             send.reply = format!("{line}\n{}", send.reply);
@@ -154,6 +155,27 @@ impl Supervisor {
         // Live tasks are the dispatcher's to answer.
         (self.dispatcher.task(&original).is_none() && self.history.get(&original).is_some())
             .then_some(original)
+    }
+
+    /// A `steer-backlog` message was steered *and* kept as a follow-up task: its
+    /// steer (the one just sent to the agent) must not be queued again if refused.
+    fn mark_kept_steer(&mut self, outcome: &Result<Accepted, Refused>) {
+        let Ok(Accepted::Task {
+            task_id,
+            steered_into: Some(into),
+            ..
+        }) = outcome
+        else {
+            return;
+        };
+        let kept = self
+            .view(task_id)
+            .is_some_and(|v| v.state != agentd_proto::control::TaskState::Merged);
+        if let (true, Some(agent)) = (kept, self.agents.get_mut(into)) {
+            if let Some(steered) = agent.steers.back_mut() {
+                steered.kept = true;
+            }
+        }
     }
 
     /// The answer to accepted (or refused) work.
@@ -294,12 +316,12 @@ impl Supervisor {
     /// The agent refused a steered message: it becomes a follow-up, and watchers are told.
     pub(crate) fn steer_refused(&mut self, running: TaskId, text: String) {
         let Some(session) = self.dispatcher.task(&running).map(|t| t.session.clone()) else {
-            tracing::warn!(%running, "a steered message was refused after its task ended: {text:?}");
+            tracing::warn!(%running, "a steered message was refused after its task ended: {}", crate::logfmt::Quoted(&text));
             return;
         };
         if self.shutting_down.is_some() {
             // Like every queued message, it would be cancelled: it must not start work.
-            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {text:?}");
+            tracing::warn!(%running, "shutting down: the refused steered message is not queued as a follow-up: {}", crate::logfmt::Quoted(&text));
             return;
         }
         let message = Message {
