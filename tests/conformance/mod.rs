@@ -435,11 +435,11 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
             wait: false,
         },
         RequestBody::Log {
-            task_id: "x".into(),
+            task_id: "t".into(),
             offset: 1,
         },
         RequestBody::Resume {
-            task_id: "x".into(),
+            task_id: "t".into(),
         },
     ];
     assert_eq!(

@@ -466,35 +466,6 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// `log [-f]`: the log chunk by chunk from its first byte; with `--follow`, until
-    /// the task has ended and all its output is printed. With `--json`, one
-    /// `LogChunk` object per line.
-    fn log(&self, args: &args::LogArgs, out: &mut dyn Write) -> Result<(), RunError> {
-        let mut client = Client::connect(self.socket)?;
-        let mut offset = 0;
-        loop {
-            let value = client.request(RequestBody::Log {
-                task_id: args.task_id.clone(),
-                offset,
-            })?;
-            let chunk: agentd_proto::control::LogChunk = decode(value.clone())?;
-            if self.json {
-                print_flushed(out, &to_json(&value)?)?;
-            } else if !chunk.data.is_empty() {
-                out.write_all(chunk.data.as_bytes())
-                    .and_then(|()| out.flush())
-                    .map_err(RunError::Output)?;
-            }
-            offset = chunk.next_offset;
-            if chunk.data.is_empty() {
-                if !args.follow || chunk.done {
-                    return Ok(());
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        }
-    }
-
     /// `chat`: stdin lines are sent as messages on one connection while a session
     /// watch on another streams the session's events; ends on EOF or `/quit`.
     fn chat(&self, args: &ChatArgs, out: &mut dyn Write) -> Result<u8, RunError> {
@@ -590,6 +561,35 @@ impl Ctx<'_> {
             }
         }
         Ok(EXIT_OK)
+    }
+
+    /// `log [-f]`: the log chunk by chunk from its first byte; with `--follow`, until
+    /// the task has ended and all its output is printed. With `--json`, one
+    /// `LogChunk` object per line.
+    fn log(&self, args: &args::LogArgs, out: &mut dyn Write) -> Result<(), RunError> {
+        let mut client = Client::connect(self.socket)?;
+        let mut offset = 0;
+        loop {
+            let value = client.request(RequestBody::Log {
+                task_id: args.task_id.clone(),
+                offset,
+            })?;
+            let chunk: agentd_proto::control::LogChunk = decode(value.clone())?;
+            if self.json {
+                print_flushed(out, &to_json(&value)?)?;
+            } else if !chunk.data.is_empty() {
+                out.write_all(chunk.data.as_bytes())
+                    .and_then(|()| out.flush())
+                    .map_err(RunError::Output)?;
+            }
+            offset = chunk.next_offset;
+            if chunk.data.is_empty() {
+                if !args.follow || chunk.done {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
     }
 
     /// `send --wait`: the send, then the task's progress until it ends (following the

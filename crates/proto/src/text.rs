@@ -394,6 +394,28 @@ pub fn skipped_progress(skipped: u64) -> String {
     }
 }
 
+/// agentctl's word on Ctrl-C during `send --wait` or `watch TASK_ID`: the task is not
+/// stopped by it.
+pub fn interrupted_task(task_id: impl Display) -> String {
+    format!("agentctl: stopped waiting; task {task_id} goes on (stop it with `agentctl stop {task_id}`)")
+}
+
+/// agentctl's word on Ctrl-C during `watch --session S`.
+pub fn interrupted_session(session: impl Display) -> String {
+    format!(
+        "agentctl: stopped watching; the tasks of session {session} go on (stop them with \
+         `agentctl stop --session {session}`)"
+    )
+}
+
+/// The first line of `agentctl chat`.
+pub fn chat_banner(session: impl Display) -> String {
+    format!(
+        "chatting with session {session}: one line is one message; /help lists the \
+         commands; /quit or Ctrl-D leaves (tasks go on)"
+    )
+}
+
 /// `resume` of a task that is still queued or running.
 pub fn resume_live(task_id: impl std::fmt::Display, state: &str) -> String {
     format!(
@@ -430,28 +452,6 @@ pub fn resumed_line(previous: impl std::fmt::Display, has_checkpoint: bool) -> S
 /// An agent's checkpoint over the size agentd keeps (a protocol error).
 pub fn checkpoint_too_large(len: usize, max: usize) -> String {
     format!("a checkpoint of {len} bytes is over the limit of {max} bytes")
-}
-
-/// agentctl's word on Ctrl-C during `send --wait` or `watch TASK_ID`: the task is not
-/// stopped by it.
-pub fn interrupted_task(task_id: impl Display) -> String {
-    format!("agentctl: stopped waiting; task {task_id} goes on (stop it with `agentctl stop {task_id}`)")
-}
-
-/// agentctl's word on Ctrl-C during `watch --session S`.
-pub fn interrupted_session(session: impl Display) -> String {
-    format!(
-        "agentctl: stopped watching; the tasks of session {session} go on (stop them with \
-         `agentctl stop --session {session}`)"
-    )
-}
-
-/// The first line of `agentctl chat`.
-pub fn chat_banner(session: impl Display) -> String {
-    format!(
-        "chatting with session {session}: one line is one message; /help lists the \
-         commands; /quit or Ctrl-D leaves (tasks go on)"
-    )
 }
 
 #[cfg(test)]
