@@ -68,6 +68,9 @@ pub struct FileConfig {
     pub queue_timeout: Option<String>,
     pub max_connections: Option<usize>,
     pub request_timeout: Option<String>,
+    /// `[matrix]`: agentd-matrix's settings, which share this file (read by the
+    /// bridge, not by agentd).
+    pub matrix: Option<toml::Table>,
 }
 
 impl FileConfig {
