@@ -21,6 +21,8 @@ mod conformance;
 mod control;
 /// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
 mod defaults;
+/// agentd-matrix against a real Synapse homeserver on loopback.
+mod matrix;
 /// The stdlib-only Python example agent under a real agentd.
 mod python_agent;
 /// Queue modes, caps, fairness, priorities, expiry, de-duplication, live events.
