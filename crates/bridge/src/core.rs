@@ -504,3 +504,152 @@ impl<C: Chat> Writer<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// A chat that records what the core shows in it.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Chat for Recorder {
+        fn app(&self) -> &str {
+            "test"
+        }
+        fn poll(&self, _: Option<&str>) -> anyhow::Result<crate::chat::Batch> {
+            unreachable!("the writer never polls")
+        }
+        fn post(&self, _: &Conversation, text: &str) -> anyhow::Result<String> {
+            let mut calls = lock(&self.calls);
+            calls.push(format!("post {text}"));
+            Ok(format!("m{}", calls.len()))
+        }
+        fn edit(&self, _: &Conversation, id: &str, text: &str) -> anyhow::Result<()> {
+            lock(&self.calls).push(format!("edit {id} {text}"));
+            Ok(())
+        }
+        fn typing(&self, _: &Conversation, on: bool) -> anyhow::Result<()> {
+            lock(&self.calls).push(format!("typing {on}"));
+            Ok(())
+        }
+    }
+
+    fn view(state: &str, result: Option<&str>) -> Value {
+        json!({"task_id": "T", "session": "test:r", "state": state, "position": null,
+               "pid": null, "created_at": "2026-12-01T00:00:00.000Z", "started_at": null,
+               "finished_at": null, "text": "work", "progress": null, "result": result,
+               "exit": null})
+    }
+
+    fn event(kind: &str, text: Option<&str>, task: Value) -> Show {
+        let event = json!({"kind": kind, "task_id": "T", "session": "test:r", "text": text,
+                           "task": task});
+        Show::Note(Box::new(Note::Event(
+            serde_json::from_value(event).unwrap(),
+        )))
+    }
+
+    /// Run the writer over `shows` until they are all handled; what it did.
+    fn run_writer(interval: Duration, shows: Vec<Show>) -> Vec<String> {
+        let chat = Arc::new(Recorder::default());
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let (tx, rx) = mpsc::channel();
+        for show in shows {
+            tx.send(show).unwrap();
+        }
+        drop(tx);
+        Writer::new(chat.clone(), sessions, interval).run(rx);
+        let calls = lock(&chat.calls).clone();
+        calls
+    }
+
+    #[test]
+    fn progress_edits_one_message_at_most_once_per_interval_then_the_result() {
+        let reply: SendReply = serde_json::from_value(json!({
+            "reply": "task T  started", "accepted": true, "task": view("starting", None)
+        }))
+        .unwrap();
+        let sent = Sent {
+            session: "test:r".into(),
+            message_id: "$e".into(),
+            text: "work".into(),
+            resent: false,
+        };
+        let mut shows = vec![Show::Note(Box::new(Note::Answer {
+            sent,
+            answer: Ok(reply),
+        }))];
+        shows.push(event("started", None, view("running", None)));
+        for i in 1..=50 {
+            let line = format!("step {i}");
+            shows.push(event("progress", Some(&line), view("running", None)));
+        }
+        shows.push(event("finished", None, view("succeeded", Some("all done"))));
+        let calls = run_writer(Duration::from_secs(60), shows);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "edit m1 task T  running\nstep 1",
+                "typing false",
+                "edit m1 task T  succeeded\nstep 50",
+                "post task T  succeeded\nall done",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_redelivered_message_is_not_answered_twice_but_a_resent_one_is() {
+        let answer = |resent| {
+            let reply: SendReply = serde_json::from_value(json!({
+                "reply": "task T  already received", "accepted": true,
+                "task": view("succeeded", Some("x")), "duplicate": true
+            }))
+            .unwrap();
+            let sent = Sent {
+                session: "test:r".into(),
+                message_id: "$e".into(),
+                text: "work".into(),
+                resent,
+            };
+            Show::Note(Box::new(Note::Answer {
+                sent,
+                answer: Ok(reply),
+            }))
+        };
+        assert!(run_writer(Duration::from_secs(1), vec![answer(false)]).is_empty());
+        assert_eq!(
+            run_writer(Duration::from_secs(1), vec![answer(true)]),
+            ["post task T  already received"]
+        );
+    }
+
+    #[test]
+    fn state_remembers_handled_ids_and_forgets_the_oldest() {
+        let mut state = State::default();
+        assert!(state.first_time("a"));
+        assert!(!state.first_time("a"));
+        for i in 0..SEEN_KEPT {
+            state.first_time(&i.to_string());
+        }
+        assert!(state.first_time("a"), "the oldest id was forgotten");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.json");
+        state.cursor = Some("s1".into());
+        state.save(&path).unwrap();
+        let loaded = State::load(&path).unwrap();
+        assert_eq!(loaded.cursor.as_deref(), Some("s1"));
+        assert_eq!(loaded.seen.len(), SEEN_KEPT);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
