@@ -496,7 +496,7 @@ fn a_matrix_room_drives_agentd_through_a_real_synapse() {
     let bridge_log = home.path().join("agentd-matrix.log");
     let _show_log = ShowLogOnFailure(bridge_log.clone());
     let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
-    let d = {
+    let mut d = {
         // The socket path is Daemon's; write the file once it is known.
         let d = Daemon::start(&["--agent", agent.as_str(), "--max-concurrent", "4"]);
         std::fs::write(
@@ -777,5 +777,35 @@ progress-interval = "300ms"
         posts_about_once, 2,
         "one answer and one result, not repeated"
     );
+
+    // agentd restarts under the bridge: a message written while it is down waits,
+    // and runs once the bridge has reconnected.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let down = "echo while agentd was down";
+    let down_event = alice.say(&room_b, down);
+    let restarted = Command::new(AGENTD)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(d.dir.path().join("state"))
+        .args(["--agent", agent.as_str()])
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart agentd");
+    d.child = restarted;
+    let result = wait_for(
+        "the message written while agentd was down runs",
+        DEADLINE,
+        || {
+            events_after(&room_b, &down_event).into_iter().find(|e| {
+                body(e).contains("while agentd was down") && body(e).contains("succeeded")
+            })
+        },
+    );
+    assert_eq!(tasks_with_text(&d, down).len(), 1, "{result}");
     drop(bridge);
 }
