@@ -314,7 +314,17 @@ impl<C: Chat> Writer<C> {
         match note {
             Note::Answer { sent, answer } => self.answer(sent, answer),
             Note::Event(event) => self.event(event),
-            Note::Connected { .. } | Note::Lost => {}
+            Note::Connected { .. } => {}
+            // What ran may have ended unseen (agentd restarted): no typing notice
+            // stays up for it. The watches' snapshots, once reconnected, show what
+            // still runs.
+            Note::Lost => {
+                for (session, _) in std::mem::take(&mut self.typing) {
+                    if let Some(to) = self.conversation(&session) {
+                        let _ = self.chat.typing(&to, false);
+                    }
+                }
+            }
         }
     }
 

@@ -15,6 +15,22 @@ use crate::chat::{Batch, Chat, Conversation, Inbound};
 use crate::config::{Credentials, MatrixConfig};
 use crate::core::TYPING_TIMEOUT;
 
+/// The longest body the bridge posts: a Matrix event is at most 64 KiB, JSON
+/// escaping and the edit's two copies of the text included.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// `text`, cut at a character boundary to [`MAX_BODY_BYTES`] with a note when longer.
+fn fit(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_BODY_BYTES {
+        return text.into();
+    }
+    let mut end = MAX_BODY_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n… (cut: {} bytes in all)", &text[..end], text.len()).into()
+}
+
 /// How long the homeserver holds a `/sync` open when nothing happens.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Any other request.
@@ -540,6 +556,7 @@ impl Chat for Matrix {
     }
 
     fn post(&self, to: &Conversation, text: &str) -> anyhow::Result<String> {
+        let text = fit(text);
         let mut content = json!({"msgtype": "m.notice", "body": text});
         if let Some(root) = &to.thread {
             content["m.relates_to"] = json!({
@@ -553,6 +570,7 @@ impl Chat for Matrix {
     }
 
     fn edit(&self, to: &Conversation, message_id: &str, text: &str) -> anyhow::Result<()> {
+        let text = fit(text);
         let content = json!({
             "msgtype": "m.notice",
             "body": format!("* {text}"),
@@ -587,6 +605,15 @@ mod tests {
         assert_eq!(enc("!abc:localhost"), "%21abc%3Alocalhost");
         assert_eq!(enc("$ev/1+2"), "%24ev%2F1%2B2");
         assert_eq!(enc("agentd-1-2"), "agentd-1-2");
+    }
+
+    #[test]
+    fn long_texts_are_cut_at_a_character_boundary() {
+        assert_eq!(fit("short"), "short");
+        let long = "é".repeat(MAX_BODY_BYTES);
+        let cut = fit(&long);
+        assert!(cut.len() < MAX_BODY_BYTES + 100, "{}", cut.len());
+        assert!(cut.ends_with(&format!("(cut: {} bytes in all)", long.len())));
     }
 
     #[test]
