@@ -83,4 +83,10 @@ pub trait Chat: Send + Sync + 'static {
 
     /// Shows (or stops showing) that the bridge is typing in the conversation.
     fn typing(&self, to: &Conversation, on: bool) -> anyhow::Result<()>;
+
+    /// Whether a failed [`Chat::poll`] cannot get better by retrying (the
+    /// credentials were revoked): the bridge then exits with the error.
+    fn is_fatal(&self, _error: &anyhow::Error) -> bool {
+        false
+    }
 }

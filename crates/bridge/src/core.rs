@@ -162,6 +162,9 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
                 }
                 batch
             }
+            Err(e) if chat.is_fatal(&e) => {
+                return Err(e.context(format!("{} refused the bridge", chat.app())));
+            }
             Err(e) => {
                 tracing::warn!(
                     "polling {} failed ({e:#}); retrying in {delay:?}",

@@ -445,6 +445,16 @@ impl Matrix {
     }
 }
 
+/// The homeserver no longer takes the bridge's access token (logged out).
+fn revoked(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<HttpError>() {
+        Some(HttpError::Status {
+            status, errcode, ..
+        }) => *status == 401 || errcode == "M_UNKNOWN_TOKEN",
+        _ => false,
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -594,6 +604,10 @@ impl Chat for Matrix {
         self.call("PUT", &path, &[], Some(&body), REQUEST_TIMEOUT)?;
         Ok(())
     }
+
+    fn is_fatal(&self, error: &anyhow::Error) -> bool {
+        revoked(error)
+    }
 }
 
 #[cfg(test)]
@@ -614,6 +628,25 @@ mod tests {
         let cut = fit(&long);
         assert!(cut.len() < MAX_BODY_BYTES + 100, "{}", cut.len());
         assert!(cut.ends_with(&format!("(cut: {} bytes in all)", long.len())));
+    }
+
+    #[test]
+    fn a_revoked_token_is_fatal_other_errors_are_not() {
+        let status = |status, errcode: &str| {
+            anyhow::Error::from(HttpError::Status {
+                status,
+                errcode: errcode.into(),
+                error: String::new(),
+            })
+        };
+        assert!(revoked(&status(401, "M_UNKNOWN_TOKEN")));
+        assert!(revoked(&status(401, "M_MISSING_TOKEN")));
+        assert!(!revoked(&status(429, "M_LIMIT_EXCEEDED")));
+        assert!(!revoked(&status(502, "?")));
+        assert!(!revoked(&anyhow::Error::from(HttpError::Transport(
+            "refused".into()
+        ))));
+        assert!(!revoked(&anyhow::anyhow!("no next_batch")));
     }
 
     #[test]
