@@ -112,10 +112,11 @@ impl Matrix {
     /// Logs in (password) or checks the token (`whoami`), then joins the configured
     /// rooms. Waits for a homeserver that is not up yet; fails on a refusal.
     pub fn connect(config: &MatrixConfig) -> anyhow::Result<Matrix> {
-        if config.homeserver.starts_with("https://") {
+        if config.homeserver.starts_with("https://") && !cfg!(feature = "tls") {
             bail!(
-                "agentd-matrix is built without TLS: use an http:// homeserver URL \
-                 (a loopback reverse proxy, for example) instead of {}",
+                "agentd-matrix is built without TLS: build it with `--features matrix-tls`, \
+                 or use an http:// homeserver URL (a loopback reverse proxy, for example) \
+                 instead of {}",
                 config.homeserver
             );
         }
