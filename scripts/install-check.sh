@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks that `cargo install --path .` installs exactly agentd, agentctl and
+# Checks that `cargo install --path .` installs exactly agentd, agentctl, agentd-matrix and
 # agent-exec (not the test suite's agentd-test-agent), and that the README's usage
 # works from the installed binaries alone: agentd finds the default agent
 # (agent-exec) beside itself, agentctl finds agentd's default socket.
@@ -28,8 +28,8 @@ fail() {
 
 cargo install --quiet --locked --debug --path . --root "$WORK/root" --target-dir target
 installed="$(ls "$WORK/root/bin" | sort | tr '\n' ' ')"
-[[ "$installed" == "agent-exec agentctl agentd " ]] ||
-    fail "cargo install put [$installed] in bin/, expected [agent-exec agentctl agentd]"
+[[ "$installed" == "agent-exec agentctl agentd agentd-matrix " ]] ||
+    fail "cargo install put [$installed] in bin/, expected [agent-exec agentctl agentd agentd-matrix]"
 
 # A new user's environment: only the installed binaries and the system on PATH, a
 # fresh runtime dir (where the default socket lives), config and state homes.
@@ -68,4 +68,4 @@ for _ in $(seq 1 200); do kill -0 "$AGENTD_PID" 2>/dev/null || break; sleep 0.05
 kill -0 "$AGENTD_PID" 2>/dev/null && fail "agentd did not stop on SIGTERM"
 wait "$AGENTD_PID" || fail "agentd exited with an error on SIGTERM"
 AGENTD_PID=""
-echo "install-check: cargo install gives agent-exec, agentctl, agentd; the README's usage works from them"
+echo "install-check: cargo install gives agent-exec, agentctl, agentd, agentd-matrix; the README's usage works from them"

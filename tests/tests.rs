@@ -27,6 +27,8 @@ mod defaults;
 /// Durability: restarts after kill -9, acknowledged means stored, one agentd per
 /// state dir, corrupt stores.
 mod durability;
+/// agentd-matrix against a real Synapse homeserver on loopback.
+mod matrix;
 /// One spelling per variant on every surface, in any case.
 mod names;
 /// The stdlib-only Python example agent under a real agentd.

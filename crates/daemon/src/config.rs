@@ -117,6 +117,9 @@ pub struct FileConfig {
     pub request_timeout: Option<String>,
     /// `text` (one line of plain fields per event) or `json` (one JSON object a line).
     pub log_format: Option<String>,
+    /// `[matrix]`: agentd-matrix's settings, which share this file (read by the
+    /// bridge, not by agentd).
+    pub matrix: Option<toml::Table>,
 }
 
 impl FileConfig {
@@ -539,7 +542,7 @@ mod tests {
 
     const EXAMPLE: &str = include_str!("../../../examples/config.toml");
 
-    /// The example with every `# key = value` line uncommented.
+    /// The example with every `# key = value` and `# [table]` line uncommented.
     fn example_uncommented() -> String {
         EXAMPLE
             .lines()
@@ -551,6 +554,8 @@ mod tests {
                 {
                     rest
                 }
+                // A table header, e.g. `# [matrix]` (kept last in the example).
+                Some(rest) if rest.starts_with('[') && rest.ends_with(']') => rest,
                 _ => line,
             })
             .collect::<Vec<_>>()

@@ -495,6 +495,33 @@ pub fn checkpoint_too_large(len: usize, max: usize) -> String {
     format!("a checkpoint of {len} bytes is over the limit of {max} bytes")
 }
 
+// ----- chat bridges (agentd-matrix) -----
+
+/// A chat bridge's answer to a user who is not on its allow-list; nothing runs.
+pub fn bridge_refusal(sender: impl Display) -> String {
+    format!(
+        "Sorry {sender}, you are not on this bridge's list of allowed users, so I cannot \
+         run anything for you. The owner of this agentd can add your user id to \
+         `allowed-users` in the `[matrix]` config."
+    )
+}
+
+/// The one message a bridge edits in place while a task runs: the task's line, then
+/// its latest progress line.
+pub fn bridge_progress(view: &TaskView, line: &str) -> String {
+    format!("task {}  {}\n{line}", view.task_id, outcome(view))
+}
+
+/// What a bridge posts when a task ends: how it ended, then its result.
+pub fn bridge_finished(view: &TaskView) -> String {
+    match &view.result {
+        Some(result) if !result.trim().is_empty() => {
+            format!("task {}  {}\n{result}", view.task_id, outcome(view))
+        }
+        _ => format!("task {}  {}", view.task_id, outcome(view)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

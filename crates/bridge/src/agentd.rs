@@ -1,0 +1,304 @@
+//! The bridge's one connection to agentd's control socket (JSON lines,
+//! docs/protocol.md): session watches, `send` for every inbound message, and a
+//! reader that turns what agentd writes into [`Note`]s. When the connection breaks it
+//! reconnects with a growing delay, watches its sessions again and re-sends every
+//! message whose answer never came, with the same `message_id`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentd_proto::control::{EventView, SendReply, CONTROL_PROTOCOL_VERSION};
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+/// The longest line agentd may write that the bridge reads (a `/tasks` answer is
+/// at most about 1 MiB of views).
+const MAX_LINE_BYTES: u64 = 8 * 1024 * 1024;
+/// The longest wait between two connection attempts.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// A message handed to agentd.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub session: String,
+    pub message_id: String,
+    pub text: String,
+    /// Sent again after a reconnect: its first answer never came.
+    pub resent: bool,
+}
+
+/// What the reader reports.
+#[derive(Debug)]
+pub enum Note {
+    /// agentd answered a `send`.
+    Answer {
+        sent: Sent,
+        /// The answer, or the error's message for the chat.
+        answer: Result<SendReply, String>,
+    },
+    /// An event of a watched session.
+    Event(EventView),
+    /// Connected (again): `server` is agentd's hello answer.
+    Connected { server: String },
+    /// The connection broke; messages wait until it is back.
+    Lost,
+}
+
+#[derive(Default)]
+struct LinkState {
+    stream: Option<UnixStream>,
+    sessions: BTreeSet<String>,
+    /// Request id of each session's watch on the current connection.
+    watches: HashMap<u64, String>,
+    /// Sends not answered yet, by request id on the current connection.
+    pending: HashMap<u64, Sent>,
+}
+
+/// The control-socket link; cheap to clone.
+#[derive(Clone)]
+pub struct Link {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    socket: PathBuf,
+    client: String,
+    next_id: AtomicU64,
+    state: Mutex<LinkState>,
+    notes: Sender<Note>,
+}
+
+impl Link {
+    pub fn new(socket: PathBuf, client: String, notes: Sender<Note>) -> Link {
+        Link {
+            shared: Arc::new(Shared {
+                socket,
+                client,
+                next_id: AtomicU64::new(1),
+                state: Mutex::new(LinkState::default()),
+                notes,
+            }),
+        }
+    }
+
+    /// Starts the reader thread, which connects and keeps reconnecting.
+    pub fn spawn(&self) -> std::thread::JoinHandle<()> {
+        let link = self.clone();
+        std::thread::Builder::new()
+            .name("agentd-link".into())
+            .spawn(move || link.run())
+            .expect("spawn the agentd link thread")
+    }
+
+    /// Watches `session` from now on (and after every reconnect).
+    pub fn watch(&self, session: &str) {
+        let mut state = self.lock();
+        if state.sessions.insert(session.to_string()) && state.stream.is_some() {
+            self.write_watch(&mut state, session);
+        }
+    }
+
+    /// Hands a chat message to agentd (after watching its session, so the answer
+    /// comes before the task's events). Without a connection it waits for one.
+    pub fn send(&self, session: &str, message_id: &str, text: &str) {
+        self.watch(session);
+        let mut state = self.lock();
+        let sent = Sent {
+            session: session.to_string(),
+            message_id: message_id.to_string(),
+            text: text.to_string(),
+            resent: false,
+        };
+        let id = self.id();
+        let request = send_request(id, &sent);
+        state.pending.insert(id, sent);
+        if state.stream.is_some() {
+            write_line(&mut state, &request);
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_watch(&self, state: &mut LinkState, session: &str) {
+        let id = self.id();
+        state.watches.insert(id, session.to_string());
+        write_line(
+            state,
+            &json!({"id": id, "cmd": "watch", "session": session}),
+        );
+    }
+
+    fn run(&self) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.connect() {
+                Ok((stream, reader, server)) => {
+                    delay = Duration::from_millis(100);
+                    tracing::info!(socket = %self.shared.socket.display(), %server, "connected to agentd");
+                    self.adopt(stream);
+                    let _ = self.shared.notes.send(Note::Connected { server });
+                    self.read(reader);
+                    tracing::warn!("connection to agentd lost; reconnecting");
+                    let stream = self.lock().stream.take();
+                    if let Some(stream) = stream {
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                    }
+                    let _ = self.shared.notes.send(Note::Lost);
+                }
+                Err(e) => {
+                    tracing::warn!("cannot reach agentd ({e:#}); retrying in {delay:?}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+            }
+        }
+    }
+
+    fn connect(&self) -> anyhow::Result<(UnixStream, BufReader<UnixStream>, String)> {
+        let stream = UnixStream::connect(&self.shared.socket)
+            .with_context(|| format!("connect to {}", self.shared.socket.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let hello = json!({"id": 0, "cmd": "hello", "protocol": CONTROL_PROTOCOL_VERSION,
+                           "client": self.shared.client});
+        (&stream).write_all(format!("{hello}\n").as_bytes())?;
+        let answer = read_line(&mut reader)?.context("agentd closed the connection")?;
+        if answer["ok"] != true {
+            bail!("hello refused: {}", answer["error"]["message"]);
+        }
+        stream.set_read_timeout(None)?;
+        let server = answer["result"]["server"]
+            .as_str()
+            .unwrap_or("agentd")
+            .to_string();
+        Ok((stream, reader, server))
+    }
+
+    /// Makes `stream` the connection: watches every session, re-sends every
+    /// unanswered message under a new request id.
+    fn adopt(&self, stream: UnixStream) {
+        let mut state = self.lock();
+        state.stream = Some(stream);
+        state.watches.clear();
+        let sessions: Vec<String> = state.sessions.iter().cloned().collect();
+        for session in sessions {
+            self.write_watch(&mut state, &session);
+        }
+        let mut pending: Vec<(u64, Sent)> = state.pending.drain().collect();
+        pending.sort_by_key(|(id, _)| *id);
+        for (_, mut sent) in pending {
+            sent.resent = true;
+            let id = self.id();
+            let request = send_request(id, &sent);
+            state.pending.insert(id, sent);
+            write_line(&mut state, &request);
+        }
+    }
+
+    fn read(&self, mut reader: BufReader<UnixStream>) {
+        loop {
+            let line = match read_line(&mut reader) {
+                Ok(Some(line)) => line,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("reading from agentd: {e:#}");
+                    return;
+                }
+            };
+            self.dispatch(line);
+        }
+    }
+
+    fn dispatch(&self, line: Value) {
+        let id = line["id"].as_u64();
+        if let Some(event) = line.get("event") {
+            match serde_json::from_value::<EventView>(event.clone()) {
+                Ok(event) => {
+                    let _ = self.shared.notes.send(Note::Event(event));
+                }
+                Err(e) => tracing::warn!("an event agentd wrote does not parse ({e}): {event}"),
+            }
+            return;
+        }
+        let mut state = self.lock();
+        if let Some(sent) = id.and_then(|id| state.pending.remove(&id)) {
+            drop(state);
+            let answer = if line["ok"] == true {
+                serde_json::from_value::<SendReply>(line["result"].clone())
+                    .map_err(|e| format!("agentd's answer does not parse: {e}"))
+            } else {
+                Err(line["error"]["message"]
+                    .as_str()
+                    .unwrap_or("agentd refused the message")
+                    .to_string())
+            };
+            let _ = self.shared.notes.send(Note::Answer { sent, answer });
+            return;
+        }
+        if line["ok"] != true {
+            // A watch that ended (lagged) or a line about no request: watch again.
+            if let Some(session) = id.and_then(|id| state.watches.remove(&id)) {
+                tracing::warn!(%session, "watch ended: {}; watching again", line["error"]["message"]);
+                self.write_watch(&mut state, &session);
+            } else {
+                tracing::warn!("agentd: {}", line["error"]["message"]);
+            }
+        }
+    }
+}
+
+fn send_request(id: u64, sent: &Sent) -> Value {
+    json!({"id": id, "cmd": "send", "session": sent.session, "text": sent.text,
+           "message_id": sent.message_id})
+}
+
+/// Writes one line; on failure shuts the stream down so the reader reconnects.
+fn write_line(state: &mut LinkState, request: &Value) {
+    if let Some(stream) = &state.stream {
+        let mut line = request.to_string();
+        line.push('\n');
+        let mut writer = stream;
+        if let Err(e) = writer.write_all(line.as_bytes()) {
+            tracing::warn!("writing to agentd: {e}");
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// One JSON line, at most [`MAX_LINE_BYTES`]; `None` at the end of the stream.
+fn read_line(reader: &mut BufReader<UnixStream>) -> anyhow::Result<Option<Value>> {
+    loop {
+        let mut buf = Vec::new();
+        let n = reader
+            .by_ref()
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf.last() != Some(&b'\n') {
+            if n as u64 > MAX_LINE_BYTES {
+                bail!("agentd wrote a line longer than {MAX_LINE_BYTES} bytes");
+            }
+            return Ok(None);
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        return serde_json::from_slice(&buf)
+            .map(Some)
+            .context("agentd wrote a line that is not JSON");
+    }
+}

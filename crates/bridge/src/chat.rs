@@ -1,0 +1,92 @@
+//! What the chat-independent core needs from a chat system. A bridge for another
+//! chat app implements [`Chat`] in a small file beside `matrix.rs`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a message came from and where answers go: a room (chat, channel), or a
+/// thread inside one. Each is one agentd session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Conversation {
+    pub room: String,
+    /// The thread's root message id, for a message in a thread.
+    pub thread: Option<String>,
+}
+
+impl Conversation {
+    pub fn room(room: impl Into<String>) -> Conversation {
+        Conversation {
+            room: room.into(),
+            thread: None,
+        }
+    }
+
+    /// The agentd session of this conversation: `<app>:<room>` or
+    /// `<app>:<room>/<thread root>`.
+    pub fn session(&self, app: &str) -> String {
+        match &self.thread {
+            None => format!("{app}:{}", self.room),
+            Some(root) => format!("{app}:{}/{root}", self.room),
+        }
+    }
+}
+
+impl fmt::Display for Conversation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.thread {
+            None => f.write_str(&self.room),
+            Some(root) => write!(f, "{} (thread {root})", self.room),
+        }
+    }
+}
+
+/// A text message someone wrote in a conversation the bridge serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub conversation: Conversation,
+    /// The chat system's id of the message: agentd's `message_id`, so a message
+    /// delivered again never runs twice.
+    pub message_id: String,
+    pub sender: String,
+    pub text: String,
+}
+
+/// One answer of [`Chat::poll`].
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// The messages, oldest first.
+    pub messages: Vec<Inbound>,
+    /// Where the next poll starts; the core persists it once the batch is handled.
+    pub cursor: Option<String>,
+}
+
+/// A chat system, as the core uses it. Calls may block (HTTP); each is made from
+/// one of the core's threads, so an implementation must be `Sync`. Errors are
+/// retried by the core with a growing delay; an implementation retries what it
+/// knows to be transient itself (rate limits) and makes retried sends idempotent.
+pub trait Chat: Send + Sync + 'static {
+    /// Short name used in session names: `matrix`.
+    fn app(&self) -> &str;
+
+    /// Waits for new messages after `cursor` (a long poll of up to about 30 s).
+    /// Without a cursor (the first start, or the state was lost) it returns no
+    /// history, only the position to start from: messages written before the
+    /// bridge ran are not acted on.
+    fn poll(&self, cursor: Option<&str>) -> anyhow::Result<Batch>;
+
+    /// Posts `text` in the conversation and returns the new message's id.
+    fn post(&self, to: &Conversation, text: &str) -> anyhow::Result<String>;
+
+    /// Replaces the text of the bridge's own message `message_id`.
+    fn edit(&self, to: &Conversation, message_id: &str, text: &str) -> anyhow::Result<()>;
+
+    /// Shows (or stops showing) that the bridge is typing in the conversation.
+    fn typing(&self, to: &Conversation, on: bool) -> anyhow::Result<()>;
+
+    /// Whether a failed [`Chat::poll`] cannot get better by retrying (the
+    /// credentials were revoked): the bridge then exits with the error.
+    fn is_fatal(&self, _error: &anyhow::Error) -> bool {
+        false
+    }
+}

@@ -1,0 +1,668 @@
+//! The chat-independent bridge: sessions, the allow-list, de-duplication, progress
+//! shown by editing one message in place, results, typing notices and retries. It
+//! talks to agentd through [`Link`] and to the chat through a [`Chat`].
+//!
+//! Three threads: the poll loop (chat → agentd), the agentd link's reader, and the
+//! chat writer, which makes every call that shows something in the chat, in order,
+//! so a task's progress edit never overtakes the message it edits.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentd_proto::control::{EventKind, EventView, SendReply, TaskState, TaskView};
+use agentd_proto::text;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::agentd::{Link, Note, Sent};
+use crate::chat::{Chat, Conversation, Inbound};
+
+/// How many handled message ids the state file keeps.
+const SEEN_KEPT: usize = 5_000;
+/// A typing notice lasts this long on the homeserver; it is renewed before.
+pub const TYPING_TIMEOUT: Duration = Duration::from_secs(30);
+const TYPING_RENEW: Duration = Duration::from_secs(20);
+const MAX_POLL_DELAY: Duration = Duration::from_secs(30);
+
+/// What the core needs to know.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// agentd's control socket.
+    pub socket: PathBuf,
+    /// Sent in `hello`.
+    pub client: String,
+    /// User ids that may give work; everyone else gets a refusal.
+    pub allowed_users: Vec<String>,
+    /// The shortest time between two edits of one task's progress message.
+    pub progress_interval: Duration,
+    /// Where the chat cursor, handled message ids and served sessions are kept.
+    pub state_file: PathBuf,
+}
+
+/// What survives a restart of the bridge.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    /// The chat's poll position (Matrix: the `/sync` `since` token).
+    pub cursor: Option<String>,
+    /// Ids of messages already handled, oldest first.
+    #[serde(default)]
+    pub seen: VecDeque<String>,
+    /// The sessions served, so their tasks are watched again after a restart.
+    #[serde(default)]
+    pub sessions: BTreeMap<String, Conversation>,
+}
+
+impl State {
+    pub fn load(path: &Path) -> anyhow::Result<State> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("state file {} is not valid", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Writes the state atomically (a temp file renamed over it), mode 0600.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        file.write_all(&serde_json::to_vec(self)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Records a message id; false when it was already handled.
+    fn first_time(&mut self, message_id: &str) -> bool {
+        if self.seen.iter().any(|id| id == message_id) {
+            return false;
+        }
+        self.seen.push_back(message_id.to_string());
+        while self.seen.len() > SEEN_KEPT {
+            self.seen.pop_front();
+        }
+        true
+    }
+}
+
+/// What the chat writer is asked to show.
+enum Show {
+    Note(Box<Note>),
+    /// A sender not on the allow-list.
+    Refuse {
+        to: Conversation,
+        sender: String,
+    },
+}
+
+/// Runs a bridge between `chat` and agentd until the process ends.
+pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
+    let mut state = State::load(&config.state_file)?;
+    let chat = Arc::new(chat);
+    let sessions: Arc<Mutex<HashMap<String, Conversation>>> =
+        Arc::new(Mutex::new(state.sessions.clone().into_iter().collect()));
+    let (notes_tx, notes_rx) = mpsc::channel::<Note>();
+    let (show_tx, show_rx) = mpsc::channel::<Show>();
+    // Link notes go through the same queue as refusals, in arrival order.
+    {
+        let show_tx = show_tx.clone();
+        std::thread::Builder::new()
+            .name("notes".into())
+            .spawn(move || {
+                for note in notes_rx {
+                    if show_tx.send(Show::Note(Box::new(note))).is_err() {
+                        break;
+                    }
+                }
+            })?;
+    }
+    let link = Link::new(config.socket.clone(), config.client.clone(), notes_tx);
+    for session in state.sessions.keys() {
+        link.watch(session);
+    }
+    link.spawn();
+    {
+        let chat = chat.clone();
+        let sessions = sessions.clone();
+        let interval = config.progress_interval;
+        std::thread::Builder::new()
+            .name("chat-writer".into())
+            .spawn(move || Writer::new(chat, sessions, interval).run(show_rx))?;
+    }
+
+    // The poll loop: chat → agentd.
+    let mut delay = Duration::from_millis(200);
+    let mut ready = false;
+    loop {
+        let batch = match chat.poll(state.cursor.as_deref()) {
+            Ok(batch) => {
+                delay = Duration::from_millis(200);
+                if !ready {
+                    ready = true;
+                    tracing::info!(app = chat.app(), "ready for messages");
+                }
+                batch
+            }
+            Err(e) if chat.is_fatal(&e) => {
+                return Err(e.context(format!("{} refused the bridge", chat.app())));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "polling {} failed ({e:#}); retrying in {delay:?}",
+                    chat.app()
+                );
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(MAX_POLL_DELAY);
+                continue;
+            }
+        };
+        for message in batch.messages {
+            handle(
+                chat.app(),
+                &config,
+                &mut state,
+                &sessions,
+                &link,
+                &show_tx,
+                message,
+            );
+        }
+        if batch.cursor.is_some() && batch.cursor != state.cursor {
+            state.cursor = batch.cursor;
+            save(&state, &config.state_file);
+        }
+    }
+}
+
+fn save(state: &State, path: &Path) {
+    if let Err(e) = state.save(path) {
+        tracing::error!("cannot save the bridge's state: {e:#}");
+    }
+}
+
+/// One inbound message: refused, skipped as already handled, or handed to agentd.
+fn handle(
+    app: &str,
+    config: &CoreConfig,
+    state: &mut State,
+    sessions: &Mutex<HashMap<String, Conversation>>,
+    link: &Link,
+    show: &Sender<Show>,
+    message: Inbound,
+) {
+    let Inbound {
+        conversation,
+        message_id,
+        sender,
+        text,
+    } = message;
+    if !state.first_time(&message_id) {
+        tracing::info!(%message_id, "message delivered again: already handled");
+        return;
+    }
+    if !config.allowed_users.contains(&sender) {
+        tracing::info!(%sender, room = %conversation, "refused: sender not on the allow-list");
+        save(state, &config.state_file);
+        let _ = show.send(Show::Refuse {
+            to: conversation,
+            sender,
+        });
+        return;
+    }
+    let session = conversation.session(app);
+    if !state.sessions.contains_key(&session) {
+        state.sessions.insert(session.clone(), conversation.clone());
+        lock(sessions).insert(session.clone(), conversation);
+    }
+    // Saved before agentd sees it: a crash now loses at most this message's answer,
+    // and agentd's own de-duplication (the message id) covers a re-delivery.
+    save(state, &config.state_file);
+    link.send(&session, &message_id, &text);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A task as the chat shows it.
+#[derive(Default)]
+struct TaskUi {
+    /// The task's session.
+    session: Option<String>,
+    /// The bridge's message that is edited with the task's progress.
+    message: Option<String>,
+    /// The text that message shows now.
+    shown: String,
+    /// A newer text waiting for the rate limit.
+    pending: Option<String>,
+    last_edit: Option<Instant>,
+}
+
+/// The chat writer: every call that shows something in the chat.
+struct Writer<C: Chat> {
+    chat: Arc<C>,
+    sessions: Arc<Mutex<HashMap<String, Conversation>>>,
+    interval: Duration,
+    tasks: HashMap<String, TaskUi>,
+    /// Tasks running in each session, and when its typing notice was last sent.
+    typing: HashMap<String, (HashSet<String>, Instant)>,
+}
+
+impl<C: Chat> Writer<C> {
+    fn new(
+        chat: Arc<C>,
+        sessions: Arc<Mutex<HashMap<String, Conversation>>>,
+        interval: Duration,
+    ) -> Self {
+        Writer {
+            chat,
+            sessions,
+            interval,
+            tasks: HashMap::new(),
+            typing: HashMap::new(),
+        }
+    }
+
+    fn run(mut self, shows: Receiver<Show>) {
+        loop {
+            let wait = self.next_due().map_or(Duration::from_secs(3600), |due| {
+                due.saturating_duration_since(Instant::now())
+            });
+            match shows.recv_timeout(wait) {
+                Ok(Show::Note(note)) => self.note(*note),
+                Ok(Show::Refuse { to, sender }) => {
+                    self.post(&to, &text::bridge_refusal(&sender));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.flush_due();
+        }
+    }
+
+    fn conversation(&self, session: &str) -> Option<Conversation> {
+        lock(&self.sessions).get(session).cloned()
+    }
+
+    fn post(&self, to: &Conversation, body: &str) -> Option<String> {
+        match self.chat.post(to, body) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::error!(room = %to, "cannot post in the chat: {e:#}");
+                None
+            }
+        }
+    }
+
+    fn note(&mut self, note: Note) {
+        match note {
+            Note::Answer { sent, answer } => self.answer(sent, answer),
+            Note::Event(event) => self.event(event),
+            Note::Connected { .. } => {}
+            // What ran may have ended unseen (agentd restarted): no typing notice
+            // stays up for it. The watches' snapshots, once reconnected, show what
+            // still runs.
+            Note::Lost => {
+                for (session, _) in std::mem::take(&mut self.typing) {
+                    if let Some(to) = self.conversation(&session) {
+                        let _ = self.chat.typing(&to, false);
+                    }
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, sent: Sent, answer: Result<SendReply, String>) {
+        let Some(to) = self.conversation(&sent.session) else {
+            return;
+        };
+        let reply = match answer {
+            Ok(reply) => reply,
+            Err(message) => {
+                self.post(&to, &message);
+                return;
+            }
+        };
+        if reply.duplicate && !sent.resent {
+            // Answered when it first came; nothing ran again.
+            tracing::info!(message_id = %sent.message_id, "agentd: a re-delivered message, not run again");
+            return;
+        }
+        let Some(task) = reply.task.filter(|_| reply.accepted) else {
+            self.post(&to, &reply.reply);
+            return;
+        };
+        let posted = self.post(&to, &reply.reply);
+        let ui = self.tasks.entry(task.task_id.clone()).or_default();
+        ui.session = Some(sent.session.clone());
+        if ui.message.is_none() {
+            ui.message = posted;
+            ui.shown = reply.reply;
+        }
+        if matches!(task.state, TaskState::Starting | TaskState::Running) {
+            self.typing_on(&sent.session, &task.task_id);
+        }
+        if task.state.is_terminal() {
+            // Merged at once (steered): nothing more comes for this task.
+            self.tasks.remove(&task.task_id);
+        }
+    }
+
+    fn event(&mut self, event: EventView) {
+        match event.kind {
+            EventKind::Started => self.typing_on(&event.session, &event.task_id),
+            EventKind::Progress => {
+                let (Some(view), Some(line)) = (&event.task, &event.text) else {
+                    return;
+                };
+                let body = text::bridge_progress(view, line);
+                let ui = self.tasks.entry(event.task_id.clone()).or_default();
+                ui.pending = Some(body);
+                ui.session = Some(event.session.clone());
+                self.typing_on(&event.session, &event.task_id);
+            }
+            EventKind::Finished => {
+                if let Some(view) = event.task {
+                    self.finished(&event.session, view);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finished(&mut self, session: &str, view: TaskView) {
+        self.typing_off(session, &view.task_id);
+        let ui = self.tasks.remove(&view.task_id);
+        let Some(to) = self.conversation(session) else {
+            return;
+        };
+        // The progress message keeps the last line it showed, under the final state.
+        if let Some(TaskUi {
+            message: Some(message),
+            pending,
+            shown,
+            ..
+        }) = ui
+        {
+            let last = pending
+                .as_deref()
+                .or(Some(shown.as_str()))
+                .and_then(|t| t.split_once('\n').map(|(_, line)| line.to_string()));
+            let body = match last {
+                Some(line) => text::bridge_progress(&view, &line),
+                None => text::task_line(&view),
+            };
+            if let Err(e) = self.chat.edit(&to, &message, &body) {
+                tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
+            }
+        }
+        if view.state != TaskState::Merged {
+            self.post(&to, &text::bridge_finished(&view));
+        }
+    }
+
+    fn typing_on(&mut self, session: &str, task_id: &str) {
+        let now = Instant::now();
+        let entry = self
+            .typing
+            .entry(session.to_string())
+            .or_insert_with(|| (HashSet::new(), now - TYPING_RENEW * 2));
+        let first = entry.0.is_empty();
+        entry.0.insert(task_id.to_string());
+        if first || now.duration_since(entry.1) >= TYPING_RENEW {
+            entry.1 = now;
+            if let Some(to) = self.conversation(session) {
+                if let Err(e) = self.chat.typing(&to, true) {
+                    tracing::warn!(room = %to, "cannot send a typing notice: {e:#}");
+                }
+            }
+        }
+    }
+
+    fn typing_off(&mut self, session: &str, task_id: &str) {
+        let Some(entry) = self.typing.get_mut(session) else {
+            return;
+        };
+        if entry.0.remove(task_id) && entry.0.is_empty() {
+            self.typing.remove(session);
+            if let Some(to) = self.conversation(session) {
+                if let Err(e) = self.chat.typing(&to, false) {
+                    tracing::warn!(room = %to, "cannot end the typing notice: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// The next moment a progress edit or a typing renewal is due.
+    fn next_due(&self) -> Option<Instant> {
+        let edits = self
+            .tasks
+            .values()
+            .filter(|t| t.pending.is_some())
+            .map(|t| {
+                t.last_edit
+                    .map_or_else(Instant::now, |at| at + self.interval)
+            });
+        let typing = self.typing.values().map(|(_, at)| *at + TYPING_RENEW);
+        edits.chain(typing).min()
+    }
+
+    fn flush_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.pending.is_some() && t.last_edit.is_none_or(|at| now >= at + self.interval)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for task_id in due {
+            let session = self.tasks[&task_id].session.clone();
+            let to = session.and_then(|s| self.conversation(&s));
+            let ui = self.tasks.get_mut(&task_id).expect("listed above");
+            let body = ui.pending.take().expect("listed above");
+            ui.last_edit = Some(now);
+            let Some(to) = to.filter(|_| body != ui.shown) else {
+                continue;
+            };
+            match &ui.message {
+                Some(message) => {
+                    if let Err(e) = self.chat.edit(&to, message, &body) {
+                        tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
+                    }
+                }
+                None => match self.chat.post(&to, &body) {
+                    Ok(id) => ui.message = Some(id),
+                    Err(e) => tracing::warn!(room = %to, "cannot post progress: {e:#}"),
+                },
+            }
+            ui.shown = body;
+            // The interval counts from the end of this call: a slow homeserver gets
+            // fewer edits, not a burst of them.
+            ui.last_edit = Some(Instant::now());
+        }
+        let renew: Vec<String> = self
+            .typing
+            .iter()
+            .filter(|(_, (_, at))| now >= *at + TYPING_RENEW)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in renew {
+            if let Some(entry) = self.typing.get_mut(&session) {
+                entry.1 = now;
+            }
+            if let Some(to) = self.conversation(&session) {
+                let _ = self.chat.typing(&to, true);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// A chat that records what the core shows in it.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Chat for Recorder {
+        fn app(&self) -> &str {
+            "test"
+        }
+        fn poll(&self, _: Option<&str>) -> anyhow::Result<crate::chat::Batch> {
+            unreachable!("the writer never polls")
+        }
+        fn post(&self, _: &Conversation, text: &str) -> anyhow::Result<String> {
+            let mut calls = lock(&self.calls);
+            calls.push(format!("post {text}"));
+            Ok(format!("m{}", calls.len()))
+        }
+        fn edit(&self, _: &Conversation, id: &str, text: &str) -> anyhow::Result<()> {
+            lock(&self.calls).push(format!("edit {id} {text}"));
+            Ok(())
+        }
+        fn typing(&self, _: &Conversation, on: bool) -> anyhow::Result<()> {
+            lock(&self.calls).push(format!("typing {on}"));
+            Ok(())
+        }
+    }
+
+    fn view(state: &str, result: Option<&str>) -> Value {
+        json!({"task_id": "T", "session": "test:r", "state": state, "position": null,
+               "pid": null, "created_at": "2026-12-01T00:00:00.000Z", "started_at": null,
+               "finished_at": null, "text": "work", "progress": null, "result": result,
+               "exit": null})
+    }
+
+    fn event(kind: &str, text: Option<&str>, task: Value) -> Show {
+        let event = json!({"kind": kind, "task_id": "T", "session": "test:r", "text": text,
+                           "task": task});
+        Show::Note(Box::new(Note::Event(
+            serde_json::from_value(event).unwrap(),
+        )))
+    }
+
+    /// Run the writer over `shows` until they are all handled; what it did.
+    fn run_writer(interval: Duration, shows: Vec<Show>) -> Vec<String> {
+        let chat = Arc::new(Recorder::default());
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let (tx, rx) = mpsc::channel();
+        for show in shows {
+            tx.send(show).unwrap();
+        }
+        drop(tx);
+        Writer::new(chat.clone(), sessions, interval).run(rx);
+        let calls = lock(&chat.calls).clone();
+        calls
+    }
+
+    #[test]
+    fn progress_edits_one_message_at_most_once_per_interval_then_the_result() {
+        let reply: SendReply = serde_json::from_value(json!({
+            "reply": "task T  started", "accepted": true, "task": view("starting", None)
+        }))
+        .unwrap();
+        let sent = Sent {
+            session: "test:r".into(),
+            message_id: "$e".into(),
+            text: "work".into(),
+            resent: false,
+        };
+        let mut shows = vec![Show::Note(Box::new(Note::Answer {
+            sent,
+            answer: Ok(reply),
+        }))];
+        shows.push(event("started", None, view("running", None)));
+        for i in 1..=50 {
+            let line = format!("step {i}");
+            shows.push(event("progress", Some(&line), view("running", None)));
+        }
+        shows.push(event("finished", None, view("succeeded", Some("all done"))));
+        let calls = run_writer(Duration::from_secs(60), shows);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "edit m1 task T  running\nstep 1",
+                "typing false",
+                "edit m1 task T  succeeded\nstep 50",
+                "post task T  succeeded\nall done",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_redelivered_message_is_not_answered_twice_but_a_resent_one_is() {
+        let answer = |resent| {
+            let reply: SendReply = serde_json::from_value(json!({
+                "reply": "task T  already received", "accepted": true,
+                "task": view("succeeded", Some("x")), "duplicate": true
+            }))
+            .unwrap();
+            let sent = Sent {
+                session: "test:r".into(),
+                message_id: "$e".into(),
+                text: "work".into(),
+                resent,
+            };
+            Show::Note(Box::new(Note::Answer {
+                sent,
+                answer: Ok(reply),
+            }))
+        };
+        assert!(run_writer(Duration::from_secs(1), vec![answer(false)]).is_empty());
+        assert_eq!(
+            run_writer(Duration::from_secs(1), vec![answer(true)]),
+            ["post task T  already received"]
+        );
+    }
+
+    #[test]
+    fn state_remembers_handled_ids_and_forgets_the_oldest() {
+        let mut state = State::default();
+        assert!(state.first_time("a"));
+        assert!(!state.first_time("a"));
+        for i in 0..SEEN_KEPT {
+            state.first_time(&i.to_string());
+        }
+        assert!(state.first_time("a"), "the oldest id was forgotten");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.json");
+        state.cursor = Some("s1".into());
+        state.save(&path).unwrap();
+        let loaded = State::load(&path).unwrap();
+        assert_eq!(loaded.cursor.as_deref(), Some("s1"));
+        assert_eq!(loaded.seen.len(), SEEN_KEPT);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,661 @@
+//! The Matrix adapter: the client-server API over HTTP. `/sync` long polling (the
+//! `since` token is the core's cursor), `PUT /rooms/{room}/send/m.room.message/{txn}`
+//! for posts and `m.replace` edits, typing notices, and joining the rooms it is
+//! invited to by allowed users (or the configured rooms).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde_json::{json, Value};
+
+use crate::chat::{Batch, Chat, Conversation, Inbound};
+use crate::config::{Credentials, MatrixConfig};
+use crate::core::TYPING_TIMEOUT;
+
+/// The longest body the bridge posts: a Matrix event is at most 64 KiB, JSON
+/// escaping and the edit's two copies of the text included.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// `text`, cut at a character boundary to [`MAX_BODY_BYTES`] with a note when longer.
+fn fit(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_BODY_BYTES {
+        return text.into();
+    }
+    let mut end = MAX_BODY_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n… (cut: {} bytes in all)", &text[..end], text.len()).into()
+}
+
+/// How long the homeserver holds a `/sync` open when nothing happens.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Any other request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts of one request through transport errors and rate limits.
+const ATTEMPTS: u32 = 5;
+/// The device the bridge logs in as, so restarts reuse one device.
+const DEVICE_ID: &str = "AGENTDMATRIX";
+
+/// Characters kept as they are in a path segment or query value (RFC 3986
+/// unreserved); everything else is percent-encoded.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+fn enc(text: &str) -> String {
+    utf8_percent_encode(text, COMPONENT).to_string()
+}
+
+/// A failed request.
+#[derive(Debug)]
+pub enum HttpError {
+    /// No answer: the homeserver is down or the connection broke.
+    Transport(String),
+    /// The homeserver answered with an error.
+    Status {
+        status: u16,
+        errcode: String,
+        error: String,
+    },
+}
+
+impl HttpError {
+    /// The homeserver said no, and asking again will not change that.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, HttpError::Status { status, .. } if (400..500).contains(status) && *status != 429)
+    }
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpError::Transport(e) => write!(f, "cannot reach the homeserver: {e}"),
+            HttpError::Status {
+                status,
+                errcode,
+                error,
+            } => write!(f, "the homeserver answered {status} {errcode}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+/// A logged-in Matrix client.
+pub struct Matrix {
+    homeserver: String,
+    user: String,
+    token: String,
+    agent: ureq::Agent,
+    /// Room ids served; empty = any room an allowed user invited the bridge to.
+    rooms: Vec<String>,
+    allowed_users: Vec<String>,
+    /// Transaction ids: unique per process start, so a retried send is not doubled.
+    txn_prefix: String,
+    txn: AtomicU64,
+    filter: String,
+    /// Set by a poll without a cursor (a fresh start): messages the homeserver
+    /// stamped before this moment (ms since the epoch) are history, never acted on,
+    /// even when a later sync carries them (Synapse answers a repeated `/sync`
+    /// from its response cache for a while, so a fresh start can be fed old
+    /// syncs again).
+    fresh_start: std::sync::Mutex<Option<u64>>,
+}
+
+impl Matrix {
+    /// Logs in (password) or checks the token (`whoami`), then joins the configured
+    /// rooms. Waits for a homeserver that is not up yet; fails on a refusal.
+    pub fn connect(config: &MatrixConfig) -> anyhow::Result<Matrix> {
+        if config.homeserver.starts_with("https://") && !cfg!(feature = "tls") {
+            bail!(
+                "agentd-matrix is built without TLS: build it with `--features matrix-tls`, \
+                 or use an http:// homeserver URL (a loopback reverse proxy, for example) \
+                 instead of {}",
+                config.homeserver
+            );
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .into();
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let mut matrix = Matrix {
+            homeserver: config.homeserver.clone(),
+            user: config.user.clone(),
+            token: String::new(),
+            agent,
+            rooms: Vec::new(),
+            allowed_users: config.allowed_users.clone(),
+            txn_prefix: format!("agentd-{}-{started}", std::process::id()),
+            txn: AtomicU64::new(0),
+            // Only what the bridge reads: messages and its own membership, with room
+            // for bursts so a timeline is rarely cut ("limited"). The filter names
+            // this process (an event type nobody sends), because Synapse answers a
+            // `/sync` with the same filter, device and `since` from a cache of
+            // answers for two minutes: a restarted bridge would be fed its previous
+            // run's answers instead of what is new.
+            filter: json!({
+                "presence": {"not_types": ["*", format!("org.agentd.matrix.run.{started}")]},
+                "account_data": {"not_types": ["*"]},
+                "room": {
+                    "timeline": {"limit": 100, "types": ["m.room.message", "m.room.member"]},
+                    "state": {"lazy_load_members": true, "types": ["m.room.member"]},
+                    "ephemeral": {"not_types": ["*"]},
+                    "account_data": {"not_types": ["*"]}
+                }
+            })
+            .to_string(),
+            fresh_start: std::sync::Mutex::new(None),
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match matrix.login(config) {
+                Ok(()) => break,
+                Err(e) if e.is_permanent() => {
+                    return Err(e).context(format!("cannot log in as {}", config.user))
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; retrying in {delay:?}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        for room in &config.rooms {
+            let path = format!("/_matrix/client/v3/join/{}", enc(room));
+            let answer = matrix
+                .call("POST", &path, &[], Some(&json!({})), REQUEST_TIMEOUT)
+                .with_context(|| format!("cannot join {room}"))?;
+            let id = answer["room_id"].as_str().unwrap_or(room).to_string();
+            tracing::info!(room = %room, room_id = %id, "joined");
+            matrix.rooms.push(id);
+        }
+        Ok(matrix)
+    }
+
+    fn login(&mut self, config: &MatrixConfig) -> Result<(), HttpError> {
+        match &config.credentials {
+            Credentials::AccessToken(token) => self.token = token.clone(),
+            Credentials::Password(password) => {
+                let body = json!({
+                    "type": "m.login.password",
+                    "identifier": {"type": "m.id.user", "user": config.user},
+                    "password": password,
+                    "device_id": DEVICE_ID,
+                    "initial_device_display_name": config.device_name,
+                });
+                let answer = self.call(
+                    "POST",
+                    "/_matrix/client/v3/login",
+                    &[],
+                    Some(&body),
+                    REQUEST_TIMEOUT,
+                )?;
+                self.token = answer["access_token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+        }
+        let me = self.call(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            &[],
+            None,
+            REQUEST_TIMEOUT,
+        )?;
+        let id = me["user_id"].as_str().unwrap_or_default();
+        if id != config.user {
+            return Err(HttpError::Status {
+                status: 403,
+                errcode: "M_FORBIDDEN".into(),
+                error: format!("the credentials are {id}'s, not {}'s", config.user),
+            });
+        }
+        tracing::info!(user = %id, homeserver = %self.homeserver, "logged in");
+        Ok(())
+    }
+
+    /// One request, retried through transport errors and rate limits (every
+    /// request the bridge makes is idempotent: sends carry a transaction id).
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value, HttpError> {
+        let mut url = format!("{}{path}", self.homeserver);
+        for (i, (key, value)) in query.iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(key);
+            url.push('=');
+            url.push_str(&enc(value));
+        }
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            let error = match self.call_once(method, &url, body, timeout) {
+                Ok((status, answer, _)) if (200..300).contains(&status) => return Ok(answer),
+                Ok((429, answer, retry_after)) => {
+                    let wait = answer["retry_after_ms"]
+                        .as_u64()
+                        .map(Duration::from_millis)
+                        .or(retry_after)
+                        .unwrap_or(delay)
+                        .min(Duration::from_secs(30));
+                    tracing::warn!(%path, "rate limited by the homeserver; waiting {wait:?}");
+                    delay = wait;
+                    status_error(429, &answer)
+                }
+                Ok((status, answer, _)) => {
+                    let error = status_error(status, &answer);
+                    if error.is_permanent() {
+                        return Err(error);
+                    }
+                    error
+                }
+                Err(e) => e,
+            };
+            if attempt >= ATTEMPTS {
+                return Err(error);
+            }
+            tracing::debug!(%path, "{error}; attempt {attempt} of {ATTEMPTS}, again in {delay:?}");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+            attempt += 1;
+        }
+    }
+
+    fn call_once(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Value, Option<Duration>), HttpError> {
+        let builder = ureq::http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("Accept", "application/json");
+        let builder = if self.token.is_empty() {
+            builder
+        } else {
+            builder.header("Authorization", format!("Bearer {}", self.token))
+        };
+        let transport = |e: ureq::Error| HttpError::Transport(e.to_string());
+        let response = match body {
+            Some(body) => {
+                let request = builder
+                    .header("Content-Type", "application/json")
+                    .body(body.to_string())
+                    .map_err(|e| HttpError::Transport(e.to_string()))?;
+                let request = self
+                    .agent
+                    .configure_request(request)
+                    .timeout_global(Some(timeout))
+                    .build();
+                self.agent.run(request).map_err(transport)?
+            }
+            None => {
+                let request = builder
+                    .body(())
+                    .map_err(|e| HttpError::Transport(e.to_string()))?;
+                let request = self
+                    .agent
+                    .configure_request(request)
+                    .timeout_global(Some(timeout))
+                    .build();
+                self.agent.run(request).map_err(transport)?
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let answer = response
+            .into_body()
+            .read_json::<Value>()
+            .unwrap_or(Value::Null);
+        Ok((status, answer, retry_after))
+    }
+
+    fn next_txn(&self) -> String {
+        format!(
+            "{}-{}",
+            self.txn_prefix,
+            self.txn.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn send_event(&self, room: &str, content: &Value) -> anyhow::Result<String> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+            enc(room),
+            enc(&self.next_txn())
+        );
+        let answer = self.call("PUT", &path, &[], Some(content), REQUEST_TIMEOUT)?;
+        answer["event_id"]
+            .as_str()
+            .map(str::to_string)
+            .context("the homeserver's answer to a send has no event_id")
+    }
+
+    /// Whether the bridge acts on messages in `room`.
+    fn serves(&self, room: &str) -> bool {
+        self.rooms.is_empty() || self.rooms.iter().any(|r| r == room)
+    }
+
+    /// Joins a room it was invited to by an allowed user (or a configured room);
+    /// declines other invitations.
+    fn on_invite(&self, room: &str, invite: &Value) {
+        let inviter = invite["invite_state"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| {
+                e["type"] == "m.room.member"
+                    && e["state_key"] == self.user.as_str()
+                    && e["content"]["membership"] == "invite"
+            })
+            .and_then(|e| e["sender"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let welcome = if self.rooms.is_empty() {
+            self.allowed_users.contains(&inviter)
+        } else {
+            self.serves(room)
+        };
+        let (action, verb) = if welcome {
+            (format!("/_matrix/client/v3/join/{}", enc(room)), "joined")
+        } else {
+            (
+                format!("/_matrix/client/v3/rooms/{}/leave", enc(room)),
+                "declined",
+            )
+        };
+        match self.call("POST", &action, &[], Some(&json!({})), REQUEST_TIMEOUT) {
+            Ok(_) => tracing::info!(%room, %inviter, "invitation {verb}"),
+            Err(e) => tracing::warn!(%room, %inviter, "cannot answer the invitation: {e}"),
+        }
+    }
+
+    /// A text message of a timeline event, if it is one the bridge acts on.
+    fn inbound(&self, room: &str, event: &Value) -> Option<Inbound> {
+        if event["type"] != "m.room.message" || event["sender"] == self.user.as_str() {
+            return None;
+        }
+        let content = &event["content"];
+        if content["msgtype"] != "m.text" {
+            return None;
+        }
+        let relation = &content["m.relates_to"];
+        // An edit of a message: the message itself already ran.
+        if relation["rel_type"] == "m.replace" {
+            return None;
+        }
+        let thread = (relation["rel_type"] == "m.thread")
+            .then(|| relation["event_id"].as_str().map(str::to_string))
+            .flatten();
+        let mut body = content["body"].as_str()?.to_string();
+        if relation["m.in_reply_to"].is_object() && thread.is_none() {
+            body = strip_reply_fallback(&body);
+        }
+        let body = self.strip_mention(&body);
+        Some(Inbound {
+            conversation: Conversation {
+                room: room.to_string(),
+                thread,
+            },
+            message_id: event["event_id"].as_str()?.to_string(),
+            sender: event["sender"].as_str()?.to_string(),
+            text: body,
+        })
+    }
+
+    /// `agentd: /status` (how clients write a mention) is `/status`.
+    fn strip_mention(&self, body: &str) -> String {
+        let local = self
+            .user
+            .trim_start_matches('@')
+            .split(':')
+            .next()
+            .unwrap_or_default();
+        for name in [self.user.as_str(), local] {
+            if let Some(rest) = body.strip_prefix(name) {
+                if let Some(rest) = rest.strip_prefix(':') {
+                    return rest.trim_start().to_string();
+                }
+            }
+        }
+        body.to_string()
+    }
+}
+
+/// The homeserver no longer takes the bridge's access token (logged out).
+fn revoked(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<HttpError>() {
+        Some(HttpError::Status {
+            status, errcode, ..
+        }) => *status == 401 || errcode == "M_UNKNOWN_TOKEN",
+        _ => false,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+fn status_error(status: u16, answer: &Value) -> HttpError {
+    HttpError::Status {
+        status,
+        errcode: answer["errcode"].as_str().unwrap_or("?").to_string(),
+        error: answer["error"].as_str().unwrap_or("").to_string(),
+    }
+}
+
+/// Drops the `> <@user> quoted` lines a reply starts with (the reply fallback).
+fn strip_reply_fallback(body: &str) -> String {
+    let mut lines = body.lines().peekable();
+    let mut quoted = false;
+    while lines.peek().is_some_and(|l| l.starts_with('>')) {
+        lines.next();
+        quoted = true;
+    }
+    if !quoted {
+        return body.to_string();
+    }
+    if lines.peek().is_some_and(|l| l.trim().is_empty()) {
+        lines.next();
+    }
+    lines.collect::<Vec<_>>().join("\n")
+}
+
+impl Chat for Matrix {
+    fn app(&self) -> &str {
+        "matrix"
+    }
+
+    fn poll(&self, cursor: Option<&str>) -> anyhow::Result<Batch> {
+        let timeout_ms = SYNC_TIMEOUT.as_millis().to_string();
+        let mut query = vec![("filter", self.filter.as_str())];
+        match cursor {
+            Some(since) => {
+                query.push(("since", since));
+                query.push(("timeout", &timeout_ms));
+            }
+            None => query.push(("timeout", "0")),
+        }
+        let answer = self.call(
+            "GET",
+            "/_matrix/client/v3/sync",
+            &query,
+            None,
+            SYNC_TIMEOUT + REQUEST_TIMEOUT,
+        )?;
+        let next = answer["next_batch"]
+            .as_str()
+            .context("the homeserver's /sync answer has no next_batch")?
+            .to_string();
+        if let Some(invites) = answer["rooms"]["invite"].as_object() {
+            for (room, invite) in invites {
+                self.on_invite(room, invite);
+            }
+        }
+        let mut messages = Vec::new();
+        // Without a cursor this is a fresh start: what the homeserver has is history,
+        // which the bridge never acts on.
+        let not_before = {
+            let mut fresh = self.fresh_start.lock().unwrap_or_else(|e| e.into_inner());
+            if cursor.is_none() {
+                *fresh = Some(now_ms());
+            }
+            *fresh
+        };
+        if cursor.is_some() {
+            for (room, joined) in answer["rooms"]["join"].as_object().into_iter().flatten() {
+                if !self.serves(room) {
+                    continue;
+                }
+                let timeline = &joined["timeline"];
+                let events: &[Value] = timeline["events"].as_array().map_or(&[], Vec::as_slice);
+                // A room just joined: only what comes after the bridge's own join.
+                let start = events
+                    .iter()
+                    .rposition(|e| {
+                        e["type"] == "m.room.member"
+                            && e["state_key"] == self.user.as_str()
+                            && e["content"]["membership"] == "join"
+                            && e["unsigned"]["prev_content"]["membership"] != "join"
+                    })
+                    .map_or(0, |i| i + 1);
+                if timeline["limited"] == true && start == 0 && not_before.is_none() {
+                    tracing::warn!(%room, "the homeserver cut this room's timeline: older messages of this sync were skipped");
+                }
+                let history = |e: &&Value| {
+                    not_before.is_some_and(|t| e["origin_server_ts"].as_u64().unwrap_or(0) < t)
+                };
+                messages.extend(
+                    events[start..]
+                        .iter()
+                        .filter(|e| !history(e))
+                        .filter_map(|e| self.inbound(room, e)),
+                );
+            }
+        }
+        Ok(Batch {
+            messages,
+            cursor: Some(next),
+        })
+    }
+
+    fn post(&self, to: &Conversation, text: &str) -> anyhow::Result<String> {
+        let text = fit(text);
+        let mut content = json!({"msgtype": "m.notice", "body": text});
+        if let Some(root) = &to.thread {
+            content["m.relates_to"] = json!({
+                "rel_type": "m.thread",
+                "event_id": root,
+                "is_falling_back": true,
+                "m.in_reply_to": {"event_id": root},
+            });
+        }
+        self.send_event(&to.room, &content)
+    }
+
+    fn edit(&self, to: &Conversation, message_id: &str, text: &str) -> anyhow::Result<()> {
+        let text = fit(text);
+        let content = json!({
+            "msgtype": "m.notice",
+            "body": format!("* {text}"),
+            "m.new_content": {"msgtype": "m.notice", "body": text},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": message_id},
+        });
+        self.send_event(&to.room, &content).map(|_| ())
+    }
+
+    fn typing(&self, to: &Conversation, on: bool) -> anyhow::Result<()> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/typing/{}",
+            enc(&to.room),
+            enc(&self.user)
+        );
+        let body = if on {
+            json!({"typing": true, "timeout": TYPING_TIMEOUT.as_millis() as u64})
+        } else {
+            json!({"typing": false})
+        };
+        self.call("PUT", &path, &[], Some(&body), REQUEST_TIMEOUT)?;
+        Ok(())
+    }
+
+    fn is_fatal(&self, error: &anyhow::Error) -> bool {
+        revoked(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(enc("!abc:localhost"), "%21abc%3Alocalhost");
+        assert_eq!(enc("$ev/1+2"), "%24ev%2F1%2B2");
+        assert_eq!(enc("agentd-1-2"), "agentd-1-2");
+    }
+
+    #[test]
+    fn long_texts_are_cut_at_a_character_boundary() {
+        assert_eq!(fit("short"), "short");
+        let long = "é".repeat(MAX_BODY_BYTES);
+        let cut = fit(&long);
+        assert!(cut.len() < MAX_BODY_BYTES + 100, "{}", cut.len());
+        assert!(cut.ends_with(&format!("(cut: {} bytes in all)", long.len())));
+    }
+
+    #[test]
+    fn a_revoked_token_is_fatal_other_errors_are_not() {
+        let status = |status, errcode: &str| {
+            anyhow::Error::from(HttpError::Status {
+                status,
+                errcode: errcode.into(),
+                error: String::new(),
+            })
+        };
+        assert!(revoked(&status(401, "M_UNKNOWN_TOKEN")));
+        assert!(revoked(&status(401, "M_MISSING_TOKEN")));
+        assert!(!revoked(&status(429, "M_LIMIT_EXCEEDED")));
+        assert!(!revoked(&status(502, "?")));
+        assert!(!revoked(&anyhow::Error::from(HttpError::Transport(
+            "refused".into()
+        ))));
+        assert!(!revoked(&anyhow::anyhow!("no next_batch")));
+    }
+
+    #[test]
+    fn reply_fallback_is_dropped() {
+        assert_eq!(
+            strip_reply_fallback("> <@a:h> build it\n> more\n\n/status"),
+            "/status"
+        );
+        assert_eq!(strip_reply_fallback("no quote"), "no quote");
+    }
+}

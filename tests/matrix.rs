@@ -1,0 +1,811 @@
+//! agentd-matrix against a real Synapse homeserver on loopback, driven by a second
+//! Matrix client (plain HTTP calls of the client-server API) in the test.
+//!
+//! Synapse comes from the virtualenv named by `AGENTD_SYNAPSE` (scripts/test.sh sets
+//! it to `.ci/venv-synapse`, which `.ci/run` installs). Without it the test prints a
+//! loud SKIP, except under `CI=true`, where a missing Synapse is a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const AGENTD_MATRIX: &str = env!("CARGO_BIN_EXE_agentd-matrix");
+/// Synapse's first start (database schema) on a loaded machine.
+const SYNAPSE_START: Duration = Duration::from_secs(60);
+
+/// The virtualenv with Synapse, or `None` (after a loud SKIP) for a developer
+/// without it. Under CI a missing Synapse fails the test.
+fn synapse_venv() -> Option<PathBuf> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    match std::env::var_os("AGENTD_SYNAPSE").map(PathBuf::from) {
+        Some(venv) if venv.join("bin/python").exists() => Some(venv),
+        Some(venv) => panic!(
+            "AGENTD_SYNAPSE={} has no bin/python: install Synapse with .ci/run \
+             (python3 -m venv .ci/venv-synapse && .ci/venv-synapse/bin/pip install matrix-synapse)",
+            venv.display()
+        ),
+        None if ci => panic!(
+            "CI=true but AGENTD_SYNAPSE is not set: the Matrix bridge test needs Synapse \
+             (.ci/run installs it and scripts/test.sh sets AGENTD_SYNAPSE)"
+        ),
+        None => {
+            eprintln!(
+                "\n\
+                 ************************************************************************\n\
+                 SKIP matrix: AGENTD_SYNAPSE is not set, so agentd-matrix was NOT tested\n\
+                 against a real homeserver. Run scripts/test.sh after .ci/run installed\n\
+                 Synapse (or set AGENTD_SYNAPSE to a virtualenv with matrix-synapse).\n\
+                 ************************************************************************\n"
+            );
+            None
+        }
+    }
+}
+
+/// A child process killed (SIGTERM, then SIGKILL) by pid when dropped.
+struct Owned {
+    child: Child,
+    name: &'static str,
+}
+
+impl Owned {
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        kill(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop on SIGTERM: SIGKILL", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// `status`, JSON body of one request.
+fn call(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut builder = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        builder = builder.header("Authorization", format!("Bearer {token}"));
+    }
+    let response = match body {
+        Some(body) => agent.run(
+            builder
+                .header("Content-Type", "application/json")
+                .body(body.to_string())
+                .unwrap(),
+        ),
+        None => agent.run(builder.body(()).unwrap()),
+    }
+    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .read_json::<Value>()
+        .unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Prints the bridge's log if the test fails.
+struct ShowLogOnFailure(PathBuf);
+
+impl Drop for ShowLogOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("---- agentd-matrix log ----\n{log}---- end of log ----");
+        }
+    }
+}
+
+/// `!room:server` etc. as one path segment.
+fn seg(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A Synapse homeserver in a temp dir, on a free loopback port.
+struct Synapse {
+    process: Owned,
+    dir: tempfile::TempDir,
+    base: String,
+    secret: String,
+    http: ureq::Agent,
+}
+
+impl Synapse {
+    fn start(venv: &Path) -> Synapse {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let port = free_port();
+        let python = venv.join("bin/python");
+        let key = d.join("signing.key");
+        let made = Command::new(&python)
+            .arg("-c")
+            .arg("import sys, signedjson.key as k; k.write_signing_keys(open(sys.argv[1], 'w'), [k.generate_signing_key('a_1')])")
+            .arg(&key)
+            .status()
+            .expect("run the venv's python");
+        assert!(
+            made.success(),
+            "cannot make a signing key with {}",
+            python.display()
+        );
+        let secret = "agentd-test-shared-secret".to_string();
+        let many = "{per_second: 1000, burst_count: 1000}";
+        let config = format!(
+            r#"server_name: "localhost"
+pid_file: "{d}/homeserver.pid"
+listeners:
+  - port: {port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    tls: false
+    x_forwarded: false
+    resources:
+      - names: [client]
+        compress: false
+database:
+  name: sqlite3
+  args:
+    database: "{d}/homeserver.db"
+media_store_path: "{d}/media"
+registration_shared_secret: "{secret}"
+enable_registration: false
+report_stats: false
+macaroon_secret_key: "agentd-test-macaroon"
+form_secret: "agentd-test-form"
+signing_key_path: "{key}"
+trusted_key_servers: []
+suppress_key_server_warning: true
+presence:
+  enabled: false
+enable_metrics: false
+url_preview_enabled: false
+rc_message: {many}
+rc_registration: {many}
+rc_login:
+  address: {many}
+  account: {many}
+  failed_attempts: {many}
+rc_joins:
+  local: {many}
+  remote: {many}
+rc_invites:
+  per_room: {many}
+  per_user: {many}
+  per_issuer: {many}
+"#,
+            d = d.display(),
+            key = key.display(),
+        );
+        let config_path = d.join("homeserver.yaml");
+        std::fs::write(&config_path, config).expect("write homeserver.yaml");
+        let log = std::fs::File::create(d.join("synapse.log")).expect("log file");
+        let child = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "--config-path"])
+            .arg(&config_path)
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start Synapse");
+        let mut synapse = Synapse {
+            process: Owned {
+                child,
+                name: "synapse",
+            },
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+            secret,
+            http: http(),
+        };
+        let started = Instant::now();
+        wait_for("Synapse answers /versions", SYNAPSE_START, || {
+            if let Ok(Some(status)) = synapse.process.child.try_wait() {
+                panic!("Synapse exited with {status}:\n{}", synapse.log());
+            }
+            let url = format!("{}/_matrix/client/versions", synapse.base);
+            let ok = synapse
+                .http
+                .get(&url)
+                .call()
+                .is_ok_and(|r| r.status().as_u16() == 200);
+            ok.then_some(())
+        });
+        eprintln!("Synapse up in {:?}", started.elapsed());
+        synapse
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("synapse.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Registers a user with the shared secret (admin API, HMAC-SHA1).
+    fn register(&self, name: &str, password: &str) -> User {
+        let url = format!("{}/_synapse/admin/v1/register", self.base);
+        let (_, nonce) = call(&self.http, "GET", &url, None, None);
+        let nonce = nonce["nonce"]
+            .as_str()
+            .expect("a registration nonce")
+            .to_string();
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(self.secret.as_bytes()).unwrap();
+        for (i, part) in [nonce.as_str(), name, password, "notadmin"]
+            .iter()
+            .enumerate()
+        {
+            if i > 0 {
+                mac.update(b"\0");
+            }
+            mac.update(part.as_bytes());
+        }
+        let mac: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let body = json!({"nonce": nonce, "username": name, "password": password,
+                          "mac": mac, "admin": false});
+        let (status, answer) = call(&self.http, "POST", &url, None, Some(body));
+        assert_eq!(status, 200, "register {name}: {answer}");
+        User {
+            base: self.base.clone(),
+            id: answer["user_id"].as_str().unwrap().to_string(),
+            token: answer["access_token"].as_str().unwrap().to_string(),
+            http: http(),
+            txn: AtomicU64::new(0),
+            since: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// The test's own Matrix client.
+struct User {
+    base: String,
+    id: String,
+    token: String,
+    http: ureq::Agent,
+    txn: AtomicU64,
+    since: std::sync::Mutex<Option<String>>,
+}
+
+impl User {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}{path}", self.base);
+        let (status, answer) = call(&self.http, method, &url, Some(&self.token), body);
+        assert_eq!(status, 200, "{} {method} {path}: {answer}", self.id);
+        answer
+    }
+
+    fn create_room(&self, name: &str, invite: &[&str]) -> String {
+        let answer = self.call(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            Some(json!({"name": name, "preset": "private_chat", "invite": invite})),
+        );
+        answer["room_id"].as_str().unwrap().to_string()
+    }
+
+    fn invite(&self, room: &str, user: &str) {
+        let path = format!("/_matrix/client/v3/rooms/{}/invite", seg(room));
+        self.call("POST", &path, Some(json!({"user_id": user})));
+    }
+
+    fn join(&self, room: &str) {
+        let path = format!("/_matrix/client/v3/join/{}", seg(room));
+        self.call("POST", &path, Some(json!({})));
+    }
+
+    fn send_content(&self, room: &str, content: Value) -> String {
+        let txn = format!("t{}", self.txn.fetch_add(1, Ordering::Relaxed));
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            seg(room)
+        );
+        let answer = self.call("PUT", &path, Some(content));
+        answer["event_id"].as_str().unwrap().to_string()
+    }
+
+    fn say(&self, room: &str, text: &str) -> String {
+        self.send_content(room, json!({"msgtype": "m.text", "body": text}))
+    }
+
+    fn say_in_thread(&self, room: &str, root: &str, text: &str) -> String {
+        self.send_content(
+            room,
+            json!({"msgtype": "m.text", "body": text,
+                   "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
+        )
+    }
+
+    fn members(&self, room: &str) -> Vec<String> {
+        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", seg(room));
+        let answer = self.call("GET", &path, None);
+        answer["joined"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The room's latest events (up to 500), oldest first.
+    fn events(&self, room: &str) -> Vec<Value> {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=500",
+            seg(room)
+        );
+        let answer = self.call("GET", &path, None);
+        let mut events: Vec<Value> = answer["chunk"].as_array().cloned().unwrap_or_default();
+        events.reverse();
+        events
+    }
+
+    /// Whether an `m.typing` notice from `who` arrived in `room` since the last call.
+    fn saw_typing(&self, room: &str, who: &str) -> bool {
+        let mut since = self.since.lock().unwrap();
+        let filter = json!({"room": {"rooms": [room], "timeline": {"limit": 1}}}).to_string();
+        let mut path = format!("/_matrix/client/v3/sync?timeout=0&filter={}", seg(&filter));
+        if let Some(s) = since.as_deref() {
+            path.push_str(&format!("&since={}", seg(s)));
+        }
+        let answer = self.call("GET", &path, None);
+        *since = answer["next_batch"].as_str().map(str::to_string);
+        answer["rooms"]["join"][room]["ephemeral"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| {
+                e["type"] == "m.typing"
+                    && e["content"]["user_ids"]
+                        .as_array()
+                        .is_some_and(|ids| ids.iter().any(|id| id == who))
+            })
+    }
+}
+
+/// The bot's messages in a room (not edits), oldest first.
+fn bot_posts(events: &[Value], bot: &str) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| {
+            e["type"] == "m.room.message"
+                && e["sender"] == bot
+                && e["content"]["m.relates_to"]["rel_type"] != "m.replace"
+        })
+        .cloned()
+        .collect()
+}
+
+/// The bodies of the edits of `message`, oldest first.
+fn edits_of(events: &[Value], message: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| {
+            e["content"]["m.relates_to"]["rel_type"] == "m.replace"
+                && e["content"]["m.relates_to"]["event_id"] == message
+        })
+        .filter_map(|e| {
+            e["content"]["m.new_content"]["body"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+fn body(event: &Value) -> &str {
+    event["content"]["body"].as_str().unwrap_or_default()
+}
+
+/// agentd-matrix, started with the shared config file.
+fn start_bridge(config: &Path, log: &Path) -> Owned {
+    let child = Command::new(AGENTD_MATRIX)
+        .arg("--config")
+        .arg(config)
+        .env("AGENTD_LOG", "agentd_bridge=debug,info")
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .expect("start agentd-matrix");
+    Owned {
+        child,
+        name: "agentd-matrix",
+    }
+}
+
+/// Tasks agentd knows (active, queued and finished) whose text is `text`.
+fn tasks_with_text(d: &Daemon, text: &str) -> Vec<Value> {
+    let all = d.request(json!({"cmd": "tasks", "all": true}));
+    let list = all
+        .as_array()
+        .cloned()
+        .or_else(|| all["tasks"].as_array().cloned());
+    list.unwrap_or_default()
+        .into_iter()
+        .filter(|t| t["text"] == text)
+        .collect()
+}
+
+#[test]
+fn a_matrix_room_drives_agentd_through_a_real_synapse() {
+    let Some(venv) = synapse_venv() else { return };
+    let synapse = Synapse::start(&venv);
+    let bot = synapse.register("agentd", "bot-password");
+    let alice = synapse.register("alice", "alice-password");
+    let mallory = synapse.register("mallory", "mallory-password");
+
+    // agentd and the bridge share one config file.
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.toml");
+    let state = home.path().join("matrix-state.json");
+    let bridge_log = home.path().join("agentd-matrix.log");
+    let _show_log = ShowLogOnFailure(bridge_log.clone());
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let mut d = {
+        // The socket path is Daemon's; write the file once it is known.
+        let d = Daemon::start(&["--agent", agent.as_str(), "--max-concurrent", "4"]);
+        std::fs::write(
+            &config,
+            format!(
+                r#"socket = "{socket}"
+max-concurrent = 4
+
+[matrix]
+homeserver = "{base}"
+user = "{bot}"
+password = "bot-password"
+allowed-users = ["{alice}"]
+state-file = "{state}"
+progress-interval = "300ms"
+"#,
+                socket = d.socket.display(),
+                base = synapse.base,
+                bot = bot.id,
+                alice = alice.id,
+                state = state.display(),
+            ),
+        )
+        .unwrap();
+        d
+    };
+    // agentd itself loads the same file, [matrix] table and all.
+    let check = Command::new(AGENTD)
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(home.path().join("run").join("second.sock"))
+        .arg("--state-dir")
+        .arg(home.path().join("second-state"))
+        .arg("--agent")
+        .arg(&agent)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a second agentd on the shared config");
+    let mut check = Owned {
+        child: check,
+        name: "agentd (config check)",
+    };
+    let second = home.path().join("run").join("second.sock");
+    wait_for("agentd runs with the shared config file", DEADLINE, || {
+        if let Ok(Some(status)) = check.child.try_wait() {
+            let mut err = String::new();
+            use std::io::Read;
+            check
+                .child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .ok();
+            panic!("agentd refused the config file with [matrix] ({status}): {err}");
+        }
+        second.exists().then_some(())
+    });
+    check.stop();
+
+    let room_a = alice.create_room("a", &[&bot.id]);
+    let room_b = alice.create_room("b", &[&bot.id]);
+    let mut bridge = start_bridge(&config, &bridge_log);
+    let log = || std::fs::read_to_string(&bridge_log).unwrap_or_default();
+    for room in [&room_a, &room_b] {
+        wait_for(
+            "the bridge joins the rooms alice invited it to",
+            DEADLINE,
+            || alice.members(room).contains(&bot.id).then_some(()),
+        );
+    }
+
+    // A long task: one message, edited in place with its progress.
+    let long = "for i in $(seq 1 400); do echo step $i; sleep 0.05; done";
+    alice.say(&room_a, long);
+    let task = wait_for("agentd runs the long task", DEADLINE, || {
+        tasks_with_text(&d, long).into_iter().next()
+    });
+    let task_id = task["task_id"].as_str().unwrap().to_string();
+    let progress_message = wait_for("the bridge answers the task", DEADLINE, || {
+        bot_posts(&alice.events(&room_a), &bot.id)
+            .into_iter()
+            .find(|e| body(e).contains(&task_id))
+    });
+    let progress_id = progress_message["event_id"].as_str().unwrap().to_string();
+    let edits = wait_for("the progress message is edited twice", DEADLINE, || {
+        let edits = edits_of(&alice.events(&room_a), &progress_id);
+        (edits.len() >= 2).then_some(edits)
+    });
+    assert!(
+        edits
+            .iter()
+            .all(|e| e.contains(&task_id) && e.contains("step ")),
+        "progress edits: {edits:?}"
+    );
+    assert_ne!(edits[0], edits[1], "each edit shows newer progress");
+    wait_for("a typing notice while the task runs", DEADLINE, || {
+        alice.saw_typing(&room_a, &bot.id).then_some(())
+    });
+
+    // /status is answered at once while the task runs.
+    let status_event = alice.say(&room_a, "/status");
+    let events_after = |room: &str, after: &str| -> Vec<Value> {
+        let events = alice.events(room);
+        let at = events
+            .iter()
+            .position(|e| e["event_id"] == after)
+            .expect("the event is in the room");
+        bot_posts(&events[at + 1..], &bot.id)
+    };
+    let status_reply = wait_for("the bridge answers /status", DEADLINE, || {
+        events_after(&room_a, &status_event).into_iter().next()
+    });
+    let events = alice.events(&room_a);
+    let sent_at = events
+        .iter()
+        .find(|e| e["event_id"] == status_event)
+        .unwrap()["origin_server_ts"]
+        .as_u64()
+        .unwrap();
+    let answered_in = status_reply["origin_server_ts"].as_u64().unwrap() - sent_at;
+    assert!(
+        answered_in < 1000,
+        "/status answered after {answered_in} ms: {status_reply}"
+    );
+    assert!(body(&status_reply).contains(&task_id), "{status_reply}");
+    assert_eq!(d.task(&task_id)["state"], "running");
+
+    // A second room is not blocked by the first one's task.
+    let quick = "echo hello from b";
+    let quick_event = alice.say(&room_b, quick);
+    let result_b = wait_for("room b's result", DEADLINE, || {
+        events_after(&room_b, &quick_event)
+            .into_iter()
+            .find(|e| body(e).contains("succeeded"))
+    });
+    assert!(body(&result_b).contains("hello from b"), "{result_b}");
+    assert_eq!(d.task(&task_id)["state"], "running", "a's task still runs");
+
+    // Someone not on the allow-list gets a refusal, and nothing runs.
+    alice.invite(&room_a, &mallory.id);
+    mallory.join(&room_a);
+    let marker = home.path().join("mallory-was-here");
+    let evil = format!("touch {}", marker.display());
+    let evil_event = mallory.say(&room_a, &evil);
+    let refusal = wait_for("the bridge refuses mallory", DEADLINE, || {
+        events_after(&room_a, &evil_event)
+            .into_iter()
+            .find(|e| body(e).contains(&mallory.id))
+    });
+    assert!(body(&refusal).contains("allowed"), "{refusal}");
+    assert!(tasks_with_text(&d, &evil).is_empty(), "mallory's text ran");
+    assert!(!marker.exists());
+
+    // /stop ends the long task; its end is posted.
+    let stop_event = alice.say(&room_a, "/stop");
+    wait_for("the bridge answers /stop", DEADLINE, || {
+        events_after(&room_a, &stop_event).into_iter().next()
+    });
+    let ended = wait_for("the cancelled task's end is posted", DEADLINE, || {
+        events_after(&room_a, &stop_event)
+            .into_iter()
+            .find(|e| body(e).contains(&task_id) && body(e).contains("cancelled"))
+    });
+    assert_eq!(d.wait_state(&task_id, "cancelled")["state"], "cancelled");
+    let final_edit = wait_for("the progress message shows the end", DEADLINE, || {
+        edits_of(&alice.events(&room_a), &progress_id)
+            .into_iter()
+            .rfind(|e| e.contains("cancelled"))
+    });
+    assert!(final_edit.contains("step "), "{final_edit}");
+    // Progress came every 50 ms; edits at most one per progress-interval (300 ms;
+    // the homeserver's clock, so allow for latency). The last edit, at the end, is
+    // not held back.
+    let events = alice.events(&room_a);
+    let stamps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["content"]["m.relates_to"]["event_id"] == progress_id.as_str())
+        .filter_map(|e| e["origin_server_ts"].as_u64())
+        .collect();
+    assert!(stamps.len() >= 3, "{} edits", stamps.len());
+    let gaps: Vec<u64> = stamps[..stamps.len() - 1]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .collect();
+    assert!(
+        gaps.iter().all(|g| *g >= 200),
+        "edits closer than the rate limit: {gaps:?} ms"
+    );
+
+    // A thread is its own session; answers go into the thread.
+    let root = ended["event_id"].as_str().unwrap().to_string();
+    let threaded = "echo in the thread";
+    alice.say_in_thread(&room_a, &root, threaded);
+    let in_thread = wait_for("the thread's result", DEADLINE, || {
+        bot_posts(&alice.events(&room_a), &bot.id)
+            .into_iter()
+            .find(|e| body(e).contains("succeeded") && body(e).contains("in the thread"))
+    });
+    assert_eq!(in_thread["content"]["m.relates_to"]["rel_type"], "m.thread");
+    assert_eq!(in_thread["content"]["m.relates_to"]["event_id"], root);
+    let thread_task = &tasks_with_text(&d, threaded)[0];
+    assert_eq!(thread_task["session"], format!("matrix:{room_a}/{root}"));
+
+    // The homeserver sends an event again: the bridge restarted from an older
+    // `since` token (it crashed before saving its position).
+    let snapshot = std::fs::read(&state).expect("the bridge saved its state");
+    let once = "echo only once";
+    let once_event = alice.say(&room_b, once);
+    wait_for("room b's second result", DEADLINE, || {
+        events_after(&room_b, &once_event)
+            .into_iter()
+            .find(|e| body(e).contains("only once"))
+    });
+    bridge.stop();
+    std::fs::write(&state, &snapshot).unwrap();
+    let before = log().len();
+    let mut bridge = start_bridge(&config, &bridge_log);
+    wait_for(
+        "the restarted bridge gets the event again",
+        DEADLINE,
+        || {
+            log()[before..]
+                .contains("a re-delivered message, not run again")
+                .then_some(())
+        },
+    );
+    // Restarted without any state (no `since` token, no handled ids): history is
+    // not acted on, even though Synapse may answer its first syncs from its cache of
+    // the first run's, which carry every message again.
+    bridge.stop();
+    std::fs::remove_file(&state).unwrap();
+    let posts_in_a = bot_posts(&alice.events(&room_a), &bot.id).len();
+    let before = log().len();
+    let bridge = start_bridge(&config, &bridge_log);
+    // A fresh start acts only on messages written after it: wait until it is up.
+    wait_for("the bridge starts afresh", DEADLINE, || {
+        log()[before..].contains("ready for messages").then_some(())
+    });
+    let after_restart = "echo after the restarts";
+    let last_event = alice.say(&room_b, after_restart);
+    wait_for(
+        "the bridge answers after restarting twice",
+        DEADLINE,
+        || {
+            events_after(&room_b, &last_event)
+                .into_iter()
+                .find(|e| body(e).contains("after the restarts") && body(e).contains("succeeded"))
+        },
+    );
+    let replayed: Vec<String> = bot_posts(&alice.events(&room_a), &bot.id)[posts_in_a..]
+        .iter()
+        .map(|e| body(e).to_string())
+        .collect();
+    assert!(
+        replayed.is_empty(),
+        "old messages were acted on again: {replayed:?}"
+    );
+    for text in [long, quick, once, threaded, after_restart] {
+        assert_eq!(
+            tasks_with_text(&d, text).len(),
+            1,
+            "{text:?} ran more than once"
+        );
+    }
+    let once_id = tasks_with_text(&d, once)[0]["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let posts_about_once = events_after(&room_b, &once_event)
+        .into_iter()
+        .filter(|e| body(e).contains(&once_id))
+        .count();
+    assert_eq!(
+        posts_about_once, 2,
+        "one answer and one result, not repeated"
+    );
+
+    // agentd restarts under the bridge: a message written while it is down waits,
+    // and runs once the bridge has reconnected.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let down = "echo while agentd was down";
+    let down_event = alice.say(&room_b, down);
+    let restarted = Command::new(AGENTD)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(d.dir.path().join("state"))
+        .args(["--agent", agent.as_str()])
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart agentd");
+    d.child = restarted;
+    let result = wait_for(
+        "the message written while agentd was down runs",
+        DEADLINE,
+        || {
+            events_after(&room_b, &down_event).into_iter().find(|e| {
+                body(e).contains("while agentd was down") && body(e).contains("succeeded")
+            })
+        },
+    );
+    assert_eq!(tasks_with_text(&d, down).len(), 1, "{result}");
+    drop(bridge);
+}
