@@ -283,7 +283,21 @@ impl Cgroups {
                 self.guardian_dir().display()
             );
         }
-        self.kill_tasks(deadline)
+        let left = self.kill_tasks(deadline);
+        // The old guardian's last act removes the instance directory, maybe after
+        // this agentd found it: make it again, with the controllers it had.
+        if !self.root.exists() {
+            match mkdir_ok(&self.root) {
+                Ok(()) => {
+                    for c in &self.controllers {
+                        let _ =
+                            write_file(&self.root.join("cgroup.subtree_control"), &format!("+{c}"));
+                    }
+                }
+                Err(e) => tracing::warn!("cannot re-create {}: {e}", self.root.display()),
+            }
+        }
+        left
     }
 
     /// Kills and removes every task cgroup of this instance.

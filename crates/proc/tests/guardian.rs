@@ -135,3 +135,44 @@ fn recovery_waits_for_the_previous_guardian_to_finish() {
         "recover returned while the old guardian still ran"
     );
 }
+
+/// The previous guardian removes the instance directory as its last act, possibly
+/// after the next agentd found (or made) it: recovery leaves it in place for the
+/// next agentd's tasks.
+#[test]
+fn after_recovery_tasks_can_be_created_though_the_old_guardian_removed_the_instance() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let Some(parent) = TestCgroupParent::new("guardian-rmdir") else {
+        return;
+    };
+    let cgroups = parent.cgroups("inst");
+    let dir = cgroups.guardian_dir();
+    std::fs::create_dir(&dir).unwrap();
+    let procs_file = dir.join("cgroup.procs");
+    // Like the real guardian's end: the instance directory goes, then it quits.
+    let mut old = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "echo $$ > \"$1\"; sleep 0.3; rmdir \"$2\"",
+            "old-guardian",
+        ])
+        .arg(&procs_file)
+        .arg(cgroups.root())
+        .spawn()
+        .unwrap();
+    let mut guard = ProcGuard::default();
+    guard.child(old.id());
+    wait_until("the old guardian is in its cgroup", || {
+        std::fs::read_to_string(&procs_file).is_ok_and(|p| !p.trim().is_empty())
+    });
+    assert!(cgroups
+        .recover(std::time::Duration::from_secs(20))
+        .is_empty());
+    let _ = old.wait();
+    let task = cgroups
+        .create_task("t-after")
+        .expect("a task cgroup after recovery");
+    task.remove().unwrap();
+}
