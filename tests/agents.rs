@@ -152,9 +152,11 @@ fn agent_logs_are_kept_only_when_the_agent_wrote_something() {
         !logs.join(format!("{quiet}.log")).exists(),
         "an empty log was kept"
     );
-    let text =
-        std::fs::read_to_string(logs.join(format!("{noisy}.log"))).expect("the noisy agent's log");
-    assert!(text.contains("unknown behaviour word"), "{text}");
+    // The task may end a moment before its log's copy thread has written it.
+    wait_for("the noisy agent's log", DEADLINE, || {
+        let text = std::fs::read_to_string(logs.join(format!("{noisy}.log"))).ok()?;
+        text.contains("unknown behaviour word").then_some(())
+    });
 }
 
 #[test]

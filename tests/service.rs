@@ -386,7 +386,10 @@ fn the_state_dir_is_private_and_agent_logs_are_owner_only() {
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("logs")), 0o700);
     let log = state.join("logs").join(format!("{task}.log"));
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "some output\n");
+    // The task may end a moment before its log's copy thread has written it.
+    wait_for("the agent's output is in its log", DEADLINE, || {
+        (std::fs::read_to_string(&log).ok()? == "some output\n").then_some(())
+    });
     assert_eq!(mode(&log), 0o600);
 }
 
