@@ -31,18 +31,14 @@ pub fn open(config: &DaemonConfig) -> anyhow::Result<Durable> {
     Ok(Durable { store, recovery })
 }
 
+/// A priority's spelling in the store: its one name table ([`agentd_core::Named`]).
 pub(crate) fn priority_name(p: Priority) -> &'static str {
-    match p {
-        Priority::Interactive => "interactive",
-        Priority::Background => "background",
-    }
+    p.as_str()
 }
 
+/// A stored priority; an unknown name (never written by agentd) is interactive.
 fn parse_priority(name: &str) -> Priority {
-    match name {
-        "background" => Priority::Background,
-        _ => Priority::Interactive,
-    }
+    <Priority as agentd_core::Named>::from_name(name).unwrap_or(Priority::Interactive)
 }
 
 /// The record of a message the dispatcher accepted as a new queued task.
@@ -244,5 +240,30 @@ impl History for StoreHistory {
         ids.sort();
         ids.dedup();
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_message_comes_back_with_its_priority_and_id() {
+        for priority in [Priority::Interactive, Priority::Background] {
+            let mut message = Message::new(agentd_core::TaskId::from_u128(7), "cron", "report");
+            message.priority = priority;
+            message.message_id = Some("evt-1".into());
+            let record = queued_record(&message, Some(Mode::Followup), 1);
+            let back = recovered_message(&record);
+            assert_eq!(back.priority, priority, "{record:?}");
+            assert_eq!(
+                (back.task_id, back.message_id, back.mode),
+                (
+                    message.task_id,
+                    message.message_id.clone(),
+                    Some(Mode::Followup)
+                )
+            );
+        }
     }
 }
