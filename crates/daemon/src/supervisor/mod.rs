@@ -30,6 +30,7 @@
 //! - `history`: finished tasks and task id resolution;
 //! - `recovery`: putting the store's work back at start, and write failures.
 
+mod agent_events;
 mod agents;
 mod executor;
 pub mod history;
