@@ -107,6 +107,8 @@ pub struct TaskRecord {
     pub attempt_of: Option<Uuid>,
     /// The agent's latest checkpoint.
     pub checkpoint: Option<String>,
+    /// The message's own run-time limit in milliseconds (`send.timeout_ms`).
+    pub timeout_ms: Option<u64>,
 }
 
 impl TaskRecord {
@@ -132,6 +134,7 @@ impl TaskRecord {
             process: None,
             attempt_of: None,
             checkpoint: None,
+            timeout_ms: None,
         }
     }
 }

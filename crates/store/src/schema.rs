@@ -55,6 +55,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 1 → 2: a message's own run-time limit (`send.timeout_ms`) is kept with it, and
+    // finished tasks can be listed by id (pages of `tasks --all`).
+    r#"
+    ALTER TABLE tasks ADD COLUMN timeout_ms INTEGER;
+    CREATE INDEX tasks_finished_id ON tasks(id) WHERE finished_at IS NOT NULL;
+    "#,
 ];
 
 /// The version this build writes.

@@ -439,7 +439,7 @@ fn set_max_pages(conn: &Connection, pages: Option<u64>) -> rusqlite::Result<()> 
 
 const COLUMNS: &str = "id, session, text, state, mode, priority, options, message_id, \
     created_at, started_at, finished_at, progress, result, ending, reason, exit_code, \
-    exit_signal, pid, pid_start, boot_id, attempt_of, checkpoint";
+    exit_signal, pid, pid_start, boot_id, attempt_of, checkpoint, timeout_ms";
 
 fn uuid_col(row: &Row, i: usize) -> rusqlite::Result<Uuid> {
     let text: String = row.get(i)?;
@@ -493,6 +493,7 @@ fn record(row: &Row) -> rusqlite::Result<TaskRecord> {
         },
         attempt_of: attempt_of.and_then(|t| Uuid::parse_str(&t).ok()),
         checkpoint: row.get(21)?,
+        timeout_ms: row.get::<_, Option<i64>>(22)?.map(|ms| ms.max(0) as u64),
     })
 }
 
@@ -784,9 +785,9 @@ impl Writer {
                     "INSERT INTO tasks (seq, id, session, text, state, queue_order, mode, \
                      priority, options, message_id, created_at, started_at, finished_at, \
                      progress, result, ending, reason, exit_code, exit_signal, pid, \
-                     pid_start, boot_id, attempt_of, checkpoint) VALUES (?1, ?2, ?3, ?4, \
-                     ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-                     ?20, ?21, ?22, ?23, ?24)",
+                     pid_start, boot_id, attempt_of, checkpoint, timeout_ms) VALUES (?1, ?2, \
+                     ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                     ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
                 )?
                 .execute(params![
                     seq,
@@ -813,6 +814,7 @@ impl Writer {
                     process.map(|p| p.boot_id.clone()),
                     task.attempt_of.map(|id| id.to_string()),
                     task.checkpoint,
+                    task.timeout_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
                 ])?;
                 self.next_seq += 1;
                 Ok(Outcome::Inserted)
@@ -979,6 +981,33 @@ impl Writer {
     }
 }
 
+/// The oldest (finished_at, seq) that `retention` keeps: finished tasks before it
+/// are due to be pruned. One walk of the newest `max_finished` index entries.
+fn kept_from(conn: &Connection, retention: &Retention) -> rusqlite::Result<(i64, i64)> {
+    let mut from = (i64::MIN, i64::MIN);
+    if let Some(age) = retention.max_age {
+        from.0 = now_ms().saturating_sub(age.as_millis().min(i64::MAX as u128) as i64);
+    }
+    if let Some(keep) = retention.max_finished {
+        if keep == 0 {
+            return Ok((i64::MAX, i64::MAX));
+        }
+        let oldest_kept: Option<(i64, i64)> = conn
+            .prepare_cached(
+                "SELECT finished_at, seq FROM tasks WHERE finished_at IS NOT NULL \
+                 ORDER BY finished_at DESC, seq DESC LIMIT 1 OFFSET ?1",
+            )?
+            .query_row([keep.min(i64::MAX as u64) as i64 - 1], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some(kept) = oldest_kept {
+            from = from.max(kept);
+        }
+    }
+    Ok(from)
+}
+
 fn complete(request: Request, result: Result<Outcome, StoreError>) {
     match request.done {
         Some(done) => done(result),
@@ -1070,6 +1099,54 @@ impl Reader {
                 .query_map(params![session, limit as i64], record)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
+        })
+    }
+
+    /// A page of finished tasks in task id order, after `after`, at most `limit`;
+    /// only `session`'s if given, and only what `retention` keeps (between two
+    /// prunes the file may hold more). An index range scan.
+    pub fn finished_by_id(
+        &self,
+        session: Option<&str>,
+        after: Option<Uuid>,
+        limit: usize,
+        retention: &Retention,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let after = after.map(|id| id.to_string()).unwrap_or_default();
+        self.with(|conn| {
+            let (from_at, from_seq) = kept_from(conn, retention)?;
+            let sql = format!(
+                "SELECT {COLUMNS} FROM tasks WHERE finished_at IS NOT NULL AND id > ?1 \
+                 AND (?2 IS NULL OR session = ?2) AND (finished_at, seq) >= (?3, ?4) \
+                 ORDER BY id LIMIT ?5"
+            );
+            conn.prepare_cached(&sql)?
+                .query_map(
+                    params![after, session, from_at, from_seq, limit as i64],
+                    record,
+                )?
+                .collect()
+        })
+    }
+
+    /// Finished tasks, oldest first (by when they finished), at most `limit`; only
+    /// `session`'s if given, and only what `retention` keeps.
+    pub fn finished_oldest_first(
+        &self,
+        session: Option<&str>,
+        limit: usize,
+        retention: &Retention,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        self.with(|conn| {
+            let (from_at, from_seq) = kept_from(conn, retention)?;
+            let sql = format!(
+                "SELECT {COLUMNS} FROM tasks WHERE finished_at IS NOT NULL \
+                 AND (?1 IS NULL OR session = ?1) AND (finished_at, seq) >= (?2, ?3) \
+                 ORDER BY finished_at, seq LIMIT ?4"
+            );
+            conn.prepare_cached(&sql)?
+                .query_map(params![session, from_at, from_seq, limit as i64], record)?
+                .collect()
         })
     }
 

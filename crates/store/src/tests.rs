@@ -735,3 +735,115 @@ fn schema_is_at_the_current_version_after_open() {
         .unwrap();
     assert_eq!(mode, "wal");
 }
+
+#[test]
+fn a_store_of_schema_version_1_is_upgraded_and_keeps_its_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let queued = task("chat", "from an older agentd");
+    {
+        // The file as the first schema left it, with one queued task.
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(crate::schema::MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO tasks (seq, id, session, text, state, queue_order, mode, priority, \
+             created_at) VALUES (1, ?1, 'chat', 'from an older agentd', 'queued', 1, \
+             'collect', 'interactive', 1700000000000)",
+            [queued.id.to_string()],
+        )
+        .unwrap();
+    }
+    let (store, recovery) = open(dir.path());
+    assert_eq!(recovery.queued, vec![queued.clone()]);
+    assert_eq!(recovery.queued[0].timeout_ms, None);
+    // The new column is written and read back.
+    let mut limited = task("chat", "limited");
+    limited.timeout_ms = Some(1500);
+    insert(&store.writer(), &limited, false);
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    const { assert!(SCHEMA_VERSION >= 2) };
+    drop(conn);
+    let (_store, recovery) = open(dir.path());
+    let back: Vec<Option<u64>> = recovery.queued.iter().map(|t| t.timeout_ms).collect();
+    assert_eq!(back, vec![None, Some(1500)]);
+}
+
+#[test]
+fn finished_tasks_are_listed_by_id_and_oldest_first_as_the_retention_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let t = task(if i % 2 == 0 { "a" } else { "b" }, "x");
+        insert(&w, &t, false);
+        // Finished in reverse order of creation, the first one a day ago.
+        let at = if i == 0 { now - 86_400_000 } else { now - i };
+        w.submit(finish(t.id, State::Succeeded, at)).wait().unwrap();
+        ids.push(t.id);
+    }
+    let live = task("a", "still queued");
+    insert(&w, &live, false);
+    let reader = store.reader().unwrap();
+    let keep_all = Retention::default();
+    let got = |r: Vec<TaskRecord>| r.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(
+        got(reader.finished_by_id(None, None, 10, &keep_all).unwrap()),
+        ids
+    );
+    assert_eq!(
+        got(reader
+            .finished_by_id(None, Some(ids[1]), 2, &keep_all)
+            .unwrap()),
+        ids[2..4].to_vec()
+    );
+    assert_eq!(
+        got(reader
+            .finished_by_id(Some("b"), None, 10, &keep_all)
+            .unwrap()),
+        vec![ids[1], ids[3], ids[5]]
+    );
+    let oldest_first: Vec<Uuid> = vec![ids[0], ids[5], ids[4], ids[3], ids[2], ids[1]];
+    assert_eq!(
+        got(reader.finished_oldest_first(None, 10, &keep_all).unwrap()),
+        oldest_first
+    );
+    // The newest 3 by finish, and nothing older than an hour.
+    let three = Retention {
+        max_age: None,
+        max_finished: Some(3),
+    };
+    assert_eq!(
+        got(reader.finished_oldest_first(None, 10, &three).unwrap()),
+        vec![ids[3], ids[2], ids[1]]
+    );
+    assert_eq!(
+        got(reader.finished_by_id(None, None, 10, &three).unwrap()),
+        vec![ids[1], ids[2], ids[3]]
+    );
+    let hour = Retention {
+        max_age: Some(Duration::from_secs(3600)),
+        max_finished: None,
+    };
+    assert_eq!(
+        got(reader.finished_by_id(None, None, 10, &hour).unwrap()),
+        ids[1..].to_vec()
+    );
+    let none = Retention {
+        max_age: None,
+        max_finished: Some(0),
+    };
+    assert!(reader
+        .finished_by_id(None, None, 10, &none)
+        .unwrap()
+        .is_empty());
+}
