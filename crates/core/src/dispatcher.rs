@@ -801,8 +801,62 @@ impl Dispatcher {
     /// taken. (Only a steer-capable running agent can send one back, once per
     /// message steered into it.)
     pub fn requeue(&mut self, msg: Message, now: Millis) -> Actions {
+        self.queue_past_limits(msg, Mode::Followup, now)
+    }
+
+    /// A message acknowledged by an earlier agentd comes back from its store but does
+    /// not fit the current limits (a smaller `max_queued` or session cap): it is
+    /// queued anyway, in its mode (`collect` or `followup`) with its id remembered,
+    /// because refusing it now would lose work whose sender was told it was taken.
+    pub fn restore(&mut self, msg: Message, now: Millis) -> Actions {
+        let mode = match msg.mode {
+            Some(Mode::Collect) => Mode::Collect,
+            _ => Mode::Followup,
+        };
+        if let Some(message_id) = &msg.message_id {
+            if self
+                .seen
+                .contains_key(&(msg.session.clone(), message_id.clone()))
+            {
+                return Actions::none();
+            }
+        }
+        self.remember(&msg, msg.task_id);
+        self.queue_past_limits(msg, mode, now)
+    }
+
+    /// Remembers that `(session, message_id)` was accepted as `task_id` (an earlier
+    /// agentd's message, read back from its store), so a re-delivery is answered with
+    /// that task. Counts against the window like any message.
+    pub fn remember_message(&mut self, session: &str, message_id: &str, task_id: TaskId) {
+        let key = (session.to_string(), message_id.to_string());
+        if self.seen.insert(key.clone(), task_id).is_none() {
+            self.seen_order.push_back(key);
+        }
+        self.trim_seen();
+    }
+
+    /// Forgets `(session, message_id)` if it names `task_id`: its acceptance was
+    /// undone (the record could not be written, so the sender was refused), and a
+    /// re-delivery is new work.
+    pub fn forget_message(&mut self, session: &str, message_id: &str, task_id: TaskId) {
+        let key = (session.to_string(), message_id.to_string());
+        if self.seen.get(&key) == Some(&task_id) {
+            self.seen.remove(&key);
+            if let Some(at) = self.seen_order.iter().position(|k| *k == key) {
+                self.seen_order.remove(at);
+            }
+        }
+    }
+
+    /// Whether the de-duplication window is full (older message ids may have left it).
+    pub fn dedup_window_full(&self) -> bool {
+        self.seen_order.len() >= self.config.dedup_window
+    }
+
+    fn queue_past_limits(&mut self, msg: Message, mode: Mode, now: Millis) -> Actions {
         let mut actions = Vec::new();
-        let task = self.new_task(&msg, Mode::Followup, now);
+        let task = self.new_task(&msg, mode, now);
         self.tasks.insert(task.id, task);
         self.sessions
             .entry(msg.session.clone())
@@ -853,6 +907,10 @@ impl Dispatcher {
         if self.seen.insert(key.clone(), task_id).is_none() {
             self.seen_order.push_back(key);
         }
+        self.trim_seen();
+    }
+
+    fn trim_seen(&mut self) {
         while self.seen_order.len() > self.config.dedup_window {
             if let Some(old) = self.seen_order.pop_front() {
                 self.seen.remove(&old);

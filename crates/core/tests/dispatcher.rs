@@ -2605,3 +2605,54 @@ fn a_channel_that_breaks_while_the_task_is_stopped_leaves_the_outcome_to_the_sto
     let done = only_finished(&h.reap(2, ExitStatus::signal(9)), 2);
     assert!(failed_reason(&done).contains("garbage"));
 }
+
+/// Work an earlier agentd acknowledged comes back past today's limits, in order, and
+/// its message id is remembered; a refused acceptance can be forgotten.
+#[test]
+fn restored_work_is_queued_past_the_limits_and_remembers_its_message_id() {
+    let mut h = H::with(Config {
+        max_queued: 1,
+        ..config_with(1, settings(Mode::Followup, 0, 1, DropPolicy::New))
+    });
+    h.submit(1, "busy");
+    h.run(1);
+    let (r, _) = h.accept(msg(2, "s"));
+    assert_eq!(r, Ok(plain(2)));
+    assert_eq!(
+        h.accept(msg(3, "s")).0,
+        Err(Refused::QueueFull { limit: 1 })
+    );
+    let actions = h.d.restore(with_id("evt-3", msg(3, "s")), Millis(h.now));
+    h.check();
+    assert!(actions.into_vec().is_empty(), "no slot is free");
+    let actions = h.d.restore(with_id("evt-4", msg(4, "t")), Millis(h.now));
+    h.check();
+    assert!(actions.into_vec().is_empty());
+    assert_eq!(h.d.n_queued(), 3);
+    assert!(h.d.position(&id(3)).is_some() && h.d.position(&id(4)).is_some());
+    // Restored twice (a duplicate in the store's answer) changes nothing.
+    let actions = h.d.restore(with_id("evt-3", msg(9, "s")), Millis(h.now));
+    assert!(actions.into_vec().is_empty());
+    assert!(h.d.task(&id(9)).is_none());
+    // A re-delivery is answered with the restored task.
+    let (r, _) = h.accept(with_id("evt-3", msg(5, "s")));
+    assert_eq!(r, Ok(Accepted::Duplicate { task_id: id(3) }));
+    // An id remembered from the store, then one forgotten again.
+    h.d.remember_message("u", "evt-old", id(42));
+    let (r, _) = h.accept(with_id("evt-old", msg(6, "u")));
+    assert_eq!(r, Ok(Accepted::Duplicate { task_id: id(42) }));
+    h.d.forget_message("u", "evt-old", id(41));
+    assert_eq!(
+        h.accept(with_id("evt-old", msg(6, "u"))).0,
+        Ok(Accepted::Duplicate { task_id: id(42) }),
+        "only the task it names forgets it"
+    );
+    h.d.forget_message("u", "evt-old", id(42));
+    h.check();
+    assert!(!h.d.dedup_window_full());
+    assert_eq!(
+        h.accept(with_id("evt-old", msg(7, "u"))).0,
+        Err(Refused::QueueFull { limit: 1 }),
+        "new work again (and refused by the limit, like any)"
+    );
+}
