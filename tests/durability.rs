@@ -128,7 +128,7 @@ fn kill9_with_one_running_and_30_queued_restarts_with_the_queue_and_an_interrupt
     let status = daemon.request(json!({"cmd": "status"}));
     assert_eq!(
         status["recovery"],
-        json!({"queued": 30, "interrupted": 1, "killed": status["recovery"]["killed"], "crashed": true}),
+        json!({"queued": 30, "over_limits": 0, "interrupted": 1, "killed": status["recovery"]["killed"], "crashed": true}),
         "{status}"
     );
     let out = daemon.agentctl(&["status"]);
@@ -482,6 +482,11 @@ fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_when_space_returns() 
         )
         .unwrap();
     assert_eq!(r["error"]["code"], json!("store_failed"), "{r}");
+    // A bridge's message refused now is not "seen": re-sent later, it is new work.
+    let redelivered = json!({"cmd": "send", "session": "chat", "message_id": "evt-full",
+        "text": format!("hold {gate} redelivered")});
+    let r = daemon.try_request(redelivered.clone()).unwrap();
+    assert_eq!(r["error"]["code"], json!("store_failed"), "{r}");
     daemon.request(json!({"cmd": "status"}));
     // Space returns: work is accepted again, without a restart.
     in_namespace(daemon.pid(), &format!("rm {}/filler", state.display()));
@@ -495,6 +500,10 @@ fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_when_space_returns() 
             .then(|| r["result"]["task"]["task_id"].as_str().unwrap().to_string())
     });
     acked.push(after);
+    let again = daemon.request(redelivered);
+    assert_ne!(again["duplicate"], json!(true), "{again}");
+    assert_eq!(again["task"]["state"], json!("queued"), "{again}");
+    acked.push(again["task"]["task_id"].as_str().unwrap().to_string());
     // Everything acknowledged is there; nothing refused is.
     let list = daemon.request(json!({"cmd": "tasks"}));
     let mut now: Vec<String> = ids_of(&list).into_iter().map(|(_, id, _)| id).collect();
@@ -640,8 +649,8 @@ fn a_finished_task_older_than_the_in_memory_history_is_read_from_the_store() {
     let listed = daemon.request(json!({"cmd": "tasks", "all": true}));
     assert_eq!(
         listed.as_array().unwrap().len(),
-        1,
-        "memory holds one: {listed}"
+        3,
+        "memory holds one, the store all: {listed}"
     );
     let oldest = daemon.task(&ids[0][..13]);
     assert_eq!(oldest["task_id"], json!(ids[0]), "{oldest}");

@@ -37,6 +37,9 @@ mod python_agent;
 mod queue;
 /// Timers, stops and events that cross each other.
 mod races;
+/// What a restarted agentd still knows: history from the store, re-deliveries,
+/// queued messages' time limits, recovered work past the new limits.
+mod restarts;
 /// agentd as a service: default config file, systemd readiness, logs, private state.
 mod service;
 /// Steering fallbacks: refused steers, shutdown, steer-backlog answers.

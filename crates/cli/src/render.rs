@@ -358,6 +358,7 @@ pub fn render_status(reply: &StatusReply, now: SystemTime, full_ids: bool) -> St
         out.push('\n');
         out.push_str(&agentd_proto::text::recovery_line(
             r.queued,
+            r.over_limits,
             r.interrupted,
             r.killed,
             r.crashed,
@@ -1077,6 +1078,7 @@ mod tests {
         );
         reply.recovery = Some(agentd_proto::control::RecoveryView {
             queued: 30,
+            over_limits: 0,
             interrupted: 1,
             killed: 0,
             crashed: true,
@@ -1085,6 +1087,17 @@ mod tests {
             plain(&render_status(&reply, now(), true)),
             "agentd 0.1.0 (pid 123, up 2m 3s): 0/2 agents busy, 0 queued, 1 session\n\
              recovered 30 queued, 1 interrupted (the previous agentd crashed)"
+        );
+        if let Some(r) = reply.recovery.as_mut() {
+            r.over_limits = 4;
+            r.crashed = false;
+        }
+        assert_eq!(
+            plain(&render_status(&reply, now(), true)).lines().nth(1),
+            Some(
+                "recovered 30 queued (4 over the limits, queued anyway: they were accepted \
+                 before), 1 interrupted"
+            )
         );
     }
 

@@ -25,6 +25,8 @@ pub fn open(config: &DaemonConfig) -> anyhow::Result<Durable> {
     let options = StoreOptions {
         interrupted_reason: text::INTERRUPTED_BY_CRASH.to_string(),
         retention: config.retention,
+        // The de-duplication window is seeded from the store at start.
+        recent_messages: config.dispatch.dedup_window,
         ..StoreOptions::default()
     };
     let (store, recovery) = Store::open(&config.state_dir, options)?;
@@ -150,6 +152,45 @@ pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
     })
 }
 
+/// A finished record as `status` and `tasks` show it: the wire view written when it
+/// finished (with every detail of its ending), in the state the store holds (a task
+/// stopped for a shutdown is `interrupted`); else (ended by a recovery) built from
+/// the record.
+pub(crate) fn stored_view(record: &TaskRecord) -> Option<agentd_proto::control::TaskView> {
+    if !record.state.is_terminal() {
+        return None;
+    }
+    let written = record
+        .ending
+        .as_deref()
+        .and_then(|json| serde_json::from_str::<agentd_proto::control::TaskView>(json).ok())
+        .filter(|view| view.task_id == record.id.to_string());
+    match written {
+        Some(mut view) => {
+            view.state = wire_state(record.state);
+            Some(view)
+        }
+        None => finished_task(record).map(|task| views::task_view(&task, None)),
+    }
+}
+
+fn wire_state(state: State) -> agentd_proto::control::TaskState {
+    use agentd_proto::control::TaskState as W;
+    match state {
+        State::Queued => W::Queued,
+        State::Starting => W::Starting,
+        State::Running => W::Running,
+        State::Stopping => W::Stopping,
+        State::Succeeded => W::Succeeded,
+        State::Failed => W::Failed,
+        State::Cancelled => W::Cancelled,
+        State::Interrupted => W::Interrupted,
+        State::Expired => W::Expired,
+        State::Dropped => W::Dropped,
+        State::Merged => W::Merged,
+    }
+}
+
 /// The task a merged record went into, from its stored view.
 fn merged_into(record: &TaskRecord) -> Option<agentd_core::TaskId> {
     let view: agentd_proto::control::TaskView =
@@ -230,6 +271,14 @@ impl History for StoreHistory {
         session: Option<&'a str>,
     ) -> Box<dyn Iterator<Item = Cow<'a, Task>> + 'a> {
         self.memory.iter(session)
+    }
+
+    fn cached(&self, id: &agentd_core::TaskId) -> Option<Cow<'_, Task>> {
+        self.memory.get(id)
+    }
+
+    fn cached_ids_with_prefix(&self, prefix: &str) -> Vec<agentd_core::TaskId> {
+        self.memory.ids_with_prefix(prefix)
     }
 
     fn ids_with_prefix(&self, prefix: &str) -> Vec<agentd_core::TaskId> {

@@ -30,6 +30,7 @@ pub mod logfmt;
 pub mod notify;
 pub mod outbox;
 mod output;
+pub mod reads;
 pub mod socket;
 pub mod supervisor;
 pub mod views;

@@ -697,6 +697,10 @@ pub struct LivenessView {
 pub struct RecoveryView {
     /// Queued tasks put back in their queues, with their ids.
     pub queued: u32,
+    /// Of those, the ones the current limits (`--max-queued`, a session's cap) would
+    /// have refused: queued anyway, since they were accepted before.
+    #[serde(default)]
+    pub over_limits: u32,
     /// Tasks that were running when the previous agentd ended: now `interrupted`.
     pub interrupted: u32,
     /// Leftover agent processes of the previous agentd that were ended.

@@ -116,6 +116,11 @@ pub fn duplicate_line(view: &TaskView) -> String {
     )
 }
 
+/// A re-delivery of a message whose task is no longer kept (pruned by the retention).
+pub fn duplicate_gone_line(task_id: impl Display) -> String {
+    format!("task {task_id}  already received (no longer kept): not run again")
+}
+
 /// `dropped to make room: task ID EXCERPT`, one per message dropped for a new one.
 pub fn dropped_line(task_id: impl Display, excerpt: impl Display) -> String {
     format!("dropped to make room: task {task_id}  {excerpt}")
@@ -237,6 +242,15 @@ pub fn store_failed(error: impl std::fmt::Display) -> String {
     format!("agentd could not record the message, so it was not accepted: {error}")
 }
 
+/// A read of finished tasks from the store failed.
+pub fn history_read_failed(error: impl std::fmt::Display) -> String {
+    format!("agentd could not read its finished tasks from the store: {error}")
+}
+
+/// Too many reads of finished tasks wait already.
+pub const HISTORY_BUSY: &str =
+    "agentd is busy reading finished tasks from its store; try again in a moment";
+
 /// Reason recorded on tasks that were running when agentd died.
 pub const INTERRUPTED_BY_CRASH: &str = "daemon crashed";
 
@@ -244,8 +258,22 @@ pub const INTERRUPTED_BY_CRASH: &str = "daemon crashed";
 pub const INTERRUPTED_BY_SHUTDOWN: &str = "shutdown";
 
 /// `agentctl status`: what recovery did at start.
-pub fn recovery_line(queued: u32, interrupted: u32, killed: u32, crashed: bool) -> String {
-    let mut line = format!("recovered {queued} queued, {interrupted} interrupted");
+/// `over_limits`: recovered queued tasks that the current limits (`--max-queued`, a
+/// session's cap) would have refused, queued anyway.
+pub fn recovery_line(
+    queued: u32,
+    over_limits: u32,
+    interrupted: u32,
+    killed: u32,
+    crashed: bool,
+) -> String {
+    let mut line = format!("recovered {queued} queued");
+    if over_limits > 0 {
+        line.push_str(&format!(
+            " ({over_limits} over the limits, queued anyway: they were accepted before)"
+        ));
+    }
+    line.push_str(&format!(", {interrupted} interrupted"));
     if killed > 0 {
         line.push_str(&format!(", ended {killed} leftover agents"));
     }

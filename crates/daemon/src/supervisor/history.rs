@@ -25,6 +25,14 @@ pub trait History {
         -> Box<dyn Iterator<Item = Cow<'a, Task>> + 'a>;
     /// Ids of finished tasks whose hyphenated lowercase form starts with `prefix`.
     fn ids_with_prefix(&self, prefix: &str) -> Vec<TaskId>;
+    /// Like [`History::get`], from memory only (never a disk read).
+    fn cached(&self, id: &TaskId) -> Option<Cow<'_, Task>> {
+        self.get(id)
+    }
+    /// Like [`History::ids_with_prefix`], from memory only.
+    fn cached_ids_with_prefix(&self, prefix: &str) -> Vec<TaskId> {
+        self.ids_with_prefix(prefix)
+    }
 }
 
 /// The newest `capacity` finished tasks, in memory.
@@ -101,8 +109,13 @@ impl Supervisor {
                     *reason = Some(agentd_proto::text::INTERRUPTED_BY_SHUTDOWN.to_string());
                 }
             }
-            // Retried by the store until it is written.
-            self.store.submit_detached(op);
+            // Retried by the store until it is written; listings take the task from
+            // memory until then.
+            self.finishing.insert(id);
+            let events = self.store_events.clone();
+            self.store.submit_with(op, move |_| {
+                let _ = events.send(crate::supervisor::StoreEvent::FinishWritten { task_id: id });
+            });
         }
         // A resumed attempt that ended before its agent started.
         self.resumes.remove(&id);
@@ -114,31 +127,68 @@ impl Supervisor {
 
     /// A full task id, or a unique prefix (at least 4 characters) of a known one.
     pub(crate) fn resolve(&self, text: &str) -> Result<TaskId, RequestError> {
+        match self.lookup_in_memory(text)? {
+            Lookup::Id(id) => Ok(id),
+            Lookup::Prefix {
+                prefix,
+                text,
+                mut matches,
+            } => {
+                matches.extend(self.history.ids_with_prefix(&prefix));
+                pick(&text, matches)
+            }
+        }
+    }
+
+    /// What memory says about a task id or prefix, without reading the disk: a whole
+    /// id, or a prefix with the live and in-memory finished tasks it matches (the
+    /// store may hold more).
+    pub(crate) fn lookup_in_memory(&self, text: &str) -> Result<Lookup, RequestError> {
         let text = text.trim().trim_end_matches('…');
         if let Ok(id) = TaskId::parse_str(text) {
-            return Ok(id);
+            return Ok(Lookup::Id(id));
         }
         if text.len() < 4 || !text.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return err(ErrorCode::NotFound, text::not_a_task_id(text));
         }
         let prefix = text.to_ascii_lowercase();
-        let mut matches: Vec<TaskId> = self
+        let matches: Vec<TaskId> = self
             .dispatcher
             .tasks()
             .map(|t| t.id)
             .filter(|id| id.to_string().starts_with(&prefix))
-            .chain(self.history.ids_with_prefix(&prefix))
+            .chain(self.history.cached_ids_with_prefix(&prefix))
             .collect();
-        matches.sort();
-        matches.dedup();
-        match matches.as_slice() {
-            [one] => Ok(*one),
-            [] => err(ErrorCode::NotFound, text::no_task(text)),
-            _ => err(
-                ErrorCode::BadRequest,
-                text::ambiguous_prefix(text, matches.len()),
-            ),
-        }
+        Ok(Lookup::Prefix {
+            prefix,
+            text: text.to_string(),
+            matches,
+        })
+    }
+}
+
+/// A task id as a request gave it.
+pub(crate) enum Lookup {
+    Id(TaskId),
+    /// A prefix (`prefix` lowercase, `text` as given) and the tasks it matches so far.
+    Prefix {
+        prefix: String,
+        text: String,
+        matches: Vec<TaskId>,
+    },
+}
+
+/// The one task a prefix (`text`) names among `matches`, or why there is none.
+pub(crate) fn pick(text: &str, mut matches: Vec<TaskId>) -> Result<TaskId, RequestError> {
+    matches.sort();
+    matches.dedup();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => err(ErrorCode::NotFound, text::no_task(text)),
+        _ => err(
+            ErrorCode::BadRequest,
+            text::ambiguous_prefix(text, matches.len()),
+        ),
     }
 }
 

@@ -37,7 +37,7 @@ pub mod history;
 mod recovery;
 mod requests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,6 +105,15 @@ pub async fn run(
         store_tx,
     );
     sup.store_reader = store.reader().ok();
+    sup.reads = match store.reader() {
+        Ok(reader) => crate::reads::Reads::start(reader)
+            .map_err(|e| tracing::warn!("cannot start the history reader: {e}"))
+            .ok(),
+        Err(e) => {
+            tracing::warn!("finished tasks of earlier runs cannot be listed: {e}");
+            None
+        }
+    };
     sup.history = Box::new(crate::durable::StoreHistory::new(
         history_size,
         store
@@ -248,6 +257,14 @@ struct Supervisor {
     /// has it), with the number of that write.
     checkpoints_in_flight: HashMap<TaskId, (u64, String)>,
     checkpoint_seq: u64,
+    /// Reads of finished tasks from the store, off the loop (`tasks --all`, `status`).
+    reads: Option<crate::reads::Reads>,
+    /// Finished tasks whose ending is not committed yet: listings take them from memory.
+    finishing: HashSet<TaskId>,
+    /// Every message id the store holds is in the dispatcher's window (it held fewer
+    /// than the window at start): a message the window does not know is new, and
+    /// the store need not be asked, until the window fills.
+    dedup_complete: bool,
 }
 
 type RequestError = ErrorBody;
@@ -302,6 +319,9 @@ impl Supervisor {
             resumes: HashMap::new(),
             checkpoints_in_flight: HashMap::new(),
             checkpoint_seq: 0,
+            reads: None,
+            finishing: HashSet::new(),
+            dedup_complete: false,
         }
     }
 

@@ -2,7 +2,7 @@
 //! the previous agentd ended, history reloaded) and write failures that the loop must
 //! act on.
 
-use agentd_core::{Accepted, Scope, StopTarget, TaskId};
+use agentd_core::{Accepted, Refused, Scope, StopTarget, TaskId};
 use agentd_proto::control::RecoveryView;
 use agentd_store::{Liveness, PreviousRun, Recovery, TaskRecord};
 use nix::sys::signal::{killpg, Signal};
@@ -17,7 +17,15 @@ use crate::views::now_millis;
 pub(crate) enum StoreEvent {
     /// A new task's record was not committed (disk trouble, or the store already
     /// held its message): the message was refused, so the task must not run.
-    InsertFailed { task_id: TaskId },
+    /// `message`: its (session, message_id), if it had one; `original`: the task
+    /// the store held for that message (else the record could not be written).
+    InsertFailed {
+        task_id: TaskId,
+        message: Option<(String, String)>,
+        original: Option<TaskId>,
+    },
+    /// A finished task's ending is committed: listings read it from the store now.
+    FinishWritten { task_id: TaskId },
     /// A task's checkpoint (write number `seq`) is committed.
     CheckpointWritten { task_id: TaskId, seq: u64 },
 }
@@ -25,8 +33,28 @@ pub(crate) enum StoreEvent {
 impl Supervisor {
     pub(crate) fn on_store_event(&mut self, event: StoreEvent) {
         match event {
-            StoreEvent::InsertFailed { task_id } => {
+            StoreEvent::FinishWritten { task_id } => {
+                self.finishing.remove(&task_id);
+            }
+            StoreEvent::InsertFailed {
+                task_id,
+                message,
+                original,
+            } => {
                 tracing::warn!(%task_id, "the task's record was not written: stopping it");
+                if let Some((session, message_id)) = message {
+                    match original {
+                        // A re-delivery is the stored task's.
+                        Some(original) => {
+                            self.dispatcher
+                                .remember_message(&session, &message_id, original)
+                        }
+                        // Refused: a re-delivery is new work.
+                        None => self
+                            .dispatcher
+                            .forget_message(&session, &message_id, task_id),
+                    }
+                }
                 if let Ok((_, actions)) =
                     self.dispatcher
                         .stop(StopTarget::Task(task_id), &Scope::Owner, now_millis())
@@ -112,38 +140,30 @@ impl Supervisor {
         }
         self.recover_cgroups();
         let mut restored = 0u32;
+        let mut over_limits = 0u32;
         for record in &recovery.queued {
             let message = durable::recovered_message(record);
             let (outcome, actions) = self.dispatcher.accept(message, now_millis());
             match outcome {
                 Ok(Accepted::Task { .. }) => {
                     restored += 1;
-                    if let Some(previous) = record.attempt_of {
-                        // A resumed attempt that had not started: its agent is
-                        // still told, with the checkpoint it inherited.
-                        self.resumes.insert(
-                            record.id,
-                            crate::supervisor::requests::resume::Resumed {
-                                previous,
-                                checkpoint: record.checkpoint.clone(),
-                            },
-                        );
-                    }
+                    self.restored(record);
                 }
                 Ok(Accepted::Duplicate { task_id }) => {
                     tracing::warn!(%task_id, "a recovered task was a duplicate")
                 }
-                Err(refused) => tracing::warn!(
-                    task_id = %record.id,
-                    ?refused,
-                    "a recovered task does not fit the current limits; it stays queued in the store"
-                ),
+                Err(refused) => {
+                    restored += 1;
+                    over_limits += 1;
+                    self.restore_over_limits(record, refused);
+                }
             }
             self.execute(actions);
         }
+        self.seed_dedup(&recovery.recent_messages);
         if recovery.previous_run != PreviousRun::None {
             tracing::info!(
-                "recovered {restored} queued and {} interrupted tasks (previous agentd {})",
+                "recovered {restored} queued ({over_limits} over the limits) and {} interrupted tasks (previous agentd {})",
                 recovery.interrupted.len(),
                 if recovery.previous_run == PreviousRun::Crashed {
                     "crashed"
@@ -153,10 +173,60 @@ impl Supervisor {
             );
             self.recovery = Some(RecoveryView {
                 queued: restored,
+                over_limits,
                 interrupted: recovery.interrupted.len() as u32,
                 killed,
                 crashed: recovery.previous_run == PreviousRun::Crashed,
             });
         }
+    }
+
+    /// What a recovered queued task brings besides its message: its own run-time
+    /// limit, and for a resumed attempt that had not started, what its agent is told
+    /// (with the checkpoint it inherited).
+    fn restored(&mut self, record: &TaskRecord) {
+        if let Some(ms) = record.timeout_ms {
+            self.task_timeouts
+                .insert(record.id, std::time::Duration::from_millis(ms));
+        }
+        if let Some(previous) = record.attempt_of {
+            self.resumes.insert(
+                record.id,
+                crate::supervisor::requests::resume::Resumed {
+                    previous,
+                    checkpoint: record.checkpoint.clone(),
+                },
+            );
+        }
+    }
+
+    /// A recovered queued task that the current limits refuse (a smaller
+    /// `--max-queued` or session cap than the agentd that accepted it) is queued
+    /// anyway: it was acknowledged, so refusing it now would lose it. `status` counts
+    /// it in its recovery line.
+    fn restore_over_limits(&mut self, record: &TaskRecord, refused: Refused) {
+        tracing::warn!(
+            task_id = %record.id,
+            session = %record.session,
+            ?refused,
+            "a recovered task is over the current limits: queued anyway, it was accepted before"
+        );
+        self.restored(record);
+        let actions = self
+            .dispatcher
+            .restore(durable::recovered_message(record), now_millis());
+        self.execute(actions);
+    }
+
+    /// Seeds the de-duplication window with the newest message ids the store holds
+    /// (after the queued tasks are back, which the dispatcher remembered itself), so
+    /// a re-delivered message is answered with its original task after a restart
+    /// too. If the store held fewer than the window, the window knows them all.
+    fn seed_dedup(&mut self, recent: &[(String, String, TaskId)]) {
+        for (session, message_id, task_id) in recent {
+            self.dispatcher
+                .remember_message(session, message_id, *task_id);
+        }
+        self.dedup_complete = recent.len() < self.dispatcher.config().dedup_window;
     }
 }

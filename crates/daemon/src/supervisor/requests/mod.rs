@@ -6,6 +6,7 @@ pub(crate) mod resume;
 pub(crate) mod send;
 pub(crate) mod status;
 pub(crate) mod stop;
+pub(crate) mod stored;
 pub(crate) mod watch;
 
 use std::time::Duration;
@@ -90,16 +91,23 @@ impl Supervisor {
             RequestBody::Watch { task_id, session } => {
                 let _ = reply.send(self.watch(task_id, session, events));
             }
-            RequestBody::Status { task_id } => {
-                let _ = reply.send(self.status(task_id.as_deref()));
+            RequestBody::Status { task_id: Some(id) } => self.status_of(&id, None, reply),
+            RequestBody::Status { task_id: None } => {
+                let _ = reply.send(self.status());
             }
             RequestBody::Tasks {
                 session,
-                all,
+                all: true,
+                limit,
+                cursor,
+            } => self.tasks_all(session, limit, cursor.as_deref(), reply),
+            RequestBody::Tasks {
+                session,
+                all: false,
                 limit,
                 cursor,
             } => {
-                let answer = self.tasks(session.as_deref(), all, limit, cursor.as_deref());
+                let answer = self.tasks(session.as_deref(), false, limit, cursor.as_deref());
                 let _ = reply.send(answer);
             }
             RequestBody::Log { task_id, offset } => {
@@ -122,17 +130,22 @@ impl Supervisor {
         text: String,
         data: serde_json::Value,
     ) -> Answer {
-        SendReply {
-            reply: text,
-            accepted: false,
-            task: None,
-            capacity: None,
-            command: Some(command.to_string()),
-            data: Some(data),
-            ..SendReply::default()
-        }
-        .into()
+        chat_answer(command, text, data)
     }
+}
+
+/// The answer to a chat command: its `reply` text and `data`.
+pub(crate) fn chat_answer(command: &str, text: String, data: serde_json::Value) -> Answer {
+    SendReply {
+        reply: text,
+        accepted: false,
+        task: None,
+        capacity: None,
+        command: Some(command.to_string()),
+        data: Some(data),
+        ..SendReply::default()
+    }
+    .into()
 }
 
 /// A work message as a client sent it.

@@ -80,6 +80,11 @@ impl Supervisor {
             self.task_timeouts.insert(task_id, timeout);
         }
         let mut record = durable::queued_record(&message, message.mode, now.0);
+        record.timeout_ms = timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64);
+        let message_key = message
+            .message_id
+            .clone()
+            .map(|id| (message.session.clone(), id));
         if let Some(attempt) = &attempt {
             record.attempt_of = Some(attempt.previous);
             // The attempt starts from the checkpoint it inherits: resumed again
@@ -142,12 +147,20 @@ impl Supervisor {
             let result = commit.await.unwrap_or(Err(StoreError::Closed));
             let answer = match result {
                 Ok(Outcome::Duplicate(original)) => {
-                    let _ = events.send(StoreEvent::InsertFailed { task_id });
+                    let _ = events.send(StoreEvent::InsertFailed {
+                        task_id,
+                        message: message_key,
+                        original: Some(original),
+                    });
                     duplicate_of_stored(answer, original)
                 }
                 Ok(_) => answer,
                 Err(e) => {
-                    let _ = events.send(StoreEvent::InsertFailed { task_id });
+                    let _ = events.send(StoreEvent::InsertFailed {
+                        task_id,
+                        message: message_key,
+                        original: None,
+                    });
                     err(ErrorCode::StoreFailed, text::store_failed(e))
                 }
             };
@@ -160,6 +173,10 @@ impl Supervisor {
     /// when the dispatcher does not know the message (one indexed lookup).
     fn stored_message(&self, message: &Message) -> Option<TaskId> {
         let message_id = message.message_id.as_deref()?;
+        if self.dedup_complete && !self.dispatcher.dedup_window_full() {
+            // The window holds every message id the store does.
+            return None;
+        }
         let original = self
             .store_reader
             .as_ref()?
@@ -198,13 +215,15 @@ impl Supervisor {
             Err(Refused::QueueFull { limit }) => err(ErrorCode::QueueFull, text::queue_full(limit)),
             Err(Refused::SessionFull { cap }) => err(ErrorCode::QueueFull, text::session_full(cap)),
             Ok(Accepted::Duplicate { task_id }) => {
-                let view = self
-                    .view(&task_id)
-                    .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "the task vanished"))?;
+                // The window may outlive the task (the retention pruned it).
+                let view = self.view(&task_id);
                 json(SendReply {
-                    reply: text::duplicate_line(&view),
+                    reply: match &view {
+                        Some(view) => text::duplicate_line(view),
+                        None => text::duplicate_gone_line(task_id),
+                    },
                     accepted: true,
-                    task: Some(view),
+                    task: view,
                     capacity: Some(capacity),
                     command: None,
                     data: None,
@@ -267,7 +286,11 @@ impl Supervisor {
             ChatCommand::Help => {
                 Ok(self.chat_reply("help", HELP_TEXT.to_string(), serde_json::Value::Null))
             }
-            ChatCommand::Status { task } => self.chat_status(&session, task.as_deref()),
+            ChatCommand::Status { task: Some(task) } => {
+                self.status_of(&task, Some(session), reply);
+                return None;
+            }
+            ChatCommand::Status { task: None } => self.chat_status(&session),
             ChatCommand::Resume { task } => {
                 return self.resume(task.as_deref(), Some(&session), reply);
             }

@@ -1,56 +1,31 @@
 //! `status` and `tasks`: where tasks stand.
 
 use agentd_core::{Task, TaskId};
-use agentd_proto::control::{ErrorBody, ErrorCode, LivenessView, StatusReply, TaskView};
+use agentd_proto::control::{LivenessView, StatusReply, TaskView};
 use agentd_proto::text;
 
 use std::borrow::Cow;
 
 use crate::control::Reply;
 use crate::listing;
-use crate::supervisor::{err, json, Supervisor};
+use crate::supervisor::{json, Supervisor};
 use crate::views;
 
 impl Supervisor {
-    pub(crate) fn chat_status(&self, session: &str, task: Option<&str>) -> Reply {
-        match task {
-            Some(id) => {
-                let task_id = self.resolve(id)?;
-                let view = self
-                    .view(&task_id)
-                    .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, text::no_task(id)))?;
-                if view.session != session {
-                    return err(ErrorCode::Forbidden, text::task_not_in_this_chat(id));
-                }
-                Ok(self.chat_reply(
-                    "status",
-                    text::chat_task_status(&view),
-                    serde_json::to_value(&view).unwrap_or_default(),
-                ))
-            }
-            None => {
-                let status = self.status_reply();
-                let mine = self.list(Some(session), false);
-                Ok(self.chat_reply(
-                    "status",
-                    text::chat_status(status.capacity, status.queued, &mine),
-                    serde_json::to_value(&status).unwrap_or_default(),
-                ))
-            }
-        }
+    /// A chat's `/status` (of one task: see `status_of`).
+    pub(crate) fn chat_status(&self, session: &str) -> Reply {
+        let status = self.status_reply();
+        let mine = self.list(Some(session), false);
+        Ok(self.chat_reply(
+            "status",
+            text::chat_status(status.capacity, status.queued, &mine),
+            serde_json::to_value(&status).unwrap_or_default(),
+        ))
     }
 
-    pub(crate) fn status(&self, task_id: Option<&str>) -> Reply {
-        match task_id {
-            Some(id) => {
-                let task_id = self.resolve(id)?;
-                json(
-                    self.view(&task_id)
-                        .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, text::no_task(id)))?,
-                )
-            }
-            None => json(self.status_reply()),
-        }
+    /// `status` of the whole daemon (of one task: see `status_of`).
+    pub(crate) fn status(&self) -> Reply {
+        json(self.status_reply())
     }
 
     pub(crate) fn status_reply(&self) -> StatusReply {
