@@ -19,7 +19,7 @@ pub struct DaemonConfig {
     pub handshake_timeout: Duration,
     /// The agent command line, split into words; `{text}` is replaced by the task text.
     pub agent: Vec<String>,
-    /// How many finished tasks to keep for `tasks --all` and `status ID`.
+    /// How many finished tasks to keep in memory (older ones are read from the store).
     pub history: usize,
     /// Most bytes kept of one task's output log (then a truncation marker).
     pub log_cap: u64,
