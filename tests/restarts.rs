@@ -119,6 +119,14 @@ fn tasks_all_lists_the_finished_tasks_of_earlier_runs_from_the_store() {
         .try_request(json!({"cmd": "status", "task_id": "01a1fb45-182d-75a4-ad1f-f60ce7a63179"}))
         .unwrap();
     assert_eq!(unknown["error"]["code"], json!("not_found"), "{unknown}");
+    // Its output log, by a prefix too.
+    let out = daemon.agentctl(&["log", &before[0][..23]]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "before-0");
+    let unknown = daemon
+        .try_request(json!({"cmd": "log", "task_id": "01a1fb45-182d-75a4-ad1f-f60ce7a63179"}))
+        .unwrap();
+    assert_eq!(unknown["error"]["code"], json!("not_found"), "{unknown}");
 }
 
 #[test]

@@ -1,47 +1,142 @@
 //! `log`: a task's output log, a chunk at a time (for `agentctl log [-f]`).
 
-use agentd_proto::control::{ErrorCode, LogChunk, MAX_LOG_CHUNK};
+use std::collections::HashSet;
+use std::path::Path;
+
+use agentd_core::TaskId;
+use agentd_proto::control::{ErrorBody, ErrorCode, LogChunk, MAX_LOG_CHUNK};
 use agentd_proto::text;
-use agentd_store::LogReader;
+use agentd_store::{LogReader, Reader};
+use tokio::sync::oneshot;
 
 use crate::control::Reply;
+use crate::output::Pumps;
+use crate::supervisor::history::{pick, Lookup};
 use crate::supervisor::{err, json, Supervisor};
 
 impl Supervisor {
-    /// Up to [`MAX_LOG_CHUNK`] bytes of the task's log from `offset`. The read is of
-    /// a local file (page cache), bounded by the chunk size.
-    pub(crate) fn log(&self, task_id: &str, offset: u64) -> Reply {
+    /// Up to [`MAX_LOG_CHUNK`] bytes of the task's log from `offset`, read by the
+    /// reader thread (the file, and the store for a task memory does not know), so
+    /// the loop touches no disk.
+    pub(crate) fn log(&self, task_id: &str, offset: u64, reply: oneshot::Sender<Reply>) {
+        let Some(reads) = &self.reads else {
+            let _ = reply.send(self.log_now(task_id, offset));
+            return;
+        };
+        let (prefix, mut matches) = match self.lookup_in_memory(task_id) {
+            Ok(Lookup::Id(id)) => (None, vec![id]),
+            Ok(Lookup::Prefix {
+                prefix,
+                text,
+                matches,
+            }) => (Some((prefix, text)), matches),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        matches.sort();
+        matches.dedup();
+        if let (Some((_, text)), true) = (&prefix, matches.len() > 1) {
+            let ambiguous = text::ambiguous_prefix(text, matches.len());
+            let _ = reply.send(err(ErrorCode::BadRequest, ambiguous));
+            return;
+        }
+        let live: HashSet<TaskId> = matches
+            .iter()
+            .filter(|id| self.dispatcher.task(id).is_some())
+            .copied()
+            .collect();
+        let known: HashSet<TaskId> = matches
+            .iter()
+            .filter(|id| live.contains(id) || self.history.cached(id).is_some())
+            .copied()
+            .collect();
+        let state_dir = self.config.state_dir.clone();
+        let pumps = self.pumps.clone();
+        let asked = task_id.trim().to_string();
+        let run = move |reader: &Reader| {
+            let read_failed = |e: agentd_store::StoreError| {
+                ErrorBody::new(ErrorCode::StoreFailed, text::history_read_failed(e))
+            };
+            let id = match prefix {
+                None => matches[0],
+                Some((prefix, text)) => {
+                    let stored = reader.ids_with_prefix(&prefix, 16).map_err(read_failed)?;
+                    matches.extend(stored);
+                    pick(&text, matches)?
+                }
+            };
+            let known = known.contains(&id) || reader.task(id).map_err(read_failed)?.is_some();
+            read_chunk(
+                &state_dir,
+                &pumps,
+                id,
+                &asked,
+                offset,
+                known,
+                live.contains(&id),
+            )
+        };
+        reads.submit(run, reply);
+    }
+
+    /// [`Supervisor::log`] on the loop (when the reader thread is not there).
+    fn log_now(&self, task_id: &str, offset: u64) -> Reply {
         let id = self.resolve(task_id)?;
         let live = self.dispatcher.task(&id).is_some();
         let known = live || self.history.get(&id).is_some();
-        let path = agentd_store::output::log_path(&self.config.state_dir, id);
-        if !known && !path.exists() {
-            return err(ErrorCode::NotFound, text::no_task(task_id));
-        }
-        let mut reader = LogReader::from_offset(&self.config.state_dir, id, offset);
-        let bytes = match reader.read_chunk(MAX_LOG_CHUNK) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                return err(
-                    ErrorCode::Internal,
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            }
-        };
-        let (data, used) = utf8_prefix(&bytes);
-        let pumping = self
-            .pumps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&id);
-        json(LogChunk {
-            task_id: id.to_string(),
+        read_chunk(
+            &self.config.state_dir,
+            &self.pumps,
+            id,
+            task_id,
             offset,
-            next_offset: offset + used as u64,
-            done: !live && !pumping && bytes.is_empty(),
-            data,
-        })
+            known,
+            live,
+        )
     }
+}
+
+/// One chunk of task `id`'s log (`asked`: the id as the request gave it). `known`:
+/// the task exists (a log without one is still shown); `live`: it may still run.
+fn read_chunk(
+    state_dir: &Path,
+    pumps: &Pumps,
+    id: TaskId,
+    asked: &str,
+    offset: u64,
+    known: bool,
+    live: bool,
+) -> Reply {
+    let path = agentd_store::output::log_path(state_dir, id);
+    if !known && !path.exists() {
+        return err(ErrorCode::NotFound, text::no_task(asked));
+    }
+    // Looked at before the read: a log whose pump had ended is complete, so an empty
+    // read of it is its end.
+    let pumping = pumps
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&id);
+    let mut reader = LogReader::from_offset(state_dir, id, offset);
+    let bytes = match reader.read_chunk(MAX_LOG_CHUNK) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return err(
+                ErrorCode::Internal,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        }
+    };
+    let (data, used) = utf8_prefix(&bytes);
+    json(LogChunk {
+        task_id: id.to_string(),
+        offset,
+        next_offset: offset + used as u64,
+        done: !live && !pumping && bytes.is_empty(),
+        data,
+    })
 }
 
 /// The text of `bytes` without a character cut at its end (that one comes with the

@@ -111,7 +111,7 @@ impl Supervisor {
                 let _ = reply.send(answer);
             }
             RequestBody::Log { task_id, offset } => {
-                let _ = reply.send(self.log(&task_id, offset));
+                self.log(&task_id, offset, reply);
             }
             RequestBody::Resume { task_id } => {
                 if let Some((reply, answer)) = self.resume(Some(&task_id), None, reply) {
