@@ -247,9 +247,9 @@ pub fn history_read_failed(error: impl std::fmt::Display) -> String {
     format!("agentd could not read its finished tasks from the store: {error}")
 }
 
-/// Too many reads of finished tasks wait already.
+/// Too many reads of the store (`tasks --all`, `status ID`, `log`) wait already.
 pub const HISTORY_BUSY: &str =
-    "agentd is busy reading finished tasks from its store; try again in a moment";
+    "agentd is busy reading from its store (too many requests wait); try again in a moment";
 
 /// Reason recorded on tasks that were running when agentd died.
 pub const INTERRUPTED_BY_CRASH: &str = "daemon crashed";
