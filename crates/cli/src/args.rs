@@ -314,7 +314,7 @@ pub struct TasksArgs {
     #[arg(long, value_name = "S")]
     pub session: Option<String>,
 
-    /// Include ended tasks
+    /// Include ended tasks (of earlier runs too, as far as the retention keeps them)
     #[arg(long)]
     pub all: bool,
 }

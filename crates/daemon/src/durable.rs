@@ -238,7 +238,8 @@ pub(crate) fn settings_op(session: &str, s: QueueSettings) -> Op {
 
 /// History backed by the store: the newest tasks in memory (reloaded at start), and
 /// any older finished task read from the store by id (one indexed lookup).
-/// Listings (`tasks --all`) show the in-memory part.
+/// Listings (`tasks --all`) read the store on the reader thread instead
+/// (`requests::stored`); `cached*` answer from memory only.
 pub struct StoreHistory {
     memory: MemoryHistory,
     reader: Option<agentd_store::Reader>,

@@ -97,7 +97,8 @@ pub enum RequestBody {
         #[serde(default)]
         task_id: Option<String>,
     },
-    /// Running and queued tasks, optionally of one session, optionally with history.
+    /// Running and queued tasks, optionally of one session, optionally with the finished
+    /// ones (from the store: of earlier runs too, as the retention keeps them).
     ///
     /// Without `limit` and `cursor` the answer is `[TaskView]`, or `too_large` when
     /// the listing does not fit in one page ([`MAX_TASKS_PAGE`] tasks). With either
