@@ -252,3 +252,34 @@ fn recovered_work_past_the_new_limits_is_kept_and_said() {
         daemon.wait_state(id, "succeeded");
     }
 }
+
+#[test]
+fn a_redelivery_of_a_task_the_retention_pruned_is_still_not_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("runs");
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let mut daemon = Daemon::start_in(dir, &["--agent", &agent, "--retention-count", "1"], &[]);
+    let text = format!("echo ran >> {}", marks.display());
+    let first = send_once(&daemon, &text, "evt-1");
+    let id = first["task"]["task_id"].as_str().unwrap().to_string();
+    daemon.wait_state(&id, "succeeded");
+    run_tasks(&daemon, 1, "later");
+    kill(daemon.pid(), libc::SIGTERM);
+    // The store prunes the first task when it opens.
+    daemon.restart();
+    let gone = daemon
+        .try_request(json!({"cmd": "status", "task_id": id}))
+        .unwrap();
+    assert_eq!(gone["error"]["code"], json!("not_found"), "{gone}");
+    let again = send_once(&daemon, &text, "evt-1");
+    assert_eq!(again["duplicate"], json!(true), "{again}");
+    assert_eq!(again["task"], Value::Null, "{again}");
+    assert!(again["reply"].as_str().unwrap().contains(&id), "{again}");
+    let later = daemon.submit("chat", "echo done");
+    daemon.wait_state(&later, "succeeded");
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "ran\n",
+        "it ran once"
+    );
+}
