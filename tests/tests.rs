@@ -37,6 +37,8 @@ mod python_agent;
 mod queue;
 /// Timers, stops and events that cross each other.
 mod races;
+/// Restarts with a long queue: every task back, whatever the pages recovery reads.
+mod restart;
 /// agentd as a service: default config file, systemd readiness, logs, private state.
 mod service;
 /// Steering fallbacks: refused steers, shutdown, steer-backlog answers.

@@ -25,6 +25,8 @@ pub fn open(config: &DaemonConfig) -> anyhow::Result<Durable> {
     let options = StoreOptions {
         interrupted_reason: text::INTERRUPTED_BY_CRASH.to_string(),
         retention: config.retention,
+        // Recovery reads the queue a page at a time (`Supervisor::restore_queued_from_store`).
+        read_queued: false,
         ..StoreOptions::default()
     };
     let (store, recovery) = Store::open(&config.state_dir, options)?;

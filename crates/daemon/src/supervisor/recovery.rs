@@ -12,6 +12,9 @@ use crate::durable;
 use crate::supervisor::Supervisor;
 use crate::views::now_millis;
 
+/// Queued tasks read from the store at a time at start.
+const RESTORE_PAGE: usize = 1024;
+
 /// A write completion that needs the loop.
 #[derive(Debug)]
 pub(crate) enum StoreEvent {
@@ -113,34 +116,9 @@ impl Supervisor {
         self.recover_cgroups();
         let mut restored = 0u32;
         for record in &recovery.queued {
-            let message = durable::recovered_message(record);
-            let (outcome, actions) = self.dispatcher.accept(message, now_millis());
-            match outcome {
-                Ok(Accepted::Task { .. }) => {
-                    restored += 1;
-                    if let Some(previous) = record.attempt_of {
-                        // A resumed attempt that had not started: its agent is
-                        // still told, with the checkpoint it inherited.
-                        self.resumes.insert(
-                            record.id,
-                            crate::supervisor::requests::resume::Resumed {
-                                previous,
-                                checkpoint: record.checkpoint.clone(),
-                            },
-                        );
-                    }
-                }
-                Ok(Accepted::Duplicate { task_id }) => {
-                    tracing::warn!(%task_id, "a recovered task was a duplicate")
-                }
-                Err(refused) => tracing::warn!(
-                    task_id = %record.id,
-                    ?refused,
-                    "a recovered task does not fit the current limits; it stays queued in the store"
-                ),
-            }
-            self.execute(actions);
+            restored += u32::from(self.restore_queued(record));
         }
+        restored += self.restore_queued_from_store();
         if recovery.previous_run != PreviousRun::None {
             tracing::info!(
                 "recovered {restored} queued and {} interrupted tasks (previous agentd {})",
@@ -158,5 +136,73 @@ impl Supervisor {
                 crashed: recovery.previous_run == PreviousRun::Crashed,
             });
         }
+    }
+
+    /// The queued tasks in the store, in queue order, back into the dispatcher a page
+    /// at a time, so that a long queue is never held twice (as records and as tasks).
+    /// Returns how many came back.
+    fn restore_queued_from_store(&mut self) -> u32 {
+        let (mut restored, mut after) = (0u32, None);
+        loop {
+            let Some(reader) = &self.store_reader else {
+                tracing::error!(
+                    "cannot read the queued tasks from the store: they stay queued there"
+                );
+                break;
+            };
+            match reader.queued_page(after, RESTORE_PAGE) {
+                Ok((page, last)) => {
+                    for record in &page {
+                        restored += u32::from(self.restore_queued(record));
+                    }
+                    if page.len() < RESTORE_PAGE {
+                        break;
+                    }
+                    after = last;
+                }
+                Err(e) => {
+                    tracing::error!("cannot read the queued tasks from the store: {e}");
+                    break;
+                }
+            }
+        }
+        restored
+    }
+
+    /// One recovered queued task back in its queue with its id; false if the
+    /// dispatcher did not take it.
+    fn restore_queued(&mut self, record: &TaskRecord) -> bool {
+        let message = durable::recovered_message(record);
+        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        let restored = match outcome {
+            Ok(Accepted::Task { .. }) => {
+                if let Some(previous) = record.attempt_of {
+                    // A resumed attempt that had not started: its agent is
+                    // still told, with the checkpoint it inherited.
+                    self.resumes.insert(
+                        record.id,
+                        crate::supervisor::requests::resume::Resumed {
+                            previous,
+                            checkpoint: record.checkpoint.clone(),
+                        },
+                    );
+                }
+                true
+            }
+            Ok(Accepted::Duplicate { task_id }) => {
+                tracing::warn!(%task_id, "a recovered task was a duplicate");
+                false
+            }
+            Err(refused) => {
+                tracing::warn!(
+                    task_id = %record.id,
+                    ?refused,
+                    "a recovered task does not fit the current limits; it stays queued in the store"
+                );
+                false
+            }
+        };
+        self.execute(actions);
+        restored
     }
 }
