@@ -137,14 +137,16 @@ pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
             .finished_at
             .map(|m| agentd_core::Millis(m.max(0) as u64)),
         progress: record.progress.clone(),
-        report: record.result.as_ref().map(|text| agentd_core::AgentReport {
-            outcome: match record.state {
-                State::Succeeded => agentd_core::ReportOutcome::Succeeded,
-                State::Cancelled => agentd_core::ReportOutcome::Cancelled,
-                _ => agentd_core::ReportOutcome::Failed,
-            },
-            text: text.clone(),
-            command_exit: None,
+        report: record.result.as_ref().map(|text| {
+            Box::new(agentd_core::AgentReport {
+                outcome: match record.state {
+                    State::Succeeded => agentd_core::ReportOutcome::Succeeded,
+                    State::Cancelled => agentd_core::ReportOutcome::Cancelled,
+                    _ => agentd_core::ReportOutcome::Failed,
+                },
+                text: text.clone(),
+                command_exit: None,
+            })
         }),
         priority: parse_priority(&record.priority),
         mode: Mode::parse(&record.mode).unwrap_or(Mode::Collect),
