@@ -155,7 +155,10 @@ impl Supervisor {
                     for record in &page {
                         restored += u32::from(self.restore_queued(record));
                     }
-                    if page.len() < RESTORE_PAGE {
+                    let last_page = page.len() < RESTORE_PAGE;
+                    drop(page);
+                    crate::release_free_memory();
+                    if last_page {
                         break;
                     }
                     after = last;
