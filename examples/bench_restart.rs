@@ -303,6 +303,9 @@ fn main() {
     let errors = enqueue(&opts, &daemon.socket);
     let took = t.elapsed();
     let queued_mem = memory(daemon.pid());
+    // And once it has been idle for a while (its timers have run).
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle_mem = memory(daemon.pid());
     let queued = daemon.status()["result"]["queued"].as_u64().unwrap_or(0);
     daemon.kill9();
     let (db, wal) = store_size(&opts.work.join("full"));
@@ -354,13 +357,19 @@ fn main() {
         opts.messages as f64 / took.as_secs_f64()
     );
     println!(
-        "steady state at {queued} queued (before the kill)  VmHWM {:6.1} MB  VmRSS {:6.1} MB (anon {:.1}, file {:.1})  {:.2}× the empty restart's RSS, {:.0} B a queued task above it",
+        "at {queued} queued, right after the enqueue  VmHWM {:6.1} MB  VmRSS {:6.1} MB (anon {:.1}, file {:.1})  {:.2}× the empty restart's RSS, {:.0} B a queued task above it",
         mb(queued_mem.hwm),
         mb(queued_mem.rss),
         mb(queued_mem.anon),
         mb(queued_mem.file),
         queued_mem.rss as f64 / base.mem.rss.max(1) as f64,
         (queued_mem.rss.saturating_sub(base.mem.rss) * 1024) as f64 / queued.max(1) as f64
+    );
+    println!(
+        "  and after 1.5 s idle                     VmRSS {:6.1} MB (anon {:.1}, file {:.1})",
+        mb(idle_mem.rss),
+        mb(idle_mem.anon),
+        mb(idle_mem.file)
     );
     println!(
         "restart after kill -9, {} queued: ready {:7.3} s ({:5.2}× the empty restart; target < 2 s)",
