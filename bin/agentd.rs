@@ -400,6 +400,8 @@ fn main_inner() -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    // SAFETY: mi_collect has no preconditions; it frees what mimalloc holds unused.
+    agentd_daemon::set_release_free_memory(|| unsafe { libmimalloc_sys::mi_collect(true) });
     let store = agentd_daemon::durable::open(&config)?;
     agentd_proc_subreaper()?;
     fit_descriptors(&mut config.control);

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 /// Starts another agentd on `daemon`'s socket and state dir (after the first died).
-fn respawn(daemon: &mut Daemon, args: &[&str], log_name: &str) {
+pub(crate) fn respawn(daemon: &mut Daemon, args: &[&str], log_name: &str) {
     let log = std::fs::File::create(daemon.dir.path().join(log_name)).expect("log file");
     daemon.child = Command::new(AGENTD)
         .arg("--socket")
@@ -38,7 +38,7 @@ fn respawn(daemon: &mut Daemon, args: &[&str], log_name: &str) {
 
 /// SIGKILLs agentd by pid; returns the pids of its descendants at that moment (its
 /// agents, which are nobody's children once it is gone).
-fn kill9(daemon: &mut Daemon) -> Vec<u32> {
+pub(crate) fn kill9(daemon: &mut Daemon) -> Vec<u32> {
     let orphans = daemon.descendants();
     kill(daemon.pid(), libc::SIGKILL);
     daemon.child.wait().expect("reap agentd");
@@ -46,7 +46,7 @@ fn kill9(daemon: &mut Daemon) -> Vec<u32> {
 }
 
 /// Ends (by pid) whatever is left of `pids`, so a failing test leaves nothing behind.
-struct Reaper(Vec<u32>);
+pub(crate) struct Reaper(pub(crate) Vec<u32>);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -58,7 +58,7 @@ impl Drop for Reaper {
     }
 }
 
-fn echo_agent_args() -> Vec<String> {
+pub(crate) fn echo_agent_args() -> Vec<String> {
     let script = r#"case "$1" in hold\ *) f=${1#hold }; f=${f%% *}; while [ ! -e "$f" ]; do sleep 0.02; done;; esac; printf %s "$1""#;
     vec![
         "--agent".into(),

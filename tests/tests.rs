@@ -37,6 +37,8 @@ mod python_agent;
 mod queue;
 /// Timers, stops and events that cross each other.
 mod races;
+/// Restarts with a long queue: every task back, whatever the pages recovery reads.
+mod restart;
 /// What a restarted agentd still knows: history from the store, re-deliveries,
 /// queued messages' time limits, recovered work past the new limits.
 mod restarts;

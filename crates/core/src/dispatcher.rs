@@ -378,7 +378,9 @@ impl Session {
 #[derive(Debug)]
 pub struct Dispatcher {
     config: Config,
-    tasks: HashMap<TaskId, Task>,
+    /// Boxed: a table of pointers grows cheaply, and a queued task costs one
+    /// allocation of its own size (see `scripts/bench-restart.sh`).
+    tasks: HashMap<TaskId, Box<Task>>,
     sessions: HashMap<String, Session>,
     /// Sessions whose next task is interactive, ready to run, in admission order (by
     /// when they joined the ring).
@@ -434,12 +436,12 @@ impl Dispatcher {
 
     /// A task that is queued or active.
     pub fn task(&self, task_id: &TaskId) -> Option<&Task> {
-        self.tasks.get(task_id)
+        self.tasks.get(task_id).map(|t| &**t)
     }
 
     /// Every queued or active task, in no particular order.
     pub fn tasks(&self) -> impl Iterator<Item = &Task> {
-        self.tasks.values()
+        self.tasks.values().map(|t| &**t)
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -460,7 +462,7 @@ impl Dispatcher {
 
     /// The active tasks (starting, running or stopping), by id: O(active).
     pub fn active_tasks(&self) -> impl Iterator<Item = &Task> {
-        self.live.iter().filter_map(|t| self.tasks.get(t))
+        self.live.iter().filter_map(|t| self.task(t))
     }
 
     /// A session's queued tasks in the order they will run.
@@ -469,7 +471,7 @@ impl Dispatcher {
             .get(session)
             .into_iter()
             .flat_map(|s| s.queued())
-            .filter_map(|t| self.tasks.get(&t))
+            .filter_map(|t| self.task(&t))
     }
 
     /// The task holding the session's lane.
@@ -554,7 +556,7 @@ impl Dispatcher {
             let mut lane = lanes.pop_front()?;
             if let Some((_, task_id)) = lane.next() {
                 lanes.push_back(lane);
-                if let Some(task) = self.tasks.get(task_id) {
+                if let Some(task) = self.task(task_id) {
                     next_position += 1;
                     return Some((task, next_position));
                 }
@@ -763,7 +765,7 @@ impl Dispatcher {
         }
         let task = self.new_task(&msg, mode, now);
         self.remember(&msg, task.id);
-        self.tasks.insert(task.id, task);
+        self.tasks.insert(task.id, Box::new(task));
         let session = self.sessions.entry(msg.session.clone()).or_default();
         if mode == Mode::Interrupt {
             // Runs next: ahead of whatever else the session holds.
@@ -857,7 +859,7 @@ impl Dispatcher {
     fn queue_past_limits(&mut self, msg: Message, mode: Mode, now: Millis) -> Actions {
         let mut actions = Vec::new();
         let task = self.new_task(&msg, mode, now);
-        self.tasks.insert(task.id, task);
+        self.tasks.insert(task.id, Box::new(task));
         self.sessions
             .entry(msg.session.clone())
             .or_default()
@@ -938,7 +940,7 @@ impl Dispatcher {
                 exit: None,
             },
             finished_at: Some(now),
-            ..task
+            ..*task
         }));
         Some(task_id)
     }
@@ -1000,7 +1002,7 @@ impl Dispatcher {
             Event::Report { task_id, report } => {
                 if let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.state.is_active()) {
                     if task.report.is_none() {
-                        task.report = Some(report);
+                        task.report = Some(Box::new(report));
                         // Done, so it should exit now: after `cancel_grace` it is
                         // stopped from SIGTERM on, keeping the outcome it reported.
                         if let TaskState::Running { .. } = task.state {
@@ -1179,11 +1181,7 @@ impl Dispatcher {
                 };
                 // Queued tasks oldest first, then active ones.
                 let queued = self.queued.by_age.iter().map(|(_, t)| *t);
-                let mut active: Vec<&Task> = self
-                    .tasks
-                    .values()
-                    .filter(|t| t.state.is_active())
-                    .collect();
+                let mut active: Vec<&Task> = self.tasks().filter(|t| t.state.is_active()).collect();
                 active.sort_by_key(|t| (t.created_at, t.id));
                 queued.chain(active.iter().map(|t| t.id)).collect()
             }
@@ -1287,7 +1285,7 @@ impl Dispatcher {
         actions.push(Action::Finished(Task {
             state: TaskState::Done { ending, exit: None },
             finished_at: Some(now),
-            ..task
+            ..*task
         }));
     }
 
@@ -1329,7 +1327,7 @@ impl Dispatcher {
         actions.push(Action::Finished(Task {
             state: TaskState::Done { ending, exit },
             finished_at: Some(now),
-            ..task
+            ..*task
         }));
         if let Some(after) = debounce {
             self.arm_debounce(&session_key, after, actions);
@@ -1498,7 +1496,7 @@ impl Dispatcher {
                         exit: None,
                     },
                     finished_at: Some(now),
-                    ..task
+                    ..*task
                 }));
             }
         }
@@ -1769,7 +1767,7 @@ fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
             ),
         };
     }
-    match &task.report {
+    match task.report.as_deref() {
         Some(AgentReport {
             outcome: ReportOutcome::Succeeded,
             ..

@@ -10,6 +10,7 @@
 //! Neither `std` nor a well-kept crate offers an order-statistic map, hence the treap.
 
 use std::cmp::Ordering;
+use std::num::NonZeroU32;
 
 use crate::queue::Priority;
 use crate::task::{Millis, TaskId};
@@ -20,10 +21,13 @@ const NIL: u32 = u32::MAX;
 struct Node<K, V> {
     key: K,
     value: V,
-    priority: u64,
+    /// The heap priority (the high half of the generator's output).
+    priority: u32,
     left: u32,
     right: u32,
-    size: u32,
+    /// Nodes in this subtree, this one included: never zero, which lets
+    /// `Option<Node>` (a slot of the arena) be no larger than a node.
+    size: NonZeroU32,
 }
 
 /// An ordered map with ranks. Keys are unique.
@@ -60,22 +64,22 @@ impl<K: Ord, V> RankedMap<K, V> {
         if i == NIL {
             0
         } else {
-            self.node(i).size
+            self.node(i).size.get()
         }
     }
 
     fn update(&mut self, i: u32) {
         let n = self.node(i);
-        let size = 1 + self.size(n.left) + self.size(n.right);
+        let size = NonZeroU32::MIN.saturating_add(self.size(n.left) + self.size(n.right));
         self.node_mut(i).size = size;
     }
 
-    fn next_priority(&mut self) -> u64 {
+    fn next_priority(&mut self) -> u32 {
         // xorshift64*: any fixed sequence of distinct-looking numbers will do.
         self.seed ^= self.seed >> 12;
         self.seed ^= self.seed << 25;
         self.seed ^= self.seed >> 27;
-        self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        (self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32
     }
 
     pub fn len(&self) -> usize {
@@ -170,7 +174,7 @@ impl<K: Ord, V> RankedMap<K, V> {
             priority,
             left: NIL,
             right: NIL,
-            size: 1,
+            size: NonZeroU32::MIN,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -196,7 +200,7 @@ impl<K: Ord, V> RankedMap<K, V> {
         let (m, r) = self.split(rest, key, true);
         self.root = self.merge(l, r);
         let node = self.nodes[m as usize].take().expect("live treap node");
-        debug_assert_eq!(node.size, 1);
+        debug_assert_eq!(node.size.get(), 1);
         self.free.push(m);
         if self.root == NIL {
             // Nothing live: give the arena back.
@@ -450,6 +454,13 @@ impl PositionIndex {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_slot_of_a_session_queue_costs_no_more_than_its_node() {
+        // A queued task's entry in its session's queue: key, task id, three links and
+        // the priority, with the slot's `None` in the size's niche.
+        assert_eq!(std::mem::size_of::<Option<Node<i64, TaskId>>>(), 40);
+    }
 
     #[test]
     fn ranked_map_agrees_with_a_btreemap() {

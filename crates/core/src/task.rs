@@ -214,7 +214,9 @@ pub struct Task {
     /// Latest progress line.
     pub progress: Option<String>,
     /// What the agent reported, once it has.
-    pub report: Option<AgentReport>,
+    /// Boxed: most tasks in memory are queued and have none, and a smaller task
+    /// fits a smaller allocation.
+    pub report: Option<Box<AgentReport>>,
     pub priority: crate::queue::Priority,
     /// The queue mode the message arrived with (after fallbacks): decides how it is
     /// drained.

@@ -760,7 +760,10 @@ fn report_succeeded_and_exit_zero_is_succeeded() {
             exit: Some(ExitStatus::code(0))
         }
     );
-    assert_eq!(t.report, report(ReportOutcome::Succeeded, None));
+    assert_eq!(
+        t.report.as_deref(),
+        report(ReportOutcome::Succeeded, None).as_ref()
+    );
 }
 
 #[test]

@@ -27,6 +27,8 @@ pub fn open(config: &DaemonConfig) -> anyhow::Result<Durable> {
         retention: config.retention,
         // The de-duplication window is seeded from the store at start.
         recent_messages: config.dispatch.dedup_window,
+        // Recovery reads the queue a page at a time (`Supervisor::restore_queued_from_store`).
+        read_queued: false,
         ..StoreOptions::default()
     };
     let (store, recovery) = Store::open(&config.state_dir, options)?;
@@ -137,14 +139,16 @@ pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
             .finished_at
             .map(|m| agentd_core::Millis(m.max(0) as u64)),
         progress: record.progress.clone(),
-        report: record.result.as_ref().map(|text| agentd_core::AgentReport {
-            outcome: match record.state {
-                State::Succeeded => agentd_core::ReportOutcome::Succeeded,
-                State::Cancelled => agentd_core::ReportOutcome::Cancelled,
-                _ => agentd_core::ReportOutcome::Failed,
-            },
-            text: text.clone(),
-            command_exit: None,
+        report: record.result.as_ref().map(|text| {
+            Box::new(agentd_core::AgentReport {
+                outcome: match record.state {
+                    State::Succeeded => agentd_core::ReportOutcome::Succeeded,
+                    State::Cancelled => agentd_core::ReportOutcome::Cancelled,
+                    _ => agentd_core::ReportOutcome::Failed,
+                },
+                text: text.clone(),
+                command_exit: None,
+            })
         }),
         priority: parse_priority(&record.priority),
         mode: Mode::parse(&record.mode).unwrap_or(Mode::Collect),

@@ -38,3 +38,20 @@ pub mod views;
 pub use config::DaemonConfig;
 pub use supervisor::history::{History, MemoryHistory};
 pub use supervisor::run;
+
+/// How agentd gives the memory its allocator holds free back to the system. The
+/// binary chooses the allocator, so it sets this (once, before [`run`]); recovery
+/// calls it once the queue is back, so the tables' and records' transient memory
+/// does not stay in agentd's RSS for as long as it runs.
+static RELEASE_FREE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets how free memory is released (see [`RELEASE_FREE_MEMORY`]); the first call wins.
+pub fn set_release_free_memory(release: fn()) {
+    let _ = RELEASE_FREE_MEMORY.set(release);
+}
+
+pub(crate) fn release_free_memory() {
+    if let Some(release) = RELEASE_FREE_MEMORY.get() {
+        release();
+    }
+}

@@ -58,6 +58,10 @@ pub struct StoreOptions {
     pub retry_interval: Duration,
     /// Caps the file at this many pages (`PRAGMA max_page_count`): a full disk for tests.
     pub max_page_count: Option<u64>,
+    /// Whether [`Recovery::queued`] is filled at open. agentd reads the queued tasks
+    /// a page at a time instead ([`Reader::queued_page`]), so that a large queue is
+    /// never in memory twice (as records and as tasks).
+    pub read_queued: bool,
 }
 
 impl Default for StoreOptions {
@@ -72,6 +76,7 @@ impl Default for StoreOptions {
             prune_interval: Duration::from_secs(3600),
             retry_interval: Duration::from_secs(1),
             max_page_count: None,
+            read_queued: true,
         }
     }
 }
@@ -441,6 +446,9 @@ const COLUMNS: &str = "id, session, text, state, mode, priority, options, messag
     created_at, started_at, finished_at, progress, result, ending, reason, exit_code, \
     exit_signal, pid, pid_start, boot_id, attempt_of, checkpoint, timeout_ms";
 
+/// How many columns [`COLUMNS`] names.
+const COLUMN_COUNT: usize = 23;
+
 fn uuid_col(row: &Row, i: usize) -> rusqlite::Result<Uuid> {
     let text: String = row.get(i)?;
     Uuid::parse_str(&text).map_err(|e| {
@@ -497,6 +505,38 @@ fn record(row: &Row) -> rusqlite::Result<TaskRecord> {
     })
 }
 
+/// Queued tasks in queue order (each session's in its order; sessions interleave in
+/// the order their messages arrived) after the place `after` (None: from the first),
+/// at most `limit`, and the place of the last one returned (None if none was). Walks
+/// the live-task index: no sort, however long the queue.
+fn queued_page(
+    conn: &Connection,
+    after: Option<i64>,
+    limit: usize,
+) -> rusqlite::Result<(Vec<TaskRecord>, Option<i64>)> {
+    // `state IN (...)` is the index's own condition, which lets SQLite use it.
+    let sql = format!(
+        "SELECT {COLUMNS}, queue_order FROM tasks \
+         WHERE state IN ('queued', 'starting', 'running', 'stopping') AND state = 'queued' \
+         AND queue_order > ?1 ORDER BY queue_order LIMIT ?2"
+    );
+    let mut last = None;
+    let rows = conn
+        .prepare_cached(&sql)?
+        .query_map(
+            params![
+                after.unwrap_or(i64::MIN),
+                limit.min(i64::MAX as usize) as i64
+            ],
+            |row| {
+                last = Some(row.get::<_, i64>(COLUMN_COUNT)?);
+                record(row)
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((rows, last))
+}
+
 /// Reads what recovery needs and marks tasks that were active as interrupted, in one
 /// transaction.
 fn recover(conn: &mut Connection, options: &StoreOptions, now: i64) -> rusqlite::Result<Recovery> {
@@ -527,12 +567,11 @@ fn recover(conn: &mut Connection, options: &StoreOptions, now: i64) -> rusqlite:
         task.finished_at = Some(now);
         task.reason = Some(options.interrupted_reason.clone());
     }
-    let queued_sql =
-        format!("SELECT {COLUMNS} FROM tasks WHERE state = 'queued' ORDER BY queue_order");
-    let queued = tx
-        .prepare(&queued_sql)?
-        .query_map([], record)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let queued = if options.read_queued {
+        queued_page(&tx, None, usize::MAX)?.0
+    } else {
+        Vec::new()
+    };
     let settings = tx
         .prepare("SELECT session, mode, debounce_ms, cap, drop_policy FROM session_settings")?
         .query_map([], |r| {
@@ -1148,6 +1187,18 @@ impl Reader {
                 .query_map(params![session, from_at, from_seq, limit as i64], record)?
                 .collect()
         })
+    }
+
+    /// A page of queued tasks: at most `limit` after the place `after` (None: from
+    /// the first), in queue order (as [`Recovery::queued`]), and the place to ask
+    /// for the next page from (None when there are no more). Recovery reads the
+    /// queue this way when [`StoreOptions::read_queued`] is off.
+    pub fn queued_page(
+        &self,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<TaskRecord>, Option<i64>), StoreError> {
+        self.with(|conn| queued_page(conn, after, limit))
     }
 
     /// How many tasks are stored in each state.

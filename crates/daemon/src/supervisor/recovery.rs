@@ -12,6 +12,9 @@ use crate::durable;
 use crate::supervisor::Supervisor;
 use crate::views::now_millis;
 
+/// Queued tasks read from the store at a time at start.
+const RESTORE_PAGE: usize = 1024;
+
 /// A write completion that needs the loop.
 #[derive(Debug)]
 pub(crate) enum StoreEvent {
@@ -142,24 +145,13 @@ impl Supervisor {
         let mut restored = 0u32;
         let mut over_limits = 0u32;
         for record in &recovery.queued {
-            let message = durable::recovered_message(record);
-            let (outcome, actions) = self.dispatcher.accept(message, now_millis());
-            match outcome {
-                Ok(Accepted::Task { .. }) => {
-                    restored += 1;
-                    self.restored(record);
-                }
-                Ok(Accepted::Duplicate { task_id }) => {
-                    tracing::warn!(%task_id, "a recovered task was a duplicate")
-                }
-                Err(refused) => {
-                    restored += 1;
-                    over_limits += 1;
-                    self.restore_over_limits(record, refused);
-                }
-            }
-            self.execute(actions);
+            let (back, over) = self.restore_queued(record);
+            restored += u32::from(back);
+            over_limits += u32::from(over);
         }
+        let (back, over) = self.restore_queued_from_store();
+        restored += back;
+        over_limits += over;
         self.seed_dedup(&recovery.recent_messages);
         if recovery.previous_run != PreviousRun::None {
             tracing::info!(
@@ -228,5 +220,64 @@ impl Supervisor {
                 .remember_message(session, message_id, *task_id);
         }
         self.dedup_complete = recent.len() < self.dispatcher.config().dedup_window;
+    }
+
+    /// The queued tasks in the store, in queue order, back into the dispatcher a page
+    /// at a time, so that a long queue is never held twice (as records and as tasks).
+    /// Returns how many came back and how many of them are over today's limits.
+    fn restore_queued_from_store(&mut self) -> (u32, u32) {
+        let (mut restored, mut over_limits, mut after) = (0u32, 0u32, None);
+        loop {
+            let Some(reader) = &self.store_reader else {
+                tracing::error!(
+                    "cannot read the queued tasks from the store: they stay queued there"
+                );
+                break;
+            };
+            match reader.queued_page(after, RESTORE_PAGE) {
+                Ok((page, last)) => {
+                    for record in &page {
+                        let (back, over) = self.restore_queued(record);
+                        restored += u32::from(back);
+                        over_limits += u32::from(over);
+                    }
+                    let last_page = page.len() < RESTORE_PAGE;
+                    drop(page);
+                    crate::release_free_memory();
+                    if last_page {
+                        break;
+                    }
+                    after = last;
+                }
+                Err(e) => {
+                    tracing::error!("cannot read the queued tasks from the store: {e}");
+                    break;
+                }
+            }
+        }
+        (restored, over_limits)
+    }
+
+    /// One recovered queued task back in its queue with its id: (whether it came
+    /// back, whether it is over today's limits and was queued anyway).
+    fn restore_queued(&mut self, record: &TaskRecord) -> (bool, bool) {
+        let message = durable::recovered_message(record);
+        let (outcome, actions) = self.dispatcher.accept(message, now_millis());
+        let result = match outcome {
+            Ok(Accepted::Task { .. }) => {
+                self.restored(record);
+                (true, false)
+            }
+            Ok(Accepted::Duplicate { task_id }) => {
+                tracing::warn!(%task_id, "a recovered task was a duplicate");
+                (false, false)
+            }
+            Err(refused) => {
+                self.restore_over_limits(record, refused);
+                (true, true)
+            }
+        };
+        self.execute(actions);
+        result
     }
 }
