@@ -10,7 +10,7 @@
 //!     task-<task id>/            TaskCgroup: the agent and every descendant it ever has
 //! ```
 //!
-//! The agent enters its task cgroup *in the forked child, before exec* (it writes
+//! The agent enters its task cgroup *in the spawned child, before exec* (it writes
 //! itself into `cgroup.procs` through a descriptor opened by the parent), so every
 //! process the agent starts is born inside it: `setsid`, double forks and scrubbed
 //! environments change nothing. The tree is killed with `cgroup.kill` (atomic: no fork
@@ -336,7 +336,7 @@ impl Cgroups {
 #[derive(Debug)]
 pub struct TaskCgroup {
     path: PathBuf,
-    /// `cgroup.procs`, opened for writing: the forked child writes "0" to it.
+    /// `cgroup.procs`, opened for writing: the spawned child writes "0" to it.
     procs: File,
 }
 

@@ -280,3 +280,24 @@ fn a_fork_storm_is_killed_whole_while_it_forks() {
     }
     assert!(!cgroup.exists(), "the storm's cgroup is still there");
 }
+
+#[test]
+fn an_agent_that_cannot_enter_its_cgroup_never_runs() {
+    let Some(parent) = TestCgroupParent::new("enter") else {
+        return;
+    };
+    let cgroups = parent.cgroups("inst");
+    let task = cgroups.create_task("t-gone").unwrap();
+    // The cgroup goes away after its cgroup.procs was opened: the child's write into
+    // it fails, before anything else happens in the child.
+    task.remove().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    let err = agentd_proc::spawn_agent_in(&command("t-gone", &script), Some(&task)).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot enter the task's cgroup"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the agent ran outside its cgroup");
+}
