@@ -414,6 +414,12 @@ fn read_pids(path: &Path) -> Vec<u32> {
 }
 
 fn rmdir_tree(path: &Path) -> io::Result<()> {
+    // Most task cgroups have no sub-cgroups: one rmdir, no listing.
+    match fs::remove_dir(path) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
+    }
     if let Ok(dir) = fs::read_dir(path) {
         for entry in dir.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
