@@ -372,7 +372,8 @@ impl TaskCgroup {
 }
 
 fn populated(path: &Path) -> io::Result<bool> {
-    let events = fs::read_to_string(path.join("cgroup.events"))?;
+    let mut buf = [0u8; 256];
+    let events = crate::tree::read_small(&path.join("cgroup.events"), &mut buf)?;
     Ok(events
         .lines()
         .any(|l| l.split_whitespace().eq(["populated", "1"]))
