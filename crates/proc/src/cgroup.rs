@@ -38,7 +38,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -345,8 +345,8 @@ impl TaskCgroup {
         &self.path
     }
 
-    pub(crate) fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    pub(crate) fn procs_fd(&self) -> BorrowedFd<'_> {
+        self.procs.as_fd()
     }
 
     /// SIGKILLs every process in the cgroup, atomically with respect to forks.
