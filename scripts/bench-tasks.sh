@@ -4,17 +4,27 @@
 # N tasks `true`, one per session, and waits until every one has ended. Prints:
 #   baseline: the machine's spawn rate, `sh -c true` started twice in parallel by
 #             a small Python loop (fork+exec+wait, the floor of any supervisor);
-#   agentd:   tasks per second end to end, and agentd's own CPU time per task
-#             (utime+stime from /proc/PID/stat, before and after);
+#   agentd:   tasks per second end to end and its ratio to the baseline, agentd's own
+#             CPU time per task (utime+stime of all its threads, /proc/PID/stat,
+#             before and after), split by thread name (threads that ended during
+#             the run, such as per-agent log pumps, are summed as "ended threads"),
+#             and the agents' CPU per task (agentd's reaped children: agent-exec
+#             and its `sh`);
 #   pueue:    the same N tasks with `pueue` and `--parallel 2`, when pueue and
 #             pueued are on PATH (skipped otherwise).
-# Not a test: it asserts nothing, it reports. N=2000 by default.
+# Not a test: it asserts nothing, it reports. N=2000 by default. The machine's load
+# average is printed before and after: on a shared machine, compare ratios.
+# PERF=FILE records agentd with `perf record -g` into FILE during the run.
+# BIN=DIR runs the agentd, agentctl and agent-exec in DIR instead of building them
+# (to compare two builds one after the other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}
 
-cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec
-BIN="$PWD/target/release"
+if [[ -z "${BIN:-}" ]]; then
+    cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec
+    BIN="$PWD/target/release"
+fi
 WORK="$(mktemp -d -t agentd-bench-tasks.XXXXXX)"
 chmod 700 "$WORK"
 export AGENTD_SOCKET="$WORK/agentd.sock"
@@ -29,6 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 echo "== baseline: sh -c true, two at a time ($N in all)"
 base=$(python3 - "$N" <<'PY'
 import os, sys, threading, time
@@ -52,14 +63,34 @@ PID=$!
 for _ in $(seq 1 200); do "$BIN/agentctl" ping >/dev/null 2>&1 && break; sleep 0.05; done
 "$BIN/agentctl" ping >/dev/null || { echo "agentd did not start:"; cat "$WORK/agentd.log"; exit 1; }
 
+PERF_PID=""
+if [[ -n "${PERF:-}" ]]; then
+    perf record -g -o "$PERF" -p "$PID" 2>"$WORK/perf.log" &
+    PERF_PID=$!
+    sleep 1
+fi
+
 echo "== agentd: $N trivial tasks, one per session, --max-concurrent 2"
 python3 - "$N" "$AGENTD_SOCKET" "$PID" "$base" <<'PY'
 import json, os, socket, sys, time
 n, path, pid, base = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 tick = os.sysconf("SC_CLK_TCK")
+def fields(stat):
+    return open(stat).read().rsplit(")", 1)[1].split()
 def cpu():
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / tick
+    f = fields(f"/proc/{pid}/stat")
+    # utime, stime (all threads, ended ones too), cutime, cstime (reaped children)
+    return (int(f[11]) + int(f[12])) / tick, (int(f[13]) + int(f[14])) / tick
+def threads():
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = fields(f"/proc/{pid}/task/{tid}/stat")
+            name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+        except OSError:
+            continue
+        out[tid] = (name, (int(f[11]) + int(f[12])) / tick)
+    return out
 s = socket.socket(socket.AF_UNIX); s.connect(path)
 r = s.makefile("r")
 def call(body, id=1):
@@ -68,7 +99,7 @@ def call(body, id=1):
         line = json.loads(r.readline())
         if line.get("id") == id and "event" not in line:
             return line
-cpu0 = cpu(); t0 = time.perf_counter()
+(cpu0, kids0), threads0 = cpu(), threads(); t0 = time.perf_counter()
 # Pipelined: every send on the one connection, answers read after.
 batch = 200
 for start in range(0, n, batch):
@@ -85,12 +116,25 @@ while True:
         break
     time.sleep(0.02)
 took = time.perf_counter() - t0
+(cpu1, kids1), threads1 = cpu(), threads()
 rate = n / took
-per_task = (cpu() - cpu0) / n * 1000
+per_task = (cpu1 - cpu0) / n * 1000
 print(f"   sent in {sent:.2f} s; all {n} ended in {took:.2f} s: {rate:.1f} tasks/s "
-      f"({rate / base:.2f}x the spawn baseline; target >= 400 tasks/s)")
+      f"({rate / base:.2f}x the spawn baseline of {base:.1f}/s; target >= 400 tasks/s)")
 print(f"   agentd CPU per task: {per_task:.3f} ms (target < 0.5 ms)")
+split = {}
+for tid, (name, t) in threads1.items():
+    split[name] = split.get(name, 0.0) + t - threads0.get(tid, (name, 0.0))[1]
+split["ended threads"] = (cpu1 - cpu0) - sum(split.values())
+print("   by thread: " + ", ".join(f"{k} {v / n * 1000:.3f} ms" for k, v in
+                                   sorted(split.items(), key=lambda kv: -kv[1]) if v > 0))
+print(f"   agents' CPU per task (agent-exec and sh, reaped): {(kids1 - kids0) / n * 1000:.3f} ms")
 PY
+if [[ -n "$PERF_PID" ]]; then
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+    echo "   perf data in $PERF"
+fi
+echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 if command -v pueue >/dev/null 2>&1 && command -v pueued >/dev/null 2>&1; then
     echo "== pueue: $N tasks 'true', --parallel 2"

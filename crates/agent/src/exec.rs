@@ -1,7 +1,9 @@
 //! agent-exec's logic: run one command line as an agentd task.
 //!
-//! The command runs in its own process group with a clean signal mask, without the
-//! IPC fd, and with `AGENTD_TASK_ID`/`AGENTD_SESSION` in its environment. Its
+//! The command runs in its own process group with a clean signal mask and default
+//! signal dispositions, without the IPC fd, and with `AGENTD_TASK_ID`/`AGENTD_SESSION`
+//! in its environment. It is started like agentd's agents, without a `fork` of
+//! agent-exec ([`agentd_spawn`]), with SIGKILL as its parent-death signal. Its
 //! stdout and stderr share one pipe, so their lines keep the order the command
 //! wrote them in; each line becomes progress and feeds a bounded tail that
 //! becomes the result text. Cancel turns into SIGINT for the group, and EOF (or
@@ -38,9 +40,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{ChildStdin, Command, Stdio};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,7 +53,7 @@ use agentd_proto::ipc::{
 };
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
-use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{setpgid, Pid};
 
 use crate::channel::{
@@ -319,17 +319,27 @@ fn supervise(
             EXIT_CANNOT_RUN,
         )
     };
-    let mut command = build_command(&argv, &task, config.steer);
+    let mut command = build_command(&argv, &task);
     // One pipe for stdout and stderr: the kernel keeps the order of the writes, so
     // progress and the result's tail show lines in the order the command wrote them.
-    let output = match merged_output(&mut command) {
-        Ok(output) => output,
+    let (output, output_end) = match pipe() {
+        Ok(pipe) => pipe,
         Err(e) => return fail_early("make a pipe", e),
     };
     let checkpoints = if config.checkpoints {
-        match checkpoint_pipe(&mut command) {
-            Ok(read) => Some(read),
+        command.env(ENV_CHECKPOINT_FD, CHECKPOINT_FD.to_string());
+        match pipe() {
+            Ok(pipe) => Some(pipe),
             Err(e) => return fail_early("make the checkpoint pipe", e),
+        }
+    } else {
+        None
+    };
+    // With steering, the command reads a pipe we write; else /dev/null.
+    let steer_pipe = if config.steer {
+        match pipe() {
+            Ok((read, write)) => Some((OwnedFd::from(read), std::fs::File::from(write))),
+            Err(e) => return fail_early("make a pipe", e),
         }
     } else {
         None
@@ -339,6 +349,18 @@ fn supervise(
         Ok(dir) => dir,
         Err(e) => return fail_early("write the checkpoint file", e),
     };
+    let null = match agentd_spawn::dev_null() {
+        Ok(null) => null,
+        Err(e) => return fail_early("open /dev/null", e),
+    };
+    let mut fds = vec![
+        steer_pipe.as_ref().map_or(null, |(read, _)| read.as_fd()),
+        output_end.as_fd(),
+        output_end.as_fd(),
+    ];
+    if let Some((_, write)) = &checkpoints {
+        fds.push(write.as_fd());
+    }
 
     let spawned = {
         let mut state = group.lock();
@@ -347,10 +369,10 @@ fn supervise(
             let text = format!("agent-exec received {sig} before `{program}` was started");
             return finish(&sender, &group, Outcome::Failed, text, None, EXIT_FAILED);
         }
-        command.spawn().inspect(|child| {
-            let pid = Pid::from_raw(child.id() as libc::pid_t);
-            // The child did setpgid(0, 0) itself; doing it here too closes the race
-            // with a signal arriving first. EACCES: it has exec'd already.
+        command.spawn(&fds, None).inspect(|child| {
+            let pid = Pid::from_raw(child.pid as libc::pid_t);
+            // The child did setpgid(0, 0) before its exec, which the spawn waited
+            // for; a belt. EACCES: it has exec'd.
             match setpgid(pid, pid) {
                 Ok(()) | Err(Errno::EACCES) | Err(Errno::ESRCH) => {}
                 Err(e) => warn(format_args!("setpgid({pid}) failed: {e}")),
@@ -358,10 +380,13 @@ fn supervise(
             state.pgid = Some(pid);
         })
     };
-    // The command holds agent-exec's copies of the pipes' write ends: close them,
-    // or the pipes never report EOF.
-    drop(command);
-    let mut child = match spawned {
+    // agent-exec's copies of the command's ends: close them, or the pipes never
+    // report EOF.
+    drop(fds);
+    drop(output_end);
+    let checkpoints = checkpoints.map(|(read, _write)| read);
+    let stdin = steer_pipe.map(|(_read, write)| write);
+    let child = match spawned {
         Ok(child) => child,
         Err(e) => {
             let reason = match e.raw_os_error() {
@@ -380,7 +405,7 @@ fn supervise(
             );
         }
     };
-    let pid = Pid::from_raw(child.id() as libc::pid_t);
+    let pid = Pid::from_raw(child.pid as libc::pid_t);
 
     let tail = Arc::new(Mutex::new(Tail::new(config.result_bytes)));
     let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -402,7 +427,7 @@ fn supervise(
     drop(done_tx);
     let steering = Arc::new(Mutex::new(None::<mpsc::Sender<StdinInput>>));
     let mut stdin_writer = None;
-    if let Some(stdin) = child.stdin.take().filter(|_| config.steer) {
+    if let Some(stdin) = stdin {
         let (tx, rx) = mpsc::channel::<StdinInput>();
         let sender = sender.clone();
         stdin_writer = spawn_joinable("agent-exec-stdin", move || write_steers(stdin, rx, &sender));
@@ -441,17 +466,13 @@ fn supervise(
     }
 
     group.lock().reaped = true;
-    let status = match child.wait() {
-        Ok(status) => status,
+    let exit = match reap(pid) {
+        Ok(exit) => exit,
         Err(e) => {
             warn(format_args!("cannot reap the command: {e}"));
             let text = format!("lost track of `{program}`: {e}");
             return finish(&sender, &group, Outcome::Failed, text, None, EXIT_FAILED);
         }
-    };
-    let exit = CommandExit {
-        code: status.code(),
-        signal: status.signal(),
     };
     let text = lock(&tail).text();
     if group.supervisor_gone.load(Ordering::SeqCst) {
@@ -462,7 +483,7 @@ fn supervise(
     }
     let (outcome, code) = if group.cancel_requested.load(Ordering::SeqCst) {
         (Outcome::Cancelled, EXIT_CANCELLED)
-    } else if status.success() {
+    } else if exit.code == Some(0) {
         (Outcome::Succeeded, EXIT_SUCCEEDED)
     } else {
         (Outcome::Failed, EXIT_FAILED)
@@ -532,8 +553,13 @@ fn command_line(config: &ExecConfig, task: &TaskStart) -> Vec<OsString> {
     }
 }
 
-fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
-    let mut command = Command::new(&argv[0]);
+/// The command: `argv` with agent-exec's environment, minus the IPC channel and any
+/// resume variables agent-exec itself was given. Started (see [`agentd_spawn`]) in its
+/// own process group, with a clean signal mask and default dispositions, and with
+/// SIGKILL as its parent-death signal (a belt: agent-exec dies → the command dies;
+/// it fires when the spawning thread exits, which is agent-exec's main thread).
+fn build_command(argv: &[OsString], task: &TaskStart) -> agentd_spawn::Command {
+    let mut command = agentd_spawn::Command::new(&argv[0]);
     command.args(&argv[1..]);
     command.env_remove(ENV_IPC_FD);
     for var in [
@@ -553,88 +579,42 @@ fn build_command(argv: &[OsString], task: &TaskStart, steer: bool) -> Command {
     if std::env::var_os(ENV_SESSION).is_none() {
         command.env(ENV_SESSION, &task.session);
     }
-    command.stdin(if steer { Stdio::piped() } else { Stdio::null() });
-    let parent = nix::unistd::getpid().as_raw();
-    // SAFETY: the closure only makes async-signal-safe system calls (setpgid,
-    // prctl, getppid, sigemptyset, sigprocmask, signal) and allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // A belt: agent-exec dies → the command gets SIGKILL. It fires when the
-            // forking thread exits, which is agent-exec's main thread.
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigemptyset(set.as_mut_ptr());
-            libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGPIPE] {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-            Ok(())
-        });
-    }
+    command.death_signal(libc::SIGKILL);
     command
 }
 
-/// Points the command's stdout and stderr at the write end of one new pipe and
-/// returns its read end. Both ends are close-on-exec in agent-exec; the command
-/// gets its copies as fds 1 and 2. The `Command` holds the write ends, so they
-/// close in agent-exec when it is dropped after the spawn.
-fn merged_output(command: &mut Command) -> io::Result<std::fs::File> {
+/// A new pipe (both ends close-on-exec): the read end, the write end.
+fn pipe() -> io::Result<(std::fs::File, OwnedFd)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let write_err = write.try_clone()?;
-    command
-        .stdout(Stdio::from(write))
-        .stderr(Stdio::from(write_err));
-    Ok(std::fs::File::from(read))
+    Ok((std::fs::File::from(read), write))
 }
 
-/// Gives the command the write end of a new pipe as fd [`CHECKPOINT_FD`] (named in
-/// [`ENV_CHECKPOINT_FD`]) and returns the read end. The write end is closed in
-/// agent-exec when the `Command` is dropped.
-fn checkpoint_pipe(command: &mut Command) -> io::Result<std::fs::File> {
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    command.env(ENV_CHECKPOINT_FD, CHECKPOINT_FD.to_string());
-    let write: OwnedFd = write;
-    let raw = write.as_raw_fd();
-    // SAFETY: dup2 and fcntl are async-signal-safe; `raw` stays open until the
-    // Command (which owns `write` through the closure) is dropped after the spawn.
-    unsafe {
-        command.pre_exec(move || {
-            let _keep = &write;
-            let ok = if raw == CHECKPOINT_FD {
-                libc::fcntl(raw, libc::F_SETFD, 0) != -1
-            } else {
-                // dup2 leaves the new descriptor without close-on-exec.
-                libc::dup2(raw, CHECKPOINT_FD) != -1
-            };
-            if ok {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
+/// Reaps the command (after [`wait_exited`] saw it exit).
+fn reap(pid: Pid) -> nix::Result<CommandExit> {
+    loop {
+        match nix::sys::wait::waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Ok(CommandExit {
+                    code: Some(code),
+                    signal: None,
+                })
             }
-        });
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                return Ok(CommandExit {
+                    code: None,
+                    signal: Some(signal as i32),
+                })
+            }
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
     }
-    Ok(std::fs::File::from(read))
 }
 
 /// Sets the resume variables for the command; with a checkpoint, writes it into
 /// a private temporary directory, returned so that it lives as long as the command.
 fn resume_env(
-    command: &mut Command,
+    command: &mut agentd_spawn::Command,
     resume: Option<&Resume>,
 ) -> io::Result<Option<tempfile::TempDir>> {
     let Some(resume) = resume else {
@@ -733,7 +713,7 @@ enum StdinInput {
 /// `false` if the pipe breaks or the command ends first. Acks keep the steers'
 /// order. Writes never block, so a command that does not read cannot stall this
 /// thread, however much is steered.
-fn write_steers(stdin: ChildStdin, inputs: mpsc::Receiver<StdinInput>, sender: &AgentSender) {
+fn write_steers(stdin: std::fs::File, inputs: mpsc::Receiver<StdinInput>, sender: &AgentSender) {
     let fd = stdin.as_raw_fd();
     let nonblocking = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_GETFL)
         .map(nix::fcntl::OFlag::from_bits_retain)

@@ -459,6 +459,17 @@ pub fn agent_wants_collected_prompts(agent: &[String]) -> bool {
         .any(|w| w == "--collect")
 }
 
+/// The directory of agentd's own executable, looked up once.
+fn own_dir() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    })
+    .as_deref()
+}
+
 /// Builds the argv for one task: `{text}` in any word is replaced by the task text.
 /// A program name without a slash is looked up next to the agentd executable first
 /// (so a freshly built `target/debug/agent-exec` is found), then on `$PATH`.
@@ -468,9 +479,8 @@ pub fn agent_argv(template: &[String], text: &str) -> (String, Vec<String>) {
     let program = if program.contains('/') {
         program
     } else {
-        std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|dir| dir.join(&program)))
+        own_dir()
+            .map(|dir| dir.join(&program))
             .filter(|p| p.is_file())
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or(program)

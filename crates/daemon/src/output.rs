@@ -1,9 +1,11 @@
 //! Agents' output (their stdout and stderr, and their tools') into the per-task log,
 //! capped (see [`agentd_store::TaskLog`]). [`agentd_proc::Procs::spawn`] with
-//! `capture_output` hands agentd the read end of the agent's output pipe; a pump
-//! thread per agent (off the event loop) copies what arrives into the capped log
-//! until every writer has closed the pipe. The progress lines the agent reports over
-//! IPC are appended to the same log by the loop, through the [`TaskOutput`] it keeps.
+//! `capture_output` hands agentd the read end of the agent's output pipe; one pump
+//! thread for all agents (`agentd-log`, off the event loop: a current-thread tokio
+//! runtime with one task per pipe, started with the first agent) copies what arrives
+//! into each capped log until every writer has closed its pipe. No thread is made
+//! per agent. The progress lines the agent reports over IPC are appended to the same
+//! log by the loop, through the [`TaskOutput`] it keeps.
 //!
 //! The log file is made only once there is something to keep, so an agent that says
 //! nothing leaves no log. It is finished (the closing "not kept" line of a truncated
@@ -12,9 +14,11 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::io::AsyncReadExt;
 
 use agentd_core::TaskId;
 use agentd_store::TaskLog;
@@ -22,7 +26,7 @@ use agentd_store::TaskLog;
 /// Tasks whose log may still grow.
 pub(crate) type Pumps = Arc<Mutex<HashSet<TaskId>>>;
 
-/// One task's log, shared by its pump thread and the loop.
+/// One task's log, shared by its pump (on the pump thread) and the loop.
 struct Shared {
     state_dir: PathBuf,
     task_id: TaskId,
@@ -97,7 +101,7 @@ impl Drop for TaskOutput {
     }
 }
 
-/// Starts keeping task `task_id`'s log: a pump thread for `output` (the read end of
+/// Starts keeping task `task_id`'s log: a pump for `output` (the read end of
 /// the agent's stdout and stderr, if it has one), and the loop's [`TaskOutput`].
 pub(crate) fn start(
     output: Option<File>,
@@ -116,38 +120,66 @@ pub(crate) fn start(
         open: 1,
         pumps,
     }));
-    if let Some(mut output) = output {
-        lock(&shared).open += 1;
-        let theirs = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("agentd-log".into())
-            .spawn(move || {
-                if let Err(e) = pump(&mut output, &theirs) {
-                    tracing::warn!(%task_id, "task log: cannot read the agent's output: {e}");
-                }
-                lock(&theirs).close_one();
-            });
-        if let Err(e) = spawned {
-            // The pipe's read end is gone with the closure: the agent's writes fail
-            // (EPIPE); its output is lost, nothing else.
-            tracing::warn!(%task_id, "cannot start the log thread: {e}");
-            lock(&shared).close_one();
+    if let Some(output) = output {
+        match pump_runtime() {
+            Some(runtime) => {
+                lock(&shared).open += 1;
+                let theirs = shared.clone();
+                runtime.spawn(async move {
+                    if let Err(e) = pump(output, &theirs).await {
+                        tracing::warn!(%task_id, "task log: cannot read the agent's output: {e}");
+                    }
+                    lock(&theirs).close_one();
+                });
+            }
+            // The pipe's read end is dropped here: the agent's writes fail (EPIPE);
+            // its output is lost, nothing else.
+            None => drop(output),
         }
     }
     TaskOutput { shared }
 }
 
-/// Copies until EOF (every writer of the pipe closed).
-fn pump(reader: &mut File, shared: &Mutex<Shared>) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+/// The pump thread's runtime, started at the first call; `None` (logged once) if it
+/// cannot be started.
+fn pump_runtime() -> Option<&'static tokio::runtime::Handle> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Handle>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let started = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .and_then(|runtime| {
+                    let handle = runtime.handle().clone();
+                    std::thread::Builder::new()
+                        .name("agentd-log".into())
+                        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                        .map(|_| handle)
+                });
+            match started {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!("cannot start the log thread: {e}; agents' output is not kept");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Copies until EOF (every writer of the pipe closed). The log's file writes are
+/// made right here, on the pump thread: a slow disk delays the logs, never the loop.
+async fn pump(reader: File, shared: &Mutex<Shared>) -> io::Result<()> {
+    let mut reader = tokio::net::unix::pipe::Receiver::from_file(reader)?;
+    let mut buf = Vec::with_capacity(64 * 1024);
     loop {
-        let n = match reader.read(&mut buf) {
+        buf.clear();
+        match reader.read_buf(&mut buf).await {
             Ok(0) => return Ok(()),
-            Ok(n) => n,
+            Ok(_) => lock(shared).append(&buf),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
-        };
-        lock(shared).append(&buf[..n]);
+        }
     }
 }
 
@@ -207,6 +239,39 @@ mod tests {
         drop(out);
         wait_done(&pumps, id);
         assert!(!agentd_store::output::log_path(dir.path(), id).exists());
+    }
+
+    /// Many agents at once share the one pump thread, and each log gets its own
+    /// agent's output.
+    #[test]
+    fn one_pump_thread_serves_every_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let pumps = Pumps::default();
+        let mut open = Vec::new();
+        for i in 0..20 {
+            let id = TaskId::now_v7();
+            let (r, w) = pipe();
+            let out = start(Some(r), dir.path().to_path_buf(), id, 1000, pumps.clone());
+            open.push((id, w, out, format!("agent {i}\n")));
+        }
+        let pump_threads = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|name| name.trim() == "agentd-log")
+            })
+            .count();
+        assert_eq!(pump_threads, 1, "one pump thread for 20 agents");
+        for (id, mut w, out, text) in open {
+            w.write_all(text.as_bytes()).unwrap();
+            drop(w);
+            drop(out);
+            wait_done(&pumps, id);
+            let log =
+                std::fs::read_to_string(agentd_store::output::log_path(dir.path(), id)).unwrap();
+            assert_eq!(log, text);
+        }
     }
 
     /// A log that cannot be written does not close the pipe: everything is still read.

@@ -10,7 +10,7 @@
 //!     task-<task id>/            TaskCgroup: the agent and every descendant it ever has
 //! ```
 //!
-//! The agent enters its task cgroup *in the forked child, before exec* (it writes
+//! The agent enters its task cgroup *in the spawned child, before exec* (it writes
 //! itself into `cgroup.procs` through a descriptor opened by the parent), so every
 //! process the agent starts is born inside it: `setsid`, double forks and scrubbed
 //! environments change nothing. The tree is killed with `cgroup.kill` (atomic: no fork
@@ -38,7 +38,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -336,7 +336,7 @@ impl Cgroups {
 #[derive(Debug)]
 pub struct TaskCgroup {
     path: PathBuf,
-    /// `cgroup.procs`, opened for writing: the forked child writes "0" to it.
+    /// `cgroup.procs`, opened for writing: the spawned child writes "0" to it.
     procs: File,
 }
 
@@ -345,8 +345,8 @@ impl TaskCgroup {
         &self.path
     }
 
-    pub(crate) fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    pub(crate) fn procs_fd(&self) -> BorrowedFd<'_> {
+        self.procs.as_fd()
     }
 
     /// SIGKILLs every process in the cgroup, atomically with respect to forks.
@@ -372,7 +372,8 @@ impl TaskCgroup {
 }
 
 fn populated(path: &Path) -> io::Result<bool> {
-    let events = fs::read_to_string(path.join("cgroup.events"))?;
+    let mut buf = [0u8; 256];
+    let events = crate::tree::read_small(&path.join("cgroup.events"), &mut buf)?;
     Ok(events
         .lines()
         .any(|l| l.split_whitespace().eq(["populated", "1"]))
@@ -414,6 +415,12 @@ fn read_pids(path: &Path) -> Vec<u32> {
 }
 
 fn rmdir_tree(path: &Path) -> io::Result<()> {
+    // Most task cgroups have no sub-cgroups: one rmdir, no listing.
+    match fs::remove_dir(path) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
+    }
     if let Ok(dir) = fs::read_dir(path) {
         for entry in dir.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {

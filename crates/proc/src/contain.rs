@@ -203,6 +203,12 @@ impl TaskProcs {
         self.pid
     }
 
+    /// The agent's start time (field 22 of `/proc/PID/stat`), read right after the
+    /// spawn while it was an unreaped child; `None` if that read failed.
+    pub fn start_time(&self) -> Option<u64> {
+        self.start
+    }
+
     pub fn cgroup(&self) -> Option<&TaskCgroup> {
         self.cgroup.as_ref()
     }

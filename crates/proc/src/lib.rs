@@ -21,9 +21,8 @@
 //!
 //! # Signals without pid races
 //!
-//! The agent's pidfd is opened right after the fork while it is an unreaped child
-//! ([`reap_children`] and the spawn exclude each other), and the agent is signalled
-//! only through it: a reaped agent's pid is never signalled. Other members, found by
+//! The agent's pidfd comes from the spawn's `clone` itself (`CLONE_PIDFD`), and the
+//! agent is signalled only through it: a reaped agent's pid is never signalled. Other members, found by
 //! reading `cgroup.procs` or `/proc`, are signalled through pidfds whose membership
 //! was re-checked after they were opened; the whole-tree SIGKILL is `cgroup.kill`.
 //!
@@ -46,7 +45,7 @@
 //!     let killer = Killer::start(move |r| { let _ = tx.send(r); })?;
 //!     // the loop selects on `rx` beside its other channels
 //! spawn (on the loop thread, which lives as long as agentd: PR_SET_PDEATHSIG):
-//!     let s = procs.spawn(&cmd)?;                   // mkdir + fork, no scan
+//!     let s = procs.spawn(&cmd)?;                   // mkdir + vfork-style clone, no scan
 //!     pids.insert(s.pid, task_id); killer.track(s.procs);   // same loop step
 //! stop steps:  Sigterm => killer.signal(&id, Signal::SIGTERM)
 //!              Sigkill => killer.kill(&id)          // both return at once

@@ -2,10 +2,8 @@
 //!
 //! A pid number is reused once its process is reaped; a pidfd is not. A signal sent
 //! through a pidfd reaches the process it was opened for or fails with `ESRCH`, so
-//! holding one removes the "signalled a reused pid" race. agentd opens the agent's
-//! pidfd right after the spawn, while the agent is still an unreaped child (see
-//! [`crate::reap`]: spawn and reap exclude each other), and signals the agent only
-//! through it.
+//! holding one removes the "signalled a reused pid" race. agentd gets the agent's
+//! pidfd from the spawn itself (`CLONE_PIDFD`), and signals the agent only through it.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -33,6 +31,11 @@ impl PidFd {
         // always close-on-exec.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         Ok(PidFd { fd, pid })
+    }
+
+    /// A pidfd the kernel handed over for `pid` (`CLONE_PIDFD`).
+    pub(crate) fn from_owned(fd: OwnedFd, pid: u32) -> PidFd {
+        PidFd { fd, pid }
     }
 
     /// The pid the descriptor was opened for (informational: never signal it directly).

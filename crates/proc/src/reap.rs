@@ -3,11 +3,15 @@
 //! is ever stolen. Because agentd is a subreaper, this also reaps orphaned
 //! descendants of agents, which come back to agentd when their parent dies.
 //!
-//! **PID safety:** [`reap_children`] holds [`REAP_LOCK`] while it waits. The spawn
-//! holds it from the fork until the child's pidfd is open, and a process-group signal
-//! holds it while it checks that the group leader is still unreaped, so no pid is
-//! reaped (and freed for reuse) between "it is ours" and "signal it", whatever thread
-//! each of these runs on.
+//! The one exception is the spawn's own child whose exec failed: it never became an
+//! agent, and the spawn reaps it by its pid before returning the error (holding
+//! [`REAP_LOCK`] from the clone on, so no other thread can have reaped it first).
+//!
+//! **PID safety:** [`reap_children`] holds [`REAP_LOCK`] while it waits. A
+//! process-group signal holds it while it checks that the group leader is still
+//! unreaped, so no pid is reaped (and freed for reuse) between "it is ours" and
+//! "signal it", whatever thread each of these runs on. The agent's pidfd needs no
+//! lock: it comes from the clone itself.
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;

@@ -1,34 +1,38 @@
 //! Spawning an agent subprocess.
 //!
-//! The child gets: its own process group (set in the child *and* in the parent, so a
-//! stop that arrives right after the spawn already finds the group), the task's end of
-//! a socketpair as fd [`AGENT_IPC_FD`], a clean signal mask and default signal
-//! dispositions, `PR_SET_PDEATHSIG` = SIGTERM (a belt: the agent also treats EOF on
-//! its channel as "stop now"), stdin from /dev/null, stdout and stderr to a log file.
-//! Every other descriptor of agentd is close-on-exec, so nothing else leaks.
+//! The child gets: its own process group, the task's end of a socketpair as fd
+//! [`AGENT_IPC_FD`], a clean signal mask and default signal dispositions,
+//! `PR_SET_PDEATHSIG` = SIGTERM (a belt: the agent also treats EOF on its channel as
+//! "stop now"), stdin from /dev/null, stdout and stderr to a log file or a pipe.
+//! Every other descriptor is close-on-exec in the child, including ones agentd
+//! inherited without the flag, so nothing else leaks.
 //!
-//! With a [`TaskCgroup`] ([`spawn_agent_in`]), the child's first act after the fork is
-//! to write itself into the task cgroup's `cgroup.procs` (through a descriptor the
-//! parent opened), before it changes anything else and long before exec: every
-//! descendant is born inside the cgroup. If that write fails the spawn fails.
+//! The spawn is [`agentd_spawn::Command::spawn`]: a vfork-style `clone`, not `fork`
+//! (`fork` copied agentd's page tables and made every page copy-on-write, so the
+//! spawn and every thread's next writes paid for agentd's whole address space; that
+//! dominated agentd's CPU per trivial task). With a [`TaskCgroup`]
+//! ([`spawn_agent_in`]) the child's first act is to write itself into the task
+//! cgroup's `cgroup.procs` (through a descriptor the parent opened), long before
+//! exec: every descendant is born inside the cgroup. If that write fails the spawn
+//! fails. The clone returns only once the child has exec'd, so its process group
+//! exists and it is in its cgroup when the spawn returns: a stop that comes right
+//! after finds both. The parent sets the group too, a no-op belt.
 //!
-//! The agent's pidfd is opened right after the fork, while [`crate::reap`]'s lock keeps
-//! any thread from reaping it, so it names the agent and nothing else.
+//! The pidfd comes from the clone itself (`CLONE_PIDFD`): it names this child and
+//! nothing else. The spawn holds [`crate::reap`]'s lock, so that the child of a
+//! failed exec is reaped by the spawn and never reported to the daemon's reaper.
 //!
 //! Spawn from a thread that lives as long as agentd: the parent-death signal fires
-//! when the *thread* that forked exits.
+//! when the *thread* that spawned exits.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use agentd_proto::ipc::{ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID};
-use nix::sys::signal::{self, SigSet, SigmaskHow};
 use nix::unistd::{self, Pid};
 
 use crate::cgroup::TaskCgroup;
@@ -52,7 +56,8 @@ pub struct AgentCommand {
     /// ([`SpawnedAgent::output`]), so that agentd can cap what it keeps. Wins over
     /// `log_path`.
     pub capture_output: bool,
-    /// Extra environment variables for the agent (e.g. `AGENTD_HEARTBEAT_MS`).
+    /// Extra environment variables for the agent (e.g. `AGENTD_HEARTBEAT_MS`); a
+    /// later one wins over an earlier one and over agentd's own environment.
     pub env: Vec<(String, String)>,
 }
 
@@ -75,107 +80,60 @@ pub fn spawn_agent(cmd: &AgentCommand) -> io::Result<SpawnedAgent> {
 }
 
 /// Spawns an agent like [`spawn_agent`], inside `cgroup` when one is given, and
-/// returns its pidfd too (`None` only on kernels before 5.3).
+/// returns its pidfd too (`None` only on kernels before 5.2).
 pub fn spawn_agent_in(
     cmd: &AgentCommand,
     cgroup: Option<&TaskCgroup>,
 ) -> io::Result<(SpawnedAgent, Option<PidFd>)> {
-    let (ours, theirs) = UnixStream::pair()?;
-    let mut captured = None;
-    let output = match &cmd.log_path {
-        _ if cmd.capture_output => {
-            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-            let copy = write.try_clone()?;
-            captured = Some(File::from(read));
-            (Stdio::from(write), Stdio::from(copy))
-        }
-        Some(path) => {
-            // 0600: the log holds the task's output, for its owner only.
-            let file = File::options()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)?;
-            let copy = file.try_clone()?;
-            (Stdio::from(file), Stdio::from(copy))
-        }
-        None => (Stdio::null(), Stdio::null()),
-    };
-    let parent = unistd::getpid();
-    let child_fd = theirs.as_raw_fd();
-    let cgroup_procs = cgroup.map(TaskCgroup::procs_fd);
-
-    let mut command = Command::new(&cmd.program);
+    let mut command = agentd_spawn::Command::new(&cmd.program);
     command
         .args(&cmd.args)
         .env(ENV_IPC_FD, AGENT_IPC_FD.to_string())
         .env(ENV_TASK_ID, &cmd.task_id)
         .env(ENV_SESSION, &cmd.session)
-        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(output.0)
-        .stderr(output.1);
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (write, dup2, fcntl, setpgid, sigprocmask,
-    // rt_sigaction, prctl, getppid, _exit); it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            // First, so that nothing this child ever starts is born outside the cgroup.
-            if let Some(fd) = cgroup_procs {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if child_fd == AGENT_IPC_FD {
-                let flags = libc::fcntl(child_fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(child_fd, AGENT_IPC_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            mark_inherited_fds_cloexec();
-            if libc::setpgid(0, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-            reset_signal_dispositions();
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGTERM as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            // agentd may have died between fork and prctl: then nobody would signal us.
-            if libc::getppid() != parent.as_raw() {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
+        .death_signal(libc::SIGTERM);
+    for (key, value) in &cmd.env {
+        command.env(key, value);
     }
-    // No thread may reap between the fork and pidfd_open (see crate::reap).
+    let null = agentd_spawn::dev_null()?;
+    let (ours, theirs) = UnixStream::pair()?;
+    let mut captured = None;
+    let output: Option<OwnedFd> = if cmd.capture_output {
+        let (read, write) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        captured = Some(File::from(read));
+        Some(write)
+    } else if let Some(path) = &cmd.log_path {
+        // 0600: the log holds the task's output, for its owner only.
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Some(file.into())
+    } else {
+        None
+    };
+    let out = output.as_ref().map_or(null, |fd| fd.as_fd());
+    let fds = [null, out, out, theirs.as_fd()];
+    debug_assert_eq!(fds.len(), AGENT_IPC_FD as usize + 1);
+    // No other thread reaps while the child of a failed exec waits for the spawn.
     let guard = reap_lock();
-    let child = command.spawn()?;
-    drop(theirs);
-    // The parent's copies of the pipe's write end went with `command`'s Stdio.
-    drop(command);
-    let pid = child.id();
-    let pidfd = PidFd::open(pid).ok();
+    let child = command.spawn(&fds, cgroup.map(TaskCgroup::procs_fd))?;
     drop(guard);
-    // The other half of the process-group race: if the stop comes before the child
-    // ran setpgid, the group must exist already. EACCES means the child has exec'd
-    // (and so has set its group); ESRCH that it is gone (the reaper will see it).
-    match unistd::setpgid(Pid::from_raw(pid as i32), Pid::from_raw(pid as i32)) {
+    // Closes agentd's copies of the child's ends (its output, its channel end).
+    drop((output, theirs));
+    let pid = child.pid;
+    let pidfd = match child.pidfd {
+        Some(fd) => Some(PidFd::from_owned(fd, pid)),
+        None => PidFd::open(pid).ok(),
+    };
+    // A belt: the child ran setpgid before the clone returned (EACCES: it has exec'd;
+    // ESRCH: it is gone already, and the reaper will see it).
+    let group = Pid::from_raw(pid as i32);
+    match unistd::setpgid(group, group) {
         Ok(()) | Err(nix::errno::Errno::EACCES) | Err(nix::errno::Errno::ESRCH) => {}
         Err(e) => return Err(io::Error::from(e)),
     }
-    // Dropping `std::process::Child` neither kills nor waits: the reaper owns the pid.
-    drop(child);
     Ok((
         SpawnedAgent {
             pid,
@@ -184,65 +142,4 @@ pub fn spawn_agent_in(
         },
         pidfd,
     ))
-}
-
-/// Sets every signal's disposition to the default, in the forked child.
-///
-/// Handlers are reset by exec anyway, but an *ignored* signal stays ignored across
-/// exec: whatever agentd inherited as ignored (SIGQUIT from a shell's background job,
-/// a realtime signal from a sandbox, SIGPIPE from the Rust runtime) would reach every
-/// agent. The raw `rt_sigaction` is used because libc's wrapper refuses the signals it
-/// reserves for itself (32 and 33 in glibc), which can be inherited ignored too.
-fn reset_signal_dispositions() {
-    // The kernel's `struct sigaction` with SIG_DFL, no flags, no restorer, an empty
-    // mask: all zeros, and no larger than this on any architecture.
-    let default = [0u64; 4];
-    for sig in 1..=64 {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-            continue;
-        }
-        // SAFETY: rt_sigaction with a valid (all-zero) action and no old action; a
-        // signal number the kernel does not know just fails with EINVAL.
-        unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                default.as_ptr(),
-                std::ptr::null_mut::<u64>(),
-                8usize,
-            );
-        }
-    }
-}
-
-/// Marks every descriptor above the IPC channel close-on-exec, in the forked child.
-///
-/// agentd opens its own descriptors close-on-exec, but it may have inherited some from
-/// whoever started it (a build tool's jobserver pipe, a terminal multiplexer's socket);
-/// those must not reach agents. Marking instead of closing keeps std's own exec-error
-/// pipe working.
-fn mark_inherited_fds_cloexec() {
-    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-    let first = (AGENT_IPC_FD + 1) as libc::c_uint;
-    // SAFETY: close_range only changes descriptor flags; async-signal-safe.
-    let done = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first,
-            libc::c_uint::MAX,
-            CLOSE_RANGE_CLOEXEC,
-        )
-    } == 0;
-    if !done {
-        // Kernels before 5.11: walk the descriptor table up to a sane bound.
-        for fd in first as i32..4096 {
-            // SAFETY: fcntl on a possibly closed descriptor just fails with EBADF.
-            unsafe {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags >= 0 {
-                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-                }
-            }
-        }
-    }
 }

@@ -15,6 +15,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::io::{self, Read};
+use std::path::Path;
 
 use agentd_proto::ipc::ENV_TASK_ID;
 use nix::sys::signal::{kill, killpg, Signal};
@@ -44,8 +46,26 @@ pub(crate) struct Stat {
     pub(crate) start: u64,
 }
 
+/// Reads a small pseudo-file (a `/proc` or cgroup file) whole into `buf` with plain
+/// reads: `fs::read_to_string` would first `statx` it for a size these files do not
+/// have. At most `buf.len()` bytes.
+pub(crate) fn read_small<'b>(path: &Path, buf: &'b mut [u8]) -> io::Result<&'b str> {
+    let mut file = fs::File::open(path)?;
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::str::from_utf8(&buf[..len]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 pub(crate) fn read_stat(pid: u32) -> Option<Stat> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = [0u8; 2048];
+    let text = read_small(Path::new(&format!("/proc/{pid}/stat")), &mut buf).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();

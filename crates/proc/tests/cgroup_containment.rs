@@ -280,3 +280,49 @@ fn a_fork_storm_is_killed_whole_while_it_forks() {
     }
     assert!(!cgroup.exists(), "the storm's cgroup is still there");
 }
+
+#[test]
+fn an_agent_that_cannot_enter_its_cgroup_never_runs() {
+    let Some(parent) = TestCgroupParent::new("enter") else {
+        return;
+    };
+    let cgroups = parent.cgroups("inst");
+    let task = cgroups.create_task("t-gone").unwrap();
+    // The cgroup goes away after its cgroup.procs was opened: the child's write into
+    // it fails, before anything else happens in the child.
+    task.remove().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    let err = agentd_proc::spawn_agent_in(&command("t-gone", &script), Some(&task)).unwrap_err();
+    assert!(err.to_string().contains("cannot enter the cgroup"), "{err}");
+    assert!(!marker.exists(), "the agent ran outside its cgroup");
+}
+
+#[test]
+fn sub_cgroups_an_agent_made_are_removed_with_its_cgroup() {
+    let Some(parent) = TestCgroupParent::new("nested") else {
+        return;
+    };
+    let procs = Procs::with_cgroups(parent.cgroups("inst"));
+    let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
+    let mut guard = ProcGuard::default();
+    let script = format!(
+        r#"d={UNIFIED}$(grep '^0::' /proc/self/cgroup | cut -d: -f3)
+           mkdir "$d/sub" && mkdir "$d/sub/deeper" && echo "made 0" >&3"#
+    );
+    let agent = procs.spawn(&command("t-nested", &script)).unwrap();
+    guard.child(agent.pid);
+    let dir = agent.procs.cgroup().unwrap().path().to_path_buf();
+    killer.track(agent.procs);
+    read_pids(agent.channel, &["made"]);
+    assert!(dir.join("sub/deeper").is_dir());
+    let pid = agent.pid;
+    wait_until("the agent is reaped", || ProcGuard::try_reap(pid));
+    killer.agent_exited("t-nested");
+    assert!(matches!(
+        next_empty(&reports),
+        TreeReport::Empty { task_id, .. } if task_id == "t-nested"
+    ));
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}

@@ -34,10 +34,16 @@ pub enum Liveness {
 impl ProcessIdentity {
     /// The identity of the running process `pid`, read from `/proc`.
     pub fn capture(pid: u32) -> io::Result<ProcessIdentity> {
+        ProcessIdentity::started(pid, start_time(pid)?)
+    }
+
+    /// The identity of the running process `pid` whose start time the caller has just
+    /// read (the spawn does), in this boot.
+    pub fn started(pid: u32, start_time: u64) -> io::Result<ProcessIdentity> {
         Ok(ProcessIdentity {
             pid,
-            start_time: start_time(pid)?,
-            boot_id: boot_id()?,
+            start_time,
+            boot_id: this_boot_id()?,
         })
     }
 
@@ -65,6 +71,17 @@ impl ProcessIdentity {
 
 fn process_exists(pid: u32) -> bool {
     fs::metadata(format!("/proc/{pid}")).is_ok()
+}
+
+/// The boot id this process runs in (it cannot change while the process runs), read
+/// once.
+fn this_boot_id() -> io::Result<String> {
+    static THIS_BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(id) = THIS_BOOT.get() {
+        return Ok(id.clone());
+    }
+    let id = boot_id()?;
+    Ok(THIS_BOOT.get_or_init(|| id).clone())
 }
 
 /// The current boot id, without its trailing newline.

@@ -203,6 +203,10 @@ impl Supervisor {
             }
         };
         let pid = spawned.pid;
+        let process = match spawned.procs.start_time() {
+            Some(start) => agentd_store::ProcessIdentity::started(pid, start),
+            None => agentd_store::ProcessIdentity::capture(pid),
+        };
         // In the same loop step as the spawn: the Killer knows the task before any
         // stop or reap can ask about it.
         self.pids.insert(pid, task_id);
@@ -220,7 +224,7 @@ impl Supervisor {
         self.store.submit_detached(agentd_store::Op::Start {
             id: task_id,
             at: crate::views::now_millis().0 as i64,
-            process: agentd_store::ProcessIdentity::capture(pid).ok(),
+            process: process.ok(),
             text: Some(text.clone()),
         });
         let resume = self.resumes.remove(&task_id);
