@@ -60,6 +60,7 @@ use crate::views::now_millis;
 use agentd_proto::control::RecoveryView;
 use agentd_store::StoreWriter;
 pub(crate) use recovery::StoreEvent;
+use requests::status::Touched;
 
 /// Signals the daemon acts on, delivered by the signal thread of the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +81,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::config::create_state_dir(&config.state_dir)?;
-    let info = Arc::new(ServerInfo {
-        started: Instant::now(),
-    });
+    let info = Arc::new(ServerInfo::new());
     let (request_tx, mut requests) = mpsc::channel::<ControlRequest>(1024);
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
     let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
@@ -126,14 +125,31 @@ pub async fn run(
         sup.dispatcher.config().max_concurrent
     );
     crate::notify::ready();
+    sup.refresh_status(Touched::Anything);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let mut shutdown_fired = false;
+    let mut steps = 0u32;
     loop {
+        // The loop shares its thread with the connections: after a few steps in a
+        // row (a burst of sends), it lets them run, so a `status` (answered by its
+        // connection) waits for a few steps at most, not for the whole burst.
+        steps = steps.wrapping_add(1);
+        if steps.is_multiple_of(STEPS_BEFORE_YIELD) {
+            tokio::task::yield_now().await;
+        }
         let next_timer = sup.timers.keys().next().map(|(at, _)| *at);
+        // What this step may have changed of the status snapshot, and the request's
+        // hand-over token, dropped once the snapshot is current.
+        let mut touched = Touched::Anything;
+        let mut handed = None;
         tokio::select! {
             biased;
-            Some(request) = requests.recv() => sup.on_request(request),
+            Some(mut request) = requests.recv() => {
+                handed = request.handed.take();
+                touched = Touched::by(&request.body);
+                sup.on_request(request);
+            }
             Some(signal) = signals.recv() => match signal {
                 DaemonSignal::Child => sup.reap(),
                 DaemonSignal::Shutdown => sup.on_shutdown_signal(),
@@ -152,6 +168,8 @@ pub async fn run(
             }
         }
         sup.publish_positions();
+        sup.refresh_status(touched);
+        drop(handed);
         // Queued work stays queued (in the store) for the next start.
         if sup.shutting_down.is_some() && sup.agents.is_empty() {
             break;
@@ -198,6 +216,9 @@ fn containment(config: &DaemonConfig) -> Procs {
     }
     procs
 }
+
+/// How many loop steps run back to back before the loop yields to the connections.
+const STEPS_BEFORE_YIELD: u32 = 8;
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
@@ -248,6 +269,9 @@ struct Supervisor {
     /// has it), with the number of that write.
     checkpoints_in_flight: HashMap<TaskId, (u64, String)>,
     checkpoint_seq: u64,
+    /// The active tasks' key when the status snapshot's active part was built
+    /// (`None`: not built yet).
+    status_key: Option<u64>,
 }
 
 type RequestError = ErrorBody;
@@ -302,6 +326,7 @@ impl Supervisor {
             resumes: HashMap::new(),
             checkpoints_in_flight: HashMap::new(),
             checkpoint_seq: 0,
+            status_key: None,
         }
     }
 

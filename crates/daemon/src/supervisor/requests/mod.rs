@@ -24,6 +24,7 @@ impl Supervisor {
             body,
             reply,
             events,
+            handed: _,
         } = request;
         match body {
             RequestBody::Stop {
