@@ -129,15 +129,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let mut shutdown_fired = false;
-    let mut steps = 0u32;
     loop {
-        // The loop shares its thread with the connections: after a few steps in a
-        // row (a burst of sends), it lets them run, so a `status` (answered by its
-        // connection) waits for a few steps at most, not for the whole burst.
-        steps = steps.wrapping_add(1);
-        if steps.is_multiple_of(STEPS_BEFORE_YIELD) {
-            tokio::task::yield_now().await;
-        }
         let next_timer = sup.timers.keys().next().map(|(at, _)| *at);
         // What this step may have changed of the status snapshot, and the request's
         // hand-over token, dropped once the snapshot is current.
@@ -216,9 +208,6 @@ fn containment(config: &DaemonConfig) -> Procs {
     }
     procs
 }
-
-/// How many loop steps run back to back before the loop yields to the connections.
-const STEPS_BEFORE_YIELD: u32 = 8;
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
