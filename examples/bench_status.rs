@@ -17,6 +17,7 @@
 //! and agentd's ratios beside the echo's. It asserts nothing.
 //!
 //! Usage: bench_status --socket PATH [--clients 64] [--per 200] [--idle 5000]
+//!        [--probe status|ping]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -115,7 +116,13 @@ fn show_ratios([a, b, c]: [f64; 3]) -> String {
     format!("p50 {a:5.2}×  p90 {b:5.2}×  p99 {c:5.2}×")
 }
 
-const STATUS: &str = "{\"id\":1,\"cmd\":\"status\"}\n";
+/// The probe's request line: `status` (or, with `--probe ping`, `ping`, which the
+/// connection answers without the loop: what the connections' thread alone costs).
+static PROBE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn probe_line() -> &'static str {
+    PROBE.get_or_init(|| "{\"id\":1,\"cmd\":\"status\"}\n".to_string())
+}
 
 /// `n` round trips of `status` to agentd and `n` to the echo server, alternating one
 /// by one so that both see the same load.
@@ -123,13 +130,13 @@ fn idle(socket: &Path, echo: &Path, n: usize) -> (Percentiles, Percentiles) {
     let mut ours = Conn::connect(socket);
     let mut base = Conn::connect(echo);
     for _ in 0..n / 10 {
-        ours.timed(STATUS);
-        base.timed(STATUS);
+        ours.timed(probe_line());
+        base.timed(probe_line());
     }
     let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
-        a.push(ours.timed(STATUS));
-        b.push(base.timed(STATUS));
+        a.push(ours.timed(probe_line()));
+        b.push(base.timed(probe_line()));
     }
     (Percentiles::of(a), Percentiles::of(b))
 }
@@ -180,7 +187,7 @@ fn busy(
             std::thread::yield_now();
         }
         while running.load(Ordering::SeqCst) > 0 {
-            samples.push(probe.timed(STATUS));
+            samples.push(probe.timed(probe_line()));
         }
     });
     let rate = (clients * per) as f64 / t0.elapsed().as_secs_f64();
@@ -198,6 +205,12 @@ fn main() {
             "--clients" => clients = value().parse().expect("a number"),
             "--per" => per = value().parse().expect("a number"),
             "--idle" => n_idle = value().parse().expect("a number"),
+            "--probe" => {
+                let cmd = value();
+                PROBE
+                    .set(format!("{{\"id\":1,\"cmd\":\"{cmd}\"}}\n"))
+                    .expect("one --probe");
+            }
             other => panic!("unknown argument {other}"),
         }
     }
