@@ -216,3 +216,53 @@ fn a_chats_status_lists_its_first_queued_tasks_and_counts_the_rest() {
     assert_eq!(reply["data"]["queued"], json!(30), "{reply}");
     d.release(&gate);
 }
+
+#[test]
+fn status_from_the_connection_shows_each_new_progress_line() {
+    let d = Daemon::with_agent_exec(&["--max-concurrent", "2"]);
+    let gate = d.gate("g");
+    let other = d.submit("bob", "echo bob-is-up; sleep 300");
+    let task = d.submit(
+        "alice",
+        &format!("echo first; while [ ! -e {gate} ]; do sleep 0.02; done; echo second; sleep 300"),
+    );
+    let progress_of = |status: &Value, id: &str| {
+        status["active"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["task_id"] == json!(id)))
+            .map(|t| t["progress"].clone())
+    };
+    // Once the loop has taken a line (the task's own view shows it), the very next
+    // status shows it too: the snapshot is patched in the same step, not at the
+    // next rebuild.
+    for (id, line) in [(&other, "bob-is-up"), (&task, "first")] {
+        d.wait_progress(id, line);
+        let status = d.request(json!({"cmd": "status"}));
+        assert_eq!(progress_of(&status, id), Some(json!(line)), "{status}");
+    }
+    d.release(&gate);
+    d.wait_progress(&task, "second");
+    let status = d.request(json!({"cmd": "status"}));
+    assert_eq!(
+        progress_of(&status, &task),
+        Some(json!("second")),
+        "{status}"
+    );
+    assert_eq!(
+        progress_of(&status, &other),
+        Some(json!("bob-is-up")),
+        "{status}"
+    );
+    // The same as the loop answers.
+    let answers = exchange(
+        &d,
+        vec![
+            json!({"id": 1, "cmd": "status", "task_id": task}),
+            json!({"id": 2, "cmd": "status"}),
+        ],
+    );
+    assert_eq!(
+        comparable(status),
+        comparable(answer_to(&answers, 2)["result"].clone())
+    );
+}

@@ -58,6 +58,26 @@ impl ServerInfo {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
     }
 
+    /// Sets the latest progress of active task `task_id` in the snapshot (in place
+    /// unless a connection is copying the snapshot right now); false if the snapshot
+    /// does not show that task.
+    pub fn set_status_progress(&self, task_id: &str, progress: Option<&String>) -> bool {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(snapshot) = status.as_mut() else {
+            return false;
+        };
+        let Some(i) = snapshot
+            .rest
+            .active
+            .iter()
+            .position(|t| t.task_id == task_id)
+        else {
+            return false;
+        };
+        Arc::make_mut(&mut snapshot.rest).active[i].progress = progress.cloned();
+        true
+    }
+
     /// Updates the snapshot's counts; false if there is no snapshot yet.
     pub fn set_status_counts(&self, capacity: Capacity, queued: u32, sessions: u32) -> bool {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());

@@ -152,7 +152,10 @@ pub async fn run(
                 sup.on_shutdown_signal();
             }
             Some(event) = store_events.recv() => sup.on_store_event(event),
-            Some(event) = agent_events.recv() => sup.on_agent_event(event),
+            Some(event) = agent_events.recv() => {
+                touched = Touched::by_agent(&event);
+                sup.on_agent_event(event);
+            }
             () = sleep_until(next_timer) => sup.fire_timers(),
             _ = tick.tick() => {
                 sup.reap();

@@ -115,11 +115,27 @@ impl Supervisor {
         let sessions = self.dispatcher.n_sessions() as u32;
         let key = match (touched, self.status_key) {
             (Touched::Nothing, Some(_)) => None,
-            (Touched::Live, Some(old)) => Some(self.active_key()).filter(|k| *k != old),
+            (Touched::Live | Touched::Progress(_), Some(old)) => {
+                Some(self.active_key()).filter(|k| *k != old)
+            }
             _ => Some(self.active_key()),
         };
+        // A progress line changes one task's view: patched in place, not rebuilt
+        // (a chatty agent must not cost a copy of every active task per line).
+        let patched = match (touched, key) {
+            (Touched::Progress(task_id), None) => {
+                let progress = self
+                    .dispatcher
+                    .task(&task_id)
+                    .and_then(|t| t.progress.as_ref());
+                self.info
+                    .set_status_progress(&task_id.to_string(), progress)
+            }
+            (Touched::Progress(_), Some(_)) => false,
+            _ => true,
+        };
         match key {
-            None if self.info.set_status_counts(capacity, queued, sessions) => {}
+            None if patched && self.info.set_status_counts(capacity, queued, sessions) => {}
             _ => {
                 self.status_key = Some(key.unwrap_or_else(|| self.active_key()));
                 self.info.set_status(StatusSnapshot {
@@ -224,13 +240,28 @@ impl Supervisor {
 pub(crate) enum Touched {
     /// A read-only request: nothing.
     Nothing,
-    /// A `send`: the counts, and maybe which tasks are active or their states.
+    /// A `send` or an agent's heartbeat: the counts, and maybe which tasks are
+    /// active or their states.
     Live,
+    /// An agent's progress line: that task's progress (and what `Live` may change).
+    Progress(TaskId),
     /// Anything (agent events, timers, signals, stops, settings).
     Anything,
 }
 
 impl Touched {
+    /// What an agent's message may change.
+    pub(crate) fn by_agent(event: &crate::agent_io::AgentEvent) -> Touched {
+        use agentd_proto::ipc::AgentMsg;
+        match &event.input {
+            crate::agent_io::AgentInput::Msg(AgentMsg::Progress { .. }) => {
+                Touched::Progress(event.task_id)
+            }
+            crate::agent_io::AgentInput::Msg(AgentMsg::Heartbeat) => Touched::Live,
+            _ => Touched::Anything,
+        }
+    }
+
     pub(crate) fn by(request: &RequestBody) -> Touched {
         match request {
             RequestBody::Status { .. }
