@@ -1,8 +1,8 @@
 //! Enqueue benchmark driver (run by `scripts/bench-enqueue.sh`, not by the tests).
 //!
 //! Against a running agentd whose agents never finish, it measures, in one run:
-//! - baselines: this machine's Unix-socket round trip (a line echoed by a thread of
-//!   this process, p50, measured alternating one by one with each latency so that
+//! - baselines: this machine's Unix-socket round trip (a line echoed by an echo
+//!   server process, p50, measured alternating one by one with each latency so that
 //!   both see the same load) and the rate of the same echo with as many clients as the bulk
 //!   enqueue uses;
 //! - `ping` and `status` p50 against the empty queue;
@@ -115,30 +115,56 @@ fn report(what: &str, &Latency { ours, rtt }: &Latency, note: &str) {
     );
 }
 
-/// A thread that echoes lines on a Unix socket: the transport's own cost.
-fn echo_server(path: &Path) {
+/// The echo server: a process of its own (this program, run with `--serve-echo`),
+/// so that it is scheduled like agentd is (a thread of the benchmark would share
+/// the client's CPU and wake up faster than any other process can). One thread per
+/// connection echoes lines.
+struct EchoServer(std::process::Child);
+
+impl EchoServer {
+    fn start(path: &Path) -> EchoServer {
+        let child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .arg("--serve-echo")
+            .arg(path)
+            .spawn()
+            .expect("start the echo server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(path).is_err() {
+            assert!(Instant::now() < deadline, "the echo server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        EchoServer(child)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_echo(path: &Path) {
     let listener = UnixListener::bind(path).expect("bind the echo socket");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut writer = stream;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    match reader.read_line(&mut line) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {
-                            if writer.write_all(line.as_bytes()).is_err() {
-                                return;
-                            }
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { return };
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut writer = stream;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if writer.write_all(line.as_bytes()).is_err() {
+                            return;
                         }
                     }
                 }
-            });
-        }
-    });
+            }
+        });
+    }
 }
 
 /// `clients` connections sharing `n` round trips of `request(i)`; returns the
@@ -254,6 +280,10 @@ fn cpu_time(pid: u32) -> Option<Duration> {
 }
 
 fn main() {
+    if let Some("--serve-echo") = std::env::args().nth(1).as_deref() {
+        serve_echo(Path::new(&std::env::args().nth(2).expect("a socket path")));
+        return;
+    }
     let mut socket = None;
     let (mut clients, mut messages, mut sessions) = (64usize, 100_000usize, 10_000usize);
     let mut text = "sleep 600".to_string();
@@ -275,7 +305,8 @@ fn main() {
     }
     let socket = socket.expect("--socket PATH");
     let echo_path = socket.with_file_name("echo.sock");
-    echo_server(&echo_path);
+    let _ = std::fs::remove_file(&echo_path);
+    let echo_server = EchoServer::start(&echo_path);
 
     // Baselines: the socket round trip is measured beside every latency below.
     let probe = "{\"id\":1,\"cmd\":\"status\"}\n";
@@ -366,5 +397,6 @@ fn main() {
         .to_string();
     println!("agentd says {queued} tasks are queued");
     in_process(messages, sessions, &text);
+    drop(echo_server);
     let _ = std::fs::remove_file(&echo_path);
 }

@@ -3,7 +3,7 @@
 //!
 //! Against a running agentd whose tasks never start (one agent slot held), in one run:
 //! 1. idle: `status` round trips on a connection of their own, and the same line
-//!    echoed by a bare echo server (a thread of this process), interleaved;
+//!    echoed by a bare echo server (a process of its own), interleaved;
 //! 2. busy: `clients` connections send durable work back to back (each waits for its
 //!    acknowledgement, which agentd gives after the commit), while one more
 //!    connection measures `status` round trips until they are done;
@@ -61,30 +61,56 @@ impl Conn {
     }
 }
 
-/// A thread that echoes lines on a Unix socket, one thread per connection.
-fn echo_server(path: &Path) {
+/// The echo server: a process of its own (this program, run with `--serve-echo`),
+/// so that it is scheduled like agentd is (a thread of the benchmark would share
+/// the client's CPU and wake up faster than any other process can). One thread per
+/// connection echoes lines.
+struct EchoServer(std::process::Child);
+
+impl EchoServer {
+    fn start(path: &Path) -> EchoServer {
+        let child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .arg("--serve-echo")
+            .arg(path)
+            .spawn()
+            .expect("start the echo server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(path).is_err() {
+            assert!(Instant::now() < deadline, "the echo server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        EchoServer(child)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_echo(path: &Path) {
     let listener = UnixListener::bind(path).expect("bind the echo socket");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut writer = stream;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    match reader.read_line(&mut line) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {
-                            if writer.write_all(line.as_bytes()).is_err() {
-                                return;
-                            }
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { return };
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut writer = stream;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if writer.write_all(line.as_bytes()).is_err() {
+                            return;
                         }
                     }
                 }
-            });
-        }
-    });
+            }
+        });
+    }
 }
 
 /// p50, p90, p99 of `samples`.
@@ -195,6 +221,10 @@ fn busy(
 }
 
 fn main() {
+    if let Some("--serve-echo") = std::env::args().nth(1).as_deref() {
+        serve_echo(Path::new(&std::env::args().nth(2).expect("a socket path")));
+        return;
+    }
     let mut socket = None;
     let (mut clients, mut per, mut n_idle) = (64usize, 200usize, 5000usize);
     let mut args = std::env::args().skip(1);
@@ -216,7 +246,8 @@ fn main() {
     }
     let socket = socket.expect("--socket PATH");
     let echo_path = socket.with_file_name("echo.sock");
-    echo_server(&echo_path);
+    let _ = std::fs::remove_file(&echo_path);
+    let echo_server = EchoServer::start(&echo_path);
 
     let (idle_ours, idle_echo) = idle(&socket, &echo_path, n_idle);
     let (busy_ours, rate, refused) = busy(&socket, &socket, clients, per, None);
@@ -245,7 +276,7 @@ fn main() {
         "  busy/idle:                              {}  (the issue asks within 2×)",
         show_ratios(ours)
     );
-    println!("baseline: a bare echo server in this process, the same probe and the same clients:");
+    println!("baseline: a bare echo server process, the same probe and the same clients:");
     println!(
         "echo round trip, idle:                    {}",
         idle_echo.show()
@@ -267,5 +298,6 @@ fn main() {
         "agentd's own share (its busy/idle over the echo's): {}",
         show_ratios(own)
     );
+    drop(echo_server);
     let _ = std::fs::remove_file(&echo_path);
 }
