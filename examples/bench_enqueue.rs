@@ -1,9 +1,9 @@
 //! Enqueue benchmark driver (run by `scripts/bench-enqueue.sh`, not by the tests).
 //!
 //! Against a running agentd whose agents never finish, it measures, in one run:
-//! - baselines: this machine's Unix-socket round trip (a line echoed by a thread of
-//!   this process, p50, measured interleaved with each latency so that both see the
-//!   same load) and the rate of the same echo with as many clients as the bulk
+//! - baselines: this machine's Unix-socket round trip (a line echoed by an echo
+//!   server process, p50, measured alternating one by one with each latency so that
+//!   both see the same load) and the rate of the same echo with as many clients as the bulk
 //!   enqueue uses;
 //! - `ping` and `status` p50 against the empty queue;
 //! - bulk enqueue: N clients, each on its own connection, sending `send` requests
@@ -60,9 +60,11 @@ fn micros(d: Duration) -> f64 {
 }
 
 /// `n` round trips of `request` to agentd and `n` of the same line to the echo
-/// server, in alternating blocks of 10 (back to back within a block, so each stays
-/// on its warm path, and both see the same load on a shared machine): the p50 of
-/// each.
+/// server, alternating one by one, so that each pair sees the same load and the same
+/// placement on the CPUs: on a small VM a round trip is bimodal (about 9 µs when
+/// client and server share a CPU, 25–35 µs across CPUs), and blocks of requests
+/// could land in different modes, which made the ratio swing from 0.5× to 4×. The
+/// p50 of each.
 fn latency(socket: &Path, echo: &Path, request: &str, n: usize) -> Latency {
     let mut conn = Conn::connect(socket);
     let mut echo = Conn::connect(echo);
@@ -71,18 +73,14 @@ fn latency(socket: &Path, echo: &Path, request: &str, n: usize) -> Latency {
         echo.round_trip(request);
     }
     let (mut ours, mut base) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for _ in 0..n.div_ceil(10) {
-        for _ in 0..10 {
-            let t = Instant::now();
-            echo.round_trip(request);
-            base.push(t.elapsed());
-        }
-        for _ in 0..10 {
-            let t = Instant::now();
-            let reply = conn.round_trip(request);
-            ours.push(t.elapsed());
-            assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
-        }
+    for _ in 0..n {
+        let t = Instant::now();
+        echo.round_trip(request);
+        base.push(t.elapsed());
+        let t = Instant::now();
+        let reply = conn.round_trip(request);
+        ours.push(t.elapsed());
+        assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
     }
     Latency {
         ours: p50(ours),
@@ -117,30 +115,56 @@ fn report(what: &str, &Latency { ours, rtt }: &Latency, note: &str) {
     );
 }
 
-/// A thread that echoes lines on a Unix socket: the transport's own cost.
-fn echo_server(path: &Path) {
+/// The echo server: a process of its own (this program, run with `--serve-echo`),
+/// so that it is scheduled like agentd is (a thread of the benchmark would share
+/// the client's CPU and wake up faster than any other process can). One thread per
+/// connection echoes lines.
+struct EchoServer(std::process::Child);
+
+impl EchoServer {
+    fn start(path: &Path) -> EchoServer {
+        let child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .arg("--serve-echo")
+            .arg(path)
+            .spawn()
+            .expect("start the echo server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(path).is_err() {
+            assert!(Instant::now() < deadline, "the echo server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        EchoServer(child)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_echo(path: &Path) {
     let listener = UnixListener::bind(path).expect("bind the echo socket");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut writer = stream;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    match reader.read_line(&mut line) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {
-                            if writer.write_all(line.as_bytes()).is_err() {
-                                return;
-                            }
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { return };
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut writer = stream;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if writer.write_all(line.as_bytes()).is_err() {
+                            return;
                         }
                     }
                 }
-            });
-        }
-    });
+            }
+        });
+    }
 }
 
 /// `clients` connections sharing `n` round trips of `request(i)`; returns the
@@ -256,6 +280,10 @@ fn cpu_time(pid: u32) -> Option<Duration> {
 }
 
 fn main() {
+    if let Some("--serve-echo") = std::env::args().nth(1).as_deref() {
+        serve_echo(Path::new(&std::env::args().nth(2).expect("a socket path")));
+        return;
+    }
     let mut socket = None;
     let (mut clients, mut messages, mut sessions) = (64usize, 100_000usize, 10_000usize);
     let mut text = "sleep 600".to_string();
@@ -277,7 +305,8 @@ fn main() {
     }
     let socket = socket.expect("--socket PATH");
     let echo_path = socket.with_file_name("echo.sock");
-    echo_server(&echo_path);
+    let _ = std::fs::remove_file(&echo_path);
+    let echo_server = EchoServer::start(&echo_path);
 
     // Baselines: the socket round trip is measured beside every latency below.
     let probe = "{\"id\":1,\"cmd\":\"status\"}\n";
@@ -368,5 +397,6 @@ fn main() {
         .to_string();
     println!("agentd says {queued} tasks are queued");
     in_process(messages, sessions, &text);
+    drop(echo_server);
     let _ = std::fs::remove_file(&echo_path);
 }

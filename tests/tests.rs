@@ -44,6 +44,8 @@ mod restart;
 mod restarts;
 /// agentd as a service: default config file, systemd readiness, logs, private state.
 mod service;
+/// `status`: answered by the connection, in order, bounded.
+mod status;
 /// Steering fallbacks: refused steers, shutdown, steer-backlog answers.
 mod steer;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.

@@ -474,6 +474,11 @@ impl Dispatcher {
             .filter_map(|t| self.task(&t))
     }
 
+    /// Number of the session's queued tasks, O(1).
+    pub fn n_queued_in(&self, session: &str) -> usize {
+        self.sessions.get(session).map_or(0, |s| s.queue.len())
+    }
+
     /// The task holding the session's lane.
     pub fn active_task(&self, session: &str) -> Option<TaskId> {
         self.sessions.get(session).and_then(|s| s.active)

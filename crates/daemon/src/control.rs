@@ -16,7 +16,7 @@
 //! and its output is bounded by [`OUTPUT_BUDGET`] (see [`crate::outbox`]).
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentd_proto::control::{
     Answer, ErrorBody, ErrorCode, HelloReply, PingReply, Request, RequestBody, Response,
@@ -44,13 +44,13 @@ pub struct ControlRequest {
     /// For `watch`: where the supervisor sends the events (delivered after the
     /// answer). Dropping it ends the watch.
     pub events: Option<EventSink>,
+    /// Counts the request as handed to the supervisor until dropped (see
+    /// [`ServerInfo::status`]). The loop drops it once the request is handled and
+    /// the status snapshot is up to date.
+    pub handed: Option<Handed>,
 }
 
-/// Facts `hello` and `ping` answer without asking the supervisor.
-#[derive(Debug)]
-pub struct ServerInfo {
-    pub started: Instant,
-}
+pub use crate::info::{Handed, ServerInfo, StatusSnapshot};
 
 /// How long a refused connection may take to receive its refusal, and a closing one
 /// its last lines.
@@ -379,6 +379,8 @@ async fn read_requests(
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
     let mut watches = 0u64;
+    // This connection's requests not yet handled by the supervisor.
+    let handed = Arc::new(AtomicUsize::new(0));
     loop {
         // A client that sends without reading its answers is not read further.
         outbox.wait_for_room(MAX_IN_FLIGHT).await;
@@ -431,6 +433,16 @@ async fn read_requests(
             }
         };
         let id = request.id;
+        // `status` from the loop's snapshot, unless a request of this connection is
+        // still on its way to the loop (then behind it, in order).
+        if matches!(request.body, RequestBody::Status { task_id: None })
+            && handed.load(Ordering::SeqCst) == 0
+        {
+            if let Some(status) = info.status() {
+                outbox.push(&Response::<Answer>::answer(id, status.into()));
+                continue;
+            }
+        }
         match request.body {
             RequestBody::Hello { protocol, .. } => {
                 if protocol != CONTROL_PROTOCOL_VERSION {
@@ -456,8 +468,8 @@ async fn read_requests(
                     PingReply {
                         pong: true,
                         version: env!("CARGO_PKG_VERSION").to_string(),
-                        pid: std::process::id(),
-                        uptime_ms: info.started.elapsed().as_millis() as u64,
+                        pid: info.pid,
+                        uptime_ms: info.uptime_ms(),
                     }
                     .into(),
                 ));
@@ -483,6 +495,7 @@ async fn read_requests(
                         body,
                         reply,
                         events,
+                        handed: Some(Handed::new(&handed)),
                     })
                     .await
                     .is_err()

@@ -4,6 +4,8 @@
 //!   peer uid checked per connection).
 //! - [`control`]: one task per client connection: bounded line reads with a deadline,
 //!   JSON parsing, out-of-order responses, the connection cap.
+//! - [`info`]: what connections answer without the loop: pid, uptime, and the
+//!   `status` snapshot the loop keeps current.
 //! - [`outbox`]: each connection's bounded output: coalesced progress, `lagged`
 //!   watches.
 //! - [`listing`]: pages of the `tasks` listing.
@@ -25,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod durable;
 pub mod events;
+pub mod info;
 pub mod listing;
 pub mod logfmt;
 pub mod notify;

@@ -184,7 +184,12 @@ pub fn chat_task_status(view: &TaskView) -> String {
 
 /// A chat's `/status`: agentd's load, then the chat's tasks with their latest
 /// progress.
-pub fn chat_status(capacity: Capacity, queued: u32, mine: &[TaskView]) -> String {
+/// How many of a chat's queued tasks its `/status` lists (the rest are counted).
+pub const CHAT_STATUS_QUEUED: usize = 10;
+
+/// A chat's `/status`: the daemon's counts, then this chat's active task and its
+/// first queued ones (at most [`CHAT_STATUS_QUEUED`]); `more` queued are counted.
+pub fn chat_status(capacity: Capacity, queued: u32, mine: &[TaskView], more: usize) -> String {
     let mut text = format!(
         "{}/{} agents busy, {} queued overall",
         capacity.busy, capacity.max, queued
@@ -198,6 +203,11 @@ pub fn chat_status(capacity: Capacity, queued: u32, mine: &[TaskView]) -> String
         if let Some(progress) = &view.progress {
             text.push_str(&format!("\n  latest: {progress}"));
         }
+    }
+    if more > 0 {
+        text.push_str(&format!(
+            "\n… and {more} more queued in this chat (/tasks lists them)"
+        ));
     }
     text
 }

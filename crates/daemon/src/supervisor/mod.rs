@@ -60,6 +60,7 @@ use crate::views::now_millis;
 use agentd_proto::control::RecoveryView;
 use agentd_store::StoreWriter;
 pub(crate) use recovery::StoreEvent;
+use requests::status::Touched;
 
 /// Signals the daemon acts on, delivered by the signal thread of the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +81,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::config::create_state_dir(&config.state_dir)?;
-    let info = Arc::new(ServerInfo {
-        started: Instant::now(),
-    });
+    let info = Arc::new(ServerInfo::new());
     let (request_tx, mut requests) = mpsc::channel::<ControlRequest>(1024);
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
     let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
@@ -135,14 +134,23 @@ pub async fn run(
         sup.dispatcher.config().max_concurrent
     );
     crate::notify::ready();
+    sup.refresh_status(Touched::Anything);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let mut shutdown_fired = false;
     loop {
         let next_timer = sup.timers.keys().next().map(|(at, _)| *at);
+        // What this step may have changed of the status snapshot, and the request's
+        // hand-over token, dropped once the snapshot is current.
+        let mut touched = Touched::Anything;
+        let mut handed = None;
         tokio::select! {
             biased;
-            Some(request) = requests.recv() => sup.on_request(request),
+            Some(mut request) = requests.recv() => {
+                handed = request.handed.take();
+                touched = Touched::by(&request.body);
+                sup.on_request(request);
+            }
             Some(signal) = signals.recv() => match signal {
                 DaemonSignal::Child => sup.reap(),
                 DaemonSignal::Shutdown => sup.on_shutdown_signal(),
@@ -153,7 +161,10 @@ pub async fn run(
                 sup.on_shutdown_signal();
             }
             Some(event) = store_events.recv() => sup.on_store_event(event),
-            Some(event) = agent_events.recv() => sup.on_agent_event(event),
+            Some(event) = agent_events.recv() => {
+                touched = Touched::by_agent(&event);
+                sup.on_agent_event(event);
+            }
             () = sleep_until(next_timer) => sup.fire_timers(),
             _ = tick.tick() => {
                 sup.reap();
@@ -161,6 +172,8 @@ pub async fn run(
             }
         }
         sup.publish_positions();
+        sup.refresh_status(touched);
+        drop(handed);
         // Queued work stays queued (in the store) for the next start.
         if sup.shutting_down.is_some() && sup.agents.is_empty() {
             break;
@@ -265,6 +278,9 @@ struct Supervisor {
     /// than the window at start): a message the window does not know is new, and
     /// the store need not be asked, until the window fills.
     dedup_complete: bool,
+    /// The active tasks' key when the status snapshot's active part was built
+    /// (`None`: not built yet).
+    status_key: Option<u64>,
 }
 
 type RequestError = ErrorBody;
@@ -322,6 +338,7 @@ impl Supervisor {
             reads: None,
             finishing: HashSet::new(),
             dedup_complete: false,
+            status_key: None,
         }
     }
 

@@ -25,6 +25,7 @@ impl Supervisor {
             body,
             reply,
             events,
+            handed: _,
         } = request;
         match body {
             RequestBody::Stop {

@@ -5,8 +5,12 @@ use agentd_proto::control::{LivenessView, StatusReply, TaskView};
 use agentd_proto::text;
 
 use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
-use crate::control::Reply;
+use agentd_proto::control::RequestBody;
+
+use crate::control::{Reply, StatusSnapshot};
 use crate::listing;
 use crate::supervisor::{json, Supervisor};
 use crate::views;
@@ -15,12 +19,34 @@ impl Supervisor {
     /// A chat's `/status` (of one task: see `status_of`).
     pub(crate) fn chat_status(&self, session: &str) -> Reply {
         let status = self.status_reply();
-        let mine = self.list(Some(session), false);
+        let (mine, more) = self.chat_status_tasks(session);
         Ok(self.chat_reply(
             "status",
-            text::chat_status(status.capacity, status.queued, &mine),
+            text::chat_status(status.capacity, status.queued, &mine, more),
             serde_json::to_value(&status).unwrap_or_default(),
         ))
+    }
+
+    /// What a chat's `/status` lists: its active task and its first
+    /// [`text::CHAT_STATUS_QUEUED`] queued ones, and how many more are queued:
+    /// O(shown · log² n), however long the chat's queue.
+    fn chat_status_tasks(&self, session: &str) -> (Vec<TaskView>, usize) {
+        let active = self
+            .dispatcher
+            .active_task(session)
+            .and_then(|id| self.dispatcher.task(&id))
+            .map(|t| views::task_view(t, None));
+        let queued = self
+            .dispatcher
+            .queued_tasks_of(session)
+            .take(text::CHAT_STATUS_QUEUED)
+            .map(|t| views::task_view(t, self.dispatcher.position(&t.id)));
+        let shown: Vec<TaskView> = active.into_iter().chain(queued).collect();
+        let more = self
+            .dispatcher
+            .n_queued_in(session)
+            .saturating_sub(text::CHAT_STATUS_QUEUED);
+        (shown, more)
     }
 
     /// `status` of the whole daemon (of one task: see `status_of`).
@@ -37,7 +63,7 @@ impl Supervisor {
         active.sort_by(|a, b| (&a.started_at, &a.task_id).cmp(&(&b.started_at, &b.task_id)));
         StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            pid: std::process::id(),
+            pid: self.info.pid,
             uptime_ms: self.info.started.elapsed().as_millis() as u64,
             capacity: views::capacity(self.dispatcher.capacity()),
             queued: self.dispatcher.n_queued() as u32,
@@ -52,6 +78,65 @@ impl Supervisor {
             }),
             recovery: self.recovery.clone(),
         }
+    }
+
+    /// Brings the connections' status snapshot (see
+    /// [`crate::control::ServerInfo::status`]) up to date at the end of a loop step:
+    /// the counts always (O(1)), the rest only when the step may have changed the
+    /// active tasks (O(active)), so a `send` costs no rebuild of the active views.
+    pub(crate) fn refresh_status(&mut self, touched: Touched) {
+        let capacity = views::capacity(self.dispatcher.capacity());
+        let queued = self.dispatcher.n_queued() as u32;
+        let sessions = self.dispatcher.n_sessions() as u32;
+        let key = match (touched, self.status_key) {
+            (Touched::Nothing, Some(_)) => None,
+            (Touched::Live | Touched::Progress(_), Some(old)) => {
+                Some(self.active_key()).filter(|k| *k != old)
+            }
+            _ => Some(self.active_key()),
+        };
+        // A progress line changes one task's view: patched in place, not rebuilt
+        // (a chatty agent must not cost a copy of every active task per line).
+        let patched = match (touched, key) {
+            (Touched::Progress(task_id), None) => {
+                let progress = self
+                    .dispatcher
+                    .task(&task_id)
+                    .and_then(|t| t.progress.as_ref());
+                self.info
+                    .set_status_progress(&task_id.to_string(), progress)
+            }
+            (Touched::Progress(_), Some(_)) => false,
+            _ => true,
+        };
+        match key {
+            None if patched && self.info.set_status_counts(capacity, queued, sessions) => {}
+            _ => {
+                self.status_key = Some(key.unwrap_or_else(|| self.active_key()));
+                self.info.set_status(StatusSnapshot {
+                    capacity,
+                    queued,
+                    sessions,
+                    rest: Arc::new(self.status_reply()),
+                });
+            }
+        }
+    }
+
+    /// A key of what the active tasks' views show that a `send` can change: which
+    /// tasks, their states and pids (a message may start a task, or stop one in
+    /// `interrupt` mode). Progress, results and endings come from agents and timers,
+    /// after which the snapshot is rebuilt anyway.
+    fn active_key(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for task in self.dispatcher.active_tasks() {
+            task.id.hash(&mut h);
+            std::mem::discriminant(&task.state).hash(&mut h);
+            task.state.pid().hash(&mut h);
+            task.started_at.hash(&mut h);
+            task.text.len().hash(&mut h);
+        }
+        h.finish()
     }
 
     /// Active tasks first (by start), then queued ones by position, then (with `all`)
@@ -122,5 +207,48 @@ impl Supervisor {
         self.history
             .get(task_id)
             .map(|t| views::task_view(&t, None))
+    }
+}
+
+/// What a loop step may have changed of what `status` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Touched {
+    /// A read-only request: nothing.
+    Nothing,
+    /// A `send` or an agent's heartbeat: the counts, and maybe which tasks are
+    /// active or their states.
+    Live,
+    /// An agent's progress line: that task's progress (and what `Live` may change).
+    Progress(TaskId),
+    /// Anything (agent events, timers, signals, stops, settings).
+    Anything,
+}
+
+impl Touched {
+    /// What an agent's message may change.
+    pub(crate) fn by_agent(event: &crate::agent_io::AgentEvent) -> Touched {
+        use agentd_proto::ipc::AgentMsg;
+        match &event.input {
+            crate::agent_io::AgentInput::Msg(AgentMsg::Progress { .. }) => {
+                Touched::Progress(event.task_id)
+            }
+            crate::agent_io::AgentInput::Msg(AgentMsg::Heartbeat) => Touched::Live,
+            _ => Touched::Anything,
+        }
+    }
+
+    pub(crate) fn by(request: &RequestBody) -> Touched {
+        match request {
+            RequestBody::Status { .. }
+            | RequestBody::Tasks { .. }
+            | RequestBody::Log { .. }
+            | RequestBody::Watch { .. }
+            | RequestBody::Hello { .. }
+            | RequestBody::Ping => Touched::Nothing,
+            RequestBody::Send { .. } => Touched::Live,
+            RequestBody::Stop { .. } | RequestBody::Queue { .. } | RequestBody::Resume { .. } => {
+                Touched::Anything
+            }
+        }
     }
 }

@@ -1,0 +1,268 @@
+//! `status`: answered by the connection from the loop's snapshot, in order with the
+//! connection's own requests, the same answer as the loop's, and bounded in size
+//! whatever the queue holds.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// A connection that writes many request lines (from a thread, so that neither side
+/// blocks on a full socket buffer) and reads their answers.
+fn exchange(d: &Daemon, requests: Vec<Value>) -> Vec<Value> {
+    let stream = UnixStream::connect(&d.socket).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("read timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let n = requests.len();
+    let text: String = requests.iter().map(|r| format!("{r}\n")).collect();
+    let sender = std::thread::spawn(move || writer.write_all(text.as_bytes()));
+    let mut reader = BufReader::new(stream);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("an answer");
+        out.push(serde_json::from_str(&line).expect("a JSON line"));
+    }
+    sender.join().expect("writer").expect("write the requests");
+    out
+}
+
+fn answer_to(answers: &[Value], id: u64) -> &Value {
+    answers
+        .iter()
+        .find(|a| a["id"] == json!(id))
+        .unwrap_or_else(|| panic!("no answer to {id} in {answers:?}"))
+}
+
+/// The status answer without what changes by itself between two answers.
+fn comparable(mut status: Value) -> Value {
+    status["uptime_ms"] = Value::Null;
+    status
+}
+
+#[test]
+fn a_status_pipelined_after_a_send_sees_that_send() {
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "1"]);
+    let gate = d.gate("g");
+    let first = d.submit("alice", &format!("hold {gate} first"));
+    d.wait_state(&first, "running");
+    // A send and a status in one write on one connection: the status is read while
+    // the send is still on its way to the loop, and must count it.
+    for round in 0..5u64 {
+        let answers = exchange(
+            &d,
+            vec![
+                json!({"id": 1, "cmd": "send", "session": format!("s{round}"), "text": "queued work"}),
+                json!({"id": 2, "cmd": "status"}),
+            ],
+        );
+        let sent = answer_to(&answers, 1);
+        assert_eq!(sent["ok"], json!(true), "{sent}");
+        let status = &answer_to(&answers, 2)["result"];
+        assert_eq!(
+            status["queued"],
+            json!(round + 1),
+            "round {round}: {status}"
+        );
+        assert_eq!(
+            status["sessions"],
+            json!(round + 2),
+            "round {round}: {status}"
+        );
+    }
+    d.release(&gate);
+}
+
+#[test]
+fn status_from_the_connection_is_the_loops_answer() {
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "2"]);
+    let gate = d.gate("g");
+    let a = d.submit("alice", &format!("hold {gate} a"));
+    let b = d.submit("bob", &format!("hold {gate} b"));
+    d.wait_state(&a, "running");
+    d.wait_state(&b, "running");
+    d.submit("alice", "queued behind a");
+    d.submit("carol", "queued too");
+    // On a connection of its own: from the snapshot.
+    let snapshot = comparable(d.request(json!({"cmd": "status"})));
+    // Behind a request of the same connection that the loop answers: through the
+    // loop, in order.
+    let answers = exchange(
+        &d,
+        vec![
+            json!({"id": 1, "cmd": "status", "task_id": a}),
+            json!({"id": 2, "cmd": "status"}),
+        ],
+    );
+    let through_loop = comparable(answer_to(&answers, 2)["result"].clone());
+    assert_eq!(snapshot, through_loop);
+    assert_eq!(snapshot["queued"], json!(2), "{snapshot}");
+    assert_eq!(
+        snapshot["capacity"],
+        json!({"busy": 2, "max": 2}),
+        "{snapshot}"
+    );
+    let active: Vec<&Value> = snapshot["active"].as_array().unwrap().iter().collect();
+    assert_eq!(active.len(), 2, "{snapshot}");
+    assert_eq!(active[0]["task_id"], json!(a), "{snapshot}");
+
+    // A change an agent makes (its task ends) shows at once too.
+    d.release(&gate);
+    d.wait_state(&a, "succeeded");
+    wait_for("status to show the next tasks", DEADLINE, || {
+        let status = d.request(json!({"cmd": "status"}));
+        let ids: Vec<Value> = status["active"]
+            .as_array()?
+            .iter()
+            .map(|t| t["task_id"].clone())
+            .collect();
+        (!ids.contains(&json!(a))).then_some(())
+    });
+    let status = d.request(json!({"cmd": "status"}));
+    let view = d.task(&a);
+    assert_eq!(view["state"], json!("succeeded"), "{view}");
+    assert!(
+        status["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["task_id"] != json!(a)),
+        "{status}"
+    );
+}
+
+#[test]
+fn status_does_not_grow_with_the_queue_or_the_sessions() {
+    let d = Daemon::with_echo_agent(&[
+        "--max-concurrent",
+        "1",
+        "--max-queued",
+        "100000",
+        "--cap",
+        "100000",
+    ]);
+    let gate = d.gate("g");
+    let first = d.submit("s0", &format!("hold {gate} first"));
+    d.wait_state(&first, "running");
+    let size = |d: &Daemon| d.request(json!({"cmd": "status"})).to_string().len();
+    let before = size(&d);
+    // 2,000 queued over 1,000 sessions, pipelined on one connection.
+    let sends = (0..2000u64)
+        .map(|i| json!({"id": i, "cmd": "send", "session": format!("s{}", i % 1000), "text": format!("work {i}")}))
+        .collect();
+    for answer in exchange(&d, sends) {
+        assert_eq!(answer["ok"], json!(true), "{answer}");
+    }
+    let status = d.request(json!({"cmd": "status"}));
+    assert_eq!(status["queued"], json!(2000), "{status}");
+    assert_eq!(status["sessions"], json!(1000), "{status}");
+    // Only the counts' digits (and the uptime's) differ.
+    let after = status.to_string().len();
+    assert!(
+        after <= before + 16,
+        "status grew from {before} to {after} bytes: {status}"
+    );
+    d.release(&gate);
+}
+
+#[test]
+fn a_chats_status_lists_its_first_queued_tasks_and_counts_the_rest() {
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "1", "--cap", "100"]);
+    let gate = d.gate("g");
+    let first = d.submit("chat", &format!("hold {gate} first"));
+    d.wait_state(&first, "running");
+    let sends = (0..30u64)
+        .map(|i| json!({"id": i, "cmd": "send", "session": "chat", "text": format!("work {i}"), "mode": "followup"}))
+        .collect();
+    let mut ids: Vec<(u64, String)> = exchange(&d, sends)
+        .iter()
+        .map(|a| {
+            assert_eq!(a["ok"], json!(true), "{a}");
+            let task = a["result"]["task"]["task_id"].as_str().unwrap().to_string();
+            (a["id"].as_u64().unwrap(), task)
+        })
+        .collect();
+    // In the order they were sent (answers may come in any order).
+    ids.sort();
+    let reply = d.send("chat", "/status");
+    let text = reply["reply"].as_str().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[1].contains(&first) && lines[1].contains("running"),
+        "{text}"
+    );
+    let queued: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("queued (position"))
+        .collect();
+    assert_eq!(queued.len(), 10, "{text}");
+    // The first ten in the order they will run; the other twenty counted.
+    for (i, line) in queued.iter().enumerate() {
+        assert!(
+            line.contains(&format!("queued (position {})", i + 1)),
+            "{text}"
+        );
+    }
+    assert!(text.contains("… and 20 more queued in this chat"), "{text}");
+    // The ones shown are the first ten sent.
+    for (_, id) in &ids[..10] {
+        assert!(text.contains(id.as_str()), "{id} missing: {text}");
+    }
+    assert_eq!(reply["data"]["queued"], json!(30), "{reply}");
+    d.release(&gate);
+}
+
+#[test]
+fn status_from_the_connection_shows_each_new_progress_line() {
+    let d = Daemon::with_agent_exec(&["--max-concurrent", "2"]);
+    let gate = d.gate("g");
+    let other = d.submit("bob", "echo bob-is-up; sleep 300");
+    let task = d.submit(
+        "alice",
+        &format!("echo first; while [ ! -e {gate} ]; do sleep 0.02; done; echo second; sleep 300"),
+    );
+    let progress_of = |status: &Value, id: &str| {
+        status["active"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["task_id"] == json!(id)))
+            .map(|t| t["progress"].clone())
+    };
+    // Once the loop has taken a line (the task's own view shows it), the very next
+    // status shows it too: the snapshot is patched in the same step, not at the
+    // next rebuild.
+    for (id, line) in [(&other, "bob-is-up"), (&task, "first")] {
+        d.wait_progress(id, line);
+        let status = d.request(json!({"cmd": "status"}));
+        assert_eq!(progress_of(&status, id), Some(json!(line)), "{status}");
+    }
+    d.release(&gate);
+    d.wait_progress(&task, "second");
+    let status = d.request(json!({"cmd": "status"}));
+    assert_eq!(
+        progress_of(&status, &task),
+        Some(json!("second")),
+        "{status}"
+    );
+    assert_eq!(
+        progress_of(&status, &other),
+        Some(json!("bob-is-up")),
+        "{status}"
+    );
+    // The same as the loop answers.
+    let answers = exchange(
+        &d,
+        vec![
+            json!({"id": 1, "cmd": "status", "task_id": task}),
+            json!({"id": 2, "cmd": "status"}),
+        ],
+    );
+    assert_eq!(
+        comparable(status),
+        comparable(answer_to(&answers, 2)["result"].clone())
+    );
+}
