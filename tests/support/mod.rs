@@ -230,8 +230,14 @@ impl Daemon {
 
     /// Waits until the task is in `state`; returns its view.
     pub fn wait_state(&self, task_id: &str, state: &str) -> Value {
+        self.wait_state_within(task_id, state, DEADLINE)
+    }
+
+    /// [`Daemon::wait_state`] for a task whose work takes time in proportion to the
+    /// machine's speed (a flood of output), with its own `timeout`.
+    pub fn wait_state_within(&self, task_id: &str, state: &str, timeout: Duration) -> Value {
         let mut last = Value::Null;
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + timeout;
         loop {
             let view = self.task(task_id);
             if view["state"] == json!(state) {
