@@ -602,6 +602,23 @@ fn man_pages_are_generated_and_render() {
     assert!(pages.join("agentctl.1").exists());
     let chat = render_man(&pages.join("agentctl-chat.1"));
     assert!(chat.contains("--session"), "{chat}");
+    // agentd's page, from the daemon's own flag definitions: every flag its --help
+    // lists is on it.
+    let agentd = render_man(&pages.join("agentd.1"));
+    let words = agentd.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(words.contains("agentd - Supervisor daemon"), "{agentd}");
+    let help = Command::new(AGENTD).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = stdout(&help);
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(','))
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    for flag in flags {
+        assert!(agentd.contains(flag), "{flag} is not on agentd.1: {agentd}");
+    }
     for command in [
         "send",
         "status",

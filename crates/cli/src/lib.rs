@@ -81,20 +81,36 @@ pub const EXIT_TASK_FAILED: u8 = 5;
 /// `send --wait` or `watch` ended by Ctrl-C (SIGINT); the task goes on.
 pub const EXIT_INTERRUPTED: u8 = 130;
 
-/// The entry point of the `agentctl` binary: [`run`] with the process arguments.
+/// [`run`] with the process arguments.
 pub fn main() -> ExitCode {
     run(std::env::args_os())
 }
 
-/// Parses `args` (program name first) with [`Cli::try_parse_checked`] and runs the
-/// command on the real stdout and stderr. Usage errors, `--help` and `--version` are
-/// printed by clap.
+/// The entry point of the `agentctl` binary: [`run_with_pages`] with the process
+/// arguments.
+pub fn main_with_pages(companions: &[clap::Command]) -> ExitCode {
+    run_with_pages(std::env::args_os(), companions)
+}
+
+/// [`run_with_pages`] without companion pages.
 pub fn run<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = match Cli::try_parse_checked(args) {
+    run_with_pages(args, &[])
+}
+
+/// Parses `args` (program name first) with [`Cli::try_parse_checked`] and runs the
+/// command on the real stdout and stderr. Usage errors, `--help` and `--version` are
+/// printed by clap. `man DIR` also writes a page for each of `companions` (agentd's:
+/// its command line is the daemon's, which this crate does not depend on).
+pub fn run_with_pages<I, T>(args: I, companions: &[clap::Command]) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cli = match Cli::try_parse_checked(args) {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout; a closed stdout is not an error.
@@ -109,6 +125,9 @@ where
             anstream::AutoStream::choice(&io::stdout()) != anstream::ColorChoice::Never
         }
     };
+    if let Command::Man(man) = &mut cli.command {
+        man.companions = companions.to_vec();
+    }
     if matches!(cli.command, Command::Watch(_) | Command::Send(_)) {
         catch_interrupt();
     }
@@ -280,17 +299,21 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
     Ok(EXIT_OK)
 }
 
-/// `man [DIR]`: agentctl.1 on `out`, or every page written into DIR.
+/// `man [DIR]`: agentctl.1 on `out`, or every page (agentctl's and its companions')
+/// written into DIR.
 fn man(args: &ManArgs, out: &mut dyn Write) -> Result<(), RunError> {
     let command = Cli::command();
     match &args.dir {
         None => clap_mangen::Man::new(command)
             .render(out)
             .map_err(RunError::Output),
-        Some(dir) => clap_mangen::generate_to(command, dir).map_err(|source| RunError::Write {
-            dir: dir.clone(),
-            source,
-        }),
+        Some(dir) => std::iter::once(command)
+            .chain(args.companions.iter().cloned())
+            .try_for_each(|command| clap_mangen::generate_to(command, dir))
+            .map_err(|source| RunError::Write {
+                dir: dir.clone(),
+                source,
+            }),
     }
 }
 
