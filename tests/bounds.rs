@@ -425,12 +425,12 @@ fn a_removed_socket_and_directory_are_re_created() {
     let dir = daemon.socket.parent().unwrap().to_path_buf();
     // The socket file alone.
     std::fs::remove_file(&daemon.socket).unwrap();
-    wait_for("agentd is reachable again", Duration::from_secs(5), || {
+    wait_for("agentd is reachable again", DEADLINE, || {
         daemon.try_request(json!({"cmd": "ping"})).ok()
     });
     // Its whole directory.
     std::fs::remove_dir_all(&dir).unwrap();
-    wait_for("agentd is reachable again", Duration::from_secs(5), || {
+    wait_for("agentd is reachable again", DEADLINE, || {
         daemon.try_request(json!({"cmd": "ping"})).ok()
     });
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;

@@ -185,11 +185,7 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_with_cgroups() {
     assert!(guardian_dir.is_dir(), "{}", guardian_dir.display());
     kill(d.pid(), libc::SIGKILL);
     let _ = d.child.wait();
-    wait_gone(
-        &tree,
-        Duration::from_secs(5),
-        "the task tree after agentd's SIGKILL",
-    );
+    wait_gone(&tree, DEADLINE, "the task tree after agentd's SIGKILL");
     // And no empty cgroup is left behind.
     wait_for("agentd's cgroups are removed", DEADLINE, || {
         (!root.exists() && !guardian_dir.exists()).then_some(())
@@ -212,11 +208,7 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_in_the_fallback() {
     tree.extend(d.live_children());
     kill(d.pid(), libc::SIGKILL);
     let _ = d.child.wait();
-    wait_gone(
-        &tree,
-        Duration::from_secs(5),
-        "the task tree after agentd's SIGKILL",
-    );
+    wait_gone(&tree, DEADLINE, "the task tree after agentd's SIGKILL");
 }
 
 /// If the guardian dies with agentd, the next agentd on the socket kills what was
@@ -251,7 +243,7 @@ fn the_next_agentd_recovers_what_a_killed_agentd_and_guardian_left() {
         "the orphan died before recovery was tested"
     );
     d.restart();
-    wait_gone(&orphan, Duration::from_secs(5), "the orphan after restart");
+    wait_gone(&orphan, DEADLINE, "the orphan after restart");
     assert!(
         d.log()
             .contains("killed what a previous agentd left running"),
@@ -464,8 +456,10 @@ fn stopping_a_300_process_tree_does_not_delay_status() {
             "cgroup: {}: worst status {worst:?} during the stop",
             !no_cgroup
         );
+        // Loose on purpose (benchmarks measure speed): a loaded machine alone can
+        // make one answer take most of a second.
         assert!(
-            worst < Duration::from_secs(1),
+            worst < Duration::from_secs(3),
             "status took {worst:?}: {view}"
         );
         let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
@@ -557,7 +551,8 @@ fn a_bounded_fork_storm_is_stopped_without_survivors() {
         let during = t.elapsed();
         d.request(json!({"cmd": "stop", "task_id": task}));
         d.wait_state(&task, "cancelled");
-        assert!(during < Duration::from_secs(2), "status took {during:?}");
+        // Loose on purpose, for a loaded machine (benchmarks measure speed).
+        assert!(during < Duration::from_secs(5), "status took {during:?}");
         // Whatever was forked, none of it outlived the stop.
         let forked = read_pids(&pids);
         let left: Vec<u32> = forked.iter().copied().filter(|p| alive(*p)).collect();
