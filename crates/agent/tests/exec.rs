@@ -453,6 +453,28 @@ fn garbage_from_agentd_is_treated_like_eof() {
     assert_eq!(sup.next(), None);
 }
 
+/// agentd reads slowly (it is busy, or the machine is loaded): the command has long
+/// exited while its output still waits in the pipe behind a full channel. All of it
+/// is relayed, in order, before the result.
+#[test]
+fn output_still_in_the_pipe_when_the_command_exits_is_all_relayed_before_the_result() {
+    // 48894 bytes: all in the pipe at once, so the command exits at once, while
+    // agent-exec's channel is full after a few hundred lines.
+    let sup = start("seq 1 10000");
+    // Read nothing for longer than agent-exec's drain time after the exit.
+    std::thread::sleep(Duration::from_secs(2));
+    let (result, code, progress) = sup.finish();
+    assert_eq!(code, 0);
+    let expected: Vec<String> = (1..=10000).map(|n| n.to_string()).collect();
+    assert!(
+        progress == expected,
+        "{} progress lines, the last {:?}",
+        progress.len(),
+        progress.last()
+    );
+    assert!(result.text.ends_with("9999\n10000"), "{:?}", result.text);
+}
+
 #[test]
 fn background_processes_holding_the_pipes_are_killed_after_the_command_exits() {
     let t = Instant::now();
