@@ -9,17 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{kill, wait_for, Daemon, AGENTCTL, DEADLINE};
-
-/// Resident memory of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
+use crate::support::{kill, rss_kib, wait_for, Daemon, AGENTCTL, DEADLINE};
 
 /// The test process holds many sockets at once: lift its soft descriptor limit.
 fn raise_fd_limit() {

@@ -26,36 +26,11 @@ const FAST: &[&str] = &[
 /// machine's, and a loaded machine is several times slower.
 const FLOOD_DEADLINE: Duration = Duration::from_secs(180);
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn error_of(view: &serde_json::Value) -> String {
     view["exit"]["error"]
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-fn wait_gone(pids: &[u32], within: Duration, what: &str) {
-    let started = Instant::now();
-    wait_for(what, within, || {
-        pids.iter().all(|pid| !alive(*pid)).then_some(())
-    });
-    eprintln!("{what}: {:?}", started.elapsed());
-}
-
-/// A task's pid list once its pidfile has `n` lines.
-fn wait_pids(path: &std::path::Path, n: usize) -> Vec<u32> {
-    wait_for(&format!("{n} pids in {}", path.display()), DEADLINE, || {
-        let pids = read_pids(path);
-        (pids.len() >= n).then_some(pids)
-    })
 }
 
 // ----- which guarantee holds -----
@@ -358,7 +333,7 @@ fn bad_frames_fail_the_task_with_a_precise_reason_and_nothing_is_allocated() {
         assert!(error_of(&view).contains(want), "want {want:?}: {view}");
     }
     // A 4 GiB claim was refused at its length prefix, not allocated.
-    let rss = rss_kb(d.pid());
+    let rss = rss_kib(d.pid());
     assert!(rss < 100 * 1024, "agentd RSS {rss} kB");
     let after = d.submit("chat0", "result:still-fine");
     d.wait_state(&after, "succeeded");
@@ -378,7 +353,7 @@ fn a_progress_flood_keeps_memory_flat_and_status_on_time() {
         let t = Instant::now();
         d.request(json!({"cmd": "status"}));
         worst = worst.max(t.elapsed());
-        max_rss = max_rss.max(rss_kb(d.pid()));
+        max_rss = max_rss.max(rss_kib(d.pid()));
         samples += 1;
         std::thread::sleep(Duration::from_millis(20));
         if samples > 2000 {
@@ -568,7 +543,7 @@ fn a_bounded_fork_storm_is_stopped_without_survivors() {
             left.len(),
             forked.len()
         );
-        assert!(d.descendants().is_empty(), "{:?}", d.descendants());
+        d.assert_nothing_left();
     }
 }
 

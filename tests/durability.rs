@@ -604,10 +604,7 @@ fn a_leftover_agent_that_outlived_a_killed_agentd_is_ended_at_restart() {
     );
     let view = daemon.wait_state(&id, "running");
     let agent_pid = view["pid"].as_u64().unwrap() as u32;
-    let children = wait_for("the children are written", DEADLINE, || {
-        let pids = read_pids(&pidfile);
-        (pids.len() == 2).then_some(pids)
-    });
+    let children = wait_pids(&pidfile, 2);
     let orphans = kill9(&mut daemon);
     let _reaper = Reaper(orphans);
     assert!(

@@ -299,6 +299,12 @@ impl Daemon {
             .collect()
     }
 
+    /// Asserts that agentd has no descendant left (agents, tools, orphans).
+    pub fn assert_nothing_left(&self) {
+        let left = self.descendants();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
     /// Live direct children of agentd that are agents (the live-agent count): not its
     /// cgroup guardian.
     pub fn live_children(&self) -> Vec<u32> {
@@ -450,6 +456,33 @@ pub fn descendants_of(root: u32) -> Vec<u32> {
 /// True if the pid exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     process_table().get(&pid).is_some_and(|p| !p.zombie)
+}
+
+/// Resident memory of `pid` in KiB (`VmRSS`), 0 once it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pids in `path` (one a line) once it has at least `n`.
+pub fn wait_pids(path: &Path, n: usize) -> Vec<u32> {
+    wait_for(&format!("{n} pids in {}", path.display()), DEADLINE, || {
+        let pids = read_pids(path);
+        (pids.len() >= n).then_some(pids)
+    })
+}
+
+/// Waits until none of `pids` runs (a zombie counts as gone), and says how long it took.
+pub fn wait_gone(pids: &[u32], within: Duration, what: &str) {
+    let started = Instant::now();
+    wait_for(what, within, || {
+        pids.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+    eprintln!("{what}: {:?}", started.elapsed());
 }
 
 /// Pids written one per line by the test agent's `pidfile:PATH`.

@@ -69,13 +69,7 @@ fn a_reaped_agent_is_never_signalled_through_its_pidfd() {
     guard.child(agent.pid);
     let pidfd = pidfd.expect("pidfd_open works on this kernel");
     let pid = agent.pid;
-    wait_until("the agent is a zombie", || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-    });
+    wait_until("the agent is a zombie", || state_of(pid) == Some('Z'));
     // Unreaped, its pid is still its own: signalling is allowed (and harmless).
     assert!(pidfd.is_alive());
     assert!(pidfd.signal(Signal::SIGTERM).is_ok());
@@ -183,13 +177,7 @@ fn fallback_sigterm_is_followed_by_sigcont_for_stopped_members() {
     let pids = read_pids(spawned.channel, &["agent", "stopped"]);
     let stopped = pid_of(&pids, "stopped");
     guard.watch(stopped);
-    wait_until("the member is stopped", || {
-        std::fs::read_to_string(format!("/proc/{stopped}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('T'))
-        })
-    });
+    wait_until("the member is stopped", || state_of(stopped) == Some('T'));
     killer.signal(tid("t-fb-term"), Signal::SIGTERM);
     match next_report(&reports) {
         TreeReport::Signalled { processes, .. } => assert_eq!(processes, 2),

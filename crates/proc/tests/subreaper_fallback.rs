@@ -45,17 +45,7 @@ fn orphans_that_came_back_are_found_and_a_clean_exit_is_empty() {
     let pid = messy.pid;
     wait_until("the messy agent is reaped", || ProcGuard::try_reap(pid));
     wait_until("the orphan is our child", || {
-        std::fs::read_to_string(format!("/proc/{orphan}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
-            == Some(std::process::id())
+        parent_of(orphan) == Some(std::process::id())
     });
     killer.agent_exited(tid("t-sub-messy"));
     match next_empty(&reports) {

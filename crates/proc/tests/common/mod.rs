@@ -166,14 +166,22 @@ pub fn pid_of(pids: &[(String, u32)], kind: &str) -> u32 {
     pids.iter().find(|(k, _)| k == kind).unwrap().1
 }
 
+/// The fields of `/proc/PID/stat` after the command name (which may hold spaces and
+/// parentheses): the state first, then the parent pid.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The state letter of `pid` (`R`, `S`, `T` stopped, `Z` zombie…), while it exists.
+pub fn state_of(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
 /// The parent of `pid`, while `pid` exists.
 pub fn parent_of(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat_fields(pid)?.get(1)?.parse().ok()
 }
 
 /// Whether `ancestor` is one of `pid`'s ancestors now.
