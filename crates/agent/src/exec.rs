@@ -4,7 +4,10 @@
 //! IPC fd, and with `AGENTD_TASK_ID`/`AGENTD_SESSION` in its environment. Its
 //! stdout and stderr share one pipe, so their lines keep the order the command
 //! wrote them in; each line becomes progress and feeds a bounded tail that
-//! becomes the result text. Cancel turns into SIGINT for the group, and EOF (or
+//! becomes the result text. When the command exits, the rest of its group is
+//! killed after [`ExecConfig::drain_timeout`] (background processes must not hold
+//! the pipe open), and what is still in the pipe is relayed before the result,
+//! however slowly agentd reads. Cancel turns into SIGINT for the group, and EOF (or
 //! garbage) on the channel means agentd is gone: the group gets SIGTERM + SIGCONT,
 //! then SIGKILL after a grace period.
 //!
