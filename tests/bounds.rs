@@ -20,12 +20,16 @@ fn raise_fd_limit() {
     }
 }
 
-/// Reads one response line from `stream` (with a read timeout); `None` on EOF.
+/// Reads one response line from `stream` (with a read timeout); `None` once agentd
+/// closed the connection.
 fn read_line(stream: &UnixStream, timeout: Duration) -> Option<Value> {
     stream.set_read_timeout(Some(timeout)).unwrap();
     let mut line = String::new();
     match BufReader::new(stream).read_line(&mut line) {
         Ok(0) => None,
+        // Closed with input of ours unread (a slowloris client's last bytes): after
+        // the lines written before the close, the kernel says "reset", not EOF.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && line.is_empty() => None,
         Ok(_) => {
             Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}")))
         }
