@@ -274,16 +274,30 @@ impl Daemon {
         }
     }
 
-    /// Waits until the task's agent reported progress containing `needle`.
+    /// Waits until the task's agent reported progress containing `needle`: as its
+    /// latest progress, or as an earlier line of its log (where agentd appends every
+    /// progress line). A line the agent follows at once with others (ticks every
+    /// 100 ms, the next step) is seldom the latest when a loaded machine polls.
+    /// Returns the task's view.
     pub fn wait_progress(&self, task_id: &str, needle: &str) -> Value {
         wait_for(
             &format!("task {task_id} reports progress {needle:?}"),
             DEADLINE,
             || {
                 let view = self.task(task_id);
-                view["progress"]
+                if view["progress"]
                     .as_str()
                     .is_some_and(|p| p.contains(needle))
+                {
+                    return Some(view);
+                }
+                // (No log yet is an error answer: not yet, then.)
+                let log = self
+                    .try_request(json!({"cmd": "log", "task_id": task_id}))
+                    .ok()?;
+                log["result"]["data"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(needle))
                     .then_some(view)
             },
         )
