@@ -209,6 +209,31 @@ impl Daemon {
         response["result"].clone()
     }
 
+    /// Every task, finished ones too (`tasks --all`), a page at a time: one answer
+    /// cannot hold many hundreds.
+    pub fn all_tasks(&self) -> Value {
+        let mut all = Vec::new();
+        let mut cursor = Value::Null;
+        loop {
+            let mut request = json!({"cmd": "tasks", "all": true, "limit": 200});
+            if !cursor.is_null() {
+                request["cursor"] = cursor;
+            }
+            let page = self.request(request);
+            all.extend(
+                page["tasks"]
+                    .as_array()
+                    .expect("a page of tasks")
+                    .iter()
+                    .cloned(),
+            );
+            cursor = page.get("next_cursor").cloned().unwrap_or(Value::Null);
+            if cursor.is_null() {
+                return Value::Array(all);
+            }
+        }
+    }
+
     /// Sends a chat message; returns the `SendReply`.
     pub fn send(&self, session: &str, text: &str) -> Value {
         self.request(json!({"cmd": "send", "session": session, "text": text}))
