@@ -2,7 +2,8 @@
 # Checks that `cargo install --path .` installs exactly agentd, agentctl, agentd-matrix and
 # agent-exec (not the test suite's agentd-test-agent), and that the README's usage
 # works from the installed binaries alone: agentd finds the default agent
-# (agent-exec) beside itself, agentctl finds agentd's default socket.
+# (agent-exec) beside itself, agentctl finds agentd's default socket; and that the
+# man pages `agentctl man DIR` writes render, agentd.1 with every flag of agentd.
 #
 # It installs a debug build from the workspace's own target dir (`--debug
 # --target-dir target`), so after `cargo test` it only links; `cargo install --path .`
@@ -38,6 +39,25 @@ export PATH="$WORK/root/bin:/usr/bin:/bin"
 export XDG_RUNTIME_DIR="$WORK/runtime" XDG_CONFIG_HOME="$WORK/config" XDG_STATE_HOME="$WORK/state"
 unset AGENTD_SOCKET AGENTD_LOG RUST_LOG NOTIFY_SOCKET
 
+# The man pages as the README installs them: agentd.1 (from agentd's own flag
+# definitions) renders, and lists every flag `agentd --help` lists.
+mkdir -p "$WORK/man/man1"
+agentctl man "$WORK/man/man1" || fail "agentctl man DIR failed"
+for page in agentctl agentctl-send agentd; do
+    [[ -s "$WORK/man/man1/$page.1" ]] || fail "agentctl man DIR wrote no $page.1"
+done
+render_man() {
+    # man-db's `man -l`, else groff; bold and underline overstrikes removed.
+    { MANWIDTH=100 man -P cat -l "$1" 2>/dev/null || groff -man -Tutf8 "$1"; } | sed 's/.\x08//g'
+}
+agentd_page="$(render_man "$WORK/man/man1/agentd.1")" || fail "agentd.1 does not render"
+grep -q '^NAME' <<<"$agentd_page" || fail "agentd.1 rendered without a NAME section: $agentd_page"
+flags="$(agentd --help | grep -o -- '--[a-z][a-z-]*' | sort -u)"
+[[ "$(wc -l <<<"$flags")" -gt 20 ]] || fail "agentd --help lists only: $flags"
+for flag in $flags; do
+    grep -q -- "$flag" <<<"$agentd_page" || fail "agentd.1 does not list $flag"
+done
+
 # The README's usage section, from the installed binaries.
 agentd --max-concurrent 1 --agent 'agent-exec -- sh -c {text}' 2>"$WORK/agentd.log" &
 AGENTD_PID=$!
@@ -68,4 +88,4 @@ for _ in $(seq 1 200); do kill -0 "$AGENTD_PID" 2>/dev/null || break; sleep 0.05
 kill -0 "$AGENTD_PID" 2>/dev/null && fail "agentd did not stop on SIGTERM"
 wait "$AGENTD_PID" || fail "agentd exited with an error on SIGTERM"
 AGENTD_PID=""
-echo "install-check: cargo install gives agent-exec, agentctl, agentd, agentd-matrix; the README's usage works from them"
+echo "install-check: cargo install gives agent-exec, agentctl, agentd, agentd-matrix; their man pages render (agentd.1 lists all $(wc -l <<<"$flags") flags); the README's usage works from them"

@@ -57,11 +57,7 @@ fn garbage_and_oversized_frames_fail_the_task_not_the_daemon() {
     }
     let after = d.submit("carol", "result:still-fine");
     d.wait_state(&after, "succeeded");
-    assert!(
-        d.descendants().is_empty(),
-        "left behind: {:?}",
-        d.descendants()
-    );
+    d.assert_nothing_left();
 }
 
 #[test]

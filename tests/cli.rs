@@ -293,6 +293,68 @@ fn send_wait_prints_the_output_once_and_how_long_the_task_ran() {
     assert_eq!(text.matches("alpha").count(), 1, "{text}");
 }
 
+/// `send --wait` prints every progress line of its task, also those the agent wrote
+/// before agentctl got to reading events: here agentctl is held up writing its first
+/// line (its stdout is a full pipe) until the agent has reported.
+#[test]
+fn send_wait_prints_the_progress_reported_before_it_read_any_event() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    let gate = d.gate("end");
+    let (mut reader, mut writer) = std::io::pipe().unwrap();
+    // Fill the pipe, so that agentctl's first write blocks.
+    let fd = writer.as_raw_fd();
+    // SAFETY: fcntl on a pipe descriptor this test owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0);
+    let mut filled = 0;
+    while let Ok(n) = writer.write(&[b'#'; 4096]) {
+        filled += n;
+    }
+    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } == 0);
+    let mut child = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["send", "--session", "s", "--wait"])
+        .arg(format!(
+            "echo up; while [ ! -e {gate} ]; do sleep 0.02; done"
+        ))
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let task = wait_for("the task is accepted", DEADLINE, || {
+        let tasks = d.request(json!({"cmd": "tasks", "session": "s"}));
+        tasks[0]["task_id"].as_str().map(str::to_string)
+    });
+    d.wait_progress(&task, "up");
+    d.release(&gate);
+    let mut filler = vec![0; filled];
+    reader.read_exact(&mut filler).unwrap();
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0], format!("task {task}  started"), "{text}");
+    assert_eq!(lines[1], "  up", "{text}");
+    assert!(
+        lines[2].starts_with(&format!("task {task}  succeeded (ran ")),
+        "{text}"
+    );
+}
+
 #[test]
 fn ctrl_c_on_send_wait_or_watch_says_the_task_goes_on() {
     use std::io::{BufRead, BufReader};
@@ -540,6 +602,23 @@ fn man_pages_are_generated_and_render() {
     assert!(pages.join("agentctl.1").exists());
     let chat = render_man(&pages.join("agentctl-chat.1"));
     assert!(chat.contains("--session"), "{chat}");
+    // agentd's page, from the daemon's own flag definitions: every flag its --help
+    // lists is on it.
+    let agentd = render_man(&pages.join("agentd.1"));
+    let words = agentd.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(words.contains("agentd - Supervisor daemon"), "{agentd}");
+    let help = Command::new(AGENTD).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = stdout(&help);
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(','))
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    for flag in flags {
+        assert!(agentd.contains(flag), "{flag} is not on agentd.1: {agentd}");
+    }
     for command in [
         "send",
         "status",

@@ -22,36 +22,15 @@ const FAST: &[&str] = &[
     "300ms",
 ];
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
+/// How long a flood of output may take to pass through agentd: its speed is the
+/// machine's, and a loaded machine is several times slower.
+const FLOOD_DEADLINE: Duration = Duration::from_secs(180);
 
 fn error_of(view: &serde_json::Value) -> String {
     view["exit"]["error"]
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-fn wait_gone(pids: &[u32], within: Duration, what: &str) {
-    let started = Instant::now();
-    wait_for(what, within, || {
-        pids.iter().all(|pid| !alive(*pid)).then_some(())
-    });
-    eprintln!("{what}: {:?}", started.elapsed());
-}
-
-/// A task's pid list once its pidfile has `n` lines.
-fn wait_pids(path: &std::path::Path, n: usize) -> Vec<u32> {
-    wait_for(&format!("{n} pids in {}", path.display()), DEADLINE, || {
-        let pids = read_pids(path);
-        (pids.len() >= n).then_some(pids)
-    })
 }
 
 // ----- which guarantee holds -----
@@ -181,11 +160,7 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_with_cgroups() {
     assert!(guardian_dir.is_dir(), "{}", guardian_dir.display());
     kill(d.pid(), libc::SIGKILL);
     let _ = d.child.wait();
-    wait_gone(
-        &tree,
-        Duration::from_secs(5),
-        "the task tree after agentd's SIGKILL",
-    );
+    wait_gone(&tree, DEADLINE, "the task tree after agentd's SIGKILL");
     // And no empty cgroup is left behind.
     wait_for("agentd's cgroups are removed", DEADLINE, || {
         (!root.exists() && !guardian_dir.exists()).then_some(())
@@ -208,11 +183,7 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_in_the_fallback() {
     tree.extend(d.live_children());
     kill(d.pid(), libc::SIGKILL);
     let _ = d.child.wait();
-    wait_gone(
-        &tree,
-        Duration::from_secs(5),
-        "the task tree after agentd's SIGKILL",
-    );
+    wait_gone(&tree, DEADLINE, "the task tree after agentd's SIGKILL");
 }
 
 /// If the guardian dies with agentd, the next agentd on the socket kills what was
@@ -247,7 +218,7 @@ fn the_next_agentd_recovers_what_a_killed_agentd_and_guardian_left() {
         "the orphan died before recovery was tested"
     );
     d.restart();
-    wait_gone(&orphan, Duration::from_secs(5), "the orphan after restart");
+    wait_gone(&orphan, DEADLINE, "the orphan after restart");
     assert!(
         d.log()
             .contains("killed what a previous agentd left running"),
@@ -362,7 +333,7 @@ fn bad_frames_fail_the_task_with_a_precise_reason_and_nothing_is_allocated() {
         assert!(error_of(&view).contains(want), "want {want:?}: {view}");
     }
     // A 4 GiB claim was refused at its length prefix, not allocated.
-    let rss = rss_kb(d.pid());
+    let rss = rss_kib(d.pid());
     assert!(rss < 100 * 1024, "agentd RSS {rss} kB");
     let after = d.submit("chat0", "result:still-fine");
     d.wait_state(&after, "succeeded");
@@ -382,7 +353,7 @@ fn a_progress_flood_keeps_memory_flat_and_status_on_time() {
         let t = Instant::now();
         d.request(json!({"cmd": "status"}));
         worst = worst.max(t.elapsed());
-        max_rss = max_rss.max(rss_kb(d.pid()));
+        max_rss = max_rss.max(rss_kib(d.pid()));
         samples += 1;
         std::thread::sleep(Duration::from_millis(20));
         if samples > 2000 {
@@ -390,9 +361,11 @@ fn a_progress_flood_keeps_memory_flat_and_status_on_time() {
         }
     }
     eprintln!("{samples} status answers during the flood, worst {worst:?}, max RSS {max_rss} kB");
-    assert!(worst < Duration::from_secs(2), "status took {worst:?}");
+    // Blocked behind the flood, a status would wait for all of it (tens of seconds);
+    // 5 s leaves room for a loaded machine's scheduling.
+    assert!(worst < Duration::from_secs(5), "status took {worst:?}");
     assert!(max_rss < 64 * 1024, "agentd RSS {max_rss} kB");
-    d.wait_state(&flood, "succeeded");
+    d.wait_state_within(&flood, "succeeded", FLOOD_DEADLINE);
 }
 
 /// Gigabytes on stdout: the log keeps the cap and a truncation marker, the task is
@@ -401,7 +374,7 @@ fn a_progress_flood_keeps_memory_flat_and_status_on_time() {
 fn an_agent_printing_without_end_gets_a_capped_log() {
     let d = Daemon::with_test_agent(&["--log-cap", "1048576"]);
     let task = d.submit("alice", "stdout:1024 result:loud");
-    let view = d.wait_state(&task, "succeeded");
+    let view = d.wait_state_within(&task, "succeeded", FLOOD_DEADLINE);
     assert_eq!(view["result"], "loud");
     let log = d.dir.path().join("state/logs").join(format!("{task}.log"));
     let bytes = wait_for("the log is closed", DEADLINE, || {
@@ -458,8 +431,10 @@ fn stopping_a_300_process_tree_does_not_delay_status() {
             "cgroup: {}: worst status {worst:?} during the stop",
             !no_cgroup
         );
+        // Loose on purpose (benchmarks measure speed): a loaded machine alone can
+        // make one answer take most of a second.
         assert!(
-            worst < Duration::from_secs(1),
+            worst < Duration::from_secs(3),
             "status took {worst:?}: {view}"
         );
         let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
@@ -551,7 +526,8 @@ fn a_bounded_fork_storm_is_stopped_without_survivors() {
         let during = t.elapsed();
         d.request(json!({"cmd": "stop", "task_id": task}));
         d.wait_state(&task, "cancelled");
-        assert!(during < Duration::from_secs(2), "status took {during:?}");
+        // Loose on purpose, for a loaded machine (benchmarks measure speed).
+        assert!(during < Duration::from_secs(5), "status took {during:?}");
         // Whatever was forked, none of it outlived the stop.
         let forked = read_pids(&pids);
         let left: Vec<u32> = forked.iter().copied().filter(|p| alive(*p)).collect();
@@ -567,7 +543,7 @@ fn a_bounded_fork_storm_is_stopped_without_survivors() {
             left.len(),
             forked.len()
         );
-        assert!(d.descendants().is_empty(), "{:?}", d.descendants());
+        d.assert_nothing_left();
     }
 }
 
@@ -607,8 +583,10 @@ fn floods_do_not_make_a_quiet_agent_look_hung() {
     let quiet = d.submit("quiet", "quiet:3000 result:patient");
     let view = d.wait_state(&quiet, "succeeded");
     assert_eq!(view["result"], "patient");
-    d.wait_state(&flood, "succeeded");
-    d.wait_state(&loud, "succeeded");
+    // The floods take as long as the machine needs for 300000 frames and 512 MiB
+    // (a loaded machine was at line 102508 after 20 s); not being hung is the point.
+    d.wait_state_within(&flood, "succeeded", FLOOD_DEADLINE);
+    d.wait_state_within(&loud, "succeeded", FLOOD_DEADLINE);
 }
 
 /// The same settings from the config file (`--config`).

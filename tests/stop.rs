@@ -19,10 +19,7 @@ fn stop_cancels_cooperatively_leaves_no_process_and_the_queued_task_runs() {
     let long = d.submit("alice", &script);
     let queued = d.submit("bob", "echo hello");
     d.wait_progress(&long, "working");
-    let tools = wait_for("both tool pids are written", DEADLINE, || {
-        let pids = read_pids(&pidfile);
-        (pids.len() == 2).then_some(pids)
-    });
+    let tools = wait_pids(&pidfile, 2);
 
     let out = d.agentctl(&["stop", &long]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -79,11 +76,7 @@ fn a_command_that_ignores_sigint_and_sigterm_is_killed_after_both_graces() {
     assert!((1900..8000).contains(&stop_ms), "stop_ms {stop_ms}");
     // The slot is free again: the queued task runs.
     d.wait_state(&next, "succeeded");
-    assert!(
-        d.descendants().is_empty(),
-        "left behind: {:?}",
-        d.descendants()
-    );
+    d.assert_nothing_left();
 }
 
 #[test]
@@ -115,10 +108,7 @@ fn descendants_that_left_the_group_and_session_are_killed_too() {
         ),
     );
     d.wait_state(&task, "running");
-    let pids = wait_for("3 descendant pids are written", DEADLINE, || {
-        let pids = read_pids(&pidfile);
-        (pids.len() >= 3).then_some(pids)
-    });
+    let pids = wait_pids(&pidfile, 3);
     for pid in &pids {
         assert!(
             alive(*pid),
@@ -129,11 +119,7 @@ fn descendants_that_left_the_group_and_session_are_killed_too() {
     for pid in &pids {
         assert!(!alive(*pid), "descendant {pid} survived the stop");
     }
-    assert!(
-        d.descendants().is_empty(),
-        "left behind: {:?}",
-        d.descendants()
-    );
+    d.assert_nothing_left();
 }
 
 #[test]

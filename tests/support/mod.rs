@@ -209,6 +209,31 @@ impl Daemon {
         response["result"].clone()
     }
 
+    /// Every task, finished ones too (`tasks --all`), a page at a time: one answer
+    /// cannot hold many hundreds.
+    pub fn all_tasks(&self) -> Value {
+        let mut all = Vec::new();
+        let mut cursor = Value::Null;
+        loop {
+            let mut request = json!({"cmd": "tasks", "all": true, "limit": 200});
+            if !cursor.is_null() {
+                request["cursor"] = cursor;
+            }
+            let page = self.request(request);
+            all.extend(
+                page["tasks"]
+                    .as_array()
+                    .expect("a page of tasks")
+                    .iter()
+                    .cloned(),
+            );
+            cursor = page.get("next_cursor").cloned().unwrap_or(Value::Null);
+            if cursor.is_null() {
+                return Value::Array(all);
+            }
+        }
+    }
+
     /// Sends a chat message; returns the `SendReply`.
     pub fn send(&self, session: &str, text: &str) -> Value {
         self.request(json!({"cmd": "send", "session": session, "text": text}))
@@ -230,8 +255,14 @@ impl Daemon {
 
     /// Waits until the task is in `state`; returns its view.
     pub fn wait_state(&self, task_id: &str, state: &str) -> Value {
+        self.wait_state_within(task_id, state, DEADLINE)
+    }
+
+    /// [`Daemon::wait_state`] for a task whose work takes time in proportion to the
+    /// machine's speed (a flood of output), with its own `timeout`.
+    pub fn wait_state_within(&self, task_id: &str, state: &str, timeout: Duration) -> Value {
         let mut last = Value::Null;
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + timeout;
         loop {
             let view = self.task(task_id);
             if view["state"] == json!(state) {
@@ -268,16 +299,30 @@ impl Daemon {
         }
     }
 
-    /// Waits until the task's agent reported progress containing `needle`.
+    /// Waits until the task's agent reported progress containing `needle`: as its
+    /// latest progress, or as an earlier line of its log (where agentd appends every
+    /// progress line). A line the agent follows at once with others (ticks every
+    /// 100 ms, the next step) is seldom the latest when a loaded machine polls.
+    /// Returns the task's view.
     pub fn wait_progress(&self, task_id: &str, needle: &str) -> Value {
         wait_for(
             &format!("task {task_id} reports progress {needle:?}"),
             DEADLINE,
             || {
                 let view = self.task(task_id);
-                view["progress"]
+                if view["progress"]
                     .as_str()
                     .is_some_and(|p| p.contains(needle))
+                {
+                    return Some(view);
+                }
+                // (No log yet is an error answer: not yet, then.)
+                let log = self
+                    .try_request(json!({"cmd": "log", "task_id": task_id}))
+                    .ok()?;
+                log["result"]["data"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(needle))
                     .then_some(view)
             },
         )
@@ -291,6 +336,12 @@ impl Daemon {
             .into_iter()
             .filter(|pid| Some(*pid) != guardian)
             .collect()
+    }
+
+    /// Asserts that agentd has no descendant left (agents, tools, orphans).
+    pub fn assert_nothing_left(&self) {
+        let left = self.descendants();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 
     /// Live direct children of agentd that are agents (the live-agent count): not its
@@ -444,6 +495,33 @@ pub fn descendants_of(root: u32) -> Vec<u32> {
 /// True if the pid exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     process_table().get(&pid).is_some_and(|p| !p.zombie)
+}
+
+/// Resident memory of `pid` in KiB (`VmRSS`), 0 once it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pids in `path` (one a line) once it has at least `n`.
+pub fn wait_pids(path: &Path, n: usize) -> Vec<u32> {
+    wait_for(&format!("{n} pids in {}", path.display()), DEADLINE, || {
+        let pids = read_pids(path);
+        (pids.len() >= n).then_some(pids)
+    })
+}
+
+/// Waits until none of `pids` runs (a zombie counts as gone), and says how long it took.
+pub fn wait_gone(pids: &[u32], within: Duration, what: &str) {
+    let started = Instant::now();
+    wait_for(what, within, || {
+        pids.iter().all(|pid| !alive(*pid)).then_some(())
+    });
+    eprintln!("{what}: {:?}", started.elapsed());
 }
 
 /// Pids written one per line by the test agent's `pidfile:PATH`.

@@ -6,7 +6,10 @@
 //! agent-exec ([`agentd_spawn`]), with SIGKILL as its parent-death signal. Its
 //! stdout and stderr share one pipe, so their lines keep the order the command
 //! wrote them in; each line becomes progress and feeds a bounded tail that
-//! becomes the result text. Cancel turns into SIGINT for the group, and EOF (or
+//! becomes the result text. When the command exits, the rest of its group is
+//! killed after [`ExecConfig::drain_timeout`] (background processes must not hold
+//! the pipe open), and what is still in the pipe is relayed before the result,
+//! however slowly agentd reads. Cancel turns into SIGINT for the group, and EOF (or
 //! garbage) on the channel means agentd is gone: the group gets SIGTERM + SIGCONT,
 //! then SIGKILL after a grace period.
 //!
@@ -41,7 +44,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -409,18 +412,21 @@ fn supervise(
 
     let tail = Arc::new(Mutex::new(Tail::new(config.result_bytes)));
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    let relay = Arc::new(Relay::default());
     let mut pumps = 0;
     {
         let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
+        let relay = Arc::clone(&relay);
         pumps += usize::from(spawn_thread("agent-exec-output", move || {
-            pump(output, &sender, &tail);
+            pump(output, &sender, &tail, &relay);
             let _ = done.send(());
         }));
     }
     if let Some(read) = checkpoints {
         let (sender, done) = (sender.clone(), done_tx.clone());
+        let relay = Arc::clone(&relay);
         pumps += usize::from(spawn_thread("agent-exec-checkpoints", move || {
-            relay_checkpoints(read, &sender);
+            relay_checkpoints(read, &sender, &relay);
             let _ = done.send(());
         }));
     }
@@ -452,9 +458,19 @@ fn supervise(
     let deadline = Instant::now() + config.drain_timeout;
     open -= wait_done(&done_rx, open, deadline);
     group.signal(Signal::SIGKILL);
-    if open > 0 {
-        // Whatever still holds a pipe left the group; do not wait for it long.
-        wait_done(&done_rx, open, Instant::now() + Duration::from_millis(200));
+    // A pump still relaying what the command wrote (agentd reads slowly, so the pipe
+    // waits behind a full channel) is waited for: that output is the task's, and the
+    // result comes after it. A pipe silent for 200 ms is held by a process that left
+    // the group: it is not waited for long.
+    let limit = Instant::now() + RELAY_LIMIT;
+    let mut steps = relay.steps();
+    while open > 0 {
+        open -= wait_done(&done_rx, open, Instant::now() + Duration::from_millis(200));
+        let now = relay.steps();
+        if (now == steps && !relay.sending()) || Instant::now() >= limit {
+            break;
+        }
+        steps = now;
     }
     // Nothing of the group reads stdin any more: steers not read by now never will
     // be. Their acks go out before the result; later steers are refused at once.
@@ -841,7 +857,7 @@ pub fn unescape_line(line: &str) -> String {
 /// Relays the checkpoint pipe until EOF: each line (in the line framing) is one
 /// checkpoint. A line whose checkpoint would exceed [`MAX_CHECKPOINT_BYTES`] is
 /// dropped with a warning on agent-exec's stderr.
-fn relay_checkpoints(mut src: impl Read, sender: &AgentSender) {
+fn relay_checkpoints(mut src: impl Read, sender: &AgentSender, relay: &Relay) {
     // Escaping at most doubles the size.
     let mut lines = LineSplitter::new(2 * MAX_CHECKPOINT_BYTES);
     let mut buf = [0u8; 8192];
@@ -854,14 +870,17 @@ fn relay_checkpoints(mut src: impl Read, sender: &AgentSender) {
             ));
             return;
         }
-        if let Err(e) = sender.checkpoint(data) {
+        if let Err(e) = relay.send(|| sender.checkpoint(data)) {
             warn(format_args!("cannot send a checkpoint to agentd: {e}"));
         }
     };
     loop {
         match src.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => lines.feed(&buf[..n], &mut emit),
+            Ok(n) => {
+                relay.step();
+                lines.feed(&buf[..n], &mut emit);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
@@ -869,8 +888,44 @@ fn relay_checkpoints(mut src: impl Read, sender: &AgentSender) {
     lines.finish(&mut emit);
 }
 
+/// How far the pumps are, for the wait after the command exited.
+#[derive(Default)]
+struct Relay {
+    /// Bumped by every read from a pipe and every message sent.
+    steps: AtomicU64,
+    /// Pumps in the middle of a send to agentd.
+    sending: AtomicUsize,
+}
+
+impl Relay {
+    fn step(&self) {
+        self.steps.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn steps(&self) -> u64 {
+        self.steps.load(Ordering::SeqCst)
+    }
+
+    fn sending(&self) -> bool {
+        self.sending.load(Ordering::SeqCst) > 0
+    }
+
+    /// Runs `send` (a message to agentd) as a step that may block on the channel.
+    fn send<T>(&self, send: impl FnOnce() -> T) -> T {
+        self.sending.fetch_add(1, Ordering::SeqCst);
+        let result = send();
+        self.sending.fetch_sub(1, Ordering::SeqCst);
+        self.step();
+        result
+    }
+}
+
+/// Longest agent-exec relays output after its command exited, while a pump keeps
+/// going (a process that left the group may hold the pipe and write on).
+const RELAY_LIMIT: Duration = Duration::from_secs(10);
+
 /// Relays one output pipe line by line until EOF.
-fn pump(mut src: impl Read, sender: &AgentSender, tail: &Mutex<Tail>) {
+fn pump(mut src: impl Read, sender: &AgentSender, tail: &Mutex<Tail>, relay: &Relay) {
     let mut lines = LineSplitter::new(MAX_LINE_BYTES);
     let mut buf = [0u8; 8192];
     let mut emit = |line: &[u8], cut: bool| {
@@ -885,13 +940,16 @@ fn pump(mut src: impl Read, sender: &AgentSender, tail: &Mutex<Tail>) {
         if !text.trim().is_empty() {
             // Errors mean agentd is gone; the IPC reader handles that. Keep
             // draining so that the command never blocks on a full pipe.
-            let _ = sender.progress(text);
+            let _ = relay.send(|| sender.progress(text));
         }
     };
     loop {
         match src.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => lines.feed(&buf[..n], &mut emit),
+            Ok(n) => {
+                relay.step();
+                lines.feed(&buf[..n], &mut emit);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }

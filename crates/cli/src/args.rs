@@ -185,10 +185,14 @@ pub struct CompletionsArgs {
 /// `man [DIR]`
 #[derive(Debug, Clone, Args)]
 pub struct ManArgs {
-    /// Write agentctl.1 and agentctl-COMMAND.1 into this directory instead of
-    /// printing agentctl.1
+    /// Write agentctl.1, agentctl-COMMAND.1 and agentd.1 into this directory instead
+    /// of printing agentctl.1
     #[arg(value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// The other programs whose pages go into DIR: agentd's, which the `agentctl`
+    /// binary passes in ([`crate::main_with_pages`]).
+    #[arg(skip)]
+    pub companions: Vec<clap::Command>,
 }
 
 impl Command {

@@ -81,20 +81,36 @@ pub const EXIT_TASK_FAILED: u8 = 5;
 /// `send --wait` or `watch` ended by Ctrl-C (SIGINT); the task goes on.
 pub const EXIT_INTERRUPTED: u8 = 130;
 
-/// The entry point of the `agentctl` binary: [`run`] with the process arguments.
+/// [`run`] with the process arguments.
 pub fn main() -> ExitCode {
     run(std::env::args_os())
 }
 
-/// Parses `args` (program name first) with [`Cli::try_parse_checked`] and runs the
-/// command on the real stdout and stderr. Usage errors, `--help` and `--version` are
-/// printed by clap.
+/// The entry point of the `agentctl` binary: [`run_with_pages`] with the process
+/// arguments.
+pub fn main_with_pages(companions: &[clap::Command]) -> ExitCode {
+    run_with_pages(std::env::args_os(), companions)
+}
+
+/// [`run_with_pages`] without companion pages.
 pub fn run<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = match Cli::try_parse_checked(args) {
+    run_with_pages(args, &[])
+}
+
+/// Parses `args` (program name first) with [`Cli::try_parse_checked`] and runs the
+/// command on the real stdout and stderr. Usage errors, `--help` and `--version` are
+/// printed by clap. `man DIR` also writes a page for each of `companions` (agentd's:
+/// its command line is the daemon's, which this crate does not depend on).
+pub fn run_with_pages<I, T>(args: I, companions: &[clap::Command]) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cli = match Cli::try_parse_checked(args) {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout; a closed stdout is not an error.
@@ -109,6 +125,9 @@ where
             anstream::AutoStream::choice(&io::stdout()) != anstream::ColorChoice::Never
         }
     };
+    if let Command::Man(man) = &mut cli.command {
+        man.companions = companions.to_vec();
+    }
     if matches!(cli.command, Command::Watch(_) | Command::Send(_)) {
         catch_interrupt();
     }
@@ -280,17 +299,21 @@ fn dispatch(cli: &Cli, out: &mut dyn Write) -> Result<u8, RunError> {
     Ok(EXIT_OK)
 }
 
-/// `man [DIR]`: agentctl.1 on `out`, or every page written into DIR.
+/// `man [DIR]`: agentctl.1 on `out`, or every page (agentctl's and its companions')
+/// written into DIR.
 fn man(args: &ManArgs, out: &mut dyn Write) -> Result<(), RunError> {
     let command = Cli::command();
     match &args.dir {
         None => clap_mangen::Man::new(command)
             .render(out)
             .map_err(RunError::Output),
-        Some(dir) => clap_mangen::generate_to(command, dir).map_err(|source| RunError::Write {
-            dir: dir.clone(),
-            source,
-        }),
+        Some(dir) => std::iter::once(command)
+            .chain(args.companions.iter().cloned())
+            .try_for_each(|command| clap_mangen::generate_to(command, dir))
+            .map_err(|source| RunError::Write {
+                dir: dir.clone(),
+                source,
+            }),
     }
 }
 
@@ -594,9 +617,14 @@ impl Ctx<'_> {
 
     /// `send --wait`: the send, then the task's progress until it ends (following the
     /// message into the task it was merged into), then its outcome and result.
+    ///
+    /// The session is watched before the message is sent, on the same connection, so
+    /// every event of the task is seen however soon its agent reports: a watch of the
+    /// task opened after the send's answer misses what the agent said before it.
     fn send_wait(&self, args: &SendArgs, out: &mut dyn Write) -> Result<u8, RunError> {
         let mut client = Client::connect(self.socket)?;
-        let value = client.request(args.request())?;
+        let mut events = client.watch_session(&args.session)?;
+        let value = events.request(args.request())?;
         let reply: SendReply = decode(value.clone())?;
         let task = match &reply.task {
             Some(task) if reply.accepted => task.clone(),
@@ -613,10 +641,10 @@ impl Ctx<'_> {
         let view = match (task.state, &task.merged_into) {
             // The send's line already says where the message went.
             (TaskState::Merged, Some(into)) => {
-                self.follow(&mut client, into, &mut progress, out)?
+                self.follow(&mut events, into, &mut progress, out)?
             }
             (state, _) if state.is_terminal() => task,
-            _ => self.follow(&mut client, &task.task_id, &mut progress, out)?,
+            _ => self.follow(&mut events, &task.task_id, &mut progress, out)?,
         };
         on_interrupt(None);
         let text = if self.json {
@@ -636,51 +664,55 @@ impl Ctx<'_> {
         })
     }
 
-    /// Watches task `target` (and the tasks it is merged into) until it ends, printing
-    /// progress lines (kept in `progress`) and merges; returns the final view.
+    /// Follows task `target` (and the tasks it is merged into) in the session watch
+    /// `events` until it ends, printing progress lines (kept in `progress`) and
+    /// merges; returns the final view.
     fn follow(
         &self,
-        client: &mut Client,
+        events: &mut WatchStream<'_>,
         target: &str,
         progress: &mut Vec<String>,
         out: &mut dyn Write,
     ) -> Result<TaskView, RunError> {
-        on_interrupt(Some(agentd_proto::text::interrupted_task(target)));
-        let mut stream = client.watch_task(target)?;
-        let mut last = None;
-        while let Some(event) = stream.next() {
+        let mut target = target.to_string();
+        on_interrupt(Some(agentd_proto::text::interrupted_task(&target)));
+        while let Some(event) = events.next() {
             let event = event?;
-            if stream.skipped() > 0 {
+            if event.task_id != target {
+                // Another task of the session.
+                continue;
+            }
+            if events.skipped() > 0 {
                 // A gap: the result can no longer be matched line for line.
                 progress.push(String::from("\0"));
             }
             let line = match (event.kind, &event.text, &event.into) {
-                _ if self.json => None,
                 (EventKind::Progress, Some(text), _) => {
                     progress.push(text.clone());
                     Some(render::render_progress(text))
                 }
                 (EventKind::Merged, _, Some(into)) => {
+                    target = into.clone();
                     on_interrupt(Some(agentd_proto::text::interrupted_task(into)));
                     progress.clear();
                     Some(render::render_merged_into(into))
                 }
+                (EventKind::Finished, _, _) => {
+                    return Ok(match event.task {
+                        Some(view) if view.state.is_terminal() => view,
+                        _ => events.call::<TaskView>(RequestBody::Status {
+                            task_id: Some(event.task_id),
+                        })?,
+                    });
+                }
                 _ => None,
             };
-            if let Some(line) = line {
+            if let Some(line) = line.filter(|_| !self.json) {
                 print_flushed(out, &line)?;
             }
-            last = Some(event);
         }
-        // The stream ends only after the `finished` event (errors were returned above),
-        // or a `merged` one that leads nowhere.
-        let event = last.ok_or(ClientError::Disconnected)?;
-        Ok(match event.task {
-            Some(view) if view.state.is_terminal() => view,
-            _ => stream.call::<TaskView>(RequestBody::Status {
-                task_id: Some(event.task_id),
-            })?,
-        })
+        // A session watch ends only with an error (returned above) or the connection.
+        Err(ClientError::Disconnected.into())
     }
 }
 
@@ -884,6 +916,31 @@ mod tests {
         watch.id
     }
 
+    /// Answers the session watch `send --wait` opens before it sends, then sends
+    /// `snapshot`; returns the watch's request id, which the task's events carry.
+    fn answer_session_watch(conn: &mut Conn, session: &str, snapshot: Vec<EventView>) -> u64 {
+        let watch = conn.next();
+        assert_eq!(
+            watch.body,
+            RequestBody::Watch {
+                task_id: None,
+                session: Some(session.into())
+            }
+        );
+        conn.send(&Response::ok(
+            watch.id,
+            WatchReply {
+                task_id: None,
+                session: Some(session.into()),
+                task: None,
+            },
+        ));
+        for e in snapshot {
+            conn.event(watch.id, e);
+        }
+        watch.id
+    }
+
     #[test]
     fn not_running_is_one_line_and_exit_3() {
         let dir = tempfile::tempdir().unwrap();
@@ -1005,23 +1062,24 @@ mod tests {
     #[test]
     fn send_wait_prints_progress_then_the_outcome_and_result() {
         let (_dir, socket, server) = fake_agentd_script(|conn| {
+            // The session's other task, in the snapshot and later: not this send's.
+            let watch = answer_session_watch(conn, "alice", vec![event(EventKind::Started, "t-0")]);
             let send = conn.next();
             assert!(matches!(send.body, RequestBody::Send { .. }));
             let queued = TaskView {
                 position: Some(2),
                 ..task("t-1", TaskState::Queued)
             };
-            conn.send(&Response::ok(send.id, accepted(queued.clone())));
-            // A progress event between the watch's answer and the status answer is
-            // kept, not lost.
-            let watch = answer_task_watch(
-                conn,
-                "t-1",
-                queued,
-                vec![EventView {
+            // Events that come before the send's answer are kept, not lost.
+            conn.event(watch, event(EventKind::Accepted, "t-1"));
+            conn.event(watch, progress("t-0", "elsewhere"));
+            conn.send(&Response::ok(send.id, accepted(queued)));
+            conn.event(
+                watch,
+                EventView {
                     position: Some(1),
                     ..event(EventKind::Position, "t-1")
-                }],
+                },
             );
             conn.event(watch, event(EventKind::Started, "t-1"));
             conn.event(watch, progress("t-1", "compiling"));
@@ -1053,11 +1111,12 @@ mod tests {
     #[test]
     fn send_wait_prints_output_once_when_progress_already_showed_it() {
         let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let watch = answer_session_watch(conn, "alice", vec![]);
             let send = conn.next();
-            let running = task("t-1", TaskState::Running);
-            conn.send(&Response::ok(send.id, accepted(running.clone())));
-            let watch = answer_task_watch(conn, "t-1", running, vec![]);
+            // The agent reports before agentctl has the send's answer.
             conn.event(watch, progress("t-1", "one"));
+            let running = task("t-1", TaskState::Running);
+            conn.send(&Response::ok(send.id, accepted(running)));
             conn.event(watch, progress("t-1", "two"));
             let done = TaskView {
                 started_at: Some("2024-05-01T10:00:00Z".into()),
@@ -1138,13 +1197,12 @@ mod tests {
             };
             let final_view = failed.clone();
             let (_dir, socket, server) = fake_agentd_script(move |conn| {
+                let watch = answer_session_watch(conn, "alice", vec![]);
                 let send = conn.next();
                 conn.send(&Response::ok(
                     send.id,
                     accepted(task("t-1", TaskState::Starting)),
                 ));
-                let running = task("t-1", TaskState::Running);
-                let watch = answer_task_watch(conn, "t-1", running, vec![]);
                 conn.event(watch, progress("t-1", "trying"));
                 conn.event(watch, finished(failed));
             });
@@ -1173,6 +1231,7 @@ mod tests {
     #[test]
     fn send_wait_follows_a_merged_message_into_its_task() {
         let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let watch = answer_session_watch(conn, "alice", vec![]);
             let send = conn.next();
             let merged = TaskView {
                 merged_into: Some("t-1".into()),
@@ -1183,8 +1242,7 @@ mod tests {
                 ..accepted(merged)
             };
             conn.send(&Response::ok(send.id, reply));
-            let watch = answer_task_watch(conn, "t-1", task("t-1", TaskState::Queued), vec![]);
-            // t-1 is itself collected into t-3; the watch follows it there.
+            // t-1 is itself collected into t-3; agentctl follows it there.
             conn.event(
                 watch,
                 EventView {
@@ -1217,8 +1275,10 @@ mod tests {
 
     #[test]
     fn send_wait_on_a_control_command_prints_the_reply() {
-        let (_dir, socket, server) = fake_agentd(|request| {
-            Response::ok(
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            answer_session_watch(conn, "alice", vec![]);
+            let request = conn.next();
+            conn.send(&Response::ok(
                 request.id,
                 SendReply {
                     reply: "1/2 agents busy".into(),
@@ -1232,7 +1292,7 @@ mod tests {
                     notice: None,
                     steered_into: None,
                 },
-            )
+            ));
         });
         let (code, out, err) = agentctl(
             &socket,
@@ -1246,19 +1306,21 @@ mod tests {
     }
 
     #[test]
-    fn send_wait_on_a_finished_duplicate_does_not_watch() {
-        let (_dir, socket, server) = fake_agentd(|request| {
+    fn send_wait_on_a_finished_duplicate_does_not_wait() {
+        let (_dir, socket, server) = fake_agentd_script(|conn| {
+            answer_session_watch(conn, "alice", vec![]);
+            let request = conn.next();
             let done = TaskView {
                 result: Some("42".into()),
                 ..task("t-1", TaskState::Succeeded)
             };
-            Response::ok(
+            conn.send(&Response::ok(
                 request.id,
                 SendReply {
                     duplicate: true,
                     ..accepted(done)
                 },
-            )
+            ));
         });
         let (code, out, err) = agentctl(
             &socket,
@@ -1285,12 +1347,12 @@ mod tests {
     #[test]
     fn send_wait_reports_a_lost_connection_with_exit_4() {
         let (_dir, socket, server) = fake_agentd_script(|conn| {
+            let watch = answer_session_watch(conn, "alice", vec![]);
             let send = conn.next();
             conn.send(&Response::ok(
                 send.id,
                 accepted(task("t-1", TaskState::Running)),
             ));
-            let watch = answer_task_watch(conn, "t-1", task("t-1", TaskState::Running), vec![]);
             conn.event(watch, progress("t-1", "half way"));
             // Then agentd goes away.
         });

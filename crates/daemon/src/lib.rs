@@ -1,5 +1,6 @@
 //! The agentd supervisor daemon: the IO shell around [`agentd_core::Dispatcher`].
 //!
+//! - [`args`]: the `agentd` command line (flags), for the binary and its man page.
 //! - [`socket`]: the control socket's directory and listener (0700 dir, 0600 socket,
 //!   peer uid checked per connection).
 //! - [`control`]: one task per client connection: bounded line reads with a deadline,
@@ -23,6 +24,7 @@
 //! parses flags, binds and installs signal handlers.
 
 pub mod agent_io;
+pub mod args;
 pub mod config;
 pub mod control;
 pub mod durable;

@@ -181,11 +181,7 @@ fn sigterm_reaches_every_process_of_the_cgroup_and_wakes_stopped_ones() {
     let scrubbed = pid_of(&pids, "scrubbed");
     guard.watch(scrubbed);
     wait_until("the grandchild is stopped", || {
-        std::fs::read_to_string(format!("/proc/{scrubbed}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('T'))
-        })
+        state_of(scrubbed) == Some('T')
     });
     killer.signal("t-term", Signal::SIGTERM);
     match next_report(&reports) {

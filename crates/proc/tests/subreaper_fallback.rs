@@ -15,16 +15,16 @@ fn orphans_that_came_back_are_found_and_a_clean_exit_is_empty() {
     let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
     let mut guard = ProcGuard::default();
 
-    let clean = procs.spawn(&command("t-sub-clean", "exit 0")).unwrap();
+    let clean = procs.spawn(&command(tid("t-sub-clean"), "exit 0")).unwrap();
     guard.child(clean.pid);
     killer.track(clean.procs);
     let pid = clean.pid;
     wait_until("the clean agent is reaped", || ProcGuard::try_reap(pid));
-    killer.agent_exited("t-sub-clean");
+    killer.agent_exited(tid("t-sub-clean"));
     assert_eq!(
         next_empty(&reports),
         TreeReport::Empty {
-            task_id: "t-sub-clean".into(),
+            task_id: tid("t-sub-clean").into(),
             killed: 0,
             survivors: vec![]
         }
@@ -33,7 +33,7 @@ fn orphans_that_came_back_are_found_and_a_clean_exit_is_empty() {
     // The agent exits; its double-forked child is re-parented to us.
     let messy = procs
         .spawn(&command(
-            "t-sub-messy",
+            tid("t-sub-messy"),
             r#"(sh -c 'echo "orphan $$" >&3; exec sleep 300' &); echo "agent $$" >&3"#,
         ))
         .unwrap();
@@ -45,26 +45,16 @@ fn orphans_that_came_back_are_found_and_a_clean_exit_is_empty() {
     let pid = messy.pid;
     wait_until("the messy agent is reaped", || ProcGuard::try_reap(pid));
     wait_until("the orphan is our child", || {
-        std::fs::read_to_string(format!("/proc/{orphan}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
-            == Some(std::process::id())
+        parent_of(orphan) == Some(std::process::id())
     });
-    killer.agent_exited("t-sub-messy");
+    killer.agent_exited(tid("t-sub-messy"));
     match next_empty(&reports) {
         TreeReport::Empty {
             task_id,
             killed,
             survivors,
         } => {
-            assert_eq!(task_id, "t-sub-messy");
+            assert_eq!(task_id, tid("t-sub-messy"));
             assert_eq!(killed, 1);
             assert!(survivors.is_empty(), "{survivors:?}");
         }

@@ -114,6 +114,13 @@ impl Drop for ProcGuard {
     }
 }
 
+/// Task id `name`, made this test process's own: the process-tree fallback finds a
+/// task's orphans by the task id in their environment, and another run of the same
+/// tests on the machine (another checkout, say) must not find ours, nor we theirs.
+pub fn tid(name: &str) -> &'static str {
+    Box::leak(format!("{name}-{}", std::process::id()).into_boxed_str())
+}
+
 pub fn command(task_id: &str, script: &str) -> AgentCommand {
     AgentCommand {
         program: "sh".into(),
@@ -157,6 +164,39 @@ pub fn read_pids(channel: UnixStream, kinds: &[&str]) -> Vec<(String, u32)> {
 
 pub fn pid_of(pids: &[(String, u32)], kind: &str) -> u32 {
     pids.iter().find(|(k, _)| k == kind).unwrap().1
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which may hold spaces and
+/// parentheses): the state first, then the parent pid.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The state letter of `pid` (`R`, `S`, `T` stopped, `Z` zombie…), while it exists.
+pub fn state_of(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// The parent of `pid`, while `pid` exists.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// Whether `ancestor` is one of `pid`'s ancestors now.
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut pid = pid;
+    while let Some(parent) = parent_of(pid) {
+        if parent == ancestor {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        pid = parent;
+    }
+    false
 }
 
 /// True while `pid` runs (a zombie counts as gone).
