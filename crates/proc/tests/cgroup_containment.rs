@@ -176,12 +176,18 @@ fn sigterm_reaches_every_process_of_the_cgroup_and_wakes_stopped_ones() {
     "#;
     let spawned = procs.spawn(&command("t-term", script)).unwrap();
     guard.child(spawned.pid);
+    let members = spawned.procs.cgroup().unwrap().path().join("cgroup.procs");
     killer.track(spawned.procs);
     let pids = read_pids(spawned.channel, &["agent", "scrubbed"]);
     let scrubbed = pid_of(&pids, "scrubbed");
     guard.watch(scrubbed);
     wait_until("the grandchild is stopped", || {
         state_of(scrubbed) == Some('T')
+    });
+    // The `( … &)` subshell that started it may still be exiting: wait until the
+    // cgroup holds only the agent and the grandchild.
+    wait_until("the subshell has exited", || {
+        std::fs::read_to_string(&members).is_ok_and(|m| m.lines().count() == 2)
     });
     killer.signal("t-term", Signal::SIGTERM);
     match next_report(&reports) {

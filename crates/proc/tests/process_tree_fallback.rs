@@ -178,12 +178,15 @@ fn fallback_sigterm_is_followed_by_sigcont_for_stopped_members() {
     let stopped = pid_of(&pids, "stopped");
     guard.watch(stopped);
     wait_until("the member is stopped", || state_of(stopped) == Some('T'));
+    // The `( … &)` subshell that started it may still be exiting: wait until the
+    // member has left the agent's tree, so the tree is the agent and the member.
+    let agent = spawned.pid;
+    wait_until("the subshell has exited", || !descends_from(stopped, agent));
     killer.signal(tid("t-fb-term"), Signal::SIGTERM);
     match next_report(&reports) {
         TreeReport::Signalled { processes, .. } => assert_eq!(processes, 2),
         other => panic!("{other:?}"),
     }
-    let agent = spawned.pid;
     wait_until("the agent is reaped", || ProcGuard::try_reap(agent));
     wait_until("the stopped member ended on SIGTERM", || !alive(stopped));
     killer.agent_exited(tid("t-fb-term"));
