@@ -8,6 +8,8 @@
 #             CPU time per task (utime+stime of all its threads, /proc/PID/stat,
 #             before and after), split by thread name (threads that ended during
 #             the run, such as per-agent log pumps, are summed as "ended threads"),
+#             and how often each thread was woken per task (voluntary context
+#             switches: the loop's CPU per task is mostly the cost of being woken),
 #             and the agents' CPU per task (agentd's reaped children: agent-exec
 #             and its `sh`);
 #   pueue:    the same N tasks with `pueue` and `--parallel 2`, when pueue and
@@ -81,15 +83,22 @@ def cpu():
     f = fields(f"/proc/{pid}/stat")
     # utime, stime (all threads, ended ones too), cutime, cstime (reaped children)
     return (int(f[11]) + int(f[12])) / tick, (int(f[13]) + int(f[14])) / tick
+def wakeups(tid):
+    # Voluntary context switches: how often the thread slept and was woken.
+    for line in open(f"/proc/{pid}/task/{tid}/status"):
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 def threads():
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             f = fields(f"/proc/{pid}/task/{tid}/stat")
             name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+            woken = wakeups(tid)
         except OSError:
             continue
-        out[tid] = (name, (int(f[11]) + int(f[12])) / tick)
+        out[tid] = (name, (int(f[11]) + int(f[12])) / tick, woken)
     return out
 s = socket.socket(socket.AF_UNIX); s.connect(path)
 r = s.makefile("r")
@@ -122,12 +131,16 @@ per_task = (cpu1 - cpu0) / n * 1000
 print(f"   sent in {sent:.2f} s; all {n} ended in {took:.2f} s: {rate:.1f} tasks/s "
       f"({rate / base:.2f}x the spawn baseline of {base:.1f}/s; target >= 400 tasks/s)")
 print(f"   agentd CPU per task: {per_task:.3f} ms (target < 0.5 ms)")
-split = {}
-for tid, (name, t) in threads1.items():
-    split[name] = split.get(name, 0.0) + t - threads0.get(tid, (name, 0.0))[1]
+split, woken = {}, {}
+for tid, (name, t, w) in threads1.items():
+    before = threads0.get(tid, (name, 0.0, 0))
+    split[name] = split.get(name, 0.0) + t - before[1]
+    woken[name] = woken.get(name, 0) + w - before[2]
 split["ended threads"] = (cpu1 - cpu0) - sum(split.values())
 print("   by thread: " + ", ".join(f"{k} {v / n * 1000:.3f} ms" for k, v in
                                    sorted(split.items(), key=lambda kv: -kv[1]) if v > 0))
+print("   wake-ups per task (voluntary context switches): " + ", ".join(
+    f"{k} {v / n:.1f}" for k, v in sorted(woken.items(), key=lambda kv: -kv[1]) if v > 0))
 print(f"   agents' CPU per task (agent-exec and sh, reaped): {(kids1 - kids0) / n * 1000:.3f} ms")
 PY
 if [[ -n "$PERF_PID" ]]; then

@@ -1,7 +1,9 @@
 //! agentd-store: everything agentd keeps on disk, in its state dir.
 //!
 //! - [`Store`]: tasks, the queue and per-session settings in one SQLite file
-//!   (`agentd.db`: WAL, `synchronous=FULL`, schema versioned by `PRAGMA user_version`).
+//!   (`agentd.db`: WAL, schema versioned by `PRAGMA user_version`; commits holding an
+//!   acknowledged op are synced with `synchronous=FULL`, commits of state changes
+//!   only use `synchronous=NORMAL`: see [`Op::acknowledged`]).
 //!   All SQL of agentd is in this crate. Writes are [`Op`]s, committed by one writer
 //!   thread with group commit; an op's completion fires only after its transaction
 //!   committed, so agentd acknowledges a message only once it is on disk. Opening

@@ -1,5 +1,15 @@
-//! The store: one SQLite file (`agentd.db`, WAL, `synchronous=FULL`) in the state dir,
-//! written by one writer thread with group commit, read back at start for recovery.
+//! The store: one SQLite file (`agentd.db`, WAL) in the state dir, written by one
+//! writer thread with group commit, read back at start for recovery.
+//!
+//! Durability by what a commit holds: a transaction with an acknowledged op (new
+//! work, settings, a flush: see [`Op::acknowledged`]) commits with
+//! `synchronous=FULL`, so the WAL is synced to disk before anyone is told; one with
+//! state changes only (started, finished, progress, checkpoint, prune) commits with
+//! `synchronous=NORMAL`: no fsync. In WAL mode such a commit is in the WAL (the page
+//! cache) once `COMMIT` returns, so it survives agentd being killed (kill -9, OOM); only
+//! an OS crash or power loss before the next sync can lose it, and then recovery
+//! finds the task as it was before (a started task is marked interrupted). The next
+//! FULL commit (or checkpoint) syncs the WAL and with it every earlier commit.
 //!
 //! Writes are [`Op`]s. A caller submits an op and is told its outcome once the
 //! transaction holding it has committed (or failed). The writer takes every op that
@@ -136,6 +146,24 @@ impl Op {
     fn fail_fast(&self) -> bool {
         matches!(self, Op::Insert { .. })
     }
+
+    /// Whether a client is (or may be) told this op is saved: new work (a message is
+    /// acknowledged once its insert committed), queue settings, a flush. Its
+    /// transaction commits with `synchronous=FULL` (synced to disk); a transaction of
+    /// state changes only commits with `synchronous=NORMAL` (see the module docs).
+    pub fn acknowledged(&self) -> bool {
+        match self {
+            Op::Insert { .. } | Op::Settings(_) | Op::ResetSettings { .. } | Op::Flush => true,
+            Op::Start { .. }
+            | Op::SetProcess { .. }
+            | Op::SetState { .. }
+            | Op::Progress { .. }
+            | Op::Finish { .. }
+            | Op::Checkpoint { .. }
+            | Op::Prune
+            | Op::LimitPages(_) => false,
+        }
+    }
 }
 
 /// What an op did.
@@ -171,6 +199,7 @@ enum Msg {
 #[derive(Debug, Default)]
 struct Shared {
     commits: AtomicU64,
+    synced_commits: AtomicU64,
     ops: AtomicU64,
     failed_commits: AtomicU64,
     pending_retries: AtomicU64,
@@ -182,6 +211,8 @@ struct Shared {
 pub struct Stats {
     /// Transactions committed.
     pub commits: u64,
+    /// Of those, committed with `synchronous=FULL` (they held an acknowledged op).
+    pub synced_commits: u64,
     /// Ops committed.
     pub ops: u64,
     /// Transactions that failed on the disk.
@@ -247,6 +278,7 @@ impl StoreWriter {
         let s = &self.shared;
         Stats {
             commits: s.commits.load(Ordering::Relaxed),
+            synced_commits: s.synced_commits.load(Ordering::Relaxed),
             ops: s.ops.load(Ordering::Relaxed),
             failed_commits: s.failed_commits.load(Ordering::Relaxed),
             pending_retries: s.pending_retries.load(Ordering::Relaxed),
@@ -296,6 +328,8 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let mut writer = Writer {
             conn,
+            // As `open_checked` set it.
+            synchronous_full: true,
             shared: Arc::clone(&shared),
             next_seq,
             state_dir: state_dir.to_path_buf(),
@@ -617,6 +651,8 @@ fn recover(conn: &mut Connection, options: &StoreOptions, now: i64) -> rusqlite:
 
 struct Writer {
     conn: Connection,
+    /// The connection's `synchronous` setting is FULL (else NORMAL).
+    synchronous_full: bool,
     shared: Arc<Shared>,
     next_seq: i64,
     state_dir: PathBuf,
@@ -697,6 +733,7 @@ impl Writer {
                 }),
             );
         }
+        let _ = self.set_synchronous(true);
         let _ = self
             .conn
             .execute("UPDATE meta SET value = 'closed' WHERE key = 'run'", []);
@@ -737,6 +774,9 @@ impl Writer {
 
     fn finish_ok(&mut self, batch: Vec<Request>, results: Vec<Result<Outcome, StoreError>>) {
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        if self.synchronous_full {
+            self.shared.synced_commits.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared
             .ops
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -768,6 +808,9 @@ impl Writer {
             }),
         };
         let seq_before = self.next_seq;
+        // Set between transactions: it applies to the next commit.
+        let full = batch.iter().any(|r| r.op.acknowledged());
+        self.set_synchronous(full).map_err(|e| fail(&e))?;
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| fail(&e))?;
@@ -793,6 +836,19 @@ impl Writer {
             return Err(fail(&e));
         }
         Ok(results)
+    }
+
+    /// `PRAGMA synchronous` FULL or NORMAL, when it is not that already.
+    fn set_synchronous(&mut self, full: bool) -> rusqlite::Result<()> {
+        if self.synchronous_full != full {
+            self.conn.execute_batch(if full {
+                "PRAGMA synchronous=FULL"
+            } else {
+                "PRAGMA synchronous=NORMAL"
+            })?;
+            self.synchronous_full = full;
+        }
+        Ok(())
     }
 
     fn rollback(&self) {

@@ -256,6 +256,69 @@ fn concurrent_submitters_share_commits() {
 }
 
 #[test]
+fn state_changes_commit_without_a_sync_and_acknowledged_ops_with_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let t = task("s", "m");
+    let before = store.stats();
+    insert(&w, &t, false);
+    let inserted = store.stats();
+    assert_eq!(
+        (
+            inserted.commits - before.commits,
+            inserted.synced_commits - before.synced_commits
+        ),
+        (1, 1),
+        "an insert is synced before it is acknowledged"
+    );
+    let start = Op::Start {
+        id: t.id,
+        at: 1,
+        process: None,
+        text: None,
+    };
+    w.submit(start).wait().unwrap();
+    w.submit(finish(t.id, State::Succeeded, 2)).wait().unwrap();
+    let finished = store.stats();
+    assert_eq!(finished.commits - inserted.commits, 2);
+    assert_eq!(
+        finished.synced_commits, inserted.synced_commits,
+        "state changes alone commit without a sync"
+    );
+    // Settings are acknowledged: synced, and a batch holding one is synced whole.
+    let release = w.hold();
+    let progress = w.submit(Op::Progress {
+        id: t.id,
+        text: "p".into(),
+    });
+    let settings = w.submit(Op::Settings(SessionSettings {
+        session: "s".into(),
+        mode: "followup".into(),
+        debounce_ms: 0,
+        cap: 5,
+        drop_policy: "old".into(),
+    }));
+    drop(release);
+    progress.wait().unwrap();
+    settings.wait().unwrap();
+    let after = store.stats();
+    assert_eq!(
+        (
+            after.commits - finished.commits,
+            after.synced_commits - finished.synced_commits
+        ),
+        (1, 1)
+    );
+    let reader = store.reader().unwrap();
+    let record = reader.task(t.id).unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.progress.as_deref()),
+        (State::Succeeded, Some("p"))
+    );
+}
+
+#[test]
 fn a_refused_write_fails_alone_and_its_batch_commits() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path());
@@ -306,6 +369,90 @@ fn crash_child() {
             });
         }
     });
+}
+
+/// The child half of `state_changes_survive_sigkill`: inserts, starts and finishes
+/// tasks until killed, printing each task id once its (unsynced) finish committed.
+#[test]
+fn crash_child_finishing() {
+    let Ok(dir) = std::env::var("AGENTD_STORE_FINISH_CHILD") else {
+        return;
+    };
+    let (store, _) = open(Path::new(&dir));
+    let w = store.writer();
+    loop {
+        let t = task("chat", "work");
+        insert(&w, &t, false);
+        let start = Op::Start {
+            id: t.id,
+            at: 1,
+            process: None,
+            text: None,
+        };
+        w.submit(start).wait().unwrap();
+        // Now, so that the retention keeps it at the next open.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        w.submit(finish(t.id, State::Succeeded, now))
+            .wait()
+            .unwrap();
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "FINISHED {}", t.id).unwrap();
+        out.flush().unwrap();
+    }
+}
+
+/// Commits of state changes only are not synced (`synchronous=NORMAL`), yet a task
+/// whose finish committed is finished after agentd is killed with SIGKILL: the
+/// commit is in the WAL, which the kernel holds for the next open.
+#[test]
+fn state_changes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new(&exe)
+        .args([
+            "tests::crash_child_finishing",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("AGENTD_STORE_FINISH_CHILD", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut finished = Vec::new();
+    while finished.len() < 100 {
+        let line = lines.next().expect("child ended early").unwrap();
+        if let Some(id) = line.strip_prefix("FINISHED ") {
+            finished.push(Uuid::parse_str(id).unwrap());
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    for line in lines.map_while(Result::ok) {
+        if let Some(id) = line.strip_prefix("FINISHED ") {
+            finished.push(Uuid::parse_str(id).unwrap());
+        }
+    }
+    let (store, recovery) = open(dir.path());
+    assert_eq!(recovery.previous_run, PreviousRun::Crashed);
+    let reader = store.reader().unwrap();
+    for id in &finished {
+        let record = reader
+            .task(*id)
+            .unwrap()
+            .expect("the finished task is stored");
+        assert_eq!(record.state, State::Succeeded, "{id} lost its finish");
+    }
 }
 
 #[test]

@@ -39,7 +39,7 @@ impl Supervisor {
                     }
                 } else {
                     agent.welcome(hello.protocol, heartbeat);
-                    tracing::info!(%task_id, agent = %crate::logfmt::Word(&hello.agent), steer = hello.capabilities.steer, "agent ready");
+                    tracing::debug!(%task_id, agent = %crate::logfmt::Word(&hello.agent), steer = hello.capabilities.steer, "agent ready");
                     Event::AgentReady {
                         task_id,
                         steer: hello.capabilities.steer,

@@ -295,7 +295,7 @@ impl Supervisor {
                 code: reaped.code,
                 signal: reaped.signal,
             };
-            tracing::info!(%task_id, pid = reaped.pid, exit_code = status.code, signal = status.signal, "agent reaped");
+            tracing::debug!(%task_id, pid = reaped.pid, exit_code = status.code, signal = status.signal, "agent reaped");
             // Whatever it left behind goes too, off the loop; the Killer answers with
             // TreeReport::Empty. Frames it wrote before exiting (its result) may still
             // be unread: the channel must drain too (EOF, or DRAIN_TIMEOUT).

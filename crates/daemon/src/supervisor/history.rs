@@ -111,10 +111,10 @@ impl Supervisor {
             }
             // Retried by the store until it is written; listings take the task from
             // memory until then.
-            self.finishing.insert(id);
-            let events = self.store_events.clone();
+            crate::supervisor::lock(&self.finishing).insert(id);
+            let finishing = std::sync::Arc::clone(&self.finishing);
             self.store.submit_with(op, move |_| {
-                let _ = events.send(crate::supervisor::StoreEvent::FinishWritten { task_id: id });
+                crate::supervisor::lock(&finishing).remove(&id);
             });
         }
         // A resumed attempt that ended before its agent started.

@@ -27,8 +27,6 @@ pub(crate) enum StoreEvent {
         message: Option<(String, String)>,
         original: Option<TaskId>,
     },
-    /// A finished task's ending is committed: listings read it from the store now.
-    FinishWritten { task_id: TaskId },
     /// A task's checkpoint (write number `seq`) is committed.
     CheckpointWritten { task_id: TaskId, seq: u64 },
 }
@@ -36,9 +34,6 @@ pub(crate) enum StoreEvent {
 impl Supervisor {
     pub(crate) fn on_store_event(&mut self, event: StoreEvent) {
         match event {
-            StoreEvent::FinishWritten { task_id } => {
-                self.finishing.remove(&task_id);
-            }
             StoreEvent::InsertFailed {
                 task_id,
                 message,

@@ -192,7 +192,8 @@ impl Supervisor {
     /// Finished tasks whose ending is still being written (of `session`, after
     /// `after`), from memory: the store does not list them yet.
     fn finishing_tasks(&self, session: Option<&str>, after: Option<TaskId>) -> Vec<Cow<'_, Task>> {
-        self.finishing
+        let finishing = crate::supervisor::lock(&self.finishing);
+        finishing
             .iter()
             .filter(|id| after.is_none_or(|after| **id > after))
             .filter_map(|id| self.history.cached(id))
