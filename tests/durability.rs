@@ -488,6 +488,11 @@ fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_when_space_returns() 
         "text": format!("hold {gate} redelivered")});
     let r = daemon.try_request(redelivered.clone()).unwrap();
     assert_eq!(r["error"]["code"], json!("store_failed"), "{r}");
+    // Queue settings the store cannot save are not answered as saved.
+    let r = daemon
+        .try_request(json!({"cmd": "queue", "session": "chat-q", "debounce_ms": 1234}))
+        .unwrap();
+    assert_eq!(r["error"]["code"], json!("store_failed"), "{r}");
     daemon.request(json!({"cmd": "status"}));
     // Space returns: work is accepted again, without a restart.
     in_namespace(daemon.pid(), &format!("rm {}/filler", state.display()));

@@ -283,3 +283,26 @@ fn a_redelivery_of_a_task_the_retention_pruned_is_still_not_run_again() {
         "it ran once"
     );
 }
+
+#[test]
+fn queue_settings_answered_as_set_survive_a_kill9_right_after_the_answer() {
+    let mut daemon = Daemon::start(&[]);
+    for (i, chat) in ["alice", "bob", "carol"].iter().enumerate() {
+        let r = daemon.request(json!({"cmd": "queue", "session": chat,
+            "debounce_ms": 1000 + i as u64, "cap": 7 + i as u64}));
+        assert_eq!(r["debounce_ms"], json!(1000 + i as u64), "{r}");
+    }
+    let r = daemon.request(json!({"cmd": "send", "session": "dave", "text": "/queue cap:9"}));
+    assert!(r["reply"].as_str().is_some(), "{r}");
+    // The answers came after the commits: a crash right now loses none of them.
+    crate::durability::kill9(&mut daemon);
+    crate::durability::respawn(&mut daemon, &[], "agentd2.log");
+    for (i, chat) in ["alice", "bob", "carol"].iter().enumerate() {
+        let r = daemon.request(json!({"cmd": "queue", "session": chat}));
+        assert_eq!(r["debounce_ms"], json!(1000 + i as u64), "{chat}: {r}");
+        assert_eq!(r["cap"], json!(7 + i as u64), "{chat}: {r}");
+        assert_eq!(r["custom"], json!(true), "{chat}: {r}");
+    }
+    let r = daemon.request(json!({"cmd": "queue", "session": "dave"}));
+    assert_eq!(r["cap"], json!(9), "{r}");
+}

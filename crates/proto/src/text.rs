@@ -252,6 +252,13 @@ pub fn store_failed(error: impl std::fmt::Display) -> String {
     format!("agentd could not record the message, so it was not accepted: {error}")
 }
 
+/// Queue settings whose record could not be committed.
+pub fn settings_not_saved(error: impl std::fmt::Display) -> String {
+    format!(
+        "agentd could not record the queue settings: they apply now, and agentd keeps trying to record them, but a restart before it can would lose them: {error}"
+    )
+}
+
 /// A read of finished tasks from the store failed.
 pub fn history_read_failed(error: impl std::fmt::Display) -> String {
     format!("agentd could not read its finished tasks from the store: {error}")

@@ -185,6 +185,8 @@ pub type Completion = Box<dyn FnOnce(Result<Outcome, StoreError>) + Send>;
 struct Request {
     op: Op,
     done: Option<Completion>,
+    /// `done` hears of a failure at once, though the op waits to be retried.
+    early: bool,
 }
 
 enum Msg {
@@ -248,10 +250,30 @@ impl StoreWriter {
         op: Op,
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
-        let request = Request {
+        self.send(Request {
             op,
             done: Some(Box::new(done)),
-        };
+            early: false,
+        });
+    }
+
+    /// Submits `op` like [`StoreWriter::submit_with`], but if its transaction fails
+    /// and the op has to wait to be retried (every op but new work is retried, in
+    /// order, until it commits), `done` is called with that first error at once: for
+    /// an answer that must not wait for the disk to recover.
+    pub fn submit_reporting(
+        &self,
+        op: Op,
+        done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
+    ) {
+        self.send(Request {
+            op,
+            done: Some(Box::new(done)),
+            early: true,
+        });
+    }
+
+    fn send(&self, request: Request) {
         if let Err(mpsc::SendError(Msg::Op(request))) = self.tx.send(Msg::Op(request)) {
             if let Some(done) = request.done {
                 done(Err(StoreError::Closed));
@@ -270,7 +292,11 @@ impl StoreWriter {
 
     /// Submits `op` without waiting for it (its failure is only logged).
     pub fn submit_detached(&self, op: Op) {
-        let request = Request { op, done: None };
+        let request = Request {
+            op,
+            done: None,
+            early: false,
+        };
         let _ = self.tx.send(Msg::Op(request));
     }
 
@@ -698,6 +724,7 @@ impl Writer {
                 batch.push(Request {
                     op: Op::Prune,
                     done: None,
+                    early: false,
                 });
                 next_prune = Instant::now() + self.options.prune_interval;
             }
@@ -765,6 +792,13 @@ impl Writer {
                     Err(Failed(e)) => {
                         self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("store: {e}; {} state changes will be retried", retry.len());
+                        for request in &mut retry {
+                            if request.early {
+                                if let Some(done) = request.done.take() {
+                                    done(Err(e.clone()));
+                                }
+                            }
+                        }
                         pending.extend(retry);
                     }
                 }

@@ -86,8 +86,11 @@ impl Supervisor {
                     cap,
                     drop: drop.map(views::drop_policy),
                 };
-                let answer = self.queue_settings(&session, reset, change).and_then(json);
-                let _ = reply.send(answer);
+                let mut saves = Vec::new();
+                let answer = self
+                    .queue_settings(&session, reset, change, &mut saves)
+                    .and_then(json);
+                self.answer_when_saved(saves, reply, answer);
             }
             RequestBody::Watch { task_id, session } => {
                 let _ = reply.send(self.watch(task_id, session, events));

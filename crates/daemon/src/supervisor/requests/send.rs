@@ -304,23 +304,28 @@ impl Supervisor {
                 ))
             }
             ChatCommand::Queue(queue) => {
+                let mut saves = Vec::new();
                 let result = match queue {
                     QueueCommand::Show => {
-                        self.queue_settings(&session, false, QueueChange::default())
+                        self.queue_settings(&session, false, QueueChange::default(), &mut saves)
                     }
                     QueueCommand::Reset => {
-                        self.queue_settings(&session, true, QueueChange::default())
+                        self.queue_settings(&session, true, QueueChange::default(), &mut saves)
                     }
-                    QueueCommand::Set(change) => self.queue_settings(&session, false, change),
+                    QueueCommand::Set(change) => {
+                        self.queue_settings(&session, false, change, &mut saves)
+                    }
                 };
-                result.map(|view| {
+                let answer = result.map(|view| {
                     let text = text::settings_line(&view);
                     self.chat_reply(
                         "queue",
                         text,
                         serde_json::to_value(&view).unwrap_or_default(),
                     )
-                })
+                });
+                self.answer_when_saved(saves, reply, answer);
+                return None;
             }
             ChatCommand::Invalid { reply: text } => err(ErrorCode::BadRequest, text),
             ChatCommand::Unknown { command } => {
