@@ -648,6 +648,21 @@ fn a_full_disk_fails_new_work_keeps_the_writer_and_recovers_when_space_returns()
         done_rx.try_recv().is_err(),
         "completed before it was written"
     );
+    // A write whose answer must not wait for the disk hears of the failure at once,
+    // and is still kept and retried after the one before it.
+    let (early_tx, early_rx) = mpsc::channel();
+    w.submit_reporting(
+        Op::Checkpoint {
+            id: first.id,
+            data: "w".repeat(60_000),
+        },
+        move |r| early_tx.send(r).unwrap(),
+    );
+    let early = early_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(early.unwrap_err().is_storage());
+    wait_until("both checkpoints to wait for a retry", || {
+        store.stats().pending_retries == 2
+    });
     // New work is still refused while full.
     assert!(w
         .submit(Op::Insert {
@@ -685,7 +700,8 @@ fn a_full_disk_fails_new_work_keeps_the_writer_and_recovers_when_space_returns()
             .unwrap()
             .checkpoint
             .map(|c| c.len()),
-        Some(50_000)
+        Some(60_000),
+        "the reported write committed after the one before it"
     );
 }
 
