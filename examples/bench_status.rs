@@ -19,97 +19,26 @@
 //! Usage: bench_status --socket PATH [--clients 64] [--per 200] [--idle 5000]
 //!        [--probe status|ping]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-struct Conn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    line: String,
+#[path = "common/socket_bench.rs"]
+mod socket_bench;
+use socket_bench::{serve_echo, Conn, EchoServer};
+
+/// A timed round trip that must not be an error reply.
+trait Timed {
+    fn timed(&mut self, request: &str) -> Duration;
 }
 
-impl Conn {
-    fn connect(path: &Path) -> Conn {
-        let stream = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
-        Conn {
-            reader: BufReader::new(stream.try_clone().expect("clone the stream")),
-            writer: stream,
-            line: String::new(),
-        }
-    }
-
-    /// Sends one line and reads one line back.
-    fn round_trip(&mut self, request: &str) -> &str {
-        self.writer
-            .write_all(request.as_bytes())
-            .expect("write a request");
-        self.line.clear();
-        self.reader.read_line(&mut self.line).expect("read a reply");
-        &self.line
-    }
-
+impl Timed for Conn {
     fn timed(&mut self, request: &str) -> Duration {
         let t = Instant::now();
         let reply = self.round_trip(request);
         let elapsed = t.elapsed();
         assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
         elapsed
-    }
-}
-
-/// The echo server: a process of its own (this program, run with `--serve-echo`),
-/// so that it is scheduled like agentd is (a thread of the benchmark would share
-/// the client's CPU and wake up faster than any other process can). One thread per
-/// connection echoes lines.
-struct EchoServer(std::process::Child);
-
-impl EchoServer {
-    fn start(path: &Path) -> EchoServer {
-        let child = std::process::Command::new(std::env::current_exe().expect("own path"))
-            .arg("--serve-echo")
-            .arg(path)
-            .spawn()
-            .expect("start the echo server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(path).is_err() {
-            assert!(Instant::now() < deadline, "the echo server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        EchoServer(child)
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve_echo(path: &Path) {
-    let listener = UnixListener::bind(path).expect("bind the echo socket");
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { return };
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut writer = stream;
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        if writer.write_all(line.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
     }
 }
 
