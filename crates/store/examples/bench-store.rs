@@ -46,10 +46,46 @@ fn baseline(dir: &Path, n: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// CPU time (utime + stime) in microseconds of this process, or of its thread named
+/// `thread` (the store's writer is "agentd-store"), from /proc.
+fn cpu_us(thread: Option<&str>) -> u64 {
+    let ticks_us = 1_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let fields = |stat: &str| -> u64 {
+        // After the ")" that closes the name: state is field 3; utime, stime are 14, 15.
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        (n(11) + n(12)) * ticks_us
+    };
+    match thread {
+        None => fields(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default()),
+        Some(name) => std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .map(|t| fields(&std::fs::read_to_string(t.path().join("stat")).unwrap_or_default()))
+            .sum(),
+    }
+}
+
+struct Rate {
+    per_s: f64,
+    commits: u64,
+    ops: u64,
+    /// CPU microseconds per op: the writer thread's, and the whole process's (the
+    /// clients' submits and wake-ups, and the writer).
+    writer_us: f64,
+    process_us: f64,
+}
+
 /// `clients` threads, each submitting and waiting for `per_client` durable inserts.
-fn store_rate(dir: &Path, clients: usize, per_client: usize) -> (f64, u64, u64) {
+fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
     let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
     let before = store.stats();
+    let (writer_before, process_before) = (cpu_us(Some("agentd-store")), cpu_us(None));
     let start = Instant::now();
     std::thread::scope(|scope| {
         for c in 0..clients {
@@ -66,13 +102,16 @@ fn store_rate(dir: &Path, clients: usize, per_client: usize) -> (f64, u64, u64) 
         }
     });
     let elapsed = start.elapsed();
+    let (writer_after, process_after) = (cpu_us(Some("agentd-store")), cpu_us(None));
     let after = store.stats();
     let total = (clients * per_client) as f64;
-    (
-        total / elapsed.as_secs_f64(),
-        after.commits - before.commits,
-        after.ops - before.ops,
-    )
+    Rate {
+        per_s: total / elapsed.as_secs_f64(),
+        commits: after.commits - before.commits,
+        ops: after.ops - before.ops,
+        writer_us: (writer_after - writer_before) as f64 / total,
+        process_us: (process_after - process_before) as f64 / total,
+    }
 }
 
 fn enqueue(dir: &Path) {
@@ -83,18 +122,30 @@ fn enqueue(dir: &Path) {
     );
     let d1 = dir.join("one");
     std::fs::create_dir_all(&d1).unwrap();
-    let (one, commits, ops) = store_rate(&d1, 1, n_base);
+    let one = store_rate(&d1, 1, n_base);
     println!(
-        "store, 1 client:                 {one:8.0} msgs/s  {:5.1}x baseline  ({ops} ops in {commits} commits)",
-        one / base
+        "store, 1 client:                 {:8.0} msgs/s  {:5.1}x baseline  ({} ops in {} commits)",
+        one.per_s,
+        one.per_s / base,
+        one.ops,
+        one.commits
     );
     let d64 = dir.join("many");
     std::fs::create_dir_all(&d64).unwrap();
-    let (many, commits, ops) = store_rate(&d64, 64, 1000);
+    let many = store_rate(&d64, 64, 1000);
     println!(
-        "store, 64 concurrent clients:    {many:8.0} msgs/s  {:5.1}x baseline  ({ops} ops in {commits} commits, {:.0} per commit)   target >= 10x",
-        many / base,
-        ops as f64 / commits.max(1) as f64
+        "store, 64 concurrent clients:    {:8.0} msgs/s  {:5.1}x baseline  ({} ops in {} commits, {:.0} per commit)   target >= 10x",
+        many.per_s,
+        many.per_s / base,
+        many.ops,
+        many.commits,
+        many.ops as f64 / many.commits.max(1) as f64
+    );
+    println!(
+        "  CPU per message, 64 clients: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
+        many.writer_us,
+        many.process_us,
+        many.writer_us * many.ops as f64 / many.commits.max(1) as f64
     );
 }
 
@@ -166,9 +217,17 @@ fn main() {
     match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("enqueue"), Some(dir)) => enqueue(Path::new(dir)),
         (Some("reopen"), Some(dir)) => reopen(Path::new(dir)),
+        // The 64-client part alone, without a baseline: to profile the writer.
+        (Some("clients"), Some(dir)) => {
+            let r = store_rate(Path::new(dir), 64, 1000);
+            println!(
+                "64 clients: {:.0} msgs/s, {} ops in {} commits, CPU per message: writer {:.1} us, process {:.1} us",
+                r.per_s, r.ops, r.commits, r.writer_us, r.process_us
+            );
+        }
         (Some("reopen-child"), Some(dir)) => reopen_child(Path::new(dir)),
         _ => {
-            eprintln!("usage: bench-store enqueue|reopen DIR");
+            eprintln!("usage: bench-store enqueue|reopen|clients DIR");
             std::process::exit(2);
         }
     }

@@ -565,6 +565,15 @@ fn record(row: &Row) -> rusqlite::Result<TaskRecord> {
     })
 }
 
+/// The query of [`queued_page`]. `state = 'queued'` implies the live-task index's
+/// condition (an `OR` of the live states), which lets SQLite use it.
+pub(crate) fn queued_page_sql() -> String {
+    format!(
+        "SELECT {COLUMNS}, queue_order FROM tasks WHERE state = 'queued' \
+         AND queue_order > ?1 ORDER BY queue_order LIMIT ?2"
+    )
+}
+
 /// Queued tasks in queue order (each session's in its order; sessions interleave in
 /// the order their messages arrived) after the place `after` (None: from the first),
 /// at most `limit`, and the place of the last one returned (None if none was). Walks
@@ -574,15 +583,9 @@ fn queued_page(
     after: Option<i64>,
     limit: usize,
 ) -> rusqlite::Result<(Vec<TaskRecord>, Option<i64>)> {
-    // `state IN (...)` is the index's own condition, which lets SQLite use it.
-    let sql = format!(
-        "SELECT {COLUMNS}, queue_order FROM tasks \
-         WHERE state IN ('queued', 'starting', 'running', 'stopping') AND state = 'queued' \
-         AND queue_order > ?1 ORDER BY queue_order LIMIT ?2"
-    );
     let mut last = None;
     let rows = conn
-        .prepare_cached(&sql)?
+        .prepare_cached(&queued_page_sql())?
         .query_map(
             params![
                 after.unwrap_or(i64::MIN),

@@ -934,6 +934,48 @@ fn a_store_of_schema_version_1_is_upgraded_and_keeps_its_tasks() {
     let (_store, recovery) = open(dir.path());
     let back: Vec<Option<u64>> = recovery.queued.iter().map(|t| t.timeout_ms).collect();
     assert_eq!(back, vec![None, Some(1500)]);
+    // The indexes are those of the current schema: tasks_session is gone (version 3).
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let indexes: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        indexes,
+        [
+            "tasks_finished",
+            "tasks_finished_id",
+            "tasks_live",
+            "tasks_message"
+        ]
+    );
+}
+
+#[test]
+fn the_queue_is_read_on_the_live_task_index_without_a_sort() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            crate::store::queued_page_sql()
+        ))
+        .unwrap()
+        .query_map([0, 10], |r| r.get(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        plan,
+        ["SEARCH tasks USING INDEX tasks_live (queue_order>?)"],
+        "{plan:?}"
+    );
 }
 
 #[test]
