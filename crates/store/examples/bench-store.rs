@@ -219,7 +219,8 @@ fn main() {
         (Some("reopen"), Some(dir)) => reopen(Path::new(dir)),
         // The 64-client part alone, without a baseline: to profile the writer.
         (Some("clients"), Some(dir)) => {
-            let r = store_rate(Path::new(dir), 64, 1000);
+            let per = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
+            let r = store_rate(Path::new(dir), 64, per);
             println!(
                 "64 clients: {:.0} msgs/s, {} ops in {} commits, CPU per message: writer {:.1} us, process {:.1} us",
                 r.per_s, r.ops, r.commits, r.writer_us, r.process_us
@@ -227,7 +228,7 @@ fn main() {
         }
         (Some("reopen-child"), Some(dir)) => reopen_child(Path::new(dir)),
         _ => {
-            eprintln!("usage: bench-store enqueue|reopen|clients DIR");
+            eprintln!("usage: bench-store enqueue|reopen DIR, or clients DIR [PER_CLIENT]");
             std::process::exit(2);
         }
     }

@@ -112,6 +112,19 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
+    /// Nothing is recorded of a run: no start, end, progress, result, exit or
+    /// process (a new message, or a new attempt with the checkpoint it inherits).
+    pub(crate) fn is_new(&self) -> bool {
+        self.started_at.is_none()
+            && self.finished_at.is_none()
+            && self.progress.is_none()
+            && self.result.is_none()
+            && self.ending.is_none()
+            && self.reason.is_none()
+            && self.exit.is_none()
+            && self.process.is_none()
+    }
+
     /// A new queued task with nothing but its message.
     pub fn queued(id: Uuid, session: &str, text: &str, created_at: i64) -> TaskRecord {
         TaskRecord {

@@ -502,6 +502,21 @@ fn set_max_pages(conn: &Connection, pages: Option<u64>) -> rusqlite::Result<()> 
     Ok(())
 }
 
+/// Inserts a task that has not run, skipping (as a duplicate) one whose
+/// (session, message_id) is stored: the unique index finds it, no lookup before.
+const INSERT_NEW: &str = "INSERT INTO tasks (seq, id, session, text, state, queue_order, \
+    mode, priority, options, message_id, created_at, attempt_of, checkpoint, timeout_ms) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+    ON CONFLICT (session, message_id) WHERE message_id IS NOT NULL DO NOTHING";
+
+/// [`INSERT_NEW`] with every column.
+const INSERT_ANY: &str = "INSERT INTO tasks (seq, id, session, text, state, queue_order, \
+    mode, priority, options, message_id, created_at, attempt_of, checkpoint, timeout_ms, \
+    started_at, finished_at, progress, result, ending, reason, exit_code, exit_signal, pid, \
+    pid_start, boot_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
+    ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25) \
+    ON CONFLICT (session, message_id) WHERE message_id IS NOT NULL DO NOTHING";
+
 const COLUMNS: &str = "id, session, text, state, mode, priority, options, message_id, \
     created_at, started_at, finished_at, progress, result, ending, reason, exit_code, \
     exit_signal, pid, pid_start, boot_id, attempt_of, checkpoint, timeout_ms";
@@ -688,6 +703,35 @@ struct Writer {
     options: StoreOptions,
 }
 
+/// The statements one transaction has used, kept prepared until it ends: looking a
+/// statement up in the connection's cache hashes its SQL, and handing it back
+/// resets it and hashes again, per op.
+struct Statements<'c> {
+    conn: &'c Connection,
+    held: Vec<(&'static str, rusqlite::CachedStatement<'c>)>,
+}
+
+impl<'c> Statements<'c> {
+    fn new(conn: &'c Connection) -> Statements<'c> {
+        Statements {
+            conn,
+            held: Vec::new(),
+        }
+    }
+
+    /// The prepared statement of `sql` (a few per batch: found by address).
+    fn get(&mut self, sql: &'static str) -> rusqlite::Result<&mut rusqlite::CachedStatement<'c>> {
+        let i = match self.held.iter().position(|(s, _)| std::ptr::eq(*s, sql)) {
+            Some(i) => i,
+            None => {
+                self.held.push((sql, self.conn.prepare_cached(sql)?));
+                self.held.len() - 1
+            }
+        };
+        Ok(&mut self.held[i].1)
+    }
+}
+
 /// A failed attempt at a transaction.
 struct Failed(StoreError);
 
@@ -852,13 +896,20 @@ impl Writer {
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| fail(&e))?;
         let mut results = Vec::with_capacity(batch.len());
+        let mut stmts = Statements::new(&self.conn);
         for request in batch {
-            match self.apply(&request.op) {
-                Ok(outcome) => results.push(Ok(outcome)),
+            match self.apply(&mut stmts, self.next_seq, &request.op) {
+                Ok(outcome) => {
+                    if outcome == Outcome::Inserted {
+                        self.next_seq += 1;
+                    }
+                    results.push(Ok(outcome))
+                }
                 Err(e) => {
                     // Disk trouble, or any error after which SQLite rolled the
                     // transaction back itself, fails the whole batch.
                     if classify(&e).is_some() || self.conn.is_autocommit() {
+                        drop(stmts);
                         self.rollback();
                         self.next_seq = seq_before;
                         return Err(fail(&e));
@@ -867,6 +918,7 @@ impl Writer {
                 }
             }
         }
+        drop(stmts);
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             self.rollback();
             self.next_seq = seq_before;
@@ -894,61 +946,72 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, op: &Op) -> rusqlite::Result<Outcome> {
-        let conn = &self.conn;
+    /// Applies one op in the open transaction; `seq` is the next task's. Statements
+    /// come from `stmts`, which keeps them prepared for the rest of the batch.
+    fn apply(&self, stmts: &mut Statements<'_>, seq: i64, op: &Op) -> rusqlite::Result<Outcome> {
         match op {
             Op::Insert { task, front } => {
-                if let Some(message_id) = &task.message_id {
-                    let existing: Option<String> = conn
-                        .prepare_cached(
-                            "SELECT id FROM tasks WHERE session = ?1 AND message_id = ?2",
-                        )?
-                        .query_row(params![task.session, message_id], |r| r.get(0))
-                        .optional()?;
-                    if let Some(existing) = existing {
-                        let id = Uuid::parse_str(&existing).unwrap_or_default();
-                        return Ok(Outcome::Duplicate(id));
-                    }
-                }
-                let seq = self.next_seq;
                 let order = if *front { -seq } else { seq };
-                let process = task.process.as_ref();
-                conn.prepare_cached(
-                    "INSERT INTO tasks (seq, id, session, text, state, queue_order, mode, \
-                     priority, options, message_id, created_at, started_at, finished_at, \
-                     progress, result, ending, reason, exit_code, exit_signal, pid, \
-                     pid_start, boot_id, attempt_of, checkpoint, timeout_ms) VALUES (?1, ?2, \
-                     ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                     ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
-                )?
-                .execute(params![
-                    seq,
-                    task.id.to_string(),
-                    task.session,
-                    task.text,
-                    task.state.as_str(),
-                    order,
-                    task.mode,
-                    task.priority,
-                    task.options,
-                    task.message_id,
-                    task.created_at,
-                    task.started_at,
-                    task.finished_at,
-                    task.progress,
-                    task.result,
-                    task.ending,
-                    task.reason,
-                    task.exit.and_then(|e| e.code),
-                    task.exit.and_then(|e| e.signal),
-                    process.map(|p| p.pid),
-                    process.map(|p| p.start_time as i64),
-                    process.map(|p| p.boot_id.clone()),
-                    task.attempt_of.map(|id| id.to_string()),
-                    task.checkpoint,
-                    task.timeout_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
-                ])?;
-                self.next_seq += 1;
+                let mut id_buf = Uuid::encode_buffer();
+                let id = &*task.id.hyphenated().encode_lower(&mut id_buf);
+                let inserted = if task.is_new() {
+                    // New work (nearly every insert): what the record can hold only
+                    // once it ran is NULL, unbound.
+                    stmts.get(INSERT_NEW)?.execute(params![
+                        seq,
+                        id,
+                        task.session,
+                        task.text,
+                        task.state.as_str(),
+                        order,
+                        task.mode,
+                        task.priority,
+                        task.options,
+                        task.message_id,
+                        task.created_at,
+                        task.attempt_of.map(|id| id.to_string()),
+                        task.checkpoint,
+                        task.timeout_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
+                    ])?
+                } else {
+                    let process = task.process.as_ref();
+                    stmts.get(INSERT_ANY)?.execute(params![
+                        seq,
+                        id,
+                        task.session,
+                        task.text,
+                        task.state.as_str(),
+                        order,
+                        task.mode,
+                        task.priority,
+                        task.options,
+                        task.message_id,
+                        task.created_at,
+                        task.attempt_of.map(|id| id.to_string()),
+                        task.checkpoint,
+                        task.timeout_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
+                        task.started_at,
+                        task.finished_at,
+                        task.progress,
+                        task.result,
+                        task.ending,
+                        task.reason,
+                        task.exit.and_then(|e| e.code),
+                        task.exit.and_then(|e| e.signal),
+                        process.map(|p| p.pid),
+                        process.map(|p| p.start_time as i64),
+                        process.map(|p| p.boot_id.as_str()),
+                    ])?
+                };
+                if inserted == 0 {
+                    // Only the (session, message_id) index's conflict does nothing
+                    // (any other refuses the insert): the message is stored.
+                    let existing: String = stmts
+                        .get("SELECT id FROM tasks WHERE session = ?1 AND message_id = ?2")?
+                        .query_row(params![task.session, task.message_id], |r| r.get(0))?;
+                    let id = Uuid::parse_str(&existing).unwrap_or_default();
+                    return Ok(Outcome::Duplicate(id));
+                }
                 Ok(Outcome::Inserted)
             }
             Op::Start {
@@ -957,8 +1020,8 @@ impl Writer {
                 process,
                 text,
             } => {
-                let n = conn
-                    .prepare_cached(
+                let n = stmts
+                    .get(
                         "UPDATE tasks SET state = 'starting', started_at = ?2, pid = ?3, \
                          pid_start = ?4, boot_id = ?5, text = coalesce(?6, text) WHERE id = ?1",
                     )?
@@ -973,10 +1036,8 @@ impl Writer {
                 Ok(Outcome::Updated(n))
             }
             Op::SetProcess { id, process } => {
-                let n = conn
-                    .prepare_cached(
-                        "UPDATE tasks SET pid = ?2, pid_start = ?3, boot_id = ?4 WHERE id = ?1",
-                    )?
+                let n = stmts
+                    .get("UPDATE tasks SET pid = ?2, pid_start = ?3, boot_id = ?4 WHERE id = ?1")?
                     .execute(params![
                         id.to_string(),
                         process.pid,
@@ -986,14 +1047,14 @@ impl Writer {
                 Ok(Outcome::Updated(n))
             }
             Op::SetState { id, state } => {
-                let n = conn
-                    .prepare_cached("UPDATE tasks SET state = ?2 WHERE id = ?1")?
+                let n = stmts
+                    .get("UPDATE tasks SET state = ?2 WHERE id = ?1")?
                     .execute(params![id.to_string(), state.as_str()])?;
                 Ok(Outcome::Updated(n))
             }
             Op::Progress { id, text } => {
-                let n = conn
-                    .prepare_cached("UPDATE tasks SET progress = ?2 WHERE id = ?1")?
+                let n = stmts
+                    .get("UPDATE tasks SET progress = ?2 WHERE id = ?1")?
                     .execute(params![id.to_string(), text])?;
                 Ok(Outcome::Updated(n))
             }
@@ -1007,8 +1068,8 @@ impl Writer {
                 reason,
                 exit,
             } => {
-                let n = conn
-                    .prepare_cached(
+                let n = stmts
+                    .get(
                         "UPDATE tasks SET state = ?2, finished_at = ?3, \
                          progress = coalesce(?4, progress), result = ?5, ending = ?6, \
                          reason = ?7, exit_code = ?8, exit_signal = ?9 WHERE id = ?1",
@@ -1027,14 +1088,14 @@ impl Writer {
                 Ok(Outcome::Updated(n))
             }
             Op::Checkpoint { id, data } => {
-                let n = conn
-                    .prepare_cached("UPDATE tasks SET checkpoint = ?2 WHERE id = ?1")?
+                let n = stmts
+                    .get("UPDATE tasks SET checkpoint = ?2 WHERE id = ?1")?
                     .execute(params![id.to_string(), data])?;
                 Ok(Outcome::Updated(n))
             }
             Op::Settings(s) => {
-                let n = conn
-                    .prepare_cached(
+                let n = stmts
+                    .get(
                         "INSERT INTO session_settings (session, mode, debounce_ms, cap, \
                          drop_policy) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(session) DO \
                          UPDATE SET mode = excluded.mode, debounce_ms = excluded.debounce_ms, \
@@ -1050,8 +1111,8 @@ impl Writer {
                 Ok(Outcome::Updated(n))
             }
             Op::ResetSettings { session } => {
-                let n = conn
-                    .prepare_cached("DELETE FROM session_settings WHERE session = ?1")?
+                let n = stmts
+                    .get("DELETE FROM session_settings WHERE session = ?1")?
                     .execute([session])?;
                 Ok(Outcome::Updated(n))
             }
@@ -1059,7 +1120,7 @@ impl Writer {
             Op::Flush => Ok(Outcome::Done),
             Op::LimitPages(pages) => {
                 // Normally applied before the batch (see `run`).
-                set_max_pages(conn, *pages)?;
+                set_max_pages(&self.conn, *pages)?;
                 Ok(Outcome::Done)
             }
         }

@@ -202,6 +202,94 @@ fn message_id_dedup_survives_reopen() {
 }
 
 #[test]
+fn a_message_id_twice_in_one_transaction_is_one_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let with_id = |session: &str, message_id: Option<&str>| {
+        let mut t = task(session, "m");
+        t.message_id = message_id.map(str::to_string);
+        t
+    };
+    let (first, again, elsewhere, plain, plain_again) = (
+        with_id("chat", Some("evt-7")),
+        with_id("chat", Some("evt-7")),
+        with_id("other", Some("evt-7")),
+        with_id("chat", None),
+        with_id("chat", None),
+    );
+    // A task id stored already, with a new message id: refused, not a duplicate.
+    let mut same_task = with_id("chat", Some("evt-8"));
+    same_task.id = first.id;
+    let release = w.hold();
+    let tickets: Vec<Ticket> = [&first, &again, &elsewhere, &plain, &plain_again, &same_task]
+        .into_iter()
+        .map(|t| {
+            w.submit(Op::Insert {
+                task: Box::new(t.clone()),
+                front: false,
+            })
+        })
+        .collect();
+    let before = store.stats();
+    drop(release);
+    let outcomes: Vec<_> = tickets.into_iter().map(Ticket::wait).collect();
+    assert_eq!(store.stats().commits - before.commits, 1, "one transaction");
+    assert_eq!(outcomes[0], Ok(Outcome::Inserted));
+    assert_eq!(outcomes[1], Ok(Outcome::Duplicate(first.id)));
+    assert_eq!(outcomes[2], Ok(Outcome::Inserted));
+    assert_eq!(outcomes[3], Ok(Outcome::Inserted));
+    assert_eq!(outcomes[4], Ok(Outcome::Inserted));
+    assert!(
+        matches!(outcomes[5], Err(StoreError::Rejected(_))),
+        "{:?}",
+        outcomes[5]
+    );
+    drop(store);
+    let (_store, recovery) = open(dir.path());
+    let ids: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    assert_eq!(ids, [first.id, elsewhere.id, plain.id, plain_again.id]);
+    assert_eq!(recovery.queued[0], first);
+}
+
+#[test]
+fn a_record_that_ran_is_inserted_with_everything_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let mut t = task("chat", "ran before");
+    t.state = State::Failed;
+    t.options = Some("{}".into());
+    t.message_id = Some("evt-1".into());
+    t.started_at = Some(1_700_000_000_100);
+    t.finished_at = Some(1_700_000_000_200);
+    t.progress = Some("half way".into());
+    t.result = Some("no".into());
+    t.ending = Some("failed".into());
+    t.reason = Some("exit 3".into());
+    t.exit = Some(Exit {
+        code: Some(3),
+        signal: None,
+    });
+    t.process = Some(crate::ProcessIdentity {
+        pid: 4242,
+        start_time: 99,
+        boot_id: "boot".into(),
+    });
+    t.attempt_of = Some(Uuid::now_v7());
+    t.checkpoint = Some("step 2".into());
+    t.timeout_ms = Some(5000);
+    assert_eq!(insert(&store.writer(), &t, false), Outcome::Inserted);
+    let mut again = task("chat", "the same message");
+    again.message_id = t.message_id.clone();
+    again.started_at = Some(1);
+    assert_eq!(
+        insert(&store.writer(), &again, false),
+        Outcome::Duplicate(t.id)
+    );
+    assert_eq!(store.reader().unwrap().task(t.id).unwrap(), Some(t));
+}
+
+#[test]
 fn group_commit_puts_everything_that_waited_into_one_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path());
