@@ -2,7 +2,9 @@
 # Store benchmark (crates/store/examples/bench-store.rs). Prints rates as ratios
 # against a baseline measured in the same run on the same disk:
 #   baseline: one fsync'd commit per message (plain SQLite, WAL + synchronous=FULL);
-#   then:     the store with 1 client and with 64 concurrent clients (group commit),
+#   then:     the store with 1 client and with 64 concurrent clients (group commit;
+#             64 threads, and 64 clients on one thread answered by callback as agentd's
+#             loop is, each with the writer's and the process's CPU per message),
 #             a real agentd acknowledging 64 socket clients after each commit (and
 #             its `status` latency p50/p90/p99 while they keep the writer busy, as
 #             ratios to idle, beside the same clients against a bare echo server),

@@ -2,7 +2,10 @@
 //!
 //! `bench-store enqueue DIR`: durable enqueue rates on DIR's disk, each against the
 //! same baseline measured in the same run: one fsync'd commit per message (a plain
-//! SQLite connection, WAL + synchronous=FULL, one INSERT per transaction).
+//! SQLite connection, WAL + synchronous=FULL, one INSERT per transaction): 1 client,
+//! 64 client threads (each blocked on its answer, so every answer wakes a thread),
+//! and 64 clients driven from one thread by completion callbacks (as agentd's loop
+//! drives the store), each with the writer's and the whole process's CPU per message.
 //! `bench-store reopen DIR`: fills a store with 100,000 queued tasks over 10,000
 //! sessions, closes it, and times a fresh process opening and recovering it.
 
@@ -114,6 +117,52 @@ fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
     }
 }
 
+/// `clients` clients, each with one durable insert in flight at a time (the next is
+/// sent once the previous one's commit is told), driven from one thread by
+/// completion callbacks, as agentd's loop drives the store: what the store costs
+/// without a thread per client to wake for every answer.
+fn store_rate_one_thread(dir: &Path, clients: usize, per_client: usize) -> Rate {
+    let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
+    let before = store.stats();
+    let (writer_before, process_before) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let start = Instant::now();
+    let w = store.writer();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let submit = |c: usize, i: usize| {
+        let done = done_tx.clone();
+        let op = Op::Insert {
+            task: Box::new(task(c, i)),
+            front: false,
+        };
+        w.submit_with(op, move |result| {
+            let _ = done.send((c, result));
+        });
+    };
+    let mut sent = vec![1; clients];
+    for c in 0..clients {
+        submit(c, 0);
+    }
+    for _ in 0..clients * per_client {
+        let (c, result) = done_rx.recv().unwrap();
+        assert_eq!(result.unwrap(), Outcome::Inserted);
+        if sent[c] < per_client {
+            submit(c, sent[c]);
+            sent[c] += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    let (writer_after, process_after) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let after = store.stats();
+    let total = (clients * per_client) as f64;
+    Rate {
+        per_s: total / elapsed.as_secs_f64(),
+        commits: after.commits - before.commits,
+        ops: after.ops - before.ops,
+        writer_us: (writer_after - writer_before) as f64 / total,
+        process_us: (process_after - process_before) as f64 / total,
+    }
+}
+
 fn enqueue(dir: &Path) {
     let n_base = 2000;
     let base = baseline(dir, n_base);
@@ -142,10 +191,27 @@ fn enqueue(dir: &Path) {
         many.ops as f64 / many.commits.max(1) as f64
     );
     println!(
-        "  CPU per message, 64 clients: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
+        "  CPU per message: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
         many.writer_us,
         many.process_us,
         many.writer_us * many.ops as f64 / many.commits.max(1) as f64
+    );
+    let d1t = dir.join("one-thread");
+    std::fs::create_dir_all(&d1t).unwrap();
+    let loop_ = store_rate_one_thread(&d1t, 64, 1000);
+    println!(
+        "store, 64 clients on one thread: {:8.0} msgs/s  {:5.1}x baseline  ({} ops in {} commits, {:.0} per commit; answered by callback, as agentd's loop)",
+        loop_.per_s,
+        loop_.per_s / base,
+        loop_.ops,
+        loop_.commits,
+        loop_.ops as f64 / loop_.commits.max(1) as f64
+    );
+    println!(
+        "  CPU per message: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
+        loop_.writer_us,
+        loop_.process_us,
+        loop_.writer_us * loop_.ops as f64 / loop_.commits.max(1) as f64
     );
 }
 
@@ -217,10 +283,14 @@ fn main() {
     match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("enqueue"), Some(dir)) => enqueue(Path::new(dir)),
         (Some("reopen"), Some(dir)) => reopen(Path::new(dir)),
-        // The 64-client part alone, without a baseline: to profile the writer.
-        (Some("clients"), Some(dir)) => {
+        // The 64-client parts alone, without a baseline: to profile the writer.
+        (Some(mode @ ("clients" | "clients-one-thread")), Some(dir)) => {
             let per = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
-            let r = store_rate(Path::new(dir), 64, per);
+            let r = if mode == "clients" {
+                store_rate(Path::new(dir), 64, per)
+            } else {
+                store_rate_one_thread(Path::new(dir), 64, per)
+            };
             println!(
                 "64 clients: {:.0} msgs/s, {} ops in {} commits, CPU per message: writer {:.1} us, process {:.1} us",
                 r.per_s, r.ops, r.commits, r.writer_us, r.process_us
@@ -228,7 +298,9 @@ fn main() {
         }
         (Some("reopen-child"), Some(dir)) => reopen_child(Path::new(dir)),
         _ => {
-            eprintln!("usage: bench-store enqueue|reopen DIR, or clients DIR [PER_CLIENT]");
+            eprintln!(
+                "usage: bench-store enqueue|reopen DIR, or clients|clients-one-thread DIR [PER_CLIENT]"
+            );
             std::process::exit(2);
         }
     }
