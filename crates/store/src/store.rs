@@ -892,8 +892,10 @@ impl Writer {
         // Set between transactions: it applies to the next commit.
         let full = batch.iter().any(|r| r.op.acknowledged());
         self.set_synchronous(full).map_err(|e| fail(&e))?;
+        // Prepared once (execute_batch would parse it for every transaction).
         self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]))
             .map_err(|e| fail(&e))?;
         let mut results = Vec::with_capacity(batch.len());
         let mut stmts = Statements::new(&self.conn);
@@ -919,7 +921,11 @@ impl Writer {
             }
         }
         drop(stmts);
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
+        let commit = self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([]));
+        if let Err(e) = commit {
             self.rollback();
             self.next_seq = seq_before;
             return Err(fail(&e));
