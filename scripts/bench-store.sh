@@ -38,5 +38,17 @@ E2E="$WORK/e2e"; mkdir -p "$E2E/run"; chmod 700 "$E2E" "$E2E/run"
 APID=$!
 trap 'kill -KILL $APID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 200); do [ -S "$E2E/run/agentd.sock" ] && break; sleep 0.05; done
+# CPU ticks (utime + stime) of agentd's store writer thread: only the sends write.
+writer_ticks() {
+    for t in /proc/$APID/task/*; do
+        if [ "$(cat "$t/comm" 2>/dev/null)" = agentd-store ]; then
+            awk '{print $14 + $15}' "$t/stat"
+        fi
+    done
+}
+W0=$(writer_ticks)
 "$RBIN/examples/bench_status" --socket "$E2E/run/agentd.sock" --clients 64 --per 200
+W1=$(writer_ticks)
+awk -v t="$((W1 - W0))" -v hz="$(getconf CLK_TCK)" -v n=$((64 * 200)) \
+    'BEGIN {printf "agentd store writer thread: %.1f us CPU per acknowledged message\n", t * 1e6 / hz / n}'
 kill -TERM $APID; wait $APID 2>/dev/null || true
