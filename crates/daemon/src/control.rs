@@ -329,13 +329,13 @@ async fn serve(
         connections = limits.live.load(Ordering::Relaxed),
         "control connection accepted"
     );
-    // `&Stream` reads and writes: the reader and the writer task share it.
-    let stream = Arc::new(stream);
+    // Tokio's own halves: a read that does not fill the buffer tells tokio the socket
+    // is drained, so the next line is awaited without a read that fails with EAGAIN
+    // (one syscall per request less than interprocess's `&Stream`).
+    let (recv_half, mut send_half) = unix_stream(stream).into_split();
     let outbox = Outbox::new(OUTPUT_BUDGET);
-    let write_stream = stream.clone();
     let write_outbox = outbox.clone();
     let mut writer = tokio::spawn(async move {
-        let mut send_half = &*write_stream;
         'lines: while let Some(line) = write_outbox.next().await {
             // In chunks, so that a client reading a long answer slowly still counts
             // as reading (see `Outbox::progressed`).
@@ -351,7 +351,7 @@ async fn serve(
         write_outbox.close();
     });
 
-    let ending = read_requests(&stream, &outbox, &requests, &info, &limits).await;
+    let ending = read_requests(recv_half, &outbox, &requests, &info, &limits).await;
     outbox.finish_reading();
     match ending {
         // Let pending answers (e.g. a stop in progress) still reach a half-closed client.
@@ -368,9 +368,16 @@ async fn serve(
     }
 }
 
+/// The Unix stream under a local socket stream.
+fn unix_stream(stream: Stream) -> tokio::net::UnixStream {
+    match stream {
+        Stream::UdSocket(stream) => stream.into(),
+    }
+}
+
 /// Reads and dispatches requests until the client closes or agentd gives up on it.
 async fn read_requests(
-    stream: &Stream,
+    stream: tokio::net::unix::OwnedReadHalf,
     outbox: &Arc<Outbox>,
     requests: &mpsc::Sender<ControlRequest>,
     info: &ServerInfo,
