@@ -7,15 +7,19 @@
 # as a ratio against baselines measured in the same run (the machine's Unix-socket
 # round trip and the same echo with 64 clients).
 # Not a test: it asserts nothing, it reports. Override with CLIENTS, MESSAGES, SESSIONS
-# (SESSIONS=1 puts every message in one session's queue; the cap is raised for it).
+# (SESSIONS=1 puts every message in one session's queue; the cap is raised for it),
+# and BIN=DIR to run the binaries in DIR (agentd, agentctl, examples/bench_enqueue)
+# instead of building this tree's, e.g. to compare two builds one after the other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-64}
 MESSAGES=${MESSAGES:-100000}
 SESSIONS=${SESSIONS:-10000}
 
-cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec --example bench_enqueue
-BIN="$PWD/target/release"
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec --example bench_enqueue
+    BIN="$PWD/target/release"
+fi
 WORK="$(mktemp -d -t agentd-bench.XXXXXX)"; chmod 700 "$WORK"
 export AGENTD_SOCKET="$WORK/agentd.sock"
 cat >"$WORK/agentd.toml" <<TOML

@@ -1410,12 +1410,19 @@ impl Dispatcher {
                 .is_none_or(|k| self.index.len_of(k) == Some(len));
         if !unchanged {
             self.queued.version += 1;
-            if let Some(old) = s.indexed.take() {
-                self.index.remove(&old);
-            }
-            if let Some(key) = key {
-                self.index.add(key.clone(), len);
-                s.indexed = Some(key);
+            match key {
+                // Only the length changed (a message in or out of a queue that keeps
+                // its place): updated in place.
+                Some(key) if s.indexed.as_ref() == Some(&key) => self.index.set_len(&key, len),
+                key => {
+                    if let Some(old) = s.indexed.take() {
+                        self.index.remove(&old);
+                    }
+                    if let Some(key) = key {
+                        self.index.add(key.clone(), len);
+                        s.indexed = Some(key);
+                    }
+                }
             }
             self.index.shrink_if_empty();
         }

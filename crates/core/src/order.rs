@@ -158,6 +158,13 @@ impl<K: Ord, V> RankedMap<K, V> {
         }
     }
 
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        match self.find(key) {
+            NIL => None,
+            t => Some(&mut self.node_mut(t).value),
+        }
+    }
+
     /// Inserts `key` (replacing the value of an equal key).
     pub fn insert(&mut self, key: K, value: V) {
         let found = self.find(&key);
@@ -414,6 +421,59 @@ impl PositionIndex {
         self.n_queued += len as usize;
     }
 
+    /// Changes the length recorded for the session under `key` to `len >= 1` (records
+    /// it if it is not recorded yet). Cheaper than a [`PositionIndex::remove`] and an
+    /// [`PositionIndex::add`]: the Fenwick nodes on the paths of both lengths keep the
+    /// key (only their counts change), and the session's entry is updated in place,
+    /// so a message into a queue costs a few treap operations, not 2 · log L + 2.
+    pub fn set_len(&mut self, key: &OrderKey, len: u32) {
+        debug_assert!(len >= 1);
+        let Some(&old) = self.sessions.get(key) else {
+            self.add(key.clone(), len);
+            return;
+        };
+        if old == len {
+            return;
+        }
+        if len as usize > self.max_len() {
+            // Rebuilt with the old length, which the walk below then changes.
+            self.grow(len as usize);
+        }
+        let max = self.max_len();
+        let next = |j: usize| {
+            let n = j + lowbit(j);
+            (n <= max).then_some(n)
+        };
+        // Both paths ascend; once they meet they are one.
+        let (mut a, mut b) = (Some(old as usize), Some(len as usize));
+        while a.is_some() || b.is_some() {
+            match (a, b) {
+                (Some(i), Some(j)) if i == j => {
+                    self.sum_by_len[i] = self.sum_by_len[i] - u64::from(old) + u64::from(len);
+                    a = next(i);
+                    b = next(j);
+                }
+                (Some(i), j) if j.is_none_or(|j| i < j) => {
+                    self.by_len[i].remove(key);
+                    self.n_by_len[i] -= 1;
+                    self.sum_by_len[i] -= u64::from(old);
+                    a = next(i);
+                }
+                (_, Some(j)) => {
+                    self.by_len[j].insert(key.clone(), ());
+                    self.n_by_len[j] += 1;
+                    self.sum_by_len[j] += u64::from(len);
+                    b = next(j);
+                }
+                _ => unreachable!("the loop ends first"),
+            }
+        }
+        if let Some(recorded) = self.sessions.get_mut(key) {
+            *recorded = len;
+        }
+        self.n_queued = self.n_queued - old as usize + len as usize;
+    }
+
     /// Forgets the session recorded under `key`.
     pub fn remove(&mut self, key: &OrderKey) {
         if let Some(len) = self.sessions.remove(key) {
@@ -460,6 +520,40 @@ mod tests {
         // A queued task's entry in its session's queue: key, task id, three links and
         // the priority, with the slot's `None` in the size's niche.
         assert_eq!(std::mem::size_of::<Option<Node<i64, TaskId>>>(), 40);
+    }
+
+    #[test]
+    fn set_len_agrees_with_remove_and_add() {
+        let key = |i: u64| OrderKey::Quiet(format!("s{i:03}"));
+        let (mut fast, mut slow) = (PositionIndex::default(), PositionIndex::default());
+        let mut lens = BTreeMap::new();
+        let mut x: u64 = 99;
+        for _ in 0..3_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let k = key((x >> 33) % 40);
+            // Lengths from 1 to 70: past the trees' first size, so they grow too.
+            let len = 1 + ((x >> 45) % 70) as u32;
+            if (x >> 20).is_multiple_of(5) {
+                fast.remove(&k);
+                slow.remove(&k);
+                lens.remove(&k);
+            } else {
+                fast.set_len(&k, len);
+                slow.remove(&k);
+                slow.add(k.clone(), len);
+                lens.insert(k, len);
+            }
+            assert_eq!(fast.n_queued(), slow.n_queued());
+            assert_eq!(fast.n_sessions(), slow.n_sessions());
+            for (k, len) in &lens {
+                assert_eq!(fast.len_of(k), Some(*len));
+                for idx in [0, 1, (*len / 2) as usize, *len as usize - 1] {
+                    assert_eq!(fast.position(k, idx), slow.position(k, idx), "{k:?} {idx}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! One task per connection reads request lines (each bounded by
 //! [`MAX_REQUEST_BYTES`]), answers `hello` and `ping` itself, and hands every other
-//! request to the supervisor with a reply channel. Replies are written by a writer
-//! task as they come, so a `stop` that waits for its task to end does not hold up a
-//! `status` sent after it on the same connection.
+//! request to the supervisor with a [`Replier`], which queues the answer on this
+//! connection's output from whichever thread answers. Replies are written by a
+//! writer task as they come, so a `stop` that waits for its task to end does not
+//! hold up a `status` sent after it on the same connection.
 //!
 //! **Invariants:** nothing here waits on an agent. Bad input (invalid JSON, unknown
 //! commands, oversized lines, random bytes) gets a structured error; an oversized line
@@ -40,7 +41,7 @@ pub type Reply = Result<Answer, ErrorBody>;
 pub struct ControlRequest {
     pub body: RequestBody,
     /// Where the supervisor sends the answer (possibly much later, for `stop`).
-    pub reply: oneshot::Sender<Reply>,
+    pub reply: Replier,
     /// For `watch`: where the supervisor sends the events (delivered after the
     /// answer). Dropping it ends the watch.
     pub events: Option<EventSink>,
@@ -51,6 +52,7 @@ pub struct ControlRequest {
 }
 
 pub use crate::info::{Handed, ServerInfo, StatusSnapshot};
+pub use crate::replier::Replier;
 
 /// How long a refused connection may take to receive its refusal, and a closing one
 /// its last lines.
@@ -329,13 +331,13 @@ async fn serve(
         connections = limits.live.load(Ordering::Relaxed),
         "control connection accepted"
     );
-    // `&Stream` reads and writes: the reader and the writer task share it.
-    let stream = Arc::new(stream);
+    // Tokio's own halves: a read that does not fill the buffer tells tokio the socket
+    // is drained, so the next line is awaited without a read that fails with EAGAIN
+    // (one syscall per request less than interprocess's `&Stream`).
+    let (recv_half, mut send_half) = unix_stream(stream).into_split();
     let outbox = Outbox::new(OUTPUT_BUDGET);
-    let write_stream = stream.clone();
     let write_outbox = outbox.clone();
     let mut writer = tokio::spawn(async move {
-        let mut send_half = &*write_stream;
         'lines: while let Some(line) = write_outbox.next().await {
             // In chunks, so that a client reading a long answer slowly still counts
             // as reading (see `Outbox::progressed`).
@@ -351,7 +353,7 @@ async fn serve(
         write_outbox.close();
     });
 
-    let ending = read_requests(&stream, &outbox, &requests, &info, &limits).await;
+    let ending = read_requests(recv_half, &outbox, &requests, &info, &limits).await;
     outbox.finish_reading();
     match ending {
         // Let pending answers (e.g. a stop in progress) still reach a half-closed client.
@@ -368,9 +370,16 @@ async fn serve(
     }
 }
 
+/// The Unix stream under a local socket stream.
+fn unix_stream(stream: Stream) -> tokio::net::UnixStream {
+    match stream {
+        Stream::UdSocket(stream) => stream.into(),
+    }
+}
+
 /// Reads and dispatches requests until the client closes or agentd gives up on it.
 async fn read_requests(
-    stream: &Stream,
+    stream: tokio::net::unix::OwnedReadHalf,
     outbox: &Arc<Outbox>,
     requests: &mpsc::Sender<ControlRequest>,
     info: &ServerInfo,
@@ -475,13 +484,17 @@ async fn read_requests(
                 ));
             }
             body => {
-                let in_flight = outbox.begin();
                 // A page of `tasks` can be large: the next request is read only once
                 // it is queued, so at most one page waits beyond the output budget.
-                let large = matches!(body, RequestBody::Tasks { .. });
-                let (reply, answer) = oneshot::channel();
+                let (queued, page_queued) = match body {
+                    RequestBody::Tasks { .. } => {
+                        let (tx, rx) = oneshot::channel();
+                        (Some(tx), Some(rx))
+                    }
+                    _ => (None, None),
+                };
                 // Events wait for the answer of a request answered at once.
-                let gate = answered_at_once(&body).then(|| outbox.gate());
+                let slot = outbox.answering(answered_at_once(&body));
                 let (events, watch_answer) = match body {
                     RequestBody::Watch { .. } => {
                         watches += 1;
@@ -490,45 +503,21 @@ async fn read_requests(
                     }
                     _ => (None, None),
                 };
-                if requests
-                    .send(ControlRequest {
-                        body,
-                        reply,
-                        events,
-                        handed: Some(Handed::new(&handed)),
-                    })
-                    .await
-                    .is_err()
-                {
-                    outbox.push(&Response::<Answer>::err(
-                        Some(id),
+                let request = ControlRequest {
+                    body,
+                    reply: Replier::to_connection(id, slot, watch_answer, queued),
+                    events,
+                    handed: Some(Handed::new(&handed)),
+                };
+                if let Err(mpsc::error::SendError(request)) = requests.send(request).await {
+                    request.reply.send(Err(ErrorBody::new(
                         ErrorCode::ShuttingDown,
                         "agentd is shutting down",
-                    ));
+                    )));
                     return Ending::Eof;
                 }
-                let outbox = outbox.clone();
-                let answered = tokio::spawn(async move {
-                    let response = match answer.await {
-                        Ok(Ok(result)) => Response::answer(id, result),
-                        Ok(Err(error)) => Response::failed(Some(id), error),
-                        Err(_) => Response::<Answer>::err(
-                            Some(id),
-                            ErrorCode::ShuttingDown,
-                            "agentd is shutting down",
-                        ),
-                    };
-                    // A watch's events follow its answer, until the supervisor drops
-                    // the subscription (which ends it in flight).
-                    match watch_answer {
-                        Some(watch) => watch.answer(&response),
-                        None => outbox.push(&response),
-                    }
-                    drop(gate);
-                    drop(in_flight);
-                });
-                if large {
-                    let _ = answered.await;
+                if let Some(page_queued) = page_queued {
+                    let _ = page_queued.await;
                 }
             }
         }

@@ -36,6 +36,7 @@ pub mod notify;
 pub mod outbox;
 mod output;
 pub mod reads;
+pub mod replier;
 pub mod socket;
 pub mod supervisor;
 pub mod views;

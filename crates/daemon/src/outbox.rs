@@ -26,8 +26,9 @@
 //!
 //! **Answers before the events they cause.** While a request that is answered at
 //! once (everything but a waiting `stop`) is with the supervisor, the connection's
-//! events are held (a [`Gate`]) and released right after its answer, so a bridge
-//! learns a task's id from the `send` answer before any event about that task.
+//! events are held (its [`Answering`] is a gate) and released right after its
+//! answer, so a bridge learns a task's id from the `send` answer before any event
+//! about that task.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,7 +103,7 @@ struct State {
     last_of: HashMap<(u64, String), u64>,
     /// Events of watches whose answer is not queued yet.
     held: HashMap<u64, Vec<Item>>,
-    /// Requests answered at once that are with the supervisor ([`Gate`]s open).
+    /// Requests answered at once that are with the supervisor (gated [`Answering`]s).
     gates: usize,
     /// Events of answered watches offered while a gate was open, oldest first.
     gated: Vec<Item>,
@@ -128,6 +129,19 @@ impl State {
 
     fn idle(&self) -> bool {
         !self.writing && self.queue.is_empty()
+    }
+
+    /// Ends one gate (see [`Outbox::answering`]): the last one releases the events
+    /// held meanwhile.
+    fn open_gate(&mut self) {
+        self.gates -= 1;
+        if self.gates == 0 {
+            for item in std::mem::take(&mut self.gated) {
+                if !self.refuses() {
+                    self.enqueue(item);
+                }
+            }
+        }
     }
 
     /// Appends `item` to the queue (its bytes already counted in `pending`).
@@ -420,21 +434,29 @@ impl Outbox {
         }
     }
 
-    /// Holds the connection's events until the returned gate is dropped: taken before
-    /// a request answered at once goes to the supervisor, dropped right after its
-    /// answer is queued.
-    pub fn gate(self: &Arc<Self>) -> Gate {
-        self.lock().gates += 1;
-        Gate {
-            outbox: self.clone(),
-        }
-    }
-
     /// Marks one request in flight until the returned guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.lock().in_flight += 1;
         InFlight {
             outbox: self.clone(),
+        }
+    }
+
+    /// One request's place in the connection's output: it counts in flight (and, if
+    /// `gated`, holds the connection's events, for a request answered at once) until
+    /// its answer is queued with [`Answering::answer`] or it is dropped unanswered:
+    /// one critical section each way.
+    pub fn answering(self: &Arc<Self>, gated: bool) -> Answering {
+        let mut state = self.lock();
+        state.in_flight += 1;
+        if gated {
+            state.gates += 1;
+        }
+        drop(state);
+        Answering {
+            outbox: self.clone(),
+            gated,
+            done: false,
         }
     }
 
@@ -444,30 +466,50 @@ impl Outbox {
     }
 }
 
-/// Events wait while a request answered at once is with the supervisor.
-pub struct Gate {
+/// A request in flight whose answer is not queued yet (see [`Outbox::answering`]).
+pub struct Answering {
     outbox: Arc<Outbox>,
+    gated: bool,
+    done: bool,
 }
 
-impl Drop for Gate {
-    fn drop(&mut self) {
+impl Answering {
+    /// Queues the answer `line`, then releases the events held behind it, and ends
+    /// the request.
+    pub fn answer(mut self, line: Vec<u8>) {
+        self.finish(Some(line));
+    }
+
+    fn finish(&mut self, line: Option<Vec<u8>>) {
+        self.done = true;
         let mut state = self.outbox.lock();
-        state.gates -= 1;
-        if state.gates == 0 {
-            for item in std::mem::take(&mut state.gated) {
-                if !state.refuses() {
-                    state.enqueue(item);
-                }
+        if let Some(line) = line {
+            if !state.refuses() {
+                state.pending += line.len();
+                state.enqueue(Item::answer(line));
             }
         }
+        if self.gated {
+            state.open_gate();
+        }
+        state.in_flight -= 1;
         drop(state);
         self.outbox.ready.notify_one();
+        self.outbox.room.notify_one();
     }
 }
 
-impl std::fmt::Debug for Gate {
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(None);
+        }
+    }
+}
+
+impl std::fmt::Debug for Answering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Gate")
+        f.write_str("Answering")
     }
 }
 

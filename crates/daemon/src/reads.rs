@@ -11,17 +11,17 @@
 
 use std::sync::mpsc;
 
+use crate::control::Replier;
 use agentd_proto::control::{ErrorBody, ErrorCode};
 use agentd_proto::text;
 use agentd_store::Reader;
-use tokio::sync::oneshot;
 
 use crate::control::Reply;
 
 /// One read of the store, run on the reader thread; its answer goes to `reply`.
 pub struct Job {
     pub run: Box<dyn FnOnce(&Reader) -> Reply + Send>,
-    pub reply: oneshot::Sender<Reply>,
+    pub reply: Replier,
 }
 
 /// Most jobs waiting for the reader thread.
@@ -41,7 +41,7 @@ impl Reads {
             .spawn(move || {
                 for job in rx {
                     let answer = (job.run)(&reader);
-                    let _ = job.reply.send(answer);
+                    job.reply.send(answer);
                 }
             })?;
         Ok(Reads { tx })
@@ -49,11 +49,7 @@ impl Reads {
 
     /// Queues the read `run`, answered on `reply`; if [`MAX_WAITING`] jobs wait
     /// already (or the thread is gone) it is answered at once that agentd is busy.
-    pub fn submit(
-        &self,
-        run: impl FnOnce(&Reader) -> Reply + Send + 'static,
-        reply: oneshot::Sender<Reply>,
-    ) {
+    pub fn submit(&self, run: impl FnOnce(&Reader) -> Reply + Send + 'static, reply: Replier) {
         let job = Job {
             run: Box::new(run),
             reply,
@@ -61,8 +57,7 @@ impl Reads {
         if let Err(mpsc::TrySendError::Full(job) | mpsc::TrySendError::Disconnected(job)) =
             self.tx.try_send(job)
         {
-            let _ = job
-                .reply
+            job.reply
                 .send(Err(ErrorBody::new(ErrorCode::Internal, text::HISTORY_BUSY)));
         }
     }
@@ -81,7 +76,7 @@ mod tests {
         let reads = Reads::start(store.reader().unwrap()).unwrap();
         let (hold_tx, hold_rx) = mpsc::channel::<()>();
         // The first job holds the thread until released.
-        let (first, _first_rx) = oneshot::channel();
+        let (first, _first_rx) = Replier::channel();
         reads.submit(
             move |_| {
                 let _ = hold_rx.recv();
@@ -92,7 +87,7 @@ mod tests {
         let (order_tx, order_rx) = mpsc::channel::<usize>();
         let mut answers = Vec::new();
         for i in 0..MAX_WAITING + 2 {
-            let (reply, rx) = oneshot::channel();
+            let (reply, rx) = Replier::channel();
             let order = order_tx.clone();
             reads.submit(
                 move |r: &Reader| {

@@ -3,11 +3,11 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use crate::control::Replier;
 use agentd_core::TaskId;
 use agentd_proto::control::{ErrorBody, ErrorCode, LogChunk, MAX_LOG_CHUNK};
 use agentd_proto::text;
 use agentd_store::{LogReader, Reader};
-use tokio::sync::oneshot;
 
 use crate::control::Reply;
 use crate::output::Pumps;
@@ -18,9 +18,9 @@ impl Supervisor {
     /// Up to [`MAX_LOG_CHUNK`] bytes of the task's log from `offset`, read by the
     /// reader thread (the file, and the store for a task memory does not know), so
     /// the loop touches no disk.
-    pub(crate) fn log(&self, task_id: &str, offset: u64, reply: oneshot::Sender<Reply>) {
+    pub(crate) fn log(&self, task_id: &str, offset: u64, reply: Replier) {
         let Some(reads) = &self.reads else {
-            let _ = reply.send(self.log_now(task_id, offset));
+            reply.send(self.log_now(task_id, offset));
             return;
         };
         let (prefix, mut matches) = match self.lookup_in_memory(task_id) {
@@ -31,7 +31,7 @@ impl Supervisor {
                 matches,
             }) => (Some((prefix, text)), matches),
             Err(e) => {
-                let _ = reply.send(Err(e));
+                reply.send(Err(e));
                 return;
             }
         };
@@ -39,7 +39,7 @@ impl Supervisor {
         matches.dedup();
         if let (Some((_, text)), true) = (&prefix, matches.len() > 1) {
             let ambiguous = text::ambiguous_prefix(text, matches.len());
-            let _ = reply.send(err(ErrorCode::BadRequest, ambiguous));
+            reply.send(err(ErrorCode::BadRequest, ambiguous));
             return;
         }
         let live: HashSet<TaskId> = matches

@@ -1,5 +1,6 @@
 //! Control requests, one module per request family.
 
+pub(crate) mod ack;
 pub(crate) mod log;
 pub(crate) mod queue;
 pub(crate) mod resume;
@@ -43,7 +44,7 @@ impl Supervisor {
                 match target {
                     Ok(target) => self.stop(target, Scope::Owner, false, wait, reply),
                     Err(e) => {
-                        let _ = reply.send(Err(e));
+                        reply.send(Err(e));
                     }
                 }
             }
@@ -57,7 +58,7 @@ impl Supervisor {
             } => {
                 if timeout_ms == Some(0) {
                     let message = agentd_proto::text::ZERO_TIMEOUT;
-                    let _ = reply.send(err(ErrorCode::BadRequest, message));
+                    reply.send(err(ErrorCode::BadRequest, message));
                     return;
                 }
                 let work = Work {
@@ -69,7 +70,7 @@ impl Supervisor {
                     mode: mode.map(views::mode),
                 };
                 if let Some((reply, answer)) = self.on_send(work, reply) {
-                    let _ = reply.send(answer);
+                    reply.send(answer);
                 }
             }
             RequestBody::Queue {
@@ -93,11 +94,11 @@ impl Supervisor {
                 self.answer_when_saved(saves, reply, answer);
             }
             RequestBody::Watch { task_id, session } => {
-                let _ = reply.send(self.watch(task_id, session, events));
+                reply.send(self.watch(task_id, session, events));
             }
             RequestBody::Status { task_id: Some(id) } => self.status_of(&id, None, reply),
             RequestBody::Status { task_id: None } => {
-                let _ = reply.send(self.status());
+                reply.send(self.status());
             }
             RequestBody::Tasks {
                 session,
@@ -112,18 +113,18 @@ impl Supervisor {
                 cursor,
             } => {
                 let answer = self.tasks(session.as_deref(), false, limit, cursor.as_deref());
-                let _ = reply.send(answer);
+                reply.send(answer);
             }
             RequestBody::Log { task_id, offset } => {
                 self.log(&task_id, offset, reply);
             }
             RequestBody::Resume { task_id } => {
                 if let Some((reply, answer)) = self.resume(Some(&task_id), None, reply) {
-                    let _ = reply.send(answer);
+                    reply.send(answer);
                 }
             }
             RequestBody::Hello { .. } | RequestBody::Ping => {
-                let _ = reply.send(err(ErrorCode::Internal, "answered by the connection"));
+                reply.send(err(ErrorCode::Internal, "answered by the connection"));
             }
         }
     }

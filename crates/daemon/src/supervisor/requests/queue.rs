@@ -2,11 +2,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::control::Replier;
 use agentd_core::QueueChange;
 use agentd_proto::control::{ErrorBody, ErrorCode};
 use agentd_proto::text;
 use agentd_store::Op;
-use tokio::sync::oneshot;
 
 use crate::control::Reply;
 use crate::supervisor::requests::check_session;
@@ -57,20 +57,15 @@ impl Supervisor {
     /// could not be written: the settings are in effect then and the store keeps
     /// trying to write them (in order), but until it can a restart would lose them,
     /// and the user is told so. Without saves, answers at once.
-    pub(crate) fn answer_when_saved(
-        &self,
-        saves: Vec<Op>,
-        reply: oneshot::Sender<Reply>,
-        answer: Reply,
-    ) {
+    pub(crate) fn answer_when_saved(&self, saves: Vec<Op>, reply: Replier, answer: Reply) {
         if saves.is_empty() || answer.is_err() {
-            let _ = reply.send(answer);
+            reply.send(answer);
             return;
         }
         struct Waiting {
             left: usize,
             failed: Option<String>,
-            reply: Option<(oneshot::Sender<Reply>, Reply)>,
+            reply: Option<(Replier, Reply)>,
         }
         let waiting = Arc::new(Mutex::new(Waiting {
             left: saves.len(),
@@ -94,7 +89,7 @@ impl Supervisor {
                             )),
                             None => answer,
                         };
-                        let _ = reply.send(answer);
+                        reply.send(answer);
                     }
                 }
             });

@@ -2,10 +2,10 @@
 //! again in its session, as a new attempt linked to it, and its agent gets the last
 //! checkpoint the task saved.
 
+use crate::control::Replier;
 use agentd_core::{Message, Mode, TaskId};
 use agentd_proto::control::{ErrorBody, ErrorCode, TaskState};
 use agentd_proto::text;
-use tokio::sync::oneshot;
 
 use crate::control::Reply;
 use crate::supervisor::{err, Supervisor};
@@ -35,8 +35,8 @@ impl Supervisor {
         &mut self,
         task: Option<&str>,
         chat: Option<&str>,
-        reply: oneshot::Sender<Reply>,
-    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+        reply: Replier,
+    ) -> Option<(Replier, Reply)> {
         match self.resume_message(task, chat) {
             Ok((message, attempt)) => self.accept_work(message, Some(attempt), None, reply),
             Err(e) => Some((reply, Err(e))),

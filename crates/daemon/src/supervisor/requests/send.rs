@@ -1,31 +1,27 @@
 //! `send`: work messages and the chat commands typed as text.
 
+use crate::control::Replier;
 use agentd_core::{
     parse_chat_command, Accepted, ChatCommand, Message, Mode, Priority, QueueChange, QueueCommand,
     Refused, Scope, StopArg, StopTarget, TaskId, HELP_TEXT,
 };
 use agentd_proto::control::{Answer, ErrorBody, ErrorCode, EventKind, SendReply, TaskView};
 use agentd_proto::text;
-use tokio::sync::oneshot;
 
-use agentd_store::{Op, Outcome, StoreError};
+use agentd_store::Op;
 
 use crate::control::Reply;
 use crate::durable;
+use crate::supervisor::requests::ack::{self, Ack, OnCommit};
 use crate::supervisor::requests::resume::Resumed;
 use crate::supervisor::requests::{check_session, Work};
-use crate::supervisor::StoreEvent;
 use crate::supervisor::{err, json, Supervisor};
 use crate::views::{self, now_millis};
 
 impl Supervisor {
     /// A chat message: a control command or work. Returns the reply to send now, or
     /// `None` when the reply was handed to a stop waiter.
-    pub(crate) fn on_send(
-        &mut self,
-        work: Work,
-        reply: oneshot::Sender<Reply>,
-    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+    pub(crate) fn on_send(&mut self, work: Work, reply: Replier) -> Option<(Replier, Reply)> {
         if let Err(e) = check_session(&work.session) {
             return Some((reply, Err(e)));
         }
@@ -70,8 +66,8 @@ impl Supervisor {
         message: Message,
         attempt: Option<Resumed>,
         timeout: Option<std::time::Duration>,
-        reply: oneshot::Sender<Reply>,
-    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+        reply: Replier,
+    ) -> Option<(Replier, Reply)> {
         let now = now_millis();
         let task_id = message.task_id;
         let message_task = task_id;
@@ -102,17 +98,16 @@ impl Supervisor {
                 }
                 None => false,
             };
-            let (tx, rx) = oneshot::channel();
+            let ack = Ack::new();
+            let on_commit = OnCommit::new(&ack);
             self.store.submit_with(
                 Op::Insert {
                     task: Box::new(record),
                     front,
                 },
-                move |result| {
-                    let _ = tx.send(result);
-                },
+                move |result| on_commit.done(result),
             );
-            Some(rx)
+            Some(ack)
         } else {
             None
         };
@@ -138,33 +133,16 @@ impl Supervisor {
         if let (Some(line), Ok(Answer::Send(send))) = (resumed_line, &mut answer) {
             send.reply = format!("{line}\n{}", send.reply);
         }
-        let Some(commit) = commit else {
+        let Some(ack) = commit else {
             return Some((reply, answer));
         };
         // Acknowledged only once committed; the loop does not wait for it.
-        let events = self.store_events.clone();
-        tokio::spawn(async move {
-            let result = commit.await.unwrap_or(Err(StoreError::Closed));
-            let answer = match result {
-                Ok(Outcome::Duplicate(original)) => {
-                    let _ = events.send(StoreEvent::InsertFailed {
-                        task_id,
-                        message: message_key,
-                        original: Some(original),
-                    });
-                    duplicate_of_stored(answer, original)
-                }
-                Ok(_) => answer,
-                Err(e) => {
-                    let _ = events.send(StoreEvent::InsertFailed {
-                        task_id,
-                        message: message_key,
-                        original: None,
-                    });
-                    err(ErrorCode::StoreFailed, text::store_failed(e))
-                }
-            };
-            let _ = reply.send(answer);
+        ack.answered(ack::Answer {
+            reply,
+            answer,
+            task_id,
+            message: message_key,
+            events: self.store_events.clone(),
         });
         None
     }
@@ -280,8 +258,8 @@ impl Supervisor {
         &mut self,
         session: String,
         command: ChatCommand,
-        reply: oneshot::Sender<Reply>,
-    ) -> Option<(oneshot::Sender<Reply>, Reply)> {
+        reply: Replier,
+    ) -> Option<(Replier, Reply)> {
         let answer = match command {
             ChatCommand::Help => {
                 Ok(self.chat_reply("help", HELP_TEXT.to_string(), serde_json::Value::Null))
@@ -392,7 +370,7 @@ impl Supervisor {
 
 /// The answer to a message that the dispatcher took for new but the store already
 /// held (its original finished before a restart): the original task id, not run again.
-fn duplicate_of_stored(answer: Reply, original: TaskId) -> Reply {
+pub(crate) fn duplicate_of_stored(answer: Reply, original: TaskId) -> Reply {
     let Ok(agentd_proto::control::Answer::Send(mut send)) = answer else {
         return answer;
     };

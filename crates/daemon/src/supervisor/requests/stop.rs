@@ -3,10 +3,10 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use crate::control::Replier;
 use agentd_core::{Scope, StopError, StopTarget, TaskId, TaskState};
 use agentd_proto::control::{ErrorCode, SendReply, StopReply, StoppingView, TaskView};
 use agentd_proto::text;
-use tokio::sync::oneshot;
 
 use crate::control::Reply;
 use crate::supervisor::executor::Timer;
@@ -19,7 +19,7 @@ pub(crate) struct StopWaiter {
     pub(crate) remaining: HashSet<TaskId>,
     /// `Some(session)` when the stop came as a chat `/stop`: answer as a chat reply.
     pub(crate) chat: bool,
-    pub(crate) reply: oneshot::Sender<Reply>,
+    pub(crate) reply: Replier,
 }
 
 impl Supervisor {
@@ -31,14 +31,14 @@ impl Supervisor {
         scope: Scope,
         chat: bool,
         wait: bool,
-        reply: oneshot::Sender<Reply>,
+        reply: Replier,
     ) {
         // A task that already ended is reported as it ended.
         if let StopTarget::Task(task_id) = &target {
             if let Some(done) = self.history.get(task_id) {
                 if let Scope::Chat(session) = &scope {
                     if &done.session != session {
-                        let _ = reply.send(err(
+                        reply.send(err(
                             ErrorCode::Forbidden,
                             text::task_not_in_this_chat(task_id),
                         ));
@@ -59,7 +59,7 @@ impl Supervisor {
         match self.dispatcher.stop(target, &scope, now_millis()) {
             Ok((tasks, actions)) if !wait => {
                 self.execute(actions);
-                let _ = reply.send(self.stop_answer(&tasks, chat));
+                reply.send(self.stop_answer(&tasks, chat));
             }
             Ok((tasks, actions)) => {
                 let remaining = tasks.iter().copied().collect();
@@ -72,16 +72,16 @@ impl Supervisor {
                 self.execute(actions);
             }
             Err(StopError::NotFound(id)) => {
-                let _ = reply.send(err(ErrorCode::NotFound, text::no_task(id)));
+                reply.send(err(ErrorCode::NotFound, text::no_task(id)));
             }
             Err(StopError::Forbidden { task_id, .. }) => {
-                let _ = reply.send(err(
+                reply.send(err(
                     ErrorCode::Forbidden,
                     text::task_not_in_this_chat(task_id),
                 ));
             }
             Err(StopError::OtherSession { session }) => {
-                let _ = reply.send(err(
+                reply.send(err(
                     ErrorCode::Forbidden,
                     text::session_not_this_chat(&session),
                 ));
@@ -96,7 +96,7 @@ impl Supervisor {
         self.waiters = waiting;
         for waiter in done {
             let answer = self.stop_answer(&waiter.tasks, waiter.chat);
-            let _ = waiter.reply.send(answer);
+            waiter.reply.send(answer);
         }
     }
 

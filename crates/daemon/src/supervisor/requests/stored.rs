@@ -9,11 +9,11 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
+use crate::control::Replier;
 use agentd_core::{Task, TaskId};
 use agentd_proto::control::{ErrorBody, ErrorCode, TaskView, MAX_TASKS_PAGE};
 use agentd_proto::text;
 use agentd_store::Reader;
-use tokio::sync::oneshot;
 
 use crate::control::Reply;
 use crate::durable;
@@ -30,17 +30,12 @@ const PREFIX_MATCHES: usize = 16;
 impl Supervisor {
     /// `status ID` (and a chat's `/status ID`, given its session): answered now when
     /// memory knows the task, else by the reader thread.
-    pub(crate) fn status_of(
-        &self,
-        text: &str,
-        chat: Option<String>,
-        reply: oneshot::Sender<Reply>,
-    ) {
+    pub(crate) fn status_of(&self, text: &str, chat: Option<String>, reply: Replier) {
         let answer = move |view: Result<TaskView, ErrorBody>| status_answer(view, chat.as_deref());
         let lookup = match self.lookup_in_memory(text) {
             Ok(lookup) => lookup,
             Err(e) => {
-                let _ = reply.send(Err(e));
+                reply.send(Err(e));
                 return;
             }
         };
@@ -52,7 +47,7 @@ impl Supervisor {
         let (memory_view, prefix) = match lookup {
             Lookup::Id(id) => match self.cached_view(&id) {
                 Some(view) => {
-                    let _ = reply.send(answer(Ok(view)));
+                    reply.send(answer(Ok(view)));
                     return;
                 }
                 None => (None, Err(id)),
@@ -68,7 +63,7 @@ impl Supervisor {
                 if matches.len() > 1 {
                     // More in the store cannot make it unique.
                     let ambiguous = text::ambiguous_prefix(&text, matches.len());
-                    let _ = reply.send(Err(ErrorBody::new(ErrorCode::BadRequest, ambiguous)));
+                    reply.send(Err(ErrorBody::new(ErrorCode::BadRequest, ambiguous)));
                     return;
                 }
                 let view = matches.first().and_then(|id| self.cached_view(id));
@@ -83,7 +78,7 @@ impl Supervisor {
                     .resolve(&text)
                     .and_then(|id| self.view(&id).ok_or_else(not_found)),
             };
-            let _ = reply.send(answer(view));
+            reply.send(answer(view));
             return;
         };
         reads.submit(
@@ -114,17 +109,17 @@ impl Supervisor {
         session: Option<String>,
         limit: Option<u32>,
         cursor: Option<&str>,
-        reply: oneshot::Sender<Reply>,
+        reply: Replier,
     ) {
         let Some(reads) = &self.reads else {
-            let _ = reply.send(self.tasks(session.as_deref(), true, limit, cursor));
+            reply.send(self.tasks(session.as_deref(), true, limit, cursor));
             return;
         };
         let retention = self.config.retention;
         if limit.is_none() && cursor.is_none() {
             let in_session = |t: &&Task| session.as_deref().is_none_or(|s| t.session == s);
             if self.dispatcher.tasks().filter(in_session).count() > MAX_TASKS_PAGE as usize {
-                let _ = reply.send(Err(listing::too_large()));
+                reply.send(Err(listing::too_large()));
                 return;
             }
             let live = self.list(session.as_deref(), false);
@@ -156,7 +151,7 @@ impl Supervisor {
             let after = match listing::parse_cursor(cursor) {
                 Ok(after) => after,
                 Err(e) => {
-                    let _ = reply.send(Err(e));
+                    reply.send(Err(e));
                     return;
                 }
             };
