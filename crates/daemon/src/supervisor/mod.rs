@@ -14,12 +14,16 @@
 //! - The loop never blocks on an agent, never sleeps and never scans the machine:
 //!   spawning is a fork/exec ([`agentd_proc::Procs::spawn`]), IPC writes go through
 //!   per-agent writer tasks, stop escalation and liveness checks are driven by timers,
-//!   and signals, kill rounds and emptiness checks run on the [`agentd_proc::Killer`]'s
-//!   thread.
+//!   and signals, kill rounds and the search for leftovers run on the
+//!   [`agentd_proc::Killer`]'s thread. The one exception is cheap: after a normal exit
+//!   in a task cgroup no stop touched, the loop reads its `cgroup.events` once and, if
+//!   it is empty, removes it ([`agentd_proc::Killer::untracked_exited`]); only a tree
+//!   that may hold leftovers goes to the Killer.
 //! - [`agentd_proc::reap_children`] runs only here, and the dispatcher learns of an
 //!   exit in the same step, so a pid is never signalled after it was reaped.
-//! - A task's slot is released when its agent is reaped, its channel drained and the
-//!   Killer reported its tree empty, never when it merely reports a result.
+//! - A task's slot is released when its agent is reaped, its channel drained and its
+//!   tree is known empty (that read, or the Killer's report), never when it merely
+//!   reports a result.
 //!
 //! **Layout:** this module holds the loop and the `Supervisor` state; the rest is
 //! split by concern, each an `impl Supervisor` block:
