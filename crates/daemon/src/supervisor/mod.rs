@@ -24,6 +24,9 @@
 //! - A task's slot is released when its agent is reaped, its channel drained and its
 //!   tree is known empty (that read, or the Killer's report), never when it merely
 //!   reports a result.
+//! - Store writes are handed to the writer when the loop is about to wait (or once
+//!   64 are held), in the order they were made (`step_writes`): never held across a
+//!   wait.
 //!
 //! **Layout:** this module holds the loop and the `Supervisor` state; the rest is
 //! split by concern, each an `impl Supervisor` block:
@@ -40,6 +43,7 @@ mod executor;
 pub mod history;
 mod recovery;
 mod requests;
+mod step_writes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -174,7 +178,11 @@ pub async fn run(
                 sup.reap();
                 sup.handle(Event::Tick);
             }
+            // Last: polled only when nothing else is ready. The store writes of the
+            // steps since the last wait go to the writer together (see step_writes).
+            () = sup.store.flush_before_waiting() => {}
         }
+        sup.store.flush_if_many();
         sup.publish_positions();
         sup.refresh_status(touched);
         drop(handed);
@@ -183,6 +191,7 @@ pub async fn run(
             break;
         }
     }
+    sup.store.flush();
     acceptor.abort();
     // `{ sup }` moves it: everything but these two (the agents' logs among them)
     // is dropped here, before the store closes.
@@ -256,8 +265,9 @@ struct Supervisor {
     liveness: Liveness,
     /// Run-time limits of single tasks (`send.timeout_ms`), until they start or end.
     task_timeouts: HashMap<TaskId, Duration>,
-    /// Writes to the store (see `durable`).
-    store: StoreWriter,
+    /// Writes to the store (see `durable`), handed to its writer when the loop step
+    /// ends.
+    store: step_writes::StepWrites,
     /// Where write completions that need the loop report back.
     store_events: mpsc::UnboundedSender<StoreEvent>,
     /// What recovery did at start, for `status`.
@@ -342,7 +352,7 @@ impl Supervisor {
             procs,
             killer,
             task_timeouts: HashMap::new(),
-            store,
+            store: step_writes::StepWrites::new(store),
             store_events,
             recovery: None,
             pumps: Default::default(),
