@@ -3,7 +3,7 @@
 //!
 //! The daemon sends requests ([`Killer::track`], [`Killer::signal`], [`Killer::kill`],
 //! [`Killer::agent_exited`]; each returns at once; [`Killer::untracked_exited`] answers
-//! a normal exit in a task cgroup on the caller's thread with one read) and receives [`TreeReport`]s through
+//! a normal exit in a task cgroup on the caller's thread with one `rmdir`) and receives [`TreeReport`]s through
 //! the sink it gave to [`Killer::start`]. Kill rounds are timer-driven inside the
 //! worker: with a cgroup a round is one write of `cgroup.kill` and emptiness is one
 //! read of `cgroup.events`; without one a round is a tree search. After an agent that
@@ -147,23 +147,16 @@ impl Killer {
 
     /// The agent of a task whose processes were never handed to [`Killer::track`]
     /// was reaped (a caller may keep a task's [`TaskProcs`] until a signal needs them,
-    /// and hand them over then). With a cgroup that one read of `cgroup.events` shows
-    /// empty (or gone), nothing of the task is left: the cgroup is removed on the
-    /// calling thread and the [`TreeReport::Empty`] is returned at once, without a
-    /// round trip through the worker. Otherwise (something may be left, or no cgroup)
-    /// the processes go to the worker as [`Killer::track`] and
-    /// [`Killer::agent_exited`] would send them, and the report comes through the sink
-    /// as usual: `None`.
+    /// and hand them over then). With a cgroup that the kernel lets one `rmdir`
+    /// remove (or that is gone), nothing of the task is left (see
+    /// [`crate::TaskCgroup::remove_if_empty`]): the [`TreeReport::Empty`] is returned
+    /// at once, without a round trip through the worker. Otherwise (something may be
+    /// left, a sub-cgroup, or no cgroup) the processes go to the worker as
+    /// [`Killer::track`] and [`Killer::agent_exited`] would send them, and the report
+    /// comes through the sink as usual: `None`.
     pub fn untracked_exited(&self, procs: TaskProcs) -> Option<TreeReport> {
         if let Some(cgroup) = &procs.cgroup {
-            let empty = match cgroup.populated() {
-                Ok(populated) => !populated,
-                Err(e) => e.kind() == io::ErrorKind::NotFound,
-            };
-            if empty {
-                if let Err(e) = cgroup.remove() {
-                    tracing::warn!(task_id = %procs.task_id, "cannot remove {}: {e}", cgroup.path().display());
-                }
+            if let Ok(true) = cgroup.remove_if_empty() {
                 return Some(TreeReport::Empty {
                     task_id: procs.task_id,
                     killed: 0,

@@ -54,7 +54,7 @@
 //! SIGCHLD:     for r in reap_children() { if let Some(id) = pids.remove(&r.pid) {
 //!                  remember r as the exit; killer.agent_exited(&id)   // tracked
 //!                  or killer.untracked_exited(procs) } }   // Some(Empty) at once if
-//!                                                   // cgroup.events says empty
+//!                                                   // one rmdir removed the cgroup
 //! TreeReport::Empty { task_id, survivors, .. }: the tree is gone (log survivors):
 //!              now the task may end and its slot be freed (with the drained channel).
 //! TreeReport::Signalled { .. }: for the log only.

@@ -220,6 +220,29 @@ fn an_untracked_normal_exit_is_empty_on_the_spot_and_leftovers_go_to_the_killer(
     }
     assert!(!alive(left), "the leftover {left} survived");
     assert!(!messy_dir.exists());
+
+    // An empty cgroup with a sub-cgroup the agent made cannot go in one rmdir: the
+    // Killer removes the tree.
+    let script = format!(
+        r#"d={UNIFIED}$(grep '^0::' /proc/self/cgroup | cut -d: -f3)
+           mkdir "$d/sub" && echo "made 0" >&3"#
+    );
+    let nested = procs.spawn(&command("t-nested", &script)).unwrap();
+    guard.child(nested.pid);
+    let nested_dir = nested.procs.cgroup().unwrap().path().to_path_buf();
+    read_pids(nested.channel, &["made"]);
+    let pid = nested.pid;
+    wait_until("the nesting agent is reaped", || ProcGuard::try_reap(pid));
+    assert_eq!(killer.untracked_exited(nested.procs), None);
+    assert!(matches!(
+        next_empty(&reports),
+        TreeReport::Empty { task_id, survivors, .. } if task_id == "t-nested" && survivors.is_empty()
+    ));
+    assert!(
+        !nested_dir.exists(),
+        "{} was left behind",
+        nested_dir.display()
+    );
 }
 
 #[test]

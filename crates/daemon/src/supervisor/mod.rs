@@ -16,13 +16,14 @@
 //!   per-agent writer tasks, stop escalation and liveness checks are driven by timers,
 //!   and signals, kill rounds and the search for leftovers run on the
 //!   [`agentd_proc::Killer`]'s thread. The one exception is cheap: after a normal exit
-//!   in a task cgroup no stop touched, the loop reads its `cgroup.events` once and, if
-//!   it is empty, removes it ([`agentd_proc::Killer::untracked_exited`]); only a tree
-//!   that may hold leftovers goes to the Killer.
+//!   in a task cgroup no stop touched, the loop tries one `rmdir` of the cgroup, which
+//!   the kernel refuses while it is populated
+//!   ([`agentd_proc::Killer::untracked_exited`]); only a tree that may hold leftovers
+//!   goes to the Killer.
 //! - [`agentd_proc::reap_children`] runs only here, and the dispatcher learns of an
 //!   exit in the same step, so a pid is never signalled after it was reaped.
 //! - A task's slot is released when its agent is reaped, its channel drained and its
-//!   tree is known empty (that read, or the Killer's report), never when it merely
+//!   tree is known empty (that `rmdir`, or the Killer's report), never when it merely
 //!   reports a result.
 //! - Store writes are handed to the writer when the loop is about to wait (or once
 //!   64 are held), in the order they were made (`step_writes`): never held across a
