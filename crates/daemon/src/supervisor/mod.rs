@@ -3,7 +3,7 @@
 //! ```text
 //!  control connections ──requests──▶┐
 //!  agent reader tasks ──agent events─▶  Supervisor::run  ──▶ Dispatcher::handle ──▶ actions
-//!  signal thread ──SIGCHLD/TERM/INT─▶┤        │                                     │
+//!  SIGCHLD, signal thread (TERM/INT)▶┤        │                                     │
 //!  Killer thread ──TreeReport────────▶┘        ◀──────── spawn, IPC, signals, timers ◀┘
 //! ```
 //!
@@ -71,7 +71,8 @@ use agentd_store::StoreWriter;
 pub(crate) use recovery::StoreEvent;
 use requests::status::Touched;
 
-/// Signals the daemon acts on, delivered by the signal thread of the binary.
+/// Signals the daemon acts on, delivered by the binary (SIGCHLD from the loop's own
+/// runtime, SIGTERM and SIGINT from its signal thread).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DaemonSignal {
     /// A child changed state: run the reaper.
