@@ -10,7 +10,7 @@ use agentd_daemon::control::{Endpoint, Limits};
 use agentd_daemon::supervisor::DaemonSignal;
 use anyhow::{bail, Context};
 use clap::Parser;
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::mpsc;
 
 // mimalloc rather than glibc malloc: after a large queue came and went, glibc's free
@@ -253,21 +253,22 @@ fn reload(args: &Args, limits: &Limits) {
     }
 }
 
-/// Forwards SIGCHLD, SIGTERM and SIGINT to the supervisor from a dedicated thread,
-/// and handles SIGHUP there (a closed terminal must not take agentd down).
+/// Forwards SIGTERM and SIGINT to the supervisor from a dedicated thread, and
+/// handles SIGHUP there (a closed terminal must not take agentd down). SIGCHLD, one
+/// per task, goes to the loop's own reactor instead (`child_signals`): no thread
+/// between the signal and the reaper.
 fn signal_thread(
     args: Args,
     limits: std::sync::Arc<Limits>,
-) -> anyhow::Result<mpsc::UnboundedReceiver<DaemonSignal>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut signals = signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP])
+    tx: mpsc::UnboundedSender<DaemonSignal>,
+) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
                 let event = match signal {
-                    SIGCHLD => DaemonSignal::Child,
                     SIGHUP => {
                         reload(&args, &limits);
                         continue;
@@ -279,7 +280,24 @@ fn signal_thread(
                 }
             }
         })?;
-    Ok(rx)
+    Ok(())
+}
+
+/// Forwards SIGCHLD to the supervisor from the loop's own runtime (tokio's signal
+/// driver: the handler writes to a pipe the loop's reactor watches). Only a wake-up;
+/// `agentd_proc::reap_children` on the loop stays the one reaper. Call it inside the
+/// runtime, before the first child is spawned.
+fn child_signals(tx: mpsc::UnboundedSender<DaemonSignal>) -> anyhow::Result<()> {
+    let mut child = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        .context("cannot install the SIGCHLD handler")?;
+    tokio::spawn(async move {
+        while child.recv().await.is_some() {
+            if tx.send(DaemonSignal::Child).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
 }
 
 fn main_inner() -> anyhow::Result<()> {
@@ -308,7 +326,8 @@ fn main_inner() -> anyhow::Result<()> {
     agentd_proc_subreaper()?;
     fit_descriptors(&mut config.control);
     let limits = Limits::new(&config.control);
-    let signals = signal_thread(args, limits.clone())?;
+    let (signal_tx, signals) = mpsc::unbounded_channel();
+    signal_thread(args, limits.clone(), signal_tx.clone())?;
     // One thread: the supervisor loop never blocks, and agents are forked from the
     // main thread, which lives as long as agentd (their parent-death signal is tied to it).
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -316,6 +335,7 @@ fn main_inner() -> anyhow::Result<()> {
         .build()?;
     let socket = config.socket.clone();
     runtime.block_on(async {
+        child_signals(signal_tx)?;
         let bound = agentd_daemon::socket::bind(&socket)?;
         let file = bound.file;
         let endpoint = Endpoint {

@@ -1,10 +1,12 @@
 //! Agents' output (their stdout and stderr, and their tools') into the per-task log,
 //! capped (see [`agentd_store::TaskLog`]). [`agentd_proc::Procs::spawn`] with
 //! `capture_output` hands agentd the read end of the agent's output pipe; one pump
-//! thread for all agents (`agentd-log`, off the event loop: a current-thread tokio
-//! runtime with one task per pipe, started with the first agent) copies what arrives
-//! into each capped log until every writer has closed its pipe. No thread is made
-//! per agent. The progress lines the agent reports over IPC are appended to the same
+//! thread for all agents (`agentd-log`, off the event loop, started with the first
+//! agent) copies what arrives into each capped log until every writer has closed its
+//! pipe. No thread is made per agent. The loop registers a new pipe in the pump's
+//! poller itself (an `epoll_ctl` on the pump's epoll, which is safe while the pump
+//! waits in it), so a new agent does not wake the pump: a task whose agent says
+//! nothing costs the pump one wake-up, at the pipe's end. The progress lines the agent reports over IPC are appended to the same
 //! log by the loop, through the [`TaskOutput`] it keeps.
 //!
 //! The log file is made only once there is something to keep, so an agent that says
@@ -12,13 +14,16 @@
 //! log) once both the pipe is at its end and the loop has let go of its
 //! [`TaskOutput`]; until then the task is in [`Pumps`] (its log may still grow).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::io::AsyncReadExt;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
 
 use agentd_core::TaskId;
 use agentd_store::TaskLog;
@@ -121,66 +126,171 @@ pub(crate) fn start(
         pumps,
     }));
     if let Some(output) = output {
-        match pump_runtime() {
-            Some(runtime) => {
+        match pump() {
+            Some(pump) => {
                 lock(&shared).open += 1;
-                let theirs = shared.clone();
-                runtime.spawn(async move {
-                    if let Err(e) = pump(output, &theirs).await {
-                        tracing::warn!(%task_id, "task log: cannot read the agent's output: {e}");
-                    }
-                    lock(&theirs).close_one();
-                });
+                if let Err(e) = pump.add(output, shared.clone()) {
+                    // The pipe's read end is dropped: the agent's writes fail (EPIPE);
+                    // its output is lost, nothing else.
+                    tracing::warn!(%task_id, "task log: cannot watch the agent's output: {e}");
+                    lock(&shared).close_one();
+                }
             }
-            // The pipe's read end is dropped here: the agent's writes fail (EPIPE);
-            // its output is lost, nothing else.
             None => drop(output),
         }
     }
     TaskOutput { shared }
 }
 
-/// The pump thread's runtime, started at the first call; `None` (logged once) if it
-/// cannot be started.
-fn pump_runtime() -> Option<&'static tokio::runtime::Handle> {
-    static RUNTIME: OnceLock<Option<tokio::runtime::Handle>> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            let started = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-                .and_then(|runtime| {
-                    let handle = runtime.handle().clone();
-                    std::thread::Builder::new()
-                        .name("agentd-log".into())
-                        .spawn(move || runtime.block_on(std::future::pending::<()>()))
-                        .map(|_| handle)
-                });
-            match started {
-                Ok(handle) => Some(handle),
-                Err(e) => {
-                    tracing::warn!("cannot start the log thread: {e}; agents' output is not kept");
-                    None
-                }
-            }
-        })
-        .as_ref()
+/// The pump thread's poller and the pipes it watches, shared with the loop.
+struct Pump {
+    registry: Registry,
+    pipes: Mutex<HashMap<usize, Arc<Pipe>>>,
+    next: AtomicUsize,
 }
 
-/// Copies until EOF (every writer of the pipe closed). The log's file writes are
-/// made right here, on the pump thread: a slow disk delays the logs, never the loop.
-async fn pump(reader: File, shared: &Mutex<Shared>) -> io::Result<()> {
-    let mut reader = tokio::net::unix::pipe::Receiver::from_file(reader)?;
-    let mut buf = Vec::with_capacity(64 * 1024);
-    loop {
-        buf.clear();
-        match reader.read_buf(&mut buf).await {
-            Ok(0) => return Ok(()),
-            Ok(_) => lock(shared).append(&buf),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+/// One agent's output pipe (non-blocking read end) and the log it goes into.
+struct Pipe {
+    file: File,
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// Bytes read at a time; also what one pipe may take per turn before the others.
+const CHUNK: usize = 64 * 1024;
+const CHUNKS_PER_TURN: usize = 16;
+
+impl Pump {
+    /// Watches `output` (on the calling thread: the pump is not woken for it).
+    fn add(&self, output: File, shared: Arc<Mutex<Shared>>) -> io::Result<()> {
+        set_nonblocking(&output)?;
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let fd = output.as_raw_fd();
+        // In the table before the poller can report it.
+        lock(&self.pipes).insert(
+            token,
+            Arc::new(Pipe {
+                file: output,
+                shared,
+            }),
+        );
+        if let Err(e) = self
+            .registry
+            .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
+        {
+            lock(&self.pipes).remove(&token);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The pump thread: copies each readable pipe into its log until its end. The
+    /// log's file writes are made right here: a slow disk delays the logs, never the
+    /// loop.
+    fn run(&self, mut poll: Poll) {
+        let mut events = Events::with_capacity(256);
+        let mut buf = vec![0u8; CHUNK];
+        // Pipes that had more to read when their turn ended (edge-triggered: no new
+        // event comes for what is already there).
+        let mut again: Vec<usize> = Vec::new();
+        loop {
+            let timeout = (!again.is_empty()).then_some(std::time::Duration::ZERO);
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!("task logs: the pump cannot wait for output: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                continue;
+            }
+            let mut ready: Vec<usize> = std::mem::take(&mut again);
+            ready.extend(events.iter().map(|e| e.token().0));
+            ready.sort_unstable();
+            ready.dedup();
+            for token in ready {
+                let Some(pipe) = lock(&self.pipes).get(&token).cloned() else {
+                    continue;
+                };
+                match self.drain(&pipe, &mut buf) {
+                    Drained::Blocked => {}
+                    Drained::More => again.push(token),
+                    Drained::End(error) => {
+                        if let Some(e) = error {
+                            let task_id = lock(&pipe.shared).task_id;
+                            tracing::warn!(%task_id, "task log: cannot read the agent's output: {e}");
+                        }
+                        let fd = pipe.file.as_raw_fd();
+                        let _ = self.registry.deregister(&mut SourceFd(&fd));
+                        lock(&self.pipes).remove(&token);
+                        lock(&pipe.shared).close_one();
+                    }
+                }
+            }
         }
     }
+
+    /// Reads one turn's worth of `pipe` into its log.
+    fn drain(&self, pipe: &Pipe, buf: &mut [u8]) -> Drained {
+        for _ in 0..CHUNKS_PER_TURN {
+            match (&pipe.file).read(buf) {
+                Ok(0) => return Drained::End(None),
+                Ok(n) => lock(&pipe.shared).append(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Drained::End(Some(e)),
+            }
+        }
+        Drained::More
+    }
+}
+
+enum Drained {
+    /// Everything there was is read.
+    Blocked,
+    /// The turn ended with more to read.
+    More,
+    /// Every writer closed the pipe (or reading failed).
+    End(Option<io::Error>),
+}
+
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor the caller owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pump, its thread started at the first call; `None` (logged once) if it cannot
+/// be started.
+fn pump() -> Option<&'static Pump> {
+    static PUMP: OnceLock<Option<Arc<Pump>>> = OnceLock::new();
+    PUMP.get_or_init(|| {
+        let started = Poll::new().and_then(|poll| {
+            let pump = Arc::new(Pump {
+                registry: poll.registry().try_clone()?,
+                pipes: Mutex::new(HashMap::new()),
+                next: AtomicUsize::new(0),
+            });
+            let theirs = Arc::clone(&pump);
+            std::thread::Builder::new()
+                .name("agentd-log".into())
+                .spawn(move || theirs.run(poll))
+                .map(|_| pump)
+        });
+        match started {
+            Ok(pump) => Some(pump),
+            Err(e) => {
+                tracing::warn!("cannot start the log thread: {e}; agents' output is not kept");
+                None
+            }
+        }
+    })
+    .as_deref()
 }
 
 #[cfg(test)]

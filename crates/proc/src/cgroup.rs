@@ -369,6 +369,19 @@ impl TaskCgroup {
     pub fn remove(&self) -> io::Result<()> {
         rmdir_tree(&self.path)
     }
+
+    /// Removes the cgroup if nothing is left in it: one `rmdir`, which the kernel
+    /// refuses (`EBUSY`) while the cgroup is populated (the flag `cgroup.events`
+    /// shows: any process but zombies, in it or below) or has a sub-cgroup. `true`:
+    /// removed, or gone already; `false`: refused, something may be left.
+    pub fn remove_if_empty(&self) -> io::Result<bool> {
+        match fs::remove_dir(&self.path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 fn populated(path: &Path) -> io::Result<bool> {

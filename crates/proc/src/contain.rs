@@ -152,8 +152,11 @@ impl Procs {
             }
         };
         // The agent is an unreaped child (only the daemon's reaper waits, and it has
-        // not seen this pid yet), so its stat is its own.
-        let start = read_stat(agent.pid).map(|s| s.start);
+        // not seen this pid yet), so its stat is its own (read only when the spawn
+        // could not tell the start time from the clock).
+        let start = agent
+            .start_time
+            .or_else(|| read_stat(agent.pid).map(|s| s.start));
         Ok(Spawned {
             pid: agent.pid,
             channel: agent.channel,

@@ -2,7 +2,8 @@
 //! daemon's event loop never sleeps between kill rounds and never scans `/proc`.
 //!
 //! The daemon sends requests ([`Killer::track`], [`Killer::signal`], [`Killer::kill`],
-//! [`Killer::agent_exited`]; each returns at once) and receives [`TreeReport`]s through
+//! [`Killer::agent_exited`]; each returns at once; [`Killer::untracked_exited`] answers
+//! a normal exit in a task cgroup on the caller's thread with one `rmdir`) and receives [`TreeReport`]s through
 //! the sink it gave to [`Killer::start`]. Kill rounds are timer-driven inside the
 //! worker: with a cgroup a round is one write of `cgroup.kill` and emptiness is one
 //! read of `cgroup.events`; without one a round is a tree search. After an agent that
@@ -117,7 +118,9 @@ impl Killer {
         Ok((killer, rx))
     }
 
-    /// Starts keeping a task's processes; call right after [`crate::Procs::spawn`].
+    /// Starts keeping a task's processes: right after [`crate::Procs::spawn`], or
+    /// (with a cgroup) at the latest before the first [`Killer::signal`] or
+    /// [`Killer::kill`] of the task; see [`Killer::untracked_exited`].
     pub fn track(&self, procs: TaskProcs) {
         let _ = self.tx.send(Request::Track(Box::new(procs)));
     }
@@ -140,6 +143,31 @@ impl Killer {
     /// and answer [`TreeReport::Empty`] (at once for an unknown task).
     pub fn agent_exited(&self, task_id: &str) {
         let _ = self.tx.send(Request::Exited(task_id.to_owned()));
+    }
+
+    /// The agent of a task whose processes were never handed to [`Killer::track`]
+    /// was reaped (a caller may keep a task's [`TaskProcs`] until a signal needs them,
+    /// and hand them over then). With a cgroup that the kernel lets one `rmdir`
+    /// remove (or that is gone), nothing of the task is left (see
+    /// [`crate::TaskCgroup::remove_if_empty`]): the [`TreeReport::Empty`] is returned
+    /// at once, without a round trip through the worker. Otherwise (something may be
+    /// left, a sub-cgroup, or no cgroup) the processes go to the worker as
+    /// [`Killer::track`] and [`Killer::agent_exited`] would send them, and the report
+    /// comes through the sink as usual: `None`.
+    pub fn untracked_exited(&self, procs: TaskProcs) -> Option<TreeReport> {
+        if let Some(cgroup) = &procs.cgroup {
+            if let Ok(true) = cgroup.remove_if_empty() {
+                return Some(TreeReport::Empty {
+                    task_id: procs.task_id,
+                    killed: 0,
+                    survivors: Vec::new(),
+                });
+            }
+        }
+        let task_id = procs.task_id.clone();
+        self.track(procs);
+        self.agent_exited(&task_id);
+        None
     }
 }
 

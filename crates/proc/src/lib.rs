@@ -46,11 +46,15 @@
 //!     // the loop selects on `rx` beside its other channels
 //! spawn (on the loop thread, which lives as long as agentd: PR_SET_PDEATHSIG):
 //!     let s = procs.spawn(&cmd)?;                   // mkdir + vfork-style clone, no scan
-//!     pids.insert(s.pid, task_id); killer.track(s.procs);   // same loop step
+//!     pids.insert(s.pid, task_id);                  // same loop step
+//!     killer.track(s.procs)                         // now, or (cgroup) before the first
+//!                                                   // signal: keep them until then
 //! stop steps:  Sigterm => killer.signal(&id, Signal::SIGTERM)
 //!              Sigkill => killer.kill(&id)          // both return at once
 //! SIGCHLD:     for r in reap_children() { if let Some(id) = pids.remove(&r.pid) {
-//!                  remember r as the exit; killer.agent_exited(&id) } }
+//!                  remember r as the exit; killer.agent_exited(&id)   // tracked
+//!                  or killer.untracked_exited(procs) } }   // Some(Empty) at once if
+//!                                                   // one rmdir removed the cgroup
 //! TreeReport::Empty { task_id, survivors, .. }: the tree is gone (log survivors):
 //!              now the task may end and its slot be freed (with the drained channel).
 //! TreeReport::Signalled { .. }: for the log only.

@@ -71,6 +71,9 @@ pub struct SpawnedAgent {
     /// The read end of the agent's stdout and stderr with `capture_output`
     /// (blocking mode, close-on-exec).
     pub output: Option<File>,
+    /// The agent's start time (field 22 of `/proc/PID/stat`, clock ticks since boot)
+    /// when the spawn could tell it without reading `/proc` (see [`start_between`]).
+    pub start_time: Option<u64>,
 }
 
 /// Spawns an agent in its own process group with its IPC channel on fd 3.
@@ -120,6 +123,9 @@ pub fn spawn_agent_in(
     let guard = reap_lock();
     let child = command.spawn(&fds, cgroup.map(TaskCgroup::procs_fd))?;
     drop(guard);
+    let start_time = child
+        .started_within
+        .and_then(|(before, after)| start_between(before, after));
     // Closes agentd's copies of the child's ends (its output, its channel end).
     drop((output, theirs));
     let pid = child.pid;
@@ -139,7 +145,46 @@ pub fn spawn_agent_in(
             pid,
             channel: ours,
             output: captured,
+            start_time,
         },
         pidfd,
     ))
+}
+
+/// The start time `/proc/PID/stat` shows (field 22) for a child stamped between two
+/// readings of `CLOCK_BOOTTIME` (nanoseconds), if they fall in the same clock tick.
+///
+/// The kernel stamps a new task with the boot-time clock inside `clone`
+/// (`start_boottime`), and `/proc` shows that stamp divided down to clock ticks
+/// (`USER_HZ`, `sysconf(_SC_CLK_TCK)`), shifted by the time namespace's offset as
+/// `clock_gettime` is. The parent reads the clock right before the `clone` and the
+/// child first thing ([`agentd_spawn::Child::started_within`]): when both readings
+/// are in one tick, so is the stamp; when they straddle a tick boundary (rare: tens
+/// of microseconds against a 10 ms tick) `None`, and the caller reads `/proc`. Saves
+/// that read (an `open`, the kernel's whole `stat` formatting, two `read`s and a
+/// `close`) on the spawn path.
+pub(crate) fn start_between(before: u64, after: u64) -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 || 1_000_000_000 % hz != 0 {
+        return None;
+    }
+    let per_tick = 1_000_000_000 / hz as u64;
+    let (before, after) = (before / per_tick, after / per_tick);
+    (before == after).then_some(before)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_time_is_told_only_within_one_clock_tick() {
+        // SAFETY: sysconf has no preconditions.
+        let per_tick = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let tick = 123_456;
+        let at = |ns: u64| tick * per_tick + ns;
+        assert_eq!(start_between(at(0), at(per_tick - 1)), Some(tick));
+        assert_eq!(start_between(at(per_tick - 1), at(per_tick)), None);
+    }
 }

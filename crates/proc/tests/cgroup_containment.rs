@@ -161,6 +161,91 @@ fn a_normal_exit_is_empty_at_once_and_leftovers_are_killed() {
 }
 
 #[test]
+fn an_untracked_normal_exit_is_empty_on_the_spot_and_leftovers_go_to_the_killer() {
+    let Some(parent) = TestCgroupParent::new("untracked") else {
+        return;
+    };
+    let procs = Procs::with_cgroups(parent.cgroups("inst"));
+    let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
+    let mut guard = ProcGuard::default();
+
+    // A clean exit: empty at once, the cgroup removed by the caller, no report sent.
+    let clean = procs.spawn(&command("t-clean", "exit 0")).unwrap();
+    guard.child(clean.pid);
+    let clean_dir = clean.procs.cgroup().unwrap().path().to_path_buf();
+    let pid = clean.pid;
+    wait_until("the clean agent is reaped", || ProcGuard::try_reap(pid));
+    assert_eq!(
+        killer.untracked_exited(clean.procs),
+        Some(TreeReport::Empty {
+            task_id: "t-clean".into(),
+            killed: 0,
+            survivors: vec![]
+        })
+    );
+    assert!(!clean_dir.exists(), "the empty cgroup was not removed");
+    assert!(reports
+        .recv_timeout(std::time::Duration::from_millis(200))
+        .is_err());
+
+    // An agent that leaves a setsid'd child: the Killer takes the task over, kills
+    // the leftover and reports the tree empty.
+    let messy = procs
+        .spawn(&command(
+            "t-messy",
+            r#"setsid nohup sh -c 'echo "left $$" >&3; exec sleep 300' >/dev/null 2>&1 &
+               echo "agent $$" >&3"#,
+        ))
+        .unwrap();
+    guard.child(messy.pid);
+    let messy_dir = messy.procs.cgroup().unwrap().path().to_path_buf();
+    let pids = read_pids(messy.channel, &["agent", "left"]);
+    let left = pid_of(&pids, "left");
+    guard.watch(left);
+    let pid = messy.pid;
+    wait_until("the messy agent is reaped", || ProcGuard::try_reap(pid));
+    assert!(alive(left));
+    assert_eq!(killer.untracked_exited(messy.procs), None);
+    match next_empty(&reports) {
+        TreeReport::Empty {
+            task_id,
+            killed,
+            survivors,
+        } => {
+            assert_eq!(task_id, "t-messy");
+            assert_eq!(killed, 1);
+            assert!(survivors.is_empty(), "{survivors:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!alive(left), "the leftover {left} survived");
+    assert!(!messy_dir.exists());
+
+    // An empty cgroup with a sub-cgroup the agent made cannot go in one rmdir: the
+    // Killer removes the tree.
+    let script = format!(
+        r#"d={UNIFIED}$(grep '^0::' /proc/self/cgroup | cut -d: -f3)
+           mkdir "$d/sub" && echo "made 0" >&3"#
+    );
+    let nested = procs.spawn(&command("t-nested", &script)).unwrap();
+    guard.child(nested.pid);
+    let nested_dir = nested.procs.cgroup().unwrap().path().to_path_buf();
+    read_pids(nested.channel, &["made"]);
+    let pid = nested.pid;
+    wait_until("the nesting agent is reaped", || ProcGuard::try_reap(pid));
+    assert_eq!(killer.untracked_exited(nested.procs), None);
+    assert!(matches!(
+        next_empty(&reports),
+        TreeReport::Empty { task_id, survivors, .. } if task_id == "t-nested" && survivors.is_empty()
+    ));
+    assert!(
+        !nested_dir.exists(),
+        "{} was left behind",
+        nested_dir.display()
+    );
+}
+
+#[test]
 fn sigterm_reaches_every_process_of_the_cgroup_and_wakes_stopped_ones() {
     let Some(parent) = TestCgroupParent::new("term") else {
         return;

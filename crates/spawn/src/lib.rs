@@ -11,6 +11,8 @@
 //! candidate paths of the program, the descriptors) is prepared by the parent before
 //! the clone; the child only makes async-signal-safe system calls, in this order:
 //!
+//! 0. read `CLOCK_BOOTTIME` (the vDSO, no system call), so that the parent can tell
+//!    the child's start time without reading `/proc` ([`Child::started_within`]);
 //! 1. with a cgroup, write itself into that cgroup's `cgroup.procs` (a descriptor the
 //!    caller opened): first, so that everything it ever starts is born inside it;
 //! 2. `dup2` the given descriptors onto 0, 1, 2, …, then mark every descriptor above
@@ -39,7 +41,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// A program to start: its command line, its environment (the parent's, edited), and
@@ -59,6 +61,11 @@ pub struct Command {
 pub struct Child {
     pub pid: u32,
     pub pidfd: Option<OwnedFd>,
+    /// `CLOCK_BOOTTIME` (nanoseconds) read by the parent right before the `clone` and
+    /// by the child first thing: the kernel stamped the child's start
+    /// (`start_boottime`, field 22 of `/proc/PID/stat` in clock ticks) in between.
+    /// `None` if the clock could not be read.
+    pub started_within: Option<(u64, u64)>,
 }
 
 impl Command {
@@ -145,8 +152,11 @@ impl Command {
             paths: &exec.paths,
             failure: AtomicI32::new(0),
             step: AtomicI32::new(0),
+            entered: AtomicU64::new(0),
         };
+        let before = boottime_ns();
         let (pid, pidfd) = clone_child(&args)?;
+        let entered = args.entered.load(Ordering::SeqCst);
         drop(copies);
         let failure = args.failure.load(Ordering::SeqCst);
         if failure != 0 {
@@ -165,6 +175,7 @@ impl Command {
         Ok(Child {
             pid: pid as u32,
             pidfd,
+            started_within: before.filter(|_| entered != 0).map(|b| (b, entered)),
         })
     }
 }
@@ -320,6 +331,8 @@ struct ChildArgs<'a> {
     /// The errno of the step that failed; 0 while none did.
     failure: AtomicI32,
     step: AtomicI32,
+    /// `CLOCK_BOOTTIME` in nanoseconds when the child began (0: unread).
+    entered: AtomicU64,
 }
 
 /// The child's stack: mapped once, reused by every spawn (one at a time: the child
@@ -446,6 +459,20 @@ impl ChildStack {
     }
 }
 
+/// `CLOCK_BOOTTIME` now, in nanoseconds (`None` if the clock cannot be read).
+/// Async-signal-safe: the child calls it too.
+fn boottime_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec through a valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 /// The child, between the clone and the exec. See the crate doc for its steps.
 ///
 /// It runs in the parent's memory on [`ChildStack`], with every signal blocked, while the
@@ -455,6 +482,9 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` that `clone_with` passed, alive for as long as
     // this function runs (the parent waits).
     let args = unsafe { &*(arg as *const ChildArgs<'_>) };
+    // 0. When it began (clock_gettime is async-signal-safe: a vDSO read, no lock).
+    args.entered
+        .store(boottime_ns().unwrap_or(0), Ordering::SeqCst);
     // SAFETY (for each call below): plain system calls on descriptors and memory the
     // parent prepared; none of them allocates or takes a lock.
     unsafe {

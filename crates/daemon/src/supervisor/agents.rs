@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use agentd_core::{Event, ExitStatus, StopStep, TaskId, Verdict};
-use agentd_proc::{reap_children, AgentCommand, TreeReport};
+use agentd_proc::{reap_children, AgentCommand, TaskProcs, TreeReport};
 use agentd_proto::ipc::{SupervisorMsg, TaskStart, IPC_PROTOCOL_VERSION};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
@@ -35,6 +35,11 @@ pub(crate) struct Agent {
     pub(crate) steers: VecDeque<Steered>,
     /// For a resumed attempt: the task it resumes.
     pub(crate) resumed_from: Option<TaskId>,
+    /// Its processes (pidfd and task cgroup) while the Killer has not needed them:
+    /// handed over before the first signal, or at the reap if something may be left
+    /// (see [`Supervisor::reap`]). `None` once handed over, and always without a
+    /// cgroup (the Killer's fallback tells agents from orphans by the ones it tracks).
+    procs: Option<TaskProcs>,
     talk: Talk,
     life: Life,
 }
@@ -86,9 +91,11 @@ impl Agent {
         to_agent: mpsc::UnboundedSender<SupervisorMsg>,
         start: TaskStart,
         resume: Option<Resumed>,
+        procs: Option<TaskProcs>,
     ) -> Agent {
         Agent {
             pid,
+            procs,
             started: Instant::now(),
             last_heard: None,
             task_timeout: None,
@@ -207,10 +214,17 @@ impl Supervisor {
             Some(start) => agentd_store::ProcessIdentity::started(pid, start),
             None => agentd_store::ProcessIdentity::capture(pid),
         };
-        // In the same loop step as the spawn: the Killer knows the task before any
-        // stop or reap can ask about it.
+        // In the same loop step as the spawn, the reaper can tell its exit. The Killer
+        // gets the task's processes before any signal (`hand_to_killer`): without a
+        // cgroup at once, with one only if a stop or a non-empty tree needs them, so
+        // that a normal exit costs no round trip through the Killer's thread.
         self.pids.insert(pid, task_id);
-        self.killer.track(spawned.procs);
+        let procs = if spawned.procs.cgroup().is_some() {
+            Some(spawned.procs)
+        } else {
+            self.killer.track(spawned.procs);
+            None
+        };
         let output = crate::output::start(
             spawned.output,
             self.config.state_dir.clone(),
@@ -243,9 +257,12 @@ impl Supervisor {
             Err(e) => {
                 // The process exists: kill it; the reaper and the Killer end the task.
                 tracing::warn!(%task_id, "cannot set up the IPC channel: {e}");
+                if let Some(procs) = procs {
+                    self.killer.track(procs);
+                }
                 self.killer.kill(&task_id.to_string());
                 let (closed, _) = mpsc::unbounded_channel();
-                let mut agent = Agent::new(pid, closed, start, resume);
+                let mut agent = Agent::new(pid, closed, start, resume, None);
                 agent.life = Life::Drained;
                 self.agents.insert(task_id, agent);
                 return Some(Event::ProtocolError {
@@ -255,7 +272,7 @@ impl Supervisor {
             }
         };
         tracing::info!(%task_id, pid, session = %crate::logfmt::Word(&session), "agent started");
-        let mut agent = Agent::new(pid, to_agent, start, resume);
+        let mut agent = Agent::new(pid, to_agent, start, resume, procs);
         agent.task_timeout = self.task_timeouts.remove(&task_id);
         self.agents.insert(task_id, agent);
         self.arm(self.config.handshake_timeout, Timer::Handshake { task_id });
@@ -280,8 +297,22 @@ impl Supervisor {
         match step {
             StopStep::CooperativeCancel => {}
             // Always followed by SIGCONT, so a SIGSTOPped agent acts on it.
-            StopStep::Sigterm => self.killer.signal(&id, Signal::SIGTERM),
-            StopStep::Sigkill => self.killer.kill(&id),
+            StopStep::Sigterm => {
+                self.hand_to_killer(task_id);
+                self.killer.signal(&id, Signal::SIGTERM)
+            }
+            StopStep::Sigkill => {
+                self.hand_to_killer(task_id);
+                self.killer.kill(&id)
+            }
+        }
+    }
+
+    /// Gives the task's processes to the Killer if the loop still holds them (in the
+    /// same channel as, and ahead of, the request that needs them).
+    fn hand_to_killer(&mut self, task_id: TaskId) {
+        if let Some(procs) = self.agents.get_mut(&task_id).and_then(|a| a.procs.take()) {
+            self.killer.track(procs);
         }
     }
 
@@ -297,9 +328,18 @@ impl Supervisor {
             };
             tracing::debug!(%task_id, pid = reaped.pid, exit_code = status.code, signal = status.signal, "agent reaped");
             // Whatever it left behind goes too, off the loop; the Killer answers with
-            // TreeReport::Empty. Frames it wrote before exiting (its result) may still
-            // be unread: the channel must drain too (EOF, or DRAIN_TIMEOUT).
-            self.killer.agent_exited(&task_id.to_string());
+            // TreeReport::Empty. If the loop still holds the task's processes (no stop
+            // needed them), a task cgroup that one read shows empty is removed here and
+            // the tree is empty now. Frames the agent wrote before exiting (its result)
+            // may still be unread: the channel must drain too (EOF, or DRAIN_TIMEOUT).
+            let held = self.agents.get_mut(&task_id).and_then(|a| a.procs.take());
+            let empty_now = match held {
+                Some(procs) => self.killer.untracked_exited(procs),
+                None => {
+                    self.killer.agent_exited(&task_id.to_string());
+                    None
+                }
+            };
             let Some(agent) = self.agents.get_mut(&task_id) else {
                 continue;
             };
@@ -315,6 +355,9 @@ impl Supervisor {
             };
             if !drained {
                 self.arm(DRAIN_TIMEOUT, Timer::Drain { task_id });
+            }
+            if let Some(report) = empty_now {
+                self.on_tree_report(report);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! ```text
 //!  control connections ──requests──▶┐
 //!  agent reader tasks ──agent events─▶  Supervisor::run  ──▶ Dispatcher::handle ──▶ actions
-//!  signal thread ──SIGCHLD/TERM/INT─▶┤        │                                     │
+//!  SIGCHLD, signal thread (TERM/INT)▶┤        │                                     │
 //!  Killer thread ──TreeReport────────▶┘        ◀──────── spawn, IPC, signals, timers ◀┘
 //! ```
 //!
@@ -14,12 +14,20 @@
 //! - The loop never blocks on an agent, never sleeps and never scans the machine:
 //!   spawning is a fork/exec ([`agentd_proc::Procs::spawn`]), IPC writes go through
 //!   per-agent writer tasks, stop escalation and liveness checks are driven by timers,
-//!   and signals, kill rounds and emptiness checks run on the [`agentd_proc::Killer`]'s
-//!   thread.
+//!   and signals, kill rounds and the search for leftovers run on the
+//!   [`agentd_proc::Killer`]'s thread. The one exception is cheap: after a normal exit
+//!   in a task cgroup no stop touched, the loop tries one `rmdir` of the cgroup, which
+//!   the kernel refuses while it is populated
+//!   ([`agentd_proc::Killer::untracked_exited`]); only a tree that may hold leftovers
+//!   goes to the Killer.
 //! - [`agentd_proc::reap_children`] runs only here, and the dispatcher learns of an
 //!   exit in the same step, so a pid is never signalled after it was reaped.
-//! - A task's slot is released when its agent is reaped, its channel drained and the
-//!   Killer reported its tree empty, never when it merely reports a result.
+//! - A task's slot is released when its agent is reaped, its channel drained and its
+//!   tree is known empty (that `rmdir`, or the Killer's report), never when it merely
+//!   reports a result.
+//! - Store writes are handed to the writer when the loop is about to wait (or once
+//!   64 are held), in the order they were made (`step_writes`): never held across a
+//!   wait.
 //!
 //! **Layout:** this module holds the loop and the `Supervisor` state; the rest is
 //! split by concern, each an `impl Supervisor` block:
@@ -36,6 +44,7 @@ mod executor;
 pub mod history;
 mod recovery;
 mod requests;
+mod step_writes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -62,7 +71,8 @@ use agentd_store::StoreWriter;
 pub(crate) use recovery::StoreEvent;
 use requests::status::Touched;
 
-/// Signals the daemon acts on, delivered by the signal thread of the binary.
+/// Signals the daemon acts on, delivered by the binary (SIGCHLD from the loop's own
+/// runtime, SIGTERM and SIGINT from its signal thread).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DaemonSignal {
     /// A child changed state: run the reaper.
@@ -170,7 +180,11 @@ pub async fn run(
                 sup.reap();
                 sup.handle(Event::Tick);
             }
+            // Last: polled only when nothing else is ready. The store writes of the
+            // steps since the last wait go to the writer together (see step_writes).
+            () = sup.store.flush_before_waiting() => {}
         }
+        sup.store.flush_if_many();
         sup.publish_positions();
         sup.refresh_status(touched);
         drop(handed);
@@ -179,6 +193,7 @@ pub async fn run(
             break;
         }
     }
+    sup.store.flush();
     acceptor.abort();
     // `{ sup }` moves it: everything but these two (the agents' logs among them)
     // is dropped here, before the store closes.
@@ -252,8 +267,9 @@ struct Supervisor {
     liveness: Liveness,
     /// Run-time limits of single tasks (`send.timeout_ms`), until they start or end.
     task_timeouts: HashMap<TaskId, Duration>,
-    /// Writes to the store (see `durable`).
-    store: StoreWriter,
+    /// Writes to the store (see `durable`), handed to its writer when the loop step
+    /// ends.
+    store: step_writes::StepWrites,
     /// Where write completions that need the loop report back.
     store_events: mpsc::UnboundedSender<StoreEvent>,
     /// What recovery did at start, for `status`.
@@ -338,7 +354,7 @@ impl Supervisor {
             procs,
             killer,
             task_timeouts: HashMap::new(),
-            store,
+            store: step_writes::StepWrites::new(store),
             store_events,
             recovery: None,
             pumps: Default::default(),
