@@ -312,6 +312,38 @@ fn agent_exec_forwards_sigterm_and_waits_for_the_command() {
 }
 
 #[test]
+fn agent_exec_fails_the_task_after_a_sigterm_that_came_before_its_command() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let mut agent = Agent::spawn(&bin, &["--", "sh", "-c", "echo started"]);
+    // The Hello comes once agent-exec handles SIGTERM itself.
+    let hello = match agent.next() {
+        Some(AgentMsg::Hello(h)) => h,
+        other => panic!("expected Hello, got {other:?}"),
+    };
+    kill(agent.pid(), Signal::SIGTERM).unwrap();
+    agent.send(&SupervisorMsg::Welcome {
+        protocol: hello.protocol.min(IPC_PROTOCOL_VERSION),
+    });
+    assert!(matches!(agent.next(), Some(AgentMsg::Features(_))));
+    agent.send(&SupervisorMsg::Start(TaskStart {
+        task_id: "task-9".into(),
+        session: "sess-9".into(),
+        text: String::new(),
+    }));
+    let (progress, result, status) = agent.finish();
+    assert_eq!(status.code(), Some(1));
+    assert!(progress.is_empty(), "{progress:?}");
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert_eq!(
+        result.text,
+        "agent-exec received SIGTERM before `sh` was started"
+    );
+    assert_eq!(result.command_exit, None);
+}
+
+#[test]
 fn agent_exec_cancel_and_cannot_run() {
     let Some(bin) = binary("agent-exec") else {
         return;
