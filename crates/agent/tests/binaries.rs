@@ -50,6 +50,15 @@ struct Agent {
 impl Agent {
     /// Spawns `program args…` with the agent end of a socketpair as fd 3.
     fn spawn(program: &PathBuf, args: &[&str]) -> Agent {
+        Self::spawn_inner(program, args, false)
+    }
+
+    /// [`Agent::spawn`] with fds 0, 1 and 2 closed.
+    fn spawn_with_closed_stdio(program: &PathBuf, args: &[&str]) -> Agent {
+        Self::spawn_inner(program, args, true)
+    }
+
+    fn spawn_inner(program: &PathBuf, args: &[&str], close_stdio: bool) -> Agent {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
@@ -79,6 +88,11 @@ impl Agent {
                 // (e.g. from the shell that runs cargo) is not the agent's business.
                 for stray in 4..=20 {
                     libc::close(stray);
+                }
+                if close_stdio {
+                    for fd in 0..=2 {
+                        libc::close(fd);
+                    }
                 }
                 libc::setpgid(0, 0);
                 Ok(())
@@ -341,6 +355,28 @@ fn agent_exec_fails_the_task_after_a_sigterm_that_came_before_its_command() {
         "agent-exec received SIGTERM before `sh` was started"
     );
     assert_eq!(result.command_exit, None);
+}
+
+/// agent-exec started with fds 0-2 closed fills them with /dev/null before it opens
+/// anything, so that its own descriptors (the signalfd, the pipes) never become
+/// its stdin, stdout or stderr.
+#[test]
+fn agent_exec_started_without_stdio_gives_itself_dev_null() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let mut agent =
+        Agent::spawn_with_closed_stdio(&bin, &["--", "sh", "-c", "echo ready; exec sleep 30"]);
+    agent.handshake("");
+    agent.wait_progress("ready");
+    for fd in 0..=2 {
+        let target = std::fs::read_link(format!("/proc/{}/fd/{fd}", agent.pid())).unwrap();
+        assert_eq!(target, PathBuf::from("/dev/null"), "fd {fd}");
+    }
+    agent.send(&SupervisorMsg::Cancel);
+    let (_, result, status) = agent.finish();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(result.outcome, Outcome::Cancelled);
 }
 
 #[test]
