@@ -266,7 +266,10 @@ fn supervise(
     signals: Option<&SignalFd>,
 ) -> i32 {
     let interval = channel.heartbeat_interval();
-    let first_beat = Instant::now() + interval;
+    // A next beat beyond what an Instant holds is never.
+    let heartbeat = Instant::now()
+        .checked_add(interval)
+        .map(|at| (at, interval));
     let resume = channel.resume().cloned();
     let (sender, receiver) = channel.into_parts();
     let argv = command_line(config, &task);
@@ -369,7 +372,7 @@ fn supervise(
         tail: Tail::new(config.result_bytes),
         steers: stdin.map(SteerWriter::new),
         steps: 0,
-        heartbeat: Some((first_beat, interval)),
+        heartbeat,
         kill_at: None,
     };
     run.until_relayed();
@@ -547,8 +550,7 @@ impl Supervision<'_> {
         let timeout = wake.map_or(-1, |at| {
             // Rounded up, so that a timer is never woken for just before it is due.
             let left = at.saturating_duration_since(now);
-            left.as_millis().min(i32::MAX as u128) as i32
-                + i32::from(left.subsec_nanos() % 1_000_000 != 0)
+            left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32
         });
         // SAFETY: poll(2) on an array of pollfd this function owns; negative fds are
         // ignored by the kernel.
@@ -587,7 +589,7 @@ impl Supervision<'_> {
         if let Some((at, interval)) = self.heartbeat {
             if at <= now {
                 self.heartbeat = match self.sender.heartbeat() {
-                    Ok(true) => Some((now + interval, interval)),
+                    Ok(true) => now.checked_add(interval).map(|at| (at, interval)),
                     Ok(false) | Err(_) => None,
                 };
             }

@@ -303,6 +303,18 @@ fn heartbeats_go_out_while_the_command_runs_and_stop_with_the_result() {
 }
 
 #[test]
+fn a_huge_heartbeat_interval_means_no_heartbeats_not_a_crash() {
+    let settings = SupervisorMsg::Settings(agentd_agent::AgentSettings {
+        heartbeat_interval_ms: u64::MAX,
+    });
+    let sup = start_after(&[settings], "echo hi", ExecConfig::default());
+    let (result, code, progress) = sup.finish();
+    assert_eq!(result.outcome, Outcome::Succeeded);
+    assert_eq!(code, exec::EXIT_SUCCEEDED);
+    assert_eq!(progress, ["hi"]);
+}
+
+#[test]
 fn cancel_lets_the_command_finish_its_step() {
     let mut sup =
         start("trap 'echo cleaning up; exit 0' INT; echo ready; while :; do sleep 0.05; done");
