@@ -191,8 +191,12 @@ pub fn run_task(channel: AgentChannel, task: TaskStart, config: &ExecConfig) -> 
     supervise(channel, task, config, None)
 }
 
+/// A warning on agent-exec's stderr. Never panics (as `eprintln!` does): when
+/// agentd dies, the pipe it read agent-exec's stderr from is broken, and
+/// agent-exec still has to stop its command.
 fn warn(msg: std::fmt::Arguments<'_>) {
-    eprintln!("agent-exec: {msg}");
+    use std::io::Write;
+    let _ = writeln!(io::stderr(), "agent-exec: {msg}");
 }
 
 /// SIGTERM and SIGINT, blocked in this thread, readable from the returned signalfd.
@@ -456,6 +460,16 @@ struct Supervision<'a> {
     heartbeat: Option<(Instant, Duration)>,
     /// agentd is gone: SIGKILL for the group at this time unless the command exited.
     kill_at: Option<Instant>,
+}
+
+impl Drop for Supervision<'_> {
+    /// A belt: should agent-exec panic while its command runs, the command's group
+    /// does not outlive it (the panic ends agent-exec, which has no other thread).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.group.signal(Signal::SIGKILL);
+        }
+    }
 }
 
 impl Supervision<'_> {

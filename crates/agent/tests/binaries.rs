@@ -50,15 +50,20 @@ struct Agent {
 impl Agent {
     /// Spawns `program args…` with the agent end of a socketpair as fd 3.
     fn spawn(program: &PathBuf, args: &[&str]) -> Agent {
-        Self::spawn_inner(program, args, false)
+        Self::spawn_inner(program, args, false, Stdio::inherit())
     }
 
     /// [`Agent::spawn`] with fds 0, 1 and 2 closed.
     fn spawn_with_closed_stdio(program: &PathBuf, args: &[&str]) -> Agent {
-        Self::spawn_inner(program, args, true)
+        Self::spawn_inner(program, args, true, Stdio::inherit())
     }
 
-    fn spawn_inner(program: &PathBuf, args: &[&str], close_stdio: bool) -> Agent {
+    /// [`Agent::spawn`] with `stderr` as the agent's stderr.
+    fn spawn_with_stderr(program: &PathBuf, args: &[&str], stderr: Stdio) -> Agent {
+        Self::spawn_inner(program, args, false, stderr)
+    }
+
+    fn spawn_inner(program: &PathBuf, args: &[&str], close_stdio: bool, stderr: Stdio) -> Agent {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
@@ -75,7 +80,8 @@ impl Agent {
             .env("AGENTD_SESSION", "sess-9")
             .env("AGENTD_HEARTBEAT_MS", "100")
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(stderr);
         // SAFETY: dup2/fcntl/close/setpgid are async-signal-safe.
         unsafe {
             command.pre_exec(move || {
@@ -424,6 +430,34 @@ fn agent_exec_stops_when_agentd_goes_away() {
     let _ = agent.stream.shutdown(std::net::Shutdown::Both);
     let status = agent.wait();
     assert_eq!(status.code(), Some(1));
+    wait_gone(pid);
+}
+
+/// When agentd dies, agent-exec's stderr (a pipe agentd read) is broken too: its
+/// warnings fail to print, and it still stops the command's whole group.
+#[test]
+fn agent_exec_stops_the_group_when_agentd_goes_away_with_its_stderr() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let script = "sleep 30 & echo bg:$!; exec sleep 30";
+    let mut agent = Agent::spawn_with_stderr(&bin, &["--", "sh", "-c", script], write.into());
+    agent.handshake("");
+    let pid: i32 = loop {
+        match agent.next() {
+            Some(AgentMsg::Progress { text }) => {
+                if let Some(pid) = text.strip_prefix("bg:") {
+                    break pid.parse().unwrap();
+                }
+            }
+            other => panic!("expected the background pid, got {other:?}"),
+        }
+    };
+    let _ = agent.stream.shutdown(std::net::Shutdown::Both);
+    let status = agent.wait();
+    assert_eq!(status.code(), Some(1), "{status:?}");
     wait_gone(pid);
 }
 
