@@ -10,7 +10,8 @@
 //! Exit codes: 0 succeeded, 1 failed (or agentd went away), 2 no channel to agentd
 //! or bad usage, 127 the command could not be started, 130 cancelled.
 
-#![no_main]
+// Under `cargo test` the test harness brings its own `main`.
+#![cfg_attr(not(test), no_main)]
 
 use std::ffi::OsString;
 
@@ -87,7 +88,8 @@ struct Args {
 /// a short task's CPU (scripts/bench-tasks.sh). What of it agent-exec relies on is
 /// done here: SIGPIPE ignored (a closed pipe is an error, not death), fds 0-2 open,
 /// and a panic exits with 101.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
+#[cfg_attr(test, allow(dead_code))]
 extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
     // SAFETY: setting a disposition to SIG_IGN, and F_GETFD/open on fds 0-2, before
     // anything else in this process runs.
