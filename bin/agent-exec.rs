@@ -10,6 +10,9 @@
 //! Exit codes: 0 succeeded, 1 failed (or agentd went away), 2 no channel to agentd
 //! or bad usage, 127 the command could not be started, 130 cancelled.
 
+// Under `cargo test` the test harness brings its own `main`.
+#![cfg_attr(not(test), no_main)]
+
 use std::ffi::OsString;
 
 use agentd_agent::exec::{self, ExecConfig, DEFAULT_RESULT_BYTES};
@@ -79,15 +82,40 @@ struct Args {
     command: Vec<OsString>,
 }
 
-fn main() {
-    let args = Args::parse();
-    let config = ExecConfig {
-        steer: args.steer,
-        collect: args.collect,
-        checkpoints: args.checkpoints,
-        result_bytes: args.result_bytes,
-        command: args.command,
-        ..ExecConfig::default()
-    };
-    std::process::exit(exec::run(&config));
+/// The C `main`, without Rust's runtime set-up (`#![no_main]`): agentd starts an
+/// agent-exec for every task, and that set-up (the main thread's stack guard, read
+/// from `/proc/self/maps`, and its alternate signal stack) is a measurable part of
+/// a short task's CPU (scripts/bench-tasks.sh). What of it agent-exec relies on is
+/// done here: SIGPIPE ignored (a closed pipe is an error, not death), fds 0-2 open,
+/// and a panic exits with 101.
+#[cfg_attr(not(test), no_mangle)]
+#[cfg_attr(test, allow(dead_code))]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    // SAFETY: setting a disposition to SIG_IGN, and F_GETFD/open on fds 0-2, before
+    // anything else in this process runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        for fd in 0..=2 {
+            if libc::fcntl(fd, libc::F_GETFD) == -1
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBADF)
+                && libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) != fd
+            {
+                libc::abort();
+            }
+        }
+    }
+    let code = std::panic::catch_unwind(|| {
+        let args = Args::parse();
+        let config = ExecConfig {
+            steer: args.steer,
+            collect: args.collect,
+            checkpoints: args.checkpoints,
+            result_bytes: args.result_bytes,
+            command: args.command,
+            ..ExecConfig::default()
+        };
+        exec::run(&config)
+    })
+    .unwrap_or(101);
+    std::process::exit(code);
 }

@@ -26,6 +26,29 @@ fn agent_exec_reports_output_progress_and_exit_status() {
     assert!(view["result"].as_str().unwrap().contains("oops"), "{view}");
 }
 
+/// Where build.rs could link agent-exec's unwinder statically, a running agent-exec
+/// has no libgcc_s mapped (its loading is a tenth of agent-exec's CPU per task).
+#[test]
+fn agent_exec_runs_without_libgcc_s_where_it_was_linked_so() {
+    if option_env!("AGENT_EXEC_STATIC_UNWINDER").is_none() {
+        eprintln!("SKIPPED: build.rs found no libgcc_eh.a; agent-exec loads libgcc_s");
+        return;
+    }
+    let d = Daemon::with_agent_exec(&[]);
+    // The command's parent is agent-exec.
+    let task = d.submit("alice", "grep -c -e libgcc_s -e libc.so /proc/$PPID/maps | head -1; grep -c libgcc_s /proc/$PPID/maps");
+    let view = d.wait_state(&task, "failed");
+    // grep -c exits 1 when it counts nothing: that is the task's failure here.
+    let result = view["result"].as_str().unwrap();
+    let counts: Vec<&str> = result.lines().collect();
+    assert_eq!(counts.len(), 2, "{view}");
+    assert_ne!(
+        counts[0], "0",
+        "no libc mapped either: not agent-exec's maps? {view}"
+    );
+    assert_eq!(counts[1], "0", "libgcc_s is mapped: {view}");
+}
+
 #[test]
 fn a_crashing_agent_fails_its_task_and_the_next_one_runs() {
     let d = Daemon::with_test_agent(&["--max-concurrent", "1"]);

@@ -3,7 +3,7 @@
 //! message an agent sends, a receiver for a reader thread, and the heartbeat thread.
 
 use std::io::BufReader;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -478,6 +478,17 @@ impl AgentReceiver {
     /// leaves the channel unusable and should be handled the same way.
     pub fn recv(&mut self) -> Result<Option<SupervisorMsg>, FrameError> {
         codec::read_frame(&mut self.reader)
+    }
+
+    /// The socket, for `poll(2)`.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.reader.get_ref().as_raw_fd()
+    }
+
+    /// Whether bytes already read from the socket wait in the buffer: `poll(2)` on
+    /// the socket does not announce them.
+    pub(crate) fn buffered(&self) -> bool {
+        !self.reader.buffer().is_empty()
     }
 }
 

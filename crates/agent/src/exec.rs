@@ -31,10 +31,11 @@
 //! file named by [`ENV_CHECKPOINT_FILE`] (and in [`ENV_CHECKPOINT`] itself when it
 //! is small).
 //!
-//! Threads: the caller's thread spawns the command and waits for it; one thread
-//! for the output pipe; one for the checkpoint pipe; one IPC reader; one stdin
-//! writer (steering only); the heartbeat; and in [`run`] one thread that forwards
-//! agent-exec's own SIGTERM/SIGINT to the group.
+//! One thread does it all, in a `poll(2)` loop: the IPC socket, the output pipe,
+//! the checkpoint pipe, the command's stdin (steering), the command's pidfd and,
+//! in [`run`], a signalfd for agent-exec's own SIGTERM/SIGINT (forwarded to the
+//! group); the heartbeat is one of its timers. A process that starts for one
+//! short command pays for every thread it starts, so it starts none.
 //!
 //! The command's group is never signalled after the command has been reaped: the
 //! command is first waited for with `WNOWAIT`, so its zombie keeps the pid (and
@@ -44,10 +45,6 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use agentd_proto::ipc::{
@@ -55,13 +52,13 @@ use agentd_proto::ipc::{
     TaskResult, TaskStart, ENV_IPC_FD, ENV_SESSION, ENV_TASK_ID, MAX_CHECKPOINT_BYTES,
 };
 use nix::errno::Errno;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{killpg, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{setpgid, Pid};
 
 use crate::channel::{
-    hello as hello_for, message_name, spawn_heartbeat, AgentChannel, AgentReceiver, AgentSender,
-    Resume,
+    hello as hello_for, message_name, AgentChannel, AgentReceiver, AgentSender, Resume,
 };
 
 /// Default size of the output tail sent as the result text, in bytes.
@@ -165,26 +162,21 @@ pub fn features(config: &ExecConfig) -> AgentFeatures {
 /// agent-exec's whole life: forward SIGTERM/SIGINT to the command's group, take
 /// the channel from the environment, run the task. Returns the process exit code.
 ///
-/// Installs process-wide signal handlers: call it from `main` only.
+/// Blocks SIGTERM and SIGINT in the calling thread and takes them from a signalfd
+/// (the command starts with an empty signal mask): call it from `main` only,
+/// before any other thread exists.
 pub fn run(config: &ExecConfig) -> i32 {
-    let group = Arc::new(Group::default());
-    match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
-        Ok(mut signals) => {
-            let group = Arc::clone(&group);
-            spawn_thread("agent-exec-signals", move || {
-                for raw in signals.forever() {
-                    if let Ok(sig) = Signal::try_from(raw) {
-                        group.forward(sig);
-                    }
-                }
-            });
+    let signals = match block_signals() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            warn(format_args!(
+                "cannot handle SIGTERM/SIGINT ({e}): they will end agent-exec at once"
+            ));
+            None
         }
-        Err(e) => warn(format_args!(
-            "cannot handle SIGTERM/SIGINT ({e}): they will end agent-exec at once"
-        )),
-    }
+    };
     match AgentChannel::from_env_with(hello(config), features(config)) {
-        Ok((channel, task)) => supervise(channel, task, config, group),
+        Ok((channel, task)) => supervise(channel, task, config, signals.as_ref()),
         Err(e) => {
             warn(format_args!("{e}"));
             EXIT_NO_CHANNEL
@@ -196,23 +188,39 @@ pub fn run(config: &ExecConfig) -> i32 {
 /// obeys cancel/steer/EOF, sends the result. Returns the exit code agent-exec
 /// uses. Does not touch process-wide signal handling (usable in tests).
 pub fn run_task(channel: AgentChannel, task: TaskStart, config: &ExecConfig) -> i32 {
-    supervise(channel, task, config, Arc::new(Group::default()))
+    supervise(channel, task, config, None)
 }
 
+/// A warning on agent-exec's stderr. Never panics (as `eprintln!` does): when
+/// agentd dies, the pipe it read agent-exec's stderr from is broken, and
+/// agent-exec still has to stop its command.
 fn warn(msg: std::fmt::Arguments<'_>) {
-    eprintln!("agent-exec: {msg}");
+    use std::io::Write;
+    let _ = writeln!(io::stderr(), "agent-exec: {msg}");
 }
 
-fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> bool {
-    spawn_joinable(name, f).is_some()
+/// SIGTERM and SIGINT, blocked in this thread, readable from the returned signalfd.
+fn block_signals() -> nix::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block()?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).inspect_err(|_| {
+        let _ = mask.thread_unblock();
+    })
 }
 
-fn spawn_joinable(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
-    match std::thread::Builder::new().name(name.into()).spawn(f) {
-        Ok(handle) => Some(handle),
-        Err(e) => {
-            warn(format_args!("cannot start thread {name}: {e}"));
-            None
+/// The next SIGTERM/SIGINT agent-exec received, if one is pending.
+fn next_signal(signals: &SignalFd) -> Option<Signal> {
+    loop {
+        match signals.read_signal() {
+            Ok(Some(info)) => match Signal::try_from(info.ssi_signo as libc::c_int) {
+                Ok(sig) => return Some(sig),
+                Err(_) => continue,
+            },
+            Ok(None) => return None,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return None,
         }
     }
 }
@@ -220,34 +228,22 @@ fn spawn_joinable(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinH
 /// The command's process group, and whether it may still be signalled.
 #[derive(Default)]
 struct Group {
-    state: Mutex<GroupState>,
-    cancel_requested: AtomicBool,
-    supervisor_gone: AtomicBool,
-    /// The command (group leader) has exited; it may not be reaped yet.
-    exited: AtomicBool,
-    /// The result is decided: EOF on the channel is no longer news.
-    finished: AtomicBool,
-}
-
-#[derive(Default)]
-struct GroupState {
     pgid: Option<Pid>,
     /// Set before the command is reaped; from then on the group is never signalled.
     reaped: bool,
-    /// A SIGTERM/SIGINT agent-exec received before the command existed.
-    early_signal: Option<Signal>,
+    cancel_requested: bool,
+    supervisor_gone: bool,
+    /// The command (group leader) has exited; it may not be reaped yet.
+    exited: bool,
 }
 
 impl Group {
-    fn lock(&self) -> MutexGuard<'_, GroupState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn signal_locked(state: &GroupState, sig: Signal) {
-        if state.reaped {
+    /// Signals the command's group if it was spawned and is not reaped yet.
+    fn signal(&self, sig: Signal) {
+        if self.reaped {
             return;
         }
-        if let Some(pgid) = state.pgid {
+        if let Some(pgid) = self.pgid {
             match killpg(pgid, sig) {
                 Ok(()) | Err(Errno::ESRCH) => {}
                 Err(e) => warn(format_args!(
@@ -257,41 +253,12 @@ impl Group {
         }
     }
 
-    /// Signals the command's group if it was spawned and is not reaped yet.
-    fn signal(&self, sig: Signal) {
-        Self::signal_locked(&self.lock(), sig);
-    }
-
     /// Passes a signal agent-exec received on to the command (SIGCONT after SIGTERM
-    /// so that a stopped command can act on it), or remembers it if the command
-    /// has not been started.
+    /// so that a stopped command can act on it).
     fn forward(&self, sig: Signal) {
-        let mut state = self.lock();
-        if state.pgid.is_none() && !state.reaped {
-            state.early_signal.get_or_insert(sig);
-            return;
-        }
-        Self::signal_locked(&state, sig);
+        self.signal(sig);
         if sig == Signal::SIGTERM {
-            Self::signal_locked(&state, Signal::SIGCONT);
-        }
-    }
-
-    /// agentd is gone: SIGTERM + SIGCONT now, SIGKILL after `grace` if the command
-    /// has not exited by then.
-    fn stop_now(&self, grace: Duration) {
-        if self.finished.load(Ordering::SeqCst) {
-            return;
-        }
-        self.supervisor_gone.store(true, Ordering::SeqCst);
-        self.signal(Signal::SIGTERM);
-        self.signal(Signal::SIGCONT);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && !self.exited.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if !self.exited.load(Ordering::SeqCst) {
-            self.signal(Signal::SIGKILL);
+            self.signal(Signal::SIGCONT);
         }
     }
 }
@@ -300,27 +267,21 @@ fn supervise(
     channel: AgentChannel,
     task: TaskStart,
     config: &ExecConfig,
-    group: Arc<Group>,
+    signals: Option<&SignalFd>,
 ) -> i32 {
     let interval = channel.heartbeat_interval();
+    // A next beat beyond what an Instant holds is never.
+    let heartbeat = Instant::now()
+        .checked_add(interval)
+        .map(|at| (at, interval));
     let resume = channel.resume().cloned();
     let (sender, receiver) = channel.into_parts();
-    if let Err(e) = spawn_heartbeat(sender.clone(), interval) {
-        warn(format_args!("cannot start the heartbeat thread: {e}"));
-    }
     let argv = command_line(config, &task);
     let program = argv[0].to_string_lossy().into_owned();
     let fail_early = |what: &str, e: io::Error| {
         let text = format!("cannot {what} for `{program}`: {e}");
         warn(format_args!("{text}"));
-        finish(
-            &sender,
-            &group,
-            Outcome::Failed,
-            text,
-            None,
-            EXIT_CANNOT_RUN,
-        )
+        finish(&sender, Outcome::Failed, text, None, EXIT_CANNOT_RUN)
     };
     let mut command = build_command(&argv, &task);
     // One pipe for stdout and stderr: the kernel keeps the order of the writes, so
@@ -365,24 +326,13 @@ fn supervise(
         fds.push(write.as_fd());
     }
 
-    let spawned = {
-        let mut state = group.lock();
-        if let Some(sig) = state.early_signal {
-            drop(state);
-            let text = format!("agent-exec received {sig} before `{program}` was started");
-            return finish(&sender, &group, Outcome::Failed, text, None, EXIT_FAILED);
-        }
-        command.spawn(&fds, None).inspect(|child| {
-            let pid = Pid::from_raw(child.pid as libc::pid_t);
-            // The child did setpgid(0, 0) before its exec, which the spawn waited
-            // for; a belt. EACCES: it has exec'd.
-            match setpgid(pid, pid) {
-                Ok(()) | Err(Errno::EACCES) | Err(Errno::ESRCH) => {}
-                Err(e) => warn(format_args!("setpgid({pid}) failed: {e}")),
-            }
-            state.pgid = Some(pid);
-        })
-    };
+    // A SIGTERM/SIGINT that came before the command existed (during the handshake):
+    // there is nothing to pass it on to.
+    if let Some(sig) = signals.and_then(next_signal) {
+        let text = format!("agent-exec received {sig} before `{program}` was started");
+        return finish(&sender, Outcome::Failed, text, None, EXIT_FAILED);
+    }
+    let spawned = command.spawn(&fds, None);
     // agent-exec's copies of the command's ends: close them, or the pipes never
     // report EOF.
     drop(fds);
@@ -398,129 +348,72 @@ fn supervise(
             };
             let text = format!("cannot run `{program}`: {reason}");
             warn(format_args!("{text}"));
-            return finish(
-                &sender,
-                &group,
-                Outcome::Failed,
-                text,
-                None,
-                EXIT_CANNOT_RUN,
-            );
+            return finish(&sender, Outcome::Failed, text, None, EXIT_CANNOT_RUN);
         }
     };
     let pid = Pid::from_raw(child.pid as libc::pid_t);
-
-    let tail = Arc::new(Mutex::new(Tail::new(config.result_bytes)));
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let relay = Arc::new(Relay::default());
-    let mut pumps = 0;
-    {
-        let (sender, tail, done) = (sender.clone(), Arc::clone(&tail), done_tx.clone());
-        let relay = Arc::clone(&relay);
-        pumps += usize::from(spawn_thread("agent-exec-output", move || {
-            pump(output, &sender, &tail, &relay);
-            let _ = done.send(());
-        }));
-    }
-    if let Some(read) = checkpoints {
-        let (sender, done) = (sender.clone(), done_tx.clone());
-        let relay = Arc::clone(&relay);
-        pumps += usize::from(spawn_thread("agent-exec-checkpoints", move || {
-            relay_checkpoints(read, &sender, &relay);
-            let _ = done.send(());
-        }));
-    }
-    drop(done_tx);
-    let steering = Arc::new(Mutex::new(None::<mpsc::Sender<StdinInput>>));
-    let mut stdin_writer = None;
-    if let Some(stdin) = stdin {
-        let (tx, rx) = mpsc::channel::<StdinInput>();
-        let sender = sender.clone();
-        stdin_writer = spawn_joinable("agent-exec-stdin", move || write_steers(stdin, rx, &sender));
-        if stdin_writer.is_some() {
-            *lock(&steering) = Some(tx);
-        }
-    }
-    {
-        let (sender, group, grace) = (sender.clone(), Arc::clone(&group), config.kill_grace);
-        let steering = Arc::clone(&steering);
-        spawn_thread("agent-exec-ipc", move || {
-            read_ipc(receiver, &sender, &group, &steering, grace)
-        });
+    // The child did setpgid(0, 0) before its exec, which the spawn waited for; a
+    // belt. EACCES: it has exec'd.
+    match setpgid(pid, pid) {
+        Ok(()) | Err(Errno::EACCES) | Err(Errno::ESRCH) => {}
+        Err(e) => warn(format_args!("setpgid({pid}) failed: {e}")),
     }
 
-    wait_exited(pid);
-    group.exited.store(true, Ordering::SeqCst);
+    let mut run = Supervision {
+        config,
+        sender: &sender,
+        group: Group {
+            pgid: Some(pid),
+            ..Group::default()
+        },
+        pid,
+        pidfd: child.pidfd,
+        receiver: Some(receiver),
+        signals,
+        output: Some(Pump::new(output, MAX_LINE_BYTES)),
+        // Escaping at most doubles the size.
+        checkpoints: checkpoints.map(|read| Pump::new(read, 2 * MAX_CHECKPOINT_BYTES)),
+        tail: Tail::new(config.result_bytes),
+        steers: stdin.map(SteerWriter::new),
+        steps: 0,
+        heartbeat,
+        kill_at: None,
+    };
+    run.until_relayed();
 
-    // Grandchildren may still hold the pipes: give them a moment, then kill what is
-    // left of the group (the zombie keeps the group id ours) so the pipes close.
-    let mut open = pumps;
-    let deadline = Instant::now() + config.drain_timeout;
-    open -= wait_done(&done_rx, open, deadline);
-    group.signal(Signal::SIGKILL);
-    // A pump still relaying what the command wrote (agentd reads slowly, so the pipe
-    // waits behind a full channel) is waited for: that output is the task's, and the
-    // result comes after it. A pipe silent for 200 ms is held by a process that left
-    // the group: it is not waited for long.
-    let limit = Instant::now() + RELAY_LIMIT;
-    let mut steps = relay.steps();
-    while open > 0 {
-        open -= wait_done(&done_rx, open, Instant::now() + Duration::from_millis(200));
-        let now = relay.steps();
-        if (now == steps && !relay.sending()) || Instant::now() >= limit {
-            break;
-        }
-        steps = now;
-    }
-    // Nothing of the group reads stdin any more: steers not read by now never will
-    // be. Their acks go out before the result; later steers are refused at once.
-    if let Some(tx) = lock(&steering).take() {
-        let _ = tx.send(StdinInput::CommandEnded);
-    }
-    if let Some(writer) = stdin_writer {
-        let _ = writer.join();
-    }
-
-    group.lock().reaped = true;
+    run.group.reaped = true;
     let exit = match reap(pid) {
         Ok(exit) => exit,
         Err(e) => {
             warn(format_args!("cannot reap the command: {e}"));
             let text = format!("lost track of `{program}`: {e}");
-            return finish(&sender, &group, Outcome::Failed, text, None, EXIT_FAILED);
+            return finish(&sender, Outcome::Failed, text, None, EXIT_FAILED);
         }
     };
-    let text = lock(&tail).text();
-    if group.supervisor_gone.load(Ordering::SeqCst) {
+    let text = run.tail.text();
+    if run.group.supervisor_gone {
         // No result: nobody is listening, or the channel is garbled.
-        group.finished.store(true, Ordering::SeqCst);
         sender.shutdown();
         return EXIT_FAILED;
     }
-    let (outcome, code) = if group.cancel_requested.load(Ordering::SeqCst) {
+    let (outcome, code) = if run.group.cancel_requested {
         (Outcome::Cancelled, EXIT_CANCELLED)
     } else if exit.code == Some(0) {
         (Outcome::Succeeded, EXIT_SUCCEEDED)
     } else {
         (Outcome::Failed, EXIT_FAILED)
     };
-    finish(&sender, &group, outcome, text, Some(exit), code)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    finish(&sender, outcome, text, Some(exit), code)
 }
 
 /// Sends the result and closes the channel; returns `code`.
 fn finish(
     sender: &AgentSender,
-    group: &Group,
     outcome: Outcome,
     text: String,
     command_exit: Option<CommandExit>,
     code: i32,
 ) -> i32 {
-    group.finished.store(true, Ordering::SeqCst);
     let result = AgentMsg::Result(TaskResult {
         outcome,
         text,
@@ -533,29 +426,329 @@ fn finish(
     code
 }
 
-/// Waits for up to `n` "pipe closed" notices until `deadline`; returns how many came.
-fn wait_done(done: &mpsc::Receiver<()>, n: usize, deadline: Instant) -> usize {
-    let mut got = 0;
-    while got < n {
-        match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(()) => got += 1,
-            Err(RecvTimeoutError::Timeout) => break,
-            // Every pump thread is gone (a panicked one never reports).
-            Err(RecvTimeoutError::Disconnected) => return n,
-        }
-    }
-    got
+/// Longest agent-exec relays output after its command exited, while a pipe keeps
+/// delivering (a process that left the group may hold it and write on).
+const RELAY_LIMIT: Duration = Duration::from_secs(10);
+/// After the command exited and its group was killed: a pipe silent this long is
+/// held by a process that left the group, and is not waited for.
+const RELAY_SILENCE: Duration = Duration::from_millis(200);
+/// Without a pidfd (kernels before 5.2): how often to look whether the command exited.
+const EXIT_POLL: Duration = Duration::from_millis(10);
+
+/// One running command, watched by one thread: a `poll(2)` loop over the IPC
+/// socket, the output and checkpoint pipes, the command's stdin (steering), the
+/// signalfd and the command's pidfd, with the heartbeat, the kill grace and the
+/// steer-ack checks as its timers.
+struct Supervision<'a> {
+    config: &'a ExecConfig,
+    sender: &'a AgentSender,
+    group: Group,
+    pid: Pid,
+    pidfd: Option<OwnedFd>,
+    /// `None` once agentd is gone (EOF, garbage, Reject): nothing more is read.
+    receiver: Option<AgentReceiver>,
+    signals: Option<&'a SignalFd>,
+    /// `None` once the pipe reported EOF.
+    output: Option<Pump>,
+    checkpoints: Option<Pump>,
+    tail: Tail,
+    /// `None` without steering, and once the command's end made steering end.
+    steers: Option<SteerWriter>,
+    /// Bumped by every read from a pipe and every message sent for one.
+    steps: u64,
+    /// The next heartbeat and the interval; `None` once a heartbeat could not go out.
+    heartbeat: Option<(Instant, Duration)>,
+    /// agentd is gone: SIGKILL for the group at this time unless the command exited.
+    kill_at: Option<Instant>,
 }
 
-/// Blocks until `pid` has exited, leaving it a zombie (not reaped).
-fn wait_exited(pid: Pid) {
+impl Drop for Supervision<'_> {
+    /// A belt: should agent-exec panic while its command runs, the command's group
+    /// does not outlive it (the panic ends agent-exec, which has no other thread).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.group.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+impl Supervision<'_> {
+    fn pipes_open(&self) -> bool {
+        self.output.is_some() || self.checkpoints.is_some()
+    }
+
+    /// Watches the command until it has exited and its output is relayed (or given
+    /// up on), then ends steering. The command is left a zombie, not reaped.
+    fn until_relayed(&mut self) {
+        while !self.group.exited {
+            self.turn(None);
+        }
+        // Grandchildren may still hold the pipes: give them a moment, then kill
+        // what is left of the group (the zombie keeps the group id ours) so the
+        // pipes close.
+        let deadline = Instant::now() + self.config.drain_timeout;
+        while self.pipes_open() && Instant::now() < deadline {
+            self.turn(Some(deadline));
+        }
+        self.group.signal(Signal::SIGKILL);
+        // A pipe still delivering what the command wrote (agentd reads slowly, so
+        // sends wait behind a full channel) is relayed: that output is the task's,
+        // and the result comes after it. A pipe silent for RELAY_SILENCE is held by
+        // a process that left the group: it is not waited for long.
+        let limit = Instant::now() + RELAY_LIMIT;
+        while self.pipes_open() {
+            let steps = self.steps;
+            let window = Instant::now() + RELAY_SILENCE;
+            while self.pipes_open() && Instant::now() < window {
+                self.turn(Some(window));
+            }
+            if self.steps == steps || Instant::now() >= limit {
+                break;
+            }
+        }
+        // Nothing of the group reads stdin any more: steers not read by now never
+        // will be. Their acks go out before the result; later steers are refused.
+        if let Some(steers) = self.steers.take() {
+            steers.end(self.sender);
+        }
+    }
+
+    /// Waits for one round of events (or `until`, or a timer) and handles them.
+    fn turn(&mut self, until: Option<Instant>) {
+        // Frames already read into the receiver's buffer (behind the handshake's,
+        // or behind the last one) are not announced by poll.
+        if self.receiver.as_ref().is_some_and(AgentReceiver::buffered) {
+            return self.read_ipc();
+        }
+        const IPC: usize = 0;
+        const OUTPUT: usize = 1;
+        const CHECKPOINTS: usize = 2;
+        const STDIN: usize = 3;
+        const SIGNALS: usize = 4;
+        const EXIT: usize = 5;
+        let stdin = (self.steers.as_ref())
+            .filter(|s| s.wants_to_write())
+            .map(SteerWriter::raw_fd);
+        let exit = (self.pidfd.as_ref())
+            .filter(|_| !self.group.exited)
+            .map(AsRawFd::as_raw_fd);
+        let mut fds = [
+            (
+                self.receiver.as_ref().map(AgentReceiver::raw_fd),
+                libc::POLLIN,
+            ),
+            (self.output.as_ref().map(Pump::raw_fd), libc::POLLIN),
+            (self.checkpoints.as_ref().map(Pump::raw_fd), libc::POLLIN),
+            (stdin, libc::POLLOUT),
+            (self.signals.map(AsRawFd::as_raw_fd), libc::POLLIN),
+            (exit, libc::POLLIN),
+        ]
+        .map(|(fd, events)| libc::pollfd {
+            fd: fd.unwrap_or(-1),
+            events,
+            revents: 0,
+        });
+        let now = Instant::now();
+        let mut wake = until;
+        let mut wake_at = |at: Option<Instant>| {
+            if let Some(at) = at {
+                wake = Some(wake.map_or(at, |w| w.min(at)));
+            }
+        };
+        wake_at(self.heartbeat.map(|(at, _)| at));
+        wake_at(self.kill_at);
+        wake_at(self.steers.as_ref().and_then(|s| s.check_at));
+        if self.pidfd.is_none() && !self.group.exited {
+            wake_at(Some(now + EXIT_POLL));
+        }
+        let timeout = wake.map_or(-1, |at| {
+            // Rounded up, so that a timer is never woken for just before it is due.
+            let left = at.saturating_duration_since(now);
+            left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32
+        });
+        // SAFETY: poll(2) on an array of pollfd this function owns; negative fds are
+        // ignored by the kernel.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 && Errno::last() != Errno::EINTR {
+            warn(format_args!("poll failed: {}", Errno::last()));
+            std::thread::sleep(EXIT_POLL);
+        }
+        let ready = |i: usize| n > 0 && fds[i].fd >= 0 && fds[i].revents != 0;
+        if ready(OUTPUT) {
+            self.read_output();
+        }
+        if ready(CHECKPOINTS) {
+            self.read_checkpoints();
+        }
+        if ready(IPC) {
+            self.read_ipc();
+        }
+        if ready(SIGNALS) {
+            while let Some(sig) = self.signals.and_then(next_signal) {
+                self.group.forward(sig);
+            }
+        }
+        if ready(STDIN) {
+            if let Some(steers) = &mut self.steers {
+                steers.flush();
+                steers.check(self.sender, Instant::now());
+            }
+        }
+        let now = Instant::now();
+        if let Some(steers) = &mut self.steers {
+            if steers.check_at.is_some_and(|at| at <= now) {
+                steers.on_timer(self.sender, now);
+            }
+        }
+        if let Some((at, interval)) = self.heartbeat {
+            if at <= now {
+                self.heartbeat = match self.sender.heartbeat() {
+                    Ok(true) => now.checked_add(interval).map(|at| (at, interval)),
+                    Ok(false) | Err(_) => None,
+                };
+            }
+        }
+        if !self.group.exited && (ready(EXIT) || self.pidfd.is_none()) {
+            self.group.exited = has_exited(self.pid);
+            if self.group.exited {
+                self.kill_at = None;
+            }
+        }
+        if self.kill_at.is_some_and(|at| at <= now) {
+            self.kill_at = None;
+            self.group.signal(Signal::SIGKILL);
+        }
+    }
+
+    /// One read from the output pipe: each line feeds the tail and goes out as
+    /// progress. Errors sending mean agentd is gone; the IPC side handles that.
+    /// Reading goes on, so that the command never blocks on a full pipe.
+    fn read_output(&mut self) {
+        let Some(pump) = &mut self.output else {
+            return;
+        };
+        let (tail, sender, steps) = (&mut self.tail, self.sender, &mut self.steps);
+        let open = pump.read(|line, cut| {
+            tail.push_line(line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let mut text = String::from_utf8_lossy(line).into_owned();
+            if cut {
+                text.push_str(CUT_MARKER);
+            }
+            if !text.trim().is_empty() {
+                let _ = sender.progress(text);
+                *steps += 1;
+            }
+        });
+        self.steps += 1;
+        if !open {
+            self.output = None;
+        }
+    }
+
+    /// One read from the checkpoint pipe: each line (in the line framing) is one
+    /// checkpoint. A line whose checkpoint would exceed [`MAX_CHECKPOINT_BYTES`] is
+    /// dropped with a warning on agent-exec's stderr.
+    fn read_checkpoints(&mut self) {
+        let Some(pump) = &mut self.checkpoints else {
+            return;
+        };
+        let (sender, steps) = (self.sender, &mut self.steps);
+        let open = pump.read(|line, cut| {
+            let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line));
+            let data = unescape_line(&text);
+            if cut || data.len() > MAX_CHECKPOINT_BYTES {
+                warn(format_args!(
+                    "dropped a checkpoint over {MAX_CHECKPOINT_BYTES} bytes"
+                ));
+                return;
+            }
+            if let Err(e) = sender.checkpoint(data) {
+                warn(format_args!("cannot send a checkpoint to agentd: {e}"));
+            }
+            *steps += 1;
+        });
+        self.steps += 1;
+        if !open {
+            self.checkpoints = None;
+        }
+    }
+
+    /// One message from agentd: cancel, steer, or "agentd is gone".
+    fn read_ipc(&mut self) {
+        let Some(receiver) = &mut self.receiver else {
+            return;
+        };
+        let msg = match receiver.recv() {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                warn(format_args!(
+                    "agentd closed the channel: stopping the command"
+                ));
+                return self.stop_now();
+            }
+            Err(e) => {
+                warn(format_args!(
+                    "bad data from agentd ({e}): stopping the command"
+                ));
+                return self.stop_now();
+            }
+        };
+        match msg {
+            SupervisorMsg::Cancel => {
+                self.group.cancel_requested = true;
+                self.group.signal(Signal::SIGINT);
+            }
+            SupervisorMsg::Steer { text } => match &mut self.steers {
+                Some(steers) => steers.steer(text, self.sender, Instant::now()),
+                None => {
+                    let _ = self.sender.steer_ack(false);
+                }
+            },
+            SupervisorMsg::Reject { reason } => {
+                warn(format_args!(
+                    "agentd rejected the task ({reason}): stopping the command"
+                ));
+                self.stop_now();
+            }
+            other @ (SupervisorMsg::Welcome { .. }
+            | SupervisorMsg::Start(_)
+            | SupervisorMsg::Settings(_)
+            | SupervisorMsg::Resume { .. }) => {
+                warn(format_args!(
+                    "ignoring an unexpected {} from agentd",
+                    message_name(&other)
+                ));
+            }
+        }
+    }
+
+    /// agentd is gone: stop reading it; SIGTERM + SIGCONT now, SIGKILL after the
+    /// kill grace if the command has not exited by then.
+    fn stop_now(&mut self) {
+        self.receiver = None;
+        self.group.supervisor_gone = true;
+        self.group.signal(Signal::SIGTERM);
+        self.group.signal(Signal::SIGCONT);
+        if !self.group.exited {
+            self.kill_at = Some(Instant::now() + self.config.kill_grace);
+        }
+    }
+}
+
+/// Whether `pid` has exited, leaving it a zombie (not reaped).
+fn has_exited(pid: Pid) -> bool {
     loop {
-        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
-            Ok(_) => return,
+        match waitid(
+            Id::Pid(pid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG,
+        ) {
+            Ok(WaitStatus::StillAlive) => return false,
+            Ok(_) => return true,
             Err(Errno::EINTR) => continue,
             Err(e) => {
                 warn(format_args!("waiting for the command failed: {e}"));
-                return;
+                return true;
             }
         }
     }
@@ -605,7 +798,7 @@ fn pipe() -> io::Result<(std::fs::File, OwnedFd)> {
     Ok((std::fs::File::from(read), write))
 }
 
-/// Reaps the command (after [`wait_exited`] saw it exit).
+/// Reaps the command (after [`has_exited`] saw it exit).
 fn reap(pid: Pid) -> nix::Result<CommandExit> {
     loop {
         match nix::sys::wait::waitpid(pid, None) {
@@ -653,161 +846,133 @@ fn resume_env(
     Ok(Some(dir))
 }
 
-/// The IPC reader: cancel, steer, and "agentd is gone".
-fn read_ipc(
-    mut receiver: AgentReceiver,
-    sender: &AgentSender,
-    group: &Group,
-    steering: &Mutex<Option<mpsc::Sender<StdinInput>>>,
-    grace: Duration,
-) {
-    loop {
-        let msg = match receiver.recv() {
-            Ok(Some(msg)) => msg,
-            Ok(None) => {
-                if !group.finished.load(Ordering::SeqCst) {
-                    warn(format_args!(
-                        "agentd closed the channel: stopping the command"
-                    ));
-                }
-                return group.stop_now(grace);
-            }
-            Err(e) => {
-                if !group.finished.load(Ordering::SeqCst) {
-                    warn(format_args!(
-                        "bad data from agentd ({e}): stopping the command"
-                    ));
-                }
-                return group.stop_now(grace);
-            }
-        };
-        match msg {
-            SupervisorMsg::Cancel => {
-                group.cancel_requested.store(true, Ordering::SeqCst);
-                group.signal(Signal::SIGINT);
-            }
-            SupervisorMsg::Steer { text } => {
-                // Under the lock, so that no steer slips in after the writer was
-                // told that the command has ended.
-                let queued = lock(steering)
-                    .as_ref()
-                    .is_some_and(|tx| tx.send(StdinInput::Steer(text)).is_ok());
-                if !queued {
-                    let _ = sender.steer_ack(false);
-                }
-            }
-            SupervisorMsg::Reject { reason } => {
-                warn(format_args!(
-                    "agentd rejected the task ({reason}): stopping the command"
-                ));
-                return group.stop_now(grace);
-            }
-            other @ (SupervisorMsg::Welcome { .. }
-            | SupervisorMsg::Start(_)
-            | SupervisorMsg::Settings(_)
-            | SupervisorMsg::Resume { .. }) => {
-                warn(format_args!(
-                    "ignoring an unexpected {} from agentd",
-                    message_name(&other)
-                ));
-            }
+/// The command's stdin with steering. Each steer is written as one line in the line
+/// framing; it is acknowledged `accepted` once the command has read all of it from
+/// the pipe (the pipe's unread byte count, `FIONREAD`, has dropped past its end),
+/// and `false` if the pipe breaks or the command ends first. Acks keep the steers'
+/// order. Writes never block, so a command that does not read cannot stall
+/// agent-exec, however much is steered; while acks are due, the pipe is looked at
+/// after 5 ms, then ever less often (up to every 100 ms).
+struct SteerWriter {
+    stdin: std::fs::File,
+    outbox: VecDeque<u8>,
+    /// Stream offsets: bytes written into the pipe, and bytes queued in all.
+    written: u64,
+    queued: u64,
+    /// The end offset of each unacked steer.
+    pending: VecDeque<u64>,
+    broken: bool,
+    poll: Duration,
+    /// When to look at the pipe again for acks.
+    check_at: Option<Instant>,
+}
+
+impl SteerWriter {
+    fn new(stdin: std::fs::File) -> Self {
+        let nonblocking = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_GETFL)
+            .map(nix::fcntl::OFlag::from_bits_retain)
+            .and_then(|flags| {
+                nix::fcntl::fcntl(
+                    &stdin,
+                    nix::fcntl::FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
+                )
+            });
+        SteerWriter {
+            stdin,
+            outbox: VecDeque::new(),
+            written: 0,
+            queued: 0,
+            pending: VecDeque::new(),
+            broken: nonblocking.is_err(),
+            poll: STEER_POLL_FIRST,
+            check_at: None,
         }
     }
-}
 
-/// What the stdin writer is told.
-enum StdinInput {
-    /// A steer to write.
-    Steer(String),
-    /// The command and its group are gone: refuse what is still unread, and stop.
-    CommandEnded,
-}
+    fn raw_fd(&self) -> RawFd {
+        self.stdin.as_raw_fd()
+    }
 
-/// The stdin writer. Each steer is written as one line in the line framing; it is
-/// acknowledged `accepted` once the command has read all of it from the pipe
-/// (the pipe's unread byte count, `FIONREAD`, has dropped past its end), and
-/// `false` if the pipe breaks or the command ends first. Acks keep the steers'
-/// order. Writes never block, so a command that does not read cannot stall this
-/// thread, however much is steered.
-fn write_steers(stdin: std::fs::File, inputs: mpsc::Receiver<StdinInput>, sender: &AgentSender) {
-    let fd = stdin.as_raw_fd();
-    let nonblocking = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_GETFL)
-        .map(nix::fcntl::OFlag::from_bits_retain)
-        .and_then(|flags| {
-            nix::fcntl::fcntl(
-                &stdin,
-                nix::fcntl::FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
-            )
-        });
-    let mut broken = nonblocking.is_err();
-    let mut outbox: VecDeque<u8> = VecDeque::new();
-    // Stream offsets: bytes written into the pipe, and the end of each unacked steer.
-    let mut written: u64 = 0;
-    let mut queued: u64 = 0;
-    let mut pending: VecDeque<u64> = VecDeque::new();
-    let mut ended = false;
-    let mut poll = Duration::from_millis(5);
-    while !ended {
-        let input = if pending.is_empty() {
-            inputs.recv().map_err(|_| RecvTimeoutError::Disconnected)
+    fn wants_to_write(&self) -> bool {
+        !self.broken && !self.outbox.is_empty()
+    }
+
+    fn steer(&mut self, text: String, sender: &AgentSender, now: Instant) {
+        if self.broken {
+            let _ = sender.steer_ack(false);
         } else {
-            inputs.recv_timeout(poll)
-        };
-        match input {
-            Ok(StdinInput::Steer(text)) => {
-                if broken {
-                    let _ = sender.steer_ack(false);
-                } else {
-                    let line = escape_line(&text);
-                    outbox.extend(line.as_bytes());
-                    outbox.push_back(b'\n');
-                    queued += line.len() as u64 + 1;
-                    pending.push_back(queued);
-                    poll = Duration::from_millis(5);
-                }
-            }
-            Ok(StdinInput::CommandEnded) | Err(RecvTimeoutError::Disconnected) => ended = true,
-            Err(RecvTimeoutError::Timeout) => poll = (poll * 2).min(Duration::from_millis(100)),
+            let line = escape_line(&text);
+            self.outbox.extend(line.as_bytes());
+            self.outbox.push_back(b'\n');
+            self.queued += line.len() as u64 + 1;
+            self.pending.push_back(self.queued);
+            self.poll = STEER_POLL_FIRST;
         }
-        while !broken && !outbox.is_empty() {
-            let (front, _) = outbox.as_slices();
-            // SAFETY: write(2) from a live slice into a descriptor this thread owns.
+        self.flush();
+        self.check(sender, now);
+    }
+
+    fn on_timer(&mut self, sender: &AgentSender, now: Instant) {
+        self.poll = (self.poll * 2).min(STEER_POLL_MAX);
+        self.flush();
+        self.check(sender, now);
+    }
+
+    /// Writes what the pipe takes without blocking.
+    fn flush(&mut self) {
+        let fd = self.stdin.as_raw_fd();
+        while !self.broken && !self.outbox.is_empty() {
+            let (front, _) = self.outbox.as_slices();
+            // SAFETY: write(2) from a live slice into a descriptor this writer owns.
             let n = unsafe { libc::write(fd, front.as_ptr().cast(), front.len()) };
             if n >= 0 {
-                outbox.drain(..n as usize);
-                written += n as u64;
+                self.outbox.drain(..n as usize);
+                self.written += n as u64;
                 continue;
             }
             match Errno::last() {
                 Errno::EINTR => continue,
                 Errno::EAGAIN => break,
-                _ => broken = true, // EPIPE: nobody reads stdin any more
+                _ => self.broken = true, // EPIPE: nobody reads stdin any more
             }
         }
+    }
+
+    /// Acks the steers the command has read; with a broken pipe, refuses the rest.
+    fn check(&mut self, sender: &AgentSender, now: Instant) {
         let mut unread: libc::c_int = 0;
         // SAFETY: FIONREAD writes one c_int; it reports a pipe's unread bytes from
         // either end.
-        let counted = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) } == 0;
+        let counted =
+            unsafe { libc::ioctl(self.stdin.as_raw_fd(), libc::FIONREAD, &mut unread) } == 0;
         if counted {
-            let read = written.saturating_sub(unread.max(0) as u64);
-            while pending.front().is_some_and(|end| *end <= read) {
-                pending.pop_front();
+            let read = self.written.saturating_sub(unread.max(0) as u64);
+            while self.pending.front().is_some_and(|end| *end <= read) {
+                self.pending.pop_front();
                 let _ = sender.steer_ack(true);
             }
         }
-        if broken || ended || !counted {
-            broken = true;
-            outbox.clear();
-            for _ in pending.drain(..) {
+        if self.broken || !counted {
+            self.broken = true;
+            self.outbox.clear();
+            for _ in self.pending.drain(..) {
                 let _ = sender.steer_ack(false);
             }
         }
+        self.check_at = (!self.pending.is_empty()).then(|| now + self.poll);
     }
-    // Steers that raced with the end (none can come after CommandEnded).
-    while let Ok(StdinInput::Steer(_)) = inputs.try_recv() {
-        let _ = sender.steer_ack(false);
+
+    /// The command and its group are gone: ack what was read, refuse the rest.
+    fn end(mut self, sender: &AgentSender) {
+        self.flush();
+        self.broken = true;
+        self.check(sender, Instant::now());
     }
 }
+
+/// The first wait before a steer's ack is looked for, and the longest.
+const STEER_POLL_FIRST: Duration = Duration::from_millis(5);
+const STEER_POLL_MAX: Duration = Duration::from_millis(100);
 
 /// Escapes `text` into one line of agent-exec's line framing, used for steers on
 /// the command's stdin and checkpoints on its checkpoint fd: a backslash becomes
@@ -854,107 +1019,42 @@ pub fn unescape_line(line: &str) -> String {
     out
 }
 
-/// Relays the checkpoint pipe until EOF: each line (in the line framing) is one
-/// checkpoint. A line whose checkpoint would exceed [`MAX_CHECKPOINT_BYTES`] is
-/// dropped with a warning on agent-exec's stderr.
-fn relay_checkpoints(mut src: impl Read, sender: &AgentSender, relay: &Relay) {
-    // Escaping at most doubles the size.
-    let mut lines = LineSplitter::new(2 * MAX_CHECKPOINT_BYTES);
-    let mut buf = [0u8; 8192];
-    let mut emit = |line: &[u8], cut: bool| {
-        let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line));
-        let data = unescape_line(&text);
-        if cut || data.len() > MAX_CHECKPOINT_BYTES {
-            warn(format_args!(
-                "dropped a checkpoint over {MAX_CHECKPOINT_BYTES} bytes"
-            ));
-            return;
+/// One of the command's output pipes, split into lines.
+struct Pump {
+    src: std::fs::File,
+    lines: LineSplitter,
+}
+
+impl Pump {
+    fn new(src: std::fs::File, max_line: usize) -> Self {
+        Pump {
+            src,
+            lines: LineSplitter::new(max_line),
         }
-        if let Err(e) = relay.send(|| sender.checkpoint(data)) {
-            warn(format_args!("cannot send a checkpoint to agentd: {e}"));
-        }
-    };
-    loop {
-        match src.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                relay.step();
-                lines.feed(&buf[..n], &mut emit);
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.src.as_raw_fd()
+    }
+
+    /// One read (the pipe was reported readable), each complete line to `emit`.
+    /// `false` at EOF (or a read error), after the last partial line went to `emit`.
+    fn read(&mut self, mut emit: impl FnMut(&[u8], bool)) -> bool {
+        let mut buf = [0u8; 8192];
+        loop {
+            match self.src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.lines.feed(&buf[..n], &mut emit);
+                    return true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
         }
+        self.lines.finish(&mut emit);
+        false
     }
-    lines.finish(&mut emit);
-}
-
-/// How far the pumps are, for the wait after the command exited.
-#[derive(Default)]
-struct Relay {
-    /// Bumped by every read from a pipe and every message sent.
-    steps: AtomicU64,
-    /// Pumps in the middle of a send to agentd.
-    sending: AtomicUsize,
-}
-
-impl Relay {
-    fn step(&self) {
-        self.steps.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn steps(&self) -> u64 {
-        self.steps.load(Ordering::SeqCst)
-    }
-
-    fn sending(&self) -> bool {
-        self.sending.load(Ordering::SeqCst) > 0
-    }
-
-    /// Runs `send` (a message to agentd) as a step that may block on the channel.
-    fn send<T>(&self, send: impl FnOnce() -> T) -> T {
-        self.sending.fetch_add(1, Ordering::SeqCst);
-        let result = send();
-        self.sending.fetch_sub(1, Ordering::SeqCst);
-        self.step();
-        result
-    }
-}
-
-/// Longest agent-exec relays output after its command exited, while a pump keeps
-/// going (a process that left the group may hold the pipe and write on).
-const RELAY_LIMIT: Duration = Duration::from_secs(10);
-
-/// Relays one output pipe line by line until EOF.
-fn pump(mut src: impl Read, sender: &AgentSender, tail: &Mutex<Tail>, relay: &Relay) {
-    let mut lines = LineSplitter::new(MAX_LINE_BYTES);
-    let mut buf = [0u8; 8192];
-    let mut emit = |line: &[u8], cut: bool| {
-        tail.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_line(line);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let mut text = String::from_utf8_lossy(line).into_owned();
-        if cut {
-            text.push_str(CUT_MARKER);
-        }
-        if !text.trim().is_empty() {
-            // Errors mean agentd is gone; the IPC reader handles that. Keep
-            // draining so that the command never blocks on a full pipe.
-            let _ = relay.send(|| sender.progress(text));
-        }
-    };
-    loop {
-        match src.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                relay.step();
-                lines.feed(&buf[..n], &mut emit);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    lines.finish(&mut emit);
 }
 
 /// Splits a byte stream into lines of at most `max` bytes; the rest of a longer

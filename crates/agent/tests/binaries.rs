@@ -50,6 +50,20 @@ struct Agent {
 impl Agent {
     /// Spawns `program args…` with the agent end of a socketpair as fd 3.
     fn spawn(program: &PathBuf, args: &[&str]) -> Agent {
+        Self::spawn_inner(program, args, false, Stdio::inherit())
+    }
+
+    /// [`Agent::spawn`] with fds 0, 1 and 2 closed.
+    fn spawn_with_closed_stdio(program: &PathBuf, args: &[&str]) -> Agent {
+        Self::spawn_inner(program, args, true, Stdio::inherit())
+    }
+
+    /// [`Agent::spawn`] with `stderr` as the agent's stderr.
+    fn spawn_with_stderr(program: &PathBuf, args: &[&str], stderr: Stdio) -> Agent {
+        Self::spawn_inner(program, args, false, stderr)
+    }
+
+    fn spawn_inner(program: &PathBuf, args: &[&str], close_stdio: bool, stderr: Stdio) -> Agent {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
@@ -66,7 +80,8 @@ impl Agent {
             .env("AGENTD_SESSION", "sess-9")
             .env("AGENTD_HEARTBEAT_MS", "100")
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(stderr);
         // SAFETY: dup2/fcntl/close/setpgid are async-signal-safe.
         unsafe {
             command.pre_exec(move || {
@@ -79,6 +94,11 @@ impl Agent {
                 // (e.g. from the shell that runs cargo) is not the agent's business.
                 for stray in 4..=20 {
                     libc::close(stray);
+                }
+                if close_stdio {
+                    for fd in 0..=2 {
+                        libc::close(fd);
+                    }
                 }
                 libc::setpgid(0, 0);
                 Ok(())
@@ -312,6 +332,60 @@ fn agent_exec_forwards_sigterm_and_waits_for_the_command() {
 }
 
 #[test]
+fn agent_exec_fails_the_task_after_a_sigterm_that_came_before_its_command() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let mut agent = Agent::spawn(&bin, &["--", "sh", "-c", "echo started"]);
+    // The Hello comes once agent-exec handles SIGTERM itself.
+    let hello = match agent.next() {
+        Some(AgentMsg::Hello(h)) => h,
+        other => panic!("expected Hello, got {other:?}"),
+    };
+    kill(agent.pid(), Signal::SIGTERM).unwrap();
+    agent.send(&SupervisorMsg::Welcome {
+        protocol: hello.protocol.min(IPC_PROTOCOL_VERSION),
+    });
+    assert!(matches!(agent.next(), Some(AgentMsg::Features(_))));
+    agent.send(&SupervisorMsg::Start(TaskStart {
+        task_id: "task-9".into(),
+        session: "sess-9".into(),
+        text: String::new(),
+    }));
+    let (progress, result, status) = agent.finish();
+    assert_eq!(status.code(), Some(1));
+    assert!(progress.is_empty(), "{progress:?}");
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert_eq!(
+        result.text,
+        "agent-exec received SIGTERM before `sh` was started"
+    );
+    assert_eq!(result.command_exit, None);
+}
+
+/// agent-exec started with fds 0-2 closed fills them with /dev/null before it opens
+/// anything, so that its own descriptors (the signalfd, the pipes) never become
+/// its stdin, stdout or stderr.
+#[test]
+fn agent_exec_started_without_stdio_gives_itself_dev_null() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let mut agent =
+        Agent::spawn_with_closed_stdio(&bin, &["--", "sh", "-c", "echo ready; exec sleep 30"]);
+    agent.handshake("");
+    agent.wait_progress("ready");
+    for fd in 0..=2 {
+        let target = std::fs::read_link(format!("/proc/{}/fd/{fd}", agent.pid())).unwrap();
+        assert_eq!(target, PathBuf::from("/dev/null"), "fd {fd}");
+    }
+    agent.send(&SupervisorMsg::Cancel);
+    let (_, result, status) = agent.finish();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(result.outcome, Outcome::Cancelled);
+}
+
+#[test]
 fn agent_exec_cancel_and_cannot_run() {
     let Some(bin) = binary("agent-exec") else {
         return;
@@ -356,6 +430,34 @@ fn agent_exec_stops_when_agentd_goes_away() {
     let _ = agent.stream.shutdown(std::net::Shutdown::Both);
     let status = agent.wait();
     assert_eq!(status.code(), Some(1));
+    wait_gone(pid);
+}
+
+/// When agentd dies, agent-exec's stderr (a pipe agentd read) is broken too: its
+/// warnings fail to print, and it still stops the command's whole group.
+#[test]
+fn agent_exec_stops_the_group_when_agentd_goes_away_with_its_stderr() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let script = "sleep 30 & echo bg:$!; exec sleep 30";
+    let mut agent = Agent::spawn_with_stderr(&bin, &["--", "sh", "-c", script], write.into());
+    agent.handshake("");
+    let pid: i32 = loop {
+        match agent.next() {
+            Some(AgentMsg::Progress { text }) => {
+                if let Some(pid) = text.strip_prefix("bg:") {
+                    break pid.parse().unwrap();
+                }
+            }
+            other => panic!("expected the background pid, got {other:?}"),
+        }
+    };
+    let _ = agent.stream.shutdown(std::net::Shutdown::Both);
+    let status = agent.wait();
+    assert_eq!(status.code(), Some(1), "{status:?}");
     wait_gone(pid);
 }
 

@@ -28,6 +28,17 @@ fn start_with(text: &str, config: ExecConfig) -> Supervisor {
 
 /// Like [`start_with`], with `before` (Settings, Resume) sent between Welcome and Start.
 fn start_after(before: &[SupervisorMsg], text: &str, config: ExecConfig) -> Supervisor {
+    start_around(before, &[], text, config)
+}
+
+/// Like [`start_after`], with `after` sent right behind Start, before agent-exec
+/// even begins its handshake (so that it reads them in the same read as Start).
+fn start_around(
+    before: &[SupervisorMsg],
+    after: &[SupervisorMsg],
+    text: &str,
+    config: ExecConfig,
+) -> Supervisor {
     let (agent, mut stream) = UnixStream::pair().unwrap();
     let agent_socket = format!("socket:[{}]", nix::sys::stat::fstat(&agent).unwrap().st_ino);
     stream
@@ -52,6 +63,9 @@ fn start_after(before: &[SupervisorMsg], text: &str, config: ExecConfig) -> Supe
         }),
     )
     .unwrap();
+    for msg in after {
+        write_frame(&mut stream, msg).unwrap();
+    }
     let (steer, features) = (config.steer, exec::features(&config));
     let handle = std::thread::spawn(move || {
         let (channel, task) =
@@ -244,6 +258,60 @@ fn cancel_sends_sigint_to_the_group_and_reports_cancelled() {
     assert_eq!(result.outcome, Outcome::Cancelled);
     assert_eq!(code, exec::EXIT_CANCELLED);
     assert_eq!(result.command_exit.unwrap().signal, Some(libc::SIGINT));
+}
+
+#[test]
+fn a_cancel_that_came_with_the_start_is_not_lost() {
+    // The handshake's read takes the Cancel along with Start: it waits in the
+    // channel's buffer, where polling the socket would never find it.
+    let sup = start_around(
+        &[],
+        &[SupervisorMsg::Cancel],
+        "echo ready; exec sleep 30",
+        ExecConfig::default(),
+    );
+    let t = Instant::now();
+    let (result, code, _) = sup.finish();
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(result.outcome, Outcome::Cancelled);
+    assert_eq!(code, exec::EXIT_CANCELLED);
+}
+
+#[test]
+fn heartbeats_go_out_while_the_command_runs_and_stop_with_the_result() {
+    let settings = SupervisorMsg::Settings(agentd_agent::AgentSettings {
+        heartbeat_interval_ms: 20,
+    });
+    let mut sup = start_after(&[settings], "sleep 0.5; echo done", ExecConfig::default());
+    let mut beats = 0;
+    let result = loop {
+        match read_frame::<AgentMsg>(&mut sup.stream).unwrap() {
+            Some(AgentMsg::Heartbeat) => beats += 1,
+            Some(AgentMsg::Progress { .. }) => {}
+            Some(AgentMsg::Result(r)) => break r,
+            other => panic!("expected heartbeats, progress or the result, got {other:?}"),
+        }
+    };
+    assert_eq!(result.outcome, Outcome::Succeeded);
+    // 0.5 s at one per 20 ms is 25: a loaded machine may delay a few, not most.
+    assert!(beats >= 5, "only {beats} heartbeats in 0.5 s");
+    assert_eq!(read_frame::<AgentMsg>(&mut sup.stream).unwrap(), None);
+    assert_eq!(
+        sup.agent.take().unwrap().join().unwrap(),
+        exec::EXIT_SUCCEEDED
+    );
+}
+
+#[test]
+fn a_huge_heartbeat_interval_means_no_heartbeats_not_a_crash() {
+    let settings = SupervisorMsg::Settings(agentd_agent::AgentSettings {
+        heartbeat_interval_ms: u64::MAX,
+    });
+    let sup = start_after(&[settings], "echo hi", ExecConfig::default());
+    let (result, code, progress) = sup.finish();
+    assert_eq!(result.outcome, Outcome::Succeeded);
+    assert_eq!(code, exec::EXIT_SUCCEEDED);
+    assert_eq!(progress, ["hi"]);
 }
 
 #[test]
