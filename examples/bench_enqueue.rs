@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 #[path = "common/socket_bench.rs"]
 mod socket_bench;
-use socket_bench::{serve_echo, Conn, EchoServer};
+use socket_bench::{pin, serve_echo, Conn, EchoServer};
 
 fn p50(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -77,6 +77,52 @@ fn cpu_per_request(socket: &Path, pid: Option<u32>, request: &str, n: usize) -> 
     }
     let after = cpu_time(pid?)?;
     Some(after.saturating_sub(before) / n as u32)
+}
+
+/// `status` against the echo with both servers placed alike: the round trip on an
+/// idle 2-core machine is bimodal (about 12 µs when the kernel runs the server on
+/// the client's CPU, about 40 µs when it wakes it on the other one), and which mode a
+/// process gets is the scheduler's choice (the one-thread echo server is pulled onto
+/// its client's CPU; agentd, woken through epoll by many sources, is not). Pinning
+/// agentd and the echo server to the same CPUs compares like with like: first both on
+/// the client's CPU, then both on the other CPU. Also agentd's CPU per `status`
+/// beside the echo server's CPU per line, from the same client.
+fn placed(socket: &Path, echo: &EchoServer, agentd: Option<u32>, probe: &str, n: usize) {
+    let Some(agentd) = agentd else { return };
+    let cpus: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let echo_path = socket.with_file_name("echo.sock");
+    let mut placements = vec![("on the client's CPU", 0)];
+    if cpus.len() > 1 {
+        placements.push(("on the other CPU", 1));
+    }
+    for (label, server_cpu) in placements {
+        if !(pin(None, &[0])
+            && pin(Some(agentd), &[server_cpu])
+            && pin(Some(echo.pid()), &[server_cpu]))
+        {
+            println!("  (cannot pin processes to CPUs: placed figures skipped)");
+            break;
+        }
+        let l = latency(socket, &echo_path, probe, 5_000);
+        report(
+            &format!("  status p50, {n} queued, both servers {label}"),
+            &l,
+            "  (target ≤ 2)",
+        );
+    }
+    let _ = pin(None, &cpus) && pin(Some(agentd), &cpus) && pin(Some(echo.pid()), &cpus);
+    if let (Some(ours), Some(base)) = (
+        cpu_per_request(socket, Some(agentd), probe, 20_000),
+        cpu_per_request(&echo_path, Some(echo.pid()), probe, 20_000),
+    ) {
+        println!(
+            "  CPU per request, unpinned: agentd status {:.1} µs, echo line {:.1} µs ({:.2}× the echo)",
+            micros(ours),
+            micros(base),
+            micros(ours) / micros(base).max(0.001)
+        );
+    }
 }
 
 /// Prints one latency line with its ratio to the round trip measured beside it.
@@ -310,6 +356,7 @@ fn main() {
             micros(full) / micros(empty).max(0.001)
         );
     }
+    placed(&socket, &echo_server, agentd_pid, probe, n);
     let reply = Conn::connect(&socket).round_trip(probe).to_string();
     let queued = reply
         .split("\"queued\":")

@@ -5,7 +5,10 @@
 # clients, 100k messages over 10k sessions (the rate over the whole run, with an
 # empty queue and at 90k–100k queued), and `status` p50 empty and full, each printed
 # as a ratio against baselines measured in the same run (the machine's Unix-socket
-# round trip and the same echo with 64 clients).
+# round trip and the same echo with 64 clients). The idle round trip is bimodal on a
+# 2-core machine (server woken on the client's CPU or on the other), so `status` at
+# 100k queued is also measured with agentd and the echo server pinned alike (both on
+# the client's CPU, then both on the other), with their CPU per request beside it.
 # Not a test: it asserts nothing, it reports. Override with CLIENTS, MESSAGES, SESSIONS
 # (SESSIONS=1 puts every message in one session's queue; the cap is raised for it),
 # and BIN=DIR to run the binaries in DIR (agentd, agentctl, examples/bench_enqueue)

@@ -56,6 +56,41 @@ impl EchoServer {
     }
 }
 
+impl EchoServer {
+    #[allow(dead_code)] // bench_enqueue's placed figures
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// Pins every thread of process `pid` (the calling thread with `None`) to the CPUs
+/// in `cpus`; false if the machine would not.
+#[allow(dead_code)] // bench_enqueue's placed figures
+pub fn pin(pid: Option<u32>, cpus: &[usize]) -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it (checked).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return false;
+        }
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    let set_one = |tid: i32| {
+        // SAFETY: a valid set of the size passed.
+        unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
+    };
+    let Some(pid) = pid else {
+        return set_one(0);
+    };
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    threads
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok())
+        .all(set_one)
+}
+
 impl Drop for EchoServer {
     fn drop(&mut self) {
         let _ = self.0.kill();
