@@ -266,3 +266,34 @@ fn status_from_the_connection_shows_each_new_progress_line() {
         comparable(answer_to(&answers, 2)["result"].clone())
     );
 }
+
+#[test]
+fn status_from_the_connection_shows_a_result_reported_before_the_agent_exits() {
+    // The agent reports its result and stays alive: the task is still active, and
+    // the snapshot (rebuilt only when what the active views show changed) shows the
+    // result at once, as the loop's own answer does.
+    let d = Daemon::with_test_agent(&["--cancel-grace", "300s"]);
+    let task = d.submit("alice", "result:early-answer linger:300000");
+    let result_of = |status: &Value| {
+        status["active"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["task_id"] == json!(task)))
+            .map(|t| t["result"].clone())
+    };
+    wait_for("the task's own view to show its result", DEADLINE, || {
+        (d.task(&task)["result"] == json!("early-answer")).then_some(())
+    });
+    let status = d.request(json!({"cmd": "status"}));
+    assert_eq!(result_of(&status), Some(json!("early-answer")), "{status}");
+    let answers = exchange(
+        &d,
+        vec![
+            json!({"id": 1, "cmd": "status", "task_id": task}),
+            json!({"id": 2, "cmd": "status"}),
+        ],
+    );
+    assert_eq!(
+        comparable(status),
+        comparable(answer_to(&answers, 2)["result"].clone())
+    );
+}

@@ -162,10 +162,16 @@ pub async fn run(
                 sup.on_request(request);
             }
             Some(signal) = signals.recv() => match signal {
-                DaemonSignal::Child => sup.reap(),
+                DaemonSignal::Child => {
+                    touched = Touched::Live;
+                    sup.reap();
+                }
                 DaemonSignal::Shutdown => sup.on_shutdown_signal(),
             },
-            Some(report) = tree_reports.recv() => sup.on_tree_report(report),
+            Some(report) = tree_reports.recv() => {
+                touched = Touched::Live;
+                sup.on_tree_report(report);
+            }
             () = &mut shutdown, if !shutdown_fired => {
                 shutdown_fired = true;
                 sup.on_shutdown_signal();

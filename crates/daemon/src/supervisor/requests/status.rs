@@ -123,10 +123,13 @@ impl Supervisor {
         }
     }
 
-    /// A key of what the active tasks' views show that a `send` can change: which
-    /// tasks, their states and pids (a message may start a task, or stop one in
-    /// `interrupt` mode). Progress, results and endings come from agents and timers,
-    /// after which the snapshot is rebuilt anyway.
+    /// A key of what the active tasks' views show but their progress: which tasks,
+    /// their states, pids and start times, their texts' lengths (a steered message)
+    /// and their results. An agent's message, its reap and its tree's report change
+    /// nothing else of the snapshot (progress is patched in place, the counts are set
+    /// every step, the rest is fixed at start), so such a step rebuilds the snapshot
+    /// only when this key changed (an agent's Features, or a reap before its channel
+    /// drained, cost no rebuild).
     fn active_key(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for task in self.dispatcher.active_tasks() {
@@ -135,6 +138,7 @@ impl Supervisor {
             task.state.pid().hash(&mut h);
             task.started_at.hash(&mut h);
             task.text.len().hash(&mut h);
+            task.report.as_ref().map(|r| &r.text).hash(&mut h);
         }
         h.finish()
     }
@@ -215,25 +219,24 @@ impl Supervisor {
 pub(crate) enum Touched {
     /// A read-only request: nothing.
     Nothing,
-    /// A `send` or an agent's heartbeat: the counts, and maybe which tasks are
-    /// active or their states.
+    /// A `send`, an agent's message other than progress, a reap or a tree's report:
+    /// the counts, and maybe what the active tasks' key covers (see `active_key`).
     Live,
     /// An agent's progress line: that task's progress (and what `Live` may change).
     Progress(TaskId),
-    /// Anything (agent events, timers, signals, stops, settings).
+    /// Anything (timers, shutdown, stops, queue edits, resumes, store events).
     Anything,
 }
 
 impl Touched {
-    /// What an agent's message may change.
+    /// What an agent's message (or the end of its channel) may change.
     pub(crate) fn by_agent(event: &crate::agent_io::AgentEvent) -> Touched {
         use agentd_proto::ipc::AgentMsg;
         match &event.input {
             crate::agent_io::AgentInput::Msg(AgentMsg::Progress { .. }) => {
                 Touched::Progress(event.task_id)
             }
-            crate::agent_io::AgentInput::Msg(AgentMsg::Heartbeat) => Touched::Live,
-            _ => Touched::Anything,
+            _ => Touched::Live,
         }
     }
 
