@@ -142,3 +142,35 @@ impl Drop for Cleanup {
         }
     }
 }
+
+#[test]
+fn task_cgroups_are_made_in_the_instance_directory_even_after_it_was_made_again() {
+    // Task cgroups are made relative to the instance directory held open: when that
+    // directory is removed and made again (as recovery does after an old guardian
+    // removed it), they must still land in the directory the path names now.
+    if std::env::var_os(CHILD_ENV).is_some() || !in_hierarchy_root() {
+        eprintln!("SKIPPED: this process is not in the cgroup v2 root");
+        return;
+    }
+    let opts = CgroupOptions::new(format!("test-remade-{}", std::process::id()));
+    let procs = Procs::detect(&opts);
+    let Containment::Cgroup { root, .. } = procs.containment() else {
+        eprintln!("SKIPPED: no writable cgroup");
+        return;
+    };
+    let cleanup = Cleanup(vec![root.clone()]);
+    let cgroups = procs.cgroups().unwrap();
+    let first = cgroups.create_task("t1").unwrap();
+    assert!(first.path().is_dir());
+    assert!(first.remove_if_empty().unwrap());
+    assert!(!first.path().exists());
+    drop(first);
+    std::fs::remove_dir(&root).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    let second = cgroups.create_task("t2").unwrap();
+    assert_eq!(second.path(), root.join("task-t2"));
+    assert!(second.path().join("cgroup.procs").is_file());
+    assert!(second.remove_if_empty().unwrap());
+    assert!(!second.path().exists());
+    drop(cleanup);
+}
