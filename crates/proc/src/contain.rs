@@ -3,12 +3,15 @@
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use agentd_spawn::Environment;
 
 use crate::cgroup::{CgroupOptions, Cgroups, Leftover, TaskCgroup};
 use crate::guardian::Guardian;
 use crate::pidfd::PidFd;
-use crate::spawn::{spawn_agent_in, AgentCommand};
+use crate::spawn::{spawn_agent_with, AgentCommand};
 use crate::tree::{read_stat, TaskTree};
 
 /// The guarantee agentd can give that a finished task leaves nothing running.
@@ -39,6 +42,10 @@ pub struct Procs {
     cgroups: Option<Cgroups>,
     reason: String,
     guardian: Option<Guardian>,
+    /// agentd's environment, taken at the first spawn (agentd changes its own only
+    /// first thing in `main`): each agent's starts from it, so that a spawn neither
+    /// reads nor copies it. `None` if it could not be taken: read at each spawn.
+    environment: OnceLock<Option<Arc<Environment>>>,
 }
 
 impl Procs {
@@ -57,6 +64,7 @@ impl Procs {
             cgroups: None,
             reason: reason.into(),
             guardian: None,
+            environment: OnceLock::new(),
         }
     }
 
@@ -65,6 +73,7 @@ impl Procs {
             cgroups: Some(cgroups),
             reason: String::new(),
             guardian: None,
+            environment: OnceLock::new(),
         }
     }
 
@@ -142,7 +151,11 @@ impl Procs {
             })?),
             None => None,
         };
-        let (agent, pidfd) = match spawn_agent_in(cmd, cgroup.as_ref()) {
+        let environment = self
+            .environment
+            .get_or_init(|| Environment::capture().ok().map(Arc::new))
+            .clone();
+        let (agent, pidfd) = match spawn_agent_with(cmd, cgroup.as_ref(), environment) {
             Ok(spawned) => spawned,
             Err(e) => {
                 if let Some(cg) = &cgroup {

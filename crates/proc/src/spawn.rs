@@ -88,7 +88,20 @@ pub fn spawn_agent_in(
     cmd: &AgentCommand,
     cgroup: Option<&TaskCgroup>,
 ) -> io::Result<(SpawnedAgent, Option<PidFd>)> {
+    spawn_agent_with(cmd, cgroup, None)
+}
+
+/// [`spawn_agent_in`], the agent's environment starting from `environment` (a copy
+/// of agentd's taken earlier) when one is given, else from agentd's at the spawn.
+pub(crate) fn spawn_agent_with(
+    cmd: &AgentCommand,
+    cgroup: Option<&TaskCgroup>,
+    environment: Option<std::sync::Arc<agentd_spawn::Environment>>,
+) -> io::Result<(SpawnedAgent, Option<PidFd>)> {
     let mut command = agentd_spawn::Command::new(&cmd.program);
+    if let Some(environment) = environment {
+        command.environment(environment);
+    }
     command
         .args(&cmd.args)
         .env(ENV_IPC_FD, AGENT_IPC_FD.to_string())

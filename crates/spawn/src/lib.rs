@@ -42,7 +42,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A program to start: its command line, its environment (the parent's, edited), and
 /// what it gets besides (see the crate doc).
@@ -52,7 +52,40 @@ pub struct Command {
     args: Vec<OsString>,
     /// Edits of the parent's environment, in order: `None` removes the variable.
     env: Vec<(OsString, Option<OsString>)>,
+    /// The parent's environment as taken once ([`Environment::capture`]); `None`:
+    /// read at each spawn.
+    base: Option<Arc<Environment>>,
     death_signal: Option<libc::c_int>,
+}
+
+/// A copy of the process's environment, ready to hand to children: for a parent
+/// that spawns often and never changes its environment after taking it, so that a
+/// spawn neither reads the environment nor copies the entries it keeps.
+#[derive(Debug)]
+pub struct Environment {
+    /// Each variable as `KEY=VALUE`, in the environment's order, with its key's
+    /// length.
+    entries: Vec<(CString, usize)>,
+}
+
+impl Environment {
+    /// The process's environment now.
+    pub fn capture() -> io::Result<Environment> {
+        let entries = std::env::vars_os()
+            .map(|(k, v)| {
+                let key_len = k.len();
+                let mut entry = k.into_vec();
+                entry.push(b'=');
+                entry.extend_from_slice(v.as_bytes());
+                Ok((c_string(entry)?, key_len))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Environment { entries })
+    }
+
+    fn key(entry: &(CString, usize)) -> &[u8] {
+        &entry.0.as_bytes()[..entry.1]
+    }
 }
 
 /// A started child: its pid (also its process group id) and its pidfd (`None` only
@@ -76,6 +109,7 @@ impl Command {
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),
+            base: None,
             death_signal: None,
         }
     }
@@ -98,6 +132,13 @@ impl Command {
     /// Removes a variable from the child's environment.
     pub fn env_remove(&mut self, key: impl Into<OsString>) -> &mut Command {
         self.env.push((key.into(), None));
+        self
+    }
+
+    /// Starts from `env` instead of the environment the process has at the spawn
+    /// (the edits still apply).
+    pub fn environment(&mut self, env: Arc<Environment>) -> &mut Command {
+        self.base = Some(env);
         self
     }
 
@@ -197,6 +238,8 @@ struct Exec {
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
+    /// Keeps the entries `envp_ptrs` points into that `_envp` does not own.
+    _base: Option<Arc<Environment>>,
     envp_ptrs: Vec<*const libc::c_char>,
 }
 
@@ -215,6 +258,9 @@ impl Exec {
             .chain(&cmd.args)
             .map(|a| c_string(a.as_bytes()))
             .collect::<io::Result<_>>()?;
+        if let Some(base) = &cmd.base {
+            return Exec::prepare_from(cmd, argv, base.clone());
+        }
         let mut vars: Vec<(OsString, OsString)> = std::env::vars_os().collect();
         for (key, value) in &cmd.env {
             vars.retain(|(k, _)| k != key);
@@ -243,6 +289,61 @@ impl Exec {
             _argv: argv,
             argv_ptrs,
             _envp: envp,
+            _base: None,
+            envp_ptrs,
+        })
+    }
+
+    /// Like [`Exec::prepare`], from a captured environment: the same variables in
+    /// the same order (the base's in its order but those an edit names, then the
+    /// edits' in theirs), pointing into the base's entries rather than copying them.
+    fn prepare_from(cmd: &Command, argv: Vec<CString>, base: Arc<Environment>) -> io::Result<Exec> {
+        let mut edits: Vec<(&OsString, &OsString)> = Vec::with_capacity(cmd.env.len());
+        for (key, value) in &cmd.env {
+            edits.retain(|(k, _)| *k != key);
+            if let Some(value) = value {
+                edits.push((key, value));
+            }
+        }
+        let edited = |key: &[u8]| cmd.env.iter().any(|(k, _)| k.as_bytes() == key);
+        let kept: Vec<&(CString, usize)> = base
+            .entries
+            .iter()
+            .filter(|e| !edited(Environment::key(e)))
+            .collect();
+        let envp: Vec<CString> = edits
+            .iter()
+            .map(|(k, v)| {
+                let mut entry = k.as_bytes().to_vec();
+                entry.push(b'=');
+                entry.extend_from_slice(v.as_bytes());
+                c_string(entry)
+            })
+            .collect::<io::Result<_>>()?;
+        let path_var = match edits
+            .iter()
+            .find(|(k, _)| k.as_os_str() == OsStr::new("PATH"))
+        {
+            Some((_, v)) => Some(v.as_bytes()),
+            None => kept
+                .iter()
+                .find(|e| Environment::key(e) == b"PATH")
+                .map(|e| &e.0.as_bytes()[e.1 + 1..]),
+        };
+        let paths = candidates(cmd.program.as_bytes(), path_var)?;
+        let envp_ptrs = kept
+            .iter()
+            .map(|e| e.0.as_ptr())
+            .chain(envp.iter().map(|e| e.as_ptr()))
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let argv_ptrs = pointers(&argv);
+        Ok(Exec {
+            paths,
+            _argv: argv,
+            argv_ptrs,
+            _envp: envp,
+            _base: Some(base),
             envp_ptrs,
         })
     }

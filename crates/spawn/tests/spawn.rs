@@ -111,3 +111,62 @@ fn environment_edits_apply_in_order() {
     assert_eq!(wait(child.pid), (Some(0), None));
     assert_eq!(out, "a=unset b=3 home=unset\n");
 }
+
+#[test]
+fn a_captured_environment_gives_the_child_what_the_live_one_does() {
+    // The same edits from the process's environment read at the spawn and from one
+    // captured earlier: the child sees the same variables in the same order (an
+    // edited variable moves to the end, a later edit wins, a removal removes), and
+    // the program is looked up on the edited PATH either way.
+    let run = |captured: bool| {
+        let (mut read, write) = pipe();
+        let null = dev_null().unwrap();
+        let mut cmd = Command::new("env");
+        if captured {
+            cmd.environment(std::sync::Arc::new(
+                agentd_spawn::Environment::capture().unwrap(),
+            ));
+        }
+        cmd.env("SPAWN_A", "1")
+            .env("PATH", "/nonexistent:/usr/bin:/bin")
+            .env("SPAWN_B", "2")
+            .env_remove("SPAWN_A")
+            .env("SPAWN_B", "3")
+            .env("HOME", "/elsewhere")
+            .env_remove("SHELL");
+        let child = cmd
+            .spawn(&[null, write.as_fd(), write.as_fd()], None)
+            .unwrap();
+        drop(write);
+        let mut out = String::new();
+        read.read_to_string(&mut out).unwrap();
+        assert_eq!(wait(child.pid), (Some(0), None));
+        out
+    };
+    let live = run(false);
+    let captured = run(true);
+    assert_eq!(captured, live);
+    let lines: Vec<&str> = captured.lines().collect();
+    assert!(
+        lines.ends_with(&[
+            "PATH=/nonexistent:/usr/bin:/bin",
+            "SPAWN_B=3",
+            "HOME=/elsewhere"
+        ]),
+        "{captured}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("SPAWN_A=") || l.starts_with("SHELL=")),
+        "{captured}"
+    );
+    assert_eq!(
+        lines.len(),
+        std::env::vars_os()
+            .filter(|(k, _)| !["PATH", "HOME", "SHELL"].contains(&k.to_str().unwrap_or("")))
+            .count()
+            + 3,
+        "{captured}"
+    );
+}
