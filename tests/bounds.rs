@@ -99,12 +99,16 @@ fn a_stopped_watcher_does_not_grow_the_daemon_and_is_dropped_with_a_notice() {
         let status = daemon.agentctl(&["--json", "status"]);
         assert!(status.status.success(), "status failed during the flood");
         let flowed = flood_count(&daemon, &task).saturating_sub(start);
-        if flowed >= FLOOD_LINES {
+        // Coalesced progress keeps the stopped watcher's output small, so it is ended
+        // by the stall limit (5 s without reading), which a fast flood may outrun:
+        // both the volume and the drop must have happened.
+        if flowed >= FLOOD_LINES && daemon.log().contains("fell behind its client") {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "only {flowed} progress lines flowed in time"
+            "only {flowed} progress lines flowed in time, or the stopped watcher was not ended: {}",
+            daemon.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
