@@ -960,54 +960,56 @@ impl Writer {
                 let order = if *front { -seq } else { seq };
                 let mut id_buf = Uuid::encode_buffer();
                 let id = &*task.id.hyphenated().encode_lower(&mut id_buf);
+                let attempt_of = task.attempt_of.map(|id| id.to_string());
+                let timeout_ms = task.timeout_ms.map(|ms| ms.min(i64::MAX as u64) as i64);
+                // What every insert binds, in the statements' column order.
+                let new_work: [&dyn rusqlite::ToSql; 14] = [
+                    &seq,
+                    &id,
+                    &task.session,
+                    &task.text,
+                    &task.state.as_str(),
+                    &order,
+                    &task.mode,
+                    &task.priority,
+                    &task.options,
+                    &task.message_id,
+                    &task.created_at,
+                    &attempt_of,
+                    &task.checkpoint,
+                    &timeout_ms,
+                ];
                 let inserted = if task.is_new() {
                     // New work (nearly every insert): what the record can hold only
                     // once it ran is NULL, unbound.
-                    stmts.get(INSERT_NEW)?.execute(params![
-                        seq,
-                        id,
-                        task.session,
-                        task.text,
-                        task.state.as_str(),
-                        order,
-                        task.mode,
-                        task.priority,
-                        task.options,
-                        task.message_id,
-                        task.created_at,
-                        task.attempt_of.map(|id| id.to_string()),
-                        task.checkpoint,
-                        task.timeout_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
-                    ])?
+                    stmts.get(INSERT_NEW)?.execute(&new_work[..])?
                 } else {
                     let process = task.process.as_ref();
-                    stmts.get(INSERT_ANY)?.execute(params![
-                        seq,
-                        id,
-                        task.session,
-                        task.text,
-                        task.state.as_str(),
-                        order,
-                        task.mode,
-                        task.priority,
-                        task.options,
-                        task.message_id,
-                        task.created_at,
-                        task.attempt_of.map(|id| id.to_string()),
-                        task.checkpoint,
-                        task.timeout_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
-                        task.started_at,
-                        task.finished_at,
-                        task.progress,
-                        task.result,
-                        task.ending,
-                        task.reason,
+                    let (code, signal) = (
                         task.exit.and_then(|e| e.code),
                         task.exit.and_then(|e| e.signal),
+                    );
+                    let (pid, pid_start, boot_id) = (
                         process.map(|p| p.pid),
                         process.map(|p| p.start_time as i64),
                         process.map(|p| p.boot_id.as_str()),
-                    ])?
+                    );
+                    let ran: [&dyn rusqlite::ToSql; 11] = [
+                        &task.started_at,
+                        &task.finished_at,
+                        &task.progress,
+                        &task.result,
+                        &task.ending,
+                        &task.reason,
+                        &code,
+                        &signal,
+                        &pid,
+                        &pid_start,
+                        &boot_id,
+                    ];
+                    let all: Vec<&dyn rusqlite::ToSql> =
+                        new_work.iter().chain(ran.iter()).copied().collect();
+                    stmts.get(INSERT_ANY)?.execute(&all[..])?
                 };
                 if inserted == 0 {
                     // Only the (session, message_id) index's conflict does nothing
