@@ -277,6 +277,69 @@ fn a_cancel_that_came_with_the_start_is_not_lost() {
     assert_eq!(code, exec::EXIT_CANCELLED);
 }
 
+/// Where in a run [`a_cancel_ends_the_command_whenever_it_arrives`] sends its Cancel.
+#[derive(Debug, Clone, Copy)]
+enum CancelAt {
+    /// Right after the handshake: while agent-exec spawns the command, or just after.
+    Spawn,
+    /// After the command's first output line.
+    FirstLine,
+    /// After the first line, in one write behind a Steer, so that agent-exec reads
+    /// both frames at once and the Cancel waits in its buffer, unannounced by poll.
+    BehindASteer,
+}
+
+#[test]
+fn a_cancel_ends_the_command_whenever_it_arrives() {
+    // The loop is one thread polling the socket: a Cancel that comes during the
+    // spawn, after output, or in one read with another frame must still be acted on
+    // at once, by the SIGINT that ends the command well before its 30 s sleep would.
+    // `exec`, as above: dash would lose a SIGINT that hits its fork.
+    for round in 0..16u32 {
+        for at in [CancelAt::Spawn, CancelAt::FirstLine, CancelAt::BehindASteer] {
+            // Not a wait for a condition: it moves the cancel across the run.
+            let jitter = Duration::from_micros(u64::from(round % 8) * 250);
+            let mut sup = start_with("echo ready; exec sleep 30", steering());
+            if !matches!(at, CancelAt::Spawn) {
+                sup.wait_progress("ready");
+            }
+            std::thread::sleep(jitter);
+            let t = Instant::now();
+            match at {
+                CancelAt::BehindASteer => {
+                    let mut bytes = Vec::new();
+                    let steer = SupervisorMsg::Steer { text: "s".into() };
+                    write_frame(&mut bytes, &steer).unwrap();
+                    write_frame(&mut bytes, &SupervisorMsg::Cancel).unwrap();
+                    sup.stream.write_all(&bytes).unwrap();
+                }
+                CancelAt::Spawn | CancelAt::FirstLine => sup.send(&SupervisorMsg::Cancel),
+            }
+            let result = loop {
+                match sup.next() {
+                    Some(AgentMsg::Progress { .. } | AgentMsg::SteerAck { .. }) => {}
+                    Some(AgentMsg::Result(r)) => break r,
+                    other => panic!("expected progress, an ack or the result, got {other:?}"),
+                }
+            };
+            let code = sup.agent.take().unwrap().join().unwrap();
+            let signal = result.command_exit.as_ref().and_then(|e| e.signal);
+            // A lost cancel costs the whole sleep: stop at the first.
+            assert!(
+                result.outcome == Outcome::Cancelled
+                    && code == exec::EXIT_CANCELLED
+                    && signal == Some(libc::SIGINT)
+                    && t.elapsed() < Duration::from_secs(15),
+                "cancel {at:?} +{jitter:?} (round {round}) did not end the command: \
+                 {:?}, exit code {code}, command {:?}, after {:?}",
+                result.outcome,
+                result.command_exit,
+                t.elapsed()
+            );
+        }
+    }
+}
+
 #[test]
 fn heartbeats_go_out_while_the_command_runs_and_stop_with_the_result() {
     let settings = SupervisorMsg::Settings(agentd_agent::AgentSettings {
