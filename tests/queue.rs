@@ -131,7 +131,12 @@ fn steer_to_an_agent_that_cannot_take_it_falls_back_to_a_follow_up_and_says_so()
 #[test]
 fn interrupt_stops_the_running_task_and_runs_the_new_message_next() {
     let d = Daemon::with_agent_exec(&["--queue-mode", "followup", "--debounce", "5s"]);
-    let long = d.submit("alice", "echo started; sleep 30");
+    // `exec`: under `-c` dash catches SIGINT and vforks a foreground command, and a
+    // SIGINT that lands between that fork and the child's exec is lost (the child runs
+    // on, the shell waits for it): the cancel would be ignored and the task end by
+    // SIGTERM after the cancel grace. A loaded machine stretches that window to
+    // milliseconds, long enough for the interrupt below to land in it.
+    let long = d.submit("alice", "echo started; exec sleep 30");
     d.wait_progress(&long, "started");
     let older = d.submit("alice", "echo older held message");
     let reply = d.send("alice", "/queue interrupt echo urgent");
@@ -148,7 +153,12 @@ fn interrupt_stops_the_running_task_and_runs_the_new_message_next() {
     assert_eq!(view["result"], json!("urgent"));
     let stopped = d.task(&long);
     assert_eq!(stopped["state"], json!("interrupted"), "{stopped}");
-    assert_eq!(stopped["exit"]["ended_by"], json!("cooperative_cancel"));
+    assert_eq!(
+        stopped["exit"]["ended_by"],
+        json!("cooperative_cancel"),
+        "{stopped}\n{}",
+        d.log()
+    );
     // The older held message waits its turn behind the urgent one (and its debounce).
     let older_view = d.task(&older);
     assert!(
