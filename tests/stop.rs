@@ -80,6 +80,40 @@ fn a_command_that_ignores_sigint_and_sigterm_is_killed_after_both_graces() {
 }
 
 #[test]
+fn a_stop_during_the_agents_handshake_is_held_and_sent_after_the_start() {
+    // The agent's Hello waits for a gate, so the stop comes while agentd still
+    // handshakes: its Cancel is held, then sent right behind Start (in the same
+    // write, so agent-exec finds it in its buffer, not on the socket).
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate-hello");
+    let agent = format!(
+        "sh -c 'while [ ! -e {g} ]; do sleep 0.02; done; exec {AGENT_EXEC} -- sh -c \"$1\"' \
+         wrapper {{text}}",
+        g = gate.display()
+    );
+    let d = Daemon::start_in(dir, &["--agent", &agent], &[]);
+    // `exec`: see the interrupt test in queue.rs (dash loses a SIGINT that hits its fork).
+    let task = d.submit("alice", "echo started; exec sleep 30");
+    d.wait_state(&task, "starting");
+    // The stop is answered once the task has ended: ask from another thread.
+    let stop = std::thread::scope(|s| {
+        let stop = s.spawn(|| d.request(json!({"cmd": "stop", "task_id": task})));
+        d.wait_state(&task, "stopping");
+        std::fs::write(&gate, "").unwrap();
+        stop.join().unwrap()
+    });
+    let view = &stop["stopped"][0];
+    assert_eq!(view["state"], json!("cancelled"), "{stop}");
+    assert_eq!(
+        view["exit"]["ended_by"],
+        json!("cooperative_cancel"),
+        "{stop}\n{}",
+        d.log()
+    );
+    assert_eq!(view["exit"]["code"], json!(130), "{stop}");
+}
+
+#[test]
 fn an_agent_that_ignores_cancel_is_ended_by_sigterm() {
     let d = Daemon::with_test_agent(&["--cancel-grace", "300ms", "--term-grace", "10s"]);
     let task = d.submit("alice", "ignore-cancel sleep:60000");
