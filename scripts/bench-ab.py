@@ -13,6 +13,10 @@ machine is the way a rate does, and alternating takes out most of what remains.
                requests per round over 10,000 sessions (each waits for its durable
                acknowledgement); the agents never start, so the queue grows by N a
                round.
+  KIND send-id: the same, but as scripts/bench-store.sh's end-to-end clients send:
+               each message with its own message id (checked against the
+               de-duplication window, and the store's unique index), each client
+               over 10 sessions of its own (640 in all).
   KIND status: one connection sends N `status` requests per round, one at a time.
   KIND ping:   likewise with `ping`.
 
@@ -33,18 +37,22 @@ import time
 
 
 def cpu(pid):
-    """(all threads, the main thread) CPU time of `pid` in nanoseconds."""
-    total = loop = 0
+    """(all threads, the main thread, the store's writer) CPU time of `pid` in ns."""
+    total = loop = writer = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
         except OSError:
             continue
         total += ns
         if int(tid) == pid:
             loop = ns
-    return total, loop
+        if comm == "agentd-store":
+            writer = ns
+    return total, loop, writer
 
 
 def start(bindir, capacity):
@@ -97,15 +105,27 @@ def sender(args):
     s.close()
 
 
+def sender_with_ids(args):
+    sock, c, clients, n, base = args
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    f = s.makefile("rb")
+    for i in range(c, n, clients):
+        k = base + i
+        round_trip(f, s, ('{"id":%d,"cmd":"send","session":"chat-%d-%d","text":"sleep 600 # %d",'
+                          '"message_id":"m-%d-%d"}\n' % (k, c, k % 10, k, c, k)).encode())
+    s.close()
+
+
 def main():
-    if len(sys.argv) != 6 or sys.argv[3] not in ("send", "status", "ping"):
+    if len(sys.argv) != 6 or sys.argv[3] not in ("send", "send-id", "status", "ping"):
         sys.exit(__doc__)
     a, b, kind = sys.argv[1], sys.argv[2], sys.argv[3]
     n, rounds = int(sys.argv[4]), int(sys.argv[5])
     clients = int(os.environ.get("CLIENTS", "64"))
     daemons = [start(d, 2 * n * rounds + 10) for d in (a, b)]
     results = {0: [], 1: []}
-    pool = mp.Pool(clients) if kind == "send" else None
+    pool = mp.Pool(clients) if kind.startswith("send") else None
     try:
         for r in range(rounds):
             for d in ((0, 1) if r % 2 == 0 else (1, 0)):
@@ -122,21 +142,26 @@ def main():
                 if kind == "send":
                     pool.map(sender, [(sock, c, clients, n, r * n, 10000)
                                       for c in range(clients)])
+                elif kind == "send-id":
+                    pool.map(sender_with_ids, [(sock, c, clients, n, r * n)
+                                               for c in range(clients)])
                 else:
                     one_by_one(sock, b'{"id":1,"cmd":"%s"}\n' % kind.encode(), n)
                 after = cpu(p.pid)
                 if perf:
                     perf.send_signal(2)
                     perf.wait()
-                results[d].append(((after[0] - before[0]) / n / 1000,
-                                   (after[1] - before[1]) / n / 1000))
+                results[d].append(tuple((after[i] - before[i]) / n / 1000 for i in range(3)))
         for d, name in ((0, "A " + a), (1, "B " + b)):
             every = [x[0] for x in results[d]]
             loop = [x[1] for x in results[d]]
+            writer = [x[2] for x in results[d]]
             print(f"{name}: {kind} CPU per request, all threads median "
                   f"{statistics.median(every):6.2f} µs [{' '.join(f'{x:.1f}' for x in every)}]"
                   f"  loop thread {statistics.median(loop):6.2f} µs "
-                  f"[{' '.join(f'{x:.1f}' for x in loop)}]")
+                  f"[{' '.join(f'{x:.1f}' for x in loop)}]"
+                  f"  store writer {statistics.median(writer):6.2f} µs "
+                  f"[{' '.join(f'{x:.1f}' for x in writer)}]")
     finally:
         for p, _, work in daemons:
             p.kill()

@@ -27,6 +27,11 @@ use crate::task::{
     TaskState,
 };
 
+/// The dispatcher's hash tables: foldhash instead of std's SipHash, whose hashing was
+/// 8% of the loop's instructions per accepted message (callgrind, 64 clients: a task
+/// id is hashed about ten times per message). Seeded per table, as std's are.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Limits, graces and defaults the dispatcher decides with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -321,7 +326,7 @@ struct Queued {
     /// Bumped by every change that can move a queued task's position (see
     /// [`Dispatcher::order_version`]).
     version: u64,
-    place: HashMap<TaskId, (i64, Millis)>,
+    place: Map<TaskId, (i64, Millis)>,
     /// Queued tasks, oldest first (for expiry and for stopping everything).
     by_age: BTreeSet<(Millis, TaskId)>,
 }
@@ -380,8 +385,8 @@ pub struct Dispatcher {
     config: Config,
     /// Boxed: a table of pointers grows cheaply, and a queued task costs one
     /// allocation of its own size (see `scripts/bench-restart.sh`).
-    tasks: HashMap<TaskId, Box<Task>>,
-    sessions: HashMap<String, Session>,
+    tasks: Map<TaskId, Box<Task>>,
+    sessions: Map<String, Session>,
     /// Sessions whose next task is interactive, ready to run, in admission order (by
     /// when they joined the ring).
     ready: BTreeMap<u64, String>,
@@ -396,9 +401,9 @@ pub struct Dispatcher {
     /// Tasks whose agent was ordered spawned and is not yet reaped.
     live: BTreeSet<TaskId>,
     /// Sessions' own queue settings (only those set with `/queue`).
-    settings: HashMap<String, QueueSettings>,
+    settings: Map<String, QueueSettings>,
     /// Recently seen `(session, message_id)` pairs and their tasks, oldest first.
-    seen: HashMap<(String, String), TaskId>,
+    seen: Map<(String, String), TaskId>,
     seen_order: VecDeque<(String, String)>,
     debounce_generation: u64,
 }
@@ -407,16 +412,16 @@ impl Dispatcher {
     pub fn new(config: Config) -> Dispatcher {
         Dispatcher {
             config,
-            tasks: HashMap::new(),
-            sessions: HashMap::new(),
+            tasks: Map::default(),
+            sessions: Map::default(),
             ready: BTreeMap::new(),
             ready_background: BTreeMap::new(),
             ring_seq: 0,
             queued: Queued::default(),
             index: PositionIndex::default(),
             live: BTreeSet::new(),
-            settings: HashMap::new(),
-            seen: HashMap::new(),
+            settings: Map::default(),
+            seen: Map::default(),
             seen_order: VecDeque::new(),
             debounce_generation: 0,
         }

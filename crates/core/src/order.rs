@@ -172,29 +172,51 @@ impl<K: Ord, V> RankedMap<K, V> {
             self.node_mut(found).value = value;
             return;
         }
-        let root = self.root;
-        let (l, r) = self.split(root, &key, false);
         let priority = self.next_priority();
-        let node = Node {
-            key,
-            value,
-            priority,
-            left: NIL,
-            right: NIL,
-            size: NonZeroU32::MIN,
-        };
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.nodes[i as usize] = Some(node);
-                i
-            }
-            None => {
-                self.nodes.push(Some(node));
-                (self.nodes.len() - 1) as u32
-            }
-        };
-        let left = self.merge(l, i);
-        self.root = self.merge(left, r);
+        let root = self.root;
+        self.root = self.insert_at(root, key, value, priority);
+    }
+
+    /// Puts a new node (`key` is not in the map) into subtree `t` in one descent: down
+    /// to where its priority belongs, which is where the subtree below is split
+    /// around it; each node passed on the way counts one more below it. Returns the
+    /// subtree's root.
+    fn insert_at(&mut self, t: u32, key: K, value: V, priority: u32) -> u32 {
+        if t == NIL || priority > self.node(t).priority {
+            let (left, right) = self.split(t, &key, false);
+            let size = NonZeroU32::MIN.saturating_add(self.size(left) + self.size(right));
+            let node = Node {
+                key,
+                value,
+                priority,
+                left,
+                right,
+                size,
+            };
+            return match self.free.pop() {
+                Some(i) => {
+                    self.nodes[i as usize] = Some(node);
+                    i
+                }
+                None => {
+                    self.nodes.push(Some(node));
+                    (self.nodes.len() - 1) as u32
+                }
+            };
+        }
+        let n = self.node(t);
+        if key < n.key {
+            let child = self.insert_at(n.left, key, value, priority);
+            let n = self.node_mut(t);
+            n.left = child;
+            n.size = n.size.saturating_add(1);
+        } else {
+            let child = self.insert_at(n.right, key, value, priority);
+            let n = self.node_mut(t);
+            n.right = child;
+            n.size = n.size.saturating_add(1);
+        }
+        t
     }
 
     /// Removes `key`, returning its value.
@@ -203,11 +225,9 @@ impl<K: Ord, V> RankedMap<K, V> {
             return None;
         }
         let root = self.root;
-        let (l, rest) = self.split(root, key, false);
-        let (m, r) = self.split(rest, key, true);
-        self.root = self.merge(l, r);
+        let (root, m) = self.remove_at(root, key);
+        self.root = root;
         let node = self.nodes[m as usize].take().expect("live treap node");
-        debug_assert_eq!(node.size.get(), 1);
         self.free.push(m);
         if self.root == NIL {
             // Nothing live: give the arena back.
@@ -215,6 +235,49 @@ impl<K: Ord, V> RankedMap<K, V> {
             self.free.clear();
         }
         Some(node.value)
+    }
+
+    /// Takes the node of `key` (which subtree `t` holds) out of `t` in one descent:
+    /// its children are merged in its place, and each node passed on the way counts
+    /// one less below it. Returns the subtree's new root and the node taken out.
+    fn remove_at(&mut self, t: u32, key: &K) -> (u32, u32) {
+        let n = self.node(t);
+        let (left, right) = (n.left, n.right);
+        match key.cmp(&n.key) {
+            Ordering::Equal => (self.merge(left, right), t),
+            Ordering::Less => {
+                let (child, m) = self.remove_at(left, key);
+                let n = self.node_mut(t);
+                n.left = child;
+                n.size = NonZeroU32::new(n.size.get() - 1).unwrap_or(NonZeroU32::MIN);
+                (t, m)
+            }
+            Ordering::Greater => {
+                let (child, m) = self.remove_at(right, key);
+                let n = self.node_mut(t);
+                n.right = child;
+                n.size = NonZeroU32::new(n.size.get() - 1).unwrap_or(NonZeroU32::MIN);
+                (t, m)
+            }
+        }
+    }
+
+    /// Checks the treap's invariants: keys in order, each node's priority at least
+    /// its children's, each node's size its subtree's; returns the size.
+    #[cfg(test)]
+    fn check(&self, t: u32, below: Option<&K>, above: Option<&K>) -> u32 {
+        if t == NIL {
+            return 0;
+        }
+        let n = self.node(t);
+        assert!(below.is_none_or(|b| *b < n.key) && above.is_none_or(|a| n.key < *a));
+        for child in [n.left, n.right] {
+            assert!(child == NIL || self.node(child).priority <= n.priority);
+        }
+        let size =
+            1 + self.check(n.left, below, Some(&n.key)) + self.check(n.right, Some(&n.key), above);
+        assert_eq!(n.size.get(), size, "a node's size is its subtree's");
+        size
     }
 
     /// How many keys are below `key`.
@@ -573,6 +636,7 @@ mod tests {
                 reference.insert(key, step);
             }
             assert_eq!(ours.len(), reference.len());
+            assert_eq!(ours.check(ours.root, None, None) as usize, reference.len());
             let probe = (x >> 40) % 520;
             assert_eq!(ours.rank(&probe), reference.range(..probe).count());
             assert_eq!(ours.get(&probe), reference.get(&probe));

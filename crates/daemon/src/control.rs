@@ -426,7 +426,7 @@ async fn read_requests(
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let request: Request = match serde_json::from_slice(&buf) {
+        let request = match Request::from_line(&buf) {
             Ok(request) => request,
             Err(e) => {
                 // Echo the id when the line is JSON with a numeric id, so the client can match it.

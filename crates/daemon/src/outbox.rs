@@ -30,6 +30,7 @@
 //! answer, so a bridge learns a task's id from the `send` answer before any event
 //! about that task.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,7 +54,31 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// One JSON line (with its newline) for `value`. A serialization failure becomes a
 /// well-formed `internal` error line instead (its message escaped like any other).
 pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut line = match serde_json::to_vec(value) {
+    thread_local! {
+        /// Where lines are encoded: grown once per thread instead of from empty for
+        /// every line (an answer to a `send` took seven reallocations); each line is
+        /// then copied out at its exact size, so that what waits in an outbox is what
+        /// the budget counts.
+        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    let encoded = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => {
+            scratch.clear();
+            let line = serde_json::to_writer(&mut *scratch, value).map(|()| {
+                let mut line = Vec::with_capacity(scratch.len() + 1);
+                line.extend_from_slice(&scratch);
+                line
+            });
+            if scratch.capacity() > 64 * 1024 {
+                // A page of `tasks` went through: its buffer is not kept.
+                *scratch = Vec::new();
+            }
+            line
+        }
+        // Encoding inside an encoding (a `Serialize` that encodes a line itself).
+        Err(_) => serde_json::to_vec(value),
+    });
+    let mut line = match encoded {
         Ok(line) => line,
         Err(e) => serde_json::to_vec(&Response::<()>::err(
             None,

@@ -7,11 +7,19 @@
 //! waits for the answer in between, so a request costs no task spawn and no extra
 //! wake-up of the runtime.
 //!
+//! An answer given on a thread other than the loop's (new work's acknowledgement, on
+//! the store's writer after the commit) goes through the [`Relay`]: encoded on that
+//! thread, queued on its connection by one task on the loop's runtime. Queued there
+//! directly, every answer would wake the runtime from outside (an `eventfd` write
+//! each: 64 per group commit of 64 messages); through the relay a batch of answers
+//! costs one wake-up, and the connections' writers are then woken from inside the
+//! runtime, which costs no system call.
+//!
 //! **Invariant:** every request is answered exactly once. A [`Replier`] dropped
 //! without an answer (the supervisor is gone) answers `shutting_down`.
 
 use agentd_proto::control::{Answer, ErrorBody, ErrorCode, Response};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::control::Reply;
 use crate::outbox::{encode_line, Answering, WatchAnswer};
@@ -74,6 +82,79 @@ impl Replier {
             target.deliver(reply);
         }
     }
+
+    /// Sends the answer like [`Replier::send`], from a thread other than the loop's:
+    /// an answer to a connection is encoded here and queued on the connection by the
+    /// `relay`'s task (see the module documentation); a watch's answer, or one on a
+    /// channel, is sent at once.
+    pub fn send_relayed(mut self, reply: Reply, relay: &Relay) {
+        match self.0.take() {
+            Some(Target::Connection {
+                id,
+                slot,
+                watch: None,
+                queued,
+            }) => {
+                let line = encode_line(&response(id, reply));
+                if let Err(mpsc::error::SendError(relayed)) =
+                    relay.0.send(Relayed { slot, line, queued })
+                {
+                    // The loop's runtime is gone: queued here, as `send` would.
+                    relayed.deliver();
+                }
+            }
+            Some(target) => target.deliver(reply),
+            None => {}
+        }
+    }
+}
+
+/// The response line's value for request `id`.
+fn response(id: u64, reply: Reply) -> Response<Answer> {
+    match reply {
+        Ok(result) => Response::answer(id, result),
+        Err(error) => Response::<Answer>::failed(Some(id), error),
+    }
+}
+
+/// Queues answers given on other threads on their connections, from one task on the
+/// loop's runtime (see the module documentation). Cloneable, for any thread.
+#[derive(Clone, Debug)]
+pub struct Relay(mpsc::UnboundedSender<Relayed>);
+
+/// An encoded answer on its way to its connection's outbox.
+struct Relayed {
+    slot: Answering,
+    line: Vec<u8>,
+    queued: Option<oneshot::Sender<()>>,
+}
+
+impl Relayed {
+    fn deliver(self) {
+        self.slot.answer(self.line);
+        drop(self.queued);
+    }
+}
+
+impl Relay {
+    /// Starts the relay's task on the current runtime (it ends when every handle is
+    /// dropped).
+    pub fn start() -> Relay {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Relayed>();
+        tokio::spawn(async move {
+            // Each wake-up takes every answer queued meanwhile.
+            while let Some(relayed) = rx.recv().await {
+                relayed.deliver();
+            }
+        });
+        Relay(tx)
+    }
+
+    /// A relay whose task is gone: answers are queued on the sending thread.
+    #[cfg(test)]
+    pub(crate) fn gone() -> Relay {
+        Relay(mpsc::unbounded_channel().0)
+    }
 }
 
 impl Target {
@@ -85,10 +166,7 @@ impl Target {
                 watch,
                 queued,
             } => {
-                let response = match reply {
-                    Ok(result) => Response::answer(id, result),
-                    Err(error) => Response::<Answer>::failed(Some(id), error),
-                };
+                let response = response(id, reply);
                 match watch {
                     Some(watch) => {
                         // A watch's events follow its answer, until the supervisor drops
@@ -160,6 +238,56 @@ mod tests {
         // Nothing in flight any more: once reading is done the writer ends.
         outbox.finish_reading();
         assert!(outbox.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_answer_relayed_from_another_thread_still_comes_before_the_events_it_holds() {
+        use crate::outbox::EventSink;
+        use agentd_proto::control::{EventKind, EventView};
+        let outbox = Outbox::new(OUTPUT_BUDGET);
+        let relay = Relay::start();
+        let (sink, watch_answer) = EventSink::new(&outbox, 1, 7);
+        watch_answer.answer(&Response::ok(7, "watching"));
+        assert!(line(&outbox).await.contains(r#""id":7"#));
+        outbox.wrote();
+        // A `send` (answered at once) is with the loop: the watch's event about its
+        // task waits for its answer, which the store's writer sends after the commit.
+        let replier = Replier::to_connection(9, outbox.answering(true), None, None);
+        let event = EventView {
+            kind: EventKind::Accepted,
+            task_id: "t".into(),
+            session: "s".into(),
+            position: Some(1),
+            text: None,
+            into: None,
+            task: None,
+            at: None,
+        };
+        sink.send(event).unwrap();
+        let writer_relay = relay.clone();
+        std::thread::spawn(move || {
+            replier.send_relayed(Ok(Answer::Tasks(Vec::new())), &writer_relay)
+        })
+        .join()
+        .unwrap();
+        let answer = line(&outbox).await;
+        assert!(
+            answer.contains(r#""id":9"#) && !answer.contains("event"),
+            "{answer}"
+        );
+        outbox.wrote();
+        let event = line(&outbox).await;
+        assert!(
+            event.contains(r#""id":7"#) && event.contains("accepted"),
+            "{event}"
+        );
+        outbox.wrote();
+        // Without the relay's task, the answer is queued by the sending thread.
+        let replier = Replier::to_connection(10, outbox.answering(true), None, None);
+        replier.send_relayed(Ok(Answer::Tasks(Vec::new())), &Relay::gone());
+        assert!(line(&outbox).await.contains(r#""id":10"#));
+        outbox.wrote();
+        drop(sink);
     }
 
     #[tokio::test]

@@ -33,6 +33,58 @@ pub struct Request {
     pub body: RequestBody,
 }
 
+impl Request {
+    /// Parses one request line: exactly what `serde_json::from_slice::<Request>`
+    /// gives, values and errors alike, but a `send` (every message's request) is
+    /// read straight into its fields. The derived parser of a flattened, internally
+    /// tagged enum first copies the whole line into an intermediate tree, twice: that
+    /// was about 4,000 of the loop's instructions per message, the direct reading
+    /// 2,650 (callgrind). Anything the direct reading does not take (another
+    /// command, a bad field) is parsed again by the derived parser, which then
+    /// decides, so no error changes.
+    pub fn from_line(line: &[u8]) -> serde_json::Result<Request> {
+        if let Ok(line) = serde_json::from_slice::<SendLine<'_>>(line) {
+            if let (true, Some(session), Some(text)) = (line.cmd == "send", line.session, line.text)
+            {
+                return Ok(Request {
+                    id: line.id,
+                    body: RequestBody::Send {
+                        session,
+                        text,
+                        message_id: line.message_id,
+                        priority: line.priority,
+                        mode: line.mode,
+                        timeout_ms: line.timeout_ms,
+                    },
+                });
+            }
+        }
+        serde_json::from_slice(line)
+    }
+}
+
+/// The fields of a `send` line, for [`Request::from_line`] (other fields are ignored,
+/// as the derived parser ignores them; `session` and `text` are optional here only
+/// so that a line of another command is told apart cheaply).
+#[derive(Deserialize)]
+struct SendLine<'a> {
+    id: u64,
+    #[serde(borrow)]
+    cmd: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    message_id: Option<String>,
+    #[serde(default, with = "crate::names::option")]
+    priority: Option<Priority>,
+    #[serde(default, with = "crate::names::option")]
+    mode: Option<QueueMode>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
 /// The command of a request, tagged by `"cmd"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -754,6 +806,48 @@ pub struct StoppingView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_parses_as_the_derived_parser_parses_it() {
+        let lines = [
+            r#"{"id":1,"cmd":"send","session":"s","text":"ls"}"#,
+            r#"{"cmd":"send","text":"ls -l","id":7,"session":"chat-1","message_id":"m-1"}"#,
+            r#"{"id":2,"cmd":"send","session":"s","text":"x","priority":"background","mode":"steer","timeout_ms":5000}"#,
+            r#"{"id":3,"cmd":"send","session":"s","text":"x","message_id":null,"timeout_ms":null,"priority":null}"#,
+            r#"{"id":4,"cmd":"se\u006ed","session":"s\n","text":"a \"quoted\" text"}"#,
+            r#"{"id":5,"cmd":"send","session":"s","text":"x","wait":true,"extra":{"a":[1,2]}}"#,
+            r#"{"id":6,"cmd":"send","session":"s"}"#,
+            r#"{"id":7,"cmd":"send","text":"x"}"#,
+            r#"{"id":8,"cmd":"send","session":null,"text":"x"}"#,
+            r#"{"id":9,"cmd":"send","session":"s","text":"x","priority":"urgent"}"#,
+            r#"{"id":10,"cmd":"send","session":"s","text":"x","mode":"sideways"}"#,
+            r#"{"id":11,"cmd":"send","session":"s","text":"x","timeout_ms":1.5}"#,
+            r#"{"id":12,"cmd":"send","session":"s","text":"x","text":"y"}"#,
+            r#"{"id":13,"cmd":"send","cmd":"status","session":"s","text":"x"}"#,
+            r#"{"id":-1,"cmd":"send","session":"s","text":"x"}"#,
+            r#"{"cmd":"send","session":"s","text":"x"}"#,
+            r#"{"id":14,"session":"s","text":"x"}"#,
+            r#"{"id":15,"cmd":"status"}"#,
+            r#"{"id":16,"cmd":"status","session":"s","text":"x"}"#,
+            r#"{"id":17,"cmd":"stop","all":true}"#,
+            r#"{"id":18,"cmd":"sned","session":"s","text":"x"}"#,
+            r#"{"id":19,"cmd":"send","session":"s","text":"x"} trailing"#,
+            r#"{"id":20,"cmd":"send","session":5,"text":"x"}"#,
+            r#"[1,2,3]"#,
+            r#"not json"#,
+            r#""#,
+        ];
+        for line in lines {
+            let ours = Request::from_line(line.as_bytes()).map_err(|e| e.to_string());
+            let derived =
+                serde_json::from_slice::<Request>(line.as_bytes()).map_err(|e| e.to_string());
+            assert_eq!(ours, derived, "{line}");
+        }
+        assert!(matches!(
+            Request::from_line(lines[4].as_bytes()),
+            Ok(Request { body: RequestBody::Send { session, .. }, .. }) if session == "s\n"
+        ));
+    }
 
     #[test]
     fn requests_parse_from_the_documented_json() {

@@ -4,7 +4,7 @@
 //! Sections: task lines (outcome, accepted, duplicate, stop); the extra lines of a
 //! send's answer; chat-command answers; error messages of requests.
 
-use std::fmt::Display;
+use std::fmt::{Display, Write as _};
 use std::time::Duration;
 
 use crate::control::{
@@ -81,12 +81,14 @@ pub fn accepted_line(view: &TaskView, capacity: Option<Capacity>) -> String {
     let id = &view.task_id;
     match view.state {
         TaskState::Queued => {
-            let mut line = format!("task {id}  queued");
+            // Written into one buffer: every accepted message's answer has this line.
+            let mut line = String::with_capacity(96);
+            let _ = write!(line, "task {id}  queued");
             if let Some(position) = view.position {
-                line.push_str(&format!(": position {position}"));
+                let _ = write!(line, ": position {position}");
             }
             if let Some(c) = capacity {
-                line.push_str(&format!(" ({}/{} agents busy)", c.busy, c.max));
+                let _ = write!(line, " ({}/{} agents busy)", c.busy, c.max);
             }
             line
         }

@@ -31,6 +31,25 @@ fn drain(outbox: &Outbox) -> Vec<serde_json::Value> {
 }
 
 #[test]
+fn lines_are_encoded_whole_and_at_their_exact_size() {
+    for value in [
+        Response::ok(1, "x".repeat(200_000)),
+        Response::ok(2, "short".to_string()),
+        Response::ok(3, "a \"quoted\"\nline".to_string()),
+    ] {
+        let line = encode_line(&value);
+        let mut want = serde_json::to_vec(&value).unwrap();
+        want.push(b'\n');
+        assert_eq!(line, want);
+        assert_eq!(
+            line.capacity(),
+            line.len(),
+            "what the budget counts is what it takes"
+        );
+    }
+}
+
+#[test]
 fn encode_failures_still_give_valid_json() {
     struct Bad;
     impl Serialize for Bad {

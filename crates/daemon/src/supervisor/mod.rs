@@ -278,6 +278,8 @@ struct Supervisor {
     store: step_writes::StepWrites,
     /// Where write completions that need the loop report back.
     store_events: mpsc::UnboundedSender<StoreEvent>,
+    /// Carries answers sent on the store's writer thread to their connections.
+    relay: crate::replier::Relay,
     /// What recovery did at start, for `status`.
     recovery: Option<RecoveryView>,
     /// Tasks whose output log may still grow.
@@ -362,6 +364,7 @@ impl Supervisor {
             task_timeouts: HashMap::new(),
             store: step_writes::StepWrites::new(store),
             store_events,
+            relay: crate::replier::Relay::start(),
             recovery: None,
             pumps: Default::default(),
             log_writers: HashMap::new(),

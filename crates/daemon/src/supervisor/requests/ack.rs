@@ -1,8 +1,9 @@
 //! The acknowledgement of new work: sent once both the task's record is committed
 //! and the loop has its answer, by whichever of the two comes second (the store's
 //! writer thread, or the loop). No task waits for the commit, so an accepted message
-//! costs no task spawn and no wake-up of the runtime between the commit and its
-//! answer.
+//! costs no task spawn between the commit and its answer; an answer sent on the
+//! writer thread goes through the [`Relay`], so the answers of one group commit wake
+//! the loop's runtime once, not once each.
 //!
 //! **Invariant:** the answer goes out only after the commit (an acknowledged message
 //! is durable), and exactly once; a commit callback that the store drops uncalled
@@ -17,6 +18,7 @@ use agentd_store::{Outcome, StoreError};
 use tokio::sync::mpsc;
 
 use crate::control::{Replier, Reply};
+use crate::replier::Relay;
 use crate::supervisor::{err, StoreEvent};
 
 /// One piece of new work waiting for its commit and its answer.
@@ -37,6 +39,8 @@ pub(crate) struct Answer {
     /// The message's (session, message id), forgotten again if the insert failed.
     pub(crate) message: Option<(String, String)>,
     pub(crate) events: mpsc::UnboundedSender<StoreEvent>,
+    /// Carries the answer to its connection when it is sent on the writer thread.
+    pub(crate) relay: Relay,
 }
 
 impl Ack {
@@ -55,7 +59,7 @@ impl Ack {
             State::Waiting => *state = State::Committed(result),
             State::Answered(answer) => {
                 drop(state);
-                answer.send(result);
+                answer.send(result, true);
             }
             State::Committed(_) | State::Sent => {}
         }
@@ -68,7 +72,7 @@ impl Ack {
             State::Waiting => *state = State::Answered(answer),
             State::Committed(result) => {
                 drop(state);
-                answer.send(result);
+                answer.send(result, false);
             }
             State::Answered(_) | State::Sent => {}
         }
@@ -76,14 +80,16 @@ impl Ack {
 }
 
 impl Answer {
-    /// Sends the answer for the store's `result`.
-    fn send(self, result: Result<Outcome, StoreError>) {
+    /// Sends the answer for the store's `result`; `relayed` on a thread other than
+    /// the loop's.
+    fn send(self, result: Result<Outcome, StoreError>, relayed: bool) {
         let Answer {
             reply,
             answer,
             task_id,
             message,
             events,
+            relay,
         } = self;
         let answer = match result {
             Ok(Outcome::Duplicate(original)) => {
@@ -104,7 +110,11 @@ impl Answer {
                 err(ErrorCode::StoreFailed, text::store_failed(e))
             }
         };
-        reply.send(answer);
+        if relayed {
+            reply.send_relayed(answer, &relay);
+        } else {
+            reply.send(answer);
+        }
     }
 }
 
@@ -147,6 +157,7 @@ mod tests {
             task_id: TaskId::from_u128(1),
             message: None,
             events: events.clone(),
+            relay: Relay::gone(),
         };
         (answer, rx)
     }

@@ -143,6 +143,7 @@ impl Supervisor {
             task_id,
             message: message_key,
             events: self.store_events.clone(),
+            relay: self.relay.clone(),
         });
         None
     }
