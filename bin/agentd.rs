@@ -309,12 +309,6 @@ fn main_inner() -> anyhow::Result<()> {
         log_format,
     } = resolve(args.clone())?;
     init_logging(log_format)?;
-    // Log lines the loop's thread held are written before a panic's message.
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        agentd_daemon::logbuf::flush();
-        report(info)
-    }));
     // The state dir, then the single-instance lock, before the socket or the store
     // is touched: a second agentd on the same state dir stops here.
     agentd_store::prepare_state_dir(&config.state_dir)
@@ -336,12 +330,8 @@ fn main_inner() -> anyhow::Result<()> {
     signal_thread(args, limits.clone(), signal_tx.clone())?;
     // One thread: the supervisor loop never blocks, and agents are forked from the
     // main thread, which lives as long as agentd (their parent-death signal is tied to it).
-    // Its log lines are written together right before it waits (`logbuf`); the
-    // guard, dropped after the runtime, writes what is left.
-    let _holding = agentd_daemon::logbuf::hold_on_this_thread();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_park(agentd_daemon::logbuf::flush)
         .build()?;
     let socket = config.socket.clone();
     runtime.block_on(async {
@@ -386,8 +376,8 @@ fn init_logging(format: config::LogFormat) -> anyhow::Result<()> {
     let filter = log_filter()?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_timer(agentd_daemon::logbuf::Clock)
-        .with_writer(|| agentd_daemon::logbuf::Line);
+        .with_timer(agentd_daemon::logfmt::Clock)
+        .with_writer(std::io::stderr);
     match format {
         config::LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

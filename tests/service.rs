@@ -490,9 +490,9 @@ fn seconds(text: &str) -> u64 {
 
 #[test]
 fn an_idle_agentd_has_written_every_log_line_of_what_it_did() {
-    // The loop's lines are held and written together right before its thread
-    // waits (`logbuf`): nothing else logs while agentd idles, so a line still held
-    // would never show (at the info level: no thread but the loop's logs here).
+    // Log lines must not be held across a wait (were they buffered, say, to write
+    // a step's lines at once): nothing else logs while agentd idles, so a line still
+    // held would never show (at the info level no thread but the loop's logs here).
     let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
     let d = Daemon::start_in(
         tempfile::tempdir().unwrap(),

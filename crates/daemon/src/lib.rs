@@ -15,7 +15,6 @@
 //!   actions; split by concern (executor, agents, one module per request family,
 //!   history).
 //! - [`agent_io`]: per-agent reader and writer tasks on the IPC socketpair.
-//! - [`logbuf`]: the log's output: the loop's lines written together before it waits.
 //! - [`logfmt`]: plain Display forms for log fields (no Debug dumps in logs).
 //! - [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` to `$NOTIFY_SOCKET`).
 //! - [`views`]: conversion of core types to the wire views of `agentd-proto` (the
@@ -32,7 +31,6 @@ pub mod durable;
 pub mod events;
 pub mod info;
 pub mod listing;
-pub mod logbuf;
 pub mod logfmt;
 pub mod notify;
 pub mod outbox;
