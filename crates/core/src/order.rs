@@ -197,24 +197,51 @@ impl<K: Ord, V> RankedMap<K, V> {
         self.root = self.merge(left, r);
     }
 
-    /// Removes `key`, returning its value.
+    /// Removes `key`, returning its value: one descent to its node, whose children
+    /// are merged in its place (a find and two splits and a merge before: this runs
+    /// several times per admitted task, on trees as large as the queue).
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        if self.find(key) == NIL {
-            return None;
-        }
         let root = self.root;
-        let (l, rest) = self.split(root, key, false);
-        let (m, r) = self.split(rest, key, true);
-        self.root = self.merge(l, r);
-        let node = self.nodes[m as usize].take().expect("live treap node");
-        debug_assert_eq!(node.size.get(), 1);
-        self.free.push(m);
+        let (root, taken) = self.take_out(root, key);
+        self.root = root;
+        let taken = taken?;
+        let node = self.nodes[taken as usize].take().expect("live treap node");
+        self.free.push(taken);
         if self.root == NIL {
             // Nothing live: give the arena back.
             self.nodes.clear();
             self.free.clear();
         }
         Some(node.value)
+    }
+
+    /// Unlinks `key`'s node from the subtree `t`: the subtree's root after that, and
+    /// the node unlinked (`None`: `key` is not in it, and nothing changed).
+    fn take_out(&mut self, t: u32, key: &K) -> (u32, Option<u32>) {
+        if t == NIL {
+            return (NIL, None);
+        }
+        let n = self.node(t);
+        let (left, right) = (n.left, n.right);
+        match key.cmp(&n.key) {
+            Ordering::Equal => (self.merge(left, right), Some(t)),
+            Ordering::Less => {
+                let (sub, taken) = self.take_out(left, key);
+                if taken.is_some() {
+                    self.node_mut(t).left = sub;
+                    self.update(t);
+                }
+                (t, taken)
+            }
+            Ordering::Greater => {
+                let (sub, taken) = self.take_out(right, key);
+                if taken.is_some() {
+                    self.node_mut(t).right = sub;
+                    self.update(t);
+                }
+                (t, taken)
+            }
+        }
     }
 
     /// How many keys are below `key`.
@@ -556,6 +583,30 @@ mod tests {
         }
     }
 
+    impl<K: Ord, V> RankedMap<K, V> {
+        /// Panics unless every node's size counts its subtree, keys are in order
+        /// and no child's priority is above its parent's (the treap's shape).
+        fn check_shape(&self) {
+            fn walk<K: Ord, V>(m: &RankedMap<K, V>, t: u32) -> u32 {
+                if t == NIL {
+                    return 0;
+                }
+                let n = m.node(t);
+                for (child, below) in [(n.left, true), (n.right, false)] {
+                    if child != NIL {
+                        let c = m.node(child);
+                        assert!(c.priority <= n.priority, "heap order");
+                        assert_eq!(c.key < n.key, below, "key order");
+                    }
+                }
+                let size = 1 + walk(m, n.left) + walk(m, n.right);
+                assert_eq!(n.size.get(), size, "subtree size");
+                size
+            }
+            walk(self, self.root);
+        }
+    }
+
     #[test]
     fn ranked_map_agrees_with_a_btreemap() {
         let mut ours = RankedMap::default();
@@ -573,6 +624,7 @@ mod tests {
                 reference.insert(key, step);
             }
             assert_eq!(ours.len(), reference.len());
+            ours.check_shape();
             let probe = (x >> 40) % 520;
             assert_eq!(ours.rank(&probe), reference.range(..probe).count());
             assert_eq!(ours.get(&probe), reference.get(&probe));
