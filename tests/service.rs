@@ -487,3 +487,36 @@ fn seconds(text: &str) -> u64 {
         .parse()
         .expect("TimeoutStopSec in seconds")
 }
+
+#[test]
+fn an_idle_agentd_has_written_every_log_line_of_what_it_did() {
+    // Log lines must not be held across a wait (were they buffered, say, to write
+    // a step's lines at once): nothing else logs while agentd idles, so a line still
+    // held would never show (at the info level no thread but the loop's logs here).
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let d = Daemon::start_in(
+        tempfile::tempdir().unwrap(),
+        &["--agent", &agent],
+        &[("AGENTD_LOG", Some("info"))],
+    );
+    for i in 0..3 {
+        let id = d.submit(&format!("logged-{i}"), "true");
+        d.wait_state(&id, "succeeded");
+        let log = wait_for("the task's lines in the log", DEADLINE, || {
+            let log = d.log();
+            log.lines()
+                .any(|l| l.contains("task finished") && l.contains(&format!("task_id={id}")))
+                .then_some(log)
+        });
+        let line_of = |what: &str| {
+            log.lines()
+                .position(|l| l.contains(what) && l.contains(&format!("task_id={id}")))
+                .unwrap_or_else(|| panic!("no {what:?} line of {id}:\n{log}"))
+        };
+        assert!(
+            line_of("agent started") < line_of("task finished"),
+            "lines out of order:\n{log}"
+        );
+        assert!(log.ends_with('\n'), "a line is cut:\n{log}");
+    }
+}

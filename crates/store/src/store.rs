@@ -42,7 +42,9 @@ use crate::schema;
 /// Name of the store file in the state dir.
 pub const DB_FILE: &str = "agentd.db";
 
-/// Most ops in one transaction.
+/// Most ops in one transaction, give or take one hand-over: a [`Batch`] is taken
+/// whole (it is handed over in parts of at most this many), so a transaction holds
+/// fewer than twice this.
 const MAX_BATCH: usize = 8192;
 
 /// How finished tasks are pruned.
@@ -191,6 +193,8 @@ struct Request {
 
 enum Msg {
     Op(Request),
+    /// Several ops handed over at once ([`StoreWriter::submit_batch`]), in order.
+    Ops(Vec<Request>),
     /// Sent by [`Store::close`]: everything before it is written, then the writer ends.
     Close,
     #[cfg(test)]
@@ -230,6 +234,56 @@ pub struct Stats {
 pub struct StoreWriter {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
+}
+
+/// Ops to hand to the writer together ([`StoreWriter::submit_batch`]), in the
+/// order they were added.
+#[derive(Default)]
+pub struct Batch(Vec<Request>);
+
+impl Batch {
+    /// As [`StoreWriter::submit_with`].
+    pub fn submit_with(
+        &mut self,
+        op: Op,
+        done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
+    ) {
+        self.0.push(Request {
+            op,
+            done: Some(Box::new(done)),
+            early: false,
+        });
+    }
+
+    /// As [`StoreWriter::submit_reporting`].
+    pub fn submit_reporting(
+        &mut self,
+        op: Op,
+        done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
+    ) {
+        self.0.push(Request {
+            op,
+            done: Some(Box::new(done)),
+            early: true,
+        });
+    }
+
+    /// As [`StoreWriter::submit_detached`].
+    pub fn submit_detached(&mut self, op: Op) {
+        self.0.push(Request {
+            op,
+            done: None,
+            early: false,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Waits for one op's outcome.
@@ -278,6 +332,30 @@ impl StoreWriter {
             if let Some(done) = request.done {
                 done(Err(StoreError::Closed));
             }
+        }
+    }
+
+    /// Submits every op of `batch`, in order, as one hand-over: the writer is woken
+    /// (a futex wake, when it sleeps) once for all of them, not once per op, and
+    /// takes them all into its next transaction (a batch longer than a transaction
+    /// may hold is handed over in parts). Each op completes as if submitted alone
+    /// by the method its [`Batch`] entry names.
+    pub fn submit_batch(&self, batch: Batch) {
+        let mut requests = batch.0;
+        while !requests.is_empty() {
+            let rest = requests.split_off(requests.len().min(MAX_BATCH));
+            if let Err(mpsc::SendError(msg)) = self.tx.send(Msg::Ops(requests)) {
+                let Msg::Ops(failed) = msg else {
+                    unreachable!("sent Ops")
+                };
+                for request in failed.into_iter().chain(rest) {
+                    if let Some(done) = request.done {
+                        done(Err(StoreError::Closed));
+                    }
+                }
+                return;
+            }
+            requests = rest;
         }
     }
 
@@ -750,6 +828,7 @@ impl Writer {
             let mut batch: Vec<Request> = Vec::new();
             let take = |msg: Msg, batch: &mut Vec<Request>, closing: &mut bool| match msg {
                 Msg::Op(request) => batch.push(request),
+                Msg::Ops(requests) => batch.extend(requests),
                 Msg::Close => *closing = true,
                 #[cfg(test)]
                 Msg::Hold(release) => {

@@ -319,6 +319,63 @@ fn group_commit_puts_everything_that_waited_into_one_transaction() {
 }
 
 #[test]
+fn a_batch_is_one_hand_over_committed_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    insert(&w, &task("s", "warm up"), false);
+    for round in 0..20 {
+        let before = store.stats();
+        let (tx, rx) = mpsc::channel();
+        let mut batch = Batch::default();
+        let tasks: Vec<TaskRecord> = (0..30).map(|i| task(&format!("b{i}"), "m")).collect();
+        for (i, t) in tasks.iter().enumerate() {
+            let op = Op::Insert {
+                task: Box::new(t.clone()),
+                front: false,
+            };
+            let tx = tx.clone();
+            match i % 3 {
+                0 => batch.submit_with(op, move |r| tx.send((i, r)).unwrap()),
+                1 => batch.submit_reporting(op, move |r| tx.send((i, r)).unwrap()),
+                _ => batch.submit_detached(op),
+            }
+        }
+        // The detached inserts' state changes come after them in the same batch.
+        for t in tasks.iter().skip(2).step_by(3) {
+            batch.submit_detached(finish(t.id, State::Succeeded, 1_700_000_000_001));
+        }
+        assert_eq!(batch.len(), 40);
+        w.submit_batch(batch);
+        drop(tx);
+        let done: Vec<usize> = rx
+            .iter()
+            .map(|(i, r)| {
+                assert_eq!(r.unwrap(), Outcome::Inserted, "op {i}");
+                i
+            })
+            .collect();
+        let expected: Vec<usize> = (0..30).filter(|i| i % 3 != 2).collect();
+        assert_eq!(done, expected, "completions in submission order");
+        wait_until("the detached ops", || store.stats().ops - before.ops == 40);
+        assert_eq!(
+            store.stats().commits - before.commits,
+            1,
+            "round {round}: one hand-over, one transaction"
+        );
+    }
+    let reader = store.reader().unwrap();
+    let finished = reader.finished(None, 1000).unwrap();
+    assert_eq!(finished.len(), 20 * 10, "every detached ending was written");
+    store.close();
+    let (tx, rx) = mpsc::channel();
+    let mut batch = Batch::default();
+    batch.submit_with(Op::Flush, move |r| tx.send(r).unwrap());
+    w.submit_batch(batch);
+    assert!(matches!(rx.recv().unwrap(), Err(StoreError::Closed)));
+}
+
+#[test]
 fn concurrent_submitters_share_commits() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path());

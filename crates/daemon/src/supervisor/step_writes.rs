@@ -6,39 +6,36 @@
 //! `Insert` each. Submitted one by one, the writer thread wakes for the first,
 //! commits it while the loop goes on, and wakes again for the next: a wake-up and a
 //! transaction each. Submitted back to back when the loop has nothing else to do,
-//! they are one wake-up and one transaction. Nothing waits for them meanwhile (the
-//! loop never blocks on the store; acknowledgements are sent from the writer after
-//! the commit), and their order is kept: ops reach the writer in the order they were
-//! submitted, whichever method submitted them.
+//! they are one wake-up and one transaction (handed over as one message, so the
+//! writer cannot wake for the first and commit it alone before the next arrives).
+//! Nothing waits for them meanwhile (the loop never blocks on the store;
+//! acknowledgements are sent from the writer after the commit), and their order is
+//! kept: ops reach the writer in the order they were submitted, whichever method
+//! submitted them.
 
 use std::cell::RefCell;
 
-use agentd_store::{Completion as Done, Op, Outcome, StoreError, StoreWriter};
-
-enum Write {
-    Detached(Op),
-    With(Op, Done),
-    Reporting(Op, Done),
-}
+use agentd_store::{Batch, Op, Outcome, StoreError, StoreWriter};
 
 /// Held writes are handed over at the end of a step once there are this many, even
 /// if more events are ready: a flood of requests does not hold acknowledgements back.
 pub(crate) const MAX_HELD: usize = 64;
 
 /// The supervisor's handle on the store's writer: the methods of [`StoreWriter`],
-/// held until [`StepWrites::flush`].
+/// held until [`StepWrites::flush`], which hands them over as one [`Batch`] (one
+/// message on the writer's channel, so at most one wake-up of the writer).
 pub(crate) struct StepWrites {
     writer: StoreWriter,
     /// A cell, so that the writes can be submitted through `&self` as with the
     /// writer itself (the supervisor is one thread's).
-    held: RefCell<Vec<Write>>,
+    held: RefCell<Batch>,
 }
 
 impl StepWrites {
     pub(crate) fn new(writer: StoreWriter) -> StepWrites {
         StepWrites {
             writer,
-            held: RefCell::new(Vec::new()),
+            held: RefCell::new(Batch::default()),
         }
     }
 
@@ -48,7 +45,7 @@ impl StepWrites {
         op: Op,
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
-        self.held.borrow_mut().push(Write::With(op, Box::new(done)));
+        self.held.borrow_mut().submit_with(op, done);
     }
 
     /// [`StoreWriter::submit_reporting`], at the end of the step.
@@ -57,14 +54,12 @@ impl StepWrites {
         op: Op,
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
-        self.held
-            .borrow_mut()
-            .push(Write::Reporting(op, Box::new(done)));
+        self.held.borrow_mut().submit_reporting(op, done);
     }
 
     /// [`StoreWriter::submit_detached`], at the end of the step.
     pub(crate) fn submit_detached(&self, op: Op) {
-        self.held.borrow_mut().push(Write::Detached(op));
+        self.held.borrow_mut().submit_detached(op);
     }
 
     /// Hands the held writes over if there are [`MAX_HELD`] or more (end of a step).
@@ -82,15 +77,12 @@ impl StepWrites {
         std::future::pending().await
     }
 
-    /// Hands every held write to the store's writer, in order.
+    /// Hands every held write to the store's writer, in order, in one hand-over.
     pub(crate) fn flush(&self) {
-        let held = std::mem::take(&mut *self.held.borrow_mut());
-        for write in held {
-            match write {
-                Write::Detached(op) => self.writer.submit_detached(op),
-                Write::With(op, done) => self.writer.submit_with(op, done),
-                Write::Reporting(op, done) => self.writer.submit_reporting(op, done),
-            }
+        if self.held.borrow().is_empty() {
+            return;
         }
+        let held = std::mem::take(&mut *self.held.borrow_mut());
+        self.writer.submit_batch(held);
     }
 }
