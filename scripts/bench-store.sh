@@ -11,17 +11,24 @@
 #             and a fresh process reopening 100,000 queued tasks over 10,000 sessions.
 # The store goes under $BENCH_DIR (default: a new dir in /var/tmp, which is on disk
 # rather than tmpfs on most systems; fsync on tmpfs would measure nothing).
+# BIN=DIR runs the binaries already built in DIR (agentd, agent-exec and
+# examples/{bench-store,bench_status}, as in target/release) instead of building
+# this tree's: to compare two builds one after the other.
 # Not a test: it asserts nothing, it reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p agentd-store --example bench-store
-BIN="$PWD/target/release/examples/bench-store"
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --quiet -p agentd-store --example bench-store
+    cargo build --release --quiet --bin agentd --bin agent-exec --example bench_status
+    BIN="$PWD/target/release"
+fi
+RBIN="$BIN"
 WORK="$(mktemp -d "${BENCH_DIR:-/var/tmp}/agentd-bench-store.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 echo "disk: $(df -P "$WORK" | awk 'NR==2 {print $1 " (" $6 ")"}'), $(nproc) cores"
 mkdir -p "$WORK/enqueue" "$WORK/reopen"
-"$BIN" enqueue "$WORK/enqueue"
-"$BIN" reopen "$WORK/reopen"
+"$RBIN/examples/bench-store" enqueue "$WORK/enqueue"
+"$RBIN/examples/bench-store" reopen "$WORK/reopen"
 
 # End to end: 64 clients send work to a real agentd over its socket, each waiting for
 # its acknowledgement (which comes only after the commit). Nothing runs: the tasks
@@ -29,8 +36,6 @@ mkdir -p "$WORK/enqueue" "$WORK/reopen"
 # `status` latency meanwhile (examples/bench_status.rs: p50/p90/p99 with the writer
 # busy as ratios to idle, beside a bare echo server loaded by the same clients at the
 # same rate, which is the machine's and the benchmark's own share of the tail).
-cargo build --release --quiet --bin agentd --bin agent-exec --example bench_status
-RBIN="$PWD/target/release"
 E2E="$WORK/e2e"; mkdir -p "$E2E/run"; chmod 700 "$E2E" "$E2E/run"
 "$RBIN/agentd" --socket "$E2E/run/agentd.sock" --state-dir "$E2E/state" \
     --max-concurrent 1 --max-queued 1000000 --cap 1000000 --queue-mode followup \
@@ -38,17 +43,20 @@ E2E="$WORK/e2e"; mkdir -p "$E2E/run"; chmod 700 "$E2E" "$E2E/run"
 APID=$!
 trap 'kill -KILL $APID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 200); do [ -S "$E2E/run/agentd.sock" ] && break; sleep 0.05; done
-# CPU ticks (utime + stime) of agentd's store writer thread: only the sends write.
-writer_ticks() {
+# CPU ticks (utime + stime) of agentd's thread named $1 (agentd-store: the store's
+# writer; agentd-sync: its syncer, which answers; 0 if there is none): only the sends write.
+thread_ticks() {
+    local sum=0
     for t in /proc/$APID/task/*; do
-        if [ "$(cat "$t/comm" 2>/dev/null)" = agentd-store ]; then
-            awk '{print $14 + $15}' "$t/stat"
+        if [ "$(cat "$t/comm" 2>/dev/null)" = "$1" ]; then
+            sum=$((sum + $(awk '{print $14 + $15}' "$t/stat")))
         fi
     done
+    echo "$sum"
 }
-W0=$(writer_ticks)
+W0=$(thread_ticks agentd-store); S0=$(thread_ticks agentd-sync)
 "$RBIN/examples/bench_status" --socket "$E2E/run/agentd.sock" --clients 64 --per 200
-W1=$(writer_ticks)
-awk -v t="$((W1 - W0))" -v hz="$(getconf CLK_TCK)" -v n=$((64 * 200)) \
-    'BEGIN {printf "agentd store writer thread: %.1f us CPU per acknowledged message\n", t * 1e6 / hz / n}'
+W1=$(thread_ticks agentd-store); S1=$(thread_ticks agentd-sync)
+awk -v t="$((W1 - W0))" -v s="$((S1 - S0))" -v hz="$(getconf CLK_TCK)" -v n=$((64 * 200)) \
+    'BEGIN {printf "agentd store writer thread: %.1f us CPU per acknowledged message (syncer thread %.1f us)\n", t * 1e6 / hz / n, s * 1e6 / hz / n}'
 kill -TERM $APID; wait $APID 2>/dev/null || true

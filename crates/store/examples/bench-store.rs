@@ -78,17 +78,26 @@ struct Rate {
     per_s: f64,
     commits: u64,
     ops: u64,
-    /// CPU microseconds per op: the writer thread's, and the whole process's (the
-    /// clients' submits and wake-ups, and the writer).
+    /// CPU microseconds per op: the writer thread's, the syncer thread's (which
+    /// syncs the log and answers; absent in builds without one), and the whole
+    /// process's (the clients' submits and wake-ups, and the store's threads).
     writer_us: f64,
+    syncer_us: f64,
     process_us: f64,
 }
+
+/// The thread that syncs the store's log and completes its ops.
+const SYNCER: &str = "agentd-sync";
 
 /// `clients` threads, each submitting and waiting for `per_client` durable inserts.
 fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
     let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
     let before = store.stats();
-    let (writer_before, process_before) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_before, syncer_before, process_before) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let start = Instant::now();
     std::thread::scope(|scope| {
         for c in 0..clients {
@@ -105,7 +114,11 @@ fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
         }
     });
     let elapsed = start.elapsed();
-    let (writer_after, process_after) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_after, syncer_after, process_after) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let after = store.stats();
     let total = (clients * per_client) as f64;
     Rate {
@@ -113,6 +126,7 @@ fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
         commits: after.commits - before.commits,
         ops: after.ops - before.ops,
         writer_us: (writer_after - writer_before) as f64 / total,
+        syncer_us: (syncer_after - syncer_before) as f64 / total,
         process_us: (process_after - process_before) as f64 / total,
     }
 }
@@ -124,7 +138,11 @@ fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
 fn store_rate_one_thread(dir: &Path, clients: usize, per_client: usize) -> Rate {
     let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
     let before = store.stats();
-    let (writer_before, process_before) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_before, syncer_before, process_before) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let start = Instant::now();
     let w = store.writer();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -151,7 +169,11 @@ fn store_rate_one_thread(dir: &Path, clients: usize, per_client: usize) -> Rate 
         }
     }
     let elapsed = start.elapsed();
-    let (writer_after, process_after) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_after, syncer_after, process_after) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let after = store.stats();
     let total = (clients * per_client) as f64;
     Rate {
@@ -159,6 +181,7 @@ fn store_rate_one_thread(dir: &Path, clients: usize, per_client: usize) -> Rate 
         commits: after.commits - before.commits,
         ops: after.ops - before.ops,
         writer_us: (writer_after - writer_before) as f64 / total,
+        syncer_us: (syncer_after - syncer_before) as f64 / total,
         process_us: (process_after - process_before) as f64 / total,
     }
 }
@@ -191,8 +214,9 @@ fn enqueue(dir: &Path) {
         many.ops as f64 / many.commits.max(1) as f64
     );
     println!(
-        "  CPU per message: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
+        "  CPU per message: writer thread {:.1} us, syncer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
         many.writer_us,
+        many.syncer_us,
         many.process_us,
         many.writer_us * many.ops as f64 / many.commits.max(1) as f64
     );
@@ -208,8 +232,9 @@ fn enqueue(dir: &Path) {
         loop_.ops as f64 / loop_.commits.max(1) as f64
     );
     println!(
-        "  CPU per message: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
+        "  CPU per message: writer thread {:.1} us, syncer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
         loop_.writer_us,
+        loop_.syncer_us,
         loop_.process_us,
         loop_.writer_us * loop_.ops as f64 / loop_.commits.max(1) as f64
     );
@@ -292,8 +317,8 @@ fn main() {
                 store_rate_one_thread(Path::new(dir), 64, per)
             };
             println!(
-                "64 clients: {:.0} msgs/s, {} ops in {} commits, CPU per message: writer {:.1} us, process {:.1} us",
-                r.per_s, r.ops, r.commits, r.writer_us, r.process_us
+                "64 clients: {:.0} msgs/s, {} ops in {} commits, CPU per message: writer {:.1} us, syncer {:.1} us, process {:.1} us",
+                r.per_s, r.ops, r.commits, r.writer_us, r.syncer_us, r.process_us
             );
         }
         (Some("reopen-child"), Some(dir)) => reopen_child(Path::new(dir)),
