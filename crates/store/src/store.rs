@@ -898,7 +898,9 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,
             }
-            self.shared.sync.wait_until_taken();
+            if !batch.is_empty() {
+                self.shared.sync.wait_until_taken();
+            }
             while batch.len() < MAX_BATCH && !closing {
                 match rx.try_recv() {
                     Ok(msg) => take(msg, &mut batch, &mut closing),
@@ -935,7 +937,9 @@ impl Writer {
             }
             let mut all: Vec<Request> = pending.drain(..).collect();
             all.extend(batch);
-            if !all.is_empty() {
+            if all.is_empty() {
+                self.shared.sync.committed_nothing();
+            } else {
                 self.commit_batch(all, &mut pending);
             }
             self.shared
@@ -972,12 +976,16 @@ impl Writer {
     /// `pending` (in order) for the next try.
     fn commit_batch(&mut self, batch: Vec<Request>, pending: &mut VecDeque<Request>) {
         let first = match self.repaired() {
-            Ok(()) => self.attempt(&batch),
+            Ok(()) => {
+                self.shared.sync.committing();
+                self.attempt(&batch)
+            }
             Err(e) => Err(Failed(e)),
         };
         match first {
             Ok(results) => self.finish_ok(batch, results),
             Err(Failed(e)) => {
+                self.shared.sync.committed_nothing();
                 self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
                 self.shared.healthy.store(false, Ordering::Relaxed);
                 let mut retry = Vec::new();
@@ -993,11 +1001,15 @@ impl Writer {
                 }
                 let second = match &self.repair {
                     Some(e) => Err(Failed(e.clone())),
-                    None => self.attempt(&retry),
+                    None => {
+                        self.shared.sync.committing();
+                        self.attempt(&retry)
+                    }
                 };
                 match second {
                     Ok(results) => self.finish_ok(retry, results),
                     Err(Failed(e)) => {
+                        self.shared.sync.committed_nothing();
                         self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("store: {e}; {} state changes will be retried", retry.len());
                         for request in &mut retry {

@@ -55,6 +55,11 @@ struct SyncState {
     queued: VecDeque<Committed>,
     /// The syncer has taken transactions and not yet completed them all.
     in_flight: bool,
+    /// The writer is running a transaction (from [`SyncQueue::committing`] to its
+    /// [`SyncQueue::push`] or [`SyncQueue::committed_nothing`]).
+    committing: bool,
+    /// Transactions pushed so far (the syncer waits for the next one).
+    pushes: u64,
     /// A sync failed: what it covered is back at the front of `queued`, for the
     /// writer to settle ([`SyncQueue::take_failed`]); the syncer waits until then.
     failed: Option<StoreError>,
@@ -81,6 +86,8 @@ impl SyncQueue {
     /// is ahead of it and it needs no sync: the writer completes it at once.
     pub(crate) fn push(&self, committed: Committed) -> Option<Committed> {
         let mut state = self.lock();
+        state.committing = false;
+        state.pushes += 1;
         if !committed.durable
             && state.queued.is_empty()
             && !state.in_flight
@@ -106,12 +113,28 @@ impl SyncQueue {
         Some((error, committed))
     }
 
+    /// The writer starts a transaction: a sync about to start waits for it, so that
+    /// the ops that came in while the previous sync ran share the next one instead
+    /// of needing one more (with 64 clients waiting, one per sync, not two halves).
+    pub(crate) fn committing(&self) {
+        self.lock().committing = true;
+    }
+
+    /// The transaction started with [`SyncQueue::committing`] failed.
+    pub(crate) fn committed_nothing(&self) {
+        self.lock().committing = false;
+        self.ready.notify_one();
+    }
+
     /// Waits while a sync is in flight and a committed transaction already waits
     /// for the next one: a transaction committed now would be covered by that same
     /// next sync, so the writer lets more ops gather and commits them together
     /// once the syncer has taken what waits (one commit per sync, not several).
+    /// The writer holds ops to commit from here on (see [`SyncQueue::committing`]),
+    /// so a sync that would start meanwhile waits for them to be committed.
     pub(crate) fn wait_until_taken(&self) {
         let mut state = self.lock();
+        state.committing = true;
         while state.in_flight
             && state.queued.iter().any(|c| c.durable)
             && state.failed.is_none()
@@ -138,6 +161,12 @@ impl SyncQueue {
             if state.queued.is_empty() || state.failed.is_some() {
                 // Closing: the writer settles a failure itself.
                 return;
+            }
+            // A transaction being committed now joins this sync (waiting for that
+            // one only: a writer that commits back to back never holds it off).
+            let pushes = state.pushes;
+            while state.committing && state.pushes == pushes && !state.closing {
+                state = queue.ready.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             // Every transaction taken here was queued after its COMMIT returned, so
             // the sync below, which starts after this, covers all of them.
@@ -180,6 +209,7 @@ impl SyncQueue {
                         committed.release();
                     }
                     queue.lock().in_flight = false;
+                    queue.taken.notify_one();
                 }
                 Err(e) => {
                     // Not tried again: after an I/O error Linux may have dropped the
