@@ -8,8 +8,9 @@
 //! `-wal` file (the same inode as SQLite's: `fdatasync` flushes the file, whichever
 //! descriptor asks) and only then calls their completions, in commit order. So an
 //! answer never leaves before an `fdatasync` that started after its transaction's
-//! `COMMIT` returned, while the writer builds and commits the next batch meanwhile.
-//! A transaction of state changes only needs no sync; it is still completed here
+//! `COMMIT` returned; the writer neither waits in `fdatasync` nor wakes the
+//! waiting clients itself, and the ops that come in meanwhile gather into its next
+//! transaction (see [`SyncQueue::wait_for_sync`]). A transaction of state changes only needs no sync; it is still completed here
 //! (in order) when anything is queued or in flight ahead of it, else by the writer
 //! at once. See the module docs of `store.rs` for why this is as durable as
 //! `synchronous=FULL`, and what a failed sync does.
@@ -45,7 +46,7 @@ pub(crate) struct SyncQueue {
     state: Mutex<SyncState>,
     /// The syncer waits here for work.
     ready: Condvar,
-    /// The writer waits here for the syncer to take what waits for a sync.
+    /// The writer waits here for a sync in flight to end.
     taken: Condvar,
 }
 
@@ -126,20 +127,17 @@ impl SyncQueue {
         self.ready.notify_one();
     }
 
-    /// Waits while a sync is in flight and a committed transaction already waits
-    /// for the next one: a transaction committed now would be covered by that same
-    /// next sync, so the writer lets more ops gather and commits them together
-    /// once the syncer has taken what waits (one commit per sync, not several).
-    /// The writer holds ops to commit from here on (see [`SyncQueue::committing`]),
-    /// so a sync that would start meanwhile waits for them to be committed.
-    pub(crate) fn wait_until_taken(&self) {
+    /// Waits while a sync is in flight, until its completions are called: the ops
+    /// that come in meanwhile (with them the answered clients' next ones) gather
+    /// into one transaction for the next sync. Committing during the sync instead
+    /// (overlapping the commit with it) split 64 waiting clients into two halves
+    /// answered by alternate syncs, in about two commits per sync, and measured
+    /// slower and costlier per message than this (ARCHITECTURE.md). The writer
+    /// holds ops to commit from here on (see [`SyncQueue::committing`]).
+    pub(crate) fn wait_for_sync(&self) {
         let mut state = self.lock();
         state.committing = true;
-        while state.in_flight
-            && state.queued.iter().any(|c| c.durable)
-            && state.failed.is_none()
-            && !state.closing
-        {
+        while state.in_flight && state.failed.is_none() && !state.closing {
             state = self.taken.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -172,7 +170,6 @@ impl SyncQueue {
             // the sync below, which starts after this, covers all of them.
             let taken: Vec<Committed> = state.queued.drain(..).collect();
             state.in_flight = true;
-            queue.taken.notify_one();
             let durable = taken.iter().any(|c| c.durable);
             #[cfg(test)]
             let injected = if durable {
