@@ -31,7 +31,9 @@
 //! log inside `COMMIT`, before it returns):
 //! - The same bytes reach the disk. With FULL, SQLite writes the frames and then
 //!   syncs the `-wal` file; here SQLite writes the same frames and the syncer syncs
-//!   the same file before anyone is told. `fdatasync` flushes the inode's dirty
+//!   the same file before anyone is told (SQLite as bundled calls `fsync`; the
+//!   syncer's `fdatasync` leaves out only the file's times, which recovery does not
+//!   read). `fdatasync` flushes the inode's dirty
 //!   pages and the size it needs, whichever descriptor it is called on, so the
 //!   syncer's descriptor flushes what SQLite wrote through its own. SQLite creates
 //!   the `-wal` file when the connection first reads the store (before the syncer

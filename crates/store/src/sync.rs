@@ -33,9 +33,15 @@ pub(crate) struct Committed {
 }
 
 impl Committed {
+    /// Calls the completions. One that panics is reported and the others still run:
+    /// the syncer must not die with syncs and answers owed (the writer would wait
+    /// for it for ever).
     fn release(self) {
         for (request, result) in self.requests.into_iter().zip(self.results) {
-            complete(request, result);
+            let call = std::panic::AssertUnwindSafe(|| complete(request, result));
+            if std::panic::catch_unwind(call).is_err() {
+                tracing::error!("store: a write's completion panicked");
+            }
         }
     }
 }
