@@ -10,9 +10,9 @@
 //! answer never leaves before an `fdatasync` that started after its transaction's
 //! `COMMIT` returned; the writer neither waits in `fdatasync` nor wakes the
 //! waiting clients itself, and the ops that come in meanwhile gather into its next
-//! transaction (see [`SyncQueue::wait_for_sync`]). A transaction of state changes only needs no sync; it is still completed here
-//! (in order) when anything is queued or in flight ahead of it, else by the writer
-//! at once. See the module docs of `store.rs` for why this is as durable as
+//! transaction (see [`SyncQueue::wait_for_sync`]). A transaction of state changes
+//! only needs no sync; it is still completed here (in order) when anything is
+//! queued or in flight ahead of it, else by the writer at once. See the module docs of `store.rs` for why this is as durable as
 //! `synchronous=FULL`, and what a failed sync does.
 
 use std::collections::VecDeque;
