@@ -48,15 +48,16 @@ APID=$!
 trap 'kill -KILL $APID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 200); do [ -S "$E2E/run/agentd.sock" ] && break; sleep 0.05; done
 # CPU time in ns (schedstat) of agentd's threads: all, the loop (the main thread),
-# the store writer (only the sends write; the others also answer the probes' status).
+# the store writer and its syncer, which answers (only the sends write; the others
+# also answer the probes' status).
 cpu_ns() {
     for t in /proc/$APID/task/*; do
         awk -v comm="$(cat "$t/comm" 2>/dev/null)" -v main="$([ "${t##*/}" = "$APID" ] && echo 1)" \
-            '{print $1, (main == "1" ? $1 : 0), (comm == "agentd-store" ? $1 : 0)}' "$t/schedstat"
-    done | awk '{a += $1; l += $2; w += $3} END {print a, l, w}'
+            '{print $1, (main == "1" ? $1 : 0), (comm == "agentd-store" ? $1 : 0), (comm == "agentd-sync" ? $1 : 0)}' "$t/schedstat"
+    done | awk '{a += $1; l += $2; w += $3; s += $4} END {print a, l, w, s}'
 }
 C0=$(cpu_ns)
 "$RBIN/examples/bench_status" --socket "$E2E/run/agentd.sock" --clients 64 --per 200
 C1=$(cpu_ns)
-echo "$C0 $C1" | awk -v n=$((64 * 200)) '{printf "agentd CPU per acknowledged message: %.1f us (loop thread %.1f, store writer %.1f; the loop'"'"'s and the total include the status probes)\n", ($4 - $1) / n / 1e3, ($5 - $2) / n / 1e3, ($6 - $3) / n / 1e3}'
+echo "$C0 $C1" | awk -v n=$((64 * 200)) '{printf "agentd CPU per acknowledged message: %.1f us (loop thread %.1f, store writer %.1f, syncer %.1f; the loop'"'"'s and the total include the status probes)\n", ($5 - $1) / n / 1e3, ($6 - $2) / n / 1e3, ($7 - $3) / n / 1e3, ($8 - $4) / n / 1e3}'
 kill -TERM $APID; wait $APID 2>/dev/null || true

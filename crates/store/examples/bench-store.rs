@@ -77,18 +77,29 @@ fn cpu_us(thread: Option<&str>) -> u64 {
 struct Rate {
     per_s: f64,
     commits: u64,
+    /// fdatasyncs of the log by the store's syncer (0 in builds without one).
+    syncs: u64,
     ops: u64,
-    /// CPU microseconds per op: the writer thread's, and the whole process's (the
-    /// clients' submits and wake-ups, and the writer).
+    /// CPU microseconds per op: the writer thread's, the syncer thread's (which
+    /// syncs the log and answers; absent in builds without one), and the whole
+    /// process's (the clients' submits and wake-ups, and the store's threads).
     writer_us: f64,
+    syncer_us: f64,
     process_us: f64,
 }
+
+/// The thread that syncs the store's log and completes its ops.
+const SYNCER: &str = "agentd-sync";
 
 /// `clients` threads, each submitting and waiting for `per_client` durable inserts.
 fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
     let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
     let before = store.stats();
-    let (writer_before, process_before) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_before, syncer_before, process_before) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let start = Instant::now();
     std::thread::scope(|scope| {
         for c in 0..clients {
@@ -105,14 +116,20 @@ fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
         }
     });
     let elapsed = start.elapsed();
-    let (writer_after, process_after) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_after, syncer_after, process_after) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let after = store.stats();
     let total = (clients * per_client) as f64;
     Rate {
         per_s: total / elapsed.as_secs_f64(),
         commits: after.commits - before.commits,
+        syncs: after.syncs - before.syncs,
         ops: after.ops - before.ops,
         writer_us: (writer_after - writer_before) as f64 / total,
+        syncer_us: (syncer_after - syncer_before) as f64 / total,
         process_us: (process_after - process_before) as f64 / total,
     }
 }
@@ -124,7 +141,11 @@ fn store_rate(dir: &Path, clients: usize, per_client: usize) -> Rate {
 fn store_rate_one_thread(dir: &Path, clients: usize, per_client: usize) -> Rate {
     let (store, _) = Store::open(dir, StoreOptions::default()).unwrap();
     let before = store.stats();
-    let (writer_before, process_before) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_before, syncer_before, process_before) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let start = Instant::now();
     let w = store.writer();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -151,14 +172,20 @@ fn store_rate_one_thread(dir: &Path, clients: usize, per_client: usize) -> Rate 
         }
     }
     let elapsed = start.elapsed();
-    let (writer_after, process_after) = (cpu_us(Some("agentd-store")), cpu_us(None));
+    let (writer_after, syncer_after, process_after) = (
+        cpu_us(Some("agentd-store")),
+        cpu_us(Some(SYNCER)),
+        cpu_us(None),
+    );
     let after = store.stats();
     let total = (clients * per_client) as f64;
     Rate {
         per_s: total / elapsed.as_secs_f64(),
         commits: after.commits - before.commits,
+        syncs: after.syncs - before.syncs,
         ops: after.ops - before.ops,
         writer_us: (writer_after - writer_before) as f64 / total,
+        syncer_us: (syncer_after - syncer_before) as f64 / total,
         process_us: (process_after - process_before) as f64 / total,
     }
 }
@@ -183,16 +210,18 @@ fn enqueue(dir: &Path) {
     std::fs::create_dir_all(&d64).unwrap();
     let many = store_rate(&d64, 64, 1000);
     println!(
-        "store, 64 concurrent clients:    {:8.0} msgs/s  {:5.1}x baseline  ({} ops in {} commits, {:.0} per commit)   target >= 10x",
+        "store, 64 concurrent clients:    {:8.0} msgs/s  {:5.1}x baseline  ({} ops in {} commits and {} syncs, {:.0} per commit)   target >= 10x",
         many.per_s,
         many.per_s / base,
         many.ops,
         many.commits,
+        many.syncs,
         many.ops as f64 / many.commits.max(1) as f64
     );
     println!(
-        "  CPU per message: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
+        "  CPU per message: writer thread {:.1} us, syncer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
         many.writer_us,
+        many.syncer_us,
         many.process_us,
         many.writer_us * many.ops as f64 / many.commits.max(1) as f64
     );
@@ -200,16 +229,18 @@ fn enqueue(dir: &Path) {
     std::fs::create_dir_all(&d1t).unwrap();
     let loop_ = store_rate_one_thread(&d1t, 64, 1000);
     println!(
-        "store, 64 clients on one thread: {:8.0} msgs/s  {:5.1}x baseline  ({} ops in {} commits, {:.0} per commit; answered by callback, as agentd's loop)",
+        "store, 64 clients on one thread: {:8.0} msgs/s  {:5.1}x baseline  ({} ops in {} commits and {} syncs, {:.0} per commit; answered by callback, as agentd's loop)",
         loop_.per_s,
         loop_.per_s / base,
         loop_.ops,
         loop_.commits,
+        loop_.syncs,
         loop_.ops as f64 / loop_.commits.max(1) as f64
     );
     println!(
-        "  CPU per message: writer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
+        "  CPU per message: writer thread {:.1} us, syncer thread {:.1} us, whole process {:.1} us (writer {:.0} us per commit)",
         loop_.writer_us,
+        loop_.syncer_us,
         loop_.process_us,
         loop_.writer_us * loop_.ops as f64 / loop_.commits.max(1) as f64
     );
@@ -292,8 +323,8 @@ fn main() {
                 store_rate_one_thread(Path::new(dir), 64, per)
             };
             println!(
-                "64 clients: {:.0} msgs/s, {} ops in {} commits, CPU per message: writer {:.1} us, process {:.1} us",
-                r.per_s, r.ops, r.commits, r.writer_us, r.process_us
+                "64 clients: {:.0} msgs/s, {} ops in {} commits and {} syncs, CPU per message: writer {:.1} us, syncer {:.1} us, process {:.1} us",
+                r.per_s, r.ops, r.commits, r.syncs, r.writer_us, r.syncer_us, r.process_us
             );
         }
         (Some("reopen-child"), Some(dir)) => reopen_child(Path::new(dir)),

@@ -1,12 +1,13 @@
 //! agentd-store: everything agentd keeps on disk, in its state dir.
 //!
 //! - [`Store`]: tasks, the queue and per-session settings in one SQLite file
-//!   (`agentd.db`: WAL, schema versioned by `PRAGMA user_version`; commits holding an
-//!   acknowledged op are synced with `synchronous=FULL`, commits of state changes
-//!   only use `synchronous=NORMAL`: see [`Op::acknowledged`]).
+//!   (`agentd.db`: WAL, schema versioned by `PRAGMA user_version`; every commit uses
+//!   `synchronous=NORMAL`, and a syncer thread `fdatasync`s the log before the
+//!   completions of acknowledged ops run: see [`Op::acknowledged`]).
 //!   All SQL of agentd is in this crate. Writes are [`Op`]s, committed by one writer
 //!   thread with group commit; an op's completion fires only after its transaction
-//!   committed, so agentd acknowledges a message only once it is on disk. Opening
+//!   committed (and, if acknowledged, was synced after that), so agentd
+//!   acknowledges a message only once it is on disk. Opening
 //!   the store recovers it ([`Recovery`]): queued tasks in their per-session order,
 //!   active ones marked interrupted, settings, recent message ids.
 //! - [`InstanceLock`]: one agentd per state dir (`flock` on `agentd.lock`).
@@ -24,11 +25,14 @@ pub mod pid;
 mod record;
 mod schema;
 mod store;
+mod sync;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_pages;
+#[cfg(test)]
+mod tests_sync;
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;

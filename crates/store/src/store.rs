@@ -1,27 +1,98 @@
 //! The store: one SQLite file (`agentd.db`, WAL) in the state dir, written by one
-//! writer thread with group commit, read back at start for recovery.
-//!
-//! Durability by what a commit holds: a transaction with an acknowledged op (new
-//! work, settings, a flush: see [`Op::acknowledged`]) commits with
-//! `synchronous=FULL`, so the WAL is synced to disk before anyone is told; one with
-//! state changes only (started, finished, progress, checkpoint, prune) commits with
-//! `synchronous=NORMAL`: no fsync. In WAL mode such a commit is in the WAL (the page
-//! cache) once `COMMIT` returns, so it survives agentd being killed (kill -9, OOM); only
-//! an OS crash or power loss before the next sync can lose it, and then recovery
-//! finds the task as it was before (a started task is marked interrupted). The next
-//! FULL commit (or checkpoint) syncs the WAL and with it every earlier commit.
+//! writer thread with group commit, made durable by a syncer thread, read back at
+//! start for recovery.
 //!
 //! Writes are [`Op`]s. A caller submits an op and is told its outcome once the
-//! transaction holding it has committed (or failed). The writer takes every op that
-//! is waiting, runs them all in one transaction and commits once, so while one commit
-//! is being synced to disk the next batch gathers: 64 clients share fsyncs instead of
-//! queueing for them.
+//! transaction holding it has committed (or failed) and, for an acknowledged op
+//! (new work, settings, a flush: see [`Op::acknowledged`]), once it is on disk. The
+//! writer takes every op that is waiting, runs them all in one transaction and
+//! commits once, so 64 clients share commits and syncs instead of queueing for them.
 //!
-//! Disk trouble (full, I/O errors) rolls the transaction back. New work
-//! ([`Op::Insert`]) then fails at once with [`StoreError::Storage`], so nothing is
-//! acknowledged that is not on disk; state changes of existing tasks are kept and
-//! retried (first in every later transaction, and on a timer) and complete when they
-//! finally commit. The writer never stops over it.
+//! Durability: the sync is the syncer's. The writer commits every transaction with
+//! `synchronous=NORMAL`: in WAL mode `COMMIT` appends the transaction's frames, the
+//! last one marked as a commit, to the `-wal` file and returns without an `fsync`.
+//! The frames are then in the page cache, so they survive agentd being killed
+//! (kill -9, OOM); an OS crash or power loss can still lose them. The writer hands
+//! the committed transaction (its ops and outcomes) to the syncer thread
+//! (`sync.rs`) and goes on to the next batch. The syncer takes everything handed
+//! over so far, runs one `fdatasync` on its own descriptor of the `-wal` file and
+//! only then calls the completions, in commit order. An acknowledged op's
+//! completion therefore runs only after an `fdatasync` that started after its
+//! `COMMIT` returned. The writer spends no time in `fsync` and none waking the
+//! clients; while a sync is in flight the ops that come in gather for its next
+//! transaction (committing during the sync was tried: it split 64 waiting clients
+//! into halves answered by alternate syncs and measured slower, see
+//! `SyncQueue::wait_for_sync`). A transaction of state changes only (started,
+//! finished, progress, checkpoint, prune) needs no sync; its completions still wait
+//! behind any sync ahead of them (all completions run in commit order), and run on
+//! the writer at once when nothing is ahead.
+//!
+//! Why this is as durable as committing with `synchronous=FULL` (which syncs the
+//! log inside `COMMIT`, before it returns):
+//! - The same bytes reach the disk. With FULL, SQLite writes the frames and then
+//!   syncs the `-wal` file; here SQLite writes the same frames and the syncer syncs
+//!   the same file before anyone is told (SQLite as bundled calls `fsync`; the
+//!   syncer's `fdatasync` leaves out only the file's times, which recovery does not
+//!   read). `fdatasync` flushes the inode's dirty
+//!   pages and the size it needs, whichever descriptor it is called on, so the
+//!   syncer's descriptor flushes what SQLite wrote through its own. SQLite creates
+//!   the `-wal` file when the connection first reads the store (before the syncer
+//!   opens it) and keeps the inode while a connection is open: resetting the log
+//!   writes it from the start again, `journal_size_limit` and
+//!   `wal_checkpoint(TRUNCATE)` truncate it in place, and only closing the last
+//!   connection deletes it (tests_sync.rs compares the inodes through checkpoints,
+//!   resets and a truncation). The state dir is synced once at open, so the file's
+//!   name is on disk as well.
+//! - Recovery finds it. After a crash SQLite rebuilds the log's index from the
+//!   `-wal` file: frames whose salts match the header and whose running checksums
+//!   hold, up to the last frame marked as a commit. A synced transaction's frames
+//!   and every frame before them (the sync covers the whole file) are on disk, so
+//!   recovery keeps it and everything committed before it, as with FULL.
+//! - Checkpoints do not depend on the syncer. In WAL mode `synchronous=NORMAL`
+//!   still syncs the `-wal` file before a checkpoint copies pages into the store
+//!   file, and syncs the store file after, before the log may be reset. A
+//!   transaction checkpointed before the syncer got to it is therefore on disk in
+//!   the store file already; its completion still waits for the syncer (harmless).
+//! - Resetting the log (after a complete checkpoint the next transaction writes it
+//!   from the start with new salts) writes and syncs the new header before any new
+//!   frame in NORMAL mode too (SQLite syncs the header at a reset unless syncs are
+//!   off). Frames of the old log left on disk past the new ones fail the salt
+//!   check; what they held was checkpointed and synced into the store file before.
+//! - A reader may see a committed transaction before it is synced (WAL makes a
+//!   commit visible when `COMMIT` returns; with FULL only after its sync). Nothing
+//!   is acknowledged from such a read: agentd answers new work only from its
+//!   insert's completion, its readers serve history and de-duplication of
+//!   finished tasks, and its memory holds new work before it is committed at all.
+//!   If power fails before the sync, the task is lost together with every such
+//!   view of it, and no one was told it was saved.
+//! - A sync that fails acknowledges nothing it covered (see Disk trouble below).
+//!
+//! Where it differs is only after a failed sync: with FULL a failed sync leaves its
+//! transaction uncommitted and the next one writes over its frames; here SQLite
+//! holds it as committed, so the store undoes it itself (below), and the repair's
+//! checkpoint reads those frames back from the page cache. Linux keeps pages it
+//! could not write in the page cache (clean), so the checkpoint copies what SQLite
+//! wrote; if memory pressure evicted them first, it would copy what the disk holds.
+//!
+//! Disk trouble (full, I/O errors) while writing rolls the transaction back. New
+//! work ([`Op::Insert`]) then fails at once with [`StoreError::Storage`], so nothing
+//! is acknowledged that is not on disk; state changes of existing tasks are kept
+//! and retried (first in every later transaction, and on a timer) and complete when
+//! they finally commit. A failed `fdatasync` is not tried again as if a second try
+//! could succeed for the same pages (after an I/O error Linux may drop the pages it
+//! could not write and report the error only once). Every transaction not yet
+//! completed (those the sync covered, and those committed since, which follow
+//! frames that may be lost) is settled by the writer: new work fails with
+//! [`StoreError::Storage`] and its rows are deleted again (an internal
+//! `Op::Discard`), so the store holds what its senders were told; settings and
+//! flushes are written again, in order, ahead of anything newer (with
+//! [`StoreWriter::submit_reporting`], told of the failure at once); state changes
+//! keep what they did. Since SQLite counts the unsynced frames as committed and
+//! later commits would follow them, nothing more is written until the log is
+//! repaired: `wal_checkpoint(TRUNCATE)` copies every committed page into the store
+//! file, syncs it and empties the log (tried before every transaction, and on the
+//! retry timer; meanwhile new work is refused and state changes wait). The writer
+//! never stops over it.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -38,6 +109,7 @@ use crate::output;
 use crate::pid::ProcessIdentity;
 use crate::record::{Exit, PreviousRun, Recovery, SessionSettings, State, TaskRecord};
 use crate::schema;
+use crate::sync::{Committed, SyncQueue};
 
 /// Name of the store file in the state dir.
 pub const DB_FILE: &str = "agentd.db";
@@ -141,6 +213,10 @@ pub enum Op {
     /// Caps the file size in pages (`None`: SQLite's default): a full disk for tests.
     #[doc(hidden)]
     LimitPages(Option<u64>),
+    /// Deletes tasks whose inserts committed but whose sync failed, so that what
+    /// the store holds is what their senders were told (refused). The writer's own.
+    #[doc(hidden)]
+    Discard(Vec<Uuid>),
 }
 
 impl Op {
@@ -151,11 +227,16 @@ impl Op {
 
     /// Whether a client is (or may be) told this op is saved: new work (a message is
     /// acknowledged once its insert committed), queue settings, a flush. Its
-    /// transaction commits with `synchronous=FULL` (synced to disk); a transaction of
-    /// state changes only commits with `synchronous=NORMAL` (see the module docs).
+    /// completion waits for a sync of the write-ahead log that started after its
+    /// transaction committed; a transaction of state changes only needs no sync
+    /// (see the module docs).
     pub fn acknowledged(&self) -> bool {
         match self {
-            Op::Insert { .. } | Op::Settings(_) | Op::ResetSettings { .. } | Op::Flush => true,
+            Op::Insert { .. }
+            | Op::Settings(_)
+            | Op::ResetSettings { .. }
+            | Op::Flush
+            | Op::Discard(_) => true,
             Op::Start { .. }
             | Op::SetProcess { .. }
             | Op::SetState { .. }
@@ -184,32 +265,36 @@ pub enum Outcome {
 /// Called with an op's outcome once its transaction committed or failed.
 pub type Completion = Box<dyn FnOnce(Result<Outcome, StoreError>) + Send>;
 
-struct Request {
+pub(crate) struct Request {
     op: Op,
     done: Option<Completion>,
     /// `done` hears of a failure at once, though the op waits to be retried.
     early: bool,
 }
 
-enum Msg {
+pub(crate) enum Msg {
     Op(Request),
     /// Several ops handed over at once ([`StoreWriter::submit_batch`]), in order.
     Ops(Vec<Request>),
     /// Sent by [`Store::close`]: everything before it is written, then the writer ends.
     Close,
+    /// Sent by the syncer: a sync failed; the writer settles what it covered.
+    SyncFailed,
     #[cfg(test)]
     Hold(mpsc::Receiver<()>),
 }
 
-/// Counters of the writer.
-#[derive(Debug, Default)]
-struct Shared {
+/// Counters of the writer and the syncer, and the queue between them.
+#[derive(Default)]
+pub(crate) struct Shared {
     commits: AtomicU64,
     synced_commits: AtomicU64,
+    pub(crate) syncs: AtomicU64,
     ops: AtomicU64,
     failed_commits: AtomicU64,
     pending_retries: AtomicU64,
     healthy: AtomicBool,
+    pub(crate) sync: SyncQueue,
 }
 
 /// What the writer has done so far.
@@ -217,8 +302,12 @@ struct Shared {
 pub struct Stats {
     /// Transactions committed.
     pub commits: u64,
-    /// Of those, committed with `synchronous=FULL` (they held an acknowledged op).
+    /// Of those, the ones that held an acknowledged op: their ops completed only
+    /// after a sync of the write-ahead log that started after they committed.
     pub synced_commits: u64,
+    /// `fdatasync`s of the write-ahead log by the syncer (one covers every
+    /// transaction committed before it started).
+    pub syncs: u64,
     /// Ops committed.
     pub ops: u64,
     /// Transactions that failed on the disk.
@@ -383,11 +472,18 @@ impl StoreWriter {
         Stats {
             commits: s.commits.load(Ordering::Relaxed),
             synced_commits: s.synced_commits.load(Ordering::Relaxed),
+            syncs: s.syncs.load(Ordering::Relaxed),
             ops: s.ops.load(Ordering::Relaxed),
             failed_commits: s.failed_commits.load(Ordering::Relaxed),
             pending_retries: s.pending_retries.load(Ordering::Relaxed),
             healthy: s.healthy.load(Ordering::Relaxed),
         }
+    }
+
+    /// The queue between the writer and the syncer, for its test hooks.
+    #[cfg(test)]
+    pub(crate) fn sync_queue(&self) -> &SyncQueue {
+        &self.shared.sync
     }
 
     /// Stops the writer until the returned sender is dropped (tests only).
@@ -430,11 +526,28 @@ impl Store {
             ..Shared::default()
         });
         let (tx, rx) = mpsc::channel();
+        let open_err = |detail: String| StoreError::Open {
+            path: path.clone(),
+            detail,
+        };
+        // From here on every commit is NORMAL: the syncer makes them durable.
+        conn.execute_batch("PRAGMA synchronous=NORMAL")
+            .map_err(corrupt)?;
+        let wal = open_wal(&path).map_err(open_err)?;
+        let syncer = {
+            let shared = Arc::clone(&shared);
+            let wake = tx.clone();
+            std::thread::Builder::new()
+                .name("agentd-sync".into())
+                .spawn(move || SyncQueue::run(shared, wal, wake))
+                .map_err(|e| open_err(format!("cannot start the sync thread: {e}")))?
+        };
         let mut writer = Writer {
             conn,
-            // As `open_checked` set it.
-            synchronous_full: true,
+            synchronous_full: false,
             shared: Arc::clone(&shared),
+            syncer: Some(syncer),
+            repair: None,
             next_seq,
             state_dir: state_dir.to_path_buf(),
             options,
@@ -446,10 +559,7 @@ impl Store {
         let thread = std::thread::Builder::new()
             .name("agentd-store".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                detail: format!("cannot start the writer thread: {e}"),
-            })?;
+            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
         Ok((
             Store {
                 writer: Some(StoreWriter { tx, shared }),
@@ -572,6 +682,30 @@ fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, Store
     }
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
+}
+
+/// The syncer's own descriptor of `path`'s write-ahead log. SQLite created the file
+/// when the connection first read the store (WAL mode), and keeps that inode while a
+/// connection is open: resetting the log after a checkpoint writes it from the
+/// start, `journal_size_limit` and `wal_checkpoint(TRUNCATE)` truncate it in place;
+/// only closing the last connection deletes it. The directory is synced once, so
+/// the file's name is on disk too (SQLite's first sync of the log did that as well).
+fn open_wal(path: &Path) -> Result<std::fs::File, String> {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    let wal_path = PathBuf::from(name);
+    let wal = std::fs::File::open(&wal_path).map_err(|e| {
+        format!(
+            "cannot open its write-ahead log {}: {e}",
+            wal_path.display()
+        )
+    })?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync the state dir {}: {e}", dir.display()))?;
+    }
+    Ok(wal)
 }
 
 fn set_max_pages(conn: &Connection, pages: Option<u64>) -> rusqlite::Result<()> {
@@ -776,6 +910,12 @@ struct Writer {
     /// The connection's `synchronous` setting is FULL (else NORMAL).
     synchronous_full: bool,
     shared: Arc<Shared>,
+    /// The syncer thread (joined when the writer ends).
+    syncer: Option<JoinHandle<()>>,
+    /// A sync failed, and the write-ahead log may have lost frames that SQLite
+    /// holds as committed: until a checkpoint has copied the whole log into the
+    /// store file and synced it (`wal_checkpoint(TRUNCATE)`), nothing is written.
+    repair: Option<StoreError>,
     next_seq: i64,
     state_dir: PathBuf,
     options: StoreOptions,
@@ -830,6 +970,8 @@ impl Writer {
                 Msg::Op(request) => batch.push(request),
                 Msg::Ops(requests) => batch.extend(requests),
                 Msg::Close => *closing = true,
+                // Settled below, before the next commit.
+                Msg::SyncFailed => {}
                 #[cfg(test)]
                 Msg::Hold(release) => {
                     let _ = release.recv();
@@ -839,6 +981,9 @@ impl Writer {
                 Ok(msg) => take(msg, &mut batch, &mut closing),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,
+            }
+            if !batch.is_empty() {
+                self.shared.sync.wait_for_sync();
             }
             while batch.len() < MAX_BATCH && !closing {
                 match rx.try_recv() {
@@ -865,18 +1010,35 @@ impl Writer {
                 let result = set_max_pages(&self.conn, pages)
                     .map(|()| Outcome::Done)
                     .map_err(|e| storage(classify(&e).unwrap_or(StorageKind::Io), &e));
-                complete(request, result);
+                self.hand_over(Committed {
+                    requests: vec![request],
+                    results: vec![result],
+                    durable: false,
+                });
+            }
+            if let Some((e, committed)) = self.shared.sync.take_failed() {
+                self.settle_failed_sync(e, committed, &mut pending);
             }
             let mut all: Vec<Request> = pending.drain(..).collect();
             all.extend(batch);
-            if !all.is_empty() {
+            if all.is_empty() {
+                self.shared.sync.committed_nothing();
+            } else {
                 self.commit_batch(all, &mut pending);
             }
             self.shared
                 .pending_retries
                 .store(pending.len() as u64, Ordering::Relaxed);
         }
-        // Closing: what could not be written is reported, then the file is marked closed.
+        // Closing: the syncer syncs and completes what is committed; what could not
+        // be written (or synced) is reported, then the file is marked closed.
+        self.shared.sync.close();
+        if let Some(syncer) = self.syncer.take() {
+            let _ = syncer.join();
+        }
+        if let Some((e, committed)) = self.shared.sync.take_failed() {
+            self.settle_failed_sync(e, committed, &mut pending);
+        }
         for request in pending {
             complete(
                 request,
@@ -897,9 +1059,17 @@ impl Writer {
     /// changes get one more transaction of their own and, failing that, wait in
     /// `pending` (in order) for the next try.
     fn commit_batch(&mut self, batch: Vec<Request>, pending: &mut VecDeque<Request>) {
-        match self.attempt(&batch) {
+        let first = match self.repaired() {
+            Ok(()) => {
+                self.shared.sync.committing();
+                self.attempt(&batch)
+            }
+            Err(e) => Err(Failed(e)),
+        };
+        match first {
             Ok(results) => self.finish_ok(batch, results),
             Err(Failed(e)) => {
+                self.shared.sync.committed_nothing();
                 self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
                 self.shared.healthy.store(false, Ordering::Relaxed);
                 let mut retry = Vec::new();
@@ -913,9 +1083,17 @@ impl Writer {
                 if retry.is_empty() {
                     return;
                 }
-                match self.attempt(&retry) {
+                let second = match &self.repair {
+                    Some(e) => Err(Failed(e.clone())),
+                    None => {
+                        self.shared.sync.committing();
+                        self.attempt(&retry)
+                    }
+                };
+                match second {
                     Ok(results) => self.finish_ok(retry, results),
                     Err(Failed(e)) => {
+                        self.shared.sync.committed_nothing();
                         self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("store: {e}; {} state changes will be retried", retry.len());
                         for request in &mut retry {
@@ -932,20 +1110,129 @@ impl Writer {
         }
     }
 
+    /// A committed batch goes to the syncer, which completes its ops (after a sync,
+    /// if it holds an acknowledged op).
     fn finish_ok(&mut self, batch: Vec<Request>, results: Vec<Result<Outcome, StoreError>>) {
+        let durable = batch.iter().any(|r| r.op.acknowledged());
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
-        if self.synchronous_full {
+        if durable {
             self.shared.synced_commits.fetch_add(1, Ordering::Relaxed);
         }
         self.shared
             .ops
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.shared.healthy.store(true, Ordering::Relaxed);
-        for (request, result) in batch.into_iter().zip(results) {
-            if let Ok(Outcome::Pruned(ids)) = &result {
+        for result in &results {
+            if let Ok(Outcome::Pruned(ids)) = result {
                 self.remove_logs(ids);
             }
-            complete(request, result);
+        }
+        self.hand_over(Committed {
+            requests: batch,
+            results,
+            durable,
+        });
+    }
+
+    /// Hands completions to the syncer, or completes them here when nothing is
+    /// ahead of them and they need no sync.
+    fn hand_over(&self, committed: Committed) {
+        if let Some(now) = self.shared.sync.push(committed) {
+            for (request, result) in now.requests.into_iter().zip(now.results) {
+                complete(request, result);
+            }
+        }
+    }
+
+    /// A sync failed: `committed` is every transaction not completed yet, in commit
+    /// order (the sync covered the first ones; the rest were committed after it
+    /// started, behind frames that may be lost). None of them is acknowledged:
+    /// new work fails, and its rows are deleted again (`Op::Discard`, first of the
+    /// next transaction), so the store holds what its senders were told; other
+    /// acknowledged ops (settings, a flush) are written again, in order, before
+    /// anything that waits; state changes keep what they did (they never needed a
+    /// sync). Until the log is repaired nothing more is written.
+    fn settle_failed_sync(
+        &mut self,
+        e: StoreError,
+        committed: Vec<Committed>,
+        pending: &mut VecDeque<Request>,
+    ) {
+        self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
+        self.shared.healthy.store(false, Ordering::Relaxed);
+        let mut discard = Vec::new();
+        let mut again = VecDeque::new();
+        for c in committed {
+            for (mut request, result) in c.requests.into_iter().zip(c.results) {
+                match (&request.op, result) {
+                    (_, Err(refused)) => complete(request, Err(refused)),
+                    (Op::Insert { task, .. }, Ok(outcome)) => {
+                        if outcome == Outcome::Inserted {
+                            discard.push(task.id);
+                        }
+                        complete(request, Err(e.clone()));
+                    }
+                    (Op::Discard(ids), Ok(_)) => discard.extend(ids.iter().copied()),
+                    (op, Ok(_)) if op.acknowledged() => {
+                        if request.early {
+                            if let Some(done) = request.done.take() {
+                                done(Err(e.clone()));
+                            }
+                        }
+                        again.push_back(request);
+                    }
+                    (_, Ok(outcome)) => complete(request, Ok(outcome)),
+                }
+            }
+        }
+        tracing::warn!(
+            "store: {e}; {} new tasks refused, {} writes will be made again",
+            discard.len(),
+            again.len()
+        );
+        if !discard.is_empty() {
+            again.push_front(Request {
+                op: Op::Discard(discard),
+                done: None,
+                early: false,
+            });
+        }
+        // Ahead of writes that failed since: those were submitted later.
+        again.extend(pending.drain(..));
+        *pending = again;
+        self.repair = Some(e);
+    }
+
+    /// Repairs the write-ahead log after a failed sync, if it needs it: a
+    /// checkpoint copies every committed page from the log into the store file,
+    /// syncs that file and empties the log, so later commits start a new log
+    /// instead of following frames that may be lost.
+    fn repaired(&mut self) -> Result<(), StoreError> {
+        let Some(failed) = &self.repair else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        if self.shared.sync.repair_fails() {
+            return Err(failed.clone());
+        }
+        let checkpoint = |conn: &Connection| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        };
+        // The checkpoint first syncs the log through SQLite's own descriptor, which
+        // reports the error the syncer saw once more (Linux reports a write-back
+        // error once to every open file): then it is tried once again at once. What
+        // it relies on is its copy into the store file and that file's sync.
+        let done = checkpoint(&self.conn).or_else(|_| checkpoint(&self.conn));
+        match done {
+            Ok(0) => {
+                tracing::info!("store: the write-ahead log is repaired; writing again");
+                self.repair = None;
+                Ok(())
+            }
+            Ok(_) => Err(failed.clone()),
+            Err(e) => Err(storage(classify(&e).unwrap_or(StorageKind::Io), &e)),
         }
     }
 
@@ -968,9 +1255,6 @@ impl Writer {
             }),
         };
         let seq_before = self.next_seq;
-        // Set between transactions: it applies to the next commit.
-        let full = batch.iter().any(|r| r.op.acknowledged());
-        self.set_synchronous(full).map_err(|e| fail(&e))?;
         // Prepared once (execute_batch would parse it for every transaction).
         self.conn
             .prepare_cached("BEGIN IMMEDIATE")
@@ -1205,6 +1489,14 @@ impl Writer {
             }
             Op::Prune => Ok(Outcome::Pruned(self.prune_in_tx()?)),
             Op::Flush => Ok(Outcome::Done),
+            Op::Discard(ids) => {
+                let mut n = 0;
+                let delete = stmts.get("DELETE FROM tasks WHERE id = ?1")?;
+                for id in ids {
+                    n += delete.execute([id.to_string()])?;
+                }
+                Ok(Outcome::Updated(n))
+            }
             Op::LimitPages(pages) => {
                 // Normally applied before the batch (see `run`).
                 set_max_pages(&self.conn, *pages)?;
@@ -1288,7 +1580,7 @@ fn kept_from(conn: &Connection, retention: &Retention) -> rusqlite::Result<(i64,
     Ok(from)
 }
 
-fn complete(request: Request, result: Result<Outcome, StoreError>) {
+pub(crate) fn complete(request: Request, result: Result<Outcome, StoreError>) {
     match request.done {
         Some(done) => done(result),
         None => {

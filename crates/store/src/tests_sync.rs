@@ -1,0 +1,328 @@
+//! Tests of the syncer: an op is completed only after an `fdatasync` of the
+//! write-ahead log that started after its transaction committed; a failed sync
+//! acknowledges nothing it covered, and the store recovers from it; the syncer's
+//! descriptor is the log SQLite writes.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::*;
+
+fn open(dir: &Path) -> (Store, Recovery) {
+    let options = StoreOptions {
+        retry_interval: Duration::from_millis(20),
+        ..StoreOptions::default()
+    };
+    Store::open(dir, options).expect("open store")
+}
+
+fn task(session: &str, text: &str, message_id: Option<&str>) -> TaskRecord {
+    let mut t = TaskRecord::queued(Uuid::now_v7(), session, text, 1_700_000_000_000);
+    t.message_id = message_id.map(str::to_string);
+    t
+}
+
+fn insert_op(t: &TaskRecord) -> Op {
+    Op::Insert {
+        task: Box::new(t.clone()),
+        front: false,
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+type Done = mpsc::Receiver<(&'static str, Result<Outcome, StoreError>)>;
+
+/// Submits `op` with a completion that reports `name` and its outcome on `tx`.
+fn submit(
+    w: &StoreWriter,
+    tx: &mpsc::Sender<(&'static str, Result<Outcome, StoreError>)>,
+    name: &'static str,
+    op: Op,
+) {
+    let tx = tx.clone();
+    w.submit_with(op, move |r| {
+        let _ = tx.send((name, r));
+    });
+}
+
+fn next(rx: &Done) -> (&'static str, Result<Outcome, StoreError>) {
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("a completion in time")
+}
+
+fn settings(session: &str, cap: u32) -> SessionSettings {
+    SessionSettings {
+        session: session.into(),
+        mode: "followup".into(),
+        debounce_ms: 0,
+        cap,
+        drop_policy: "old".into(),
+    }
+}
+
+#[test]
+fn an_acknowledgement_waits_for_a_sync_that_started_after_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let reader = store.reader().unwrap();
+    let w = store.writer();
+    let (tx, rx) = mpsc::channel();
+    let first = task("s", "first", Some("m1"));
+    let hold = w.sync_queue().hold();
+    let before = store.stats();
+    submit(&w, &tx, "first", insert_op(&first));
+    // Committed (a reader sees it) and the syncer is about to sync it: its
+    // completion is not called, and cannot be, until that sync is let through.
+    wait_until("the insert to commit and its sync to be held", || {
+        reader.task(first.id).unwrap().is_some() && w.sync_queue().held()
+    });
+    assert!(
+        rx.try_recv().is_err(),
+        "an insert was acknowledged before its sync"
+    );
+    // What comes in meanwhile (a state change, more new work) is completed after
+    // it, in order, the insert after a sync of its own.
+    submit(
+        &w,
+        &tx,
+        "progress",
+        Op::Progress {
+            id: first.id,
+            text: "p".into(),
+        },
+    );
+    let second = task("s", "second", Some("m2"));
+    submit(&w, &tx, "second", insert_op(&second));
+    assert!(
+        rx.try_recv().is_err(),
+        "a completion overtook the held sync"
+    );
+    assert_eq!(store.stats().syncs, before.syncs, "synced while held");
+    drop(hold);
+    let order: Vec<(&str, Result<Outcome, StoreError>)> = (0..3).map(|_| next(&rx)).collect();
+    assert_eq!(
+        order,
+        vec![
+            ("first", Ok(Outcome::Inserted)),
+            ("progress", Ok(Outcome::Updated(1))),
+            ("second", Ok(Outcome::Inserted)),
+        ],
+        "completions in commit order"
+    );
+    let after = store.stats();
+    assert!(after.syncs - before.syncs >= 2, "{before:?} → {after:?}");
+    assert_eq!(
+        reader.task(first.id).unwrap().unwrap().progress.as_deref(),
+        Some("p")
+    );
+}
+
+#[test]
+fn a_failed_sync_acknowledges_nothing_it_covered_and_the_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let reader = store.reader().unwrap();
+    let w = store.writer();
+    let (tx, rx) = mpsc::channel();
+    let kept = task("s", "kept", Some("m0"));
+    submit(&w, &tx, "kept", insert_op(&kept));
+    assert_eq!(next(&rx), ("kept", Ok(Outcome::Inserted)));
+    let before = store.stats();
+
+    // One transaction, whose sync fails: new work, settings (answered at once on
+    // failure) and a state change of the kept task.
+    let sync_hold = w.sync_queue().hold();
+    w.sync_queue()
+        .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
+    let writer_hold = w.hold();
+    let lost = task("s", "lost", Some("m1"));
+    submit(&w, &tx, "lost", insert_op(&lost));
+    let (early_tx, early_rx) = mpsc::channel();
+    w.submit_reporting(Op::Settings(settings("s", 7)), move |r| {
+        let _ = early_tx.send(r);
+    });
+    submit(
+        &w,
+        &tx,
+        "progress",
+        Op::Progress {
+            id: kept.id,
+            text: "p".into(),
+        },
+    );
+    drop(writer_hold);
+    wait_until("it to commit and its sync to be held", || {
+        reader.task(lost.id).unwrap().is_some() && w.sync_queue().held()
+    });
+    // Submitted while that sync is in flight: written after it.
+    let later = task("s", "later", Some("m2"));
+    submit(&w, &tx, "later", insert_op(&later));
+    assert!(rx.try_recv().is_err() && early_rx.try_recv().is_err());
+    drop(sync_hold);
+
+    // Nothing it covered is acknowledged: the insert fails as storage trouble, the
+    // settings are told at once; the state change keeps what it did.
+    let mut got: Vec<(&str, Result<Outcome, StoreError>)> = (0..2).map(|_| next(&rx)).collect();
+    got.sort_by_key(|(name, _)| *name);
+    assert!(
+        matches!(&got[0], ("lost", Err(e)) if e.is_storage() && e.to_string().contains("sync")),
+        "{got:?}"
+    );
+    assert_eq!(got[1], ("progress", Ok(Outcome::Updated(1))));
+    assert!(early_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .unwrap_err()
+        .is_storage());
+    // The log is repaired, then what came later is written and acknowledged.
+    assert_eq!(next(&rx), ("later", Ok(Outcome::Inserted)));
+
+    // The refused task is gone from the store (its message id is free again), the
+    // settings are written again, new work is accepted.
+    w.submit(Op::Flush).wait().unwrap();
+    assert_eq!(reader.task(lost.id).unwrap(), None);
+    assert_eq!(reader.find_message("s", "m1").unwrap(), None);
+    let again = task("s", "lost, sent again", Some("m1"));
+    submit(&w, &tx, "again", insert_op(&again));
+    assert_eq!(next(&rx), ("again", Ok(Outcome::Inserted)));
+    let after = store.stats();
+    assert!(after.failed_commits > before.failed_commits);
+    assert!(after.healthy);
+    drop(reader);
+    drop(store);
+    let (_store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    assert_eq!(queued, vec![kept.id, later.id, again.id]);
+    assert_eq!(recovery.queued[0].progress.as_deref(), Some("p"));
+    assert_eq!(recovery.settings, vec![settings("s", 7)]);
+}
+
+#[test]
+fn after_a_failed_sync_new_work_is_refused_until_the_log_is_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let (tx, rx) = mpsc::channel();
+    let kept = task("s", "kept", None);
+    submit(&w, &tx, "kept", insert_op(&kept));
+    assert_eq!(next(&rx), ("kept", Ok(Outcome::Inserted)));
+    w.sync_queue().fail_repairs(u32::MAX);
+    w.sync_queue()
+        .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
+    submit(&w, &tx, "lost", insert_op(&task("s", "lost", None)));
+    assert!(matches!(next(&rx), ("lost", Err(e)) if e.is_storage()));
+    // The log cannot be repaired: new work is refused at once, state changes wait.
+    submit(&w, &tx, "refused", insert_op(&task("s", "refused", None)));
+    assert!(matches!(next(&rx), ("refused", Err(e)) if e.is_storage()));
+    submit(
+        &w,
+        &tx,
+        "progress",
+        Op::Progress {
+            id: kept.id,
+            text: "p".into(),
+        },
+    );
+    wait_until("the state change to wait for a retry", || {
+        store.stats().pending_retries >= 2
+    });
+    assert!(!store.stats().healthy);
+    assert!(rx.try_recv().is_err(), "completed before it was written");
+    // Repairable again: the state change commits, new work is accepted.
+    w.sync_queue().fail_repairs(0);
+    assert_eq!(next(&rx), ("progress", Ok(Outcome::Updated(1))));
+    let later = task("s", "later", None);
+    submit(&w, &tx, "later", insert_op(&later));
+    assert_eq!(next(&rx), ("later", Ok(Outcome::Inserted)));
+    drop(store);
+    let (_store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    assert_eq!(queued, vec![kept.id, later.id]);
+}
+
+/// (dev, inode) of every descriptor of this process open on `path`, and whether
+/// one of them is open on a deleted file of that name.
+fn open_on(path: &Path) -> (Vec<(u64, u64)>, bool) {
+    let mut found = Vec::new();
+    let mut deleted = false;
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let name = path.to_string_lossy();
+        if target == name {
+            if let Ok(meta) = std::fs::metadata(fd.path()) {
+                found.push((meta.dev(), meta.ino()));
+            }
+        } else if target.starts_with(&*name) && target.ends_with("(deleted)") {
+            deleted = true;
+        }
+    }
+    (found, deleted)
+}
+
+#[test]
+fn the_syncer_syncs_the_log_sqlite_writes_through_checkpoints_and_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let wal: PathBuf = dir.path().join(format!("{DB_FILE}-wal"));
+    let inode = || {
+        let meta = std::fs::metadata(&wal).unwrap();
+        (meta.dev(), meta.ino())
+    };
+    let first = inode();
+    let check = |when: &str| {
+        let (fds, deleted) = open_on(&wal);
+        // SQLite's writer connection and the syncer, at least.
+        assert!(fds.len() >= 2, "{when}: {fds:?}");
+        assert!(
+            fds.iter().all(|f| *f == first),
+            "{when}: {fds:?} vs {first:?}"
+        );
+        assert!(!deleted, "{when}: a descriptor on a deleted log");
+        assert_eq!(inode(), first, "{when}: the log was replaced");
+    };
+    check("after open");
+    let w = store.writer();
+    let big = "x".repeat(3000);
+    // Enough pages for automatic checkpoints, each followed by a reset of the log.
+    for round in 0..3 {
+        let tickets: Vec<Ticket> = (0..600)
+            .map(|i| w.submit(insert_op(&task("s", &format!("{round} {i} {big}"), None))))
+            .collect();
+        for t in tickets {
+            assert_eq!(t.wait().unwrap(), Outcome::Inserted);
+        }
+        check("after checkpoints and resets");
+    }
+    // Truncated in place by another connection's checkpoint, then written again.
+    let other = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let _: i64 = other
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0, "not truncated");
+    drop(other);
+    check("after a truncating checkpoint");
+    let before = store.stats();
+    assert_eq!(
+        w.submit(insert_op(&task("s", "after", None)))
+            .wait()
+            .unwrap(),
+        Outcome::Inserted
+    );
+    assert!(store.stats().syncs > before.syncs);
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    check("after writing the truncated log again");
+}
