@@ -216,8 +216,11 @@ fn run_everything(env: &[(&str, Option<&str>)], extra: &[&str]) -> String {
         agent.as_str(),
         "--max-concurrent",
         "8",
+        // The cancelled task must end by its cooperative cancel: a grace a loaded
+        // machine cannot outrun by starving the test agent (the TERM-ignoring task
+        // waits it out once).
         "--cancel-grace",
-        "200ms",
+        "1s",
         "--term-grace",
         "200ms",
     ];
