@@ -177,6 +177,40 @@ fn acknowledged_messages_survive_kill9_exactly_once_and_dedup_after_restart() {
     }
 }
 
+#[test]
+fn duplicates_pipelined_behind_their_original_get_its_task_id_and_it_survives_kill9() {
+    let mut daemon = Daemon::with_echo_agent(&["--max-concurrent", "1"]);
+    let gate = daemon.gate("never");
+    let first = daemon.submit("chat", &format!("hold {gate} first"));
+    daemon.wait_state(&first, "running");
+    // The original and two re-deliveries in one write: the duplicates are answered
+    // (with its commit) with the original's task id, and nothing runs twice.
+    let send = |id: u64| {
+        json!({"id": id, "cmd": "send", "session": "chat", "message_id": "evt-pipelined",
+            "text": format!("hold {gate} pipelined")})
+    };
+    let answers = crate::status::exchange(&daemon, vec![send(1), send(2), send(3)]);
+    let original = crate::status::answer_to(&answers, 1);
+    assert_ne!(original["result"]["duplicate"], json!(true), "{original}");
+    let task_id = original["result"]["task"]["task_id"].clone();
+    for id in [2, 3] {
+        let r = crate::status::answer_to(&answers, id);
+        assert_eq!(r["result"]["duplicate"], json!(true), "{r}");
+        assert_eq!(r["result"]["task"]["task_id"], task_id, "{r}");
+    }
+    // Acknowledged, so durable: there after kill -9, once.
+    let _reaper = Reaper(kill9(&mut daemon));
+    let args = echo_agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    respawn(&mut daemon, &args, "agentd2.log");
+    let task = daemon.task(task_id.as_str().unwrap());
+    // The first task was interrupted by the kill: this one may have started since.
+    assert!(task["finished_at"].is_null(), "{task}");
+    let again = daemon.request(send(4));
+    assert_eq!(again["duplicate"], json!(true), "{again}");
+    assert_eq!(again["task"]["task_id"], task_id, "{again}");
+}
+
 /// One round: a client enqueues up to 5,000 messages with message ids while agentd
 /// is killed with SIGKILL once `threshold` are queued; after a restart every
 /// acknowledged message is present exactly once, and re-sending one returns its
@@ -488,6 +522,39 @@ fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_when_space_returns() 
         "text": format!("hold {gate} redelivered")});
     let r = daemon.try_request(redelivered.clone()).unwrap();
     assert_eq!(r["error"]["code"], json!("store_failed"), "{r}");
+    // A duplicate pipelined right behind its original (still in flight) gets the
+    // original's outcome, not an answer at once from the de-duplication window: the
+    // original's record is not written, so neither is accepted. Also when the
+    // original's task is stopped before its commit comes back.
+    for (round, stop_between) in [(0, false), (1, true)] {
+        let mut send = json!({"cmd": "send", "session": "chat-dup",
+            "message_id": format!("evt-dup-{round}"), "text": format!("hold {gate} dup")});
+        send["id"] = json!(1);
+        let mut requests = vec![send.clone()];
+        if stop_between {
+            requests.push(json!({"id": 2, "cmd": "stop", "session": "chat-dup", "wait": false}));
+        }
+        send["id"] = json!(3);
+        requests.push(send);
+        let answers = crate::status::exchange(&daemon, requests);
+        if stop_between {
+            // The original's task ended before its commit came back.
+            let stop = crate::status::answer_to(&answers, 2);
+            assert_eq!(
+                stop["result"]["stopped"][0]["state"],
+                json!("cancelled"),
+                "{stop}"
+            );
+        }
+        for id in [1, 3] {
+            let r = crate::status::answer_to(&answers, id);
+            assert_eq!(
+                r["error"]["code"],
+                json!("store_failed"),
+                "round {round}: {r}"
+            );
+        }
+    }
     // Queue settings the store cannot save are not answered as saved.
     let r = daemon
         .try_request(json!({"cmd": "queue", "session": "chat-q", "debounce_ms": 1234}))

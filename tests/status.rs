@@ -12,7 +12,7 @@ use crate::support::*;
 
 /// A connection that writes many request lines (from a thread, so that neither side
 /// blocks on a full socket buffer) and reads their answers.
-fn exchange(d: &Daemon, requests: Vec<Value>) -> Vec<Value> {
+pub(crate) fn exchange(d: &Daemon, requests: Vec<Value>) -> Vec<Value> {
     let stream = UnixStream::connect(&d.socket).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -32,7 +32,7 @@ fn exchange(d: &Daemon, requests: Vec<Value>) -> Vec<Value> {
     out
 }
 
-fn answer_to(answers: &[Value], id: u64) -> &Value {
+pub(crate) fn answer_to(answers: &[Value], id: u64) -> &Value {
     answers
         .iter()
         .find(|a| a["id"] == json!(id))

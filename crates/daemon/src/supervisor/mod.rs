@@ -294,6 +294,11 @@ struct Supervisor {
     /// has it), with the number of that write.
     checkpoints_in_flight: HashMap<TaskId, (u64, String)>,
     checkpoint_seq: u64,
+    /// New tasks with a message id whose insert may still be in flight, in submission
+    /// order, with their acknowledgements: a duplicate of one is answered only with
+    /// its commit. Committed ones leave from the front as new ones come; a failed one
+    /// leaves when the loop hears of the failure.
+    inserts_pending: std::collections::VecDeque<(TaskId, Arc<requests::ack::Ack>)>,
     /// Reads of finished tasks from the store, off the loop (`tasks --all`, `status`).
     reads: Option<crate::reads::Reads>,
     /// Finished tasks whose ending is not committed yet: listings take them from memory.
@@ -371,6 +376,7 @@ impl Supervisor {
             store_reader: None,
             resumes: HashMap::new(),
             checkpoints_in_flight: HashMap::new(),
+            inserts_pending: std::collections::VecDeque::new(),
             checkpoint_seq: 0,
             reads: None,
             finishing: Default::default(),

@@ -40,6 +40,8 @@ impl Supervisor {
                 original,
             } => {
                 tracing::warn!(%task_id, "the task's record was not written: stopping it");
+                // Its duplicates from here on are new work, or the stored task's.
+                self.inserts_pending.retain(|(id, _)| *id != task_id);
                 if let Some((session, message_id)) = message {
                     match original {
                         // A re-delivery is the stored task's.

@@ -52,7 +52,7 @@ impl Supervisor {
         // dispatcher's window no longer knows it, the store does.
         if let Some(original) = self.stored_message(&message) {
             let answer = self.send_reply(Ok(Accepted::Duplicate { task_id: original }));
-            return Some((reply, answer));
+            return self.answer_duplicate(original, reply, answer);
         }
         self.accept_work(message, None, work.timeout, reply)
     }
@@ -100,6 +100,17 @@ impl Supervisor {
             };
             let ack = Ack::new();
             let on_commit = OnCommit::new(&ack);
+            if message_key.is_some() {
+                // Committed ones (in order, mostly) make room first.
+                while self
+                    .inserts_pending
+                    .front()
+                    .is_some_and(|(_, ack)| ack.inserted())
+                {
+                    self.inserts_pending.pop_front();
+                }
+                self.inserts_pending.push_back((task_id, ack.clone()));
+            }
             self.store.submit_with(
                 Op::Insert {
                     task: Box::new(record),
@@ -129,7 +140,14 @@ impl Supervisor {
         }
         self.execute(actions);
         self.mark_kept_steer(&outcome);
+        let duplicate_of = match &outcome {
+            Ok(Accepted::Duplicate { task_id }) => Some(*task_id),
+            _ => None,
+        };
         let mut answer = self.send_reply(outcome);
+        if let Some(original) = duplicate_of {
+            return self.answer_duplicate(original, reply, answer);
+        }
         if let (Some(line), Ok(Answer::Send(send))) = (resumed_line, &mut answer) {
             send.reply = format!("{line}\n{}", send.reply);
         }
@@ -143,6 +161,32 @@ impl Supervisor {
             task_id,
             message: message_key,
             events: self.store_events.clone(),
+            relay: self.relay.clone(),
+        });
+        None
+    }
+
+    /// The answer to a duplicate of `original`'s message: now if `original`'s insert
+    /// has committed, else (`None`) with its outcome once it does, so that it is
+    /// never acknowledged before `original` is, nor when `original` is refused.
+    fn answer_duplicate(
+        &self,
+        original: TaskId,
+        reply: Replier,
+        answer: Reply,
+    ) -> Option<(Replier, Reply)> {
+        // Newest first: a duplicate mostly follows its original closely.
+        let Some((_, ack)) = self
+            .inserts_pending
+            .iter()
+            .rev()
+            .find(|(task_id, _)| *task_id == original)
+        else {
+            return Some((reply, answer));
+        };
+        ack.duplicate(ack::Duplicate {
+            reply,
+            answer,
             relay: self.relay.clone(),
         });
         None
