@@ -22,10 +22,10 @@ Every frame read is bounded: the length prefix is checked against MAX_FRAME_BYTE
 before the payload is read, and every string length against the bytes left in its
 frame, so a bad peer cannot make this module allocate more than one frame.
 
-When agentd goes away (EOF on the channel, or a frame that does not decode), the
-agent must stop at once: by default the module calls ``os._exit(1)`` from its
-reader thread; pass ``on_gone`` to do something else first (it must still end the
-process soon).
+When agentd goes away (EOF on the channel, a frame that does not decode, or a send
+that finds the channel closed or reset), the agent must stop at once: by default
+the module calls ``os._exit(1)`` from the thread that noticed; pass ``on_gone`` to
+do something else first (it must still end the process soon).
 """
 
 import os
@@ -382,9 +382,25 @@ class Agent:
         with self._lock:
             if self._result_sent:
                 raise ProtocolError("a result was already sent on this channel")
-            if payload[:1] == bytes([_RESULT]):
-                self._result_sent = True
-            self._sock.sendall(data)
+            is_result = payload[:1] == bytes([_RESULT])
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                gone = True
+            else:
+                gone = False
+                if is_result:
+                    self._result_sent = True
+        if gone:
+            # The channel is closed or reset: agentd went away while this agent was
+            # still talking. Stop the way an EOF seen by the reader stops.
+            self._gone()
+
+    def _gone(self):
+        """agentd went away before this agent's result: stop now."""
+        if self._on_gone is not None:
+            self._on_gone()
+        os._exit(1)
 
     def progress(self, text):
         """Sends one line of human-readable progress."""
@@ -463,6 +479,4 @@ class Agent:
             done = self._result_sent
         if done:
             return  # the conversation is over; EOF is expected
-        if self._on_gone is not None:
-            self._on_gone()
-        os._exit(1)
+        self._gone()
