@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 #[path = "common/socket_bench.rs"]
 mod socket_bench;
-use socket_bench::{pin, serve_echo, Conn, EchoServer};
+use socket_bench::{pin, serve_echo, serve_echo_epoll, Conn, EchoServer};
 
 fn p50(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -83,7 +83,9 @@ fn cpu_per_request(socket: &Path, pid: Option<u32>, request: &str, n: usize) -> 
 /// idle 2-core machine is bimodal (about 12 µs when the kernel runs the server on
 /// the client's CPU, about 40 µs when it wakes it on the other one), and which mode a
 /// process gets is the scheduler's choice (the one-thread echo server is pulled onto
-/// its client's CPU; agentd, woken through epoll by many sources, is not). Pinning
+/// its client's CPU, and so is one waiting in epoll, printed beside the unpinned
+/// figure; agentd's loop thread, which also wakes several threads of its own and
+/// every client, mostly is not). Pinning
 /// agentd and the echo server to the same CPUs compares like with like: first both on
 /// the client's CPU, then both on the other CPU. Also agentd's CPU per `status`
 /// beside the echo server's CPU per line, from the same client.
@@ -248,9 +250,16 @@ fn cpu_time(pid: u32) -> Option<Duration> {
 }
 
 fn main() {
-    if let Some("--serve-echo") = std::env::args().nth(1).as_deref() {
-        serve_echo(Path::new(&std::env::args().nth(2).expect("a socket path")));
-        return;
+    match std::env::args().nth(1).as_deref() {
+        Some("--serve-echo") => {
+            serve_echo(Path::new(&std::env::args().nth(2).expect("a socket path")));
+            return;
+        }
+        Some("--serve-echo-epoll") => {
+            serve_echo_epoll(Path::new(&std::env::args().nth(2).expect("a socket path")));
+            return;
+        }
+        _ => {}
     }
     let mut socket = None;
     let (mut clients, mut messages, mut sessions) = (64usize, 100_000usize, 10_000usize);
@@ -347,6 +356,19 @@ fn main() {
             micros(status_full.ours) / micros(ping.ours)
         ),
     );
+    // The same against an echo server that waits in epoll, as agentd does (unpinned
+    // too): the blocking echo above is woken on the client's CPU more readily.
+    let epoll_path = socket.with_file_name("echo-epoll.sock");
+    let _ = std::fs::remove_file(&epoll_path);
+    let epoll_echo = EchoServer::start_epoll(&epoll_path);
+    let status_full_epoll = latency(&socket, &epoll_path, probe, 5_000);
+    report(
+        "  the same against an epoll echo server",
+        &status_full_epoll,
+        "  (target ≤ 2)",
+    );
+    drop(epoll_echo);
+    let _ = std::fs::remove_file(&epoll_path);
     let status_cpu_full = cpu_per_request(&socket, agentd_pid, probe, 20_000);
     if let (Some(empty), Some(full)) = (status_cpu_empty, status_cpu_full) {
         println!(

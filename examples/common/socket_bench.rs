@@ -42,8 +42,20 @@ pub struct EchoServer(std::process::Child);
 
 impl EchoServer {
     pub fn start(path: &Path) -> EchoServer {
+        EchoServer::start_as("--serve-echo", path)
+    }
+
+    /// The echo server that waits in `epoll` (one current-thread tokio runtime, a
+    /// task per connection), as agentd does: the kernel wakes a process blocked in
+    /// `read` on the waker's CPU more readily than one blocked in `epoll_wait`.
+    #[allow(dead_code)] // bench_enqueue's figures
+    pub fn start_epoll(path: &Path) -> EchoServer {
+        EchoServer::start_as("--serve-echo-epoll", path)
+    }
+
+    fn start_as(mode: &str, path: &Path) -> EchoServer {
         let child = std::process::Command::new(std::env::current_exe().expect("own path"))
-            .arg("--serve-echo")
+            .arg(mode)
             .arg(path)
             .spawn()
             .expect("start the echo server");
@@ -119,4 +131,38 @@ pub fn serve_echo(path: &Path) {
             }
         });
     }
+}
+
+/// The `epoll` echo server ([`EchoServer::start_epoll`]).
+#[allow(dead_code)] // bench_enqueue's figures
+pub fn serve_echo_epoll(path: &Path) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind the echo socket");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (reader, mut writer) = stream.into_split();
+                let mut reader = tokio::io::BufReader::new(reader);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            if writer.write_all(line.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
 }
