@@ -272,6 +272,30 @@ pub(crate) struct Request {
     early: bool,
 }
 
+impl Request {
+    /// An op whose `done` hears of its outcome (`early`: of a first failure at once).
+    fn new(
+        op: Op,
+        done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
+        early: bool,
+    ) -> Request {
+        Request {
+            op,
+            done: Some(Box::new(done)),
+            early,
+        }
+    }
+
+    /// An op nobody waits for.
+    fn detached(op: Op) -> Request {
+        Request {
+            op,
+            done: None,
+            early: false,
+        }
+    }
+}
+
 pub(crate) enum Msg {
     Op(Request),
     /// Several ops handed over at once ([`StoreWriter::submit_batch`]), in order.
@@ -337,11 +361,7 @@ impl Batch {
         op: Op,
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
-        self.0.push(Request {
-            op,
-            done: Some(Box::new(done)),
-            early: false,
-        });
+        self.0.push(Request::new(op, done, false));
     }
 
     /// As [`StoreWriter::submit_reporting`].
@@ -350,20 +370,12 @@ impl Batch {
         op: Op,
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
-        self.0.push(Request {
-            op,
-            done: Some(Box::new(done)),
-            early: true,
-        });
+        self.0.push(Request::new(op, done, true));
     }
 
     /// As [`StoreWriter::submit_detached`].
     pub fn submit_detached(&mut self, op: Op) {
-        self.0.push(Request {
-            op,
-            done: None,
-            early: false,
-        });
+        self.0.push(Request::detached(op));
     }
 
     pub fn len(&self) -> usize {
@@ -393,11 +405,7 @@ impl StoreWriter {
         op: Op,
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
-        self.send(Request {
-            op,
-            done: Some(Box::new(done)),
-            early: false,
-        });
+        self.send(Request::new(op, done, false));
     }
 
     /// Submits `op` like [`StoreWriter::submit_with`], but if its transaction fails
@@ -409,11 +417,7 @@ impl StoreWriter {
         op: Op,
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
-        self.send(Request {
-            op,
-            done: Some(Box::new(done)),
-            early: true,
-        });
+        self.send(Request::new(op, done, true));
     }
 
     fn send(&self, request: Request) {
@@ -459,12 +463,7 @@ impl StoreWriter {
 
     /// Submits `op` without waiting for it (its failure is only logged).
     pub fn submit_detached(&self, op: Op) {
-        let request = Request {
-            op,
-            done: None,
-            early: false,
-        };
-        let _ = self.tx.send(Msg::Op(request));
+        let _ = self.tx.send(Msg::Op(Request::detached(op)));
     }
 
     pub fn stats(&self) -> Stats {
