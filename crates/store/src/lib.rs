@@ -26,6 +26,7 @@ mod record;
 mod schema;
 mod store;
 mod sync;
+mod walbuf;
 
 #[cfg(test)]
 mod tests;

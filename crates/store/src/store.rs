@@ -110,6 +110,7 @@ use crate::pid::ProcessIdentity;
 use crate::record::{Exit, PreviousRun, Recovery, SessionSettings, State, TaskRecord};
 use crate::schema;
 use crate::sync::{Committed, SyncQueue};
+use crate::walbuf;
 
 /// Name of the store file in the state dir.
 pub const DB_FILE: &str = "agentd.db";
@@ -635,11 +636,17 @@ fn corrupt_or_open(path: &Path, e: rusqlite::Error) -> StoreError {
 /// Opens the file, checks it is a sound store of a version we know, and migrates it.
 fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, StoreError> {
     let open_err = |e: rusqlite::Error| corrupt_or_open(path, e);
-    let mut conn = Connection::open_with_flags(
+    // Through the VFS that writes a transaction's log frames in one call (walbuf.rs).
+    let vfs = walbuf::register().map_err(|detail| StoreError::Open {
+        path: path.to_path_buf(),
+        detail,
+    })?;
+    let mut conn = Connection::open_with_flags_and_vfs(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        vfs,
     )
     .map_err(open_err)?;
     // The first read of the header finds a file that is not a database at all.
@@ -1291,6 +1298,21 @@ impl Writer {
             self.rollback();
             self.next_seq = seq_before;
             return Err(fail(&e));
+        }
+        // The log's frames are in the file by now (walbuf.rs writes a run out with
+        // its commit frame); this checks it, and writes out anything still held.
+        match walbuf::flush_after_commit(&self.conn) {
+            Ok(false) => {}
+            Ok(true) => tracing::error!("store: log frames were still held after a commit"),
+            Err(rc) => {
+                // Committed as far as SQLite knows, but not in the file: as a failed
+                // sync (nothing it or a later commit holds is acknowledged).
+                let e = std::io::Error::other(format!(
+                    "cannot write the write-ahead log (SQLite error {rc})"
+                ));
+                tracing::warn!("store: {e}");
+                self.shared.sync.fail_next(e);
+            }
         }
         Ok(results)
     }

@@ -77,7 +77,9 @@ struct SyncState {
     hold: Option<mpsc::Receiver<()>>,
     #[cfg(test)]
     held: bool,
-    #[cfg(test)]
+    /// The next sync of a transaction that needs one fails with this instead of
+    /// syncing: a test hook, and what the writer does when its log could not be
+    /// written out after a commit (walbuf.rs; never seen).
     fail_next: Option<std::io::Error>,
     /// Test hook: this many repairs of the log fail.
     #[cfg(test)]
@@ -178,7 +180,7 @@ impl SyncQueue {
             state.in_flight = true;
             let durable = taken.iter().any(|c| c.durable);
             #[cfg(test)]
-            let injected = if durable {
+            if durable {
                 if let Some(hold) = state.hold.take() {
                     state.held = true;
                     drop(state);
@@ -186,19 +188,18 @@ impl SyncQueue {
                     state = queue.lock();
                     state.held = false;
                 }
+            }
+            let injected = if durable {
                 state.fail_next.take()
             } else {
                 None
             };
             drop(state);
             let synced = if durable {
-                #[cfg(test)]
                 let result = match injected {
                     Some(e) => Err(e),
                     None => wal.sync_data(),
                 };
-                #[cfg(not(test))]
-                let result = wal.sync_data();
                 if result.is_ok() {
                     shared.syncs.fetch_add(1, Ordering::Relaxed);
                 }
@@ -255,8 +256,8 @@ impl SyncQueue {
         self.lock().held
     }
 
-    /// The next sync fails with `e` instead of syncing (tests only).
-    #[cfg(test)]
+    /// The next sync (of a transaction that needs one) fails with `e` instead of
+    /// syncing.
     pub(crate) fn fail_next(&self, e: std::io::Error) {
         self.lock().fail_next = Some(e);
     }
