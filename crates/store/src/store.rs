@@ -96,8 +96,8 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -320,6 +320,7 @@ pub(crate) struct Shared {
     pending_retries: AtomicU64,
     healthy: AtomicBool,
     pub(crate) sync: SyncQueue,
+    answers: Answers,
 }
 
 /// What the writer has done so far.
@@ -389,12 +390,111 @@ impl Batch {
 }
 
 /// Waits for one op's outcome.
-pub struct Ticket(mpsc::Receiver<Result<Outcome, StoreError>>);
+pub struct Ticket {
+    slot: Arc<OnceLock<Result<Outcome, StoreError>>>,
+    shared: Arc<Shared>,
+}
 
 impl Ticket {
     /// Blocks until the op's transaction committed or failed.
     pub fn wait(self) -> Result<Outcome, StoreError> {
-        self.0.recv().unwrap_or(Err(StoreError::Closed))
+        let word = &self.shared.answers.0;
+        loop {
+            // The generation is read before the slot: an answer set after this
+            // read bumps it, so the wait below returns at once.
+            let generation = word.load(Ordering::Acquire);
+            if let Some(result) = self.slot.get() {
+                return result.clone();
+            }
+            futex_wait(word, generation);
+        }
+    }
+}
+
+/// Where threads blocked in [`Ticket::wait`] sleep: one futex word for all of them,
+/// bumped at every wake-up, so that the syncer wakes every ticket of a sync with one
+/// call (`FUTEX_WAKE` of all) instead of one per answer. A ticket of a later sync
+/// woken with them finds its slot empty and sleeps again.
+#[derive(Default)]
+pub(crate) struct Answers(AtomicU32);
+
+impl Answers {
+    fn wake_all(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+        // SAFETY: a futex call on a live word; it reads nothing else.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.0.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                i32::MAX,
+            );
+        }
+    }
+}
+
+/// Sleeps while `word` holds `expected` (or until a signal or a spurious wake-up).
+fn futex_wait(word: &AtomicU32, expected: u32) {
+    // SAFETY: a futex call on a live word; no timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            std::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+thread_local! {
+    /// Inside [`defer_wakes`]: tickets answered meanwhile (`Some(true)`) wake their
+    /// threads together at its end.
+    static DEFERRED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (which calls completions) and wakes the threads of the tickets it
+/// answered with one call at the end.
+pub(crate) fn defer_wakes(shared: &Shared, f: impl FnOnce()) {
+    let outer = DEFERRED.with(|d| d.replace(Some(false)));
+    f();
+    let answered = DEFERRED.with(|d| d.replace(outer)) == Some(true);
+    if answered {
+        shared.answers.wake_all();
+    }
+}
+
+/// A ticket's side held by its completion: sets the outcome and wakes the waiter
+/// (at the end of [`defer_wakes`] when inside it). Dropped without an answer (the
+/// op was dropped unwritten: the writer is gone), it answers `Closed`.
+struct Answer {
+    slot: Arc<OnceLock<Result<Outcome, StoreError>>>,
+    shared: Arc<Shared>,
+}
+
+impl Answer {
+    fn send(&self, result: Result<Outcome, StoreError>) {
+        if self.slot.set(result).is_err() {
+            return;
+        }
+        let deferred = DEFERRED.with(|d| match d.get() {
+            Some(_) => {
+                d.set(Some(true));
+                true
+            }
+            None => false,
+        });
+        if !deferred {
+            self.shared.answers.wake_all();
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if self.slot.get().is_none() {
+            self.send(Err(StoreError::Closed));
+        }
     }
 }
 
@@ -455,11 +555,16 @@ impl StoreWriter {
 
     /// Submits `op` and returns a ticket to wait for its outcome.
     pub fn submit(&self, op: Op) -> Ticket {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit_with(op, move |result| {
-            let _ = tx.send(result);
-        });
-        Ticket(rx)
+        let slot = Arc::new(OnceLock::new());
+        let answer = Answer {
+            slot: Arc::clone(&slot),
+            shared: Arc::clone(&self.shared),
+        };
+        self.submit_with(op, move |result| answer.send(result));
+        Ticket {
+            slot,
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Submits `op` without waiting for it (its failure is only logged).
@@ -1770,5 +1875,31 @@ impl Reader {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod ticket_tests {
+    use super::*;
+
+    /// An op dropped unwritten (the writer gone with it still queued) answers its
+    /// ticket `Closed`, waking the thread waiting on it.
+    #[test]
+    fn a_ticket_whose_op_is_dropped_unanswered_gets_closed() {
+        let shared = Arc::new(Shared::default());
+        let slot = Arc::new(OnceLock::new());
+        let answer = Answer {
+            slot: Arc::clone(&slot),
+            shared: Arc::clone(&shared),
+        };
+        let ticket = Ticket { slot, shared };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(ticket.wait()).unwrap());
+        // Whether the thread sleeps already or not, dropping the answer wakes it.
+        drop(answer);
+        let result = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the waiting thread was not woken");
+        assert!(matches!(result, Err(StoreError::Closed)));
     }
 }

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::{StorageKind, StoreError};
-use crate::store::{complete, Msg, Request, Shared};
+use crate::store::{complete, defer_wakes, Msg, Request, Shared};
 use crate::Outcome;
 
 /// One committed transaction: its ops and their outcomes, in order.
@@ -209,9 +209,12 @@ impl SyncQueue {
             };
             match synced {
                 Ok(()) => {
-                    for committed in taken {
-                        committed.release();
-                    }
+                    // The tickets answered here wake together, with one call.
+                    defer_wakes(&shared, || {
+                        for committed in taken {
+                            committed.release();
+                        }
+                    });
                     queue.lock().in_flight = false;
                     queue.taken.notify_one();
                 }

@@ -400,6 +400,57 @@ fn concurrent_submitters_share_commits() {
     );
 }
 
+/// Tickets of a sync are woken together (one futex word for all of them): none is
+/// lost, whether answered by the syncer (inserts, flushes) or on the writer (state
+/// changes with nothing ahead of them), and a thread woken for another ticket's
+/// answer sleeps again until its own. A lost wake-up would hang a client: the
+/// watchdog fails the test instead.
+#[test]
+fn every_waiting_ticket_is_woken_by_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let (done_tx, done_rx) = mpsc::channel();
+    let clients = 64;
+    for c in 0..clients {
+        let w = store.writer();
+        let done = done_tx.clone();
+        std::thread::spawn(move || {
+            for i in 0..60 {
+                let t = task(&format!("client-{c}"), &format!("message {i}"));
+                assert_eq!(insert(&w, &t, false), Outcome::Inserted);
+                let op = match i % 3 {
+                    0 => Op::Flush,
+                    1 => Op::SetState {
+                        id: t.id,
+                        state: State::Running,
+                    },
+                    _ => Op::Progress {
+                        id: t.id,
+                        text: "half way".into(),
+                    },
+                };
+                assert!(w.submit(op).wait().is_ok());
+            }
+            done.send(c).unwrap();
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut finished = HashSet::new();
+    while finished.len() < clients {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(c) => {
+                finished.insert(c);
+            }
+            Err(_) => panic!(
+                "{} of {clients} clients still wait for an answer (a lost wake-up)",
+                clients - finished.len()
+            ),
+        }
+    }
+    assert_eq!(store.stats().ops, (clients * 60 * 2) as u64);
+}
+
 #[test]
 fn state_changes_commit_without_a_sync_and_acknowledged_ops_with_one() {
     let dir = tempfile::tempdir().unwrap();
