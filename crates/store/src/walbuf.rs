@@ -74,6 +74,10 @@ struct WalFile {
     /// Writes taken into runs, and runs written (tests).
     held: u64,
     runs: u64,
+    /// Test hook: the next run fails with this code instead of being written, as
+    /// the default VFS reports a full disk or an I/O error.
+    #[cfg(test)]
+    fail_next: Option<c_int>,
 }
 
 const REAL_OFFSET: usize = std::mem::size_of::<WalFile>().next_multiple_of(16);
@@ -180,6 +184,8 @@ unsafe extern "C" fn vfs_open(
                 commit_next: false,
                 held: 0,
                 runs: 0,
+                #[cfg(test)]
+                fail_next: None,
             },
         );
         ffi::SQLITE_OK
@@ -201,6 +207,11 @@ impl WalFile {
             self.commit_next = false;
             if self.run.is_empty() {
                 return ffi::SQLITE_OK;
+            }
+            #[cfg(test)]
+            if let Some(rc) = self.fail_next.take() {
+                self.run.clear();
+                return rc;
             }
             let write = methods(self.real).xWrite.expect("files write");
             let rc = write(
@@ -403,6 +414,14 @@ pub(crate) fn flush_after_commit(conn: &Connection) -> Result<bool, c_int> {
     }
 }
 
+/// The next run `conn`'s log writes fails with `rc` instead (tests).
+#[cfg(test)]
+pub(crate) fn fail_next_run(conn: &Connection, rc: c_int) {
+    let f = log_of(conn).expect("a log of this VFS");
+    // SAFETY: the test's own connection, between statements.
+    unsafe { (*f).fail_next = Some(rc) };
+}
+
 /// Writes taken into runs and runs written so far by `conn`'s log (tests).
 #[cfg(test)]
 pub(crate) fn counts(conn: &Connection) -> Option<(u64, u64)> {
@@ -542,5 +561,56 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 20_110);
+    }
+
+    /// A run that cannot be written fails the commit whose frame completes it, as
+    /// a failed frame write did before: SQLite rolls the transaction back, keeps
+    /// every earlier one, and the next commit writes its frames over the failed
+    /// ones; a restart recovers exactly the committed transactions.
+    #[test]
+    fn a_run_that_cannot_be_written_fails_its_commit_and_loses_nothing_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        insert(&conn, 0, 50);
+        for (round, rc) in [ffi::SQLITE_FULL, ffi::SQLITE_IOERR_WRITE]
+            .into_iter()
+            .enumerate()
+        {
+            fail_next_run(&conn, rc);
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            for k in 0..50 {
+                conn.execute(
+                    "INSERT INTO t (k, s, v) VALUES (?1, ?2, 'lost')",
+                    rusqlite::params![1_000 * (round as i64 + 1) + k, format!("s{}", k % 64)],
+                )
+                .unwrap();
+            }
+            let err = conn.execute_batch("COMMIT").unwrap_err();
+            assert_eq!(
+                err.sqlite_error().map(|e| e.extended_code),
+                Some(rc),
+                "{err}"
+            );
+            if !conn.is_autocommit() {
+                conn.execute_batch("ROLLBACK").unwrap();
+            }
+            assert_eq!(flush_after_commit(&conn), Ok(false));
+            let n: i64 = conn
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 50 + 10 * round as i64, "the failed transaction is gone");
+            insert(&conn, 50 + 10 * round as i64, 10);
+        }
+        let lost: i64 = conn
+            .query_row("SELECT count(*) FROM t WHERE v = 'lost'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(lost, 0);
+        let other = Connection::open(&path).unwrap();
+        let seen: i64 = other
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seen, 70);
+        assert_eq!(recovered(dir.path(), &path), (70, "ok".to_string()));
     }
 }
