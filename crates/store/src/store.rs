@@ -31,7 +31,7 @@
 //! log inside `COMMIT`, before it returns):
 //! - The same bytes reach the disk. With FULL, SQLite writes the frames and then
 //!   syncs the `-wal` file; here SQLite writes the same frames (through `walbuf.rs`,
-//!   which writes a transaction's frames in one call, all of them before `COMMIT`
+//!   which writes a transaction's frames in one call per 128 KiB, all before `COMMIT`
 //!   returns, which the writer checks after every commit) and the syncer syncs
 //!   the same file before anyone is told (SQLite as bundled calls `fsync`; the
 //!   syncer's `fdatasync` leaves out only the file's times, which recovery does not
