@@ -408,7 +408,8 @@ impl Ticket {
             if let Some(result) = self.slot.get() {
                 return result.clone();
             }
-            futex_wait(word, generation);
+            // Sleeps while the word holds `generation` (or until a spurious wake-up).
+            atomic_wait::wait(word, generation);
         }
     }
 }
@@ -423,29 +424,7 @@ pub(crate) struct Answers(AtomicU32);
 impl Answers {
     fn wake_all(&self) {
         self.0.fetch_add(1, Ordering::Release);
-        // SAFETY: a futex call on a live word; it reads nothing else.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                self.0.as_ptr(),
-                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                i32::MAX,
-            );
-        }
-    }
-}
-
-/// Sleeps while `word` holds `expected` (or until a signal or a spurious wake-up).
-fn futex_wait(word: &AtomicU32, expected: u32) {
-    // SAFETY: a futex call on a live word; no timeout.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            std::ptr::null::<libc::timespec>(),
-        );
+        atomic_wait::wake_all(&self.0);
     }
 }
 
