@@ -258,7 +258,7 @@ fn report_matched(what: &str, m: Option<Matched>) {
     report(
         &format!("  {what}, placement-matched"),
         &m.all,
-        "  (target ≤ 2)",
+        "  (target ≤ 2; client on CPU 0, agentd unpinned, the echo on its loop's CPU)",
     );
     let place = |l: &Option<Latency>| match l {
         Some(l) => format!(
@@ -270,7 +270,7 @@ fn report_matched(what: &str, m: Option<Matched>) {
         None => "no samples".to_string(),
     };
     println!(
-        "    (client on CPU 0, agentd unpinned, the echo on its loop's CPU) loop on the client's CPU in {} of {} samples: there {}; on the other CPU {}",
+        "    agentd's loop on the client's CPU in {} of {} samples: there {}; on the other CPU {}",
         m.shared,
         m.n,
         place(&m.by_place[0]),
