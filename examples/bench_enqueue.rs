@@ -11,6 +11,8 @@
 //!   whole run, over the first tenth (queue nearly empty) and over the last tenth
 //!   (queue nearly full);
 //! - `status` p50 with every message queued;
+//! - both `status` p50s also placement-matched (see [`matched`]), and at 100k queued
+//!   with agentd and the echo server pinned alike (see [`placed`]);
 //!
 //! and prints every figure with its ratio to the baselines. It asserts nothing.
 //!
@@ -67,28 +69,45 @@ struct Latency {
     rtt: Duration,
 }
 
-/// agentd's CPU time per request over `n` round trips of `request` (load-independent,
-/// unlike a latency on a shared machine).
-fn cpu_per_request(socket: &Path, pid: Option<u32>, request: &str, n: usize) -> Option<Duration> {
+/// The CPU time per request of process `pid` over `n` round trips of `request`
+/// (load-independent, unlike a latency on a shared machine, but not independent of
+/// where the server runs: on this 2-vCPU VM a `status` answered on the client's CPU
+/// cost agentd about half the CPU time of one answered on the other, idle vCPU, e.g.
+/// 12 against 23.5 µs), and the share of every 100th reply after which the server's
+/// main thread (agentd's loop) had last run on the client's CPU.
+fn cpu_per_request(
+    socket: &Path,
+    pid: Option<u32>,
+    request: &str,
+    n: usize,
+) -> Option<(Duration, f64)> {
+    let pid = pid?;
     let mut conn = Conn::connect(socket);
-    let before = cpu_time(pid?)?;
-    for _ in 0..n {
+    let (mut checks, mut shared) = (0, 0);
+    let before = cpu_time(pid)?;
+    for i in 0..n {
         conn.round_trip(request);
+        if i % 100 == 0 {
+            // SAFETY: sched_getcpu has no preconditions.
+            let here = unsafe { libc::sched_getcpu() };
+            checks += 1;
+            shared += usize::from(last_cpu(pid, pid).map(|c| c as i32) == Some(here));
+        }
     }
-    let after = cpu_time(pid?)?;
-    Some(after.saturating_sub(before) / n as u32)
+    let after = cpu_time(pid)?;
+    Some((
+        after.saturating_sub(before) / n as u32,
+        shared as f64 / checks as f64,
+    ))
 }
 
 /// `status` against the echo with both servers placed alike: the round trip on an
 /// idle 2-core machine is bimodal (about 12 µs when the kernel runs the server on
-/// the client's CPU, about 40 µs when it wakes it on the other one), and which mode a
-/// process gets is the scheduler's choice (the one-thread echo server is pulled onto
-/// its client's CPU, and so is one waiting in epoll, printed beside the unpinned
-/// figure; agentd's loop thread, which also wakes several threads of its own and
-/// every client, mostly is not). Pinning
-/// agentd and the echo server to the same CPUs compares like with like: first both on
-/// the client's CPU, then both on the other CPU. Also agentd's CPU per `status`
-/// beside the echo server's CPU per line, from the same client.
+/// the client's CPU, 40–60 µs when it wakes it on the other, idle one), and which
+/// mode a process gets is the scheduler's choice (see [`matched`]). Pinning agentd and
+/// the echo server to the same CPUs compares like with like: first both on the
+/// client's CPU, then both on the other CPU. Also agentd's CPU per `status` beside the
+/// echo server's CPU per line, from the same client, both unpinned again.
 fn placed(socket: &Path, echo: &EchoServer, agentd: Option<u32>, probe: &str, n: usize) {
     let Some(agentd) = agentd else { return };
     let cpus: Vec<usize> =
@@ -114,17 +133,149 @@ fn placed(socket: &Path, echo: &EchoServer, agentd: Option<u32>, probe: &str, n:
         );
     }
     let _ = pin(None, &cpus) && pin(Some(agentd), &cpus) && pin(Some(echo.pid()), &cpus);
-    if let (Some(ours), Some(base)) = (
+    if let (Some((ours, shared)), Some((base, _))) = (
         cpu_per_request(socket, Some(agentd), probe, 20_000),
         cpu_per_request(&echo_path, Some(echo.pid()), probe, 20_000),
     ) {
         println!(
-            "  CPU per request, unpinned: agentd status {:.1} µs, echo line {:.1} µs ({:.2}× the echo)",
+            "  CPU per request, unpinned: agentd status {:.1} µs (loop on the client's CPU {:.0}%), echo line {:.1} µs ({:.2}× the echo)",
             micros(ours),
+            shared * 100.0,
             micros(base),
             micros(ours) / micros(base).max(0.001)
         );
     }
+}
+
+/// The CPU thread `tid` of process `pid` last ran on (field 39 of its `stat`).
+fn last_cpu(pid: u32, tid: u32) -> Option<usize> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // Field 39, the 37th after the command name (which may hold spaces).
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(36)?
+        .parse()
+        .ok()
+}
+
+/// `status` with agentd left where the scheduler puts it and the echo server put
+/// where agentd's loop thread is: the client (this thread) on CPU 0; after each of
+/// agentd's replies, the CPU its loop thread (the main thread, which runs the
+/// current-thread runtime) last ran on is read, and the echo server is pinned to that
+/// CPU (when it changed) before the echo's round trip that follows. Each echo sample
+/// is thus taken with the echo server on the same CPU, relative to the client, as
+/// agentd's loop in the sample before it, so the ratio compares like with like
+/// without moving agentd. The unpinned ratio above it also measures where the kernel
+/// put the two servers one client alternates between: on this 2-vCPU VM it mostly
+/// keeps one of them on the client's CPU and wakes the other on the other vCPU, and
+/// the one that costs more CPU per request is mostly the one sent across (two identical
+/// echo servers split either way; one spinning 15 µs per line lost to a plain one in
+/// 8 of 10 runs; an echo spinning 30 µs per line sent agentd to the client's CPU), so
+/// agentd's larger CPU per `status` than the echo's per line turned into a 3–4.6×
+/// latency ratio. Also how many of agentd's samples had its loop on the client's CPU,
+/// and both servers' p50 by that placement.
+fn matched(
+    socket: &Path,
+    echo: &EchoServer,
+    agentd: u32,
+    request: &str,
+    n: usize,
+) -> Option<Matched> {
+    let cpus: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    if cpus.len() < 2 || !pin(None, &[0]) {
+        return None;
+    }
+    let echo_path = socket.with_file_name("echo.sock");
+    let mut conn = Conn::connect(socket);
+    let mut echo_conn = Conn::connect(&echo_path);
+    for _ in 0..n / 10 {
+        conn.round_trip(request);
+        echo_conn.round_trip(request);
+    }
+    let mut echo_cpu = None;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let reply = conn.round_trip(request);
+        let ours = t.elapsed();
+        assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
+        let Some(cpu) = last_cpu(agentd, agentd) else {
+            break;
+        };
+        if echo_cpu != Some(cpu) {
+            if !pin(Some(echo.pid()), &[cpu]) {
+                break;
+            }
+            echo_cpu = Some(cpu);
+        }
+        let t = Instant::now();
+        echo_conn.round_trip(request);
+        samples.push((ours, t.elapsed(), cpu == 0));
+    }
+    let _ = pin(Some(echo.pid()), &cpus) && pin(None, &cpus);
+    if samples.len() < n {
+        return None;
+    }
+    // The p50s of agentd's and the echo's samples with agentd's loop where `keep` says.
+    let latency_of = |keep: &dyn Fn(bool) -> bool| {
+        let (ours, echo): (Vec<Duration>, Vec<Duration>) = samples
+            .iter()
+            .filter(|s| keep(s.2))
+            .map(|s| (s.0, s.1))
+            .unzip();
+        (!ours.is_empty()).then(|| Latency {
+            ours: p50(ours),
+            rtt: p50(echo),
+        })
+    };
+    Some(Matched {
+        all: latency_of(&|_| true)?,
+        shared: samples.iter().filter(|s| s.2).count(),
+        n,
+        by_place: [true, false].map(|shared| latency_of(&|s| s == shared)),
+    })
+}
+
+struct Matched {
+    all: Latency,
+    /// How many of the `n` samples had agentd's loop on the client's CPU.
+    shared: usize,
+    n: usize,
+    /// The p50s of the samples with agentd's loop on the client's CPU, then the rest.
+    by_place: [Option<Latency>; 2],
+}
+
+/// Prints [`matched`]'s figures.
+fn report_matched(what: &str, m: Option<Matched>) {
+    let Some(m) = m else {
+        println!(
+            "  (cannot pin the client and the echo server: placement-matched figures skipped)"
+        );
+        return;
+    };
+    report(
+        &format!("  {what}, placement-matched"),
+        &m.all,
+        "  (target ≤ 2; client on CPU 0, agentd unpinned, the echo on its loop's CPU)",
+    );
+    let place = |l: &Option<Latency>| match l {
+        Some(l) => format!(
+            "{:.1} vs {:.1} µs ({:.2}×)",
+            micros(l.ours),
+            micros(l.rtt),
+            micros(l.ours) / micros(l.rtt)
+        ),
+        None => "no samples".to_string(),
+    };
+    println!(
+        "    agentd's loop on the client's CPU in {} of {} samples: there {}; on the other CPU {}",
+        m.shared,
+        m.n,
+        place(&m.by_place[0]),
+        place(&m.by_place[1])
+    );
 }
 
 /// Prints one latency line with its ratio to the round trip measured beside it.
@@ -305,7 +456,17 @@ fn main() {
         .and_then(|p| p.parse::<u32>().ok());
     report("agentd ping p50 (answered by the connection)", &ping, "");
     let status_empty = latency(&socket, &echo_path, probe, 5_000);
-    report("agentd status p50, empty queue", &status_empty, "");
+    report(
+        "agentd status p50, empty queue, unpinned",
+        &status_empty,
+        "",
+    );
+    if let Some(pid) = agentd_pid {
+        report_matched(
+            "status p50, empty queue",
+            matched(&socket, &echo_server, pid, probe, 5_000),
+        );
+    }
     let status_cpu_empty = cpu_per_request(&socket, agentd_pid, probe, 20_000);
 
     // Bulk enqueue.
@@ -348,14 +509,20 @@ fn main() {
 
     let status_full = latency(&socket, &echo_path, probe, 5_000);
     report(
-        &format!("agentd status p50, {n} queued"),
+        &format!("agentd status p50, {n} queued, unpinned"),
         &status_full,
         &format!(
-            "  (target ≤ 2); {:.2}× empty, {:.2}× ping",
+            "  (target ≤ 2 placement-matched, below); {:.2}× empty, {:.2}× ping",
             micros(status_full.ours) / micros(status_empty.ours),
             micros(status_full.ours) / micros(ping.ours)
         ),
     );
+    if let Some(pid) = agentd_pid {
+        report_matched(
+            &format!("status p50, {n} queued"),
+            matched(&socket, &echo_server, pid, probe, 5_000),
+        );
+    }
     // The same against an echo server that waits in epoll, as agentd does (unpinned
     // too): the blocking echo above is woken on the client's CPU more readily.
     let epoll_path = socket.with_file_name("echo-epoll.sock");
@@ -363,19 +530,23 @@ fn main() {
     let epoll_echo = EchoServer::start_epoll(&epoll_path);
     let status_full_epoll = latency(&socket, &epoll_path, probe, 5_000);
     report(
-        "  the same against an epoll echo server",
+        "  unpinned, against an epoll echo server",
         &status_full_epoll,
-        "  (target ≤ 2)",
+        "",
     );
     drop(epoll_echo);
     let _ = std::fs::remove_file(&epoll_path);
     let status_cpu_full = cpu_per_request(&socket, agentd_pid, probe, 20_000);
-    if let (Some(empty), Some(full)) = (status_cpu_empty, status_cpu_full) {
+    if let (Some((empty, shared_empty)), Some((full, shared_full))) =
+        (status_cpu_empty, status_cpu_full)
+    {
         println!(
-            "agentd CPU per status: empty {:.1} µs, {n} queued {:.1} µs ({:.2}×; load-independent)",
+            "agentd CPU per status: empty {:.1} µs, {n} queued {:.1} µs ({:.2}×; load-independent); loop on the client's CPU {:.0}% / {:.0}%",
             micros(empty),
             micros(full),
-            micros(full) / micros(empty).max(0.001)
+            micros(full) / micros(empty).max(0.001),
+            shared_empty * 100.0,
+            shared_full * 100.0
         );
     }
     placed(&socket, &echo_server, agentd_pid, probe, n);
