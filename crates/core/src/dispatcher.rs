@@ -1496,7 +1496,15 @@ impl Dispatcher {
                 merged.extend(session.pop_front(&mut self.queued));
             }
         }
+        // The overflow note is a prompt for an agent that reads prompts; one that runs
+        // each message as a command would run it (`- <preview>` is a shell line), so
+        // it gets the message as sent, as with `drop: old`.
         let previews = std::mem::take(&mut session.dropped_previews);
+        let previews = if self.config.collected_prompts {
+            previews
+        } else {
+            Vec::new()
+        };
         session.active = Some(task_id);
 
         let mut texts: Vec<String> = self

@@ -1563,6 +1563,22 @@ fn collect_for_an_agent_that_wants_no_collected_prompts_runs_each_message_alone(
 }
 
 #[test]
+fn drop_summarize_adds_no_overflow_note_for_an_agent_that_runs_messages_as_commands() {
+    let mut h = H::with(Config {
+        collected_prompts: false,
+        ..config_with(2, settings(Mode::Followup, 0, 1, DropPolicy::Summarize))
+    });
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "a"));
+    let (r, a) = h.accept(msg(3, "a"));
+    assert!(matches!(r, Ok(Accepted::Task { ref dropped, .. }) if *dropped == vec![id(2)]));
+    assert_eq!(ending(&only_finished(&a, 2)), &Ending::Dropped);
+    let a = h.reap(1, ExitStatus::code(0));
+    // The dropped message's text is not passed on, where a shell would run it.
+    assert_eq!(spawn_text(&a, 3), "text 3");
+}
+
+#[test]
 fn collect_merges_only_consecutive_collected_messages() {
     let mut h = H::with(config_with(
         2,
