@@ -250,6 +250,30 @@ fn chat_on_a_terminal_sends_lines_answers_commands_and_shows_results() {
     assert!(transcript.contains("\x1b[2m"), "{transcript:?}");
 }
 
+/// A typo or a command that fails is answered in the chat, which goes on: the user
+/// is not thrown out of the chat for it.
+#[test]
+fn chat_answers_a_mistaken_command_and_goes_on() {
+    let d = Daemon::with_collecting_echo_agent(&[]);
+    let socket = d.socket.to_str().unwrap();
+    let (transcript, status) = on_a_pty(
+        &[AGENTCTL, "--socket", socket, "chat", "--session", "alice"],
+        &[("NO_COLOR", "1")],
+        json!([
+            ["expect", "chatting with session alice"],
+            ["type", "/stauts"],
+            ["expect", "unknown command /stauts: nothing was run"],
+            ["type", "/stop 0000"],
+            ["expect", "no task 0000"],
+            ["type", "/status"],
+            ["expect", r"0/2 agents busy, 0 queued overall"],
+            ["type", "/quit"],
+            ["wait"],
+        ]),
+    );
+    assert_eq!(status, Some(0), "{transcript}");
+}
+
 #[test]
 fn chat_says_so_when_agentd_is_not_running() {
     let dir = tempfile::tempdir().unwrap();

@@ -565,7 +565,21 @@ impl Ctx<'_> {
                         "/quit" | "/exit" => break,
                         _ => {}
                     }
-                    let value = sender.request(args.request(line))?;
+                    let value = match sender.request(args.request(line)) {
+                        Ok(value) => value,
+                        // A typo, or a command that failed: the answer is shown, as a
+                        // chat app shows `error.message`, and the chat goes on.
+                        Err(ClientError::Daemon(error)) => {
+                            let text = if self.json {
+                                to_json(&error)?
+                            } else {
+                                render::render_chat_error(&error.message)
+                            };
+                            print_flushed(out, &text)?;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     if self.json {
                         print_flushed(out, &to_json(&value)?)?;
                         continue;

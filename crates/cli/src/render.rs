@@ -79,6 +79,12 @@ pub fn render_send(reply: &SendReply) -> String {
     out
 }
 
+/// An error agentd answered a chat line with (`agentctl chat`), as the chat's
+/// reply: its message, on lines of their own.
+pub fn render_chat_error(message: &str) -> String {
+    clean_block(message)
+}
+
 /// `  merged into task <id>`: a message went into another task (`send`, `send
 /// --wait`).
 pub fn render_merged_into(task_id: &str) -> String {
