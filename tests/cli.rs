@@ -274,6 +274,47 @@ fn chat_answers_a_mistaken_command_and_goes_on() {
     assert_eq!(status, Some(0), "{transcript}");
 }
 
+/// `resume` says that it resumes, and whether from a checkpoint, before the new
+/// attempt's line, in words as in the chat's reply.
+#[test]
+fn resume_says_what_it_resumes() {
+    let d = Daemon::with_agent_exec(&["--cancel-grace", "1s"]);
+    let task = d.submit("alice", "echo up; exec sleep 60");
+    d.wait_progress(&task, "up");
+    d.request(json!({"cmd": "stop", "task_id": task}));
+    let mut previous = task.clone();
+    for chat in [false, true] {
+        let args = if chat {
+            vec!["send", "--session", "alice", "/resume"]
+        } else {
+            vec!["resume", previous.as_str()]
+        };
+        let out = d.agentctl(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let text = stdout(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.first().copied(),
+            Some(
+                format!("resuming task {previous} (no checkpoint saved), as a new attempt:")
+                    .as_str()
+            ),
+            "{args:?}: {text}"
+        );
+        assert!(
+            lines
+                .get(1)
+                .is_some_and(|l| l.starts_with("task ") && l.ends_with("  started")),
+            "{args:?}: {text}"
+        );
+        let attempt = lines[1].split_whitespace().nth(1).unwrap().to_string();
+        d.wait_progress(&attempt, "up");
+        d.request(json!({"cmd": "stop", "task_id": attempt}));
+        // The chat's `/resume` takes the chat's latest task: this attempt.
+        previous = attempt;
+    }
+}
+
 #[test]
 fn chat_says_so_when_agentd_is_not_running() {
     let dir = tempfile::tempdir().unwrap();

@@ -585,12 +585,10 @@ impl Ctx<'_> {
                         continue;
                     }
                     let reply: SendReply = decode(value)?;
-                    let text = render::render_send(&reply);
                     // Accepted work shows up as events; only what else the answer
-                    // says (drops, notes) is printed here.
-                    let work = reply.accepted && reply.command.is_none() && !reply.duplicate;
-                    for line in text.lines().skip(usize::from(work)) {
-                        print_flushed(out, line)?;
+                    // says (a resume, drops, notes) is printed here.
+                    for line in render::render_send_in_chat(&reply) {
+                        print_flushed(out, &line)?;
                     }
                 }
                 Input::WatchEnded(e) => return Err(e.into()),
