@@ -358,6 +358,27 @@ fn send_wait_prints_the_output_once_and_how_long_the_task_ran() {
     assert_eq!(text.matches("alpha").count(), 1, "{text}");
 }
 
+/// A client that reads promptly gets every progress line, however quickly the agent
+/// writes them: `send --wait` prints each once, in order, and no result line again.
+#[test]
+fn send_wait_prints_every_line_of_a_quick_task_once() {
+    let d = Daemon::with_agent_exec(&[]);
+    let out = d.agentctl(&[
+        "send",
+        "--session",
+        "alice",
+        "--wait",
+        "for i in $(seq 1 30); do echo line $i; done",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let progress: Vec<String> = (1..=30).map(|i| format!("  line {i}")).collect();
+    assert_eq!(lines.len(), 32, "{text}");
+    assert_eq!(lines[1..31], progress[..], "{text}");
+    assert!(lines[31].contains("  succeeded (ran "), "{text}");
+}
+
 /// `send --wait` prints every progress line of its task, also those the agent wrote
 /// before agentctl got to reading events: here agentctl is held up writing its first
 /// line (its stdout is a full pipe) until the agent has reported.
