@@ -733,3 +733,97 @@ fn man_pages_are_generated_and_render() {
         stderr(&out)
     );
 }
+
+/// The long flags a `--help` output lists, less `--help` and `--version`, each with
+/// its short form if it has one (`--follow` with `-f`).
+fn help_flags(program: &str, args: &[&str]) -> Vec<(String, Option<String>)> {
+    let out = Command::new(program)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{program} {args:?} --help");
+    let mut flags: Vec<(String, Option<String>)> = stdout(&out)
+        .lines()
+        .filter_map(|line| {
+            // `-f, --follow`, or `--json`.
+            let mut words = line.split_whitespace();
+            let first = words.next()?;
+            let (flag, short) =
+                if first.len() == 3 && first.starts_with('-') && first.ends_with(',') {
+                    (words.next()?, Some(first.trim_end_matches(',').to_string()))
+                } else {
+                    (first, None)
+                };
+            (flag.starts_with("--") && flag.len() > 2).then(|| (flag.to_string(), short))
+        })
+        .filter(|(f, _)| f != "--help" && f != "--version")
+        .collect();
+    flags.dedup();
+    flags
+}
+
+/// The README's tables and synopses are what a newcomer reads: every flag of
+/// `agentd --help` has its row in the README's agentd table and no row names a
+/// flag agentd does not have, and each agentctl command's synopsis line names all
+/// of its flags.
+#[test]
+fn the_readme_lists_every_flag_the_binaries_have() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let mut rows: Vec<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `--"))
+        .map(|l| format!("--{}", l.split([' ', '`']).next().unwrap()))
+        .collect();
+    rows.sort();
+    let mut flags: Vec<String> = help_flags(AGENTD, &[]).into_iter().map(|f| f.0).collect();
+    flags.sort();
+    assert_eq!(rows, flags, "README's agentd table against agentd --help");
+
+    let global = help_flags(AGENTCTL, &["ping"]);
+    let block = readme
+        .split_once("### agentctl\n\n```\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the README's agentctl synopsis")
+        .0;
+    let synopsis = |command: &str| -> String {
+        block
+            .lines()
+            .find(|l| l.starts_with(&format!("agentctl {command}")))
+            .unwrap_or_else(|| panic!("no README synopsis of agentctl {command}"))
+            .to_string()
+    };
+    for (flag, _) in &global {
+        assert!(synopsis("[--socket").contains(flag.as_str()), "{flag}");
+    }
+    for command in [
+        "send",
+        "chat",
+        "status",
+        "tasks",
+        "stop",
+        "queue",
+        "watch",
+        "log",
+        "resume",
+        "ping",
+        "completions",
+        "man",
+    ] {
+        let line = synopsis(command);
+        for (flag, short) in help_flags(AGENTCTL, &[command]) {
+            if global.iter().any(|(g, _)| *g == flag) {
+                continue;
+            }
+            // The flag as a whole word (not `--session` for `--sess`).
+            let word = |w: &str| {
+                line.match_indices(w).any(|(at, _)| {
+                    !line[at + w.len()..].starts_with(|c: char| c.is_ascii_lowercase() || c == '-')
+                })
+            };
+            let named = word(&flag) || short.is_some_and(|s| word(&s));
+            assert!(named, "README's `{line}` lacks {flag}");
+        }
+    }
+}
