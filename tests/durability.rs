@@ -474,6 +474,38 @@ fn sigterm_interrupts_running_tasks_keeps_the_queue_and_it_runs_after_a_restart(
     assert_eq!(status["recovery"]["crashed"], json!(false), "{status}");
 }
 
+/// A client watching a task that a shutdown stops hears how it ended before agentd
+/// closes the connection, in the state the next agentd shows (`interrupted`), as a
+/// bridge must tell its chat.
+#[test]
+fn a_watcher_hears_that_a_shutdown_interrupted_its_task() {
+    let mut daemon = Daemon::with_agent_exec(&["--cancel-grace", "2s"]);
+    let id = daemon.submit("chat", "echo up; exec sleep 60");
+    daemon.wait_progress(&id, "up");
+    let mut watch = Watch::session(&daemon, "chat");
+    kill(daemon.pid(), libc::SIGTERM);
+    let events = watch.until(|e| e["kind"] == json!("finished"));
+    let finished = events.last().unwrap();
+    assert_eq!(finished["task_id"], json!(id), "{finished}");
+    assert_eq!(
+        finished["task"]["state"],
+        json!("interrupted"),
+        "{finished}"
+    );
+    assert_eq!(
+        finished["task"]["exit"]["ended_by"],
+        json!("cooperative_cancel"),
+        "{finished}"
+    );
+    let status = wait_for("agentd exits after SIGTERM", DEADLINE, || {
+        daemon.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "agentd exited with {status}");
+    daemon.restart();
+    let view = daemon.task(&id);
+    assert_eq!(view, finished["task"], "the same after the restart");
+}
+
 /// Runs `cmd` in agentd's mount namespace (as root).
 fn in_namespace(pid: u32, cmd: &str) {
     let ok = Command::new("nsenter")

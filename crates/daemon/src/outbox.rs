@@ -445,6 +445,11 @@ impl Outbox {
         self.lock().refuses()
     }
 
+    /// The writer is done: everything queued was written, or the client is gone.
+    pub fn is_done(&self) -> bool {
+        self.lock().closed
+    }
+
     /// The reader reads no more requests; the writer ends once everything in flight
     /// has been answered and written.
     pub fn finish_reading(&self) {
