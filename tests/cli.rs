@@ -118,6 +118,27 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
         stderr(&out)
     );
 
+    // A log filter that does not parse: one line, saying it once.
+    let out = Command::new(AGENTD)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--socket", socket])
+        .env("AGENTD_LOG", "bogus===")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("agentd: invalid $AGENTD_LOG \"bogus===\": "),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("error parsing level filter").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
     // A socket directory others can enter is refused, not used.
     use std::os::unix::fs::PermissionsExt;
     let open = dir.path().join("open");
