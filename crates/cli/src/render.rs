@@ -1160,8 +1160,17 @@ mod tests {
              recovered 30 queued, 1 interrupted (the previous agentd crashed)"
         );
         if let Some(r) = reply.recovery.as_mut() {
+            r.killed = 1;
+        }
+        assert!(
+            plain(&render_status(&reply, now(), true))
+                .ends_with(", 1 interrupted, ended 1 leftover agent (the previous agentd crashed)"),
+            "one agent"
+        );
+        if let Some(r) = reply.recovery.as_mut() {
             r.over_limits = 4;
             r.crashed = false;
+            r.killed = 0;
         }
         assert_eq!(
             plain(&render_status(&reply, now(), true)).lines().nth(1),
