@@ -462,6 +462,52 @@ fn send_wait_prints_the_progress_reported_before_it_read_any_event() {
     );
 }
 
+/// `send --wait` that fell behind a flood of output (its stdout blocked) says that
+/// progress lines were left out, as `watch` does, rather than leaving a silent gap.
+#[test]
+fn send_wait_says_when_progress_lines_were_skipped() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    let gate = d.gate("flooded");
+    let (mut reader, mut writer) = std::io::pipe().unwrap();
+    let fd = writer.as_raw_fd();
+    // SAFETY: fcntl on a pipe descriptor this test owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0);
+    let mut filled = 0;
+    while let Ok(n) = writer.write(&[b'#'; 4096]) {
+        filled += n;
+    }
+    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } == 0);
+    let mut child = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["send", "--session", "s", "--wait"])
+        .arg(format!("seq 1 20000; touch {gate}; echo last"))
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the flood was written", DEADLINE, || {
+        std::path::Path::new(&gate).exists().then_some(())
+    });
+    let mut filler = vec![0; filled];
+    reader.read_exact(&mut filler).unwrap();
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("  (") && l.ends_with(" progress lines skipped)")),
+        "{text}"
+    );
+    assert!(text.contains("  succeeded (ran "), "{text}");
+}
+
 #[test]
 fn ctrl_c_on_send_wait_or_watch_says_the_task_goes_on() {
     use std::io::{BufRead, BufReader};

@@ -697,6 +697,10 @@ impl Ctx<'_> {
             if events.skipped() > 0 {
                 // A gap: the result can no longer be matched line for line.
                 progress.push(String::from("\0"));
+                if !self.json {
+                    let notice = agentd_proto::text::skipped_progress(events.skipped());
+                    print_flushed(out, &format!("  {notice}"))?;
+                }
             }
             let line = match (event.kind, &event.text, &event.into) {
                 (EventKind::Progress, Some(text), _) => {
