@@ -406,10 +406,15 @@ fn log_filter() -> anyhow::Result<tracing_subscriber::EnvFilter> {
     for var in ["AGENTD_LOG", "RUST_LOG"] {
         match std::env::var(var) {
             Ok(value) if !value.trim().is_empty() => {
+                // The parse error's own text already ends with its cause's: not
+                // chained, or the line would say it twice.
                 return tracing_subscriber::EnvFilter::builder()
                     .parse(&value)
-                    .with_context(|| {
-                        format!("invalid ${var} {}", agentd_daemon::logfmt::Quoted(&value))
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "invalid ${var} {}: {e}",
+                            agentd_daemon::logfmt::Quoted(&value)
+                        )
                     });
             }
             _ => {}

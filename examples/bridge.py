@@ -25,8 +25,9 @@ What it does (docs/protocol.md, "Writing a bridge"):
   and asks `status` for the tasks it knew were live, so a task that ended meanwhile is
   still reported, once;
 - when the connection is lost (agentd restarted), reconnects with a growing delay,
-  says hello again, watches its chats again and re-sends every message whose answer
-  never came, with the same `message_id`, so agentd does not run one twice.
+  says hello again, watches its chats again, asks `status` for the tasks it knew were
+  live (a restart interrupts them), and re-sends every message whose answer never
+  came, with the same `message_id`, so agentd does not run one twice.
 
 Usage: bridge.py [--socket PATH] [--client NAME] [--max-delay SECONDS]
 """
@@ -119,7 +120,9 @@ class Bridge:
         self._write({"id": request_id, "cmd": "watch", "session": chat})
 
     def _rewatch(self, chat):
-        """A watch of `chat` lagged: watch again, and ask how the live tasks stand."""
+        """Watches `chat` again (after a lagged watch or a reconnect), and asks how the
+        tasks it knew were live stand: those that ended meanwhile are not in the new
+        watch's snapshot."""
         self._watch(chat)
         for task_id, task_chat in list(self.live.items()):
             if task_chat == chat:
@@ -166,9 +169,12 @@ class Bridge:
                 self.sock = sock
                 self.watch_ids = {}
                 self.catch_up = {}
-                self.live = {}  # a new agentd does not know the old one's tasks
+                # Tasks that were live may have ended while agentd was down (a restart
+                # interrupts them): the new watches' snapshots list only what still
+                # runs, so ask how the others ended (a new agentd on another state
+                # dir does not know them: `not_found`, and nothing is posted).
                 for chat in self.chats:
-                    self._watch(chat)
+                    self._rewatch(chat)
                 # Unanswered messages get new request ids on the new connection.
                 pending = list(self.unanswered.values())
                 self.unanswered = {}

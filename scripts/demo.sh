@@ -72,8 +72,13 @@ run agentctl tasks
 
 bold "5. Alice says /stop: cooperative cancel (SIGINT to the command), then SIGTERM, then SIGKILL"
 t0=$(ms_now); run agentctl send --session alice /stop; t1=$(ms_now)
-echo "(stopped in $((t1 - t0)) ms; no process of the task is left)"
-sleep 1
+echo "(answered in $((t1 - t0)) ms; the task's end comes as its finished event)"
+for _ in $(seq 1 200); do
+    agentctl --json status "$ALICE_TASK" | grep -q '"state":"cancelled"' && break
+    sleep 0.05
+done
+t2=$(ms_now)
+echo "(alice's task ended $((t2 - t0)) ms after the /stop; no process of it is left)"
 run agentctl tasks --all
 
 bold "6. Steering: Erin's chat sends messages into the running task instead of queueing them"
@@ -84,8 +89,8 @@ for _ in $(seq 1 100); do
     agentctl --json status "$ERIN_TASK" | grep -q '"state":"running"' && break
     sleep 0.05
 done
-run agentctl send --session erin 'use Python 3.12'
 run agentctl send --session erin /status
+run agentctl send --session erin 'use Python 3.12'
 for _ in $(seq 1 100); do
     agentctl --json status "$ERIN_TASK" | grep -q '"state":"succeeded"' && break
     sleep 0.05

@@ -267,3 +267,25 @@ fn the_python_bridge_watches_again_after_a_lagged_watch_and_misses_no_end() {
     let log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(log.contains("fell behind; watching again"), "{log}");
 }
+
+/// agentd dies (kill -9) under a running task and comes back on the same state dir,
+/// where the task is `interrupted`: the bridge, reconnected, tells the chat so
+/// instead of leaving the task looking as if it still ran.
+#[test]
+fn the_python_bridge_reports_a_task_that_ended_while_agentd_was_down() {
+    let mut d = Daemon::with_agent_exec(&[]);
+    let mut bridge = Bridge::start(&d.socket, &d.dir.path().join("bridge.log"));
+    let chat = "tg:1002";
+    bridge.say(chat, "m-1", "echo working; exec sleep 60");
+    let reply = bridge.expect("the task's start", |l| l["kind"] == "reply");
+    let task = reply["task_id"].as_str().expect("a task id").to_string();
+    bridge.expect("the task's progress", |l| {
+        l["kind"] == "progress" && l["task_id"] == json!(task)
+    });
+    kill(d.pid(), libc::SIGKILL);
+    d.restart();
+    let end = bridge.expect("the task's end", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(task)
+    });
+    assert_eq!(end["state"], json!("interrupted"), "{end}");
+}

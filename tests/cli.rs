@@ -118,6 +118,27 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
         stderr(&out)
     );
 
+    // A log filter that does not parse: one line, saying it once.
+    let out = Command::new(AGENTD)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--socket", socket])
+        .env("AGENTD_LOG", "bogus===")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("agentd: invalid $AGENTD_LOG \"bogus===\": "),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("error parsing level filter").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
     // A socket directory others can enter is refused, not used.
     use std::os::unix::fs::PermissionsExt;
     let open = dir.path().join("open");
@@ -250,6 +271,71 @@ fn chat_on_a_terminal_sends_lines_answers_commands_and_shows_results() {
     assert!(transcript.contains("\x1b[2m"), "{transcript:?}");
 }
 
+/// A typo or a command that fails is answered in the chat, which goes on: the user
+/// is not thrown out of the chat for it.
+#[test]
+fn chat_answers_a_mistaken_command_and_goes_on() {
+    let d = Daemon::with_collecting_echo_agent(&[]);
+    let socket = d.socket.to_str().unwrap();
+    let (transcript, status) = on_a_pty(
+        &[AGENTCTL, "--socket", socket, "chat", "--session", "alice"],
+        &[("NO_COLOR", "1")],
+        json!([
+            ["expect", "chatting with session alice"],
+            ["type", "/stauts"],
+            ["expect", "unknown command /stauts: nothing was run"],
+            ["type", "/stop 0000"],
+            ["expect", "no task 0000"],
+            ["type", "/status"],
+            ["expect", r"0/2 agents busy, 0 queued overall"],
+            ["type", "/quit"],
+            ["wait"],
+        ]),
+    );
+    assert_eq!(status, Some(0), "{transcript}");
+}
+
+/// `resume` says that it resumes, and whether from a checkpoint, before the new
+/// attempt's line, in words as in the chat's reply.
+#[test]
+fn resume_says_what_it_resumes() {
+    let d = Daemon::with_agent_exec(&["--cancel-grace", "1s"]);
+    let task = d.submit("alice", "echo up; exec sleep 60");
+    d.wait_progress(&task, "up");
+    d.request(json!({"cmd": "stop", "task_id": task}));
+    let mut previous = task.clone();
+    for chat in [false, true] {
+        let args = if chat {
+            vec!["send", "--session", "alice", "/resume"]
+        } else {
+            vec!["resume", previous.as_str()]
+        };
+        let out = d.agentctl(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let text = stdout(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.first().copied(),
+            Some(
+                format!("resuming task {previous} (no checkpoint saved), as a new attempt:")
+                    .as_str()
+            ),
+            "{args:?}: {text}"
+        );
+        assert!(
+            lines
+                .get(1)
+                .is_some_and(|l| l.starts_with("task ") && l.ends_with("  started")),
+            "{args:?}: {text}"
+        );
+        let attempt = lines[1].split_whitespace().nth(1).unwrap().to_string();
+        d.wait_progress(&attempt, "up");
+        d.request(json!({"cmd": "stop", "task_id": attempt}));
+        // The chat's `/resume` takes the chat's latest task: this attempt.
+        previous = attempt;
+    }
+}
+
 #[test]
 fn chat_says_so_when_agentd_is_not_running() {
     let dir = tempfile::tempdir().unwrap();
@@ -291,6 +377,27 @@ fn send_wait_prints_the_output_once_and_how_long_the_task_ran() {
         "{text}"
     );
     assert_eq!(text.matches("alpha").count(), 1, "{text}");
+}
+
+/// A client that reads promptly gets every progress line, however quickly the agent
+/// writes them: `send --wait` prints each once, in order, and no result line again.
+#[test]
+fn send_wait_prints_every_line_of_a_quick_task_once() {
+    let d = Daemon::with_agent_exec(&[]);
+    let out = d.agentctl(&[
+        "send",
+        "--session",
+        "alice",
+        "--wait",
+        "for i in $(seq 1 30); do echo line $i; done",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let progress: Vec<String> = (1..=30).map(|i| format!("  line {i}")).collect();
+    assert_eq!(lines.len(), 32, "{text}");
+    assert_eq!(lines[1..31], progress[..], "{text}");
+    assert!(lines[31].contains("  succeeded (ran "), "{text}");
 }
 
 /// `send --wait` prints every progress line of its task, also those the agent wrote
@@ -353,6 +460,52 @@ fn send_wait_prints_the_progress_reported_before_it_read_any_event() {
         lines[2].starts_with(&format!("task {task}  succeeded (ran ")),
         "{text}"
     );
+}
+
+/// `send --wait` that fell behind a flood of output (its stdout blocked) says that
+/// progress lines were left out, as `watch` does, rather than leaving a silent gap.
+#[test]
+fn send_wait_says_when_progress_lines_were_skipped() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    let gate = d.gate("flooded");
+    let (mut reader, mut writer) = std::io::pipe().unwrap();
+    let fd = writer.as_raw_fd();
+    // SAFETY: fcntl on a pipe descriptor this test owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0);
+    let mut filled = 0;
+    while let Ok(n) = writer.write(&[b'#'; 4096]) {
+        filled += n;
+    }
+    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } == 0);
+    let mut child = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["send", "--session", "s", "--wait"])
+        .arg(format!("seq 1 20000; touch {gate}; echo last"))
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the flood was written", DEADLINE, || {
+        std::path::Path::new(&gate).exists().then_some(())
+    });
+    let mut filler = vec![0; filled];
+    reader.read_exact(&mut filler).unwrap();
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("  (") && l.ends_with(" progress lines skipped)")),
+        "{text}"
+    );
+    assert!(text.contains("  succeeded (ran "), "{text}");
 }
 
 #[test]
@@ -646,4 +799,98 @@ fn man_pages_are_generated_and_render() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The long flags a `--help` output lists, less `--help` and `--version`, each with
+/// its short form if it has one (`--follow` with `-f`).
+fn help_flags(program: &str, args: &[&str]) -> Vec<(String, Option<String>)> {
+    let out = Command::new(program)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{program} {args:?} --help");
+    let mut flags: Vec<(String, Option<String>)> = stdout(&out)
+        .lines()
+        .filter_map(|line| {
+            // `-f, --follow`, or `--json`.
+            let mut words = line.split_whitespace();
+            let first = words.next()?;
+            let (flag, short) =
+                if first.len() == 3 && first.starts_with('-') && first.ends_with(',') {
+                    (words.next()?, Some(first.trim_end_matches(',').to_string()))
+                } else {
+                    (first, None)
+                };
+            (flag.starts_with("--") && flag.len() > 2).then(|| (flag.to_string(), short))
+        })
+        .filter(|(f, _)| f != "--help" && f != "--version")
+        .collect();
+    flags.dedup();
+    flags
+}
+
+/// The README's tables and synopses are what a newcomer reads: every flag of
+/// `agentd --help` has its row in the README's agentd table and no row names a
+/// flag agentd does not have, and each agentctl command's synopsis line names all
+/// of its flags.
+#[test]
+fn the_readme_lists_every_flag_the_binaries_have() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let mut rows: Vec<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `--"))
+        .map(|l| format!("--{}", l.split([' ', '`']).next().unwrap()))
+        .collect();
+    rows.sort();
+    let mut flags: Vec<String> = help_flags(AGENTD, &[]).into_iter().map(|f| f.0).collect();
+    flags.sort();
+    assert_eq!(rows, flags, "README's agentd table against agentd --help");
+
+    let global = help_flags(AGENTCTL, &["ping"]);
+    let block = readme
+        .split_once("### agentctl\n\n```\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the README's agentctl synopsis")
+        .0;
+    let synopsis = |command: &str| -> String {
+        block
+            .lines()
+            .find(|l| l.starts_with(&format!("agentctl {command}")))
+            .unwrap_or_else(|| panic!("no README synopsis of agentctl {command}"))
+            .to_string()
+    };
+    for (flag, _) in &global {
+        assert!(synopsis("[--socket").contains(flag.as_str()), "{flag}");
+    }
+    for command in [
+        "send",
+        "chat",
+        "status",
+        "tasks",
+        "stop",
+        "queue",
+        "watch",
+        "log",
+        "resume",
+        "ping",
+        "completions",
+        "man",
+    ] {
+        let line = synopsis(command);
+        for (flag, short) in help_flags(AGENTCTL, &[command]) {
+            if global.iter().any(|(g, _)| *g == flag) {
+                continue;
+            }
+            // The flag as a whole word (not `--session` for `--sess`).
+            let word = |w: &str| {
+                line.match_indices(w).any(|(at, _)| {
+                    !line[at + w.len()..].starts_with(|c: char| c.is_ascii_lowercase() || c == '-')
+                })
+            };
+            let named = word(&flag) || short.is_some_and(|s| word(&s));
+            assert!(named, "README's `{line}` lacks {flag}");
+        }
+    }
 }

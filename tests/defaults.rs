@@ -98,3 +98,29 @@ fn collected_messages_with_the_default_agent_run_as_commands_without_shell_error
         );
     }
 }
+
+#[test]
+fn a_message_dropped_on_overflow_never_runs_with_the_default_agent() {
+    // The default agent runs each message as a shell command, and the default drop
+    // policy is `summarize`: the overflow note must not be prepended to the next
+    // command, where `- <preview>` would run part of the dropped message.
+    let d = Daemon::start(&["--debounce", "0ms"]);
+    let gate = d.gate("g");
+    let ran = d.dir.path().join("dropped-ran");
+    let first = d.submit(
+        "alice",
+        &format!("while [ ! -e {gate} ]; do sleep 0.02; done; echo first"),
+    );
+    d.wait_state(&first, "running");
+    d.send("alice", "/queue followup cap:1");
+    let dropped = d.submit("alice", &format!("true; touch {}", ran.display()));
+    let reply = d.send("alice", "echo kept");
+    assert_eq!(reply["dropped"][0]["task_id"], json!(dropped), "{reply}");
+    let kept = reply["task"]["task_id"].as_str().unwrap().to_string();
+    d.release(&gate);
+    let view = d.wait_state(&kept, "succeeded");
+    assert_eq!(view["text"], json!("echo kept"), "{view}");
+    assert_eq!(view["result"], json!("kept"), "{view}");
+    assert_eq!(d.task(&dropped)["state"], json!("dropped"));
+    assert!(!ran.exists(), "a dropped message ran: {view}");
+}

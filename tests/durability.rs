@@ -315,6 +315,54 @@ fn finished_tasks_are_queryable_after_a_restart() {
     assert_eq!(status["recovery"]["crashed"], json!(false), "{status}");
 }
 
+/// A finished task is shown after a restart as it was before: how a stop ended it
+/// (the step, how long it took, the command's exit) is not lost, whether agentd
+/// reads it from memory or from the store.
+#[test]
+fn a_stopped_tasks_ending_is_the_same_after_a_restart() {
+    let mut daemon = Daemon::with_agent_exec(&["--cancel-grace", "2s"]);
+    let id = daemon.submit("chat", "echo up; exec sleep 60");
+    daemon.wait_progress(&id, "up");
+    let stopped = daemon.request(json!({"cmd": "stop", "task_id": id}));
+    let before = stopped["stopped"][0].clone();
+    assert_eq!(before["state"], json!("cancelled"), "{stopped}");
+    assert_eq!(
+        before["exit"]["ended_by"],
+        json!("cooperative_cancel"),
+        "{before}"
+    );
+    assert_eq!(before["exit"]["command_signal"], json!(2), "{before}");
+    let shown_before = stdout(&daemon.agentctl(&["status", &id]));
+    kill(daemon.pid(), libc::SIGTERM);
+    daemon.child.wait().unwrap();
+    daemon.restart();
+    assert_eq!(daemon.task(&id), before, "status after the restart");
+    let listed = daemon.request(json!({"cmd": "tasks", "all": true}));
+    let listed = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task_id"] == json!(id))
+        .cloned();
+    assert_eq!(
+        listed,
+        Some(before.clone()),
+        "tasks --all after the restart"
+    );
+    let shown_after = stdout(&daemon.agentctl(&["status", &id]));
+    let exit_line = |shown: &str| {
+        shown
+            .lines()
+            .find(|l| l.trim_start().starts_with("exit "))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        exit_line(&shown_after),
+        exit_line(&shown_before),
+        "{shown_after}"
+    );
+}
+
 #[test]
 fn a_second_agentd_on_the_same_state_dir_exits_at_once() {
     let daemon = Daemon::start(&[]);
@@ -424,6 +472,38 @@ fn sigterm_interrupts_running_tasks_keeps_the_queue_and_it_runs_after_a_restart(
     let status = daemon.request(json!({"cmd": "status"}));
     assert_eq!(status["recovery"]["queued"], json!(10), "{status}");
     assert_eq!(status["recovery"]["crashed"], json!(false), "{status}");
+}
+
+/// A client watching a task that a shutdown stops hears how it ended before agentd
+/// closes the connection, in the state the next agentd shows (`interrupted`), as a
+/// bridge must tell its chat.
+#[test]
+fn a_watcher_hears_that_a_shutdown_interrupted_its_task() {
+    let mut daemon = Daemon::with_agent_exec(&["--cancel-grace", "2s"]);
+    let id = daemon.submit("chat", "echo up; exec sleep 60");
+    daemon.wait_progress(&id, "up");
+    let mut watch = Watch::session(&daemon, "chat");
+    kill(daemon.pid(), libc::SIGTERM);
+    let events = watch.until(|e| e["kind"] == json!("finished"));
+    let finished = events.last().unwrap();
+    assert_eq!(finished["task_id"], json!(id), "{finished}");
+    assert_eq!(
+        finished["task"]["state"],
+        json!("interrupted"),
+        "{finished}"
+    );
+    assert_eq!(
+        finished["task"]["exit"]["ended_by"],
+        json!("cooperative_cancel"),
+        "{finished}"
+    );
+    let status = wait_for("agentd exits after SIGTERM", DEADLINE, || {
+        daemon.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "agentd exited with {status}");
+    daemon.restart();
+    let view = daemon.task(&id);
+    assert_eq!(view, finished["task"], "the same after the restart");
 }
 
 /// Runs `cmd` in agentd's mount namespace (as root).

@@ -262,6 +262,43 @@ fn sample_view() -> TaskView {
     }
 }
 
+/// Every chat command is in the chat-command tables a bridge author and a user read:
+/// docs/protocol.md's (with the `command` it answers) and the README's.
+#[test]
+fn the_chat_command_tables_name_every_chat_command() {
+    let doc = protocol_doc();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let in_protocol = table_names(&doc, "send and SendReply", "text");
+    let in_readme: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `/"))
+        .collect();
+    let command_row = doc
+        .lines()
+        .find(|l| l.starts_with("| `command` |"))
+        .expect("a `command` row");
+    for command in agentd_core::COMMANDS {
+        let word = format!("/{command}");
+        let named = |name: &str| name == word || name.starts_with(&format!("{word} "));
+        assert!(
+            in_protocol.iter().any(|n| named(n)),
+            "docs/protocol.md's chat-command table lacks {word}: {in_protocol:?}"
+        );
+        assert!(
+            in_readme
+                .iter()
+                .any(|l| named(&format!("/{}", l.split('`').next().unwrap()))),
+            "the README's chat-command table lacks {word}"
+        );
+        // `/resume` starts work: it is answered like work, without a `command`.
+        assert!(
+            command_row.contains(&format!("`{command}`")) || *command == "resume",
+            "the `command` row does not name {command}"
+        );
+    }
+}
+
 #[test]
 fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
     let doc = protocol_doc();

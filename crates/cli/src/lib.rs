@@ -565,18 +565,30 @@ impl Ctx<'_> {
                         "/quit" | "/exit" => break,
                         _ => {}
                     }
-                    let value = sender.request(args.request(line))?;
+                    let value = match sender.request(args.request(line)) {
+                        Ok(value) => value,
+                        // A typo, or a command that failed: the answer is shown, as a
+                        // chat app shows `error.message`, and the chat goes on.
+                        Err(ClientError::Daemon(error)) => {
+                            let text = if self.json {
+                                to_json(&error)?
+                            } else {
+                                render::render_chat_error(&error.message)
+                            };
+                            print_flushed(out, &text)?;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     if self.json {
                         print_flushed(out, &to_json(&value)?)?;
                         continue;
                     }
                     let reply: SendReply = decode(value)?;
-                    let text = render::render_send(&reply);
                     // Accepted work shows up as events; only what else the answer
-                    // says (drops, notes) is printed here.
-                    let work = reply.accepted && reply.command.is_none() && !reply.duplicate;
-                    for line in text.lines().skip(usize::from(work)) {
-                        print_flushed(out, line)?;
+                    // says (a resume, drops, notes) is printed here.
+                    for line in render::render_send_in_chat(&reply) {
+                        print_flushed(out, &line)?;
                     }
                 }
                 Input::WatchEnded(e) => return Err(e.into()),
@@ -685,6 +697,10 @@ impl Ctx<'_> {
             if events.skipped() > 0 {
                 // A gap: the result can no longer be matched line for line.
                 progress.push(String::from("\0"));
+                if !self.json {
+                    let notice = agentd_proto::text::skipped_progress(events.skipped());
+                    print_flushed(out, &format!("  {notice}"))?;
+                }
             }
             let line = match (event.kind, &event.text, &event.into) {
                 (EventKind::Progress, Some(text), _) => {

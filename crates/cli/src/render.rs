@@ -52,14 +52,21 @@ const EVENT_INDENT: &str = "          ";
 ///   note: <notice>
 /// ```
 pub fn render_send(reply: &SendReply) -> String {
-    let mut out =
-        match &reply.task {
-            Some(task) if reply.duplicate => clean_block(&text::duplicate_line(task)),
-            Some(task) if reply.accepted && reply.command.is_none() => clean_block(
-                &text::send_line(task, reply.capacity, reply.steered_into.as_deref()),
-            ),
-            _ => clean_block(&reply.reply),
-        };
+    let mut out = match &reply.task {
+        Some(task) if reply.duplicate => clean_block(&text::duplicate_line(task)),
+        Some(task) if reply.accepted && reply.command.is_none() => {
+            let mut out = send_preamble(reply, task)
+                .map(|lines| format!("{}\n", clean_block(lines)))
+                .unwrap_or_default();
+            out.push_str(&clean_block(&text::send_line(
+                task,
+                reply.capacity,
+                reply.steered_into.as_deref(),
+            )));
+            out
+        }
+        _ => clean_block(&reply.reply),
+    };
     let mut line = |l: String| {
         out.push('\n');
         out.push_str(&l);
@@ -77,6 +84,41 @@ pub fn render_send(reply: &SendReply) -> String {
         line(format!("  {}", text::note_line(&clean_line(notice))));
     }
     out
+}
+
+/// The lines of agentd's `reply` before the line about the new task (`resuming task
+/// … as a new attempt:`), if there are any.
+fn send_preamble<'a>(reply: &'a SendReply, task: &TaskView) -> Option<&'a str> {
+    let head = format!("task {}", task.task_id);
+    let at = reply
+        .reply
+        .match_indices(&head)
+        .map(|(at, _)| at)
+        .find(|&at| at == 0 || reply.reply[..at].ends_with('\n'))?;
+    let preamble = reply.reply[..at].trim_end_matches('\n');
+    (!preamble.is_empty()).then_some(preamble)
+}
+
+/// What `agentctl chat` prints of a `send` answer: for accepted work, whose own line
+/// comes as events, only the other lines ([`render_send`] less the task's line).
+pub fn render_send_in_chat(reply: &SendReply) -> Vec<String> {
+    let text = render_send(reply);
+    let work = reply.accepted && reply.command.is_none() && !reply.duplicate;
+    let skip = match (&reply.task, work) {
+        (Some(task), true) => send_preamble(reply, task).map_or(0, |p| p.lines().count()),
+        _ => return text.lines().map(str::to_string).collect(),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|&(i, _)| i != skip)
+        .map(|(_, line)| line.to_string())
+        .collect()
+}
+
+/// An error agentd answered a chat line with (`agentctl chat`), as the chat's
+/// reply: its message, on lines of their own.
+pub fn render_chat_error(message: &str) -> String {
+    clean_block(message)
 }
 
 /// `  merged into task <id>`: a message went into another task (`send`, `send
@@ -853,6 +895,35 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_says_so_before_the_new_attempt() {
+        let reply = SendReply {
+            reply: format!(
+                "resuming task {ID1} from its last checkpoint, as a new attempt:\ntask {ID2}  \
+                 queued: position 1 (1/1 agents busy)\nnote: something"
+            ),
+            notice: Some("something".into()),
+            ..send_reply(Some(queued()))
+        };
+        let first = format!("resuming task {ID1} from its last checkpoint, as a new attempt:");
+        assert_eq!(
+            render_send(&reply),
+            format!("{first}\ntask {ID2}  queued: position 1 (1/1 agents busy)\n  note: something")
+        );
+        // In a chat the task's own line comes as events.
+        assert_eq!(
+            render_send_in_chat(&reply),
+            [first, "  note: something".to_string()]
+        );
+        // Without a preamble, as before.
+        let plain = send_reply(Some(queued()));
+        assert_eq!(
+            render_send(&plain),
+            format!("task {ID2}  queued: position 1 (1/1 agents busy)")
+        );
+        assert!(render_send_in_chat(&plain).is_empty());
+    }
+
+    #[test]
     fn wait_lines() {
         assert_eq!(render_progress("step 2/3\r\n"), "  step 2/3");
         assert_eq!(render_merged_into(ID1), format!("  merged into task {ID1}"));
@@ -1089,8 +1160,17 @@ mod tests {
              recovered 30 queued, 1 interrupted (the previous agentd crashed)"
         );
         if let Some(r) = reply.recovery.as_mut() {
+            r.killed = 1;
+        }
+        assert!(
+            plain(&render_status(&reply, now(), true))
+                .ends_with(", 1 interrupted, ended 1 leftover agent (the previous agentd crashed)"),
+            "one agent"
+        );
+        if let Some(r) = reply.recovery.as_mut() {
             r.over_limits = 4;
             r.crashed = false;
+            r.killed = 0;
         }
         assert_eq!(
             plain(&render_status(&reply, now(), true)).lines().nth(1),

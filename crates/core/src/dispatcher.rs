@@ -1218,6 +1218,25 @@ impl Dispatcher {
         Ok((targets, Actions(actions)))
     }
 
+    /// agentd is shutting down: every active task is stopped with
+    /// [`StopCause::Shutdown`] and ends `interrupted` (so it can be resumed after the
+    /// next start); one a user is stopping already ends so too. Queued work stays.
+    pub fn stop_for_shutdown(&mut self, now: Millis) -> Actions {
+        let active: Vec<TaskId> = self.live.iter().copied().collect();
+        let mut actions = Vec::new();
+        for task_id in active {
+            match self.tasks.get_mut(&task_id).map(|t| &mut t.state) {
+                Some(TaskState::Stopping { cause, .. }) if *cause == StopCause::User => {
+                    *cause = StopCause::Shutdown;
+                }
+                _ => {
+                    self.begin_stop(task_id, now, StopCause::Shutdown, &mut actions);
+                }
+            }
+        }
+        Actions(actions)
+    }
+
     fn check_scope(&self, scope: &Scope, session: &str) -> Result<(), StopError> {
         match scope {
             Scope::Chat(own) if own != session => Err(StopError::OtherSession {
@@ -1496,7 +1515,15 @@ impl Dispatcher {
                 merged.extend(session.pop_front(&mut self.queued));
             }
         }
+        // The overflow note is a prompt for an agent that reads prompts; one that runs
+        // each message as a command would run it (`- <preview>` is a shell line), so
+        // it gets the message as sent, as with `drop: old`.
         let previews = std::mem::take(&mut session.dropped_previews);
+        let previews = if self.config.collected_prompts {
+            previews
+        } else {
+            Vec::new()
+        };
         session.active = Some(task_id);
 
         let mut texts: Vec<String> = self
@@ -1760,7 +1787,9 @@ fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
                     },
                 }
             }
-            (StopCause::Interrupt, _) => return Ending::Interrupted { by, after },
+            (StopCause::Interrupt | StopCause::Shutdown, _) => {
+                return Ending::Interrupted { by, after }
+            }
             (StopCause::Hung, _) => {
                 return Ending::Failed {
                     reason: HUNG.to_string(),
@@ -1771,9 +1800,7 @@ fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
                     reason: TIMED_OUT.to_string(),
                 }
             }
-            (StopCause::User | StopCause::Linger | StopCause::Shutdown, _) => {
-                return Ending::Cancelled { by, after }
-            }
+            (StopCause::User | StopCause::Linger, _) => return Ending::Cancelled { by, after },
         }
     }
     if let TaskState::Starting { .. } = task.state {

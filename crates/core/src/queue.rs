@@ -39,7 +39,8 @@ pub enum DropPolicy {
     Old,
     /// Refuse the new message.
     New,
-    /// Drop the oldest held message and pass a one-line summary of it to the follow-up.
+    /// Drop the oldest held message and pass a one-line summary of it to the follow-up
+    /// (an agent that wants collected prompts only; others get the follow-up as sent).
     Summarize,
 }
 

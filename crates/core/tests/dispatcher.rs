@@ -1563,6 +1563,52 @@ fn collect_for_an_agent_that_wants_no_collected_prompts_runs_each_message_alone(
 }
 
 #[test]
+fn drop_summarize_adds_no_overflow_note_for_an_agent_that_runs_messages_as_commands() {
+    let mut h = H::with(Config {
+        collected_prompts: false,
+        ..config_with(2, settings(Mode::Followup, 0, 1, DropPolicy::Summarize))
+    });
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "a"));
+    let (r, a) = h.accept(msg(3, "a"));
+    assert!(matches!(r, Ok(Accepted::Task { ref dropped, .. }) if *dropped == vec![id(2)]));
+    assert_eq!(ending(&only_finished(&a, 2)), &Ending::Dropped);
+    let a = h.reap(1, ExitStatus::code(0));
+    // The dropped message's text is not passed on, where a shell would run it.
+    assert_eq!(spawn_text(&a, 3), "text 3");
+}
+
+#[test]
+fn a_shutdown_interrupts_running_tasks_and_keeps_the_queue() {
+    let mut h = H::new(2);
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.accept(msg(2, "b"));
+    let _ = h.accept(msg(3, "a"));
+    h.run(1);
+    h.run(2);
+    // A user's stop already under way ends as the shutdown's too.
+    let _ = h.stop(StopTarget::Task(id(2)), Scope::Owner).unwrap();
+    let a = h.d.stop_for_shutdown(Millis(h.now)).into_vec();
+    assert!(a.contains(&Action::SendCancel { task_id: id(1) }), "{a:?}");
+    assert!(!a.contains(&Action::SendCancel { task_id: id(2) }), "{a:?}");
+    for n in [1, 2] {
+        let a = h.reap(n, ExitStatus::code(130));
+        assert!(
+            matches!(
+                ending(&only_finished(&a, n)),
+                Ending::Interrupted {
+                    by: Some(StopStep::CooperativeCancel),
+                    ..
+                }
+            ),
+            "{n}: {a:?}"
+        );
+    }
+    // Queued work is not stopped (the daemon spawns nothing more while it stops).
+    assert!(!matches!(h.state(3), TaskState::Done { .. }));
+}
+
+#[test]
 fn collect_merges_only_consecutive_collected_messages() {
     let mut h = H::with(config_with(
         2,

@@ -15,7 +15,9 @@ pub struct Args {
     /// else /tmp/agentd-$UID/agentd.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Directory for agentd's state (agent logs) [default: $XDG_STATE_HOME/agentd]
+    /// Directory for agentd's durable state: the store agentd.db (tasks, queue,
+    /// settings), the lock agentd.lock and logs/TASK.log [default: $XDG_STATE_HOME/agentd,
+    /// else ~/.local/state/agentd]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Most agent processes alive at once [default: 2]

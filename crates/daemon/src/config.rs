@@ -170,10 +170,15 @@ impl FileConfig {
             ("request-timeout", &self.request_timeout),
             ("heartbeat", &self.heartbeat),
             ("frame-timeout", &self.frame_timeout),
+            ("retention-age", &self.retention_age),
         ];
         for (key, value) in durations {
             if let Some(text) = value {
-                parse_duration(text).map_err(|e| (key, e))?;
+                let d = parse_duration(text).map_err(|e| (key, e))?;
+                let positive = ["heartbeat", "frame-timeout", "request-timeout"];
+                if d.is_zero() && positive.contains(&key) {
+                    return Err((key, anyhow::anyhow!("must be more than 0")));
+                }
             }
         }
         for (key, value) in [
@@ -181,7 +186,10 @@ impl FileConfig {
             ("task-timeout", &self.task_timeout),
         ] {
             if let Some(text) = value {
-                parse_limit(text).map_err(|e| (key, e))?;
+                let limit = parse_limit(text).map_err(|e| (key, e))?;
+                if key == "task-timeout" && limit.0.is_some_and(|d| d.is_zero()) {
+                    return Err((key, anyhow::anyhow!("must be more than 0 (or off)")));
+                }
             }
         }
         if let Some(text) = &self.queue_mode {

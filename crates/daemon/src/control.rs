@@ -76,6 +76,8 @@ pub struct Limits {
     live: AtomicUsize,
     /// Whether the last connection was refused (to log refusals once per burst).
     refusing: AtomicBool,
+    /// The outputs of the connections being served, for [`Limits::flush_all`].
+    outboxes: std::sync::Mutex<Vec<std::sync::Weak<Outbox>>>,
 }
 
 impl Limits {
@@ -85,6 +87,7 @@ impl Limits {
             request_timeout_ms: AtomicU64::new(0),
             live: AtomicUsize::new(0),
             refusing: AtomicBool::new(false),
+            outboxes: std::sync::Mutex::new(Vec::new()),
         });
         limits.update(settings);
         limits
@@ -96,6 +99,32 @@ impl Limits {
             .store(settings.max_connections.max(1), Ordering::SeqCst);
         let ms = u64::try_from(settings.request_timeout.as_millis()).unwrap_or(u64::MAX);
         self.request_timeout_ms.store(ms.max(1), Ordering::SeqCst);
+    }
+
+    /// Registers a connection's output (and forgets those of connections gone).
+    fn register(&self, outbox: &Arc<Outbox>) {
+        let mut outboxes = self.outboxes.lock().unwrap_or_else(|e| e.into_inner());
+        outboxes.retain(|o| o.strong_count() > 0);
+        outboxes.push(Arc::downgrade(outbox));
+    }
+
+    /// agentd is stopping: every connection writes what waits for it (the last
+    /// events of a shutdown among them) and closes, within `within`.
+    pub async fn flush_all(&self, within: Duration) {
+        let outboxes: Vec<Arc<Outbox>> = self
+            .outboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for outbox in &outboxes {
+            outbox.close_after_flush();
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while outboxes.iter().any(|o| !o.is_done()) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub fn max_connections(&self) -> usize {
@@ -336,6 +365,7 @@ async fn serve(
     // (one syscall per request less than interprocess's `&Stream`).
     let (recv_half, mut send_half) = unix_stream(stream).into_split();
     let outbox = Outbox::new(OUTPUT_BUDGET);
+    limits.register(&outbox);
     let write_outbox = outbox.clone();
     let mut writer = tokio::spawn(async move {
         'lines: while let Some(line) = write_outbox.next().await {

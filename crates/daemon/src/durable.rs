@@ -100,19 +100,37 @@ pub(crate) fn finish_op(task: &Task) -> Option<Op> {
 /// A finished record as a core task for the in-memory history (the view's details
 /// that have no core field, such as a recovery reason, are kept in the view JSON).
 pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
+    // The view written when it finished has what the record's columns do not: how a
+    // stop ended it, the command's exit, the times the user was shown.
+    let written = written_view(record);
+    let exit = written.as_ref().and_then(|v| v.exit.as_ref());
+    let by = exit.and_then(|e| e.ended_by).map(|step| match step {
+        agentd_proto::control::StopStep::CooperativeCancel => {
+            agentd_core::StopStep::CooperativeCancel
+        }
+        agentd_proto::control::StopStep::Sigterm => agentd_core::StopStep::Sigterm,
+        agentd_proto::control::StopStep::Sigkill => agentd_core::StopStep::Sigkill,
+    });
+    let after = Duration::from_millis(exit.and_then(|e| e.stop_ms).unwrap_or(0));
+    let command_exit = exit
+        .filter(|e| e.command_code.is_some() || e.command_signal.is_some())
+        .map(|e| agentd_core::ExitStatus {
+            code: e.command_code,
+            signal: e.command_signal,
+        });
+    let written_time = |stamp: Option<&str>| {
+        stamp
+            .and_then(|s| humantime::parse_rfc3339(s).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| agentd_core::Millis(d.as_millis() as u64))
+    };
     let ending = match record.state {
         State::Succeeded => Ending::Succeeded,
         State::Failed => Ending::Failed {
             reason: record.reason.clone().unwrap_or_default(),
         },
-        State::Cancelled => Ending::Cancelled {
-            by: None,
-            after: Duration::ZERO,
-        },
-        State::Interrupted => Ending::Interrupted {
-            by: None,
-            after: Duration::ZERO,
-        },
+        State::Cancelled => Ending::Cancelled { by, after },
+        State::Interrupted => Ending::Interrupted { by, after },
         State::Expired => Ending::Expired,
         State::Dropped => Ending::Dropped,
         State::Merged => Ending::Merged {
@@ -132,9 +150,9 @@ pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
             }),
         },
         created_at: agentd_core::Millis(record.created_at.max(0) as u64),
-        started_at: record
+        started_at: written_time(written.as_ref().and_then(|v| v.started_at.as_deref())).or(record
             .started_at
-            .map(|m| agentd_core::Millis(m.max(0) as u64)),
+            .map(|m| agentd_core::Millis(m.max(0) as u64))),
         finished_at: record
             .finished_at
             .map(|m| agentd_core::Millis(m.max(0) as u64)),
@@ -147,7 +165,7 @@ pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
                     _ => agentd_core::ReportOutcome::Failed,
                 },
                 text: text.clone(),
-                command_exit: None,
+                command_exit,
             })
         }),
         priority: parse_priority(&record.priority),
@@ -164,18 +182,22 @@ pub(crate) fn stored_view(record: &TaskRecord) -> Option<agentd_proto::control::
     if !record.state.is_terminal() {
         return None;
     }
-    let written = record
-        .ending
-        .as_deref()
-        .and_then(|json| serde_json::from_str::<agentd_proto::control::TaskView>(json).ok())
-        .filter(|view| view.task_id == record.id.to_string());
-    match written {
+    match written_view(record) {
         Some(mut view) => {
             view.state = wire_state(record.state);
             Some(view)
         }
         None => finished_task(record).map(|task| views::task_view(&task, None)),
     }
+}
+
+/// The wire view written when the task finished (the record's `ending`), if any.
+fn written_view(record: &TaskRecord) -> Option<agentd_proto::control::TaskView> {
+    record
+        .ending
+        .as_deref()
+        .and_then(|json| serde_json::from_str::<agentd_proto::control::TaskView>(json).ok())
+        .filter(|view| view.task_id == record.id.to_string())
 }
 
 fn wire_state(state: State) -> agentd_proto::control::TaskState {

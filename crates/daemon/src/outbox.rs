@@ -10,10 +10,13 @@
 //!   socket. What waits is thus the budget plus the answers in flight: small ones
 //!   (`send`, `status`, `stop`…) and at most one page of `tasks`, after which the
 //!   connection reads on only once that page is queued.
-//! - **Progress events** are coalesced: a progress line of a task that still waits
-//!   in the queue for the same watch (with nothing of that task after it) is replaced
+//! - **Progress events** are coalesced once the client falls behind, that is once
+//!   [`COALESCE_AFTER`] bytes wait: a progress line of a task that still waits in
+//!   the queue for the same watch (with nothing of that task after it) is replaced
 //!   by the newer one (the latest wins), and the line says how many it replaced
-//!   (`skipped`). A slow reader thus sees every task's latest progress, late.
+//!   (`skipped`). A slow reader thus sees every task's latest progress, late; one
+//!   that keeps up sees every line, also of an agent that reports many at once
+//!   (they reach the outbox in one turn of the loop, before the writer runs).
 //! - **A watch falls behind** when an event would take its connection's queue over
 //!   the budget, or when output has waited for more than [`STALL_LIMIT`] without the
 //!   writer completing a write (the client stopped reading; coalescing alone would
@@ -42,6 +45,10 @@ use tokio::sync::Notify;
 
 /// Most bytes of output queued for one connection (answers can exceed it briefly).
 pub const OUTPUT_BUDGET: usize = 1024 * 1024;
+
+/// Bytes that must wait in a connection's queue before its progress lines are
+/// coalesced (at most an eighth of the budget).
+pub const COALESCE_AFTER: usize = 64 * 1024;
 
 /// How long output may wait without the client reading any of it before the
 /// connection's watches are ended as lagged.
@@ -192,6 +199,8 @@ pub struct Outbox {
     room: Notify,
     budget: usize,
     stall: Duration,
+    /// [`COALESCE_AFTER`], or less for a small budget.
+    coalesce_after: usize,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -236,6 +245,7 @@ impl Outbox {
             room: Notify::new(),
             budget,
             stall,
+            coalesce_after: COALESCE_AFTER.min(budget / 8),
         })
     }
 
@@ -299,9 +309,9 @@ impl Outbox {
         let key = (watch, event.task_id.clone());
         let progress = event.kind == EventKind::Progress;
         let mut response = Response::<()>::event(id, event);
-        // A newer progress line replaces the queued one of the same task, if nothing
-        // of that task was queued after it.
-        if progress && answered {
+        // Once the client is behind, a newer progress line replaces the queued one of
+        // the same task, if nothing of that task was queued after it.
+        if progress && answered && state.pending >= self.coalesce_after {
             if let Some(&seq) = state.last_of.get(&key) {
                 let index = (seq - state.front_seq) as usize;
                 if let Some(queued) = state.queue.get_mut(index) {
@@ -433,6 +443,11 @@ impl Outbox {
 
     pub fn is_closed(&self) -> bool {
         self.lock().refuses()
+    }
+
+    /// The writer is done: everything queued was written, or the client is gone.
+    pub fn is_done(&self) -> bool {
+        self.lock().closed
     }
 
     /// The reader reads no more requests; the writer ends once everything in flight

@@ -294,7 +294,8 @@ pub fn recovery_line(
     }
     line.push_str(&format!(", {interrupted} interrupted"));
     if killed > 0 {
-        line.push_str(&format!(", ended {killed} leftover agents"));
+        let agents = if killed == 1 { "agent" } else { "agents" };
+        line.push_str(&format!(", ended {killed} leftover {agents}"));
     }
     if crashed {
         line.push_str(" (the previous agentd crashed)");

@@ -164,6 +164,19 @@ fn config_errors_name_the_line() {
         e.starts_with("line 1: max-concurrent: must be at least 1"),
         "{e}"
     );
+    // Every duration is checked where it is read, with its line.
+    let e = err("cap = 3\nretention-age = \"soon\"\n");
+    assert!(
+        e.starts_with("line 2: retention-age: invalid duration"),
+        "{e}"
+    );
+    // Zero where agentd needs more: named as the file's key, not as a flag.
+    for key in ["heartbeat", "frame-timeout", "request-timeout"] {
+        let e = err(&format!("cap = 3\n{key} = \"0s\"\n"));
+        assert_eq!(e, format!("line 2: {key}: must be more than 0"));
+    }
+    let e = err("task-timeout = \"0ms\"");
+    assert_eq!(e, "line 1: task-timeout: must be more than 0 (or off)");
     let e = err("log-format = 'xml'");
     assert!(
         e.starts_with("line 1: log-format: unknown log format"),

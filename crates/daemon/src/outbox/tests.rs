@@ -67,43 +67,74 @@ fn encode_failures_still_give_valid_json() {
         .contains("\"quoted\"\nmessage"));
 }
 
+/// An outbox whose client is behind: [`COALESCE_AFTER`] bytes of an answer wait
+/// (the first line [`drain`] returns).
+fn behind(outbox: &Outbox) {
+    outbox.push(&Response::ok(1, "#".repeat(COALESCE_AFTER)));
+}
+
+#[test]
+fn progress_of_a_client_that_keeps_up_is_not_coalesced() {
+    let outbox = Outbox::new(OUTPUT_BUDGET);
+    let (sink, answer) = EventSink::new(&outbox, 1, 7);
+    answer.answer(&Response::ok(7, "watching"));
+    // Many lines in one go, as an agent's burst reaches the outbox before the
+    // writer runs: each is written, up to COALESCE_AFTER bytes of them.
+    for i in 0..50 {
+        sink.send(progress("a", &format!("line {i}"))).unwrap();
+    }
+    drop(sink);
+    let lines = drain(&outbox);
+    assert_eq!(lines.len(), 51, "{lines:?}");
+    for (i, line) in lines[1..].iter().enumerate() {
+        assert_eq!(line["event"]["text"], format!("line {i}"));
+        assert!(line.get("skipped").is_none(), "{line}");
+    }
+}
+
 #[test]
 fn progress_is_coalesced_latest_wins_with_a_count() {
     let outbox = Outbox::new(OUTPUT_BUDGET);
+    behind(&outbox);
     let (sink, answer) = EventSink::new(&outbox, 1, 7);
     answer.answer(&Response::ok(7, "watching"));
     for i in 0..1000 {
         sink.send(progress("a", &format!("line {i}"))).unwrap();
     }
     sink.send(progress("b", "other")).unwrap();
-    assert!(outbox.pending() < 4096, "{}", outbox.pending());
+    assert!(
+        outbox.pending() < COALESCE_AFTER + 4096,
+        "{}",
+        outbox.pending()
+    );
     drop(sink);
     let lines = drain(&outbox);
-    assert_eq!(lines.len(), 3, "{lines:?}");
-    assert_eq!(lines[0]["result"], "watching");
-    assert_eq!(lines[1]["event"]["text"], "line 999");
-    assert_eq!(lines[1]["skipped"], 999);
-    assert_eq!(lines[2]["event"]["text"], "other");
-    assert!(lines[2].get("skipped").is_none());
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[1]["result"], "watching");
+    assert_eq!(lines[2]["event"]["text"], "line 999");
+    assert_eq!(lines[2]["skipped"], 999);
+    assert_eq!(lines[3]["event"]["text"], "other");
+    assert!(lines[3].get("skipped").is_none());
 }
 
 #[test]
 fn a_watch_whose_client_stops_reading_ends_with_a_lagged_notice() {
     let outbox = Outbox::with_stall_limit(OUTPUT_BUDGET, Duration::from_millis(50));
+    behind(&outbox);
     let (sink, answer) = EventSink::new(&outbox, 1, 7);
     answer.answer(&Response::ok(7, "watching"));
     // Nobody writes: coalescing bounds the queue meanwhile.
     for i in 0..100 {
         sink.send(progress("a", &format!("{i}"))).unwrap();
     }
-    assert!(outbox.pending() < 4096);
+    assert!(outbox.pending() < COALESCE_AFTER + 4096);
     std::thread::sleep(Duration::from_millis(60));
     assert_eq!(sink.send(progress("a", "late")), Err(Delivery::Lagged));
     assert!(sink.is_closed());
     assert_eq!(sink.send(progress("a", "later")), Err(Delivery::Lagged));
     drop(sink);
     let lines = drain(&outbox);
-    assert_eq!(lines[1]["event"]["text"], "99");
+    assert_eq!(lines[2]["event"]["text"], "99");
     let last = lines.last().unwrap();
     assert_eq!(last["id"], 7);
     assert_eq!(last["error"]["code"], "lagged");
@@ -136,6 +167,7 @@ fn a_reading_client_is_not_stalled() {
 #[test]
 fn progress_is_not_coalesced_across_other_events_of_its_task() {
     let outbox = Outbox::new(OUTPUT_BUDGET);
+    behind(&outbox);
     let (sink, answer) = EventSink::new(&outbox, 1, 7);
     answer.answer(&Response::ok(7, "watching"));
     sink.send(progress("a", "1")).unwrap();
@@ -145,7 +177,7 @@ fn progress_is_not_coalesced_across_other_events_of_its_task() {
     sink.send(progress("a", "2")).unwrap();
     sink.send(progress("a", "3")).unwrap();
     drop(sink);
-    let texts: Vec<_> = drain(&outbox)[1..]
+    let texts: Vec<_> = drain(&outbox)[2..]
         .iter()
         .map(|l| (l["event"]["text"].clone(), l["skipped"].clone()))
         .collect();

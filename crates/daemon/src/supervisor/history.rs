@@ -103,7 +103,10 @@ impl Supervisor {
             if let agentd_store::Op::Finish { state, reason, .. } = &mut op {
                 if self.shutting_down.is_some()
                     && task.started_at.is_some()
-                    && *state == agentd_store::State::Cancelled
+                    && matches!(
+                        *state,
+                        agentd_store::State::Cancelled | agentd_store::State::Interrupted
+                    )
                 {
                     *state = agentd_store::State::Interrupted;
                     *reason = Some(agentd_proto::text::INTERRUPTED_BY_SHUTDOWN.to_string());

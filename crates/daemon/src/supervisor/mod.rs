@@ -51,7 +51,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentd_core::{Dispatcher, Event, Liveness, Scope, StopStep, StopTarget, TaskId};
+use agentd_core::{Dispatcher, Event, Liveness, StopStep, TaskId};
 use agentd_proc::{CgroupOptions, Containment, Killer, Procs, TreeReport};
 use agentd_proto::control::{Answer, ErrorBody, ErrorCode};
 use tokio::sync::mpsc;
@@ -81,6 +81,9 @@ pub enum DaemonSignal {
     Shutdown,
 }
 
+/// How long, at exit, connections may take to write what waits for them.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+
 /// Runs agentd on an already-bound listener until `shutdown` resolves (or signals say
 /// so) and every agent is gone.
 pub async fn run(
@@ -94,6 +97,7 @@ pub async fn run(
     let info = Arc::new(ServerInfo::new());
     let (request_tx, mut requests) = mpsc::channel::<ControlRequest>(1024);
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
+    let connections = listener.limits.clone();
     let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
 
     let procs = containment(&config);
@@ -201,6 +205,9 @@ pub async fn run(
     }
     sup.store.flush();
     acceptor.abort();
+    // What the stop told its watchers (the tasks' `finished`) reaches them before
+    // the connections close.
+    connections.flush_all(SHUTDOWN_FLUSH).await;
     // `{ sup }` moves it: everything but these two (the agents' logs among them)
     // is dropped here, before the store closes.
     let Supervisor {
@@ -390,20 +397,9 @@ impl Supervisor {
             tracing::info!("shutting down: stopping running tasks, keeping the queue");
             crate::notify::stopping();
             self.shutting_down = Some(Instant::now());
-            let active: Vec<TaskId> = self
-                .dispatcher
-                .tasks()
-                .filter(|t| t.state.is_active())
-                .map(|t| t.id)
-                .collect();
-            for task_id in active {
-                if let Ok((_, actions)) =
-                    self.dispatcher
-                        .stop(StopTarget::Task(task_id), &Scope::Owner, now_millis())
-                {
-                    self.execute(actions);
-                }
-            }
+            // They end `interrupted`, for the watchers now as in the store.
+            let actions = self.dispatcher.stop_for_shutdown(now_millis());
+            self.execute(actions);
         } else {
             tracing::warn!("second shutdown signal: killing every agent now");
             let ids: Vec<TaskId> = self.agents.keys().copied().collect();
