@@ -107,6 +107,14 @@ fn kill9_with_one_running_and_30_queued_restarts_with_the_queue_and_an_interrupt
     respawn(&mut daemon, &args, "agentd2.log");
     let old = daemon.task(&running);
     assert_eq!(old["state"], json!("interrupted"), "{old}");
+    // It says why, and times no stop (none was made).
+    assert_eq!(old["exit"], json!({"reason": "daemon crashed"}), "{old}");
+    let out = daemon.agentctl(&["status", &running]);
+    assert!(
+        stdout(&out).contains("exit      interrupted: daemon crashed"),
+        "{}",
+        stdout(&out)
+    );
     // Every queued task is back with its id, each chat's in the order sent. One of
     // them may have started already (the queue runs on after a restart).
     let list = daemon.request(json!({"cmd": "tasks"}));
@@ -465,6 +473,7 @@ fn sigterm_interrupts_running_tasks_keeps_the_queue_and_it_runs_after_a_restart(
     for id in &running {
         let view = daemon.task(id);
         assert_eq!(view["state"], json!("interrupted"), "{view}");
+        assert_eq!(view["exit"]["reason"], json!("shutdown"), "{view}");
     }
     for id in &queued {
         daemon.wait_state(id, "succeeded");
@@ -495,6 +504,11 @@ fn a_watcher_hears_that_a_shutdown_interrupted_its_task() {
     assert_eq!(
         finished["task"]["exit"]["ended_by"],
         json!("cooperative_cancel"),
+        "{finished}"
+    );
+    assert_eq!(
+        finished["task"]["exit"]["reason"],
+        json!("shutdown"),
         "{finished}"
     );
     let status = wait_for("agentd exits after SIGTERM", DEADLINE, || {

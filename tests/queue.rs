@@ -159,6 +159,11 @@ fn interrupt_stops_the_running_task_and_runs_the_new_message_next() {
         "{stopped}\n{}",
         d.log()
     );
+    assert_eq!(
+        stopped["exit"]["reason"],
+        json!("a newer message"),
+        "{stopped}"
+    );
     // The older held message waits its turn behind the urgent one (and its debounce).
     let older_view = d.task(&older);
     assert!(

@@ -525,6 +525,7 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
         ended_by: Some(agentd_proto::control::StopStep::Sigkill),
         stop_ms: Some(0),
         error: Some(String::new()),
+        reason: Some(String::new()),
     };
     for key in keys!(exit) {
         assert!(

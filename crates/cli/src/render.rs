@@ -572,6 +572,9 @@ pub fn describe_exit(exit: &ExitView) -> String {
     if let Some(error) = &exit.error {
         parts.push(format!("error: {}", clean_line(error)));
     }
+    if let Some(reason) = &exit.reason {
+        parts.push(format!("interrupted: {}", clean_line(reason)));
+    }
     parts.join("; ")
 }
 
@@ -1315,6 +1318,17 @@ mod tests {
         assert_eq!(
             describe_exit(&exit),
             "ended by SIGTERM; agent killed by signal 64; command exited with code 130"
+        );
+        let exit = ExitView {
+            ended_by: Some(StopStep::CooperativeCancel),
+            stop_ms: Some(40),
+            code: Some(130),
+            reason: Some("a newer message".into()),
+            ..ExitView::default()
+        };
+        assert_eq!(
+            describe_exit(&exit),
+            "ended by cooperative cancel after 0.04 s; agent exited with code 130; interrupted: a newer message"
         );
     }
 

@@ -23,8 +23,8 @@ use std::time::Duration;
 use crate::order::{self, OrderKey, PositionIndex, RankedMap};
 use crate::queue::{self, DropPolicy, Mode, Priority, QueueSettings};
 use crate::task::{
-    AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopCause, StopStep, Task, TaskId,
-    TaskState,
+    AgentReport, Ending, ExitStatus, Interruption, Millis, ReportOutcome, StopCause, StopStep,
+    Task, TaskId, TaskState,
 };
 
 /// The dispatcher's hash tables: foldhash instead of std's SipHash, whose hashing was
@@ -1787,8 +1787,19 @@ fn ending_of(task: &Task, status: ExitStatus, now: Millis) -> Ending {
                     },
                 }
             }
-            (StopCause::Interrupt | StopCause::Shutdown, _) => {
-                return Ending::Interrupted { by, after }
+            (StopCause::Interrupt, _) => {
+                return Ending::Interrupted {
+                    by,
+                    after,
+                    why: Interruption::NewerMessage,
+                }
+            }
+            (StopCause::Shutdown, _) => {
+                return Ending::Interrupted {
+                    by,
+                    after,
+                    why: Interruption::Shutdown,
+                }
             }
             (StopCause::Hung, _) => {
                 return Ending::Failed {

@@ -34,6 +34,6 @@ pub use queue::{
     collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings, MAX_DEBOUNCE,
 };
 pub use task::{
-    AgentReport, Ending, ExitStatus, Millis, ReportOutcome, StopCause, StopStep, Task, TaskId,
-    TaskState,
+    AgentReport, Ending, ExitStatus, Interruption, Millis, ReportOutcome, StopCause, StopStep,
+    Task, TaskId, TaskState,
 };

@@ -123,6 +123,17 @@ pub struct AgentReport {
     pub command_exit: Option<ExitStatus>,
 }
 
+/// Why a task ended `interrupted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// Stopped for a newer message of its session (queue mode `interrupt`).
+    NewerMessage,
+    /// Stopped by agentd's shutdown (SIGTERM, SIGINT).
+    Shutdown,
+    /// It was live when agentd crashed: found so by the next start.
+    Crash,
+}
+
 /// How a task ended. Every terminal task has exactly one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
@@ -143,6 +154,7 @@ pub enum Ending {
     Interrupted {
         by: Option<StopStep>,
         after: Duration,
+        why: Interruption,
     },
     /// Waited in the queue past its deadline.
     Expired,

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
-    Capacity, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message,
-    Millis, Mode, Priority, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope, StopCause,
-    StopError, StopStep, StopTarget, Task, TaskId, TaskState, HUNG, TIMED_OUT,
+    Capacity, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Interruption,
+    Message, Millis, Mode, Priority, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope,
+    StopCause, StopError, StopStep, StopTarget, Task, TaskId, TaskState, HUNG, TIMED_OUT,
 };
 
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -1598,6 +1598,7 @@ fn a_shutdown_interrupts_running_tasks_and_keeps_the_queue() {
                 ending(&only_finished(&a, n)),
                 Ending::Interrupted {
                     by: Some(StopStep::CooperativeCancel),
+                    why: Interruption::Shutdown,
                     ..
                 }
             ),
@@ -1942,7 +1943,8 @@ fn interrupt_stops_the_active_task_and_runs_the_message_next() {
         TaskState::Done {
             ending: Ending::Interrupted {
                 by: Some(StopStep::CooperativeCancel),
-                after: Duration::from_millis(300)
+                after: Duration::from_millis(300),
+                why: Interruption::NewerMessage,
             },
             exit: Some(ExitStatus::code(0))
         }
@@ -1988,7 +1990,8 @@ fn interrupt_escalates_like_a_stop_and_records_the_step() {
         ending(finished(&a)[0]),
         &Ending::Interrupted {
             by: Some(StopStep::Sigterm),
-            after: Duration::from_millis(5_500)
+            after: Duration::from_millis(5_500),
+            why: Interruption::NewerMessage,
         }
     );
     assert_eq!(spawns(&a), vec![id(3)]);

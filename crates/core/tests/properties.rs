@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, Actions,
-    AgentReport, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Message,
-    Millis, Mode, Named, Priority, QueueChange, QueueCommand, QueueSettings, Refused,
-    ReportOutcome, Scope, StopArg, StopCause, StopError, StopStep, StopTarget, Task, TaskId,
-    TaskState, HUNG, TIMED_OUT,
+    AgentReport, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus,
+    Interruption, Message, Millis, Mode, Named, Priority, QueueChange, QueueCommand, QueueSettings,
+    Refused, ReportOutcome, Scope, StopArg, StopCause, StopError, StopStep, StopTarget, Task,
+    TaskId, TaskState, HUNG, TIMED_OUT,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -1495,7 +1495,14 @@ impl World {
             let after = Duration::from_millis(self.now - requested);
             if self.interrupted.contains(&task) {
                 hit("ended interrupted");
-                assert_eq!(ending, &Ending::Interrupted { by, after });
+                assert_eq!(
+                    ending,
+                    &Ending::Interrupted {
+                        by,
+                        after,
+                        why: Interruption::NewerMessage
+                    }
+                );
             } else {
                 assert_eq!(ending, &Ending::Cancelled { by, after });
             }

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use agentd_core::{Ending, Message, Mode, Priority, QueueSettings, Task, TaskState};
+use agentd_core::{Ending, Interruption, Message, Mode, Priority, QueueSettings, Task, TaskState};
 use agentd_proto::text;
 use agentd_store::{Exit, Op, Recovery, State, Store, StoreOptions, TaskRecord};
 
@@ -88,6 +88,7 @@ pub(crate) fn finish_op(task: &Task) -> Option<Op> {
         ending: serde_json::to_string(&view).ok(),
         reason: match ending {
             Ending::Failed { reason } => Some(reason.clone()),
+            Ending::Interrupted { why, .. } => Some(views::interruption_reason(*why).to_string()),
             _ => None,
         },
         exit: exit.map(|e| Exit {
@@ -130,7 +131,15 @@ pub(crate) fn finished_task(record: &TaskRecord) -> Option<Task> {
             reason: record.reason.clone().unwrap_or_default(),
         },
         State::Cancelled => Ending::Cancelled { by, after },
-        State::Interrupted => Ending::Interrupted { by, after },
+        State::Interrupted => Ending::Interrupted {
+            by,
+            after,
+            why: match record.reason.as_deref() {
+                Some(text::INTERRUPTED_BY_CRASH) => Interruption::Crash,
+                Some(text::INTERRUPTED_BY_SHUTDOWN) => Interruption::Shutdown,
+                _ => Interruption::NewerMessage,
+            },
+        },
         State::Expired => Ending::Expired,
         State::Dropped => Ending::Dropped,
         State::Merged => Ending::Merged {

@@ -5,7 +5,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentd_core::{
-    DropPolicy, Ending, Millis, Mode, Priority, QueueSettings, StopStep, Task, TaskState,
+    DropPolicy, Ending, Interruption, Millis, Mode, Priority, QueueSettings, StopStep, Task,
+    TaskState,
 };
 use agentd_proto::control::{self, Capacity, ExitView, TaskView};
 
@@ -65,9 +66,13 @@ pub fn task_view(task: &Task, position: Option<u32>) -> TaskView {
                     view.stop_ms = Some(after.as_millis() as u64);
                     control::TaskState::Cancelled
                 }
-                Ending::Interrupted { by, after } => {
+                Ending::Interrupted { by, after, why } => {
                     view.ended_by = by.map(stop_step);
-                    view.stop_ms = Some(after.as_millis() as u64);
+                    // A task found live after a crash had no stop to time.
+                    if *why != Interruption::Crash {
+                        view.stop_ms = Some(after.as_millis() as u64);
+                    }
+                    view.reason = Some(interruption_reason(*why).to_string());
                     control::TaskState::Interrupted
                 }
                 Ending::Expired => control::TaskState::Expired,
@@ -102,6 +107,15 @@ pub fn task_view(task: &Task, position: Option<u32>) -> TaskView {
             _ => None,
         },
         priority: priority_view(task.priority),
+    }
+}
+
+/// Why a task was interrupted, in the words the view and the store give.
+pub fn interruption_reason(why: Interruption) -> &'static str {
+    match why {
+        Interruption::NewerMessage => agentd_proto::text::INTERRUPTED_BY_NEWER_MESSAGE,
+        Interruption::Shutdown => agentd_proto::text::INTERRUPTED_BY_SHUTDOWN,
+        Interruption::Crash => agentd_proto::text::INTERRUPTED_BY_CRASH,
     }
 }
 

@@ -610,6 +610,9 @@ pub struct ExitView {
     /// Why the task failed, when agentd knows (spawn failure, protocol error…).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For interrupted tasks: why (`a newer message`, `shutdown`, `daemon crashed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A task as clients see it. Stable field names.

@@ -67,6 +67,10 @@ pub fn outcome(view: &TaskView) -> String {
             Some(error) => format!("failed ({error})"),
             None => "failed".to_string(),
         },
+        TaskState::Interrupted => match &exit.reason {
+            Some(reason) => format!("interrupted ({reason})"),
+            None => "interrupted".to_string(),
+        },
         TaskState::Merged => match &view.merged_into {
             Some(into) => format!("merged into task {into}"),
             None => "merged".to_string(),
@@ -275,6 +279,9 @@ pub const INTERRUPTED_BY_CRASH: &str = "daemon crashed";
 
 /// Reason recorded on tasks that agentd interrupted for a shutdown.
 pub const INTERRUPTED_BY_SHUTDOWN: &str = "shutdown";
+
+/// Reason given for a task stopped for a newer message of its session (`interrupt`).
+pub const INTERRUPTED_BY_NEWER_MESSAGE: &str = "a newer message";
 
 /// `agentctl status`: what recovery did at start.
 /// `over_limits`: recovered queued tasks that the current limits (`--max-queued`, a
