@@ -55,9 +55,10 @@ static CHILDREN_GET_THP: AtomicBool = AtomicBool::new(false);
 ///
 /// The setting belongs to the process's memory, and the child of a spawn shares the
 /// parent's memory until its `execve` (whose new memory takes the setting as it is
-/// then): so the child turns it off for both right before its `execve`, and the
-/// parent turns it on again once the clone returns. In between, other threads of the
-/// parent may be given huge pages.
+/// then): so the child clears the setting (huge pages allowed again) for both right
+/// before its `execve`, and the parent sets it again once the clone returns, before
+/// the next spawn can begin. In between, other threads of the parent may be given
+/// huge pages.
 pub fn disable_thp_for_this_process() -> io::Result<bool> {
     // SAFETY: prctl with integer arguments only.
     let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
@@ -240,13 +241,7 @@ impl Command {
             entered: AtomicU64::new(0),
         };
         let before = boottime_ns();
-        let cloned = clone_child(&args);
-        if args.restore_thp {
-            // The child turned it on for the memory it shared with us (see
-            // `disable_thp_for_this_process`): off again for ours.
-            let _ = set_thp_disabled(true);
-        }
-        let (pid, pidfd) = cloned?;
+        let (pid, pidfd) = clone_child(&args)?;
         let entered = args.entered.load(Ordering::SeqCst);
         drop(copies);
         let failure = args.failure.load(Ordering::SeqCst);
@@ -532,6 +527,12 @@ fn clone_child(args: &ChildArgs<'_>) -> io::Result<(libc::pid_t, Option<OwnedFd>
             // Kernels before 5.2 know no CLONE_PIDFD.
             result = clone_with(args, top, false);
         }
+    }
+    if args.restore_thp {
+        // The child turned them on for the memory it shared with us (see
+        // `disable_thp_for_this_process`): off again for ours, before another spawn
+        // can begin (the stack's lock is held), so every child execs with them on.
+        let _ = set_thp_disabled(true);
     }
     // SAFETY: restores the mask saved above.
     unsafe {
