@@ -155,6 +155,7 @@ fn rate_epoll(path: &Path, clients: usize, per: usize) -> (f64, Duration, usize)
         .map(|c| {
             let stream = UnixStream::connect(path)
                 .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
+            stream.set_nonblocking(true).expect("a non-blocking socket");
             poll.registry()
                 .register(
                     &mut SourceFd(&stream.as_raw_fd()),
@@ -169,8 +170,9 @@ fn rate_epoll(path: &Path, clients: usize, per: usize) -> (f64, Duration, usize)
             }
         })
         .collect();
-    // A request goes out whole: the socket's buffer holds at most one request and
-    // one answer of this connection's at any time, far below its size.
+    // A request goes out whole in one non-blocking write: the socket's buffer holds
+    // at most one request and one answer of this connection's at any time, far
+    // below its size (a short write would fail the run, not slow it).
     let send = |conn: &mut Client, c: usize| {
         let line = send_line(c, conn.sent);
         (&conn.stream)
