@@ -350,6 +350,13 @@ fn main_inner() -> anyhow::Result<()> {
     // Still one thread: the environment may change safely, and the signal mask set
     // here is every later thread's.
     block_child_signals()?;
+    // agentd's heap grows by small allocations as the queue does: with transparent
+    // huge pages each new 2 MiB region was zeroed whole on first touch (on the loop
+    // thread, 12-14% of its time per durable send while the queue grew, and about
+    // twice the resident memory). Agents still get them as agentd was started.
+    if let Err(e) = agentd_spawn::disable_thp_for_this_process() {
+        eprintln!("agentd: cannot turn transparent huge pages off: {e}");
+    }
     agentd_daemon::notify::take_socket_from_env();
     let args = Args::parse();
     let Resolved {

@@ -16,8 +16,21 @@
 //! It prints p50/p90/p99 of each, every busy figure as a ratio to its idle figure,
 //! and agentd's ratios beside the echo's. It asserts nothing.
 //!
+//! With `--rate-only` it runs instead the rate phase alone, without a probe: the
+//! same `clients` connections sending the same durable work, but all driven from
+//! this one thread waiting in `epoll` (each connection with exactly one `send`
+//! outstanding, the next sent only once its acknowledgement is read: no pipelining
+//! on a connection), so that the clients cost the 2-core machine as little as they
+//! can. It prints the rate and the client's own CPU time per message.
+//!
+//! `--fsync-baseline DIR` measures, on DIR's disk, the rate both phases are judged
+//! against: one fsync'd commit per message (a plain SQLite connection, WAL +
+//! synchronous=FULL, one INSERT per transaction, as `bench-store enqueue`'s
+//! baseline). `--baseline RATE` prints a phase's rate as a ratio to it.
+//!
 //! Usage: bench_status --socket PATH [--clients 64] [--per 200] [--idle 5000]
-//!        [--probe status|ping]
+//!        [--probe status|ping] [--rate-only] [--baseline RATE]
+//!        bench_status --fsync-baseline DIR
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -96,6 +109,162 @@ fn idle(socket: &Path, echo: &Path, n: usize) -> (Percentiles, Percentiles) {
     (Percentiles::of(a), Percentiles::of(b))
 }
 
+/// Client `c`'s `i`th request: durable work (it waits behind the gate, which never
+/// opens) with a message id of its own, over ten sessions of the client's own.
+fn send_line(c: usize, i: usize) -> String {
+    format!(
+        "{{\"id\":{i},\"cmd\":\"send\",\"session\":\"chat-{c}-{}\",\"text\":\"while [ ! -e /nonexistent-gate ]; do sleep 1; done # {i}\",\"message_id\":\"m-{c}-{i}\"}}\n",
+        i % 10
+    )
+}
+
+/// CPU time (user + system) of this process so far.
+fn process_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to write into.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// The rate phase without a probe: `clients` connections to `path`, all on this
+/// thread, waiting in `epoll` for their answers (registered for readability only,
+/// so that agentd reading a request, which frees its buffer and signals the
+/// client's socket writable, wakes nothing here). Each connection has one `send`
+/// outstanding at a time and sends its next only after reading the answer to the
+/// last: the same requests and the same acknowledgement after the commit as the
+/// threads' phase. Returns the rate, the client's CPU time per message and how
+/// many were refused.
+fn rate_epoll(path: &Path, clients: usize, per: usize) -> (f64, Duration, usize) {
+    use mio::unix::SourceFd;
+    use mio::{Events, Interest, Poll, Token};
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    struct Client {
+        stream: UnixStream,
+        sent: usize,
+        reply: Vec<u8>,
+    }
+    let mut poll = Poll::new().expect("an epoll instance");
+    let mut conns: Vec<Client> = (0..clients)
+        .map(|c| {
+            let stream = UnixStream::connect(path)
+                .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
+            stream.set_nonblocking(true).expect("a non-blocking socket");
+            poll.registry()
+                .register(
+                    &mut SourceFd(&stream.as_raw_fd()),
+                    Token(c),
+                    Interest::READABLE,
+                )
+                .expect("register a connection");
+            Client {
+                stream,
+                sent: 0,
+                reply: Vec::with_capacity(512),
+            }
+        })
+        .collect();
+    // A request goes out whole in one non-blocking write: the socket's buffer holds
+    // at most one request and one answer of this connection's at any time, far
+    // below its size (a short write would fail the run, not slow it).
+    let send = |conn: &mut Client, c: usize| {
+        let line = send_line(c, conn.sent);
+        (&conn.stream)
+            .write_all(line.as_bytes())
+            .expect("write a request");
+        conn.sent += 1;
+    };
+    let (mut refused, mut running) = (0, clients);
+    let mut events = Events::with_capacity(clients);
+    let mut buf = [0u8; 4096];
+    let cpu0 = process_cpu();
+    let t0 = Instant::now();
+    for (c, conn) in conns.iter_mut().enumerate() {
+        send(conn, c);
+    }
+    while running > 0 {
+        poll.poll(&mut events, None).expect("epoll_wait");
+        for event in &events {
+            let c = event.token().0;
+            let conn = &mut conns[c];
+            // Edge-triggered: read until the answer's line is complete (it comes in
+            // one write) or the socket is drained; the next answer's arrival
+            // signals again.
+            loop {
+                match (&conn.stream).read(&mut buf) {
+                    Ok(0) => panic!("agentd closed a connection"),
+                    Ok(n) => conn.reply.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => panic!("read an answer: {e}"),
+                }
+                if conn.reply.last() == Some(&b'\n') {
+                    break;
+                }
+            }
+            if conn.reply.last() != Some(&b'\n') {
+                continue;
+            }
+            assert_eq!(
+                conn.reply.iter().filter(|&&b| b == b'\n').count(),
+                1,
+                "one answer per request"
+            );
+            if conn.reply.windows(11).any(|w| w == b"\"ok\":false") {
+                refused += 1;
+            }
+            conn.reply.clear();
+            if conn.sent < per {
+                send(conn, c);
+            } else {
+                running -= 1;
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    let cpu = process_cpu() - cpu0;
+    let n = (clients * per) as u32;
+    (n as f64 / elapsed.as_secs_f64(), cpu / n, refused)
+}
+
+/// One fsync'd commit per message on `dir`'s disk: a plain SQLite connection, WAL +
+/// synchronous=FULL, one INSERT per transaction (the rows as `bench-store
+/// enqueue`'s baseline writes them). Returns commits per second.
+fn fsync_baseline(dir: &Path, n: usize) -> f64 {
+    std::fs::create_dir_all(dir).expect("the baseline's directory");
+    let conn = rusqlite::Connection::open(dir.join("baseline.db")).expect("open");
+    conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
+        .expect("WAL");
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL;
+         CREATE TABLE t (id TEXT PRIMARY KEY, session TEXT, text TEXT, message_id TEXT);
+         CREATE UNIQUE INDEX t_m ON t(session, message_id);",
+    )
+    .expect("the baseline's table");
+    let start = Instant::now();
+    for i in 0..n {
+        let session = format!("chat-{}", i % 100);
+        conn.execute(
+            "INSERT INTO t VALUES (?1, ?2, ?3, ?4)",
+            (
+                // A UUID's length and shape.
+                format!("{i:08x}-0000-7000-8000-{i:012x}"),
+                &session,
+                format!("message {i} of {session}: please look at the build"),
+                format!("evt-{}-{i}", i % 100),
+            ),
+        )
+        .expect("insert");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 /// `clients` threads send `per` requests each to `path` (at most `rate` requests a
 /// second in all, if given), while this thread measures `status` round trips to
 /// `probe`. Returns the probe's latencies and the clients' rate.
@@ -127,11 +296,7 @@ fn busy(
                             std::thread::sleep(wait);
                         }
                     }
-                    let request = format!(
-                        "{{\"id\":{i},\"cmd\":\"send\",\"session\":\"chat-{c}-{}\",\"text\":\"while [ ! -e /nonexistent-gate ]; do sleep 1; done # {i}\",\"message_id\":\"m-{c}-{i}\"}}\n",
-                        i % 10
-                    );
-                    if conn.round_trip(&request).contains("\"ok\":false") {
+                    if conn.round_trip(&send_line(c, i)).contains("\"ok\":false") {
                         refused.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -156,6 +321,7 @@ fn main() {
     }
     let mut socket = None;
     let (mut clients, mut per, mut n_idle) = (64usize, 200usize, 5000usize);
+    let (mut rate_only, mut baseline) = (false, None::<f64>);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().expect("a value after the flag");
@@ -164,6 +330,13 @@ fn main() {
             "--clients" => clients = value().parse().expect("a number"),
             "--per" => per = value().parse().expect("a number"),
             "--idle" => n_idle = value().parse().expect("a number"),
+            "--rate-only" => rate_only = true,
+            "--baseline" => baseline = Some(value().parse().expect("a number")),
+            "--fsync-baseline" => {
+                let rate = fsync_baseline(Path::new(&value()), 2000);
+                println!("baseline: one fsync'd commit per message (plain SQLite, WAL+FULL, this disk): {rate:8.0} commits/s");
+                return;
+            }
             "--probe" => {
                 let cmd = value();
                 PROBE
@@ -174,6 +347,27 @@ fn main() {
         }
     }
     let socket = socket.expect("--socket PATH");
+    let against = |rate: f64| match baseline {
+        Some(base) => format!(
+            "  {:5.2}× the fsync'd-commit baseline (target 10×)",
+            rate / base
+        ),
+        None => String::new(),
+    };
+    if rate_only {
+        let (rate, client_cpu, refused) = rate_epoll(&socket, clients, per);
+        println!(
+            "agentd end to end, {clients} clients on one epoll thread, no probe: {rate:8.0} acknowledged (durable) msgs/s{}  ({} of {} accepted)",
+            against(rate),
+            clients * per - refused,
+            clients * per
+        );
+        println!(
+            "  the client's own CPU per message: {:.1} us",
+            client_cpu.as_secs_f64() * 1e6
+        );
+        return;
+    }
     let echo_path = socket.with_file_name("echo.sock");
     let _ = std::fs::remove_file(&echo_path);
     let echo_server = EchoServer::start(&echo_path);
@@ -188,7 +382,8 @@ fn main() {
     let busy_echo = Percentiles::of(busy_echo);
 
     println!(
-        "agentd end to end, {clients} clients over the socket: {rate:8.0} acknowledged (durable) msgs/s ({} of {} accepted)",
+        "agentd end to end, {clients} client threads and a status probe: {rate:8.0} acknowledged (durable) msgs/s{}  ({} of {} accepted)",
+        against(rate),
         clients * per - refused,
         clients * per
     );

@@ -246,3 +246,33 @@ fn agents_do_not_inherit_agentds_blocked_sigchld() {
         "the command starts with signals blocked: {result}"
     );
 }
+
+/// The `THP_enabled` line of a process's `/proc/PID/status` (0: transparent huge
+/// pages are disabled for it by `PR_SET_THP_DISABLE`).
+fn thp_enabled(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled line in {status}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn agentd_runs_without_transparent_huge_pages_and_its_agents_as_it_was_started() {
+    let d = Daemon::with_agent_exec(&[]);
+    let own = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    assert_eq!(thp_enabled(&own), "0", "agentd's own heap");
+    // An agent and what it runs get the setting agentd was started with (this test's).
+    let ours = thp_enabled(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let task = d.submit("chat", "grep THP_enabled /proc/self/status");
+    let view = d.wait_state(&task, "succeeded");
+    assert_eq!(
+        thp_enabled(view["result"].as_str().unwrap()),
+        ours,
+        "{view}"
+    );
+    // And agentd's own are off again after the spawn.
+    let own = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    assert_eq!(thp_enabled(&own), "0", "agentd's own heap after a spawn");
+}

@@ -853,6 +853,55 @@ fn a_redelivered_message_of_a_task_that_finished_before_a_restart_is_not_run_aga
 }
 
 #[test]
+fn a_redelivered_message_that_left_the_de_duplication_window_is_still_a_duplicate() {
+    let daemon = Daemon::with_echo_agent(&[
+        "--max-concurrent",
+        "1",
+        "--max-queued",
+        "20000",
+        "--cap",
+        "1000",
+    ]);
+    let send = |id: u64, session: &str, message_id: &str, text: &str| {
+        json!({"id": id, "cmd": "send", "session": session, "message_id": message_id,
+            "text": text})
+    };
+    let first = daemon.request(send(1, "chat", "evt-first", "first"));
+    let first_id = first["task"]["task_id"].as_str().unwrap().to_string();
+    daemon.wait_state(&first_id, "succeeded");
+    let gate = daemon.gate("never");
+    let hold = daemon.submit("hold", &format!("hold {gate} slot"));
+    daemon.wait_state(&hold, "running");
+    // As many other message ids as the window holds (10,000): the first leaves it.
+    let answers = crate::status::exchange(
+        &daemon,
+        (0..10_000u64)
+            .map(|i| {
+                send(
+                    i,
+                    &format!("chat-{}", i % 20),
+                    &format!("evt-{i}"),
+                    &format!("hold {gate} {i}"),
+                )
+            })
+            .collect(),
+    );
+    assert!(
+        answers.iter().all(|a| a["ok"] == json!(true)),
+        "{:?}",
+        answers.iter().find(|a| a["ok"] != json!(true))
+    );
+    // Re-delivered, it is answered from the store with its finished task.
+    let again = daemon.request(send(2, "chat", "evt-first", "first"));
+    assert_eq!(again["duplicate"], json!(true), "{again}");
+    assert_eq!(again["task"]["task_id"], json!(first_id), "{again}");
+    assert_eq!(again["task"]["state"], json!("succeeded"), "{again}");
+    // And a new message id past the window is new work.
+    let new = daemon.request(send(3, "chat", "evt-new", &format!("hold {gate} new")));
+    assert_ne!(new["duplicate"], json!(true), "{new}");
+}
+
+#[test]
 fn retention_prunes_old_finished_tasks_and_their_logs() {
     let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
     let args = ["--agent", agent.as_str(), "--retention-count", "2"];

@@ -18,6 +18,7 @@
 //!   (set explicitly) and the bounded de-duplication window.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::time::Duration;
 
 use crate::order::{self, OrderKey, PositionIndex, RankedMap};
@@ -405,8 +406,19 @@ pub struct Dispatcher {
     /// Recently seen `(session, message_id)` pairs and their tasks, oldest first.
     seen: Map<(String, String), TaskId>,
     seen_order: VecDeque<(String, String)>,
+    /// Hashes of the pairs that have left the window, so that a pair in neither was
+    /// never accepted by this dispatcher ([`Dispatcher::may_have_left_window`]);
+    /// `None` once more than [`DEPARTED_PER_WINDOW`] windows' worth have left.
+    departed: Option<HashSet<u64, foldhash::fast::RandomState>>,
+    /// What hashes the pairs in `departed`.
+    departed_hash: foldhash::fast::RandomState,
     debounce_generation: u64,
 }
+
+/// How many windows' worth of departed message ids [`Dispatcher`] keeps the hashes
+/// of (8 bytes and a control byte each: about 1.2 MB for the default window of
+/// 10,000) before it stops telling which ones may have left.
+const DEPARTED_PER_WINDOW: usize = 10;
 
 impl Dispatcher {
     pub fn new(config: Config) -> Dispatcher {
@@ -423,6 +435,8 @@ impl Dispatcher {
             settings: Map::default(),
             seen: Map::default(),
             seen_order: VecDeque::new(),
+            departed: Some(HashSet::default()),
+            departed_hash: foldhash::fast::RandomState::default(),
             debounce_generation: 0,
         }
     }
@@ -866,6 +880,20 @@ impl Dispatcher {
         self.seen_order.len() >= self.config.dedup_window
     }
 
+    /// Whether `(session, message_id)` may have been remembered by this dispatcher and
+    /// have left the window since. False means that a pair the window does not hold
+    /// was never remembered here (neither accepted nor restored nor passed to
+    /// [`Dispatcher::remember_message`]): if the window held every message id of the
+    /// store when it was seeded, the store holds no task for the pair. True for a
+    /// pair that did leave, for one whose hash another's matches, and for every pair
+    /// once more than [`DEPARTED_PER_WINDOW`] windows' worth have left.
+    pub fn may_have_left_window(&self, session: &str, message_id: &str) -> bool {
+        self.departed.as_ref().is_none_or(|departed| {
+            !departed.is_empty()
+                && departed.contains(&self.departed_hash.hash_one((session, message_id)))
+        })
+    }
+
     fn queue_past_limits(&mut self, msg: Message, mode: Mode, now: Millis) -> Actions {
         let mut actions = Vec::new();
         let task = self.new_task(&msg, mode, now);
@@ -926,6 +954,14 @@ impl Dispatcher {
         while self.seen_order.len() > self.config.dedup_window {
             if let Some(old) = self.seen_order.pop_front() {
                 self.seen.remove(&old);
+                let limit = self.config.dedup_window.saturating_mul(DEPARTED_PER_WINDOW);
+                if let Some(departed) = &mut self.departed {
+                    if departed.len() >= limit {
+                        self.departed = None;
+                    } else {
+                        departed.insert(self.departed_hash.hash_one((&*old.0, &*old.1)));
+                    }
+                }
             }
         }
     }

@@ -2350,6 +2350,35 @@ fn a_steered_message_is_remembered_too() {
 }
 
 #[test]
+fn the_window_tells_which_message_ids_may_have_left_it() {
+    let mut h = H::with(Config {
+        dedup_window: 2,
+        ..config(1)
+    });
+    let _ = h.accept(with_id("m1", msg(1, "a")));
+    let _ = h.accept(with_id("m2", msg(2, "a")));
+    // Full, but nothing has left it: a pair it does not hold was never accepted.
+    assert!(h.d.dedup_window_full());
+    assert!(!h.d.may_have_left_window("a", "m3"));
+    assert!(!h.d.may_have_left_window("a", "m1"));
+    // m3 pushes m1 out.
+    let _ = h.accept(with_id("m3", msg(3, "a")));
+    assert!(h.d.may_have_left_window("a", "m1"));
+    assert!(!h.d.may_have_left_window("a", "m4"));
+    assert!(!h.d.may_have_left_window("b", "m1"), "another session's m1");
+    // An id forgotten (its acceptance undone: never stored) has not left it.
+    h.d.forget_message("a", "m3", id(3));
+    let _ = h.accept(with_id("m5", msg(5, "a")));
+    assert!(!h.d.may_have_left_window("a", "m3"));
+    // Ten windows' worth of departures, and it no longer tells: any may have left.
+    for n in 10..40 {
+        let _ = h.accept(with_id(&format!("x{n}"), msg(n, "a")));
+    }
+    h.check();
+    assert!(h.d.may_have_left_window("a", "m4"));
+}
+
+#[test]
 fn the_de_duplication_window_is_bounded() {
     let mut h = H::with(Config {
         dedup_window: 2,

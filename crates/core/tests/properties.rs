@@ -312,6 +312,8 @@ struct World {
     /// The de-duplication window: `(session, message_id)` → task, oldest first.
     dedup: HashMap<(String, String), TaskId>,
     dedup_order: VecDeque<(String, String)>,
+    /// Every pair that has left the window.
+    departed: HashSet<(String, String)>,
     // Expectations within one batch of actions:
     /// Queued tasks that must end in this batch, and how.
     expect_end: HashMap<TaskId, Ending>,
@@ -356,6 +358,7 @@ impl World {
             waiting: HashMap::new(),
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
+            departed: HashSet::new(),
             expect_end: HashMap::new(),
             merging: Vec::new(),
             expect_steer: None,
@@ -480,6 +483,7 @@ impl World {
             hit("de-dup window evicted");
             let old = self.dedup_order.pop_front().unwrap();
             self.dedup.remove(&old);
+            self.departed.insert(old);
         }
     }
 
@@ -764,6 +768,14 @@ impl World {
     fn check(&self) {
         if let Err(e) = self.d.check_invariants() {
             panic!("check_invariants: {e}\n{:#?}", self.d);
+        }
+        // No pair that left the window is ever said not to have (the daemon would
+        // then not ask the store and take a re-delivery for new work).
+        for (session, message_id) in &self.departed {
+            assert!(
+                self.d.may_have_left_window(session, message_id),
+                "({session}, {message_id}) left the window"
+            );
         }
         let mut active_per_session: HashMap<&str, u32> = HashMap::new();
         for task in self.d.tasks() {

@@ -76,10 +76,16 @@ impl Guardian {
             .stdin(Stdio::from(read))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: write, setsid and sigprocmask are async-signal-safe; nothing is
-        // allocated.
+        let restore_thp = agentd_spawn::children_get_thp();
+        // SAFETY: write, setsid, sigprocmask and prctl are async-signal-safe; nothing
+        // is allocated.
         unsafe {
             command.pre_exec(move || {
+                // A forked copy of agentd's memory: what it runs gets transparent huge
+                // pages as agentd was started (agentd_spawn::disable_thp_for_this_process).
+                if restore_thp {
+                    libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
+                }
                 if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(io::Error::last_os_error());
                 }

@@ -21,6 +21,7 @@
 //! 4. every signal's disposition to the default, then an empty signal mask;
 //! 5. with a death signal, `PR_SET_PDEATHSIG` and a `getppid` check that the parent
 //!    did not die before it (the signal fires when the *thread* that spawned exits);
+//!    after [`disable_thp_for_this_process`], `PR_SET_THP_DISABLE` off (see there);
 //! 6. `execve` of each candidate path in turn (`PATH` search as `execvp` does it,
 //!    with the child's own `PATH`).
 //!
@@ -41,8 +42,51 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// Set by [`disable_thp_for_this_process`]: children get transparent huge pages back.
+static CHILDREN_GET_THP: AtomicBool = AtomicBool::new(false);
+
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`), unless
+/// they are off already, without passing that on: every later [`Command::spawn`]
+/// child starts its program with them on again, as this process was started.
+/// Returns whether it turned them off. Call it while the process has one thread.
+///
+/// The setting belongs to the process's memory, and the child of a spawn shares the
+/// parent's memory until its `execve` (whose new memory takes the setting as it is
+/// then): so the child clears the setting (huge pages allowed again) for both right
+/// before its `execve`, and the parent sets it again once the clone returns, before
+/// the next spawn can begin. In between, other threads of the parent may be given
+/// huge pages.
+pub fn disable_thp_for_this_process() -> io::Result<bool> {
+    // SAFETY: prctl with integer arguments only.
+    let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+    if disabled < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if disabled != 0 {
+        return Ok(false);
+    }
+    set_thp_disabled(true)?;
+    CHILDREN_GET_THP.store(true, Ordering::SeqCst);
+    Ok(true)
+}
+
+/// Whether [`disable_thp_for_this_process`] turned transparent huge pages off here,
+/// so that a child started otherwise than by [`Command::spawn`] (with its own copy
+/// of the memory, as after `fork`) should turn them on again before its exec.
+pub fn children_get_thp() -> bool {
+    CHILDREN_GET_THP.load(Ordering::SeqCst)
+}
+
+fn set_thp_disabled(disabled: bool) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, disabled as libc::c_ulong, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// A program to start: its command line, its environment (the parent's, edited), and
 /// what it gets besides (see the crate doc).
@@ -186,6 +230,7 @@ impl Command {
             cgroup_procs: cgroup_procs.map_or(-1, |fd| fd.as_raw_fd()),
             fds: &sources,
             death_signal: self.death_signal,
+            restore_thp: CHILDREN_GET_THP.load(Ordering::SeqCst),
             // SAFETY: getpid cannot fail.
             parent: unsafe { libc::getpid() },
             argv: exec.argv_ptrs.as_ptr(),
@@ -425,6 +470,8 @@ struct ChildArgs<'a> {
     /// `fds[i]` becomes descriptor `i`; every one is at least `fds.len()`.
     fds: &'a [RawFd],
     death_signal: Option<libc::c_int>,
+    /// Turn `PR_SET_THP_DISABLE` off before the exec ([`disable_thp_for_this_process`]).
+    restore_thp: bool,
     parent: libc::pid_t,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -480,6 +527,12 @@ fn clone_child(args: &ChildArgs<'_>) -> io::Result<(libc::pid_t, Option<OwnedFd>
             // Kernels before 5.2 know no CLONE_PIDFD.
             result = clone_with(args, top, false);
         }
+    }
+    if args.restore_thp {
+        // The child turned them on for the memory it shared with us (see
+        // `disable_thp_for_this_process`): off again for ours, before another spawn
+        // can begin (the stack's lock is held), so every child execs with them on.
+        let _ = set_thp_disabled(true);
     }
     // SAFETY: restores the mask saved above.
     unsafe {
@@ -627,6 +680,11 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
             if libc::getppid() != args.parent {
                 libc::_exit(1);
             }
+        }
+        // Last before the exec, since it is the parent's too until then; a failure
+        // (it cannot fail where the parent's prctl succeeded) leaves them off.
+        if args.restore_thp {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
         }
         // 6. As execvp: go on past the paths that are not there; report EACCES if
         // one existed but could not be run, else the last error.

@@ -312,9 +312,10 @@ struct Supervisor {
     /// The store's writer removes each one itself once its ending committed, so that
     /// a commit does not wake the loop (measured: one wake-up in ten per task less).
     finishing: std::sync::Arc<std::sync::Mutex<HashSet<TaskId>>>,
-    /// Every message id the store holds is in the dispatcher's window (it held fewer
-    /// than the window at start): a message the window does not know is new, and
-    /// the store need not be asked, until the window fills.
+    /// Every message id the store held at start was put in the dispatcher's window
+    /// (it held fewer than the window): a message the window does not know is new,
+    /// and the store need not be asked, unless its id may have left the window
+    /// since (`Dispatcher::may_have_left_window`).
     dedup_complete: bool,
     /// The active tasks' key when the status snapshot's active part was built
     /// (`None`: not built yet).

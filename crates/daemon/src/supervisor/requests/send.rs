@@ -196,8 +196,13 @@ impl Supervisor {
     /// when the dispatcher does not know the message (one indexed lookup).
     fn stored_message(&self, message: &Message) -> Option<TaskId> {
         let message_id = message.message_id.as_deref()?;
-        if self.dedup_complete && !self.dispatcher.dedup_window_full() {
-            // The window holds every message id the store does.
+        if self.dedup_complete
+            && !self
+                .dispatcher
+                .may_have_left_window(&message.session, message_id)
+        {
+            // The window was seeded with every message id the store held, and this
+            // one has not left it since: the store holds no task for it (no read).
             return None;
         }
         let original = self
