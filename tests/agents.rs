@@ -209,42 +209,50 @@ fn a_steer_into_a_command_that_does_not_read_stdin_is_not_reported_as_delivered(
     assert_eq!(d.wait_state(follow_up, "succeeded")["result"], json!("B"));
 }
 
+/// The signal mask (`SigBlk`) in a `/proc/PID/status` text.
+fn blocked_mask(status: &str) -> u64 {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .unwrap_or_else(|| panic!("no SigBlk line in {status}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap_or_else(|e| panic!("{e}: {hex:?}"))
+}
+
 #[test]
 fn agents_do_not_inherit_agentds_blocked_sigchld() {
     // agentd blocks SIGCHLD in every thread (it reads it from a signalfd); an agent
     // starts with nothing blocked. agent-exec then blocks SIGTERM and SIGINT itself
     // (read from its own signalfd), and its command starts with nothing blocked.
     let d = Daemon::with_agent_exec(&[]);
+    let bit = |signal: i32| 1u64 << (signal - 1);
     // `exec`: the command itself reads its mask (a shell blocks signals around forks).
-    let id = d.submit(
-        "masks",
-        "exec grep SigBlk: /proc/$PPID/status /proc/self/status",
-    );
+    let id = d.submit("masks", "exec grep SigBlk: /proc/self/status");
     let view = d.wait_state(&id, "succeeded");
     let result = view["result"].as_str().expect("result");
-    let masks: Vec<u64> = result
-        .lines()
-        .map(|l| {
-            let hex = l.rsplit(['\t', ' ']).next().unwrap_or_default();
-            u64::from_str_radix(hex.trim(), 16).unwrap_or_else(|e| panic!("{e}: {l:?}"))
-        })
-        .collect();
-    assert_eq!(masks.len(), 2, "{result}");
-    let bit = |signal: i32| 1u64 << (signal - 1);
     assert_eq!(
-        masks[0] & bit(libc::SIGCHLD),
+        blocked_mask(result),
         0,
-        "agent-exec started with SIGCHLD blocked: {result}"
-    );
-    assert_eq!(
-        masks[0] & !(bit(libc::SIGTERM) | bit(libc::SIGINT)),
-        0,
-        "agent-exec blocks more than SIGTERM and SIGINT: {result}"
-    );
-    assert_eq!(
-        masks[1], 0,
         "the command starts with signals blocked: {result}"
     );
+    // agent-exec's own mask, read once it relays its command's output: while it
+    // starts the command it blocks every signal for a moment (around the clone), so
+    // the command cannot read it reliably itself.
+    let id = d.submit("agent", "echo up; exec sleep 60");
+    let view = d.wait_progress(&id, "up");
+    let pid = view["pid"].as_u64().expect("the agent's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = blocked_mask(&status);
+    assert_eq!(
+        mask & bit(libc::SIGCHLD),
+        0,
+        "agent-exec started with SIGCHLD blocked: {mask:x}"
+    );
+    assert_eq!(
+        mask & !(bit(libc::SIGTERM) | bit(libc::SIGINT)),
+        0,
+        "agent-exec blocks more than SIGTERM and SIGINT: {mask:x}"
+    );
+    let _ = d.request(json!({"cmd": "stop", "task_id": id}));
 }
 
 /// The `THP_enabled` line of a process's `/proc/PID/status` (0: transparent huge
