@@ -809,3 +809,99 @@ progress-interval = "300ms"
     assert_eq!(tasks_with_text(&d, down).len(), 1, "{result}");
     drop(bridge);
 }
+
+/// agentd dies (kill -9) under a task a room started, and comes back on the same
+/// state dir, where the task is `interrupted` (daemon crashed): no `finished` was
+/// ever written for it. The bridge, reconnected, asks how the task stands and tells
+/// the room, once: its progress message shows the end and the end is posted.
+#[test]
+fn a_task_that_ended_while_agentd_was_down_is_reported_in_its_room() {
+    let Some(venv) = synapse_venv() else { return };
+    let synapse = Synapse::start(&venv);
+    let bot = synapse.register("agentd", "bot-password");
+    let alice = synapse.register("alice", "alice-password");
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.toml");
+    let bridge_log = home.path().join("agentd-matrix.log");
+    let _show_log = ShowLogOnFailure(bridge_log.clone());
+    let mut d = Daemon::with_agent_exec(&[]);
+    std::fs::write(
+        &config,
+        format!(
+            r#"socket = "{socket}"
+
+[matrix]
+homeserver = "{base}"
+user = "{bot}"
+password = "bot-password"
+allowed-users = ["{alice}"]
+state-file = "{state}"
+progress-interval = "100ms"
+"#,
+            socket = d.socket.display(),
+            base = synapse.base,
+            bot = bot.id,
+            alice = alice.id,
+            state = home.path().join("matrix-state.json").display(),
+        ),
+    )
+    .unwrap();
+    let room = alice.create_room("crash", &[&bot.id]);
+    let bridge = start_bridge(&config, &bridge_log);
+    wait_for("the bridge joins the room", DEADLINE, || {
+        alice.members(&room).contains(&bot.id).then_some(())
+    });
+
+    let work = "echo working; exec sleep 60";
+    alice.say(&room, work);
+    let task = wait_for("agentd runs the task", DEADLINE, || {
+        tasks_with_text(&d, work)
+            .into_iter()
+            .find(|t| t["state"] == "running")
+    });
+    let task_id = task["task_id"].as_str().unwrap().to_string();
+    let about_task = |events: &[Value]| -> Vec<Value> {
+        bot_posts(events, &bot.id)
+            .into_iter()
+            .filter(|e| body(e).contains(&task_id))
+            .collect()
+    };
+    let progress = wait_for("the bridge answers the task", DEADLINE, || {
+        about_task(&alice.events(&room)).into_iter().next()
+    });
+    let progress_id = progress["event_id"].as_str().unwrap().to_string();
+    wait_for("the progress message shows the output", DEADLINE, || {
+        edits_of(&alice.events(&room), &progress_id)
+            .into_iter()
+            .find(|e| e.contains("working"))
+    });
+
+    kill(d.pid(), libc::SIGKILL);
+    d.restart();
+    assert_eq!(d.task(&task_id)["exit"]["reason"], "daemon crashed");
+    let end = wait_for("the bridge posts the task's end", DEADLINE, || {
+        about_task(&alice.events(&room))
+            .into_iter()
+            .find(|e| body(e).contains("interrupted"))
+    });
+    assert!(body(&end).contains("daemon crashed"), "{end}");
+    wait_for("the progress message shows the end", DEADLINE, || {
+        edits_of(&alice.events(&room), &progress_id)
+            .into_iter()
+            .rfind(|e| e.contains("interrupted") && e.contains("working"))
+    });
+    // The bridge still serves the room, and has said the end only once.
+    let next = "echo after the crash";
+    alice.say(&room, next);
+    wait_for("the next message's result", DEADLINE, || {
+        bot_posts(&alice.events(&room), &bot.id)
+            .into_iter()
+            .find(|e| body(e).contains("after the crash") && body(e).contains("succeeded"))
+    });
+    let posts: Vec<String> = about_task(&alice.events(&room))
+        .iter()
+        .map(|e| body(e).to_string())
+        .collect();
+    assert_eq!(posts.len(), 2, "one answer and one end: {posts:?}");
+    drop(bridge);
+}

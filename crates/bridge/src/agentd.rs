@@ -2,7 +2,9 @@
 //! docs/protocol.md): session watches, `send` for every inbound message, and a
 //! reader that turns what agentd writes into [`Note`]s. When the connection breaks it
 //! reconnects with a growing delay, watches its sessions again and re-sends every
-//! message whose answer never came, with the same `message_id`.
+//! message whose answer never came, with the same `message_id`; the core then asks
+//! ([`Link::status`]) how the tasks it knew were live stand, since those that ended
+//! while the connection was down are in no watch's snapshot.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,7 +15,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentd_proto::control::{EventView, SendReply, CONTROL_PROTOCOL_VERSION};
+use agentd_proto::control::{EventView, SendReply, TaskView, CONTROL_PROTOCOL_VERSION};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
@@ -44,8 +46,18 @@ pub enum Note {
     },
     /// An event of a watched session.
     Event(EventView),
-    /// Connected (again): `server` is agentd's hello answer.
+    /// agentd answered a [`Link::status`] of `task_id`: the task's view, or the
+    /// error's code (`not_found`: this agentd does not know the task).
+    Status {
+        task_id: String,
+        answer: Result<TaskView, String>,
+    },
+    /// Connected (again): `server` is agentd's hello answer. Every session is
+    /// watched again; tasks that ended meanwhile are not in the new snapshots.
     Connected { server: String },
+    /// The watch of `session` lagged and was made again: tasks of the session that
+    /// ended in between are not in its snapshot.
+    Rewatched { session: String },
     /// The connection broke; messages wait until it is back.
     Lost,
 }
@@ -58,6 +70,8 @@ struct LinkState {
     watches: HashMap<u64, String>,
     /// Sends not answered yet, by request id on the current connection.
     pending: HashMap<u64, Sent>,
+    /// `status` requests not answered yet: the task each asks about.
+    statuses: HashMap<u64, String>,
 }
 
 /// The control-socket link; cheap to clone.
@@ -121,6 +135,22 @@ impl Link {
         if state.stream.is_some() {
             write_line(&mut state, &request);
         }
+    }
+
+    /// Asks agentd how task `task_id` stands; the answer comes as [`Note::Status`].
+    /// Without a connection nothing is asked: the next [`Note::Connected`] is the
+    /// time to ask again.
+    pub fn status(&self, task_id: &str) {
+        let mut state = self.lock();
+        if state.stream.is_none() {
+            return;
+        }
+        let id = self.id();
+        state.statuses.insert(id, task_id.to_string());
+        write_line(
+            &mut state,
+            &json!({"id": id, "cmd": "status", "task_id": task_id}),
+        );
     }
 
     fn id(&self) -> u64 {
@@ -192,6 +222,7 @@ impl Link {
         let mut state = self.lock();
         state.stream = Some(stream);
         state.watches.clear();
+        state.statuses.clear();
         let sessions: Vec<String> = state.sessions.iter().cloned().collect();
         for session in sessions {
             self.write_watch(&mut state, &session);
@@ -247,11 +278,27 @@ impl Link {
             let _ = self.shared.notes.send(Note::Answer { sent, answer });
             return;
         }
+        if let Some(task_id) = id.and_then(|id| state.statuses.remove(&id)) {
+            drop(state);
+            let answer = if line["ok"] == true {
+                serde_json::from_value::<TaskView>(line["result"].clone())
+                    .map_err(|e| format!("agentd's answer does not parse: {e}"))
+            } else {
+                Err(line["error"]["code"]
+                    .as_str()
+                    .unwrap_or("error")
+                    .to_string())
+            };
+            let _ = self.shared.notes.send(Note::Status { task_id, answer });
+            return;
+        }
         if line["ok"] != true {
             // A watch that ended (lagged) or a line about no request: watch again.
             if let Some(session) = id.and_then(|id| state.watches.remove(&id)) {
                 tracing::warn!(%session, "watch ended: {}; watching again", line["error"]["message"]);
                 self.write_watch(&mut state, &session);
+                drop(state);
+                let _ = self.shared.notes.send(Note::Rewatched { session });
             } else {
                 tracing::warn!("agentd: {}", line["error"]["message"]);
             }

@@ -26,6 +26,10 @@ const SEEN_KEPT: usize = 5_000;
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(30);
 const TYPING_RENEW: Duration = Duration::from_secs(20);
 const MAX_POLL_DELAY: Duration = Duration::from_secs(30);
+/// How many ended tasks the chat writer remembers having reported, so that an end
+/// learnt twice (a `status` after a reconnect, then the watch's `finished`) is
+/// posted once.
+const REPORTED_KEPT: usize = 1_000;
 
 /// What the core needs to know.
 #[derive(Debug, Clone)]
@@ -144,9 +148,11 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
         let chat = chat.clone();
         let sessions = sessions.clone();
         let interval = config.progress_interval;
+        let link = link.clone();
+        let ask = Box::new(move |task_id: &str| link.status(task_id));
         std::thread::Builder::new()
             .name("chat-writer".into())
-            .spawn(move || Writer::new(chat, sessions, interval).run(show_rx))?;
+            .spawn(move || Writer::new(chat, sessions, interval, ask).run(show_rx))?;
     }
 
     // The poll loop: chat → agentd.
@@ -257,14 +263,23 @@ struct TaskUi {
     last_edit: Option<Instant>,
 }
 
+/// Asks agentd how a task stands ([`Link::status`]); the answer comes back as a
+/// [`Note::Status`].
+type Ask = Box<dyn Fn(&str) + Send>;
+
 /// The chat writer: every call that shows something in the chat.
 struct Writer<C: Chat> {
     chat: Arc<C>,
     sessions: Arc<Mutex<HashMap<String, Conversation>>>,
     interval: Duration,
+    /// The tasks the chat was told about that have not ended, as far as it knows.
     tasks: HashMap<String, TaskUi>,
     /// Tasks running in each session, and when its typing notice was last sent.
     typing: HashMap<String, (HashSet<String>, Instant)>,
+    ask: Ask,
+    /// Tasks whose end was reported (the newest [`REPORTED_KEPT`]).
+    reported: HashSet<String>,
+    reported_order: VecDeque<String>,
 }
 
 impl<C: Chat> Writer<C> {
@@ -272,6 +287,7 @@ impl<C: Chat> Writer<C> {
         chat: Arc<C>,
         sessions: Arc<Mutex<HashMap<String, Conversation>>>,
         interval: Duration,
+        ask: Ask,
     ) -> Self {
         Writer {
             chat,
@@ -279,6 +295,9 @@ impl<C: Chat> Writer<C> {
             interval,
             tasks: HashMap::new(),
             typing: HashMap::new(),
+            ask,
+            reported: HashSet::new(),
+            reported_order: VecDeque::new(),
         }
     }
 
@@ -317,18 +336,82 @@ impl<C: Chat> Writer<C> {
         match note {
             Note::Answer { sent, answer } => self.answer(sent, answer),
             Note::Event(event) => self.event(event),
-            Note::Connected { .. } => {}
+            // The new watches' snapshots show what still runs, but a task that ended
+            // while the connection was down (agentd restarted: `interrupted`, or it
+            // finished) is in none of them: ask how each known task stands.
+            Note::Connected { .. } => {
+                let mut live: Vec<&String> = self.tasks.keys().collect();
+                live.sort();
+                for task_id in live {
+                    (self.ask)(task_id);
+                }
+            }
+            Note::Rewatched { session } => {
+                let mut live: Vec<&String> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, ui)| ui.session.as_deref() == Some(session.as_str()))
+                    .map(|(id, _)| id)
+                    .collect();
+                live.sort();
+                for task_id in live {
+                    (self.ask)(task_id);
+                }
+            }
+            Note::Status { task_id, answer } => self.status(task_id, answer),
             // What ran may have ended unseen (agentd restarted): no typing notice
-            // stays up for it. The watches' snapshots, once reconnected, show what
-            // still runs.
+            // stays up for it. The tasks it was up for are kept, to be asked about
+            // once reconnected.
             Note::Lost => {
-                for (session, _) in std::mem::take(&mut self.typing) {
+                for (session, (running, _)) in std::mem::take(&mut self.typing) {
+                    for task_id in running {
+                        let ui = self.tasks.entry(task_id).or_default();
+                        ui.session.get_or_insert_with(|| session.clone());
+                    }
                     if let Some(to) = self.conversation(&session) {
                         let _ = self.chat.typing(&to, false);
                     }
                 }
             }
         }
+    }
+
+    /// How a task the chat knew as live stands after a reconnect or a lagged watch.
+    fn status(&mut self, task_id: String, answer: Result<TaskView, String>) {
+        let Some(session) = self.tasks.get(&task_id).map(|ui| ui.session.clone()) else {
+            // Its end came meanwhile (the watch's `finished`) and was reported.
+            return;
+        };
+        match answer {
+            Ok(view) if view.state.is_terminal() => {
+                let session = session.unwrap_or_else(|| view.session.clone());
+                self.finished(&session, view);
+            }
+            // Still queued or running: the session's new watch follows it.
+            Ok(_) => {}
+            Err(code) if code == "not_found" => {
+                // Another agentd (a new state dir): it never heard of the task.
+                tracing::info!(%task_id, "agentd does not know the task any more");
+                self.tasks.remove(&task_id);
+            }
+            Err(e) => {
+                tracing::warn!(%task_id, "cannot ask agentd how the task stands: {e}")
+            }
+        }
+    }
+
+    /// Whether the end of `task_id` is reported for the first time (and notes it).
+    fn first_report(&mut self, task_id: &str) -> bool {
+        if !self.reported.insert(task_id.to_string()) {
+            return false;
+        }
+        self.reported_order.push_back(task_id.to_string());
+        while self.reported_order.len() > REPORTED_KEPT {
+            if let Some(old) = self.reported_order.pop_front() {
+                self.reported.remove(&old);
+            }
+        }
+        true
     }
 
     fn answer(&mut self, sent: Sent, answer: Result<SendReply, String>) {
@@ -392,6 +475,9 @@ impl<C: Chat> Writer<C> {
     fn finished(&mut self, session: &str, view: TaskView) {
         self.typing_off(session, &view.task_id);
         let ui = self.tasks.remove(&view.task_id);
+        if !self.first_report(&view.task_id) {
+            return;
+        }
         let Some(to) = self.conversation(session) else {
             return;
         };
@@ -568,6 +654,16 @@ mod tests {
 
     /// Run the writer over `shows` until they are all handled; what it did.
     fn run_writer(interval: Duration, shows: Vec<Show>) -> Vec<String> {
+        run_writer_asking(interval, shows).0
+    }
+
+    /// Like [`run_writer`]; also the tasks it asked agentd about, in order.
+    fn run_writer_asking(interval: Duration, shows: Vec<Show>) -> (Vec<String>, Vec<String>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let ask: Ask = {
+            let asked = asked.clone();
+            Box::new(move |task_id: &str| lock(&asked).push(task_id.to_string()))
+        };
         let chat = Arc::new(Recorder::default());
         let sessions = Arc::new(Mutex::new(HashMap::from([(
             "test:r".to_string(),
@@ -578,9 +674,159 @@ mod tests {
             tx.send(show).unwrap();
         }
         drop(tx);
-        Writer::new(chat.clone(), sessions, interval).run(rx);
+        Writer::new(chat.clone(), sessions, interval, ask).run(rx);
         let calls = lock(&chat.calls).clone();
-        calls
+        let asked = lock(&asked).clone();
+        (calls, asked)
+    }
+
+    fn started_answer() -> Show {
+        let reply: SendReply = serde_json::from_value(json!({
+            "reply": "task T  started", "accepted": true, "task": view("starting", None)
+        }))
+        .unwrap();
+        let sent = Sent {
+            session: "test:r".into(),
+            message_id: "$e".into(),
+            text: "work".into(),
+            resent: false,
+        };
+        Show::Note(Box::new(Note::Answer {
+            sent,
+            answer: Ok(reply),
+        }))
+    }
+
+    fn crashed() -> Value {
+        let mut crashed = view("interrupted", None);
+        crashed["exit"] = json!({"reason": "daemon crashed"});
+        crashed
+    }
+
+    fn status(answer: Result<Value, &str>) -> Show {
+        Show::Note(Box::new(Note::Status {
+            task_id: "T".into(),
+            answer: answer
+                .map(|v| serde_json::from_value(v).unwrap())
+                .map_err(str::to_string),
+        }))
+    }
+
+    fn note(note: Note) -> Show {
+        Show::Note(Box::new(note))
+    }
+
+    /// agentd died under a running task and came back: the task is `interrupted`
+    /// (no `finished` was ever written for it). Once reconnected the writer asks
+    /// how it stands and reports the end once, also when the watch's `finished`
+    /// comes after the `status` answer (a task that ended just after the reconnect).
+    #[test]
+    fn a_task_that_ended_while_agentd_was_down_is_reported_once_after_the_reconnect() {
+        let connected = || {
+            note(Note::Connected {
+                server: "agentd".into(),
+            })
+        };
+        let shows = vec![
+            started_answer(),
+            event("started", None, view("running", None)),
+            event("progress", Some("step 1"), view("running", None)),
+            note(Note::Lost),
+            connected(),
+            status(Ok(crashed())),
+            event("finished", None, crashed()),
+            // A later reconnect asks about nothing: the task is known to have ended.
+            note(Note::Lost),
+            connected(),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "edit m1 task T  running\nstep 1",
+                "typing false",
+                "edit m1 task T  interrupted (daemon crashed)\nstep 1",
+                "post task T  interrupted (daemon crashed)",
+            ]
+        );
+    }
+
+    /// A task still live after the reconnect is followed on (its events keep coming
+    /// through the new watch); one the new agentd never heard of is forgotten; a
+    /// `finished` that comes before the `status` answer is the one reported.
+    #[test]
+    fn after_a_reconnect_live_tasks_are_followed_and_each_end_is_posted_once() {
+        let connected = || {
+            note(Note::Connected {
+                server: "agentd".into(),
+            })
+        };
+        // Still running, then it ends: reported by its event.
+        let shows = vec![
+            started_answer(),
+            note(Note::Lost),
+            connected(),
+            status(Ok(view("running", None))),
+            event("progress", Some("later"), view("running", None)),
+            event("finished", None, view("succeeded", Some("done"))),
+            status(Ok(view("succeeded", Some("done")))),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "typing false",
+                "typing true",
+                "edit m1 task T  running\nlater",
+                "typing false",
+                "edit m1 task T  succeeded\nlater",
+                "post task T  succeeded\ndone",
+            ]
+        );
+        // Unknown to the new agentd: nothing posted, not asked again.
+        let shows = vec![
+            started_answer(),
+            note(Note::Lost),
+            connected(),
+            status(Err("not_found")),
+            note(Note::Lost),
+            connected(),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        assert_eq!(
+            calls,
+            ["post task T  started", "typing true", "typing false"]
+        );
+        // A lagged watch asks about the live tasks of its session only.
+        let shows = vec![
+            started_answer(),
+            note(Note::Rewatched {
+                session: "test:other".into(),
+            }),
+            note(Note::Rewatched {
+                session: "test:r".into(),
+            }),
+            status(Ok(view("failed", Some("boom")))),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "typing false",
+                "edit m1 task T  failed  work",
+                "post task T  failed\nboom",
+            ]
+        );
     }
 
     #[test]
