@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentd_proto::control::{EventView, SendReply, TaskView, CONTROL_PROTOCOL_VERSION};
 use anyhow::{bail, Context};
@@ -24,6 +24,10 @@ use serde_json::{json, Value};
 const MAX_LINE_BYTES: u64 = 8 * 1024 * 1024;
 /// The longest wait between two connection attempts.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// A connection lost sooner than this after it was made counts as a failed attempt
+/// (the delay before the next one grows); one that lasted is retried at once.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// A message handed to agentd.
 #[derive(Debug, Clone)]
@@ -171,21 +175,32 @@ impl Link {
     }
 
     fn run(&self) {
-        let mut delay = Duration::from_millis(100);
+        let mut delay = FIRST_RETRY_DELAY;
         loop {
             match self.connect() {
                 Ok((stream, reader, server)) => {
-                    delay = Duration::from_millis(100);
+                    let since = Instant::now();
                     tracing::info!(socket = %self.shared.socket.display(), %server, "connected to agentd");
                     self.adopt(stream);
                     let _ = self.shared.notes.send(Note::Connected { server });
                     self.read(reader);
-                    tracing::warn!("connection to agentd lost; reconnecting");
                     let stream = self.lock().stream.take();
                     if let Some(stream) = stream {
                         let _ = stream.shutdown(std::net::Shutdown::Both);
                     }
                     let _ = self.shared.notes.send(Note::Lost);
+                    if since.elapsed() >= STABLE_CONNECTION {
+                        tracing::warn!("connection to agentd lost; reconnecting");
+                        delay = FIRST_RETRY_DELAY;
+                    } else {
+                        // Lost as soon as it was made: a failed attempt, not a
+                        // reason to hammer agentd with new connections.
+                        tracing::warn!(
+                            "connection to agentd lost right after it was made; retrying in {delay:?}"
+                        );
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!("cannot reach agentd ({e:#}); retrying in {delay:?}");
@@ -347,5 +362,46 @@ fn read_line(reader: &mut BufReader<UnixStream>) -> anyhow::Result<Option<Value>
         return serde_json::from_slice(&buf)
             .map(Some)
             .context("agentd wrote a line that is not JSON");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// An agentd that answers `hello` and hangs up at once, every time (a server
+    /// that is failing): the bridge does not reconnect in a tight loop, the delay
+    /// between attempts grows as when it cannot connect at all.
+    #[test]
+    fn a_connection_lost_right_after_hello_is_retried_with_a_growing_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agentd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let (tx, _notes) = std::sync::mpsc::channel();
+        Link::new(socket, "test".into(), tx).spawn();
+        let started = Instant::now();
+        let mut accepted = Vec::new();
+        while accepted.len() < 5 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the bridge stopped reconnecting"
+            );
+            let (stream, _) = listener.accept().unwrap();
+            accepted.push(Instant::now());
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut hello = String::new();
+            reader.read_line(&mut hello).unwrap();
+            (&stream)
+                .write_all(b"{\"id\": 0, \"ok\": true, \"result\": {\"protocol\": 1, \"server\": \"agentd\"}}\n")
+                .unwrap();
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        // 100 + 200 + 400 + 800 ms of waiting at the least between the five.
+        let waited = accepted[4] - accepted[0];
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "five connections in {waited:?}"
+        );
     }
 }
