@@ -813,9 +813,10 @@ progress-interval = "300ms"
 /// agentd dies (kill -9) under a task a room started, and comes back on the same
 /// state dir, where the task is `interrupted` (daemon crashed): no `finished` was
 /// ever written for it. The bridge, reconnected, asks how the task stands and tells
-/// the room, once: its progress message shows the end and the end is posted.
+/// the room, once: its progress message shows the end and the end is posted. Then
+/// the same for a task that ends while the bridge itself is stopped.
 #[test]
-fn a_task_that_ended_while_agentd_was_down_is_reported_in_its_room() {
+fn a_task_that_ended_while_agentd_or_the_bridge_was_down_is_reported_in_its_room() {
     let Some(venv) = synapse_venv() else { return };
     let synapse = Synapse::start(&venv);
     let bot = synapse.register("agentd", "bot-password");
@@ -903,5 +904,73 @@ progress-interval = "100ms"
         .map(|e| body(e).to_string())
         .collect();
     assert_eq!(posts.len(), 2, "one answer and one end: {posts:?}");
+
+    // The bridge itself stops while a task runs, and the task ends before the
+    // bridge is back: its state file names the task, so the end is still shown.
+    let mut bridge = bridge;
+    let gate = home.path().join("go");
+    let held = format!(
+        "echo holding; while [ ! -e {} ]; do sleep 0.05; done; echo released",
+        gate.display()
+    );
+    alice.say(&room, &held);
+    let held_task = wait_for("agentd runs the held task", DEADLINE, || {
+        tasks_with_text(&d, &held)
+            .into_iter()
+            .find(|t| t["state"] == "running")
+    });
+    let held_id = held_task["task_id"].as_str().unwrap().to_string();
+    let about_held = |events: &[Value]| -> Vec<Value> {
+        bot_posts(events, &bot.id)
+            .into_iter()
+            .filter(|e| body(e).contains(&held_id))
+            .collect()
+    };
+    let held_message = wait_for("the bridge answers the held task", DEADLINE, || {
+        about_held(&alice.events(&room)).into_iter().next()
+    });
+    let held_message = held_message["event_id"].as_str().unwrap().to_string();
+    wait_for("the held task's progress is shown", DEADLINE, || {
+        edits_of(&alice.events(&room), &held_message)
+            .into_iter()
+            .find(|e| e.contains("holding"))
+    });
+    bridge.stop();
+    std::fs::write(&gate, "").unwrap();
+    d.wait_state(&held_id, "succeeded");
+    let bridge = start_bridge(&config, &bridge_log);
+    let end = wait_for(
+        "the restarted bridge posts the held task's end",
+        DEADLINE,
+        || {
+            about_held(&alice.events(&room))
+                .into_iter()
+                .find(|e| body(e).contains("succeeded"))
+        },
+    );
+    assert!(body(&end).contains("released"), "{end}");
+    wait_for(
+        "the held task's progress message shows the end",
+        DEADLINE,
+        || {
+            edits_of(&alice.events(&room), &held_message)
+                .into_iter()
+                .rfind(|e| e.contains("succeeded") && e.contains("released"))
+        },
+    );
+    let next = "echo after the bridge restarted";
+    alice.say(&room, next);
+    wait_for("the next message's result", DEADLINE, || {
+        bot_posts(&alice.events(&room), &bot.id)
+            .into_iter()
+            .find(|e| {
+                body(e).contains("after the bridge restarted") && body(e).contains("succeeded")
+            })
+    });
+    assert_eq!(
+        about_held(&alice.events(&room)).len(),
+        2,
+        "one answer and one end"
+    );
     drop(bridge);
 }

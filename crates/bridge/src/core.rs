@@ -57,6 +57,19 @@ pub struct State {
     /// The sessions served, so their tasks are watched again after a restart.
     #[serde(default)]
     pub sessions: BTreeMap<String, Conversation>,
+    /// The tasks the chat was told about that had not ended, by task id: after a
+    /// restart the bridge asks agentd how each stands, so one that ended while the
+    /// bridge was down is still reported, and its progress message finished.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, Followed>,
+}
+
+/// A task the chat follows, as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Followed {
+    pub session: String,
+    /// The bridge's message that shows the task's progress.
+    pub message: Option<String>,
 }
 
 impl State {
@@ -120,10 +133,12 @@ enum Show {
 
 /// Runs a bridge between `chat` and agentd until the process ends.
 pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
-    let mut state = State::load(&config.state_file)?;
+    let loaded = State::load(&config.state_file)?;
     let chat = Arc::new(chat);
     let sessions: Arc<Mutex<HashMap<String, Conversation>>> =
-        Arc::new(Mutex::new(state.sessions.clone().into_iter().collect()));
+        Arc::new(Mutex::new(loaded.sessions.clone().into_iter().collect()));
+    let followed = loaded.tasks.clone();
+    let state = Arc::new(Mutex::new(loaded));
     let (notes_tx, notes_rx) = mpsc::channel::<Note>();
     let (show_tx, show_rx) = mpsc::channel::<Show>();
     // Link notes go through the same queue as refusals, in arrival order.
@@ -140,7 +155,7 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
             })?;
     }
     let link = Link::new(config.socket.clone(), config.client.clone(), notes_tx);
-    for session in state.sessions.keys() {
+    for session in lock(&state).sessions.keys() {
         link.watch(session);
     }
     link.spawn();
@@ -150,16 +165,30 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
         let interval = config.progress_interval;
         let link = link.clone();
         let ask = Box::new(move |task_id: &str| link.status(task_id));
+        let keep: Keep = {
+            let state = state.clone();
+            let path = config.state_file.clone();
+            Box::new(move |tasks| {
+                let mut state = lock(&state);
+                state.tasks = tasks;
+                save(&state, &path);
+            })
+        };
         std::thread::Builder::new()
             .name("chat-writer".into())
-            .spawn(move || Writer::new(chat, sessions, interval, ask).run(show_rx))?;
+            .spawn(move || {
+                Writer::new(chat, sessions, interval, ask)
+                    .following(followed, keep)
+                    .run(show_rx)
+            })?;
     }
 
     // The poll loop: chat → agentd.
     let mut delay = Duration::from_millis(200);
     let mut ready = false;
     loop {
-        let batch = match chat.poll(state.cursor.as_deref()) {
+        let cursor = lock(&state).cursor.clone();
+        let batch = match chat.poll(cursor.as_deref()) {
             Ok(batch) => {
                 delay = Duration::from_millis(200);
                 if !ready {
@@ -181,6 +210,7 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
                 continue;
             }
         };
+        let mut state = lock(&state);
         for message in batch.messages {
             handle(
                 chat.app(),
@@ -266,6 +296,8 @@ struct TaskUi {
 /// Asks agentd how a task stands ([`Link::status`]); the answer comes back as a
 /// [`Note::Status`].
 type Ask = Box<dyn Fn(&str) + Send>;
+/// Keeps the followed tasks in the state file (called when they change).
+type Keep = Box<dyn Fn(BTreeMap<String, Followed>) + Send>;
 
 /// The chat writer: every call that shows something in the chat.
 struct Writer<C: Chat> {
@@ -277,6 +309,9 @@ struct Writer<C: Chat> {
     /// Tasks running in each session, and when its typing notice was last sent.
     typing: HashMap<String, (HashSet<String>, Instant)>,
     ask: Ask,
+    keep: Option<Keep>,
+    /// The followed tasks as last kept.
+    kept: BTreeMap<String, Followed>,
     /// Tasks whose end was reported (the newest [`REPORTED_KEPT`]).
     reported: HashSet<String>,
     reported_order: VecDeque<String>,
@@ -296,8 +331,48 @@ impl<C: Chat> Writer<C> {
             tasks: HashMap::new(),
             typing: HashMap::new(),
             ask,
+            keep: None,
+            kept: BTreeMap::new(),
             reported: HashSet::new(),
             reported_order: VecDeque::new(),
+        }
+    }
+
+    /// Follows the tasks a previous run of the bridge followed (asked about at the
+    /// first connection), and keeps the followed tasks with `keep` from now on.
+    fn following(mut self, tasks: BTreeMap<String, Followed>, keep: Keep) -> Self {
+        for (task_id, followed) in &tasks {
+            let ui = self.tasks.entry(task_id.clone()).or_default();
+            ui.session = Some(followed.session.clone());
+            ui.message = followed.message.clone();
+        }
+        self.kept = tasks;
+        self.keep = Some(keep);
+        self
+    }
+
+    /// Calls `keep` when the followed tasks (or their progress messages) changed.
+    fn keep_followed(&mut self) {
+        let Some(keep) = &self.keep else {
+            return;
+        };
+        let now: BTreeMap<String, Followed> = self
+            .tasks
+            .iter()
+            .filter_map(|(task_id, ui)| {
+                let session = ui.session.clone()?;
+                Some((
+                    task_id.clone(),
+                    Followed {
+                        session,
+                        message: ui.message.clone(),
+                    },
+                ))
+            })
+            .collect();
+        if now != self.kept {
+            keep(now.clone());
+            self.kept = now;
         }
     }
 
@@ -315,6 +390,7 @@ impl<C: Chat> Writer<C> {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.flush_due();
+            self.keep_followed();
         }
     }
 
@@ -489,8 +565,12 @@ impl<C: Chat> Writer<C> {
             ..
         }) = ui
         {
+            // A message from before a restart of the bridge shows what it showed
+            // then; the view's latest progress line is at least as new.
+            let latest = view.progress.as_ref().map(|line| format!("\n{line}"));
             let last = pending
                 .as_deref()
+                .or(latest.as_deref())
                 .or(Some(shown.as_str()))
                 .and_then(|t| t.split_once('\n').map(|(_, line)| line.to_string()));
             let body = match last {
@@ -888,6 +968,83 @@ mod tests {
         assert_eq!(
             run_writer(Duration::from_secs(1), vec![answer(true)]),
             ["post task T  already received"]
+        );
+    }
+
+    /// The bridge itself restarted while a task ran, and the task ended before it
+    /// was back: the state file named the task and its progress message, so the
+    /// end is reported in that message and posted. What it follows is kept in the
+    /// state file as it changes.
+    #[test]
+    fn tasks_followed_before_a_restart_of_the_bridge_are_reported_when_they_ended() {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep: Keep = {
+            let kept = kept.clone();
+            Box::new(move |tasks| lock(&kept).push(tasks))
+        };
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let ask: Ask = {
+            let asked = asked.clone();
+            Box::new(move |task_id: &str| lock(&asked).push(task_id.to_string()))
+        };
+        let chat = Arc::new(Recorder::default());
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let before = BTreeMap::from([(
+            "T".to_string(),
+            Followed {
+                session: "test:r".into(),
+                message: Some("m0".into()),
+            },
+        )]);
+        let mut done = view("succeeded", Some("all done"));
+        done["progress"] = json!("step 9");
+        let (tx, rx) = mpsc::channel();
+        tx.send(note(Note::Connected {
+            server: "agentd".into(),
+        }))
+        .unwrap();
+        tx.send(status(Ok(done))).unwrap();
+        drop(tx);
+        Writer::new(chat.clone(), sessions.clone(), Duration::from_secs(60), ask)
+            .following(before, keep)
+            .run(rx);
+        assert_eq!(*lock(&asked), ["T"]);
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "edit m0 task T  succeeded\nstep 9",
+                "post task T  succeeded\nall done",
+            ]
+        );
+        assert_eq!(*lock(&kept), [BTreeMap::new()], "T is no longer followed");
+
+        // A task the chat is told about is kept with its progress message.
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep: Keep = {
+            let kept = kept.clone();
+            Box::new(move |tasks| lock(&kept).push(tasks))
+        };
+        let (tx, rx) = mpsc::channel();
+        tx.send(started_answer()).unwrap();
+        drop(tx);
+        Writer::new(
+            Arc::new(Recorder::default()),
+            sessions,
+            Duration::from_secs(60),
+            Box::new(|_: &str| {}),
+        )
+        .following(BTreeMap::new(), keep)
+        .run(rx);
+        let followed = Followed {
+            session: "test:r".into(),
+            message: Some("m1".into()),
+        };
+        assert_eq!(
+            *lock(&kept),
+            [BTreeMap::from([("T".to_string(), followed)])]
         );
     }
 
