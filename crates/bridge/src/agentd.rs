@@ -62,6 +62,9 @@ pub enum Note {
     /// The watch of `session` lagged and was made again: tasks of the session that
     /// ended in between are not in its snapshot.
     Rewatched { session: String },
+    /// agentd refused to watch `session` (`message` says why): it is not watched
+    /// again on this connection.
+    WatchRefused { session: String, message: String },
     /// The connection broke; messages wait until it is back.
     Lost,
 }
@@ -221,7 +224,10 @@ impl Link {
         (&stream).write_all(format!("{hello}\n").as_bytes())?;
         let answer = read_line(&mut reader)?.context("agentd closed the connection")?;
         if answer["ok"] != true {
-            bail!("hello refused: {}", answer["error"]["message"]);
+            bail!(
+                "hello refused: {}",
+                answer["error"]["message"].as_str().unwrap_or("no message")
+            );
         }
         stream.set_read_timeout(None)?;
         let server = answer["result"]["server"]
@@ -308,14 +314,28 @@ impl Link {
             return;
         }
         if line["ok"] != true {
-            // A watch that ended (lagged) or a line about no request: watch again.
-            if let Some(session) = id.and_then(|id| state.watches.remove(&id)) {
-                tracing::warn!(%session, "watch ended: {}; watching again", line["error"]["message"]);
+            let message = line["error"]["message"]
+                .as_str()
+                .unwrap_or("no message")
+                .to_string();
+            let Some(session) = id.and_then(|id| state.watches.remove(&id)) else {
+                tracing::warn!("agentd: {message}");
+                return;
+            };
+            if line["error"]["code"] == "lagged" {
+                // The watch fell behind and was ended: watch again.
+                tracing::warn!(%session, "watch ended: {message}; watching again");
                 self.write_watch(&mut state, &session);
                 drop(state);
                 let _ = self.shared.notes.send(Note::Rewatched { session });
             } else {
-                tracing::warn!("agentd: {}", line["error"]["message"]);
+                // Refused (a session agentd does not accept): watching again would
+                // only be refused again, in a loop.
+                drop(state);
+                let _ = self
+                    .shared
+                    .notes
+                    .send(Note::WatchRefused { session, message });
             }
         }
     }
@@ -402,6 +422,58 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(1500),
             "five connections in {waited:?}"
+        );
+    }
+
+    /// agentd refuses a watch (here `bad_request`, as for a session name longer
+    /// than 256 bytes): the link does not watch again, which would be refused again
+    /// at once, in a tight loop. Only a `lagged` watch is made again.
+    #[test]
+    fn a_refused_watch_is_not_repeated_but_a_lagged_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agentd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let (tx, notes) = std::sync::mpsc::channel();
+        let link = Link::new(socket, "test".into(), tx);
+        link.watch("s");
+        link.spawn();
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut next = || -> Value {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+        };
+        let write = |line: Value| (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
+        assert_eq!(next()["cmd"], "hello");
+        write(json!({"id": 0, "ok": true, "result": {"protocol": 1, "server": "agentd"}}));
+        let mut refuse = |code: &str| {
+            let watch = next();
+            assert_eq!(watch["cmd"], "watch", "{watch}");
+            write(json!({"id": watch["id"], "ok": false,
+                         "error": {"code": code, "message": "no"}}));
+        };
+        let wait_note = |what: &str| loop {
+            let note = notes
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no note of the {what} watch"));
+            if matches!(note, Note::Rewatched { .. } | Note::WatchRefused { .. }) {
+                return note;
+            }
+        };
+        refuse("lagged");
+        assert!(matches!(wait_note("lagged"), Note::Rewatched { session } if session == "s"));
+        refuse("bad_request");
+        let note = wait_note("refused");
+        link.status("t");
+        let after = next();
+        assert_eq!(
+            after["cmd"], "status",
+            "watched again after a refusal: {after}"
+        );
+        assert!(
+            matches!(&note, Note::WatchRefused { session, message } if session == "s" && message == "no"),
+            "{note:?}"
         );
     }
 }

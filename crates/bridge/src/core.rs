@@ -435,6 +435,9 @@ impl<C: Chat> Writer<C> {
                 }
             }
             Note::Status { task_id, answer } => self.status(task_id, answer),
+            Note::WatchRefused { session, message } => {
+                tracing::error!(%session, "agentd refused to watch this chat: {message}");
+            }
             // What ran may have ended unseen (agentd restarted): no typing notice
             // stays up for it. The tasks it was up for are kept, to be asked about
             // once reconnected.
