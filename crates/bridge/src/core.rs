@@ -30,6 +30,13 @@ const MAX_POLL_DELAY: Duration = Duration::from_secs(30);
 /// learnt twice (a `status` after a reconnect, then the watch's `finished`) is
 /// posted once.
 const REPORTED_KEPT: usize = 1_000;
+/// A post (or a task's final edit) the chat refused is tried again after this,
+/// doubling up to [`MAX_REDO_DELAY`], [`REDO_ATTEMPTS`] times in all.
+const FIRST_REDO_DELAY: Duration = Duration::from_secs(1);
+const MAX_REDO_DELAY: Duration = Duration::from_secs(60);
+const REDO_ATTEMPTS: u32 = 40;
+/// The most calls waiting to be tried again; past it the oldest is dropped.
+const REDO_KEPT: usize = 1_000;
 
 /// What the core needs to know.
 #[derive(Debug, Clone)]
@@ -299,6 +306,26 @@ type Ask = Box<dyn Fn(&str) + Send>;
 /// Keeps the followed tasks in the state file (called when they change).
 type Keep = Box<dyn Fn(BTreeMap<String, Followed>) + Send>;
 
+/// A call that failed, to be made again.
+enum Redo {
+    Post {
+        to: Conversation,
+        body: String,
+    },
+    Edit {
+        to: Conversation,
+        message: String,
+        body: String,
+    },
+}
+
+struct Retry {
+    redo: Redo,
+    due: Instant,
+    delay: Duration,
+    attempts: u32,
+}
+
 /// The chat writer: every call that shows something in the chat.
 struct Writer<C: Chat> {
     chat: Arc<C>,
@@ -315,6 +342,10 @@ struct Writer<C: Chat> {
     /// Tasks whose end was reported (the newest [`REPORTED_KEPT`]).
     reported: HashSet<String>,
     reported_order: VecDeque<String>,
+    /// Posts and final edits the chat refused (the homeserver was down), in order:
+    /// tried again until they pass, so no answer or result is lost to an outage.
+    retries: VecDeque<Retry>,
+    first_redo_delay: Duration,
 }
 
 impl<C: Chat> Writer<C> {
@@ -335,6 +366,8 @@ impl<C: Chat> Writer<C> {
             kept: BTreeMap::new(),
             reported: HashSet::new(),
             reported_order: VecDeque::new(),
+            retries: VecDeque::new(),
+            first_redo_delay: FIRST_REDO_DELAY,
         }
     }
 
@@ -387,8 +420,12 @@ impl<C: Chat> Writer<C> {
                     self.post(&to, &text::bridge_refusal(&sender));
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                // Nothing more to show (the tests); what waits to be tried again
+                // is still tried.
+                Err(RecvTimeoutError::Disconnected) if self.retries.is_empty() => return,
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
             }
+            self.flush_retries();
             self.flush_due();
             self.keep_followed();
         }
@@ -398,12 +435,94 @@ impl<C: Chat> Writer<C> {
         lock(&self.sessions).get(session).cloned()
     }
 
-    fn post(&self, to: &Conversation, body: &str) -> Option<String> {
-        match self.chat.post(to, body) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                tracing::error!(room = %to, "cannot post in the chat: {e:#}");
-                None
+    /// Posts `body`; when the chat refuses it, it is tried again later (so is
+    /// every post while earlier ones wait, to keep their order).
+    fn post(&mut self, to: &Conversation, body: &str) -> Option<String> {
+        if self.retries.is_empty() {
+            match self.chat.post(to, body) {
+                Ok(id) => return Some(id),
+                Err(e) if !self.chat.may_pass_later(&e) => {
+                    tracing::error!(room = %to, "cannot post in the chat: {e:#}");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(room = %to, "cannot post in the chat, will try again: {e:#}")
+                }
+            }
+        }
+        self.redo(Redo::Post {
+            to: to.clone(),
+            body: body.to_string(),
+        });
+        None
+    }
+
+    /// Edits a message for the last time (a task's end), tried again like a post.
+    fn final_edit(&mut self, to: &Conversation, message: &str, body: &str) {
+        if self.retries.is_empty() {
+            match self.chat.edit(to, message, body) {
+                Ok(()) => return,
+                Err(e) if !self.chat.may_pass_later(&e) => {
+                    tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(room = %to, "cannot edit the progress message, will try again: {e:#}")
+                }
+            }
+        }
+        self.redo(Redo::Edit {
+            to: to.clone(),
+            message: message.to_string(),
+            body: body.to_string(),
+        });
+    }
+
+    fn redo(&mut self, redo: Redo) {
+        let delay = self.first_redo_delay;
+        self.retries.push_back(Retry {
+            redo,
+            due: Instant::now() + delay,
+            delay,
+            attempts: 1,
+        });
+        if self.retries.len() > REDO_KEPT {
+            self.retries.pop_front();
+            tracing::error!("too many chat calls wait to be tried again: the oldest is dropped");
+        }
+    }
+
+    /// Makes the calls that wait, in order, while they pass.
+    fn flush_retries(&mut self) {
+        while let Some(retry) = self.retries.front_mut() {
+            if Instant::now() < retry.due {
+                return;
+            }
+            let result = match &retry.redo {
+                Redo::Post { to, body } => self.chat.post(to, body).map(drop),
+                Redo::Edit { to, message, body } => self.chat.edit(to, message, body),
+            };
+            match result {
+                Ok(()) => {
+                    self.retries.pop_front();
+                }
+                Err(e) if retry.attempts >= REDO_ATTEMPTS || !self.chat.may_pass_later(&e) => {
+                    tracing::error!(
+                        "the chat refused a message {} times; dropped: {e:#}",
+                        retry.attempts
+                    );
+                    self.retries.pop_front();
+                }
+                Err(e) => {
+                    retry.attempts += 1;
+                    retry.delay = (retry.delay * 2).min(MAX_REDO_DELAY);
+                    retry.due = Instant::now() + retry.delay;
+                    tracing::warn!(
+                        "the chat still refuses a message ({e:#}); again in {:?}",
+                        retry.delay
+                    );
+                    return;
+                }
             }
         }
     }
@@ -580,9 +699,7 @@ impl<C: Chat> Writer<C> {
                 Some(line) => text::bridge_progress(&view, &line),
                 None => text::task_line(&view),
             };
-            if let Err(e) = self.chat.edit(&to, &message, &body) {
-                tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
-            }
+            self.final_edit(&to, &message, &body);
         }
         if view.state != TaskState::Merged {
             self.post(&to, &text::bridge_finished(&view));
@@ -632,7 +749,8 @@ impl<C: Chat> Writer<C> {
                     .map_or_else(Instant::now, |at| at + self.interval)
             });
         let typing = self.typing.values().map(|(_, at)| *at + TYPING_RENEW);
-        edits.chain(typing).min()
+        let retry = self.retries.front().map(|r| r.due);
+        edits.chain(typing).chain(retry).min()
     }
 
     fn flush_due(&mut self) {
@@ -696,6 +814,22 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         calls: Mutex<Vec<String>>,
+        /// How many of the next posts and edits fail (the homeserver is down).
+        failing: Mutex<u32>,
+        /// Posts of texts containing this fail for good (removed from the room).
+        refused: Option<&'static str>,
+    }
+
+    impl Recorder {
+        fn fails(&self, what: String) -> bool {
+            let mut failing = lock(&self.failing);
+            if *failing == 0 {
+                return false;
+            }
+            *failing -= 1;
+            lock(&self.calls).push(format!("fail {what}"));
+            true
+        }
     }
 
     impl Chat for Recorder {
@@ -706,17 +840,30 @@ mod tests {
             unreachable!("the writer never polls")
         }
         fn post(&self, _: &Conversation, text: &str) -> anyhow::Result<String> {
+            if self.refused.is_some_and(|r| text.contains(r)) {
+                lock(&self.calls).push(format!("refused post {text}"));
+                anyhow::bail!("forbidden");
+            }
+            if self.fails(format!("post {text}")) {
+                anyhow::bail!("the homeserver is down");
+            }
             let mut calls = lock(&self.calls);
             calls.push(format!("post {text}"));
             Ok(format!("m{}", calls.len()))
         }
         fn edit(&self, _: &Conversation, id: &str, text: &str) -> anyhow::Result<()> {
+            if self.fails(format!("edit {id} {text}")) {
+                anyhow::bail!("the homeserver is down");
+            }
             lock(&self.calls).push(format!("edit {id} {text}"));
             Ok(())
         }
         fn typing(&self, _: &Conversation, on: bool) -> anyhow::Result<()> {
             lock(&self.calls).push(format!("typing {on}"));
             Ok(())
+        }
+        fn may_pass_later(&self, error: &anyhow::Error) -> bool {
+            error.to_string() != "forbidden"
         }
     }
 
@@ -1048,6 +1195,75 @@ mod tests {
         assert_eq!(
             *lock(&kept),
             [BTreeMap::from([("T".to_string(), followed)])]
+        );
+    }
+
+    /// The homeserver is down when a task's answer and its result are posted: both
+    /// are posted once it is back, in order, instead of being lost.
+    #[test]
+    fn posts_the_chat_refused_are_made_again_in_order_until_they_pass() {
+        let chat = Arc::new(Recorder::default());
+        *lock(&chat.failing) = 3;
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let (tx, rx) = mpsc::channel();
+        tx.send(started_answer()).unwrap();
+        tx.send(event("finished", None, view("succeeded", Some("all done"))))
+            .unwrap();
+        drop(tx);
+        let mut writer = Writer::new(
+            chat.clone(),
+            sessions,
+            Duration::from_secs(60),
+            Box::new(|_: &str| {}),
+        );
+        writer.first_redo_delay = Duration::from_millis(10);
+        writer.run(rx);
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "fail post task T  started",
+                "typing true",
+                "typing false",
+                "fail post task T  started",
+                "fail post task T  started",
+                "post task T  started",
+                "post task T  succeeded\nall done",
+            ]
+        );
+
+        // What the chat refuses for good is not tried again, and holds nothing up.
+        let chat = Arc::new(Recorder {
+            refused: Some("started"),
+            ..Recorder::default()
+        });
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let (tx, rx) = mpsc::channel();
+        tx.send(started_answer()).unwrap();
+        tx.send(event("finished", None, view("succeeded", Some("all done"))))
+            .unwrap();
+        drop(tx);
+        let mut writer = Writer::new(
+            chat.clone(),
+            sessions,
+            Duration::from_secs(60),
+            Box::new(|_: &str| {}),
+        );
+        writer.first_redo_delay = Duration::from_millis(10);
+        writer.run(rx);
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "refused post task T  started",
+                "typing true",
+                "typing false",
+                "post task T  succeeded\nall done",
+            ]
         );
     }
 
