@@ -588,9 +588,24 @@ impl<C: Chat> Writer<C> {
             // Still queued or running: the session's new watch follows it.
             Ok(_) => {}
             Err(code) if code == "not_found" => {
-                // Another agentd (a new state dir): it never heard of the task.
+                // Another agentd (a new state dir) never heard of the task: its end
+                // will not come, and the room should not wait for it.
                 tracing::info!(%task_id, "agentd does not know the task any more");
-                self.tasks.remove(&task_id);
+                let ui = self.tasks.remove(&task_id);
+                if let Some(session) = session.as_deref() {
+                    self.typing_off(session, &task_id);
+                }
+                if !self.first_report(&task_id) {
+                    return;
+                }
+                let to = session.as_deref().and_then(|s| self.conversation(s));
+                if let Some(to) = to {
+                    let body = text::bridge_task_unknown(&task_id);
+                    if let Some(message) = ui.and_then(|ui| ui.message) {
+                        self.final_edit(&to, &message, &body);
+                    }
+                    self.post(&to, &body);
+                }
             }
             Err(e) => {
                 tracing::warn!(%task_id, "cannot ask agentd how the task stands: {e}")
@@ -1019,7 +1034,8 @@ mod tests {
                 "post task T  succeeded\ndone",
             ]
         );
-        // Unknown to the new agentd: nothing posted, not asked again.
+        // Unknown to the new agentd (another state dir): the room is told that its
+        // end will not come, once; it is not asked about again.
         let shows = vec![
             started_answer(),
             note(Note::Lost),
@@ -1030,9 +1046,16 @@ mod tests {
         ];
         let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
         assert_eq!(asked, ["T"]);
+        let unknown = text::bridge_task_unknown("T");
         assert_eq!(
             calls,
-            ["post task T  started", "typing true", "typing false"]
+            [
+                "post task T  started".to_string(),
+                "typing true".to_string(),
+                "typing false".to_string(),
+                format!("edit m1 {unknown}"),
+                format!("post {unknown}"),
+            ]
         );
         // A lagged watch asks about the live tasks of its session only.
         let shows = vec![
