@@ -877,9 +877,39 @@ progress-interval = "100ms"
             .find(|e| e.contains("working"))
     });
 
+    let log = || std::fs::read_to_string(&bridge_log).unwrap_or_default();
+    let before = log().len();
     kill(d.pid(), libc::SIGKILL);
+    // A message written while agentd is down waits; the room is told why nothing
+    // happens yet.
+    wait_for("the bridge sees agentd gone", DEADLINE, || {
+        log()[before..]
+            .contains("connection to agentd lost")
+            .then_some(())
+    });
+    let down = "echo written while agentd was down";
+    let down_event = alice.say(&room, down);
+    wait_for("the bridge says agentd is not running", DEADLINE, || {
+        let events = alice.events(&room);
+        let at = events.iter().position(|e| e["event_id"] == down_event)?;
+        bot_posts(&events[at + 1..], &bot.id)
+            .into_iter()
+            .find(|e| body(e).contains("agentd is not running"))
+    });
     d.restart();
     assert_eq!(d.task(&task_id)["exit"]["reason"], "daemon crashed");
+    wait_for(
+        "the waiting message runs once agentd is back",
+        DEADLINE,
+        || {
+            bot_posts(&alice.events(&room), &bot.id)
+                .into_iter()
+                .find(|e| {
+                    body(e).contains("written while agentd was down")
+                        && body(e).contains("succeeded")
+                })
+        },
+    );
     let end = wait_for("the bridge posts the task's end", DEADLINE, || {
         about_task(&alice.events(&room))
             .into_iter()

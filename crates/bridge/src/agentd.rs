@@ -126,8 +126,9 @@ impl Link {
     }
 
     /// Hands a chat message to agentd (after watching its session, so the answer
-    /// comes before the task's events). Without a connection it waits for one.
-    pub fn send(&self, session: &str, message_id: &str, text: &str) {
+    /// comes before the task's events). Without a connection it waits for one:
+    /// false then.
+    pub fn send(&self, session: &str, message_id: &str, text: &str) -> bool {
         self.watch(session);
         let mut state = self.lock();
         let sent = Sent {
@@ -139,9 +140,11 @@ impl Link {
         let id = self.id();
         let request = send_request(id, &sent);
         state.pending.insert(id, sent);
-        if state.stream.is_some() {
-            write_line(&mut state, &request);
+        if state.stream.is_none() {
+            return false;
         }
+        write_line(&mut state, &request);
+        true
     }
 
     /// Asks agentd how task `task_id` stands; the answer comes as [`Note::Status`].

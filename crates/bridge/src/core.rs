@@ -136,6 +136,11 @@ enum Show {
         to: Conversation,
         sender: String,
     },
+    /// A message waits: agentd is not connected.
+    Waiting {
+        session: String,
+        to: Conversation,
+    },
 }
 
 /// Runs a bridge between `chat` and agentd until the process ends.
@@ -274,12 +279,17 @@ fn handle(
     let session = conversation.session(app);
     if !state.sessions.contains_key(&session) {
         state.sessions.insert(session.clone(), conversation.clone());
-        lock(sessions).insert(session.clone(), conversation);
+        lock(sessions).insert(session.clone(), conversation.clone());
     }
     // Saved before agentd sees it: a crash now loses at most this message's answer,
     // and agentd's own de-duplication (the message id) covers a re-delivery.
     save(state, &config.state_file);
-    link.send(&session, &message_id, &text);
+    if !link.send(&session, &message_id, &text) {
+        let _ = show.send(Show::Waiting {
+            session,
+            to: conversation,
+        });
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -346,6 +356,8 @@ struct Writer<C: Chat> {
     /// tried again until they pass, so no answer or result is lost to an outage.
     retries: VecDeque<Retry>,
     first_redo_delay: Duration,
+    /// Sessions told that agentd is not running, since the connection was lost.
+    told_down: HashSet<String>,
 }
 
 impl<C: Chat> Writer<C> {
@@ -368,6 +380,7 @@ impl<C: Chat> Writer<C> {
             reported_order: VecDeque::new(),
             retries: VecDeque::new(),
             first_redo_delay: FIRST_REDO_DELAY,
+            told_down: HashSet::new(),
         }
     }
 
@@ -418,6 +431,12 @@ impl<C: Chat> Writer<C> {
                 Ok(Show::Note(note)) => self.note(*note),
                 Ok(Show::Refuse { to, sender }) => {
                     self.post(&to, &text::bridge_refusal(&sender));
+                }
+                // Said once per chat and outage, not for every message.
+                Ok(Show::Waiting { session, to }) => {
+                    if self.told_down.insert(session) {
+                        self.post(&to, &text::bridge_agentd_down());
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 // Nothing more to show (the tests); what waits to be tried again
@@ -535,6 +554,7 @@ impl<C: Chat> Writer<C> {
             // while the connection was down (agentd restarted: `interrupted`, or it
             // finished) is in none of them: ask how each known task stands.
             Note::Connected { .. } => {
+                self.told_down.clear();
                 let mut live: Vec<&String> = self.tasks.keys().collect();
                 live.sort();
                 for task_id in live {
@@ -1287,6 +1307,30 @@ mod tests {
                 "typing false",
                 "post task T  succeeded\nall done",
             ]
+        );
+    }
+
+    /// Messages that come while agentd is not connected wait; the chat is told so
+    /// once per outage, not once per message, and again in a later outage.
+    #[test]
+    fn a_chat_is_told_once_per_outage_that_agentd_is_not_running() {
+        let waiting = || Show::Waiting {
+            session: "test:r".into(),
+            to: Conversation::room("r"),
+        };
+        let shows = vec![
+            waiting(),
+            waiting(),
+            note(Note::Connected {
+                server: "agentd".into(),
+            }),
+            note(Note::Lost),
+            waiting(),
+        ];
+        let down = format!("post {}", text::bridge_agentd_down());
+        assert_eq!(
+            run_writer(Duration::from_secs(1), shows),
+            [down.clone(), down]
         );
     }
 

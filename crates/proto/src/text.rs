@@ -576,6 +576,13 @@ pub fn bridge_task_unknown(task_id: &str) -> String {
     )
 }
 
+/// What a bridge says when a message comes while agentd is not running.
+pub fn bridge_agentd_down() -> String {
+    "agentd is not running right now: your message waits, and is handed to it as soon \
+     as it is back"
+        .to_string()
+}
+
 /// What a bridge posts when a task ends: how it ended, then its result.
 pub fn bridge_finished(view: &TaskView) -> String {
     match &view.result {
