@@ -16,7 +16,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "agentd-matrix", version)]
 struct Args {
-    /// agentd's config file, with a [matrix] table
+    /// agentd's config file, with a [matrix] table. Without this flag,
+    /// $AGENTD_CONFIG names it (agentd reads the same variable)
     /// [default: $XDG_CONFIG_HOME/agentd/config.toml]
     #[arg(long, short, env = "AGENTD_CONFIG")]
     config: Option<PathBuf>,

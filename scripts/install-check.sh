@@ -37,7 +37,7 @@ installed="$(ls "$WORK/root/bin" | sort | tr '\n' ' ')"
 mkdir -m 700 "$WORK/runtime" "$WORK/config" "$WORK/state"
 export PATH="$WORK/root/bin:/usr/bin:/bin"
 export XDG_RUNTIME_DIR="$WORK/runtime" XDG_CONFIG_HOME="$WORK/config" XDG_STATE_HOME="$WORK/state"
-unset AGENTD_SOCKET AGENTD_LOG RUST_LOG NOTIFY_SOCKET
+unset AGENTD_CONFIG AGENTD_SOCKET AGENTD_LOG RUST_LOG NOTIFY_SOCKET
 
 # The man pages as the README installs them: agentd.1 (from agentd's own flag
 # definitions) renders, and lists every flag `agentd --help` lists.

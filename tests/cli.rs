@@ -379,6 +379,30 @@ fn send_wait_prints_the_output_once_and_how_long_the_task_ran() {
     assert_eq!(text.matches("alpha").count(), 1, "{text}");
 }
 
+/// `send --wait` of a message steered into a running task follows that task from
+/// the middle: the end prints the task's output less the lines it already showed
+/// as progress, though it did not see the output's start.
+#[test]
+fn send_wait_of_a_steered_message_prints_no_line_twice() {
+    let agent = format!("{AGENT_EXEC} --steer -- sh -c {{text}}");
+    let d = Daemon::start(&["--agent", agent.as_str(), "--queue-mode", "steer"]);
+    let task = d.submit(
+        "alice",
+        "echo building; read answer; echo got $answer; echo done",
+    );
+    d.wait_progress(&task, "building");
+    let out = d.agentctl(&["send", "--session", "alice", "--wait", "yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&format!("task {task}  succeeded")), "{text}");
+    for line in ["got yes", "done"] {
+        assert_eq!(text.matches(line).count(), 1, "{line:?} not once:\n{text}");
+    }
+    // The start of the output, which this client did not see as progress, is
+    // under the end.
+    assert_eq!(text.matches("building").count(), 1, "{text}");
+}
+
 /// A client that reads promptly gets every progress line, however quickly the agent
 /// writes them: `send --wait` prints each once, in order, and no result line again.
 #[test]

@@ -809,3 +809,198 @@ progress-interval = "300ms"
     assert_eq!(tasks_with_text(&d, down).len(), 1, "{result}");
     drop(bridge);
 }
+
+/// agentd dies (kill -9) under a task a room started, and comes back on the same
+/// state dir, where the task is `interrupted` (daemon crashed): no `finished` was
+/// ever written for it. The bridge, reconnected, asks how the task stands and tells
+/// the room, once: its progress message shows the end and the end is posted. Then
+/// the same for a task that ends while the bridge itself is stopped.
+#[test]
+fn a_task_that_ended_while_agentd_or_the_bridge_was_down_is_reported_in_its_room() {
+    let Some(venv) = synapse_venv() else { return };
+    let synapse = Synapse::start(&venv);
+    let bot = synapse.register("agentd", "bot-password");
+    let alice = synapse.register("alice", "alice-password");
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.toml");
+    let bridge_log = home.path().join("agentd-matrix.log");
+    let _show_log = ShowLogOnFailure(bridge_log.clone());
+    let mut d = Daemon::with_agent_exec(&[]);
+    std::fs::write(
+        &config,
+        format!(
+            r#"socket = "{socket}"
+
+[matrix]
+homeserver = "{base}"
+user = "{bot}"
+password = "bot-password"
+allowed-users = ["{alice}"]
+state-file = "{state}"
+progress-interval = "100ms"
+"#,
+            socket = d.socket.display(),
+            base = synapse.base,
+            bot = bot.id,
+            alice = alice.id,
+            state = home.path().join("matrix-state.json").display(),
+        ),
+    )
+    .unwrap();
+    let room = alice.create_room("crash", &[&bot.id]);
+    let bridge = start_bridge(&config, &bridge_log);
+    wait_for("the bridge joins the room", DEADLINE, || {
+        alice.members(&room).contains(&bot.id).then_some(())
+    });
+
+    let work = "echo working; exec sleep 60";
+    alice.say(&room, work);
+    let task = wait_for("agentd runs the task", DEADLINE, || {
+        tasks_with_text(&d, work)
+            .into_iter()
+            .find(|t| t["state"] == "running")
+    });
+    let task_id = task["task_id"].as_str().unwrap().to_string();
+    let about_task = |events: &[Value]| -> Vec<Value> {
+        bot_posts(events, &bot.id)
+            .into_iter()
+            .filter(|e| body(e).contains(&task_id))
+            .collect()
+    };
+    let progress = wait_for("the bridge answers the task", DEADLINE, || {
+        about_task(&alice.events(&room)).into_iter().next()
+    });
+    let progress_id = progress["event_id"].as_str().unwrap().to_string();
+    wait_for("the progress message shows the output", DEADLINE, || {
+        edits_of(&alice.events(&room), &progress_id)
+            .into_iter()
+            .find(|e| e.contains("working"))
+    });
+
+    let log = || std::fs::read_to_string(&bridge_log).unwrap_or_default();
+    let before = log().len();
+    kill(d.pid(), libc::SIGKILL);
+    // A message written while agentd is down waits; the room is told why nothing
+    // happens yet.
+    wait_for("the bridge sees agentd gone", DEADLINE, || {
+        log()[before..]
+            .contains("connection to agentd lost")
+            .then_some(())
+    });
+    let down = "echo written while agentd was down";
+    let down_event = alice.say(&room, down);
+    wait_for("the bridge says agentd is not running", DEADLINE, || {
+        let events = alice.events(&room);
+        let at = events.iter().position(|e| e["event_id"] == down_event)?;
+        bot_posts(&events[at + 1..], &bot.id)
+            .into_iter()
+            .find(|e| body(e).contains("agentd is not running"))
+    });
+    d.restart();
+    assert_eq!(d.task(&task_id)["exit"]["reason"], "daemon crashed");
+    wait_for(
+        "the waiting message runs once agentd is back",
+        DEADLINE,
+        || {
+            bot_posts(&alice.events(&room), &bot.id)
+                .into_iter()
+                .find(|e| {
+                    body(e).contains("written while agentd was down")
+                        && body(e).contains("succeeded")
+                })
+        },
+    );
+    let end = wait_for("the bridge posts the task's end", DEADLINE, || {
+        about_task(&alice.events(&room))
+            .into_iter()
+            .find(|e| body(e).contains("interrupted"))
+    });
+    assert!(body(&end).contains("daemon crashed"), "{end}");
+    wait_for("the progress message shows the end", DEADLINE, || {
+        edits_of(&alice.events(&room), &progress_id)
+            .into_iter()
+            .rfind(|e| e.contains("interrupted") && e.contains("working"))
+    });
+    // The bridge still serves the room, and has said the end only once.
+    let next = "echo after the crash";
+    alice.say(&room, next);
+    wait_for("the next message's result", DEADLINE, || {
+        bot_posts(&alice.events(&room), &bot.id)
+            .into_iter()
+            .find(|e| body(e).contains("after the crash") && body(e).contains("succeeded"))
+    });
+    let posts: Vec<String> = about_task(&alice.events(&room))
+        .iter()
+        .map(|e| body(e).to_string())
+        .collect();
+    assert_eq!(posts.len(), 2, "one answer and one end: {posts:?}");
+
+    // The bridge itself stops while a task runs, and the task ends before the
+    // bridge is back: its state file names the task, so the end is still shown.
+    let mut bridge = bridge;
+    let gate = home.path().join("go");
+    let held = format!(
+        "echo holding; while [ ! -e {} ]; do sleep 0.05; done; echo released",
+        gate.display()
+    );
+    alice.say(&room, &held);
+    let held_task = wait_for("agentd runs the held task", DEADLINE, || {
+        tasks_with_text(&d, &held)
+            .into_iter()
+            .find(|t| t["state"] == "running")
+    });
+    let held_id = held_task["task_id"].as_str().unwrap().to_string();
+    let about_held = |events: &[Value]| -> Vec<Value> {
+        bot_posts(events, &bot.id)
+            .into_iter()
+            .filter(|e| body(e).contains(&held_id))
+            .collect()
+    };
+    let held_message = wait_for("the bridge answers the held task", DEADLINE, || {
+        about_held(&alice.events(&room)).into_iter().next()
+    });
+    let held_message = held_message["event_id"].as_str().unwrap().to_string();
+    wait_for("the held task's progress is shown", DEADLINE, || {
+        edits_of(&alice.events(&room), &held_message)
+            .into_iter()
+            .find(|e| e.contains("holding"))
+    });
+    bridge.stop();
+    std::fs::write(&gate, "").unwrap();
+    d.wait_state(&held_id, "succeeded");
+    let bridge = start_bridge(&config, &bridge_log);
+    let end = wait_for(
+        "the restarted bridge posts the held task's end",
+        DEADLINE,
+        || {
+            about_held(&alice.events(&room))
+                .into_iter()
+                .find(|e| body(e).contains("succeeded"))
+        },
+    );
+    assert!(body(&end).contains("released"), "{end}");
+    wait_for(
+        "the held task's progress message shows the end",
+        DEADLINE,
+        || {
+            edits_of(&alice.events(&room), &held_message)
+                .into_iter()
+                .rfind(|e| e.contains("succeeded") && e.contains("released"))
+        },
+    );
+    let next = "echo after the bridge restarted";
+    alice.say(&room, next);
+    wait_for("the next message's result", DEADLINE, || {
+        bot_posts(&alice.events(&room), &bot.id)
+            .into_iter()
+            .find(|e| {
+                body(e).contains("after the bridge restarted") && body(e).contains("succeeded")
+            })
+    });
+    assert_eq!(
+        about_held(&alice.events(&room)).len(),
+        2,
+        "one answer and one end"
+    );
+    drop(bridge);
+}

@@ -66,6 +66,35 @@ fn the_default_config_file_is_read_and_flags_win_over_it() {
     assert_eq!(capacity_max(&d), 4, "{}", d.log());
 }
 
+/// `AGENTD_CONFIG` names the config file when `--config` is not given (as for
+/// agentd-matrix, so both read one file); `--config` wins over it, and either one
+/// wins over the default file.
+#[test]
+fn agentd_config_names_the_config_file_and_the_flag_wins_over_it() {
+    let files = tempfile::tempdir().unwrap();
+    let env_file = files.path().join("from-env.toml");
+    std::fs::write(&env_file, "max-concurrent = 6\n").unwrap();
+    let flag_file = files.path().join("from-flag.toml");
+    std::fs::write(&flag_file, "max-concurrent = 7\n").unwrap();
+    let env_path = env_file.to_str().unwrap();
+    let flag_path = flag_file.to_str().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    write_default_config(dir.path(), "max-concurrent = 3\n");
+    let d = Daemon::start_in(dir, &[], &[("AGENTD_CONFIG", Some(env_path))]);
+    assert_eq!(capacity_max(&d), 6, "{}", d.log());
+    drop(d);
+
+    let dir = tempfile::tempdir().unwrap();
+    write_default_config(dir.path(), "max-concurrent = 3\n");
+    let d = Daemon::start_in(
+        dir,
+        &["--config", flag_path],
+        &[("AGENTD_CONFIG", Some(env_path))],
+    );
+    assert_eq!(capacity_max(&d), 7, "{}", d.log());
+}
+
 #[test]
 fn sighup_re_reads_the_default_config_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -420,6 +420,7 @@ fn spawn_agentd(
         .args(args)
         .env("AGENTD_LOG", "debug")
         .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env_remove("AGENTD_CONFIG")
         .env_remove("AGENTD_SOCKET")
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())

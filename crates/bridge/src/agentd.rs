@@ -2,7 +2,9 @@
 //! docs/protocol.md): session watches, `send` for every inbound message, and a
 //! reader that turns what agentd writes into [`Note`]s. When the connection breaks it
 //! reconnects with a growing delay, watches its sessions again and re-sends every
-//! message whose answer never came, with the same `message_id`.
+//! message whose answer never came, with the same `message_id`; the core then asks
+//! ([`Link::status`]) how the tasks it knew were live stand, since those that ended
+//! while the connection was down are in no watch's snapshot.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -11,9 +13,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use agentd_proto::control::{EventView, SendReply, CONTROL_PROTOCOL_VERSION};
+use agentd_proto::control::{EventView, SendReply, TaskView, CONTROL_PROTOCOL_VERSION};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
@@ -22,6 +24,10 @@ use serde_json::{json, Value};
 const MAX_LINE_BYTES: u64 = 8 * 1024 * 1024;
 /// The longest wait between two connection attempts.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// A connection lost sooner than this after it was made counts as a failed attempt
+/// (the delay before the next one grows); one that lasted is retried at once.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// A message handed to agentd.
 #[derive(Debug, Clone)]
@@ -44,8 +50,21 @@ pub enum Note {
     },
     /// An event of a watched session.
     Event(EventView),
-    /// Connected (again): `server` is agentd's hello answer.
+    /// agentd answered a [`Link::status`] of `task_id`: the task's view, or the
+    /// error's code (`not_found`: this agentd does not know the task).
+    Status {
+        task_id: String,
+        answer: Result<TaskView, String>,
+    },
+    /// Connected (again): `server` is agentd's hello answer. Every session is
+    /// watched again; tasks that ended meanwhile are not in the new snapshots.
     Connected { server: String },
+    /// The watch of `session` lagged and was made again: tasks of the session that
+    /// ended in between are not in its snapshot.
+    Rewatched { session: String },
+    /// agentd refused to watch `session` (`message` says why): it is not watched
+    /// again on this connection.
+    WatchRefused { session: String, message: String },
     /// The connection broke; messages wait until it is back.
     Lost,
 }
@@ -58,6 +77,8 @@ struct LinkState {
     watches: HashMap<u64, String>,
     /// Sends not answered yet, by request id on the current connection.
     pending: HashMap<u64, Sent>,
+    /// `status` requests not answered yet: the task each asks about.
+    statuses: HashMap<u64, String>,
 }
 
 /// The control-socket link; cheap to clone.
@@ -105,8 +126,9 @@ impl Link {
     }
 
     /// Hands a chat message to agentd (after watching its session, so the answer
-    /// comes before the task's events). Without a connection it waits for one.
-    pub fn send(&self, session: &str, message_id: &str, text: &str) {
+    /// comes before the task's events). Without a connection it waits for one:
+    /// false then.
+    pub fn send(&self, session: &str, message_id: &str, text: &str) -> bool {
         self.watch(session);
         let mut state = self.lock();
         let sent = Sent {
@@ -118,9 +140,27 @@ impl Link {
         let id = self.id();
         let request = send_request(id, &sent);
         state.pending.insert(id, sent);
-        if state.stream.is_some() {
-            write_line(&mut state, &request);
+        if state.stream.is_none() {
+            return false;
         }
+        write_line(&mut state, &request);
+        true
+    }
+
+    /// Asks agentd how task `task_id` stands; the answer comes as [`Note::Status`].
+    /// Without a connection nothing is asked: the next [`Note::Connected`] is the
+    /// time to ask again.
+    pub fn status(&self, task_id: &str) {
+        let mut state = self.lock();
+        if state.stream.is_none() {
+            return;
+        }
+        let id = self.id();
+        state.statuses.insert(id, task_id.to_string());
+        write_line(
+            &mut state,
+            &json!({"id": id, "cmd": "status", "task_id": task_id}),
+        );
     }
 
     fn id(&self) -> u64 {
@@ -141,21 +181,32 @@ impl Link {
     }
 
     fn run(&self) {
-        let mut delay = Duration::from_millis(100);
+        let mut delay = FIRST_RETRY_DELAY;
         loop {
             match self.connect() {
                 Ok((stream, reader, server)) => {
-                    delay = Duration::from_millis(100);
+                    let since = Instant::now();
                     tracing::info!(socket = %self.shared.socket.display(), %server, "connected to agentd");
                     self.adopt(stream);
                     let _ = self.shared.notes.send(Note::Connected { server });
                     self.read(reader);
-                    tracing::warn!("connection to agentd lost; reconnecting");
                     let stream = self.lock().stream.take();
                     if let Some(stream) = stream {
                         let _ = stream.shutdown(std::net::Shutdown::Both);
                     }
                     let _ = self.shared.notes.send(Note::Lost);
+                    if since.elapsed() >= STABLE_CONNECTION {
+                        tracing::warn!("connection to agentd lost; reconnecting");
+                        delay = FIRST_RETRY_DELAY;
+                    } else {
+                        // Lost as soon as it was made: a failed attempt, not a
+                        // reason to hammer agentd with new connections.
+                        tracing::warn!(
+                            "connection to agentd lost right after it was made; retrying in {delay:?}"
+                        );
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(MAX_RETRY_DELAY);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!("cannot reach agentd ({e:#}); retrying in {delay:?}");
@@ -176,7 +227,10 @@ impl Link {
         (&stream).write_all(format!("{hello}\n").as_bytes())?;
         let answer = read_line(&mut reader)?.context("agentd closed the connection")?;
         if answer["ok"] != true {
-            bail!("hello refused: {}", answer["error"]["message"]);
+            bail!(
+                "hello refused: {}",
+                answer["error"]["message"].as_str().unwrap_or("no message")
+            );
         }
         stream.set_read_timeout(None)?;
         let server = answer["result"]["server"]
@@ -192,6 +246,7 @@ impl Link {
         let mut state = self.lock();
         state.stream = Some(stream);
         state.watches.clear();
+        state.statuses.clear();
         let sessions: Vec<String> = state.sessions.iter().cloned().collect();
         for session in sessions {
             self.write_watch(&mut state, &session);
@@ -247,13 +302,43 @@ impl Link {
             let _ = self.shared.notes.send(Note::Answer { sent, answer });
             return;
         }
-        if line["ok"] != true {
-            // A watch that ended (lagged) or a line about no request: watch again.
-            if let Some(session) = id.and_then(|id| state.watches.remove(&id)) {
-                tracing::warn!(%session, "watch ended: {}; watching again", line["error"]["message"]);
-                self.write_watch(&mut state, &session);
+        if let Some(task_id) = id.and_then(|id| state.statuses.remove(&id)) {
+            drop(state);
+            let answer = if line["ok"] == true {
+                serde_json::from_value::<TaskView>(line["result"].clone())
+                    .map_err(|e| format!("agentd's answer does not parse: {e}"))
             } else {
-                tracing::warn!("agentd: {}", line["error"]["message"]);
+                Err(line["error"]["code"]
+                    .as_str()
+                    .unwrap_or("error")
+                    .to_string())
+            };
+            let _ = self.shared.notes.send(Note::Status { task_id, answer });
+            return;
+        }
+        if line["ok"] != true {
+            let message = line["error"]["message"]
+                .as_str()
+                .unwrap_or("no message")
+                .to_string();
+            let Some(session) = id.and_then(|id| state.watches.remove(&id)) else {
+                tracing::warn!("agentd: {message}");
+                return;
+            };
+            if line["error"]["code"] == "lagged" {
+                // The watch fell behind and was ended: watch again.
+                tracing::warn!(%session, "watch ended: {message}; watching again");
+                self.write_watch(&mut state, &session);
+                drop(state);
+                let _ = self.shared.notes.send(Note::Rewatched { session });
+            } else {
+                // Refused (a session agentd does not accept): watching again would
+                // only be refused again, in a loop.
+                drop(state);
+                let _ = self
+                    .shared
+                    .notes
+                    .send(Note::WatchRefused { session, message });
             }
         }
     }
@@ -300,5 +385,98 @@ fn read_line(reader: &mut BufReader<UnixStream>) -> anyhow::Result<Option<Value>
         return serde_json::from_slice(&buf)
             .map(Some)
             .context("agentd wrote a line that is not JSON");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// An agentd that answers `hello` and hangs up at once, every time (a server
+    /// that is failing): the bridge does not reconnect in a tight loop, the delay
+    /// between attempts grows as when it cannot connect at all.
+    #[test]
+    fn a_connection_lost_right_after_hello_is_retried_with_a_growing_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agentd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let (tx, _notes) = std::sync::mpsc::channel();
+        Link::new(socket, "test".into(), tx).spawn();
+        let started = Instant::now();
+        let mut accepted = Vec::new();
+        while accepted.len() < 5 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the bridge stopped reconnecting"
+            );
+            let (stream, _) = listener.accept().unwrap();
+            accepted.push(Instant::now());
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut hello = String::new();
+            reader.read_line(&mut hello).unwrap();
+            (&stream)
+                .write_all(b"{\"id\": 0, \"ok\": true, \"result\": {\"protocol\": 1, \"server\": \"agentd\"}}\n")
+                .unwrap();
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        // 100 + 200 + 400 + 800 ms of waiting at the least between the five.
+        let waited = accepted[4] - accepted[0];
+        assert!(
+            waited >= Duration::from_millis(1500),
+            "five connections in {waited:?}"
+        );
+    }
+
+    /// agentd refuses a watch (here `bad_request`, as for a session name longer
+    /// than 256 bytes): the link does not watch again, which would be refused again
+    /// at once, in a tight loop. Only a `lagged` watch is made again.
+    #[test]
+    fn a_refused_watch_is_not_repeated_but_a_lagged_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agentd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let (tx, notes) = std::sync::mpsc::channel();
+        let link = Link::new(socket, "test".into(), tx);
+        link.watch("s");
+        link.spawn();
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut next = || -> Value {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+        };
+        let write = |line: Value| (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
+        assert_eq!(next()["cmd"], "hello");
+        write(json!({"id": 0, "ok": true, "result": {"protocol": 1, "server": "agentd"}}));
+        let mut refuse = |code: &str| {
+            let watch = next();
+            assert_eq!(watch["cmd"], "watch", "{watch}");
+            write(json!({"id": watch["id"], "ok": false,
+                         "error": {"code": code, "message": "no"}}));
+        };
+        let wait_note = |what: &str| loop {
+            let note = notes
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no note of the {what} watch"));
+            if matches!(note, Note::Rewatched { .. } | Note::WatchRefused { .. }) {
+                return note;
+            }
+        };
+        refuse("lagged");
+        assert!(matches!(wait_note("lagged"), Note::Rewatched { session } if session == "s"));
+        refuse("bad_request");
+        let note = wait_note("refused");
+        link.status("t");
+        let after = next();
+        assert_eq!(
+            after["cmd"], "status",
+            "watched again after a refusal: {after}"
+        );
+        assert!(
+            matches!(&note, Note::WatchRefused { session, message } if session == "s" && message == "no"),
+            "{note:?}"
+        );
     }
 }

@@ -89,4 +89,11 @@ pub trait Chat: Send + Sync + 'static {
     fn is_fatal(&self, _error: &anyhow::Error) -> bool {
         false
     }
+
+    /// Whether a failed [`Chat::post`] or [`Chat::edit`] may pass later (the chat
+    /// system was unreachable or overloaded), so the core tries it again; false
+    /// when the chat said no for good (the bridge was removed from the room).
+    fn may_pass_later(&self, _error: &anyhow::Error) -> bool {
+        true
+    }
 }

@@ -26,6 +26,17 @@ const SEEN_KEPT: usize = 5_000;
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(30);
 const TYPING_RENEW: Duration = Duration::from_secs(20);
 const MAX_POLL_DELAY: Duration = Duration::from_secs(30);
+/// How many ended tasks the chat writer remembers having reported, so that an end
+/// learnt twice (a `status` after a reconnect, then the watch's `finished`) is
+/// posted once.
+const REPORTED_KEPT: usize = 1_000;
+/// A post (or a task's final edit) the chat refused is tried again after this,
+/// doubling up to [`MAX_REDO_DELAY`], [`REDO_ATTEMPTS`] times in all.
+const FIRST_REDO_DELAY: Duration = Duration::from_secs(1);
+const MAX_REDO_DELAY: Duration = Duration::from_secs(60);
+const REDO_ATTEMPTS: u32 = 40;
+/// The most calls waiting to be tried again; past it the oldest is dropped.
+const REDO_KEPT: usize = 1_000;
 
 /// What the core needs to know.
 #[derive(Debug, Clone)]
@@ -53,6 +64,19 @@ pub struct State {
     /// The sessions served, so their tasks are watched again after a restart.
     #[serde(default)]
     pub sessions: BTreeMap<String, Conversation>,
+    /// The tasks the chat was told about that had not ended, by task id: after a
+    /// restart the bridge asks agentd how each stands, so one that ended while the
+    /// bridge was down is still reported, and its progress message finished.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, Followed>,
+}
+
+/// A task the chat follows, as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Followed {
+    pub session: String,
+    /// The bridge's message that shows the task's progress.
+    pub message: Option<String>,
 }
 
 impl State {
@@ -112,14 +136,21 @@ enum Show {
         to: Conversation,
         sender: String,
     },
+    /// A message waits: agentd is not connected.
+    Waiting {
+        session: String,
+        to: Conversation,
+    },
 }
 
 /// Runs a bridge between `chat` and agentd until the process ends.
 pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
-    let mut state = State::load(&config.state_file)?;
+    let loaded = State::load(&config.state_file)?;
     let chat = Arc::new(chat);
     let sessions: Arc<Mutex<HashMap<String, Conversation>>> =
-        Arc::new(Mutex::new(state.sessions.clone().into_iter().collect()));
+        Arc::new(Mutex::new(loaded.sessions.clone().into_iter().collect()));
+    let followed = loaded.tasks.clone();
+    let state = Arc::new(Mutex::new(loaded));
     let (notes_tx, notes_rx) = mpsc::channel::<Note>();
     let (show_tx, show_rx) = mpsc::channel::<Show>();
     // Link notes go through the same queue as refusals, in arrival order.
@@ -136,7 +167,7 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
             })?;
     }
     let link = Link::new(config.socket.clone(), config.client.clone(), notes_tx);
-    for session in state.sessions.keys() {
+    for session in lock(&state).sessions.keys() {
         link.watch(session);
     }
     link.spawn();
@@ -144,16 +175,32 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
         let chat = chat.clone();
         let sessions = sessions.clone();
         let interval = config.progress_interval;
+        let link = link.clone();
+        let ask = Box::new(move |task_id: &str| link.status(task_id));
+        let keep: Keep = {
+            let state = state.clone();
+            let path = config.state_file.clone();
+            Box::new(move |tasks| {
+                let mut state = lock(&state);
+                state.tasks = tasks;
+                save(&state, &path);
+            })
+        };
         std::thread::Builder::new()
             .name("chat-writer".into())
-            .spawn(move || Writer::new(chat, sessions, interval).run(show_rx))?;
+            .spawn(move || {
+                Writer::new(chat, sessions, interval, ask)
+                    .following(followed, keep)
+                    .run(show_rx)
+            })?;
     }
 
     // The poll loop: chat → agentd.
     let mut delay = Duration::from_millis(200);
     let mut ready = false;
     loop {
-        let batch = match chat.poll(state.cursor.as_deref()) {
+        let cursor = lock(&state).cursor.clone();
+        let batch = match chat.poll(cursor.as_deref()) {
             Ok(batch) => {
                 delay = Duration::from_millis(200);
                 if !ready {
@@ -175,6 +222,7 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
                 continue;
             }
         };
+        let mut state = lock(&state);
         for message in batch.messages {
             handle(
                 chat.app(),
@@ -231,12 +279,17 @@ fn handle(
     let session = conversation.session(app);
     if !state.sessions.contains_key(&session) {
         state.sessions.insert(session.clone(), conversation.clone());
-        lock(sessions).insert(session.clone(), conversation);
+        lock(sessions).insert(session.clone(), conversation.clone());
     }
     // Saved before agentd sees it: a crash now loses at most this message's answer,
     // and agentd's own de-duplication (the message id) covers a re-delivery.
     save(state, &config.state_file);
-    link.send(&session, &message_id, &text);
+    if !link.send(&session, &message_id, &text) {
+        let _ = show.send(Show::Waiting {
+            session,
+            to: conversation,
+        });
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -257,14 +310,54 @@ struct TaskUi {
     last_edit: Option<Instant>,
 }
 
+/// Asks agentd how a task stands ([`Link::status`]); the answer comes back as a
+/// [`Note::Status`].
+type Ask = Box<dyn Fn(&str) + Send>;
+/// Keeps the followed tasks in the state file (called when they change).
+type Keep = Box<dyn Fn(BTreeMap<String, Followed>) + Send>;
+
+/// A call that failed, to be made again.
+enum Redo {
+    Post {
+        to: Conversation,
+        body: String,
+    },
+    Edit {
+        to: Conversation,
+        message: String,
+        body: String,
+    },
+}
+
+struct Retry {
+    redo: Redo,
+    due: Instant,
+    delay: Duration,
+    attempts: u32,
+}
+
 /// The chat writer: every call that shows something in the chat.
 struct Writer<C: Chat> {
     chat: Arc<C>,
     sessions: Arc<Mutex<HashMap<String, Conversation>>>,
     interval: Duration,
+    /// The tasks the chat was told about that have not ended, as far as it knows.
     tasks: HashMap<String, TaskUi>,
     /// Tasks running in each session, and when its typing notice was last sent.
     typing: HashMap<String, (HashSet<String>, Instant)>,
+    ask: Ask,
+    keep: Option<Keep>,
+    /// The followed tasks as last kept.
+    kept: BTreeMap<String, Followed>,
+    /// Tasks whose end was reported (the newest [`REPORTED_KEPT`]).
+    reported: HashSet<String>,
+    reported_order: VecDeque<String>,
+    /// Posts and final edits the chat refused (the homeserver was down), in order:
+    /// tried again until they pass, so no answer or result is lost to an outage.
+    retries: VecDeque<Retry>,
+    first_redo_delay: Duration,
+    /// Sessions told that agentd is not running, since the connection was lost.
+    told_down: HashSet<String>,
 }
 
 impl<C: Chat> Writer<C> {
@@ -272,6 +365,7 @@ impl<C: Chat> Writer<C> {
         chat: Arc<C>,
         sessions: Arc<Mutex<HashMap<String, Conversation>>>,
         interval: Duration,
+        ask: Ask,
     ) -> Self {
         Writer {
             chat,
@@ -279,6 +373,52 @@ impl<C: Chat> Writer<C> {
             interval,
             tasks: HashMap::new(),
             typing: HashMap::new(),
+            ask,
+            keep: None,
+            kept: BTreeMap::new(),
+            reported: HashSet::new(),
+            reported_order: VecDeque::new(),
+            retries: VecDeque::new(),
+            first_redo_delay: FIRST_REDO_DELAY,
+            told_down: HashSet::new(),
+        }
+    }
+
+    /// Follows the tasks a previous run of the bridge followed (asked about at the
+    /// first connection), and keeps the followed tasks with `keep` from now on.
+    fn following(mut self, tasks: BTreeMap<String, Followed>, keep: Keep) -> Self {
+        for (task_id, followed) in &tasks {
+            let ui = self.tasks.entry(task_id.clone()).or_default();
+            ui.session = Some(followed.session.clone());
+            ui.message = followed.message.clone();
+        }
+        self.kept = tasks;
+        self.keep = Some(keep);
+        self
+    }
+
+    /// Calls `keep` when the followed tasks (or their progress messages) changed.
+    fn keep_followed(&mut self) {
+        let Some(keep) = &self.keep else {
+            return;
+        };
+        let now: BTreeMap<String, Followed> = self
+            .tasks
+            .iter()
+            .filter_map(|(task_id, ui)| {
+                let session = ui.session.clone()?;
+                Some((
+                    task_id.clone(),
+                    Followed {
+                        session,
+                        message: ui.message.clone(),
+                    },
+                ))
+            })
+            .collect();
+        if now != self.kept {
+            keep(now.clone());
+            self.kept = now;
         }
     }
 
@@ -292,10 +432,21 @@ impl<C: Chat> Writer<C> {
                 Ok(Show::Refuse { to, sender }) => {
                     self.post(&to, &text::bridge_refusal(&sender));
                 }
+                // Said once per chat and outage, not for every message.
+                Ok(Show::Waiting { session, to }) => {
+                    if self.told_down.insert(session) {
+                        self.post(&to, &text::bridge_agentd_down());
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                // Nothing more to show (the tests); what waits to be tried again
+                // is still tried.
+                Err(RecvTimeoutError::Disconnected) if self.retries.is_empty() => return,
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
             }
+            self.flush_retries();
             self.flush_due();
+            self.keep_followed();
         }
     }
 
@@ -303,12 +454,94 @@ impl<C: Chat> Writer<C> {
         lock(&self.sessions).get(session).cloned()
     }
 
-    fn post(&self, to: &Conversation, body: &str) -> Option<String> {
-        match self.chat.post(to, body) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                tracing::error!(room = %to, "cannot post in the chat: {e:#}");
-                None
+    /// Posts `body`; when the chat refuses it, it is tried again later (so is
+    /// every post while earlier ones wait, to keep their order).
+    fn post(&mut self, to: &Conversation, body: &str) -> Option<String> {
+        if self.retries.is_empty() {
+            match self.chat.post(to, body) {
+                Ok(id) => return Some(id),
+                Err(e) if !self.chat.may_pass_later(&e) => {
+                    tracing::error!(room = %to, "cannot post in the chat: {e:#}");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(room = %to, "cannot post in the chat, will try again: {e:#}")
+                }
+            }
+        }
+        self.redo(Redo::Post {
+            to: to.clone(),
+            body: body.to_string(),
+        });
+        None
+    }
+
+    /// Edits a message for the last time (a task's end), tried again like a post.
+    fn final_edit(&mut self, to: &Conversation, message: &str, body: &str) {
+        if self.retries.is_empty() {
+            match self.chat.edit(to, message, body) {
+                Ok(()) => return,
+                Err(e) if !self.chat.may_pass_later(&e) => {
+                    tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(room = %to, "cannot edit the progress message, will try again: {e:#}")
+                }
+            }
+        }
+        self.redo(Redo::Edit {
+            to: to.clone(),
+            message: message.to_string(),
+            body: body.to_string(),
+        });
+    }
+
+    fn redo(&mut self, redo: Redo) {
+        let delay = self.first_redo_delay;
+        self.retries.push_back(Retry {
+            redo,
+            due: Instant::now() + delay,
+            delay,
+            attempts: 1,
+        });
+        if self.retries.len() > REDO_KEPT {
+            self.retries.pop_front();
+            tracing::error!("too many chat calls wait to be tried again: the oldest is dropped");
+        }
+    }
+
+    /// Makes the calls that wait, in order, while they pass.
+    fn flush_retries(&mut self) {
+        while let Some(retry) = self.retries.front_mut() {
+            if Instant::now() < retry.due {
+                return;
+            }
+            let result = match &retry.redo {
+                Redo::Post { to, body } => self.chat.post(to, body).map(drop),
+                Redo::Edit { to, message, body } => self.chat.edit(to, message, body),
+            };
+            match result {
+                Ok(()) => {
+                    self.retries.pop_front();
+                }
+                Err(e) if retry.attempts >= REDO_ATTEMPTS || !self.chat.may_pass_later(&e) => {
+                    tracing::error!(
+                        "the chat refused a message {} times; dropped: {e:#}",
+                        retry.attempts
+                    );
+                    self.retries.pop_front();
+                }
+                Err(e) => {
+                    retry.attempts += 1;
+                    retry.delay = (retry.delay * 2).min(MAX_REDO_DELAY);
+                    retry.due = Instant::now() + retry.delay;
+                    tracing::warn!(
+                        "the chat still refuses a message ({e:#}); again in {:?}",
+                        retry.delay
+                    );
+                    return;
+                }
             }
         }
     }
@@ -317,18 +550,101 @@ impl<C: Chat> Writer<C> {
         match note {
             Note::Answer { sent, answer } => self.answer(sent, answer),
             Note::Event(event) => self.event(event),
-            Note::Connected { .. } => {}
+            // The new watches' snapshots show what still runs, but a task that ended
+            // while the connection was down (agentd restarted: `interrupted`, or it
+            // finished) is in none of them: ask how each known task stands.
+            Note::Connected { .. } => {
+                self.told_down.clear();
+                let mut live: Vec<&String> = self.tasks.keys().collect();
+                live.sort();
+                for task_id in live {
+                    (self.ask)(task_id);
+                }
+            }
+            Note::Rewatched { session } => {
+                let mut live: Vec<&String> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, ui)| ui.session.as_deref() == Some(session.as_str()))
+                    .map(|(id, _)| id)
+                    .collect();
+                live.sort();
+                for task_id in live {
+                    (self.ask)(task_id);
+                }
+            }
+            Note::Status { task_id, answer } => self.status(task_id, answer),
+            Note::WatchRefused { session, message } => {
+                tracing::error!(%session, "agentd refused to watch this chat: {message}");
+            }
             // What ran may have ended unseen (agentd restarted): no typing notice
-            // stays up for it. The watches' snapshots, once reconnected, show what
-            // still runs.
+            // stays up for it. The tasks it was up for are kept, to be asked about
+            // once reconnected.
             Note::Lost => {
-                for (session, _) in std::mem::take(&mut self.typing) {
+                for (session, (running, _)) in std::mem::take(&mut self.typing) {
+                    for task_id in running {
+                        let ui = self.tasks.entry(task_id).or_default();
+                        ui.session.get_or_insert_with(|| session.clone());
+                    }
                     if let Some(to) = self.conversation(&session) {
                         let _ = self.chat.typing(&to, false);
                     }
                 }
             }
         }
+    }
+
+    /// How a task the chat knew as live stands after a reconnect or a lagged watch.
+    fn status(&mut self, task_id: String, answer: Result<TaskView, String>) {
+        let Some(session) = self.tasks.get(&task_id).map(|ui| ui.session.clone()) else {
+            // Its end came meanwhile (the watch's `finished`) and was reported.
+            return;
+        };
+        match answer {
+            Ok(view) if view.state.is_terminal() => {
+                let session = session.unwrap_or_else(|| view.session.clone());
+                self.finished(&session, view);
+            }
+            // Still queued or running: the session's new watch follows it.
+            Ok(_) => {}
+            Err(code) if code == "not_found" => {
+                // Another agentd (a new state dir) never heard of the task: its end
+                // will not come, and the room should not wait for it.
+                tracing::info!(%task_id, "agentd does not know the task any more");
+                let ui = self.tasks.remove(&task_id);
+                if let Some(session) = session.as_deref() {
+                    self.typing_off(session, &task_id);
+                }
+                if !self.first_report(&task_id) {
+                    return;
+                }
+                let to = session.as_deref().and_then(|s| self.conversation(s));
+                if let Some(to) = to {
+                    let body = text::bridge_task_unknown(&task_id);
+                    if let Some(message) = ui.and_then(|ui| ui.message) {
+                        self.final_edit(&to, &message, &body);
+                    }
+                    self.post(&to, &body);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%task_id, "cannot ask agentd how the task stands: {e}")
+            }
+        }
+    }
+
+    /// Whether the end of `task_id` is reported for the first time (and notes it).
+    fn first_report(&mut self, task_id: &str) -> bool {
+        if !self.reported.insert(task_id.to_string()) {
+            return false;
+        }
+        self.reported_order.push_back(task_id.to_string());
+        while self.reported_order.len() > REPORTED_KEPT {
+            if let Some(old) = self.reported_order.pop_front() {
+                self.reported.remove(&old);
+            }
+        }
+        true
     }
 
     fn answer(&mut self, sent: Sent, answer: Result<SendReply, String>) {
@@ -392,6 +708,9 @@ impl<C: Chat> Writer<C> {
     fn finished(&mut self, session: &str, view: TaskView) {
         self.typing_off(session, &view.task_id);
         let ui = self.tasks.remove(&view.task_id);
+        if !self.first_report(&view.task_id) {
+            return;
+        }
         let Some(to) = self.conversation(session) else {
             return;
         };
@@ -403,17 +722,19 @@ impl<C: Chat> Writer<C> {
             ..
         }) = ui
         {
+            // A message from before a restart of the bridge shows what it showed
+            // then; the view's latest progress line is at least as new.
+            let latest = view.progress.as_ref().map(|line| format!("\n{line}"));
             let last = pending
                 .as_deref()
+                .or(latest.as_deref())
                 .or(Some(shown.as_str()))
                 .and_then(|t| t.split_once('\n').map(|(_, line)| line.to_string()));
             let body = match last {
                 Some(line) => text::bridge_progress(&view, &line),
                 None => text::task_line(&view),
             };
-            if let Err(e) = self.chat.edit(&to, &message, &body) {
-                tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
-            }
+            self.final_edit(&to, &message, &body);
         }
         if view.state != TaskState::Merged {
             self.post(&to, &text::bridge_finished(&view));
@@ -463,7 +784,8 @@ impl<C: Chat> Writer<C> {
                     .map_or_else(Instant::now, |at| at + self.interval)
             });
         let typing = self.typing.values().map(|(_, at)| *at + TYPING_RENEW);
-        edits.chain(typing).min()
+        let retry = self.retries.front().map(|r| r.due);
+        edits.chain(typing).chain(retry).min()
     }
 
     fn flush_due(&mut self) {
@@ -527,6 +849,22 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         calls: Mutex<Vec<String>>,
+        /// How many of the next posts and edits fail (the homeserver is down).
+        failing: Mutex<u32>,
+        /// Posts of texts containing this fail for good (removed from the room).
+        refused: Option<&'static str>,
+    }
+
+    impl Recorder {
+        fn fails(&self, what: String) -> bool {
+            let mut failing = lock(&self.failing);
+            if *failing == 0 {
+                return false;
+            }
+            *failing -= 1;
+            lock(&self.calls).push(format!("fail {what}"));
+            true
+        }
     }
 
     impl Chat for Recorder {
@@ -537,17 +875,30 @@ mod tests {
             unreachable!("the writer never polls")
         }
         fn post(&self, _: &Conversation, text: &str) -> anyhow::Result<String> {
+            if self.refused.is_some_and(|r| text.contains(r)) {
+                lock(&self.calls).push(format!("refused post {text}"));
+                anyhow::bail!("forbidden");
+            }
+            if self.fails(format!("post {text}")) {
+                anyhow::bail!("the homeserver is down");
+            }
             let mut calls = lock(&self.calls);
             calls.push(format!("post {text}"));
             Ok(format!("m{}", calls.len()))
         }
         fn edit(&self, _: &Conversation, id: &str, text: &str) -> anyhow::Result<()> {
+            if self.fails(format!("edit {id} {text}")) {
+                anyhow::bail!("the homeserver is down");
+            }
             lock(&self.calls).push(format!("edit {id} {text}"));
             Ok(())
         }
         fn typing(&self, _: &Conversation, on: bool) -> anyhow::Result<()> {
             lock(&self.calls).push(format!("typing {on}"));
             Ok(())
+        }
+        fn may_pass_later(&self, error: &anyhow::Error) -> bool {
+            error.to_string() != "forbidden"
         }
     }
 
@@ -568,6 +919,16 @@ mod tests {
 
     /// Run the writer over `shows` until they are all handled; what it did.
     fn run_writer(interval: Duration, shows: Vec<Show>) -> Vec<String> {
+        run_writer_asking(interval, shows).0
+    }
+
+    /// Like [`run_writer`]; also the tasks it asked agentd about, in order.
+    fn run_writer_asking(interval: Duration, shows: Vec<Show>) -> (Vec<String>, Vec<String>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let ask: Ask = {
+            let asked = asked.clone();
+            Box::new(move |task_id: &str| lock(&asked).push(task_id.to_string()))
+        };
         let chat = Arc::new(Recorder::default());
         let sessions = Arc::new(Mutex::new(HashMap::from([(
             "test:r".to_string(),
@@ -578,9 +939,167 @@ mod tests {
             tx.send(show).unwrap();
         }
         drop(tx);
-        Writer::new(chat.clone(), sessions, interval).run(rx);
+        Writer::new(chat.clone(), sessions, interval, ask).run(rx);
         let calls = lock(&chat.calls).clone();
-        calls
+        let asked = lock(&asked).clone();
+        (calls, asked)
+    }
+
+    fn started_answer() -> Show {
+        let reply: SendReply = serde_json::from_value(json!({
+            "reply": "task T  started", "accepted": true, "task": view("starting", None)
+        }))
+        .unwrap();
+        let sent = Sent {
+            session: "test:r".into(),
+            message_id: "$e".into(),
+            text: "work".into(),
+            resent: false,
+        };
+        Show::Note(Box::new(Note::Answer {
+            sent,
+            answer: Ok(reply),
+        }))
+    }
+
+    fn crashed() -> Value {
+        let mut crashed = view("interrupted", None);
+        crashed["exit"] = json!({"reason": "daemon crashed"});
+        crashed
+    }
+
+    fn status(answer: Result<Value, &str>) -> Show {
+        Show::Note(Box::new(Note::Status {
+            task_id: "T".into(),
+            answer: answer
+                .map(|v| serde_json::from_value(v).unwrap())
+                .map_err(str::to_string),
+        }))
+    }
+
+    fn note(note: Note) -> Show {
+        Show::Note(Box::new(note))
+    }
+
+    /// agentd died under a running task and came back: the task is `interrupted`
+    /// (no `finished` was ever written for it). Once reconnected the writer asks
+    /// how it stands and reports the end once, also when the watch's `finished`
+    /// comes after the `status` answer (a task that ended just after the reconnect).
+    #[test]
+    fn a_task_that_ended_while_agentd_was_down_is_reported_once_after_the_reconnect() {
+        let connected = || {
+            note(Note::Connected {
+                server: "agentd".into(),
+            })
+        };
+        let shows = vec![
+            started_answer(),
+            event("started", None, view("running", None)),
+            event("progress", Some("step 1"), view("running", None)),
+            note(Note::Lost),
+            connected(),
+            status(Ok(crashed())),
+            event("finished", None, crashed()),
+            // A later reconnect asks about nothing: the task is known to have ended.
+            note(Note::Lost),
+            connected(),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "edit m1 task T  running\nstep 1",
+                "typing false",
+                "edit m1 task T  interrupted (daemon crashed)\nstep 1",
+                "post task T  interrupted (daemon crashed)",
+            ]
+        );
+    }
+
+    /// A task still live after the reconnect is followed on (its events keep coming
+    /// through the new watch); one the new agentd never heard of is forgotten; a
+    /// `finished` that comes before the `status` answer is the one reported.
+    #[test]
+    fn after_a_reconnect_live_tasks_are_followed_and_each_end_is_posted_once() {
+        let connected = || {
+            note(Note::Connected {
+                server: "agentd".into(),
+            })
+        };
+        // Still running, then it ends: reported by its event.
+        let shows = vec![
+            started_answer(),
+            note(Note::Lost),
+            connected(),
+            status(Ok(view("running", None))),
+            event("progress", Some("later"), view("running", None)),
+            event("finished", None, view("succeeded", Some("done"))),
+            status(Ok(view("succeeded", Some("done")))),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "typing false",
+                "typing true",
+                "edit m1 task T  running\nlater",
+                "typing false",
+                "edit m1 task T  succeeded\nlater",
+                "post task T  succeeded\ndone",
+            ]
+        );
+        // Unknown to the new agentd (another state dir): the room is told that its
+        // end will not come, once; it is not asked about again.
+        let shows = vec![
+            started_answer(),
+            note(Note::Lost),
+            connected(),
+            status(Err("not_found")),
+            note(Note::Lost),
+            connected(),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        let unknown = text::bridge_task_unknown("T");
+        assert_eq!(
+            calls,
+            [
+                "post task T  started".to_string(),
+                "typing true".to_string(),
+                "typing false".to_string(),
+                format!("edit m1 {unknown}"),
+                format!("post {unknown}"),
+            ]
+        );
+        // A lagged watch asks about the live tasks of its session only.
+        let shows = vec![
+            started_answer(),
+            note(Note::Rewatched {
+                session: "test:other".into(),
+            }),
+            note(Note::Rewatched {
+                session: "test:r".into(),
+            }),
+            status(Ok(view("failed", Some("boom")))),
+        ];
+        let (calls, asked) = run_writer_asking(Duration::from_secs(60), shows);
+        assert_eq!(asked, ["T"]);
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "typing true",
+                "typing false",
+                "edit m1 task T  failed  work",
+                "post task T  failed\nboom",
+            ]
+        );
     }
 
     #[test]
@@ -642,6 +1161,176 @@ mod tests {
         assert_eq!(
             run_writer(Duration::from_secs(1), vec![answer(true)]),
             ["post task T  already received"]
+        );
+    }
+
+    /// The bridge itself restarted while a task ran, and the task ended before it
+    /// was back: the state file named the task and its progress message, so the
+    /// end is reported in that message and posted. What it follows is kept in the
+    /// state file as it changes.
+    #[test]
+    fn tasks_followed_before_a_restart_of_the_bridge_are_reported_when_they_ended() {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep: Keep = {
+            let kept = kept.clone();
+            Box::new(move |tasks| lock(&kept).push(tasks))
+        };
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let ask: Ask = {
+            let asked = asked.clone();
+            Box::new(move |task_id: &str| lock(&asked).push(task_id.to_string()))
+        };
+        let chat = Arc::new(Recorder::default());
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let before = BTreeMap::from([(
+            "T".to_string(),
+            Followed {
+                session: "test:r".into(),
+                message: Some("m0".into()),
+            },
+        )]);
+        let mut done = view("succeeded", Some("all done"));
+        done["progress"] = json!("step 9");
+        let (tx, rx) = mpsc::channel();
+        tx.send(note(Note::Connected {
+            server: "agentd".into(),
+        }))
+        .unwrap();
+        tx.send(status(Ok(done))).unwrap();
+        drop(tx);
+        Writer::new(chat.clone(), sessions.clone(), Duration::from_secs(60), ask)
+            .following(before, keep)
+            .run(rx);
+        assert_eq!(*lock(&asked), ["T"]);
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "edit m0 task T  succeeded\nstep 9",
+                "post task T  succeeded\nall done",
+            ]
+        );
+        assert_eq!(*lock(&kept), [BTreeMap::new()], "T is no longer followed");
+
+        // A task the chat is told about is kept with its progress message.
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep: Keep = {
+            let kept = kept.clone();
+            Box::new(move |tasks| lock(&kept).push(tasks))
+        };
+        let (tx, rx) = mpsc::channel();
+        tx.send(started_answer()).unwrap();
+        drop(tx);
+        Writer::new(
+            Arc::new(Recorder::default()),
+            sessions,
+            Duration::from_secs(60),
+            Box::new(|_: &str| {}),
+        )
+        .following(BTreeMap::new(), keep)
+        .run(rx);
+        let followed = Followed {
+            session: "test:r".into(),
+            message: Some("m1".into()),
+        };
+        assert_eq!(
+            *lock(&kept),
+            [BTreeMap::from([("T".to_string(), followed)])]
+        );
+    }
+
+    /// The homeserver is down when a task's answer and its result are posted: both
+    /// are posted once it is back, in order, instead of being lost.
+    #[test]
+    fn posts_the_chat_refused_are_made_again_in_order_until_they_pass() {
+        let chat = Arc::new(Recorder::default());
+        *lock(&chat.failing) = 3;
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let (tx, rx) = mpsc::channel();
+        tx.send(started_answer()).unwrap();
+        tx.send(event("finished", None, view("succeeded", Some("all done"))))
+            .unwrap();
+        drop(tx);
+        let mut writer = Writer::new(
+            chat.clone(),
+            sessions,
+            Duration::from_secs(60),
+            Box::new(|_: &str| {}),
+        );
+        writer.first_redo_delay = Duration::from_millis(10);
+        writer.run(rx);
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "fail post task T  started",
+                "typing true",
+                "typing false",
+                "fail post task T  started",
+                "fail post task T  started",
+                "post task T  started",
+                "post task T  succeeded\nall done",
+            ]
+        );
+
+        // What the chat refuses for good is not tried again, and holds nothing up.
+        let chat = Arc::new(Recorder {
+            refused: Some("started"),
+            ..Recorder::default()
+        });
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let (tx, rx) = mpsc::channel();
+        tx.send(started_answer()).unwrap();
+        tx.send(event("finished", None, view("succeeded", Some("all done"))))
+            .unwrap();
+        drop(tx);
+        let mut writer = Writer::new(
+            chat.clone(),
+            sessions,
+            Duration::from_secs(60),
+            Box::new(|_: &str| {}),
+        );
+        writer.first_redo_delay = Duration::from_millis(10);
+        writer.run(rx);
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "refused post task T  started",
+                "typing true",
+                "typing false",
+                "post task T  succeeded\nall done",
+            ]
+        );
+    }
+
+    /// Messages that come while agentd is not connected wait; the chat is told so
+    /// once per outage, not once per message, and again in a later outage.
+    #[test]
+    fn a_chat_is_told_once_per_outage_that_agentd_is_not_running() {
+        let waiting = || Show::Waiting {
+            session: "test:r".into(),
+            to: Conversation::room("r"),
+        };
+        let shows = vec![
+            waiting(),
+            waiting(),
+            note(Note::Connected {
+                server: "agentd".into(),
+            }),
+            note(Note::Lost),
+            waiting(),
+        ];
+        let down = format!("post {}", text::bridge_agentd_down());
+        assert_eq!(
+            run_writer(Duration::from_secs(1), shows),
+            [down.clone(), down]
         );
     }
 

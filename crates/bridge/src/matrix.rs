@@ -447,6 +447,15 @@ impl Matrix {
 }
 
 /// The homeserver no longer takes the bridge's access token (logged out).
+/// Whether a failed post or edit may pass if made again: not when the homeserver
+/// said no for good (a 4xx other than 429: the bridge left the room, the event is
+/// too large).
+fn may_pass_later(error: &anyhow::Error) -> bool {
+    !error
+        .downcast_ref::<HttpError>()
+        .is_some_and(HttpError::is_permanent)
+}
+
 fn revoked(error: &anyhow::Error) -> bool {
     match error.downcast_ref::<HttpError>() {
         Some(HttpError::Status {
@@ -609,6 +618,10 @@ impl Chat for Matrix {
     fn is_fatal(&self, error: &anyhow::Error) -> bool {
         revoked(error)
     }
+
+    fn may_pass_later(&self, error: &anyhow::Error) -> bool {
+        may_pass_later(error)
+    }
 }
 
 #[cfg(test)]
@@ -648,6 +661,14 @@ mod tests {
             "refused".into()
         ))));
         assert!(!revoked(&anyhow::anyhow!("no next_batch")));
+        // A post or edit is made again after an outage or a rate limit, not after
+        // a refusal.
+        assert!(!may_pass_later(&status(403, "M_FORBIDDEN")));
+        assert!(may_pass_later(&status(429, "M_LIMIT_EXCEEDED")));
+        assert!(may_pass_later(&status(502, "?")));
+        assert!(may_pass_later(&anyhow::Error::from(HttpError::Transport(
+            "refused".into()
+        ))));
     }
 
     #[test]

@@ -368,14 +368,14 @@ impl EventPrinter {
                 } else {
                     seen.push(String::from("\0"));
                 }
-                0
+                0..0
             }
             (EventKind::Finished, _) => {
                 let seen = self.progress.remove(&event.task_id).unwrap_or_default();
                 let result = event.task.as_ref().and_then(|t| t.result.as_deref());
-                result.map_or(0, |r| render::shown_prefix(&seen, r))
+                result.map_or(0..0, |r| render::shown_lines(&seen, r))
             }
-            _ => 0,
+            _ => 0..0,
         };
         lines.push(render::render_event(
             event,
@@ -665,7 +665,7 @@ impl Ctx<'_> {
             let shown = view
                 .result
                 .as_deref()
-                .map_or(0, |r| render::shown_prefix(&progress, r));
+                .map_or(0..0, |r| render::shown_lines(&progress, r));
             render::render_wait_end(&view, shown)
         };
         writeln!(out, "{text}").map_err(RunError::Output)?;

@@ -11,6 +11,7 @@
 //! [`plain`]). Times are shown in a given time zone (the local one in agentctl), and
 //! tables show short unique prefixes of task ids unless asked for full ones.
 
+use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -134,9 +135,9 @@ pub fn render_progress(progress: &str) -> String {
 
 /// The end of `send --wait`: `task <id>  <outcome>` (see [`text::outcome`]) and how
 /// long it took (`(waited 2s, ran 1.20 s)`, from agentd's timestamps), then the
-/// result, if any, on the following lines, less its first `shown` lines (already
-/// printed as progress, see [`shown_prefix`]).
-pub fn render_wait_end(task: &TaskView, shown: usize) -> String {
+/// result, if any, on the following lines, less its lines `shown` (already printed
+/// as progress, see [`shown_lines`]).
+pub fn render_wait_end(task: &TaskView, shown: Range<usize>) -> String {
     let mut out = format!(
         "task {}  {}",
         clean_line(&task.task_id),
@@ -146,21 +147,60 @@ pub fn render_wait_end(task: &TaskView, shown: usize) -> String {
         out.push_str(&format!(" ({took})"));
     }
     let result = task.result.as_deref().map(clean_block).unwrap_or_default();
-    for line in result.lines().skip(shown) {
+    for (_, line) in result
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| !shown.contains(i))
+    {
         out.push('\n');
         out.push_str(line);
     }
     out
 }
 
-/// How many leading lines of `result` are exactly the progress lines already shown
-/// (`shown`, in order), so that output printed as progress is not printed again.
-pub fn shown_prefix(shown: &[String], result: &str) -> usize {
-    clean_block(result)
-        .lines()
-        .zip(shown)
-        .take_while(|(line, progress)| clean_line(line) == clean_line(progress))
-        .count()
+/// Which lines of `result` are the progress lines already shown (`shown`, in order;
+/// `"\0"` marks a gap, where lines were skipped), so that output printed as progress
+/// is not printed again.
+///
+/// The shown lines are one run of the output, and the result (agent-exec: the tail
+/// of the output) holds it from its start when the client saw the task from its
+/// start; from further on when it followed the task from the middle (a message
+/// steered or merged into a running task); or only its end when the output was
+/// longer than the result keeps. The longest such overlap wins; the run ends at the
+/// end of either text or at a gap.
+pub fn shown_lines(shown: &[String], result: &str) -> Range<usize> {
+    let cleaned = clean_block(result);
+    let lines: Vec<String> = cleaned.lines().map(clean_line).collect();
+    let progress: Vec<Option<String>> = shown
+        .iter()
+        .map(|p| (p != "\0").then(|| clean_line(p)))
+        .collect();
+    // The length of the common run of lines[at..] and progress[from..], if it is a
+    // whole overlap: it reaches the end of either, or a gap.
+    let overlap = |at: usize, from: usize| -> Option<usize> {
+        let n = lines[at..]
+            .iter()
+            .zip(&progress[from..])
+            .take_while(|(line, p)| p.as_deref() == Some(line.as_str()))
+            .count();
+        let whole =
+            at + n == lines.len() || from + n == progress.len() || progress[from + n].is_none();
+        (n > 0 && whole).then_some(n)
+    };
+    let mut best = 0..0;
+    // The shown lines from their first, somewhere in the result.
+    for at in 0..lines.len() {
+        if let Some(n) = overlap(at, 0).filter(|n| *n > best.len()) {
+            best = at..at + n;
+        }
+    }
+    // The result starts inside the shown lines (its start was cut off).
+    for from in 1..progress.len() {
+        if let Some(n) = overlap(0, from).filter(|n| *n > best.len()) {
+            best = 0..n;
+        }
+    }
+    best
 }
 
 /// Answer to `queue`: `session <S>: mode collect, debounce 1s, cap 20, drop
@@ -188,8 +228,13 @@ pub fn render_queue(settings: &QueueSettingsView) -> String {
 /// ```
 ///
 /// and a `finished` event's result follows on the next lines, indented under `task`,
-/// less its first `shown` lines (already printed as progress, see [`shown_prefix`]).
-pub fn render_event(event: &EventView, at: SystemTime, tz: &TimeZone, shown: usize) -> String {
+/// less its lines `shown` (already printed as progress, see [`shown_lines`]).
+pub fn render_event(
+    event: &EventView,
+    at: SystemTime,
+    tz: &TimeZone,
+    shown: Range<usize>,
+) -> String {
     let task = event.task.as_ref();
     let text = event.text.as_deref().map(clean_line);
     let with_text = |what: &str| match &text {
@@ -255,7 +300,11 @@ pub fn render_event(event: &EventView, at: SystemTime, tz: &TimeZone, shown: usi
             .and_then(|t| t.result.as_deref())
             .map(clean_block)
             .unwrap_or_default();
-        for line in result.lines().skip(shown) {
+        for (_, line) in result
+            .lines()
+            .enumerate()
+            .filter(|(i, _)| !shown.contains(i))
+        {
             out.push('\n');
             out.push_str(format!("{EVENT_INDENT}{line}").trim_end());
         }
@@ -931,7 +980,7 @@ mod tests {
         assert_eq!(render_progress("step 2/3\r\n"), "  step 2/3");
         assert_eq!(render_merged_into(ID1), format!("  merged into task {ID1}"));
         assert_eq!(
-            plain(&render_wait_end(&killed(), 0)),
+            plain(&render_wait_end(&killed(), 0..0)),
             format!(
                 "task {ID3}  cancelled (ended by SIGKILL after 2.01 s) (waited 1s, ran 2m 3s)\n\
                  partial: 2 of 3 files\nupdated"
@@ -942,7 +991,7 @@ mod tests {
             ..task(ID1, "a", TaskState::Succeeded, "x")
         };
         assert_eq!(
-            plain(&render_wait_end(&done, 0)),
+            plain(&render_wait_end(&done, 0..0)),
             format!("task {ID1}  succeeded")
         );
     }
@@ -1080,7 +1129,7 @@ mod tests {
         ];
         for (event, what) in cases {
             assert_eq!(
-                plain(&render_event(&event, at, &TimeZone::UTC, 0)),
+                plain(&render_event(&event, at, &TimeZone::UTC, 0..0)),
                 format!("10:05:07  task {ID1}  {what}"),
                 "{event:?}"
             );
@@ -1090,7 +1139,7 @@ mod tests {
             ..event(EventKind::Finished)
         };
         assert_eq!(
-            plain(&render_event(&done, at, &TimeZone::UTC, 0)),
+            plain(&render_event(&done, at, &TimeZone::UTC, 0..0)),
             format!(
                 "10:05:07  task {ID1}  finished: cancelled (ended by SIGKILL after 2.01 s) (ran 2m 3s)\n          \
                  partial: 2 of 3 files\n          \
@@ -1437,7 +1486,7 @@ mod tests {
             ..task(ID1, "a", TaskState::Succeeded, "x")
         };
         assert_eq!(
-            render_wait_end(&done, 0),
+            render_wait_end(&done, 0..0),
             format!("task {ID1}  {green}succeeded{green:#}\nok")
         );
         // Agent output cannot smuggle its own escapes in: they are replaced first.
@@ -1445,7 +1494,7 @@ mod tests {
             result: Some("\x1b[2J".into()),
             ..done
         };
-        assert!(plain(&render_wait_end(&evil, 0)).ends_with("\n\u{FFFD}[2J"));
+        assert!(plain(&render_wait_end(&evil, 0..0)).ends_with("\n\u{FFFD}[2J"));
     }
 
     #[test]
@@ -1474,35 +1523,52 @@ mod tests {
             task: None,
             at: None,
         };
-        assert!(plain(&render_event(&event, at, &kathmandu, 0)).starts_with("05:44:59  task"));
+        assert!(plain(&render_event(&event, at, &kathmandu, 0..0)).starts_with("05:44:59  task"));
     }
 
     #[test]
     fn output_shown_as_progress_is_not_printed_again() {
         let shown = |lines: &[&str]| lines.iter().map(|l| l.to_string()).collect::<Vec<_>>();
-        assert_eq!(shown_prefix(&shown(&["one", "two"]), "one\ntwo\n"), 2);
-        assert_eq!(shown_prefix(&shown(&["one"]), "one\ntwo"), 1);
-        assert_eq!(shown_prefix(&shown(&["thinking…"]), "the answer"), 0);
+        assert_eq!(shown_lines(&shown(&["one", "two"]), "one\ntwo\n"), 0..2);
+        assert_eq!(shown_lines(&shown(&["one"]), "one\ntwo"), 0..1);
+        assert_eq!(shown_lines(&shown(&["thinking…"]), "the answer"), 0..0);
         assert_eq!(
-            shown_prefix(&shown(&["one", "\0", "nine"]), "one\ntwo\nnine"),
-            1
+            shown_lines(&shown(&["one", "\0", "nine"]), "one\ntwo\nnine"),
+            0..1
         );
         assert_eq!(
-            shown_prefix(&shown(&["one", "two", "three"]), "one\ntwo"),
-            2
+            shown_lines(&shown(&["one", "two", "three"]), "one\ntwo"),
+            0..2
         );
-        assert_eq!(shown_prefix(&[], "one"), 0);
+        assert_eq!(shown_lines(&[], "one"), 0..0);
+        // Followed from the middle (a steered or merged message): the output's start
+        // was not shown.
+        assert_eq!(
+            shown_lines(&shown(&["got yes", "done"]), "building\ngot yes\ndone"),
+            1..3
+        );
+        // A result that keeps only the output's tail.
+        assert_eq!(
+            shown_lines(&shown(&["1", "2", "3", "4"]), "3\n4\nthe end"),
+            0..2
+        );
+        // A line that only happens to be equal is no overlap.
+        assert_eq!(shown_lines(&shown(&["b", "x"]), "a\nb\nc"), 0..0);
         let done = TaskView {
             result: Some("one\ntwo\nthree".into()),
             ..task(ID1, "a", TaskState::Succeeded, "x")
         };
         assert_eq!(
-            plain(&render_wait_end(&done, 2)),
+            plain(&render_wait_end(&done, 0..2)),
             format!("task {ID1}  succeeded\nthree")
         );
         assert_eq!(
-            plain(&render_wait_end(&done, 3)),
+            plain(&render_wait_end(&done, 0..3)),
             format!("task {ID1}  succeeded")
+        );
+        assert_eq!(
+            plain(&render_wait_end(&done, 1..3)),
+            format!("task {ID1}  succeeded\none")
         );
         let event = EventView {
             kind: EventKind::Finished,
@@ -1516,7 +1582,7 @@ mod tests {
         };
         let at = now();
         assert_eq!(
-            plain(&render_event(&event, at, &TimeZone::UTC, 2)),
+            plain(&render_event(&event, at, &TimeZone::UTC, 0..2)),
             format!("10:05:00  task {ID1}  finished: succeeded\n          three")
         );
     }

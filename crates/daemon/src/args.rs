@@ -100,9 +100,10 @@ pub struct Args {
     pub log_format: Option<crate::config::LogFormat>,
     /// TOML config file with the same keys as the flags (flags win); see
     /// examples/config.toml. SIGHUP re-reads it: max-connections and request-timeout
-    /// take effect at once, the rest at restart
+    /// take effect at once, the rest at restart. Without this flag, $AGENTD_CONFIG
+    /// names it (agentd-matrix reads the same variable)
     /// [default: $XDG_CONFIG_HOME/agentd/config.toml if it exists]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "AGENTD_CONFIG")]
     pub config: Option<PathBuf>,
 }
 

@@ -262,7 +262,8 @@ pub fn config_path_from(
         .map(|home| home.join(".config").join("agentd").join("config.toml"))
 }
 
-/// The config file agentd reads: `--config FILE` if given (it must exist), else the
+/// The config file agentd reads: `--config FILE` (or `$AGENTD_CONFIG`, which clap
+/// puts in the flag) if given (it must exist), else the
 /// default file if it exists (a missing default file means defaults).
 pub fn config_file(flag: Option<&Path>) -> Option<PathBuf> {
     match flag {

@@ -567,6 +567,22 @@ pub fn bridge_progress(view: &TaskView, line: &str) -> String {
     format!("task {}  {}\n{line}", view.task_id, outcome(view))
 }
 
+/// What a bridge shows for a task it followed that agentd no longer knows (it
+/// restarted on another state dir, or pruned the task while the bridge was away).
+pub fn bridge_task_unknown(task_id: &str) -> String {
+    format!(
+        "task {task_id}  unknown to agentd now (it restarted without it, or forgot it): \
+         how it ended cannot be shown"
+    )
+}
+
+/// What a bridge says when a message comes while agentd is not running.
+pub fn bridge_agentd_down() -> String {
+    "agentd is not running right now: your message waits, and is handed to it as soon \
+     as it is back"
+        .to_string()
+}
+
 /// What a bridge posts when a task ends: how it ended, then its result.
 pub fn bridge_finished(view: &TaskView) -> String {
     match &view.result {
