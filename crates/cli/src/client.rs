@@ -930,11 +930,17 @@ mod tests {
                     task: Some(view("t-2", TaskState::Succeeded)),
                     ..event(EventKind::Finished, "t-2", None)
                 },
-                event(EventKind::Progress, "t-2", Some("never read")),
             ];
             for e in events {
                 answer(&mut writer, &Response::event(watch, e));
             }
+            // An event past the end, which the stream must not yield. The client may
+            // be gone by now (it stops at `finished`), so this write may fail.
+            let past: Response =
+                Response::event(watch, event(EventKind::Progress, "t-2", Some("never read")));
+            let mut line = serde_json::to_string(&past).unwrap();
+            line.push('\n');
+            let _ = writer.write_all(line.as_bytes());
             // Keep the connection open until the client is done.
             let mut rest = Vec::new();
             let _ = reader.read_to_end(&mut rest);
