@@ -377,6 +377,7 @@ async fn serve(
                 }
                 write_outbox.progressed();
             }
+            agentd_store::timeline::mark(agentd_store::timeline::Stage::Wrote, 0);
             write_outbox.wrote();
         }
         // The client is gone (or everything was said): watches on it end.
@@ -428,7 +429,9 @@ async fn read_requests(
         }
         let timeout = limits.request_timeout();
         match read_line_limited(&mut reader, &mut buf, MAX_REQUEST_BYTES, timeout).await {
-            Ok(LineRead::Line) => {}
+            Ok(LineRead::Line) => {
+                agentd_store::timeline::mark(agentd_store::timeline::Stage::Read, 0);
+            }
             Ok(LineRead::Eof) | Err(_) => return Ending::Eof,
             Ok(LineRead::TooLong) => {
                 outbox.push(&Response::<Answer>::err(

@@ -144,6 +144,7 @@ impl Relay {
         tokio::spawn(async move {
             // Each wake-up takes every answer queued meanwhile.
             while let Some(relayed) = rx.recv().await {
+                agentd_store::timeline::mark(agentd_store::timeline::Stage::Relayed, 0);
                 relayed.deliver();
             }
         });

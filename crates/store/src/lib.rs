@@ -26,6 +26,7 @@ mod record;
 mod schema;
 mod store;
 mod sync;
+pub mod timeline;
 mod walbuf;
 
 #[cfg(test)]

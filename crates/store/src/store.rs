@@ -112,6 +112,7 @@ use crate::pid::ProcessIdentity;
 use crate::record::{Exit, PreviousRun, Recovery, SessionSettings, State, TaskRecord};
 use crate::schema;
 use crate::sync::{Committed, SyncQueue};
+use crate::timeline::{self, Stage};
 use crate::walbuf;
 
 /// Name of the store file in the state dir.
@@ -597,6 +598,7 @@ impl Store {
     /// `options.interrupted_reason`. Refuses a corrupt or unreadable file, or one
     /// from a newer agentd, with an error naming it.
     pub fn open(state_dir: &Path, options: StoreOptions) -> Result<(Store, Recovery), StoreError> {
+        timeline::init();
         let path = state_dir.join(DB_FILE);
         let mut conn = open_checked(&path, &options)?;
         let now = now_ms();
@@ -689,6 +691,7 @@ impl Store {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        timeline::dump();
     }
 }
 
@@ -1070,12 +1073,16 @@ impl Writer {
                 }
             };
             match rx.recv_timeout(wait) {
-                Ok(msg) => take(msg, &mut batch, &mut closing),
+                Ok(msg) => {
+                    take(msg, &mut batch, &mut closing);
+                    timeline::mark(Stage::WriterWoke, batch.len() as u32);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,
             }
             if !batch.is_empty() {
                 self.shared.sync.wait_for_sync();
+                timeline::mark(Stage::SyncWaited, 0);
             }
             while batch.len() < MAX_BATCH && !closing {
                 match rx.try_recv() {
@@ -1154,7 +1161,10 @@ impl Writer {
         let first = match self.repaired() {
             Ok(()) => {
                 self.shared.sync.committing();
-                self.attempt(&batch)
+                timeline::mark(Stage::CommitStart, batch.len() as u32);
+                let attempt = self.attempt(&batch);
+                timeline::mark(Stage::CommitEnd, batch.len() as u32);
+                attempt
             }
             Err(e) => Err(Failed(e)),
         };

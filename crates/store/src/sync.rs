@@ -22,6 +22,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::{StorageKind, StoreError};
 use crate::store::{complete, defer_wakes, Msg, Request, Shared};
+use crate::timeline::{self, Stage};
 use crate::Outcome;
 
 /// One committed transaction: its ops and their outcomes, in order.
@@ -178,6 +179,8 @@ impl SyncQueue {
             // the sync below, which starts after this, covers all of them.
             let taken: Vec<Committed> = state.queued.drain(..).collect();
             state.in_flight = true;
+            let ops: usize = taken.iter().map(|c| c.requests.len()).sum();
+            timeline::mark(Stage::SyncTaken, ops as u32);
             let durable = taken.iter().any(|c| c.durable);
             #[cfg(test)]
             if durable {
@@ -196,10 +199,12 @@ impl SyncQueue {
             };
             drop(state);
             let synced = if durable {
+                timeline::mark(Stage::SyncStart, 0);
                 let result = match injected {
                     Some(e) => Err(e),
                     None => wal.sync_data(),
                 };
+                timeline::mark(Stage::SyncEnd, 0);
                 if result.is_ok() {
                     shared.syncs.fetch_add(1, Ordering::Relaxed);
                 }
@@ -215,6 +220,7 @@ impl SyncQueue {
                             committed.release();
                         }
                     });
+                    timeline::mark(Stage::Released, ops as u32);
                     queue.lock().in_flight = false;
                     queue.taken.notify_one();
                 }

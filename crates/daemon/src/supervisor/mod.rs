@@ -161,6 +161,7 @@ pub async fn run(
         tokio::select! {
             biased;
             Some(mut request) = requests.recv() => {
+                agentd_store::timeline::mark(agentd_store::timeline::Stage::Loop, 0);
                 handed = request.handed.take();
                 touched = Touched::by(&request.body);
                 sup.on_request(request);

@@ -83,6 +83,7 @@ impl StepWrites {
             return;
         }
         let held = std::mem::take(&mut *self.held.borrow_mut());
+        agentd_store::timeline::mark(agentd_store::timeline::Stage::Hand, held.len() as u32);
         self.writer.submit_batch(held);
     }
 }
