@@ -126,6 +126,40 @@ fn a_stop_ends_detached_descendants_on_both_paths() {
     }
 }
 
+/// A tool that is slow to die: killed, a process holding much memory spends a while
+/// freeing it, and meanwhile it is no zombie, has closed none of its files, and has no
+/// environment to read (so no `AGENTD_TASK_ID` shows). Detached (`setsid`, and
+/// reparented to agentd once its shell died), nothing but that variable ties it to
+/// its task on the process-tree path. The stop still ends only once it is gone.
+#[test]
+fn a_stop_waits_for_a_detached_process_that_is_slow_to_die() {
+    for no_cgroup in [false, true] {
+        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let cgroup = d.uses_cgroups();
+        let pids = d.dir.path().join("pids");
+        // 1 GiB written to: freeing it takes the kernel a good part of a second.
+        let script = format!(
+            "setsid {TEST_AGENT} --hold-memory 1024 {} >/dev/null 2>&1 & echo up; sleep 300",
+            pids.display()
+        );
+        let task = d.submit("alice", &script);
+        d.wait_progress(&task, "up");
+        let held = wait_identities(&pids, 1, DEADLINE);
+        d.request(json!({"cmd": "stop", "task_id": task}));
+        d.wait_state(&task, "cancelled");
+        let left = running(&held);
+        assert!(
+            left.is_empty(),
+            "survivors {left:?} (cgroup: {cgroup})\n{}",
+            d.log()
+        );
+    }
+}
+
 // ----- parent death -----
 
 /// agentd killed with SIGKILL while a task tree runs: with a cgroup, the guardian

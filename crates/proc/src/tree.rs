@@ -41,7 +41,7 @@ pub struct TaskTree {
 pub(crate) struct Stat {
     ppid: u32,
     pgid: u32,
-    zombie: bool,
+    pub(crate) zombie: bool,
     /// Clock ticks after boot: with the pid, names one process for good.
     pub(crate) start: u64,
 }
