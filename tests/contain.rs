@@ -113,11 +113,14 @@ fn a_stop_ends_detached_descendants_on_both_paths() {
         script.push_str("echo up; sleep 300");
         let task = d.submit("alice", &script);
         d.wait_progress(&task, "up");
-        let spawned = wait_pids(&pids, n);
+        // By pid and start time: a pid reused by another test's process after the
+        // stop is no survivor.
+        let spawned = wait_identities(&pids, n, DEADLINE);
         d.request(json!({"cmd": "stop", "task_id": task}));
         d.wait_state(&task, "cancelled");
-        // Gone by the time the task ended: the slot frees only once the tree is empty.
-        let left: Vec<u32> = spawned.iter().copied().filter(|p| alive(*p)).collect();
+        // Gone by the time the task ended (a zombie is gone): the slot frees only
+        // once the tree is empty.
+        let left = running(&spawned);
         assert!(
             left.is_empty(),
             "survivors {left:?} (cgroup: {cgroup})\n{}",
@@ -452,7 +455,7 @@ fn stopping_a_300_process_tree_does_not_delay_status() {
             ),
         );
         d.wait_progress(&task, "up");
-        let tree = wait_pids(&pids, 300);
+        let tree = wait_identities(&pids, 300, DEADLINE);
         d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
         let mut worst = Duration::ZERO;
         while d.task(&task)["state"] == "stopping" {
@@ -471,8 +474,8 @@ fn stopping_a_300_process_tree_does_not_delay_status() {
             worst < Duration::from_secs(3),
             "status took {worst:?}: {view}"
         );
-        let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
-        assert!(left.is_empty(), "{} survivors", left.len());
+        let left = running(&tree);
+        assert!(left.is_empty(), "{} survivors: {left:?}", left.len());
     }
 }
 
