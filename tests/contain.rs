@@ -163,6 +163,39 @@ fn a_stop_waits_for_a_detached_process_that_is_slow_to_die() {
     }
 }
 
+/// The same when the task ends by itself and agent-exec kills what its command left
+/// in its process group: that leftover, reparented to agentd when its shell exited,
+/// was never seen by a tree search while it could be read, and it is still dying
+/// when agent-exec exits. The task ends only once it is gone.
+#[test]
+fn a_task_ends_only_once_a_leftover_that_is_slow_to_die_is_gone() {
+    for no_cgroup in [false, true] {
+        let mut args = vec![];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let cgroup = d.uses_cgroups();
+        let pids = d.dir.path().join("pids");
+        let p = pids.display();
+        let task = d.submit(
+            "alice",
+            &format!(
+                "{TEST_AGENT} --hold-memory 1024 {p} >/dev/null 2>&1 & \
+                 while [ ! -s {p} ]; do sleep 0.05; done; echo held"
+            ),
+        );
+        let held = wait_identities(&pids, 1, DEADLINE);
+        d.wait_state(&task, "succeeded");
+        let left = running(&held);
+        assert!(
+            left.is_empty(),
+            "survivors {left:?} (cgroup: {cgroup})\n{}",
+            d.log()
+        );
+    }
+}
+
 // ----- parent death -----
 
 /// agentd killed with SIGKILL while a task tree runs: with a cgroup, the guardian
