@@ -161,7 +161,9 @@ impl TaskTree {
     /// child of agentd younger than the agent that is still exiting: an orphan of
     /// the task (reparented to agentd, the subreaper) that was killed (by agent-exec,
     /// say) has no environment left to read while it frees its memory, so nothing
-    /// else tells whose it is; it may be the task's, and it will soon be gone.
+    /// else tells whose it is; it may be the task's, and it will soon be gone. (Its
+    /// exiting is read after its environment, so that one that began to exit
+    /// between the two reads is not missed.)
     pub(crate) fn scan(&self) -> Vec<(u32, u64)> {
         self.search(true, true)
     }
@@ -211,8 +213,13 @@ impl TaskTree {
             }
         }
         if dying_orphans {
+            // Read again, after the environments: one killed while they were read
+            // may have lost its environment after its stat above was taken.
             for (&pid, stat) in &procs {
-                if stat.ppid == me && stat.exiting {
+                if stat.ppid == me
+                    && !found.contains(&pid)
+                    && read_stat(pid).is_some_and(|now| now.start == stat.start && now.exiting)
+                {
                     found.insert(pid);
                 }
             }
