@@ -94,6 +94,13 @@
 //! which takes collected prompts). A text starting with `hold PATH` waits until PATH
 //! exists first.
 //!
+//! `agentd-test-agent --hold-memory MB PIDFILE` is no agent: a plain process (a
+//! tool an agent runs) that writes to every page of MB mebibytes, then appends its
+//! pid to PIDFILE and sleeps until a signal ends it. Killed, it takes the kernel a
+//! while to free that memory: for that time it is neither a zombie nor has it an
+//! address space (`/proc/PID/environ` cannot be read) or closed its files, which is
+//! how a process can look while a stop waits for it.
+//!
 //! Exit codes: 0 done (or cancelled), 1 `fail` or agentd gone, 2 unknown or
 //! malformed behaviour word (after sending Result Failed "unknown behaviour word:
 //! X" / "bad behaviour word: X (…)"), 3 no channel or failed handshake (e.g. the
@@ -414,6 +421,36 @@ enum Event {
     Cancel,
 }
 
+/// `--hold-memory MB PIDFILE`: see the module docs.
+fn hold_memory() -> ! {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let (Some(mb), Some(pidfile), 2) = (
+        args.first().and_then(|a| a.parse::<usize>().ok()),
+        args.get(1),
+        args.len(),
+    ) else {
+        die(2, "usage: agentd-test-agent --hold-memory MB PIDFILE");
+    };
+    let mut memory = vec![0u8; mb << 20];
+    // A zeroed allocation is not yet backed by pages: write to each one.
+    for page in memory.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&memory);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(pidfile)
+        .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
+    writeln!(file, "{}", std::process::id())
+        .and_then(|()| file.sync_all())
+        .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
+    drop(file);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 /// `--echo`: see the module docs.
 fn echo() -> ! {
     let stream = ipc_stream_from_env().unwrap_or_else(|e| die(3, e));
@@ -440,6 +477,12 @@ fn echo() -> ! {
 fn main() {
     if std::env::args_os().nth(1).is_some_and(|a| a == "--echo") {
         echo();
+    }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "--hold-memory")
+    {
+        hold_memory();
     }
     let open_fds = open_fds_at_start();
     let words: Vec<String> = std::env::args_os()

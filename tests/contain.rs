@@ -113,11 +113,81 @@ fn a_stop_ends_detached_descendants_on_both_paths() {
         script.push_str("echo up; sleep 300");
         let task = d.submit("alice", &script);
         d.wait_progress(&task, "up");
-        let spawned = wait_pids(&pids, n);
+        // By pid and start time: a pid reused by another test's process after the
+        // stop is no survivor.
+        let spawned = wait_identities(&pids, n, DEADLINE);
         d.request(json!({"cmd": "stop", "task_id": task}));
         d.wait_state(&task, "cancelled");
-        // Gone by the time the task ended: the slot frees only once the tree is empty.
-        let left: Vec<u32> = spawned.iter().copied().filter(|p| alive(*p)).collect();
+        // Gone by the time the task ended (a zombie is gone): the slot frees only
+        // once the tree is empty.
+        let left = running(&spawned);
+        assert!(
+            left.is_empty(),
+            "survivors {left:?} (cgroup: {cgroup})\n{}",
+            d.log()
+        );
+    }
+}
+
+/// A tool that is slow to die: killed, a process holding much memory spends a while
+/// freeing it, and meanwhile it is no zombie, has closed none of its files, and has no
+/// environment to read (so no `AGENTD_TASK_ID` shows). Detached (`setsid`, and
+/// reparented to agentd once its shell died), nothing but that variable ties it to
+/// its task on the process-tree path. The stop still ends only once it is gone.
+#[test]
+fn a_stop_waits_for_a_detached_process_that_is_slow_to_die() {
+    for no_cgroup in [false, true] {
+        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let cgroup = d.uses_cgroups();
+        let pids = d.dir.path().join("pids");
+        // 1 GiB written to: freeing it takes the kernel a good part of a second.
+        let script = format!(
+            "setsid {TEST_AGENT} --hold-memory 1024 {} >/dev/null 2>&1 & echo up; sleep 300",
+            pids.display()
+        );
+        let task = d.submit("alice", &script);
+        d.wait_progress(&task, "up");
+        let held = wait_identities(&pids, 1, DEADLINE);
+        d.request(json!({"cmd": "stop", "task_id": task}));
+        d.wait_state(&task, "cancelled");
+        let left = running(&held);
+        assert!(
+            left.is_empty(),
+            "survivors {left:?} (cgroup: {cgroup})\n{}",
+            d.log()
+        );
+    }
+}
+
+/// The same when the task ends by itself and agent-exec kills what its command left
+/// in its process group: that leftover, reparented to agentd when its shell exited,
+/// was never seen by a tree search while it could be read, and it is still dying
+/// when agent-exec exits. The task ends only once it is gone.
+#[test]
+fn a_task_ends_only_once_a_leftover_that_is_slow_to_die_is_gone() {
+    for no_cgroup in [false, true] {
+        let mut args = vec![];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let cgroup = d.uses_cgroups();
+        let pids = d.dir.path().join("pids");
+        let p = pids.display();
+        let task = d.submit(
+            "alice",
+            &format!(
+                "{TEST_AGENT} --hold-memory 1024 {p} >/dev/null 2>&1 & \
+                 while [ ! -s {p} ]; do sleep 0.05; done; echo held"
+            ),
+        );
+        let held = wait_identities(&pids, 1, DEADLINE);
+        d.wait_state(&task, "succeeded");
+        let left = running(&held);
         assert!(
             left.is_empty(),
             "survivors {left:?} (cgroup: {cgroup})\n{}",
@@ -418,7 +488,7 @@ fn stopping_a_300_process_tree_does_not_delay_status() {
             ),
         );
         d.wait_progress(&task, "up");
-        let tree = wait_pids(&pids, 300);
+        let tree = wait_identities(&pids, 300, DEADLINE);
         d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
         let mut worst = Duration::ZERO;
         while d.task(&task)["state"] == "stopping" {
@@ -437,8 +507,8 @@ fn stopping_a_300_process_tree_does_not_delay_status() {
             worst < Duration::from_secs(3),
             "status took {worst:?}: {view}"
         );
-        let left: Vec<u32> = tree.iter().copied().filter(|p| alive(*p)).collect();
-        assert!(left.is_empty(), "{} survivors", left.len());
+        let left = running(&tree);
+        assert!(left.is_empty(), "{} survivors: {left:?}", left.len());
     }
 }
 

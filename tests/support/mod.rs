@@ -498,7 +498,67 @@ pub fn alive(pid: u32) -> bool {
     process_table().get(&pid).is_some_and(|p| !p.zombie)
 }
 
-/// Resident memory of `pid` in KiB (`VmRSS`), 0 once it is gone.
+/// A process named for good: its pid and its start time (field 22 of
+/// `/proc/PID/stat`, clock ticks after boot), so that a pid reused by another
+/// process after this one was reaped is never taken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// `/proc/PID/stat`'s state letter and start time, if the process exists.
+fn state_and_start(pid: u32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.to_string();
+    // Field 22 of stat, the 20th after the command name.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+impl Identity {
+    /// The identity of the process now at `pid`, if there is one.
+    pub fn of(pid: u32) -> Option<Identity> {
+        state_and_start(pid).map(|(_, start)| Identity { pid, start })
+    }
+
+    /// This very process still exists and is not a zombie: it has not finished
+    /// exiting (a process being killed stays "running" until its memory is freed and
+    /// its files are closed).
+    pub fn running(&self) -> bool {
+        state_and_start(self.pid)
+            .is_some_and(|(state, start)| start == self.start && state != "Z" && state != "X")
+    }
+}
+
+/// The identities of the pids in `path` (one a line, as `echo $$ >> path` writes
+/// them) once it has at least `n`, each read while its process runs: a pid written
+/// by a process that is already gone fails the test.
+pub fn wait_identities(path: &Path, n: usize, within: Duration) -> Vec<Identity> {
+    let pids = wait_for(&format!("{n} pids in {}", path.display()), within, || {
+        let pids = read_pids(path);
+        (pids.len() >= n).then_some(pids)
+    });
+    pids.iter()
+        .map(|&pid| {
+            Identity::of(pid)
+                .filter(Identity::running)
+                .unwrap_or_else(|| panic!("pid {pid} in {} is not running", path.display()))
+        })
+        .collect()
+}
+
+/// Those of `processes` that still run (see [`Identity::running`]).
+pub fn running(processes: &[Identity]) -> Vec<Identity> {
+    processes
+        .iter()
+        .copied()
+        .filter(Identity::running)
+        .collect()
+}
+
+/// Resident memory of `pid` in KiB/// Resident memory of `pid` in KiB (`VmRSS`), 0 once it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()

@@ -186,6 +186,38 @@ struct Entry {
     rounds: Option<Rounds>,
     /// The most processes one SIGKILL round reached.
     killed: usize,
+    /// Without a cgroup: every process a tree search found to be the task's (pid and
+    /// start time), kept until it is a zombie or gone. A search alone cannot tell
+    /// when a member is gone: a killed process keeps running in the kernel while its
+    /// memory is freed (a large address space takes a good part of a second), and
+    /// meanwhile its environment reads as nothing, so a detached member found by its
+    /// `AGENTD_TASK_ID` alone would no longer be found while its files are still
+    /// open. Members stay members until they have finished dying.
+    seen: HashMap<u32, u64>,
+}
+
+impl Entry {
+    /// Without a cgroup: the task's live processes, with their start times. A tree
+    /// search, plus every process an earlier search found that is still that process
+    /// (same start time) and not yet a zombie.
+    fn tree_members(&mut self) -> Vec<(u32, u64)> {
+        let mut members = self.procs.tree().scan();
+        for &(pid, start) in &members {
+            self.seen.insert(pid, start);
+        }
+        self.seen.retain(|&pid, &mut start| {
+            if members.iter().any(|&(p, _)| p == pid) {
+                return true;
+            }
+            let dying = read_stat(pid).is_some_and(|s| s.start == start && !s.zombie);
+            if dying {
+                members.push((pid, start));
+            }
+            dying
+        });
+        members.sort_unstable();
+        members
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -231,6 +263,7 @@ impl Worker {
                             exited: false,
                             rounds: None,
                             killed: 0,
+                            seen: HashMap::new(),
                         },
                     );
                 }
@@ -288,8 +321,8 @@ impl Worker {
     }
 
     fn signal(&mut self, task_id: &str, signal: Signal) {
-        let processes = match self.tasks.get(task_id) {
-            Some(entry) => signal_tree(&entry.procs, signal),
+        let processes = match self.tasks.get_mut(task_id) {
+            Some(entry) => signal_tree(entry, signal),
             None => 0,
         };
         (self.sink)(TreeReport::Signalled {
@@ -320,7 +353,7 @@ impl Worker {
         let Some(mut rounds) = entry.rounds else {
             return;
         };
-        let (left, scanned) = live_members(&entry.procs);
+        let (left, scanned) = live_members(entry);
         if left.is_empty() {
             entry.rounds = None;
             if rounds.first {
@@ -394,7 +427,8 @@ fn new_rounds(opts: &KillerOptions, first: bool) -> Rounds {
 /// the scan they came from: with a cgroup, its `cgroup.procs` if `cgroup.events`
 /// says populated (an unreadable cgroup counts as populated, except one that is
 /// gone); else one tree search.
-fn live_members(procs: &TaskProcs) -> (Vec<u32>, Vec<(u32, u64)>) {
+fn live_members(entry: &mut Entry) -> (Vec<u32>, Vec<(u32, u64)>) {
+    let procs = &entry.procs;
     match &procs.cgroup {
         Some(cgroup) => match cgroup.populated() {
             Ok(false) => (Vec::new(), Vec::new()),
@@ -411,7 +445,7 @@ fn live_members(procs: &TaskProcs) -> (Vec<u32>, Vec<(u32, u64)>) {
             }
         },
         None => {
-            let scanned = procs.tree().scan();
+            let scanned = entry.tree_members();
             (scanned.iter().map(|(pid, _)| *pid).collect(), scanned)
         }
     }
@@ -437,10 +471,15 @@ fn kill_round(procs: &TaskProcs, scanned: &[(u32, u64)]) -> usize {
 }
 
 /// Sends `signal` (and SIGCONT after a SIGTERM) to every process of the task.
-fn signal_tree(procs: &TaskProcs, signal: Signal) -> usize {
-    let Some(cgroup) = &procs.cgroup else {
-        return procs.tree().signal_verified(signal, procs.pidfd.as_ref());
+fn signal_tree(entry: &mut Entry, signal: Signal) -> usize {
+    let Some(cgroup) = &entry.procs.cgroup else {
+        let members = entry.tree_members();
+        let procs = &entry.procs;
+        return procs
+            .tree()
+            .signal_scanned(&members, signal, procs.pidfd.as_ref());
     };
+    let procs = &entry.procs;
     let agent = procs.pidfd.as_ref();
     let others: Vec<u32> = cgroup
         .pids()
@@ -473,17 +512,16 @@ fn signal_tree(procs: &TaskProcs, signal: Signal) -> usize {
 /// of `cgroup.events`. Without, cheaply when agentd is a subreaper: every process
 /// the task left behind then descends from a child of agentd that is not an agent, so
 /// if agentd's only children are tracked agents (checked by pid and start time)
-/// nothing is left. Otherwise a tree search.
-fn is_empty_after_exit(entry: &Entry, agents: &[(u32, Option<u64>)]) -> bool {
+/// nothing is left (unless an earlier search found members that may still be dying).
+/// Otherwise a tree search.
+fn is_empty_after_exit(entry: &mut Entry, agents: &[(u32, Option<u64>)]) -> bool {
     if entry.procs.cgroup.is_some() {
-        return live_members(&entry.procs).0.is_empty();
+        return live_members(entry).0.is_empty();
     }
-    if let Some(only_agents) = only_agents_are_children(agents) {
-        if only_agents {
-            return true;
-        }
+    if entry.seen.is_empty() && only_agents_are_children(agents) == Some(true) {
+        return true;
     }
-    entry.procs.tree().members().is_empty()
+    entry.tree_members().is_empty()
 }
 
 /// `Some(true)` if agentd is a subreaper and each of its children is a tracked agent;

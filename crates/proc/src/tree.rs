@@ -41,7 +41,10 @@ pub struct TaskTree {
 pub(crate) struct Stat {
     ppid: u32,
     pgid: u32,
-    zombie: bool,
+    pub(crate) zombie: bool,
+    /// Exiting (`PF_EXITING`), not yet a zombie: it runs no more code of its own
+    /// but may still be freeing its memory and hold its files.
+    exiting: bool,
     /// Clock ticks after boot: with the pid, names one process for good.
     pub(crate) start: u64,
 }
@@ -63,6 +66,9 @@ pub(crate) fn read_small<'b>(path: &Path, buf: &'b mut [u8]) -> io::Result<&'b s
     std::str::from_utf8(&buf[..len]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// The kernel's task flag for "getting shut down" (include/linux/sched.h).
+const PF_EXITING: u64 = 0x4;
+
 pub(crate) fn read_stat(pid: u32) -> Option<Stat> {
     let mut buf = [0u8; 2048];
     let text = read_small(Path::new(&format!("/proc/{pid}/stat")), &mut buf).ok()?;
@@ -72,12 +78,15 @@ pub(crate) fn read_stat(pid: u32) -> Option<Stat> {
     let state = fields.next()?;
     let ppid = fields.next()?.parse().ok()?;
     let pgid = fields.next()?.parse().ok()?;
+    // Field 9 (the kernel's PF_* flags), the 7th after the command name.
+    let flags: u64 = fields.nth(3)?.parse().ok()?;
     // Field 22 of stat, the 20th after the command name.
-    let start = fields.nth(16)?.parse().ok()?;
+    let start = fields.nth(12)?.parse().ok()?;
     Some(Stat {
         ppid,
         pgid,
         zombie: state == "Z" || state == "X",
+        exiting: flags & PF_EXITING != 0,
         start,
     })
 }
@@ -148,13 +157,23 @@ impl TaskTree {
             .collect()
     }
 
-    /// Like [`TaskTree::members`], with each member's start time.
+    /// Like [`TaskTree::members`], with each member's start time, and with every
+    /// child of agentd younger than the agent that is still exiting: an orphan of
+    /// the task (reparented to agentd, the subreaper) that was killed (by agent-exec,
+    /// say) has no environment left to read while it frees its memory, so nothing
+    /// else tells whose it is; it may be the task's, and it will soon be gone. (Its
+    /// exiting is read after its environment, so that one that began to exit
+    /// between the two reads is not missed.)
     pub(crate) fn scan(&self) -> Vec<(u32, u64)> {
-        self.scan_with(true)
+        self.search(true, true)
     }
 
     /// Like [`TaskTree::find`], with each member's start time.
     fn scan_with(&self, through_agent: bool) -> Vec<(u32, u64)> {
+        self.search(through_agent, false)
+    }
+
+    fn search(&self, through_agent: bool, dying_orphans: bool) -> Vec<(u32, u64)> {
         let procs = all_processes();
         let me = std::process::id();
         let marker = format!("{ENV_TASK_ID}={}", self.task_id).into_bytes();
@@ -190,6 +209,18 @@ impl TaskTree {
                     if found.insert(child) {
                         stack.extend(children.get(&child).into_iter().flatten().copied());
                     }
+                }
+            }
+        }
+        if dying_orphans {
+            // Read again, after the environments: one killed while they were read
+            // may have lost its environment after its stat above was taken.
+            for (&pid, stat) in &procs {
+                if stat.ppid == me
+                    && !found.contains(&pid)
+                    && read_stat(pid).is_some_and(|now| now.start == stat.start && now.exiting)
+                {
+                    found.insert(pid);
                 }
             }
         }
@@ -311,7 +342,7 @@ mod tests {
     #[test]
     fn stat_of_self_parses() {
         let stat = read_stat(std::process::id()).unwrap();
-        assert!(!stat.zombie);
+        assert!(!stat.zombie && !stat.exiting);
         assert_eq!(stat.ppid, std::os::unix::process::parent_id());
         let parent = read_stat(stat.ppid).unwrap();
         assert!(
