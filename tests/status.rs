@@ -297,3 +297,88 @@ fn status_from_the_connection_shows_a_result_reported_before_the_agent_exits() {
         comparable(answer_to(&answers, 2)["result"].clone())
     );
 }
+
+/// Under a flood of sends from many connections (the loop handles them in slices,
+/// letting the connections run between), a `status` answered from the snapshot
+/// still counts every send whose `queued` answer agentd wrote before the `status`
+/// was sent: to any connection (a probe of its own), and to the same one (a client
+/// asking after its answer).
+#[test]
+fn a_status_counts_every_send_already_answered_to_any_client() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const CLIENTS: usize = 16;
+    const PER: usize = 40;
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "1"]);
+    let gate = d.gate("g");
+    let first = d.submit("hold", &format!("hold {gate} first"));
+    d.wait_state(&first, "running");
+    // `queued` answers read by the clients so far (each counted once it is read).
+    let answered = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let connect = || {
+        let stream = UnixStream::connect(&d.socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("read timeout");
+        let writer = stream.try_clone().expect("clone");
+        (BufReader::new(stream), writer)
+    };
+    let round_trip = |conn: &mut (BufReader<UnixStream>, UnixStream), request: Value| -> Value {
+        writeln!(conn.1, "{request}").expect("write a request");
+        let mut line = String::new();
+        conn.0.read_line(&mut line).expect("an answer");
+        serde_json::from_str(&line).expect("a JSON line")
+    };
+    let queued_in = |answer: &Value| -> u64 {
+        assert_eq!(answer["ok"], json!(true), "{answer}");
+        answer["result"]["queued"].as_u64().expect("a queued count")
+    };
+    let probes = std::thread::scope(|scope| {
+        for c in 0..CLIENTS {
+            let (answered, connect, round_trip) = (&answered, &connect, &round_trip);
+            scope.spawn(move || {
+                let mut conn = connect();
+                for i in 0..PER {
+                    let sent = round_trip(
+                        &mut conn,
+                        json!({"id": 1, "cmd": "send", "session": format!("c{c}-{}", i % 4), "text": format!("work {i}")}),
+                    );
+                    assert_eq!(sent["result"]["accepted"], json!(true), "{sent}");
+                    assert_eq!(sent["result"]["task"]["state"], json!("queued"), "{sent}");
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    if i % 5 == 4 {
+                        // On the same connection, after its answer.
+                        let before = answered.load(Ordering::SeqCst);
+                        let status = round_trip(&mut conn, json!({"id": 2, "cmd": "status"}));
+                        let queued = queued_in(&status);
+                        assert!(queued >= before, "client {c}: status counts {queued} queued, {before} answered before it was sent");
+                    }
+                }
+            });
+        }
+        let probe = scope.spawn(|| {
+            let mut conn = connect();
+            let mut n = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                let before = answered.load(Ordering::SeqCst);
+                let queued = queued_in(&round_trip(&mut conn, json!({"id": 3, "cmd": "status"})));
+                assert!(
+                    queued >= before,
+                    "probe: status counts {queued} queued, {before} answered before it was sent"
+                );
+                n += 1;
+            }
+            n
+        });
+        // The clients are the other scoped threads: wait for the count they reach.
+        wait_for("every send answered", DEADLINE, || {
+            (answered.load(Ordering::SeqCst) == (CLIENTS * PER) as u64).then_some(())
+        });
+        done.store(true, Ordering::SeqCst);
+        probe.join().expect("the probe")
+    });
+    assert!(probes > 0);
+    let status = d.request(json!({"cmd": "status"}));
+    assert_eq!(status["queued"], json!(CLIENTS * PER), "{status}");
+    d.release(&gate);
+}

@@ -255,3 +255,49 @@ fn many_non_progress_events_stay_within_the_budget() {
     drop(sink);
     assert_eq!(drain(&outbox).last().unwrap()["error"]["code"], "lagged");
 }
+
+#[test]
+fn an_answer_is_written_at_once_only_when_nothing_is_ahead_of_it() {
+    let outbox = Outbox::new(OUTPUT_BUDGET);
+    let mut written = Vec::new();
+    // Idle: written whole by the caller, nothing queued.
+    outbox.push_or_write(&Response::ok(1, "first"), |line| {
+        written.extend_from_slice(line);
+        Ok(line.len())
+    });
+    assert_eq!(written, encode_line(&Response::ok(1, "first")));
+    // A line waits for the writer: the next answer goes behind it, unwritten.
+    outbox.push(&Response::ok(2, "queued"));
+    outbox.push_or_write(&Response::ok(3, "behind"), |_| {
+        panic!("written ahead of a queued line")
+    });
+    // The writer is writing a line it took: not written beside it either.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let taken = rt.block_on(outbox.next()).unwrap();
+    assert_eq!(taken, encode_line(&Response::ok(2, "queued")));
+    outbox.push_or_write(&Response::ok(4, "while writing"), |_| {
+        panic!("written beside the writer's line")
+    });
+    outbox.wrote();
+    let ids: Vec<_> = drain(&outbox).iter().map(|l| l["id"].clone()).collect();
+    assert_eq!(ids, [3, 4]);
+    // Idle again: what the socket does not take is queued.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let outbox = Outbox::new(OUTPUT_BUDGET);
+    let line = encode_line(&Response::ok(5, "partly"));
+    outbox.push_or_write(&Response::ok(5, "partly"), |_| Ok(10));
+    assert_eq!(rt.block_on(outbox.next()).unwrap(), line[10..]);
+    outbox.wrote();
+    let outbox = Outbox::new(OUTPUT_BUDGET);
+    outbox.push_or_write(&Response::ok(6, "refused"), |_| {
+        Err(std::io::ErrorKind::WouldBlock.into())
+    });
+    let ids: Vec<_> = drain(&outbox).iter().map(|l| l["id"].clone()).collect();
+    assert_eq!(ids, [6]);
+}
