@@ -142,22 +142,23 @@ fn a_watch_whose_client_stops_reading_ends_with_a_lagged_notice() {
 
 #[test]
 fn a_reading_client_is_not_stalled() {
-    let outbox = Outbox::with_stall_limit(OUTPUT_BUDGET, Duration::from_millis(50));
+    let outbox = Outbox::with_stall_limit(OUTPUT_BUDGET, Duration::from_millis(200));
     let (sink, answer) = EventSink::new(&outbox, 1, 7);
     answer.answer(&Response::ok(7, "watching"));
     // Idle for longer than the limit, then output: not a stall.
-    std::thread::sleep(Duration::from_millis(60));
+    std::thread::sleep(Duration::from_millis(240));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(outbox.next()).unwrap();
     outbox.wrote();
-    std::thread::sleep(Duration::from_millis(60));
+    std::thread::sleep(Duration::from_millis(240));
     sink.send(progress("a", "after a pause")).unwrap();
-    // Writes keep completing, slower than the limit in all but never stalled.
+    // Writes keep completing, slower than the limit in all but never stalled (each
+    // pause well under the limit, so that a loaded machine's late wake-up is not one).
     for i in 0..3 {
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(120));
         sink.send(progress("a", &format!("{i}"))).unwrap();
         rt.block_on(outbox.next()).unwrap();
         outbox.wrote();
