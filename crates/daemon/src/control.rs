@@ -1,14 +1,11 @@
 //! Client connections on the control socket.
 //!
 //! One task per connection reads request lines (each bounded by
-//! [`MAX_REQUEST_BYTES`]), answers `hello`, `ping` and `status` (from the loop's
-//! snapshot) itself, and hands every other request to the supervisor with a
-//! [`Replier`], which queues the answer on this connection's output from whichever
-//! thread answers. Replies are written by a writer task as they come, so a `stop`
-//! that waits for its task to end does not hold up a `status` sent after it on the
-//! same connection; a `ping` or snapshot `status` finding nothing queued or being
-//! written is written by the reader itself, at once (a non-blocking write), rather
-//! than behind whatever else the runtime has ready.
+//! [`MAX_REQUEST_BYTES`]), answers `hello` and `ping` itself, and hands every other
+//! request to the supervisor with a [`Replier`], which queues the answer on this
+//! connection's output from whichever thread answers. Replies are written by a
+//! writer task as they come, so a `stop` that waits for its task to end does not
+//! hold up a `status` sent after it on the same connection.
 //!
 //! **Invariants:** nothing here waits on an agent. Bad input (invalid JSON, unknown
 //! commands, oversized lines, random bytes) gets a structured error; an oversized line
@@ -411,19 +408,6 @@ fn unix_stream(stream: Stream) -> tokio::net::UnixStream {
     }
 }
 
-/// Answers a request the connection answers itself (`status` from the snapshot,
-/// `ping`) straight on the socket when its output is idle: a trip through the writer
-/// task would wait behind every task woken before it and the loop's next step, which
-/// on agentd's one thread can be a whole batch of other clients' sends.
-fn answer_now(
-    outbox: &Outbox,
-    reader: &BufReader<tokio::net::unix::OwnedReadHalf>,
-    response: &Response<Answer>,
-) {
-    let socket: &tokio::net::UnixStream = reader.get_ref().as_ref();
-    outbox.push_or_write(response, |line| socket.try_write(line));
-}
-
 /// Reads and dispatches requests until the client closes or agentd gives up on it.
 async fn read_requests(
     stream: tokio::net::unix::OwnedReadHalf,
@@ -497,11 +481,7 @@ async fn read_requests(
             && handed.load(Ordering::SeqCst) == 0
         {
             if let Some(status) = info.status() {
-                answer_now(
-                    outbox,
-                    &reader,
-                    &Response::<Answer>::answer(id, status.into()),
-                );
+                outbox.push(&Response::<Answer>::answer(id, status.into()));
                 continue;
             }
         }
@@ -525,20 +505,16 @@ async fn read_requests(
                 ));
             }
             RequestBody::Ping => {
-                answer_now(
-                    outbox,
-                    &reader,
-                    &Response::<Answer>::answer(
-                        id,
-                        PingReply {
-                            pong: true,
-                            version: env!("CARGO_PKG_VERSION").to_string(),
-                            pid: info.pid,
-                            uptime_ms: info.uptime_ms(),
-                        }
-                        .into(),
-                    ),
-                );
+                outbox.push(&Response::<Answer>::answer(
+                    id,
+                    PingReply {
+                        pong: true,
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                        pid: info.pid,
+                        uptime_ms: info.uptime_ms(),
+                    }
+                    .into(),
+                ));
             }
             body => {
                 // A page of `tasks` can be large: the next request is read only once

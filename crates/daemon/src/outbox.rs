@@ -267,42 +267,6 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Sends an answer at once with `write` (a non-blocking write on the connection's
-    /// socket) when nothing is queued or being written, so that the connection's order
-    /// is kept; otherwise, or for what `write` could not take, queues it as
-    /// [`push`](Outbox::push) does. This saves the answer a trip through the writer
-    /// task, which on agentd's one thread runs only after everything woken before it
-    /// (measured: behind the loop's next batch of sends).
-    pub fn push_or_write<R: Serialize>(
-        &self,
-        response: &Response<R>,
-        write: impl FnOnce(&[u8]) -> std::io::Result<usize>,
-    ) {
-        let mut line = encode_line(response);
-        let mut state = self.lock();
-        if state.refuses() {
-            return;
-        }
-        if state.idle() {
-            // The lock is held across the write: nothing can be queued meanwhile.
-            match write(&line) {
-                Ok(n) if n == line.len() => {
-                    state.waiting_since = Instant::now();
-                    return;
-                }
-                Ok(n) => {
-                    line.drain(..n);
-                }
-                // The writer meets a real error again and closes the connection.
-                Err(_) => {}
-            }
-        }
-        state.pending += line.len();
-        state.enqueue(Item::answer(line));
-        drop(state);
-        self.ready.notify_one();
-    }
-
     /// Queues the answer to watch `watch`, then the events held for it.
     fn push_watch_answer<R: Serialize>(
         &self,

@@ -27,10 +27,7 @@
 //!   reports a result.
 //! - Store writes are handed to the writer when the loop is about to wait (or once
 //!   64 are held), in the order they were made (`step_writes`): never held across a
-//!   wait. (They are held across `let_connections_run`, which waits for nothing.)
-//! - A burst of requests is handled `REQUEST_SLICE` at a time, the connections'
-//!   ready work run between slices, so that a `status` read meanwhile is answered
-//!   after at most one slice of other clients' requests.
+//!   wait.
 //!
 //! **Layout:** this module holds the loop and the `Supervisor` state; the rest is
 //! split by concern, each an `impl Supervisor` block:
@@ -155,8 +152,6 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     let mut shutdown_fired = false;
-    // Requests handled since the loop last waited or let the connections run.
-    let slice = std::cell::Cell::new(0usize);
     loop {
         let next_timer = sup.timers.keys().next().map(|(at, _)| *at);
         // What this step may have changed of the status snapshot, and the request's
@@ -170,7 +165,6 @@ pub async fn run(
                 handed = request.handed.take();
                 touched = Touched::by(&request.body);
                 sup.on_request(request);
-                slice.set(slice.get() + 1);
             }
             Some(signal) = signals.recv() => match signal {
                 DaemonSignal::Child => {
@@ -199,10 +193,7 @@ pub async fn run(
             }
             // Last: polled only when nothing else is ready. The store writes of the
             // steps since the last wait go to the writer together (see step_writes).
-            () = async {
-                slice.set(0);
-                sup.store.flush_before_waiting().await
-            } => {}
+            () = sup.store.flush_before_waiting() => {}
         }
         sup.store.flush_if_many();
         sup.publish_positions();
@@ -211,10 +202,6 @@ pub async fn run(
         // Queued work stays queued (in the store) for the next start.
         if sup.shutting_down.is_some() && sup.agents.is_empty() {
             break;
-        }
-        if slice.get() >= REQUEST_SLICE {
-            slice.set(0);
-            let_connections_run().await;
         }
     }
     sup.store.flush();
@@ -261,35 +248,6 @@ fn containment(config: &DaemonConfig) -> Procs {
         }
     }
     procs
-}
-
-/// At most this many requests are handled in a row before the loop lets the
-/// connections run (see [`let_connections_run`]).
-const REQUEST_SLICE: usize = 8;
-
-/// Lets what is ready on the connections run before the loop goes on with a burst
-/// of requests: first a turn of the I/O driver (`yield_now`: tokio wakes the loop only
-/// after it polled for I/O), then the tasks ready after it (a wake-up of the loop's
-/// own: tokio polls the loop, the `block_on` future, right after each driver turn,
-/// before the tasks, so the loop returns once more and is polled after them).
-/// A `status` read meanwhile then waits for at most one slice of other clients'
-/// sends, not a whole burst of them (64 × ~13 µs with 64 clients). Held store
-/// writes stay held: this is not a wait for an event, and handing over part of a
-/// burst would make the writer commit it alone while the rest waits for the next
-/// commit.
-async fn let_connections_run() {
-    tokio::task::yield_now().await;
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            std::task::Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
-    .await;
 }
 
 async fn sleep_until(at: Option<Instant>) {
