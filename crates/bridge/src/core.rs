@@ -924,12 +924,22 @@ mod tests {
 
     /// Like [`run_writer`]; also the tasks it asked agentd about, in order.
     fn run_writer_asking(interval: Duration, shows: Vec<Show>) -> (Vec<String>, Vec<String>) {
+        run_writer_on(Arc::new(Recorder::default()), interval, None, shows)
+    }
+
+    /// Like [`run_writer_asking`], on `chat`, with the first delay before a refused
+    /// post is made again set to `redo` if given.
+    fn run_writer_on(
+        chat: Arc<Recorder>,
+        interval: Duration,
+        redo: Option<Duration>,
+        shows: Vec<Show>,
+    ) -> (Vec<String>, Vec<String>) {
         let asked = Arc::new(Mutex::new(Vec::new()));
         let ask: Ask = {
             let asked = asked.clone();
             Box::new(move |task_id: &str| lock(&asked).push(task_id.to_string()))
         };
-        let chat = Arc::new(Recorder::default());
         let sessions = Arc::new(Mutex::new(HashMap::from([(
             "test:r".to_string(),
             Conversation::room("r"),
@@ -939,7 +949,11 @@ mod tests {
             tx.send(show).unwrap();
         }
         drop(tx);
-        Writer::new(chat.clone(), sessions, interval, ask).run(rx);
+        let mut writer = Writer::new(chat.clone(), sessions, interval, ask);
+        if let Some(redo) = redo {
+            writer.first_redo_delay = redo;
+        }
+        writer.run(rx);
         let calls = lock(&chat.calls).clone();
         let asked = lock(&asked).clone();
         (calls, asked)
@@ -1245,27 +1259,18 @@ mod tests {
     /// are posted once it is back, in order, instead of being lost.
     #[test]
     fn posts_the_chat_refused_are_made_again_in_order_until_they_pass() {
+        let shows = || {
+            vec![
+                started_answer(),
+                event("finished", None, view("succeeded", Some("all done"))),
+            ]
+        };
+        let redo = Some(Duration::from_millis(10));
         let chat = Arc::new(Recorder::default());
         *lock(&chat.failing) = 3;
-        let sessions = Arc::new(Mutex::new(HashMap::from([(
-            "test:r".to_string(),
-            Conversation::room("r"),
-        )])));
-        let (tx, rx) = mpsc::channel();
-        tx.send(started_answer()).unwrap();
-        tx.send(event("finished", None, view("succeeded", Some("all done"))))
-            .unwrap();
-        drop(tx);
-        let mut writer = Writer::new(
-            chat.clone(),
-            sessions,
-            Duration::from_secs(60),
-            Box::new(|_: &str| {}),
-        );
-        writer.first_redo_delay = Duration::from_millis(10);
-        writer.run(rx);
+        let (calls, _) = run_writer_on(chat, Duration::from_secs(60), redo, shows());
         assert_eq!(
-            *lock(&chat.calls),
+            calls,
             [
                 "fail post task T  started",
                 "typing true",
@@ -1282,25 +1287,9 @@ mod tests {
             refused: Some("started"),
             ..Recorder::default()
         });
-        let sessions = Arc::new(Mutex::new(HashMap::from([(
-            "test:r".to_string(),
-            Conversation::room("r"),
-        )])));
-        let (tx, rx) = mpsc::channel();
-        tx.send(started_answer()).unwrap();
-        tx.send(event("finished", None, view("succeeded", Some("all done"))))
-            .unwrap();
-        drop(tx);
-        let mut writer = Writer::new(
-            chat.clone(),
-            sessions,
-            Duration::from_secs(60),
-            Box::new(|_: &str| {}),
-        );
-        writer.first_redo_delay = Duration::from_millis(10);
-        writer.run(rx);
+        let (calls, _) = run_writer_on(chat, Duration::from_secs(60), redo, shows());
         assert_eq!(
-            *lock(&chat.calls),
+            calls,
             [
                 "refused post task T  started",
                 "typing true",
