@@ -35,6 +35,17 @@ fn error_of(view: &serde_json::Value) -> String {
 
 // ----- which guarantee holds -----
 
+/// None of `processes` runs any more (by pid and start time: a pid another test's
+/// process took since is no survivor); the failure names them and shows agentd's log.
+fn assert_none_left(d: &Daemon, processes: &[Identity], cgroup: bool) {
+    let left = running(processes);
+    assert!(
+        left.is_empty(),
+        "survivors {left:?} (cgroup: {cgroup})\n{}",
+        d.log()
+    );
+}
+
 #[test]
 fn status_says_which_containment_holds_and_no_cgroup_forces_the_fallback() {
     let d = Daemon::with_test_agent(&["--no-cgroup", "--hung-after", "7s"]);
@@ -120,12 +131,7 @@ fn a_stop_ends_detached_descendants_on_both_paths() {
         d.wait_state(&task, "cancelled");
         // Gone by the time the task ended (a zombie is gone): the slot frees only
         // once the tree is empty.
-        let left = running(&spawned);
-        assert!(
-            left.is_empty(),
-            "survivors {left:?} (cgroup: {cgroup})\n{}",
-            d.log()
-        );
+        assert_none_left(&d, &spawned, cgroup);
     }
 }
 
@@ -154,12 +160,7 @@ fn a_stop_waits_for_a_detached_process_that_is_slow_to_die() {
         let held = wait_identities(&pids, 1, DEADLINE);
         d.request(json!({"cmd": "stop", "task_id": task}));
         d.wait_state(&task, "cancelled");
-        let left = running(&held);
-        assert!(
-            left.is_empty(),
-            "survivors {left:?} (cgroup: {cgroup})\n{}",
-            d.log()
-        );
+        assert_none_left(&d, &held, cgroup);
     }
 }
 
@@ -187,12 +188,7 @@ fn a_task_ends_only_once_a_leftover_that_is_slow_to_die_is_gone() {
         );
         let held = wait_identities(&pids, 1, DEADLINE);
         d.wait_state(&task, "succeeded");
-        let left = running(&held);
-        assert!(
-            left.is_empty(),
-            "survivors {left:?} (cgroup: {cgroup})\n{}",
-            d.log()
-        );
+        assert_none_left(&d, &held, cgroup);
     }
 }
 
