@@ -424,18 +424,15 @@ fn send_wait_prints_every_line_of_a_quick_task_once() {
     assert!(lines[31].contains("  succeeded (ran "), "{text}");
 }
 
-/// `send --wait` prints every progress line of its task, also those the agent wrote
-/// before agentctl got to reading events: here agentctl is held up writing its first
-/// line (its stdout is a full pipe) until the agent has reported.
-#[test]
-fn send_wait_prints_the_progress_reported_before_it_read_any_event() {
-    use std::io::{Read, Write};
+/// A pipe filled to the brim, its reader, its writer and how many bytes it holds: a
+/// process given the writer as its stdout blocks on its first write.
+// std's pipe is newer (1.87) than the crate's MSRV; the tests used it before this
+// helper, where clippy's MSRV lint did not flag it, and it flags it here.
+#[allow(clippy::incompatible_msrv)]
+fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter, usize) {
+    use std::io::Write;
     use std::os::fd::AsRawFd;
-    use std::process::Stdio;
-    let d = Daemon::with_agent_exec(&[]);
-    let gate = d.gate("end");
-    let (mut reader, mut writer) = std::io::pipe().unwrap();
-    // Fill the pipe, so that agentctl's first write blocks.
+    let (reader, mut writer) = std::io::pipe().unwrap();
     let fd = writer.as_raw_fd();
     // SAFETY: fcntl on a pipe descriptor this test owns.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -445,6 +442,20 @@ fn send_wait_prints_the_progress_reported_before_it_read_any_event() {
         filled += n;
     }
     assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } == 0);
+    (reader, writer, filled)
+}
+
+/// `send --wait` prints every progress line of its task, also those the agent wrote
+/// before agentctl got to reading events: here agentctl is held up writing its first
+/// line (its stdout is a full pipe) until the agent has reported.
+#[test]
+fn send_wait_prints_the_progress_reported_before_it_read_any_event() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    let gate = d.gate("end");
+    // A full pipe, so that agentctl's first write blocks.
+    let (mut reader, writer, filled) = full_pipe();
     let mut child = Command::new(AGENTCTL)
         .arg("--socket")
         .arg(&d.socket)
@@ -490,21 +501,12 @@ fn send_wait_prints_the_progress_reported_before_it_read_any_event() {
 /// progress lines were left out, as `watch` does, rather than leaving a silent gap.
 #[test]
 fn send_wait_says_when_progress_lines_were_skipped() {
-    use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
+    use std::io::Read;
     use std::process::Stdio;
     let d = Daemon::with_agent_exec(&[]);
     let gate = d.gate("flooded");
-    let (mut reader, mut writer) = std::io::pipe().unwrap();
-    let fd = writer.as_raw_fd();
-    // SAFETY: fcntl on a pipe descriptor this test owns.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0);
-    let mut filled = 0;
-    while let Ok(n) = writer.write(&[b'#'; 4096]) {
-        filled += n;
-    }
-    assert!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } == 0);
+    // A full pipe, so that agentctl's first write blocks.
+    let (mut reader, writer, filled) = full_pipe();
     let mut child = Command::new(AGENTCTL)
         .arg("--socket")
         .arg(&d.socket)
