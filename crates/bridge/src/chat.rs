@@ -75,11 +75,23 @@ pub trait Chat: Send + Sync + 'static {
     /// bridge ran are not acted on.
     fn poll(&self, cursor: Option<&str>) -> anyhow::Result<Batch>;
 
-    /// Posts `text` in the conversation and returns the new message's id.
-    fn post(&self, to: &Conversation, text: &str) -> anyhow::Result<String>;
+    /// Posts `text` in the conversation and returns the new message's id. `key`
+    /// names this post: the core passes the same key in every attempt of one post
+    /// (a post made again after a failure) and a new one for every other post of
+    /// this run of the bridge. The chat shows a post made again with the same key
+    /// once, also when an earlier attempt did pass but its answer was lost (Matrix:
+    /// the key is in the transaction id, which the homeserver de-duplicates).
+    fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String>;
 
-    /// Replaces the text of the bridge's own message `message_id`.
-    fn edit(&self, to: &Conversation, message_id: &str, text: &str) -> anyhow::Result<()>;
+    /// Replaces the text of the bridge's own message `message_id`; `key` as for
+    /// [`Chat::post`].
+    fn edit(
+        &self,
+        to: &Conversation,
+        message_id: &str,
+        text: &str,
+        key: &str,
+    ) -> anyhow::Result<()>;
 
     /// Shows (or stops showing) that the bridge is typing in the conversation.
     fn typing(&self, to: &Conversation, on: bool) -> anyhow::Result<()>;

@@ -317,15 +317,19 @@ type Ask = Box<dyn Fn(&str) + Send>;
 type Keep = Box<dyn Fn(BTreeMap<String, Followed>) + Send>;
 
 /// A call that failed, to be made again.
+/// Each keeps the key of its first attempt ([`Chat::post`]), so the chat shows it
+/// once even when an attempt that looked failed had passed.
 enum Redo {
     Post {
         to: Conversation,
         body: String,
+        key: String,
     },
     Edit {
         to: Conversation,
         message: String,
         body: String,
+        key: String,
     },
 }
 
@@ -358,6 +362,8 @@ struct Writer<C: Chat> {
     first_redo_delay: Duration,
     /// Sessions told that agentd is not running, since the connection was lost.
     told_down: HashSet<String>,
+    /// The last key handed to the chat ([`Chat::post`]).
+    last_key: u64,
 }
 
 impl<C: Chat> Writer<C> {
@@ -381,7 +387,14 @@ impl<C: Chat> Writer<C> {
             retries: VecDeque::new(),
             first_redo_delay: FIRST_REDO_DELAY,
             told_down: HashSet::new(),
+            last_key: 0,
         }
+    }
+
+    /// A new key for a post or an edit ([`Chat::post`]).
+    fn key(&mut self) -> String {
+        self.last_key += 1;
+        self.last_key.to_string()
     }
 
     /// Follows the tasks a previous run of the bridge followed (asked about at the
@@ -457,8 +470,9 @@ impl<C: Chat> Writer<C> {
     /// Posts `body`; when the chat refuses it, it is tried again later (so is
     /// every post while earlier ones wait, to keep their order).
     fn post(&mut self, to: &Conversation, body: &str) -> Option<String> {
+        let key = self.key();
         if self.retries.is_empty() {
-            match self.chat.post(to, body) {
+            match self.chat.post(to, body, &key) {
                 Ok(id) => return Some(id),
                 Err(e) if !self.chat.may_pass_later(&e) => {
                     tracing::error!(room = %to, "cannot post in the chat: {e:#}");
@@ -472,14 +486,16 @@ impl<C: Chat> Writer<C> {
         self.redo(Redo::Post {
             to: to.clone(),
             body: body.to_string(),
+            key,
         });
         None
     }
 
     /// Edits a message for the last time (a task's end), tried again like a post.
     fn final_edit(&mut self, to: &Conversation, message: &str, body: &str) {
+        let key = self.key();
         if self.retries.is_empty() {
-            match self.chat.edit(to, message, body) {
+            match self.chat.edit(to, message, body, &key) {
                 Ok(()) => return,
                 Err(e) if !self.chat.may_pass_later(&e) => {
                     tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
@@ -494,6 +510,7 @@ impl<C: Chat> Writer<C> {
             to: to.clone(),
             message: message.to_string(),
             body: body.to_string(),
+            key,
         });
     }
 
@@ -518,8 +535,13 @@ impl<C: Chat> Writer<C> {
                 return;
             }
             let result = match &retry.redo {
-                Redo::Post { to, body } => self.chat.post(to, body).map(drop),
-                Redo::Edit { to, message, body } => self.chat.edit(to, message, body),
+                Redo::Post { to, body, key } => self.chat.post(to, body, key).map(drop),
+                Redo::Edit {
+                    to,
+                    message,
+                    body,
+                    key,
+                } => self.chat.edit(to, message, body, key),
             };
             match result {
                 Ok(()) => {
@@ -807,13 +829,15 @@ impl<C: Chat> Writer<C> {
             let Some(to) = to.filter(|_| body != ui.shown) else {
                 continue;
             };
+            self.last_key += 1;
+            let key = self.last_key.to_string();
             match &ui.message {
                 Some(message) => {
-                    if let Err(e) = self.chat.edit(&to, message, &body) {
+                    if let Err(e) = self.chat.edit(&to, message, &body, &key) {
                         tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
                     }
                 }
-                None => match self.chat.post(&to, &body) {
+                None => match self.chat.post(&to, &body, &key) {
                     Ok(id) => ui.message = Some(id),
                     Err(e) => tracing::warn!(room = %to, "cannot post progress: {e:#}"),
                 },
@@ -853,6 +877,8 @@ mod tests {
         failing: Mutex<u32>,
         /// Posts of texts containing this fail for good (removed from the room).
         refused: Option<&'static str>,
+        /// The key of every post and edit attempt, beside the call as in `calls`.
+        keys: Mutex<Vec<(String, String)>>,
     }
 
     impl Recorder {
@@ -874,7 +900,8 @@ mod tests {
         fn poll(&self, _: Option<&str>) -> anyhow::Result<crate::chat::Batch> {
             unreachable!("the writer never polls")
         }
-        fn post(&self, _: &Conversation, text: &str) -> anyhow::Result<String> {
+        fn post(&self, _: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
+            lock(&self.keys).push((format!("post {text}"), key.to_string()));
             if self.refused.is_some_and(|r| text.contains(r)) {
                 lock(&self.calls).push(format!("refused post {text}"));
                 anyhow::bail!("forbidden");
@@ -886,7 +913,8 @@ mod tests {
             calls.push(format!("post {text}"));
             Ok(format!("m{}", calls.len()))
         }
-        fn edit(&self, _: &Conversation, id: &str, text: &str) -> anyhow::Result<()> {
+        fn edit(&self, _: &Conversation, id: &str, text: &str, key: &str) -> anyhow::Result<()> {
+            lock(&self.keys).push((format!("edit {id} {text}"), key.to_string()));
             if self.fails(format!("edit {id} {text}")) {
                 anyhow::bail!("the homeserver is down");
             }
@@ -1297,6 +1325,75 @@ mod tests {
                 "post task T  succeeded\nall done",
             ]
         );
+    }
+
+    /// A post or final edit made again after a failure carries the key of its first
+    /// attempt, so a chat that did take an attempt whose answer was lost shows it
+    /// once (Matrix: the same transaction id); every other post has a key of its own.
+    #[test]
+    fn a_call_made_again_keeps_its_key_and_every_other_call_gets_a_new_one() {
+        let chat = Arc::new(Recorder::default());
+        *lock(&chat.failing) = 3;
+        let shows = vec![
+            started_answer(),
+            event("finished", None, view("succeeded", Some("all done"))),
+        ];
+        let redo = Some(Duration::from_millis(10));
+        run_writer_on(chat.clone(), Duration::from_secs(60), redo, shows);
+        let keys = lock(&chat.keys).clone();
+        let started: Vec<&(String, String)> = keys
+            .iter()
+            .filter(|(call, _)| call == "post task T  started")
+            .collect();
+        assert_eq!(started.len(), 4, "{keys:?}");
+        assert!(started.iter().all(|(_, k)| *k == started[0].1), "{keys:?}");
+        let done = keys
+            .iter()
+            .find(|(call, _)| call.starts_with("post task T  succeeded"))
+            .unwrap_or_else(|| panic!("{keys:?}"));
+        assert_ne!(done.1, started[0].1, "{keys:?}");
+
+        // The final edit of a progress message from before a restart of the bridge.
+        let chat = Arc::new(Recorder::default());
+        *lock(&chat.failing) = 2;
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let before = BTreeMap::from([(
+            "T".to_string(),
+            Followed {
+                session: "test:r".into(),
+                message: Some("m0".into()),
+            },
+        )]);
+        let (tx, rx) = mpsc::channel();
+        tx.send(note(Note::Connected {
+            server: "agentd".into(),
+        }))
+        .unwrap();
+        tx.send(status(Ok(view("succeeded", Some("all done")))))
+            .unwrap();
+        drop(tx);
+        let mut writer = Writer::new(chat.clone(), sessions, Duration::from_secs(60), {
+            Box::new(|_: &str| {})
+        })
+        .following(before, Box::new(|_| {}));
+        writer.first_redo_delay = Duration::from_millis(10);
+        writer.run(rx);
+        let keys = lock(&chat.keys).clone();
+        let calls: Vec<&str> = keys.iter().map(|(call, _)| call.as_str()).collect();
+        assert_eq!(
+            calls,
+            [
+                "edit m0 task T  succeeded  work",
+                "edit m0 task T  succeeded  work",
+                "edit m0 task T  succeeded  work",
+                "post task T  succeeded\nall done",
+            ]
+        );
+        assert!(keys[..3].iter().all(|(_, k)| *k == keys[0].1), "{keys:?}");
+        assert_ne!(keys[3].1, keys[0].1, "{keys:?}");
     }
 
     /// Messages that come while agentd is not connected wait; the chat is told so

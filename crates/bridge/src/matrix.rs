@@ -4,7 +4,6 @@
 //! invited to by allowed users (or the configured rooms).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -96,9 +95,10 @@ pub struct Matrix {
     /// Room ids served; empty = any room an allowed user invited the bridge to.
     rooms: Vec<String>,
     allowed_users: Vec<String>,
-    /// Transaction ids: unique per process start, so a retried send is not doubled.
+    /// Starts every transaction id: unique per process start, since the homeserver
+    /// remembers transaction ids across restarts of the bridge (per access token)
+    /// and the core's keys start again at each start.
     txn_prefix: String,
-    txn: AtomicU64,
     filter: String,
     /// Set by a poll without a cursor (a fresh start): messages the homeserver
     /// stamped before this moment (ms since the epoch) are history, never acted on,
@@ -137,7 +137,6 @@ impl Matrix {
             rooms: Vec::new(),
             allowed_users: config.allowed_users.clone(),
             txn_prefix: format!("agentd-{}-{started}", std::process::id()),
-            txn: AtomicU64::new(0),
             // Only what the bridge reads: messages and its own membership, with room
             // for bursts so a timeline is rarely cut ("limited"). The filter names
             // this process (an event type nobody sends), because Synapse answers a
@@ -334,25 +333,26 @@ impl Matrix {
         Ok((status, answer, retry_after))
     }
 
-    fn next_txn(&self) -> String {
-        format!(
-            "{}-{}",
-            self.txn_prefix,
-            self.txn.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    fn send_event(&self, room: &str, content: &Value) -> anyhow::Result<String> {
+    /// Sends an event with the transaction id of `key` ([`Chat::post`]): the
+    /// homeserver makes one event of every send with the same access token and
+    /// transaction id, so a send made again (here through transport errors, or
+    /// by the core after a failure) is shown once.
+    fn send_event(&self, room: &str, content: &Value, key: &str) -> anyhow::Result<String> {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
             enc(room),
-            enc(&self.next_txn())
+            enc(&self.txn_id(key))
         );
         let answer = self.call("PUT", &path, &[], Some(content), REQUEST_TIMEOUT)?;
         answer["event_id"]
             .as_str()
             .map(str::to_string)
             .context("the homeserver's answer to a send has no event_id")
+    }
+
+    /// The transaction id of the core's `key`.
+    fn txn_id(&self, key: &str) -> String {
+        format!("{}-{key}", self.txn_prefix)
     }
 
     /// Whether the bridge acts on messages in `room`.
@@ -575,7 +575,7 @@ impl Chat for Matrix {
         })
     }
 
-    fn post(&self, to: &Conversation, text: &str) -> anyhow::Result<String> {
+    fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
         let text = fit(text);
         let mut content = json!({"msgtype": "m.notice", "body": text});
         if let Some(root) = &to.thread {
@@ -586,10 +586,16 @@ impl Chat for Matrix {
                 "m.in_reply_to": {"event_id": root},
             });
         }
-        self.send_event(&to.room, &content)
+        self.send_event(&to.room, &content, key)
     }
 
-    fn edit(&self, to: &Conversation, message_id: &str, text: &str) -> anyhow::Result<()> {
+    fn edit(
+        &self,
+        to: &Conversation,
+        message_id: &str,
+        text: &str,
+        key: &str,
+    ) -> anyhow::Result<()> {
         let text = fit(text);
         let content = json!({
             "msgtype": "m.notice",
@@ -597,7 +603,7 @@ impl Chat for Matrix {
             "m.new_content": {"msgtype": "m.notice", "body": text},
             "m.relates_to": {"rel_type": "m.replace", "event_id": message_id},
         });
-        self.send_event(&to.room, &content).map(|_| ())
+        self.send_event(&to.room, &content, key).map(|_| ())
     }
 
     fn typing(&self, to: &Conversation, on: bool) -> anyhow::Result<()> {
@@ -627,6 +633,140 @@ impl Chat for Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    /// A homeserver on loopback that makes one event per transaction id, as the
+    /// spec says, and drops the connection instead of answering the first `lose`
+    /// sends (the event was made, the answer is lost).
+    struct Homeserver {
+        url: String,
+        /// The path of every send, in order.
+        sends: Arc<Mutex<Vec<String>>>,
+        /// One event id per transaction path.
+        events: Arc<Mutex<HashMap<String, String>>>,
+    }
+
+    impl Homeserver {
+        fn start(lose: usize) -> Homeserver {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let sends = Arc::new(Mutex::new(Vec::new()));
+            let events = Arc::new(Mutex::new(HashMap::new()));
+            let lose = Arc::new(Mutex::new(lose));
+            let (s, e) = (sends.clone(), events.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { return };
+                    let (sends, events, lose) = (s.clone(), e.clone(), lose.clone());
+                    std::thread::spawn(move || serve(stream, &sends, &events, &lose));
+                }
+            });
+            Homeserver { url, sends, events }
+        }
+    }
+
+    /// Answers the requests of one connection (keep-alive) until it closes.
+    fn serve(
+        stream: TcpStream,
+        sends: &Mutex<Vec<String>>,
+        events: &Mutex<HashMap<String, String>>,
+        lose: &Mutex<usize>,
+    ) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        loop {
+            let mut head = String::new();
+            if reader.read_line(&mut head).unwrap_or(0) == 0 {
+                return;
+            }
+            let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            sends.lock().unwrap().push(path.clone());
+            let event_id = {
+                let mut events = events.lock().unwrap();
+                let next = format!("$e{}", events.len() + 1);
+                events.entry(path).or_insert(next).clone()
+            };
+            {
+                let mut lose = lose.lock().unwrap();
+                if *lose > 0 {
+                    *lose -= 1;
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+            let answer = json!({ "event_id": event_id }).to_string();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            if (&stream).write_all(response.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A client of `homeserver` that is logged in already.
+    fn client(homeserver: &str) -> Matrix {
+        Matrix {
+            homeserver: homeserver.to_string(),
+            user: "@agentd:h".into(),
+            token: "token".into(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(REQUEST_TIMEOUT))
+                .build()
+                .into(),
+            rooms: Vec::new(),
+            allowed_users: Vec::new(),
+            txn_prefix: "agentd-1-2".into(),
+            filter: String::new(),
+            fresh_start: Mutex::new(None),
+        }
+    }
+
+    /// The homeserver took a post but its answers were lost, through every attempt
+    /// of the adapter: the post fails, and the core makes it again later with the
+    /// same key. Every attempt has one transaction id, so the room shows the post
+    /// once; another post has an id of its own.
+    #[test]
+    fn every_attempt_of_one_post_has_one_transaction_id() {
+        let server = Homeserver::start(ATTEMPTS as usize);
+        let matrix = client(&server.url);
+        let to = Conversation::room("!r:h");
+        assert!(matrix.post(&to, "hello", "1").is_err());
+        assert_eq!(matrix.post(&to, "hello", "1").unwrap(), "$e1");
+        assert_eq!(matrix.post(&to, "bye", "2").unwrap(), "$e2");
+        let sends = server.sends.lock().unwrap().clone();
+        assert_eq!(sends.len(), ATTEMPTS as usize + 2, "{sends:?}");
+        assert!(
+            sends[..=ATTEMPTS as usize].iter().all(|p| *p == sends[0]),
+            "{sends:?}"
+        );
+        assert!(
+            sends[0].ends_with("/send/m.room.message/agentd-1-2-1"),
+            "{sends:?}"
+        );
+        assert_eq!(server.events.lock().unwrap().len(), 2, "{sends:?}");
+    }
 
     #[test]
     fn path_segments_are_encoded() {
