@@ -60,6 +60,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             socket,
             client: format!("agentd-matrix {}", env!("CARGO_PKG_VERSION")),
             allowed_users: config.allowed_users,
+            refusal_interval: config.refusal_interval,
             progress_interval: config.progress_interval,
             state_file: config.state_file,
         },

@@ -651,8 +651,10 @@ progress-interval = "300ms"
             .find(|e| body(e).contains(&mallory.id))
     });
     assert!(body(&refusal).contains("allowed"), "{refusal}");
-    assert!(tasks_with_text(&d, &evil).is_empty(), "mallory's text ran");
-    assert!(!marker.exists());
+    // Told once: mallory's next messages get no refusal of their own.
+    let evil_again = format!("{evil} again");
+    mallory.say(&room_a, &evil_again);
+    mallory.say(&room_a, "please?");
 
     // /stop ends the long task; its end is posted.
     let stop_event = alice.say(&room_a, "/stop");
@@ -665,6 +667,20 @@ progress-interval = "300ms"
             .find(|e| body(e).contains(&task_id) && body(e).contains("cancelled"))
     });
     assert_eq!(d.wait_state(&task_id, "cancelled")["state"], "cancelled");
+    // The chat writer posts in order: a second refusal would be before /stop's answer.
+    let refusals: Vec<Value> = events_after(&room_a, &evil_event)
+        .into_iter()
+        .filter(|e| body(e).contains(&mallory.id))
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        1,
+        "mallory was refused more than once: {refusals:?}"
+    );
+    for text in [&evil, &evil_again] {
+        assert!(tasks_with_text(&d, text).is_empty(), "mallory's text ran");
+    }
+    assert!(!marker.exists());
     let final_edit = wait_for("the progress message shows the end", DEADLINE, || {
         edits_of(&alice.events(&room_a), &progress_id)
             .into_iter()

@@ -16,7 +16,7 @@ struct FileConfig {
 }
 
 /// `[matrix]` as written in the file.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct MatrixTable {
     homeserver: Option<String>,
@@ -29,6 +29,7 @@ struct MatrixTable {
     rooms: Vec<String>,
     state_file: Option<PathBuf>,
     progress_interval: Option<String>,
+    refusal_interval: Option<String>,
     device_name: Option<String>,
 }
 
@@ -56,6 +57,9 @@ pub struct MatrixConfig {
     pub state_file: PathBuf,
     /// The shortest time between two edits of a task's progress message.
     pub progress_interval: Duration,
+    /// A sender not in `allowed_users` is told so once per room, then not again
+    /// for this long.
+    pub refusal_interval: Duration,
     pub device_name: String,
     /// agentd's control socket, from the file's top-level `socket`, if set.
     pub socket: Option<PathBuf>,
@@ -64,6 +68,10 @@ pub struct MatrixConfig {
 /// The default progress edit interval: one edit a second keeps well under a
 /// homeserver's message rate limits.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The default time a refused sender is not told again in one room: an hour keeps
+/// a shared room quiet while leaving a newcomer one clear answer.
+pub const DEFAULT_REFUSAL_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl MatrixConfig {
     pub fn load(path: &Path) -> anyhow::Result<MatrixConfig> {
@@ -111,14 +119,22 @@ impl MatrixConfig {
         if table.allowed_users.is_empty() {
             tracing::warn!("[matrix] allowed-users is empty: the bridge will refuse everyone");
         }
-        let progress_interval = match table.progress_interval {
+        let duration = |value: Option<String>, key: &str, default: Duration| match value {
             Some(text) => humantime::parse_duration(text.trim()).with_context(|| {
-                format!(
-                    "[matrix] progress-interval: invalid duration {text:?} (examples: 500ms, 2s)"
-                )
-            })?,
-            None => DEFAULT_PROGRESS_INTERVAL,
+                format!("[matrix] {key}: invalid duration {text:?} (examples: 500ms, 2s, 1h)")
+            }),
+            None => Ok(default),
         };
+        let progress_interval = duration(
+            table.progress_interval,
+            "progress-interval",
+            DEFAULT_PROGRESS_INTERVAL,
+        )?;
+        let refusal_interval = duration(
+            table.refusal_interval,
+            "refusal-interval",
+            DEFAULT_REFUSAL_INTERVAL,
+        )?;
         let base = path.parent().unwrap_or(Path::new("."));
         let state_file = match table.state_file {
             Some(p) if p.is_relative() => base.join(p),
@@ -133,6 +149,7 @@ impl MatrixConfig {
             rooms: table.rooms,
             state_file,
             progress_interval,
+            refusal_interval,
             device_name: table.device_name.unwrap_or_else(|| "agentd-matrix".into()),
             socket: file.socket,
         })
@@ -195,7 +212,47 @@ mod tests {
         assert_eq!(c.allowed_users, ["@alice:localhost"]);
         assert_eq!(c.state_file, Path::new("/etc/agentd/matrix.json"));
         assert_eq!(c.progress_interval, Duration::from_millis(500));
+        assert_eq!(c.refusal_interval, DEFAULT_REFUSAL_INTERVAL);
+        let quieter = parse(
+            "[matrix]\nhomeserver = 'http://h'\nuser = '@a:h'\npassword = 'p'\n\
+             refusal-interval = '10m'",
+        )
+        .unwrap();
+        assert_eq!(quieter.refusal_interval, Duration::from_secs(600));
         assert_eq!(c.socket.as_deref(), Some(Path::new("/run/agentd.sock")));
+    }
+
+    /// examples/config.toml shows every `[matrix]` key, with the default where
+    /// there is one: a key added here and not there fails this test.
+    #[test]
+    fn the_example_config_lists_every_matrix_key() {
+        let example = include_str!("../../../examples/config.toml");
+        let (_, table) = example
+            .split_once("\n# [matrix]\n")
+            .expect("examples/config.toml has a [matrix] table");
+        let uncommented: String = table
+            .lines()
+            .filter_map(|line| line.strip_prefix("# "))
+            .filter(|rest| {
+                rest.split_once(" = ")
+                    .is_some_and(|(key, _)| key.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let parsed: MatrixTable = toml::from_str(&uncommented).unwrap();
+        let json = serde_json::to_value(&parsed).unwrap();
+        let missing: Vec<&String> = json
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_null() || v.as_array().is_some_and(Vec::is_empty))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(missing.is_empty(), "examples/config.toml lacks {missing:?}");
+        let d = |v: &Option<String>| humantime::parse_duration(v.as_deref().unwrap()).unwrap();
+        assert_eq!(d(&parsed.progress_interval), DEFAULT_PROGRESS_INTERVAL);
+        assert_eq!(d(&parsed.refusal_interval), DEFAULT_REFUSAL_INTERVAL);
+        assert_eq!(parsed.device_name.as_deref(), Some("agentd-matrix"));
     }
 
     #[test]
@@ -206,6 +263,7 @@ mod tests {
         assert!(err("password = 'p'\naccess-token = 't'").contains("not both"));
         assert!(err("password = 'p'\nallowed-users = ['alice']").contains("not a user id"));
         assert!(err("password = 'p'\nallowd-users = []").contains("allowd-users"));
+        assert!(err("password = 'p'\nrefusal-interval = 'often'").contains("refusal-interval"));
         assert!(parse("max-concurrent = 2")
             .unwrap_err()
             .to_string()

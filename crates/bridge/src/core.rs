@@ -37,6 +37,8 @@ const MAX_REDO_DELAY: Duration = Duration::from_secs(60);
 const REDO_ATTEMPTS: u32 = 40;
 /// The most calls waiting to be tried again; past it the oldest is dropped.
 const REDO_KEPT: usize = 1_000;
+/// The most refused senders remembered ([`State::tell_refused`]).
+const REFUSED_KEPT: usize = 10_000;
 
 /// What the core needs to know.
 #[derive(Debug, Clone)]
@@ -45,8 +47,11 @@ pub struct CoreConfig {
     pub socket: PathBuf,
     /// Sent in `hello`.
     pub client: String,
-    /// User ids that may give work; everyone else gets a refusal.
+    /// User ids that may give work; everyone else gets a refusal, once per room
+    /// and `refusal_interval`.
     pub allowed_users: Vec<String>,
+    /// How long a refused sender is not told again in the same room.
+    pub refusal_interval: Duration,
     /// The shortest time between two edits of one task's progress message.
     pub progress_interval: Duration,
     /// Where the chat cursor, handled message ids and served sessions are kept.
@@ -69,6 +74,10 @@ pub struct State {
     /// bridge was down is still reported, and its progress message finished.
     #[serde(default)]
     pub tasks: BTreeMap<String, Followed>,
+    /// When each refused sender was last told so, by room and sender (not kept:
+    /// a restart tells them once more).
+    #[serde(skip)]
+    refused: HashMap<(String, String), Instant>,
 }
 
 /// A task the chat follows, as the state file keeps it.
@@ -113,6 +122,21 @@ impl State {
         std::fs::rename(&tmp, path)
             .with_context(|| format!("cannot replace {}", path.display()))?;
         Ok(())
+    }
+
+    /// Whether `sender`, refused in `room`, is to be told so now: not when told in
+    /// that room less than `interval` ago (then a chatty user or a spammer gets one
+    /// refusal, not one per message). At most [`REFUSED_KEPT`] senders are
+    /// remembered; past that, no one new is told until some are forgotten.
+    fn tell_refused(&mut self, room: &str, sender: &str, interval: Duration, now: Instant) -> bool {
+        self.refused
+            .retain(|_, at| now.saturating_duration_since(*at) < interval);
+        let key = (room.to_string(), sender.to_string());
+        if self.refused.contains_key(&key) || self.refused.len() >= REFUSED_KEPT {
+            return false;
+        }
+        self.refused.insert(key, now);
+        true
     }
 
     /// Records a message id; false when it was already handled.
@@ -268,8 +292,13 @@ fn handle(
         return;
     }
     if !config.allowed_users.contains(&sender) {
-        tracing::info!(%sender, room = %conversation, "refused: sender not on the allow-list");
         save(state, &config.state_file);
+        let interval = config.refusal_interval;
+        if !state.tell_refused(&conversation.room, &sender, interval, Instant::now()) {
+            tracing::info!(%sender, room = %conversation, "refused again: sender not on the allow-list (told already)");
+            return;
+        }
+        tracing::info!(%sender, room = %conversation, "refused: sender not on the allow-list");
         let _ = show.send(Show::Refuse {
             to: conversation,
             sender,
@@ -1418,6 +1447,66 @@ mod tests {
             run_writer(Duration::from_secs(1), shows),
             [down.clone(), down]
         );
+    }
+
+    /// A sender not on the allow-list who writes again and again (a spammer, or a
+    /// user chatting in a shared room) is told once per room, then not again until
+    /// `refusal-interval` has passed; nothing of theirs runs.
+    #[test]
+    fn a_refused_sender_is_told_once_per_room_and_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CoreConfig {
+            socket: dir.path().join("no.sock"),
+            client: "test".into(),
+            allowed_users: vec!["@alice:h".into()],
+            refusal_interval: Duration::from_secs(3600),
+            progress_interval: Duration::from_secs(1),
+            state_file: dir.path().join("state.json"),
+        };
+        let mut state = State::default();
+        let sessions = Mutex::new(HashMap::new());
+        let (notes, _) = mpsc::channel();
+        let link = Link::new(config.socket.clone(), "test".into(), notes);
+        let (show, shown) = mpsc::channel();
+        let says = [
+            ("r", "@mallory:h"),
+            ("r", "@mallory:h"),
+            ("r", "@mallory:h"),
+            ("q", "@mallory:h"),
+            ("r", "@eve:h"),
+            ("q", "@mallory:h"),
+        ];
+        for (i, (room, sender)) in says.into_iter().enumerate() {
+            let message = Inbound {
+                conversation: Conversation::room(room),
+                message_id: format!("$m{i}"),
+                sender: sender.into(),
+                text: "rm -rf /".into(),
+            };
+            handle(
+                "test", &config, &mut state, &sessions, &link, &show, message,
+            );
+        }
+        drop(show);
+        let told: Vec<String> = shown
+            .into_iter()
+            .map(|s| match s {
+                Show::Refuse { to, sender } => format!("{} {sender}", to.room),
+                _ => "something else".into(),
+            })
+            .collect();
+        assert_eq!(told, ["r @mallory:h", "q @mallory:h", "r @eve:h"]);
+        assert!(state.sessions.is_empty(), "a refused sender made a session");
+
+        // Told again once the interval has passed since the last time.
+        let mut state = State::default();
+        let hour = Duration::from_secs(3600);
+        let t0 = Instant::now();
+        assert!(state.tell_refused("r", "@m:h", hour, t0));
+        assert!(!state.tell_refused("r", "@m:h", hour, t0 + hour / 2));
+        assert!(!state.tell_refused("r", "@m:h", hour, t0 + hour - Duration::from_millis(1)));
+        assert!(state.tell_refused("r", "@m:h", hour, t0 + hour));
+        assert!(!state.tell_refused("r", "@m:h", hour, t0 + hour + hour / 2));
     }
 
     #[test]
