@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentd_proto::control::{EventView, SendReply, TaskView, CONTROL_PROTOCOL_VERSION};
+use agentd_proto::text;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
@@ -291,8 +292,12 @@ impl Link {
         if let Some(sent) = id.and_then(|id| state.pending.remove(&id)) {
             drop(state);
             let answer = if line["ok"] == true {
-                serde_json::from_value::<SendReply>(line["result"].clone())
-                    .map_err(|e| format!("agentd's answer does not parse: {e}"))
+                serde_json::from_value::<SendReply>(line["result"].clone()).map_err(|e| {
+                    // The details are for the log; the chat gets a short message.
+                    tracing::error!(session = %sent.session, message_id = %sent.message_id,
+                        "agentd's answer to a send does not parse ({e}): {line}");
+                    text::bridge_answer_unreadable()
+                })
             } else {
                 Err(line["error"]["message"]
                     .as_str()
@@ -305,8 +310,10 @@ impl Link {
         if let Some(task_id) = id.and_then(|id| state.statuses.remove(&id)) {
             drop(state);
             let answer = if line["ok"] == true {
-                serde_json::from_value::<TaskView>(line["result"].clone())
-                    .map_err(|e| format!("agentd's answer does not parse: {e}"))
+                serde_json::from_value::<TaskView>(line["result"].clone()).map_err(|e| {
+                    tracing::error!(%task_id, "agentd's answer to a status does not parse ({e}): {line}");
+                    "unreadable".to_string()
+                })
             } else {
                 Err(line["error"]["code"]
                     .as_str()
@@ -426,6 +433,52 @@ mod tests {
             waited >= Duration::from_millis(1500),
             "five connections in {waited:?}"
         );
+    }
+
+    /// agentd answers a `send` with a result the bridge cannot read (a newer or a
+    /// broken agentd): the chat gets the short message of text.rs, not serde's
+    /// detail, which goes to the log.
+    #[test]
+    fn an_answer_that_does_not_parse_gives_the_chat_a_short_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agentd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let (tx, notes) = std::sync::mpsc::channel();
+        let link = Link::new(socket, "test".into(), tx);
+        link.spawn();
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut next = || -> Value {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+        };
+        let write = |line: Value| (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
+        assert_eq!(next()["cmd"], "hello");
+        write(json!({"id": 0, "ok": true, "result": {"protocol": 1, "server": "agentd"}}));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(
+            notes.recv_timeout(Duration::from_secs(30)),
+            Ok(Note::Connected { .. })
+        ) {
+            assert!(Instant::now() < deadline, "never connected");
+        }
+        assert!(link.send("s", "$m", "work"));
+        let send = loop {
+            let line = next();
+            if line["cmd"] == "send" {
+                break line;
+            }
+        };
+        write(json!({"id": send["id"], "ok": true, "result": {"reply": 42, "accepted": "yes"}}));
+        let answer = loop {
+            match notes.recv_timeout(Duration::from_secs(30)) {
+                Ok(Note::Answer { answer, .. }) => break answer,
+                Ok(_) => {}
+                Err(e) => panic!("no answer: {e}"),
+            }
+        };
+        assert_eq!(answer.unwrap_err(), text::bridge_answer_unreadable());
     }
 
     /// agentd refuses a watch (here `bad_request`, as for a session name longer

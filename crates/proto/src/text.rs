@@ -576,6 +576,14 @@ pub fn bridge_task_unknown(task_id: &str) -> String {
     )
 }
 
+/// What a bridge posts when agentd's answer to a message cannot be read (an agentd
+/// of another version, or a broken line); the details go to the bridge's log.
+pub fn bridge_answer_unreadable() -> String {
+    "agentd's answer to this message could not be read (the bridge's log has the \
+     details); it may have started a task: `/status` shows what runs"
+        .to_string()
+}
+
 /// What a bridge says when a message comes while agentd is not running.
 pub fn bridge_agentd_down() -> String {
     "agentd is not running right now: your message waits, and is handed to it as soon \
