@@ -27,9 +27,16 @@ What it does (docs/protocol.md, "Writing a bridge"):
 - when the connection is lost (agentd restarted), reconnects with a growing delay,
   says hello again, watches its chats again, asks `status` for the tasks it knew were
   live (a restart interrupts them), and re-sends every message whose answer never
-  came, with the same `message_id`, so agentd does not run one twice.
+  came, with the same `message_id`, so agentd does not run one twice;
+- keeps a state file (`--state`): the chats it watches, the tasks it told a chat
+  about that had not ended, and the messages whose answer had not come. After a
+  restart of the bridge itself it watches those chats again, asks `status` of
+  those tasks, so one that ended while the bridge was down is still reported, and
+  sends those messages again with their `message_id`;
+- a task agentd no longer knows (`not_found`: a new agentd on another state dir)
+  is forgotten, and its chat is told so once, instead of being asked about forever.
 
-Usage: bridge.py [--socket PATH] [--client NAME] [--max-delay SECONDS]
+Usage: bridge.py [--socket PATH] [--client NAME] [--max-delay SECONDS] [--state FILE]
 """
 
 import argparse
@@ -54,13 +61,58 @@ def default_socket():
     return "/tmp/agentd-%d/agentd.sock" % os.getuid()
 
 
+def default_state_file():
+    """$XDG_STATE_HOME/agentd/bridge-py-state.json, else ~/.local/state/agentd/…."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "agentd", "bridge-py-state.json")
+
+
+def load_state(path):
+    """The state a previous run kept, or an empty one (no file, or no path)."""
+    empty = {"chats": [], "live": {}, "unanswered": []}
+    if not path:
+        return empty
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read())
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValueError) as e:
+        # A state file that cannot be read is not silently replaced: say so and stop.
+        raise SystemExit("bridge.py: state file %s is not valid (%s)" % (path, e))
+    if not isinstance(state, dict):
+        raise SystemExit("bridge.py: state file %s is not valid (not an object)" % path)
+    return {
+        "chats": [str(c) for c in state.get("chats", [])],
+        "live": {str(t): str(c) for t, c in dict(state.get("live", {})).items()},
+        "unanswered": [(str(c), str(m), str(t)) for c, m, t in state.get("unanswered", [])],
+    }
+
+
+def save_state(path, state):
+    """Writes the state atomically (a temp file renamed over it), mode 0600."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def log(*words):
     print("bridge:", *words, file=sys.stderr, flush=True)
 
 
 class Bridge:
-    def __init__(self, path, client, max_delay):
+    def __init__(self, path, client, max_delay, state_file=None):
         self.path = path
+        self.state_file = state_file
         self.client = client
         self.max_delay = max_delay
         self.lock = threading.Lock()
@@ -83,6 +135,35 @@ class Bridge:
         self.posted_started = collections.OrderedDict()
         self.posted_finished = collections.OrderedDict()
         self.connected = threading.Event()
+        # What a previous run kept: its chats are watched and its tasks asked about
+        # at the first connection, its unanswered messages sent again.
+        state = load_state(state_file)
+        self.chats = state["chats"]
+        self.live = state["live"]
+        for task_id in self.live:
+            self.posted_started[task_id] = True
+        for entry in state["unanswered"]:
+            self.unanswered[next(self.ids)] = entry
+        self.kept = None
+
+    def _keep(self):
+        """Saves the state when it changed (called with `self.lock` held)."""
+        if not self.state_file:
+            return
+        state = {
+            "chats": list(self.chats),
+            "live": dict(self.live),
+            # Only messages with an id: agentd de-duplicates those when sent again.
+            "unanswered": [list(e) for _, e in sorted(self.unanswered.items())
+                           if e[1] is not None],
+        }
+        if state == self.kept:
+            return
+        try:
+            save_state(self.state_file, state)
+            self.kept = state
+        except OSError as e:
+            log("cannot save the state file %s: %s" % (self.state_file, e))
 
     # ----- the chat side -----
 
@@ -97,10 +178,14 @@ class Bridge:
         with self.lock:
             if chat not in self.chats:
                 self.chats.append(chat)
+                self._keep()
                 if self.sock is not None:
                     self._watch(chat)
             request_id = next(self.ids)
-            self.unanswered[request_id] = (chat, message_id, text)
+            self.unanswered[request_id] = (chat, None if message_id is None else str(message_id),
+                                           text)
+            # Kept before agentd sees it: a restart of the bridge sends it again.
+            self._keep()
             if self.sock is not None:
                 self._send_message(request_id)
             # Otherwise it goes out when the connection is back.
@@ -127,7 +212,7 @@ class Bridge:
         for task_id, task_chat in list(self.live.items()):
             if task_chat == chat:
                 request_id = next(self.ids)
-                self.catch_up[request_id] = chat
+                self.catch_up[request_id] = (chat, task_id)
                 self._write({"id": request_id, "cmd": "status", "task_id": task_id})
 
     def _send_message(self, request_id):
@@ -217,6 +302,15 @@ class Bridge:
                 task = line["result"]
                 if task.get("state") in TERMINAL:
                     self.on_finished(catch_up_chat, task)
+            elif (line.get("error") or {}).get("code") == "not_found":
+                task_id = catch_up_chat[1]
+                with self.lock:
+                    known = self.live.pop(task_id, None) is not None
+                    self._keep()
+                if known and remember(self.posted_finished, task_id, self.lock):
+                    self.post(catch_up_chat[0], "unknown",
+                              "task %s  unknown to agentd now: how it ended cannot be shown"
+                              % task_id, task_id=task_id)
             return
         if message is not None:
             chat = message[0]
@@ -232,10 +326,14 @@ class Bridge:
                 if result.get("command"):
                     extra["command"] = result["command"]
                 self.post(chat, "reply", result["reply"], **extra)
+                with self.lock:
+                    self._keep()
             else:
                 error = line.get("error", {})
                 self.post(chat, "error", error.get("message", "agentd refused the message"),
                           code=error.get("code"))
+                with self.lock:
+                    self._keep()
             return
         if watch_chat is not None and not line.get("ok"):
             error = line.get("error") or {}
@@ -253,7 +351,9 @@ class Bridge:
         task = event.get("task") or {}
         if kind in ("accepted", "started", "progress") and task.get("state") not in TERMINAL:
             with self.lock:
-                self.live[task_id] = chat
+                if self.live.get(task_id) != chat:
+                    self.live[task_id] = chat
+                    self._keep()
         if kind == "progress":
             self.post(chat, "progress", event.get("text", ""), task_id=task_id)
         elif kind == "started":
@@ -270,6 +370,7 @@ class Bridge:
         task_id = task.get("task_id")
         with self.lock:
             self.live.pop(task_id, None)
+            self._keep()
         if not remember(self.posted_finished, task_id, self.lock):
             return
         state = task.get("state", "finished")
@@ -302,9 +403,12 @@ def main():
     parser.add_argument("--client", default="bridge.py", help="name sent in hello")
     parser.add_argument("--max-delay", type=float, default=2.0,
                         help="longest wait between reconnection attempts, in seconds")
+    parser.add_argument("--state", default=default_state_file(),
+                        help="the state file (chats, followed tasks, unanswered messages); "
+                             "'' keeps none. Default: %(default)s")
     args = parser.parse_args()
 
-    bridge = Bridge(args.socket, args.client, args.max_delay)
+    bridge = Bridge(args.socket, args.client, args.max_delay, args.state)
     threading.Thread(target=bridge.run_connection, daemon=True).start()
     for raw in sys.stdin:
         if not raw.strip():

@@ -37,16 +37,28 @@ struct Bridge {
 }
 
 impl Bridge {
+    /// The bridge with its state file beside `stderr` (one per test).
     fn start(socket: &Path, stderr: &Path) -> Bridge {
+        Bridge::start_with_state(socket, stderr, &stderr.with_extension("state.json"))
+    }
+
+    fn start_with_state(socket: &Path, stderr: &Path, state: &Path) -> Bridge {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bridge.py");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(stderr)
+            .expect("stderr file");
         let mut child = Command::new("python3")
             .arg(script)
             .arg("--socket")
             .arg(socket)
+            .arg("--state")
+            .arg(state)
             .args(["--max-delay", "0.2"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(stderr).expect("stderr file"))
+            .stderr(stderr)
             .spawn()
             .expect("run python3 examples/bridge.py");
         let stdin = child.stdin.take().unwrap();
@@ -288,4 +300,102 @@ fn the_python_bridge_reports_a_task_that_ended_while_agentd_was_down() {
         l["kind"] == "finished" && l["task_id"] == json!(task)
     });
     assert_eq!(end["state"], json!("interrupted"), "{end}");
+}
+
+/// The bridge itself is killed while a task runs, and the task ends before it is
+/// back: its state file named the chat and the task, so the restarted bridge asks
+/// how it stands and reports its end. A message the bridge took while agentd was
+/// down, and that it could not deliver before it was killed, is delivered by the
+/// next run of the bridge, once.
+#[test]
+fn the_python_bridge_keeps_its_state_across_its_own_restart() {
+    let mut d = Daemon::with_agent_exec(&[]);
+    let log = d.dir.path().join("bridge.log");
+    let state = d.dir.path().join("bridge-state.json");
+    let mut bridge = Bridge::start_with_state(&d.socket, &log, &state);
+    let chat = "tg:3003";
+    bridge.say(chat, "m-1", "echo working; exec sleep 60");
+    let reply = bridge.expect("the task's start", |l| l["kind"] == "reply");
+    let task = reply["task_id"].as_str().expect("a task id").to_string();
+    bridge.expect("the task's progress", |l| {
+        l["kind"] == "progress" && l["task_id"] == json!(task)
+    });
+    drop(bridge);
+    let stop = d.request(json!({"cmd": "stop", "task_id": task}));
+    assert_eq!(stop["stopped"][0]["state"], json!("cancelled"), "{stop}");
+    let mut bridge = Bridge::start_with_state(&d.socket, &log, &state);
+    let end = bridge.expect("the end of the task, after the bridge's restart", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(task)
+    });
+    assert_eq!(end["state"], json!("cancelled"), "{end}");
+
+    // agentd is down: the message waits in the bridge, which is killed.
+    kill(d.pid(), libc::SIGTERM);
+    let _ = d.child.wait();
+    bridge.say(chat, "m-2", "echo delivered later");
+    wait_for("the bridge keeps the waiting message", DEADLINE, || {
+        let kept = std::fs::read_to_string(&state).unwrap_or_default();
+        kept.contains("delivered later").then_some(())
+    });
+    drop(bridge);
+    d.restart();
+    let mut bridge = Bridge::start_with_state(&d.socket, &log, &state);
+    let reply = bridge.expect("the answer to the waiting message", |l| {
+        l["kind"] == "reply" && l["task_id"].is_string()
+    });
+    let later = reply["task_id"].as_str().unwrap().to_string();
+    let end = bridge.expect("its end", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(later)
+    });
+    assert_eq!(
+        text(&end),
+        format!("task {later}  succeeded: delivered later")
+    );
+    let all = d.request(json!({"cmd": "tasks", "all": true}));
+    let ran: Vec<Value> = all
+        .as_array()
+        .or_else(|| all["tasks"].as_array())
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t["text"] == "echo delivered later")
+        .collect();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+
+    // A task running when agentd is killed and replaced by one on another state
+    // dir, which never heard of it: the chat is told so once, and the bridge stops
+    // asking about it.
+    bridge.say(chat, "m-3", "echo working; exec sleep 60");
+    let reply = bridge.expect("the third task's start", |l| {
+        l["kind"] == "reply" && l["task_id"].is_string() && l["task_id"] != json!(later)
+    });
+    let lost = reply["task_id"].as_str().unwrap().to_string();
+    bridge.expect("its progress", |l| {
+        l["kind"] == "progress" && l["task_id"] == json!(lost)
+    });
+    kill(d.pid(), libc::SIGKILL);
+    let _ = d.child.wait();
+    let agent = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    let other = Owned(
+        Command::new(AGENTD)
+            .arg("--socket")
+            .arg(&d.socket)
+            .arg("--state-dir")
+            .arg(d.dir.path().join("other-state"))
+            .args(["--agent", &agent])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start another agentd"),
+    );
+    let unknown = bridge.expect("the chat is told the task is unknown now", |l| {
+        l["kind"] == "unknown" && l["task_id"] == json!(lost)
+    });
+    assert!(text(&unknown).contains("unknown to agentd"), "{unknown}");
+    wait_for("the bridge forgets the task", DEADLINE, || {
+        let kept = std::fs::read_to_string(&state).unwrap_or_default();
+        (!kept.contains(&lost)).then_some(())
+    });
+    drop(other);
 }
