@@ -823,6 +823,44 @@ progress-interval = "300ms"
         },
     );
     assert_eq!(tasks_with_text(&d, down).len(), 1, "{result}");
+
+    // agentd is down, a message waits in the bridge (the room is told so), and the
+    // bridge itself restarts before agentd is back: the waiting message was kept in
+    // its state file, and runs once agentd is back.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let kept = "echo kept across a restart of the bridge";
+    let kept_event = alice.say(&room_b, kept);
+    wait_for("the room is told that agentd is down", DEADLINE, || {
+        events_after(&room_b, &kept_event)
+            .into_iter()
+            .find(|e| body(e).contains("not running"))
+    });
+    let mut bridge = bridge;
+    bridge.stop();
+    d.child = Command::new(AGENTD)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(d.dir.path().join("state"))
+        .args(["--agent", agent.as_str()])
+        .env_remove("AGENTD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart agentd");
+    let bridge = start_bridge(&config, &bridge_log);
+    let result = wait_for(
+        "the message kept across the bridge's restart runs",
+        DEADLINE,
+        || {
+            events_after(&room_b, &kept_event)
+                .into_iter()
+                .find(|e| body(e).contains("kept across") && body(e).contains("succeeded"))
+        },
+    );
+    assert_eq!(tasks_with_text(&d, kept).len(), 1, "{result}");
     drop(bridge);
 }
 

@@ -37,6 +37,8 @@ const MAX_REDO_DELAY: Duration = Duration::from_secs(60);
 const REDO_ATTEMPTS: u32 = 40;
 /// The most calls waiting to be tried again; past it the oldest is dropped.
 const REDO_KEPT: usize = 1_000;
+/// The most unanswered messages the state file keeps.
+const UNANSWERED_KEPT: usize = 1_000;
 /// The most refused senders remembered ([`State::tell_refused`]).
 const REFUSED_KEPT: usize = 10_000;
 
@@ -74,10 +76,23 @@ pub struct State {
     /// bridge was down is still reported, and its progress message finished.
     #[serde(default)]
     pub tasks: BTreeMap<String, Followed>,
+    /// Messages handed to agentd whose answer has not come (agentd was down, or
+    /// the answer was on its way): a restarted bridge sends them again, with their
+    /// message id, so one that waited for agentd is not lost.
+    #[serde(default)]
+    pub unanswered: Vec<Unanswered>,
     /// When each refused sender was last told so, by room and sender (not kept:
     /// a restart tells them once more).
     #[serde(skip)]
     refused: HashMap<(String, String), Instant>,
+}
+
+/// A message agentd has not answered yet, as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unanswered {
+    pub session: String,
+    pub message_id: String,
+    pub text: String,
 }
 
 /// A task the chat follows, as the state file keeps it.
@@ -191,8 +206,15 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
             })?;
     }
     let link = Link::new(config.socket.clone(), config.client.clone(), notes_tx);
-    for session in lock(&state).sessions.keys() {
-        link.watch(session);
+    {
+        let state = lock(&state);
+        for session in state.sessions.keys() {
+            link.watch(session);
+        }
+        // Not connected yet: these go out (as re-sent) once the link is.
+        for waiting in &state.unanswered {
+            link.send(&waiting.session, &waiting.message_id, &waiting.text);
+        }
     }
     link.spawn();
     {
@@ -210,11 +232,24 @@ pub fn run<C: Chat>(chat: C, config: CoreConfig) -> anyhow::Result<()> {
                 save(&state, &path);
             })
         };
+        let answered: Answered = {
+            let state = state.clone();
+            let path = config.state_file.clone();
+            Box::new(move |message_id| {
+                let mut state = lock(&state);
+                let before = state.unanswered.len();
+                state.unanswered.retain(|u| u.message_id != message_id);
+                if state.unanswered.len() != before {
+                    save(&state, &path);
+                }
+            })
+        };
         std::thread::Builder::new()
             .name("chat-writer".into())
             .spawn(move || {
                 Writer::new(chat, sessions, interval, ask)
                     .following(followed, keep)
+                    .answered(answered)
                     .run(show_rx)
             })?;
     }
@@ -310,8 +345,18 @@ fn handle(
         state.sessions.insert(session.clone(), conversation.clone());
         lock(sessions).insert(session.clone(), conversation.clone());
     }
-    // Saved before agentd sees it: a crash now loses at most this message's answer,
-    // and agentd's own de-duplication (the message id) covers a re-delivery.
+    // Saved before agentd sees it, with the message until agentd answers: a
+    // restart of the bridge sends it again, and agentd's own de-duplication (the
+    // message id) covers one it had taken.
+    state.unanswered.push(Unanswered {
+        session: session.clone(),
+        message_id: message_id.clone(),
+        text: text.clone(),
+    });
+    if state.unanswered.len() > UNANSWERED_KEPT {
+        let dropped = state.unanswered.remove(0);
+        tracing::error!(message_id = %dropped.message_id, "too many messages wait for agentd: the oldest is no longer kept for a restart");
+    }
     save(state, &config.state_file);
     if !link.send(&session, &message_id, &text) {
         let _ = show.send(Show::Waiting {
@@ -344,6 +389,8 @@ struct TaskUi {
 type Ask = Box<dyn Fn(&str) + Send>;
 /// Keeps the followed tasks in the state file (called when they change).
 type Keep = Box<dyn Fn(BTreeMap<String, Followed>) + Send>;
+/// Forgets the message with this id from the state file's unanswered ones.
+type Answered = Box<dyn Fn(&str) + Send>;
 
 /// A call that failed, to be made again.
 /// Each keeps the key of its first attempt ([`Chat::post`]), so the chat shows it
@@ -380,6 +427,7 @@ struct Writer<C: Chat> {
     typing: HashMap<String, (HashSet<String>, Instant)>,
     ask: Ask,
     keep: Option<Keep>,
+    answered: Option<Answered>,
     /// The followed tasks as last kept.
     kept: BTreeMap<String, Followed>,
     /// Tasks whose end was reported (the newest [`REPORTED_KEPT`]).
@@ -410,6 +458,7 @@ impl<C: Chat> Writer<C> {
             typing: HashMap::new(),
             ask,
             keep: None,
+            answered: None,
             kept: BTreeMap::new(),
             reported: HashSet::new(),
             reported_order: VecDeque::new(),
@@ -436,6 +485,12 @@ impl<C: Chat> Writer<C> {
         }
         self.kept = tasks;
         self.keep = Some(keep);
+        self
+    }
+
+    /// Calls `answered` with the message id of every answer agentd gives.
+    fn answered(mut self, answered: Answered) -> Self {
+        self.answered = Some(answered);
         self
     }
 
@@ -699,6 +754,9 @@ impl<C: Chat> Writer<C> {
     }
 
     fn answer(&mut self, sent: Sent, answer: Result<SendReply, String>) {
+        if let Some(answered) = &self.answered {
+            answered(&sent.message_id);
+        }
         let Some(to) = self.conversation(&sent.session) else {
             return;
         };
