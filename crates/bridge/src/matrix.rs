@@ -3,9 +3,11 @@
 //! for posts and `m.replace` edits, typing notices, and joining the rooms it is
 //! invited to by allowed users (or the configured rooms).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use agentd_proto::text;
 use anyhow::{bail, Context};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
@@ -14,20 +16,81 @@ use crate::chat::{Batch, Chat, Conversation, Inbound};
 use crate::config::{Credentials, MatrixConfig};
 use crate::core::TYPING_TIMEOUT;
 
-/// The longest body the bridge posts: a Matrix event is at most 64 KiB, JSON
-/// escaping and the edit's two copies of the text included.
+/// The most bytes a body the bridge posts takes in the event's JSON (escapes
+/// counted): a Matrix event is at most 64 KiB, and an edit carries two copies.
 const MAX_BODY_BYTES: usize = 16 * 1024;
+/// The most messages one post is split into; a longer text is cut in the last.
+const MAX_PARTS: usize = 4;
 
-/// `text`, cut at a character boundary to [`MAX_BODY_BYTES`] with a note when longer.
-fn fit(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.len() <= MAX_BODY_BYTES {
+/// How many bytes `c` takes in a JSON string.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\t' | '\r' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// Where to end a part of `text` that takes at most `budget` bytes in JSON: after
+/// the last line end that keeps at least half the budget, else at the last
+/// character that fits.
+fn part_end(text: &str, budget: usize) -> usize {
+    let mut used = 0;
+    let mut end = text.len();
+    let mut line_end = None;
+    for (i, c) in text.char_indices() {
+        used += json_len(c);
+        if used > budget {
+            end = i;
+            break;
+        }
+        if c == '\n' && used >= budget / 2 {
+            line_end = Some(i + 1);
+        }
+    }
+    if end == text.len() {
+        return end;
+    }
+    line_end.unwrap_or(end)
+}
+
+/// `text` as the bodies of one or more messages, each at most [`MAX_BODY_BYTES`]
+/// in JSON, cut at line ends where possible; at most [`MAX_PARTS`], the last one
+/// ending with a note ([`text::bridge_cut`]) when the text is longer still.
+fn parts(text: &str) -> Vec<Cow<'_, str>> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    loop {
+        let end = part_end(rest, MAX_BODY_BYTES);
+        if end == rest.len() {
+            parts.push(rest.into());
+            return parts;
+        }
+        if parts.len() + 1 == MAX_PARTS {
+            parts.push(cut(rest, text.len()).into());
+            return parts;
+        }
+        parts.push(rest[..end].into());
+        rest = &rest[end..];
+    }
+}
+
+/// `text` in one body of at most [`MAX_BODY_BYTES`] in JSON: cut with the note
+/// when longer (an edit of a progress message).
+fn fit(text: &str) -> Cow<'_, str> {
+    if part_end(text, MAX_BODY_BYTES) == text.len() {
         return text.into();
     }
-    let mut end = MAX_BODY_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n… (cut: {} bytes in all)", &text[..end], text.len()).into()
+    cut(text, text.len()).into()
+}
+
+/// The start of `rest` and the note that the text (`total` bytes) was cut.
+fn cut(rest: &str, total: usize) -> String {
+    let note = text::bridge_cut(total);
+    let room = MAX_BODY_BYTES - note.chars().map(json_len).sum::<usize>() - 2;
+    let head = &rest[..part_end(rest, room)];
+    let newline = if head.ends_with('\n') { "" } else { "\n" };
+    format!("{head}{newline}{note}")
 }
 
 /// How long the homeserver holds a `/sync` open when nothing happens.
@@ -575,18 +638,30 @@ impl Chat for Matrix {
         })
     }
 
+    /// A text longer than one event holds goes out as several messages (the
+    /// first one's id is the post's); part `i` after the first has the key
+    /// `<key>.<i>`, so a post made again sends each part once.
     fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
-        let text = fit(text);
-        let mut content = json!({"msgtype": "m.notice", "body": text});
-        if let Some(root) = &to.thread {
-            content["m.relates_to"] = json!({
-                "rel_type": "m.thread",
-                "event_id": root,
-                "is_falling_back": true,
-                "m.in_reply_to": {"event_id": root},
-            });
+        let mut first = None;
+        for (i, part) in parts(text).iter().enumerate() {
+            let mut content = json!({"msgtype": "m.notice", "body": part});
+            if let Some(root) = &to.thread {
+                content["m.relates_to"] = json!({
+                    "rel_type": "m.thread",
+                    "event_id": root,
+                    "is_falling_back": true,
+                    "m.in_reply_to": {"event_id": root},
+                });
+            }
+            let key = if i == 0 {
+                key.to_string()
+            } else {
+                format!("{key}.{i}")
+            };
+            let id = self.send_event(&to.room, &content, &key)?;
+            first.get_or_insert(id);
         }
-        self.send_event(&to.room, &content, key)
+        first.context("nothing to post")
     }
 
     fn edit(
@@ -645,6 +720,8 @@ mod tests {
         url: String,
         /// The path of every send, in order.
         sends: Arc<Mutex<Vec<String>>>,
+        /// The body of every send, in order.
+        bodies: Arc<Mutex<Vec<Value>>>,
         /// One event id per transaction path.
         events: Arc<Mutex<HashMap<String, String>>>,
     }
@@ -654,17 +731,24 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
             let sends = Arc::new(Mutex::new(Vec::new()));
+            let bodies = Arc::new(Mutex::new(Vec::new()));
             let events = Arc::new(Mutex::new(HashMap::new()));
             let lose = Arc::new(Mutex::new(lose));
-            let (s, e) = (sends.clone(), events.clone());
+            let (s, b, e) = (sends.clone(), bodies.clone(), events.clone());
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     let Ok(stream) = stream else { return };
-                    let (sends, events, lose) = (s.clone(), e.clone(), lose.clone());
-                    std::thread::spawn(move || serve(stream, &sends, &events, &lose));
+                    let (sends, bodies, events, lose) =
+                        (s.clone(), b.clone(), e.clone(), lose.clone());
+                    std::thread::spawn(move || serve(stream, &sends, &bodies, &events, &lose));
                 }
             });
-            Homeserver { url, sends, events }
+            Homeserver {
+                url,
+                sends,
+                bodies,
+                events,
+            }
         }
     }
 
@@ -672,6 +756,7 @@ mod tests {
     fn serve(
         stream: TcpStream,
         sends: &Mutex<Vec<String>>,
+        bodies: &Mutex<Vec<Value>>,
         events: &Mutex<HashMap<String, String>>,
         lose: &Mutex<usize>,
     ) {
@@ -700,6 +785,10 @@ mod tests {
             let mut body = vec![0; length];
             reader.read_exact(&mut body).unwrap();
             sends.lock().unwrap().push(path.clone());
+            bodies
+                .lock()
+                .unwrap()
+                .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
             let event_id = {
                 let mut events = events.lock().unwrap();
                 let next = format!("$e{}", events.len() + 1);
@@ -768,6 +857,59 @@ mod tests {
         assert_eq!(server.events.lock().unwrap().len(), 2, "{sends:?}");
     }
 
+    /// A long text (an agent's long result) is posted as several messages, each
+    /// under the event size limit, cut at line ends, which together are the whole
+    /// text; one too long for [`MAX_PARTS`] messages ends with a note that says
+    /// where the whole output is. The parts of one post have transaction ids of
+    /// their own, the same in every attempt of the post.
+    #[test]
+    fn a_long_text_is_posted_in_parts_at_line_ends() {
+        let server = Homeserver::start(0);
+        let matrix = client(&server.url);
+        let to = Conversation::room("!r:h");
+        let line = "é".repeat(99) + "\n";
+        let long = line.repeat(3 * MAX_BODY_BYTES / line.len());
+        assert_eq!(matrix.post(&to, &long, "1").unwrap(), "$e1");
+        let bodies: Vec<String> = server
+            .bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b["body"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            bodies.len() == 3 || bodies.len() == 4,
+            "{} parts",
+            bodies.len()
+        );
+        assert!(bodies.iter().all(|b| b.len() <= MAX_BODY_BYTES));
+        assert!(bodies[..bodies.len() - 1].iter().all(|b| b.ends_with('\n')));
+        assert_eq!(bodies.concat(), long);
+        // Made again (its answer lost): every part has its transaction id again.
+        let sends = server.sends.lock().unwrap().clone();
+        assert_eq!(matrix.post(&to, &long, "1").unwrap(), "$e1");
+        let again = server.sends.lock().unwrap()[sends.len()..].to_vec();
+        assert_eq!(again, sends);
+        assert_eq!(server.events.lock().unwrap().len(), sends.len());
+
+        // Too long for MAX_PARTS messages: the last one says so.
+        let huge = "x".repeat(MAX_PARTS * MAX_BODY_BYTES * 2);
+        let before = server.bodies.lock().unwrap().len();
+        matrix.post(&to, &huge, "2").unwrap();
+        let bodies: Vec<String> = server.bodies.lock().unwrap()[before..]
+            .iter()
+            .map(|b| b["body"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(bodies.len(), MAX_PARTS);
+        assert!(bodies.iter().all(|b| b.len() <= MAX_BODY_BYTES));
+        let last = bodies.last().unwrap();
+        assert!(
+            last.ends_with(&text::bridge_cut(huge.len())),
+            "{}",
+            &last[last.len() - 200..]
+        );
+    }
+
     #[test]
     fn path_segments_are_encoded() {
         assert_eq!(enc("!abc:localhost"), "%21abc%3Alocalhost");
@@ -780,8 +922,14 @@ mod tests {
         assert_eq!(fit("short"), "short");
         let long = "é".repeat(MAX_BODY_BYTES);
         let cut = fit(&long);
-        assert!(cut.len() < MAX_BODY_BYTES + 100, "{}", cut.len());
-        assert!(cut.ends_with(&format!("(cut: {} bytes in all)", long.len())));
+        assert!(cut.len() <= MAX_BODY_BYTES, "{}", cut.len());
+        assert!(cut.ends_with(&text::bridge_cut(long.len())));
+        // Measured as the event's JSON takes it: a control character is 6 bytes.
+        let escaped = "\u{1b}[1m".repeat(MAX_BODY_BYTES / 4);
+        let cut = fit(&escaped);
+        let json = serde_json::to_string(&*cut).unwrap();
+        assert!(json.len() <= MAX_BODY_BYTES + 2, "{}", json.len());
+        assert_eq!(parts("").len(), 1);
     }
 
     #[test]

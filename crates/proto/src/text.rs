@@ -584,6 +584,15 @@ pub fn bridge_answer_unreadable() -> String {
         .to_string()
 }
 
+/// The end of a text a bridge cut because the chat does not take it all (`total`
+/// bytes in all).
+pub fn bridge_cut(total: usize) -> String {
+    format!(
+        "… (cut: {total} bytes in all, more than the chat takes; `agentctl log <task>` \
+         on agentd's machine prints a task's whole output)"
+    )
+}
+
 /// What a bridge says when a message comes while agentd is not running.
 pub fn bridge_agentd_down() -> String {
     "agentd is not running right now: your message waits, and is handed to it as soon \
