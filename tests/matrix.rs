@@ -1058,3 +1058,155 @@ progress-interval = "100ms"
     );
     drop(bridge);
 }
+
+/// A loopback HTTP proxy in front of the homeserver that hands every request on
+/// and, for the first `lose` sends of an event (`PUT …/send/…`), drops the
+/// connection instead of passing the homeserver's answer back: the event was
+/// made, the bridge never learns it. Returns the proxy's base URL.
+fn lossy_proxy(upstream: &str, lose: usize) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let lose = Arc::new(Mutex::new(lose));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let (upstream, lose) = (upstream.clone(), lose.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                loop {
+                    // One request: its head, then a Content-Length body.
+                    let mut head = Vec::new();
+                    let mut length = 0;
+                    let mut first = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if first.is_empty() {
+                            first = line.clone();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if !lower.starts_with("connection:") {
+                            head.extend_from_slice(line.as_bytes());
+                        }
+                    }
+                    head.extend_from_slice(b"Connection: close\r\n\r\n");
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let Ok(mut server) = TcpStream::connect(&upstream) else {
+                        return;
+                    };
+                    let mut answer = Vec::new();
+                    if server.write_all(&head).is_err()
+                        || server.write_all(&body).is_err()
+                        || server.read_to_end(&mut answer).is_err()
+                    {
+                        return;
+                    }
+                    let is_send = first.starts_with("PUT ") && first.contains("/send/");
+                    if is_send {
+                        let mut lose = lose.lock().unwrap();
+                        if *lose > 0 {
+                            *lose -= 1;
+                            let _ = client.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                    // The homeserver closes after its answer: so does the proxy.
+                    let _ = (&client).write_all(&answer);
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            });
+        }
+    });
+    base
+}
+
+/// Synapse takes the bridge's answer to a task, but the answer to that send is
+/// lost, again and again, until the adapter gives up and the core makes the post
+/// again later: the later attempt has the same transaction id, so Synapse makes
+/// no second event and the room shows the answer once, then the result once.
+#[test]
+fn a_post_whose_answers_were_lost_shows_once_in_the_room() {
+    let Some(venv) = synapse_venv() else { return };
+    let synapse = Synapse::start(&venv);
+    let bot = synapse.register("agentd", "bot-password");
+    let alice = synapse.register("alice", "alice-password");
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.toml");
+    let bridge_log = home.path().join("agentd-matrix.log");
+    let _show_log = ShowLogOnFailure(bridge_log.clone());
+    let d = Daemon::with_agent_exec(&[]);
+    // The bridge's attempts of one request (matrix.rs ATTEMPTS), all answered lost.
+    let proxy = lossy_proxy(&synapse.base, 5);
+    std::fs::write(
+        &config,
+        format!(
+            r#"socket = "{socket}"
+
+[matrix]
+homeserver = "{proxy}"
+user = "{bot}"
+password = "bot-password"
+allowed-users = ["{alice}"]
+state-file = "{state}"
+"#,
+            socket = d.socket.display(),
+            bot = bot.id,
+            alice = alice.id,
+            state = home.path().join("matrix-state.json").display(),
+        ),
+    )
+    .unwrap();
+    let room = alice.create_room("lossy", &[&bot.id]);
+    let _bridge = start_bridge(&config, &bridge_log);
+    wait_for("the bridge joins the room", DEADLINE, || {
+        alice.members(&room).contains(&bot.id).then_some(())
+    });
+    let work = "echo made once";
+    alice.say(&room, work);
+    let task = wait_for("agentd runs the task", DEADLINE, || {
+        tasks_with_text(&d, work).into_iter().next()
+    });
+    let task_id = task["task_id"].as_str().unwrap().to_string();
+    let about_task = || -> Vec<String> {
+        bot_posts(&alice.events(&room), &bot.id)
+            .into_iter()
+            .map(|e| body(&e).to_string())
+            .filter(|b| b.contains(&task_id))
+            .collect()
+    };
+    // The result is posted after the answer that was made again: once it is in
+    // the room, a second copy of the answer would be too.
+    wait_for("the task's result is posted", DEADLINE, || {
+        about_task()
+            .iter()
+            .any(|b| b.contains("succeeded") && b.contains("made once"))
+            .then_some(())
+    });
+    let posts = about_task();
+    assert_eq!(
+        posts.len(),
+        2,
+        "the answer and the result, once each: {posts:?}"
+    );
+    let log = std::fs::read_to_string(&bridge_log).unwrap_or_default();
+    assert!(log.contains("will try again"), "no send was lost:\n{log}");
+}

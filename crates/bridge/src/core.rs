@@ -381,6 +381,9 @@ struct TaskUi {
     shown: String,
     /// A newer text waiting for the rate limit.
     pending: Option<String>,
+    /// The task's answer waits to be posted again (the chat refused it): its
+    /// progress waits for that message instead of opening one of its own.
+    awaiting_post: bool,
     last_edit: Option<Instant>,
 }
 
@@ -400,6 +403,9 @@ enum Redo {
         to: Conversation,
         body: String,
         key: String,
+        /// The task whose answer this is: the message, once posted, is the one
+        /// its progress edits.
+        task: Option<String>,
     },
     Edit {
         to: Conversation,
@@ -554,13 +560,24 @@ impl<C: Chat> Writer<C> {
     /// Posts `body`; when the chat refuses it, it is tried again later (so is
     /// every post while earlier ones wait, to keep their order).
     fn post(&mut self, to: &Conversation, body: &str) -> Option<String> {
+        self.post_for(to, body, None).ok()
+    }
+
+    /// Like [`Writer::post`], for the answer to `task` if given: the error is
+    /// whether the post waits to be made again (true) or was refused for good.
+    fn post_for(
+        &mut self,
+        to: &Conversation,
+        body: &str,
+        task: Option<&str>,
+    ) -> Result<String, bool> {
         let key = self.key();
         if self.retries.is_empty() {
             match self.chat.post(to, body, &key) {
-                Ok(id) => return Some(id),
+                Ok(id) => return Ok(id),
                 Err(e) if !self.chat.may_pass_later(&e) => {
                     tracing::error!(room = %to, "cannot post in the chat: {e:#}");
-                    return None;
+                    return Err(false);
                 }
                 Err(e) => {
                     tracing::error!(room = %to, "cannot post in the chat, will try again: {e:#}")
@@ -571,8 +588,9 @@ impl<C: Chat> Writer<C> {
             to: to.clone(),
             body: body.to_string(),
             key,
+            task: task.map(str::to_string),
         });
-        None
+        Err(true)
     }
 
     /// Edits a message for the last time (a task's end), tried again like a post.
@@ -607,7 +625,17 @@ impl<C: Chat> Writer<C> {
             attempts: 1,
         });
         if self.retries.len() > REDO_KEPT {
-            self.retries.pop_front();
+            if let Some(Retry {
+                redo: Redo::Post {
+                    task: Some(task), ..
+                },
+                ..
+            }) = self.retries.pop_front()
+            {
+                if let Some(ui) = self.tasks.get_mut(&task) {
+                    ui.awaiting_post = false;
+                }
+            }
             tracing::error!("too many chat calls wait to be tried again: the oldest is dropped");
         }
     }
@@ -619,24 +647,52 @@ impl<C: Chat> Writer<C> {
                 return;
             }
             let result = match &retry.redo {
-                Redo::Post { to, body, key } => self.chat.post(to, body, key).map(drop),
+                Redo::Post { to, body, key, .. } => self.chat.post(to, body, key).map(Some),
                 Redo::Edit {
                     to,
                     message,
                     body,
                     key,
-                } => self.chat.edit(to, message, body, key),
+                } => self.chat.edit(to, message, body, key).map(|()| None),
             };
             match result {
-                Ok(()) => {
-                    self.retries.pop_front();
+                Ok(posted) => {
+                    if let Some(Retry {
+                        redo:
+                            Redo::Post {
+                                body,
+                                task: Some(task),
+                                ..
+                            },
+                        ..
+                    }) = self.retries.pop_front()
+                    {
+                        if let Some(ui) = self.tasks.get_mut(&task) {
+                            ui.awaiting_post = false;
+                            if ui.message.is_none() {
+                                ui.message = posted;
+                                ui.shown = body;
+                            }
+                        }
+                    }
                 }
                 Err(e) if retry.attempts >= REDO_ATTEMPTS || !self.chat.may_pass_later(&e) => {
                     tracing::error!(
                         "the chat refused a message {} times; dropped: {e:#}",
                         retry.attempts
                     );
-                    self.retries.pop_front();
+                    if let Some(Retry {
+                        redo:
+                            Redo::Post {
+                                task: Some(task), ..
+                            },
+                        ..
+                    }) = self.retries.pop_front()
+                    {
+                        if let Some(ui) = self.tasks.get_mut(&task) {
+                            ui.awaiting_post = false;
+                        }
+                    }
                 }
                 Err(e) => {
                     retry.attempts += 1;
@@ -776,11 +832,12 @@ impl<C: Chat> Writer<C> {
             self.post(&to, &reply.reply);
             return;
         };
-        let posted = self.post(&to, &reply.reply);
+        let posted = self.post_for(&to, &reply.reply, Some(&task.task_id));
         let ui = self.tasks.entry(task.task_id.clone()).or_default();
         ui.session = Some(sent.session.clone());
         if ui.message.is_none() {
-            ui.message = posted;
+            ui.awaiting_post = posted == Err(true);
+            ui.message = posted.ok();
             ui.shown = reply.reply;
         }
         if matches!(task.state, TaskState::Starting | TaskState::Running) {
@@ -887,7 +944,7 @@ impl<C: Chat> Writer<C> {
         let edits = self
             .tasks
             .values()
-            .filter(|t| t.pending.is_some())
+            .filter(|t| t.pending.is_some() && !t.awaiting_post)
             .map(|t| {
                 t.last_edit
                     .map_or_else(Instant::now, |at| at + self.interval)
@@ -903,7 +960,9 @@ impl<C: Chat> Writer<C> {
             .tasks
             .iter()
             .filter(|(_, t)| {
-                t.pending.is_some() && t.last_edit.is_none_or(|at| now >= at + self.interval)
+                t.pending.is_some()
+                    && !t.awaiting_post
+                    && t.last_edit.is_none_or(|at| now >= at + self.interval)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -1409,6 +1468,63 @@ mod tests {
                 "refused post task T  started",
                 "typing true",
                 "typing false",
+                "post task T  succeeded\nall done",
+            ]
+        );
+    }
+
+    /// The answer to a task could not be posted (the homeserver was down) and waits
+    /// to be made again: the task's progress does not open a message of its own
+    /// meanwhile (it would come before the answer, and stay beside it); once the
+    /// answer is posted, it is the message the progress edits, and the end too.
+    #[test]
+    fn progress_waits_for_the_answer_that_is_made_again_and_then_edits_it() {
+        let chat = Arc::new(Recorder::default());
+        *lock(&chat.failing) = 1;
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let mut writer = Writer::new(
+            chat.clone(),
+            sessions,
+            Duration::ZERO,
+            Box::new(|_: &str| {}),
+        );
+        writer.first_redo_delay = Duration::ZERO;
+        let show = |writer: &mut Writer<Recorder>, show: Show| {
+            let Show::Note(note) = show else {
+                unreachable!()
+            };
+            writer.note(*note);
+            writer.flush_due();
+        };
+        show(&mut writer, started_answer());
+        show(
+            &mut writer,
+            event("progress", Some("step 1"), view("running", None)),
+        );
+        writer.flush_retries();
+        writer.flush_due();
+        show(
+            &mut writer,
+            event("progress", Some("step 2"), view("running", None)),
+        );
+        show(
+            &mut writer,
+            event("finished", None, view("succeeded", Some("all done"))),
+        );
+        writer.flush_retries();
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "fail post task T  started",
+                "typing true",
+                "post task T  started",
+                "edit m3 task T  running\nstep 1",
+                "edit m3 task T  running\nstep 2",
+                "typing false",
+                "edit m3 task T  succeeded\nstep 2",
                 "post task T  succeeded\nall done",
             ]
         );
