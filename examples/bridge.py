@@ -237,7 +237,8 @@ class Bridge:
                 if not answer or not answer.get("ok"):
                     error = (answer or {}).get("error", {})
                     raise OSError("hello refused: %s" % error.get("message", answer))
-                log("connected to agentd:", answer["result"]["server"], "at", self.path)
+                log("connected to agentd:", (answer.get("result") or {}).get("server"),
+                    "at", self.path)
                 return sock, reader
             except (OSError, ValueError) as e:
                 log("cannot reach agentd (%s); retrying in %.1f s" % (e, delay))
@@ -270,7 +271,11 @@ class Bridge:
             self.connected.set()
             try:
                 for raw in reader:
-                    self.on_line(raw)
+                    try:
+                        self.on_line(raw)
+                    except (KeyError, TypeError, AttributeError, ValueError) as e:
+                        # A line of an unexpected shape: the bridge goes on reading.
+                        log("cannot read a line agentd wrote (%r): %s" % (e, raw[:200]))
             except OSError as e:
                 log("read failed:", e)
             log("connection to agentd lost; reconnecting")
@@ -315,17 +320,29 @@ class Bridge:
         if message is not None:
             chat = message[0]
             if line.get("ok"):
-                result = line["result"]
+                try:
+                    result = line["result"]
+                    reply = result["reply"]
+                    task = result.get("task")
+                    task_id = task["task_id"] if task else None
+                    if not isinstance(reply, str) or (task and not isinstance(task_id, str)):
+                        raise TypeError("reply or task_id is not a string")
+                except (KeyError, TypeError, AttributeError) as e:
+                    # The details are for the log; the chat gets a short message.
+                    log("agentd's answer to a send cannot be read (%r): %s" % (e, raw[:200]))
+                    self.post(chat, "error", UNREADABLE)
+                    with self.lock:
+                        self._keep()
+                    return
                 extra = {}
-                task = result.get("task")
                 if task:
-                    extra["task_id"] = task["task_id"]
+                    extra["task_id"] = task_id
                     if task.get("state") not in TERMINAL:
                         with self.lock:
-                            self.live[task["task_id"]] = chat
+                            self.live[task_id] = chat
                 if result.get("command"):
                     extra["command"] = result["command"]
-                self.post(chat, "reply", result["reply"], **extra)
+                self.post(chat, "reply", reply, **extra)
                 with self.lock:
                     self._keep()
             else:
@@ -381,6 +398,10 @@ class Bridge:
             text += ": " + task["result"]
         self.post(chat, "finished", text, task_id=task_id, state=state)
 
+
+# What the chat is told when agentd's answer to its message cannot be read.
+UNREADABLE = ("agentd's answer to this message could not be read (the bridge's log has "
+              "the details); it may have started a task: /status shows what runs")
 
 # Task states that never change again (docs/protocol.md, "TaskView").
 TERMINAL = {"succeeded", "failed", "cancelled", "interrupted", "expired", "dropped", "merged"}

@@ -399,3 +399,46 @@ fn the_python_bridge_keeps_its_state_across_its_own_restart() {
     });
     drop(other);
 }
+
+/// agentd answers a `send` with a result the bridge cannot read (here: no
+/// `reply`): the chat gets a short message saying so, not a Python traceback,
+/// and the bridge goes on reading, so the next message is answered as usual.
+#[test]
+fn the_python_bridge_survives_an_answer_it_cannot_read() {
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agentd.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let mut bridge = Bridge::start(&socket, &dir.path().join("bridge.log"));
+    let (stream, _) = listener.accept().unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut next = || -> Value {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let write = |line: Value| (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
+    assert_eq!(next()["cmd"], "hello");
+    write(json!({"id": 0, "ok": true, "result": {"protocol": 1, "server": "fake"}}));
+    let mut answer = |bridge: &mut Bridge, message_id: &str, result: Value| {
+        bridge.say("tg:9", message_id, "work");
+        let send = loop {
+            let line = next();
+            if line["cmd"] == "send" {
+                break line;
+            }
+        };
+        assert_eq!(send["message_id"], json!(message_id), "{send}");
+        write(json!({"id": send["id"], "ok": true, "result": result}));
+    };
+    answer(&mut bridge, "m-1", json!({"accepted": true, "task": 7}));
+    let error = bridge.expect("a short error", |l| l["kind"] == "error");
+    assert!(text(&error).contains("could not be read"), "{error}");
+    answer(
+        &mut bridge,
+        "m-2",
+        json!({"reply": "all fine", "accepted": false}),
+    );
+    let reply = bridge.expect("the next answer", |l| l["kind"] == "reply");
+    assert_eq!(text(&reply), "all fine");
+}
