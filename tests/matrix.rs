@@ -1080,59 +1080,57 @@ fn lossy_proxy(upstream: &str, lose: usize) -> String {
             let (upstream, lose) = (upstream.clone(), lose.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(client.try_clone().unwrap());
+                // One request (the proxy answers with `Connection: close`): its
+                // head, then a Content-Length body.
+                let mut head = Vec::new();
+                let mut length = 0;
+                let mut first = String::new();
                 loop {
-                    // One request: its head, then a Content-Length body.
-                    let mut head = Vec::new();
-                    let mut length = 0;
-                    let mut first = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if first.is_empty() {
-                            first = line.clone();
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        let lower = line.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        if !lower.starts_with("connection:") {
-                            head.extend_from_slice(line.as_bytes());
-                        }
-                    }
-                    head.extend_from_slice(b"Connection: close\r\n\r\n");
-                    let mut body = vec![0; length];
-                    if reader.read_exact(&mut body).is_err() {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
                         return;
                     }
-                    let Ok(mut server) = TcpStream::connect(&upstream) else {
-                        return;
-                    };
-                    let mut answer = Vec::new();
-                    if server.write_all(&head).is_err()
-                        || server.write_all(&body).is_err()
-                        || server.read_to_end(&mut answer).is_err()
-                    {
-                        return;
+                    if first.is_empty() {
+                        first = line.clone();
                     }
-                    let is_send = first.starts_with("PUT ") && first.contains("/send/");
-                    if is_send {
-                        let mut lose = lose.lock().unwrap();
-                        if *lose > 0 {
-                            *lose -= 1;
-                            let _ = client.shutdown(std::net::Shutdown::Both);
-                            return;
-                        }
+                    if line == "\r\n" {
+                        break;
                     }
-                    // The homeserver closes after its answer: so does the proxy.
-                    let _ = (&client).write_all(&answer);
-                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    if !lower.starts_with("connection:") {
+                        head.extend_from_slice(line.as_bytes());
+                    }
+                }
+                head.extend_from_slice(b"Connection: close\r\n\r\n");
+                let mut body = vec![0; length];
+                if reader.read_exact(&mut body).is_err() {
                     return;
                 }
+                let Ok(mut server) = TcpStream::connect(&upstream) else {
+                    return;
+                };
+                let mut answer = Vec::new();
+                if server.write_all(&head).is_err()
+                    || server.write_all(&body).is_err()
+                    || server.read_to_end(&mut answer).is_err()
+                {
+                    return;
+                }
+                let is_send = first.starts_with("PUT ") && first.contains("/send/");
+                if is_send {
+                    let mut lose = lose.lock().unwrap();
+                    if *lose > 0 {
+                        *lose -= 1;
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+                // The homeserver closes after its answer: so does the proxy.
+                let _ = (&client).write_all(&answer);
+                let _ = client.shutdown(std::net::Shutdown::Both);
             });
         }
     });
