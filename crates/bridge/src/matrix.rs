@@ -1,7 +1,9 @@
 //! The Matrix adapter: the client-server API over HTTP. `/sync` long polling (the
 //! `since` token is the core's cursor), `PUT /rooms/{room}/send/m.room.message/{txn}`
-//! for posts and `m.replace` edits, typing notices, and joining the rooms it is
-//! invited to by allowed users (or the configured rooms).
+//! for posts and `m.replace` edits (the transaction id is made of the core's key,
+//! so a post made again is one event; a text longer than one event holds is
+//! posted in parts), typing notices, and joining the rooms it is invited to by
+//! allowed users (or the configured rooms).
 
 use std::borrow::Cow;
 use std::fmt;
