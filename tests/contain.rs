@@ -192,6 +192,160 @@ fn a_task_ends_only_once_a_leftover_that_is_slow_to_die_is_gone() {
     }
 }
 
+/// Whether nobody holds a `flock` on `path`: taken without waiting (and let go).
+fn lock_is_free(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor this test owns.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// SIGKILLs these processes when dropped: what a failed assertion left running.
+struct KillOnDrop(Vec<Identity>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for p in running(&self.0) {
+            kill(p.pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// "When a stop says cancelled, nothing of the task runs": right when the task reads
+/// `cancelled`, no process of it holds a file lock or a listening port, and none is
+/// still exiting. The holders free 256 MiB as they die, so they spend a while dying
+/// (they are the processes a tree found empty too early would leave holding their
+/// files): one in the agent's process group, one that left it with `setsid`, on both
+/// paths. With a cgroup, `populated 0` comes once the last process has left its
+/// cgroup, which the kernel does in `exit` after it released the memory, closed the
+/// files (the lock and the socket go with them) and ran the work queued by their
+/// close, and before it is a zombie; the tree path counts a member as left until it
+/// is a zombie.
+#[test]
+fn a_cancelled_task_holds_no_lock_and_no_port_and_runs_nothing() {
+    for no_cgroup in [false, true] {
+        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let cgroup = d.uses_cgroups();
+        if !no_cgroup && !cgroup {
+            eprintln!("no writable cgroup on this host: only the fallback is tested");
+            continue;
+        }
+        for round in 0..2 {
+            let dir = d.dir.path().join(format!("round-{round}"));
+            std::fs::create_dir(&dir).unwrap();
+            let pids = dir.join("pids");
+            let locks = [dir.join("lock-0"), dir.join("lock-1")];
+            let (p, l0, l1) = (pids.display(), locks[0].display(), locks[1].display());
+            let script = format!(
+                "{TEST_AGENT} --hold-memory 256 {p} {l0} >/dev/null 2>&1 & \
+                 setsid {TEST_AGENT} --hold-memory 256 {p} {l1} >/dev/null 2>&1 & \
+                 echo up; sleep 300"
+            );
+            let task = d.submit("alice", &script);
+            d.wait_progress(&task, "up");
+            let held = KillOnDrop(wait_identities(&pids, 2, DEADLINE));
+            let ports: Vec<u16> = locks
+                .iter()
+                .map(|l| std::fs::read_to_string(l).unwrap().trim().parse().unwrap())
+                .collect();
+            assert!(locks.iter().all(|l| !lock_is_free(l)), "the locks are held");
+            d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
+            d.wait_state(&task, "cancelled");
+            let taken: Vec<_> = locks.iter().filter(|l| !lock_is_free(l)).collect();
+            let bound: Vec<u16> = ports
+                .iter()
+                .copied()
+                .filter(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_err())
+                .collect();
+            assert!(
+                taken.is_empty() && bound.is_empty(),
+                "cancelled, yet locks {taken:?} and ports {bound:?} are held (cgroup: {cgroup})\n{}",
+                d.log()
+            );
+            assert_none_left(&d, &held.0, cgroup);
+        }
+    }
+}
+
+/// A tool whose main thread exited (`pthread_exit`) while another thread runs on:
+/// its `/proc/PID/stat` says zombie and its environment cannot be read, yet it runs
+/// and holds its lock. Detached with `setsid`, it is still the task's; the stop ends
+/// it, and the task is cancelled only once it is gone, on both paths.
+#[test]
+fn a_stop_ends_a_tool_whose_main_thread_exited() {
+    for no_cgroup in [false, true] {
+        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_agent_exec(&args);
+        let cgroup = d.uses_cgroups();
+        let pids = d.dir.path().join("pids");
+        let lock = d.dir.path().join("lock");
+        let script = format!(
+            "setsid {TEST_AGENT} --leader-exit {} {} >/dev/null 2>&1 & echo up; sleep 300",
+            lock.display(),
+            pids.display()
+        );
+        let task = d.submit("alice", &script);
+        d.wait_progress(&task, "up");
+        let held = KillOnDrop(wait_identities(&pids, 1, DEADLINE));
+        let pid = held.0[0].pid;
+        wait_for("its main thread to exit", DEADLINE, || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat[stat.rfind(')')? + 1..]
+                .trim_start()
+                .starts_with('Z')
+                .then_some(())
+        });
+        assert!(!lock_is_free(&lock), "the lock is held");
+        d.request(json!({"cmd": "stop", "task_id": task}));
+        d.wait_state(&task, "cancelled");
+        assert!(
+            lock_is_free(&lock),
+            "cancelled while a process of the task holds its lock (cgroup: {cgroup})\n{}",
+            d.log()
+        );
+        assert_none_left(&d, &held.0, cgroup);
+    }
+}
+
+/// The agent itself with its main thread exited (a worker thread heartbeats and
+/// works), ignoring the cancel and SIGTERM: it is still running, so SIGKILL is sent
+/// and the task ends `cancelled` by it once the process is gone, on both paths.
+#[test]
+fn a_stop_ends_an_agent_whose_main_thread_exited() {
+    for no_cgroup in [false, true] {
+        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
+        if no_cgroup {
+            args.push("--no-cgroup");
+        }
+        let d = Daemon::with_test_agent(&args);
+        let cgroup = d.uses_cgroups();
+        let task = d.submit("alice", "leader-exit ignore-cancel ignore-term sleep:60000");
+        let view = d.wait_progress(&task, "tick");
+        let pid = view["pid"].as_u64().unwrap() as u32;
+        let agent = KillOnDrop(vec![Identity::of(pid).unwrap()]);
+        wait_for("its main thread to exit", DEADLINE, || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat[stat.rfind(')')? + 1..]
+                .trim_start()
+                .starts_with('Z')
+                .then_some(())
+        });
+        d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
+        let view = d.wait_state(&task, "cancelled");
+        assert_eq!(view["exit"]["ended_by"], "sigkill", "{view}");
+        assert_none_left(&d, &agent.0, cgroup);
+    }
+}
+
 // ----- parent death -----
 
 /// agentd killed with SIGKILL while a task tree runs: with a cgroup, the guardian
