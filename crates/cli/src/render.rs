@@ -572,6 +572,19 @@ pub fn render_task(task: &TaskView, now: SystemTime, tz: &TimeZone) -> String {
         }
         field("finished", &line);
     }
+    if let Some(stop) = task
+        .stopping
+        .as_ref()
+        .filter(|_| task.state == TaskState::Stopping)
+    {
+        let at = stop.step_at.as_deref();
+        let ago = at.and_then(parse_timestamp).and_then(|at| since(at, now));
+        let at = at.map(|at| local_time(at, tz));
+        field(
+            "stop",
+            &clean_line(&text::stop_progress(stop, at.as_deref(), ago)),
+        );
+    }
     field("text", &clean_block(&task.text));
     if let Some(progress) = &task.progress {
         field("progress", &clean_block(progress));
