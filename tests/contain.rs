@@ -447,6 +447,65 @@ fn the_next_agentd_recovers_what_a_killed_agentd_and_guardian_left() {
     );
 }
 
+/// A detached tool whose main thread exited (see
+/// `a_stop_ends_a_tool_whose_main_thread_exited`) outlives `cgroup.kill`, which
+/// signals its exited leader thread alone. When agentd dies, the guardian kills it all
+/// the same; when the guardian died too, the next agentd's recovery does.
+#[test]
+fn a_tool_whose_main_thread_exited_is_killed_by_the_guardian_and_by_recovery() {
+    for guardian_too in [false, true] {
+        let mut d = Daemon::with_agent_exec(&[]);
+        if !d.uses_cgroups() {
+            eprintln!("no writable cgroup on this host: no guardian, nothing to recover");
+            return;
+        }
+        let pids = d.dir.path().join("pids");
+        let lock = d.dir.path().join("lock");
+        let task = d.submit(
+            "alice",
+            &format!(
+                "setsid {TEST_AGENT} --leader-exit {} {} >/dev/null 2>&1 & echo up; sleep 300",
+                lock.display(),
+                pids.display()
+            ),
+        );
+        d.wait_progress(&task, "up");
+        let held = KillOnDrop(wait_identities(&pids, 1, DEADLINE));
+        let pid = held.0[0].pid;
+        wait_for("its main thread to exit", DEADLINE, || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat[stat.rfind(')')? + 1..]
+                .trim_start()
+                .starts_with('Z')
+                .then_some(())
+        });
+        if guardian_too {
+            let guardian = d.guardian().expect("a guardian with cgroups");
+            kill(guardian, libc::SIGKILL);
+            wait_gone(&[guardian], DEADLINE, "the guardian");
+        }
+        kill(d.pid(), libc::SIGKILL);
+        let _ = d.child.wait();
+        if guardian_too {
+            // Nothing else kills a detached process that ignores its session's end.
+            assert!(
+                held.0[0].running(),
+                "the tool died before recovery was tested"
+            );
+            d.restart();
+        }
+        let what = if guardian_too {
+            "recovery"
+        } else {
+            "the guardian"
+        };
+        wait_for(&format!("{what} to kill the tool"), DEADLINE, || {
+            running(&held.0).is_empty().then_some(())
+        });
+        assert!(lock_is_free(&lock));
+    }
+}
+
 // ----- liveness -----
 
 #[test]

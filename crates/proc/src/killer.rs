@@ -462,37 +462,13 @@ fn kill_round(procs: &TaskProcs, scanned: &[(u32, u64)]) -> usize {
                     let _ = fd.signal(Signal::SIGKILL);
                 }
             }
-            kill_leaderless(cgroup, &pids);
+            // cgroup.kill misses a process whose main thread exited.
+            crate::cgroup::kill_leaderless(cgroup.path(), &pids);
             pids.len()
         }
         None => procs
             .tree()
             .signal_scanned(scanned, Signal::SIGKILL, procs.pidfd.as_ref()),
-    }
-}
-
-/// SIGKILLs, through pidfds, the processes of `pids` (listed in `cgroup`) whose
-/// thread group leader exited while other threads run on (`pthread_exit`):
-/// `cgroup.kill` signals each process through its leader as a signal to that thread
-/// alone, which a leader that has exited never takes, so such a process lives on
-/// (and the cgroup stays populated) however often the cgroup is killed. A pidfd's
-/// signal goes to the whole thread group. One `stat` read per listed process.
-fn kill_leaderless(cgroup: &crate::TaskCgroup, pids: &[u32]) {
-    let leaderless: Vec<u32> = pids
-        .iter()
-        .copied()
-        .filter(|&pid| read_stat(pid).is_some_and(|s| s.leader_exited()))
-        .collect();
-    if leaderless.is_empty() {
-        return;
-    }
-    // Still in the cgroup after the pidfds were opened: ours (see open_verified).
-    let fds = open_verified(&leaderless, |opened| {
-        let now = cgroup.pids();
-        opened.iter().copied().filter(|p| now.contains(p)).collect()
-    });
-    for fd in &fds {
-        let _ = fd.signal(Signal::SIGKILL);
     }
 }
 
