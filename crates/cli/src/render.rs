@@ -1296,6 +1296,35 @@ mod tests {
     }
 
     #[test]
+    fn task_detail_of_a_stopping_task_says_its_step_since_when_and_the_next() {
+        let stopping = TaskView {
+            state: TaskState::Stopping,
+            stopping: Some(agentd_proto::control::StoppingView {
+                task_id: ID1.into(),
+                step: StopStep::Sigterm,
+                step_at: Some("2024-05-01T10:04:58.000Z".into()),
+                next: Some(StopStep::Sigkill),
+                next_in_ms: Some(2_900),
+            }),
+            ..running()
+        };
+        let out = plain(&render_task(&stopping, now(), &TimeZone::UTC));
+        assert!(
+            out.contains(
+                "\n  stop      SIGTERM sent at 2024-05-01 10:04:58 UTC (2 s ago), SIGKILL in 3 s\n"
+            ),
+            "{out}"
+        );
+        // A view that is no longer stopping shows no stop line.
+        let ended = TaskView {
+            state: TaskState::Cancelled,
+            ..stopping
+        };
+        let out = plain(&render_task(&ended, now(), &TimeZone::UTC));
+        assert!(!out.contains("  stop "), "{out}");
+    }
+
+    #[test]
     fn task_detail_sanitizes_agent_output() {
         let t = queued();
         let out = plain(&render_task(&t, now(), &TimeZone::UTC));
