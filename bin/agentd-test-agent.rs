@@ -87,6 +87,11 @@
 //!   if missing) and "open-fds: 0,1,2" listing the fds among 0..=20 that were open
 //!   at startup, other than the IPC fd.
 //!
+//! Threads:
+//! - `leader-exit`   the agent's main thread exits (`SYS_exit`, as `pthread_exit`
+//!   does) right away and a second thread does everything the other words say: the
+//!   process runs on while its thread group leader is a zombie.
+//!
 //! EOF or garbage from agentd while working: exit 1 at once (a well-behaved agent).
 //!
 //! `agentd-test-agent --echo` is another agent altogether: it answers every task
@@ -100,6 +105,16 @@
 //! while to free that memory: for that time it is neither a zombie nor has it an
 //! address space (`/proc/PID/environ` cannot be read) or closed its files, which is
 //! how a process can look while a stop waits for it.
+//! `--hold-memory MB PIDFILE LOCKFILE` also holds resources a test can probe from
+//! outside: before it writes its pid it takes an exclusive `flock` on LOCKFILE and
+//! listens on a loopback TCP port, whose number it writes into LOCKFILE.
+//!
+//! `agentd-test-agent --leader-exit LOCKFILE PIDFILE` is no agent either: a plain
+//! process that takes an exclusive `flock` on LOCKFILE, appends its pid to PIDFILE,
+//! and lets its main thread exit (`SYS_exit`) while a second thread, holding the
+//! lock, sleeps until a signal ends the process. Its `/proc/PID/stat` then says
+//! zombie, and its `/proc/PID/environ` cannot be read, while it runs and holds the
+//! lock: a test probes the lock to know whether it still runs.
 //!
 //! Exit codes: 0 done (or cancelled), 1 `fail` or agentd gone, 2 unknown or
 //! malformed behaviour word (after sending Result Failed "unknown behaviour word:
@@ -159,6 +174,7 @@ struct Behaviour {
     touch: Option<(u64, PathBuf)>,
     close_on_term: Option<u64>,
     env: bool,
+    leader_exit: bool,
 }
 
 /// Parses every word; returns what was understood and the first problem, if any.
@@ -237,6 +253,7 @@ fn parse(words: &[String]) -> (Behaviour, Option<String>) {
                     "steer" => &mut b.steer,
                     "refuse-steer" => &mut b.refuse_steer,
                     "env" => &mut b.env,
+                    "leader-exit" => &mut b.leader_exit,
                     _ => {
                         problem.get_or_insert(format!("unknown behaviour word: {word}"));
                         continue;
@@ -424,12 +441,15 @@ enum Event {
 /// `--hold-memory MB PIDFILE`: see the module docs.
 fn hold_memory() -> ! {
     let args: Vec<String> = std::env::args().skip(2).collect();
-    let (Some(mb), Some(pidfile), 2) = (
+    let (Some(mb), Some(pidfile), 2 | 3) = (
         args.first().and_then(|a| a.parse::<usize>().ok()),
         args.get(1),
         args.len(),
     ) else {
-        die(2, "usage: agentd-test-agent --hold-memory MB PIDFILE");
+        die(
+            2,
+            "usage: agentd-test-agent --hold-memory MB PIDFILE [LOCKFILE]",
+        );
     };
     let mut memory = vec![0u8; mb << 20];
     // A zeroed allocation is not yet backed by pages: write to each one.
@@ -437,6 +457,17 @@ fn hold_memory() -> ! {
         page[0] = 1;
     }
     std::hint::black_box(&memory);
+    // Held until the process ends: the lock and the listening socket close with it.
+    let _held = args.get(2).map(|lockfile| {
+        let mut lock = take_lock(lockfile);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| die(1, format_args!("cannot listen on loopback: {e}")));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        write!(lock, "{port}")
+            .and_then(|()| lock.sync_all())
+            .unwrap_or_else(|e| die(1, format_args!("{lockfile}: {e}")));
+        (lock, listener)
+    });
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -449,6 +480,66 @@ fn hold_memory() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// Ends the calling thread alone (the raw `exit` system call, as `pthread_exit` ends
+/// a thread, without unwinding): called on the main thread, the thread group leader
+/// becomes a zombie while the other threads run on.
+fn exit_this_thread() -> ! {
+    loop {
+        // SAFETY: SYS_exit ends only the calling thread; nothing it owns is used again.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+    }
+}
+
+/// Opens (creates) `path` and takes an exclusive `flock` on it, waiting for it.
+fn take_lock(path: &str) -> std::fs::File {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| die(1, format_args!("{path}: {e}")));
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        die(
+            1,
+            format_args!("flock {path}: {}", std::io::Error::last_os_error()),
+        );
+    }
+    lock
+}
+
+/// `--leader-exit LOCKFILE PIDFILE`: see the module docs.
+fn leader_exit() -> ! {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let [lockfile, pidfile] = args.as_slice() else {
+        die(2, "usage: agentd-test-agent --leader-exit LOCKFILE PIDFILE");
+    };
+    let lock = take_lock(lockfile);
+    let (ready_tx, ready) = mpsc::channel();
+    let worker = move || {
+        let _lock = lock;
+        let _ = ready_tx.send(());
+        sleep_forever();
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("worker".into())
+        .spawn(worker)
+    {
+        die(1, format_args!("cannot start the worker thread: {e}"));
+    }
+    let _ = ready.recv();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(pidfile)
+        .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
+    writeln!(file, "{}", std::process::id())
+        .and_then(|()| file.sync_all())
+        .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
+    drop(file);
+    exit_this_thread()
 }
 
 /// `--echo`: see the module docs.
@@ -484,6 +575,12 @@ fn main() {
     {
         hold_memory();
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "--leader-exit")
+    {
+        leader_exit();
+    }
     let open_fds = open_fds_at_start();
     let words: Vec<String> = std::env::args_os()
         .skip(1)
@@ -495,7 +592,20 @@ fn main() {
         })
         .collect();
     let (b, problem) = parse(&words);
+    if b.leader_exit {
+        // The agent runs on a second thread; the main thread ends (its `exit` would
+        // end the process, so it ends alone).
+        let run = move || agent(b, problem, open_fds);
+        if let Err(e) = std::thread::Builder::new().name("agent".into()).spawn(run) {
+            die(1, format_args!("cannot start the agent thread: {e}"));
+        }
+        exit_this_thread();
+    }
+    agent(b, problem, open_fds)
+}
 
+/// The agent the behaviour words describe.
+fn agent(b: Behaviour, problem: Option<String>, open_fds: Vec<i32>) -> ! {
     use nix::sys::signal::{signal, SigHandler, Signal};
     for (wanted, sig) in [
         (b.ignore_term, Signal::SIGTERM),

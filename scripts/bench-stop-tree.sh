@@ -7,17 +7,25 @@
 # p50s; and how long the stop took from the request to `cancelled`.
 # Not a test: it asserts nothing, it reports. Override with PROCS (default 300) and
 # PROFILE (default release; `debug` reuses a debug build).
+# BIN=DIR runs the agentd, agentctl and agent-exec in DIR instead of building them
+# (to compare two builds one after the other); PROFILE is then not used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROCS=${PROCS:-300}
 PROFILE=${PROFILE:-release}
 
-if [ "$PROFILE" = release ]; then
+if [[ -n "${BIN:-}" ]]; then
+    BIN="$(cd "$BIN" && pwd)"
+elif [ "$PROFILE" = release ]; then
     cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec
+    BIN="$PWD/target/release"
 else
     cargo build --quiet --bin agentd --bin agentctl --bin agent-exec
+    BIN="$PWD/target/debug"
 fi
-BIN="$PWD/target/$PROFILE"
+for b in agentd agentctl agent-exec; do
+    [[ -x "$BIN/$b" ]] || { echo "bench-stop-tree: no $b in $BIN" >&2; exit 1; }
+done
 WORK="$(mktemp -d -t agentd-stoptree.XXXXXX)"; chmod 700 "$WORK"
 PID=
 cleanup() {

@@ -308,3 +308,61 @@ fn a_hung_agent_that_ignores_sigterm_is_killed_and_its_slot_freed() {
     assert_eq!(view["exit"]["signal"], json!(libc::SIGKILL));
     d.wait_state(&next, "succeeded");
 }
+
+/// `status ID` of a stopping task says which step of the stop sequence it is at,
+/// since when, and which step comes next and when: an agent that ignores the cancel
+/// and SIGTERM is seen at each step, in the JSON view and in agentctl's text, until
+/// SIGKILL ends it. Once ended, the view has no `stopping` any more.
+#[test]
+fn status_of_a_stopping_task_says_its_step_and_since_when() {
+    let d = Daemon::with_test_agent(&["--cancel-grace", "3s", "--term-grace", "3s"]);
+    let task = d.submit("alice", "ignore-cancel ignore-term sleep:60000");
+    d.wait_progress(&task, "tick");
+    d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
+    let step_of = |view: &serde_json::Value| view["stopping"]["step"].as_str().map(String::from);
+
+    let cancel = d.task(&task);
+    assert_eq!(cancel["state"], "stopping", "{cancel}");
+    let at = |view: &serde_json::Value| view["stopping"]["step_at"].as_str().unwrap().to_string();
+    if step_of(&cancel).as_deref() == Some("cooperative_cancel") {
+        assert_eq!(cancel["stopping"]["task_id"], task, "{cancel}");
+        assert_eq!(cancel["stopping"]["next"], "sigterm", "{cancel}");
+        assert!(
+            cancel["stopping"]["next_in_ms"].as_u64().unwrap() <= 3_000,
+            "{cancel}"
+        );
+        assert!(at(&cancel).as_str() >= cancel["started_at"].as_str().unwrap());
+    }
+
+    // SIGTERM sent (and ignored): the text names it, when, and SIGKILL to come.
+    let term = wait_for("the SIGTERM step", DEADLINE, || {
+        let view = d.task(&task);
+        (step_of(&view).as_deref() == Some("sigterm")).then_some(view)
+    });
+    assert_eq!(term["stopping"]["next"], "sigkill", "{term}");
+    assert!(
+        term["stopping"]["next_in_ms"].as_u64().unwrap() <= 3_000,
+        "{term}"
+    );
+    if step_of(&cancel).as_deref() == Some("cooperative_cancel") {
+        assert!(at(&term) > at(&cancel), "{cancel}\n{term}");
+    }
+    let text = wait_for("agentctl status at the SIGTERM step", DEADLINE, || {
+        let text = stdout(&d.agentctl(&["status", &task]));
+        text.contains("stopping").then_some(text)
+    });
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("stop "))
+        .unwrap_or_else(|| panic!("no stop line:\n{text}"));
+    assert!(
+        line.contains("SIGTERM sent at ") && line.contains(" ago), SIGKILL in ")
+            || line.contains("SIGKILL sent at "),
+        "{text}"
+    );
+
+    let done = d.wait_state(&task, "cancelled");
+    assert_eq!(done["exit"]["ended_by"], "sigkill", "{done}");
+    assert!(done.get("stopping").is_none(), "{done}");
+    assert!(!stdout(&d.agentctl(&["status", &task])).contains("\n  stop "));
+}

@@ -259,6 +259,17 @@ fn sample_view() -> TaskView {
         exit: None,
         merged_into: Some("u".into()),
         priority: Priority::Interactive,
+        stopping: Some(sample_stopping()),
+    }
+}
+
+fn sample_stopping() -> StoppingView {
+    StoppingView {
+        task_id: "t".into(),
+        step: StopStep::CooperativeCancel,
+        step_at: Some("2026-12-01T08:51:25.718Z".into()),
+        next: Some(StopStep::Sigterm),
+        next_in_ms: Some(5000),
     }
 }
 
@@ -408,12 +419,7 @@ fn the_protocol_doc_tables_name_every_command_code_kind_state_and_field() {
             next_cursor: Some("t".into()),
         }),
     );
-    let stopping = StoppingView {
-        task_id: "t".into(),
-        step: StopStep::CooperativeCancel,
-        next: Some(StopStep::Sigterm),
-        next_in_ms: Some(5000),
-    };
+    let stopping = sample_stopping();
     check(
         "stop and StopReply",
         "stop field",

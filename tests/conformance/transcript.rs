@@ -545,6 +545,7 @@ pub(super) const FIELD_ORDER: &[&str] = &[
     "stopped",
     "stopping",
     "step",
+    "step_at",
     "next",
     "next_in_ms",
     "tasks",

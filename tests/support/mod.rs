@@ -471,7 +471,7 @@ pub fn process_table() -> HashMap<u32, ProcInfo> {
             pid,
             ProcInfo {
                 ppid,
-                zombie: state == "Z" || state == "X",
+                zombie: is_zombie(pid, state),
             },
         );
     }
@@ -507,6 +507,25 @@ pub struct Identity {
     pub start: u64,
 }
 
+/// Whether the process at `pid`, whose `/proc/PID/stat` shows `state`, is a zombie:
+/// its stat shows its thread group leader's state, and a leader that exited
+/// (`pthread_exit`) is a zombie while the other threads run on; so only a process none
+/// of whose threads runs is one.
+pub fn is_zombie(pid: u32, state: &str) -> bool {
+    if state != "Z" && state != "X" {
+        return false;
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"));
+    !threads.into_iter().flatten().flatten().any(|thread| {
+        std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+            let state = stat
+                .rfind(')')
+                .and_then(|close| stat[close + 1..].split_whitespace().next());
+            state.is_some_and(|s| s != "Z" && s != "X")
+        })
+    })
+}
+
 /// `/proc/PID/stat`'s state letter and start time, if the process exists.
 fn state_and_start(pid: u32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -528,7 +547,7 @@ impl Identity {
     /// its files are closed).
     pub fn running(&self) -> bool {
         state_and_start(self.pid)
-            .is_some_and(|(state, start)| start == self.start && state != "Z" && state != "X")
+            .is_some_and(|(state, start)| start == self.start && !is_zombie(self.pid, &state))
     }
 }
 

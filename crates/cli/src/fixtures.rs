@@ -19,5 +19,6 @@ pub(crate) fn task(id: &str, session: &str, state: TaskState, text: &str) -> Tas
         exit: None,
         merged_into: None,
         priority: Priority::Interactive,
+        stopping: None,
     }
 }

@@ -572,6 +572,19 @@ pub fn render_task(task: &TaskView, now: SystemTime, tz: &TimeZone) -> String {
         }
         field("finished", &line);
     }
+    if let Some(stop) = task
+        .stopping
+        .as_ref()
+        .filter(|_| task.state == TaskState::Stopping)
+    {
+        let at = stop.step_at.as_deref();
+        let ago = at.and_then(parse_timestamp).and_then(|at| since(at, now));
+        let at = at.map(|at| local_time(at, tz));
+        field(
+            "stop",
+            &clean_line(&text::stop_progress(stop, at.as_deref(), ago)),
+        );
+    }
     field("text", &clean_block(&task.text));
     if let Some(progress) = &task.progress {
         field("progress", &clean_block(progress));
@@ -1280,6 +1293,35 @@ mod tests {
                  progress  compiling crate 3/7"
             )
         );
+    }
+
+    #[test]
+    fn task_detail_of_a_stopping_task_says_its_step_since_when_and_the_next() {
+        let stopping = TaskView {
+            state: TaskState::Stopping,
+            stopping: Some(agentd_proto::control::StoppingView {
+                task_id: ID1.into(),
+                step: StopStep::Sigterm,
+                step_at: Some("2024-05-01T10:04:58.000Z".into()),
+                next: Some(StopStep::Sigkill),
+                next_in_ms: Some(2_900),
+            }),
+            ..running()
+        };
+        let out = plain(&render_task(&stopping, now(), &TimeZone::UTC));
+        assert!(
+            out.contains(
+                "\n  stop      SIGTERM sent at 2024-05-01 10:04:58 UTC (2 s ago), SIGKILL in 3 s\n"
+            ),
+            "{out}"
+        );
+        // A view that is no longer stopping shows no stop line.
+        let ended = TaskView {
+            state: TaskState::Cancelled,
+            ..stopping
+        };
+        let out = plain(&render_task(&ended, now(), &TimeZone::UTC));
+        assert!(!out.contains("  stop "), "{out}");
     }
 
     #[test]

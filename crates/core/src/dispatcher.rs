@@ -1075,10 +1075,12 @@ impl Dispatcher {
                         TaskState::Stopping {
                             step,
                             cause: current,
+                            step_at,
                             ..
                         } => {
                             current.escalate(cause);
                             *step = StopStep::Sigkill;
+                            *step_at = now;
                         }
                         state => {
                             *state = TaskState::Stopping {
@@ -1086,6 +1088,7 @@ impl Dispatcher {
                                 step: StopStep::Sigkill,
                                 requested_at: now,
                                 cause,
+                                step_at: now,
                             };
                         }
                     }
@@ -1106,6 +1109,7 @@ impl Dispatcher {
                             step: StopStep::Sigterm,
                             requested_at: now,
                             cause: StopCause::Linger,
+                            step_at: now,
                         };
                         actions.push(Action::Signal {
                             task_id,
@@ -1121,9 +1125,15 @@ impl Dispatcher {
             }
             Event::StopTimer { task_id, step } => {
                 if let Some(task) = self.tasks.get_mut(&task_id) {
-                    if let TaskState::Stopping { step: current, .. } = &mut task.state {
+                    if let TaskState::Stopping {
+                        step: current,
+                        step_at,
+                        ..
+                    } = &mut task.state
+                    {
                         if *current < step {
                             *current = step;
+                            *step_at = now;
                             actions.push(Action::Signal { task_id, step });
                             if step == StopStep::Sigterm {
                                 actions.push(Action::SetTimer {
@@ -1308,6 +1318,7 @@ impl Dispatcher {
             step: StopStep::CooperativeCancel,
             requested_at: now,
             cause,
+            step_at: now,
         };
         actions.push(Action::SendCancel { task_id });
         actions.push(Action::SetTimer {

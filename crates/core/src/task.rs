@@ -181,13 +181,14 @@ pub enum TaskState {
         pid: u32,
         steer: bool,
     },
-    /// A stop is in progress; `step` is the last step taken, `cause` the strongest
-    /// reason given so far.
+    /// A stop is in progress; `step` is the last step taken (at `step_at`), `cause`
+    /// the strongest reason given so far.
     Stopping {
         pid: Option<u32>,
         step: StopStep,
         requested_at: Millis,
         cause: StopCause,
+        step_at: Millis,
     },
     Done {
         ending: Ending,

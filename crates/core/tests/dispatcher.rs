@@ -718,6 +718,7 @@ fn a_protocol_error_during_an_interrupt_replaces_it() {
             step: StopStep::Sigkill,
             requested_at: Millis(2_000),
             cause: StopCause::ProtocolError("torn frame".into()),
+            step_at: Millis(2_000),
         },
         "the stronger cause replaces the interrupt; the stop keeps its start"
     );
@@ -967,7 +968,8 @@ fn stop_of_a_running_task_sends_cancel_and_arms_the_sigterm_timer() {
             pid: Some(pid(1)),
             step: StopStep::CooperativeCancel,
             requested_at: Millis(2_000),
-            cause: StopCause::User
+            cause: StopCause::User,
+            step_at: Millis(2_000),
         }
     );
     assert_eq!(h.busy(), 1);
@@ -1000,12 +1002,40 @@ fn sigterm_timer_signals_and_arms_the_sigkill_timer() {
             ..
         }
     ));
+    // Each step says when it was taken; the stop keeps its start.
+    let _ = h.at(9_000).timer(1, StopStep::Sigterm);
+    assert!(
+        matches!(
+            h.state(1),
+            TaskState::Stopping {
+                step: StopStep::Sigterm,
+                step_at,
+                requested_at,
+                ..
+            } if step_at < Millis(9_000) && requested_at <= step_at
+        ),
+        "a repeated timer is no new step: {:?}",
+        h.state(1)
+    );
+    let _ = h.at(12_000);
     assert_eq!(
         h.timer(1, StopStep::Sigkill),
         vec![Action::Signal {
             task_id: id(1),
             step: StopStep::Sigkill
         }]
+    );
+    assert!(
+        matches!(
+            h.state(1),
+            TaskState::Stopping {
+                step: StopStep::Sigkill,
+                step_at: Millis(12_000),
+                ..
+            }
+        ),
+        "{:?}",
+        h.state(1)
     );
     assert!(matches!(
         h.state(1),
@@ -1926,7 +1956,8 @@ fn interrupt_stops_the_active_task_and_runs_the_message_next() {
             pid: Some(pid(1)),
             step: StopStep::CooperativeCancel,
             requested_at: Millis(2_000),
-            cause: StopCause::Interrupt
+            cause: StopCause::Interrupt,
+            step_at: Millis(2_000),
         }
     );
     assert_eq!(h.busy(), 1, "the slot is held until the reap");

@@ -261,6 +261,7 @@ mod tests {
             exit: None,
             merged_into: Some(into.into()),
             priority: Default::default(),
+            stopping: None,
         }
     }
 

@@ -107,7 +107,23 @@ pub fn task_view(task: &Task, position: Option<u32>) -> TaskView {
             _ => None,
         },
         priority: priority_view(task.priority),
+        stopping: stopping_view(task),
     }
+}
+
+/// A stopping task's step and since when (the next step is the daemon's timers':
+/// `status` of the task adds it).
+pub fn stopping_view(task: &Task) -> Option<control::StoppingView> {
+    let TaskState::Stopping { step, step_at, .. } = &task.state else {
+        return None;
+    };
+    Some(control::StoppingView {
+        task_id: task.id.to_string(),
+        step: stop_step(*step),
+        step_at: Some(rfc3339(*step_at)),
+        next: None,
+        next_in_ms: None,
+    })
 }
 
 /// Why a task was interrupted, in the words the view and the store give.

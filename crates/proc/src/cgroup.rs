@@ -365,7 +365,7 @@ impl Cgroups {
             let path = entry.path();
             let pids = read_pids(&path);
             let _ = write_file(&path.join("cgroup.kill"), "1");
-            let removed = wait_empty(&path, deadline) && rmdir_tree(&path).is_ok();
+            let removed = kill_until_empty(&path, deadline) && rmdir_tree(&path).is_ok();
             found.push(Leftover {
                 cgroup: path,
                 pids,
@@ -498,6 +498,51 @@ fn populated(path: &Path) -> io::Result<bool> {
         .lines()
         .any(|l| l.split_whitespace().eq(["populated", "1"]))
         || !events.lines().any(|l| l.starts_with("populated ")))
+}
+
+/// SIGKILLs, through pidfds, the processes of `pids` (listed in the cgroup at `path`)
+/// whose thread group leader exited while other threads run on (`pthread_exit`):
+/// `cgroup.kill` signals each process through its leader as a signal to that thread
+/// alone, which a leader that has exited never takes, so such a process lives on
+/// (and the cgroup stays populated) however often the cgroup is killed. A pidfd's
+/// signal goes to the whole thread group. One `stat` read per listed process.
+pub(crate) fn kill_leaderless(path: &Path, pids: &[u32]) {
+    let leaderless: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|&pid| crate::tree::read_stat(pid).is_some_and(|s| s.leader_exited()))
+        .collect();
+    if leaderless.is_empty() {
+        return;
+    }
+    // Still in the cgroup after the pidfds were opened: ours (see open_verified).
+    let fds = crate::pidfd::open_verified(&leaderless, |opened| {
+        let now = read_pids(path);
+        opened.iter().copied().filter(|p| now.contains(p)).collect()
+    });
+    for fd in &fds {
+        let _ = fd.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// [`wait_empty`] for a cgroup that was just killed, SIGKILLing on each look what
+/// `cgroup.kill` cannot reach ([`kill_leaderless`]).
+fn kill_until_empty(path: &Path, deadline: Duration) -> bool {
+    let until = Instant::now() + deadline;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match populated(path) {
+            Ok(false) => return true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return true,
+            _ => {}
+        }
+        kill_leaderless(path, &read_pids(path));
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 pub(crate) fn wait_empty(path: &Path, deadline: Duration) -> bool {

@@ -5,7 +5,9 @@
 //! entered before exec like an agent's), reading a pipe whose only writer is agentd
 //! (close-on-exec, so no agent holds it). When agentd exits, even by SIGKILL,
 //! the read ends: the guardian writes `cgroup.kill` of the instance directory (every
-//! task cgroup below it dies at once), waits for `populated 0` (at most 5 s), and
+//! task cgroup below it dies at once), waits for `populated 0` (at most 5 s; each
+//! look also SIGKILLs, with kill(2), a listed process whose main thread exited, which
+//! `cgroup.kill` cannot reach), and
 //! removes the empty task cgroups and the instance directory. The agents' own
 //! parent-death signal and the EOF on their channels are the first line; the
 //! guardian catches the descendants that detached. At the end it moves itself out of
@@ -34,6 +36,16 @@ while read -r _; do :; done
 echo 1 > "$1/cgroup.kill" 2>/dev/null
 i=0
 while [ $i -lt 50 ] && grep -q '^populated 1' "$1/cgroup.events" 2>/dev/null; do
+    # cgroup.kill signals a process through its main thread alone: one whose main
+    # thread exited (a zombie while other threads run, and not reapable, so its pid
+    # stays its own) takes kill(2), which signals the whole process.
+    for f in "$1"/*/cgroup.procs; do
+        while read -r p; do
+            case $(cat "/proc/$p/stat" 2>/dev/null) in
+                *") Z "*) kill -9 "$p" 2>/dev/null ;;
+            esac
+        done < "$f"
+    done 2>/dev/null
     sleep 0.1; i=$((i+1))
 done
 for d in "$1"/*/; do [ -d "$d" ] && rmdir "$d" 2>/dev/null; done

@@ -455,14 +455,16 @@ fn live_members(entry: &mut Entry) -> (Vec<u32>, Vec<(u32, u64)>) {
 fn kill_round(procs: &TaskProcs, scanned: &[(u32, u64)]) -> usize {
     match &procs.cgroup {
         Some(cgroup) => {
-            let n = cgroup.pids().len();
+            let pids = cgroup.pids();
             if let Err(e) = cgroup.kill() {
                 tracing::warn!(task_id = %procs.task_id, "cgroup.kill failed: {e}");
                 if let Some(fd) = &procs.pidfd {
                     let _ = fd.signal(Signal::SIGKILL);
                 }
             }
-            n
+            // cgroup.kill misses a process whose main thread exited.
+            crate::cgroup::kill_leaderless(cgroup.path(), &pids);
+            pids.len()
         }
         None => procs
             .tree()

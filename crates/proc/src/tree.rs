@@ -41,12 +41,16 @@ pub struct TaskTree {
 pub(crate) struct Stat {
     ppid: u32,
     pgid: u32,
+    /// No thread of the process runs any more (see [`read_stat`]).
     pub(crate) zombie: bool,
     /// Exiting (`PF_EXITING`), not yet a zombie: it runs no more code of its own
     /// but may still be freeing its memory and hold its files.
     exiting: bool,
     /// Clock ticks after boot: with the pid, names one process for good.
     pub(crate) start: u64,
+    /// A thread that still runs when the thread group leader (whose state
+    /// `/proc/PID/stat` shows) is a zombie: the process is read through it.
+    through: Option<u32>,
 }
 
 /// Reads a small pseudo-file (a `/proc` or cgroup file) whole into `buf` with plain
@@ -69,9 +73,49 @@ pub(crate) fn read_small<'b>(path: &Path, buf: &'b mut [u8]) -> io::Result<&'b s
 /// The kernel's task flag for "getting shut down" (include/linux/sched.h).
 const PF_EXITING: u64 = 0x4;
 
+impl Stat {
+    /// The thread group leader exited while other threads run on.
+    pub(crate) fn leader_exited(&self) -> bool {
+        self.through.is_some()
+    }
+}
+
+/// The process at `pid`. `/proc/PID/stat` shows the thread group leader, and a leader
+/// that exited on its own (`pthread_exit`, the `exit` system call) is a zombie while
+/// the process's other threads run on: its pid stays, signals to it reach the whole
+/// group, it holds its files, and it is not reaped until its last thread exits. So a
+/// zombie leader is looked behind: the process is a zombie only if none of its threads
+/// runs, and is otherwise read through a thread that does (its `PF_EXITING`, and its
+/// environment: the leader's cannot be read once it exited).
 pub(crate) fn read_stat(pid: u32) -> Option<Stat> {
+    let mut stat = parse_stat(Path::new(&format!("/proc/{pid}/stat")))?;
+    if stat.zombie {
+        if let Some((tid, thread)) = live_thread(pid) {
+            stat.zombie = false;
+            stat.exiting = thread.exiting;
+            stat.through = Some(tid);
+        }
+    }
+    Some(stat)
+}
+
+/// A thread of `pid` other than its leader that is no zombie, and its stat.
+fn live_thread(pid: u32) -> Option<(u32, Stat)> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&tid| tid != pid)
+        .find_map(|tid| {
+            let stat = parse_stat(Path::new(&format!("/proc/{pid}/task/{tid}/stat")))?;
+            (!stat.zombie).then_some((tid, stat))
+        })
+}
+
+/// One `stat` file (of a process or of one of its threads).
+fn parse_stat(path: &Path) -> Option<Stat> {
     let mut buf = [0u8; 2048];
-    let text = read_small(Path::new(&format!("/proc/{pid}/stat")), &mut buf).ok()?;
+    let text = read_small(path, &mut buf).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
@@ -88,6 +132,7 @@ pub(crate) fn read_stat(pid: u32) -> Option<Stat> {
         zombie: state == "Z" || state == "X",
         exiting: flags & PF_EXITING != 0,
         start,
+        through: None,
     })
 }
 
@@ -110,8 +155,12 @@ fn all_processes() -> HashMap<u32, Stat> {
     procs
 }
 
-fn carries_marker(pid: u32, marker: &[u8]) -> bool {
-    match fs::read(format!("/proc/{pid}/environ")) {
+fn carries_marker(pid: u32, stat: &Stat, marker: &[u8]) -> bool {
+    let path = match stat.through {
+        Some(tid) => format!("/proc/{pid}/task/{tid}/environ"),
+        None => format!("/proc/{pid}/environ"),
+    };
+    match fs::read(path) {
         Ok(env) => env.split(|b| *b == 0).any(|var| var == marker),
         Err(_) => false,
     }
@@ -200,8 +249,8 @@ impl TaskTree {
                 }
             }
         }
-        for &pid in procs.keys() {
-            if pid != me && !found.contains(&pid) && carries_marker(pid, &marker) {
+        for (&pid, stat) in &procs {
+            if pid != me && !found.contains(&pid) && carries_marker(pid, stat, &marker) {
                 found.insert(pid);
                 // Its descendants belong to the task too, marker or not.
                 let mut stack: Vec<u32> = children.get(&pid).cloned().unwrap_or_default();

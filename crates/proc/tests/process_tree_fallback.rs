@@ -12,8 +12,18 @@ fn fallback() -> Procs {
     Procs::process_tree("forced by the test")
 }
 
+/// The tests of this file one at a time: a tree search also counts every exiting
+/// child of this process (agentd here) younger than the agent, which another test's
+/// dying process is (so `a_signal_after_the_agent_was_reaped_reaches_nothing` saw
+/// processes that were not its own about 1 run in 6).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn fallback_catches_setsid_and_marked_orphans_but_not_scrubbed_double_forks() {
+    let _serial = one_at_a_time();
     let procs = fallback();
     assert_eq!(
         procs.containment(),
@@ -64,6 +74,7 @@ fn fallback_catches_setsid_and_marked_orphans_but_not_scrubbed_double_forks() {
 
 #[test]
 fn a_reaped_agent_is_never_signalled_through_its_pidfd() {
+    let _serial = one_at_a_time();
     let mut guard = ProcGuard::default();
     let (agent, pidfd) = spawn_agent_in(&command(tid("t-pidfd"), "exit 3"), None).unwrap();
     guard.child(agent.pid);
@@ -82,6 +93,7 @@ fn a_reaped_agent_is_never_signalled_through_its_pidfd() {
 
 #[test]
 fn a_signal_after_the_agent_was_reaped_reaches_nothing() {
+    let _serial = one_at_a_time();
     let procs = fallback();
     let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
     let mut guard = ProcGuard::default();
@@ -122,6 +134,7 @@ fn a_signal_after_the_agent_was_reaped_reaches_nothing() {
 
 #[test]
 fn the_killer_empties_a_300_process_tree_in_rounds() {
+    let _serial = one_at_a_time();
     let procs = fallback();
     let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
     let mut guard = ProcGuard::default();
@@ -162,6 +175,7 @@ fn the_killer_empties_a_300_process_tree_in_rounds() {
 
 #[test]
 fn fallback_sigterm_is_followed_by_sigcont_for_stopped_members() {
+    let _serial = one_at_a_time();
     let procs = fallback();
     let (killer, reports) = Killer::with_channel(KillerOptions::default()).unwrap();
     let mut guard = ProcGuard::default();

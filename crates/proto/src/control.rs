@@ -639,6 +639,10 @@ pub struct TaskView {
     pub merged_into: Option<String>,
     #[serde(default, with = "crate::names")]
     pub priority: Priority,
+    /// For a `stopping` task: the step of the stop sequence taken last, since when,
+    /// and (in the answer to `status` of this task) the next step and when it is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping: Option<StoppingView>,
 }
 
 /// Capacity in use: live agent processes against the cap.
@@ -788,13 +792,17 @@ pub struct StopReply {
     pub stopping: Vec<StoppingView>,
 }
 
-/// A task still stopping when its `stop` was answered: the step taken and the next.
+/// How far a task's stop is: the step taken last and when, and the next one. In a
+/// stop's answer for each task still stopping, and in a stopping task's view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoppingView {
     pub task_id: String,
     /// The step of the stop sequence taken last.
     #[serde(with = "crate::names")]
     pub step: StopStep,
+    /// When that step was taken (RFC 3339); absent from an agentd older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_at: Option<String>,
     /// The next step, unless the task ends first, and how long until it.
     #[serde(
         default,

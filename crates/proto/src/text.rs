@@ -411,12 +411,38 @@ fn format_in(d: Duration) -> String {
     }
 }
 
-/// Where a stop stands: `stopping: cancel sent, SIGTERM in 5 s`.
-pub fn stopping(view: &StoppingView) -> String {
-    let taken = match view.step {
+/// The step a stop took last, as `cancel sent` or `SIGTERM sent`.
+fn step_taken(step: StopStep) -> String {
+    match step {
         StopStep::CooperativeCancel => "cancel sent".to_string(),
         step => format!("{} sent", stop_step(step)),
-    };
+    }
+}
+
+/// A stopping task's `stop` line in `agentctl status ID`: the step taken last, when
+/// (`at`, a time as the reader's clock shows it, and how long ago) and the next step:
+/// `SIGTERM sent at 2026-12-01 21:40:01 UTC (2 s ago), SIGKILL in 3 s`.
+pub fn stop_progress(view: &StoppingView, at: Option<&str>, ago: Option<Duration>) -> String {
+    let mut line = step_taken(view.step);
+    match (at, ago) {
+        (Some(at), Some(ago)) => line.push_str(&format!(" at {at} ({} ago)", format_in(ago))),
+        (Some(at), None) => line.push_str(&format!(" at {at}")),
+        (None, Some(ago)) => line.push_str(&format!(" {} ago", format_in(ago))),
+        (None, None) => {}
+    }
+    if let (Some(next), Some(ms)) = (view.next, view.next_in_ms) {
+        line.push_str(&format!(
+            ", {} in {}",
+            stop_step(next),
+            format_in(Duration::from_millis(ms))
+        ));
+    }
+    line
+}
+
+/// Where a stop stands: `stopping: cancel sent, SIGTERM in 5 s`.
+pub fn stopping(view: &StoppingView) -> String {
+    let taken = step_taken(view.step);
     match (view.next, view.next_in_ms) {
         (Some(next), Some(ms)) => format!(
             "stopping: {taken}, {} in {}",
@@ -631,6 +657,7 @@ mod tests {
             exit,
             merged_into: None,
             priority: Default::default(),
+            stopping: None,
         }
     }
 
@@ -684,6 +711,7 @@ mod tests {
         let step = |step, next, ms| StoppingView {
             task_id: "T".into(),
             step,
+            step_at: None,
             next,
             next_in_ms: ms,
         };
@@ -705,6 +733,17 @@ mod tests {
             "stopping: SIGTERM sent, SIGKILL in 0.3 s"
         );
         assert_eq!(s(StopStep::Sigkill, None, None), "stopping: SIGKILL sent");
+        let term = step(StopStep::Sigterm, Some(StopStep::Sigkill), Some(2_600));
+        assert_eq!(
+            stop_progress(&term, Some("21:40:01"), Some(Duration::from_millis(1_700))),
+            "SIGTERM sent at 21:40:01 (2 s ago), SIGKILL in 3 s"
+        );
+        let cancel = step(StopStep::CooperativeCancel, None, None);
+        assert_eq!(
+            stop_progress(&cancel, None, Some(Duration::from_millis(300))),
+            "cancel sent 0.3 s ago"
+        );
+        assert_eq!(stop_progress(&cancel, None, None), "cancel sent");
         assert_eq!(
             duplicate_line(&view(TaskState::Queued, None, false)),
             "task T  already received (queued): not run again"

@@ -208,11 +208,23 @@ impl Supervisor {
 
     pub(crate) fn view(&self, task_id: &TaskId) -> Option<TaskView> {
         if let Some(task) = self.dispatcher.task(task_id) {
-            return Some(views::task_view(task, self.dispatcher.position(task_id)));
+            return Some(self.live_view(task));
         }
         self.history
             .get(task_id)
             .map(|t| views::task_view(&t, None))
+    }
+}
+
+impl Supervisor {
+    /// The view of a task the dispatcher holds, with its position if queued and, if
+    /// stopping, how far its stop is (the next step included, from the armed timers).
+    pub(crate) fn live_view(&self, task: &Task) -> TaskView {
+        let mut view = views::task_view(task, self.dispatcher.position(&task.id));
+        if view.stopping.is_some() {
+            view.stopping = self.stopping(&task.id);
+        }
+        view
     }
 }
 

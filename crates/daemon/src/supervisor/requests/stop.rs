@@ -121,9 +121,11 @@ impl Supervisor {
         }
     }
 
-    /// How far a stopping task is: its step, and the next one by its armed timer.
-    fn stopping(&self, task_id: &TaskId) -> Option<StoppingView> {
-        let TaskState::Stopping { step, .. } = &self.dispatcher.task(task_id)?.state else {
+    /// How far a stopping task is: its step and since when, and the next one by its
+    /// armed timer.
+    pub(crate) fn stopping(&self, task_id: &TaskId) -> Option<StoppingView> {
+        let task = self.dispatcher.task(task_id)?;
+        let TaskState::Stopping { step, .. } = &task.state else {
             return None;
         };
         let next = self
@@ -139,10 +141,9 @@ impl Supervisor {
             .min();
         let now = Instant::now();
         Some(StoppingView {
-            task_id: task_id.to_string(),
-            step: views::stop_step(*step),
             next: next.map(|(_, s)| views::stop_step(s)),
             next_in_ms: next.map(|(at, _)| at.saturating_duration_since(now).as_millis() as u64),
+            ..views::stopping_view(task)?
         })
     }
 }

@@ -199,7 +199,7 @@ impl Supervisor {
     /// A task's view from the dispatcher or the in-memory history (no disk read).
     fn cached_view(&self, id: &TaskId) -> Option<TaskView> {
         if let Some(task) = self.dispatcher.task(id) {
-            return Some(views::task_view(task, self.dispatcher.position(id)));
+            return Some(self.live_view(task));
         }
         self.history.cached(id).map(|t| views::task_view(&t, None))
     }
