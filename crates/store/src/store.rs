@@ -19,10 +19,10 @@
 //! only then calls the completions, in commit order. An acknowledged op's
 //! completion therefore runs only after an `fdatasync` that started after its
 //! `COMMIT` returned. The writer spends no time in `fsync` and none waking the
-//! clients; nor does it wait for a sync in flight: the ops that come in meanwhile
-//! are committed beside it and covered by the next sync, which starts as soon as
-//! the one in flight ends (`SyncQueue::committing`: how 64 waiting clients are kept
-//! in two groups whose commits and syncs interleave). A transaction of state changes only (started,
+//! clients; while a sync is in flight the ops that come in gather for its next
+//! transaction (committing during the sync was tried: it split 64 waiting clients
+//! into halves answered by alternate syncs and measured slower, see
+//! `SyncQueue::wait_for_sync`). A transaction of state changes only (started,
 //! finished, progress, checkpoint, prune) needs no sync; its completions still wait
 //! behind any sync ahead of them (all completions run in commit order), and run on
 //! the writer at once when nothing is ahead.
@@ -111,7 +111,7 @@ use crate::output;
 use crate::pid::ProcessIdentity;
 use crate::record::{Exit, PreviousRun, Recovery, SessionSettings, State, TaskRecord};
 use crate::schema;
-use crate::sync::{Committed, SyncQueue, SPLIT_AT};
+use crate::sync::{Committed, SyncQueue};
 use crate::timeline::{self, Stage};
 use crate::walbuf;
 
@@ -639,7 +639,6 @@ impl Store {
             next_seq,
             state_dir: state_dir.to_path_buf(),
             options,
-            sync_now: false,
         };
         // Prune once at start (failures are retried by the loop's own schedule).
         if let Ok(ids) = writer.prune_now() {
@@ -1015,9 +1014,6 @@ struct Writer {
     next_seq: i64,
     state_dir: PathBuf,
     options: StoreOptions,
-    /// The transaction being committed is the first half of a split batch: its
-    /// sync starts without waiting for the second (`SyncQueue::push`).
-    sync_now: bool,
 }
 
 /// The statements one transaction has used, kept prepared until it ends: looking a
@@ -1084,10 +1080,8 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,
             }
-            // Holds a sync about to start for this transaction.
-            let mut idle = false;
             if !batch.is_empty() {
-                idle = self.shared.sync.committing();
+                self.shared.sync.wait_for_sync();
                 timeline::mark(Stage::SyncWaited, 0);
             }
             while batch.len() < MAX_BATCH && !closing {
@@ -1128,16 +1122,6 @@ impl Writer {
             all.extend(batch);
             if all.is_empty() {
                 self.shared.sync.committed_nothing();
-            } else if idle && all.iter().filter(|r| r.op.acknowledged()).count() >= SPLIT_AT {
-                // Two groups, the second committed beside the first's sync.
-                let second = all.split_off(all.len() / 2);
-                self.sync_now = true;
-                self.commit_batch(all, &mut pending);
-                self.sync_now = false;
-                // What failed to commit of the first half stays ahead of the rest.
-                let mut rest: Vec<Request> = pending.drain(..).collect();
-                rest.extend(second);
-                self.commit_batch(rest, &mut pending);
             } else {
                 self.commit_batch(all, &mut pending);
             }
@@ -1255,7 +1239,7 @@ impl Writer {
     /// Hands completions to the syncer, or completes them here when nothing is
     /// ahead of them and they need no sync.
     fn hand_over(&self, committed: Committed) {
-        if let Some(now) = self.shared.sync.push(committed, self.sync_now) {
+        if let Some(now) = self.shared.sync.push(committed) {
             for (request, result) in now.requests.into_iter().zip(now.results) {
                 complete(request, result);
             }

@@ -9,11 +9,8 @@
 //! descriptor asks) and only then calls their completions, in commit order. So an
 //! answer never leaves before an `fdatasync` that started after its transaction's
 //! `COMMIT` returned; the writer neither waits in `fdatasync` nor wakes the
-//! waiting clients itself. The writer does not wait for a sync in flight either:
-//! what comes in meanwhile is committed beside it and taken by the next sync, so a
-//! cycle costs about the longer of a commit and a sync rather than both (see
-//! [`SyncQueue::committing`] for how the waiting clients are kept in two groups
-//! whose commits and syncs interleave). A transaction of state changes
+//! waiting clients itself, and the ops that come in meanwhile gather into its next
+//! transaction (see [`SyncQueue::wait_for_sync`]). A transaction of state changes
 //! only needs no sync; it is still completed here (in order) when anything is
 //! queued or in flight ahead of it, else by the writer at once. See the module docs of `store.rs` for why this is as durable as
 //! `synchronous=FULL`, and what a failed sync does.
@@ -27,11 +24,6 @@ use crate::error::{StorageKind, StoreError};
 use crate::store::{complete, defer_wakes, Msg, Request, Shared};
 use crate::timeline::{self, Stage};
 use crate::Outcome;
-
-/// A batch taken while the syncer is idle with at least this many acknowledged ops
-/// is committed as two transactions, synced one after the other (see
-/// [`SyncQueue::committing`]).
-pub(crate) const SPLIT_AT: usize = 32;
 
 /// One committed transaction: its ops and their outcomes, in order.
 pub(crate) struct Committed {
@@ -76,9 +68,6 @@ struct SyncState {
     committing: bool,
     /// Transactions pushed so far (the syncer waits for the next one).
     pushes: u64,
-    /// The next sync starts without waiting for a transaction being committed (the
-    /// first half of a split batch: [`SyncQueue::push`] with `now`).
-    sync_now: bool,
     /// A sync failed: what it covered is back at the front of `queued`, for the
     /// writer to settle ([`SyncQueue::take_failed`]); the syncer waits until then.
     failed: Option<StoreError>,
@@ -104,14 +93,11 @@ impl SyncQueue {
     }
 
     /// The writer hands over a committed transaction. Returns it back when nothing
-    /// is ahead of it and it needs no sync: the writer completes it at once. With
-    /// `now`, the sync that takes it starts without waiting for the writer's next
-    /// transaction (the second half of a split batch, committed beside it).
-    pub(crate) fn push(&self, committed: Committed, now: bool) -> Option<Committed> {
+    /// is ahead of it and it needs no sync: the writer completes it at once.
+    pub(crate) fn push(&self, committed: Committed) -> Option<Committed> {
         let mut state = self.lock();
         state.committing = false;
         state.pushes += 1;
-        state.sync_now |= now;
         if !committed.durable
             && state.queued.is_empty()
             && !state.in_flight
@@ -139,30 +125,30 @@ impl SyncQueue {
 
     /// The writer starts a transaction: a sync about to start waits for it, so that
     /// the ops that came in while the previous sync ran share the next one instead
-    /// of needing one more. Returns whether the syncer is idle (nothing queued or
-    /// in flight).
-    ///
-    /// The writer does not wait for a sync in flight: it commits what came in
-    /// beside it, and the next sync (which waits for that commit only if it is
-    /// still running when the sync in flight ends) takes it. With agentd's 64
-    /// clients, each waiting for its answer, that keeps two groups in turn, one
-    /// being committed (and its answers' next requests being read) while the
-    /// other's sync runs; when the syncer is idle and a batch holds at least
-    /// [`SPLIT_AT`] acknowledged ops, the writer commits it as two transactions, the
-    /// first synced at once, so that one large group becomes two. Waiting for the
-    /// sync in flight instead (all ops that came in meanwhile in one commit after
-    /// it) ran commit and sync in series: a cycle cost the commit plus the sync
-    /// (ARCHITECTURE.md, "Durable enqueue end to end").
-    pub(crate) fn committing(&self) -> bool {
-        let mut state = self.lock();
-        state.committing = true;
-        !state.in_flight && state.queued.is_empty()
+    /// of needing one more (with 64 clients waiting, one per sync, not two halves).
+    pub(crate) fn committing(&self) {
+        self.lock().committing = true;
     }
 
     /// The transaction started with [`SyncQueue::committing`] failed.
     pub(crate) fn committed_nothing(&self) {
         self.lock().committing = false;
         self.ready.notify_one();
+    }
+
+    /// Waits while a sync is in flight, until its completions are called: the ops
+    /// that come in meanwhile (with them the answered clients' next ones) gather
+    /// into one transaction for the next sync. Committing during the sync instead
+    /// (overlapping the commit with it) split 64 waiting clients into two halves
+    /// answered by alternate syncs, in about two commits per sync, and measured
+    /// slower and costlier per message than this (ARCHITECTURE.md). The writer
+    /// holds ops to commit from here on (see [`SyncQueue::committing`]).
+    pub(crate) fn wait_for_sync(&self) {
+        let mut state = self.lock();
+        state.committing = true;
+        while state.in_flight && state.failed.is_none() && !state.closing {
+            state = self.taken.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Ends the syncer once it has synced and completed what is queued.
@@ -186,8 +172,7 @@ impl SyncQueue {
             // A transaction being committed now joins this sync (waiting for that
             // one only: a writer that commits back to back never holds it off).
             let pushes = state.pushes;
-            let now = std::mem::take(&mut state.sync_now);
-            while !now && state.committing && state.pushes == pushes && !state.closing {
+            while state.committing && state.pushes == pushes && !state.closing {
                 state = queue.ready.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             // Every transaction taken here was queued after its COMMIT returned, so
