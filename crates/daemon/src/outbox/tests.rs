@@ -69,7 +69,7 @@ fn encode_failures_still_give_valid_json() {
 
 /// An outbox whose client is behind: [`COALESCE_AFTER`] bytes of an answer wait
 /// (the first line [`drain`] returns).
-fn behind(outbox: &Outbox) {
+fn behind(outbox: &Arc<Outbox>) {
     outbox.push(&Response::ok(1, "#".repeat(COALESCE_AFTER)));
 }
 
@@ -255,4 +255,77 @@ fn many_non_progress_events_stay_within_the_budget() {
     assert!(outbox.pending() <= 64 * 1024 + 1024);
     drop(sink);
     assert_eq!(drain(&outbox).last().unwrap()["error"]["code"], "lagged");
+}
+
+/// The line the writer may take now, if any (waits 20 ms for one).
+fn try_next(outbox: &Outbox) -> Option<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let line = rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(20), outbox.next())
+            .await
+            .ok()
+            .flatten()
+    })?;
+    outbox.wrote();
+    Some(serde_json::from_slice(&line).expect("valid JSON line"))
+}
+
+#[test]
+fn a_steps_lines_wait_for_its_release_and_what_follows_them_waits_too() {
+    let outbox = Outbox::new(OUTPUT_BUDGET);
+    outbox.push(&Response::ok(1, "before the step"));
+    let hold = step::StepHold::install();
+    outbox.push(&Response::ok(2, "in the step"));
+    // A line queued meanwhile by another thread (the connection's own answer) waits
+    // behind it: the connection's order is kept.
+    let other = outbox.clone();
+    std::thread::spawn(move || other.push(&Response::ok(3, "from another thread")))
+        .join()
+        .unwrap();
+    assert_eq!(try_next(&outbox).expect("a line")["id"], 1);
+    assert!(try_next(&outbox).is_none(), "held until the step's release");
+    hold.release();
+    assert_eq!(try_next(&outbox).expect("released")["id"], 2);
+    assert_eq!(try_next(&outbox).expect("released")["id"], 3);
+    // The next step holds again, and so does a gated answer's release of events.
+    let (sink, answer) = EventSink::new(&outbox, 1, 7);
+    let slot = outbox.answering(true);
+    answer.answer(&Response::ok(7, "watching"));
+    sink.send(progress("a", "behind the send")).unwrap();
+    slot.answer(encode_line(&Response::ok(4, "the send")));
+    assert!(try_next(&outbox).is_none(), "held until the step's release");
+    // Dropping the hold releases what it held; from then on nothing is held.
+    drop(hold);
+    let ids: Vec<_> = std::iter::from_fn(|| try_next(&outbox))
+        .map(|l| l["id"].clone())
+        .collect();
+    assert_eq!(ids, [7, 4, 7]);
+    outbox.push(&Response::ok(5, "no step"));
+    assert_eq!(try_next(&outbox).expect("not held")["id"], 5);
+    drop(sink);
+}
+
+#[test]
+fn progress_is_not_coalesced_into_a_line_the_writer_may_take_before_the_step_ends() {
+    let outbox = Outbox::new(OUTPUT_BUDGET);
+    behind(&outbox);
+    let (sink, answer) = EventSink::new(&outbox, 1, 7);
+    answer.answer(&Response::ok(7, "watching"));
+    sink.send(progress("a", "line 0")).unwrap();
+    let hold = step::StepHold::install();
+    // Written into "line 0", the step's progress would reach the client before the
+    // step's snapshot: it is a line of its own, and the next one coalesces into it.
+    sink.send(progress("a", "line 1")).unwrap();
+    sink.send(progress("a", "line 2")).unwrap();
+    drop(hold);
+    drop(sink);
+    let lines = drain(&outbox);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[2]["event"]["text"], "line 0");
+    assert!(lines[2].get("skipped").is_none(), "{}", lines[2]);
+    assert_eq!(lines[3]["event"]["text"], "line 2");
+    assert_eq!(lines[3]["skipped"], 1);
 }
