@@ -351,11 +351,7 @@ impl Outbox {
         // Once the client is behind, a newer progress line replaces the queued one of
         // the same task, if nothing of that task was queued after it.
         if progress && answered && state.pending >= self.coalesce_after {
-            // Not into a line the writer may already take while this step's lines
-            // are held: that line would show this step early.
-            let held_from = state.held_from;
-            let replaceable = |seq: &&u64| held_from.is_none_or(|from| **seq >= from);
-            if let Some(&seq) = state.last_of.get(&key).filter(replaceable) {
+            if let Some(&seq) = state.last_of.get(&key) {
                 let index = (seq - state.front_seq) as usize;
                 if let Some(queued) = state.queue.get_mut(index) {
                     if let Some(skipped) = queued.coalesced {
@@ -366,6 +362,11 @@ impl Outbox {
                         queued.line = line;
                         queued.coalesced = Some(skipped + 1);
                         state.pending = state.pending - old + new;
+                        // Now a line of this step: held (with what follows it) if the
+                        // writer could have taken it before the step's snapshot.
+                        if let Some(from) = state.held_from {
+                            state.held_from = Some(from.min(seq));
+                        }
                         return Delivery::Queued;
                     }
                 }
