@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use agentd_daemon::args::Args;
 use agentd_daemon::config::{self, ControlSettings, DaemonConfig, FileConfig};
-use agentd_daemon::connections::ConnectionThread;
 use agentd_daemon::control::{Endpoint, Limits};
 use agentd_daemon::supervisor::DaemonSignal;
 use anyhow::{bail, Context};
@@ -384,39 +383,23 @@ fn main_inner() -> anyhow::Result<()> {
     let limits = Limits::new(&config.control);
     let (signal_tx, signals) = mpsc::unbounded_channel();
     signal_thread(args, limits.clone(), signal_tx.clone())?;
-    // The control connections on a thread and runtime of their own (started after
-    // SIGCHLD was blocked, so it inherits the mask): a `status` does not wait behind
-    // the loop's work.
-    let connections = ConnectionThread::start().context("cannot start the connections' thread")?;
-    // The supervisor loop on the main thread: it never blocks, and agents are forked
-    // from it, which lives as long as agentd (their parent-death signal is tied to it).
+    // One thread: the supervisor loop never blocks, and agents are forked from the
+    // main thread, which lives as long as agentd (their parent-death signal is tied to it).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let socket = config.socket.clone();
     runtime.block_on(async {
         child_signals(signal_tx)?;
-        // Bound on the connections' runtime, so that its listener is in that reactor.
-        let bound = connections
-            .handle()
-            .spawn(async move { agentd_daemon::socket::bind(&socket) })
-            .await
-            .context("cannot bind the control socket")??;
+        let bound = agentd_daemon::socket::bind(&socket)?;
         let file = bound.file;
         let endpoint = Endpoint {
             listener: bound.listener,
             socket: Some(file.clone()),
             limits,
         };
-        let result = agentd_daemon::run(
-            config,
-            store,
-            endpoint,
-            connections.handle().clone(),
-            signals,
-            std::future::pending(),
-        )
-        .await;
+        let result =
+            agentd_daemon::run(config, store, endpoint, signals, std::future::pending()).await;
         // Only the agentd that bound the socket removes it (never one that found
         // another agentd already running there, nor one whose file was replaced).
         file.remove_if_ours();

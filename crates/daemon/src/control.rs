@@ -1,8 +1,6 @@
 //! Client connections on the control socket.
 //!
-//! Everything here runs on the connections' own thread and runtime
-//! ([`crate::connections`]), beside the supervisor loop's. One task per connection
-//! reads request lines (each bounded by
+//! One task per connection reads request lines (each bounded by
 //! [`MAX_REQUEST_BYTES`]), answers `hello` and `ping` itself, and hands every other
 //! request to the supervisor with a [`Replier`], which queues the answer on this
 //! connection's output from whichever thread answers. Replies are written by a

@@ -3,10 +3,8 @@
 //! current.
 //!
 //! **Invariant:** the snapshot is what the loop would answer. The loop refreshes it
-//! at the end of every step, before it awaits anything, and only then releases what
-//! it queued on the connections during the step ([`crate::outbox::step`]: the
-//! connections run on a thread of their own), so nothing a client can read (an
-//! answer, an event) is newer than the snapshot; and a connection that has a
+//! at the end of every step, before it awaits anything, so nothing a client can read
+//! (an answer, an event) is newer than the snapshot; and a connection that has a
 //! request on its way to the loop ([`Handed`]) sends its `status` through the loop,
 //! behind that request, so a `status` pipelined after a `send` counts it.
 

@@ -3,7 +3,6 @@
 //! - [`args`]: the `agentd` command line (flags), for the binary and its man page.
 //! - [`socket`]: the control socket's directory and listener (0700 dir, 0600 socket,
 //!   peer uid checked per connection).
-//! - [`connections`]: the thread and runtime the control connections run on.
 //! - [`control`]: one task per client connection: bounded line reads with a deadline,
 //!   JSON parsing, out-of-order responses, the connection cap.
 //! - [`info`]: what connections answer without the loop: pid, uptime, and the
@@ -27,7 +26,6 @@
 pub mod agent_io;
 pub mod args;
 pub mod config;
-pub mod connections;
 pub mod control;
 pub mod durable;
 pub mod events;

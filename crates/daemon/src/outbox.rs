@@ -27,13 +27,6 @@
 //! Events offered before the watch's own answer is queued are held and released
 //! right after it, so a client always sees the answer first.
 //!
-//! **Nothing of a loop step before its status snapshot.** The connections run on a
-//! thread of their own, beside the supervisor loop. What the loop queues during one
-//! of its steps (answers, events, notices) is held in the outbox ([`step`]) until
-//! the loop has published that step's `status` snapshot, so no client can read
-//! anything of a step (and ask another connection for `status`) before the snapshot
-//! counts it. What is queued behind held lines waits behind them (order is kept).
-//!
 //! **Answers before the events they cause.** While a request that is answered at
 //! once (everything but a waiting `stop`) is with the supervisor, the connection's
 //! events are held (its [`Answering`] is a gate) and released right after its
@@ -159,10 +152,6 @@ struct State {
     reading_done: bool,
     /// The connection closes once the queue is written: nothing more is queued.
     closing: bool,
-    /// Sequence number of the first line queued during the supervisor loop's
-    /// current step: it and everything after it wait for the step's end (see
-    /// [`step`]). `None`: nothing is held.
-    held_from: Option<u64>,
 }
 
 impl State {
@@ -172,20 +161,6 @@ impl State {
 
     fn idle(&self) -> bool {
         !self.writing && self.queue.is_empty()
-    }
-
-    /// Whether the writer may take the line at the front of the queue.
-    fn front_released(&self) -> bool {
-        self.held_from.is_none_or(|from| self.front_seq < from)
-    }
-
-    /// Holds what is queued from now on if this is the supervisor loop's thread in a
-    /// step ([`step`]); true if lines are held (then the writer is not woken).
-    fn hold_in_step(&mut self, outbox: &Arc<Outbox>) -> bool {
-        if self.held_from.is_none() && step::holds(outbox) {
-            self.held_from = Some(self.front_seq + self.queue.len() as u64);
-        }
-        self.held_from.is_some()
     }
 
     /// Ends one gate (see [`Outbox::answering`]): the last one releases the events
@@ -265,7 +240,6 @@ impl Outbox {
                 closed: false,
                 reading_done: false,
                 closing: false,
-                held_from: None,
             }),
             ready: Notify::new(),
             room: Notify::new(),
@@ -281,24 +255,21 @@ impl Outbox {
     }
 
     /// Queues an answer or a notice (never refused while the connection lives).
-    pub fn push<R: Serialize>(self: &Arc<Self>, response: &Response<R>) {
+    pub fn push<R: Serialize>(&self, response: &Response<R>) {
         let line = encode_line(response);
         let mut state = self.lock();
         if state.refuses() {
             return;
         }
-        let held = state.hold_in_step(self);
         state.pending += line.len();
         state.enqueue(Item::answer(line));
         drop(state);
-        if !held {
-            self.ready.notify_one();
-        }
+        self.ready.notify_one();
     }
 
     /// Queues the answer to watch `watch`, then the events held for it.
     fn push_watch_answer<R: Serialize>(
-        self: &Arc<Self>,
+        &self,
         watch: u64,
         response: &Response<R>,
         answered: &AtomicBool,
@@ -311,7 +282,6 @@ impl Outbox {
         if state.refuses() {
             return;
         }
-        let in_step = state.hold_in_step(self);
         state.pending += line.len();
         state.enqueue(Item::answer(line));
         if response.ok {
@@ -322,19 +292,11 @@ impl Outbox {
             state.pending -= held_len;
         }
         drop(state);
-        if !in_step {
-            self.ready.notify_one();
-        }
+        self.ready.notify_one();
     }
 
     /// Offers event `event` of watch `watch` (request id `id`).
-    fn push_event(
-        self: &Arc<Self>,
-        watch: u64,
-        id: u64,
-        answered: &AtomicBool,
-        event: EventView,
-    ) -> Delivery {
+    fn push_event(&self, watch: u64, id: u64, answered: &AtomicBool, event: EventView) -> Delivery {
         let mut state = self.lock();
         // Read under the lock: the answer sets it under the lock too.
         let answered = answered.load(Ordering::SeqCst);
@@ -344,7 +306,6 @@ impl Outbox {
         if !state.idle() && state.waiting_since.elapsed() > self.stall {
             return self.lag(state, watch, id);
         }
-        let in_step = state.hold_in_step(self);
         let key = (watch, event.task_id.clone());
         let progress = event.kind == EventKind::Progress;
         let mut response = Response::<()>::event(id, event);
@@ -362,11 +323,6 @@ impl Outbox {
                         queued.line = line;
                         queued.coalesced = Some(skipped + 1);
                         state.pending = state.pending - old + new;
-                        // Now a line of this step: held (with what follows it) if the
-                        // writer could have taken it before the step's snapshot.
-                        if let Some(from) = state.held_from {
-                            state.held_from = Some(from.min(seq));
-                        }
                         return Delivery::Queued;
                     }
                 }
@@ -392,13 +348,11 @@ impl Outbox {
         }
         state.enqueue(item);
         drop(state);
-        if !in_step {
-            self.ready.notify_one();
-        }
+        self.ready.notify_one();
         Delivery::Queued
     }
 
-    fn lag(self: &Arc<Self>, mut state: MutexGuard<'_, State>, watch: u64, id: u64) -> Delivery {
+    fn lag(&self, mut state: MutexGuard<'_, State>, watch: u64, id: u64) -> Delivery {
         let line = encode_line(&Response::<()>::err(
             Some(id),
             ErrorCode::Lagged,
@@ -417,13 +371,10 @@ impl Outbox {
             keep
         });
         state.pending -= dropped;
-        let in_step = state.hold_in_step(self);
         state.pending += line.len();
         state.enqueue(Item::answer(line));
         drop(state);
-        if !in_step {
-            self.ready.notify_one();
-        }
+        self.ready.notify_one();
         Delivery::Lagged
     }
 
@@ -434,12 +385,7 @@ impl Outbox {
             let notified = self.ready.notified();
             {
                 let mut state = self.lock();
-                let front = if state.front_released() {
-                    state.queue.pop_front()
-                } else {
-                    None
-                };
-                if let Some(item) = front {
+                if let Some(item) = state.queue.pop_front() {
                     let seq = state.front_seq;
                     state.front_seq += 1;
                     state.pending -= item.len();
@@ -454,24 +400,11 @@ impl Outbox {
                     self.room.notify_one();
                     return Some(line);
                 }
-                if state.refuses()
-                    || (state.reading_done && state.in_flight == 0 && state.queue.is_empty())
-                {
+                if state.refuses() || (state.reading_done && state.in_flight == 0) {
                     return None;
                 }
             }
             notified.await;
-        }
-    }
-
-    /// Lets the writer take the lines held for the loop's step (see [`step`]).
-    fn release_step(&self) {
-        let mut state = self.lock();
-        state.held_from = None;
-        let queued = !state.queue.is_empty();
-        drop(state);
-        if queued {
-            self.ready.notify_one();
         }
     }
 
@@ -497,7 +430,6 @@ impl Outbox {
         state.gated.clear();
         state.last_of.clear();
         state.pending = 0;
-        state.held_from = None;
         drop(state);
         self.ready.notify_one();
         self.room.notify_one();
@@ -591,7 +523,6 @@ impl Answering {
     fn finish(&mut self, line: Option<Vec<u8>>) {
         self.done = true;
         let mut state = self.outbox.lock();
-        let held = state.hold_in_step(&self.outbox);
         if let Some(line) = line {
             if !state.refuses() {
                 state.pending += line.len();
@@ -603,9 +534,7 @@ impl Answering {
         }
         state.in_flight -= 1;
         drop(state);
-        if !held {
-            self.outbox.ready.notify_one();
-        }
+        self.outbox.ready.notify_one();
         self.outbox.room.notify_one();
     }
 }
@@ -645,7 +574,6 @@ impl std::fmt::Debug for InFlight {
 
 mod sink;
 pub use sink::{EventSink, WatchAnswer};
-pub mod step;
 
 #[cfg(test)]
 mod tests;

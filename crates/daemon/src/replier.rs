@@ -7,9 +7,9 @@
 //! waits for the answer in between, so a request costs no task spawn and no extra
 //! wake-up of the runtime.
 //!
-//! An answer given on the store's writer (new work's acknowledgement, after the
-//! commit) goes through the [`Relay`]: encoded on that thread, queued on its
-//! connection by one task on the connections' runtime. Queued there
+//! An answer given on a thread other than the loop's (new work's acknowledgement, on
+//! the store's writer after the commit) goes through the [`Relay`]: encoded on that
+//! thread, queued on its connection by one task on the loop's runtime. Queued there
 //! directly, every answer would wake the runtime from outside (an `eventfd` write
 //! each: 64 per group commit of 64 messages); through the relay a batch of answers
 //! costs one wake-up, and the connections' writers are then woken from inside the
@@ -99,7 +99,7 @@ impl Replier {
                 if let Err(mpsc::error::SendError(relayed)) =
                     relay.0.send(Relayed { slot, line, queued })
                 {
-                    // The connections' runtime is gone: queued here, as `send` would.
+                    // The loop's runtime is gone: queued here, as `send` would.
                     relayed.deliver();
                 }
             }
@@ -118,7 +118,7 @@ fn response(id: u64, reply: Reply) -> Response<Answer> {
 }
 
 /// Queues answers given on other threads on their connections, from one task on the
-/// connections' runtime (see the module documentation). Cloneable, for any thread.
+/// loop's runtime (see the module documentation). Cloneable, for any thread.
 #[derive(Clone, Debug)]
 pub struct Relay(mpsc::UnboundedSender<Relayed>);
 
@@ -137,11 +137,11 @@ impl Relayed {
 }
 
 impl Relay {
-    /// Starts the relay's task on `runtime`, the connections' (it ends when every
-    /// handle is dropped).
-    pub fn start(runtime: &tokio::runtime::Handle) -> Relay {
+    /// Starts the relay's task on the current runtime (it ends when every handle is
+    /// dropped).
+    pub fn start() -> Relay {
         let (tx, mut rx) = mpsc::unbounded_channel::<Relayed>();
-        runtime.spawn(async move {
+        tokio::spawn(async move {
             // Each wake-up takes every answer queued meanwhile.
             while let Some(relayed) = rx.recv().await {
                 agentd_store::timeline::mark(agentd_store::timeline::Stage::Relayed, 0);
@@ -246,7 +246,7 @@ mod tests {
         use crate::outbox::EventSink;
         use agentd_proto::control::{EventKind, EventView};
         let outbox = Outbox::new(OUTPUT_BUDGET);
-        let relay = Relay::start(&tokio::runtime::Handle::current());
+        let relay = Relay::start();
         let (sink, watch_answer) = EventSink::new(&outbox, 1, 7);
         watch_answer.answer(&Response::ok(7, "watching"));
         assert!(line(&outbox).await.contains(r#""id":7"#));

@@ -69,7 +69,7 @@ fn encode_failures_still_give_valid_json() {
 
 /// An outbox whose client is behind: [`COALESCE_AFTER`] bytes of an answer wait
 /// (the first line [`drain`] returns).
-fn behind(outbox: &Arc<Outbox>) {
+fn behind(outbox: &Outbox) {
     outbox.push(&Response::ok(1, "#".repeat(COALESCE_AFTER)));
 }
 
@@ -255,79 +255,4 @@ fn many_non_progress_events_stay_within_the_budget() {
     assert!(outbox.pending() <= 64 * 1024 + 1024);
     drop(sink);
     assert_eq!(drain(&outbox).last().unwrap()["error"]["code"], "lagged");
-}
-
-/// The line the writer may take now, if any (waits 20 ms for one).
-fn try_next(outbox: &Outbox) -> Option<serde_json::Value> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let line = rt.block_on(async {
-        tokio::time::timeout(Duration::from_millis(20), outbox.next())
-            .await
-            .ok()
-            .flatten()
-    })?;
-    outbox.wrote();
-    Some(serde_json::from_slice(&line).expect("valid JSON line"))
-}
-
-#[test]
-fn a_steps_lines_wait_for_its_release_and_what_follows_them_waits_too() {
-    let outbox = Outbox::new(OUTPUT_BUDGET);
-    outbox.push(&Response::ok(1, "before the step"));
-    let hold = step::StepHold::install();
-    outbox.push(&Response::ok(2, "in the step"));
-    // A line queued meanwhile by another thread (the connection's own answer) waits
-    // behind it: the connection's order is kept.
-    let other = outbox.clone();
-    std::thread::spawn(move || other.push(&Response::ok(3, "from another thread")))
-        .join()
-        .unwrap();
-    assert_eq!(try_next(&outbox).expect("a line")["id"], 1);
-    assert!(try_next(&outbox).is_none(), "held until the step's release");
-    hold.release();
-    assert_eq!(try_next(&outbox).expect("released")["id"], 2);
-    assert_eq!(try_next(&outbox).expect("released")["id"], 3);
-    // The next step holds again, and so does a gated answer's release of events.
-    let (sink, answer) = EventSink::new(&outbox, 1, 7);
-    let slot = outbox.answering(true);
-    answer.answer(&Response::ok(7, "watching"));
-    sink.send(progress("a", "behind the send")).unwrap();
-    slot.answer(encode_line(&Response::ok(4, "the send")));
-    assert!(try_next(&outbox).is_none(), "held until the step's release");
-    // Dropping the hold releases what it held; from then on nothing is held.
-    drop(hold);
-    let ids: Vec<_> = std::iter::from_fn(|| try_next(&outbox))
-        .map(|l| l["id"].clone())
-        .collect();
-    assert_eq!(ids, [7, 4, 7]);
-    outbox.push(&Response::ok(5, "no step"));
-    assert_eq!(try_next(&outbox).expect("not held")["id"], 5);
-    drop(sink);
-}
-
-#[test]
-fn progress_coalesced_during_a_step_into_an_earlier_line_holds_that_line_too() {
-    let outbox = Outbox::new(OUTPUT_BUDGET);
-    behind(&outbox);
-    let (sink, answer) = EventSink::new(&outbox, 1, 7);
-    answer.answer(&Response::ok(7, "watching"));
-    sink.send(progress("a", "line 0")).unwrap();
-    let hold = step::StepHold::install();
-    // Coalesced into "line 0", which the writer could take: that line now shows
-    // this step, so it waits for the step's release (else a client that keeps
-    // falling behind would never see its progress coalesced, one line a step).
-    sink.send(progress("a", "line 1")).unwrap();
-    sink.send(progress("a", "line 2")).unwrap();
-    assert_eq!(try_next(&outbox).expect("a line")["id"], 1);
-    assert_eq!(try_next(&outbox).expect("a line")["result"], "watching");
-    assert!(try_next(&outbox).is_none(), "held until the step's release");
-    drop(hold);
-    let line = try_next(&outbox).expect("released");
-    assert_eq!(line["event"]["text"], "line 2", "{line}");
-    assert_eq!(line["skipped"], 2, "{line}");
-    drop(sink);
-    assert!(drain(&outbox).is_empty());
 }

@@ -85,27 +85,20 @@ pub enum DaemonSignal {
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 /// Runs agentd on an already-bound listener until `shutdown` resolves (or signals say
-/// so) and every agent is gone. The loop runs on the calling thread's runtime; the
-/// connections (accepting, serving, the outboxes' writers, the store's relayed
-/// answers) on `connections`, another thread's (see [`crate::connections`]), whose
-/// reactor the listener must be registered with.
+/// so) and every agent is gone.
 pub async fn run(
     config: DaemonConfig,
     durable: Durable,
     listener: control::Endpoint,
-    connections: tokio::runtime::Handle,
     mut signals: mpsc::UnboundedReceiver<DaemonSignal>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::config::create_state_dir(&config.state_dir)?;
-    // What this thread queues on a connection during a step waits for the step's
-    // status snapshot (see `outbox::step`): released after `refresh_status`.
-    let hold = crate::outbox::step::StepHold::install();
     let info = Arc::new(ServerInfo::new());
     let (request_tx, mut requests) = mpsc::channel::<ControlRequest>(1024);
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
-    let limits = listener.limits.clone();
-    let acceptor = connections.spawn(control::accept_loop(listener, request_tx, info.clone()));
+    let connections = listener.limits.clone();
+    let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
 
     let procs = containment(&config);
     let (tree_tx, mut tree_reports) = mpsc::unbounded_channel::<TreeReport>();
@@ -123,7 +116,6 @@ pub async fn run(
         killer,
         store.writer(),
         store_tx,
-        crate::replier::Relay::start(&connections),
     );
     sup.store_reader = store.reader().ok();
     sup.reads = match store.reader() {
@@ -203,13 +195,9 @@ pub async fn run(
             // steps since the last wait go to the writer together (see step_writes).
             () = sup.store.flush_before_waiting() => {}
         }
+        sup.store.flush_if_many();
         sup.publish_positions();
         sup.refresh_status(touched);
-        // Only now may clients read what the step queued, and only now can the
-        // store commit (and acknowledge) the step's writes: nothing a client reads
-        // is newer than the snapshot its `status` is answered from.
-        hold.release();
-        sup.store.flush_if_many();
         drop(handed);
         // Queued work stays queued (in the store) for the next start.
         if sup.shutting_down.is_some() && sup.agents.is_empty() {
@@ -218,11 +206,9 @@ pub async fn run(
     }
     sup.store.flush();
     acceptor.abort();
-    // From here on nothing is held: what the loop still answers goes out at once.
-    drop(hold);
     // What the stop told its watchers (the tasks' `finished`) reaches them before
     // the connections close.
-    limits.flush_all(SHUTDOWN_FLUSH).await;
+    connections.flush_all(SHUTDOWN_FLUSH).await;
     // `{ sup }` moves it: everything but these two (the agents' logs among them)
     // is dropped here, before the store closes.
     let Supervisor {
@@ -359,8 +345,6 @@ fn json(value: impl Into<Answer>) -> Reply {
 }
 
 impl Supervisor {
-    // Everything it owns from the start, each from `run`.
-    #[allow(clippy::too_many_arguments)]
     fn new(
         config: DaemonConfig,
         agent_events: mpsc::Sender<AgentEvent>,
@@ -369,7 +353,6 @@ impl Supervisor {
         killer: Killer,
         store: StoreWriter,
         store_events: mpsc::UnboundedSender<StoreEvent>,
-        relay: crate::replier::Relay,
     ) -> Supervisor {
         let dispatcher = Dispatcher::new(config.dispatch.clone());
         let history = Box::new(MemoryHistory::new(config.history));
@@ -395,7 +378,7 @@ impl Supervisor {
             task_timeouts: HashMap::new(),
             store: step_writes::StepWrites::new(store),
             store_events,
-            relay,
+            relay: crate::replier::Relay::start(),
             recovery: None,
             pumps: Default::default(),
             log_writers: HashMap::new(),
