@@ -84,6 +84,7 @@ fn cpu_per_request(
     let pid = pid?;
     let mut conn = Conn::connect(socket);
     let (mut checks, mut shared) = (0, 0);
+    let answerer = status_thread(pid);
     let before = cpu_time(pid)?;
     for i in 0..n {
         conn.round_trip(request);
@@ -91,7 +92,7 @@ fn cpu_per_request(
             // SAFETY: sched_getcpu has no preconditions.
             let here = unsafe { libc::sched_getcpu() };
             checks += 1;
-            shared += usize::from(last_cpu(pid, pid).map(|c| c as i32) == Some(here));
+            shared += usize::from(last_cpu(pid, answerer).map(|c| c as i32) == Some(here));
         }
     }
     let after = cpu_time(pid)?;
@@ -147,6 +148,22 @@ fn placed(socket: &Path, echo: &EchoServer, agentd: Option<u32>, probe: &str, n:
     }
 }
 
+/// The thread of agentd `pid` that answers `status`: its connections' thread
+/// (`agentd-conn`) if it has one, else its main thread (a build whose connections
+/// share the loop's current-thread runtime).
+fn status_thread(pid: u32) -> u32 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
+        .find(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "agentd-conn")
+        })
+        .unwrap_or(pid)
+}
+
 /// The CPU thread `tid` of process `pid` last ran on (field 39 of its `stat`).
 fn last_cpu(pid: u32, tid: u32) -> Option<usize> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
@@ -161,8 +178,9 @@ fn last_cpu(pid: u32, tid: u32) -> Option<usize> {
 
 /// `status` with agentd left where the scheduler puts it and the echo server put
 /// where agentd's loop thread is: the client (this thread) on CPU 0; after each of
-/// agentd's replies, the CPU its loop thread (the main thread, which runs the
-/// current-thread runtime) last ran on is read, and the echo server is pinned to that
+/// agentd's replies, the CPU the thread that answered it last ran on (its
+/// connections' thread, or the main thread of a build without one: `status_thread`)
+/// is read, and the echo server is pinned to that
 /// CPU (when it changed) before the echo's round trip that follows. Each echo sample
 /// is thus taken with the echo server on the same CPU, relative to the client, as
 /// agentd's loop in the sample before it, so the ratio compares like with like
@@ -188,6 +206,7 @@ fn matched(
         return None;
     }
     let echo_path = socket.with_file_name("echo.sock");
+    let answerer = status_thread(agentd);
     let mut conn = Conn::connect(socket);
     let mut echo_conn = Conn::connect(&echo_path);
     for _ in 0..n / 10 {
@@ -201,7 +220,7 @@ fn matched(
         let reply = conn.round_trip(request);
         let ours = t.elapsed();
         assert!(!reply.contains("\"ok\":false"), "error reply: {reply}");
-        let Some(cpu) = last_cpu(agentd, agentd) else {
+        let Some(cpu) = last_cpu(agentd, answerer) else {
             break;
         };
         if echo_cpu != Some(cpu) {

@@ -16,7 +16,8 @@
 #                   one `send` outstanding per connection (the next only after its
 #                   acknowledgement), no probe: agentd's rate as a ratio to the
 #                   baseline (issue 7's 10x), the client's CPU per message and
-#                   agentd's (all threads, the loop, the store writer, its syncer);
+#                   agentd's (all threads, the loop, the connections' thread,
+#                   the store writer, its syncer);
 #     probe phase:  64 client threads blocked in `recv`, the same one-at-a-time
 #                   sends, while one more connection spins on `status`: its
 #                   latency p50/p90/p99 with the writer busy as ratios to idle,
@@ -68,16 +69,17 @@ stop_agentd() {
     kill -TERM $APID; wait $APID 2>/dev/null || true; APID=
 }
 # CPU time in ns (schedstat) of agentd's threads: all, the loop (the main thread),
-# the store writer and its syncer.
+# the store writer, its syncer and the connections' thread (agentd-conn; 0 for a
+# build whose connections share the loop's thread).
 cpu_ns() {
     for t in /proc/$APID/task/*; do
         awk -v comm="$(cat "$t/comm" 2>/dev/null)" -v main="$([ "${t##*/}" = "$APID" ] && echo 1)" \
-            '{print $1, (main == "1" ? $1 : 0), (comm == "agentd-store" ? $1 : 0), (comm == "agentd-sync" ? $1 : 0)}' "$t/schedstat"
-    done | awk '{a += $1; l += $2; w += $3; s += $4} END {print a, l, w, s}'
+            '{print $1, (main == "1" ? $1 : 0), (comm == "agentd-store" ? $1 : 0), (comm == "agentd-sync" ? $1 : 0), (comm == "agentd-conn" ? $1 : 0)}' "$t/schedstat"
+    done | awk '{a += $1; l += $2; w += $3; s += $4; c += $5} END {print a, l, w, s, c}'
 }
 # Prints agentd's CPU per message between two cpu_ns readings ($3: what the loop's includes).
 cpu_line() {
-    echo "$1 $2" | awk -v n=$((64 * 200)) -v note="$3" '{printf "  agentd CPU per acknowledged message: %.1f us (loop thread %.1f, store writer %.1f, syncer %.1f%s)\n", ($5 - $1) / n / 1e3, ($6 - $2) / n / 1e3, ($7 - $3) / n / 1e3, ($8 - $4) / n / 1e3, note}'
+    echo "$1 $2" | awk -v n=$((64 * 200)) -v note="$3" '{printf "  agentd CPU per acknowledged message: %.1f us (loop thread %.1f, connections thread %.1f, store writer %.1f, syncer %.1f%s)\n", ($6 - $1) / n / 1e3, ($7 - $2) / n / 1e3, ($10 - $5) / n / 1e3, ($8 - $3) / n / 1e3, ($9 - $4) / n / 1e3, note}'
 }
 # The fsync'd-commit baseline on the same disk, now; prints it and sets BASE.
 baseline() {

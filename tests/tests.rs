@@ -48,5 +48,8 @@ mod service;
 mod status;
 /// Steering fallbacks: refused steers, shutdown, steer-backlog answers.
 mod steer;
+/// What clients read of one loop step against the `status` snapshot, across the
+/// connections' and the loop's threads.
+mod step_order;
 /// Stops: cooperative cancel, SIGTERM, SIGKILL, process trees, chat scoping.
 mod stop;
