@@ -6,6 +6,7 @@
 
 pub mod agentd;
 pub mod chat;
+pub mod clean;
 pub mod config;
 pub mod core;
 pub mod matrix;
