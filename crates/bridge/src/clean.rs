@@ -78,6 +78,48 @@ impl Perform for Screen {
 #[cfg(test)]
 mod tests {
     use super::chat_text;
+    use proptest::prelude::*;
+
+    /// A piece of terminal output, and what a chat should show of it.
+    fn piece() -> impl Strategy<Value = (String, String)> {
+        let text = "[^\\p{Cc}]{1,12}".prop_map(|t| (t.clone(), t));
+        let params = prop::collection::vec(0u16..300, 0..4)
+            .prop_map(|p| p.iter().map(u16::to_string).collect::<Vec<_>>().join(";"));
+        prop_oneof![
+            4 => text,
+            1 => Just(("\n".to_string(), "\n".to_string())),
+            1 => Just(("\t".to_string(), "\t".to_string())),
+            2 => (params, prop::sample::select(vec!['m', 'K', 'G', 'A', 'H', 'J']))
+                .prop_map(|(p, f)| (format!("\x1b[{p}{f}"), String::new())),
+            1 => ("[ -~]{0,20}", any::<bool>()).prop_map(|(url, bel)| {
+                let end = if bel { "\x07" } else { "\x1b\\" };
+                (format!("\x1b]8;;{url}{end}"), String::new())
+            }),
+            1 => Just(("\x1b(B".to_string(), String::new())),
+            1 => Just(("\x07".to_string(), String::new())),
+        ]
+    }
+
+    proptest! {
+        /// Colours, cursor moves and hyperlinks around any text leave the text.
+        #[test]
+        fn escapes_around_text_leave_the_text(
+            pieces in prop::collection::vec(piece(), 0..30),
+        ) {
+            let input: String = pieces.iter().map(|(i, _)| i.as_str()).collect();
+            let want: String = pieces.iter().map(|(_, w)| w.as_str()).collect();
+            prop_assert_eq!(chat_text(&input), want);
+        }
+
+        /// Whatever comes in, what goes out has no control character but newlines and
+        /// tabs, and cleaning it again changes nothing.
+        #[test]
+        fn anything_comes_out_clean_and_stays_so(input in "(\\PC|\\p{Cc}|\x1b\\[|\x1b\\]|\r){0,60}") {
+            let once = chat_text(&input);
+            prop_assert!(!once.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{:?}", once);
+            prop_assert_eq!(chat_text(&once), once.clone());
+        }
+    }
 
     #[test]
     fn plain_text_is_kept_as_it_is() {
