@@ -33,6 +33,10 @@ What it does (docs/protocol.md, "Writing a bridge"):
   restart of the bridge itself it watches those chats again, asks `status` of
   those tasks, so one that ended while the bridge was down is still reported, and
   sends those messages again with their `message_id`;
+- cleans what it shows in the chat (`chat_text`): agents write for a terminal, and
+  their escape sequences (colours, cursor moves, OSC 8 hyperlinks) are dropped, a
+  `\r` progress redraw keeps its last state (`50%\r60%\r` shows `60%`), and other
+  control characters except newline and tab are dropped, as agentd-matrix does;
 - a task agentd no longer knows (`not_found`: a new agentd on another state dir)
   is forgotten, and its chat is told so once, instead of being asked about forever.
 
@@ -44,6 +48,7 @@ import collections
 import itertools
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -168,7 +173,7 @@ class Bridge:
     # ----- the chat side -----
 
     def post(self, chat, kind, text, **extra):
-        line = {"chat": chat, "kind": kind, "text": text}
+        line = {"chat": chat, "kind": kind, "text": chat_text(text)}
         line.update(extra)
         with self.out_lock:
             sys.stdout.write(json.dumps(line) + "\n")
@@ -397,6 +402,36 @@ class Bridge:
         if task.get("result"):
             text += ": " + task["result"]
         self.post(chat, "finished", text, task_id=task_id, state=state)
+
+
+# Terminal escape sequences (ECMA-48), as a terminal parser reads them: CSI (`ESC [`,
+# parameters, intermediates, a final byte), OSC (`ESC ]`, ended by BEL or ST = `ESC \`),
+# DCS/SOS/PM/APC strings (ended by ST), and the other `ESC` sequences (intermediates
+# and a final byte). A sequence the text ends in the middle of is dropped too; an ESC
+# inside a string ends it (and starts a sequence of its own), as in a terminal.
+ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*(?:[@-~]|(?=\x1b)|\Z)"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+# Control characters (Unicode category Cc, C1 included) but newline, tab and CR.
+CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def chat_text(text):
+    """`text` as a chat should show it: without terminal escape sequences; a carriage
+    return starts the line over, so each line shows its last non-empty redraw (and
+    `\r\n` is a line end); other control characters are dropped, newlines and tabs
+    kept. The same as agentd-matrix's cleaning (crates/bridge/src/clean.rs)."""
+    if not isinstance(text, str):
+        return text
+    text = CONTROLS.sub("", ESCAPES.sub("", text))
+    lines = []
+    for line in text.split("\n"):
+        redraws = [part for part in line.split("\r") if part]
+        lines.append(redraws[-1] if redraws else "")
+    return "\n".join(lines)
 
 
 # What the chat is told when agentd's answer to its message cannot be read.

@@ -1,6 +1,7 @@
 //! examples/bridge.py, the Python bridge written from docs/protocol.md, against a real
 //! agentd: a long task, `/status`, `/stop`, a restart of agentd under it, and a watch
-//! that lags while the bridge is stopped.
+//! that lags while the bridge is stopped; output cleaned of terminal escapes as
+//! agentd-matrix cleans it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -441,4 +442,152 @@ fn the_python_bridge_survives_an_answer_it_cannot_read() {
     );
     let reply = bridge.expect("the next answer", |l| l["kind"] == "reply");
     assert_eq!(text(&reply), "all fine");
+}
+
+/// An agent's output written for a terminal (colours, an OSC 8 hyperlink, a `\r`
+/// progress redraw) reaches the chat cleaned: in its progress lines and its result.
+#[test]
+fn the_python_bridge_shows_output_without_terminal_escapes() {
+    let d = Daemon::with_agent_exec(&[]);
+    let mut bridge = Bridge::start(&d.socket, &d.dir.path().join("bridge.log"));
+    let chat = "tg:4004";
+    bridge.say(
+        chat,
+        "m-1",
+        r"printf '\033[1;31mred\033[0m \033]8;;file:///a\033\\link\033]8;;\033\\\n'; printf '50%%\r100%%\n'",
+    );
+    let reply = bridge.expect("the task's start", |l| l["kind"] == "reply");
+    let task = reply["task_id"].as_str().expect("a task id").to_string();
+    let end = bridge.expect("the task's end", |l| {
+        l["kind"] == "finished" && l["task_id"] == json!(task)
+    });
+    assert_eq!(
+        text(&end),
+        format!("task {task}  succeeded: red link\n100%")
+    );
+    let progress: Vec<&str> = posts_of(&bridge, "progress", &task).map(text).collect();
+    assert_eq!(progress, ["red link", "100%"], "{:?}", bridge.seen);
+}
+
+/// bridge.py's `chat_text` cleans as agentd-matrix's does (crates/bridge/src/clean.rs):
+/// each case gives the expected text in both, and texts put together from pieces
+/// of terminal output give the same text in both.
+#[test]
+fn the_python_bridge_cleans_text_as_the_rust_bridge_does() {
+    use agentd_bridge::clean::chat_text;
+    let cases = [
+        ("plain\ttext\n", "plain\ttext\n"),
+        ("é ü ✓ 日本", "é ü ✓ 日本"),
+        ("\x1b[31mred\x1b[0m", "red"),
+        ("\x1b[1;32m   Compiling\x1b[m a\n", "   Compiling a\n"),
+        ("\x1b[38;5;196mx\x1b[38:2::255:0:0my\x1b[39m", "xy"),
+        (
+            "see \x1b]8;;https://e.com/a?b\x1b\\the docs\x1b]8;;\x1b\\.",
+            "see the docs.",
+        ),
+        ("\x1b]8;;file:///tmp/x\x07x\x1b]8;;\x07", "x"),
+        ("\x1b]0;title\x07done", "done"),
+        ("\x1b[2K\x1b[1Gstep 3\x1b[K", "step 3"),
+        ("\x1b[?25lhidden\x1b[?25h", "hidden"),
+        ("\x1b[3A\x1b[10;20Hat", "at"),
+        ("\x1b=\x1b(Bok\x1b>", "ok"),
+        ("\x1bPq#0;2;0;0;0\x1b\\after", "after"),
+        ("50%\r60%\r100%\n", "100%\n"),
+        ("50%\r60%\r", "60%"),
+        ("one\r\ntwo\r\n", "one\ntwo\n"),
+        (
+            "a\n\x1b[2K\r[=> ] 1\r\x1b[2K[==>] 2\nend",
+            "a\n[==>] 2\nend",
+        ),
+        ("\rleading", "leading"),
+        ("x\r\ty", "\ty"),
+        ("50%\r\x07", "50%"),
+        ("bell\x07 back\x08space\x00\x7f\x0c", "bell backspace"),
+        ("a\u{9b}b", "ab"),
+        ("text\x1b", "text"),
+        ("text\x1b[31", "text"),
+        ("text\x1b]8;;http://x", "text"),
+        ("a\x1bZb", "ab"),
+        ("a\x1b\x1b[31mb", "ab"),
+    ];
+    // Texts put together from pieces, as a deterministic mix (an LCG).
+    let pieces = [
+        "word",
+        " ",
+        "\t",
+        "\n",
+        "\r",
+        "\r\n",
+        "é",
+        "\x1b[31m",
+        "\x1b[0m",
+        "\x1b[2K",
+        "\x1b[?25l",
+        "\x1b]8;;http://h/p\x1b\\",
+        "\x1b]8;;\x07",
+        "\x1b]0;t\x07",
+        "\x1b(B",
+        "\x1b=",
+        "\x07",
+        "\x08",
+        "50%",
+        "\x1bP1$r\x1b\\",
+    ];
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut mixed: Vec<String> = (0..300)
+        .map(|_| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let n = (seed >> 60) as usize + 1;
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    pieces[(seed >> 33) as usize % pieces.len()]
+                })
+                .collect()
+        })
+        .collect();
+    // Some end in the middle of a sequence.
+    for (i, end) in ["\x1b", "\x1b[1;3", "\x1b]8;;http://x"].iter().enumerate() {
+        for text in mixed.iter_mut().skip(i).step_by(10) {
+            text.push_str(end);
+        }
+    }
+    let inputs: Vec<&str> = cases
+        .iter()
+        .map(|(input, _)| *input)
+        .chain(mixed.iter().map(String::as_str))
+        .collect();
+    let script = concat!(
+        "import json, sys\n",
+        "sys.path.insert(0, sys.argv[1])\n",
+        "from bridge import chat_text\n",
+        "print(json.dumps([chat_text(t) for t in json.load(sys.stdin)]))\n",
+    );
+    let mut python = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
+        ])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut stdin = python.stdin.take().unwrap();
+    stdin
+        .write_all(serde_json::to_string(&inputs).unwrap().as_bytes())
+        .unwrap();
+    drop(stdin);
+    let output = python.wait_with_output().expect("python3 runs");
+    assert!(output.status.success(), "{output:?}");
+    let cleaned: Vec<String> = serde_json::from_slice(&output.stdout).expect("a JSON list");
+    assert_eq!(cleaned.len(), inputs.len());
+    for ((input, want), python) in cases.iter().zip(&cleaned) {
+        assert_eq!(chat_text(input), *want, "Rust, {input:?}");
+        assert_eq!(python, want, "Python, {input:?}");
+    }
+    for (input, python) in inputs.iter().zip(&cleaned).skip(cases.len()) {
+        assert_eq!(*python, chat_text(input), "{input:?}");
+    }
 }

@@ -639,6 +639,44 @@ progress-interval = "300ms"
     assert!(body(&result_b).contains("hello from b"), "{result_b}");
     assert_eq!(d.task(&task_id)["state"], "running", "a's task still runs");
 
+    // Output written for a terminal reaches the room cleaned: colours, OSC 8
+    // hyperlinks, a `\r` progress redraw. Raw, its escapes would take the result
+    // past one event (an ESC is 6 bytes in the event's JSON), so it would come in
+    // parts; cleaned first, it is one message.
+    let coloured = r"for i in $(seq 250); do printf '\033[1;31merror\033[0m[\033]8;;file:///src/a.rs\033\\E0308\033]8;;\033\\] line %d\n' $i; done; printf '50%%\r100%%\n'";
+    let coloured_event = alice.say(&room_b, coloured);
+    let coloured_result = wait_for("the coloured task's result", DEADLINE, || {
+        events_after(&room_b, &coloured_event)
+            .into_iter()
+            .find(|e| body(e).contains("succeeded"))
+    });
+    let coloured_id = tasks_with_text(&d, coloured)[0]["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let lines: String = (1..=250)
+        .map(|i| format!("error[E0308] line {i}\n"))
+        .collect();
+    assert_eq!(
+        body(&coloured_result),
+        format!("task {coloured_id}  succeeded\n{lines}100%"),
+    );
+    let answer = events_after(&room_b, &coloured_event)
+        .into_iter()
+        .find(|e| body(e).contains(&coloured_id))
+        .expect("the coloured task's answer");
+    let answer_id = answer["event_id"].as_str().unwrap().to_string();
+    let final_edit = wait_for(
+        "the coloured task's progress shows its end",
+        DEADLINE,
+        || {
+            edits_of(&alice.events(&room_b), &answer_id)
+                .into_iter()
+                .rfind(|e| e.contains("succeeded"))
+        },
+    );
+    assert_eq!(final_edit, format!("task {coloured_id}  succeeded\n100%"));
+
     // Someone not on the allow-list gets a refusal, and nothing runs.
     alice.invite(&room_a, &mallory.id);
     mallory.join(&room_a);

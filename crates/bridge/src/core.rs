@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agentd::{Link, Note, Sent};
 use crate::chat::{Chat, Conversation, Inbound};
+use crate::clean;
 
 /// How many handled message ids the state file keeps.
 const SEEN_KEPT: usize = 5_000;
@@ -422,9 +423,32 @@ struct Retry {
     attempts: u32,
 }
 
+/// The chat as the writer uses it: every text it shows goes through
+/// [`clean::chat_text`] first (agents write for a terminal), so the adapter gets
+/// it cleaned, and cuts the cleaned text into parts where it must.
+struct Cleaned<C: Chat>(Arc<C>);
+
+impl<C: Chat> Cleaned<C> {
+    fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
+        self.0.post(to, &clean::chat_text(text), key)
+    }
+
+    fn edit(&self, to: &Conversation, message: &str, text: &str, key: &str) -> anyhow::Result<()> {
+        self.0.edit(to, message, &clean::chat_text(text), key)
+    }
+
+    fn typing(&self, to: &Conversation, on: bool) -> anyhow::Result<()> {
+        self.0.typing(to, on)
+    }
+
+    fn may_pass_later(&self, error: &anyhow::Error) -> bool {
+        self.0.may_pass_later(error)
+    }
+}
+
 /// The chat writer: every call that shows something in the chat.
 struct Writer<C: Chat> {
-    chat: Arc<C>,
+    chat: Cleaned<C>,
     sessions: Arc<Mutex<HashMap<String, Conversation>>>,
     interval: Duration,
     /// The tasks the chat was told about that have not ended, as far as it knows.
@@ -457,7 +481,7 @@ impl<C: Chat> Writer<C> {
         ask: Ask,
     ) -> Self {
         Writer {
-            chat,
+            chat: Cleaned(chat),
             sessions,
             interval,
             tasks: HashMap::new(),
@@ -1322,6 +1346,45 @@ mod tests {
                 "typing false",
                 "edit m1 task T  succeeded\nstep 50",
                 "post task T  succeeded\nall done",
+            ]
+        );
+    }
+
+    /// Agents' output written for a terminal (colours, a hyperlink, a `\r` progress
+    /// bar, an error text with colours) reaches the chat cleaned, in every call that
+    /// shows it: the progress edit, the final edit, the result, and posts made again.
+    #[test]
+    fn terminal_escapes_in_agents_output_do_not_reach_the_chat() {
+        let chat = Arc::new(Recorder {
+            failing: Mutex::new(1),
+            ..Recorder::default()
+        });
+        let mut shows = vec![started_answer()];
+        shows.push(event("started", None, view("running", None)));
+        shows.push(event(
+            "progress",
+            Some("\x1b[2K\r[=>  ] 10%\r\x1b[2K[==> ] 60%\r"),
+            view("running", None),
+        ));
+        let mut failed = view(
+            "failed",
+            Some(
+                "\x1b[1m\x1b[31merror\x1b[0m: see \x1b]8;;file:///src/a.rs\x1b\\a.rs\x1b]8;;\x1b\\",
+            ),
+        );
+        failed["exit"] = json!({"error": "\x1b[33mexit status 2\x1b[0m"});
+        shows.push(event("finished", None, failed));
+        let (calls, _) = run_writer_on(chat, Duration::from_secs(60), Some(Duration::ZERO), shows);
+        assert_eq!(
+            calls,
+            [
+                "fail post task T  started",
+                "typing true",
+                "post task T  started",
+                "edit m3 task T  running\n[==> ] 60%",
+                "typing false",
+                "edit m3 task T  failed (exit status 2)\n[==> ] 60%",
+                "post task T  failed (exit status 2)\nerror: see a.rs",
             ]
         );
     }
