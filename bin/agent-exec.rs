@@ -29,8 +29,8 @@ use clap::Parser;
     after_long_help = "\
 OUTPUT
   The command's stdout and stderr share one pipe, so its lines keep their order.
-  Each non-blank line is a progress line; the last --result-bytes of the output
-  are the result text; exit 0 is `succeeded`, anything else `failed`, and a
+  Each non-blank line is a progress line; the last --result-bytes of the output,
+  from the first whole line in them, are the result text; exit 0 is `succeeded`, anything else `failed`, and a
   command that ends after a cancel (SIGINT) is `cancelled`.
 
 STEERING (--steer)

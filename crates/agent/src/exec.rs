@@ -1126,15 +1126,21 @@ impl Tail {
         }
     }
 
-    /// The tail as trimmed text, not starting in the middle of a UTF-8 character.
+    /// The tail as trimmed text. Once something was dropped it starts at the first
+    /// whole line it holds (so not in the middle of a line, of a terminal escape
+    /// sequence or of a UTF-8 character); a tail that is one cut line starts at its
+    /// first whole character instead.
     fn text(&self) -> String {
         let bytes: Vec<u8> = self.buf.iter().copied().collect();
         let start = if self.dropped {
-            bytes
-                .iter()
-                .take(3)
-                .take_while(|b| (**b & 0xC0) == 0x80)
-                .count()
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(nl) if bytes[nl + 1..].iter().any(|b| !b.is_ascii_whitespace()) => nl + 1,
+                _ => bytes
+                    .iter()
+                    .take(3)
+                    .take_while(|b| (**b & 0xC0) == 0x80)
+                    .count(),
+            }
         } else {
             0
         };
@@ -1178,17 +1184,35 @@ mod tests {
 
     #[test]
     fn tail_keeps_the_last_bytes_on_a_char_boundary() {
-        let mut t = Tail::new(8);
+        let mut t = Tail::new(7);
         t.push_line(b"first line");
-        t.push_line("é€x".as_bytes()); // 2 + 3 + 1 bytes + newline = 7
+        // One cut line: 'é€x' is 2 + 3 + 1 bytes, with its newline 7.
+        t.push_line("é€x".as_bytes());
         assert_eq!(t.text(), "é€x");
-        t.push_line(b"");
-        assert_eq!(t.text(), "é€x");
-        t.push_line(b"");
-        // Now the 8 bytes start inside 'é': its second byte is skipped, not garbled.
+        t.push_line("é€".as_bytes());
+        // The 7 bytes 'x\né€\n' begin with a whole line after the cut: "x" is the
+        // rest of a line, so the text starts at the next one.
+        assert_eq!(t.text(), "é€");
+        let mut t = Tail::new(5);
+        t.push_line("é€x".as_bytes());
+        // The 5 bytes start inside 'é': its second byte is skipped, not garbled.
         assert_eq!(t.text(), "€x");
         let mut t = Tail::new(0);
         t.push_line(b"abc");
         assert_eq!(t.text(), "");
+    }
+
+    #[test]
+    fn a_cut_tail_starts_at_a_whole_line_not_inside_an_escape_sequence() {
+        let mut t = Tail::new(24);
+        t.push_line(b"\x1b[1;31merror: first\x1b[0m");
+        t.push_line(b"\x1b[1;31mnext\x1b[0m");
+        // The cut falls inside the first line's text; the tail starts at "next".
+        assert_eq!(t.text(), "\x1b[1;31mnext\x1b[0m");
+        // Nothing dropped: the tail is all the output.
+        let mut t = Tail::new(100);
+        t.push_line(b"a");
+        t.push_line(b"b");
+        assert_eq!(t.text(), "a\nb");
     }
 }
