@@ -622,12 +622,14 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous=NORMAL")
             .map_err(corrupt)?;
         let wal = open_wal(&path).map_err(open_err)?;
+        let unsynced = walbuf::unsynced_of(&conn)
+            .ok_or_else(|| open_err("its write-ahead log is not open".into()))?;
         let syncer = {
             let shared = Arc::clone(&shared);
             let wake = tx.clone();
             std::thread::Builder::new()
                 .name("agentd-sync".into())
-                .spawn(move || SyncQueue::run(shared, wal, wake))
+                .spawn(move || SyncQueue::run(shared, wal, unsynced, wake))
                 .map_err(|e| open_err(format!("cannot start the sync thread: {e}")))?
         };
         let mut writer = Writer {
@@ -1008,8 +1010,8 @@ struct Writer {
     /// The syncer thread (joined when the writer ends).
     syncer: Option<JoinHandle<()>>,
     /// A sync failed, and the write-ahead log may have lost frames that SQLite
-    /// holds as committed: until a checkpoint has copied the whole log into the
-    /// store file and synced it (`wal_checkpoint(TRUNCATE)`), nothing is written.
+    /// holds as committed: until they are written again from memory and synced
+    /// ([`Writer::repaired`]), nothing is written.
     repair: Option<StoreError>,
     next_seq: i64,
     state_dir: PathBuf,
@@ -1305,36 +1307,44 @@ impl Writer {
         self.repair = Some(e);
     }
 
-    /// Repairs the write-ahead log after a failed sync, if it needs it: a
-    /// checkpoint copies every committed page from the log into the store file,
-    /// syncs that file and empties the log, so later commits start a new log
-    /// instead of following frames that may be lost.
+    /// Repairs the write-ahead log after a failed sync, if it needs it: every byte
+    /// written to it since the last good sync is written again from the writer's
+    /// own copy and synced (`walbuf::rewrite_unsynced`), so the log on disk holds
+    /// what SQLite counts as committed and later commits follow sound frames.
+    /// Nothing is read back from the log: after a failed `fdatasync` the page cache
+    /// may hold what the disk holds instead of what was written (a checkpoint
+    /// reading those frames would copy stale pages into the store file).
     fn repaired(&mut self) -> Result<(), StoreError> {
-        let Some(failed) = &self.repair else {
+        let Some(_failed) = &self.repair else {
             return Ok(());
         };
         #[cfg(test)]
         if self.shared.sync.repair_fails() {
-            return Err(failed.clone());
+            return Err(_failed.clone());
         }
-        let checkpoint = |conn: &Connection| {
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            })
-        };
-        // The checkpoint first syncs the log through SQLite's own descriptor, which
-        // reports the error the syncer saw once more (Linux reports a write-back
-        // error once to every open file): then it is tried once again at once. What
-        // it relies on is its copy into the store file and that file's sync.
-        let done = checkpoint(&self.conn).or_else(|_| checkpoint(&self.conn));
+        // The sync goes through SQLite's own descriptor, which reports the error
+        // the syncer saw once more (Linux reports a write-back error once to every
+        // open file): then it is tried once again at once, writing everything
+        // again first, so that what a sync that succeeds covers is what was
+        // written after the error.
+        let done =
+            walbuf::rewrite_unsynced(&self.conn).or_else(|_| walbuf::rewrite_unsynced(&self.conn));
         match done {
-            Ok(0) => {
-                tracing::info!("store: the write-ahead log is repaired; writing again");
+            Ok(()) => {
+                tracing::info!("store: the write-ahead log is written again; writing on");
                 self.repair = None;
                 Ok(())
             }
-            Ok(_) => Err(failed.clone()),
-            Err(e) => Err(storage(classify(&e).unwrap_or(StorageKind::Io), &e)),
+            Err(rc) => Err(StoreError::Storage {
+                kind: if rc & 0xff == rusqlite::ffi::SQLITE_FULL {
+                    StorageKind::Full
+                } else {
+                    StorageKind::Io
+                },
+                detail: format!(
+                    "cannot write the write-ahead log again after a failed sync (SQLite error {rc})"
+                ),
+            }),
         }
     }
 

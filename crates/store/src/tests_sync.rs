@@ -326,3 +326,98 @@ fn the_syncer_syncs_the_log_sqlite_writes_through_checkpoints_and_truncation() {
     assert!(std::fs::metadata(&wal).unwrap().len() > 0);
     check("after writing the truncated log again");
 }
+
+/// After a failed `fdatasync` Linux may drop (or mark clean) the pages it could
+/// not write ("fsyncgate"): reading the log back then returns what the disk holds,
+/// not what SQLite wrote. The repair must not copy such frames into the store file
+/// (zeros over the page that holds the acknowledged tasks): it writes the log
+/// again from the writer's own copy, so every acknowledged task and every state
+/// change is kept, and the refused task is gone.
+#[test]
+fn a_repair_after_a_failed_sync_never_trusts_the_frames_it_may_have_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let reader = store.reader().unwrap();
+    let w = store.writer();
+    let (tx, rx) = mpsc::channel();
+    // Spread over many pages: the state change below writes the first task's page,
+    // which nothing after the failure writes again.
+    let kept: Vec<TaskRecord> = (0..20)
+        .map(|i| {
+            task(
+                "s",
+                &format!("kept {i} {}", "x".repeat(1500)),
+                Some(&format!("k{i}")),
+            )
+        })
+        .collect();
+    for t in &kept {
+        submit(&w, &tx, "kept", insert_op(t));
+    }
+    for _ in &kept {
+        assert_eq!(next(&rx), ("kept", Ok(Outcome::Inserted)));
+    }
+    // An empty log (so the hook knows where the last good sync ended), then one
+    // more acknowledged task in it.
+    let other = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let _: i64 = other
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .unwrap();
+    drop(other);
+    let mut kept = kept;
+    kept.push(task("s", "kept last", Some("k20")));
+    submit(&w, &tx, "kept", insert_op(&kept[20]));
+    assert_eq!(next(&rx), ("kept", Ok(Outcome::Inserted)));
+    w.sync_queue().lose_unsynced();
+    w.sync_queue()
+        .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
+    let writer_hold = w.hold();
+    let lost = task("s", "lost", Some("m1"));
+    submit(&w, &tx, "lost", insert_op(&lost));
+    submit(
+        &w,
+        &tx,
+        "progress",
+        Op::Progress {
+            id: kept[0].id,
+            text: "p".into(),
+        },
+    );
+    drop(writer_hold);
+    let mut got: Vec<(&str, Result<Outcome, StoreError>)> = (0..2).map(|_| next(&rx)).collect();
+    got.sort_by_key(|(name, _)| *name);
+    assert!(
+        matches!(&got[0], ("lost", Err(e)) if e.is_storage()),
+        "{got:?}"
+    );
+    assert_eq!(got[1], ("progress", Ok(Outcome::Updated(1))));
+    let later = task("s", "later", Some("m2"));
+    submit(&w, &tx, "later", insert_op(&later));
+    assert_eq!(next(&rx), ("later", Ok(Outcome::Inserted)));
+    w.submit(Op::Flush).wait().unwrap();
+    for t in &kept {
+        assert!(reader.task(t.id).unwrap().is_some(), "{} lost", t.text);
+    }
+    assert_eq!(reader.task(lost.id).unwrap(), None);
+    assert_eq!(
+        reader
+            .task(kept[0].id)
+            .unwrap()
+            .unwrap()
+            .progress
+            .as_deref(),
+        Some("p")
+    );
+    drop(reader);
+    drop(store);
+    let (store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    let mut expected: Vec<Uuid> = kept.iter().map(|t| t.id).collect();
+    expected.push(later.id);
+    assert_eq!(queued, expected);
+    assert_eq!(recovery.queued[0].progress.as_deref(), Some("p"));
+    assert_eq!(
+        store.reader().unwrap().find_message("s", "m1").unwrap(),
+        None
+    );
+}

@@ -39,9 +39,10 @@
 //! is held (a test asserts it never is); if something were, it writes it out and
 //! says so, and the store treats the transaction as not synced.
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use rusqlite::ffi;
 use rusqlite::Connection;
@@ -60,6 +61,103 @@ const FRAME_HEADER: usize = 24;
 /// asserts it).
 pub(crate) static LEFT_AFTER_COMMIT: AtomicU64 = AtomicU64::new(0);
 
+/// The log's bytes written since the last sync known to have succeeded: the copy
+/// the store writes the log again from after a failed sync, instead of trusting
+/// what the page cache still holds (after a failed `fdatasync` Linux may have
+/// dropped the pages it could not write, or kept them clean but not on disk).
+///
+/// Every write that reached the file is kept here, in order, until a sync that
+/// started after it succeeded: the syncer's ([`Unsynced::mark`] before its
+/// `fdatasync`, [`Unsynced::synced`] after), or SQLite's own (a checkpoint, a FULL
+/// commit). A failed sync (the syncer's: [`Unsynced::failed`]; SQLite's: seen
+/// here) poisons the log: nothing is dropped any more and SQLite's own syncs fail
+/// at once (so no checkpoint reads the log's frames back into the store file)
+/// until [`rewrite_unsynced`] has written every kept byte again and synced it.
+/// Normally this holds what one sync covers; between syncs at most what a
+/// transaction of state changes wrote, or an automatic checkpoint's worth (about
+/// 4 MiB: NORMAL syncs the log before each checkpoint).
+#[derive(Default)]
+pub(crate) struct Unsynced {
+    state: Mutex<UnsyncedState>,
+}
+
+#[derive(Default)]
+struct UnsyncedState {
+    /// (sequence number, offset, bytes), in the order they were written.
+    writes: VecDeque<(u64, i64, Vec<u8>)>,
+    next: u64,
+    poisoned: bool,
+    /// Buffers of synced runs, for the next runs.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Most buffers kept for reuse.
+const SPARE_BUFFERS: usize = 8;
+
+impl Unsynced {
+    fn lock(&self) -> MutexGuard<'_, UnsyncedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before a sync: what it will cover (every write recorded so far; a write is
+    /// recorded after it reached the file).
+    pub(crate) fn mark(&self) -> u64 {
+        self.lock().next
+    }
+
+    /// A sync that started after [`Unsynced::mark`] returned `mark` succeeded:
+    /// the writes before it are on disk (unless the log is poisoned).
+    pub(crate) fn synced(&self, mark: u64) {
+        let mut state = self.lock();
+        if state.poisoned {
+            return;
+        }
+        while state.writes.front().is_some_and(|(seq, _, _)| *seq < mark) {
+            let (_, _, mut buf) = state.writes.pop_front().expect("a write");
+            if state.spare.len() < SPARE_BUFFERS && buf.capacity() <= MAX_RUN + FRAME_HEADER {
+                buf.clear();
+                state.spare.push(buf);
+            }
+        }
+    }
+
+    /// A sync of the log failed: what it covered may be lost.
+    pub(crate) fn failed(&self) {
+        self.lock().poisoned = true;
+    }
+
+    /// Whether a sync failed and the log was not written again since.
+    pub(crate) fn poisoned(&self) -> bool {
+        self.lock().poisoned
+    }
+
+    /// Records a write that reached the file.
+    fn record(&self, offset: i64, bytes: Vec<u8>) -> MutexGuard<'_, UnsyncedState> {
+        let mut state = self.lock();
+        let seq = state.next;
+        state.next += 1;
+        state.writes.push_back((seq, offset, bytes));
+        state
+    }
+
+    /// Records a run that reached the file; returns an empty buffer for the next.
+    fn record_run(&self, offset: i64, run: Vec<u8>) -> Vec<u8> {
+        self.record(offset, run).spare.pop().unwrap_or_default()
+    }
+
+    /// The file was truncated to `size`: bytes past it are not to be written again.
+    fn truncated(&self, size: i64) {
+        let mut state = self.lock();
+        state.writes.retain_mut(|(_, offset, bytes)| {
+            if *offset >= size {
+                return false;
+            }
+            bytes.truncate((size - *offset) as usize);
+            true
+        });
+    }
+}
+
 /// The wrapped `-wal` file. SQLite allocates `szOsFile` bytes for it: this struct,
 /// then the default VFS's own file object at `REAL_OFFSET`.
 #[repr(C)]
@@ -74,6 +172,8 @@ struct WalFile {
     /// Writes taken into runs, and runs written (tests).
     held: u64,
     runs: u64,
+    /// What was written since the last good sync.
+    unsynced: Arc<Unsynced>,
     /// Test hook: the next run fails with this code instead of being written, as
     /// the default VFS reports a full disk or an I/O error.
     #[cfg(test)]
@@ -184,6 +284,7 @@ unsafe extern "C" fn vfs_open(
                 commit_next: false,
                 held: 0,
                 runs: 0,
+                unsynced: Arc::default(),
                 #[cfg(test)]
                 fail_next: None,
             },
@@ -220,8 +321,13 @@ impl WalFile {
                 self.run.len() as c_int,
                 self.start,
             );
-            self.run.clear();
             self.runs += 1;
+            if rc == ffi::SQLITE_OK {
+                let run = std::mem::take(&mut self.run);
+                self.run = self.unsynced.record_run(self.start, run);
+            } else {
+                self.run.clear();
+            }
             rc
         }
     }
@@ -269,7 +375,11 @@ unsafe extern "C" fn wal_write(
             return ffi::SQLITE_OK;
         }
         let write = methods(f.real).xWrite.expect("files write");
-        write(f.real, data, amount, offset)
+        let rc = write(f.real, data, amount, offset);
+        if rc == ffi::SQLITE_OK {
+            drop(f.unsynced.record(offset, bytes.to_vec()));
+        }
+        rc
     }
 }
 
@@ -280,6 +390,7 @@ unsafe extern "C" fn wal_close(file: *mut ffi::sqlite3_file) -> c_int {
         let close = methods(f.real).xClose.expect("files close");
         let closed = close(f.real);
         std::ptr::drop_in_place(&mut f.run);
+        std::ptr::drop_in_place(&mut f.unsynced);
         (*file).pMethods = std::ptr::null();
         if flushed != ffi::SQLITE_OK {
             flushed
@@ -311,11 +422,34 @@ unsafe extern "C" fn wal_read(
 }
 
 unsafe extern "C" fn wal_truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
-    unsafe { flushed_then!(file, xTruncate(size)) }
+    unsafe {
+        let rc = flushed_then!(file, xTruncate(size));
+        if rc == ffi::SQLITE_OK {
+            wal(file).unsynced.truncated(size);
+        }
+        rc
+    }
 }
 
+/// SQLite's own sync of the log (before a checkpoint, at a reset, in a FULL
+/// commit). Fails at once while the log is poisoned: a checkpoint would read back
+/// frames that may be lost.
 unsafe extern "C" fn wal_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    unsafe { flushed_then!(file, xSync(flags)) }
+    unsafe {
+        let f = wal(file);
+        if f.unsynced.poisoned() {
+            return ffi::SQLITE_IOERR_FSYNC;
+        }
+        let mark = f.unsynced.mark();
+        let rc = flushed_then!(file, xSync(flags));
+        let f = wal(file);
+        if rc == ffi::SQLITE_OK {
+            f.unsynced.synced(mark);
+        } else {
+            f.unsynced.failed();
+        }
+        rc
+    }
 }
 
 unsafe extern "C" fn wal_file_size(
@@ -412,6 +546,57 @@ pub(crate) fn flush_after_commit(conn: &Connection) -> Result<bool, c_int> {
         ffi::SQLITE_OK => Ok(true),
         rc => Err(rc),
     }
+}
+
+/// What `conn`'s log wrote since its last good sync (the syncer shares it), if the
+/// log is this VFS's and open.
+pub(crate) fn unsynced_of(conn: &Connection) -> Option<Arc<Unsynced>> {
+    // SAFETY: the connection's own log, read between statements on its thread.
+    log_of(conn).map(|f| unsafe { Arc::clone(&(*f).unsynced) })
+}
+
+/// After a failed sync: writes every byte `conn`'s log wrote since its last good
+/// sync again, from memory, in the order first written, then syncs the log. The
+/// pages rewritten are dirty again with what SQLite wrote, so a sync that succeeds
+/// now has put them on disk (whatever the failed one left in the page cache).
+/// Then the log is sound again, and the kept bytes are dropped. `Err` with SQLite's
+/// code; the log stays poisoned then (try again: a descriptor that had not reported
+/// the failed sync's error yet reports it once, to its next sync).
+pub(crate) fn rewrite_unsynced(conn: &Connection) -> Result<(), c_int> {
+    let Some(f) = log_of(conn) else {
+        return Err(ffi::SQLITE_IOERR);
+    };
+    // SAFETY: called by the connection's owner between statements.
+    let f = unsafe { &mut *f };
+    unsafe {
+        let rc = f.flush();
+        if rc != ffi::SQLITE_OK {
+            return Err(rc);
+        }
+        let mut state = f.unsynced.lock();
+        let write = methods(f.real).xWrite.expect("files write");
+        for (_, offset, bytes) in &state.writes {
+            let rc = write(
+                f.real,
+                bytes.as_ptr() as *const c_void,
+                bytes.len() as c_int,
+                *offset,
+            );
+            if rc != ffi::SQLITE_OK {
+                return Err(rc);
+            }
+        }
+        let sync = methods(f.real).xSync.expect("files sync");
+        let rc = sync(f.real, ffi::SQLITE_SYNC_NORMAL);
+        if rc != ffi::SQLITE_OK {
+            return Err(rc);
+        }
+        state.poisoned = false;
+        let synced = state.next;
+        drop(state);
+        f.unsynced.synced(synced);
+    }
+    Ok(())
 }
 
 /// The next run `conn`'s log writes fails with `rc` instead (tests).
