@@ -71,10 +71,19 @@
 //!
 //! Where it differs is only after a failed sync: with FULL a failed sync leaves its
 //! transaction uncommitted and the next one writes over its frames; here SQLite
-//! holds it as committed, so the store undoes it itself (below), and the repair's
-//! checkpoint reads those frames back from the page cache. Linux keeps pages it
-//! could not write in the page cache (clean), so the checkpoint copies what SQLite
-//! wrote; if memory pressure evicted them first, it would copy what the disk holds.
+//! holds it as committed, so the store undoes it itself (below). Nothing is read
+//! back from the log to do so: after a failed `fdatasync` Linux may have dropped
+//! the pages it could not write, or kept them clean but not on disk (PostgreSQL's
+//! "fsyncgate"), so a read could return what the disk holds instead of what SQLite
+//! wrote, and a later `fdatasync` could succeed without them ever reaching the disk.
+//! The writer's log keeps its own copy of every byte written since the last good
+//! sync (`walbuf::Unsynced`, normally what one sync covers), and the repair writes
+//! all of it again and syncs: a sync that succeeds after the rewrite covers pages
+//! dirtied after the error, so the log on disk then holds exactly what SQLite counts
+//! as committed. Until then the log is poisoned: SQLite's own syncs of it fail at
+//! once, so no checkpoint copies its frames into the store file (tests_sync.rs has a
+//! hook that zeroes what a failed sync was to write; reading it back made the store
+//! file malformed).
 //!
 //! Disk trouble (full, I/O errors) while writing rolls the transaction back. New
 //! work ([`Op::Insert`]) then fails at once with [`StoreError::Storage`], so nothing
@@ -86,15 +95,26 @@
 //! completed (those the sync covered, and those committed since, which follow
 //! frames that may be lost) is settled by the writer: new work fails with
 //! [`StoreError::Storage`] and its rows are deleted again (an internal
-//! `Op::Discard`), so the store holds what its senders were told; settings and
-//! flushes are written again, in order, ahead of anything newer (with
+//! `Op::Discard`, first of the next transaction), and its senders are told only
+//! once that deletion is synced (the discard's completion; until then a crash could
+//! bring the rows back, so "not saved" would not be true yet); settings and flushes
+//! are written again, in order, ahead of anything newer (with
 //! [`StoreWriter::submit_reporting`], told of the failure at once); state changes
 //! keep what they did. Since SQLite counts the unsynced frames as committed and
 //! later commits would follow them, nothing more is written until the log is
-//! repaired: `wal_checkpoint(TRUNCATE)` copies every committed page into the store
-//! file, syncs it and empties the log (tried before every transaction, and on the
-//! retry timer; meanwhile new work is refused and state changes wait). The writer
-//! never stops over it.
+//! repaired as above (tried before every transaction, and on the retry timer;
+//! meanwhile new work is refused at once, state changes and the refused tasks'
+//! senders wait). The writer never stops over it.
+//!
+//! Closing: the syncer syncs and completes what is committed and ends; if its last
+//! sync failed, the writer settles it as above and then, with the syncer gone,
+//! repairs the log and commits what is left (the discard, settings written again,
+//! state changes waiting) with `synchronous=FULL` before it tells anyone, so a task
+//! refused at close does not come back at the next start. Only if that last try
+//! fails too (the disk still failing) is everything left reported as not saved
+//! though a refused task's row may still be in the log, to come back at the next
+//! start (logged as an error); the store is not marked closed then, and the log,
+//! still poisoned, is not checkpointed.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -1140,16 +1160,41 @@ impl Writer {
         if let Some((e, committed)) = self.shared.sync.take_failed() {
             self.settle_failed_sync(e, committed, &mut pending);
         }
-        for request in pending {
-            complete(
-                request,
-                Err(StoreError::Storage {
-                    kind: StorageKind::Io,
-                    detail: "the store was closed before the write succeeded".into(),
-                }),
-            );
-        }
         let _ = self.set_synchronous(true);
+        if !pending.is_empty() {
+            // One last try, with the syncer gone: the log repaired if a sync
+            // failed, then what is left (the discard of refused tasks, settings
+            // written again, state changes waiting) committed with FULL, synced
+            // inside COMMIT, before anyone is told.
+            let left: Vec<Request> = pending.drain(..).collect();
+            let written = self
+                .repaired()
+                .map_err(Failed)
+                .and_then(|()| self.attempt(&left));
+            match written {
+                Ok(results) => {
+                    for (request, result) in left.into_iter().zip(results) {
+                        complete(request, result);
+                    }
+                }
+                Err(Failed(e)) => {
+                    tracing::error!(
+                        "store: closing: {e}; {} writes are not saved (a task refused \
+                         after a failed sync may come back at the next start)",
+                        left.len()
+                    );
+                    for request in left {
+                        complete(
+                            request,
+                            Err(StoreError::Storage {
+                                kind: StorageKind::Io,
+                                detail: "the store was closed before the write succeeded".into(),
+                            }),
+                        );
+                    }
+                }
+            }
+        }
         let _ = self
             .conn
             .execute("UPDATE meta SET value = 'closed' WHERE key = 'run'", []);
@@ -1265,18 +1310,25 @@ impl Writer {
         self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
         self.shared.healthy.store(false, Ordering::Relaxed);
         let mut discard = Vec::new();
+        // The senders of tasks deleted again are told once the deletion is on disk
+        // (the discard's completion): until then the rows may come back after a
+        // crash, so "not saved" would not be true yet.
+        let mut refused: Vec<Request> = Vec::new();
+        let mut told_with_discard: Vec<Completion> = Vec::new();
         let mut again = VecDeque::new();
         for c in committed {
             for (mut request, result) in c.requests.into_iter().zip(c.results) {
                 match (&request.op, result) {
                     (_, Err(refused)) => complete(request, Err(refused)),
-                    (Op::Insert { task, .. }, Ok(outcome)) => {
-                        if outcome == Outcome::Inserted {
-                            discard.push(task.id);
-                        }
-                        complete(request, Err(e.clone()));
+                    (Op::Insert { task, .. }, Ok(Outcome::Inserted)) => {
+                        discard.push(task.id);
+                        refused.push(request);
                     }
-                    (Op::Discard(ids), Ok(_)) => discard.extend(ids.iter().copied()),
+                    (Op::Insert { .. }, Ok(_)) => complete(request, Err(e.clone())),
+                    (Op::Discard(ids), Ok(_)) => {
+                        discard.extend(ids.iter().copied());
+                        told_with_discard.extend(request.done.take());
+                    }
                     (op, Ok(_)) if op.acknowledged() => {
                         if request.early {
                             if let Some(done) = request.done.take() {
@@ -1295,11 +1347,19 @@ impl Writer {
             again.len()
         );
         if !discard.is_empty() {
-            again.push_front(Request {
-                op: Op::Discard(discard),
-                done: None,
-                early: false,
-            });
+            let error = e.clone();
+            again.push_front(Request::new(
+                Op::Discard(discard),
+                move |_| {
+                    for done in told_with_discard {
+                        done(Ok(Outcome::Done));
+                    }
+                    for request in refused {
+                        complete(request, Err(error.clone()));
+                    }
+                },
+                false,
+            ));
         }
         // Ahead of writes that failed since: those were submitted later.
         again.extend(pending.drain(..));

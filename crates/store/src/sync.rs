@@ -220,7 +220,15 @@ impl SyncQueue {
                 let mark = unsynced.mark();
                 let result = match injected {
                     Some(e) => Err(e),
-                    None => wal.sync_data(),
+                    // A sync of SQLite's own (a checkpoint's) failed since the
+                    // last good one: what this one covers may be lost all the same.
+                    None => wal.sync_data().and_then(|()| {
+                        if unsynced.poisoned() {
+                            Err(std::io::Error::other("an earlier sync of it failed"))
+                        } else {
+                            Ok(())
+                        }
+                    }),
                 };
                 timeline::mark(Stage::SyncEnd, 0);
                 match &result {
@@ -308,6 +316,12 @@ impl SyncQueue {
     #[cfg(test)]
     pub(crate) fn lose_unsynced(&self) {
         self.lock().lose_unsynced = true;
+    }
+
+    /// The store is closing (tests only).
+    #[cfg(test)]
+    pub(crate) fn closing(&self) -> bool {
+        self.lock().closing
     }
 
     /// The next `n` repairs of the log after a failed sync fail (tests only).

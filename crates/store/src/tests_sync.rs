@@ -221,8 +221,10 @@ fn after_a_failed_sync_new_work_is_refused_until_the_log_is_repaired() {
     w.sync_queue()
         .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
     submit(&w, &tx, "lost", insert_op(&task("s", "lost", None)));
-    assert!(matches!(next(&rx), ("lost", Err(e)) if e.is_storage()));
-    // The log cannot be repaired: new work is refused at once, state changes wait.
+    wait_until("the failed sync to be settled", || !store.stats().healthy);
+    // The log cannot be repaired: new work is refused at once, state changes wait,
+    // and the task whose sync failed is told once its deletion is on disk (until
+    // then a crash could bring it back).
     submit(&w, &tx, "refused", insert_op(&task("s", "refused", None)));
     assert!(matches!(next(&rx), ("refused", Err(e)) if e.is_storage()));
     submit(
@@ -239,8 +241,10 @@ fn after_a_failed_sync_new_work_is_refused_until_the_log_is_repaired() {
     });
     assert!(!store.stats().healthy);
     assert!(rx.try_recv().is_err(), "completed before it was written");
-    // Repairable again: the state change commits, new work is accepted.
+    // Repairable again: the deletion and the state change commit, new work is
+    // accepted.
     w.sync_queue().fail_repairs(0);
+    assert!(matches!(next(&rx), ("lost", Err(e)) if e.is_storage()));
     assert_eq!(next(&rx), ("progress", Ok(Outcome::Updated(1))));
     let later = task("s", "later", None);
     submit(&w, &tx, "later", insert_op(&later));
@@ -416,6 +420,57 @@ fn a_repair_after_a_failed_sync_never_trusts_the_frames_it_may_have_lost() {
     expected.push(later.id);
     assert_eq!(queued, expected);
     assert_eq!(recovery.queued[0].progress.as_deref(), Some("p"));
+    assert_eq!(
+        store.reader().unwrap().find_message("s", "m1").unwrap(),
+        None
+    );
+}
+
+/// The last sync fails while the store closes: the task its sender was told was
+/// not saved must not come back at the next start (and run), and the state
+/// changes it covered are kept.
+#[test]
+fn a_sync_that_fails_at_close_leaves_no_refused_task_to_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let (tx, rx) = mpsc::channel();
+    let kept = task("s", "kept", Some("m0"));
+    submit(&w, &tx, "kept", insert_op(&kept));
+    assert_eq!(next(&rx), ("kept", Ok(Outcome::Inserted)));
+    let sync_hold = w.sync_queue().hold();
+    w.sync_queue()
+        .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
+    let writer_hold = w.hold();
+    let lost = task("s", "lost", Some("m1"));
+    submit(&w, &tx, "lost", insert_op(&lost));
+    submit(
+        &w,
+        &tx,
+        "progress",
+        Op::Progress {
+            id: kept.id,
+            text: "p".into(),
+        },
+    );
+    drop(writer_hold);
+    wait_until("the sync to be held", || w.sync_queue().held());
+    let closer = std::thread::spawn(move || store.close());
+    wait_until("the store to close", || w.sync_queue().closing());
+    drop(sync_hold);
+    let mut got: Vec<(&str, Result<Outcome, StoreError>)> = (0..2).map(|_| next(&rx)).collect();
+    got.sort_by_key(|(name, _)| *name);
+    assert!(
+        matches!(&got[0], ("lost", Err(e)) if e.is_storage()),
+        "{got:?}"
+    );
+    assert_eq!(got[1], ("progress", Ok(Outcome::Updated(1))));
+    closer.join().unwrap();
+    let (store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    assert_eq!(queued, vec![kept.id], "a refused task came back");
+    assert_eq!(recovery.queued[0].progress.as_deref(), Some("p"));
+    assert_eq!(recovery.previous_run, PreviousRun::Clean);
     assert_eq!(
         store.reader().unwrap().find_message("s", "m1").unwrap(),
         None
