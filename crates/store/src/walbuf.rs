@@ -798,4 +798,65 @@ mod tests {
         assert_eq!(seen, 70);
         assert_eq!(recovered(dir.path(), &path), (70, "ok".to_string()));
     }
+
+    /// What a failed sync was to write, lost from the page cache (zeros read back):
+    /// while the log is poisoned SQLite's own checkpoint copies none of it into the
+    /// store file, and once the log is written again from memory it is whole again.
+    #[test]
+    fn a_poisoned_log_is_not_checkpointed_and_is_written_again_from_memory() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        insert(&conn, 0, 50);
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap();
+        let unsynced = unsynced_of(&conn).unwrap();
+        // Synced (as the syncer would): nothing kept.
+        insert(&conn, 50, 50);
+        let mark = unsynced.mark();
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        std::fs::File::open(&wal).unwrap().sync_data().unwrap();
+        unsynced.synced(mark);
+        assert!(unsynced.lock().writes.is_empty());
+        let synced_len = std::fs::metadata(&wal).unwrap().len();
+        // Written, its sync fails, and the page cache loses it.
+        insert(&conn, 100, 50);
+        assert!(!unsynced.lock().writes.is_empty());
+        unsynced.failed();
+        let len = std::fs::metadata(&wal).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&wal).unwrap();
+        file.write_all_at(&vec![0; (len - synced_len) as usize], synced_len)
+            .unwrap();
+        let err = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("I/O"), "{err}");
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), len, "checkpointed");
+        // A restart now would keep the first 100 rows only (the zeros fail the
+        // checksums), and the store file is sound.
+        assert_eq!(recovered(dir.path(), &path), (100, "ok".to_string()));
+        rewrite_unsynced(&conn).unwrap();
+        assert!(!unsynced.poisoned() && unsynced.lock().writes.is_empty());
+        assert_eq!(recovered(dir.path(), &path), (150, "ok".to_string()));
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap();
+        drop(conn);
+        let reopened = Connection::open(&path).unwrap();
+        let n: i64 = reopened
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 150);
+        let check: String = reopened
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+    }
 }
