@@ -38,6 +38,12 @@
 //! [`flush_after_commit`] checks, after every `COMMIT` of the writer, that nothing
 //! is held (a test asserts it never is); if something were, it writes it out and
 //! says so, and the store treats the transaction as not synced.
+//!
+//! The wrapped log also keeps a copy of every byte written since the last good sync
+//! ([`Unsynced`]: a written run is moved there, not copied), for the store's repair
+//! after a failed sync ([`rewrite_unsynced`]), which writes it all again instead of
+//! trusting what the page cache holds; while a sync has failed and the log was not
+//! written again, SQLite's own syncs of it fail at once, so no checkpoint reads it.
 
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -541,10 +547,17 @@ pub(crate) fn flush_after_commit(conn: &Connection) -> Result<bool, c_int> {
         return Ok(false);
     }
     LEFT_AFTER_COMMIT.fetch_add(1, Ordering::Relaxed);
+    let (start, run) = (f.start, f.run.clone());
     // SAFETY: as above.
     match unsafe { f.flush() } {
         ffi::SQLITE_OK => Ok(true),
-        rc => Err(rc),
+        rc => {
+            // Committed as far as SQLite knows: the repair after the failed sync
+            // this leads to writes it (a failed run is otherwise not kept, since
+            // SQLite rolls its transaction back).
+            drop(f.unsynced.record(start, run));
+            Err(rc)
+        }
     }
 }
 
