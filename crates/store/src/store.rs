@@ -113,8 +113,8 @@
 //! refused at close does not come back at the next start. Only if that last try
 //! fails too (the disk still failing) is everything left reported as not saved
 //! though a refused task's row may still be in the log, to come back at the next
-//! start (logged as an error); the store is not marked closed then, and the log,
-//! still poisoned, is not checkpointed.
+//! start (logged as an error); if it was the log that could not be written again,
+//! it stays poisoned: the store is not marked closed and the log not checkpointed.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
