@@ -110,11 +110,14 @@
 //! sync failed, the writer settles it as above and then, with the syncer gone,
 //! repairs the log and commits what is left (the discard, settings written again,
 //! state changes waiting) with `synchronous=FULL` before it tells anyone, so a task
-//! refused at close does not come back at the next start. Only if that last try
-//! fails too (the disk still failing) is everything left reported as not saved
-//! though a refused task's row may still be in the log, to come back at the next
-//! start (logged as an error); if it was the log that could not be written again,
-//! it stays poisoned: the store is not marked closed and the log not checkpointed.
+//! refused at close does not come back at the next start. If that last try fails
+//! too (the disk still failing), everything left is reported as not saved; the
+//! refused tasks' rows may still be in the log, so their ids are first written to
+//! [`REFUSED_FILE`] beside the store (synced, with the dir), and the next open
+//! deletes those tasks before recovery. Only if that file cannot be written either
+//! may they come back (logged as an error). If the log could not be written again,
+//! it stays poisoned and is not checkpointed: its frames are left to the next
+//! open's recovery, which checks their checksums.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -621,6 +624,10 @@ impl Store {
         timeline::init();
         let path = state_dir.join(DB_FILE);
         let mut conn = open_checked(&path, &options)?;
+        delete_refused(&conn, state_dir).map_err(|detail| StoreError::Open {
+            path: path.clone(),
+            detail,
+        })?;
         let now = now_ms();
         let corrupt = |e: rusqlite::Error| corrupt_or_open(&path, e);
         let recovery = recover(&mut conn, &options, now).map_err(corrupt)?;
@@ -799,6 +806,55 @@ fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, Store
     }
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
+}
+
+/// In the state dir: ids of tasks refused after a failed sync whose deletion could
+/// not be written when the store closed (one a line). The next open deletes them
+/// before recovery, so that they do not come back.
+pub const REFUSED_FILE: &str = "agentd.refused";
+
+/// Records `ids` in [`REFUSED_FILE`] (appended) and syncs it and the state dir.
+fn write_refused(state_dir: &Path, ids: &[Uuid]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(state_dir.join(REFUSED_FILE))?;
+    let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::File::open(state_dir)?.sync_all()
+}
+
+/// Deletes the tasks [`REFUSED_FILE`] names (a line that is not an id, e.g. one
+/// torn by a crash while it was written, names no one told), then the file.
+fn delete_refused(conn: &Connection, state_dir: &Path) -> Result<(), String> {
+    let path = state_dir.join(REFUSED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let ids: Vec<Uuid> = text
+        .lines()
+        .filter_map(|line| Uuid::parse_str(line.trim()).ok())
+        .collect();
+    let deleted = (|| -> rusqlite::Result<usize> {
+        let tx = conn.unchecked_transaction()?;
+        let mut n = 0;
+        for id in &ids {
+            n += tx.execute("DELETE FROM tasks WHERE id = ?1", [id.to_string()])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    })()
+    .map_err(|e| format!("cannot delete the tasks refused at the last close: {e}"))?;
+    tracing::info!("store: deleted {deleted} tasks refused when the store last closed");
+    std::fs::remove_file(&path)
+        .and_then(|()| std::fs::File::open(state_dir)?.sync_all())
+        .map_err(|e| format!("cannot remove {}: {e}", path.display()))
 }
 
 /// The syncer's own descriptor of `path`'s write-ahead log. SQLite created the file
@@ -1178,11 +1234,32 @@ impl Writer {
                     }
                 }
                 Err(Failed(e)) => {
-                    tracing::error!(
-                        "store: closing: {e}; {} writes are not saved (a task refused \
-                         after a failed sync may come back at the next start)",
-                        left.len()
-                    );
+                    tracing::error!("store: closing: {e}; {} writes are not saved", left.len());
+                    // The refused tasks' rows may still be in the log: recorded
+                    // beside it, for the next open to delete, before their senders
+                    // are told.
+                    let refused: Vec<Uuid> = left
+                        .iter()
+                        .filter_map(|r| match &r.op {
+                            Op::Discard(ids) => Some(ids.iter().copied()),
+                            _ => None,
+                        })
+                        .flatten()
+                        .collect();
+                    if !refused.is_empty() {
+                        match write_refused(&self.state_dir, &refused) {
+                            Ok(()) => tracing::warn!(
+                                "store: {} refused tasks recorded in {REFUSED_FILE}, to be \
+                                 deleted at the next start",
+                                refused.len()
+                            ),
+                            Err(err) => tracing::error!(
+                                "store: cannot record {} refused tasks in {REFUSED_FILE} \
+                                 ({err}): they may come back at the next start",
+                                refused.len()
+                            ),
+                        }
+                    }
                     for request in left {
                         complete(
                             request,

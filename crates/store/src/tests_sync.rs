@@ -476,3 +476,45 @@ fn a_sync_that_fails_at_close_leaves_no_refused_task_to_come_back() {
         None
     );
 }
+
+/// As above, but the log cannot be written again at close either (the disk still
+/// failing), so the refused task's row stays in it: it is recorded beside the store
+/// before its sender is told, and the next open deletes it before recovery.
+#[test]
+fn a_task_refused_at_a_close_that_cannot_repair_the_log_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let w = store.writer();
+    let (tx, rx) = mpsc::channel();
+    let kept = task("s", "kept", Some("m0"));
+    submit(&w, &tx, "kept", insert_op(&kept));
+    assert_eq!(next(&rx), ("kept", Ok(Outcome::Inserted)));
+    let sync_hold = w.sync_queue().hold();
+    w.sync_queue()
+        .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
+    w.sync_queue().fail_repairs(u32::MAX);
+    let lost = task("s", "lost", Some("m1"));
+    submit(&w, &tx, "lost", insert_op(&lost));
+    wait_until("the sync to be held", || w.sync_queue().held());
+    let closer = std::thread::spawn(move || store.close());
+    wait_until("the store to close", || w.sync_queue().closing());
+    drop(sync_hold);
+    let refused_file = dir.path().join(REFUSED_FILE);
+    assert!(matches!(next(&rx), ("lost", Err(e)) if e.is_storage()));
+    // Told only once it is recorded.
+    let recorded = std::fs::read_to_string(&refused_file).unwrap();
+    assert_eq!(recorded, format!("{}\n", lost.id));
+    closer.join().unwrap();
+    let (store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    assert_eq!(queued, vec![kept.id], "a refused task came back");
+    assert_eq!(
+        store.reader().unwrap().find_message("s", "m1").unwrap(),
+        None
+    );
+    assert!(!refused_file.exists());
+    drop(store);
+    let (_store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    assert_eq!(queued, vec![kept.id]);
+}
