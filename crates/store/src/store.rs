@@ -96,26 +96,27 @@
 //! frames that may be lost) is settled by the writer: new work fails with
 //! [`StoreError::Storage`] and its rows are deleted again (an internal
 //! `Op::Discard`, first of the next transaction), and its senders are told only
-//! once that deletion is synced (the discard's completion; until then a crash could
-//! bring the rows back, so "not saved" would not be true yet); settings and flushes
+//! once that deletion is synced (the discard's completion) or, when the log cannot
+//! be repaired, once their ids are recorded in [`REFUSED_FILE`] beside the store
+//! (synced, with the dir), which the next open deletes before recovery: until then
+//! a crash could bring the rows back, so "not saved" would not be true yet. Only if
+//! neither can be written do they wait (for the repair); settings and flushes
 //! are written again, in order, ahead of anything newer (with
 //! [`StoreWriter::submit_reporting`], told of the failure at once); state changes
 //! keep what they did. Since SQLite counts the unsynced frames as committed and
 //! later commits would follow them, nothing more is written until the log is
 //! repaired as above (tried before every transaction, and on the retry timer;
-//! meanwhile new work is refused at once, state changes and the refused tasks'
-//! senders wait). The writer never stops over it.
+//! meanwhile new work is refused at once and state changes wait). The writer never
+//! stops over it.
 //!
 //! Closing: the syncer syncs and completes what is committed and ends; if its last
 //! sync failed, the writer settles it as above and then, with the syncer gone,
 //! repairs the log and commits what is left (the discard, settings written again,
 //! state changes waiting) with `synchronous=FULL` before it tells anyone, so a task
 //! refused at close does not come back at the next start. If that last try fails
-//! too (the disk still failing), everything left is reported as not saved; the
-//! refused tasks' rows may still be in the log, so their ids are first written to
-//! [`REFUSED_FILE`] beside the store (synced, with the dir), and the next open
-//! deletes those tasks before recovery. Only if that file cannot be written either
-//! may they come back (logged as an error). If the log could not be written again,
+//! too (the disk still failing), everything left is reported as not saved, the
+//! refused tasks' senders once their ids are in [`REFUSED_FILE`] as above; only if
+//! that file cannot be written either may they come back (logged as an error). If the log could not be written again,
 //! it stays poisoned and is not checkpointed: its frames are left to the next
 //! open's recovery, which checks their checksums.
 
@@ -665,6 +666,7 @@ impl Store {
             shared: Arc::clone(&shared),
             syncer: Some(syncer),
             repair: None,
+            refused_waiting: Vec::new(),
             next_seq,
             state_dir: state_dir.to_path_buf(),
             options,
@@ -1089,6 +1091,9 @@ struct Writer {
     /// holds as committed: until they are written again from memory and synced
     /// ([`Writer::repaired`]), nothing is written.
     repair: Option<StoreError>,
+    /// The senders of tasks deleted again after a failed sync, each group until its
+    /// discard is synced or the ids are recorded ([`Writer::record_refused`]).
+    refused_waiting: Vec<Waiting>,
     next_seq: i64,
     state_dir: PathBuf,
     options: StoreOptions,
@@ -1121,6 +1126,14 @@ impl<'c> Statements<'c> {
         };
         Ok(&mut self.held[i].1)
     }
+}
+
+/// Requests waiting to be told they were refused (shared with a discard's
+/// completion).
+type Waiting = Arc<Mutex<Vec<Request>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A failed attempt at a transaction.
@@ -1237,28 +1250,13 @@ impl Writer {
                     tracing::error!("store: closing: {e}; {} writes are not saved", left.len());
                     // The refused tasks' rows may still be in the log: recorded
                     // beside it, for the next open to delete, before their senders
-                    // are told.
-                    let refused: Vec<Uuid> = left
-                        .iter()
-                        .filter_map(|r| match &r.op {
-                            Op::Discard(ids) => Some(ids.iter().copied()),
-                            _ => None,
-                        })
-                        .flatten()
-                        .collect();
-                    if !refused.is_empty() {
-                        match write_refused(&self.state_dir, &refused) {
-                            Ok(()) => tracing::warn!(
-                                "store: {} refused tasks recorded in {REFUSED_FILE}, to be \
-                                 deleted at the next start",
-                                refused.len()
-                            ),
-                            Err(err) => tracing::error!(
-                                "store: cannot record {} refused tasks in {REFUSED_FILE} \
-                                 ({err}): they may come back at the next start",
-                                refused.len()
-                            ),
-                        }
+                    // are told (done already if it was the repair that failed).
+                    self.record_refused(&e);
+                    if self.refused_waiting.iter().any(|w| !lock(w).is_empty()) {
+                        tracing::error!(
+                            "store: closing: refused tasks could not be recorded in \
+                             {REFUSED_FILE}: they may come back at the next start"
+                        );
                     }
                     for request in left {
                         complete(
@@ -1388,8 +1386,9 @@ impl Writer {
         self.shared.healthy.store(false, Ordering::Relaxed);
         let mut discard = Vec::new();
         // The senders of tasks deleted again are told once the deletion is on disk
-        // (the discard's completion): until then the rows may come back after a
-        // crash, so "not saved" would not be true yet.
+        // (the discard's completion), or once their ids are recorded for the next
+        // open to delete ([`Writer::record_refused`]): until then the rows may come
+        // back after a crash, so "not saved" would not be true yet.
         let mut refused: Vec<Request> = Vec::new();
         let mut told_with_discard: Vec<Completion> = Vec::new();
         let mut again = VecDeque::new();
@@ -1425,12 +1424,15 @@ impl Writer {
         );
         if !discard.is_empty() {
             let error = e.clone();
+            let waiting: Waiting = Arc::new(Mutex::new(refused));
+            self.refused_waiting.push(Arc::clone(&waiting));
             again.push_front(Request::new(
                 Op::Discard(discard),
                 move |_| {
                     for done in told_with_discard {
                         done(Ok(Outcome::Done));
                     }
+                    let refused = std::mem::take(&mut *lock(&waiting));
                     for request in refused {
                         complete(request, Err(error.clone()));
                     }
@@ -1452,6 +1454,54 @@ impl Writer {
     /// may hold what the disk holds instead of what was written (a checkpoint
     /// reading those frames would copy stale pages into the store file).
     fn repaired(&mut self) -> Result<(), StoreError> {
+        if self.repair.is_none() {
+            return Ok(());
+        }
+        let repaired = self.repair_log();
+        if let Err(e) = &repaired {
+            self.record_refused(e);
+        }
+        repaired
+    }
+
+    /// The log cannot be repaired yet: rather than wait for that (as long as the
+    /// disk fails), the senders of tasks deleted again are told once their ids are
+    /// recorded in [`REFUSED_FILE`], which the next open deletes before recovery.
+    /// If even that cannot be written, they wait for the repair.
+    fn record_refused(&mut self, e: &StoreError) {
+        self.refused_waiting.retain(|w| Arc::strong_count(w) > 1);
+        for waiting in &self.refused_waiting {
+            let mut refused = lock(waiting);
+            if refused.is_empty() {
+                continue;
+            }
+            let ids: Vec<Uuid> = refused
+                .iter()
+                .filter_map(|r| match &r.op {
+                    Op::Insert { task, .. } => Some(task.id),
+                    _ => None,
+                })
+                .collect();
+            match write_refused(&self.state_dir, &ids) {
+                Ok(()) => {
+                    for request in refused.drain(..) {
+                        complete(request, Err(e.clone()));
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "store: cannot record {} refused tasks in {REFUSED_FILE} ({err}); \
+                         their senders wait for the log to be repaired",
+                        ids.len()
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// [`Writer::repaired`]'s work.
+    fn repair_log(&mut self) -> Result<(), StoreError> {
         let Some(_failed) = &self.repair else {
             return Ok(());
         };

@@ -220,11 +220,17 @@ fn after_a_failed_sync_new_work_is_refused_until_the_log_is_repaired() {
     w.sync_queue().fail_repairs(u32::MAX);
     w.sync_queue()
         .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
-    submit(&w, &tx, "lost", insert_op(&task("s", "lost", None)));
-    wait_until("the failed sync to be settled", || !store.stats().healthy);
-    // The log cannot be repaired: new work is refused at once, state changes wait,
-    // and the task whose sync failed is told once its deletion is on disk (until
-    // then a crash could bring it back).
+    let lost = task("s", "lost", None);
+    submit(&w, &tx, "lost", insert_op(&lost));
+    // The log cannot be repaired: the task whose sync failed (its row still in the
+    // log) is told once its id is recorded for the next open to delete; new work
+    // is refused at once, state changes wait.
+    assert!(matches!(next(&rx), ("lost", Err(e)) if e.is_storage()));
+    let refused_file = dir.path().join(REFUSED_FILE);
+    assert_eq!(
+        std::fs::read_to_string(&refused_file).unwrap(),
+        format!("{}\n", lost.id)
+    );
     submit(&w, &tx, "refused", insert_op(&task("s", "refused", None)));
     assert!(matches!(next(&rx), ("refused", Err(e)) if e.is_storage()));
     submit(
@@ -244,7 +250,6 @@ fn after_a_failed_sync_new_work_is_refused_until_the_log_is_repaired() {
     // Repairable again: the deletion and the state change commit, new work is
     // accepted.
     w.sync_queue().fail_repairs(0);
-    assert!(matches!(next(&rx), ("lost", Err(e)) if e.is_storage()));
     assert_eq!(next(&rx), ("progress", Ok(Outcome::Updated(1))));
     let later = task("s", "later", None);
     submit(&w, &tx, "later", insert_op(&later));
@@ -253,6 +258,7 @@ fn after_a_failed_sync_new_work_is_refused_until_the_log_is_repaired() {
     let (_store, recovery) = open(dir.path());
     let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
     assert_eq!(queued, vec![kept.id, later.id]);
+    assert!(!refused_file.exists());
 }
 
 /// (dev, inode) of every descriptor of this process open on `path`, and whether
