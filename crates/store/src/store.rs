@@ -1425,6 +1425,8 @@ impl Writer {
         if !discard.is_empty() {
             let error = e.clone();
             let waiting: Waiting = Arc::new(Mutex::new(refused));
+            // (Groups whose discard completed are dropped here and when recording.)
+            self.refused_waiting.retain(|w| Arc::strong_count(w) > 1);
             self.refused_waiting.push(Arc::clone(&waiting));
             again.push_front(Request::new(
                 Op::Discard(discard),
