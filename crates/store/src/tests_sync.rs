@@ -524,3 +524,55 @@ fn a_task_refused_at_a_close_that_cannot_repair_the_log_does_not_come_back() {
     let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
     assert_eq!(queued, vec![kept.id]);
 }
+
+/// A sync of the log by SQLite itself (a checkpoint's) fails: what the syncer's
+/// next sync covers may be lost all the same, so it counts as failed (nothing it
+/// covered is acknowledged), the log is written again, and the store goes on.
+#[test]
+fn a_failed_checkpoint_sync_fails_the_next_sync_and_the_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let reader = store.reader().unwrap();
+    let w = store.writer();
+    crate::walbuf::fail_next_sync_under(dir.path(), rusqlite::ffi::SQLITE_IOERR_FSYNC);
+    // Enough pages for an automatic checkpoint, whose sync of the log fails.
+    let big = "x".repeat(3000);
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for round in 0..20 {
+        let tasks: Vec<TaskRecord> = (0..200)
+            .map(|i| task("s", &format!("{round} {i} {big}"), None))
+            .collect();
+        let tickets: Vec<Ticket> = tasks.iter().map(|t| w.submit(insert_op(t))).collect();
+        for (t, ticket) in tasks.into_iter().zip(tickets) {
+            match ticket.wait() {
+                Ok(Outcome::Inserted) => accepted.push(t.id),
+                Err(e) if e.is_storage() => refused.push(t.id),
+                other => panic!("{other:?}"),
+            }
+        }
+        if !crate::walbuf::sync_failing_under(dir.path()) && !refused.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        !crate::walbuf::sync_failing_under(dir.path()),
+        "no checkpoint ran"
+    );
+    assert!(!refused.is_empty(), "nothing refused after the failed sync");
+    let later = task("s", "later", None);
+    assert_eq!(
+        w.submit(insert_op(&later)).wait().unwrap(),
+        Outcome::Inserted
+    );
+    assert!(store.stats().healthy);
+    for id in &refused {
+        assert_eq!(reader.task(*id).unwrap(), None);
+    }
+    drop(reader);
+    drop(store);
+    let (_store, recovery) = open(dir.path());
+    let queued: Vec<Uuid> = recovery.queued.iter().map(|t| t.id).collect();
+    accepted.push(later.id);
+    assert_eq!(queued, accepted);
+}

@@ -184,6 +184,12 @@ struct WalFile {
     /// the default VFS reports a full disk or an I/O error.
     #[cfg(test)]
     fail_next: Option<c_int>,
+    /// Test hook: the next sync of SQLite's own fails with this code.
+    #[cfg(test)]
+    fail_next_sync: Option<c_int>,
+    /// The file's name (tests: [`fail_next_sync_under`]).
+    #[cfg(test)]
+    name: String,
 }
 
 const REAL_OFFSET: usize = std::mem::size_of::<WalFile>().next_multiple_of(16);
@@ -293,6 +299,14 @@ unsafe extern "C" fn vfs_open(
                 unsynced: Arc::default(),
                 #[cfg(test)]
                 fail_next: None,
+                #[cfg(test)]
+                fail_next_sync: None,
+                #[cfg(test)]
+                name: if name.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(name).to_string_lossy().into_owned()
+                },
             },
         );
         ffi::SQLITE_OK
@@ -447,6 +461,11 @@ unsafe extern "C" fn wal_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_i
             return ffi::SQLITE_IOERR_FSYNC;
         }
         let mark = f.unsynced.mark();
+        #[cfg(test)]
+        if let Some(rc) = f.fail_next_sync.take().or_else(|| failing_under(&f.name)) {
+            f.unsynced.failed();
+            return rc;
+        }
         let rc = flushed_then!(file, xSync(flags));
         let f = wal(file);
         if rc == ffi::SQLITE_OK {
@@ -618,6 +637,43 @@ pub(crate) fn fail_next_run(conn: &Connection, rc: c_int) {
     let f = log_of(conn).expect("a log of this VFS");
     // SAFETY: the test's own connection, between statements.
     unsafe { (*f).fail_next = Some(rc) };
+}
+
+/// The next sync of `conn`'s log by SQLite fails with `rc` instead (tests).
+#[cfg(test)]
+pub(crate) fn fail_next_sync(conn: &Connection, rc: c_int) {
+    let f = log_of(conn).expect("a log of this VFS");
+    // SAFETY: the test's own connection, between statements.
+    unsafe { (*f).fail_next_sync = Some(rc) };
+}
+
+/// Test hook: the next sync by SQLite of a log whose name starts with the path
+/// given fails with its code (for a connection the test cannot reach).
+#[cfg(test)]
+static FAIL_SYNC_UNDER: std::sync::Mutex<Vec<(String, c_int)>> = std::sync::Mutex::new(Vec::new());
+
+/// The next sync by SQLite of a log under `dir` fails with `rc` instead (tests).
+#[cfg(test)]
+pub(crate) fn fail_next_sync_under(dir: &std::path::Path, rc: c_int) {
+    let mut list = FAIL_SYNC_UNDER.lock().unwrap_or_else(|p| p.into_inner());
+    list.push((dir.to_string_lossy().into_owned(), rc));
+}
+
+#[cfg(test)]
+fn failing_under(name: &str) -> Option<c_int> {
+    let mut list = FAIL_SYNC_UNDER.lock().unwrap_or_else(|p| p.into_inner());
+    let i = list
+        .iter()
+        .position(|(dir, _)| name.starts_with(dir.as_str()))?;
+    Some(list.remove(i).1)
+}
+
+/// Whether a hook of [`fail_next_sync_under`] is still waiting for its sync (tests).
+#[cfg(test)]
+pub(crate) fn sync_failing_under(dir: &std::path::Path) -> bool {
+    let dir = dir.to_string_lossy();
+    let list = FAIL_SYNC_UNDER.lock().unwrap_or_else(|p| p.into_inner());
+    list.iter().any(|(d, _)| *d == dir)
 }
 
 /// Writes taken into runs and runs written so far by `conn`'s log (tests).
@@ -871,5 +927,32 @@ mod tests {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(check, "ok");
+    }
+
+    /// A sync of SQLite's own that fails (a checkpoint's) poisons the log as the
+    /// syncer's does: no checkpoint reads it until it is written again.
+    #[test]
+    fn a_failed_sync_of_sqlites_own_poisons_the_log_until_it_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        insert(&conn, 0, 50);
+        let unsynced = unsynced_of(&conn).unwrap();
+        let checkpoint = |conn: &Connection| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        };
+        fail_next_sync(&conn, ffi::SQLITE_IOERR_FSYNC);
+        checkpoint(&conn).unwrap_err();
+        assert!(unsynced.poisoned());
+        // Poisoned: refused without a sync, and what the log holds is kept.
+        insert(&conn, 50, 10);
+        checkpoint(&conn).unwrap_err();
+        assert!(unsynced.poisoned() && !unsynced.lock().writes.is_empty());
+        rewrite_unsynced(&conn).unwrap();
+        assert!(!unsynced.poisoned());
+        assert_eq!(checkpoint(&conn).unwrap(), 0);
+        assert_eq!(recovered(dir.path(), &path), (60, "ok".to_string()));
     }
 }
