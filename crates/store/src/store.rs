@@ -81,9 +81,10 @@
 //! all of it again and syncs: a sync that succeeds after the rewrite covers pages
 //! dirtied after the error, so the log on disk then holds exactly what SQLite counts
 //! as committed. Until then the log is poisoned: SQLite's own syncs of it fail at
-//! once, so no checkpoint copies its frames into the store file (tests_sync.rs has a
-//! hook that zeroes what a failed sync was to write; reading it back made the store
-//! file malformed).
+//! once, so no checkpoint copies its frames into the store file (a failed sync of
+//! SQLite's own poisons it too, and the syncer's next sync then counts as failed,
+//! whatever its `fdatasync` said). tests_sync.rs has a hook that zeroes what a
+//! failed sync was to write: reading it back made the store file malformed.
 //!
 //! Disk trouble (full, I/O errors) while writing rolls the transaction back. New
 //! work ([`Op::Insert`]) then fails at once with [`StoreError::Storage`], so nothing
