@@ -47,7 +47,7 @@ pub use record::{Exit, PreviousRun, Recovery, SessionSettings, State, TaskRecord
 pub use schema::SCHEMA_VERSION;
 pub use store::{
     Batch, Completion, Op, Outcome, Reader, Retention, Stats, Store, StoreOptions, StoreWriter,
-    Ticket, DB_FILE,
+    Ticket, DB_FILE, REFUSED_FILE,
 };
 
 /// Creates the state dir (and its parents) with mode 0700 if it is missing. An

@@ -71,10 +71,20 @@
 //!
 //! Where it differs is only after a failed sync: with FULL a failed sync leaves its
 //! transaction uncommitted and the next one writes over its frames; here SQLite
-//! holds it as committed, so the store undoes it itself (below), and the repair's
-//! checkpoint reads those frames back from the page cache. Linux keeps pages it
-//! could not write in the page cache (clean), so the checkpoint copies what SQLite
-//! wrote; if memory pressure evicted them first, it would copy what the disk holds.
+//! holds it as committed, so the store undoes it itself (below). Nothing is read
+//! back from the log to do so: after a failed `fdatasync` Linux may have dropped
+//! the pages it could not write, or kept them clean but not on disk (PostgreSQL's
+//! "fsyncgate"), so a read could return what the disk holds instead of what SQLite
+//! wrote, and a later `fdatasync` could succeed without them ever reaching the disk.
+//! The writer's log keeps its own copy of every byte written since the last good
+//! sync (`walbuf::Unsynced`, normally what one sync covers), and the repair writes
+//! all of it again and syncs: a sync that succeeds after the rewrite covers pages
+//! dirtied after the error, so the log on disk then holds exactly what SQLite counts
+//! as committed. Until then the log is poisoned: SQLite's own syncs of it fail at
+//! once, so no checkpoint copies its frames into the store file (a failed sync of
+//! SQLite's own poisons it too, and the syncer's next sync then counts as failed,
+//! whatever its `fdatasync` said). tests_sync.rs has a hook that zeroes what a
+//! failed sync was to write: reading it back made the store file malformed.
 //!
 //! Disk trouble (full, I/O errors) while writing rolls the transaction back. New
 //! work ([`Op::Insert`]) then fails at once with [`StoreError::Storage`], so nothing
@@ -86,15 +96,30 @@
 //! completed (those the sync covered, and those committed since, which follow
 //! frames that may be lost) is settled by the writer: new work fails with
 //! [`StoreError::Storage`] and its rows are deleted again (an internal
-//! `Op::Discard`), so the store holds what its senders were told; settings and
-//! flushes are written again, in order, ahead of anything newer (with
+//! `Op::Discard`, first of the next transaction), and its senders are told only
+//! once that deletion is synced (the discard's completion) or, when the log cannot
+//! be repaired, once their ids are recorded in [`REFUSED_FILE`] beside the store
+//! (synced, with the dir), which the next open deletes before recovery: until then
+//! a crash could bring the rows back, so "not saved" would not be true yet. Only if
+//! neither can be written do they wait (for the repair); settings and flushes
+//! are written again, in order, ahead of anything newer (with
 //! [`StoreWriter::submit_reporting`], told of the failure at once); state changes
 //! keep what they did. Since SQLite counts the unsynced frames as committed and
 //! later commits would follow them, nothing more is written until the log is
-//! repaired: `wal_checkpoint(TRUNCATE)` copies every committed page into the store
-//! file, syncs it and empties the log (tried before every transaction, and on the
-//! retry timer; meanwhile new work is refused and state changes wait). The writer
-//! never stops over it.
+//! repaired as above (tried before every transaction, and on the retry timer;
+//! meanwhile new work is refused at once and state changes wait). The writer never
+//! stops over it.
+//!
+//! Closing: the syncer syncs and completes what is committed and ends; if its last
+//! sync failed, the writer settles it as above and then, with the syncer gone,
+//! repairs the log and commits what is left (the discard, settings written again,
+//! state changes waiting) with `synchronous=FULL` before it tells anyone, so a task
+//! refused at close does not come back at the next start. If that last try fails
+//! too (the disk still failing), everything left is reported as not saved, the
+//! refused tasks' senders once their ids are in [`REFUSED_FILE`] as above; only if
+//! that file cannot be written either may they come back (logged as an error). If the log could not be written again,
+//! it stays poisoned and is not checkpointed: its frames are left to the next
+//! open's recovery, which checks their checksums.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -601,6 +626,10 @@ impl Store {
         timeline::init();
         let path = state_dir.join(DB_FILE);
         let mut conn = open_checked(&path, &options)?;
+        delete_refused(&conn, state_dir).map_err(|detail| StoreError::Open {
+            path: path.clone(),
+            detail,
+        })?;
         let now = now_ms();
         let corrupt = |e: rusqlite::Error| corrupt_or_open(&path, e);
         let recovery = recover(&mut conn, &options, now).map_err(corrupt)?;
@@ -622,12 +651,14 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous=NORMAL")
             .map_err(corrupt)?;
         let wal = open_wal(&path).map_err(open_err)?;
+        let unsynced = walbuf::unsynced_of(&conn)
+            .ok_or_else(|| open_err("its write-ahead log is not open".into()))?;
         let syncer = {
             let shared = Arc::clone(&shared);
             let wake = tx.clone();
             std::thread::Builder::new()
                 .name("agentd-sync".into())
-                .spawn(move || SyncQueue::run(shared, wal, wake))
+                .spawn(move || SyncQueue::run(shared, wal, unsynced, wake))
                 .map_err(|e| open_err(format!("cannot start the sync thread: {e}")))?
         };
         let mut writer = Writer {
@@ -636,6 +667,7 @@ impl Store {
             shared: Arc::clone(&shared),
             syncer: Some(syncer),
             repair: None,
+            refused_waiting: Vec::new(),
             next_seq,
             state_dir: state_dir.to_path_buf(),
             options,
@@ -777,6 +809,55 @@ fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, Store
     }
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
+}
+
+/// In the state dir: ids of tasks refused after a failed sync whose deletion could
+/// not be written when the store closed (one a line). The next open deletes them
+/// before recovery, so that they do not come back.
+pub const REFUSED_FILE: &str = "agentd.refused";
+
+/// Records `ids` in [`REFUSED_FILE`] (appended) and syncs it and the state dir.
+fn write_refused(state_dir: &Path, ids: &[Uuid]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(state_dir.join(REFUSED_FILE))?;
+    let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::File::open(state_dir)?.sync_all()
+}
+
+/// Deletes the tasks [`REFUSED_FILE`] names (a line that is not an id, e.g. one
+/// torn by a crash while it was written, names no one told), then the file.
+fn delete_refused(conn: &Connection, state_dir: &Path) -> Result<(), String> {
+    let path = state_dir.join(REFUSED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let ids: Vec<Uuid> = text
+        .lines()
+        .filter_map(|line| Uuid::parse_str(line.trim()).ok())
+        .collect();
+    let deleted = (|| -> rusqlite::Result<usize> {
+        let tx = conn.unchecked_transaction()?;
+        let mut n = 0;
+        for id in &ids {
+            n += tx.execute("DELETE FROM tasks WHERE id = ?1", [id.to_string()])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    })()
+    .map_err(|e| format!("cannot delete the tasks refused at the last close: {e}"))?;
+    tracing::info!("store: deleted {deleted} tasks refused when the store last closed");
+    std::fs::remove_file(&path)
+        .and_then(|()| std::fs::File::open(state_dir)?.sync_all())
+        .map_err(|e| format!("cannot remove {}: {e}", path.display()))
 }
 
 /// The syncer's own descriptor of `path`'s write-ahead log. SQLite created the file
@@ -1008,9 +1089,12 @@ struct Writer {
     /// The syncer thread (joined when the writer ends).
     syncer: Option<JoinHandle<()>>,
     /// A sync failed, and the write-ahead log may have lost frames that SQLite
-    /// holds as committed: until a checkpoint has copied the whole log into the
-    /// store file and synced it (`wal_checkpoint(TRUNCATE)`), nothing is written.
+    /// holds as committed: until they are written again from memory and synced
+    /// ([`Writer::repaired`]), nothing is written.
     repair: Option<StoreError>,
+    /// The senders of tasks deleted again after a failed sync, each group until its
+    /// discard is synced or the ids are recorded ([`Writer::record_refused`]).
+    refused_waiting: Vec<Waiting>,
     next_seq: i64,
     state_dir: PathBuf,
     options: StoreOptions,
@@ -1043,6 +1127,14 @@ impl<'c> Statements<'c> {
         };
         Ok(&mut self.held[i].1)
     }
+}
+
+/// Requests waiting to be told they were refused (shared with a discard's
+/// completion).
+type Waiting = Arc<Mutex<Vec<Request>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A failed attempt at a transaction.
@@ -1138,16 +1230,47 @@ impl Writer {
         if let Some((e, committed)) = self.shared.sync.take_failed() {
             self.settle_failed_sync(e, committed, &mut pending);
         }
-        for request in pending {
-            complete(
-                request,
-                Err(StoreError::Storage {
-                    kind: StorageKind::Io,
-                    detail: "the store was closed before the write succeeded".into(),
-                }),
-            );
-        }
         let _ = self.set_synchronous(true);
+        if !pending.is_empty() {
+            // One last try, with the syncer gone: the log repaired if a sync
+            // failed, then what is left (the discard of refused tasks, settings
+            // written again, state changes waiting) committed with FULL, synced
+            // inside COMMIT, before anyone is told.
+            let left: Vec<Request> = pending.drain(..).collect();
+            let written = self
+                .repaired()
+                .map_err(Failed)
+                .and_then(|()| self.attempt(&left));
+            match written {
+                Ok(results) => {
+                    for (request, result) in left.into_iter().zip(results) {
+                        complete(request, result);
+                    }
+                }
+                Err(Failed(e)) => {
+                    tracing::error!("store: closing: {e}; {} writes are not saved", left.len());
+                    // The refused tasks' rows may still be in the log: recorded
+                    // beside it, for the next open to delete, before their senders
+                    // are told (done already if it was the repair that failed).
+                    self.record_refused(&e);
+                    if self.refused_waiting.iter().any(|w| !lock(w).is_empty()) {
+                        tracing::error!(
+                            "store: closing: refused tasks could not be recorded in \
+                             {REFUSED_FILE}: they may come back at the next start"
+                        );
+                    }
+                    for request in left {
+                        complete(
+                            request,
+                            Err(StoreError::Storage {
+                                kind: StorageKind::Io,
+                                detail: "the store was closed before the write succeeded".into(),
+                            }),
+                        );
+                    }
+                }
+            }
+        }
         let _ = self
             .conn
             .execute("UPDATE meta SET value = 'closed' WHERE key = 'run'", []);
@@ -1263,18 +1386,26 @@ impl Writer {
         self.shared.failed_commits.fetch_add(1, Ordering::Relaxed);
         self.shared.healthy.store(false, Ordering::Relaxed);
         let mut discard = Vec::new();
+        // The senders of tasks deleted again are told once the deletion is on disk
+        // (the discard's completion), or once their ids are recorded for the next
+        // open to delete ([`Writer::record_refused`]): until then the rows may come
+        // back after a crash, so "not saved" would not be true yet.
+        let mut refused: Vec<Request> = Vec::new();
+        let mut told_with_discard: Vec<Completion> = Vec::new();
         let mut again = VecDeque::new();
         for c in committed {
             for (mut request, result) in c.requests.into_iter().zip(c.results) {
                 match (&request.op, result) {
                     (_, Err(refused)) => complete(request, Err(refused)),
-                    (Op::Insert { task, .. }, Ok(outcome)) => {
-                        if outcome == Outcome::Inserted {
-                            discard.push(task.id);
-                        }
-                        complete(request, Err(e.clone()));
+                    (Op::Insert { task, .. }, Ok(Outcome::Inserted)) => {
+                        discard.push(task.id);
+                        refused.push(request);
                     }
-                    (Op::Discard(ids), Ok(_)) => discard.extend(ids.iter().copied()),
+                    (Op::Insert { .. }, Ok(_)) => complete(request, Err(e.clone())),
+                    (Op::Discard(ids), Ok(_)) => {
+                        discard.extend(ids.iter().copied());
+                        told_with_discard.extend(request.done.take());
+                    }
                     (op, Ok(_)) if op.acknowledged() => {
                         if request.early {
                             if let Some(done) = request.done.take() {
@@ -1293,11 +1424,24 @@ impl Writer {
             again.len()
         );
         if !discard.is_empty() {
-            again.push_front(Request {
-                op: Op::Discard(discard),
-                done: None,
-                early: false,
-            });
+            let error = e.clone();
+            let waiting: Waiting = Arc::new(Mutex::new(refused));
+            // (Groups whose discard completed are dropped here and when recording.)
+            self.refused_waiting.retain(|w| Arc::strong_count(w) > 1);
+            self.refused_waiting.push(Arc::clone(&waiting));
+            again.push_front(Request::new(
+                Op::Discard(discard),
+                move |_| {
+                    for done in told_with_discard {
+                        done(Ok(Outcome::Done));
+                    }
+                    let refused = std::mem::take(&mut *lock(&waiting));
+                    for request in refused {
+                        complete(request, Err(error.clone()));
+                    }
+                },
+                false,
+            ));
         }
         // Ahead of writes that failed since: those were submitted later.
         again.extend(pending.drain(..));
@@ -1305,36 +1449,92 @@ impl Writer {
         self.repair = Some(e);
     }
 
-    /// Repairs the write-ahead log after a failed sync, if it needs it: a
-    /// checkpoint copies every committed page from the log into the store file,
-    /// syncs that file and empties the log, so later commits start a new log
-    /// instead of following frames that may be lost.
+    /// Repairs the write-ahead log after a failed sync, if it needs it: every byte
+    /// written to it since the last good sync is written again from the writer's
+    /// own copy and synced (`walbuf::rewrite_unsynced`), so the log on disk holds
+    /// what SQLite counts as committed and later commits follow sound frames.
+    /// Nothing is read back from the log: after a failed `fdatasync` the page cache
+    /// may hold what the disk holds instead of what was written (a checkpoint
+    /// reading those frames would copy stale pages into the store file).
     fn repaired(&mut self) -> Result<(), StoreError> {
-        let Some(failed) = &self.repair else {
+        if self.repair.is_none() {
+            return Ok(());
+        }
+        let repaired = self.repair_log();
+        if let Err(e) = &repaired {
+            self.record_refused(e);
+        }
+        repaired
+    }
+
+    /// The log cannot be repaired yet: rather than wait for that (as long as the
+    /// disk fails), the senders of tasks deleted again are told once their ids are
+    /// recorded in [`REFUSED_FILE`], which the next open deletes before recovery.
+    /// If even that cannot be written, they wait for the repair.
+    fn record_refused(&mut self, e: &StoreError) {
+        self.refused_waiting.retain(|w| Arc::strong_count(w) > 1);
+        for waiting in &self.refused_waiting {
+            let mut refused = lock(waiting);
+            if refused.is_empty() {
+                continue;
+            }
+            let ids: Vec<Uuid> = refused
+                .iter()
+                .filter_map(|r| match &r.op {
+                    Op::Insert { task, .. } => Some(task.id),
+                    _ => None,
+                })
+                .collect();
+            match write_refused(&self.state_dir, &ids) {
+                Ok(()) => {
+                    for request in refused.drain(..) {
+                        complete(request, Err(e.clone()));
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "store: cannot record {} refused tasks in {REFUSED_FILE} ({err}); \
+                         their senders wait for the log to be repaired",
+                        ids.len()
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// [`Writer::repaired`]'s work.
+    fn repair_log(&mut self) -> Result<(), StoreError> {
+        let Some(_failed) = &self.repair else {
             return Ok(());
         };
         #[cfg(test)]
         if self.shared.sync.repair_fails() {
-            return Err(failed.clone());
+            return Err(_failed.clone());
         }
-        let checkpoint = |conn: &Connection| {
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            })
-        };
-        // The checkpoint first syncs the log through SQLite's own descriptor, which
-        // reports the error the syncer saw once more (Linux reports a write-back
-        // error once to every open file): then it is tried once again at once. What
-        // it relies on is its copy into the store file and that file's sync.
-        let done = checkpoint(&self.conn).or_else(|_| checkpoint(&self.conn));
+        // The sync goes through SQLite's own descriptor, which reports the error
+        // the syncer saw once more (Linux reports a write-back error once to every
+        // open file): then it is tried once again at once, writing everything
+        // again first, so that what a sync that succeeds covers is what was
+        // written after the error.
+        let done =
+            walbuf::rewrite_unsynced(&self.conn).or_else(|_| walbuf::rewrite_unsynced(&self.conn));
         match done {
-            Ok(0) => {
-                tracing::info!("store: the write-ahead log is repaired; writing again");
+            Ok(()) => {
+                tracing::info!("store: the write-ahead log is written again; writing on");
                 self.repair = None;
                 Ok(())
             }
-            Ok(_) => Err(failed.clone()),
-            Err(e) => Err(storage(classify(&e).unwrap_or(StorageKind::Io), &e)),
+            Err(rc) => Err(StoreError::Storage {
+                kind: if rc & 0xff == rusqlite::ffi::SQLITE_FULL {
+                    StorageKind::Full
+                } else {
+                    StorageKind::Io
+                },
+                detail: format!(
+                    "cannot write the write-ahead log again after a failed sync (SQLite error {rc})"
+                ),
+            }),
         }
     }
 

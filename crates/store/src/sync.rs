@@ -23,6 +23,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use crate::error::{StorageKind, StoreError};
 use crate::store::{complete, defer_wakes, Msg, Request, Shared};
 use crate::timeline::{self, Stage};
+use crate::walbuf::Unsynced;
 use crate::Outcome;
 
 /// One committed transaction: its ops and their outcomes, in order.
@@ -85,6 +86,15 @@ struct SyncState {
     /// Test hook: this many repairs of the log fail.
     #[cfg(test)]
     fail_repairs: u32,
+    /// Test hook: a failed sync also loses what it was to write, as Linux may drop
+    /// (or mark clean) the pages it could not write: the log's bytes past what the
+    /// last good sync covered read back as zeros (as never written). The log's
+    /// length before the last good sync marks what it covered (so this is for a
+    /// log not reset since).
+    #[cfg(test)]
+    lose_unsynced: bool,
+    #[cfg(test)]
+    synced_len: u64,
 }
 
 impl SyncQueue {
@@ -158,7 +168,12 @@ impl SyncQueue {
     }
 
     /// The syncer thread. `wake` tells the writer of a failed sync.
-    pub(crate) fn run(shared: Arc<Shared>, wal: File, wake: mpsc::Sender<Msg>) {
+    pub(crate) fn run(
+        shared: Arc<Shared>,
+        wal: File,
+        unsynced: Arc<Unsynced>,
+        wake: mpsc::Sender<Msg>,
+    ) {
         let queue = &shared.sync;
         loop {
             let mut state = queue.lock();
@@ -198,15 +213,32 @@ impl SyncQueue {
                 None
             };
             drop(state);
+            #[cfg(test)]
+            let len_before = wal.metadata().map(|m| m.len()).unwrap_or(0);
             let synced = if durable {
                 timeline::mark(Stage::SyncStart, 0);
+                let mark = unsynced.mark();
                 let result = match injected {
                     Some(e) => Err(e),
-                    None => wal.sync_data(),
+                    // A sync of SQLite's own (a checkpoint's) failed since the
+                    // last good one: what this one covers may be lost all the same.
+                    None => wal.sync_data().and_then(|()| {
+                        if unsynced.poisoned() {
+                            Err(std::io::Error::other("an earlier sync of it failed"))
+                        } else {
+                            Ok(())
+                        }
+                    }),
                 };
                 timeline::mark(Stage::SyncEnd, 0);
-                if result.is_ok() {
-                    shared.syncs.fetch_add(1, Ordering::Relaxed);
+                match &result {
+                    Ok(()) => {
+                        unsynced.synced(mark);
+                        shared.syncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Before the writer hears of it: from now on nothing trusts
+                    // the log's unsynced bytes (walbuf.rs).
+                    Err(_) => unsynced.failed(),
                 }
                 result
             } else {
@@ -214,6 +246,10 @@ impl SyncQueue {
             };
             match synced {
                 Ok(()) => {
+                    #[cfg(test)]
+                    if durable {
+                        queue.lock().synced_len = len_before;
+                    }
                     // The tickets answered here wake together, with one call.
                     defer_wakes(&shared, || {
                         for committed in taken {
@@ -234,6 +270,10 @@ impl SyncQueue {
                         _ => StorageKind::Io,
                     };
                     let mut state = queue.lock();
+                    #[cfg(test)]
+                    if state.lose_unsynced {
+                        lose_unsynced(&wal, state.synced_len);
+                    }
                     for committed in taken.into_iter().rev() {
                         state.queued.push_front(committed);
                     }
@@ -271,6 +311,19 @@ impl SyncQueue {
         self.lock().fail_next = Some(e);
     }
 
+    /// Every failed sync from now on also loses the log's bytes it was to write
+    /// (tests only).
+    #[cfg(test)]
+    pub(crate) fn lose_unsynced(&self) {
+        self.lock().lose_unsynced = true;
+    }
+
+    /// The store is closing (tests only).
+    #[cfg(test)]
+    pub(crate) fn closing(&self) -> bool {
+        self.lock().closing
+    }
+
     /// The next `n` repairs of the log after a failed sync fail (tests only).
     #[cfg(test)]
     pub(crate) fn fail_repairs(&self, n: u32) {
@@ -284,5 +337,23 @@ impl SyncQueue {
         let fails = state.fail_repairs > 0;
         state.fail_repairs = state.fail_repairs.saturating_sub(1);
         fails
+    }
+}
+
+/// Overwrites the log from `from` to its end with zeros: what reads return once the
+/// page cache has dropped pages that never reached the disk (tests only).
+#[cfg(test)]
+fn lose_unsynced(wal: &File, from: u64) {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let path = format!("/proc/self/fd/{}", wal.as_raw_fd());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("the log opened for writing");
+    let len = file.metadata().expect("the log's size").len();
+    if len > from {
+        file.write_all_at(&vec![0; (len - from) as usize], from)
+            .expect("the log overwritten");
     }
 }

@@ -38,10 +38,17 @@
 //! [`flush_after_commit`] checks, after every `COMMIT` of the writer, that nothing
 //! is held (a test asserts it never is); if something were, it writes it out and
 //! says so, and the store treats the transaction as not synced.
+//!
+//! The wrapped log also keeps a copy of every byte written since the last good sync
+//! ([`Unsynced`]: a written run is moved there, not copied), for the store's repair
+//! after a failed sync ([`rewrite_unsynced`]), which writes it all again instead of
+//! trusting what the page cache holds; while a sync has failed and the log was not
+//! written again, SQLite's own syncs of it fail at once, so no checkpoint reads it.
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use rusqlite::ffi;
 use rusqlite::Connection;
@@ -60,6 +67,103 @@ const FRAME_HEADER: usize = 24;
 /// asserts it).
 pub(crate) static LEFT_AFTER_COMMIT: AtomicU64 = AtomicU64::new(0);
 
+/// The log's bytes written since the last sync known to have succeeded: the copy
+/// the store writes the log again from after a failed sync, instead of trusting
+/// what the page cache still holds (after a failed `fdatasync` Linux may have
+/// dropped the pages it could not write, or kept them clean but not on disk).
+///
+/// Every write that reached the file is kept here, in order, until a sync that
+/// started after it succeeded: the syncer's ([`Unsynced::mark`] before its
+/// `fdatasync`, [`Unsynced::synced`] after), or SQLite's own (a checkpoint, a FULL
+/// commit). A failed sync (the syncer's: [`Unsynced::failed`]; SQLite's: seen
+/// here) poisons the log: nothing is dropped any more and SQLite's own syncs fail
+/// at once (so no checkpoint reads the log's frames back into the store file)
+/// until [`rewrite_unsynced`] has written every kept byte again and synced it.
+/// Normally this holds what one sync covers; between syncs at most what a
+/// transaction of state changes wrote, or an automatic checkpoint's worth (about
+/// 4 MiB: NORMAL syncs the log before each checkpoint).
+#[derive(Default)]
+pub(crate) struct Unsynced {
+    state: Mutex<UnsyncedState>,
+}
+
+#[derive(Default)]
+struct UnsyncedState {
+    /// (sequence number, offset, bytes), in the order they were written.
+    writes: VecDeque<(u64, i64, Vec<u8>)>,
+    next: u64,
+    poisoned: bool,
+    /// Buffers of synced runs, for the next runs.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Most buffers kept for reuse.
+const SPARE_BUFFERS: usize = 8;
+
+impl Unsynced {
+    fn lock(&self) -> MutexGuard<'_, UnsyncedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before a sync: what it will cover (every write recorded so far; a write is
+    /// recorded after it reached the file).
+    pub(crate) fn mark(&self) -> u64 {
+        self.lock().next
+    }
+
+    /// A sync that started after [`Unsynced::mark`] returned `mark` succeeded:
+    /// the writes before it are on disk (unless the log is poisoned).
+    pub(crate) fn synced(&self, mark: u64) {
+        let mut state = self.lock();
+        if state.poisoned {
+            return;
+        }
+        while state.writes.front().is_some_and(|(seq, _, _)| *seq < mark) {
+            let (_, _, mut buf) = state.writes.pop_front().expect("a write");
+            if state.spare.len() < SPARE_BUFFERS && buf.capacity() <= MAX_RUN + FRAME_HEADER {
+                buf.clear();
+                state.spare.push(buf);
+            }
+        }
+    }
+
+    /// A sync of the log failed: what it covered may be lost.
+    pub(crate) fn failed(&self) {
+        self.lock().poisoned = true;
+    }
+
+    /// Whether a sync failed and the log was not written again since.
+    pub(crate) fn poisoned(&self) -> bool {
+        self.lock().poisoned
+    }
+
+    /// Records a write that reached the file.
+    fn record(&self, offset: i64, bytes: Vec<u8>) -> MutexGuard<'_, UnsyncedState> {
+        let mut state = self.lock();
+        let seq = state.next;
+        state.next += 1;
+        state.writes.push_back((seq, offset, bytes));
+        state
+    }
+
+    /// Records a run that reached the file; returns an empty buffer for the next.
+    fn record_run(&self, offset: i64, run: Vec<u8>) -> Vec<u8> {
+        self.record(offset, run).spare.pop().unwrap_or_default()
+    }
+
+    /// The file was truncated to `size`: bytes past it are not to be written again.
+    fn truncated(&self, size: i64) {
+        let mut state = self.lock();
+        state.writes.retain_mut(|(_, offset, bytes)| {
+            if *offset >= size {
+                return false;
+            }
+            bytes.truncate((size - *offset) as usize);
+            true
+        });
+    }
+}
+
 /// The wrapped `-wal` file. SQLite allocates `szOsFile` bytes for it: this struct,
 /// then the default VFS's own file object at `REAL_OFFSET`.
 #[repr(C)]
@@ -74,10 +178,18 @@ struct WalFile {
     /// Writes taken into runs, and runs written (tests).
     held: u64,
     runs: u64,
+    /// What was written since the last good sync.
+    unsynced: Arc<Unsynced>,
     /// Test hook: the next run fails with this code instead of being written, as
     /// the default VFS reports a full disk or an I/O error.
     #[cfg(test)]
     fail_next: Option<c_int>,
+    /// Test hook: the next sync of SQLite's own fails with this code.
+    #[cfg(test)]
+    fail_next_sync: Option<c_int>,
+    /// The file's name (tests: [`fail_next_sync_under`]).
+    #[cfg(test)]
+    name: String,
 }
 
 const REAL_OFFSET: usize = std::mem::size_of::<WalFile>().next_multiple_of(16);
@@ -184,8 +296,17 @@ unsafe extern "C" fn vfs_open(
                 commit_next: false,
                 held: 0,
                 runs: 0,
+                unsynced: Arc::default(),
                 #[cfg(test)]
                 fail_next: None,
+                #[cfg(test)]
+                fail_next_sync: None,
+                #[cfg(test)]
+                name: if name.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(name).to_string_lossy().into_owned()
+                },
             },
         );
         ffi::SQLITE_OK
@@ -220,8 +341,13 @@ impl WalFile {
                 self.run.len() as c_int,
                 self.start,
             );
-            self.run.clear();
             self.runs += 1;
+            if rc == ffi::SQLITE_OK {
+                let run = std::mem::take(&mut self.run);
+                self.run = self.unsynced.record_run(self.start, run);
+            } else {
+                self.run.clear();
+            }
             rc
         }
     }
@@ -269,7 +395,11 @@ unsafe extern "C" fn wal_write(
             return ffi::SQLITE_OK;
         }
         let write = methods(f.real).xWrite.expect("files write");
-        write(f.real, data, amount, offset)
+        let rc = write(f.real, data, amount, offset);
+        if rc == ffi::SQLITE_OK {
+            drop(f.unsynced.record(offset, bytes.to_vec()));
+        }
+        rc
     }
 }
 
@@ -280,6 +410,7 @@ unsafe extern "C" fn wal_close(file: *mut ffi::sqlite3_file) -> c_int {
         let close = methods(f.real).xClose.expect("files close");
         let closed = close(f.real);
         std::ptr::drop_in_place(&mut f.run);
+        std::ptr::drop_in_place(&mut f.unsynced);
         (*file).pMethods = std::ptr::null();
         if flushed != ffi::SQLITE_OK {
             flushed
@@ -311,11 +442,39 @@ unsafe extern "C" fn wal_read(
 }
 
 unsafe extern "C" fn wal_truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
-    unsafe { flushed_then!(file, xTruncate(size)) }
+    unsafe {
+        let rc = flushed_then!(file, xTruncate(size));
+        if rc == ffi::SQLITE_OK {
+            wal(file).unsynced.truncated(size);
+        }
+        rc
+    }
 }
 
+/// SQLite's own sync of the log (before a checkpoint, at a reset, in a FULL
+/// commit). Fails at once while the log is poisoned: a checkpoint would read back
+/// frames that may be lost.
 unsafe extern "C" fn wal_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    unsafe { flushed_then!(file, xSync(flags)) }
+    unsafe {
+        let f = wal(file);
+        if f.unsynced.poisoned() {
+            return ffi::SQLITE_IOERR_FSYNC;
+        }
+        let mark = f.unsynced.mark();
+        #[cfg(test)]
+        if let Some(rc) = f.fail_next_sync.take().or_else(|| failing_under(&f.name)) {
+            f.unsynced.failed();
+            return rc;
+        }
+        let rc = flushed_then!(file, xSync(flags));
+        let f = wal(file);
+        if rc == ffi::SQLITE_OK {
+            f.unsynced.synced(mark);
+        } else {
+            f.unsynced.failed();
+        }
+        rc
+    }
 }
 
 unsafe extern "C" fn wal_file_size(
@@ -407,11 +566,69 @@ pub(crate) fn flush_after_commit(conn: &Connection) -> Result<bool, c_int> {
         return Ok(false);
     }
     LEFT_AFTER_COMMIT.fetch_add(1, Ordering::Relaxed);
+    let (start, run) = (f.start, f.run.clone());
     // SAFETY: as above.
     match unsafe { f.flush() } {
         ffi::SQLITE_OK => Ok(true),
-        rc => Err(rc),
+        rc => {
+            // Committed as far as SQLite knows: the repair after the failed sync
+            // this leads to writes it (a failed run is otherwise not kept, since
+            // SQLite rolls its transaction back).
+            drop(f.unsynced.record(start, run));
+            Err(rc)
+        }
     }
+}
+
+/// What `conn`'s log wrote since its last good sync (the syncer shares it), if the
+/// log is this VFS's and open.
+pub(crate) fn unsynced_of(conn: &Connection) -> Option<Arc<Unsynced>> {
+    // SAFETY: the connection's own log, read between statements on its thread.
+    log_of(conn).map(|f| unsafe { Arc::clone(&(*f).unsynced) })
+}
+
+/// After a failed sync: writes every byte `conn`'s log wrote since its last good
+/// sync again, from memory, in the order first written, then syncs the log. The
+/// pages rewritten are dirty again with what SQLite wrote, so a sync that succeeds
+/// now has put them on disk (whatever the failed one left in the page cache).
+/// Then the log is sound again, and the kept bytes are dropped. `Err` with SQLite's
+/// code; the log stays poisoned then (try again: a descriptor that had not reported
+/// the failed sync's error yet reports it once, to its next sync).
+pub(crate) fn rewrite_unsynced(conn: &Connection) -> Result<(), c_int> {
+    let Some(f) = log_of(conn) else {
+        return Err(ffi::SQLITE_IOERR);
+    };
+    // SAFETY: called by the connection's owner between statements.
+    let f = unsafe { &mut *f };
+    unsafe {
+        let rc = f.flush();
+        if rc != ffi::SQLITE_OK {
+            return Err(rc);
+        }
+        let mut state = f.unsynced.lock();
+        let write = methods(f.real).xWrite.expect("files write");
+        for (_, offset, bytes) in &state.writes {
+            let rc = write(
+                f.real,
+                bytes.as_ptr() as *const c_void,
+                bytes.len() as c_int,
+                *offset,
+            );
+            if rc != ffi::SQLITE_OK {
+                return Err(rc);
+            }
+        }
+        let sync = methods(f.real).xSync.expect("files sync");
+        let rc = sync(f.real, ffi::SQLITE_SYNC_NORMAL);
+        if rc != ffi::SQLITE_OK {
+            return Err(rc);
+        }
+        state.poisoned = false;
+        let synced = state.next;
+        drop(state);
+        f.unsynced.synced(synced);
+    }
+    Ok(())
 }
 
 /// The next run `conn`'s log writes fails with `rc` instead (tests).
@@ -420,6 +637,43 @@ pub(crate) fn fail_next_run(conn: &Connection, rc: c_int) {
     let f = log_of(conn).expect("a log of this VFS");
     // SAFETY: the test's own connection, between statements.
     unsafe { (*f).fail_next = Some(rc) };
+}
+
+/// The next sync of `conn`'s log by SQLite fails with `rc` instead (tests).
+#[cfg(test)]
+pub(crate) fn fail_next_sync(conn: &Connection, rc: c_int) {
+    let f = log_of(conn).expect("a log of this VFS");
+    // SAFETY: the test's own connection, between statements.
+    unsafe { (*f).fail_next_sync = Some(rc) };
+}
+
+/// Test hook: the next sync by SQLite of a log whose name starts with the path
+/// given fails with its code (for a connection the test cannot reach).
+#[cfg(test)]
+static FAIL_SYNC_UNDER: std::sync::Mutex<Vec<(String, c_int)>> = std::sync::Mutex::new(Vec::new());
+
+/// The next sync by SQLite of a log under `dir` fails with `rc` instead (tests).
+#[cfg(test)]
+pub(crate) fn fail_next_sync_under(dir: &std::path::Path, rc: c_int) {
+    let mut list = FAIL_SYNC_UNDER.lock().unwrap_or_else(|p| p.into_inner());
+    list.push((dir.to_string_lossy().into_owned(), rc));
+}
+
+#[cfg(test)]
+fn failing_under(name: &str) -> Option<c_int> {
+    let mut list = FAIL_SYNC_UNDER.lock().unwrap_or_else(|p| p.into_inner());
+    let i = list
+        .iter()
+        .position(|(dir, _)| name.starts_with(dir.as_str()))?;
+    Some(list.remove(i).1)
+}
+
+/// Whether a hook of [`fail_next_sync_under`] is still waiting for its sync (tests).
+#[cfg(test)]
+pub(crate) fn sync_failing_under(dir: &std::path::Path) -> bool {
+    let dir = dir.to_string_lossy();
+    let list = FAIL_SYNC_UNDER.lock().unwrap_or_else(|p| p.into_inner());
+    list.iter().any(|(d, _)| *d == dir)
 }
 
 /// Writes taken into runs and runs written so far by `conn`'s log (tests).
@@ -612,5 +866,93 @@ mod tests {
             .unwrap();
         assert_eq!(seen, 70);
         assert_eq!(recovered(dir.path(), &path), (70, "ok".to_string()));
+    }
+
+    /// What a failed sync was to write, lost from the page cache (zeros read back):
+    /// while the log is poisoned SQLite's own checkpoint copies none of it into the
+    /// store file, and once the log is written again from memory it is whole again.
+    #[test]
+    fn a_poisoned_log_is_not_checkpointed_and_is_written_again_from_memory() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        insert(&conn, 0, 50);
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap();
+        let unsynced = unsynced_of(&conn).unwrap();
+        // Synced (as the syncer would): nothing kept.
+        insert(&conn, 50, 50);
+        let mark = unsynced.mark();
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        std::fs::File::open(&wal).unwrap().sync_data().unwrap();
+        unsynced.synced(mark);
+        assert!(unsynced.lock().writes.is_empty());
+        let synced_len = std::fs::metadata(&wal).unwrap().len();
+        // Written, its sync fails, and the page cache loses it.
+        insert(&conn, 100, 50);
+        assert!(!unsynced.lock().writes.is_empty());
+        unsynced.failed();
+        let len = std::fs::metadata(&wal).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&wal).unwrap();
+        file.write_all_at(&vec![0; (len - synced_len) as usize], synced_len)
+            .unwrap();
+        let err = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("I/O"), "{err}");
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), len, "checkpointed");
+        // A restart now would keep the first 100 rows only (the zeros fail the
+        // checksums), and the store file is sound.
+        assert_eq!(recovered(dir.path(), &path), (100, "ok".to_string()));
+        rewrite_unsynced(&conn).unwrap();
+        assert!(!unsynced.poisoned() && unsynced.lock().writes.is_empty());
+        assert_eq!(recovered(dir.path(), &path), (150, "ok".to_string()));
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap();
+        drop(conn);
+        let reopened = Connection::open(&path).unwrap();
+        let n: i64 = reopened
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 150);
+        let check: String = reopened
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    /// A sync of SQLite's own that fails (a checkpoint's) poisons the log as the
+    /// syncer's does: no checkpoint reads it until it is written again.
+    #[test]
+    fn a_failed_sync_of_sqlites_own_poisons_the_log_until_it_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        insert(&conn, 0, 50);
+        let unsynced = unsynced_of(&conn).unwrap();
+        let checkpoint = |conn: &Connection| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        };
+        fail_next_sync(&conn, ffi::SQLITE_IOERR_FSYNC);
+        checkpoint(&conn).unwrap_err();
+        assert!(unsynced.poisoned());
+        // Poisoned: refused without a sync, and what the log holds is kept.
+        insert(&conn, 50, 10);
+        checkpoint(&conn).unwrap_err();
+        assert!(unsynced.poisoned() && !unsynced.lock().writes.is_empty());
+        rewrite_unsynced(&conn).unwrap();
+        assert!(!unsynced.poisoned());
+        assert_eq!(checkpoint(&conn).unwrap(), 0);
+        assert_eq!(recovered(dir.path(), &path), (60, "ok".to_string()));
     }
 }
