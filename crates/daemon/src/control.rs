@@ -390,6 +390,8 @@ async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
         match step {
             FastStep::Next => {
                 // The next request is already here: its answer goes out with this one.
+                // Bounded: the reader refills only once its buffer is used up, so what
+                // waits here answers at most one buffer (8 KiB) of request lines.
                 if reader.buffer().contains(&b'\n') {
                     continue;
                 }
