@@ -2,14 +2,17 @@
 //! answer from: nothing a client has read (an answer, an event) is missing from a
 //! `status` it asks for afterwards, on any connection; and a connection's own order
 //! holds: a `send`'s answer (sent after the commit, from the store's writer through
-//! the relay) before any event about its task. Today the connections and the loop
-//! share one thread, so a step's lines cannot be written before the step's
-//! snapshot; these tests are what a design that serves the connections elsewhere
-//! must pass (one that did, with the step's lines held in the outboxes until the
-//! snapshot was out, is in ARCHITECTURE.md's known gaps: without the hold the first
-//! two tests failed in 4 of 4 and 3 of 4 runs, while
+//! the relay) before any event about its task. The probes here only ever ask
+//! `status`, so they are served on the fast lane (the thread `agentd-fast`), while
+//! the watchers and senders are on the loop's runtime, whose writers run only after
+//! a step (and its snapshot) is done: these tests check that ordering across the two
+//! threads. (An earlier design that served every connection on a thread of its own
+//! needed the step's lines held in the outboxes until the snapshot was out: without
+//! the hold the first two tests failed in 4 of 4 and 3 of 4 runs, while
 //! `status::a_status_counts_every_send_already_answered_to_any_client` cannot
-//! fail that way, since a `send`'s answer follows its commit, after the step).
+//! fail that way, since a `send`'s answer follows its commit, after the step. With
+//! the snapshot's counts published one step late on purpose, the first test and the
+//! last one here failed.)
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
