@@ -231,37 +231,50 @@ impl FastLane {
             info,
             limits,
         });
+        // Built here, so that a failure is this function's error; run on the thread.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _inside = runtime.enter();
+            Listener::UdSocket(
+                interprocess::os::unix::uds_local_socket::tokio::Listener::try_from(listener)?,
+            )
+        };
         let (stop, stopped) = oneshot::channel();
+        // The runtime goes to the thread once it runs: were the thread not started,
+        // it is still here to be shut down (dropping it inside the loop's runtime
+        // would panic).
+        let (give, take) = std::sync::mpsc::sync_channel::<(tokio::runtime::Runtime, Listener)>(1);
         let thread = std::thread::Builder::new()
             .name("agentd-fast".into())
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        tracing::error!("cannot start the control connections' runtime: {e}");
-                        return;
-                    }
+                let Ok((runtime, listener)) = take.recv() else {
+                    return;
                 };
                 runtime.block_on(async move {
-                    let listener =
-                        match interprocess::os::unix::uds_local_socket::tokio::Listener::try_from(
-                            listener,
-                        ) {
-                            Ok(listener) => Listener::UdSocket(listener),
-                            Err(e) => {
-                                tracing::error!("cannot listen on the control socket: {e}");
-                                return;
-                            }
-                        };
                     tokio::select! {
                         () = accept_loop(listener, socket, main) => {}
                         _ = stopped => {}
                     }
                 });
-            })?;
+            });
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                drop(listener);
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
+        if let Err(std::sync::mpsc::SendError((runtime, listener))) = give.send((runtime, listener))
+        {
+            drop(listener);
+            runtime.shutdown_background();
+            return Err(std::io::Error::other(
+                "the fast lane's thread ended at its start",
+            ));
+        }
         Ok(FastLane {
             stop: Some(stop),
             thread: Some(thread),
