@@ -148,8 +148,8 @@ fn placed(socket: &Path, echo: &EchoServer, agentd: Option<u32>, probe: &str, n:
     }
 }
 
-/// The thread of agentd `pid` that answers `status`: its connections' thread
-/// (`agentd-conn`) if it has one, else its main thread (a build whose connections
+/// The thread of agentd `pid` that answers `status`: its fast lane (`agentd-fast`)
+/// or connections' thread (`agentd-conn`) if it has one, else its main thread (a build whose connections
 /// share the loop's current-thread runtime).
 fn status_thread(pid: u32) -> u32 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -159,7 +159,7 @@ fn status_thread(pid: u32) -> u32 {
         .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
         .find(|tid| {
             std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|comm| comm.trim() == "agentd-conn")
+                .is_ok_and(|comm| matches!(comm.trim(), "agentd-fast" | "agentd-conn"))
         })
         .unwrap_or(pid)
 }

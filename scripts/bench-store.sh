@@ -69,12 +69,13 @@ stop_agentd() {
     kill -TERM $APID; wait $APID 2>/dev/null || true; APID=
 }
 # CPU time in ns (schedstat) of agentd's threads: all, the loop (the main thread),
-# the store writer, its syncer and the connections' thread (agentd-conn; 0 for a
+# the store writer, its syncer and the connections' thread (agentd-conn, or the fast
+# lane agentd-fast that answers read-only connections; 0 for a
 # build whose connections share the loop's thread).
 cpu_ns() {
     for t in /proc/$APID/task/*; do
         awk -v comm="$(cat "$t/comm" 2>/dev/null)" -v main="$([ "${t##*/}" = "$APID" ] && echo 1)" \
-            '{print $1, (main == "1" ? $1 : 0), (comm == "agentd-store" ? $1 : 0), (comm == "agentd-sync" ? $1 : 0), (comm == "agentd-conn" ? $1 : 0)}' "$t/schedstat"
+            '{print $1, (main == "1" ? $1 : 0), (comm == "agentd-store" ? $1 : 0), (comm == "agentd-sync" ? $1 : 0), (comm == "agentd-conn" || comm == "agentd-fast" ? $1 : 0)}' "$t/schedstat"
     done | awk '{a += $1; l += $2; w += $3; s += $4; c += $5} END {print a, l, w, s, c}'
 }
 # Prints agentd's CPU per message between two cpu_ns readings ($3: what the loop's includes).

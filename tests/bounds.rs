@@ -286,6 +286,56 @@ fn pipelined_requests_beyond_the_in_flight_cap_are_all_answered() {
     assert!(seen.iter().all(|s| *s));
 }
 
+/// A client that pipelines `status` lines (answered on the fast lane, without the
+/// loop) and reads none of the answers is not read further once its answers fill
+/// the socket: agentd neither reads on nor piles the answers up in memory.
+#[test]
+fn a_client_pipelining_statuses_without_reading_is_not_read_further() {
+    const LINE: &[u8] = b"{\"id\":1,\"cmd\":\"status\"}\n";
+    const LIMIT: usize = 8 << 20;
+    let daemon = Daemon::with_echo_agent(&[]);
+    let rss_before = rss_kib(daemon.pid());
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // One endless run of lines, written in pieces that mostly end inside a line, so
+    // that what agentd has read ends inside one too.
+    let lines = LINE.repeat(3000);
+    let mut sent = 0;
+    let blocked = loop {
+        if sent >= LIMIT {
+            break false;
+        }
+        let at = sent % LINE.len();
+        match stream.write(&lines[at..at + 65_537]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+            Err(e) => panic!("write: {e}"),
+        }
+    };
+    let rss_after = rss_kib(daemon.pid());
+    assert!(
+        blocked,
+        "agentd read {sent} bytes of statuses whose answers nobody read (RSS {rss_before} -> {rss_after} KiB)"
+    );
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB after {sent} bytes of unread statuses"
+    );
+    // The answers are there, in order, once the client reads.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut reader = BufReader::new(&stream);
+    for _ in 0..100 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let value: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["ok"], json!(true), "{value}");
+    }
+}
+
 #[test]
 fn long_listings_are_paged_and_agentctl_joins_the_pages() {
     let daemon = Daemon::with_echo_agent(&["--max-concurrent", "1"]);

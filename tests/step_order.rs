@@ -2,14 +2,17 @@
 //! answer from: nothing a client has read (an answer, an event) is missing from a
 //! `status` it asks for afterwards, on any connection; and a connection's own order
 //! holds: a `send`'s answer (sent after the commit, from the store's writer through
-//! the relay) before any event about its task. Today the connections and the loop
-//! share one thread, so a step's lines cannot be written before the step's
-//! snapshot; these tests are what a design that serves the connections elsewhere
-//! must pass (one that did, with the step's lines held in the outboxes until the
-//! snapshot was out, is in ARCHITECTURE.md's known gaps: without the hold the first
-//! two tests failed in 4 of 4 and 3 of 4 runs, while
+//! the relay) before any event about its task. The probes here only ever ask
+//! `status`, so they are served on the fast lane (the thread `agentd-fast`), while
+//! the watchers and senders are on the loop's runtime, whose writers run only after
+//! a step (and its snapshot) is done: these tests check that ordering across the two
+//! threads. (An earlier design that served every connection on a thread of its own
+//! needed the step's lines held in the outboxes until the snapshot was out: without
+//! the hold the first two tests failed in 4 of 4 and 3 of 4 runs, while
 //! `status::a_status_counts_every_send_already_answered_to_any_client` cannot
-//! fail that way, since a `send`'s answer follows its commit, after the step).
+//! fail that way, since a `send`'s answer follows its commit, after the step. With
+//! the snapshot's counts published one step late on purpose, the first test and the
+//! last one here failed.)
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
@@ -226,4 +229,74 @@ fn a_sends_answer_comes_before_any_event_about_its_task_on_the_same_connection()
         }
     }
     sender.join().expect("writer").expect("write the sends");
+}
+
+/// The fast lane (the thread that accepts every connection and answers `hello`,
+/// `ping` and `status` itself until a connection asks for anything else) against
+/// what the loop's runtime writes to other connections: a client that connects
+/// anew for each `status` after a `hello`, as `agentctl status` does, is never told
+/// fewer queued tasks than a watcher on another connection has read `accepted`
+/// events of, nor fewer than the senders have read `queued` answers of. Its
+/// connections never leave the fast lane, so this is the ordering across threads:
+/// the loop publishes a step's snapshot before that step's lines can be written.
+#[test]
+fn a_one_shot_status_on_the_fast_lane_counts_what_other_connections_were_told() {
+    const SENDERS: usize = 4;
+    const PER: usize = 40;
+    let d = Daemon::with_echo_agent(&["--max-concurrent", "1", "--cap", "1000"]);
+    let gate = d.gate("g");
+    let first = d.submit("hold", &format!("hold {gate} first"));
+    d.wait_state(&first, "running");
+    let told = AtomicU64::new(0);
+    let acknowledged = AtomicU64::new(0);
+    let mut watch = Watch::session(&d, "s");
+    let one_shot_status = |d: &Daemon| -> u64 {
+        let mut conn = Conn::open(d);
+        let hello = conn.round_trip(json!({"id": 1, "cmd": "hello", "protocol": 1}));
+        assert_eq!(hello["ok"], json!(true), "{hello}");
+        let queued = conn.status()["queued"].as_u64().expect("queued");
+        let pong = conn.round_trip(json!({"id": 2, "cmd": "ping"}));
+        assert_eq!(pong["result"]["pong"], json!(true), "{pong}");
+        queued
+    };
+    std::thread::scope(|scope| {
+        let (d, told, acknowledged) = (&d, &told, &acknowledged);
+        scope.spawn(move || {
+            let mut seen = 0;
+            while seen < SENDERS * PER {
+                let event = watch.next();
+                if event["kind"] != json!("accepted") {
+                    continue;
+                }
+                seen += 1;
+                told.fetch_add(1, Ordering::SeqCst);
+                let before = told.load(Ordering::SeqCst);
+                let queued = one_shot_status(d);
+                assert!(
+                    queued >= before,
+                    "a one-shot status counts {queued} queued, the watcher was told of {before}"
+                );
+            }
+        });
+        for c in 0..SENDERS {
+            scope.spawn(move || {
+                let mut conn = Conn::open(d);
+                for i in 0..PER {
+                    let sent = conn.round_trip(
+                        json!({"id": 2, "cmd": "send", "session": "s", "text": format!("work {c} {i}")}),
+                    );
+                    assert_eq!(sent["result"]["task"]["state"], json!("queued"), "{sent}");
+                    acknowledged.fetch_add(1, Ordering::SeqCst);
+                    let before = acknowledged.load(Ordering::SeqCst);
+                    let queued = one_shot_status(d);
+                    assert!(
+                        queued >= before,
+                        "a one-shot status counts {queued} queued, senders were answered for {before}"
+                    );
+                }
+            });
+        }
+    });
+    assert_eq!(told.load(Ordering::SeqCst), (SENDERS * PER) as u64);
+    d.release(&gate);
 }

@@ -1,7 +1,12 @@
 //! Client connections on the control socket.
 //!
-//! One task per connection reads request lines (each bounded by
-//! [`MAX_REQUEST_BYTES`]), answers `hello` and `ping` itself, and hands every other
+//! Every connection is accepted and first served on the fast lane ([`FastLane`], a
+//! thread `agentd-fast` with a current-thread runtime of its own): it reads request
+//! lines (each bounded by [`MAX_REQUEST_BYTES`]) and answers `hello`, `ping` and
+//! `status` (without a task id, from the loop's snapshot) itself, so a `status` never
+//! waits behind the loop thread's bursts. On a connection's first request of any
+//! other kind the connection moves, for good, to the loop's runtime, where one task
+//! reads its requests, answers `hello` and `ping` itself, and hands every other
 //! request to the supervisor with a [`Replier`], which queues the answer on this
 //! connection's output from whichever thread answers. Replies are written by a
 //! writer task as they come, so a `stop` that waits for its task to end does not
@@ -180,18 +185,124 @@ impl From<Listener> for Endpoint {
     }
 }
 
-/// Accepts connections until the task is dropped. Checks every [`SOCKET_CHECK`] that
-/// the socket file is still there, and re-creates it if it was removed.
-pub async fn accept_loop(
-    endpoint: Endpoint,
+/// The fast lane: a thread `agentd-fast` with a current-thread runtime of its own
+/// that accepts every control connection and serves it while it asks only
+/// read-only control (`hello`, `ping`, `status` without a task id, the last from
+/// the loop's snapshot). On its first request of any other kind the connection is
+/// handed to the loop's runtime (its stream, the bytes read beyond that line, the
+/// parsed request), which serves it from then on as before; it never comes back.
+/// So a `status` on a connection that never sent work waits for nothing the loop's
+/// thread does (a group commit's burst of acknowledgements and sends), only for its
+/// own thread to be woken. Stopped (and joined) by [`FastLane::stop`] or when
+/// dropped; it is idle (no timers but the socket check) while no client talks.
+pub struct FastLane {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the fast lane needs to hand a connection to the loop's runtime.
+struct MainLane {
+    runtime: tokio::runtime::Handle,
     requests: mpsc::Sender<ControlRequest>,
     info: Arc<ServerInfo>,
-) {
-    let Endpoint {
-        mut listener,
-        mut socket,
-        limits,
-    } = endpoint;
+    limits: Arc<Limits>,
+}
+
+impl FastLane {
+    /// Starts the fast lane on `endpoint`. Call it on the loop's runtime (whose
+    /// handle receives the handed-over connections), in a thread whose signal mask
+    /// every agentd thread shares (the new thread inherits it).
+    pub fn start(
+        endpoint: Endpoint,
+        requests: mpsc::Sender<ControlRequest>,
+        info: Arc<ServerInfo>,
+    ) -> std::io::Result<FastLane> {
+        let Endpoint {
+            listener,
+            socket,
+            limits,
+        } = endpoint;
+        // The listener leaves this runtime's reactor and joins the fast lane's.
+        let Listener::UdSocket(listener) = listener;
+        let listener = std::os::fd::OwnedFd::try_from(listener)?;
+        let main = Arc::new(MainLane {
+            runtime: tokio::runtime::Handle::current(),
+            requests,
+            info,
+            limits,
+        });
+        // Built here, so that a failure is this function's error; run on the thread.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _inside = runtime.enter();
+            Listener::UdSocket(
+                interprocess::os::unix::uds_local_socket::tokio::Listener::try_from(listener)?,
+            )
+        };
+        let (stop, stopped) = oneshot::channel();
+        // The runtime goes to the thread once it runs: were the thread not started,
+        // it is still here to be shut down (dropping it inside the loop's runtime
+        // would panic).
+        let (give, take) = std::sync::mpsc::sync_channel::<(tokio::runtime::Runtime, Listener)>(1);
+        let thread = std::thread::Builder::new()
+            .name("agentd-fast".into())
+            .spawn(move || {
+                let Ok((runtime, listener)) = take.recv() else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = accept_loop(listener, socket, main) => {}
+                        _ = stopped => {}
+                    }
+                });
+            });
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                drop(listener);
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
+        if let Err(std::sync::mpsc::SendError((runtime, listener))) = give.send((runtime, listener))
+        {
+            drop(listener);
+            runtime.shutdown_background();
+            return Err(std::io::Error::other(
+                "the fast lane's thread ended at its start",
+            ));
+        }
+        Ok(FastLane {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting and closes the connections the fast lane still serves
+    /// (those handed to the loop's runtime stay there).
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for FastLane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Accepts connections until the task is dropped. Checks every [`SOCKET_CHECK`] that
+/// the socket file is still there, and re-creates it if it was removed.
+async fn accept_loop(mut listener: Listener, mut socket: Option<SocketFile>, main: Arc<MainLane>) {
+    let limits = main.limits.clone();
     let mut check = tokio::time::interval(SOCKET_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -199,13 +310,7 @@ pub async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok(stream) => match limits.admit() {
                     Some(admitted) => {
-                        tokio::spawn(serve(
-                            stream,
-                            requests.clone(),
-                            info.clone(),
-                            limits.clone(),
-                            admitted,
-                        ));
+                        tokio::spawn(serve_fast(stream, main.clone(), admitted));
                     }
                     None => {
                         if !limits.refusing.swap(true, Ordering::SeqCst) {
@@ -230,6 +335,233 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+/// Whether the peer of `stream` is agentd's own user (logs a refusal).
+fn peer_is_us(stream: &Stream) -> bool {
+    let euid = nix::unistd::geteuid().as_raw();
+    match stream.peer_creds() {
+        Ok(creds) if creds.euid() == Some(euid) => true,
+        Ok(creds) => {
+            match creds.euid() {
+                Some(uid) => tracing::warn!("refused a control connection from uid {uid}"),
+                None => tracing::warn!("refused a control connection from an unknown uid"),
+            }
+            false
+        }
+        Err(e) => {
+            tracing::warn!("cannot check the peer of a control connection: {e}");
+            false
+        }
+    }
+}
+
+/// What the fast lane does with a request it read.
+enum FastStep {
+    /// Answered (or nothing to answer): read the next line.
+    Next,
+    /// Said its last words: close the connection.
+    Close,
+    /// Not read-only control: the connection goes to the loop's runtime.
+    HandOver(Request),
+}
+
+/// Serves a connection on the fast lane while it asks only `hello`, `ping` and
+/// `status` (without a task id); hands it to the loop's runtime on any other request
+/// (or a `status` before the loop's first snapshot). Answers are written by this
+/// task itself, those of requests already read together in one write; a client that
+/// does not read its answers is not read further (the write waits).
+async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
+    if !peer_is_us(&stream) {
+        return;
+    }
+    tracing::debug!(
+        connections = main.limits.live.load(Ordering::Relaxed),
+        "control connection accepted"
+    );
+    let mut reader = BufReader::new(unix_stream(stream));
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let timeout = main.limits.request_timeout();
+        let step = match read_line_limited(&mut reader, &mut buf, MAX_REQUEST_BYTES, timeout).await
+        {
+            Ok(LineRead::Line) => fast_request(&buf, &main.info, &mut out),
+            Ok(LineRead::Eof) | Err(_) => {
+                let _ = reader.get_mut().write_all(&out).await;
+                return;
+            }
+            Ok(LineRead::TooLong) => {
+                out.extend(too_long());
+                FastStep::Close
+            }
+            Ok(LineRead::TimedOut) => {
+                out.extend(timed_out(timeout));
+                FastStep::Close
+            }
+        };
+        match step {
+            FastStep::Next => {
+                // The next request is already here: its answer goes out with this one.
+                // Bounded: the reader refills only once its buffer is used up, so what
+                // waits here answers at most one buffer (8 KiB) of request lines.
+                if reader.buffer().contains(&b'\n') {
+                    continue;
+                }
+                if reader.get_mut().write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+            FastStep::Close => {
+                let _ = tokio::time::timeout(LAST_WORDS, reader.get_mut().write_all(&out)).await;
+                return;
+            }
+            FastStep::HandOver(request) => {
+                // What was answered goes first: the loop's runtime answers the rest.
+                if reader.get_mut().write_all(&out).await.is_err() {
+                    return;
+                }
+                let read_ahead = reader.buffer().to_vec();
+                let stream = match reader.into_inner().into_std() {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!("cannot hand a control connection over: {e}");
+                        return;
+                    }
+                };
+                let to = main.clone();
+                main.runtime.spawn(async move {
+                    let stream = match tokio::net::UnixStream::from_std(stream) {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            tracing::warn!("cannot take a control connection over: {e}");
+                            return;
+                        }
+                    };
+                    serve(
+                        stream,
+                        read_ahead,
+                        Some(request),
+                        to.requests.clone(),
+                        to.info.clone(),
+                        to.limits.clone(),
+                        admitted,
+                    )
+                    .await;
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// A request line read on the fast lane: answers read-only control into `out`.
+fn fast_request(line: &[u8], info: &ServerInfo, out: &mut Vec<u8>) -> FastStep {
+    agentd_store::timeline::mark(agentd_store::timeline::Stage::Read, 0);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return FastStep::Next;
+    }
+    let request = match Request::from_line(line) {
+        Ok(request) => request,
+        Err(e) => {
+            out.extend(bad_request(line, &e));
+            return FastStep::Next;
+        }
+    };
+    let id = request.id;
+    match &request.body {
+        RequestBody::Hello { protocol, .. } => {
+            let (line, step) = hello(id, *protocol);
+            out.extend(line);
+            step
+        }
+        RequestBody::Ping => {
+            out.extend(ping(id, info));
+            FastStep::Next
+        }
+        RequestBody::Status { task_id: None } => match info.status() {
+            Some(status) => {
+                out.extend(encode_line(&Response::<Answer>::answer(id, status.into())));
+                FastStep::Next
+            }
+            // Before the loop's first snapshot: the loop answers it.
+            None => FastStep::HandOver(request),
+        },
+        _ => FastStep::HandOver(request),
+    }
+}
+
+/// The answer to `hello`, and whether the connection goes on.
+fn hello(id: u64, protocol: u32) -> (Vec<u8>, FastStep) {
+    if protocol != CONTROL_PROTOCOL_VERSION {
+        return (
+            encode_line(&Response::<Answer>::err(
+                Some(id),
+                ErrorCode::UnsupportedProtocol,
+                format!(
+                    "agentd speaks control protocol {CONTROL_PROTOCOL_VERSION}, not {protocol}"
+                ),
+            )),
+            FastStep::Close,
+        );
+    }
+    (
+        encode_line(&Response::<Answer>::answer(
+            id,
+            HelloReply {
+                protocol: CONTROL_PROTOCOL_VERSION,
+                server: format!("agentd {}", env!("CARGO_PKG_VERSION")),
+            }
+            .into(),
+        )),
+        FastStep::Next,
+    )
+}
+
+fn ping(id: u64, info: &ServerInfo) -> Vec<u8> {
+    encode_line(&Response::<Answer>::answer(
+        id,
+        PingReply {
+            pong: true,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: info.pid,
+            uptime_ms: info.uptime_ms(),
+        }
+        .into(),
+    ))
+}
+
+fn bad_request(line: &[u8], e: &impl std::fmt::Display) -> Vec<u8> {
+    // Echo the id when the line is JSON with a numeric id, so the client can match it.
+    let id = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("id")?.as_u64());
+    encode_line(&Response::<Answer>::err(
+        id,
+        ErrorCode::BadRequest,
+        format!("invalid request: {e}"),
+    ))
+}
+
+fn too_long() -> Vec<u8> {
+    encode_line(&Response::<Answer>::err(
+        None,
+        ErrorCode::RequestTooLarge,
+        format!("request line exceeds {MAX_REQUEST_BYTES} bytes; closing the connection"),
+    ))
+}
+
+fn timed_out(timeout: Duration) -> Vec<u8> {
+    tracing::debug!(
+        "closing a control connection whose request line did not end within {}",
+        crate::logfmt::Secs(timeout)
+    );
+    encode_line(&Response::<Answer>::err(
+        None,
+        ErrorCode::RequestTimeout,
+        agentd_proto::text::request_timeout(timeout),
+    ))
 }
 
 /// Tells a connection past the cap why it is closed, then closes it.
@@ -334,36 +666,23 @@ enum Ending {
     Abort,
 }
 
+/// Serves a connection handed over by the fast lane on the loop's runtime, from
+/// `first` (its first request that is not read-only control) and `read_ahead` (what
+/// the fast lane had read beyond it) on, until it closes.
 async fn serve(
-    stream: Stream,
+    stream: tokio::net::UnixStream,
+    read_ahead: Vec<u8>,
+    first: Option<Request>,
     requests: mpsc::Sender<ControlRequest>,
     info: Arc<ServerInfo>,
     limits: Arc<Limits>,
     _admitted: Admitted,
 ) {
-    let euid = nix::unistd::geteuid().as_raw();
-    match stream.peer_creds() {
-        Ok(creds) if creds.euid() == Some(euid) => {}
-        Ok(creds) => {
-            match creds.euid() {
-                Some(uid) => tracing::warn!("refused a control connection from uid {uid}"),
-                None => tracing::warn!("refused a control connection from an unknown uid"),
-            }
-            return;
-        }
-        Err(e) => {
-            tracing::warn!("cannot check the peer of a control connection: {e}");
-            return;
-        }
-    }
-    tracing::debug!(
-        connections = limits.live.load(Ordering::Relaxed),
-        "control connection accepted"
-    );
     // Tokio's own halves: a read that does not fill the buffer tells tokio the socket
     // is drained, so the next line is awaited without a read that fails with EAGAIN
     // (one syscall per request less than interprocess's `&Stream`).
-    let (recv_half, mut send_half) = unix_stream(stream).into_split();
+    let (recv_half, mut send_half) = stream.into_split();
+    let recv = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(read_ahead), recv_half);
     let outbox = Outbox::new(OUTPUT_BUDGET);
     limits.register(&outbox);
     let write_outbox = outbox.clone();
@@ -384,7 +703,7 @@ async fn serve(
         write_outbox.close();
     });
 
-    let ending = read_requests(recv_half, &outbox, &requests, &info, &limits).await;
+    let ending = read_requests(recv, first, &outbox, &requests, &info, &limits).await;
     outbox.finish_reading();
     match ending {
         // Let pending answers (e.g. a stop in progress) still reach a half-closed client.
@@ -408,9 +727,45 @@ fn unix_stream(stream: Stream) -> tokio::net::UnixStream {
     }
 }
 
+/// What [`read_request`] read.
+enum Read {
+    Request(Request),
+    /// A line that is no request, answered by this error line.
+    Answered(Vec<u8>),
+    /// A blank line.
+    Skip,
+    /// The connection ends, after this last line if any.
+    End(Ending, Option<Vec<u8>>),
+}
+
+/// Reads the next request line of a connection and parses it.
+async fn read_request(
+    reader: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+    limits: &Limits,
+) -> Read {
+    let timeout = limits.request_timeout();
+    match read_line_limited(reader, buf, MAX_REQUEST_BYTES, timeout).await {
+        Ok(LineRead::Line) => {
+            agentd_store::timeline::mark(agentd_store::timeline::Stage::Read, 0);
+        }
+        Ok(LineRead::Eof) | Err(_) => return Read::End(Ending::Eof, None),
+        Ok(LineRead::TooLong) => return Read::End(Ending::Abort, Some(too_long())),
+        Ok(LineRead::TimedOut) => return Read::End(Ending::Abort, Some(timed_out(timeout))),
+    }
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return Read::Skip;
+    }
+    match Request::from_line(buf) {
+        Ok(request) => Read::Request(request),
+        Err(e) => Read::Answered(bad_request(buf, &e)),
+    }
+}
+
 /// Reads and dispatches requests until the client closes or agentd gives up on it.
 async fn read_requests(
-    stream: tokio::net::unix::OwnedReadHalf,
+    stream: impl tokio::io::AsyncRead + Unpin,
+    mut first: Option<Request>,
     outbox: &Arc<Outbox>,
     requests: &mpsc::Sender<ControlRequest>,
     info: &ServerInfo,
@@ -427,52 +782,22 @@ async fn read_requests(
         if outbox.is_closed() {
             return Ending::Abort;
         }
-        let timeout = limits.request_timeout();
-        match read_line_limited(&mut reader, &mut buf, MAX_REQUEST_BYTES, timeout).await {
-            Ok(LineRead::Line) => {
-                agentd_store::timeline::mark(agentd_store::timeline::Stage::Read, 0);
-            }
-            Ok(LineRead::Eof) | Err(_) => return Ending::Eof,
-            Ok(LineRead::TooLong) => {
-                outbox.push(&Response::<Answer>::err(
-                    None,
-                    ErrorCode::RequestTooLarge,
-                    format!(
-                        "request line exceeds {MAX_REQUEST_BYTES} bytes; closing the connection"
-                    ),
-                ));
-                return Ending::Abort;
-            }
-            Ok(LineRead::TimedOut) => {
-                tracing::debug!(
-                    "closing a control connection whose request line did not end within {}",
-                    crate::logfmt::Secs(timeout)
-                );
-                outbox.push(&Response::<Answer>::err(
-                    None,
-                    ErrorCode::RequestTimeout,
-                    agentd_proto::text::request_timeout(timeout),
-                ));
-                return Ending::Abort;
-            }
-        }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let request = match Request::from_line(&buf) {
-            Ok(request) => request,
-            Err(e) => {
-                // Echo the id when the line is JSON with a numeric id, so the client can match it.
-                let id = serde_json::from_slice::<serde_json::Value>(&buf)
-                    .ok()
-                    .and_then(|v| v.get("id")?.as_u64());
-                outbox.push(&Response::<Answer>::err(
-                    id,
-                    ErrorCode::BadRequest,
-                    format!("invalid request: {e}"),
-                ));
-                continue;
-            }
+        let request = match first.take() {
+            Some(request) => request,
+            None => match read_request(&mut reader, &mut buf, limits).await {
+                Read::Request(request) => request,
+                Read::Answered(line) => {
+                    outbox.push_encoded(line);
+                    continue;
+                }
+                Read::Skip => continue,
+                Read::End(ending, last) => {
+                    if let Some(line) = last {
+                        outbox.push_encoded(line);
+                    }
+                    return ending;
+                }
+            },
         };
         let id = request.id;
         // `status` from the loop's snapshot, unless a request of this connection is
@@ -487,35 +812,13 @@ async fn read_requests(
         }
         match request.body {
             RequestBody::Hello { protocol, .. } => {
-                if protocol != CONTROL_PROTOCOL_VERSION {
-                    outbox.push(&Response::<Answer>::err(
-                        Some(id),
-                        ErrorCode::UnsupportedProtocol,
-                        format!("agentd speaks control protocol {CONTROL_PROTOCOL_VERSION}, not {protocol}"),
-                    ));
+                let (line, step) = hello(id, protocol);
+                outbox.push_encoded(line);
+                if matches!(step, FastStep::Close) {
                     return Ending::Abort;
                 }
-                outbox.push(&Response::<Answer>::answer(
-                    id,
-                    HelloReply {
-                        protocol: CONTROL_PROTOCOL_VERSION,
-                        server: format!("agentd {}", env!("CARGO_PKG_VERSION")),
-                    }
-                    .into(),
-                ));
             }
-            RequestBody::Ping => {
-                outbox.push(&Response::<Answer>::answer(
-                    id,
-                    PingReply {
-                        pong: true,
-                        version: env!("CARGO_PKG_VERSION").to_string(),
-                        pid: info.pid,
-                        uptime_ms: info.uptime_ms(),
-                    }
-                    .into(),
-                ));
-            }
+            RequestBody::Ping => outbox.push_encoded(ping(id, info)),
             body => {
                 // A page of `tasks` can be large: the next request is read only once
                 // it is queued, so at most one page waits beyond the output budget.

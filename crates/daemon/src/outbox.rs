@@ -256,7 +256,11 @@ impl Outbox {
 
     /// Queues an answer or a notice (never refused while the connection lives).
     pub fn push<R: Serialize>(&self, response: &Response<R>) {
-        let line = encode_line(response);
+        self.push_encoded(encode_line(response));
+    }
+
+    /// Queues an answer or a notice already encoded as one line (see [`encode_line`]).
+    pub fn push_encoded(&self, line: Vec<u8>) {
         let mut state = self.lock();
         if state.refuses() {
             return;

@@ -98,7 +98,8 @@ pub async fn run(
     let (request_tx, mut requests) = mpsc::channel::<ControlRequest>(1024);
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
     let connections = listener.limits.clone();
-    let acceptor = tokio::spawn(control::accept_loop(listener, request_tx, info.clone()));
+    // Connections are accepted and read on the fast lane's thread (see `FastLane`).
+    let mut fast_lane = control::FastLane::start(listener, request_tx, info.clone())?;
 
     let procs = containment(&config);
     let (tree_tx, mut tree_reports) = mpsc::unbounded_channel::<TreeReport>();
@@ -205,7 +206,7 @@ pub async fn run(
         }
     }
     sup.store.flush();
-    acceptor.abort();
+    fast_lane.stop();
     // What the stop told its watchers (the tasks' `finished`) reaches them before
     // the connections close.
     connections.flush_all(SHUTDOWN_FLUSH).await;
