@@ -21,6 +21,65 @@ fn agentctl_says_clearly_when_agentd_is_not_running() {
     assert!(err.contains("agentd is not running at"), "{err}");
     assert!(err.contains(&socket.display().to_string()), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // It says what to do: start agentd, or point agentctl at the socket it uses.
+    assert!(err.contains("start it with `agentd &`"), "{err}");
+    assert!(err.contains("--socket PATH or AGENTD_SOCKET"), "{err}");
+    // The same for a socket file nobody listens on (agentd killed by SIGKILL).
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let out = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("(connection refused)"), "{err}");
+    assert!(err.contains("start it with `agentd &`"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// A task id agentctl cannot use (too short, ambiguous) is refused with what to give
+/// instead, by every command that takes one; a short prefix of existing tasks is not
+/// reported as if no such task existed.
+#[test]
+fn a_short_or_ambiguous_task_id_says_what_to_give_instead() {
+    let d = Daemon::with_agent_exec(&[]);
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let out = d.agentctl(&["send", "--session", &format!("s{n}"), "true"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        ids.push(stdout(&out).split_whitespace().nth(1).unwrap().to_string());
+    }
+    // Two ids made within a second share their first 8 characters.
+    let common = ids[0]
+        .chars()
+        .zip(ids[1].chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(common >= 8, "{ids:?}");
+    let shared = &ids[0][..common.min(12)];
+    for cmd in ["status", "log", "stop", "resume"] {
+        let out = d.agentctl(&[cmd, shared]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "agentctl: task id prefix {shared} is ambiguous (2 tasks): give more of the id"
+            ),
+            "{cmd}"
+        );
+
+        let out = d.agentctl(&[cmd, &ids[0][..3]]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("a task id or a unique prefix of at least 4 characters"),
+            "{cmd}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
 }
 
 #[test]

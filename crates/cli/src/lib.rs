@@ -967,7 +967,9 @@ mod tests {
         assert_eq!(
             err,
             format!(
-                "agentctl: agentd is not running at {} (no socket)\n",
+                "agentctl: agentd is not running at {} (no socket): start it with \
+                 `agentd &` or `systemctl --user start agentd`, or give agentctl its \
+                 socket with --socket PATH or AGENTD_SOCKET\n",
                 socket.display()
             )
         );
