@@ -94,6 +94,30 @@ fn agentctl_uses_agentd_socket_from_the_environment() {
     assert!(stdout(&out).contains("is running"), "{}", stdout(&out));
 }
 
+/// With AGENTD_SOCKET set, as under a service or in a test, a usage error's usage
+/// line is the command's own: `--socket` is not shown as if it were required.
+#[test]
+fn a_usage_error_does_not_show_the_socket_from_the_environment_as_required() {
+    let out = Command::new(AGENTCTL)
+        .args(["send", "--session", "a"])
+        .env("AGENTD_SOCKET", "/tmp/agentd-test-none.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Usage: agentctl send --session <S> <TEXT>..."),
+        "{err}"
+    );
+    assert!(!err.contains("--socket"), "{err}");
+    // The help still says where the socket comes from.
+    let out = Command::new(AGENTCTL)
+        .args(["send", "--help"])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("$AGENTD_SOCKET"), "{}", stdout(&out));
+}
+
 #[test]
 fn send_status_and_unknown_tasks_in_words_and_json() {
     let d = Daemon::with_agent_exec(&["--max-concurrent", "1"]);
