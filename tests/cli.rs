@@ -378,6 +378,22 @@ fn chat_answers_a_mistaken_command_and_goes_on() {
     assert_eq!(status, Some(0), "{transcript}");
 }
 
+/// A task that fails before its agent runs (here: no such agent program) is told
+/// once by `send --wait`, with how it ended, not once as the send's answer and again
+/// as its end.
+#[test]
+fn send_wait_of_a_task_that_failed_at_once_says_so_once() {
+    let d = Daemon::start(&["--agent", "/nonexistent/agent {text}"]);
+    let out = d.agentctl(&["send", "--session", "alice", "--wait", "hello"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.matches("cannot start the agent").count(), 1, "{text}");
+    assert!(
+        text.starts_with("task ") && text.contains("failed"),
+        "{text}"
+    );
+}
+
 /// `resume` says that it resumes, and whether from a checkpoint, before the new
 /// attempt's line, in words as in the chat's reply.
 #[test]
