@@ -79,6 +79,15 @@ fn a_short_or_ambiguous_task_id_says_what_to_give_instead() {
             "{cmd}: {err}"
         );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+        // A blank id (an empty shell variable, quoted) says that no id was given.
+        let out = d.agentctl(&[cmd, " "]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("agentctl: no task id given: give a task id"),
+            "{cmd}: {err}"
+        );
     }
 }
 

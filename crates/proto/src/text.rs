@@ -234,8 +234,14 @@ pub fn no_task(id: impl Display) -> String {
 
 /// A task id that is neither a full id nor a usable prefix.
 pub fn not_a_task_id(text: impl Display) -> String {
+    let text = text.to_string();
+    let what = if text.is_empty() {
+        "no task id given".to_string()
+    } else {
+        format!("no task {text}")
+    };
     format!(
-        "no task {text}: give a task id or a unique prefix of at least 4 characters \
+        "{what}: give a task id or a unique prefix of at least 4 characters \
          (task ids look like 0192f3c4-…)"
     )
 }
