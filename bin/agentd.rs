@@ -25,8 +25,9 @@ struct Resolved {
 }
 
 fn resolve(args: Args) -> anyhow::Result<Resolved> {
-    let file = match config::config_file(args.config.as_deref()) {
-        Some(path) => FileConfig::load(&path)?,
+    let file_path = config::config_file(args.config.as_deref());
+    let file = match &file_path {
+        Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
     let log_format = match (args.log_format, &file.log_format) {
@@ -112,8 +113,12 @@ fn resolve(args: Args) -> anyhow::Result<Resolved> {
         Some(agentd_core::Liveness::default_hung_after(heartbeat)),
     )?;
     if let Some(hung_after) = hung_after {
-        agentd_core::Liveness::check_hung_after(heartbeat, hung_after)
-            .map_err(|e| anyhow::anyhow!("--hung-after: {e}"))?;
+        agentd_core::Liveness::check_hung_after(heartbeat, hung_after).map_err(|e| {
+            match (&args.hung_after, &file.hung_after, &file_path) {
+                (None, Some(_), Some(path)) => config::key_error(path, "hung-after", e),
+                _ => anyhow::anyhow!("--hung-after: {e}"),
+            }
+        })?;
     }
     let agents = config::AgentLimits {
         no_cgroup: args.no_cgroup || file.no_cgroup.unwrap_or(false),

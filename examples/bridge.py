@@ -75,24 +75,43 @@ def default_state_file():
 
 
 def load_state(path):
-    """The state a previous run kept, or an empty one (no file, or no path)."""
+    """The state a previous run kept, or an empty one (no file, or no path).
+
+    A state file that cannot be read, or is not what this bridge writes, is not
+    silently replaced: the bridge says so in one line and stops."""
     empty = {"chats": [], "live": {}, "unanswered": []}
     if not path:
         return empty
+
+    def invalid(why):
+        return SystemExit("bridge.py: state file %s is not valid (%s): move it aside "
+                          "(or delete it) to start with no state, or give another one "
+                          "with --state FILE" % (path, why))
+
     try:
         with open(path, "rb") as f:
             state = json.loads(f.read())
     except FileNotFoundError:
         return empty
     except (OSError, ValueError) as e:
-        # A state file that cannot be read is not silently replaced: say so and stop.
-        raise SystemExit("bridge.py: state file %s is not valid (%s)" % (path, e))
+        raise invalid(e)
     if not isinstance(state, dict):
-        raise SystemExit("bridge.py: state file %s is not valid (not an object)" % path)
+        raise invalid("not an object")
+    chats = state.get("chats", [])
+    live = state.get("live", {})
+    unanswered = state.get("unanswered", [])
+    if not isinstance(chats, list) or not all(isinstance(c, str) for c in chats):
+        raise invalid("chats is not a list of chats")
+    if not isinstance(live, dict) or not all(isinstance(c, str) for c in live.values()):
+        raise invalid("live is not an object of task ids and chats")
+    if not isinstance(unanswered, list) or not all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(w, str) for w in e)
+            for e in unanswered):
+        raise invalid("unanswered is not a list of [chat, message_id, text]")
     return {
-        "chats": [str(c) for c in state.get("chats", [])],
-        "live": {str(t): str(c) for t, c in dict(state.get("live", {})).items()},
-        "unanswered": [(str(c), str(m), str(t)) for c, m, t in state.get("unanswered", [])],
+        "chats": list(chats),
+        "live": dict(live),
+        "unanswered": [tuple(e) for e in unanswered],
     }
 
 
@@ -103,6 +122,8 @@ def save_state(path, state):
         os.makedirs(directory, mode=0o700, exist_ok=True)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A temp file left by an earlier run keeps its mode: make it 0600 all the same.
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(state, f)
         f.flush()
@@ -471,6 +492,8 @@ def main():
             continue
         try:
             message = json.loads(raw)
+            if not isinstance(message["text"], str):
+                raise TypeError("text is not a string")
             bridge.on_chat_message(str(message["chat"]), message.get("message_id"),
                                    message["text"])
         except (ValueError, KeyError, TypeError) as e:

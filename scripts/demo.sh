@@ -7,7 +7,8 @@
 #   4. backpressure: a queued message told its position,
 #   5. /stop ending the long task (and its processes), the queued work then running,
 #   6. steering: a message delivered into a running task instead of queued.
-# Everything runs in a temporary directory and is cleaned up on exit.
+# Everything runs in a temporary directory and is cleaned up on exit (Ctrl-C too).
+# BIN=DIR runs the binaries in DIR instead of building them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,9 +16,15 @@ bold() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 ms_now() { date +%s%3N; }
 
-bold "Building agentd, agentctl and agent-exec (cargo build --release)…"
-cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec
-BIN="$PWD/target/release"
+if [[ -n "${BIN:-}" ]]; then
+    # BIN=DIR: the binaries in DIR (as the benchmarks take them), no build.
+    BIN="$(cd "$BIN" && pwd)"
+    bold "Using agentd, agentctl and agent-exec from $BIN"
+else
+    bold "Building agentd, agentctl and agent-exec (cargo build --release)…"
+    cargo build --release --quiet --bin agentd --bin agentctl --bin agent-exec
+    BIN="$PWD/target/release"
+fi
 export PATH="$BIN:$PATH"
 
 WORK="$(mktemp -d -t agentd-demo.XXXXXX)"
@@ -33,6 +40,8 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# Ctrl-C (or SIGTERM) ends the demo at once; the EXIT trap then cleans up.
+trap 'echo; echo "(interrupted: stopping agentd and removing $WORK)"; exit 130' INT TERM
 
 bold "Starting agentd: 2 agent slots, stop graces of 2 s (log: $WORK/agentd.log)"
 # --steer: these commands may read steered messages from their stdin (step 6).
@@ -78,6 +87,12 @@ for _ in $(seq 1 200); do
     sleep 0.05
 done
 t2=$(ms_now)
+# No process is left that carries the task's id (agentd gives every process of a
+# task AGENTD_TASK_ID in its environment).
+if grep -qsxzF "AGENTD_TASK_ID=$ALICE_TASK" /proc/[0-9]*/environ; then
+    echo "(alice's task ended $((t2 - t0)) ms after the /stop, but a process of it is still running!)"
+    exit 1
+fi
 echo "(alice's task ended $((t2 - t0)) ms after the /stop; no process of it is left)"
 run agentctl tasks --all
 

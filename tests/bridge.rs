@@ -591,3 +591,47 @@ fn the_python_bridge_cleans_text_as_the_rust_bridge_does() {
         assert_eq!(*python, chat_text(input), "{input:?}");
     }
 }
+
+/// A state file that is not what the bridge wrote (not JSON, or JSON of another
+/// shape) stops the bridge with one line naming the file and what to do, never a
+/// Python traceback, and the file is left as it was.
+#[test]
+fn the_python_bridge_refuses_a_corrupt_state_file_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bridge.py");
+    let state = dir.path().join("bridge-state.json");
+    for corrupt in [
+        "garbage",
+        "[1]",
+        r#"{"chats": 3}"#,
+        r#"{"chats": null}"#,
+        r#"{"live": [1, 2]}"#,
+        r#"{"unanswered": [["tg:1"]]}"#,
+        r#"{"unanswered": 7}"#,
+    ] {
+        std::fs::write(&state, corrupt).unwrap();
+        let out = Command::new("python3")
+            .arg(script)
+            .arg("--socket")
+            .arg(dir.path().join("agentd.sock"))
+            .arg("--state")
+            .arg(&state)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run python3 examples/bridge.py");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{corrupt}: {err}");
+        assert!(!err.contains("Traceback"), "{corrupt}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{corrupt}: one line: {err}"
+        );
+        assert!(
+            err.contains(&format!("state file {} is not valid", state.display())),
+            "{corrupt}: {err}"
+        );
+        assert!(err.contains("move it aside"), "{corrupt}: {err}");
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), corrupt);
+    }
+}

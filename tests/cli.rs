@@ -21,6 +21,74 @@ fn agentctl_says_clearly_when_agentd_is_not_running() {
     assert!(err.contains("agentd is not running at"), "{err}");
     assert!(err.contains(&socket.display().to_string()), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // It says what to do: start agentd, or point agentctl at the socket it uses.
+    assert!(err.contains("start it with `agentd &`"), "{err}");
+    assert!(err.contains("--socket PATH or AGENTD_SOCKET"), "{err}");
+    // The same for a socket file nobody listens on (agentd killed by SIGKILL).
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let out = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("(connection refused)"), "{err}");
+    assert!(err.contains("start it with `agentd &`"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// A task id agentctl cannot use (too short, ambiguous) is refused with what to give
+/// instead, by every command that takes one; a short prefix of existing tasks is not
+/// reported as if no such task existed.
+#[test]
+fn a_short_or_ambiguous_task_id_says_what_to_give_instead() {
+    let d = Daemon::with_agent_exec(&[]);
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let out = d.agentctl(&["send", "--session", &format!("s{n}"), "true"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        ids.push(stdout(&out).split_whitespace().nth(1).unwrap().to_string());
+    }
+    // Two ids made within a second share their first 8 characters.
+    let common = ids[0]
+        .chars()
+        .zip(ids[1].chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(common >= 8, "{ids:?}");
+    let shared = &ids[0][..common.min(12)];
+    for cmd in ["status", "log", "stop", "resume"] {
+        let out = d.agentctl(&[cmd, shared]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "agentctl: task id prefix {shared} is ambiguous (2 tasks): give more of the id"
+            ),
+            "{cmd}"
+        );
+
+        let out = d.agentctl(&[cmd, &ids[0][..3]]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("a task id or a unique prefix of at least 4 characters"),
+            "{cmd}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+        // A blank id (an empty shell variable, quoted) says that no id was given.
+        let out = d.agentctl(&[cmd, " "]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("agentctl: no task id given: give a task id"),
+            "{cmd}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -33,6 +101,30 @@ fn agentctl_uses_agentd_socket_from_the_environment() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("is running"), "{}", stdout(&out));
+}
+
+/// With AGENTD_SOCKET set, as under a service or in a test, a usage error's usage
+/// line is the command's own: `--socket` is not shown as if it were required.
+#[test]
+fn a_usage_error_does_not_show_the_socket_from_the_environment_as_required() {
+    let out = Command::new(AGENTCTL)
+        .args(["send", "--session", "a"])
+        .env("AGENTD_SOCKET", "/tmp/agentd-test-none.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Usage: agentctl send --session <S> <TEXT>..."),
+        "{err}"
+    );
+    assert!(!err.contains("--socket"), "{err}");
+    // The help still says where the socket comes from.
+    let out = Command::new(AGENTCTL)
+        .args(["send", "--help"])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("$AGENTD_SOCKET"), "{}", stdout(&out));
 }
 
 #[test]
@@ -293,6 +385,22 @@ fn chat_answers_a_mistaken_command_and_goes_on() {
         ]),
     );
     assert_eq!(status, Some(0), "{transcript}");
+}
+
+/// A task that fails before its agent runs (here: no such agent program) is told
+/// once by `send --wait`, with how it ended, not once as the send's answer and again
+/// as its end.
+#[test]
+fn send_wait_of_a_task_that_failed_at_once_says_so_once() {
+    let d = Daemon::start(&["--agent", "/nonexistent/agent {text}"]);
+    let out = d.agentctl(&["send", "--session", "alice", "--wait", "hello"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.matches("cannot start the agent").count(), 1, "{text}");
+    assert!(
+        text.starts_with("task ") && text.contains("failed"),
+        "{text}"
+    );
 }
 
 /// `resume` says that it resumes, and whether from a checkpoint, before the new

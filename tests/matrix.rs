@@ -1246,3 +1246,72 @@ state-file = "{state}"
     let log = std::fs::read_to_string(&bridge_log).unwrap_or_default();
     assert!(log.contains("will try again"), "no send was lost:\n{log}");
 }
+
+/// A `[matrix]` table that does not load (a misspelt key, a value of the wrong type,
+/// a bad duration or URL) stops agentd-matrix with one line naming the file, the line
+/// and the key, as agentd names its own keys' errors. No homeserver needed.
+#[test]
+fn a_bad_matrix_config_is_one_line_naming_the_file_line_and_key() {
+    let good = "homeserver = \"http://127.0.0.1:9\"\nuser = \"@bot:example.org\"\n\
+                password = \"x\"\nallowed-users = [\"@alice:example.org\"]\n";
+    for (extra, want) in [
+        (
+            "progres-interval = \"1s\"\n",
+            "line 8: unknown field `progres-interval`",
+        ),
+        (
+            "progress-interval = 1\n",
+            "line 8: [matrix] progress-interval: invalid type",
+        ),
+        (
+            "refusal-interval = \"soon\"\n",
+            "line 8: [matrix] refusal-interval: invalid duration",
+        ),
+        ("rooms = \"!a:b\"\n", "line 8: [matrix] rooms: invalid type"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            format!("max-concurrent = 2\n\n[matrix]\n{good}{extra}"),
+        )
+        .unwrap();
+        let out = Command::new(AGENTD_MATRIX)
+            .arg("--config")
+            .arg(&path)
+            .env_remove("AGENTD_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{extra}: one line: {err}"
+        );
+        assert!(
+            err.contains(&format!("invalid config file {}: {want}", path.display())),
+            "{extra}: {err}"
+        );
+    }
+    // A homeserver that is no URL: its line, too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let text = good.replace("http://127.0.0.1:9", "127.0.0.1:9");
+    std::fs::write(&path, format!("[matrix]\n{text}")).unwrap();
+    let out = Command::new(AGENTD_MATRIX)
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "invalid config file {}: line 2: [matrix] homeserver: must be an http:// or https:// URL",
+            path.display()
+        )),
+        "{err}"
+    );
+}

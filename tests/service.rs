@@ -144,6 +144,52 @@ fn a_broken_default_config_file_is_an_error_naming_the_file_and_line() {
     assert!(!dir.path().join("agentd.sock").exists());
 }
 
+/// A value of the wrong type, or one that does not fit with another key of the
+/// file, is named by its key and line too, not only by what serde expected.
+#[test]
+fn a_config_value_of_the_wrong_type_names_its_key_and_line() {
+    for (text, want) in [
+        (
+            "cap = 3\nmax-concurrent = \"3\"\n",
+            "line 2: max-concurrent: invalid type",
+        ),
+        (
+            "cap = 3\nmax-concurrent = -1\n",
+            "line 2: max-concurrent: invalid value",
+        ),
+        ("no-cgroup = \"yes\"\n", "line 1: no-cgroup: invalid type"),
+        ("\ncancel-grace = 5\n", "line 2: cancel-grace: invalid type"),
+        (
+            "heartbeat = \"2s\"\nhung-after = \"1s\"\n",
+            "line 2: hung-after: the silence limit (1s) must be longer",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_default_config(dir.path(), text);
+        let out = Command::new(AGENTD)
+            .arg("--socket")
+            .arg(dir.path().join("agentd.sock"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            err.trim_end().lines().next().unwrap_or(""),
+            "one line: {err}"
+        );
+        assert!(
+            err.contains(&format!("invalid config file {}: {want}", path.display())),
+            "{text}: {err}"
+        );
+    }
+}
+
 #[test]
 fn readiness_is_sent_once_the_socket_answers_and_stopping_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,7 +22,8 @@ mod conformance;
 mod contain;
 /// Control plane: answers at once, queue positions, bad input.
 mod control;
-/// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent.
+/// Defaults a new user meets: chat /stop, agentctl stop, collect with the shell agent,
+/// and scripts/demo.sh.
 mod defaults;
 /// Durability: restarts after kill -9, acknowledged means stored, one agentd per
 /// state dir, corrupt stores.

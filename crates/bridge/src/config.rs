@@ -80,10 +80,38 @@ impl MatrixConfig {
         MatrixConfig::parse(&text, path)
     }
 
-    /// Parses the file's text; `path` is for messages and relative paths.
+    /// Parses the file's text; `path` is for messages and relative paths. An error
+    /// is one line naming the file, and the line and key where it can tell.
     pub fn parse(text: &str, path: &Path) -> anyhow::Result<MatrixConfig> {
-        let file: FileConfig = toml::from_str(text)
-            .with_context(|| format!("invalid config file {}", path.display()))?;
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            // toml's own message spans several lines (it quotes the source); a log
+            // line and an error line want one.
+            let message = e.message().trim_end();
+            let (line, key) = match e.span() {
+                Some(span) => (
+                    format!("line {}: ", line_of(text, span.start)),
+                    key_of_value_at(text, span.start)
+                        .filter(|key| !message.contains(&format!("`{key}`")))
+                        .map(|key| format!("[matrix] {key}: "))
+                        .unwrap_or_default(),
+                ),
+                None => (String::new(), String::new()),
+            };
+            anyhow::anyhow!(
+                "invalid config file {}: {line}{key}{message}",
+                path.display()
+            )
+        })?;
+        // Where a `[matrix]` key is set, for the errors of values TOML cannot check.
+        let at = |key: &str| {
+            let line = matrix_key_line(text, key)
+                .map(|n| format!("line {n}: "))
+                .unwrap_or_default();
+            format!(
+                "invalid config file {}: {line}[matrix] {key}",
+                path.display()
+            )
+        };
         let Some(table) = file.matrix else {
             bail!(
                 "config file {} has no [matrix] table (homeserver, user, access-token or password, allowed-users)",
@@ -99,11 +127,17 @@ impl MatrixConfig {
             .trim_end_matches('/')
             .to_string();
         if !homeserver.starts_with("http://") && !homeserver.starts_with("https://") {
-            bail!("[matrix] homeserver must be an http:// or https:// URL, not {homeserver:?}");
+            bail!(
+                "{}: must be an http:// or https:// URL, not {homeserver:?}",
+                at("homeserver")
+            );
         }
         let user = need(table.user, "user")?;
         if !is_user_id(&user) {
-            bail!("[matrix] user must be a full user id such as @agentd:example.org, not {user:?}");
+            bail!(
+                "{}: must be a full user id such as @agentd:example.org, not {user:?}",
+                at("user")
+            );
         }
         let credentials = match (table.access_token, table.password) {
             (Some(token), None) => Credentials::AccessToken(token),
@@ -113,7 +147,10 @@ impl MatrixConfig {
         };
         for id in &table.allowed_users {
             if !is_user_id(id) {
-                bail!("[matrix] allowed-users: {id:?} is not a user id such as @alice:example.org");
+                bail!(
+                    "{}: {id:?} is not a user id such as @alice:example.org",
+                    at("allowed-users")
+                );
             }
         }
         if table.allowed_users.is_empty() {
@@ -121,7 +158,10 @@ impl MatrixConfig {
         }
         let duration = |value: Option<String>, key: &str, default: Duration| match value {
             Some(text) => humantime::parse_duration(text.trim()).with_context(|| {
-                format!("[matrix] {key}: invalid duration {text:?} (examples: 500ms, 2s, 1h)")
+                format!(
+                    "{}: invalid duration {text:?} (examples: 500ms, 2s, 1h)",
+                    at(key)
+                )
             }),
             None => Ok(default),
         };
@@ -154,6 +194,44 @@ impl MatrixConfig {
             socket: file.socket,
         })
     }
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The key of a `key = value` line when byte `offset` in `text` is in its value.
+fn key_of_value_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = text[start..offset].split_once('=')?;
+    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty() && !key.contains(['[', ']', '#'])).then(|| key.to_string())
+}
+
+/// The 1-based line where `key` is set in the `[matrix]` table, if it can be found.
+fn matrix_key_line(text: &str, key: &str) -> Option<usize> {
+    let mut in_matrix = false;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.starts_with('[') {
+            in_matrix = line.trim_end().trim_end_matches(|c| c != ']') == "[matrix]";
+            continue;
+        }
+        let rest = line
+            .strip_prefix(key)
+            .or_else(|| line.strip_prefix(&format!("\"{key}\"")));
+        if in_matrix && rest.is_some_and(|rest| rest.trim_start().starts_with('=')) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// `@local:server`.

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 
 use agentd_proto::control::{DropPolicy, Named, Priority, QueueMode, RequestBody};
-use agentd_proto::paths::{default_socket_path, ENV_SOCKET};
+use agentd_proto::paths::default_socket_path;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
@@ -29,14 +29,15 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
                   Ctrl-C (the task goes on; `agentctl stop ID` stops it)."
 )]
 pub struct Cli {
-    /// The control socket [default: $XDG_RUNTIME_DIR/agentd/agentd.sock,
-    /// else /tmp/agentd-$UID/agentd.sock]
+    /// The control socket [default: $AGENTD_SOCKET, else
+    /// $XDG_RUNTIME_DIR/agentd/agentd.sock, else /tmp/agentd-$UID/agentd.sock]
     // Empty values are accepted here and mean "unset" (see `socket_path`), so that
-    // `AGENTD_SOCKET=` behaves as in agentd.
+    // `AGENTD_SOCKET=` behaves as in agentd. `$AGENTD_SOCKET` is read by
+    // `socket_path`, not by clap: clap would count a flag given by the environment as
+    // given, and show it in every usage error's usage line as if it were required.
     #[arg(
         long,
         global = true,
-        env = ENV_SOCKET,
         value_name = "PATH",
         value_parser = OsStringValueParser::new().map(PathBuf::from)
     )]

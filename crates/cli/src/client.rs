@@ -75,7 +75,12 @@ pub fn default_client_name() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens at the socket path: no socket file, or a stale one.
-    #[error("agentd is not running at {} ({reason})", path.display())]
+    #[error(
+        "agentd is not running at {} ({reason}): start it with `agentd &` or \
+         `systemctl --user start agentd`, or give agentctl its socket with \
+         --socket PATH or AGENTD_SOCKET",
+        path.display()
+    )]
     NotRunning {
         path: PathBuf,
         /// `no socket` or `connection refused`.
@@ -788,10 +793,17 @@ mod tests {
         assert!(matches!(err, ClientError::NotRunning { .. }), "{err:?}");
         assert_eq!(
             err.to_string(),
-            format!("agentd is not running at {} (no socket)", path.display())
+            format!(
+                "agentd is not running at {} (no socket){HINT}",
+                path.display()
+            )
         );
         assert_eq!(err.exit_code(), EXIT_UNREACHABLE);
     }
+
+    /// What a not-running error says to do.
+    const HINT: &str = ": start it with `agentd &` or `systemctl --user start agentd`, \
+                        or give agentctl its socket with --socket PATH or AGENTD_SOCKET";
 
     #[test]
     fn stale_socket_means_not_running() {
@@ -802,7 +814,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "agentd is not running at {} (connection refused)",
+                "agentd is not running at {} (connection refused){HINT}",
                 path.display()
             )
         );

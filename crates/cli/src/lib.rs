@@ -646,7 +646,11 @@ impl Ctx<'_> {
                 return Ok(EXIT_OK);
             }
         };
-        if !self.json {
+        // A new task that has already ended (its agent could not start) is told once,
+        // by the end line below; a duplicate's line says it was not run again.
+        let ended_at_once =
+            task.state.is_terminal() && task.state != TaskState::Merged && !reply.duplicate;
+        if !self.json && !ended_at_once {
             print_flushed(out, &render::render_send(&reply))?;
         }
         let mut progress = Vec::new();
@@ -967,7 +971,9 @@ mod tests {
         assert_eq!(
             err,
             format!(
-                "agentctl: agentd is not running at {} (no socket)\n",
+                "agentctl: agentd is not running at {} (no socket): start it with \
+                 `agentd &` or `systemctl --user start agentd`, or give agentctl its \
+                 socket with --socket PATH or AGENTD_SOCKET\n",
                 socket.display()
             )
         );

@@ -16,7 +16,8 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Directory for agentd's durable state: the store agentd.db (tasks, queue,
-    /// settings), the lock agentd.lock and logs/TASK.log [default: $XDG_STATE_HOME/agentd,
+    /// settings), the lock agentd.lock, logs/TASK.log, and only after the disk failed to
+    /// sync agentd.refused (the tasks refused then) [default: $XDG_STATE_HOME/agentd,
     /// else ~/.local/state/agentd]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,

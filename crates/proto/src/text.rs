@@ -234,11 +234,20 @@ pub fn no_task(id: impl Display) -> String {
 
 /// A task id that is neither a full id nor a usable prefix.
 pub fn not_a_task_id(text: impl Display) -> String {
-    format!("no task {text} (task ids look like 0192f3c4-…)")
+    let text = text.to_string();
+    let what = if text.is_empty() {
+        "no task id given".to_string()
+    } else {
+        format!("no task {text}")
+    };
+    format!(
+        "{what}: give a task id or a unique prefix of at least 4 characters \
+         (task ids look like 0192f3c4-…)"
+    )
 }
 
 pub fn ambiguous_prefix(text: impl Display, matches: usize) -> String {
-    format!("task id prefix {text} is ambiguous ({matches} tasks)")
+    format!("task id prefix {text} is ambiguous ({matches} tasks): give more of the id")
 }
 
 pub fn task_not_in_this_chat(id: impl Display) -> String {
