@@ -328,9 +328,10 @@ fn spawn_descendants(b: &Behaviour) -> Vec<i32> {
                 .create(true)
                 .append(true)
                 .open(path)?;
-            for pid in &pids {
-                writeln!(file, "{pid}")?;
-            }
+            // One write: processes that append to the same file at once do not
+            // interleave their lines (O_APPEND keeps each write whole).
+            let lines: String = pids.iter().map(|pid| format!("{pid}\n")).collect();
+            file.write_all(lines.as_bytes())?;
             file.sync_all()
         };
         if let Err(e) = write() {
@@ -473,7 +474,9 @@ fn hold_memory() -> ! {
         .append(true)
         .open(pidfile)
         .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
-    writeln!(file, "{}", std::process::id())
+    // One write (`writeln!` makes two: the number, then the newline), so that two
+    // processes appending at once cannot interleave into "12341235\n\n".
+    file.write_all(format!("{}\n", std::process::id()).as_bytes())
         .and_then(|()| file.sync_all())
         .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
     drop(file);
@@ -535,7 +538,9 @@ fn leader_exit() -> ! {
         .append(true)
         .open(pidfile)
         .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
-    writeln!(file, "{}", std::process::id())
+    // One write (`writeln!` makes two: the number, then the newline), so that two
+    // processes appending at once cannot interleave into "12341235\n\n".
+    file.write_all(format!("{}\n", std::process::id()).as_bytes())
         .and_then(|()| file.sync_all())
         .unwrap_or_else(|e| die(1, format_args!("{pidfile}: {e}")));
     drop(file);

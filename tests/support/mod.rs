@@ -577,7 +577,7 @@ pub fn running(processes: &[Identity]) -> Vec<Identity> {
         .collect()
 }
 
-/// Resident memory of `pid` in KiB/// Resident memory of `pid` in KiB (`VmRSS`), 0 once it is gone.
+/// Resident memory of `pid` in KiB (`VmRSS`), 0 once it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
