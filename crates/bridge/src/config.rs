@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agentd_proto::config_text;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
@@ -87,16 +88,11 @@ impl MatrixConfig {
             // toml's own message spans several lines (it quotes the source); a log
             // line and an error line want one.
             let message = e.message().trim_end();
-            let (line, key) = match e.span() {
-                Some(span) => (
-                    format!("line {}: ", line_of(text, span.start)),
-                    key_of_value_at(text, span.start)
-                        .filter(|key| !message.contains(&format!("`{key}`")))
-                        .map(|key| format!("[matrix] {key}: "))
-                        .unwrap_or_default(),
-                ),
-                None => (String::new(), String::new()),
-            };
+            let (line, key) = config_text::error_place(text, message, e.span().map(|s| s.start));
+            let line = line.map(|n| format!("line {n}: ")).unwrap_or_default();
+            let key = key
+                .map(|key| format!("[matrix] {key}: "))
+                .unwrap_or_default();
             anyhow::anyhow!(
                 "invalid config file {}: {line}{key}{message}",
                 path.display()
@@ -104,7 +100,7 @@ impl MatrixConfig {
         })?;
         // Where a `[matrix]` key is set, for the errors of values TOML cannot check.
         let at = |key: &str| {
-            let line = matrix_key_line(text, key)
+            let line = config_text::key_line(text, Some("matrix"), key)
                 .map(|n| format!("line {n}: "))
                 .unwrap_or_default();
             format!(
@@ -194,44 +190,6 @@ impl MatrixConfig {
             socket: file.socket,
         })
     }
-}
-
-/// The 1-based line of byte `offset` in `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    let offset = offset.min(text.len());
-    text.as_bytes()[..offset]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// The key of a `key = value` line when byte `offset` in `text` is in its value.
-fn key_of_value_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let (key, _) = text[start..offset].split_once('=')?;
-    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
-    (!key.is_empty() && !key.contains(['[', ']', '#'])).then(|| key.to_string())
-}
-
-/// The 1-based line where `key` is set in the `[matrix]` table, if it can be found.
-fn matrix_key_line(text: &str, key: &str) -> Option<usize> {
-    let mut in_matrix = false;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim_start();
-        if line.starts_with('[') {
-            in_matrix = line.trim_end().trim_end_matches(|c| c != ']') == "[matrix]";
-            continue;
-        }
-        let rest = line
-            .strip_prefix(key)
-            .or_else(|| line.strip_prefix(&format!("\"{key}\"")));
-        if in_matrix && rest.is_some_and(|rest| rest.trim_start().starts_with('=')) {
-            return Some(i + 1);
-        }
-    }
-    None
 }
 
 /// `@local:server`.

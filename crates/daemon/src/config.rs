@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agentd_proto::config_text;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
@@ -138,24 +139,16 @@ impl FileConfig {
             // toml's own message spans several lines (it quotes the source); a log
             // line and an error line want one.
             let message = e.message().trim_end();
-            let line = e
-                .span()
-                .map(|span| format!("line {}: ", line_of(text, span.start)))
-                .unwrap_or_default();
-            // A value of the wrong type: serde names the type it expected, not the
-            // key; the key is the one this value is set to on its line.
-            let key = e
-                .span()
-                .and_then(|span| key_of_value_at(text, span.start))
-                .filter(|key| !message.contains(&format!("`{key}`")))
-                .map(|key| format!("{key}: "))
-                .unwrap_or_default();
+            let (line, key) = config_text::error_place(text, message, e.span().map(|s| s.start));
+            let line = line.map(|n| format!("line {n}: ")).unwrap_or_default();
+            let key = key.map(|key| format!("{key}: ")).unwrap_or_default();
             anyhow::anyhow!("{line}{key}{message}")
         })?;
-        file.check().map_err(|(key, e)| match key_line(text, key) {
-            Some(n) => anyhow::anyhow!("line {n}: {key}: {e:#}"),
-            None => anyhow::anyhow!("{key}: {e:#}"),
-        })?;
+        file.check()
+            .map_err(|(key, e)| match config_text::key_line(text, None, key) {
+                Some(n) => anyhow::anyhow!("line {n}: {key}: {e:#}"),
+                None => anyhow::anyhow!("{key}: {e:#}"),
+            })?;
         Ok(file)
     }
 
@@ -227,50 +220,18 @@ impl FileConfig {
     }
 }
 
-/// The 1-based line of byte `offset` in `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    let offset = offset.min(text.len());
-    text.as_bytes()[..offset]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// The key of a `key = value` line when byte `offset` in `text` is in its value.
-fn key_of_value_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let (key, _) = text[start..offset].split_once('=')?;
-    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
-    (!key.is_empty() && !key.contains(['[', ']', '#'])).then(|| key.to_string())
-}
-
 /// An error about `key` of the config file at `path` (a value that does not fit with
 /// the others), named as [`FileConfig::load`] names its errors: the file, the line, the key.
 pub fn key_error(path: &Path, key: &str, error: impl std::fmt::Display) -> anyhow::Error {
     let line = std::fs::read_to_string(path)
         .ok()
-        .and_then(|text| key_line(&text, key))
+        .and_then(|text| config_text::key_line(&text, None, key))
         .map(|n| format!("line {n}: "))
         .unwrap_or_default();
     anyhow::anyhow!(
         "invalid config file {}: {line}{key}: {error}",
         path.display()
     )
-}
-
-/// The 1-based line where top-level `key` is set, if it can be found.
-fn key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| {
-            let line = line.trim_start();
-            let line = line
-                .strip_prefix(key)
-                .or_else(|| line.strip_prefix(&format!("\"{key}\"")));
-            line.is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
 }
 
 /// The default config file: `$XDG_CONFIG_HOME/agentd/config.toml`, else

@@ -15,6 +15,7 @@
 //! [`agentd_core::Named`]). See `docs/protocol.md`.
 
 pub mod codec;
+pub mod config_text;
 pub mod control;
 pub mod ipc;
 pub mod names;
