@@ -400,6 +400,38 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
+    /// agentd's end of a link's connection, faked: reads the link's requests and
+    /// writes answers, one JSON line each.
+    struct FakeAgentd {
+        stream: std::os::unix::net::UnixStream,
+        reader: BufReader<std::os::unix::net::UnixStream>,
+    }
+
+    impl FakeAgentd {
+        /// Accepts the link's connection and answers its `hello`.
+        fn accept(listener: &UnixListener) -> FakeAgentd {
+            let (stream, _) = listener.accept().unwrap();
+            let reader = BufReader::new(stream.try_clone().unwrap());
+            let mut agentd = FakeAgentd { stream, reader };
+            assert_eq!(agentd.next()["cmd"], "hello");
+            agentd
+                .write(json!({"id": 0, "ok": true, "result": {"protocol": 1, "server": "agentd"}}));
+            agentd
+        }
+
+        fn next(&mut self) -> Value {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+        }
+
+        fn write(&self, line: Value) {
+            (&self.stream)
+                .write_all(format!("{line}\n").as_bytes())
+                .unwrap();
+        }
+    }
+
     /// An agentd that answers `hello` and hangs up at once, every time (a server
     /// that is failing): the bridge does not reconnect in a tight loop, the delay
     /// between attempts grows as when it cannot connect at all.
@@ -446,16 +478,7 @@ mod tests {
         let (tx, notes) = std::sync::mpsc::channel();
         let link = Link::new(socket, "test".into(), tx);
         link.spawn();
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut next = || -> Value {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-        };
-        let write = |line: Value| (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
-        assert_eq!(next()["cmd"], "hello");
-        write(json!({"id": 0, "ok": true, "result": {"protocol": 1, "server": "agentd"}}));
+        let mut agentd = FakeAgentd::accept(&listener);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !matches!(
             notes.recv_timeout(Duration::from_secs(30)),
@@ -465,12 +488,14 @@ mod tests {
         }
         assert!(link.send("s", "$m", "work"));
         let send = loop {
-            let line = next();
+            let line = agentd.next();
             if line["cmd"] == "send" {
                 break line;
             }
         };
-        write(json!({"id": send["id"], "ok": true, "result": {"reply": 42, "accepted": "yes"}}));
+        agentd.write(
+            json!({"id": send["id"], "ok": true, "result": {"reply": 42, "accepted": "yes"}}),
+        );
         let answer = loop {
             match notes.recv_timeout(Duration::from_secs(30)) {
                 Ok(Note::Answer { answer, .. }) => break answer,
@@ -493,20 +518,11 @@ mod tests {
         let link = Link::new(socket, "test".into(), tx);
         link.watch("s");
         link.spawn();
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut next = || -> Value {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-        };
-        let write = |line: Value| (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
-        assert_eq!(next()["cmd"], "hello");
-        write(json!({"id": 0, "ok": true, "result": {"protocol": 1, "server": "agentd"}}));
-        let mut refuse = |code: &str| {
-            let watch = next();
+        let mut agentd = FakeAgentd::accept(&listener);
+        let refuse = |agentd: &mut FakeAgentd, code: &str| {
+            let watch = agentd.next();
             assert_eq!(watch["cmd"], "watch", "{watch}");
-            write(json!({"id": watch["id"], "ok": false,
+            agentd.write(json!({"id": watch["id"], "ok": false,
                          "error": {"code": code, "message": "no"}}));
         };
         let wait_note = |what: &str| loop {
@@ -517,12 +533,12 @@ mod tests {
                 return note;
             }
         };
-        refuse("lagged");
+        refuse(&mut agentd, "lagged");
         assert!(matches!(wait_note("lagged"), Note::Rewatched { session } if session == "s"));
-        refuse("bad_request");
+        refuse(&mut agentd, "bad_request");
         let note = wait_note("refused");
         link.status("t");
-        let after = next();
+        let after = agentd.next();
         assert_eq!(
             after["cmd"], "status",
             "watched again after a refusal: {after}"
