@@ -35,6 +35,28 @@ fn error_of(view: &serde_json::Value) -> String {
 
 // ----- which guarantee holds -----
 
+/// agentd's arguments for a quick stop sequence (cancel grace 200 ms, term grace
+/// 300 ms), on the process-tree path when `no_cgroup`.
+fn quick_stop_args(no_cgroup: bool) -> Vec<&'static str> {
+    let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
+    if no_cgroup {
+        args.push("--no-cgroup");
+    }
+    args
+}
+
+/// Waits until `pid`'s main thread has exited while its other threads run on: its
+/// `/proc/PID/stat` then says `Z`.
+fn wait_main_thread_exited(pid: u32) {
+    wait_for("its main thread to exit", DEADLINE, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 1..]
+            .trim_start()
+            .starts_with('Z')
+            .then_some(())
+    });
+}
+
 /// None of `processes` runs any more (by pid and start time: a pid another test's
 /// process took since is no survivor); the failure names them and shows agentd's log.
 fn assert_none_left(d: &Daemon, processes: &[Identity], cgroup: bool) {
@@ -98,10 +120,7 @@ fn status_says_which_containment_holds_and_no_cgroup_forces_the_fallback() {
 #[test]
 fn a_stop_ends_detached_descendants_on_both_paths() {
     for no_cgroup in [false, true] {
-        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
-        if no_cgroup {
-            args.push("--no-cgroup");
-        }
+        let args = quick_stop_args(no_cgroup);
         let d = Daemon::with_agent_exec(&args);
         let cgroup = d.uses_cgroups();
         if !no_cgroup && !cgroup {
@@ -143,10 +162,7 @@ fn a_stop_ends_detached_descendants_on_both_paths() {
 #[test]
 fn a_stop_waits_for_a_detached_process_that_is_slow_to_die() {
     for no_cgroup in [false, true] {
-        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
-        if no_cgroup {
-            args.push("--no-cgroup");
-        }
+        let args = quick_stop_args(no_cgroup);
         let d = Daemon::with_agent_exec(&args);
         let cgroup = d.uses_cgroups();
         let pids = d.dir.path().join("pids");
@@ -226,10 +242,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn a_cancelled_task_holds_no_lock_and_no_port_and_runs_nothing() {
     for no_cgroup in [false, true] {
-        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
-        if no_cgroup {
-            args.push("--no-cgroup");
-        }
+        let args = quick_stop_args(no_cgroup);
         let d = Daemon::with_agent_exec(&args);
         let cgroup = d.uses_cgroups();
         if !no_cgroup && !cgroup {
@@ -280,10 +293,7 @@ fn a_cancelled_task_holds_no_lock_and_no_port_and_runs_nothing() {
 #[test]
 fn a_stop_ends_a_tool_whose_main_thread_exited() {
     for no_cgroup in [false, true] {
-        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
-        if no_cgroup {
-            args.push("--no-cgroup");
-        }
+        let args = quick_stop_args(no_cgroup);
         let d = Daemon::with_agent_exec(&args);
         let cgroup = d.uses_cgroups();
         let pids = d.dir.path().join("pids");
@@ -297,13 +307,7 @@ fn a_stop_ends_a_tool_whose_main_thread_exited() {
         d.wait_progress(&task, "up");
         let held = KillOnDrop(wait_identities(&pids, 1, DEADLINE));
         let pid = held.0[0].pid;
-        wait_for("its main thread to exit", DEADLINE, || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            stat[stat.rfind(')')? + 1..]
-                .trim_start()
-                .starts_with('Z')
-                .then_some(())
-        });
+        wait_main_thread_exited(pid);
         assert!(!lock_is_free(&lock), "the lock is held");
         d.request(json!({"cmd": "stop", "task_id": task}));
         d.wait_state(&task, "cancelled");
@@ -322,23 +326,14 @@ fn a_stop_ends_a_tool_whose_main_thread_exited() {
 #[test]
 fn a_stop_ends_an_agent_whose_main_thread_exited() {
     for no_cgroup in [false, true] {
-        let mut args = vec!["--cancel-grace", "200ms", "--term-grace", "300ms"];
-        if no_cgroup {
-            args.push("--no-cgroup");
-        }
+        let args = quick_stop_args(no_cgroup);
         let d = Daemon::with_test_agent(&args);
         let cgroup = d.uses_cgroups();
         let task = d.submit("alice", "leader-exit ignore-cancel ignore-term sleep:60000");
         let view = d.wait_progress(&task, "tick");
         let pid = view["pid"].as_u64().unwrap() as u32;
         let agent = KillOnDrop(vec![Identity::of(pid).unwrap()]);
-        wait_for("its main thread to exit", DEADLINE, || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            stat[stat.rfind(')')? + 1..]
-                .trim_start()
-                .starts_with('Z')
-                .then_some(())
-        });
+        wait_main_thread_exited(pid);
         d.request(json!({"cmd": "stop", "task_id": task, "wait": false}));
         let view = d.wait_state(&task, "cancelled");
         assert_eq!(view["exit"]["ended_by"], "sigkill", "{view}");
@@ -472,13 +467,7 @@ fn a_tool_whose_main_thread_exited_is_killed_by_the_guardian_and_by_recovery() {
         d.wait_progress(&task, "up");
         let held = KillOnDrop(wait_identities(&pids, 1, DEADLINE));
         let pid = held.0[0].pid;
-        wait_for("its main thread to exit", DEADLINE, || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            stat[stat.rfind(')')? + 1..]
-                .trim_start()
-                .starts_with('Z')
-                .then_some(())
-        });
+        wait_main_thread_exited(pid);
         if guardian_too {
             let guardian = d.guardian().expect("a guardian with cgroups");
             kill(guardian, libc::SIGKILL);
