@@ -468,6 +468,50 @@ fn start_bridge(config: &Path, log: &Path) -> Owned {
     }
 }
 
+/// The bot's posts (not edits) in `events` that name `task_id`.
+fn posts_about(events: &[Value], bot: &str, task_id: &str) -> Vec<Value> {
+    bot_posts(events, bot)
+        .into_iter()
+        .filter(|e| body(e).contains(task_id))
+        .collect()
+}
+
+/// `user` says `text` in `room`; waits until agentd runs it as a task and the bot's
+/// post about that task has been edited to show `output`. The task's id and the
+/// post's event id.
+fn say_and_see_it_run(
+    d: &Daemon,
+    user: &User,
+    room: &str,
+    bot: &str,
+    text: &str,
+    output: &str,
+) -> (String, String) {
+    user.say(room, text);
+    let task = wait_for("agentd runs the task", DEADLINE, || {
+        tasks_with_text(d, text)
+            .into_iter()
+            .find(|t| t["state"] == "running")
+    });
+    let task_id = task["task_id"].as_str().unwrap().to_string();
+    let post = wait_for("the bridge answers the task", DEADLINE, || {
+        posts_about(&user.events(room), bot, &task_id)
+            .into_iter()
+            .next()
+    });
+    let post_id = post["event_id"].as_str().unwrap().to_string();
+    wait_for(
+        "the bridge's post shows the task's output",
+        DEADLINE,
+        || {
+            edits_of(&user.events(room), &post_id)
+                .into_iter()
+                .find(|e| e.contains(output))
+        },
+    );
+    (task_id, post_id)
+}
+
 /// Tasks agentd knows (active, queued and finished) whose text is `text`.
 fn tasks_with_text(d: &Daemon, text: &str) -> Vec<Value> {
     let all = d.request(json!({"cmd": "tasks", "all": true}));
@@ -946,28 +990,8 @@ progress-interval = "100ms"
     });
 
     let work = "echo working; exec sleep 60";
-    alice.say(&room, work);
-    let task = wait_for("agentd runs the task", DEADLINE, || {
-        tasks_with_text(&d, work)
-            .into_iter()
-            .find(|t| t["state"] == "running")
-    });
-    let task_id = task["task_id"].as_str().unwrap().to_string();
-    let about_task = |events: &[Value]| -> Vec<Value> {
-        bot_posts(events, &bot.id)
-            .into_iter()
-            .filter(|e| body(e).contains(&task_id))
-            .collect()
-    };
-    let progress = wait_for("the bridge answers the task", DEADLINE, || {
-        about_task(&alice.events(&room)).into_iter().next()
-    });
-    let progress_id = progress["event_id"].as_str().unwrap().to_string();
-    wait_for("the progress message shows the output", DEADLINE, || {
-        edits_of(&alice.events(&room), &progress_id)
-            .into_iter()
-            .find(|e| e.contains("working"))
-    });
+    let (task_id, progress_id) = say_and_see_it_run(&d, &alice, &room, &bot.id, work, "working");
+    let about_task = |events: &[Value]| posts_about(events, &bot.id, &task_id);
 
     let log = || std::fs::read_to_string(&bridge_log).unwrap_or_default();
     let before = log().len();
@@ -1035,28 +1059,8 @@ progress-interval = "100ms"
         "echo holding; while [ ! -e {} ]; do sleep 0.05; done; echo released",
         gate.display()
     );
-    alice.say(&room, &held);
-    let held_task = wait_for("agentd runs the held task", DEADLINE, || {
-        tasks_with_text(&d, &held)
-            .into_iter()
-            .find(|t| t["state"] == "running")
-    });
-    let held_id = held_task["task_id"].as_str().unwrap().to_string();
-    let about_held = |events: &[Value]| -> Vec<Value> {
-        bot_posts(events, &bot.id)
-            .into_iter()
-            .filter(|e| body(e).contains(&held_id))
-            .collect()
-    };
-    let held_message = wait_for("the bridge answers the held task", DEADLINE, || {
-        about_held(&alice.events(&room)).into_iter().next()
-    });
-    let held_message = held_message["event_id"].as_str().unwrap().to_string();
-    wait_for("the held task's progress is shown", DEADLINE, || {
-        edits_of(&alice.events(&room), &held_message)
-            .into_iter()
-            .find(|e| e.contains("holding"))
-    });
+    let (held_id, held_message) = say_and_see_it_run(&d, &alice, &room, &bot.id, &held, "holding");
+    let about_held = |events: &[Value]| posts_about(events, &bot.id, &held_id);
     bridge.stop();
     std::fs::write(&gate, "").unwrap();
     d.wait_state(&held_id, "succeeded");
