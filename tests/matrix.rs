@@ -446,9 +446,15 @@ fn body(event: &Value) -> &str {
 
 /// agentd-matrix, started with the shared config file.
 fn start_bridge(config: &Path, log: &Path) -> Owned {
+    start_bridge_with(config, log, &[])
+}
+
+/// Like [`start_bridge`], with these environment variables set (test hooks).
+fn start_bridge_with(config: &Path, log: &Path, env: &[(&str, &str)]) -> Owned {
     let child = Command::new(AGENTD_MATRIX)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().copied())
         .env("AGENTD_LOG", "agentd_bridge=debug,info")
         .env_remove("AGENTD_SOCKET")
         .stdin(Stdio::null())
@@ -1249,6 +1255,114 @@ state-file = "{state}"
     );
     let log = std::fs::read_to_string(&bridge_log).unwrap_or_default();
     assert!(log.contains("will try again"), "no send was lost:\n{log}");
+}
+
+/// The bridge posts a task's end and is killed (SIGKILL) before its state file
+/// records that (the test hook `AGENTD_BRIDGE_TEST_HOLD_AFTER_POST` holds it in that
+/// window). The restarted bridge still follows the task, asks how it stands and
+/// posts its end again, and its final edit, with the transaction ids of the first
+/// attempts (made of the task's id and the part), so Synapse makes no second event:
+/// the room shows the end once. So does an answer posted just before a kill.
+#[test]
+fn a_task_end_posted_just_before_the_bridge_was_killed_shows_once() {
+    let Some(venv) = synapse_venv() else { return };
+    let synapse = Synapse::start(&venv);
+    let bot = synapse.register("agentd", "bot-password");
+    let alice = synapse.register("alice", "alice-password");
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.toml");
+    let state = home.path().join("matrix-state.json");
+    let bridge_log = home.path().join("agentd-matrix.log");
+    let _show_log = ShowLogOnFailure(bridge_log.clone());
+    let d = Daemon::with_agent_exec(&[]);
+    std::fs::write(
+        &config,
+        format!(
+            r#"socket = "{socket}"
+
+[matrix]
+homeserver = "{base}"
+user = "{bot}"
+password = "bot-password"
+allowed-users = ["{alice}"]
+state-file = "{state}"
+progress-interval = "100ms"
+"#,
+            socket = d.socket.display(),
+            base = synapse.base,
+            bot = bot.id,
+            alice = alice.id,
+            state = state.display(),
+        ),
+    )
+    .unwrap();
+    let room = alice.create_room("killed", &[&bot.id]);
+    let log = || std::fs::read_to_string(&bridge_log).unwrap_or_default();
+    let held = |log: &str| log.matches("(a test hook)").count();
+    for (hold, text, killed_in) in [
+        ("succeeded", "echo the end shows once", "the end"),
+        ("started", "echo the answer shows once", "the answer"),
+    ] {
+        let holds = held(&log());
+        let mut bridge = start_bridge_with(
+            &config,
+            &bridge_log,
+            &[("AGENTD_BRIDGE_TEST_HOLD_AFTER_POST", hold)],
+        );
+        wait_for("the bridge is in the room", DEADLINE, || {
+            alice.members(&room).contains(&bot.id).then_some(())
+        });
+        alice.say(&room, text);
+        let task = wait_for("agentd runs the task", DEADLINE, || {
+            tasks_with_text(&d, text).into_iter().next()
+        });
+        let task_id = task["task_id"].as_str().unwrap().to_string();
+        d.wait_state(&task_id, "succeeded");
+        wait_for("the bridge holds after the post", DEADLINE, || {
+            (held(&log()) > holds).then_some(())
+        });
+        let about_task = || -> Vec<String> {
+            posts_about(&alice.events(&room), &bot.id, &task_id)
+                .iter()
+                .map(|e| body(e).to_string())
+                .collect()
+        };
+        let posted = about_task();
+        assert!(
+            posted.iter().any(|b| b.contains(hold)),
+            "{killed_in} was posted before the kill: {posted:?}"
+        );
+        let kept = std::fs::read_to_string(&state).unwrap();
+        assert!(
+            kept.contains(&task_id) || kept.contains("unanswered\":[{"),
+            "the state file does not know yet that {killed_in} was posted: {kept}"
+        );
+        kill(bridge.child.id(), libc::SIGKILL);
+        let _ = bridge.child.wait();
+        let restarted = start_bridge(&config, &bridge_log);
+        wait_for(
+            "the restarted bridge reported the task and recorded it",
+            DEADLINE,
+            || {
+                let kept = std::fs::read_to_string(&state).unwrap_or_default();
+                (!kept.contains(&task_id) && kept.contains("\"unanswered\":[]")).then_some(())
+            },
+        );
+        let next = format!("echo after {killed_in}");
+        alice.say(&room, &next);
+        wait_for("the next message's result", DEADLINE, || {
+            bot_posts(&alice.events(&room), &bot.id)
+                .into_iter()
+                .find(|e| body(e).contains(&next[5..]) && body(e).contains("succeeded"))
+        });
+        let posts = about_task();
+        assert_eq!(
+            posts.len(),
+            2,
+            "the answer and the end once each, after a kill just after {killed_in}: {posts:?}"
+        );
+        drop(restarted);
+    }
 }
 
 /// A `[matrix]` table that does not load (a misspelt key, a value of the wrong type,

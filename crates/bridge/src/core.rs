@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agentd_proto::control::{EventKind, EventView, SendReply, TaskState, TaskView};
 use agentd_proto::text;
@@ -42,6 +42,28 @@ const REDO_KEPT: usize = 1_000;
 const UNANSWERED_KEPT: usize = 1_000;
 /// The most refused senders remembered ([`State::tell_refused`]).
 const REFUSED_KEPT: usize = 10_000;
+/// For the tests only (tests/matrix.rs), never for use: when set, the chat writer
+/// stops for good right after the chat took a post whose text contains its value,
+/// before the state file records that post, so a test can kill the bridge with
+/// SIGKILL in that window (see [`hold_after_post`]).
+pub const TEST_HOLD_AFTER_POST: &str = "AGENTD_BRIDGE_TEST_HOLD_AFTER_POST";
+
+/// The test hook [`TEST_HOLD_AFTER_POST`]: blocks the calling thread for good after
+/// a post of `text` when the hook is set and matches. Without it, nothing.
+fn hold_after_post(text: &str) {
+    static HOLD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let hold = HOLD.get_or_init(|| {
+        std::env::var(TEST_HOLD_AFTER_POST)
+            .ok()
+            .filter(|h| !h.is_empty())
+    });
+    if hold.as_deref().is_some_and(|h| text.contains(h)) {
+        tracing::warn!("{TEST_HOLD_AFTER_POST} (a test hook): the chat writer stops after this post until the bridge is killed");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
 
 /// What the core needs to know.
 #[derive(Debug, Clone)]
@@ -82,10 +104,20 @@ pub struct State {
     /// message id, so one that waited for agentd is not lost.
     #[serde(default)]
     pub unanswered: Vec<Unanswered>,
-    /// When each refused sender was last told so, by room and sender (not kept:
-    /// a restart tells them once more).
-    #[serde(skip)]
-    refused: HashMap<(String, String), Instant>,
+    /// The refused senders told so within `refusal-interval`, oldest first: kept,
+    /// so a restarted bridge does not tell them again at once.
+    #[serde(default)]
+    pub refused: Vec<Refusal>,
+}
+
+/// A refused sender told so in a room, as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub room: String,
+    pub sender: String,
+    /// When, in milliseconds since the Unix epoch (the wall clock: it is compared
+    /// across restarts of the bridge).
+    pub at_ms: u64,
 }
 
 /// A message agentd has not answered yet, as the state file keeps it.
@@ -144,14 +176,31 @@ impl State {
     /// that room less than `interval` ago (then a chatty user or a spammer gets one
     /// refusal, not one per message). At most [`REFUSED_KEPT`] senders are
     /// remembered; past that, no one new is told until some are forgotten.
-    fn tell_refused(&mut self, room: &str, sender: &str, interval: Duration, now: Instant) -> bool {
-        self.refused
-            .retain(|_, at| now.saturating_duration_since(*at) < interval);
-        let key = (room.to_string(), sender.to_string());
-        if self.refused.contains_key(&key) || self.refused.len() >= REFUSED_KEPT {
+    /// `now` is the wall clock; a time recorded ahead of it (the clock was set
+    /// back) counts as that far in the past.
+    fn tell_refused(
+        &mut self,
+        room: &str,
+        sender: &str,
+        interval: Duration,
+        now: SystemTime,
+    ) -> bool {
+        let now = ms_since_epoch(now);
+        let interval = interval.as_millis().min(u64::MAX as u128) as u64;
+        self.refused.retain(|r| now.abs_diff(r.at_ms) < interval);
+        if self.refused.len() >= REFUSED_KEPT
+            || self
+                .refused
+                .iter()
+                .any(|r| r.room == room && r.sender == sender)
+        {
             return false;
         }
-        self.refused.insert(key, now);
+        self.refused.push(Refusal {
+            room: room.to_string(),
+            sender: sender.to_string(),
+            at_ms: now,
+        });
         true
     }
 
@@ -328,9 +377,10 @@ fn handle(
         return;
     }
     if !config.allowed_users.contains(&sender) {
-        save(state, &config.state_file);
         let interval = config.refusal_interval;
-        if !state.tell_refused(&conversation.room, &sender, interval, Instant::now()) {
+        let tell = state.tell_refused(&conversation.room, &sender, interval, SystemTime::now());
+        save(state, &config.state_file);
+        if !tell {
             tracing::info!(%sender, room = %conversation, "refused again: sender not on the allow-list (told already)");
             return;
         }
@@ -365,6 +415,24 @@ fn handle(
             to: conversation,
         });
     }
+}
+
+/// The key of a post or edit that is the same in every run of the bridge: what
+/// (`end`: a task's end, `end-edit`: its progress message's final edit, `answer`:
+/// the answer to a message) and of which task or message. A bridge killed after
+/// the chat took such a post, before its state file recorded that, makes it again
+/// after the restart with this key, and the chat shows it once (Matrix: one
+/// transaction id; Synapse keeps them for a day). A task's or message's id is
+/// unique across rooms, so the room need not be in it.
+fn key_of(what: &str, id: &str) -> String {
+    format!("{what}.{id}")
+}
+
+fn ms_since_epoch(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+        .min(u64::MAX as u128) as u64
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -430,7 +498,9 @@ struct Cleaned<C: Chat>(Arc<C>);
 
 impl<C: Chat> Cleaned<C> {
     fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
-        self.0.post(to, &clean::chat_text(text), key)
+        let id = self.0.post(to, &clean::chat_text(text), key)?;
+        hold_after_post(text);
+        Ok(id)
     }
 
     fn edit(&self, to: &Conversation, message: &str, text: &str, key: &str) -> anyhow::Result<()> {
@@ -469,6 +539,8 @@ struct Writer<C: Chat> {
     first_redo_delay: Duration,
     /// Sessions told that agentd is not running, since the connection was lost.
     told_down: HashSet<String>,
+    /// Starts every key of this run of the bridge ([`Writer::key`]).
+    run: String,
     /// The last key handed to the chat ([`Chat::post`]).
     last_key: u64,
 }
@@ -495,14 +567,20 @@ impl<C: Chat> Writer<C> {
             retries: VecDeque::new(),
             first_redo_delay: FIRST_REDO_DELAY,
             told_down: HashSet::new(),
+            run: format!(
+                "r{}-{}",
+                std::process::id(),
+                ms_since_epoch(SystemTime::now())
+            ),
             last_key: 0,
         }
     }
 
-    /// A new key for a post or an edit ([`Chat::post`]).
+    /// A new key for a post or an edit ([`Chat::post`]), unique across runs of the
+    /// bridge: the process id and start time, then a count.
     fn key(&mut self) -> String {
         self.last_key += 1;
-        self.last_key.to_string()
+        format!("{}.{}", self.run, self.last_key)
     }
 
     /// Follows the tasks a previous run of the bridge followed (asked about at the
@@ -584,18 +662,20 @@ impl<C: Chat> Writer<C> {
     /// Posts `body`; when the chat refuses it, it is tried again later (so is
     /// every post while earlier ones wait, to keep their order).
     fn post(&mut self, to: &Conversation, body: &str) -> Option<String> {
-        self.post_for(to, body, None).ok()
+        let key = self.key();
+        self.post_for(to, body, key, None).ok()
     }
 
-    /// Like [`Writer::post`], for the answer to `task` if given: the error is
-    /// whether the post waits to be made again (true) or was refused for good.
+    /// Like [`Writer::post`], with `key` ([`key_of`]), for the answer to `task` if
+    /// given: the error is whether the post waits to be made again (true) or was
+    /// refused for good.
     fn post_for(
         &mut self,
         to: &Conversation,
         body: &str,
+        key: String,
         task: Option<&str>,
     ) -> Result<String, bool> {
-        let key = self.key();
         if self.retries.is_empty() {
             match self.chat.post(to, body, &key) {
                 Ok(id) => return Ok(id),
@@ -617,9 +697,9 @@ impl<C: Chat> Writer<C> {
         Err(true)
     }
 
-    /// Edits a message for the last time (a task's end), tried again like a post.
-    fn final_edit(&mut self, to: &Conversation, message: &str, body: &str) {
-        let key = self.key();
+    /// Edits a message for the last time (a task's end), tried again like a post,
+    /// with `key` ([`key_of`]).
+    fn final_edit(&mut self, to: &Conversation, message: &str, body: &str, key: String) {
         if self.retries.is_empty() {
             match self.chat.edit(to, message, body, &key) {
                 Ok(()) => return,
@@ -808,9 +888,9 @@ impl<C: Chat> Writer<C> {
                 if let Some(to) = to {
                     let body = text::bridge_task_unknown(&task_id);
                     if let Some(message) = ui.and_then(|ui| ui.message) {
-                        self.final_edit(&to, &message, &body);
+                        self.final_edit(&to, &message, &body, key_of("end-edit", &task_id));
                     }
-                    self.post(&to, &body);
+                    let _ = self.post_for(&to, &body, key_of("end", &task_id), None);
                 }
             }
             Err(e) => {
@@ -833,17 +913,28 @@ impl<C: Chat> Writer<C> {
         true
     }
 
+    /// agentd's answer to a message: posted, and the task it started followed.
+    /// The message is kept in the state file as unanswered until then (and the task
+    /// kept as followed), so a bridge killed before this is done sends it again
+    /// after its restart, and posts the answer again with the same key.
     fn answer(&mut self, sent: Sent, answer: Result<SendReply, String>) {
+        let message_id = sent.message_id.clone();
+        self.show_answer(sent, answer);
+        self.keep_followed();
         if let Some(answered) = &self.answered {
-            answered(&sent.message_id);
+            answered(&message_id);
         }
+    }
+
+    fn show_answer(&mut self, sent: Sent, answer: Result<SendReply, String>) {
         let Some(to) = self.conversation(&sent.session) else {
             return;
         };
+        let key = key_of("answer", &sent.message_id);
         let reply = match answer {
             Ok(reply) => reply,
             Err(message) => {
-                self.post(&to, &message);
+                let _ = self.post_for(&to, &message, key, None);
                 return;
             }
         };
@@ -853,10 +944,10 @@ impl<C: Chat> Writer<C> {
             return;
         }
         let Some(task) = reply.task.filter(|_| reply.accepted) else {
-            self.post(&to, &reply.reply);
+            let _ = self.post_for(&to, &reply.reply, key, None);
             return;
         };
-        let posted = self.post_for(&to, &reply.reply, Some(&task.task_id));
+        let posted = self.post_for(&to, &reply.reply, key, Some(&task.task_id));
         let ui = self.tasks.entry(task.task_id.clone()).or_default();
         ui.session = Some(sent.session.clone());
         if ui.message.is_none() {
@@ -867,9 +958,13 @@ impl<C: Chat> Writer<C> {
         if matches!(task.state, TaskState::Starting | TaskState::Running) {
             self.typing_on(&sent.session, &task.task_id);
         }
-        if task.state.is_terminal() {
+        if task.state == TaskState::Merged {
             // Merged at once (steered): nothing more comes for this task.
             self.tasks.remove(&task.task_id);
+        } else if task.state.is_terminal() {
+            // A message sent again (after a restart of the bridge) whose task has
+            // ended meanwhile: its end is reported here, once.
+            self.finished(&sent.session, task);
         }
     }
 
@@ -924,10 +1019,11 @@ impl<C: Chat> Writer<C> {
                 Some(line) => text::bridge_progress(&view, &line),
                 None => text::task_line(&view),
             };
-            self.final_edit(&to, &message, &body);
+            self.final_edit(&to, &message, &body, key_of("end-edit", &view.task_id));
         }
         if view.state != TaskState::Merged {
-            self.post(&to, &text::bridge_finished(&view));
+            let key = key_of("end", &view.task_id);
+            let _ = self.post_for(&to, &text::bridge_finished(&view), key, None);
         }
     }
 
@@ -1000,7 +1096,7 @@ impl<C: Chat> Writer<C> {
                 continue;
             };
             self.last_key += 1;
-            let key = self.last_key.to_string();
+            let key = format!("{}.{}", self.run, self.last_key);
             match &ui.message {
                 Some(message) => {
                     if let Err(e) = self.chat.edit(&to, message, &body, &key) {
@@ -1409,9 +1505,17 @@ mod tests {
             }))
         };
         assert!(run_writer(Duration::from_secs(1), vec![answer(false)]).is_empty());
+        // Sent again by a restarted bridge that was killed before it recorded the
+        // answer: the answer is posted (with the key of the first post, so the chat
+        // shows it once), and so is the end of its task, which the killed bridge
+        // never posted.
         assert_eq!(
             run_writer(Duration::from_secs(1), vec![answer(true)]),
-            ["post task T  already received"]
+            [
+                "post task T  already received",
+                "edit m1 task T  succeeded  work",
+                "post task T  succeeded\nx"
+            ]
         );
     }
 
@@ -1738,12 +1842,57 @@ mod tests {
         // Told again once the interval has passed since the last time.
         let mut state = State::default();
         let hour = Duration::from_secs(3600);
-        let t0 = Instant::now();
+        let t0 = SystemTime::now();
         assert!(state.tell_refused("r", "@m:h", hour, t0));
         assert!(!state.tell_refused("r", "@m:h", hour, t0 + hour / 2));
         assert!(!state.tell_refused("r", "@m:h", hour, t0 + hour - Duration::from_millis(1)));
         assert!(state.tell_refused("r", "@m:h", hour, t0 + hour));
         assert!(!state.tell_refused("r", "@m:h", hour, t0 + hour + hour / 2));
+        // The clock is set back: a refusal recorded "ahead" counts as that far ago.
+        let ms = Duration::from_millis(1);
+        assert!(!state.tell_refused("r", "@m:h", hour, t0 + hour / 2 + ms));
+        assert!(state.tell_refused("r", "@m:h", hour, t0 - ms));
+    }
+
+    /// The refusal memory is in the state file: a restarted bridge does not tell a
+    /// sender refused before the restart again within `refusal-interval` (a
+    /// restart in a busy shared room would otherwise re-tell everyone at once).
+    #[test]
+    fn a_restarted_bridge_does_not_tell_a_refused_sender_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CoreConfig {
+            socket: dir.path().join("no.sock"),
+            client: "test".into(),
+            allowed_users: vec!["@alice:h".into()],
+            refusal_interval: Duration::from_secs(3600),
+            progress_interval: Duration::from_secs(1),
+            state_file: dir.path().join("state.json"),
+        };
+        let sessions = Mutex::new(HashMap::new());
+        let (notes, _) = mpsc::channel();
+        let link = Link::new(config.socket.clone(), "test".into(), notes);
+        let refused = |state: &mut State, i: usize, sender: &str| {
+            let (show, shown) = mpsc::channel();
+            let message = Inbound {
+                conversation: Conversation::room("r"),
+                message_id: format!("$m{i}"),
+                sender: sender.into(),
+                text: "rm -rf /".into(),
+            };
+            handle("test", &config, state, &sessions, &link, &show, message);
+            drop(show);
+            shown.into_iter().count()
+        };
+        let mut state = State::load(&config.state_file).unwrap();
+        assert_eq!(refused(&mut state, 0, "@mallory:h"), 1);
+        // The bridge restarts: what it knows is what the state file says.
+        let mut state = State::load(&config.state_file).unwrap();
+        assert_eq!(
+            refused(&mut state, 1, "@mallory:h"),
+            0,
+            "told again after a restart"
+        );
+        assert_eq!(refused(&mut state, 2, "@eve:h"), 1);
     }
 
     #[test]

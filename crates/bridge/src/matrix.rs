@@ -160,10 +160,6 @@ pub struct Matrix {
     /// Room ids served; empty = any room an allowed user invited the bridge to.
     rooms: Vec<String>,
     allowed_users: Vec<String>,
-    /// Starts every transaction id: unique per process start, since the homeserver
-    /// remembers transaction ids across restarts of the bridge (per access token)
-    /// and the core's keys start again at each start.
-    txn_prefix: String,
     filter: String,
     /// Set by a poll without a cursor (a fresh start): messages the homeserver
     /// stamped before this moment (ms since the epoch) are history, never acted on,
@@ -201,7 +197,6 @@ impl Matrix {
             agent,
             rooms: Vec::new(),
             allowed_users: config.allowed_users.clone(),
-            txn_prefix: format!("agentd-{}-{started}", std::process::id()),
             // Only what the bridge reads: messages and its own membership, with room
             // for bursts so a timeline is rarely cut ("limited"). The filter names
             // this process (an event type nobody sends), because Synapse answers a
@@ -415,9 +410,12 @@ impl Matrix {
             .context("the homeserver's answer to a send has no event_id")
     }
 
-    /// The transaction id of the core's `key`.
+    /// The transaction id of the core's `key`. The homeserver keeps transaction
+    /// ids per device (the bridge logs in as one, [`DEVICE_ID`]) across restarts
+    /// of the bridge; the core's keys are unique across its runs, or the same on
+    /// purpose (a task's end made again after a restart).
     fn txn_id(&self, key: &str) -> String {
-        format!("{}-{key}", self.txn_prefix)
+        format!("agentd.{key}")
     }
 
     /// Whether the bridge acts on messages in `room`.
@@ -828,7 +826,6 @@ mod tests {
                 .into(),
             rooms: Vec::new(),
             allowed_users: Vec::new(),
-            txn_prefix: "agentd-1-2".into(),
             filter: String::new(),
             fresh_start: Mutex::new(None),
         }
@@ -853,7 +850,7 @@ mod tests {
             "{sends:?}"
         );
         assert!(
-            sends[0].ends_with("/send/m.room.message/agentd-1-2-1"),
+            sends[0].ends_with("/send/m.room.message/agentd.1"),
             "{sends:?}"
         );
         assert_eq!(server.events.lock().unwrap().len(), 2, "{sends:?}");
