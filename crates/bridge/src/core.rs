@@ -481,6 +481,8 @@ enum Redo {
         message: String,
         body: String,
         key: String,
+        /// A progress edit: a newer edit of the message supersedes it.
+        progress: bool,
     },
 }
 
@@ -700,6 +702,7 @@ impl<C: Chat> Writer<C> {
     /// Edits a message for the last time (a task's end), tried again like a post,
     /// with `key` ([`key_of`]).
     fn final_edit(&mut self, to: &Conversation, message: &str, body: &str, key: String) {
+        self.supersede_progress(message);
         if self.retries.is_empty() {
             match self.chat.edit(to, message, body, &key) {
                 Ok(()) => return,
@@ -717,7 +720,16 @@ impl<C: Chat> Writer<C> {
             message: message.to_string(),
             body: body.to_string(),
             key,
+            progress: false,
         });
+    }
+
+    /// Drops the progress edit of `message` that waits to be made again: a newer
+    /// edit of it is about to be made.
+    fn supersede_progress(&mut self, message: &str) {
+        self.retries.retain(
+            |r| !matches!(&r.redo, Redo::Edit { message: m, progress: true, .. } if m == message),
+        );
     }
 
     fn redo(&mut self, redo: Redo) {
@@ -757,6 +769,7 @@ impl<C: Chat> Writer<C> {
                     message,
                     body,
                     key,
+                    ..
                 } => self.chat.edit(to, message, body, key).map(|()| None),
             };
             match result {
@@ -1095,23 +1108,43 @@ impl<C: Chat> Writer<C> {
             let Some(to) = to.filter(|_| body != ui.shown) else {
                 continue;
             };
-            self.last_key += 1;
-            let key = format!("{}.{}", self.run, self.last_key);
-            match &ui.message {
+            ui.shown = body.clone();
+            let message = ui.message.clone();
+            let key = self.key();
+            match message {
                 Some(message) => {
-                    if let Err(e) = self.chat.edit(&to, message, &body, &key) {
-                        tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
+                    self.supersede_progress(&message);
+                    match self.chat.edit(&to, &message, &body, &key) {
+                        Ok(()) => {}
+                        Err(e) if !self.chat.may_pass_later(&e) => {
+                            tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
+                        }
+                        Err(e) => {
+                            tracing::warn!(room = %to, "cannot edit the progress message, will try again: {e:#}");
+                            self.redo(Redo::Edit {
+                                to,
+                                message,
+                                body,
+                                key,
+                                progress: true,
+                            });
+                        }
                     }
                 }
                 None => match self.chat.post(&to, &body, &key) {
-                    Ok(id) => ui.message = Some(id),
+                    Ok(id) => {
+                        if let Some(ui) = self.tasks.get_mut(&task_id) {
+                            ui.message = Some(id);
+                        }
+                    }
                     Err(e) => tracing::warn!(room = %to, "cannot post progress: {e:#}"),
                 },
             }
-            ui.shown = body;
             // The interval counts from the end of this call: a slow homeserver gets
             // fewer edits, not a burst of them.
-            ui.last_edit = Some(Instant::now());
+            if let Some(ui) = self.tasks.get_mut(&task_id) {
+                ui.last_edit = Some(Instant::now());
+            }
         }
         let renew: Vec<String> = self
             .typing
@@ -1695,6 +1728,70 @@ mod tests {
                 "post task T  succeeded\nall done",
             ]
         );
+    }
+
+    /// A progress edit the chat refused (the homeserver failed for a moment) is made
+    /// again, with the key of its first attempt; a newer edit of the same message
+    /// supersedes one that waits to be made again (the message never goes back to
+    /// an older line), and so does the task's final edit.
+    #[test]
+    fn a_refused_progress_edit_is_made_again_unless_a_newer_one_came() {
+        let chat = Arc::new(Recorder::default());
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let mut writer = Writer::new(
+            chat.clone(),
+            sessions,
+            Duration::ZERO,
+            Box::new(|_: &str| {}),
+        );
+        writer.first_redo_delay = Duration::ZERO;
+        let show = |writer: &mut Writer<Recorder>, show: Show| {
+            let Show::Note(note) = show else {
+                unreachable!()
+            };
+            writer.note(*note);
+            writer.flush_due();
+        };
+        let progress = |line: &str| event("progress", Some(line), view("running", None));
+        show(&mut writer, started_answer());
+        *lock(&chat.failing) = 1;
+        show(&mut writer, progress("step 1"));
+        writer.flush_retries();
+        // Refused, then a newer line: only the newer one is made.
+        *lock(&chat.failing) = 1;
+        show(&mut writer, progress("step 2"));
+        show(&mut writer, progress("step 3"));
+        writer.flush_retries();
+        // Refused, then the end: the final edit, not the older line after it.
+        *lock(&chat.failing) = 1;
+        show(&mut writer, progress("step 4"));
+        show(
+            &mut writer,
+            event("finished", None, view("succeeded", Some("all done"))),
+        );
+        writer.flush_retries();
+        writer.flush_due();
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "post task T  started",
+                "typing true",
+                "fail edit m1 task T  running\nstep 1",
+                "edit m1 task T  running\nstep 1",
+                "fail edit m1 task T  running\nstep 2",
+                "edit m1 task T  running\nstep 3",
+                "fail edit m1 task T  running\nstep 4",
+                "typing false",
+                "edit m1 task T  succeeded\nstep 4",
+                "post task T  succeeded\nall done",
+            ]
+        );
+        let keys = lock(&chat.keys).clone();
+        assert_eq!(keys[1].1, keys[2].1, "{keys:?}");
+        assert!(writer.retries.is_empty());
     }
 
     /// A post or final edit made again after a failure carries the key of its first
