@@ -1332,6 +1332,21 @@ progress-interval = "100ms"
             posted.iter().any(|b| b.contains(hold)),
             "{killed_in} was posted before the kill: {posted:?}"
         );
+        if hold == "succeeded" {
+            // The end shows the output as a code block to clients that read HTML.
+            let end = posts_about(&alice.events(&room), &bot.id, &task_id)
+                .into_iter()
+                .find(|e| body(e).contains("succeeded"))
+                .unwrap();
+            assert_eq!(end["content"]["format"], "org.matrix.custom.html", "{end}");
+            let html = end["content"]["formatted_body"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(
+                html.ends_with("succeeded<pre><code>the end shows once</code></pre>"),
+                "{end}"
+            );
+        }
         let kept = std::fs::read_to_string(&state).unwrap();
         assert!(
             kept.contains(&task_id) || kept.contains("unanswered\":[{"),

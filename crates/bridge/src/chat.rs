@@ -52,6 +52,56 @@ pub struct Inbound {
     pub text: String,
 }
 
+/// A text the bridge shows. Its end from `output` on (a byte offset at a line
+/// start) is an agent's output (a task's result, its latest progress line), which
+/// a chat that formats text shows as a code block (Matrix: `<pre><code>` in the
+/// `formatted_body`); `text` is the whole of it as plain text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outbound {
+    pub text: String,
+    pub output: Option<usize>,
+}
+
+impl Outbound {
+    /// Plain text, without output.
+    pub fn plain(text: impl Into<String>) -> Outbound {
+        Outbound {
+            text: text.into(),
+            output: None,
+        }
+    }
+
+    /// `lead`, then on the next line `output`, an agent's output.
+    pub fn with_output(lead: &str, output: &str) -> Outbound {
+        Outbound {
+            text: format!("{lead}\n{output}"),
+            output: Some(lead.len() + 1),
+        }
+    }
+
+    /// `text`, which ends with `output` (after a line end), shown as
+    /// [`Outbound::with_output`]; plain when it does not end so.
+    pub fn ending_with_output(text: String, output: &str) -> Outbound {
+        let at = text.len().checked_sub(output.len());
+        let output =
+            at.filter(|&at| at > 0 && text[at..] == *output && text.as_bytes()[at - 1] == b'\n');
+        Outbound { text, output }
+    }
+
+    /// The text before the output, without the line end that ends it.
+    pub fn lead(&self) -> &str {
+        match self.output {
+            Some(at) => &self.text[..at - 1],
+            None => &self.text,
+        }
+    }
+
+    /// The agent's output, if there is some.
+    pub fn output(&self) -> Option<&str> {
+        self.output.map(|at| &self.text[at..])
+    }
+}
+
 /// One answer of [`Chat::poll`].
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
@@ -81,7 +131,7 @@ pub trait Chat: Send + Sync + 'static {
     /// this run of the bridge. The chat shows a post made again with the same key
     /// once, also when an earlier attempt did pass but its answer was lost (Matrix:
     /// the key is in the transaction id, which the homeserver de-duplicates).
-    fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String>;
+    fn post(&self, to: &Conversation, text: &Outbound, key: &str) -> anyhow::Result<String>;
 
     /// Replaces the text of the bridge's own message `message_id`; `key` as for
     /// [`Chat::post`].
@@ -89,7 +139,7 @@ pub trait Chat: Send + Sync + 'static {
         &self,
         to: &Conversation,
         message_id: &str,
-        text: &str,
+        text: &Outbound,
         key: &str,
     ) -> anyhow::Result<()>;
 

@@ -18,7 +18,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::agentd::{Link, Note, Sent};
-use crate::chat::{Chat, Conversation, Inbound};
+use crate::chat::{Chat, Conversation, Inbound, Outbound};
 use crate::clean;
 
 /// How many handled message ids the state file keeps.
@@ -417,6 +417,11 @@ fn handle(
     }
 }
 
+/// A task's progress message: its line, then `line`, the agent's output.
+fn progress(view: &TaskView, line: &str) -> Outbound {
+    Outbound::ending_with_output(text::bridge_progress(view, line), line)
+}
+
 /// The key of a post or edit that is the same in every run of the bridge: what
 /// (`end`: a task's end, `end-edit`: its progress message's final edit, `answer`:
 /// the answer to a message) and of which task or message. A bridge killed after
@@ -447,9 +452,9 @@ struct TaskUi {
     /// The bridge's message that is edited with the task's progress.
     message: Option<String>,
     /// The text that message shows now.
-    shown: String,
+    shown: Outbound,
     /// A newer text waiting for the rate limit.
-    pending: Option<String>,
+    pending: Option<Outbound>,
     /// The task's answer waits to be posted again (the chat refused it): its
     /// progress waits for that message instead of opening one of its own.
     awaiting_post: bool,
@@ -470,7 +475,7 @@ type Answered = Box<dyn Fn(&str) + Send>;
 enum Redo {
     Post {
         to: Conversation,
-        body: String,
+        body: Outbound,
         key: String,
         /// The task whose answer this is: the message, once posted, is the one
         /// its progress edits.
@@ -479,7 +484,7 @@ enum Redo {
     Edit {
         to: Conversation,
         message: String,
-        body: String,
+        body: Outbound,
         key: String,
         /// A progress edit: a newer edit of the message supersedes it.
         progress: bool,
@@ -499,14 +504,20 @@ struct Retry {
 struct Cleaned<C: Chat>(Arc<C>);
 
 impl<C: Chat> Cleaned<C> {
-    fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
-        let id = self.0.post(to, &clean::chat_text(text), key)?;
-        hold_after_post(text);
+    fn post(&self, to: &Conversation, text: &Outbound, key: &str) -> anyhow::Result<String> {
+        let id = self.0.post(to, &cleaned(text), key)?;
+        hold_after_post(&text.text);
         Ok(id)
     }
 
-    fn edit(&self, to: &Conversation, message: &str, text: &str, key: &str) -> anyhow::Result<()> {
-        self.0.edit(to, message, &clean::chat_text(text), key)
+    fn edit(
+        &self,
+        to: &Conversation,
+        message: &str,
+        text: &Outbound,
+        key: &str,
+    ) -> anyhow::Result<()> {
+        self.0.edit(to, message, &cleaned(text), key)
     }
 
     fn typing(&self, to: &Conversation, on: bool) -> anyhow::Result<()> {
@@ -515,6 +526,17 @@ impl<C: Chat> Cleaned<C> {
 
     fn may_pass_later(&self, error: &anyhow::Error) -> bool {
         self.0.may_pass_later(error)
+    }
+}
+
+/// `text` cleaned of terminal escapes ([`clean::chat_text`]); its lead and its
+/// output apart, so the output still starts where it did.
+fn cleaned(text: &Outbound) -> Outbound {
+    match text.output() {
+        Some(output) => {
+            Outbound::with_output(&clean::chat_text(text.lead()), &clean::chat_text(output))
+        }
+        None => Outbound::plain(clean::chat_text(&text.text)),
     }
 }
 
@@ -665,7 +687,7 @@ impl<C: Chat> Writer<C> {
     /// every post while earlier ones wait, to keep their order).
     fn post(&mut self, to: &Conversation, body: &str) -> Option<String> {
         let key = self.key();
-        self.post_for(to, body, key, None).ok()
+        self.post_for(to, Outbound::plain(body), key, None).ok()
     }
 
     /// Like [`Writer::post`], with `key` ([`key_of`]), for the answer to `task` if
@@ -674,12 +696,12 @@ impl<C: Chat> Writer<C> {
     fn post_for(
         &mut self,
         to: &Conversation,
-        body: &str,
+        body: Outbound,
         key: String,
         task: Option<&str>,
     ) -> Result<String, bool> {
         if self.retries.is_empty() {
-            match self.chat.post(to, body, &key) {
+            match self.chat.post(to, &body, &key) {
                 Ok(id) => return Ok(id),
                 Err(e) if !self.chat.may_pass_later(&e) => {
                     tracing::error!(room = %to, "cannot post in the chat: {e:#}");
@@ -692,7 +714,7 @@ impl<C: Chat> Writer<C> {
         }
         self.redo(Redo::Post {
             to: to.clone(),
-            body: body.to_string(),
+            body,
             key,
             task: task.map(str::to_string),
         });
@@ -701,10 +723,10 @@ impl<C: Chat> Writer<C> {
 
     /// Edits a message for the last time (a task's end), tried again like a post,
     /// with `key` ([`key_of`]).
-    fn final_edit(&mut self, to: &Conversation, message: &str, body: &str, key: String) {
+    fn final_edit(&mut self, to: &Conversation, message: &str, body: Outbound, key: String) {
         self.supersede_progress(message);
         if self.retries.is_empty() {
-            match self.chat.edit(to, message, body, &key) {
+            match self.chat.edit(to, message, &body, &key) {
                 Ok(()) => return,
                 Err(e) if !self.chat.may_pass_later(&e) => {
                     tracing::warn!(room = %to, "cannot edit the progress message: {e:#}");
@@ -718,7 +740,7 @@ impl<C: Chat> Writer<C> {
         self.redo(Redo::Edit {
             to: to.clone(),
             message: message.to_string(),
-            body: body.to_string(),
+            body,
             key,
             progress: false,
         });
@@ -899,11 +921,12 @@ impl<C: Chat> Writer<C> {
                 }
                 let to = session.as_deref().and_then(|s| self.conversation(s));
                 if let Some(to) = to {
-                    let body = text::bridge_task_unknown(&task_id);
+                    let body = Outbound::plain(text::bridge_task_unknown(&task_id));
                     if let Some(message) = ui.and_then(|ui| ui.message) {
-                        self.final_edit(&to, &message, &body, key_of("end-edit", &task_id));
+                        let key = key_of("end-edit", &task_id);
+                        self.final_edit(&to, &message, body.clone(), key);
                     }
-                    let _ = self.post_for(&to, &body, key_of("end", &task_id), None);
+                    let _ = self.post_for(&to, body, key_of("end", &task_id), None);
                 }
             }
             Err(e) => {
@@ -947,7 +970,7 @@ impl<C: Chat> Writer<C> {
         let reply = match answer {
             Ok(reply) => reply,
             Err(message) => {
-                let _ = self.post_for(&to, &message, key, None);
+                let _ = self.post_for(&to, Outbound::plain(message), key, None);
                 return;
             }
         };
@@ -957,16 +980,21 @@ impl<C: Chat> Writer<C> {
             return;
         }
         let Some(task) = reply.task.filter(|_| reply.accepted) else {
-            let _ = self.post_for(&to, &reply.reply, key, None);
+            let _ = self.post_for(&to, Outbound::plain(reply.reply), key, None);
             return;
         };
-        let posted = self.post_for(&to, &reply.reply, key, Some(&task.task_id));
+        let posted = self.post_for(
+            &to,
+            Outbound::plain(reply.reply.clone()),
+            key,
+            Some(&task.task_id),
+        );
         let ui = self.tasks.entry(task.task_id.clone()).or_default();
         ui.session = Some(sent.session.clone());
         if ui.message.is_none() {
             ui.awaiting_post = posted == Err(true);
             ui.message = posted.ok();
-            ui.shown = reply.reply;
+            ui.shown = Outbound::plain(reply.reply);
         }
         if matches!(task.state, TaskState::Starting | TaskState::Running) {
             self.typing_on(&sent.session, &task.task_id);
@@ -988,7 +1016,7 @@ impl<C: Chat> Writer<C> {
                 let (Some(view), Some(line)) = (&event.task, &event.text) else {
                     return;
                 };
-                let body = text::bridge_progress(view, line);
+                let body = progress(view, line);
                 let ui = self.tasks.entry(event.task_id.clone()).or_default();
                 ui.pending = Some(body);
                 ui.session = Some(event.session.clone());
@@ -1022,21 +1050,25 @@ impl<C: Chat> Writer<C> {
         {
             // A message from before a restart of the bridge shows what it showed
             // then; the view's latest progress line is at least as new.
-            let latest = view.progress.as_ref().map(|line| format!("\n{line}"));
             let last = pending
-                .as_deref()
-                .or(latest.as_deref())
-                .or(Some(shown.as_str()))
-                .and_then(|t| t.split_once('\n').map(|(_, line)| line.to_string()));
+                .as_ref()
+                .and_then(Outbound::output)
+                .or(view.progress.as_deref())
+                .or(shown.output());
             let body = match last {
-                Some(line) => text::bridge_progress(&view, &line),
-                None => text::task_line(&view),
+                Some(line) => progress(&view, line),
+                None => Outbound::plain(text::task_line(&view)),
             };
-            self.final_edit(&to, &message, &body, key_of("end-edit", &view.task_id));
+            self.final_edit(&to, &message, body, key_of("end-edit", &view.task_id));
         }
         if view.state != TaskState::Merged {
             let key = key_of("end", &view.task_id);
-            let _ = self.post_for(&to, &text::bridge_finished(&view), key, None);
+            let body = text::bridge_finished(&view);
+            let body = match view.result.as_deref() {
+                Some(result) => Outbound::ending_with_output(body, result),
+                None => Outbound::plain(body),
+            };
+            let _ = self.post_for(&to, body, key, None);
         }
     }
 
@@ -1199,7 +1231,8 @@ mod tests {
         fn poll(&self, _: Option<&str>) -> anyhow::Result<crate::chat::Batch> {
             unreachable!("the writer never polls")
         }
-        fn post(&self, _: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
+        fn post(&self, _: &Conversation, text: &Outbound, key: &str) -> anyhow::Result<String> {
+            let text = &text.text;
             lock(&self.keys).push((format!("post {text}"), key.to_string()));
             if self.refused.is_some_and(|r| text.contains(r)) {
                 lock(&self.calls).push(format!("refused post {text}"));
@@ -1212,7 +1245,14 @@ mod tests {
             calls.push(format!("post {text}"));
             Ok(format!("m{}", calls.len()))
         }
-        fn edit(&self, _: &Conversation, id: &str, text: &str, key: &str) -> anyhow::Result<()> {
+        fn edit(
+            &self,
+            _: &Conversation,
+            id: &str,
+            text: &Outbound,
+            key: &str,
+        ) -> anyhow::Result<()> {
+            let text = &text.text;
             lock(&self.keys).push((format!("edit {id} {text}"), key.to_string()));
             if self.fails(format!("edit {id} {text}")) {
                 anyhow::bail!("the homeserver is down");

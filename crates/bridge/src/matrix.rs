@@ -5,7 +5,6 @@
 //! posted in parts), typing notices, and joining the rooms it is invited to by
 //! allowed users (or the configured rooms).
 
-use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,15 +13,23 @@ use anyhow::{bail, Context};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
-use crate::chat::{Batch, Chat, Conversation, Inbound};
+use crate::chat::{Batch, Chat, Conversation, Inbound, Outbound};
 use crate::config::{Credentials, MatrixConfig};
 use crate::core::TYPING_TIMEOUT;
 
-/// The most bytes a body the bridge posts takes in the event's JSON (escapes
-/// counted): a Matrix event is at most 64 KiB, and an edit carries two copies.
+/// The most bytes a plain body the bridge posts takes in the event's JSON
+/// (escapes counted): a Matrix event is at most 64 KiB, and an edit carries two
+/// copies. A text with output ([`Outbound`]) has a `formatted_body` too: its
+/// `body` and `formatted_body` together take at most twice this, less
+/// [`HTML_TAGS`] (an edit carries the plain fallback once more: 48 KiB at most).
 const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Room kept in a formatted part for its tags and what [`html_json_len`]
+/// does not count.
+const HTML_TAGS: usize = 256;
 /// The most messages one post is split into; a longer text is cut in the last.
 const MAX_PARTS: usize = 4;
+/// The `format` of an HTML `formatted_body`.
+const HTML_FORMAT: &str = "org.matrix.custom.html";
 
 /// How many bytes `c` takes in a JSON string.
 fn json_len(c: char) -> usize {
@@ -33,15 +40,31 @@ fn json_len(c: char) -> usize {
     }
 }
 
-/// Where to end a part of `text` that takes at most `budget` bytes in JSON: after
-/// the last line end that keeps at least half the budget, else at the last
-/// character that fits.
-fn part_end(text: &str, budget: usize) -> usize {
+/// How many bytes `c` takes at most in the JSON of a `formatted_body`: escaped
+/// for HTML ([`html_escape::encode_text`]) then for JSON; a line end of the lead
+/// is a `<br>`.
+fn html_json_len(c: char) -> usize {
+    match c {
+        '&' => 5,
+        '<' | '>' | '\n' => 4,
+        c => json_len(c),
+    }
+}
+
+/// How many bytes `c` of a formatted text takes in its `body` and `formatted_body`.
+fn formatted_len(c: char) -> usize {
+    json_len(c) + html_json_len(c)
+}
+
+/// Where to end a part of `text` that takes at most `budget` bytes (each
+/// character `cost`): after the last line end that keeps at least half the
+/// budget, else at the last character that fits.
+fn part_end(text: &str, budget: usize, cost: fn(char) -> usize) -> usize {
     let mut used = 0;
     let mut end = text.len();
     let mut line_end = None;
     for (i, c) in text.char_indices() {
-        used += json_len(c);
+        used += cost(c);
         if used > budget {
             end = i;
             break;
@@ -56,43 +79,93 @@ fn part_end(text: &str, budget: usize) -> usize {
     line_end.unwrap_or(end)
 }
 
-/// `text` as the bodies of one or more messages, each at most [`MAX_BODY_BYTES`]
-/// in JSON, cut at line ends where possible; at most [`MAX_PARTS`], the last one
-/// ending with a note ([`text::bridge_cut`]) when the text is longer still.
-fn parts(text: &str) -> Vec<Cow<'_, str>> {
+/// One message of a post: a range of the text, and whether the text is cut after
+/// it (then it ends with a note, [`text::bridge_cut`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Part {
+    range: std::ops::Range<usize>,
+    cut: bool,
+}
+
+/// `text` as the parts of at most `max_parts` messages, each within the event
+/// size (see [`MAX_BODY_BYTES`]), cut at line ends where possible; the last one
+/// cut, with the note, when the text is longer still.
+fn split(text: &Outbound, max_parts: usize) -> Vec<Part> {
+    let (budget, cost): (usize, fn(char) -> usize) = match text.output {
+        None => (MAX_BODY_BYTES, json_len),
+        Some(_) => (2 * MAX_BODY_BYTES - HTML_TAGS, formatted_len),
+    };
+    let text = text.text.as_str();
     let mut parts = Vec::new();
-    let mut rest = text;
+    let mut start = 0;
     loop {
-        let end = part_end(rest, MAX_BODY_BYTES);
+        let rest = &text[start..];
+        let end = part_end(rest, budget, cost);
         if end == rest.len() {
-            parts.push(rest.into());
+            parts.push(Part {
+                range: start..text.len(),
+                cut: false,
+            });
             return parts;
         }
-        if parts.len() + 1 == MAX_PARTS {
-            parts.push(cut(rest, text.len()).into());
+        if parts.len() + 1 >= max_parts {
+            let note: usize = text::bridge_cut(text.len()).chars().map(cost).sum();
+            let head = part_end(rest, budget - note - cost('\n'), cost);
+            parts.push(Part {
+                range: start..start + head,
+                cut: true,
+            });
             return parts;
         }
-        parts.push(rest[..end].into());
-        rest = &rest[end..];
+        parts.push(Part {
+            range: start..start + end,
+            cut: false,
+        });
+        start += end;
     }
 }
 
-/// `text` in one body of at most [`MAX_BODY_BYTES`] in JSON: cut with the note
-/// when longer (an edit of a progress message).
-fn fit(text: &str) -> Cow<'_, str> {
-    if part_end(text, MAX_BODY_BYTES) == text.len() {
-        return text.into();
+/// The `body` of `part`, and for a text with output its `formatted_body`: the
+/// lead as HTML text, the output in `<pre><code>`, escaped.
+fn render(text: &Outbound, part: &Part) -> (String, Option<String>) {
+    let note = part.cut.then(|| text::bridge_cut(text.text.len()));
+    let mut body = text.text[part.range.clone()].to_string();
+    if let Some(note) = &note {
+        if !body.is_empty() && !body.ends_with('\n') {
+            body.push('\n');
+        }
+        body.push_str(note);
     }
-    cut(text, text.len()).into()
+    let Some(at) = text.output else {
+        return (body, None);
+    };
+    let (start, end) = (part.range.start, part.range.end);
+    let lead = &text.text[start.min(at)..end.min(at)];
+    let lead = lead.strip_suffix('\n').unwrap_or(lead);
+    let output = &text.text[start.max(at)..end.max(at)];
+    let mut html = html_escape::encode_text(lead).replace('\n', "<br>");
+    if !output.is_empty() {
+        html.push_str("<pre><code>");
+        html.push_str(&html_escape::encode_text(output));
+        html.push_str("</code></pre>");
+    }
+    if let Some(note) = &note {
+        html.push_str("<p>");
+        html.push_str(&html_escape::encode_text(note));
+        html.push_str("</p>");
+    }
+    (body, Some(html))
 }
 
-/// The start of `rest` and the note that the text (`total` bytes) was cut.
-fn cut(rest: &str, total: usize) -> String {
-    let note = text::bridge_cut(total);
-    let room = MAX_BODY_BYTES - note.chars().map(json_len).sum::<usize>() - 2;
-    let head = &rest[..part_end(rest, room)];
-    let newline = if head.ends_with('\n') { "" } else { "\n" };
-    format!("{head}{newline}{note}")
+/// The content of an `m.notice` with `body` and, if given, an HTML
+/// `formatted_body`.
+fn notice(body: &str, html: Option<&str>) -> Value {
+    let mut content = json!({"msgtype": "m.notice", "body": body});
+    if let Some(html) = html {
+        content["format"] = json!(HTML_FORMAT);
+        content["formatted_body"] = json!(html);
+    }
+    content
 }
 
 /// How long the homeserver holds a `/sync` open when nothing happens.
@@ -641,10 +714,11 @@ impl Chat for Matrix {
     /// A text longer than one event holds goes out as several messages (the
     /// first one's id is the post's); part `i` after the first has the key
     /// `<key>.<i>`, so a post made again sends each part once.
-    fn post(&self, to: &Conversation, text: &str, key: &str) -> anyhow::Result<String> {
+    fn post(&self, to: &Conversation, text: &Outbound, key: &str) -> anyhow::Result<String> {
         let mut first = None;
-        for (i, part) in parts(text).iter().enumerate() {
-            let mut content = json!({"msgtype": "m.notice", "body": part});
+        for (i, part) in split(text, MAX_PARTS).iter().enumerate() {
+            let (body, html) = render(text, part);
+            let mut content = notice(&body, html.as_deref());
             if let Some(root) = &to.thread {
                 content["m.relates_to"] = json!({
                     "rel_type": "m.thread",
@@ -668,14 +742,15 @@ impl Chat for Matrix {
         &self,
         to: &Conversation,
         message_id: &str,
-        text: &str,
+        text: &Outbound,
         key: &str,
     ) -> anyhow::Result<()> {
-        let text = fit(text);
+        let part = &split(text, 1)[0];
+        let (body, html) = render(text, part);
         let content = json!({
             "msgtype": "m.notice",
-            "body": format!("* {text}"),
-            "m.new_content": {"msgtype": "m.notice", "body": text},
+            "body": format!("* {body}"),
+            "m.new_content": notice(&body, html.as_deref()),
             "m.relates_to": {"rel_type": "m.replace", "event_id": message_id},
         });
         self.send_event(&to.room, &content, key).map(|_| ())
@@ -840,9 +915,15 @@ mod tests {
         let server = Homeserver::start(ATTEMPTS as usize);
         let matrix = client(&server.url);
         let to = Conversation::room("!r:h");
-        assert!(matrix.post(&to, "hello", "1").is_err());
-        assert_eq!(matrix.post(&to, "hello", "1").unwrap(), "$e1");
-        assert_eq!(matrix.post(&to, "bye", "2").unwrap(), "$e2");
+        assert!(matrix.post(&to, &Outbound::plain("hello"), "1").is_err());
+        assert_eq!(
+            matrix.post(&to, &Outbound::plain("hello"), "1").unwrap(),
+            "$e1"
+        );
+        assert_eq!(
+            matrix.post(&to, &Outbound::plain("bye"), "2").unwrap(),
+            "$e2"
+        );
         let sends = server.sends.lock().unwrap().clone();
         assert_eq!(sends.len(), ATTEMPTS as usize + 2, "{sends:?}");
         assert!(
@@ -868,7 +949,12 @@ mod tests {
         let to = Conversation::room("!r:h");
         let line = "é".repeat(99) + "\n";
         let long = line.repeat(3 * MAX_BODY_BYTES / line.len());
-        assert_eq!(matrix.post(&to, &long, "1").unwrap(), "$e1");
+        assert_eq!(
+            matrix
+                .post(&to, &Outbound::plain(long.clone()), "1")
+                .unwrap(),
+            "$e1"
+        );
         let bodies: Vec<String> = server
             .bodies
             .lock()
@@ -886,7 +972,12 @@ mod tests {
         assert_eq!(bodies.concat(), long);
         // Made again (its answer lost): every part has its transaction id again.
         let sends = server.sends.lock().unwrap().clone();
-        assert_eq!(matrix.post(&to, &long, "1").unwrap(), "$e1");
+        assert_eq!(
+            matrix
+                .post(&to, &Outbound::plain(long.clone()), "1")
+                .unwrap(),
+            "$e1"
+        );
         let again = server.sends.lock().unwrap()[sends.len()..].to_vec();
         assert_eq!(again, sends);
         assert_eq!(server.events.lock().unwrap().len(), sends.len());
@@ -894,7 +985,9 @@ mod tests {
         // Too long for MAX_PARTS messages: the last one says so.
         let huge = "x".repeat(MAX_PARTS * MAX_BODY_BYTES * 2);
         let before = server.bodies.lock().unwrap().len();
-        matrix.post(&to, &huge, "2").unwrap();
+        matrix
+            .post(&to, &Outbound::plain(huge.clone()), "2")
+            .unwrap();
         let bodies: Vec<String> = server.bodies.lock().unwrap()[before..]
             .iter()
             .map(|b| b["body"].as_str().unwrap().to_string())
@@ -909,11 +1002,114 @@ mod tests {
         );
     }
 
+    /// A task's result (an agent's output) is posted with an HTML `formatted_body`
+    /// where the output is a code block, escaped, beside the plain `body` as
+    /// before; so is a progress edit's new content. Plain texts have no format.
+    #[test]
+    fn output_is_a_code_block_in_the_formatted_body() {
+        let server = Homeserver::start(0);
+        let matrix = client(&server.url);
+        let to = Conversation::room("!r:h");
+        let result =
+            Outbound::with_output("task T  succeeded <b>", "if a < b && c > d {\n\t\"x\"\n}");
+        matrix.post(&to, &result, "1").unwrap();
+        matrix.edit(&to, "$e1", &result, "2").unwrap();
+        matrix
+            .post(&to, &Outbound::plain("a <plain> text"), "3")
+            .unwrap();
+        let bodies = server.bodies.lock().unwrap().clone();
+        let html = "task T  succeeded &lt;b&gt;<pre><code>if a &lt; b &amp;&amp; c &gt; d {\n\t\"x\"\n}</code></pre>";
+        assert_eq!(bodies[0]["body"], result.text.as_str());
+        assert_eq!(bodies[0]["format"], "org.matrix.custom.html");
+        assert_eq!(bodies[0]["formatted_body"], html);
+        let new = &bodies[1]["m.new_content"];
+        assert_eq!(new["body"], result.text.as_str());
+        assert_eq!(new["format"], "org.matrix.custom.html");
+        assert_eq!(new["formatted_body"], html);
+        assert_eq!(bodies[1]["body"], format!("* {}", result.text));
+        assert_eq!(bodies[2]["body"], "a <plain> text");
+        assert!(bodies[2].get("format").is_none(), "{}", bodies[2]);
+        assert!(bodies[2].get("formatted_body").is_none(), "{}", bodies[2]);
+    }
+
+    /// A long result (the worst case for HTML: every character escaped) is posted
+    /// in parts, each event within the size limit with its `body` and its
+    /// `formatted_body`; the bodies together are the whole text, and every part's
+    /// formatted output is a whole code block. An edit is cut to one event.
+    #[test]
+    fn a_long_formatted_text_is_posted_in_parts_within_the_event_size() {
+        let server = Homeserver::start(0);
+        let matrix = client(&server.url);
+        let to = Conversation::room("!r:h");
+        let line = "<&>".repeat(33) + "\n";
+        // Three messages or so with HTML, one without.
+        let output = line.repeat(MAX_BODY_BYTES / line.len());
+        let long = Outbound::with_output("task T  failed", &output);
+        matrix.post(&to, &long, "1").unwrap();
+        matrix.edit(&to, "$e1", &long, "2").unwrap();
+        let bodies = server.bodies.lock().unwrap().clone();
+        let (posts, edit) = bodies.split_at(bodies.len() - 1);
+        assert!(
+            posts.len() > 1 && posts.len() <= MAX_PARTS,
+            "{} parts",
+            posts.len()
+        );
+        let plain: Vec<&str> = posts.iter().map(|b| b["body"].as_str().unwrap()).collect();
+        assert!(plain.concat() == long.text, "the parts are not the text");
+        for (i, post) in posts.iter().enumerate() {
+            let html = post["formatted_body"].as_str().unwrap();
+            assert!(
+                html.starts_with(if i == 0 {
+                    "task T  failed<pre><code>"
+                } else {
+                    "<pre><code>"
+                }),
+                "{}",
+                &html[..40]
+            );
+            assert!(
+                html.ends_with("</code></pre>"),
+                "{}",
+                &html[html.len() - 40..]
+            );
+            assert!(!html.contains("<&>"));
+            let event = post.to_string().len();
+            assert!(event <= 2 * MAX_BODY_BYTES, "part {i}: {event} bytes");
+        }
+        let event = edit[0].to_string().len();
+        assert!(event <= 3 * MAX_BODY_BYTES, "the edit: {event} bytes");
+        let new = edit[0]["m.new_content"]["body"].as_str().unwrap();
+        assert!(
+            new.ends_with(&text::bridge_cut(long.text.len())),
+            "{}",
+            &new[new.len() - 100..]
+        );
+        let html = edit[0]["m.new_content"]["formatted_body"].as_str().unwrap();
+        assert!(
+            html.contains("</code></pre>"),
+            "{}",
+            &html[html.len() - 200..]
+        );
+    }
+
     #[test]
     fn path_segments_are_encoded() {
         assert_eq!(enc("!abc:localhost"), "%21abc%3Alocalhost");
         assert_eq!(enc("$ev/1+2"), "%24ev%2F1%2B2");
         assert_eq!(enc("agentd-1-2"), "agentd-1-2");
+    }
+
+    /// A plain text as one body, cut (an edit).
+    fn fit(text: &str) -> String {
+        let text = Outbound::plain(text);
+        render(&text, &split(&text, 1)[0]).0
+    }
+
+    /// A plain text as the bodies of a post.
+    fn parts(text: &str) -> Vec<String> {
+        let text = Outbound::plain(text);
+        let parts = split(&text, MAX_PARTS);
+        parts.iter().map(|p| render(&text, p).0).collect()
     }
 
     #[test]
