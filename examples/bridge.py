@@ -6,10 +6,20 @@ and stdout, one JSON object per line, so the bridge can be tried by hand and dri
 tests; a real bridge replaces `read_chat` and `post` with the chat app's API.
 
     in  (stdin):  {"chat": "tg:42", "message_id": "1001", "text": "build the docs"}
-    out (stdout): {"chat": "tg:42", "kind": "reply", "text": "task 01a1…  started", "task_id": "01a1…"}
-                  {"chat": "tg:42", "kind": "progress", "text": "building", "task_id": "01a1…"}
+    out (stdout): {"chat": "tg:42", "kind": "reply", "text": "task 01a1…  started", "task_id": "01a1…",
+                   "key": "answer.1001"}
+                  {"chat": "tg:42", "kind": "progress", "text": "building", "task_id": "01a1…",
+                   "html": "<pre><code>building</code></pre>"}
                   {"chat": "tg:42", "kind": "finished", "text": "task 01a1…  succeeded: done",
-                   "task_id": "01a1…", "state": "succeeded"}
+                   "task_id": "01a1…", "state": "succeeded", "key": "end.01a1…",
+                   "html": "task 01a1…  succeeded<pre><code>done</code></pre>"}
+
+`key`, where given, names the post the same way in every run of the bridge: a post
+made again after a crash of the bridge (it had posted, but not yet saved its state)
+has the key of the first, so a chat app that de-duplicates by key (Matrix: the
+transaction id) shows it once. `html`, where given, is the text as HTML for chats
+that format text, with an agent's output (a result, a progress line) in
+`<pre><code>`, escaped, as agentd-matrix's `formatted_body`.
 
 What it does (docs/protocol.md, "Writing a bridge"):
 - connects to agentd's control socket and says `hello` (protocol 1);
@@ -38,13 +48,18 @@ What it does (docs/protocol.md, "Writing a bridge"):
   `\r` progress redraw keeps its last state (`50%\r60%\r` shows `60%`), and other
   control characters except newline and tab are dropped, as agentd-matrix does;
 - a task agentd no longer knows (`not_found`: a new agentd on another state dir)
-  is forgotten, and its chat is told so once, instead of being asked about forever.
+  is forgotten, and its chat is told so once, instead of being asked about forever;
+- posts a task's end before it saves that the task ended, and an answer before it
+  saves that the message was answered, so a crash in between posts it again after
+  the restart, with the same `key`: never lost, and shown once by a chat that
+  de-duplicates by key.
 
 Usage: bridge.py [--socket PATH] [--client NAME] [--max-delay SECONDS] [--state FILE]
 """
 
 import argparse
 import collections
+import html
 import itertools
 import json
 import os
@@ -193,12 +208,21 @@ class Bridge:
 
     # ----- the chat side -----
 
-    def post(self, chat, kind, text, **extra):
+    def post(self, chat, kind, text, html=None, **extra):
+        """Posts `text`; `html`, if given, is (lead, output): the same as HTML, the
+        agent's output as a code block."""
         line = {"chat": chat, "kind": kind, "text": chat_text(text)}
+        if html is not None:
+            line["html"] = chat_html(chat_text(html[0]), chat_text(html[1]))
         line.update(extra)
         with self.out_lock:
             sys.stdout.write(json.dumps(line) + "\n")
             sys.stdout.flush()
+        hold = os.environ.get(TEST_HOLD_AFTER_POST)
+        if hold and hold in line["text"]:
+            log("%s (a test hook): stops after this post until killed" % TEST_HOLD_AFTER_POST)
+            while True:
+                time.sleep(3600)
 
     def on_chat_message(self, chat, message_id, text):
         with self.lock:
@@ -332,19 +356,25 @@ class Bridge:
             if line.get("ok"):
                 task = line["result"]
                 if task.get("state") in TERMINAL:
-                    self.on_finished(catch_up_chat, task)
+                    self.on_finished(catch_up_chat[0], task)
             elif (line.get("error") or {}).get("code") == "not_found":
                 task_id = catch_up_chat[1]
                 with self.lock:
-                    known = self.live.pop(task_id, None) is not None
-                    self._keep()
+                    known = task_id in self.live
                 if known and remember(self.posted_finished, task_id, self.lock):
                     self.post(catch_up_chat[0], "unknown",
                               "task %s  unknown to agentd now: how it ended cannot be shown"
-                              % task_id, task_id=task_id)
+                              % task_id, task_id=task_id, key="end.%s" % task_id)
+                with self.lock:
+                    self.live.pop(task_id, None)
+                    self._keep()
             return
         if message is not None:
             chat = message[0]
+            # The answer is posted before the state file forgets the message: a
+            # crash in between sends it again after the restart, and posts the
+            # answer again with this key.
+            key = {} if message[1] is None else {"key": "answer.%s" % message[1]}
             if line.get("ok"):
                 try:
                     result = line["result"]
@@ -356,11 +386,11 @@ class Bridge:
                 except (KeyError, TypeError, AttributeError) as e:
                     # The details are for the log; the chat gets a short message.
                     log("agentd's answer to a send cannot be read (%r): %s" % (e, raw[:200]))
-                    self.post(chat, "error", UNREADABLE)
+                    self.post(chat, "error", UNREADABLE, **key)
                     with self.lock:
                         self._keep()
                     return
-                extra = {}
+                extra = dict(key)
                 if task:
                     extra["task_id"] = task_id
                     if task.get("state") not in TERMINAL:
@@ -369,12 +399,16 @@ class Bridge:
                 if result.get("command"):
                     extra["command"] = result["command"]
                 self.post(chat, "reply", reply, **extra)
+                if task and result.get("duplicate") and task.get("state") in TERMINAL:
+                    # A message sent again whose task ended meanwhile (the bridge
+                    # was killed before it saved the answer): its end, once.
+                    self.on_finished(chat, task)
                 with self.lock:
                     self._keep()
             else:
                 error = line.get("error", {})
                 self.post(chat, "error", error.get("message", "agentd refused the message"),
-                          code=error.get("code"))
+                          code=error.get("code"), **key)
                 with self.lock:
                     self._keep()
             return
@@ -398,7 +432,8 @@ class Bridge:
                     self.live[task_id] = chat
                     self._keep()
         if kind == "progress":
-            self.post(chat, "progress", event.get("text", ""), task_id=task_id)
+            line = event.get("text", "")
+            self.post(chat, "progress", line, html=("", line), task_id=task_id)
         elif kind == "started":
             if remember(self.posted_started, task_id, self.lock):
                 self.post(chat, "started", "task %s  started" % task_id, task_id=task_id)
@@ -409,20 +444,23 @@ class Bridge:
             self.on_finished(chat, task)
 
     def on_finished(self, chat, task):
-        """Posts a task's end, once (a watch's `finished`, or a catch-up `status`)."""
+        """Posts a task's end, once (a watch's `finished`, or a catch-up `status`),
+        then saves that the task ended: a crash in between posts it again after
+        the restart, with the same key."""
         task_id = task.get("task_id")
+        state = task.get("state", "finished")
+        # A merged task's message went into another task; that one's end is reported.
+        if remember(self.posted_finished, task_id, self.lock) and state != "merged":
+            lead = "task %s  %s" % (task_id, state)
+            text, html = lead, None
+            if task.get("result"):
+                text += ": " + task["result"]
+                html = (lead, task["result"])
+            self.post(chat, "finished", text, html=html, task_id=task_id, state=state,
+                      key="end.%s" % task_id)
         with self.lock:
             self.live.pop(task_id, None)
             self._keep()
-        if not remember(self.posted_finished, task_id, self.lock):
-            return
-        state = task.get("state", "finished")
-        if state == "merged":
-            return  # the message went into another task; that one's end is reported
-        text = "task %s  %s" % (task_id, state)
-        if task.get("result"):
-            text += ": " + task["result"]
-        self.post(chat, "finished", text, task_id=task_id, state=state)
 
 
 # Terminal escape sequences (ECMA-48), as a terminal parser reads them: CSI (`ESC [`,
@@ -454,6 +492,21 @@ def chat_text(text):
         lines.append(redraws[-1] if redraws else "")
     return "\n".join(lines)
 
+
+def chat_html(lead, output):
+    """`lead`, then `output` (an agent's output) as a code block, in HTML: escaped,
+    the lead's line ends as `<br>`. The same as agentd-matrix's `formatted_body`
+    (`html` in crates/bridge/src/matrix.rs)."""
+    text = html.escape(lead, quote=False).replace("\n", "<br>")
+    if output:
+        text += "<pre><code>" + html.escape(output, quote=False) + "</code></pre>"
+    return text
+
+
+# For the tests only (tests/bridge.rs), never for use: when set, the bridge stops
+# for good right after it posted a text containing its value, before it saves its
+# state, so a test can kill it in that window. agentd-matrix has the same hook.
+TEST_HOLD_AFTER_POST = "AGENTD_BRIDGE_TEST_HOLD_AFTER_POST"
 
 # What the chat is told when agentd's answer to its message cannot be read.
 UNREADABLE = ("agentd's answer to this message could not be read (the bridge's log has "

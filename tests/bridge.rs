@@ -44,6 +44,12 @@ impl Bridge {
     }
 
     fn start_with_state(socket: &Path, stderr: &Path, state: &Path) -> Bridge {
+        Bridge::start_with_env(socket, stderr, state, &[])
+    }
+
+    /// Like [`Bridge::start_with_state`], with these environment variables set
+    /// (test hooks).
+    fn start_with_env(socket: &Path, stderr: &Path, state: &Path, env: &[(&str, &str)]) -> Bridge {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bridge.py");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -57,6 +63,7 @@ impl Bridge {
             .arg("--state")
             .arg(state)
             .args(["--max-delay", "0.2"])
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -329,6 +336,7 @@ fn the_python_bridge_keeps_its_state_across_its_own_restart() {
         l["kind"] == "finished" && l["task_id"] == json!(task)
     });
     assert_eq!(end["state"], json!("cancelled"), "{end}");
+    assert_eq!(end["chat"], json!(chat), "reported in its chat: {end}");
 
     // agentd is down: the message waits in the bridge, which is killed.
     kill(d.pid(), libc::SIGTERM);
@@ -590,6 +598,119 @@ fn the_python_bridge_cleans_text_as_the_rust_bridge_does() {
     for (input, python) in inputs.iter().zip(&cleaned).skip(cases.len()) {
         assert_eq!(*python, chat_text(input), "{input:?}");
     }
+}
+
+/// The bridge is killed (SIGKILL) right after it posted a task's end, before it
+/// saved that (the test hook `AGENTD_BRIDGE_TEST_HOLD_AFTER_POST` holds it there):
+/// the restarted bridge posts the end again, with the same `key` (`end.<task>`),
+/// so a chat that de-duplicates by key shows it once; it is never lost. The same
+/// for an answer (`answer.<message id>`): the message is sent again, agentd knows
+/// it, and its task's end, which the killed bridge never posted, follows.
+#[test]
+fn the_python_bridge_posts_again_with_the_same_key_after_a_kill_right_after_a_post() {
+    let d = Daemon::with_agent_exec(&[]);
+    let log = d.dir.path().join("bridge.log");
+    let state = d.dir.path().join("bridge-state.json");
+    let chat = "tg:5005";
+    for (hold, message_id, work) in [
+        ("succeeded", "m-1", "echo the end once"),
+        ("started", "m-2", "echo the answer once"),
+    ] {
+        let env = [("AGENTD_BRIDGE_TEST_HOLD_AFTER_POST", hold)];
+        let mut bridge = Bridge::start_with_env(&d.socket, &log, &state, &env);
+        bridge.say(chat, message_id, work);
+        let reply = bridge.expect("the task's start", |l| l["kind"] == "reply");
+        assert_eq!(reply["key"], format!("answer.{message_id}"), "{reply}");
+        let task = reply["task_id"].as_str().expect("a task id").to_string();
+        let first = if hold == "succeeded" {
+            bridge.expect("the task's end", |l| l["kind"] == "finished")
+        } else {
+            reply
+        };
+        wait_for("the bridge holds after the post", DEADLINE, || {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            (log.matches("(a test hook)").count() == if hold == "succeeded" { 1 } else { 2 })
+                .then_some(())
+        });
+        d.wait_state(&task, "succeeded");
+        kill(bridge.process.0.id(), libc::SIGKILL);
+        drop(bridge);
+        let mut bridge = Bridge::start_with_state(&d.socket, &log, &state);
+        if hold == "started" {
+            let again = bridge.expect("the answer again", |l| l["kind"] == "reply");
+            assert_eq!(again["key"], first["key"], "{again}");
+            assert_eq!(again["task_id"], json!(task), "{again}");
+        }
+        let end = bridge.expect("the end, after the restart", |l| {
+            l["kind"] == "finished" && l["task_id"] == json!(task)
+        });
+        assert_eq!(end["key"], format!("end.{task}"), "{end}");
+        if hold == "succeeded" {
+            assert_eq!(end, first, "the same post, the same key");
+        }
+        let html = end["html"].as_str().unwrap_or_default();
+        assert!(
+            html.starts_with(&format!("task {task}  succeeded<pre><code>")),
+            "{end}"
+        );
+        wait_for("the bridge saves that the task ended", DEADLINE, || {
+            let kept = std::fs::read_to_string(&state).unwrap_or_default();
+            (!kept.contains(&task) && kept.contains("\"unanswered\": []")).then_some(())
+        });
+    }
+}
+
+/// bridge.py's `chat_html` makes the HTML agentd-matrix makes for a text with an
+/// agent's output (`agentd_bridge::matrix::formatted`).
+#[test]
+fn the_python_bridge_formats_output_as_the_rust_bridge_does() {
+    use agentd_bridge::matrix::formatted;
+    let cases = [
+        ("task T  succeeded", "done"),
+        (
+            "task T  failed (exit status 2)",
+            "if a < b && c > d {\n\t\"x\" 'y'\n}\n",
+        ),
+        (
+            "a <lead> & more\nsecond",
+            "é ü ✓ 日本 &amp; </code></pre><script>",
+        ),
+        ("", "just output"),
+        ("no output", ""),
+    ];
+    let script = concat!(
+        "import json, sys\n",
+        "sys.path.insert(0, sys.argv[1])\n",
+        "from bridge import chat_html\n",
+        "print(json.dumps([chat_html(l, o) for l, o in json.load(sys.stdin)]))\n",
+    );
+    let mut python = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
+        ])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut stdin = python.stdin.take().unwrap();
+    stdin
+        .write_all(serde_json::to_string(&cases).unwrap().as_bytes())
+        .unwrap();
+    drop(stdin);
+    let output = python.wait_with_output().expect("python3 runs");
+    assert!(output.status.success(), "{output:?}");
+    let made: Vec<String> = serde_json::from_slice(&output.stdout).expect("a JSON list");
+    assert_eq!(made.len(), cases.len());
+    for ((lead, out), python) in cases.iter().zip(&made) {
+        assert_eq!(*python, formatted(lead, out), "{lead:?} {out:?}");
+    }
+    assert_eq!(
+        formatted("a <b>\nc", "x && y"),
+        "a &lt;b&gt;<br>c<pre><code>x &amp;&amp; y</code></pre>"
+    );
 }
 
 /// A state file that is not what the bridge wrote (not JSON, or JSON of another

@@ -143,18 +143,25 @@ fn render(text: &Outbound, part: &Part) -> (String, Option<String>) {
     let lead = &text.text[start.min(at)..end.min(at)];
     let lead = lead.strip_suffix('\n').unwrap_or(lead);
     let output = &text.text[start.max(at)..end.max(at)];
-    let mut html = html_escape::encode_text(lead).replace('\n', "<br>");
-    if !output.is_empty() {
-        html.push_str("<pre><code>");
-        html.push_str(&html_escape::encode_text(output));
-        html.push_str("</code></pre>");
-    }
+    let mut html = formatted(lead, output);
     if let Some(note) = &note {
         html.push_str("<p>");
         html.push_str(&html_escape::encode_text(note));
         html.push_str("</p>");
     }
     (body, Some(html))
+}
+
+/// `lead`, then `output` (an agent's output) as a code block, in HTML: escaped,
+/// the lead's line ends as `<br>`. `chat_html` in examples/bridge.py is the same.
+pub fn formatted(lead: &str, output: &str) -> String {
+    let mut html = html_escape::encode_text(lead).replace('\n', "<br>");
+    if !output.is_empty() {
+        html.push_str("<pre><code>");
+        html.push_str(&html_escape::encode_text(output));
+        html.push_str("</code></pre>");
+    }
+    html
 }
 
 /// The content of an `m.notice` with `body` and, if given, an HTML
