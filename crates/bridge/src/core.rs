@@ -591,11 +591,16 @@ impl<C: Chat> Writer<C> {
             retries: VecDeque::new(),
             first_redo_delay: FIRST_REDO_DELAY,
             told_down: HashSet::new(),
-            run: format!(
-                "r{}-{}",
-                std::process::id(),
-                ms_since_epoch(SystemTime::now())
-            ),
+            run: {
+                // One writer per process; the tests make many.
+                static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!(
+                    "r{}-{}-{n}",
+                    std::process::id(),
+                    ms_since_epoch(SystemTime::now())
+                )
+            },
             last_key: 0,
         }
     }
@@ -1901,6 +1906,46 @@ mod tests {
         );
         assert!(keys[..3].iter().all(|(_, k)| *k == keys[0].1), "{keys:?}");
         assert_ne!(keys[3].1, keys[0].1, "{keys:?}");
+    }
+
+    /// Two runs of the bridge (a restart between them) post a task's end, its final
+    /// edit and the answer to a message with the same keys, so the chat shows each
+    /// once; any other post has a key of its run.
+    #[test]
+    fn ends_and_answers_have_the_same_key_in_every_run_and_other_posts_do_not() {
+        let run = || {
+            let chat = Arc::new(Recorder::default());
+            let shows = vec![
+                started_answer(),
+                event("progress", Some("step 1"), view("running", None)),
+                event("finished", None, view("succeeded", Some("all done"))),
+                Show::Refuse {
+                    to: Conversation::room("r"),
+                    sender: "@m:h".into(),
+                },
+            ];
+            run_writer_on(chat.clone(), Duration::ZERO, None, shows);
+            let keys = lock(&chat.keys).clone();
+            keys
+        };
+        let (first, second) = (run(), run());
+        let calls: Vec<&str> = first.iter().map(|(c, _)| &c[..c.len().min(20)]).collect();
+        assert_eq!(
+            calls,
+            [
+                "post task T  started",
+                "edit m1 task T  runn",
+                "edit m1 task T  succ",
+                "post task T  succeed",
+                "post Sorry @m:h, you"
+            ]
+        );
+        for i in [0, 2, 3] {
+            assert_eq!(first[i], second[i], "{first:?} {second:?}");
+        }
+        for i in [1, 4] {
+            assert_ne!(first[i].1, second[i].1, "{first:?} {second:?}");
+        }
     }
 
     /// Messages that come while agentd is not connected wait; the chat is told so
