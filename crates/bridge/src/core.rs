@@ -480,6 +480,9 @@ enum Redo {
         /// The task whose answer this is: the message, once posted, is the one
         /// its progress edits.
         task: Option<String>,
+        /// The task whose end this is: kept as followed in the state file until
+        /// the end is posted, so a restart meanwhile still reports it.
+        ends: Option<(String, Followed)>,
     },
     Edit {
         to: Conversation,
@@ -636,6 +639,12 @@ impl<C: Chat> Writer<C> {
         let Some(keep) = &self.keep else {
             return;
         };
+        let waiting = self.retries.iter().filter_map(|r| match &r.redo {
+            Redo::Post {
+                ends: Some(ends), ..
+            } => Some(ends.clone()),
+            _ => None,
+        });
         let now: BTreeMap<String, Followed> = self
             .tasks
             .iter()
@@ -649,6 +658,7 @@ impl<C: Chat> Writer<C> {
                     },
                 ))
             })
+            .chain(waiting)
             .collect();
         if now != self.kept {
             keep(now.clone());
@@ -722,8 +732,23 @@ impl<C: Chat> Writer<C> {
             body,
             key,
             task: task.map(str::to_string),
+            ends: None,
         });
         Err(true)
+    }
+
+    /// Posts the end of `task_id` (its key: [`key_of`]); while the post waits to be
+    /// made again, the task is kept as followed (`followed`) in the state file.
+    fn post_end(&mut self, to: &Conversation, body: Outbound, task_id: &str, followed: Followed) {
+        if self.post_for(to, body, key_of("end", task_id), None) == Err(true) {
+            if let Some(Retry {
+                redo: Redo::Post { ends, .. },
+                ..
+            }) = self.retries.back_mut()
+            {
+                *ends = Some((task_id.to_string(), followed));
+            }
+        }
     }
 
     /// Edits a message for the last time (a task's end), tried again like a post,
@@ -925,13 +950,14 @@ impl<C: Chat> Writer<C> {
                     return;
                 }
                 let to = session.as_deref().and_then(|s| self.conversation(s));
-                if let Some(to) = to {
+                if let (Some(to), Some(session)) = (to, session) {
                     let body = Outbound::plain(text::bridge_task_unknown(&task_id));
-                    if let Some(message) = ui.and_then(|ui| ui.message) {
+                    let message = ui.and_then(|ui| ui.message);
+                    if let Some(message) = &message {
                         let key = key_of("end-edit", &task_id);
-                        self.final_edit(&to, &message, body.clone(), key);
+                        self.final_edit(&to, message, body.clone(), key);
                     }
-                    let _ = self.post_for(&to, body, key_of("end", &task_id), None);
+                    self.post_end(&to, body, &task_id, Followed { session, message });
                 }
             }
             Err(e) => {
@@ -1045,6 +1071,10 @@ impl<C: Chat> Writer<C> {
         let Some(to) = self.conversation(session) else {
             return;
         };
+        let followed = Followed {
+            session: session.to_string(),
+            message: ui.as_ref().and_then(|ui| ui.message.clone()),
+        };
         // The progress message keeps the last line it showed, under the final state.
         if let Some(TaskUi {
             message: Some(message),
@@ -1067,13 +1097,12 @@ impl<C: Chat> Writer<C> {
             self.final_edit(&to, &message, body, key_of("end-edit", &view.task_id));
         }
         if view.state != TaskState::Merged {
-            let key = key_of("end", &view.task_id);
             let body = text::bridge_finished(&view);
             let body = match view.result.as_deref() {
                 Some(result) => Outbound::ending_with_output(body, result),
                 None => Outbound::plain(body),
             };
-            let _ = self.post_for(&to, body, key, None);
+            self.post_end(&to, body, &view.task_id, followed);
         }
     }
 
@@ -1946,6 +1975,63 @@ mod tests {
         for i in [1, 4] {
             assert_ne!(first[i].1, second[i].1, "{first:?} {second:?}");
         }
+    }
+
+    /// The chat refuses a task's end for a while (the homeserver is down): until
+    /// the end is posted, the state file still names the task, so a bridge that
+    /// restarts meanwhile asks about it again and posts its end (with the same
+    /// key), instead of losing it with the retries it kept in memory.
+    #[test]
+    fn a_task_whose_end_waits_to_be_posted_is_still_kept_as_followed() {
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep: Keep = {
+            let kept = kept.clone();
+            Box::new(move |tasks| lock(&kept).push(tasks))
+        };
+        let chat = Arc::new(Recorder::default());
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let followed = Followed {
+            session: "test:r".into(),
+            message: Some("m0".into()),
+        };
+        let before = BTreeMap::from([("T".to_string(), followed.clone())]);
+        let mut writer = Writer::new(chat.clone(), sessions, Duration::ZERO, {
+            Box::new(|_: &str| {})
+        })
+        .following(before.clone(), keep);
+        writer.first_redo_delay = Duration::ZERO;
+        *lock(&chat.failing) = 1;
+        for show in [
+            note(Note::Connected {
+                server: "agentd".into(),
+            }),
+            status(Ok(view("succeeded", Some("all done")))),
+        ] {
+            let Show::Note(note) = show else {
+                unreachable!()
+            };
+            writer.note(*note);
+        }
+        writer.keep_followed();
+        assert!(
+            lock(&kept).iter().all(|k| *k == before),
+            "forgotten while its end waits: {:?}",
+            lock(&kept)
+        );
+        writer.flush_retries();
+        writer.keep_followed();
+        assert_eq!(
+            *lock(&chat.calls),
+            [
+                "fail edit m0 task T  succeeded  work",
+                "edit m0 task T  succeeded  work",
+                "post task T  succeeded\nall done",
+            ]
+        );
+        assert_eq!(lock(&kept).last(), Some(&BTreeMap::new()));
     }
 
     /// Messages that come while agentd is not connected wait; the chat is told so
