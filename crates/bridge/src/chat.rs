@@ -159,3 +159,38 @@ pub trait Chat: Send + Sync + 'static {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_the_end_of_the_text_after_a_line_end() {
+        let out = Outbound::with_output("task T  succeeded", "a\nb");
+        assert_eq!(out.text, "task T  succeeded\na\nb");
+        assert_eq!(
+            (out.lead(), out.output()),
+            ("task T  succeeded", Some("a\nb"))
+        );
+        let out = Outbound::ending_with_output("task T  succeeded\ndone".into(), "done");
+        assert_eq!(
+            (out.lead(), out.output()),
+            ("task T  succeeded", Some("done"))
+        );
+        // Not the end of the text after a line end: plain.
+        for (text, output) in [
+            ("task T  succeeded", "succeeded"),
+            ("task T  succeeded", "d"),
+            ("done", "done"),
+            ("x", "longer than x"),
+        ] {
+            let out = Outbound::ending_with_output(text.into(), output);
+            assert_eq!(
+                (out.lead(), out.output()),
+                (text, None),
+                "{text:?} {output:?}"
+            );
+        }
+        assert_eq!(Outbound::plain("p").output(), None);
+    }
+}

@@ -1244,6 +1244,8 @@ mod tests {
         refused: Option<&'static str>,
         /// The key of every post and edit attempt, beside the call as in `calls`.
         keys: Mutex<Vec<(String, String)>>,
+        /// The agent's output of every post and edit attempt ([`Outbound::output`]).
+        outputs: Mutex<Vec<Option<String>>>,
     }
 
     impl Recorder {
@@ -1266,6 +1268,7 @@ mod tests {
             unreachable!("the writer never polls")
         }
         fn post(&self, _: &Conversation, text: &Outbound, key: &str) -> anyhow::Result<String> {
+            lock(&self.outputs).push(text.output().map(str::to_string));
             let text = &text.text;
             lock(&self.keys).push((format!("post {text}"), key.to_string()));
             if self.refused.is_some_and(|r| text.contains(r)) {
@@ -1286,6 +1289,7 @@ mod tests {
             text: &Outbound,
             key: &str,
         ) -> anyhow::Result<()> {
+            lock(&self.outputs).push(text.output().map(str::to_string));
             let text = &text.text;
             lock(&self.keys).push((format!("edit {id} {text}"), key.to_string()));
             if self.fails(format!("edit {id} {text}")) {
@@ -1550,6 +1554,36 @@ mod tests {
                 "edit m1 task T  succeeded\nstep 50",
                 "post task T  succeeded\nall done",
             ]
+        );
+    }
+
+    /// The chat is told which part of a text is an agent's output (for a code
+    /// block): the progress line of the progress message and its final edit, and
+    /// a task's result; answers are plain text. Cleaned, the output is still the
+    /// end of the text.
+    #[test]
+    fn results_and_progress_lines_are_handed_to_the_chat_as_output() {
+        let chat = Arc::new(Recorder::default());
+        let shows = vec![
+            started_answer(),
+            event(
+                "progress",
+                Some("\x1b[1mstep\x1b[0m 1"),
+                view("running", None),
+            ),
+            event("finished", None, view("succeeded", Some("all <done>"))),
+        ];
+        run_writer_on(chat.clone(), Duration::ZERO, None, shows);
+        let outputs = lock(&chat.outputs).clone();
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            outputs,
+            [None, some("step 1"), some("step 1"), some("all <done>")]
+        );
+        assert_eq!(
+            lock(&chat.calls)[5],
+            "post task T  succeeded\nall <done>",
+            "the plain text is as before"
         );
     }
 

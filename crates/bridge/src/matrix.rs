@@ -2,8 +2,9 @@
 //! `since` token is the core's cursor), `PUT /rooms/{room}/send/m.room.message/{txn}`
 //! for posts and `m.replace` edits (the transaction id is made of the core's key,
 //! so a post made again is one event; a text longer than one event holds is
-//! posted in parts), typing notices, and joining the rooms it is invited to by
-//! allowed users (or the configured rooms).
+//! posted in parts; an agent's output is a `<pre><code>` block of an HTML
+//! `formatted_body` beside the plain `body`), typing notices, and joining the
+//! rooms it is invited to by allowed users (or the configured rooms).
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
