@@ -225,11 +225,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Decides the containment (see [`agentd_proc::Procs`]); recovery (see
-/// `Supervisor::recover_cgroups`) then kills what a previous agentd on this socket
-/// left in its task cgroups and starts the guardian.
+/// Decides the containment (see [`agentd_proc::Procs`]) and starts the cgroup
+/// guardian at once (after the previous agentd's has finished), so that from here on
+/// an agentd that dies, even while it recovers, leaves no cgroup behind; recovery
+/// (see `Supervisor::recover_cgroups`) then kills what a previous agentd on this
+/// socket left in its task cgroups.
 fn containment(config: &DaemonConfig) -> Procs {
-    let procs = if config.agents.no_cgroup {
+    let mut procs = if config.agents.no_cgroup {
         Procs::process_tree(agentd_proto::text::CGROUP_DISABLED)
     } else {
         Procs::detect(&CgroupOptions::for_socket(&config.socket))
@@ -247,6 +249,11 @@ fn containment(config: &DaemonConfig) -> Procs {
         Containment::ProcessTree { reason } => {
             tracing::info!("containment: process tree search ({reason})")
         }
+    }
+    match procs.start_guardian() {
+        Ok(Some(pid)) => tracing::debug!(pid, "cgroup guardian started"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
     }
     procs
 }
