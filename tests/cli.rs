@@ -187,8 +187,9 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
     };
     let socket = dir.path().join("private").join("agentd.sock");
     let socket = socket.to_str().unwrap();
+    // A configuration error exits 78 (EX_CONFIG), a usage error 2, the rest 1.
     let out = run(&["--socket", socket, "--max-concurrent", "0"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     assert!(
         stderr(&out).contains("--max-concurrent must be at least 1"),
         "{}",
@@ -203,7 +204,7 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
     );
 
     let out = run(&["--socket", socket, "--agent", "'unterminated"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     assert!(
         stderr(&out).contains("unterminated single quote"),
         "{}",
@@ -218,7 +219,7 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
         .env("AGENTD_LOG", "bogus===")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = stderr(&out);
     assert!(
         err.starts_with("agentd: invalid $AGENTD_LOG \"bogus===\": "),
@@ -387,12 +388,12 @@ fn chat_answers_a_mistaken_command_and_goes_on() {
     assert_eq!(status, Some(0), "{transcript}");
 }
 
-/// A task that fails before its agent runs (here: no such agent program) is told
+/// A task that fails before its agent runs (here: its agent program was removed) is told
 /// once by `send --wait`, with how it ended, not once as the send's answer and again
 /// as its end.
 #[test]
 fn send_wait_of_a_task_that_failed_at_once_says_so_once() {
-    let d = Daemon::start(&["--agent", "/nonexistent/agent {text}"]);
+    let d = Daemon::with_removed_agent();
     let out = d.agentctl(&["send", "--session", "alice", "--wait", "hello"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let text = stdout(&out);

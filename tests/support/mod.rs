@@ -138,6 +138,20 @@ impl Daemon {
         Daemon::start(&args)
     }
 
+    /// agentd whose agent program was removed after agentd started (it refuses to
+    /// start without one): every task's spawn fails.
+    pub fn with_removed_agent() -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let program = dir.path().join("removed-agent");
+        std::fs::write(&program, "#!/bin/sh\nexit 1\n").expect("agent program");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let agent = format!("{} {{text}}", program.display());
+        let daemon = Daemon::start_in(dir, &["--agent", agent.as_str()], &[]);
+        std::fs::remove_file(&program).expect("remove the agent program");
+        daemon
+    }
+
     /// A path under this daemon's temp dir that a `hold PATH` task waits for.
     pub fn gate(&self, name: &str) -> String {
         self.dir
