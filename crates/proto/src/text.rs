@@ -382,6 +382,25 @@ pub const ZERO_TIMEOUT: &str =
 /// Why the process-tree fallback is in use when `--no-cgroup` asked for it.
 pub const CGROUP_DISABLED: &str = "cgroups disabled by --no-cgroup";
 
+/// agentctl: the socket path names a directory (`suggest`: the socket it may have
+/// meant, `DIR/agentd.sock`).
+pub fn socket_is_a_directory(path: &std::path::Path, suggest: &std::path::Path) -> String {
+    format!(
+        "{} is a directory, not agentd's socket: give the socket file, e.g. {}",
+        path.display(),
+        suggest.display()
+    )
+}
+
+/// agentctl: the socket path names something that is no socket (`kind`: `a regular
+/// file`, …).
+pub fn socket_is_not_a_socket(path: &std::path::Path, kind: &str) -> String {
+    format!(
+        "{} is {kind}, not agentd's socket: give the socket agentd listens on (its --socket)",
+        path.display()
+    )
+}
+
 /// agentd's exit status, in `agentd --help` and its man page.
 pub const AGENTD_EXIT_STATUS: &str = "Exit status: 0 stopped by SIGTERM or SIGINT, 1 could not \
     run (socket, store, containment), 2 usage error, 75 another agentd holds the state dir, \

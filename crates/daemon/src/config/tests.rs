@@ -210,7 +210,10 @@ fn file_config_rejects_unknown_keys() {
 fn the_agent_program_is_checked_as_a_spawn_would_find_it() {
     let words = |line: &str| parse_agent_command(line).unwrap();
     // On agentd's PATH (a wrapper: what it runs in turn is not checked).
-    assert_eq!(check_agent_program(&words("sh -c 'nosuchprog {text}'")), Ok(()));
+    assert_eq!(
+        check_agent_program(&words("sh -c 'nosuchprog {text}'")),
+        Ok(())
+    );
     // Known only when a task runs.
     assert_eq!(check_agent_program(&words("{text} --flag")), Ok(()));
     let err = check_agent_program(&words("agentd-no-such-program {text}")).unwrap_err();
