@@ -206,10 +206,12 @@ pub async fn run(
         }
     }
     sup.store.flush();
-    fast_lane.stop();
     // What the stop told its watchers (the tasks' `finished`) reaches them before
-    // the connections close.
+    // the connections close, and so do the answers the fast lane's connections owe
+    // (both lanes at once, each for at most a second).
+    fast_lane.begin_stop();
     connections.flush_all(SHUTDOWN_FLUSH).await;
+    fast_lane.stop();
     // `{ sup }` moves it: everything but these two (the agents' logs among them)
     // is dropped here, before the store closes.
     let Supervisor {
