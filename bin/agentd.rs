@@ -46,9 +46,24 @@ fn resolve(args: Args) -> anyhow::Result<Resolved> {
         }
     };
     let control = control_settings(&args.max_connections, &args.request_timeout, &file)?;
-    let agent = match args.agent.or(file.agent) {
-        Some(line) => config::parse_agent_command(&line).context("invalid --agent")?,
-        None => config::default_agent_command(),
+    let agent_command = |line: &str| {
+        let words = config::parse_agent_command(line)?;
+        config::check_agent_program(&words).map_err(anyhow::Error::msg)?;
+        anyhow::Ok(words)
+    };
+    let agent = match (&args.agent, &file.agent, &file_path) {
+        (Some(line), _, _) => agent_command(line).context("invalid --agent")?,
+        (None, Some(line), Some(path)) => {
+            agent_command(line).map_err(|e| config::key_error(path, "agent", e))?
+        }
+        (None, Some(line), None) => agent_command(line).context("invalid agent")?,
+        (None, None, _) => {
+            let words = config::default_agent_command();
+            config::check_agent_program(&words)
+                .map_err(anyhow::Error::msg)
+                .context(agentd_proto::text::DEFAULT_AGENT)?;
+            words
+        }
     };
     let max_concurrent = args.max_concurrent.or(file.max_concurrent).unwrap_or(2);
     if max_concurrent == 0 {
@@ -367,8 +382,8 @@ fn main_inner() -> anyhow::Result<()> {
     let Resolved {
         mut config,
         log_format,
-    } = resolve(args.clone())?;
-    init_logging(log_format)?;
+    } = resolve(args.clone()).map_err(ConfigError)?;
+    init_logging(log_format).map_err(ConfigError)?;
     // The state dir, then the single-instance lock, before the socket or the store
     // is touched: a second agentd on the same state dir stops here.
     agentd_store::prepare_state_dir(&config.state_dir)
@@ -461,6 +476,19 @@ fn agentd_proc_subreaper() -> anyhow::Result<()> {
     agentd_daemon::supervisor::become_subreaper().context("cannot become a child subreaper")
 }
 
+/// A configuration error (a flag's value, the config file, the agent program): exit
+/// with [`config::EXIT_CONFIG`].
+#[derive(Debug)]
+struct ConfigError(anyhow::Error);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 /// Another agentd holds the state dir: exit with [`agentd_store::EXIT_ALREADY_RUNNING`].
 #[derive(Debug)]
 struct AlreadyRunning(String);
@@ -479,6 +507,10 @@ fn main() -> ExitCode {
         Err(e) if e.is::<AlreadyRunning>() => {
             eprintln!("agentd: {e}");
             ExitCode::from(agentd_store::EXIT_ALREADY_RUNNING)
+        }
+        Err(e) if e.is::<ConfigError>() => {
+            eprintln!("agentd: {e}");
+            ExitCode::from(config::EXIT_CONFIG)
         }
         Err(e) => {
             eprintln!("agentd: {e:#}");

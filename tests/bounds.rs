@@ -336,6 +336,73 @@ fn a_client_pipelining_statuses_without_reading_is_not_read_further() {
     }
 }
 
+/// Statuses answered on the fast lane just before a shutdown reach their client in
+/// full, though it reads them only once agentd has stopped accepting connections:
+/// at exit the fast lane's connections, like the loop's, write what they owe (for up
+/// to a second) before they close, rather than being cut inside an answer.
+#[test]
+fn statuses_answered_as_agentd_stops_reach_a_client_that_reads_them_late() {
+    const LINE: &[u8] = b"{\"id\":1,\"cmd\":\"status\"}\n";
+    let mut daemon = Daemon::start(&[]);
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // Whole lines until agentd stops reading: its answers fill the socket, and one
+    // is being written when it stops.
+    let lines = LINE.repeat(3000);
+    let mut sent = 0;
+    loop {
+        assert!(
+            sent < 8 << 20,
+            "agentd read {sent} bytes of unanswered statuses"
+        );
+        match stream.write(&lines) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    kill(daemon.pid(), libc::SIGTERM);
+    // Not read until agentd no longer accepts connections: it is closing them.
+    wait_for("agentd to stop accepting connections", DEADLINE, || {
+        UnixStream::connect(&daemon.socket).is_err().then_some(())
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            // Closed with our unread requests: after the answers, "reset".
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read after {} bytes: {e}", received.len()),
+        }
+    }
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", daemon.log());
+    assert!(!received.is_empty());
+    let tail = received.len()
+        - received
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+    assert_eq!(
+        tail,
+        0,
+        "an answer was cut: {} of its bytes came, after {} whole lines",
+        tail,
+        received.iter().filter(|b| **b == b'\n').count()
+    );
+    for line in received.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let value: Value = serde_json::from_slice(line).unwrap();
+        assert_eq!(value["ok"], json!(true), "{value}");
+    }
+}
+
 #[test]
 fn long_listings_are_paged_and_agentctl_joins_the_pages() {
     let daemon = Daemon::with_echo_agent(&["--max-concurrent", "1"]);

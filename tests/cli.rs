@@ -39,6 +39,67 @@ fn agentctl_says_clearly_when_agentd_is_not_running() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// `--socket` naming a directory (or a file that is no socket) says so and which file
+/// to give; an empty `--socket` is a usage error, not the default socket in disguise
+/// (an empty `AGENTD_SOCKET` still counts as unset, as for agentd).
+#[test]
+fn agentctl_says_when_its_socket_is_a_directory_or_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |socket: &std::ffi::OsStr, env: Option<&str>| {
+        let mut command = Command::new(AGENTCTL);
+        command.arg("--socket").arg(socket).arg("ping");
+        if let Some(env) = env {
+            command.env("AGENTD_SOCKET", env);
+        }
+        command.output().unwrap()
+    };
+    let out = run(dir.path().as_os_str(), None);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} is a directory, not agentd's socket: give the socket file, e.g. {}",
+            dir.path().display(),
+            dir.path().join("agentd.sock").display()
+        )),
+        "{err}"
+    );
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "x").unwrap();
+    let out = run(file.as_os_str(), None);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{} is a regular file, not agentd's socket: give the socket agentd listens on",
+            file.display()
+        )),
+        "{err}"
+    );
+
+    let out = run("".as_ref(), None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("--socket"), "{err}");
+    assert!(!err.contains("agentd is not running"), "{err}");
+
+    // An empty AGENTD_SOCKET is unset: the default path (here under XDG_RUNTIME_DIR).
+    let out = Command::new(AGENTCTL)
+        .arg("ping")
+        .env("AGENTD_SOCKET", "")
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let default = dir.path().join("agentd").join("agentd.sock");
+    assert!(
+        stderr(&out).contains(&default.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// A task id agentctl cannot use (too short, ambiguous) is refused with what to give
 /// instead, by every command that takes one; a short prefix of existing tasks is not
 /// reported as if no such task existed.
@@ -187,8 +248,9 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
     };
     let socket = dir.path().join("private").join("agentd.sock");
     let socket = socket.to_str().unwrap();
+    // A configuration error exits 78 (EX_CONFIG), a usage error 2, the rest 1.
     let out = run(&["--socket", socket, "--max-concurrent", "0"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     assert!(
         stderr(&out).contains("--max-concurrent must be at least 1"),
         "{}",
@@ -203,7 +265,7 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
     );
 
     let out = run(&["--socket", socket, "--agent", "'unterminated"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     assert!(
         stderr(&out).contains("unterminated single quote"),
         "{}",
@@ -218,7 +280,7 @@ fn agentd_refuses_bad_flags_and_an_open_socket_directory_with_one_line() {
         .env("AGENTD_LOG", "bogus===")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = stderr(&out);
     assert!(
         err.starts_with("agentd: invalid $AGENTD_LOG \"bogus===\": "),
@@ -387,12 +449,12 @@ fn chat_answers_a_mistaken_command_and_goes_on() {
     assert_eq!(status, Some(0), "{transcript}");
 }
 
-/// A task that fails before its agent runs (here: no such agent program) is told
+/// A task that fails before its agent runs (here: its agent program was removed) is told
 /// once by `send --wait`, with how it ended, not once as the send's answer and again
 /// as its end.
 #[test]
 fn send_wait_of_a_task_that_failed_at_once_says_so_once() {
-    let d = Daemon::start(&["--agent", "/nonexistent/agent {text}"]);
+    let d = Daemon::with_removed_agent();
     let out = d.agentctl(&["send", "--session", "alice", "--wait", "hello"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let text = stdout(&out);

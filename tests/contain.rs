@@ -114,6 +114,40 @@ fn status_says_which_containment_holds_and_no_cgroup_forces_the_fallback() {
     }
 }
 
+/// A task's cgroup is gone by the time the task has ended, whether its agent
+/// finished (also one that made a cgroup of its own inside it) or was stopped; a
+/// clean exit removes agentd's own cgroups.
+#[test]
+fn a_task_cgroup_is_removed_when_the_task_ends_or_is_stopped() {
+    let mut d = Daemon::with_agent_exec(&quick_stop_args(false));
+    let Some(dirs) = d.cgroup_dirs() else {
+        eprintln!("no writable cgroup on this host: no task cgroups");
+        return;
+    };
+    let cgroup_of = |task: &str| dirs.0.join(format!("task-{task}"));
+    let done = d.submit("alice", "echo done");
+    d.wait_state(&done, "succeeded");
+    assert!(!cgroup_of(&done).exists(), "{}", cgroup_of(&done).display());
+    // An agent running as root may make cgroups below its own.
+    let nested = d.submit(
+        "alice",
+        &format!("mkdir {}/task-$AGENTD_TASK_ID/sub", dirs.0.display()),
+    );
+    let view = d.wait_state(&nested, "succeeded");
+    assert!(!cgroup_of(&nested).exists(), "{view}\n{}", d.log());
+    let stopped = d.submit("alice", "echo up; sleep 300");
+    d.wait_progress(&stopped, "up");
+    assert!(cgroup_of(&stopped).is_dir());
+    d.request(json!({"cmd": "stop", "task_id": stopped}));
+    d.wait_state(&stopped, "cancelled");
+    assert!(!cgroup_of(&stopped).exists());
+    assert_eq!(sub_cgroups(&dirs.0), Vec::<std::path::PathBuf>::new());
+    kill(d.pid(), libc::SIGTERM);
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", d.log());
+    assert!(!dirs.0.exists() && !dirs.1.exists(), "{dirs:?}");
+}
+
 /// `setsid`, a double fork and a double fork that also clears its environment: the
 /// cgroup catches all three; the fallback catches the first two (its documented
 /// limit is the third).
@@ -366,12 +400,7 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_with_cgroups() {
     d.wait_progress(&task, "up");
     let mut tree = wait_pids(&pids, 3);
     tree.extend(d.live_children());
-    let status = d.request(json!({"cmd": "status"}));
-    let root = std::path::PathBuf::from(status["containment"]["cgroup"].as_str().unwrap());
-    let guardian_dir = root.with_file_name(format!(
-        "{}.guardian",
-        root.file_name().unwrap().to_string_lossy()
-    ));
+    let (root, guardian_dir) = d.cgroup_dirs().unwrap();
     assert!(guardian_dir.is_dir(), "{}", guardian_dir.display());
     kill(d.pid(), libc::SIGKILL);
     let _ = d.child.wait();
@@ -401,15 +430,30 @@ fn agentd_killed_by_sigkill_leaves_no_task_tree_in_the_fallback() {
     wait_gone(&tree, DEADLINE, "the task tree after agentd's SIGKILL");
 }
 
-/// If the guardian dies with agentd, the next agentd on the socket kills what was
-/// left in the old task cgroups before it runs anything.
-#[test]
-fn the_next_agentd_recovers_what_a_killed_agentd_and_guardian_left() {
-    let mut d = Daemon::with_agent_exec(&[]);
-    if !d.uses_cgroups() {
-        eprintln!("no writable cgroup on this host: nothing to recover");
-        return;
-    }
+/// The cgroups (task cgroups and sub-cgroups an agent made) in `dir`.
+fn sub_cgroups(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until neither of agentd's cgroups (`cgroup_dirs`) exists.
+fn wait_cgroups_removed((root, guardian): &(std::path::PathBuf, std::path::PathBuf)) {
+    wait_for("agentd's cgroups are removed", DEADLINE, || {
+        (!root.exists() && !guardian.exists()).then_some(())
+    });
+}
+
+/// An agentd on `d`'s socket whose guardian and then itself were SIGKILLed while a
+/// task ran with a detached, environment-scrubbed, TERM-ignoring orphan, which only
+/// recovery can end now. Returns the task and the orphan's pid.
+fn kill_agentd_and_guardian_leaving_an_orphan(d: &mut Daemon) -> (String, u32) {
     let pids = d.dir.path().join("pids");
     let p = pids.display();
     let task = d.submit(
@@ -420,7 +464,7 @@ fn the_next_agentd_recovers_what_a_killed_agentd_and_guardian_left() {
         ),
     );
     d.wait_progress(&task, "up");
-    let orphan = wait_pids(&pids, 1);
+    let orphan = wait_pids(&pids, 1)[0];
     let guardian = d.guardian().expect("a guardian with cgroups");
     kill(guardian, libc::SIGKILL);
     wait_gone(&[guardian], DEADLINE, "the guardian");
@@ -428,18 +472,66 @@ fn the_next_agentd_recovers_what_a_killed_agentd_and_guardian_left() {
     let _ = d.child.wait();
     // Nothing else kills an environment-scrubbed, detached, TERM-ignoring process.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        alive(orphan[0]),
-        "the orphan died before recovery was tested"
-    );
+    assert!(alive(orphan), "the orphan died before recovery was tested");
+    (task, orphan)
+}
+
+/// If the guardian dies with agentd, the next agentd on the socket kills what was
+/// left in the old task cgroups before it runs anything, and removes those cgroups;
+/// its own guardian removes the instance's cgroups when it dies in turn.
+#[test]
+fn the_next_agentd_recovers_what_a_killed_agentd_and_guardian_left() {
+    let mut d = Daemon::with_agent_exec(&[]);
+    let Some(dirs) = d.cgroup_dirs() else {
+        eprintln!("no writable cgroup on this host: nothing to recover");
+        return;
+    };
+    let (task, orphan) = kill_agentd_and_guardian_leaving_an_orphan(&mut d);
+    assert!(dirs.0.join(format!("task-{task}")).is_dir());
     d.restart();
-    wait_gone(&orphan, DEADLINE, "the orphan after restart");
-    assert!(
+    wait_gone(&[orphan], DEADLINE, "the orphan after restart");
+    // agentd answers pings while it still recovers: the log says when it is done.
+    wait_for("recovery to be logged", DEADLINE, || {
         d.log()
-            .contains("killed what a previous agentd left running"),
-        "{}",
-        d.log()
-    );
+            .contains("killed what a previous agentd left running")
+            .then_some(())
+    });
+    assert_eq!(sub_cgroups(&dirs.0), Vec::<std::path::PathBuf>::new());
+    let guardian = wait_for("the new agentd's guardian", DEADLINE, || d.guardian());
+    kill(d.pid(), libc::SIGKILL);
+    let _ = d.child.wait();
+    wait_gone(&[guardian], DEADLINE, "the new guardian");
+    wait_cgroups_removed(&dirs);
+}
+
+/// An agentd SIGKILLed while it recovers (the old task cgroup's orphan just killed)
+/// leaves no cgroup behind: its guardian runs before recovery kills anything.
+#[test]
+fn an_agentd_killed_while_it_recovers_leaves_no_cgroup_behind() {
+    let mut d = Daemon::with_agent_exec(&[]);
+    let Some(dirs) = d.cgroup_dirs() else {
+        eprintln!("no writable cgroup on this host: nothing to recover");
+        return;
+    };
+    let (_, orphan) = kill_agentd_and_guardian_leaving_an_orphan(&mut d);
+    // SAFETY: pidfd_open of a pid; returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, orphan as libc::pid_t, 0) } as i32;
+    assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    d.respawn();
+    // The moment recovery kills the orphan, kill the new agentd.
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll of one pollfd we own.
+    let ready = unsafe { libc::poll(&mut poll, 1, DEADLINE.as_millis() as i32) };
+    kill(d.pid(), libc::SIGKILL);
+    // SAFETY: a descriptor we opened.
+    unsafe { libc::close(fd) };
+    assert_eq!(ready, 1, "the orphan outlived the new agentd's start");
+    let _ = d.child.wait();
+    wait_cgroups_removed(&dirs);
 }
 
 /// A detached tool whose main thread exited (see

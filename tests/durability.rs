@@ -431,15 +431,73 @@ fn a_corrupt_store_refuses_to_start_and_names_the_file() {
     );
 }
 
-#[test]
-fn the_state_dir_is_created_private() {
-    let daemon = Daemon::start(&[]);
+/// Every file and directory under `dir` with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(daemon.dir.path().join("state"))
-        .unwrap()
-        .permissions()
-        .mode();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        found.push((entry.path(), meta.permissions().mode() & 0o777));
+        if meta.is_dir() {
+            found.extend(modes_under(&entry.path()));
+        }
+    }
+    found
+}
+
+/// The state dir is 0700 and everything agentd creates in it (the store and its
+/// write-ahead log and shared-memory file, the lock, the tasks' output logs) is
+/// 0600 whatever the umask; a store an older agentd left readable is made private.
+#[test]
+fn the_state_dir_and_every_file_in_it_are_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut daemon = Daemon::with_agent_exec(&[]);
+    let state = daemon.dir.path().join("state");
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
+    let task = daemon.submit("alice", "echo some output");
+    daemon.wait_state(&task, "succeeded");
+    let private = |modes: &[(std::path::PathBuf, u32)]| {
+        let open: Vec<_> = modes
+            .iter()
+            .filter(|(path, mode)| *mode != if path.is_dir() { 0o700 } else { 0o600 })
+            .collect();
+        let shown: Vec<String> = open
+            .iter()
+            .map(|(p, m)| format!("{} {m:o}", p.display()))
+            .collect();
+        assert!(open.is_empty(), "not private: {shown:?}");
+    };
+    let modes = modes_under(&state);
+    let names: Vec<String> = modes
+        .iter()
+        .map(|(p, _)| p.strip_prefix(&state).unwrap().display().to_string())
+        .collect();
+    for name in [
+        "agentd.db",
+        "agentd.db-wal",
+        "agentd.db-shm",
+        "agentd.lock",
+        "logs",
+    ] {
+        assert!(names.iter().any(|n| n == name), "no {name} in {names:?}");
+    }
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("logs/") && n.ends_with(".log")),
+        "{names:?}"
+    );
+    private(&modes);
+
+    kill(daemon.pid(), libc::SIGKILL);
+    let _ = daemon.child.wait();
+    for name in ["agentd.db", "agentd.db-wal", "agentd.db-shm"] {
+        let path = state.join(name);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    daemon.restart();
+    private(&modes_under(&state));
 }
 
 #[test]

@@ -598,3 +598,136 @@ fn an_idle_agentd_has_written_every_log_line_of_what_it_did() {
         assert!(log.ends_with('\n'), "a line is cut:\n{log}");
     }
 }
+
+/// agentd's exit code for a configuration error (a bad flag value, config file or
+/// agent program): `EX_CONFIG` of sysexits.h.
+const EXIT_CONFIG: i32 = 78;
+
+/// Runs agentd (socket and state dir in `dir`, its config dir `dir/config`) with
+/// `args` and `path` as its `PATH`, expecting it to refuse to start: its exit code
+/// and stderr. Killed, and the test failed, if it starts after all.
+fn refused_start(dir: &Path, args: &[&str], path: Option<&str>) -> (Option<i32>, String) {
+    let mut command = Command::new(AGENTD);
+    command
+        .arg("--socket")
+        .arg(dir.join("run").join("agentd.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(args)
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env_remove("AGENTD_CONFIG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(path) = path {
+        command.env("PATH", path);
+    }
+    let mut child = command.spawn().unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agentd {args:?} started instead of refusing to");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        !dir.join("run").join("agentd.sock").exists(),
+        "a socket was bound: {err}"
+    );
+    (status.code(), err)
+}
+
+/// A misspelt agent program stops agentd at once, before it binds its socket, with
+/// one line naming the program and where it was looked for (next to agentd, and
+/// agentd's PATH), and the configuration error's exit code; so does a path that is
+/// no program. A config file's `agent` key is named with its line.
+#[test]
+fn a_misspelt_agent_program_refuses_to_start_naming_it_and_where_it_was_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let agentd_dir = Path::new(AGENTD).parent().unwrap().display().to_string();
+    let path = "/nonexistent/bin:/usr/bin:/bin";
+    let (code, err) = refused_start(dir.path(), &["--agent", "nosuchprog {text}"], Some(path));
+    assert_eq!(code, Some(EXIT_CONFIG), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("agentd: invalid --agent: the agent program \"nosuchprog\" is not found"),
+        "{err}"
+    );
+    assert!(err.contains(&agentd_dir), "{err}");
+    assert!(err.contains(&format!("PATH ({path})")), "{err}");
+
+    let config = write_default_config(
+        dir.path(),
+        "cap = 3\nagent = \"nosuchprog --flag {text}\"\n",
+    );
+    let (code, err) = refused_start(dir.path(), &[], Some(path));
+    assert_eq!(code, Some(EXIT_CONFIG), "{err}");
+    assert!(
+        err.contains(&format!(
+            "invalid config file {}: line 2: agent: the agent program \"nosuchprog\" is not found",
+            config.display()
+        )),
+        "{err}"
+    );
+    std::fs::remove_file(&config).unwrap();
+
+    let plain = dir.path().join("plain-file");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let plain = format!("{} {{text}}", plain.display());
+    for (agent, says) in [
+        ("/nonexistent/agent {text}", "does not exist"),
+        (plain.as_str(), "is not executable"),
+        ("/tmp {text}", "is a directory"),
+    ] {
+        let (code, err) = refused_start(dir.path(), &["--agent", agent], None);
+        assert_eq!(code, Some(EXIT_CONFIG), "{agent}: {err}");
+        let program = agent.split(' ').next().unwrap();
+        assert!(
+            err.contains(&format!("the agent program \"{program}\" {says}")),
+            "{agent}: {err}"
+        );
+    }
+}
+
+/// What may run is still accepted: an absolute path, a wrapper found on PATH (`sh
+/// -c`, `env`) whose own command is only looked up when it runs, a program on a PATH
+/// of the user's, and a program word that a task's text completes.
+#[test]
+fn an_agent_program_by_path_on_path_or_behind_a_wrapper_starts() {
+    let bin = tempfile::tempdir().unwrap();
+    let mine = bin.path().join("my-agent");
+    std::fs::write(
+        &mine,
+        format!("#!/bin/sh\nexec {AGENT_EXEC} -- sh -c \"$1\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:/usr/bin:/bin", bin.path().display());
+    let wrapped = format!("sh -c 'exec \"$0\" -- sh -c \"$1\"' {AGENT_EXEC} {{text}}");
+    let env = format!("env AGENTD_TEST_WRAPPED=1 {AGENT_EXEC} -- sh -c {{text}}");
+    let absolute = format!("{AGENT_EXEC} -- sh -c {{text}}");
+    for (agent, text) in [
+        (absolute.as_str(), "echo hello"),
+        (wrapped.as_str(), "echo hello"),
+        (env.as_str(), "echo hello"),
+        ("my-agent {text}", "echo hello"),
+        ("{text} -- sh -c 'echo hello'", AGENT_EXEC),
+    ] {
+        let d = Daemon::start_in(
+            tempfile::tempdir().unwrap(),
+            &["--agent", agent],
+            &[("PATH", Some(path.as_str()))],
+        );
+        let task = d.submit("s", text);
+        d.wait_state(&task, "succeeded");
+    }
+}

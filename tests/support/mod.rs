@@ -80,10 +80,16 @@ impl Daemon {
     /// Starts a new agentd on the same socket, state dir and flags, after the previous
     /// one ended (however it ended); its log is appended to the same file.
     pub fn restart(&mut self) {
+        self.respawn();
+        self.wait_ready();
+    }
+
+    /// Like [`Daemon::restart`], but returns as soon as the new agentd is spawned,
+    /// without waiting for its first answer (to act while it starts up).
+    pub fn respawn(&mut self) {
         let _ = self.child.wait();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         self.child = spawn_agentd(self.dir.path(), &self.socket, &args, &self.env);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -130,6 +136,20 @@ impl Daemon {
         let mut args = vec!["--agent", agent.as_str()];
         args.extend_from_slice(extra);
         Daemon::start(&args)
+    }
+
+    /// agentd whose agent program was removed after agentd started (it refuses to
+    /// start without one): every task's spawn fails.
+    pub fn with_removed_agent() -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let program = dir.path().join("removed-agent");
+        std::fs::write(&program, "#!/bin/sh\nexit 1\n").expect("agent program");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let agent = format!("{} {{text}}", program.display());
+        let daemon = Daemon::start_in(dir, &["--agent", agent.as_str()], &[]);
+        std::fs::remove_file(&program).expect("remove the agent program");
+        daemon
     }
 
     /// A path under this daemon's temp dir that a `hold PATH` task waits for.
@@ -370,6 +390,16 @@ impl Daemon {
     pub fn uses_cgroups(&self) -> bool {
         let status = self.request(json!({"cmd": "status"}));
         status["containment"]["kind"] == "cgroup"
+    }
+
+    /// agentd's instance cgroup (its task cgroups' parent) and its guardian's cgroup
+    /// beside it, when cgroups are in use (from `status`).
+    pub fn cgroup_dirs(&self) -> Option<(PathBuf, PathBuf)> {
+        let status = self.request(json!({"cmd": "status"}));
+        let root = PathBuf::from(status["containment"]["cgroup"].as_str()?);
+        let name = root.file_name()?.to_string_lossy().into_owned();
+        let guardian = root.with_file_name(format!("{name}.guardian"));
+        Some((root, guardian))
     }
 }
 

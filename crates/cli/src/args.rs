@@ -12,7 +12,6 @@ use std::path::PathBuf;
 
 use agentd_proto::control::{DropPolicy, Named, Priority, QueueMode, RequestBody};
 use agentd_proto::paths::default_socket_path;
-use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 
@@ -31,15 +30,16 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 pub struct Cli {
     /// The control socket [default: $AGENTD_SOCKET, else
     /// $XDG_RUNTIME_DIR/agentd/agentd.sock, else /tmp/agentd-$UID/agentd.sock]
-    // Empty values are accepted here and mean "unset" (see `socket_path`), so that
-    // `AGENTD_SOCKET=` behaves as in agentd. `$AGENTD_SOCKET` is read by
-    // `socket_path`, not by clap: clap would count a flag given by the environment as
-    // given, and show it in every usage error's usage line as if it were required.
+    // An empty value is a usage error, as for agentd (it would silently mean the
+    // default socket). `$AGENTD_SOCKET` is read by `socket_path` (where empty means
+    // unset, as in agentd), not by clap: clap would count a flag given by the
+    // environment as given, and show it in every usage error's usage line as if it
+    // were required.
     #[arg(
         long,
         global = true,
         value_name = "PATH",
-        value_parser = OsStringValueParser::new().map(PathBuf::from)
+        value_parser = clap::builder::PathBufValueParser::new()
     )]
     pub socket: Option<PathBuf>,
 
@@ -60,12 +60,12 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// The socket to connect to: `--socket`, else `$AGENTD_SOCKET`, else the default
-    /// path (an empty value counts as unset).
+    /// The socket to connect to: `--socket` (never empty), else `$AGENTD_SOCKET`
+    /// (empty counts as unset), else the default path.
     pub fn socket_path(&self) -> PathBuf {
         match &self.socket {
-            Some(path) if !path.as_os_str().is_empty() => path.clone(),
-            _ => default_socket_path(),
+            Some(path) => path.clone(),
+            None => default_socket_path(),
         }
     }
 
@@ -899,9 +899,10 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_socket_means_the_default() {
-        let cli = parse(&["--socket", "", "ping"]).unwrap();
-        assert_eq!(cli.socket_path(), default_socket_path());
+    fn an_empty_socket_is_a_usage_error() {
+        let err = parse(&["--socket", "", "ping"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--socket"), "{err}");
     }
     #[test]
     fn chat_completions_man_and_the_output_flags() {

@@ -93,6 +93,9 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// The socket path names a directory or another file that is no socket.
+    #[error("{0}")]
+    NotASocket(String),
     /// agentd refused this client's protocol version in `hello`.
     #[error("agentd does not support control protocol version {ours}: {}", error.message)]
     UnsupportedProtocol { ours: u32, error: ErrorBody },
@@ -127,7 +130,9 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Daemon(_) | ClientError::UnsupportedProtocol { .. } => EXIT_DAEMON_ERROR,
-            ClientError::NotRunning { .. } | ClientError::Connect { .. } => EXIT_UNREACHABLE,
+            ClientError::NotRunning { .. }
+            | ClientError::Connect { .. }
+            | ClientError::NotASocket(_) => EXIT_UNREACHABLE,
             ClientError::Timeout(_)
             | ClientError::Closed
             | ClientError::Disconnected
@@ -590,8 +595,41 @@ fn step(task: &str, event: &EventView) -> Step {
     }
 }
 
+/// What `path` is when it is there but is no socket (looked at only once a connect
+/// failed): a directory, or another kind of file.
+fn not_a_socket(path: &Path) -> Option<ClientError> {
+    use agentd_proto::text;
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path).ok()?.file_type();
+    if kind.is_socket() {
+        return None;
+    }
+    let message = if kind.is_dir() {
+        text::socket_is_a_directory(path, &path.join("agentd.sock"))
+    } else {
+        let what = if kind.is_file() {
+            "a regular file"
+        } else if kind.is_fifo() {
+            "a named pipe"
+        } else {
+            "a device or other special file"
+        };
+        text::socket_is_not_a_socket(path, what)
+    };
+    Some(ClientError::NotASocket(message))
+}
+
 fn connect_stream(path: &Path) -> Result<Stream, ClientError> {
-    let connect_error = |source: io::Error| match source.kind() {
+    let connect_error =
+        |source: io::Error| not_a_socket(path).unwrap_or_else(|| connect_failed(path, source));
+    let name = path
+        .to_fs_name::<GenericFilePath>()
+        .map_err(connect_error)?;
+    Stream::connect(name).map_err(connect_error)
+}
+
+fn connect_failed(path: &Path, source: io::Error) -> ClientError {
+    match source.kind() {
         io::ErrorKind::NotFound => ClientError::NotRunning {
             path: path.to_path_buf(),
             reason: "no socket",
@@ -604,11 +642,7 @@ fn connect_stream(path: &Path) -> Result<Stream, ClientError> {
             path: path.to_path_buf(),
             source,
         },
-    };
-    let name = path
-        .to_fs_name::<GenericFilePath>()
-        .map_err(connect_error)?;
-    Stream::connect(name).map_err(connect_error)
+    }
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {

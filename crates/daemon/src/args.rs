@@ -9,7 +9,7 @@ use clap::{CommandFactory, Parser};
 /// Supervisor daemon for AI agents: per-session queues, a cap on live agent processes,
 /// control commands answered at once, and stops that end the whole process tree.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "agentd", version)]
+#[command(name = "agentd", version, after_help = agentd_proto::text::AGENTD_EXIT_STATUS)]
 pub struct Args {
     /// Control socket path [default: $AGENTD_SOCKET, else $XDG_RUNTIME_DIR/agentd/agentd.sock,
     /// else /tmp/agentd-$UID/agentd.sock]

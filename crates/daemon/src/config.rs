@@ -472,6 +472,67 @@ fn own_dir() -> Option<&'static Path> {
     .as_deref()
 }
 
+/// agentd's exit code for a configuration error (a flag's value, the config file, an
+/// agent program that cannot be run): `EX_CONFIG` of sysexits.h.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Checks, before any task runs, that the agent command's program can be run, found
+/// as a task's spawn will look for it ([`agent_argv`], then `execvp`'s search of
+/// agentd's `PATH`, which agents inherit): a path must name an executable file; a
+/// name must be an executable file next to agentd or in a directory of `PATH`. A
+/// program word holding `{text}` is only known when a task runs: not checked. What a
+/// wrapper (`sh -c …`, `env …`) runs in turn is the wrapper's business.
+pub fn check_agent_program(template: &[String]) -> Result<(), String> {
+    use agentd_proto::text;
+    let Some(program) = template.first() else {
+        return Ok(());
+    };
+    if program.contains("{text}") {
+        return Ok(());
+    }
+    let problem = |path: &Path| -> Option<&'static str> {
+        match std::fs::metadata(path) {
+            Err(_) => Some(text::AGENT_PROGRAM_MISSING),
+            Ok(meta) if meta.is_dir() => Some(text::AGENT_PROGRAM_DIRECTORY),
+            Ok(meta) if !meta.is_file() => Some(text::AGENT_PROGRAM_NOT_EXECUTABLE),
+            Ok(_) => nix::unistd::access(path, nix::unistd::AccessFlags::X_OK)
+                .err()
+                .map(|_| text::AGENT_PROGRAM_NOT_EXECUTABLE),
+        }
+    };
+    if program.contains('/') {
+        return match problem(Path::new(program)) {
+            Some(why) => Err(text::agent_program_unusable(program, why)),
+            None => Ok(()),
+        };
+    }
+    // As agent_argv: a file of that name next to agentd is the one that runs.
+    if let Some(beside) = own_dir()
+        .map(|dir| dir.join(program))
+        .filter(|p| p.is_file())
+    {
+        return match problem(&beside) {
+            Some(why) => Err(text::agent_program_unusable(&beside.to_string_lossy(), why)),
+            None => Ok(()),
+        };
+    }
+    // As execvp: glibc's default without PATH; an empty entry is the working directory.
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/bin:/usr/bin".into());
+    let found = path.split(':').any(|dir| {
+        let dir = if dir.is_empty() { "." } else { dir };
+        problem(&Path::new(dir).join(program)).is_none()
+    });
+    if found {
+        return Ok(());
+    }
+    let next_to = own_dir().map(|dir| dir.display().to_string());
+    Err(text::agent_program_not_found(
+        program,
+        next_to.as_deref(),
+        &path,
+    ))
+}
+
 /// Builds the argv for one task: `{text}` in any word is replaced by the task text.
 /// A program name without a slash is looked up next to the agentd executable first
 /// (so a freshly built `target/debug/agent-exec` is found), then on `$PATH`.

@@ -198,6 +198,7 @@ impl From<Listener> for Endpoint {
 pub struct FastLane {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    closing: Arc<Closing>,
 }
 
 /// What the fast lane needs to hand a connection to the loop's runtime.
@@ -206,6 +207,26 @@ struct MainLane {
     requests: mpsc::Sender<ControlRequest>,
     info: Arc<ServerInfo>,
     limits: Arc<Limits>,
+    closing: Arc<Closing>,
+}
+
+/// Set when agentd stops: the fast lane's connections read no further, write what
+/// they owe (an answer being written to a client that reads it late), and close.
+#[derive(Debug, Default)]
+struct Closing {
+    set: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Closing {
+    fn close(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
 }
 
 impl FastLane {
@@ -225,11 +246,13 @@ impl FastLane {
         // The listener leaves this runtime's reactor and joins the fast lane's.
         let Listener::UdSocket(listener) = listener;
         let listener = std::os::fd::OwnedFd::try_from(listener)?;
+        let closing = Arc::new(Closing::default());
         let main = Arc::new(MainLane {
             runtime: tokio::runtime::Handle::current(),
             requests,
             info,
             limits,
+            closing: closing.clone(),
         });
         // Built here, so that a failure is this function's error; run on the thread.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -253,10 +276,15 @@ impl FastLane {
                     return;
                 };
                 runtime.block_on(async move {
+                    // Each connection holds a clone until it is done.
+                    let (open, mut all_done) = mpsc::channel::<()>(1);
                     tokio::select! {
-                        () = accept_loop(listener, socket, main) => {}
+                        () = accept_loop(listener, socket, main, open) => {}
                         _ = stopped => {}
                     }
+                    // The listener is closed: what the connections owe goes out (each
+                    // bounds its own last writes by LAST_WORDS), then they close.
+                    let _ = tokio::time::timeout(LAST_WORDS, all_done.recv()).await;
                 });
             });
         let thread = match thread {
@@ -278,15 +306,25 @@ impl FastLane {
         Ok(FastLane {
             stop: Some(stop),
             thread: Some(thread),
+            closing,
         })
     }
 
-    /// Stops accepting and closes the connections the fast lane still serves
-    /// (those handed to the loop's runtime stay there).
-    pub fn stop(&mut self) {
+    /// Stops accepting, and has the connections the fast lane still serves read no
+    /// further, write what they owe (for at most [`LAST_WORDS`]) and close (those
+    /// handed to the loop's runtime stay there). Returns at once: [`FastLane::stop`]
+    /// waits for it.
+    pub fn begin_stop(&mut self) {
+        self.closing.close();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// [`FastLane::begin_stop`], then waits until the fast lane's connections are
+    /// closed and its thread has ended (at most about [`LAST_WORDS`]).
+    pub fn stop(&mut self) {
+        self.begin_stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -301,7 +339,12 @@ impl Drop for FastLane {
 
 /// Accepts connections until the task is dropped. Checks every [`SOCKET_CHECK`] that
 /// the socket file is still there, and re-creates it if it was removed.
-async fn accept_loop(mut listener: Listener, mut socket: Option<SocketFile>, main: Arc<MainLane>) {
+async fn accept_loop(
+    mut listener: Listener,
+    mut socket: Option<SocketFile>,
+    main: Arc<MainLane>,
+    open: mpsc::Sender<()>,
+) {
     let limits = main.limits.clone();
     let mut check = tokio::time::interval(SOCKET_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -310,7 +353,11 @@ async fn accept_loop(mut listener: Listener, mut socket: Option<SocketFile>, mai
             accepted = listener.accept() => match accepted {
                 Ok(stream) => match limits.admit() {
                     Some(admitted) => {
-                        tokio::spawn(serve_fast(stream, main.clone(), admitted));
+                        let (main, open) = (main.clone(), open.clone());
+                        tokio::spawn(async move {
+                            serve_fast(stream, main, admitted).await;
+                            drop(open);
+                        });
                     }
                     None => {
                         if !limits.refusing.swap(true, Ordering::SeqCst) {
@@ -379,16 +426,29 @@ async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
         connections = main.limits.live.load(Ordering::Relaxed),
         "control connection accepted"
     );
+    // Woken when agentd stops (see `Closing`); registered before the flag is read,
+    // so that a stop between the two is not missed.
+    let closed = main.closing.notify.notified();
+    tokio::pin!(closed);
+    closed.as_mut().enable();
     let mut reader = BufReader::new(unix_stream(stream));
     let mut buf = Vec::new();
     let mut out = Vec::new();
     loop {
+        // `out` is empty whenever a read waits (what it held was written first).
+        if main.closing.is_set() {
+            return;
+        }
         let timeout = main.limits.request_timeout();
-        let step = match read_line_limited(&mut reader, &mut buf, MAX_REQUEST_BYTES, timeout).await
-        {
+        let read = tokio::select! {
+            biased;
+            read = read_line_limited(&mut reader, &mut buf, MAX_REQUEST_BYTES, timeout) => read,
+            () = &mut closed => return,
+        };
+        let step = match read {
             Ok(LineRead::Line) => fast_request(&buf, &main.info, &mut out),
             Ok(LineRead::Eof) | Err(_) => {
-                let _ = reader.get_mut().write_all(&out).await;
+                let _ = write_owed(reader.get_mut(), &out, closed.as_mut()).await;
                 return;
             }
             Ok(LineRead::TooLong) => {
@@ -405,10 +465,10 @@ async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
                 // The next request is already here: its answer goes out with this one.
                 // Bounded: the reader refills only once its buffer is used up, so what
                 // waits here answers at most one buffer (8 KiB) of request lines.
-                if reader.buffer().contains(&b'\n') {
+                if reader.buffer().contains(&b'\n') && !main.closing.is_set() {
                     continue;
                 }
-                if reader.get_mut().write_all(&out).await.is_err() {
+                if !write_owed(reader.get_mut(), &out, closed.as_mut()).await {
                     return;
                 }
                 out.clear();
@@ -418,8 +478,11 @@ async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
                 return;
             }
             FastStep::HandOver(request) => {
-                // What was answered goes first: the loop's runtime answers the rest.
-                if reader.get_mut().write_all(&out).await.is_err() {
+                // What was answered goes first: the loop's runtime answers the rest,
+                // unless agentd is stopping (then nothing more is read or answered).
+                if !write_owed(reader.get_mut(), &out, closed.as_mut()).await
+                    || main.closing.is_set()
+                {
                     return;
                 }
                 let read_ahead = reader.buffer().to_vec();
@@ -452,6 +515,27 @@ async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
                 });
                 return;
             }
+        }
+    }
+}
+
+/// Writes `out` (answers the fast lane owes its client). Should agentd begin to stop
+/// meanwhile (`closed`), the write goes on for at most [`LAST_WORDS`] more, so that a
+/// client that reads late still gets whole answers. True if it was written before
+/// agentd was seen to stop.
+async fn write_owed(
+    stream: &mut tokio::net::UnixStream,
+    out: &[u8],
+    closed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+) -> bool {
+    let write = stream.write_all(out);
+    tokio::pin!(write);
+    tokio::select! {
+        biased;
+        written = &mut write => written.is_ok(),
+        () = closed => {
+            let _ = tokio::time::timeout(LAST_WORDS, write).await;
+            false
         }
     }
 }

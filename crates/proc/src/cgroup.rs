@@ -327,15 +327,26 @@ impl Cgroups {
     /// (so the previous agentd is known to be dead) and before the first spawn.
     /// First waits (up to `deadline`) for the previous agentd's guardian to finish,
     /// so that it cannot kill tasks of this agentd. Blocks for at most about
-    /// `deadline` per cgroup that does not empty.
+    /// `deadline` per cgroup that does not empty. [`crate::Procs`] starts its own
+    /// guardian between the two ([`Cgroups::wait_for_previous_guardian`], then
+    /// [`Cgroups::kill_leftovers`]), so that an agentd killed while it recovers
+    /// leaves nothing behind either.
     pub fn recover(&self, deadline: Duration) -> Vec<Leftover> {
+        self.wait_for_previous_guardian(deadline);
+        self.kill_leftovers(deadline)
+    }
+
+    /// Waits (up to `deadline`) until the previous agentd's guardian has finished
+    /// (its cgroup, [`Cgroups::guardian_dir`], is empty), so that it cannot kill tasks
+    /// of this agentd; then makes the instance directory again if that guardian
+    /// removed it.
+    pub fn wait_for_previous_guardian(&self, deadline: Duration) {
         if !wait_empty(&self.guardian_dir(), deadline) {
             tracing::warn!(
                 "the previous guardian in {} is still running",
                 self.guardian_dir().display()
             );
         }
-        let left = self.kill_tasks(deadline);
         // The old guardian's last act removes the instance directory, maybe after
         // this agentd found it: make it again, with the controllers it had.
         if !self.root.exists() {
@@ -349,7 +360,13 @@ impl Cgroups {
                 Err(e) => tracing::warn!("cannot re-create {}: {e}", self.root.display()),
             }
         }
-        left
+    }
+
+    /// Kills what is left in the instance's task cgroups (a previous agentd's: call it
+    /// before the first spawn) and removes them, blocking for at most about
+    /// `deadline` per cgroup that does not empty.
+    pub fn kill_leftovers(&self, deadline: Duration) -> Vec<Leftover> {
+        self.kill_tasks(deadline)
     }
 
     /// Kills and removes every task cgroup of this instance.

@@ -14,6 +14,10 @@ use crate::pidfd::PidFd;
 use crate::spawn::{spawn_agent_with, AgentCommand};
 use crate::tree::{read_stat, TaskTree};
 
+/// How long recovery waits for the previous guardian to finish, and for each old
+/// task cgroup to empty.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
+
 /// The guarantee agentd can give that a finished task leaves nothing running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Containment {
@@ -96,18 +100,24 @@ impl Procs {
     /// Kills and removes what a previous agentd left in this instance's task cgroups
     /// (see [`Cgroups::recover`]); nothing to do for the process-tree fallback, whose
     /// orphans the parent-death signal and the channel's EOF end. Blocking: call it at
-    /// startup, before the event loop runs.
+    /// startup, before the event loop runs, and after [`Procs::start_guardian`] (then
+    /// the new guardian ends what is left should agentd die while it recovers).
     pub fn recover(&self) -> Vec<Leftover> {
-        match &self.cgroups {
-            Some(c) => c.recover(Duration::from_secs(5)),
-            None => Vec::new(),
+        match (&self.cgroups, &self.guardian) {
+            // The previous guardian is done: ours runs in its cgroup.
+            (Some(c), Some(_)) => c.kill_leftovers(RECOVERY_DEADLINE),
+            (Some(c), None) => c.recover(RECOVERY_DEADLINE),
+            (None, _) => Vec::new(),
         }
     }
 
     /// Starts the [`Guardian`] that kills this instance's task cgroups when agentd
-    /// dies, after [`Procs::recover`]; `Procs` keeps it. Returns its pid (the reaper
-    /// will see it exit only after [`Procs::shutdown`]), `None` for the process-tree
-    /// fallback, where nothing could find the leftovers.
+    /// dies, once the previous agentd's guardian has finished (waits for it, bounded,
+    /// like [`Procs::recover`]); `Procs` keeps it. Call it as soon as the containment
+    /// is detected, before [`Procs::recover`]: from then on, however agentd dies, no
+    /// cgroup of its instance is left behind. Returns its pid (the reaper will see it
+    /// exit only after [`Procs::shutdown`]), `None` for the process-tree fallback,
+    /// where nothing could find the leftovers.
     pub fn start_guardian(&mut self) -> io::Result<Option<u32>> {
         let Some(c) = &self.cgroups else {
             return Ok(None);
@@ -115,6 +125,7 @@ impl Procs {
         if let Some(g) = &self.guardian {
             return Ok(Some(g.pid()));
         }
+        c.wait_for_previous_guardian(RECOVERY_DEADLINE);
         let guardian = Guardian::start(c.root(), &c.guardian_dir())?;
         let pid = guardian.pid();
         self.guardian = Some(guardian);

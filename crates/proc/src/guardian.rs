@@ -13,9 +13,10 @@
 //! guardian catches the descendants that detached. At the end it moves itself out of
 //! its own cgroup (to agentd's leaf, else the delegation point) and removes it, so a
 //! crash leaves no empty cgroup behind. A next agentd's
-//! [`crate::Procs::recover`] first waits until the old guardian's cgroup is empty
-//! (so it cannot kill the new agentd's tasks), then is the last line (e.g. if the
-//! guardian was killed too).
+//! [`crate::Procs::start_guardian`] first waits until the old guardian's cgroup is
+//! empty (so it cannot kill the new agentd's tasks) and starts the new guardian in
+//! it; then [`crate::Procs::recover`] is the last line (e.g. if the guardian was
+//! killed too), covered by the new guardian should agentd die meanwhile.
 
 use std::fs::File;
 use std::io;

@@ -38,8 +38,9 @@
 //! ```text
 //! startup (after the socket lock is held, before the loop runs):
 //!     let procs = Procs::detect(&CgroupOptions::for_socket(&socket_path));
+//!     procs.start_guardian()?;                      // Some with cgroups; after the
+//!                                                   // previous guardian (bounded wait)
 //!     for left in procs.recover() { log it }       // blocking, bounded
-//!     let guardian = procs.start_guardian()?;       // Some with cgroups; keep it
 //!     become_subreaper()?;
 //!     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<TreeReport>();
 //!     let killer = Killer::start(move |r| { let _ = tx.send(r); })?;
@@ -59,7 +60,7 @@
 //!              now the task may end and its slot be freed (with the drained channel).
 //! TreeReport::Signalled { .. }: for the log only.
 //! status:      procs.containment()                  // Cgroup { root, .. } | ProcessTree { reason }
-//! clean exit:  drop(killer); procs.shutdown(); drop(guardian)
+//! clean exit:  drop(killer); procs.shutdown()        // ends the guardian too
 //! ```
 //!
 //! The daemon uses exactly this. The older [`spawn_agent`] and [`TaskTree::kill_all`]

@@ -78,12 +78,19 @@ fn when_agentd_is_killed_its_guardian_kills_the_task_cgroups() {
         !guardian_dir.exists()
     });
 
-    // The next agentd of this instance finds nothing left, and its own guardian
-    // takes the old one's cgroup.
+    // The next agentd of this instance starts its own guardian in the old one's
+    // cgroup first, then recovers (finding nothing left) without waiting for its
+    // own guardian to finish (the wait for the previous one is up to 5 s).
     let mut next = Procs::with_cgroups(parent.cgroups("inst"));
-    assert!(next.recover().is_empty());
     let guardian = next.start_guardian().unwrap().unwrap();
     guard.child(guardian);
+    let recovering = std::time::Instant::now();
+    assert!(next.recover().is_empty());
+    assert!(
+        recovering.elapsed() < std::time::Duration::from_secs(4),
+        "recovery waited for its own guardian: {:?}",
+        recovering.elapsed()
+    );
     let dir = next.cgroups().unwrap().guardian_dir();
     assert_eq!(
         cgroup_of(guardian),

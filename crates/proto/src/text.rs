@@ -382,6 +382,58 @@ pub const ZERO_TIMEOUT: &str =
 /// Why the process-tree fallback is in use when `--no-cgroup` asked for it.
 pub const CGROUP_DISABLED: &str = "cgroups disabled by --no-cgroup";
 
+/// agentctl: the socket path names a directory (`suggest`: the socket it may have
+/// meant, `DIR/agentd.sock`).
+pub fn socket_is_a_directory(path: &std::path::Path, suggest: &std::path::Path) -> String {
+    format!(
+        "{} is a directory, not agentd's socket: give the socket file, e.g. {}",
+        path.display(),
+        suggest.display()
+    )
+}
+
+/// agentctl: the socket path names something that is no socket (`kind`: `a regular
+/// file`, …).
+pub fn socket_is_not_a_socket(path: &std::path::Path, kind: &str) -> String {
+    format!(
+        "{} is {kind}, not agentd's socket: give the socket agentd listens on (its --socket)",
+        path.display()
+    )
+}
+
+/// agentd's exit status, in `agentd --help` and its man page.
+pub const AGENTD_EXIT_STATUS: &str = "Exit status: 0 stopped by SIGTERM or SIGINT, 1 could not \
+    run (socket, store, containment), 2 usage error, 75 another agentd holds the state dir, \
+    78 configuration error (a flag's value, the config file, an agent program that cannot \
+    be run)";
+
+/// agentd refuses to start: the agent command's program, which names no path, is in
+/// none of the places a task's spawn would look (`next_to`: agentd's own directory;
+/// `path`: agentd's `PATH`, which its agents inherit).
+pub fn agent_program_not_found(program: &str, next_to: Option<&str>, path: &str) -> String {
+    let beside = next_to
+        .map(|dir| format!("next to agentd ({dir}) nor "))
+        .unwrap_or_default();
+    format!(
+        "the agent program {program:?} is not found {beside}on agentd's PATH ({path}): \
+         give its full path, or install it there"
+    )
+}
+
+/// agentd refuses to start: the agent command's program names a path that is no
+/// program (`problem`: one of the `AGENT_PROGRAM_*` below).
+pub fn agent_program_unusable(program: &str, problem: &str) -> String {
+    format!("the agent program {program:?} {problem}")
+}
+
+pub const AGENT_PROGRAM_MISSING: &str = "does not exist";
+pub const AGENT_PROGRAM_NOT_EXECUTABLE: &str = "is not executable";
+pub const AGENT_PROGRAM_DIRECTORY: &str = "is a directory";
+
+/// What an error about the default agent command says it is about.
+pub const DEFAULT_AGENT: &str =
+    "the default agent (agent-exec -- sh -c {text}; give another with --agent)";
+
 /// The answer to accepted work that was also steered into the running task
 /// `steered_into` (`steer-backlog`): `task ID  steered into running task ID and kept
 /// as a follow-up: position 1 (1/1 agents busy)`; otherwise [`accepted_line`].

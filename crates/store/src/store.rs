@@ -754,9 +754,44 @@ fn corrupt_or_open(path: &Path, e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// Makes the store file, its write-ahead log and its shared-memory file the user's
+/// alone (0600), whatever the umask. SQLite creates a new store file 0644 (less the
+/// umask) and gives the other two the store file's mode, so a missing store file is
+/// created first, empty (SQLite makes a new store of it), with 0600; one that an older
+/// agentd left open to others is made 0600, and so are its companions.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for file in [path, &beside(path, "-wal"), &beside(path, "-shm")] {
+        match std::fs::symlink_metadata(file) {
+            Ok(meta) if meta.is_file() && meta.mode() & 0o077 != 0 => {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+                tracing::info!("made {} private (0600)", file.display());
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Opens the file, checks it is a sound store of a version we know, and migrates it.
 fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, StoreError> {
     let open_err = |e: rusqlite::Error| corrupt_or_open(path, e);
+    make_private(path).map_err(|e| StoreError::Open {
+        path: path.to_path_buf(),
+        detail: format!("cannot make it private (0600): {e}"),
+    })?;
     // Through the VFS that writes a transaction's log frames in one call (walbuf.rs).
     let vfs = walbuf::register().map_err(|detail| StoreError::Open {
         path: path.to_path_buf(),
@@ -866,10 +901,15 @@ fn delete_refused(conn: &Connection, state_dir: &Path) -> Result<(), String> {
 /// start, `journal_size_limit` and `wal_checkpoint(TRUNCATE)` truncate it in place;
 /// only closing the last connection deletes it. The directory is synced once, so
 /// the file's name is on disk too (SQLite's first sync of the log did that as well).
-fn open_wal(path: &Path) -> Result<std::fs::File, String> {
+/// `path` with `suffix` appended: the store file's companions (`-wal`, `-shm`).
+fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push("-wal");
-    let wal_path = PathBuf::from(name);
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn open_wal(path: &Path) -> Result<std::fs::File, String> {
+    let wal_path = beside(path, "-wal");
     let wal = std::fs::File::open(&wal_path).map_err(|e| {
         format!(
             "cannot open its write-ahead log {}: {e}",

@@ -231,6 +231,15 @@ fn after_a_failed_sync_new_work_is_refused_until_the_log_is_repaired() {
         std::fs::read_to_string(&refused_file).unwrap(),
         format!("{}\n", lost.id)
     );
+    // Private like the store itself, whatever the umask.
+    for name in [REFUSED_FILE, "agentd.db", "agentd.db-wal", "agentd.db-shm"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
     submit(&w, &tx, "refused", insert_op(&task("s", "refused", None)));
     assert!(matches!(next(&rx), ("refused", Err(e)) if e.is_storage()));
     submit(

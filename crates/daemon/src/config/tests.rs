@@ -205,3 +205,29 @@ fn file_config_rejects_unknown_keys() {
     assert!(toml::from_str::<FileConfig>("max-concurrent = 3\nagent = 'x {text}'").is_ok());
     assert!(toml::from_str::<FileConfig>("max_concurent = 3").is_err());
 }
+
+#[test]
+fn the_agent_program_is_checked_as_a_spawn_would_find_it() {
+    let words = |line: &str| parse_agent_command(line).unwrap();
+    // On agentd's PATH (a wrapper: what it runs in turn is not checked).
+    assert_eq!(
+        check_agent_program(&words("sh -c 'nosuchprog {text}'")),
+        Ok(())
+    );
+    // Known only when a task runs.
+    assert_eq!(check_agent_program(&words("{text} --flag")), Ok(()));
+    let err = check_agent_program(&words("agentd-no-such-program {text}")).unwrap_err();
+    assert!(
+        err.starts_with("the agent program \"agentd-no-such-program\" is not found"),
+        "{err}"
+    );
+    assert!(err.contains("PATH ("), "{err}");
+    assert_eq!(
+        check_agent_program(&words("/nonexistent/agent")),
+        Err("the agent program \"/nonexistent/agent\" does not exist".into())
+    );
+    assert_eq!(
+        check_agent_program(&words("/ {text}")),
+        Err("the agent program \"/\" is a directory".into())
+    );
+}

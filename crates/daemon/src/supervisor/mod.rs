@@ -206,10 +206,12 @@ pub async fn run(
         }
     }
     sup.store.flush();
-    fast_lane.stop();
     // What the stop told its watchers (the tasks' `finished`) reaches them before
-    // the connections close.
+    // the connections close, and so do the answers the fast lane's connections owe
+    // (both lanes at once, each for at most a second).
+    fast_lane.begin_stop();
     connections.flush_all(SHUTDOWN_FLUSH).await;
+    fast_lane.stop();
     // `{ sup }` moves it: everything but these two (the agents' logs among them)
     // is dropped here, before the store closes.
     let Supervisor {
@@ -225,11 +227,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Decides the containment (see [`agentd_proc::Procs`]); recovery (see
-/// `Supervisor::recover_cgroups`) then kills what a previous agentd on this socket
-/// left in its task cgroups and starts the guardian.
+/// Decides the containment (see [`agentd_proc::Procs`]) and starts the cgroup
+/// guardian at once (after the previous agentd's has finished), so that from here on
+/// an agentd that dies, even while it recovers, leaves no cgroup behind; recovery
+/// (see `Supervisor::recover_cgroups`) then kills what a previous agentd on this
+/// socket left in its task cgroups.
 fn containment(config: &DaemonConfig) -> Procs {
-    let procs = if config.agents.no_cgroup {
+    let mut procs = if config.agents.no_cgroup {
         Procs::process_tree(agentd_proto::text::CGROUP_DISABLED)
     } else {
         Procs::detect(&CgroupOptions::for_socket(&config.socket))
@@ -247,6 +251,11 @@ fn containment(config: &DaemonConfig) -> Procs {
         Containment::ProcessTree { reason } => {
             tracing::info!("containment: process tree search ({reason})")
         }
+    }
+    match procs.start_guardian() {
+        Ok(Some(pid)) => tracing::debug!(pid, "cgroup guardian started"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
     }
     procs
 }

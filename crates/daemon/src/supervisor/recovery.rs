@@ -84,9 +84,10 @@ impl Supervisor {
     }
 
     /// Kills what a previous agentd on this socket left in its task cgroups (what
-    /// escaped its guardian, or descendants of the agents ended by identity above),
-    /// and starts the guardian for ours. Blocking and bounded; runs before any
-    /// recovered work starts.
+    /// escaped its guardian, or descendants of the agents ended by identity above)
+    /// and removes those cgroups. Our guardian runs already (see `containment`), so
+    /// an agentd killed meanwhile leaves nothing either. Blocking and bounded; runs
+    /// before any recovered work starts.
     fn recover_cgroups(&mut self) {
         for left in self.procs.recover() {
             tracing::warn!(
@@ -95,11 +96,6 @@ impl Supervisor {
                 removed = left.removed,
                 "killed what a previous agentd left running"
             );
-        }
-        match self.procs.start_guardian() {
-            Ok(Some(pid)) => tracing::debug!(pid, "cgroup guardian started"),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("cannot start the cgroup guardian: {e}"),
         }
     }
 
