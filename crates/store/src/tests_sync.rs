@@ -576,3 +576,61 @@ fn a_failed_checkpoint_sync_fails_the_next_sync_and_the_store_recovers() {
     accepted.push(later.id);
     assert_eq!(queued, accepted);
 }
+
+#[test]
+fn a_prepared_op_is_prepared_during_its_sync_and_completed_only_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let reader = store.reader().unwrap();
+    let w = store.writer();
+    let (tx, rx) = mpsc::channel();
+    let (ptx, prx) = mpsc::channel();
+    let prepared = |name: &'static str, t: &TaskRecord, batch: &mut Batch| {
+        let (tx, ptx) = (tx.clone(), ptx.clone());
+        batch.submit_prepared(
+            insert_op(t),
+            move |outcome| {
+                let _ = ptx.send((name, outcome.clone()));
+            },
+            move |r| {
+                let _ = tx.send((name, r));
+            },
+        );
+    };
+    let next_prepared = || {
+        prx.recv_timeout(Duration::from_secs(30))
+            .expect("a preparation in time")
+    };
+    let first = task("s", "first", Some("m1"));
+    let again = task("s", "first, sent again", Some("m1"));
+    let hold = w.sync_queue().hold();
+    let mut batch = Batch::default();
+    prepared("first", &first, &mut batch);
+    prepared("again", &again, &mut batch);
+    w.submit_batch(batch);
+    // Prepared with the commit's outcomes while the sync is held: not completed.
+    assert_eq!(next_prepared(), ("first", Outcome::Inserted));
+    assert_eq!(next_prepared(), ("again", Outcome::Duplicate(first.id)));
+    assert!(w.sync_queue().held() && reader.task(first.id).unwrap().is_some());
+    assert!(rx.try_recv().is_err(), "completed before its sync");
+    drop(hold);
+    assert_eq!(next(&rx), ("first", Ok(Outcome::Inserted)));
+    assert_eq!(next(&rx), ("again", Ok(Outcome::Duplicate(first.id))));
+
+    // A sync that fails: prepared as committed, then refused all the same.
+    let hold = w.sync_queue().hold();
+    w.sync_queue()
+        .fail_next(std::io::Error::from_raw_os_error(libc::EIO));
+    let lost = task("s", "lost", Some("m2"));
+    let mut batch = Batch::default();
+    prepared("lost", &lost, &mut batch);
+    w.submit_batch(batch);
+    assert_eq!(next_prepared(), ("lost", Outcome::Inserted));
+    assert!(rx.try_recv().is_err(), "completed before its sync");
+    drop(hold);
+    assert!(
+        matches!(next(&rx), ("lost", Err(e)) if e.is_storage()),
+        "a failed sync refuses what was prepared"
+    );
+    assert!(prx.try_recv().is_err(), "prepared once");
+}
