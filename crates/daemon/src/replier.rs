@@ -8,9 +8,8 @@
 //! wake-up of the runtime.
 //!
 //! An answer given on a thread other than the loop's (new work's acknowledgement, on
-//! the store's syncer after the commit's sync) goes through the [`Relay`]: encoded on
-//! that thread (or ahead of it, [`Replier::encode`], by the writer during the sync),
-//! queued on its connection by one task on the loop's runtime. Queued there
+//! the store's writer after the commit) goes through the [`Relay`]: encoded on that
+//! thread, queued on its connection by one task on the loop's runtime. Queued there
 //! directly, every answer would wake the runtime from outside (an `eventfd` write
 //! each: 64 per group commit of 64 messages); through the relay a batch of answers
 //! costs one wake-up, and the connections' writers are then woken from inside the
@@ -97,40 +96,13 @@ impl Replier {
                 queued,
             }) => {
                 let line = encode_line(&response(id, reply));
-                relay.queue(Relayed { slot, line, queued });
+                if let Err(mpsc::error::SendError(relayed)) =
+                    relay.0.send(Relayed { slot, line, queued })
+                {
+                    // The loop's runtime is gone: queued here, as `send` would.
+                    relayed.deliver();
+                }
             }
-            Some(target) => target.deliver(reply),
-            None => {}
-        }
-    }
-}
-
-impl Replier {
-    /// The line [`Replier::send_encoded`] would send for `reply`, encoded ahead (on
-    /// another thread than the one that sends it); `None` where the line is not sent
-    /// as is (an error, a watch's answer, a channel).
-    pub(crate) fn encode(&self, reply: &Reply) -> Option<Vec<u8>> {
-        match (&self.0, reply) {
-            (
-                Some(Target::Connection {
-                    id, watch: None, ..
-                }),
-                Ok(answer),
-            ) => Some(encode_line(&Response::answer(*id, answer))),
-            _ => None,
-        }
-    }
-
-    /// Sends the answer like [`Replier::send_relayed`], with `line` its encoding by
-    /// [`Replier::encode`] (the relay only queues it).
-    pub(crate) fn send_encoded(mut self, reply: Reply, line: Vec<u8>, relay: &Relay) {
-        match self.0.take() {
-            Some(Target::Connection {
-                slot,
-                watch: None,
-                queued,
-                ..
-            }) => relay.queue(Relayed { slot, line, queued }),
             Some(target) => target.deliver(reply),
             None => {}
         }
@@ -177,14 +149,6 @@ impl Relay {
             }
         });
         Relay(tx)
-    }
-
-    /// Hands an encoded answer to the relay's task.
-    fn queue(&self, relayed: Relayed) {
-        if let Err(mpsc::error::SendError(relayed)) = self.0.send(relayed) {
-            // The loop's runtime is gone: queued here, as `send` would.
-            relayed.deliver();
-        }
     }
 
     /// A relay whose task is gone: answers are queued on the sending thread.

@@ -46,8 +46,8 @@ pub use pid::{Liveness, ProcessIdentity};
 pub use record::{Exit, PreviousRun, Recovery, SessionSettings, State, TaskRecord};
 pub use schema::SCHEMA_VERSION;
 pub use store::{
-    Batch, Completion, Op, Outcome, Prepare, Reader, Retention, Stats, Store, StoreOptions,
-    StoreWriter, Ticket, DB_FILE, REFUSED_FILE,
+    Batch, Completion, Op, Outcome, Reader, Retention, Stats, Store, StoreOptions, StoreWriter,
+    Ticket, DB_FILE, REFUSED_FILE,
 };
 
 /// Creates the state dir (and its parents) with mode 0700 if it is missing. An

@@ -294,18 +294,11 @@ pub enum Outcome {
 /// Called with an op's outcome once its transaction committed or failed.
 pub type Completion = Box<dyn FnOnce(Result<Outcome, StoreError>) + Send>;
 
-/// Called on the writer thread with an op's outcome once its transaction committed,
-/// before the commit is durable, while the syncer's `fdatasync` runs (possibly after
-/// the op's completion, if the sync was quicker): for getting the answer ready (e.g.
-/// encoded) off the path that follows the sync, never for sending it.
-pub type Prepare = Box<dyn FnOnce(&Outcome) + Send>;
-
 pub(crate) struct Request {
     op: Op,
     done: Option<Completion>,
     /// `done` hears of a failure at once, though the op waits to be retried.
     early: bool,
-    prepare: Option<Prepare>,
 }
 
 impl Request {
@@ -319,7 +312,6 @@ impl Request {
             op,
             done: Some(Box::new(done)),
             early,
-            prepare: None,
         }
     }
 
@@ -329,7 +321,6 @@ impl Request {
             op,
             done: None,
             early: false,
-            prepare: None,
         }
     }
 }
@@ -401,20 +392,6 @@ impl Batch {
         done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
     ) {
         self.0.push(Request::new(op, done, false));
-    }
-
-    /// As [`Batch::submit_with`], and `prepare` is called on the writer thread with
-    /// the outcome once the op's transaction committed, during its sync (see
-    /// [`Prepare`]; not called if the transaction failed).
-    pub fn submit_prepared(
-        &mut self,
-        op: Op,
-        prepare: impl FnOnce(&Outcome) + Send + 'static,
-        done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
-    ) {
-        let mut request = Request::new(op, done, false);
-        request.prepare = Some(Box::new(prepare));
-        self.0.push(request);
     }
 
     /// As [`StoreWriter::submit_reporting`].
@@ -1206,7 +1183,11 @@ impl Writer {
                 }
             }
             if Instant::now() >= next_prune {
-                batch.push(Request::detached(Op::Prune));
+                batch.push(Request {
+                    op: Op::Prune,
+                    done: None,
+                    early: false,
+                });
                 next_prune = Instant::now() + self.options.prune_interval;
             }
             // Size limits act at once, ahead of writes waiting on them.
@@ -1356,18 +1337,8 @@ impl Writer {
 
     /// A committed batch goes to the syncer, which completes its ops (after a sync,
     /// if it holds an acknowledged op).
-    fn finish_ok(&mut self, mut batch: Vec<Request>, results: Vec<Result<Outcome, StoreError>>) {
+    fn finish_ok(&mut self, batch: Vec<Request>, results: Vec<Result<Outcome, StoreError>>) {
         let durable = batch.iter().any(|r| r.op.acknowledged());
-        // Taken out before the syncer has the batch, called once it has it: while
-        // its `fdatasync` runs, rather than ahead of it or after it.
-        let prepares: Vec<(Prepare, Outcome)> = batch
-            .iter_mut()
-            .zip(&results)
-            .filter_map(|(request, result)| match (request.prepare.take(), result) {
-                (Some(prepare), Ok(outcome)) => Some((prepare, outcome.clone())),
-                _ => None,
-            })
-            .collect();
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         if durable {
             self.shared.synced_commits.fetch_add(1, Ordering::Relaxed);
@@ -1386,14 +1357,6 @@ impl Writer {
             results,
             durable,
         });
-        for (prepare, outcome) in prepares {
-            // One that panics is reported and the writer carries on (its op is
-            // still completed by the syncer, unprepared).
-            let call = std::panic::AssertUnwindSafe(|| prepare(&outcome));
-            if std::panic::catch_unwind(call).is_err() {
-                tracing::error!("store: a write's preparation panicked");
-            }
-        }
     }
 
     /// Hands completions to the syncer, or completes them here when nothing is

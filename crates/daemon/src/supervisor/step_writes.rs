@@ -48,16 +48,6 @@ impl StepWrites {
         self.held.borrow_mut().submit_with(op, done);
     }
 
-    /// [`Batch::submit_prepared`], at the end of the step.
-    pub(crate) fn submit_prepared(
-        &self,
-        op: Op,
-        prepare: impl FnOnce(&Outcome) + Send + 'static,
-        done: impl FnOnce(Result<Outcome, StoreError>) + Send + 'static,
-    ) {
-        self.held.borrow_mut().submit_prepared(op, prepare, done);
-    }
-
     /// [`StoreWriter::submit_reporting`], at the end of the step.
     pub(crate) fn submit_reporting(
         &self,

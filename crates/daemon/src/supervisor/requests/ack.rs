@@ -1,12 +1,9 @@
 //! The acknowledgement of new work: sent once both the task's record is committed
-//! (and synced) and the loop has its answer, by whichever of the two comes second
-//! (the store's syncer thread, or the loop). No task waits for the commit, so an
-//! accepted message costs no task spawn between the commit and its answer; an answer
-//! sent on the syncer goes through the [`Relay`], so the answers of one group commit
-//! wake the loop's runtime once, not once each. Its line is encoded ahead, on the
-//! writer while the sync runs ([`Ack::prepare`]): after the sync the syncer only
-//! queues it (the answers' JSON was about a quarter of the syncer's samples, in
-//! series between `fdatasync` and the loop writing the answers).
+//! and the loop has its answer, by whichever of the two comes second (the store's
+//! writer thread, or the loop). No task waits for the commit, so an accepted message
+//! costs no task spawn between the commit and its answer; an answer sent on the
+//! writer thread goes through the [`Relay`], so the answers of one group commit wake
+//! the loop's runtime once, not once each.
 //!
 //! **Invariant:** the answer goes out only after the commit (an acknowledged message
 //! is durable), and exactly once; a commit callback that the store drops uncalled
@@ -36,10 +33,6 @@ struct State {
     /// The loop's answer, until it is sent.
     answer: Option<Answer>,
     answered: bool,
-    /// The answer's line, encoded on the writer thread during the sync
-    /// ([`Ack::prepare`]) for an insert committed as new: sent as is if it is
-    /// settled that way.
-    prepared: Option<Vec<u8>>,
     /// Duplicates of the message, answered with its outcome when it comes in.
     duplicates: Vec<Duplicate>,
 }
@@ -102,11 +95,10 @@ impl Ack {
         let settled = Settled::from(result);
         state.settled = Some(settled.clone());
         let answer = state.answer.take();
-        let prepared = state.prepared.take();
         let duplicates = std::mem::take(&mut state.duplicates);
         drop(state);
         if let Some(answer) = answer {
-            answer.send(&settled, prepared, true);
+            answer.send(&settled, true);
         }
         for duplicate in duplicates {
             duplicate.send(&settled, true);
@@ -122,29 +114,10 @@ impl Ack {
         match state.settled.clone() {
             Some(settled) => {
                 drop(state);
-                answer.send(&settled, None, false);
+                answer.send(&settled, false);
             }
             None => state.answer = Some(answer),
         }
-    }
-
-    /// The insert committed with `outcome`, not yet durable (on the writer thread,
-    /// while the sync runs): the loop's answer, if it is in and the insert is new,
-    /// is encoded now, so that after the sync its line only has to be queued. What
-    /// is sent, and when, does not change: the same answer, only once the commit is
-    /// durable ([`Ack::committed`]), and a failed sync still refuses it.
-    pub(crate) fn prepare(&self, outcome: &Outcome) {
-        if *outcome != Outcome::Inserted {
-            return;
-        }
-        let mut state = self.lock();
-        if state.settled.is_some() || state.prepared.is_some() {
-            return;
-        }
-        let Some(answer) = &state.answer else {
-            return;
-        };
-        state.prepared = answer.reply.encode(&answer.answer);
     }
 
     /// A duplicate of the message (on the loop): answered now if the commit is in,
@@ -168,8 +141,8 @@ impl Ack {
 
 impl Answer {
     /// Sends the answer for the store's outcome; `relayed` on a thread other than
-    /// the loop's; `prepared`: its line as [`Ack::prepare`] encoded it.
-    fn send(self, settled: &Settled, prepared: Option<Vec<u8>>, relayed: bool) {
+    /// the loop's.
+    fn send(self, settled: &Settled, relayed: bool) {
         let Answer {
             reply,
             answer,
@@ -187,13 +160,7 @@ impl Answer {
                 });
                 super::send::duplicate_of_stored(answer, *original)
             }
-            Settled::Inserted => {
-                if let (Some(line), true) = (prepared, relayed) {
-                    reply.send_encoded(answer, line, &relay);
-                    return;
-                }
-                answer
-            }
+            Settled::Inserted => answer,
             Settled::Failed(e) => {
                 let _ = events.send(StoreEvent::InsertFailed {
                     task_id,
@@ -309,64 +276,6 @@ mod tests {
                 Ok(StoreEvent::InsertFailed { original: None, .. })
             ));
         }
-    }
-
-    #[test]
-    fn a_prepared_answer_is_sent_only_with_its_commit_and_not_when_it_fails() {
-        use crate::outbox::{Outbox, OUTPUT_BUDGET};
-        let (events, mut failures) = mpsc::unbounded_channel();
-        let outbox = Outbox::new(OUTPUT_BUDGET);
-        let answer = |id: u64| Answer {
-            reply: Replier::to_connection(id, outbox.answering(true), None, None),
-            answer: Ok(Typed::Tasks(Vec::new())),
-            task_id: TaskId::from_u128(1),
-            message: None,
-            events: events.clone(),
-            relay: Relay::gone(),
-        };
-        use std::future::Future;
-        // The relay is gone, so an answer is queued by the thread that sends it: the
-        // outbox holds it (or not) as soon as the call returns.
-        let queued = |outbox: &std::sync::Arc<Outbox>| {
-            let mut next = std::pin::pin!(outbox.next());
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            match next.as_mut().poll(&mut cx) {
-                std::task::Poll::Ready(Some(line)) => {
-                    outbox.wrote();
-                    Some(String::from_utf8(line).unwrap())
-                }
-                _ => None,
-            }
-        };
-        let line = |outbox: &std::sync::Arc<Outbox>| queued(outbox).expect("an answer queued");
-        // Prepared during the sync, sent after it as encoded: the line an unprepared
-        // answer gets.
-        let (prepared, plain) = (Ack::new(), Ack::new());
-        let (on_prepared, on_plain) = (OnCommit::new(&prepared), OnCommit::new(&plain));
-        prepared.answered(answer(7));
-        plain.answered(answer(7));
-        prepared.prepare(&Outcome::Inserted);
-        assert_eq!(queued(&outbox), None, "sent before the commit was durable");
-        on_prepared.done(Ok(Outcome::Inserted));
-        let sent = line(&outbox);
-        on_plain.done(Ok(Outcome::Inserted));
-        assert_eq!(sent, line(&outbox));
-        assert!(sent.contains(r#""id":7,"ok":true,"result":[]"#), "{sent}");
-        // Prepared, then the sync fails: refused, not the prepared line.
-        let ack = Ack::new();
-        let on_commit = OnCommit::new(&ack);
-        ack.answered(answer(8));
-        ack.prepare(&Outcome::Inserted);
-        on_commit.done(Err(StoreError::Closed));
-        let sent = line(&outbox);
-        assert!(
-            sent.contains(r#""id":8"#) && sent.contains("store_failed"),
-            "{sent}"
-        );
-        assert!(matches!(
-            failures.try_recv(),
-            Ok(StoreEvent::InsertFailed { original: None, .. })
-        ));
     }
 
     fn duplicate() -> (Duplicate, tokio::sync::oneshot::Receiver<Reply>) {

@@ -100,7 +100,6 @@ impl Supervisor {
             };
             let ack = Ack::new();
             let on_commit = OnCommit::new(&ack);
-            let prepare = ack.clone();
             if message_key.is_some() {
                 // Committed ones (in order, mostly) make room first.
                 while self
@@ -112,12 +111,11 @@ impl Supervisor {
                 }
                 self.inserts_pending.push_back((task_id, ack.clone()));
             }
-            self.store.submit_prepared(
+            self.store.submit_with(
                 Op::Insert {
                     task: Box::new(record),
                     front,
                 },
-                move |outcome| prepare.prepare(outcome),
                 move |result| on_commit.done(result),
             );
             Some(ack)
