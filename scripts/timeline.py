@@ -8,7 +8,9 @@ A cycle runs from the end of one sync's completions ('released') to the end of t
 next one's. The first and last tenth of the events are left out (start and end of
 the run). Printed: the rate the released ops make over that span; the share of time
 the writer commits, the syncer is in fdatasync and calls completions, and how much
-commits overlap syncs; commit cost (fixed + per op); each stage's first/last time
+commits overlap syncs; commit cost (fixed + per op); the hand-offs between threads
+(the last hand-over to the writer awake, the first commit of a sync ended to the
+sync taken, fdatasync ended to its completions done); each stage's first/last time
 within a cycle (median and p10/p90, in us after the cycle began); the CPUs each
 stage was marked on; and SAMPLES whole cycles (default 4), each a run of marks
 'stage x count (arg sum) @ first-last us'."""
@@ -68,6 +70,29 @@ if len(syncs) > 2:
     d = [(b - a) / 1e3 for a, b in syncs]
     print(f"{len(syncs)} syncs: fdatasync median {st.median(d):.0f} us, p90 {st.quantiles(d, n=10)[-1]:.0f}; "
           f"ops per sync median {st.median([r[2] for r in rels])}")
+
+
+def waits(frm, to, first):
+    """From a `frm` mark to the next `to` mark: the first `frm` since the last `to`
+    (how long the earliest waited), or the last one (the wake-up's latency)."""
+    out, start = [], None
+    for ns, s, *_ in ev:
+        if s == frm and (start is None or not first):
+            start = ns
+        elif s == to and start is not None:
+            out.append((ns - start) / 1e3)
+            start = None
+    return out
+
+
+# The hand-offs between threads (a wake-up, or a thread waiting for a CPU, shows
+# here), and the completions that run in series after each fdatasync.
+for label, frm, to, first in [("last hand-over -> writer awake", "hand", "woke", False),
+                              ("first commit of a sync ended -> sync taken", "c1", "taken", True),
+                              ("fdatasync ended -> completions done", "s1", "released", True)]:
+    d = waits(frm, to, first)
+    if len(d) > 2:
+        print(f"{label}: median {st.median(d):.0f} us, p90 {st.quantiles(d, n=10)[-1]:.0f}")
 
 cycles = []
 marks = [i for i, e in enumerate(ev) if e[1] == "released"]
