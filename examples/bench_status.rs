@@ -23,13 +23,29 @@
 //! on a connection), so that the clients cost the 2-core machine as little as they
 //! can. It prints the rate and the client's own CPU time per message.
 //!
+//! With `--paced MICROS` it runs instead the paced phase: the writer kept busy by
+//! the rate phase's load (the same connections on one `epoll` thread as
+//! `--rate-only`), while one more connection sends one `status` every MICROS
+//! microseconds, open loop (each at its scheduled time whether or not the earlier
+//! ones were answered; its latency from its actual write to its answer, read by a
+//! thread of its own), as a user's sporadic `/status` is sent. Its idle reference is
+//! the same paced probe with no load (agentd and the echo server in four alternating
+//! chunks of `idle / 4` requests each); its baseline the same paced probe against the
+//! echo server under the same load, paced to agentd's rate. Printed as the threads'
+//! phase prints, with how late the probe's writes were against their schedule.
+//!
+//! Both latency phases also print, per request, what the thread of agentd that
+//! answers `status` (`agentd-fast`) spent (its schedstat and `status`): CPU time,
+//! time waiting in a run queue for a CPU, how many times it ran and how many times it
+//! went to sleep, idle and busy.
+//!
 //! `--fsync-baseline DIR` measures, on DIR's disk, the rate both phases are judged
 //! against: one fsync'd commit per message (a plain SQLite connection, WAL +
 //! synchronous=FULL, one INSERT per transaction, as `bench-store enqueue`'s
 //! baseline). `--baseline RATE` prints a phase's rate as a ratio to it.
 //!
 //! Usage: bench_status --socket PATH [--clients 64] [--per 200] [--idle 5000]
-//!        [--probe status|ping] [--rate-only] [--baseline RATE]
+//!        [--probe status|ping] [--rate-only | --paced MICROS] [--baseline RATE]
 //!        bench_status --fsync-baseline DIR
 
 use std::path::{Path, PathBuf};
@@ -136,9 +152,18 @@ fn process_cpu() -> Duration {
 /// client's socket writable, wakes nothing here). Each connection has one `send`
 /// outstanding at a time and sends its next only after reading the answer to the
 /// last: the same requests and the same acknowledgement after the commit as the
-/// threads' phase. Returns the rate, the client's CPU time per message and how
-/// many were refused.
-fn rate_epoll(path: &Path, clients: usize, per: usize) -> (f64, Duration, usize) {
+/// threads' phase. With `rate`, no faster than that in all: connection `c`'s `i`th
+/// send is due `i * clients / rate` seconds after the start (as the threads'
+/// schedule in [`busy`]), and one whose answer came early waits for its time (in
+/// `epoll_wait`'s timeout, which has a millisecond's resolution; the schedule is
+/// absolute, so the rate holds). Returns the rate, the client's CPU time per
+/// message and how many were refused.
+fn rate_epoll(
+    path: &Path,
+    clients: usize,
+    per: usize,
+    rate: Option<f64>,
+) -> (f64, Duration, usize) {
     use mio::unix::SourceFd;
     use mio::{Events, Interest, Poll, Token};
     use std::io::{ErrorKind, Read, Write};
@@ -185,11 +210,29 @@ fn rate_epoll(path: &Path, clients: usize, per: usize) -> (f64, Duration, usize)
     let mut buf = [0u8; 4096];
     let cpu0 = process_cpu();
     let t0 = Instant::now();
+    // When a connection's next send is due (None: at once).
+    let due =
+        |sent: usize| rate.map(|r| t0 + Duration::from_secs_f64(sent as f64 * clients as f64 / r));
+    // Connections whose next send waits for its time.
+    let mut waiting: Vec<usize> = Vec::new();
     for (c, conn) in conns.iter_mut().enumerate() {
         send(conn, c);
     }
     while running > 0 {
-        poll.poll(&mut events, None).expect("epoll_wait");
+        let timeout = waiting
+            .iter()
+            .filter_map(|&c| due(conns[c].sent))
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        poll.poll(&mut events, timeout).expect("epoll_wait");
+        let now = Instant::now();
+        waiting.retain(|&c| {
+            if due(conns[c].sent).is_some_and(|at| at > now) {
+                return true;
+            }
+            send(&mut conns[c], c);
+            false
+        });
         for event in &events {
             let c = event.token().0;
             let conn = &mut conns[c];
@@ -220,10 +263,12 @@ fn rate_epoll(path: &Path, clients: usize, per: usize) -> (f64, Duration, usize)
                 refused += 1;
             }
             conn.reply.clear();
-            if conn.sent < per {
-                send(conn, c);
-            } else {
+            if conn.sent >= per {
                 running -= 1;
+            } else if due(conn.sent).is_some_and(|at| at > now) {
+                waiting.push(c);
+            } else {
+                send(conn, c);
             }
         }
     }
@@ -314,6 +359,277 @@ fn busy(
     (samples, rate, refused.into_inner())
 }
 
+/// When the paced probe stops: after `n` requests, or once the load says it is done.
+enum Until<'a> {
+    Count(usize),
+    Done(&'a AtomicBool),
+}
+
+/// What the paced probe saw: each request's latency (from its actual write to its
+/// answer's arrival) and how late each write was against its schedule.
+struct Paced {
+    latencies: Vec<Duration>,
+    late: Vec<Duration>,
+}
+
+/// The open-loop probe: on one connection to `path`, one request every `period`,
+/// each written at its scheduled time (or at once when this thread was woken past
+/// it), whether or not the earlier ones have been answered (a slow answer delays no
+/// later request: while one waits, the next ones queue behind it and each counts
+/// its own wait). A second thread reads the answers (in order: one line each) and
+/// takes each latency from that request's write. After the last request the
+/// connection's write side is shut, so the reader ends at the server's EOF, once
+/// every answer is in.
+fn paced(path: &Path, period: Duration, until: Until) -> Paced {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let mut stream = UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
+    let reader = stream.try_clone().expect("clone the stream");
+    let (sent, written) = std::sync::mpsc::channel::<Instant>();
+    std::thread::scope(|scope| {
+        let answers = scope.spawn(move || {
+            let mut reader = BufReader::new(reader);
+            let mut line = String::new();
+            let mut latencies = Vec::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).expect("read an answer") == 0 {
+                    return latencies;
+                }
+                let at = Instant::now();
+                assert!(!line.contains("\"ok\":false"), "error reply: {line}");
+                let t = written.recv().expect("an answer to a request written");
+                latencies.push(at - t);
+            }
+        });
+        let mut late = Vec::new();
+        let start = Instant::now() + period;
+        for k in 0u32.. {
+            let done = match until {
+                Until::Count(n) => k as usize >= n,
+                Until::Done(done) => done.load(Ordering::SeqCst),
+            };
+            if done {
+                break;
+            }
+            let due = start + period * k;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            // The load may have ended during the sleep: no sample without it.
+            if let Until::Done(done) = until {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            let t = Instant::now();
+            late.push(t - due);
+            sent.send(t).expect("the reader waits");
+            stream
+                .write_all(probe_line().as_bytes())
+                .expect("write a request");
+        }
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shut the probe's write side");
+        Paced {
+            latencies: answers.join().expect("the reader"),
+            late,
+        }
+    })
+}
+
+/// The paced idle references: `n` requests every `period` to agentd and `n` to
+/// the echo server, in four alternating chunks of `n / 4` (a connection each) so
+/// that both see the machine of the same minutes.
+fn paced_idle(socket: &Path, echo: &Path, period: Duration, n: usize) -> (Paced, Paced) {
+    let mut ours = Paced {
+        latencies: Vec::new(),
+        late: Vec::new(),
+    };
+    let mut base = Paced {
+        latencies: Vec::new(),
+        late: Vec::new(),
+    };
+    for _ in 0..4 {
+        for (path, into) in [(socket, &mut ours), (echo, &mut base)] {
+            let mut chunk = paced(path, period, Until::Count(n / 4));
+            into.latencies.append(&mut chunk.latencies);
+            into.late.append(&mut chunk.late);
+        }
+    }
+    (ours, base)
+}
+
+/// The load of the rate phase ([`rate_epoll`]: `clients` connections on one thread
+/// in `epoll`, `per` sends each, one outstanding per connection) against `path`,
+/// at most `rate` sends a second if given, while the paced probe measures `probe`
+/// (a connection of its own) until the load is done. Returns the probe's figures
+/// and the load's rate and refusals.
+fn paced_busy(
+    path: &Path,
+    probe: &Path,
+    clients: usize,
+    per: usize,
+    rate: Option<f64>,
+    period: Duration,
+) -> (Paced, f64, usize) {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            let out = rate_epoll(path, clients, per, rate);
+            done.store(true, Ordering::SeqCst);
+            out
+        });
+        let probed = paced(probe, period, Until::Done(&done));
+        let (rate, _, refused) = load.join().expect("the load");
+        (probed, rate, refused)
+    })
+}
+
+/// The thread of agentd `pid` that answers `status`: its fast lane (`agentd-fast`)
+/// or connections' thread (`agentd-conn`) if it has one, else its main thread.
+fn status_thread(pid: u32) -> u32 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
+        .find(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|comm| matches!(comm.trim(), "agentd-fast" | "agentd-conn"))
+        })
+        .unwrap_or(pid)
+}
+
+/// agentd's pid, from its `ping` answer.
+fn agentd_pid(socket: &Path) -> Option<u32> {
+    Conn::connect(socket)
+        .round_trip("{\"id\":1,\"cmd\":\"ping\"}\n")
+        .split("\"pid\":")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A thread's schedstat (nanoseconds on a CPU, nanoseconds waiting in a run queue:
+/// woken or preempted, not yet running again, and how many times it ran) and how
+/// many times it went to sleep (`voluntary_ctxt_switches`).
+fn schedstat(pid: u32, tid: u32) -> Option<[u64; 4]> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let sleeps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some([fields.next()??, fields.next()??, fields.next()??, sleeps])
+}
+
+/// The answering thread's CPU, run-queue wait, runs and sleeps per request between
+/// two readings.
+fn per_request(before: Option<[u64; 4]>, after: Option<[u64; 4]>, n: usize) -> String {
+    match (before, after) {
+        (Some(a), Some(b)) if n > 0 => format!(
+            "status thread per request: CPU {:.1} us, waiting for a CPU {:.1} us, {:.2} runs, {:.2} sleeps",
+            (b[0] - a[0]) as f64 / n as f64 / 1e3,
+            (b[1] - a[1]) as f64 / n as f64 / 1e3,
+            (b[2] - a[2]) as f64 / n as f64,
+            (b[3] - a[3]) as f64 / n as f64
+        ),
+        _ => "status thread not found".to_string(),
+    }
+}
+
+/// The paced phase (`--paced MICROS`): see the header.
+fn paced_phase(
+    socket: &Path,
+    clients: usize,
+    per: usize,
+    period: Duration,
+    n_idle: usize,
+    against: impl Fn(f64) -> String,
+) {
+    let echo_path = socket.with_file_name("echo.sock");
+    let _ = std::fs::remove_file(&echo_path);
+    let echo_server = EchoServer::start(&echo_path);
+    let pid = agentd_pid(socket);
+    let answerer = pid.map(|pid| (pid, status_thread(pid)));
+    let stat = || answerer.and_then(|(pid, tid)| schedstat(pid, tid));
+
+    let s0 = stat();
+    let (idle_ours, idle_echo) = paced_idle(socket, &echo_path, period, n_idle);
+    let s1 = stat();
+    let (busy_ours, rate, refused) = paced_busy(socket, socket, clients, per, None, period);
+    let s2 = stat();
+    // The baseline: the same load, at agentd's rate, against the echo server.
+    let (busy_echo, echo_rate, _) =
+        paced_busy(&echo_path, &echo_path, clients, per, Some(rate), period);
+    drop(echo_server);
+    let _ = std::fs::remove_file(&echo_path);
+
+    let us = period.as_secs_f64() * 1e6;
+    println!(
+        "agentd end to end, {clients} clients on one epoll thread and a status every {us:.0} us: {rate:8.0} acknowledged (durable) msgs/s{}  ({} of {} accepted)",
+        against(rate),
+        clients * per - refused,
+        clients * per
+    );
+    let late = |p: &Paced| Percentiles::of(p.late.clone()).0[2].as_secs_f64() * 1e3;
+    let (n_idle_ours, n_busy_ours) = (idle_ours.latencies.len(), busy_ours.latencies.len());
+    let idle_o = Percentiles::of(idle_ours.latencies.clone());
+    let busy_o = Percentiles::of(busy_ours.latencies.clone());
+    println!(
+        "status latency, idle, paced:              {}  ({n_idle_ours} requests; sent late p99 {:.3} ms)",
+        idle_o.show(),
+        late(&idle_ours)
+    );
+    println!(
+        "status latency, writer busy, paced:       {}  ({n_busy_ours} requests; sent late p99 {:.3} ms)",
+        busy_o.show(),
+        late(&busy_ours)
+    );
+    let ours = busy_o.ratios(&idle_o);
+    println!(
+        "  busy/idle:                              {}  (the issue asks within 2×)",
+        show_ratios(ours)
+    );
+    println!("  idle: {}", per_request(s0, s1, n_idle_ours));
+    println!("  busy: {}", per_request(s1, s2, n_busy_ours));
+    println!("baseline: a bare echo server process, the same paced probe and the same load:");
+    let idle_e = Percentiles::of(idle_echo.latencies.clone());
+    let busy_e = Percentiles::of(busy_echo.latencies.clone());
+    println!(
+        "echo round trip, idle, paced:             {}  ({} requests)",
+        idle_e.show(),
+        idle_echo.latencies.len()
+    );
+    println!(
+        "echo round trip, load busy, paced:        {}  ({} requests; load at {echo_rate:.0}/s, as agentd's; sent late p99 {:.3} ms)",
+        busy_e.show(),
+        busy_echo.latencies.len(),
+        late(&busy_echo)
+    );
+    let echo = busy_e.ratios(&idle_e);
+    println!(
+        "  busy/idle:                              {}  (the machine's and the load's share)",
+        show_ratios(echo)
+    );
+    let mut own = [0.0; 3];
+    for i in 0..3 {
+        own[i] = ours[i] / echo[i].max(1e-9);
+    }
+    println!(
+        "agentd's own share (its busy/idle over the echo's): {}",
+        show_ratios(own)
+    );
+}
+
 fn main() {
     if let Some("--serve-echo") = std::env::args().nth(1).as_deref() {
         serve_echo(Path::new(&std::env::args().nth(2).expect("a socket path")));
@@ -322,6 +638,7 @@ fn main() {
     let mut socket = None;
     let (mut clients, mut per, mut n_idle) = (64usize, 200usize, 5000usize);
     let (mut rate_only, mut baseline) = (false, None::<f64>);
+    let mut paced_us = None::<u64>;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().expect("a value after the flag");
@@ -331,6 +648,7 @@ fn main() {
             "--per" => per = value().parse().expect("a number"),
             "--idle" => n_idle = value().parse().expect("a number"),
             "--rate-only" => rate_only = true,
+            "--paced" => paced_us = Some(value().parse().expect("microseconds")),
             "--baseline" => baseline = Some(value().parse().expect("a number")),
             "--fsync-baseline" => {
                 let rate = fsync_baseline(Path::new(&value()), 2000);
@@ -354,8 +672,19 @@ fn main() {
         ),
         None => String::new(),
     };
+    if let Some(us) = paced_us {
+        paced_phase(
+            &socket,
+            clients,
+            per,
+            Duration::from_micros(us),
+            n_idle,
+            against,
+        );
+        return;
+    }
     if rate_only {
-        let (rate, client_cpu, refused) = rate_epoll(&socket, clients, per);
+        let (rate, client_cpu, refused) = rate_epoll(&socket, clients, per, None);
         println!(
             "agentd end to end, {clients} clients on one epoll thread, no probe: {rate:8.0} acknowledged (durable) msgs/s{}  ({} of {} accepted)",
             against(rate),
@@ -372,8 +701,13 @@ fn main() {
     let _ = std::fs::remove_file(&echo_path);
     let echo_server = EchoServer::start(&echo_path);
 
+    let answerer = agentd_pid(&socket).map(|pid| (pid, status_thread(pid)));
+    let stat = || answerer.and_then(|(pid, tid)| schedstat(pid, tid));
+    let s0 = stat();
     let (idle_ours, idle_echo) = idle(&socket, &echo_path, n_idle);
+    let s1 = stat();
     let (busy_ours, rate, refused) = busy(&socket, &socket, clients, per, None);
+    let s2 = stat();
     let n_busy = busy_ours.len();
     let busy_ours = Percentiles::of(busy_ours);
     // The baseline: the same clients, at agentd's rate, against the echo server.
@@ -400,6 +734,8 @@ fn main() {
         "  busy/idle:                              {}  (the issue asks within 2×)",
         show_ratios(ours)
     );
+    println!("  idle: {}", per_request(s0, s1, n_idle + n_idle / 10));
+    println!("  busy: {}", per_request(s1, s2, n_busy));
     println!("baseline: a bare echo server process, the same probe and the same clients:");
     println!(
         "echo round trip, idle:                    {}",

@@ -25,7 +25,26 @@
 #                   machine's and the benchmark's own share of the tail), the
 #                   rate (lower: 64 threads and the probe share the 2 cores with
 #                   agentd) and agentd's CPU per message (the loop's includes the
-#                   probe's `status`es).
+#                   probe's `status`es). The harsher case: the probe keeps a core
+#                   busy between itself and agentd's fast lane, and with the 64
+#                   client threads oversubscribes the 2 cores;
+#     paced phase:  the writer kept busy by the rate phase's load (64 connections on
+#                   one epoll client thread, one send outstanding each, 64 x 1,000
+#                   sends: the rate phase's 12,800 five times over, so that the probe
+#                   has enough samples for a p99), while a separate connection sends
+#                   one `status` every 1 ms, open loop (each at its scheduled time
+#                   whether or not the last was answered, its latency from its actual
+#                   write to its answer: a stall counts once for every request it
+#                   delays), as a user's sporadic `/status`. The idle reference is the
+#                   same paced probe with no load; the baseline the same paced probe
+#                   against the bare echo server, idle and under the same load paced
+#                   to agentd's rate. Printed like the probe phase (p50/p90/p99,
+#                   requests, busy/idle, agentd's own share over the echo's), with
+#                   how late the probe's writes were against their schedule. The
+#                   echo server is the probe phase's (a thread per connection).
+#   Both latency phases also print, idle and busy, per request, what agentd's thread
+#   that answers `status` (agentd-fast) spent: CPU, time waiting in a run queue for
+#   a CPU, runs and sleeps (its schedstat and voluntary context switches).
 # The store goes under $BENCH_DIR (default: a new dir in /var/tmp, which is on disk
 # rather than tmpfs on most systems; fsync on tmpfs would measure nothing).
 # Not a test: it asserts nothing, it reports.
@@ -78,9 +97,10 @@ cpu_ns() {
             '{print $1, (main == "1" ? $1 : 0), (comm == "agentd-store" ? $1 : 0), (comm == "agentd-sync" ? $1 : 0), (comm == "agentd-conn" || comm == "agentd-fast" ? $1 : 0)}' "$t/schedstat"
     done | awk '{a += $1; l += $2; w += $3; s += $4; c += $5} END {print a, l, w, s, c}'
 }
-# Prints agentd's CPU per message between two cpu_ns readings ($3: what the loop's includes).
+# Prints agentd's CPU per message between two cpu_ns readings ($3: what the loop's
+# includes; $4: how many messages, 64 x 200 if not given).
 cpu_line() {
-    echo "$1 $2" | awk -v n=$((64 * 200)) -v note="$3" '{printf "  agentd CPU per acknowledged message: %.1f us (loop thread %.1f, connections thread %.1f, store writer %.1f, syncer %.1f%s)\n", ($6 - $1) / n / 1e3, ($7 - $2) / n / 1e3, ($10 - $5) / n / 1e3, ($8 - $3) / n / 1e3, ($9 - $4) / n / 1e3, note}'
+    echo "$1 $2" | awk -v n="${4:-$((64 * 200))}" -v note="$3" '{printf "  agentd CPU per acknowledged message: %.1f us (loop thread %.1f, connections thread %.1f, store writer %.1f, syncer %.1f%s)\n", ($6 - $1) / n / 1e3, ($7 - $2) / n / 1e3, ($10 - $5) / n / 1e3, ($8 - $3) / n / 1e3, ($9 - $4) / n / 1e3, note}'
 }
 # The fsync'd-commit baseline on the same disk, now; prints it and sets BASE.
 baseline() {
@@ -106,4 +126,13 @@ C0=$(cpu_ns)
 "$CLIENT" --socket "$E2E/run/agentd.sock" --clients 64 --per 200 --baseline "$BASE"
 C1=$(cpu_ns)
 cpu_line "$C0" "$C1" "; the loop's and the total include the status probes and the idle phase"
+stop_agentd
+
+echo "end to end, paced phase (64 connections on one client thread in epoll, a status every 1 ms):"
+baseline base-paced
+start_agentd e2e-paced
+C0=$(cpu_ns)
+"$CLIENT" --socket "$E2E/run/agentd.sock" --clients 64 --per 1000 --paced 1000 --idle 2000 --baseline "$BASE"
+C1=$(cpu_ns)
+cpu_line "$C0" "$C1" "; the total includes the paced status probes and the idle phase" $((64 * 1000))
 stop_agentd

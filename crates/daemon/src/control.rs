@@ -30,13 +30,16 @@ use agentd_proto::control::{
 };
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::traits::StreamCommon;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::ControlSettings;
 pub use crate::outbox::EventSink;
 use crate::outbox::{encode_line, Outbox, MAX_IN_FLIGHT, OUTPUT_BUDGET};
 use crate::socket::SocketFile;
+
+mod fast_stream;
+use fast_stream::FastStream;
 
 /// What the supervisor answers: a typed result or a structured error.
 pub type Reply = Result<Answer, ErrorBody>;
@@ -275,6 +278,7 @@ impl FastLane {
                 let Ok((runtime, listener)) = take.recv() else {
                     return;
                 };
+                ask_short_slice();
                 runtime.block_on(async move {
                     // Each connection holds a clone until it is done.
                     let (open, mut all_done) = mpsc::channel::<()>(1);
@@ -431,7 +435,14 @@ async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
     let closed = main.closing.notify.notified();
     tokio::pin!(closed);
     closed.as_mut().enable();
-    let mut reader = BufReader::new(unix_stream(stream));
+    let stream = match FastStream::new(unix_stream(stream)) {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!("cannot serve a control connection: {e}");
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
     let mut out = Vec::new();
     loop {
@@ -524,7 +535,7 @@ async fn serve_fast(stream: Stream, main: Arc<MainLane>, admitted: Admitted) {
 /// client that reads late still gets whole answers. True if it was written before
 /// agentd was seen to stop.
 async fn write_owed(
-    stream: &mut tokio::net::UnixStream,
+    stream: &mut (impl AsyncWrite + Unpin),
     out: &[u8],
     closed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
 ) -> bool {
@@ -941,6 +952,56 @@ async fn read_requests(
                 }
             }
         }
+    }
+}
+
+/// The slice the fast lane's thread asks the scheduler for (the shortest Linux
+/// takes).
+const FAST_SLICE: Duration = Duration::from_micros(100);
+
+/// Asks the scheduler (EEVDF, Linux 6.12 and later) for a short time slice for the
+/// calling thread, keeping its policy (normal or batch; any other is left alone)
+/// and nice value: a thread woken with a slice shorter than the running thread's
+/// preempts it at once instead of waiting for the rest of that thread's slice (the
+/// default base slice, 0.7–0.75 ms by kernel version, times 1 + log2 of the CPUs:
+/// seen as the fast lane's run-queue wait behind the loop and the store's writer,
+/// up to 0.8 ms under the benchmark's load). The fast lane runs a few tens of
+/// microseconds per request, well within it, so it gets no more CPU for it, only
+/// sooner. Older kernels ignore the value; a refusal is logged and changes nothing.
+fn ask_short_slice() {
+    // SAFETY: no preconditions; 0 is the calling thread.
+    let policy = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
+        return;
+    }
+    // SAFETY: getpriority has no preconditions; for PRIO_PROCESS and 0 it reads the
+    // calling thread's nice value.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let attr = libc::sched_attr {
+        size: std::mem::size_of::<libc::sched_attr>() as u32,
+        sched_policy: policy as u32,
+        sched_flags: 0,
+        sched_nice: nice,
+        sched_priority: 0,
+        sched_runtime: FAST_SLICE.as_nanos() as u64,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: the calling thread (0), a valid sched_attr whose size field says its
+    // size, no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            0,
+            &attr as *const libc::sched_attr,
+            0,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "the fast lane keeps the default time slice: sched_setattr: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
