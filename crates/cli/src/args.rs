@@ -24,8 +24,8 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
     after_help = "Exit status: 0 success, 1 agentd answered with an error, 2 usage error, \
                   3 agentd is not running or cannot be reached, 4 other failure \
                   (timeout, lost connection, unexpected answer), 5 `send --wait`: the \
-                  task did not succeed, 130 `send --wait` or `watch` interrupted by \
-                  Ctrl-C (the task goes on; `agentctl stop ID` stops it)."
+                  task did not succeed, 130 `send --wait`, `watch` or `chat` interrupted \
+                  by Ctrl-C (the tasks go on; `agentctl stop ID` stops one)."
 )]
 pub struct Cli {
     /// The control socket [default: $AGENTD_SOCKET, else
@@ -125,7 +125,8 @@ pub enum Command {
     /// Check that agentd is running
     Ping,
     /// Chat with a session in the terminal: each line is a message, /commands are
-    /// answered at once, events and results stream in between; /quit or Ctrl-D leaves
+    /// answered at once, events and results stream in between; /quit, Ctrl-D or Ctrl-C
+    /// leaves
     Chat(ChatArgs),
     /// Print a shell completion script for bash, zsh or fish (see the README for
     /// where to put it)

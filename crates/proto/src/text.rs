@@ -591,11 +591,19 @@ pub fn interrupted_session(session: impl Display) -> String {
     )
 }
 
+/// agentctl's word on Ctrl-C during `chat --session S`: leaving the chat stops nothing.
+pub fn interrupted_chat(session: impl Display) -> String {
+    format!(
+        "agentctl: left the chat; the tasks of session {session} go on (stop them with \
+         `agentctl stop --session {session}`)"
+    )
+}
+
 /// The first line of `agentctl chat`.
 pub fn chat_banner(session: impl Display) -> String {
     format!(
         "chatting with session {session}: one line is one message; /help lists the \
-         commands; /quit or Ctrl-D leaves (tasks go on)"
+         commands; /quit, Ctrl-D or Ctrl-C leaves (tasks go on)"
     )
 }
 
