@@ -43,7 +43,8 @@ pub struct Cli {
     )]
     pub socket: Option<PathBuf>,
 
-    /// Print agentd's answer as one JSON value on stdout (`watch`: one event per line)
+    /// Print agentd's answer as one JSON value on stdout (`watch`, `chat` and `log`: one
+    /// object per line, an event, an answer or a piece of the log)
     #[arg(long, global = true)]
     pub json: bool,
 

@@ -18,7 +18,8 @@
 //! Streaming commands print as events arrive and flush after each line: `watch`
 //! (one line per event; with `--json` one event object per line) and `send --wait`
 //! (progress lines, then the outcome and the result; with `--json` only the final
-//! task). `send --wait` exits with [`EXIT_TASK_FAILED`] when the task did not
+//! task), and `log` (the output as it is read; with `--json` one `LogChunk` object
+//! per line). `send --wait` exits with [`EXIT_TASK_FAILED`] when the task did not
 //! succeed. Output already printed as progress is not printed again as the result.
 //! Ctrl-C on `send --wait`, `watch` or `chat` ends agentctl with [`EXIT_INTERRUPTED`]
 //! and a line on stderr saying that the task goes on and how to stop it.
