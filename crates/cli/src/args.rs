@@ -132,8 +132,8 @@ pub enum Command {
     /// answered at once, events and results stream in between; /quit, Ctrl-D or Ctrl-C
     /// leaves
     Chat(ChatArgs),
-    /// Print a shell completion script for bash, zsh or fish (see the README for
-    /// where to put it)
+    /// Print a shell completion script for bash, zsh, fish, elvish or powershell (see
+    /// the README for where to put it)
     Completions(CompletionsArgs),
     /// Print agentctl's man page, or write one page per command into DIR
     Man(ManArgs),
