@@ -324,12 +324,19 @@ pub const STOP_TARGETS: &str = "stop takes exactly one of task_id, session, all"
 pub const WATCH_TARGETS: &str = "watch takes exactly one of task_id, session";
 
 pub fn queue_full(limit: u32) -> String {
-    format!("agentd's queue is full ({limit} messages wait): the message was not accepted")
+    let wait = if limit == 1 {
+        "message waits"
+    } else {
+        "messages wait"
+    };
+    format!("agentd's queue is full ({limit} {wait}): the message was not accepted")
 }
 
 pub fn session_full(cap: u32) -> String {
+    let messages = if cap == 1 { "message" } else { "messages" };
     format!(
-        "this chat already holds {cap} waiting messages (cap {cap}, drop: new): the message was not accepted"
+        "this chat already holds {cap} waiting {messages} (cap {cap}, drop: new): the message \
+         was not accepted"
     )
 }
 
@@ -709,6 +716,21 @@ pub fn bridge_finished(view: &TaskView) -> String {
 mod tests {
     use super::*;
     use crate::control::ExitView;
+
+    #[test]
+    fn full_queues_count_their_messages_in_words() {
+        assert_eq!(
+            session_full(1),
+            "this chat already holds 1 waiting message (cap 1, drop: new): the message was \
+             not accepted"
+        );
+        assert!(session_full(20).starts_with("this chat already holds 20 waiting messages "));
+        assert_eq!(
+            queue_full(1),
+            "agentd's queue is full (1 message waits): the message was not accepted"
+        );
+        assert!(queue_full(1000).starts_with("agentd's queue is full (1000 messages wait)"));
+    }
 
     fn view(state: TaskState, exit: Option<ExitView>, started: bool) -> TaskView {
         TaskView {
