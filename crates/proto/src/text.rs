@@ -408,11 +408,28 @@ pub fn socket_is_not_a_socket(path: &std::path::Path, kind: &str) -> String {
     )
 }
 
+/// agentd's exit status (a macro, so that [`AGENTD_AFTER_HELP`] can hold it too).
+macro_rules! agentd_exit_status {
+    () => {
+        "Exit status: 0 stopped by SIGTERM or SIGINT, 1 could not run (socket, store, \
+         containment), 2 usage error, 75 another agentd holds the state dir, 78 \
+         configuration error (a flag's value, the config file, an agent program that \
+         cannot be run)"
+    };
+}
+
 /// agentd's exit status, in `agentd --help` and its man page.
-pub const AGENTD_EXIT_STATUS: &str = "Exit status: 0 stopped by SIGTERM or SIGINT, 1 could not \
-    run (socket, store, containment), 2 usage error, 75 another agentd holds the state dir, \
-    78 configuration error (a flag's value, the config file, an agent program that cannot \
-    be run)";
+pub const AGENTD_EXIT_STATUS: &str = agentd_exit_status!();
+
+/// The end of `agentd --help` and of its man page: examples, then the exit status.
+pub const AGENTD_AFTER_HELP: &str = concat!(
+    "Examples:\n  \
+     agentd --max-concurrent 1 --agent 'agent-exec -- sh -c {text}' &\n  \
+     agentd --config ~/.config/agentd/config.toml --log-format json\n  \
+     agentd --socket /tmp/try/agentd.sock --state-dir /tmp/try/state --no-cgroup   \
+     # a second, separate agentd\n\n",
+    agentd_exit_status!()
+);
 
 /// agentd refuses to start: the agent command's program, which names no path, is in
 /// none of the places a task's spawn would look (`next_to`: agentd's own directory;
