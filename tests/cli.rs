@@ -828,10 +828,12 @@ fn ctrl_c_on_send_wait_or_watch_says_the_task_goes_on() {
         let mut err = String::new();
         std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
         assert_eq!(status.code(), Some(130), "{err}");
+        // In the words of the command: `send --wait` waited, `watch` watched.
+        let verb = if watch { "watching" } else { "waiting" };
         assert_eq!(
             err.trim(),
             format!(
-                "agentctl: stopped waiting; task {id} goes on (stop it with `agentctl stop {id}`)"
+                "agentctl: stopped {verb}; task {id} goes on (stop it with `agentctl stop {id}`)"
             )
         );
         assert_eq!(d.task(&id)["state"], json!("running"));

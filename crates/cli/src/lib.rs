@@ -483,10 +483,10 @@ impl Ctx<'_> {
         let mut stream = client.watch(args.request())?;
         on_interrupt(Some(match (&args.session, stream.task_id()) {
             (Some(session), _) => agentd_proto::text::interrupted_session(session),
-            (None, Some(task)) => agentd_proto::text::interrupted_task(task),
-            (None, None) => {
-                agentd_proto::text::interrupted_task(args.task_id.as_deref().unwrap_or_default())
-            }
+            (None, Some(task)) => agentd_proto::text::interrupted_task_watch(task),
+            (None, None) => agentd_proto::text::interrupted_task_watch(
+                args.task_id.as_deref().unwrap_or_default(),
+            ),
         }));
         let mut printer = EventPrinter::new(self.json, self.tz.clone());
         while let Some(event) = stream.next() {

@@ -601,10 +601,14 @@ pub fn skipped_progress(skipped: u64) -> String {
     }
 }
 
-/// agentctl's word on Ctrl-C during `send --wait` or `watch TASK_ID`: the task is not
-/// stopped by it.
+/// agentctl's word on Ctrl-C during `send --wait`: the task is not stopped by it.
 pub fn interrupted_task(task_id: impl Display) -> String {
     format!("agentctl: stopped waiting; task {task_id} goes on (stop it with `agentctl stop {task_id}`)")
+}
+
+/// agentctl's word on Ctrl-C during `watch TASK_ID`: the task is not stopped by it.
+pub fn interrupted_task_watch(task_id: impl Display) -> String {
+    format!("agentctl: stopped watching; task {task_id} goes on (stop it with `agentctl stop {task_id}`)")
 }
 
 /// agentctl's word on Ctrl-C during `watch --session S`.
