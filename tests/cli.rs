@@ -535,6 +535,34 @@ fn chat_whose_input_ends_at_once_still_shows_each_message_was_accepted() {
     }
 }
 
+/// The chat's `/help` also says how to leave the chat, which only agentctl knows.
+#[test]
+fn chat_help_says_how_to_leave() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    let mut child = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["chat", "--session", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "/help").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let help = text
+        .split_once("Commands (answered at once")
+        .map(|(_, h)| h);
+    assert!(
+        help.is_some_and(|h| h.lines().any(|l| l.trim_start().starts_with("/quit"))),
+        "{text}"
+    );
+}
+
 /// A task that fails before its agent runs (here: its agent program was removed) is told
 /// once by `send --wait`, with how it ended, not once as the send's answer and again
 /// as its end.

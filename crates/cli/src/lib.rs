@@ -630,7 +630,16 @@ impl Ctx<'_> {
                     }
                     // Accepted work shows up as events; only what else the answer
                     // says (a resume, drops, notes) is printed here.
-                    for line in render::render_send_in_chat(&reply) {
+                    let mut lines = render::render_send_in_chat(&reply);
+                    if reply.command.as_deref() == Some("help") {
+                        // Under `/help` in agentd's list, else at its end.
+                        let at = lines
+                            .iter()
+                            .position(|l| l.trim_start().starts_with("/help "))
+                            .map_or(lines.len(), |i| i + 1);
+                        lines.insert(at, agentd_proto::text::CHAT_HELP_QUIT.to_string());
+                    }
+                    for line in lines {
                         print_flushed(out, &line)?;
                     }
                 }

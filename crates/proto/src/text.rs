@@ -627,6 +627,10 @@ pub fn interrupted_chat(session: impl Display) -> String {
     )
 }
 
+/// What `agentctl chat` adds to the chat's `/help`: leaving is agentctl's, not agentd's.
+pub const CHAT_HELP_QUIT: &str =
+    "  /quit             leave this chat (so do Ctrl-D and Ctrl-C); its tasks go on";
+
 /// The first line of `agentctl chat`.
 pub fn chat_banner(session: impl Display) -> String {
     format!(
