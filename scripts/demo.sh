@@ -13,7 +13,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bold() { printf '\n\033[1m%s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+# A word as it would be typed: as it is when the shell leaves it alone, else in single
+# quotes (a ' inside written '\'').
+typed() {
+    if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+        printf '%s' "$1"
+    else
+        printf "'%s'" "${1//\'/\'\\\'\'}"
+    fi
+}
+# Prints a command as it would be typed (so it can be copied), after `$ `.
+show() {
+    local line='$' word
+    for word in "$@"; do line+=" $(typed "$word")"; done
+    printf '%s\n' "$line"
+}
+run() { show "$@"; "$@"; }
 ms_now() { date +%s%3N; }
 
 if [[ -n "${BIN:-}" ]]; then
@@ -46,7 +61,7 @@ trap 'echo; echo "(interrupted: stopping agentd and removing $WORK)"; exit 130' 
 bold "Starting agentd: 2 agent slots, stop graces of 2 s (log: $WORK/agentd.log)"
 # --steer: these commands may read steered messages from their stdin (step 6).
 AGENT='agent-exec --steer -- sh -c {text}'
-printf '$ agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s --agent %q --state-dir %s &\n' "$AGENT" "$WORK/state"
+printf '%s &\n' "$(show agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s --agent "$AGENT" --state-dir "$WORK/state")"
 agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s --agent "$AGENT" --state-dir "$WORK/state" 2>"$WORK/agentd.log" &
 AGENTD_PID=$!
 for _ in $(seq 1 100); do agentctl ping >/dev/null 2>&1 && break; sleep 0.05; done
@@ -54,6 +69,7 @@ run agentctl ping
 
 bold "1. Alice starts a long task (a minute of work, one step per second)"
 LONG='for i in $(seq 1 60); do echo "step $i/60"; sleep 1; done'
+show agentctl send --session alice "$LONG"
 out=$(agentctl send --session alice "$LONG"); echo "$out"
 ALICE_TASK=$(echo "$out" | awk '{print $2}')
 sleep 2
@@ -65,6 +81,7 @@ t0=$(ms_now); run agentctl send --session alice /status; t1=$(ms_now)
 echo "(the /status chat command took $((t1 - t0)) ms)"
 
 bold "3. Bob, in another chat, is not blocked by Alice's task"
+show agentctl send --session bob 'echo "hello from bob"; uname -sr'
 out=$(agentctl send --session bob 'echo "hello from bob"; uname -sr'); echo "$out"
 BOB_TASK=$(echo "$out" | awk '{print $2}')
 for _ in $(seq 1 100); do
@@ -98,6 +115,7 @@ run agentctl tasks --all
 
 bold "6. Steering: Erin's chat sends messages into the running task instead of queueing them"
 run agentctl send --session erin '/queue steer'
+show agentctl send --session erin 'echo "waiting for a message"; read -r line; echo "got: $line"'
 out=$(agentctl send --session erin 'echo "waiting for a message"; read -r line; echo "got: $line"'); echo "$out"
 ERIN_TASK=$(echo "$out" | awk '{print $2}')
 for _ in $(seq 1 100); do

@@ -449,6 +449,120 @@ fn chat_answers_a_mistaken_command_and_goes_on() {
     assert_eq!(status, Some(0), "{transcript}");
 }
 
+/// Ctrl-C leaves the chat as `watch --session` does: saying that the session's tasks
+/// go on and how to stop them, with exit 130, and the task still runs.
+#[test]
+fn ctrl_c_in_chat_says_the_tasks_go_on() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    let task = d.submit("alice", "echo up; sleep 300");
+    d.wait_progress(&task, "up");
+    let mut child = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["chat", "--session", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The banner comes once the session is watched; the snapshot shows the task.
+    assert!(lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .starts_with("chatting with session alice"));
+    writeln!(stdin, "/status").unwrap();
+    let answered = lines.find(|l| {
+        l.as_ref()
+            .is_ok_and(|l| l.contains("1/2 agents busy, 0 queued overall"))
+    });
+    assert!(answered.is_some(), "the chat answered /status");
+    kill(child.id(), libc::SIGINT);
+    let status = wait_for("agentctl chat exits on SIGINT", DEADLINE, || {
+        child.try_wait().unwrap()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert_eq!(
+        err.trim(),
+        "agentctl: left the chat; the tasks of session alice go on (stop them with \
+         `agentctl stop --session alice`)"
+    );
+    assert_eq!(d.task(&task)["state"], json!("running"));
+}
+
+/// A chat fed from a pipe (or left with Ctrl-D right after a message) still shows
+/// what became of every message it sent before it leaves: the answer is not lost
+/// because stdin ended before the session's event came.
+#[test]
+fn chat_whose_input_ends_at_once_still_shows_each_message_was_accepted() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    for round in 0..3 {
+        let session = format!("piped-{round}");
+        let mut child = Command::new(AGENTCTL)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["chat", "--session", &session])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "echo first\necho second").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let tasks = d.agentctl_json(&["tasks", "--all", "--session", &session]);
+        let tasks = tasks.as_array().unwrap();
+        assert_eq!(tasks.len(), 2, "{tasks:?}");
+        for task in tasks {
+            let id = task["task_id"].as_str().unwrap();
+            assert!(
+                text.contains(&format!("task {id}  accepted")),
+                "round {round}: no word on task {id}:\n{text}"
+            );
+        }
+    }
+}
+
+/// The chat's `/help` also says how to leave the chat, which only agentctl knows.
+#[test]
+fn chat_help_says_how_to_leave() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let d = Daemon::with_agent_exec(&[]);
+    let mut child = Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["chat", "--session", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "/help").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let help = text
+        .split_once("Commands (answered at once")
+        .map(|(_, h)| h);
+    assert!(
+        help.is_some_and(|h| h.lines().any(|l| l.trim_start().starts_with("/quit"))),
+        "{text}"
+    );
+}
+
 /// A task that fails before its agent runs (here: its agent program was removed) is told
 /// once by `send --wait`, with how it ended, not once as the send's answer and again
 /// as its end.
@@ -742,10 +856,12 @@ fn ctrl_c_on_send_wait_or_watch_says_the_task_goes_on() {
         let mut err = String::new();
         std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
         assert_eq!(status.code(), Some(130), "{err}");
+        // In the words of the command: `send --wait` waited, `watch` watched.
+        let verb = if watch { "watching" } else { "waiting" };
         assert_eq!(
             err.trim(),
             format!(
-                "agentctl: stopped waiting; task {id} goes on (stop it with `agentctl stop {id}`)"
+                "agentctl: stopped {verb}; task {id} goes on (stop it with `agentctl stop {id}`)"
             )
         );
         assert_eq!(d.task(&id)["state"], json!("running"));

@@ -229,6 +229,20 @@ fn the_demo_shows_what_it_says_and_leaves_nothing_behind() {
     ] {
         assert!(out.contains(shown), "the demo shows {shown:?}:\n{out}");
     }
+    // Each command is shown as it would be typed, quoted for the shell, so that a
+    // reader can copy it; the long task's and Bob's commands are shown too.
+    for typed in [
+        "$ agentd --max-concurrent 2 --cancel-grace 2s --term-grace 2s \
+         --agent 'agent-exec --steer -- sh -c {text}' --state-dir ",
+        r#"$ agentctl send --session alice 'for i in $(seq 1 60); do echo "step $i/60"; sleep 1; done'"#,
+        r#"$ agentctl send --session bob 'echo "hello from bob"; uname -sr'"#,
+        r#"$ agentctl send --session dave 'echo "dave ran after a slot freed"'"#,
+        "$ agentctl send --session erin '/queue steer'",
+        "$ agentctl send --session erin 'use Python 3.12'",
+        "$ agentctl send --session alice /stop",
+    ] {
+        assert!(out.contains(typed), "the demo shows {typed:?}:\n{out}");
+    }
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
     assert!(left.is_empty(), "the demo left {left:?}:\n{out}");
     assert_eq!(processes_mentioning(tmp.path()), Vec::<u32>::new(), "{out}");

@@ -310,8 +310,10 @@ fn queued_work_expires_after_the_queue_timeout_and_watchers_are_told() {
     let gate = d.gate("g");
     let first = d.submit("a", &format!("hold {gate}"));
     wait_running(&d, &first);
+    // The session is watched before the message is sent: a task watch opened after
+    // the send could come after a slow machine's 300 ms, when only `finished` is left.
+    let mut watch = Watch::session(&d, "b");
     let waiting = d.submit("b", "too late");
-    let mut watch = Watch::task(&d, &waiting);
     let view = d.wait_state(&waiting, "expired");
     assert!(view["started_at"].is_null());
     let kinds = watch.kinds_until("finished");

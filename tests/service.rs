@@ -388,6 +388,24 @@ fn default_logs_are_plain_one_line_events_without_debug_formatting() {
     assert!(log.contains("agentd stopped"), "{log}");
 }
 
+/// The log says where agentd listens and keeps its state once it is ready, so a user
+/// who started `agentd &` (or reads the journal) knows what to give agentctl.
+#[test]
+fn the_ready_line_names_the_socket_and_the_state_dir() {
+    let d = Daemon::start(&[]);
+    // The fast lane answers pings before the loop logs that it is ready.
+    let ready = wait_for("the ready line", DEADLINE, || {
+        d.log()
+            .lines()
+            .find(|l| l.contains(" ready "))
+            .map(str::to_string)
+    });
+    let socket = d.socket.display().to_string();
+    let state = d.dir.path().join("state").display().to_string();
+    assert!(ready.contains(&format!("ready on {socket} ")), "{ready}");
+    assert!(ready.contains(&format!("state dir {state},")), "{ready}");
+}
+
 #[test]
 fn rust_log_debug_logs_more_and_agentd_log_wins_over_it() {
     let quiet = run_everything(DEFAULT_LOG, &[]);

@@ -208,6 +208,30 @@ macro_rules! keys {
     }};
 }
 
+/// The example requests under "Requests" show every command, so that a client's
+/// author has one line of each to start from.
+#[test]
+fn the_request_examples_show_every_command() {
+    let doc = protocol_doc();
+    let start = doc.find("### Requests").expect("a Requests section");
+    let block = fenced_blocks(&doc[start..])
+        .into_iter()
+        .find(|b| b.info == "json")
+        .expect("the request examples");
+    let shown: Vec<String> = block
+        .text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let value: Value = serde_json::from_str(l).unwrap();
+            value["cmd"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for cmd in variants!(Request, json!({"id": 1, "cmd": "?"})) {
+        assert!(shown.contains(&cmd), "no example request of {cmd}");
+    }
+}
+
 /// The backticked names in the first column of the table under `heading` whose
 /// header's first cell is `column`.
 fn table_names(doc: &str, heading: &str, column: &str) -> Vec<String> {

@@ -24,8 +24,8 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
     after_help = "Exit status: 0 success, 1 agentd answered with an error, 2 usage error, \
                   3 agentd is not running or cannot be reached, 4 other failure \
                   (timeout, lost connection, unexpected answer), 5 `send --wait`: the \
-                  task did not succeed, 130 `send --wait` or `watch` interrupted by \
-                  Ctrl-C (the task goes on; `agentctl stop ID` stops it)."
+                  task did not succeed, 130 `send --wait`, `watch` or `chat` interrupted \
+                  by Ctrl-C (the tasks go on; `agentctl stop ID` stops one)."
 )]
 pub struct Cli {
     /// The control socket [default: $AGENTD_SOCKET, else
@@ -43,7 +43,8 @@ pub struct Cli {
     )]
     pub socket: Option<PathBuf>,
 
-    /// Print agentd's answer as one JSON value on stdout (`watch`: one event per line)
+    /// Print agentd's answer as one JSON value on stdout (`watch`, `chat` and `log`: one
+    /// object per line, an event, an answer or a piece of the log)
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -123,12 +124,16 @@ pub enum Command {
     /// attempt; its agent gets the last checkpoint the task saved
     Resume(ResumeArgs),
     /// Check that agentd is running
+    #[command(after_help = "Examples:\n  \
+                            agentctl ping\n  \
+                            agentctl --socket /run/user/1000/agentd/agentd.sock ping")]
     Ping,
     /// Chat with a session in the terminal: each line is a message, /commands are
-    /// answered at once, events and results stream in between; /quit or Ctrl-D leaves
+    /// answered at once, events and results stream in between; /quit, Ctrl-D or Ctrl-C
+    /// leaves
     Chat(ChatArgs),
-    /// Print a shell completion script for bash, zsh or fish (see the README for
-    /// where to put it)
+    /// Print a shell completion script for bash, zsh, fish, elvish or powershell (see
+    /// the README for where to put it)
     Completions(CompletionsArgs),
     /// Print agentctl's man page, or write one page per command into DIR
     Man(ManArgs),
@@ -147,6 +152,9 @@ pub enum ColorWhen {
 
 /// `chat --session S [--background] [--mode MODE]`
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  agentctl chat --session alice\n  agentctl chat --session alice --mode steer   # messages go into the running task"
+)]
 pub struct ChatArgs {
     /// The session (chat) to talk to
     #[arg(long, value_name = "S")]
@@ -237,6 +245,9 @@ impl Command {
 
 /// `send --session S [--message-id ID] [--background] [--mode MODE] [--wait] TEXT...`
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  agentctl send --session alice 'make -j2 && ./run-long-job'\n  agentctl send --session alice --wait 'cargo test'   # progress, then the result\n  agentctl send --session alice /status   # a chat command, answered at once\n  agentctl send --session alice --mode steer 'use Python 3.12'\n  agentctl send --session cron --background --timeout 30m 'nightly report'"
+)]
 pub struct SendArgs {
     /// The session (chat) the message belongs to
     #[arg(long, value_name = "S")]
@@ -287,6 +298,9 @@ impl SendArgs {
 
 /// `log [-f] TASK_ID`
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  agentctl log 01a1fb45-182d\n  agentctl log -f 01a1fb45-182d   # follow the output until the task ends"
+)]
 pub struct LogArgs {
     /// The task (an id, or a unique prefix of one)
     #[arg(value_name = "TASK_ID")]
@@ -298,6 +312,9 @@ pub struct LogArgs {
 
 /// `resume TASK_ID`
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  agentctl resume 01a1fb45-182d   # after `agentctl stop`, or a restart\n  agentctl --json resume 01a1fb45-182d"
+)]
 pub struct ResumeArgs {
     /// The task to run again (an id, or a unique prefix of one)
     #[arg(value_name = "TASK_ID")]
@@ -306,6 +323,9 @@ pub struct ResumeArgs {
 
 /// `status [TASK_ID]`
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  agentctl status\n  agentctl status 01a1fb45-182d   # one task, by a unique prefix of its id\n  agentctl --json status"
+)]
 pub struct StatusArgs {
     /// Show this task instead of the daemon
     #[arg(value_name = "TASK_ID")]
@@ -314,6 +334,9 @@ pub struct StatusArgs {
 
 /// `tasks [--session S] [--all]`
 #[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  agentctl tasks\n  agentctl tasks --session alice --all   # with ended ones\n  agentctl --json tasks --all"
+)]
 pub struct TasksArgs {
     /// Only this session's tasks
     #[arg(long, value_name = "S")]
@@ -331,6 +354,9 @@ pub struct TasksArgs {
         .required(true)
         .args(["task_id", "session", "all"])
 ))]
+#[command(
+    after_help = "Examples:\n  agentctl stop 01a1fb45-182d\n  agentctl stop --session alice   # its queued messages, then its running task\n  agentctl stop --all --no-wait"
+)]
 pub struct StopArgs {
     /// The task to stop
     #[arg(value_name = "TASK_ID")]
@@ -353,10 +379,12 @@ pub struct StopArgs {
 /// `queue --session S [--reset] [MODE] [OPTS...]`
 #[derive(Debug, Clone, Args)]
 #[command(
-    after_help = "Without MODE, OPTS or --reset the settings are only shown. \
-                        Examples: `queue --session S steer`, \
-                        `queue --session S collect debounce:2s cap:25 drop:summarize`, \
-                        `queue --session S --reset`."
+    after_help = "Without MODE, OPTS or --reset the settings are only shown.\n\n\
+                  Examples:\n  \
+                  agentctl queue --session alice   # show them\n  \
+                  agentctl queue --session alice steer\n  \
+                  agentctl queue --session alice collect debounce:2s cap:25 drop:summarize\n  \
+                  agentctl queue --session alice --reset"
 )]
 pub struct QueueArgs {
     /// The session (chat) whose settings to show or change
@@ -452,6 +480,9 @@ pub struct QueueChange {
         .required(true)
         .args(["task_id", "session"])
 ))]
+#[command(
+    after_help = "Examples:\n  agentctl watch 01a1fb45-182d\n  agentctl watch --session alice   # until Ctrl-C\n  agentctl --json watch --session alice   # one event object per line"
+)]
 pub struct WatchArgs {
     /// Follow this task until it ends
     #[arg(value_name = "TASK_ID")]
@@ -537,6 +568,63 @@ fn parse_debounce(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Splits an example line as the shell would: blanks between words, single quotes
+    /// around a word with blanks (all the examples need).
+    fn words(line: &str) -> Vec<String> {
+        let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+        for c in line.chars() {
+            match c {
+                '\'' => (quoted, any) = (!quoted, true),
+                c if c.is_whitespace() && !quoted => {
+                    if any {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    any = false;
+                }
+                c => (word, any) = (word + &c.to_string(), true),
+            }
+        }
+        assert!(!quoted, "unbalanced quotes in {line:?}");
+        if any {
+            words.push(word);
+        }
+        words
+    }
+
+    /// Each command that talks to agentd ends its `--help` (and man page) with
+    /// examples, and each example is a command line agentctl parses as that command.
+    #[test]
+    fn every_command_gives_examples_that_parse() {
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            if ["help", "completions", "man"].contains(&name) {
+                continue;
+            }
+            let help = sub.clone().render_long_help().to_string();
+            let (_, examples) = help
+                .split_once("Examples:\n")
+                .unwrap_or_else(|| panic!("`{name} --help` gives no examples:\n{help}"));
+            let lines: Vec<&str> = examples
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            assert!(!lines.is_empty(), "{name}: {help}");
+            for line in lines {
+                let line = line.split("  # ").next().unwrap().trim_end();
+                let argv = words(line);
+                assert_eq!(argv.first().map(String::as_str), Some("agentctl"), "{line}");
+                if let Err(e) = Cli::try_parse_checked(&argv) {
+                    panic!("`{line}` does not parse: {e}");
+                }
+                let matches = Cli::command().try_get_matches_from(&argv).unwrap();
+                let parsed_name = matches.subcommand_name();
+                assert_eq!(parsed_name, Some(name), "`{line}`");
+            }
+        }
+    }
 
     /// The help of `--mode` and of `queue`'s MODE|OPTS lists every spelling of the
     /// name tables, and every spelling parses in any case.

@@ -18,14 +18,16 @@
 //! Streaming commands print as events arrive and flush after each line: `watch`
 //! (one line per event; with `--json` one event object per line) and `send --wait`
 //! (progress lines, then the outcome and the result; with `--json` only the final
-//! task). `send --wait` exits with [`EXIT_TASK_FAILED`] when the task did not
+//! task), and `log` (the output as it is read; with `--json` one `LogChunk` object
+//! per line). `send --wait` exits with [`EXIT_TASK_FAILED`] when the task did not
 //! succeed. Output already printed as progress is not printed again as the result.
-//! Ctrl-C on `send --wait` or `watch` ends agentctl with [`EXIT_INTERRUPTED`] and a
-//! line on stderr saying that the task goes on and how to stop it.
+//! Ctrl-C on `send --wait`, `watch` or `chat` ends agentctl with [`EXIT_INTERRUPTED`]
+//! and a line on stderr saying that the task goes on and how to stop it.
 //!
 //! `chat` is a terminal chat with one session: each line read from stdin is sent as
 //! a message (chat commands such as `/status` are answered at once), while the
-//! session's events and results, read on a second connection, are printed in between.
+//! session's events and results, read on a second connection, are printed in between;
+//! on EOF or `/quit` it leaves once each message sent has had its first event.
 //!
 //! Colour: styles are printed only when [`run`] finds stdout a terminal and
 //! `NO_COLOR` unset (or `--color always`); [`execute`] never prints them. Times are
@@ -39,13 +41,13 @@ pub mod render;
 #[cfg(test)]
 mod fixtures;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io::{self, BufRead, Write};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{mpsc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use agentd_proto::control::{
     EventKind, PingReply, QueueSettingsView, RequestBody, SendReply, StatusReply, StopReply,
@@ -78,8 +80,12 @@ pub const EXIT_FAILURE: u8 = 4;
 /// `send --wait`: the task ended in a state other than `succeeded` (failed,
 /// cancelled, interrupted, expired, dropped…).
 pub const EXIT_TASK_FAILED: u8 = 5;
-/// `send --wait` or `watch` ended by Ctrl-C (SIGINT); the task goes on.
+/// `send --wait`, `watch` or `chat` ended by Ctrl-C (SIGINT); the tasks go on.
 pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// How long `chat`, once left, still waits for the first event about each message
+/// it sent (see `Ctx::chat`).
+const CHAT_LEAVE_WAIT: Duration = Duration::from_secs(5);
 
 /// [`run`] with the process arguments.
 pub fn main() -> ExitCode {
@@ -128,7 +134,10 @@ where
     if let Command::Man(man) = &mut cli.command {
         man.companions = companions.to_vec();
     }
-    if matches!(cli.command, Command::Watch(_) | Command::Send(_)) {
+    if matches!(
+        cli.command,
+        Command::Watch(_) | Command::Send(_) | Command::Chat(_)
+    ) {
         catch_interrupt();
     }
     // stderr stays unlocked: the Ctrl-C thread writes to it while a command runs.
@@ -474,10 +483,10 @@ impl Ctx<'_> {
         let mut stream = client.watch(args.request())?;
         on_interrupt(Some(match (&args.session, stream.task_id()) {
             (Some(session), _) => agentd_proto::text::interrupted_session(session),
-            (None, Some(task)) => agentd_proto::text::interrupted_task(task),
-            (None, None) => {
-                agentd_proto::text::interrupted_task(args.task_id.as_deref().unwrap_or_default())
-            }
+            (None, Some(task)) => agentd_proto::text::interrupted_task_watch(task),
+            (None, None) => agentd_proto::text::interrupted_task_watch(
+                args.task_id.as_deref().unwrap_or_default(),
+            ),
         }));
         let mut printer = EventPrinter::new(self.json, self.tz.clone());
         while let Some(event) = stream.next() {
@@ -490,11 +499,15 @@ impl Ctx<'_> {
     }
 
     /// `chat`: stdin lines are sent as messages on one connection while a session
-    /// watch on another streams the session's events; ends on EOF or `/quit`.
+    /// watch on another streams the session's events; ends on EOF or `/quit`, once
+    /// the session's first event about each message sent has been printed (at most
+    /// [`CHAT_LEAVE_WAIT`] later), so that a message typed just before leaving (or
+    /// piped in) is still seen to be accepted.
     fn chat(&self, args: &ChatArgs, out: &mut dyn Write) -> Result<u8, RunError> {
         enum Input {
             Watching,
-            Lines(Vec<String>),
+            /// The lines printed for one event about task `.0`.
+            Lines(String, Vec<String>),
             WatchEnded(ClientError),
             Typed(String),
             Eof,
@@ -512,13 +525,15 @@ impl Ctx<'_> {
                     let mut printer = EventPrinter::new(json, tz);
                     loop {
                         let lines = match stream.next() {
-                            Some(Ok(event)) => printer.lines(&event, stream.skipped()),
+                            Some(Ok(event)) => printer
+                                .lines(&event, stream.skipped())
+                                .map(|lines| (event.task_id, lines)),
                             Some(Err(e)) => Err(e),
                             None => Err(ClientError::Disconnected),
                         };
                         match lines {
-                            Ok(lines) => {
-                                if events.send(Input::Lines(lines)).is_err() {
+                            Ok((task, lines)) => {
+                                if events.send(Input::Lines(task, lines)).is_err() {
                                     return;
                                 }
                             }
@@ -551,18 +566,41 @@ impl Ctx<'_> {
         if !self.json {
             print_flushed(out, &agentd_proto::text::chat_banner(&args.session))?;
         }
-        for input in rx {
+        on_interrupt(Some(agentd_proto::text::interrupted_chat(&args.session)));
+        // Tasks of messages sent whose first event has not been printed yet, tasks
+        // whose events came before the answer to their message (another connection),
+        // and, once the user has left, until when to wait for those events.
+        let mut unseen: HashSet<String> = HashSet::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut leaving: Option<Instant> = None;
+        loop {
+            let input = match leaving {
+                Some(_) if unseen.is_empty() => break,
+                None => rx.recv().map_err(|_| ()),
+                Some(until) => rx
+                    .recv_timeout(until.saturating_duration_since(Instant::now()))
+                    .map_err(|_| ()),
+            };
+            let Ok(input) = input else { break };
             match input {
-                Input::Lines(lines) => {
+                Input::Lines(task, lines) => {
+                    if !unseen.remove(&task) {
+                        seen.insert(task);
+                    }
                     for line in lines {
                         print_flushed(out, &line)?;
                     }
                 }
+                // Nothing more is sent once the user has left.
+                Input::Typed(_) if leaving.is_some() => {}
                 Input::Typed(line) => {
                     let line = line.trim();
                     match line {
                         "" => continue,
-                        "/quit" | "/exit" => break,
+                        "/quit" | "/exit" => {
+                            leaving = Some(Instant::now() + CHAT_LEAVE_WAIT);
+                            continue;
+                        }
                         _ => {}
                     }
                     let value = match sender.request(args.request(line)) {
@@ -580,19 +618,35 @@ impl Ctx<'_> {
                         }
                         Err(e) => return Err(e.into()),
                     };
+                    let reply: SendReply = decode(value.clone())?;
+                    if let Some(task) = reply.task.as_ref().filter(|_| !reply.duplicate) {
+                        if !seen.remove(&task.task_id) {
+                            unseen.insert(task.task_id.clone());
+                        }
+                    }
                     if self.json {
                         print_flushed(out, &to_json(&value)?)?;
                         continue;
                     }
-                    let reply: SendReply = decode(value)?;
                     // Accepted work shows up as events; only what else the answer
                     // says (a resume, drops, notes) is printed here.
-                    for line in render::render_send_in_chat(&reply) {
+                    let mut lines = render::render_send_in_chat(&reply);
+                    if reply.command.as_deref() == Some("help") {
+                        // Under `/help` in agentd's list, else at its end.
+                        let at = lines
+                            .iter()
+                            .position(|l| l.trim_start().starts_with("/help "))
+                            .map_or(lines.len(), |i| i + 1);
+                        lines.insert(at, agentd_proto::text::CHAT_HELP_QUIT.to_string());
+                    }
+                    for line in lines {
                         print_flushed(out, &line)?;
                     }
                 }
                 Input::WatchEnded(e) => return Err(e.into()),
-                Input::Eof | Input::Watching => break,
+                Input::Eof | Input::Watching => {
+                    leaving.get_or_insert_with(|| Instant::now() + CHAT_LEAVE_WAIT);
+                }
             }
         }
         Ok(EXIT_OK)

@@ -9,7 +9,7 @@ use clap::{CommandFactory, Parser};
 /// Supervisor daemon for AI agents: per-session queues, a cap on live agent processes,
 /// control commands answered at once, and stops that end the whole process tree.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "agentd", version, after_help = agentd_proto::text::AGENTD_EXIT_STATUS)]
+#[command(name = "agentd", version, after_help = agentd_proto::text::AGENTD_AFTER_HELP)]
 pub struct Args {
     /// Control socket path [default: $AGENTD_SOCKET, else $XDG_RUNTIME_DIR/agentd/agentd.sock,
     /// else /tmp/agentd-$UID/agentd.sock]
@@ -116,6 +116,42 @@ pub fn command() -> clap::Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `agentd --help` ends with examples, and each is a command line agentd parses.
+    #[test]
+    fn the_help_gives_examples_that_parse() {
+        let help = command().render_long_help().to_string();
+        let (_, examples) = help
+            .split_once("Examples:\n")
+            .unwrap_or_else(|| panic!("no examples:\n{help}"));
+        let lines: Vec<&str> = examples
+            .lines()
+            .map(str::trim)
+            .take_while(|l| !l.is_empty())
+            .collect();
+        assert!(lines.len() >= 2, "{help}");
+        for line in lines {
+            let line = line.split("  # ").next().unwrap();
+            let line = line.trim_end().trim_end_matches('&').trim_end();
+            // Shell words: single quotes around a word with blanks.
+            let mut argv = Vec::new();
+            for (i, part) in line.split('\'').enumerate() {
+                if i % 2 == 1 {
+                    argv.push(part.to_string());
+                } else {
+                    argv.extend(part.split_whitespace().map(str::to_string));
+                }
+            }
+            assert_eq!(argv.first().map(String::as_str), Some("agentd"), "{line}");
+            if let Err(e) = Args::try_parse_from(&argv) {
+                panic!("`{line}` does not parse: {e}");
+            }
+        }
+        assert!(
+            help.contains(agentd_proto::text::AGENTD_EXIT_STATUS),
+            "{help}"
+        );
+    }
 
     #[test]
     fn the_definition_is_consistent_and_parses_flags() {

@@ -324,12 +324,19 @@ pub const STOP_TARGETS: &str = "stop takes exactly one of task_id, session, all"
 pub const WATCH_TARGETS: &str = "watch takes exactly one of task_id, session";
 
 pub fn queue_full(limit: u32) -> String {
-    format!("agentd's queue is full ({limit} messages wait): the message was not accepted")
+    let wait = if limit == 1 {
+        "message waits"
+    } else {
+        "messages wait"
+    };
+    format!("agentd's queue is full ({limit} {wait}): the message was not accepted")
 }
 
 pub fn session_full(cap: u32) -> String {
+    let messages = if cap == 1 { "message" } else { "messages" };
     format!(
-        "this chat already holds {cap} waiting messages (cap {cap}, drop: new): the message was not accepted"
+        "this chat already holds {cap} waiting {messages} (cap {cap}, drop: new): the message \
+         was not accepted"
     )
 }
 
@@ -401,11 +408,28 @@ pub fn socket_is_not_a_socket(path: &std::path::Path, kind: &str) -> String {
     )
 }
 
+/// agentd's exit status (a macro, so that [`AGENTD_AFTER_HELP`] can hold it too).
+macro_rules! agentd_exit_status {
+    () => {
+        "Exit status: 0 stopped by SIGTERM or SIGINT, 1 could not run (socket, store, \
+         containment), 2 usage error, 75 another agentd holds the state dir, 78 \
+         configuration error (a flag's value, the config file, an agent program that \
+         cannot be run)"
+    };
+}
+
 /// agentd's exit status, in `agentd --help` and its man page.
-pub const AGENTD_EXIT_STATUS: &str = "Exit status: 0 stopped by SIGTERM or SIGINT, 1 could not \
-    run (socket, store, containment), 2 usage error, 75 another agentd holds the state dir, \
-    78 configuration error (a flag's value, the config file, an agent program that cannot \
-    be run)";
+pub const AGENTD_EXIT_STATUS: &str = agentd_exit_status!();
+
+/// The end of `agentd --help` and of its man page: examples, then the exit status.
+pub const AGENTD_AFTER_HELP: &str = concat!(
+    "Examples:\n  \
+     agentd --max-concurrent 1 --agent 'agent-exec -- sh -c {text}' &\n  \
+     agentd --config ~/.config/agentd/config.toml --log-format json\n  \
+     agentd --socket /tmp/try/agentd.sock --state-dir /tmp/try/state --no-cgroup   \
+     # a second, separate agentd\n\n",
+    agentd_exit_status!()
+);
 
 /// agentd refuses to start: the agent command's program, which names no path, is in
 /// none of the places a task's spawn would look (`next_to`: agentd's own directory;
@@ -577,10 +601,14 @@ pub fn skipped_progress(skipped: u64) -> String {
     }
 }
 
-/// agentctl's word on Ctrl-C during `send --wait` or `watch TASK_ID`: the task is not
-/// stopped by it.
+/// agentctl's word on Ctrl-C during `send --wait`: the task is not stopped by it.
 pub fn interrupted_task(task_id: impl Display) -> String {
     format!("agentctl: stopped waiting; task {task_id} goes on (stop it with `agentctl stop {task_id}`)")
+}
+
+/// agentctl's word on Ctrl-C during `watch TASK_ID`: the task is not stopped by it.
+pub fn interrupted_task_watch(task_id: impl Display) -> String {
+    format!("agentctl: stopped watching; task {task_id} goes on (stop it with `agentctl stop {task_id}`)")
 }
 
 /// agentctl's word on Ctrl-C during `watch --session S`.
@@ -591,11 +619,23 @@ pub fn interrupted_session(session: impl Display) -> String {
     )
 }
 
+/// agentctl's word on Ctrl-C during `chat --session S`: leaving the chat stops nothing.
+pub fn interrupted_chat(session: impl Display) -> String {
+    format!(
+        "agentctl: left the chat; the tasks of session {session} go on (stop them with \
+         `agentctl stop --session {session}`)"
+    )
+}
+
+/// What `agentctl chat` adds to the chat's `/help`: leaving is agentctl's, not agentd's.
+pub const CHAT_HELP_QUIT: &str =
+    "  /quit             leave this chat (so do Ctrl-D and Ctrl-C); its tasks go on";
+
 /// The first line of `agentctl chat`.
 pub fn chat_banner(session: impl Display) -> String {
     format!(
         "chatting with session {session}: one line is one message; /help lists the \
-         commands; /quit or Ctrl-D leaves (tasks go on)"
+         commands; /quit, Ctrl-D or Ctrl-C leaves (tasks go on)"
     )
 }
 
@@ -701,6 +741,21 @@ pub fn bridge_finished(view: &TaskView) -> String {
 mod tests {
     use super::*;
     use crate::control::ExitView;
+
+    #[test]
+    fn full_queues_count_their_messages_in_words() {
+        assert_eq!(
+            session_full(1),
+            "this chat already holds 1 waiting message (cap 1, drop: new): the message was \
+             not accepted"
+        );
+        assert!(session_full(20).starts_with("this chat already holds 20 waiting messages "));
+        assert_eq!(
+            queue_full(1),
+            "agentd's queue is full (1 message waits): the message was not accepted"
+        );
+        assert!(queue_full(1000).starts_with("agentd's queue is full (1000 messages wait)"));
+    }
 
     fn view(state: TaskState, exit: Option<ExitView>, started: bool) -> TaskView {
         TaskView {

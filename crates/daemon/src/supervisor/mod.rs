@@ -94,6 +94,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     crate::config::create_state_dir(&config.state_dir)?;
+    let (socket, state_dir) = (config.socket.clone(), config.state_dir.clone());
     let info = Arc::new(ServerInfo::new());
     let (request_tx, mut requests) = mpsc::channel::<ControlRequest>(1024);
     let (agent_tx, mut agent_events) = mpsc::channel::<AgentEvent>(1024);
@@ -142,10 +143,13 @@ pub async fn run(
     // Ends the interrupted tasks' agents (by their recorded identity), then what a
     // previous agentd left in its task cgroups, before any recovered work starts.
     sup.recover(recovery);
+    // Where it listens and keeps its state: what a user gives agentctl (`--socket`).
     tracing::info!(
-        "agentd {} ready (pid {}, max {} concurrent agents)",
+        "agentd {} ready on {} (pid {}, state dir {}, max {} concurrent agents)",
         env!("CARGO_PKG_VERSION"),
+        socket.display(),
         std::process::id(),
+        state_dir.display(),
         sup.dispatcher.config().max_concurrent
     );
     crate::notify::ready();
