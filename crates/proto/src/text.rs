@@ -258,7 +258,9 @@ pub fn session_not_this_chat(session: impl Display) -> String {
     format!("session {session} is not this chat")
 }
 
-pub const BAD_SESSION: &str = "session must be 1 to 256 bytes";
+pub const BAD_SESSION: &str =
+    "session must be 1 to 256 bytes, not only blanks, without control characters";
+pub const BAD_MESSAGE_ID: &str = "message_id must be 1 to 1024 bytes";
 pub const EMPTY_MESSAGE: &str = "empty message: nothing to do";
 pub const SHUTTING_DOWN_REFUSED: &str = "agentd is shutting down; the message was not accepted";
 

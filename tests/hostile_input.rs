@@ -1,0 +1,126 @@
+//! Input from outside that once got past agentd's checks: client fields at their
+//! extremes, and rows of a store that agentd did not write as it reads them.
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// The error of a request that must be refused.
+fn refused(d: &Daemon, body: Value) -> Value {
+    let answer = d.try_request(body.clone()).expect("an answer");
+    assert_eq!(
+        answer["ok"],
+        json!(false),
+        "{body} was not refused: {answer}"
+    );
+    answer["error"].clone()
+}
+
+/// An empty `message_id` would make every later message of the session with one a
+/// "re-delivery" of the first (answered `duplicate`, never run); a huge one would be
+/// held 10,000 times over in the de-duplication window. Both are refused, nothing is
+/// accepted, and a message with a proper id afterwards is new work.
+#[test]
+fn an_empty_or_overlong_message_id_is_refused_and_nothing_is_taken_for_a_duplicate() {
+    let d = Daemon::with_agent_exec(&[]);
+    for (id, what) in [(String::new(), "empty"), ("m".repeat(1025), "1025 bytes")] {
+        for text in ["echo one", "echo two"] {
+            let error = refused(
+                &d,
+                json!({"cmd": "send", "session": "chat", "text": text, "message_id": id}),
+            );
+            assert_eq!(error["code"], json!("bad_request"), "{what}: {error}");
+            assert_eq!(
+                error["message"],
+                json!(agentd_proto::text::BAD_MESSAGE_ID),
+                "{what}"
+            );
+        }
+    }
+    let longest = "m".repeat(1024);
+    let reply = d.request(
+        json!({"cmd": "send", "session": "chat", "text": "echo one", "message_id": longest}),
+    );
+    assert_eq!(reply["accepted"], json!(true), "{reply}");
+    assert_eq!(reply["duplicate"], Value::Null, "{reply}");
+    let tasks = d.all_tasks();
+    assert_eq!(tasks.as_array().unwrap().len(), 1, "{tasks}");
+}
+
+/// A session name is copied into the agent's environment (`AGENTD_SESSION`) and
+/// printed in agentctl's tables: one with a NUL could never start an agent (every
+/// task of it failed at spawn), one with a newline or an escape breaks the lines it
+/// is printed in. `send`, `queue` and `watch` refuse them at once.
+#[test]
+fn a_session_with_control_characters_is_refused_before_anything_is_queued() {
+    let d = Daemon::with_agent_exec(&[]);
+    for session in ["chat\0x", "chat\nx", "chat\u{1b}[2J", "\t"] {
+        for body in [
+            json!({"cmd": "send", "session": session, "text": "echo hi"}),
+            json!({"cmd": "queue", "session": session, "cap": 3}),
+            json!({"cmd": "watch", "session": session}),
+        ] {
+            let error = refused(&d, body.clone());
+            assert_eq!(error["code"], json!("bad_request"), "{body}: {error}");
+            assert_eq!(
+                error["message"],
+                json!(agentd_proto::text::BAD_SESSION),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(d.all_tasks(), json!([]));
+    // Any other character is fine.
+    let task = d.submit("chat: ünïcode ✓ / tabs\u{a0}ok", "echo hi");
+    d.wait_state(&task, "succeeded");
+}
+
+/// `log` from an offset past what a file offset can hold (the client's u64 is not a
+/// file's i64) reads as the end of the log, as any offset past its end does, rather
+/// than failing as an internal error.
+#[test]
+fn a_log_offset_beyond_any_file_reads_as_the_end() {
+    let d = Daemon::with_agent_exec(&[]);
+    let task = d.submit("chat", "echo some output");
+    d.wait_state(&task, "succeeded");
+    for offset in [1u64 << 40, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+        let chunk = d.request(json!({"cmd": "log", "task_id": task, "offset": offset}));
+        assert_eq!(chunk["data"], json!(""), "{offset}: {chunk}");
+        assert_eq!(chunk["next_offset"], json!(offset), "{offset}: {chunk}");
+        assert_eq!(chunk["done"], json!(true), "{offset}: {chunk}");
+    }
+}
+
+/// A store written by something else (a newer agentd, a hand edit, a clock far off)
+/// may hold times past the year 9999, the last one RFC 3339 can write: agentd still
+/// starts, lists and shows the task (at the latest time it can write), and keeps
+/// serving.
+#[test]
+fn stored_times_past_the_year_9999_are_shown_and_do_not_take_agentd_down() {
+    let mut d = Daemon::with_agent_exec(&[]);
+    let task = d.submit("chat", "echo hi");
+    d.wait_state(&task, "succeeded");
+    kill(d.pid(), libc::SIGTERM);
+    d.child.wait().unwrap();
+    let db = rusqlite::Connection::open(d.dir.path().join("state/agentd.db")).unwrap();
+    let far = i64::MAX;
+    let changed = db
+        .execute(
+            "UPDATE tasks SET created_at = ?1, started_at = ?1, finished_at = ?1",
+            [far],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    d.restart();
+    let latest = json!("9999-12-31T23:59:59.999Z");
+    let view = d.task(&task);
+    assert_eq!(view["created_at"], latest, "{view}");
+    let tasks = d.request(json!({"cmd": "tasks", "all": true}));
+    // (The listing shows the view written when the task finished.)
+    assert_eq!(tasks[0]["task_id"], json!(task), "{tasks}");
+    let out = d.agentctl(&["tasks", "--all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.request(json!({"cmd": "ping"}));
+    assert!(d.child.try_wait().unwrap().is_none(), "agentd ended");
+}
