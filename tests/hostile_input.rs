@@ -124,3 +124,33 @@ fn stored_times_past_the_year_9999_are_shown_and_do_not_take_agentd_down() {
     d.request(json!({"cmd": "ping"}));
     assert!(d.child.try_wait().unwrap().is_none(), "agentd ended");
 }
+
+/// A duration flag is added to the clock: `--frame-timeout` of 10^19 s made agentd
+/// panic at its first agent frame (the task stayed `starting`). Past 100 years a
+/// duration is refused at start, flag and config file alike, naming the bound.
+#[test]
+fn a_duration_past_100_years_is_refused_at_start() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(&config, "retention-age = \"500000000y\"\n").unwrap();
+    for extra in [
+        vec!["--frame-timeout", "10000000000000000000s"],
+        vec!["--config", config.to_str().unwrap()],
+    ] {
+        let out = Command::new(AGENTD)
+            .arg("--socket")
+            .arg(dir.path().join("run/agentd.sock"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(&extra)
+            .env_remove("AGENTD_SOCKET")
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{extra:?} started: {err}");
+        assert!(err.contains("at most 100 years"), "{extra:?}: {err}");
+    }
+}

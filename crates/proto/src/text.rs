@@ -261,6 +261,11 @@ pub fn session_not_this_chat(session: impl Display) -> String {
 pub const BAD_SESSION: &str =
     "session must be 1 to 256 bytes, not only blanks, without control characters";
 pub const BAD_MESSAGE_ID: &str = "message_id must be 1 to 1024 bytes";
+
+/// A duration of a flag or the config file past agentd's bound (100 years).
+pub fn duration_too_long(text: &str) -> String {
+    format!("invalid duration {:?}: at most 100 years", text.trim())
+}
 pub const EMPTY_MESSAGE: &str = "empty message: nothing to do";
 pub const SHUTTING_DOWN_REFUSED: &str = "agentd is shutting down; the message was not accepted";
 

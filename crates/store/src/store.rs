@@ -1873,7 +1873,7 @@ impl Writer {
             Ok::<_, rusqlite::Error>(())
         };
         if let Some(age) = self.options.retention.max_age {
-            let cutoff = now_ms().saturating_sub(age.as_millis() as i64);
+            let cutoff = now_ms().saturating_sub(age.as_millis().min(i64::MAX as u128) as i64);
             let mut stmt = self.conn.prepare_cached(
                 "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1 \
                  RETURNING id",

@@ -983,6 +983,40 @@ fn retention_prunes_by_count_and_age_and_removes_logs() {
     assert_eq!(kept, vec![ids[5]]);
 }
 
+/// A retention age longer than an i64 of milliseconds holds (`retention-age =
+/// "500000000y"` in the config file) keeps everything: it is no cutoff in the future
+/// that prunes every finished task, neither when pruning nor at open.
+#[test]
+fn a_retention_age_past_what_milliseconds_hold_keeps_every_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let options = StoreOptions {
+        retention: Retention {
+            max_age: Some(Duration::from_secs(500_000_000 * 366 * 24 * 3600)),
+            max_finished: None,
+        },
+        ..StoreOptions::default()
+    };
+    let t = task("s", "done long ago");
+    {
+        let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+        let w = store.writer();
+        insert(&w, &t, false);
+        w.submit(finish(t.id, State::Succeeded, now - 1))
+            .wait()
+            .unwrap();
+        let Outcome::Pruned(pruned) = w.submit(Op::Prune).wait().unwrap() else {
+            panic!()
+        };
+        assert_eq!(pruned, Vec::<Uuid>::new());
+    }
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    assert!(store.reader().unwrap().task(t.id).unwrap().is_some());
+}
+
 #[test]
 fn finished_tasks_stay_queryable_with_everything_they_recorded() {
     let dir = tempfile::tempdir().unwrap();
