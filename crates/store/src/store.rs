@@ -807,6 +807,12 @@ fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, Store
     .map_err(open_err)?;
     // The first read of the header finds a file that is not a database at all.
     let version = schema::user_version(&conn).map_err(open_err)?;
+    if version < 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("schema version {version}"),
+        });
+    }
     if version > schema::SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             path: path.to_path_buf(),

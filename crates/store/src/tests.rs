@@ -775,6 +775,22 @@ fn a_store_from_a_newer_agentd_is_refused() {
     assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");
 }
 
+/// A negative schema version (a corrupt header, a hand edit) is no version agentd
+/// wrote: `skip(-1 as usize)` would skip every migration, now and after upgrades.
+#[test]
+fn a_store_with_a_negative_schema_version_is_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.pragma_update(None, "user_version", -1).unwrap();
+    drop(conn);
+    let err = Store::open(dir.path(), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("schema version -1"), "{err}");
+}
+
 #[test]
 fn an_unopenable_store_path_is_an_open_error() {
     let dir = tempfile::tempdir().unwrap();
