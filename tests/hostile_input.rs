@@ -154,3 +154,48 @@ fn a_duration_past_100_years_is_refused_at_start() {
         assert!(err.contains("at most 100 years"), "{extra:?}: {err}");
     }
 }
+
+/// An agent that takes steering but does not read what is steered (its command
+/// never reads stdin) would have every steered message held for it, in agentd and
+/// in agent-exec, without bound: a client could grow both as far as memory goes.
+/// Past 64 unread steers the next messages are queued as follow-ups with a notice
+/// that says why; nothing is lost.
+#[test]
+fn steers_an_agent_does_not_read_are_bounded_and_the_rest_queued_as_follow_ups() {
+    let agent = format!("{AGENT_EXEC} --steer -- sh -c {{text}}");
+    let d = Daemon::start(&[
+        "--agent",
+        &agent,
+        "--queue-mode",
+        "steer",
+        "--debounce",
+        "0ms",
+    ]);
+    let running = d.submit("alice", "echo ready; exec sleep 60");
+    d.wait_progress(&running, "ready");
+    let mut steered = 0;
+    let mut queued = Vec::new();
+    for i in 0..70 {
+        let reply = d.send("alice", &format!("echo steer {i}"));
+        assert_eq!(reply["accepted"], json!(true), "{reply}");
+        if reply["steered_into"] == json!(running) {
+            assert!(queued.is_empty(), "steer {i} after a follow-up: {reply}");
+            steered += 1;
+        } else {
+            assert_eq!(reply["task"]["state"], json!("queued"), "{reply}");
+            let notice = reply["notice"].as_str().unwrap_or_default();
+            assert!(
+                notice.contains("has not read") && notice.contains("follow-up"),
+                "{notice}"
+            );
+            queued.push(reply["task"]["task_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(steered, 64, "{} queued", queued.len());
+    assert_eq!(queued.len(), 6);
+    // The follow-ups run once the task is done.
+    d.request(json!({"cmd": "stop", "task_id": running}));
+    for task in &queued {
+        d.wait_state(task, "succeeded");
+    }
+}

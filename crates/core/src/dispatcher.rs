@@ -401,6 +401,9 @@ pub struct Dispatcher {
     index: PositionIndex,
     /// Tasks whose agent was ordered spawned and is not yet reaped.
     live: BTreeSet<TaskId>,
+    /// Live tasks whose agent has as many steered messages unread as the daemon lets
+    /// it have ([`Dispatcher::set_steer_backlog_full`]): steers become follow-ups.
+    steer_full: BTreeSet<TaskId>,
     /// Sessions' own queue settings (only those set with `/queue`).
     settings: Map<String, QueueSettings>,
     /// Recently seen `(session, message_id)` pairs and their tasks, oldest first.
@@ -432,6 +435,7 @@ impl Dispatcher {
             queued: Queued::default(),
             index: PositionIndex::default(),
             live: BTreeSet::new(),
+            steer_full: BTreeSet::new(),
             settings: Map::default(),
             seen: Map::default(),
             seen_order: VecDeque::new(),
@@ -449,6 +453,18 @@ impl Dispatcher {
     /// applies to runs that start from now on.
     pub fn set_collected_prompts(&mut self, wanted: bool) {
         self.config.collected_prompts = wanted;
+    }
+
+    /// Whether the agent of live task `task_id` has as many steered messages it has
+    /// not acknowledged as it may have (the daemon counts them): while it does, a
+    /// message steered into it is queued as a follow-up instead, with a notice, so
+    /// that an agent that does not read its steers cannot make them pile up.
+    pub fn set_steer_backlog_full(&mut self, task_id: TaskId, full: bool) {
+        if full && self.live.contains(&task_id) {
+            self.steer_full.insert(task_id);
+        } else {
+            self.steer_full.remove(&task_id);
+        }
     }
 
     // ----- queries -----
@@ -697,10 +713,12 @@ impl Dispatcher {
             .and_then(|s| s.active)
             .and_then(|t| self.tasks.get(&t));
         let active_id = active.map(|t| t.id);
-        let steerable = matches!(
-            active.map(|t| &t.state),
-            Some(TaskState::Running { steer: true, .. })
-        );
+        let backlog_full = active_id.is_some_and(|t| self.steer_full.contains(&t));
+        let steerable = !backlog_full
+            && matches!(
+                active.map(|t| &t.state),
+                Some(TaskState::Running { steer: true, .. })
+            );
         let mut steer_into = None;
         if matches!(mode, Mode::Steer | Mode::SteerBacklog) {
             match (active, steerable) {
@@ -708,6 +726,10 @@ impl Dispatcher {
                 (Some(_), true) => steer_into = active_id,
                 (Some(t), false) => {
                     notice = Some(match t.state {
+                        TaskState::Running { .. } if backlog_full => format!(
+                            "the agent of task {} has not read the messages steered into it yet: the message is queued as a follow-up",
+                            t.id
+                        ),
                         TaskState::Running { .. } => format!(
                             "the agent of task {} does not accept steering: the message is queued as a follow-up",
                             t.id
@@ -1380,6 +1402,7 @@ impl Dispatcher {
             return;
         };
         self.live.remove(&task_id);
+        self.steer_full.remove(&task_id);
         let session_key = task.session.clone();
         let mut debounce = None;
         if let Some(session) = self.sessions.get_mut(&session_key) {

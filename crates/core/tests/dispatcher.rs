@@ -1864,6 +1864,61 @@ fn steer_falls_back_to_a_followup_with_a_notice_when_the_task_cannot_take_it() {
     }
 }
 
+/// While the daemon says the agent's unread steers are at their bound, a steer is
+/// queued as a follow-up with a notice that says why; once it has caught up,
+/// steering goes in again. The mark goes with the task.
+#[test]
+fn steer_falls_back_to_a_followup_while_the_agents_steer_backlog_is_full() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Steer, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.spawned(1);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(1),
+        steer: true,
+    });
+    h.d.set_steer_backlog_full(id(1), true);
+    let (r, a) = h.accept(msg(2, "a"));
+    assert_eq!(a, vec![], "no Steer");
+    let text = notice(&r).expect("a notice");
+    assert!(
+        text.contains("has not read") && text.contains("follow-up"),
+        "{text}"
+    );
+    assert_eq!(h.state(2), TaskState::Queued);
+    assert_eq!(h.d.task(&id(2)).unwrap().mode, Mode::Followup);
+    h.d.set_steer_backlog_full(id(1), false);
+    let (r, a) = h.accept(msg(3, "a"));
+    assert!(
+        matches!(r, Ok(Accepted::Task { steered_into: Some(t), .. }) if t == id(1)),
+        "{r:?}"
+    );
+    assert_eq!(
+        a[0],
+        Action::Steer {
+            task_id: id(1),
+            text: "text 3".into()
+        }
+    );
+    // A task that is not live is never marked.
+    h.d.set_steer_backlog_full(id(9), true);
+    h.d.set_steer_backlog_full(id(1), true);
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(2)]);
+    let _ = h.spawned(2);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(2),
+        steer: true,
+    });
+    let (r, _) = h.accept(msg(4, "a"));
+    assert!(
+        matches!(r, Ok(Accepted::Task { steered_into: Some(t), .. }) if t == id(2)),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn steer_to_an_idle_session_just_starts() {
     let mut h = H::with(config_with(
