@@ -285,11 +285,9 @@ impl LogFormat {
     }
 }
 
-/// The longest duration a flag or the config file may give: 100 (humantime) years.
-/// Durations are added to the clock and stored as i64 milliseconds; a longer one
-/// would overflow there (`--frame-timeout 10000000000000000000s` panicked at the
-/// first agent frame).
-pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
+/// The longest duration a flag or the config file may give (100 years):
+/// `--frame-timeout 10000000000000000000s` panicked at the first agent frame.
+pub use agentd_proto::config_text::MAX_DURATION;
 
 /// Parses `500ms`, `5s`, `2m`… (humantime syntax), at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
