@@ -199,3 +199,43 @@ fn steers_an_agent_does_not_read_are_bounded_and_the_rest_queued_as_follow_ups()
         d.wait_state(task, "succeeded");
     }
 }
+
+/// Held messages near the request line's size, collected into one prompt, once
+/// made a prompt larger than an IPC frame: the agent got no Start and the task
+/// failed, with every message merged into it. Now a collected prompt stays within
+/// 2 MiB and the rest form the next one: every message is answered.
+#[test]
+fn large_held_messages_are_collected_into_prompts_an_agent_can_be_sent() {
+    let d = Daemon::with_collecting_echo_agent(&["--debounce", "0ms"]);
+    let gate = d.gate("first");
+    let first = d.submit("alice", &format!("hold {gate} first"));
+    wait_for("the first task runs", DEADLINE, || {
+        (d.task(&first)["state"] == json!("running")).then_some(())
+    });
+    let held: Vec<String> = (0..6)
+        .map(|k| d.submit("alice", &format!("m{k} {}", "x".repeat(900 * 1024))))
+        .collect();
+    d.release(&gate);
+    d.wait_state(&first, "succeeded");
+    let mut prompts = std::collections::BTreeSet::new();
+    for task in &held {
+        let view = wait_for("the held message is done", DEADLINE, || {
+            let view = d.task(task);
+            let state = view["state"].as_str().unwrap_or_default().to_string();
+            ["succeeded", "merged", "failed"]
+                .contains(&state.as_str())
+                .then_some(view)
+        });
+        let ran = match view["merged_into"].as_str() {
+            Some(into) => into.to_string(),
+            None => task.clone(),
+        };
+        let outcome = d.wait_state(&ran, "succeeded");
+        assert!(
+            outcome["text"].as_str().unwrap().len() <= 2 * 1024 * 1024,
+            "{ran}"
+        );
+        prompts.insert(ran);
+    }
+    assert!(prompts.len() >= 2, "{prompts:?}");
+}

@@ -317,8 +317,10 @@ struct Session {
     /// Set while waiting for quiet before a follow-up; the generation of the timer
     /// that may end the wait (a newer message arms a newer one).
     debounce: Option<u64>,
-    /// Previews of messages dropped with `drop: summarize`, for the next follow-up.
+    /// Previews of the first messages dropped with `drop: summarize` (at most
+    /// [`queue::MAX_PREVIEWS`]), for the next follow-up, and how many were dropped.
     dropped_previews: Vec<String>,
+    dropped: u64,
 }
 
 /// Where every queued task is: its place in its session's line and its age.
@@ -1000,7 +1002,10 @@ impl Dispatcher {
         let task_id = s.pop_front(&mut self.queued)?;
         let task = self.tasks.remove(&task_id)?;
         if policy == DropPolicy::Summarize {
-            s.dropped_previews.push(queue::preview(&task.text));
+            if s.dropped_previews.len() < queue::MAX_PREVIEWS {
+                s.dropped_previews.push(queue::preview(&task.text));
+            }
+            s.dropped += 1;
         }
         actions.push(Action::Finished(Task {
             state: TaskState::Done {
@@ -1577,11 +1582,18 @@ impl Dispatcher {
                 .is_some_and(|t| t.mode == Mode::Collect);
         let mut merged = Vec::new();
         if collect {
-            while session
+            // Within MAX_COLLECTED_BYTES (counted as collected_text lays it out):
+            // the rest wait for the next collected prompt.
+            let mut size = self.tasks.get(&task_id).map_or(0, |t| t.text.len()) + 64;
+            while let Some(next) = session
                 .front()
                 .and_then(|t| self.tasks.get(&t))
-                .is_some_and(|t| t.mode == Mode::Collect)
+                .filter(|t| t.mode == Mode::Collect)
             {
+                size += next.text.len() + 32;
+                if size > queue::MAX_COLLECTED_BYTES {
+                    break;
+                }
                 merged.extend(session.pop_front(&mut self.queued));
             }
         }
@@ -1589,6 +1601,7 @@ impl Dispatcher {
         // each message as a command would run it (`- <preview>` is a shell line), so
         // it gets the message as sent, as with `drop: old`.
         let previews = std::mem::take(&mut session.dropped_previews);
+        let dropped = std::mem::take(&mut session.dropped);
         let previews = if self.config.collected_prompts {
             previews
         } else {
@@ -1619,7 +1632,7 @@ impl Dispatcher {
         };
         let mut text = queue::collected_text(&texts);
         if !previews.is_empty() {
-            text = format!("{}\n\n{text}", queue::overflow_text(&previews));
+            text = format!("{}\n\n{text}", queue::overflow_note(&previews, dropped));
         }
         task.text = text.clone();
         task.state = TaskState::Starting { pid: None };
