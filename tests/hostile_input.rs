@@ -239,3 +239,50 @@ fn large_held_messages_are_collected_into_prompts_an_agent_can_be_sent() {
     }
     assert!(prompts.len() >= 2, "{prompts:?}");
 }
+
+/// A watch counted as a request in flight for as long as it lived, and a
+/// connection with 64 requests in flight is not read further: the 65th watch of a
+/// connection (a bridge watching its 65th chat), and everything sent after it on
+/// that connection, was never answered. Watches now have their own bound per
+/// connection, past which a watch is refused with a clear error.
+#[test]
+fn a_connection_with_many_watches_is_still_read_and_past_the_bound_a_watch_is_refused() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = Daemon::with_agent_exec(&[]);
+    let stream = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut ask = |request: Value| -> Value {
+        writeln!(writer, "{request}").unwrap();
+        loop {
+            let mut line = String::new();
+            reader
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("no answer to {request}: {e}"));
+            let line: Value = serde_json::from_str(&line).unwrap();
+            if line["id"] == request["id"] && line.get("event").is_none() {
+                return line;
+            }
+        }
+    };
+    let max = 4096;
+    for i in 0..max {
+        let answer = ask(json!({"id": i, "cmd": "watch", "session": format!("chat-{i}")}));
+        assert_eq!(answer["ok"], json!(true), "watch {i}: {answer}");
+    }
+    let answer = ask(json!({"id": max, "cmd": "watch", "session": "one-too-many"}));
+    assert_eq!(answer["error"]["code"], json!("bad_request"), "{answer}");
+    assert_eq!(
+        answer["error"]["message"],
+        json!(agentd_proto::text::too_many_watches(max))
+    );
+    // The connection is still read.
+    let answer =
+        ask(json!({"id": max + 1, "cmd": "send", "session": "chat-70", "text": "echo hi"}));
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    let answer = ask(json!({"id": max + 2, "cmd": "ping"}));
+    assert_eq!(answer["result"]["pong"], json!(true), "{answer}");
+}

@@ -262,6 +262,11 @@ pub const BAD_SESSION: &str =
     "session must be 1 to 256 bytes, not only blanks, without control characters";
 pub const BAD_MESSAGE_ID: &str = "message_id must be 1 to 1024 bytes";
 
+/// A watch past the bound of watches of one connection.
+pub fn too_many_watches(max: usize) -> String {
+    format!("this connection has {max} watches, the most it may have: end one, or watch on another connection")
+}
+
 /// A duration of a flag or the config file past agentd's bound (100 years).
 pub fn duration_too_long(text: &str) -> String {
     format!("invalid duration {:?}: at most 100 years", text.trim())
