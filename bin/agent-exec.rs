@@ -15,7 +15,7 @@
 
 use std::ffi::OsString;
 
-use agentd_agent::exec::{self, ExecConfig, DEFAULT_RESULT_BYTES};
+use agentd_agent::exec::{self, ExecConfig, DEFAULT_RESULT_BYTES, MAX_RESULT_BYTES};
 use clap::Parser;
 
 /// Run a command line as an agentd agent (agentd starts this program, not you).
@@ -73,9 +73,11 @@ struct Args {
     #[arg(long)]
     checkpoints: bool,
 
-    /// Send at most the last N bytes of the command's output as the result text.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_RESULT_BYTES)]
-    result_bytes: usize,
+    /// Send at most the last N bytes of the command's output as the result text
+    /// (at most 1048576).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RESULT_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(..=MAX_RESULT_BYTES as u64))]
+    result_bytes: u64,
 
     /// The command to run and its arguments.
     #[arg(last = true, value_name = "CMD ARGS")]
@@ -110,7 +112,7 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
             steer: args.steer,
             collect: args.collect,
             checkpoints: args.checkpoints,
-            result_bytes: args.result_bytes,
+            result_bytes: args.result_bytes as usize,
             command: args.command,
             ..ExecConfig::default()
         };

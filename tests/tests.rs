@@ -28,6 +28,8 @@ mod defaults;
 /// Durability: restarts after kill -9, acknowledged means stored, one agentd per
 /// state dir, corrupt stores.
 mod durability;
+/// Client fields at their extremes and store rows agentd did not write.
+mod hostile_input;
 /// agentd-matrix against a real Synapse homeserver on loopback.
 mod matrix;
 /// One spelling per variant on every surface, in any case.

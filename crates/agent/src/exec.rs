@@ -63,6 +63,10 @@ use crate::channel::{
 
 /// Default size of the output tail sent as the result text, in bytes.
 pub const DEFAULT_RESULT_BYTES: usize = 16 * 1024;
+/// Largest output tail sent as the result text: [`ExecConfig::result_bytes`] past
+/// it is taken as it (a larger one would not fit in one frame, and agentd keeps
+/// 64 KiB of a result anyway).
+pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
 /// Longest output line relayed as one progress message, in bytes; longer lines are cut.
 pub const MAX_LINE_BYTES: usize = 4096;
 /// Marker appended to a progress line that was cut at [`MAX_LINE_BYTES`].
@@ -373,7 +377,7 @@ fn supervise(
         output: Some(Pump::new(output, MAX_LINE_BYTES)),
         // Escaping at most doubles the size.
         checkpoints: checkpoints.map(|read| Pump::new(read, 2 * MAX_CHECKPOINT_BYTES)),
-        tail: Tail::new(config.result_bytes),
+        tail: Tail::new(config.result_bytes.min(MAX_RESULT_BYTES)),
         steers: stdin.map(SteerWriter::new),
         steps: 0,
         heartbeat,

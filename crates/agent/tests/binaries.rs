@@ -247,6 +247,27 @@ fn agent_exec_without_agentd_explains_itself() {
     );
 }
 
+/// A result tail past what agentd can be sent is refused as a usage error, before
+/// anything runs (it once ran the task and then could not send its result).
+#[test]
+fn agent_exec_refuses_a_result_tail_larger_than_it_can_send() {
+    let Some(bin) = binary("agent-exec") else {
+        return;
+    };
+    let out = Command::new(bin)
+        .args(["--result-bytes", "8000000", "--", "true"])
+        .env_remove("AGENTD_IPC_FD")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--result-bytes") && err.contains("0..=1048576"),
+        "{err}"
+    );
+    assert!(!err.contains("AGENTD_IPC_FD"), "{err}");
+}
+
 #[test]
 fn agent_exec_runs_the_command_after_the_double_dash() {
     let Some(bin) = binary("agent-exec") else {

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agentd_agent::exec::{self, ExecConfig, CUT_MARKER, MAX_LINE_BYTES};
+use agentd_agent::exec::{self, ExecConfig, CUT_MARKER, MAX_LINE_BYTES, MAX_RESULT_BYTES};
 use agentd_agent::{
     AgentChannel, AgentFeatures, AgentMsg, Outcome, SupervisorMsg, TaskResult, TaskStart,
     IPC_PROTOCOL_VERSION,
@@ -699,6 +699,30 @@ fn the_result_is_the_bounded_tail_and_long_lines_are_cut() {
     assert_eq!(long.len(), MAX_LINE_BYTES + CUT_MARKER.len());
     assert!(long.ends_with(CUT_MARKER));
     assert_eq!(progress.len(), 1001);
+}
+
+/// A tail asked for beyond what one frame holds (`--result-bytes 8000000`) made
+/// the Result frame too large to send: the task ended without a result, however
+/// well its command did. The tail is kept within [`MAX_RESULT_BYTES`].
+#[test]
+fn a_result_tail_larger_than_a_frame_is_kept_within_the_limit_and_sent() {
+    let config = ExecConfig {
+        result_bytes: 8_000_000,
+        ..ExecConfig::default()
+    };
+    let (result, code, _) = start_with("seq 1 800000", config).finish();
+    assert_eq!(code, 0);
+    assert_eq!(result.outcome, Outcome::Succeeded);
+    assert!(
+        result.text.len() <= MAX_RESULT_BYTES,
+        "{}",
+        result.text.len()
+    );
+    assert!(
+        result.text.ends_with("799999\n800000"),
+        "{:?}",
+        &result.text[result.text.len() - 20..]
+    );
 }
 
 #[test]

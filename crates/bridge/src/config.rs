@@ -153,12 +153,22 @@ impl MatrixConfig {
             tracing::warn!("[matrix] allowed-users is empty: the bridge will refuse everyone");
         }
         let duration = |value: Option<String>, key: &str, default: Duration| match value {
-            Some(text) => humantime::parse_duration(text.trim()).with_context(|| {
-                format!(
-                    "{}: invalid duration {text:?} (examples: 500ms, 2s, 1h)",
-                    at(key)
-                )
-            }),
+            Some(text) => {
+                let d = humantime::parse_duration(text.trim()).with_context(|| {
+                    format!(
+                        "{}: invalid duration {text:?} (examples: 500ms, 2s, 1h)",
+                        at(key)
+                    )
+                })?;
+                if d > agentd_proto::config_text::MAX_DURATION {
+                    bail!(
+                        "{}: {}",
+                        at(key),
+                        agentd_proto::text::duration_too_long(&text)
+                    );
+                }
+                Ok(d)
+            }
             None => Ok(default),
         };
         let progress_interval = duration(
@@ -255,6 +265,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(quieter.refusal_interval, Duration::from_secs(600));
+        // The writer adds the interval to the clock: past 100 years it is refused
+        // (Instant + 10^19 s overflows, and panics, in its thread).
+        for key in ["progress-interval", "refusal-interval"] {
+            let e = parse(&format!(
+                "[matrix]\nhomeserver = 'http://h'\nuser = '@a:h'\npassword = 'p'\n\
+                 {key} = '10000000000000000000s'"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(key) && e.contains("at most 100 years"), "{e}");
+        }
         assert_eq!(c.socket.as_deref(), Some(Path::new("/run/agentd.sock")));
     }
 

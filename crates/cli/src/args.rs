@@ -291,7 +291,9 @@ impl SendArgs {
             message_id: self.message_id.clone(),
             priority: self.background.then_some(Priority::Background),
             mode: self.mode,
-            timeout_ms: self.timeout.map(|d| d.as_millis() as u64),
+            timeout_ms: self
+                .timeout
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -718,6 +720,25 @@ mod tests {
         );
         assert!(parse(&["send", "--session", "a"]).is_err());
         assert!(parse(&["send", "hello"]).is_err());
+    }
+
+    /// `--timeout` past what u64 milliseconds hold was cast with `as`: the limit
+    /// sent wrapped around (`18446744073709552s` became 384 ms). It saturates.
+    #[test]
+    fn a_send_timeout_past_u64_milliseconds_saturates() {
+        for (text, ms) in [
+            ("10m", 600_000),
+            ("18446744073709551615s", u64::MAX),
+            // Wrapped to a limit of 384 ms.
+            ("18446744073709552s", u64::MAX),
+        ] {
+            let cli = parse(&["send", "--session", "a", "--timeout", text, "x"]).unwrap();
+            assert!(
+                matches!(cli.command.request(), Some(RequestBody::Send { timeout_ms: Some(t), .. }) if t == ms),
+                "{text}: {:?}",
+                cli.command.request()
+            );
+        }
     }
 
     #[test]

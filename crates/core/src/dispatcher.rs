@@ -317,8 +317,10 @@ struct Session {
     /// Set while waiting for quiet before a follow-up; the generation of the timer
     /// that may end the wait (a newer message arms a newer one).
     debounce: Option<u64>,
-    /// Previews of messages dropped with `drop: summarize`, for the next follow-up.
+    /// Previews of the first messages dropped with `drop: summarize` (at most
+    /// [`queue::MAX_PREVIEWS`]), for the next follow-up, and how many were dropped.
     dropped_previews: Vec<String>,
+    dropped: u64,
 }
 
 /// Where every queued task is: its place in its session's line and its age.
@@ -401,6 +403,9 @@ pub struct Dispatcher {
     index: PositionIndex,
     /// Tasks whose agent was ordered spawned and is not yet reaped.
     live: BTreeSet<TaskId>,
+    /// Live tasks whose agent has as many steered messages unread as the daemon lets
+    /// it have ([`Dispatcher::set_steer_backlog_full`]): steers become follow-ups.
+    steer_full: BTreeSet<TaskId>,
     /// Sessions' own queue settings (only those set with `/queue`).
     settings: Map<String, QueueSettings>,
     /// Recently seen `(session, message_id)` pairs and their tasks, oldest first.
@@ -432,6 +437,7 @@ impl Dispatcher {
             queued: Queued::default(),
             index: PositionIndex::default(),
             live: BTreeSet::new(),
+            steer_full: BTreeSet::new(),
             settings: Map::default(),
             seen: Map::default(),
             seen_order: VecDeque::new(),
@@ -449,6 +455,18 @@ impl Dispatcher {
     /// applies to runs that start from now on.
     pub fn set_collected_prompts(&mut self, wanted: bool) {
         self.config.collected_prompts = wanted;
+    }
+
+    /// Whether the agent of live task `task_id` has as many steered messages it has
+    /// not acknowledged as it may have (the daemon counts them): while it does, a
+    /// message steered into it is queued as a follow-up instead, with a notice, so
+    /// that an agent that does not read its steers cannot make them pile up.
+    pub fn set_steer_backlog_full(&mut self, task_id: TaskId, full: bool) {
+        if full && self.live.contains(&task_id) {
+            self.steer_full.insert(task_id);
+        } else {
+            self.steer_full.remove(&task_id);
+        }
     }
 
     // ----- queries -----
@@ -697,10 +715,12 @@ impl Dispatcher {
             .and_then(|s| s.active)
             .and_then(|t| self.tasks.get(&t));
         let active_id = active.map(|t| t.id);
-        let steerable = matches!(
-            active.map(|t| &t.state),
-            Some(TaskState::Running { steer: true, .. })
-        );
+        let backlog_full = active_id.is_some_and(|t| self.steer_full.contains(&t));
+        let steerable = !backlog_full
+            && matches!(
+                active.map(|t| &t.state),
+                Some(TaskState::Running { steer: true, .. })
+            );
         let mut steer_into = None;
         if matches!(mode, Mode::Steer | Mode::SteerBacklog) {
             match (active, steerable) {
@@ -708,6 +728,10 @@ impl Dispatcher {
                 (Some(_), true) => steer_into = active_id,
                 (Some(t), false) => {
                     notice = Some(match t.state {
+                        TaskState::Running { .. } if backlog_full => format!(
+                            "the agent of task {} has not read the messages steered into it yet: the message is queued as a follow-up",
+                            t.id
+                        ),
                         TaskState::Running { .. } => format!(
                             "the agent of task {} does not accept steering: the message is queued as a follow-up",
                             t.id
@@ -978,7 +1002,10 @@ impl Dispatcher {
         let task_id = s.pop_front(&mut self.queued)?;
         let task = self.tasks.remove(&task_id)?;
         if policy == DropPolicy::Summarize {
-            s.dropped_previews.push(queue::preview(&task.text));
+            if s.dropped_previews.len() < queue::MAX_PREVIEWS {
+                s.dropped_previews.push(queue::preview(&task.text));
+            }
+            s.dropped += 1;
         }
         actions.push(Action::Finished(Task {
             state: TaskState::Done {
@@ -1380,6 +1407,7 @@ impl Dispatcher {
             return;
         };
         self.live.remove(&task_id);
+        self.steer_full.remove(&task_id);
         let session_key = task.session.clone();
         let mut debounce = None;
         if let Some(session) = self.sessions.get_mut(&session_key) {
@@ -1554,11 +1582,18 @@ impl Dispatcher {
                 .is_some_and(|t| t.mode == Mode::Collect);
         let mut merged = Vec::new();
         if collect {
-            while session
+            // Within MAX_COLLECTED_BYTES (counted as collected_text lays it out):
+            // the rest wait for the next collected prompt.
+            let mut size = self.tasks.get(&task_id).map_or(0, |t| t.text.len()) + 64;
+            while let Some(next) = session
                 .front()
                 .and_then(|t| self.tasks.get(&t))
-                .is_some_and(|t| t.mode == Mode::Collect)
+                .filter(|t| t.mode == Mode::Collect)
             {
+                size += next.text.len() + 32;
+                if size > queue::MAX_COLLECTED_BYTES {
+                    break;
+                }
                 merged.extend(session.pop_front(&mut self.queued));
             }
         }
@@ -1566,6 +1601,7 @@ impl Dispatcher {
         // each message as a command would run it (`- <preview>` is a shell line), so
         // it gets the message as sent, as with `drop: old`.
         let previews = std::mem::take(&mut session.dropped_previews);
+        let dropped = std::mem::take(&mut session.dropped);
         let previews = if self.config.collected_prompts {
             previews
         } else {
@@ -1596,7 +1632,7 @@ impl Dispatcher {
         };
         let mut text = queue::collected_text(&texts);
         if !previews.is_empty() {
-            text = format!("{}\n\n{text}", queue::overflow_text(&previews));
+            text = format!("{}\n\n{text}", queue::overflow_note(&previews, dropped));
         }
         task.text = text.clone();
         task.state = TaskState::Starting { pid: None };

@@ -31,7 +31,8 @@ pub use dispatcher::{
 pub use liveness::{Liveness, Verdict, DEFAULT_HUNG_INTERVALS};
 pub use names::{check_table, Named};
 pub use queue::{
-    collected_text, overflow_text, preview, DropPolicy, Mode, Priority, QueueSettings, MAX_DEBOUNCE,
+    collected_text, overflow_note, overflow_text, preview, DropPolicy, Mode, Priority,
+    QueueSettings, MAX_COLLECTED_BYTES, MAX_DEBOUNCE, MAX_PREVIEWS,
 };
 pub use task::{
     AgentReport, Ending, ExitStatus, Interruption, Millis, ReportOutcome, StopCause, StopStep,

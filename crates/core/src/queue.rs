@@ -100,6 +100,14 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest preview kept of a dropped message.
 pub const PREVIEW_CHARS: usize = 80;
 
+/// Most previews an overflow note lists; it counts the messages past them.
+pub const MAX_PREVIEWS: usize = 20;
+
+/// Longest collected prompt, in bytes: held messages join one only while it stays
+/// within this (the first always does), the rest form the next one. One message is
+/// at most a request line (1 MiB); the prompt must fit in one IPC frame (4 MiB).
+pub const MAX_COLLECTED_BYTES: usize = 2 * 1024 * 1024;
+
 /// One line standing for a dropped message.
 pub fn preview(text: &str) -> String {
     let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -126,12 +134,20 @@ pub fn collected_text(texts: &[String]) -> String {
 
 /// The note a follow-up gets about messages dropped on overflow.
 pub fn overflow_text(previews: &[String]) -> String {
-    let mut out = format!(
-        "[Queue overflow] Dropped {} messages due to cap.",
-        previews.len()
-    );
-    for p in previews {
+    overflow_note(previews, previews.len() as u64)
+}
+
+/// The note about `dropped` messages dropped on overflow, of which `previews` are
+/// the first (at most [`MAX_PREVIEWS`] are listed).
+pub fn overflow_note(previews: &[String], dropped: u64) -> String {
+    let listed = &previews[..previews.len().min(MAX_PREVIEWS)];
+    let mut out = format!("[Queue overflow] Dropped {dropped} messages due to cap.");
+    for p in listed {
         out.push_str(&format!("\n- {p}"));
+    }
+    let more = dropped.saturating_sub(listed.len() as u64);
+    if more > 0 {
+        out.push_str(&format!("\n- … and {more} more"));
     }
     out
 }

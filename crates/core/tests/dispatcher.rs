@@ -15,7 +15,8 @@ use agentd_core::{
     collected_text, overflow_text, parse_chat_command, preview, Accepted, Action, AgentReport,
     Capacity, ChatCommand, Config, Dispatcher, DropPolicy, Ending, Event, ExitStatus, Interruption,
     Message, Millis, Mode, Priority, QueueCommand, QueueSettings, Refused, ReportOutcome, Scope,
-    StopCause, StopError, StopStep, StopTarget, Task, TaskId, TaskState, HUNG, TIMED_OUT,
+    StopCause, StopError, StopStep, StopTarget, Task, TaskId, TaskState, HUNG, MAX_COLLECTED_BYTES,
+    MAX_PREVIEWS, TIMED_OUT,
 };
 
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -1864,6 +1865,61 @@ fn steer_falls_back_to_a_followup_with_a_notice_when_the_task_cannot_take_it() {
     }
 }
 
+/// While the daemon says the agent's unread steers are at their bound, a steer is
+/// queued as a follow-up with a notice that says why; once it has caught up,
+/// steering goes in again. The mark goes with the task.
+#[test]
+fn steer_falls_back_to_a_followup_while_the_agents_steer_backlog_is_full() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Steer, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    let _ = h.spawned(1);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(1),
+        steer: true,
+    });
+    h.d.set_steer_backlog_full(id(1), true);
+    let (r, a) = h.accept(msg(2, "a"));
+    assert_eq!(a, vec![], "no Steer");
+    let text = notice(&r).expect("a notice");
+    assert!(
+        text.contains("has not read") && text.contains("follow-up"),
+        "{text}"
+    );
+    assert_eq!(h.state(2), TaskState::Queued);
+    assert_eq!(h.d.task(&id(2)).unwrap().mode, Mode::Followup);
+    h.d.set_steer_backlog_full(id(1), false);
+    let (r, a) = h.accept(msg(3, "a"));
+    assert!(
+        matches!(r, Ok(Accepted::Task { steered_into: Some(t), .. }) if t == id(1)),
+        "{r:?}"
+    );
+    assert_eq!(
+        a[0],
+        Action::Steer {
+            task_id: id(1),
+            text: "text 3".into()
+        }
+    );
+    // A task that is not live is never marked.
+    h.d.set_steer_backlog_full(id(9), true);
+    h.d.set_steer_backlog_full(id(1), true);
+    let a = h.reap(1, ExitStatus::code(0));
+    assert_eq!(spawns(&a), vec![id(2)]);
+    let _ = h.spawned(2);
+    let _ = h.ev(Event::AgentReady {
+        task_id: id(2),
+        steer: true,
+    });
+    let (r, _) = h.accept(msg(4, "a"));
+    assert!(
+        matches!(r, Ok(Accepted::Task { steered_into: Some(t), .. }) if t == id(2)),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn steer_to_an_idle_session_just_starts() {
     let mut h = H::with(config_with(
@@ -2171,6 +2227,81 @@ fn cap_with_drop_summarize_tells_the_next_follow_up_what_was_dropped() {
     let _ = h.accept(msg(6, "a"));
     let a = h.reap(4, ExitStatus::code(0));
     assert_eq!(spawn_text(&a, 6), "text 6");
+}
+
+/// A flood into a busy session with `drop: summarize` kept a preview of every
+/// dropped message for the next follow-up: memory without bound, and past about
+/// 45,000 of them a prompt too large for one IPC frame (the agent never got it).
+/// The note keeps the first [`MAX_PREVIEWS`] and counts the rest.
+#[test]
+fn a_flood_of_dropped_messages_gives_a_bounded_overflow_note_that_counts_them_all() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Followup, 0, 1, DropPolicy::Summarize),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let n = 5_000;
+    for k in 2..=n + 2 {
+        let _ = h.accept(msg(k, "a"));
+    }
+    let a = h.reap(1, ExitStatus::code(0));
+    let text = spawn_text(&a, n + 2);
+    assert!(
+        text.contains(&format!("Dropped {n} messages")),
+        "{}",
+        &text[..200]
+    );
+    assert!(text.contains("text 2\n") && text.contains(&format!("text {}\n", MAX_PREVIEWS + 1)));
+    assert!(
+        !text.contains(&format!("text {}\n", MAX_PREVIEWS + 2)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("… and {} more", n as usize - MAX_PREVIEWS)),
+        "{text}"
+    );
+    assert!(text.len() < 16 * 1024, "{} bytes", text.len());
+}
+
+/// Held messages of up to 1 MiB each, collected into one prompt, made one larger
+/// than an IPC frame holds (4 MiB): the agent was never started on it. A collected
+/// prompt takes messages only while it stays within [`MAX_COLLECTED_BYTES`]; the
+/// rest are the next collected follow-up, nothing is dropped.
+#[test]
+fn a_collected_prompt_stays_within_its_size_bound_and_the_rest_follow() {
+    let mut h = H::with(config_with(
+        2,
+        settings(Mode::Collect, 0, 20, DropPolicy::Old),
+    ));
+    let _ = h.accept(msg(1, "a"));
+    h.run(1);
+    let big = |k: u128| format!("{k} {}", "x".repeat(900 * 1024));
+    for k in 2..=7 {
+        let _ = h.accept(Message::new(id(k), "a", big(k)));
+    }
+    let a = h.reap(1, ExitStatus::code(0));
+    let first = spawn_text(&a, 2);
+    assert!(first.len() <= MAX_COLLECTED_BYTES, "{}", first.len());
+    let taken = finished(&a).iter().filter(|t| t.id != id(1)).count() + 1;
+    assert!((2..6).contains(&taken), "{taken} messages collected");
+    assert_eq!(
+        first,
+        collected_text(&(2..2 + taken as u128).map(big).collect::<Vec<_>>())
+    );
+    assert_eq!(h.d.n_queued(), 6 - taken);
+    // The rest are the next one, and so on until every message ran.
+    let (mut active, mut batch, mut ran) = (2u128, taken, taken);
+    while ran < 6 {
+        h.run(active);
+        let a = h.reap(active, ExitStatus::code(0));
+        let next = active + batch as u128;
+        assert!(spawn_text(&a, next).len() <= MAX_COLLECTED_BYTES);
+        batch = finished(&a).iter().filter(|t| t.id != id(active)).count() + 1;
+        ran += batch;
+        active = next;
+    }
+    assert_eq!(ran, 6);
 }
 
 #[test]

@@ -285,14 +285,26 @@ impl LogFormat {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`… (humantime syntax).
+/// The longest duration a flag or the config file may give (100 years):
+/// `--frame-timeout 10000000000000000000s` panicked at the first agent frame.
+pub use agentd_proto::config_text::MAX_DURATION;
+
+/// Parses `500ms`, `5s`, `2m`… (humantime syntax), at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(text.trim()).with_context(|| {
+    let d = humantime::parse_duration(text.trim()).with_context(|| {
         format!(
             "invalid duration {} (examples: 500ms, 5s, 2m)",
             Quoted(text)
         )
-    })
+    })?;
+    at_most_max(text, d)
+}
+
+fn at_most_max(text: &str, d: Duration) -> anyhow::Result<Duration> {
+    if d > MAX_DURATION {
+        bail!("{}", agentd_proto::text::duration_too_long(text));
+    }
+    Ok(d)
 }
 
 /// A time limit that may be switched off.
@@ -303,11 +315,12 @@ pub struct Limit(pub Option<Duration>);
 pub fn parse_limit(text: &str) -> anyhow::Result<Limit> {
     match text.trim() {
         "off" => Ok(Limit(None)),
-        other => humantime::parse_duration(other)
-            .map(|d| Limit(Some(d)))
-            .with_context(|| {
+        other => {
+            let d = humantime::parse_duration(other).with_context(|| {
                 format!("invalid duration {text:?} (examples: 500ms, 5s, 2m; or off for no limit)")
-            }),
+            })?;
+            Ok(Limit(Some(at_most_max(text, d)?)))
+        }
     }
 }
 

@@ -17,7 +17,8 @@
 //! also closes the connection, since the rest of it cannot be trusted to be a request.
 //! Every connection is bounded: at most [`Limits::max_connections`] connections (one
 //! past it gets `too_many_connections` and is closed; idle connections count), at
-//! most [`MAX_IN_FLIGHT`] requests in flight each, a begun request line must end
+//! most [`MAX_IN_FLIGHT`] requests in flight each (and [`MAX_WATCHES`] live
+//! watches), a begun request line must end
 //! within the request timeout (else `request_timeout` and the connection closes),
 //! and its output is bounded by [`OUTPUT_BUDGET`] (see [`crate::outbox`]).
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -35,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::ControlSettings;
 pub use crate::outbox::EventSink;
-use crate::outbox::{encode_line, Outbox, MAX_IN_FLIGHT, OUTPUT_BUDGET};
+use crate::outbox::{encode_line, Outbox, MAX_IN_FLIGHT, MAX_WATCHES, OUTPUT_BUDGET};
 use crate::socket::SocketFile;
 
 mod fast_stream;
@@ -926,6 +927,15 @@ async fn read_requests(
                 };
                 // Events wait for the answer of a request answered at once.
                 let slot = outbox.answering(answered_at_once(&body));
+                if matches!(body, RequestBody::Watch { .. }) && outbox.watches() >= MAX_WATCHES {
+                    let refused = Response::<Answer>::err(
+                        Some(id),
+                        ErrorCode::BadRequest,
+                        agentd_proto::text::too_many_watches(MAX_WATCHES),
+                    );
+                    slot.answer(encode_line(&refused));
+                    continue;
+                }
                 let (events, watch_answer) = match body {
                     RequestBody::Watch { .. } => {
                         watches += 1;

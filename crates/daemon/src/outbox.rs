@@ -54,9 +54,13 @@ pub const COALESCE_AFTER: usize = 64 * 1024;
 /// connection's watches are ended as lagged.
 pub const STALL_LIMIT: Duration = Duration::from_secs(5);
 
-/// Most requests of one connection that agentd works on at once (a `watch` counts
-/// until it ends). Past it the connection reads no further request until one ends.
+/// Most requests of one connection that agentd works on at once (a `watch` until
+/// it is answered; a live watch counts against [`MAX_WATCHES`] instead). Past it
+/// the connection reads no further request until one is answered.
 pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Most watches one connection may have at once (a watch past it is refused).
+pub const MAX_WATCHES: usize = 4096;
 
 /// One JSON line (with its newline) for `value`. A serialization failure becomes a
 /// well-formed `internal` error line instead (its message escaped like any other).
@@ -144,8 +148,11 @@ struct State {
     waiting_since: Instant,
     /// The writer is writing a line it took from the queue.
     writing: bool,
-    /// Requests unanswered and watches not ended.
+    /// Requests unanswered.
     in_flight: usize,
+    /// Watches not ended: they keep the connection open after its reader is done,
+    /// but do not hold up its reading (that has its own bound, [`MAX_WATCHES`]).
+    watches: usize,
     /// The writer is gone (client gone or connection closed): nothing more is queued.
     closed: bool,
     /// The reader is done: the writer ends once nothing is in flight or queued.
@@ -237,6 +244,7 @@ impl Outbox {
                 waiting_since: Instant::now(),
                 writing: false,
                 in_flight: 0,
+                watches: 0,
                 closed: false,
                 reading_done: false,
                 closing: false,
@@ -404,7 +412,9 @@ impl Outbox {
                     self.room.notify_one();
                     return Some(line);
                 }
-                if state.refuses() || (state.reading_done && state.in_flight == 0) {
+                if state.refuses()
+                    || (state.reading_done && state.in_flight == 0 && state.watches == 0)
+                {
                     return None;
                 }
             }
@@ -478,12 +488,17 @@ impl Outbox {
         }
     }
 
-    /// Marks one request in flight until the returned guard is dropped.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.lock().in_flight += 1;
-        InFlight {
+    /// Counts one watch until the returned guard is dropped.
+    pub fn watching(self: &Arc<Self>) -> Watching {
+        self.lock().watches += 1;
+        Watching {
             outbox: self.clone(),
         }
+    }
+
+    /// How many watches of this connection have not ended.
+    pub fn watches(&self) -> usize {
+        self.lock().watches
     }
 
     /// One request's place in the connection's output: it counts in flight (and, if
@@ -557,22 +572,22 @@ impl std::fmt::Debug for Answering {
     }
 }
 
-/// One request in flight on a connection.
-pub struct InFlight {
+/// One watch of a connection, until it ends.
+pub struct Watching {
     outbox: Arc<Outbox>,
 }
 
-impl Drop for InFlight {
+impl Drop for Watching {
     fn drop(&mut self) {
-        self.outbox.lock().in_flight -= 1;
+        self.outbox.lock().watches -= 1;
         self.outbox.room.notify_one();
         self.outbox.ready.notify_one();
     }
 }
 
-impl std::fmt::Debug for InFlight {
+impl std::fmt::Debug for Watching {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InFlight")
+        f.write_str("Watching")
     }
 }
 

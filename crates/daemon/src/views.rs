@@ -19,8 +19,15 @@ pub fn now_millis() -> Millis {
     )
 }
 
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// `ms` as RFC 3339. A time past the year 9999 (read back from a store agentd did not
+/// write, or from a clock far off) is shown as the last one RFC 3339 can write:
+/// humantime refuses to format it, and `to_string` would panic.
 pub fn rfc3339(ms: Millis) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.0)).to_string()
+    let ms = ms.0.min(LAST_RFC3339_MS);
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 pub fn stop_step(step: StopStep) -> control::StopStep {

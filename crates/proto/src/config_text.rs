@@ -1,6 +1,11 @@
 //! Where in a TOML config file's text an error is, so that agentd and agentd-matrix
 //! name the file, the line and the key alike (`invalid config file F: line N: KEY: …`).
 
+/// The longest duration a flag or a config file may give agentd or agentd-matrix:
+/// 100 (humantime) years. Durations are added to the clock (`Instant + d` panics on
+/// overflow) and stored as i64 milliseconds; a longer one would overflow there.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(3_155_760_000);
+
 /// Where a TOML parse error at byte `offset` of `text` is: its 1-based line, and the
 /// key whose value it is in, unless `message` already names that key (serde names
 /// the type it expected for a value of the wrong type, not the key).

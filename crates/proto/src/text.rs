@@ -258,7 +258,19 @@ pub fn session_not_this_chat(session: impl Display) -> String {
     format!("session {session} is not this chat")
 }
 
-pub const BAD_SESSION: &str = "session must be 1 to 256 bytes";
+pub const BAD_SESSION: &str =
+    "session must be 1 to 256 bytes, not only blanks, without control characters";
+pub const BAD_MESSAGE_ID: &str = "message_id must be 1 to 1024 bytes";
+
+/// A watch past the bound of watches of one connection.
+pub fn too_many_watches(max: usize) -> String {
+    format!("this connection has {max} watches, the most it may have: end one, or watch on another connection")
+}
+
+/// A duration of a flag or the config file past agentd's bound (100 years).
+pub fn duration_too_long(text: &str) -> String {
+    format!("invalid duration {:?}: at most 100 years", text.trim())
+}
 pub const EMPTY_MESSAGE: &str = "empty message: nothing to do";
 pub const SHUTTING_DOWN_REFUSED: &str = "agentd is shutting down; the message was not accepted";
 

@@ -148,6 +148,11 @@ impl LogReader {
     /// Up to `max` bytes past what was read before; empty at the current end of the
     /// log (call again later to follow a log that is still being written).
     pub fn read_chunk(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        // A file offset is an i64, and the kernel refuses a read whose end would not
+        // fit in one: no log reaches there, so past it is past the end.
+        if self.offset.saturating_add(max as u64) > i64::MAX as u64 {
+            return Ok(Vec::new());
+        }
         if self.file.is_none() {
             match File::open(&self.path) {
                 Ok(mut file) => {

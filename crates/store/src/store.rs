@@ -807,6 +807,12 @@ fn open_checked(path: &Path, options: &StoreOptions) -> Result<Connection, Store
     .map_err(open_err)?;
     // The first read of the header finds a file that is not a database at all.
     let version = schema::user_version(&conn).map_err(open_err)?;
+    if version < 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("schema version {version}"),
+        });
+    }
     if version > schema::SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             path: path.to_path_buf(),
@@ -1873,7 +1879,7 @@ impl Writer {
             Ok::<_, rusqlite::Error>(())
         };
         if let Some(age) = self.options.retention.max_age {
-            let cutoff = now_ms().saturating_sub(age.as_millis() as i64);
+            let cutoff = now_ms().saturating_sub(age.as_millis().min(i64::MAX as u128) as i64);
             let mut stmt = self.conn.prepare_cached(
                 "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1 \
                  RETURNING id",

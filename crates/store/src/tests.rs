@@ -775,6 +775,22 @@ fn a_store_from_a_newer_agentd_is_refused() {
     assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");
 }
 
+/// A negative schema version (a corrupt header, a hand edit) is no version agentd
+/// wrote: `skip(-1 as usize)` would skip every migration, now and after upgrades.
+#[test]
+fn a_store_with_a_negative_schema_version_is_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.pragma_update(None, "user_version", -1).unwrap();
+    drop(conn);
+    let err = Store::open(dir.path(), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("schema version -1"), "{err}");
+}
+
 #[test]
 fn an_unopenable_store_path_is_an_open_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -981,6 +997,40 @@ fn retention_prunes_by_count_and_age_and_removes_logs() {
         .map(|t| t.id)
         .collect();
     assert_eq!(kept, vec![ids[5]]);
+}
+
+/// A retention age longer than an i64 of milliseconds holds (`retention-age =
+/// "500000000y"` in the config file) keeps everything: it is no cutoff in the future
+/// that prunes every finished task, neither when pruning nor at open.
+#[test]
+fn a_retention_age_past_what_milliseconds_hold_keeps_every_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let options = StoreOptions {
+        retention: Retention {
+            max_age: Some(Duration::from_secs(500_000_000 * 366 * 24 * 3600)),
+            max_finished: None,
+        },
+        ..StoreOptions::default()
+    };
+    let t = task("s", "done long ago");
+    {
+        let (store, _) = Store::open(dir.path(), options.clone()).unwrap();
+        let w = store.writer();
+        insert(&w, &t, false);
+        w.submit(finish(t.id, State::Succeeded, now - 1))
+            .wait()
+            .unwrap();
+        let Outcome::Pruned(pruned) = w.submit(Op::Prune).wait().unwrap() else {
+            panic!()
+        };
+        assert_eq!(pruned, Vec::<Uuid>::new());
+    }
+    let (store, _) = Store::open(dir.path(), options).unwrap();
+    assert!(store.reader().unwrap().task(t.id).unwrap().is_some());
 }
 
 #[test]

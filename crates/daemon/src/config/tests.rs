@@ -11,6 +11,27 @@ fn limits_are_durations_or_off() {
     assert!(e.contains("\"soon\"") && e.contains("off"), "{e}");
 }
 
+/// A duration is later added to the clock (`Instant + frame-timeout` panicked on
+/// overflow at every agent frame) and written as i64 milliseconds: past 100 years
+/// it is refused, with the bound in the message.
+#[test]
+fn durations_past_100_years_are_refused() {
+    assert_eq!(
+        parse_duration("100y").unwrap(),
+        Duration::from_secs(3_155_760_000)
+    );
+    for text in ["101y", "10000000000000000000s", "500000000y"] {
+        let e = parse_duration(text).unwrap_err().to_string();
+        assert!(e.contains("at most 100 years"), "{text}: {e}");
+        let e = parse_limit(text).unwrap_err().to_string();
+        assert!(e.contains("at most 100 years"), "{text}: {e}");
+    }
+    assert_eq!(
+        parse_limit("100y").unwrap(),
+        Limit(Some(Duration::from_secs(3_155_760_000)))
+    );
+}
+
 #[test]
 fn words() {
     let w = |s: &str| split_words(s).unwrap();

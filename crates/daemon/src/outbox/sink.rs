@@ -8,7 +8,7 @@ use std::sync::Arc;
 use agentd_proto::control::{EventView, Response};
 use serde::Serialize;
 
-use super::{Delivery, InFlight, Outbox};
+use super::{Delivery, Outbox, Watching};
 
 /// Where the supervisor sends one watch's events: the watch's connection.
 ///
@@ -23,8 +23,9 @@ pub struct EventSink {
     id: u64,
     ended: AtomicBool,
     answered: Arc<AtomicBool>,
-    /// Keeps the watch counted in flight until the supervisor drops the sink.
-    _in_flight: InFlight,
+    /// Keeps the watch counted (and its connection open) until the supervisor
+    /// drops the sink.
+    _watching: Watching,
 }
 
 /// The connection's side of an [`EventSink`]: queues the watch's answer.
@@ -55,7 +56,7 @@ impl EventSink {
                 id,
                 ended: AtomicBool::new(false),
                 answered: answered.clone(),
-                _in_flight: outbox.begin(),
+                _watching: outbox.watching(),
             },
             WatchAnswer {
                 outbox: outbox.clone(),

@@ -96,6 +96,8 @@ impl Supervisor {
             }
             AgentInput::Msg(AgentMsg::SteerAck { accepted }) => {
                 let steered = agent.steers.pop_front();
+                let full = agent.steer_backlog_full();
+                self.dispatcher.set_steer_backlog_full(task_id, full);
                 match steered {
                     Some(Steered { text, kept: false }) if !accepted => {
                         self.steer_refused(task_id, text);

@@ -44,6 +44,13 @@ pub(crate) struct Agent {
     life: Life,
 }
 
+/// Most steered messages an agent may have unacknowledged, and most bytes of them:
+/// past either, messages steered into its task are queued as follow-ups until it
+/// catches up (an agent that never reads them would have them pile up in agentd
+/// and in agent-exec without bound).
+pub(crate) const MAX_UNREAD_STEERS: usize = 64;
+pub(crate) const MAX_UNREAD_STEER_BYTES: usize = 4 * 1024 * 1024;
+
 /// A message steered into an agent, until the agent acknowledges it.
 pub(crate) struct Steered {
     pub(crate) text: String,
@@ -86,6 +93,12 @@ enum Life {
 }
 
 impl Agent {
+    /// Whether the agent has as many steered messages unacknowledged as it may have.
+    pub(crate) fn steer_backlog_full(&self) -> bool {
+        self.steers.len() >= MAX_UNREAD_STEERS
+            || self.steers.iter().map(|s| s.text.len()).sum::<usize>() >= MAX_UNREAD_STEER_BYTES
+    }
+
     fn new(
         pid: u32,
         to_agent: mpsc::UnboundedSender<SupervisorMsg>,

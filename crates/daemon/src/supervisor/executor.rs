@@ -86,6 +86,9 @@ impl Supervisor {
                             text: text.clone(),
                             kept: false,
                         });
+                        if agent.steer_backlog_full() {
+                            self.dispatcher.set_steer_backlog_full(task_id, true);
+                        }
                     }
                     self.send_to_agent(task_id, SupervisorMsg::Steer { text: text.clone() });
                     self.publish_task(EventKind::Steered, &task_id, Some(text), None);

@@ -164,9 +164,24 @@ pub(crate) struct Work {
     pub(crate) timeout: Option<Duration>,
 }
 
+/// A session name goes into the agent's environment (`AGENTD_SESSION`, where a NUL
+/// cannot be) and into the lines agentctl prints (where a newline or an escape
+/// breaks them).
 pub(crate) fn check_session(session: &str) -> Result<(), RequestError> {
-    if session.trim().is_empty() || session.len() > 256 {
+    if session.trim().is_empty() || session.len() > 256 || session.contains(char::is_control) {
         return err(ErrorCode::BadRequest, text::BAD_SESSION);
+    }
+    Ok(())
+}
+
+/// Longest `message_id`, in bytes: the de-duplication window holds 10,000 of them.
+pub(crate) const MAX_MESSAGE_ID_BYTES: usize = 1024;
+
+/// An empty `message_id` would make every later message of its session with one a
+/// re-delivery of the first.
+pub(crate) fn check_message_id(message_id: Option<&str>) -> Result<(), RequestError> {
+    if message_id.is_some_and(|id| id.is_empty() || id.len() > MAX_MESSAGE_ID_BYTES) {
+        return err(ErrorCode::BadRequest, text::BAD_MESSAGE_ID);
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::control::Reply;
 use crate::durable;
 use crate::supervisor::requests::ack::{self, Ack, OnCommit};
 use crate::supervisor::requests::resume::Resumed;
-use crate::supervisor::requests::{check_session, Work};
+use crate::supervisor::requests::{check_message_id, check_session, Work};
 use crate::supervisor::{err, json, Supervisor};
 use crate::views::{self, now_millis};
 
@@ -22,7 +22,9 @@ impl Supervisor {
     /// A chat message: a control command or work. Returns the reply to send now, or
     /// `None` when the reply was handed to a stop waiter.
     pub(crate) fn on_send(&mut self, work: Work, reply: Replier) -> Option<(Replier, Reply)> {
-        if let Err(e) = check_session(&work.session) {
+        if let Err(e) =
+            check_session(&work.session).and_then(|()| check_message_id(work.message_id.as_deref()))
+        {
             return Some((reply, Err(e)));
         }
         let (text, mode) = match parse_chat_command(&work.text) {
