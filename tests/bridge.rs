@@ -477,6 +477,34 @@ fn the_python_bridge_shows_output_without_terminal_escapes() {
     assert_eq!(progress, ["red link", "100%"], "{:?}", bridge.seen);
 }
 
+/// `call` (an expression over `names` of examples/bridge.py, imported as `bridge`) applied by
+/// python3 to each of `inputs` (sent as JSON), the strings it gave back.
+fn bridge_py_map(call: &str, names: &str, inputs: &Value) -> Vec<String> {
+    let script = format!(
+        "import json, sys\nsys.path.insert(0, sys.argv[1])\nimport bridge\n\
+         print(json.dumps([{call} for {names} in json.load(sys.stdin)]))\n"
+    );
+    let mut python = Command::new("python3")
+        .args([
+            "-c",
+            &script,
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
+        ])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    let mut stdin = python.stdin.take().unwrap();
+    stdin
+        .write_all(serde_json::to_string(inputs).unwrap().as_bytes())
+        .unwrap();
+    drop(stdin);
+    let output = python.wait_with_output().expect("python3 runs");
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("a JSON list")
+}
+
 /// bridge.py's `chat_text` cleans as agentd-matrix's does (crates/bridge/src/clean.rs):
 /// each case gives the expected text in both, and texts put together from pieces
 /// of terminal output give the same text in both.
@@ -565,31 +593,7 @@ fn the_python_bridge_cleans_text_as_the_rust_bridge_does() {
         .map(|(input, _)| *input)
         .chain(mixed.iter().map(String::as_str))
         .collect();
-    let script = concat!(
-        "import json, sys\n",
-        "sys.path.insert(0, sys.argv[1])\n",
-        "from bridge import chat_text\n",
-        "print(json.dumps([chat_text(t) for t in json.load(sys.stdin)]))\n",
-    );
-    let mut python = Command::new("python3")
-        .args([
-            "-c",
-            script,
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
-        ])
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run python3");
-    let mut stdin = python.stdin.take().unwrap();
-    stdin
-        .write_all(serde_json::to_string(&inputs).unwrap().as_bytes())
-        .unwrap();
-    drop(stdin);
-    let output = python.wait_with_output().expect("python3 runs");
-    assert!(output.status.success(), "{output:?}");
-    let cleaned: Vec<String> = serde_json::from_slice(&output.stdout).expect("a JSON list");
+    let cleaned = bridge_py_map("bridge.chat_text(t)", "t", &json!(inputs));
     assert_eq!(cleaned.len(), inputs.len());
     for ((input, want), python) in cases.iter().zip(&cleaned) {
         assert_eq!(chat_text(input), *want, "Rust, {input:?}");
@@ -678,31 +682,7 @@ fn the_python_bridge_formats_output_as_the_rust_bridge_does() {
         ("", "just output"),
         ("no output", ""),
     ];
-    let script = concat!(
-        "import json, sys\n",
-        "sys.path.insert(0, sys.argv[1])\n",
-        "from bridge import chat_html\n",
-        "print(json.dumps([chat_html(l, o) for l, o in json.load(sys.stdin)]))\n",
-    );
-    let mut python = Command::new("python3")
-        .args([
-            "-c",
-            script,
-            concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
-        ])
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run python3");
-    let mut stdin = python.stdin.take().unwrap();
-    stdin
-        .write_all(serde_json::to_string(&cases).unwrap().as_bytes())
-        .unwrap();
-    drop(stdin);
-    let output = python.wait_with_output().expect("python3 runs");
-    assert!(output.status.success(), "{output:?}");
-    let made: Vec<String> = serde_json::from_slice(&output.stdout).expect("a JSON list");
+    let made = bridge_py_map("bridge.chat_html(l, o)", "l, o", &json!(cases));
     assert_eq!(made.len(), cases.len());
     for ((lead, out), python) in cases.iter().zip(&made) {
         assert_eq!(*python, formatted(lead, out), "{lead:?} {out:?}");
