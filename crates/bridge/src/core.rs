@@ -1364,6 +1364,32 @@ mod tests {
         (calls, asked)
     }
 
+    /// A writer on `chat` for the room `test:r` that a test steps itself (no
+    /// progress interval, refused posts due again at once, nothing asked).
+    fn stepped_writer(chat: &Arc<Recorder>) -> Writer<Recorder> {
+        let sessions = Arc::new(Mutex::new(HashMap::from([(
+            "test:r".to_string(),
+            Conversation::room("r"),
+        )])));
+        let mut writer = Writer::new(
+            chat.clone(),
+            sessions,
+            Duration::ZERO,
+            Box::new(|_: &str| {}),
+        );
+        writer.first_redo_delay = Duration::ZERO;
+        writer
+    }
+
+    /// Gives a stepped writer one note and makes what is due of it.
+    fn show_now(writer: &mut Writer<Recorder>, show: Show) {
+        let Show::Note(note) = show else {
+            unreachable!()
+        };
+        writer.note(*note);
+        writer.flush_due();
+    }
+
     fn started_answer() -> Show {
         let reply: SendReply = serde_json::from_value(json!({
             "reply": "task T  started", "accepted": true, "task": view("starting", None)
@@ -1789,36 +1815,19 @@ mod tests {
     fn progress_waits_for_the_answer_that_is_made_again_and_then_edits_it() {
         let chat = Arc::new(Recorder::default());
         *lock(&chat.failing) = 1;
-        let sessions = Arc::new(Mutex::new(HashMap::from([(
-            "test:r".to_string(),
-            Conversation::room("r"),
-        )])));
-        let mut writer = Writer::new(
-            chat.clone(),
-            sessions,
-            Duration::ZERO,
-            Box::new(|_: &str| {}),
-        );
-        writer.first_redo_delay = Duration::ZERO;
-        let show = |writer: &mut Writer<Recorder>, show: Show| {
-            let Show::Note(note) = show else {
-                unreachable!()
-            };
-            writer.note(*note);
-            writer.flush_due();
-        };
-        show(&mut writer, started_answer());
-        show(
+        let mut writer = stepped_writer(&chat);
+        show_now(&mut writer, started_answer());
+        show_now(
             &mut writer,
             event("progress", Some("step 1"), view("running", None)),
         );
         writer.flush_retries();
         writer.flush_due();
-        show(
+        show_now(
             &mut writer,
             event("progress", Some("step 2"), view("running", None)),
         );
-        show(
+        show_now(
             &mut writer,
             event("finished", None, view("succeeded", Some("all done"))),
         );
@@ -1845,38 +1854,21 @@ mod tests {
     #[test]
     fn a_refused_progress_edit_is_made_again_unless_a_newer_one_came() {
         let chat = Arc::new(Recorder::default());
-        let sessions = Arc::new(Mutex::new(HashMap::from([(
-            "test:r".to_string(),
-            Conversation::room("r"),
-        )])));
-        let mut writer = Writer::new(
-            chat.clone(),
-            sessions,
-            Duration::ZERO,
-            Box::new(|_: &str| {}),
-        );
-        writer.first_redo_delay = Duration::ZERO;
-        let show = |writer: &mut Writer<Recorder>, show: Show| {
-            let Show::Note(note) = show else {
-                unreachable!()
-            };
-            writer.note(*note);
-            writer.flush_due();
-        };
+        let mut writer = stepped_writer(&chat);
         let progress = |line: &str| event("progress", Some(line), view("running", None));
-        show(&mut writer, started_answer());
+        show_now(&mut writer, started_answer());
         *lock(&chat.failing) = 1;
-        show(&mut writer, progress("step 1"));
+        show_now(&mut writer, progress("step 1"));
         writer.flush_retries();
         // Refused, then a newer line: only the newer one is made.
         *lock(&chat.failing) = 1;
-        show(&mut writer, progress("step 2"));
-        show(&mut writer, progress("step 3"));
+        show_now(&mut writer, progress("step 2"));
+        show_now(&mut writer, progress("step 3"));
         writer.flush_retries();
         // Refused, then the end: the final edit, not the older line after it.
         *lock(&chat.failing) = 1;
-        show(&mut writer, progress("step 4"));
-        show(
+        show_now(&mut writer, progress("step 4"));
+        show_now(
             &mut writer,
             event("finished", None, view("succeeded", Some("all done"))),
         );
@@ -2023,20 +2015,12 @@ mod tests {
             Box::new(move |tasks| lock(&kept).push(tasks))
         };
         let chat = Arc::new(Recorder::default());
-        let sessions = Arc::new(Mutex::new(HashMap::from([(
-            "test:r".to_string(),
-            Conversation::room("r"),
-        )])));
         let followed = Followed {
             session: "test:r".into(),
             message: Some("m0".into()),
         };
         let before = BTreeMap::from([("T".to_string(), followed.clone())]);
-        let mut writer = Writer::new(chat.clone(), sessions, Duration::ZERO, {
-            Box::new(|_: &str| {})
-        })
-        .following(before.clone(), keep);
-        writer.first_redo_delay = Duration::ZERO;
+        let mut writer = stepped_writer(&chat).following(before.clone(), keep);
         *lock(&chat.failing) = 1;
         for show in [
             note(Note::Connected {
