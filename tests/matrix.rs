@@ -444,6 +444,39 @@ fn body(event: &Value) -> &str {
     event["content"]["body"].as_str().unwrap_or_default()
 }
 
+/// Writes the bridge's config file `config`: agentd `d`'s socket, the homeserver
+/// at `homeserver`, `bot`'s login, `alice` allowed, the state file `state`, and
+/// `more` lines of the `[matrix]` table.
+fn write_bridge_config(
+    config: &Path,
+    d: &Daemon,
+    homeserver: &str,
+    bot: &User,
+    alice: &User,
+    state: &Path,
+    more: &str,
+) {
+    std::fs::write(
+        config,
+        format!(
+            r#"socket = "{socket}"
+
+[matrix]
+homeserver = "{homeserver}"
+user = "{bot}"
+password = "bot-password"
+allowed-users = ["{alice}"]
+state-file = "{state}"
+{more}"#,
+            socket = d.socket.display(),
+            bot = bot.id,
+            alice = alice.id,
+            state = state.display(),
+        ),
+    )
+    .unwrap();
+}
+
 /// agentd-matrix, started with the shared config file.
 fn start_bridge(config: &Path, log: &Path) -> Owned {
     start_bridge_with(config, log, &[])
@@ -968,27 +1001,15 @@ fn a_task_that_ended_while_agentd_or_the_bridge_was_down_is_reported_in_its_room
     let bridge_log = home.path().join("agentd-matrix.log");
     let _show_log = ShowLogOnFailure(bridge_log.clone());
     let mut d = Daemon::with_agent_exec(&[]);
-    std::fs::write(
+    write_bridge_config(
         &config,
-        format!(
-            r#"socket = "{socket}"
-
-[matrix]
-homeserver = "{base}"
-user = "{bot}"
-password = "bot-password"
-allowed-users = ["{alice}"]
-state-file = "{state}"
-progress-interval = "100ms"
-"#,
-            socket = d.socket.display(),
-            base = synapse.base,
-            bot = bot.id,
-            alice = alice.id,
-            state = home.path().join("matrix-state.json").display(),
-        ),
-    )
-    .unwrap();
+        &d,
+        &synapse.base,
+        &bot,
+        &alice,
+        &home.path().join("matrix-state.json"),
+        "progress-interval = \"100ms\"\n",
+    );
     let room = alice.create_room("crash", &[&bot.id]);
     let bridge = start_bridge(&config, &bridge_log);
     wait_for("the bridge joins the room", DEADLINE, || {
@@ -1202,25 +1223,15 @@ fn a_post_whose_answers_were_lost_shows_once_in_the_room() {
     let d = Daemon::with_agent_exec(&[]);
     // The bridge's attempts of one request (matrix.rs ATTEMPTS), all answered lost.
     let proxy = lossy_proxy(&synapse.base, 5);
-    std::fs::write(
+    write_bridge_config(
         &config,
-        format!(
-            r#"socket = "{socket}"
-
-[matrix]
-homeserver = "{proxy}"
-user = "{bot}"
-password = "bot-password"
-allowed-users = ["{alice}"]
-state-file = "{state}"
-"#,
-            socket = d.socket.display(),
-            bot = bot.id,
-            alice = alice.id,
-            state = home.path().join("matrix-state.json").display(),
-        ),
-    )
-    .unwrap();
+        &d,
+        &proxy,
+        &bot,
+        &alice,
+        &home.path().join("matrix-state.json"),
+        "",
+    );
     let room = alice.create_room("lossy", &[&bot.id]);
     let _bridge = start_bridge(&config, &bridge_log);
     wait_for("the bridge joins the room", DEADLINE, || {
@@ -1275,27 +1286,15 @@ fn a_task_end_posted_just_before_the_bridge_was_killed_shows_once() {
     let bridge_log = home.path().join("agentd-matrix.log");
     let _show_log = ShowLogOnFailure(bridge_log.clone());
     let d = Daemon::with_agent_exec(&[]);
-    std::fs::write(
+    write_bridge_config(
         &config,
-        format!(
-            r#"socket = "{socket}"
-
-[matrix]
-homeserver = "{base}"
-user = "{bot}"
-password = "bot-password"
-allowed-users = ["{alice}"]
-state-file = "{state}"
-progress-interval = "100ms"
-"#,
-            socket = d.socket.display(),
-            base = synapse.base,
-            bot = bot.id,
-            alice = alice.id,
-            state = state.display(),
-        ),
-    )
-    .unwrap();
+        &d,
+        &synapse.base,
+        &bot,
+        &alice,
+        &state,
+        "progress-interval = \"100ms\"\n",
+    );
     let room = alice.create_room("killed", &[&bot.id]);
     let log = || std::fs::read_to_string(&bridge_log).unwrap_or_default();
     let held = |log: &str| log.matches("(a test hook)").count();
