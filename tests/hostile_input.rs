@@ -209,9 +209,7 @@ fn large_held_messages_are_collected_into_prompts_an_agent_can_be_sent() {
     let d = Daemon::with_collecting_echo_agent(&["--debounce", "0ms"]);
     let gate = d.gate("first");
     let first = d.submit("alice", &format!("hold {gate} first"));
-    wait_for("the first task runs", DEADLINE, || {
-        (d.task(&first)["state"] == json!("running")).then_some(())
-    });
+    d.wait_state(&first, "running");
     let held: Vec<String> = (0..6)
         .map(|k| d.submit("alice", &format!("m{k} {}", "x".repeat(900 * 1024))))
         .collect();
