@@ -61,6 +61,22 @@ impl H {
         }
     }
 
+    /// Two slots, session `a` in steer mode (debounce `debounce_ms`), and task 1 of
+    /// it running with an agent that takes steering.
+    fn steering(debounce_ms: u64) -> H {
+        let mut h = H::with(config_with(
+            2,
+            settings(Mode::Steer, debounce_ms, 20, DropPolicy::Old),
+        ));
+        let _ = h.accept(msg(1, "a"));
+        let _ = h.spawned(1);
+        let _ = h.ev(Event::AgentReady {
+            task_id: id(1),
+            steer: true,
+        });
+        h
+    }
+
     fn accept(&mut self, msg: Message) -> (Result<Accepted, Refused>, Vec<Action>) {
         let (r, a) = self.d.accept(msg, Millis(self.now));
         self.check();
@@ -1774,16 +1790,7 @@ fn debounce_applies_before_each_follow_up_not_to_a_session_that_emptied() {
 
 #[test]
 fn steer_goes_into_a_running_task_that_accepts_it() {
-    let mut h = H::with(config_with(
-        2,
-        settings(Mode::Steer, 1_000, 20, DropPolicy::Old),
-    ));
-    let _ = h.accept(msg(1, "a"));
-    let _ = h.spawned(1);
-    let _ = h.ev(Event::AgentReady {
-        task_id: id(1),
-        steer: true,
-    });
+    let mut h = H::steering(1_000);
     let running = h.state(1);
     let (r, a) = h.at(1_500).accept(msg(2, "a"));
     assert_eq!(
@@ -1870,16 +1877,7 @@ fn steer_falls_back_to_a_followup_with_a_notice_when_the_task_cannot_take_it() {
 /// steering goes in again. The mark goes with the task.
 #[test]
 fn steer_falls_back_to_a_followup_while_the_agents_steer_backlog_is_full() {
-    let mut h = H::with(config_with(
-        2,
-        settings(Mode::Steer, 0, 20, DropPolicy::Old),
-    ));
-    let _ = h.accept(msg(1, "a"));
-    let _ = h.spawned(1);
-    let _ = h.ev(Event::AgentReady {
-        task_id: id(1),
-        steer: true,
-    });
+    let mut h = H::steering(0);
     h.d.set_steer_backlog_full(id(1), true);
     let (r, a) = h.accept(msg(2, "a"));
     assert_eq!(a, vec![], "no Steer");
