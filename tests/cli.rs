@@ -449,24 +449,29 @@ fn chat_answers_a_mistaken_command_and_goes_on() {
     assert_eq!(status, Some(0), "{transcript}");
 }
 
+/// `agentctl chat --session SESSION` against `d`, its standard streams piped.
+fn start_chat(d: &Daemon, session: &str) -> std::process::Child {
+    Command::new(AGENTCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["chat", "--session", session])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Ctrl-C leaves the chat as `watch --session` does: saying that the session's tasks
 /// go on and how to stop them, with exit 130, and the task still runs.
 #[test]
 fn ctrl_c_in_chat_says_the_tasks_go_on() {
     use std::io::{BufRead, BufReader, Write};
-    use std::process::Stdio;
     let d = Daemon::with_agent_exec(&[]);
     let task = d.submit("alice", "echo up; sleep 300");
     d.wait_progress(&task, "up");
-    let mut child = Command::new(AGENTCTL)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["chat", "--session", "alice"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_chat(&d, "alice");
     let mut stdin = child.stdin.take().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     // The banner comes once the session is watched; the snapshot shows the task.
@@ -502,20 +507,10 @@ fn ctrl_c_in_chat_says_the_tasks_go_on() {
 #[test]
 fn chat_whose_input_ends_at_once_still_shows_each_message_was_accepted() {
     use std::io::Write;
-    use std::process::Stdio;
     let d = Daemon::with_agent_exec(&[]);
     for round in 0..3 {
         let session = format!("piped-{round}");
-        let mut child = Command::new(AGENTCTL)
-            .arg("--socket")
-            .arg(&d.socket)
-            .args(["chat", "--session", &session])
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = start_chat(&d, &session);
         let mut stdin = child.stdin.take().unwrap();
         writeln!(stdin, "echo first\necho second").unwrap();
         drop(stdin);
@@ -539,17 +534,8 @@ fn chat_whose_input_ends_at_once_still_shows_each_message_was_accepted() {
 #[test]
 fn chat_help_says_how_to_leave() {
     use std::io::Write;
-    use std::process::Stdio;
     let d = Daemon::with_agent_exec(&[]);
-    let mut child = Command::new(AGENTCTL)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["chat", "--session", "alice"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_chat(&d, "alice");
     writeln!(child.stdin.take().unwrap(), "/help").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
