@@ -84,7 +84,7 @@ fn cpu_per_request(
     let pid = pid?;
     let mut conn = Conn::connect(socket);
     let (mut checks, mut shared) = (0, 0);
-    let answerer = status_thread(pid);
+    let answerer = socket_bench::status_thread(pid);
     let before = cpu_time(pid)?;
     for i in 0..n {
         conn.round_trip(request);
@@ -148,22 +148,6 @@ fn placed(socket: &Path, echo: &EchoServer, agentd: Option<u32>, probe: &str, n:
     }
 }
 
-/// The thread of agentd `pid` that answers `status`: its fast lane (`agentd-fast`)
-/// or connections' thread (`agentd-conn`) if it has one, else its main thread (a build whose connections
-/// share the loop's current-thread runtime).
-fn status_thread(pid: u32) -> u32 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
-        .find(|tid| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|comm| matches!(comm.trim(), "agentd-fast" | "agentd-conn"))
-        })
-        .unwrap_or(pid)
-}
-
 /// The CPU thread `tid` of process `pid` last ran on (field 39 of its `stat`).
 fn last_cpu(pid: u32, tid: u32) -> Option<usize> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
@@ -206,7 +190,7 @@ fn matched(
         return None;
     }
     let echo_path = socket.with_file_name("echo.sock");
-    let answerer = status_thread(agentd);
+    let answerer = socket_bench::status_thread(agentd);
     let mut conn = Conn::connect(socket);
     let mut echo_conn = Conn::connect(&echo_path);
     for _ in 0..n / 10 {

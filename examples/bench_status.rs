@@ -488,21 +488,6 @@ fn paced_busy(
     })
 }
 
-/// The thread of agentd `pid` that answers `status`: its fast lane (`agentd-fast`)
-/// or connections' thread (`agentd-conn`) if it has one, else its main thread.
-fn status_thread(pid: u32) -> u32 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
-        .find(|tid| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|comm| matches!(comm.trim(), "agentd-fast" | "agentd-conn"))
-        })
-        .unwrap_or(pid)
-}
-
 /// agentd's pid, from its `ping` answer.
 fn agentd_pid(socket: &Path) -> Option<u32> {
     Conn::connect(socket)
@@ -559,7 +544,7 @@ fn paced_phase(
     let _ = std::fs::remove_file(&echo_path);
     let echo_server = EchoServer::start(&echo_path);
     let pid = agentd_pid(socket);
-    let answerer = pid.map(|pid| (pid, status_thread(pid)));
+    let answerer = pid.map(|pid| (pid, socket_bench::status_thread(pid)));
     let stat = || answerer.and_then(|(pid, tid)| schedstat(pid, tid));
 
     let s0 = stat();
@@ -701,7 +686,7 @@ fn main() {
     let _ = std::fs::remove_file(&echo_path);
     let echo_server = EchoServer::start(&echo_path);
 
-    let answerer = agentd_pid(&socket).map(|pid| (pid, status_thread(pid)));
+    let answerer = agentd_pid(&socket).map(|pid| (pid, socket_bench::status_thread(pid)));
     let stat = || answerer.and_then(|(pid, tid)| schedstat(pid, tid));
     let s0 = stat();
     let (idle_ours, idle_echo) = idle(&socket, &echo_path, n_idle);

@@ -1,5 +1,6 @@
 //! What the socket benchmarks share (`bench_enqueue`, `bench_status`): a line
-//! connection and the bare echo server that is their baseline.
+//! connection, the bare echo server that is their baseline, and which of agentd's
+//! threads answers `status`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -165,4 +166,20 @@ pub fn serve_echo_epoll(path: &Path) {
             });
         }
     });
+}
+
+/// The thread of agentd `pid` that answers `status`: its fast lane (`agentd-fast`)
+/// or connections' thread (`agentd-conn`) if it has one, else its main thread (a
+/// build whose connections share the loop's current-thread runtime).
+pub fn status_thread(pid: u32) -> u32 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| task.file_name().to_str()?.parse::<u32>().ok())
+        .find(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|comm| matches!(comm.trim(), "agentd-fast" | "agentd-conn"))
+        })
+        .unwrap_or(pid)
 }
